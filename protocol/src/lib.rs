@@ -1,1 +1,23 @@
-//! placeholder
+//! hop wire protocol, version 1.
+//!
+//! Everything here is sans-IO except [`client`] and [`cli`]: the framing ([`frame`]), the Noise
+//! handshake and transport ([`noise`]), the stanza codec ([`wire`]) and the connection state
+//! machines ([`session`]) take bytes in and give bytes and events out, so they are tested
+//! without sockets, clocks or threads.
+//!
+//! A frame on the wire is a `u16` big-endian length and one Noise transport message; its
+//! plaintext is one or more stanzas, each a varint length and a protobuf `Stanza`
+//! (`proto/hop.proto`).
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
+pub mod frame;
+pub mod keys;
+pub mod noise;
+pub mod session;
+pub mod user;
+pub mod wire;
+
+pub use keys::StaticKey;
+pub use user::UserId;
