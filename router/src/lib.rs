@@ -1,1 +1,33 @@
-//! placeholder
+//! Per-shard routing, sans-IO.
+//!
+//! One [`Router`] per shard owns the users whose home shard it is: their key binding, their
+//! connection (if online), their queue of items waiting for the device's Ack, their presence
+//! and who watches it. It takes events — a user connected, a stanza from a user, a message from
+//! another shard — with the current time, and produces [`Action`]s for the shard loop to carry
+//! out: push a stanza to a local connection, forward a [`ShardMessage`] to another shard, close
+//! a connection, persist a binding. It does no IO and takes no locks.
+//!
+//! Call order: any `handle_*` method, then drain [`Router::poll_action`] until `None`.
+//!
+//! The ticks:
+//! - one tick (`ServerAck`): the recipient's home shard took the message into its queue;
+//! - two ticks (`Receipt` delivered): the recipient's device acked the `Deliver`;
+//! - blue (`Receipt` read): the recipient reported it read.
+//!
+//! Receipts are queued for their sender like messages and removed when the sender's device
+//! acks them. In this version queues live in memory, bounded per user and per shard.
+#![forbid(unsafe_code)]
+
+mod router;
+
+pub use router::{
+    home_shard, Action, ConnectError, Counters, Envelope, Limits, Router, ShardMessage, Violation,
+};
+
+/// A shard's index, `0..shards`.
+pub type ShardId = u16;
+
+/// The shard loop's handle for one connection. Opaque to the router, which only hands it back
+/// in actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef(pub u64);

@@ -1,0 +1,767 @@
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use hop_protocol::keys::KEY_BYTES;
+use hop_protocol::wire::{
+    Deliver, ErrorCode, GoAwayReason, Kind, Pong, Presence, Receipt, ReceiptKind, ServerAck,
+    Stanza, BODY_BYTES_MAX,
+};
+use hop_protocol::UserId;
+
+use crate::{ConnRef, ShardId};
+
+/// The home shard of a user: where its connection, presence and queue live.
+pub fn home_shard(user: UserId, shards: u16) -> ShardId {
+    assert!(shards > 0, "at least one shard");
+    // User ids are hash-derived, but a multiplicative mix keeps the spread even for ids that
+    // are not (tests, hand-picked ids).
+    let mixed = user.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    (mixed % u64::from(shards)) as ShardId
+}
+
+/// Bounds on what one shard keeps. Every queue is bounded; nothing grows without limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Items (messages and receipts) waiting for one user's device.
+    pub queue_messages_max: usize,
+    /// Body bytes waiting for one user's device.
+    pub queue_bytes_max: usize,
+    /// Body bytes waiting in all queues of this shard.
+    pub shard_queue_bytes_max: usize,
+    /// Deliveries pushed to a connection and not yet acked.
+    pub inflight_max: usize,
+    /// Users one user may watch at once.
+    pub subscriptions_max: usize,
+    /// Watchers one user may have.
+    pub subscribers_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queue_messages_max: 10_000,
+            queue_bytes_max: 16 * 1024 * 1024,
+            shard_queue_bytes_max: 1024 * 1024 * 1024,
+            inflight_max: 256,
+            subscriptions_max: 1024,
+            subscribers_max: 10_000,
+        }
+    }
+}
+
+/// A message on its way from the sender's home shard to the recipient's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub from: UserId,
+    pub to: UserId,
+    /// The sender's sequence number, echoed in its ServerAck.
+    pub seq: u32,
+    /// Server id, unique per server.
+    pub id: u64,
+    pub timestamp_ms: u64,
+    pub body: Bytes,
+}
+
+/// Work one shard's router hands to another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardMessage {
+    /// A message for a user of the receiving shard.
+    Route(Envelope),
+    /// The recipient's shard took message `seq` of `sender`: send the ServerAck.
+    Accepted {
+        sender: UserId,
+        seq: u32,
+        id: u64,
+        timestamp_ms: u64,
+    },
+    /// The recipient's shard refused message `seq` of `sender` (seq 0: a subscription).
+    Rejected {
+        sender: UserId,
+        seq: u32,
+        code: ErrorCode,
+        reason: &'static str,
+    },
+    /// A receipt for a message `to` sent.
+    Receipt {
+        to: UserId,
+        id: u64,
+        kind: ReceiptKind,
+        by: UserId,
+        timestamp_ms: u64,
+    },
+    Subscribe {
+        subscriber: UserId,
+        target: UserId,
+    },
+    Unsubscribe {
+        subscriber: UserId,
+        target: UserId,
+    },
+    /// `about`'s presence, for its watcher `to`.
+    Presence {
+        to: UserId,
+        about: UserId,
+        online: bool,
+        last_seen_ms: u64,
+    },
+}
+
+/// What the shard loop must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Queue `stanza` on a local connection.
+    Send { conn: ConnRef, stanza: Stanza },
+    /// Send a GoAway and close a local connection.
+    Close {
+        conn: ConnRef,
+        reason: GoAwayReason,
+        text: &'static str,
+    },
+    /// Hand a message to another shard.
+    Forward {
+        shard: ShardId,
+        message: ShardMessage,
+    },
+    /// A new user-to-key binding, to keep across restarts.
+    PersistBinding { user: UserId, key: [u8; KEY_BYTES] },
+}
+
+/// Why a connection may not attach to a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The user id is bound to another key.
+    IdTaken,
+}
+
+/// A stanza the client may not send; the connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+/// Event counts of one router, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub messages_accepted: u64,
+    pub messages_rejected: u64,
+    pub messages_acked: u64,
+    pub receipts_queued: u64,
+    pub receipts_dropped: u64,
+    pub acks_unmatched: u64,
+    pub presence_sent: u64,
+}
+
+#[derive(Debug)]
+enum Item {
+    Message {
+        from: UserId,
+        id: u64,
+        timestamp_ms: u64,
+        body: Bytes,
+    },
+    Receipt {
+        id: u64,
+        kind: ReceiptKind,
+        by: UserId,
+        timestamp_ms: u64,
+    },
+}
+
+impl Item {
+    fn body_bytes(&self) -> usize {
+        match self {
+            Self::Message { body, .. } => body.len(),
+            Self::Receipt { .. } => 0,
+        }
+    }
+
+    fn stanza(&self) -> Stanza {
+        match self {
+            Self::Message {
+                from,
+                id,
+                timestamp_ms,
+                body,
+            } => Stanza::of(Kind::Deliver(Deliver {
+                from: from.get(),
+                id: *id,
+                timestamp_ms: *timestamp_ms,
+                body: body.clone(),
+            })),
+            Self::Receipt {
+                id,
+                kind,
+                by,
+                timestamp_ms,
+            } => Stanza::of(Kind::Receipt(Receipt {
+                id: *id,
+                kind: *kind as i32,
+                by: by.get(),
+                timestamp_ms: *timestamp_ms,
+            })),
+        }
+    }
+
+    /// Does an Ack of (`id`, `kind`) name this item?
+    fn acked_by(&self, ack_id: u64, ack_kind: ReceiptKind) -> bool {
+        match self {
+            Self::Message { id, .. } => *id == ack_id && ack_kind == ReceiptKind::Unspecified,
+            Self::Receipt { id, kind, .. } => *id == ack_id && *kind == ack_kind,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct User {
+    key: [u8; KEY_BYTES],
+    conn: Option<ConnRef>,
+    /// When the user went offline; 0 while online or never seen.
+    last_seen_ms: u64,
+    /// Items waiting for the device's Ack, oldest first. The first `inflight` were pushed to
+    /// the current connection.
+    queue: VecDeque<Item>,
+    inflight: usize,
+    queued_bytes: usize,
+    /// Who watches this user (on any shard).
+    subscribers: Vec<UserId>,
+    /// Whom this user watches; only while online.
+    subscriptions: Vec<UserId>,
+}
+
+/// One shard's routing state. See the crate docs for the call order.
+#[derive(Debug)]
+pub struct Router {
+    shard: ShardId,
+    shards: u16,
+    limits: Limits,
+    users: HashMap<UserId, User>,
+    next_id: u64,
+    queued_bytes: usize,
+    actions: VecDeque<Action>,
+    counters: Counters,
+}
+
+/// Server ids: the shard in the top 8 bits, a counter in the low 56. The counter starts at the
+/// router's start time in microseconds, so ids stay unique across restarts unless a shard
+/// averaged more than a million messages a second since its start.
+const ID_COUNTER_BITS: u32 = 56;
+const SHARDS_MAX: u16 = 1 << (64 - ID_COUNTER_BITS);
+
+impl Router {
+    pub fn new(shard: ShardId, shards: u16, limits: Limits, now_ms: u64) -> Self {
+        assert!(
+            shards > 0 && shards <= SHARDS_MAX,
+            "shards must be in 1..={SHARDS_MAX}"
+        );
+        assert!(shard < shards, "shard index out of range");
+        assert!(limits.inflight_max > 0, "inflight_max must be positive");
+        let counter = now_ms.saturating_mul(1000) & ((1 << ID_COUNTER_BITS) - 1);
+        Self {
+            shard,
+            shards,
+            limits,
+            users: HashMap::new(),
+            next_id: (u64::from(shard) << ID_COUNTER_BITS) | counter,
+            queued_bytes: 0,
+            actions: VecDeque::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Users with a binding on this shard.
+    pub fn users_known(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Restores a binding kept from an earlier run. Bindings of other shards are ignored.
+    pub fn restore_binding(&mut self, user: UserId, key: [u8; KEY_BYTES]) {
+        if home_shard(user, self.shards) == self.shard {
+            self.users.entry(user).or_insert_with(|| User::new(key));
+        }
+    }
+
+    /// The next action for the shard loop.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// A connection authenticated as `user` with `key` arrived at its home shard.
+    pub fn handle_connect(
+        &mut self,
+        user: UserId,
+        key: &[u8; KEY_BYTES],
+        conn: ConnRef,
+        _now_ms: u64,
+    ) -> Result<(), ConnectError> {
+        assert_eq!(
+            home_shard(user, self.shards),
+            self.shard,
+            "connection at the wrong shard"
+        );
+        let entry = self.users.entry(user);
+        let user_state = match entry {
+            std::collections::hash_map::Entry::Occupied(occupied) => {
+                if &occupied.get().key != key {
+                    return Err(ConnectError::IdTaken);
+                }
+                occupied.into_mut()
+            }
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                self.actions
+                    .push_back(Action::PersistBinding { user, key: *key });
+                vacant.insert(User::new(*key))
+            }
+        };
+        if let Some(old) = user_state.conn.replace(conn) {
+            // One connection per user: the newer one wins.
+            self.actions.push_back(Action::Close {
+                conn: old,
+                reason: GoAwayReason::Replaced,
+                text: "the same user connected again",
+            });
+            user_state.subscriptions.clear();
+        }
+        user_state.last_seen_ms = 0;
+        user_state.inflight = 0;
+        let subscribers = user_state.subscribers.clone();
+        self.push_queued(user);
+        for subscriber in subscribers {
+            self.presence_to(subscriber, user, true, 0);
+        }
+        Ok(())
+    }
+
+    /// A connection of `user` closed. Unacked deliveries are sent again on the next connect.
+    pub fn handle_disconnect(&mut self, user: UserId, conn: ConnRef, now_ms: u64) {
+        let Some(state) = self.users.get_mut(&user) else {
+            return;
+        };
+        if state.conn != Some(conn) {
+            return; // an older connection, already replaced
+        }
+        state.conn = None;
+        state.inflight = 0;
+        state.last_seen_ms = now_ms.max(1);
+        let subscriptions = std::mem::take(&mut state.subscriptions);
+        let subscribers = state.subscribers.clone();
+        for target in subscriptions {
+            self.to_home_of(
+                target,
+                ShardMessage::Unsubscribe {
+                    subscriber: user,
+                    target,
+                },
+                now_ms,
+            );
+        }
+        for subscriber in subscribers {
+            self.presence_to(subscriber, user, false, now_ms.max(1));
+        }
+    }
+
+    /// A stanza from `user`'s connection `conn`. A `Violation` means: send an Error and close.
+    pub fn handle_stanza(
+        &mut self,
+        user: UserId,
+        conn: ConnRef,
+        stanza: Stanza,
+        now_ms: u64,
+    ) -> Result<(), Violation> {
+        match self.users.get(&user) {
+            Some(state) if state.conn == Some(conn) => {}
+            _ => return Ok(()), // a replaced connection's last words
+        }
+        let Some(kind) = stanza.kind else {
+            return Err(Violation("stanza of unknown kind".into()));
+        };
+        match kind {
+            Kind::Send(send) => self.client_send(user, conn, send.to, send.seq, send.body, now_ms),
+            Kind::Ack(ack) => {
+                let kind = ReceiptKind::try_from(ack.kind).unwrap_or(ReceiptKind::Unspecified);
+                self.client_ack(user, ack.id, kind, now_ms);
+            }
+            Kind::Read(read) => match UserId::new(read.from) {
+                Some(from) => self.to_home_of(
+                    from,
+                    ShardMessage::Receipt {
+                        to: from,
+                        id: read.id,
+                        kind: ReceiptKind::Read,
+                        by: user,
+                        timestamp_ms: now_ms,
+                    },
+                    now_ms,
+                ),
+                None => self.error_to(
+                    conn,
+                    ErrorCode::BadUserId,
+                    "Read names an invalid user id",
+                    0,
+                ),
+            },
+            Kind::Subscribe(subscribe) => self.client_subscribe(user, conn, subscribe.user, now_ms),
+            Kind::Unsubscribe(unsubscribe) => {
+                if let Some(target) = UserId::new(unsubscribe.user) {
+                    let state = self.users.get_mut(&user).expect("checked above");
+                    state.subscriptions.retain(|watched| *watched != target);
+                    self.to_home_of(
+                        target,
+                        ShardMessage::Unsubscribe {
+                            subscriber: user,
+                            target,
+                        },
+                        now_ms,
+                    );
+                }
+            }
+            Kind::Ping(ping) => self.actions.push_back(Action::Send {
+                conn,
+                stanza: Stanza::of(Kind::Pong(Pong { nonce: ping.nonce })),
+            }),
+            Kind::Pong(_) => {}
+            other => {
+                let name = Stanza::of(other).kind_name();
+                return Err(Violation(format!("clients may not send {name}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Work from another shard.
+    pub fn handle_shard_message(&mut self, message: ShardMessage, now_ms: u64) {
+        match message {
+            ShardMessage::Route(envelope) => self.accept(envelope, now_ms),
+            ShardMessage::Accepted {
+                sender,
+                seq,
+                id,
+                timestamp_ms,
+            } => {
+                if let Some(conn) = self.conn_of(sender) {
+                    self.actions.push_back(Action::Send {
+                        conn,
+                        stanza: Stanza::of(Kind::ServerAck(ServerAck {
+                            seq,
+                            id,
+                            timestamp_ms,
+                        })),
+                    });
+                }
+            }
+            ShardMessage::Rejected {
+                sender,
+                seq,
+                code,
+                reason,
+            } => {
+                if let Some(conn) = self.conn_of(sender) {
+                    self.error_to(conn, code, reason, seq);
+                }
+            }
+            ShardMessage::Receipt {
+                to,
+                id,
+                kind,
+                by,
+                timestamp_ms,
+            } => self.queue_receipt(to, id, kind, by, timestamp_ms),
+            ShardMessage::Subscribe { subscriber, target } => {
+                self.add_subscriber(subscriber, target, now_ms)
+            }
+            ShardMessage::Unsubscribe { subscriber, target } => {
+                if let Some(state) = self.users.get_mut(&target) {
+                    state.subscribers.retain(|watcher| *watcher != subscriber);
+                }
+            }
+            ShardMessage::Presence {
+                to,
+                about,
+                online,
+                last_seen_ms,
+            } => {
+                let Some(state) = self.users.get(&to) else {
+                    return;
+                };
+                let Some(conn) = state.conn else { return };
+                if state.subscriptions.contains(&about) {
+                    self.counters.presence_sent += 1;
+                    self.actions.push_back(Action::Send {
+                        conn,
+                        stanza: Stanza::of(Kind::Presence(Presence {
+                            user: about.get(),
+                            online,
+                            last_seen_ms,
+                        })),
+                    });
+                }
+            }
+        }
+    }
+
+    fn client_send(
+        &mut self,
+        from: UserId,
+        conn: ConnRef,
+        to: u64,
+        seq: u32,
+        body: Bytes,
+        now_ms: u64,
+    ) {
+        let Some(to) = UserId::new(to) else {
+            return self.error_to(
+                conn,
+                ErrorCode::BadUserId,
+                "recipient id is outside the valid range",
+                seq,
+            );
+        };
+        if body.len() > BODY_BYTES_MAX {
+            return self.error_to(
+                conn,
+                ErrorCode::BadStanza,
+                "message body exceeds the limit",
+                seq,
+            );
+        }
+        let envelope = Envelope {
+            from,
+            to,
+            seq,
+            id: self.take_id(),
+            timestamp_ms: now_ms,
+            body,
+        };
+        self.to_home_of(to, ShardMessage::Route(envelope), now_ms);
+    }
+
+    /// At the recipient's home shard: take the message into the recipient's queue, or refuse.
+    fn accept(&mut self, envelope: Envelope, now_ms: u64) {
+        let reject = |code, reason| ShardMessage::Rejected {
+            sender: envelope.from,
+            seq: envelope.seq,
+            code,
+            reason,
+        };
+        let Some(state) = self.users.get_mut(&envelope.to) else {
+            self.counters.messages_rejected += 1;
+            let message = reject(ErrorCode::UnknownUser, "no such user on this server");
+            return self.to_home_of(envelope.from, message, now_ms);
+        };
+        let body_bytes = envelope.body.len();
+        if state.queue.len() >= self.limits.queue_messages_max
+            || state.queued_bytes + body_bytes > self.limits.queue_bytes_max
+            || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
+        {
+            self.counters.messages_rejected += 1;
+            let message = reject(
+                ErrorCode::QueueFull,
+                "the recipient's queue is full; message not taken",
+            );
+            return self.to_home_of(envelope.from, message, now_ms);
+        }
+        state.queue.push_back(Item::Message {
+            from: envelope.from,
+            id: envelope.id,
+            timestamp_ms: envelope.timestamp_ms,
+            body: envelope.body,
+        });
+        state.queued_bytes += body_bytes;
+        self.queued_bytes += body_bytes;
+        self.counters.messages_accepted += 1;
+        self.push_queued(envelope.to);
+        let accepted = ShardMessage::Accepted {
+            sender: envelope.from,
+            seq: envelope.seq,
+            id: envelope.id,
+            timestamp_ms: envelope.timestamp_ms,
+        };
+        self.to_home_of(envelope.from, accepted, now_ms);
+    }
+
+    fn client_ack(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
+        let state = self
+            .users
+            .get_mut(&user)
+            .expect("acking user is online here");
+        // Acks come in delivery order, so the item is almost always at the front.
+        let Some(position) = state.queue.iter().position(|item| item.acked_by(id, kind)) else {
+            self.counters.acks_unmatched += 1;
+            return;
+        };
+        let item = state.queue.remove(position).expect("position is in range");
+        if position < state.inflight {
+            state.inflight -= 1;
+        }
+        let body_bytes = item.body_bytes();
+        state.queued_bytes -= body_bytes;
+        self.queued_bytes -= body_bytes;
+        self.push_queued(user);
+        if let Item::Message { from, id, .. } = item {
+            self.counters.messages_acked += 1;
+            let receipt = ShardMessage::Receipt {
+                to: from,
+                id,
+                kind: ReceiptKind::Delivered,
+                by: user,
+                timestamp_ms: now_ms,
+            };
+            self.to_home_of(from, receipt, now_ms);
+        }
+    }
+
+    fn client_subscribe(&mut self, user: UserId, conn: ConnRef, target: u64, now_ms: u64) {
+        let Some(target) = UserId::new(target) else {
+            return self.error_to(
+                conn,
+                ErrorCode::BadUserId,
+                "Subscribe names an invalid user id",
+                0,
+            );
+        };
+        let state = self
+            .users
+            .get_mut(&user)
+            .expect("subscribing user is online here");
+        if !state.subscriptions.contains(&target) {
+            if state.subscriptions.len() >= self.limits.subscriptions_max {
+                return self.error_to(conn, ErrorCode::Limit, "too many presence subscriptions", 0);
+            }
+            state.subscriptions.push(target);
+        }
+        self.to_home_of(
+            target,
+            ShardMessage::Subscribe {
+                subscriber: user,
+                target,
+            },
+            now_ms,
+        );
+    }
+
+    /// At the target's home shard: record the watcher and tell it the current presence.
+    fn add_subscriber(&mut self, subscriber: UserId, target: UserId, now_ms: u64) {
+        let (online, last_seen_ms) = match self.users.get_mut(&target) {
+            None => (false, 0), // never seen here: offline, no last-seen time
+            Some(state) => {
+                if !state.subscribers.contains(&subscriber) {
+                    if state.subscribers.len() >= self.limits.subscribers_max {
+                        let refusal = ShardMessage::Rejected {
+                            sender: subscriber,
+                            seq: 0,
+                            code: ErrorCode::Limit,
+                            reason: "that user has too many watchers",
+                        };
+                        return self.to_home_of(subscriber, refusal, now_ms);
+                    }
+                    state.subscribers.push(subscriber);
+                }
+                (state.conn.is_some(), state.last_seen_ms)
+            }
+        };
+        self.presence_to(subscriber, target, online, last_seen_ms);
+    }
+
+    fn queue_receipt(
+        &mut self,
+        to: UserId,
+        id: u64,
+        kind: ReceiptKind,
+        by: UserId,
+        timestamp_ms: u64,
+    ) {
+        let Some(state) = self.users.get_mut(&to) else {
+            self.counters.receipts_dropped += 1;
+            return;
+        };
+        // Receipts carry no body; they are bounded by twice the message limit so a flood of
+        // them cannot grow a queue without bound. Past it they are dropped and counted.
+        if state.queue.len() >= 2 * self.limits.queue_messages_max {
+            self.counters.receipts_dropped += 1;
+            return;
+        }
+        state.queue.push_back(Item::Receipt {
+            id,
+            kind,
+            by,
+            timestamp_ms,
+        });
+        self.counters.receipts_queued += 1;
+        self.push_queued(to);
+    }
+
+    /// Pushes queued items to the user's connection, up to the inflight limit.
+    fn push_queued(&mut self, user: UserId) {
+        let Some(state) = self.users.get_mut(&user) else {
+            return;
+        };
+        let Some(conn) = state.conn else { return };
+        while state.inflight < self.limits.inflight_max && state.inflight < state.queue.len() {
+            let stanza = state.queue[state.inflight].stanza();
+            state.inflight += 1;
+            self.actions.push_back(Action::Send { conn, stanza });
+        }
+    }
+
+    fn presence_to(&mut self, subscriber: UserId, about: UserId, online: bool, last_seen_ms: u64) {
+        let message = ShardMessage::Presence {
+            to: subscriber,
+            about,
+            online,
+            last_seen_ms,
+        };
+        self.to_home_of(subscriber, message, last_seen_ms);
+    }
+
+    /// Hands `message` to `user`'s home shard: handled here if that is this shard.
+    fn to_home_of(&mut self, user: UserId, message: ShardMessage, now_ms: u64) {
+        let shard = home_shard(user, self.shards);
+        if shard == self.shard {
+            self.handle_shard_message(message, now_ms);
+        } else {
+            self.actions.push_back(Action::Forward { shard, message });
+        }
+    }
+
+    fn error_to(&mut self, conn: ConnRef, code: ErrorCode, reason: &str, seq: u32) {
+        self.actions.push_back(Action::Send {
+            conn,
+            stanza: Stanza::error(code, reason, seq),
+        });
+    }
+
+    fn conn_of(&self, user: UserId) -> Option<ConnRef> {
+        self.users.get(&user).and_then(|state| state.conn)
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        let counter_mask = (1u64 << ID_COUNTER_BITS) - 1;
+        let shard_bits = u64::from(self.shard) << ID_COUNTER_BITS;
+        self.next_id = shard_bits | ((id + 1) & counter_mask);
+        id
+    }
+}
+
+impl User {
+    fn new(key: [u8; KEY_BYTES]) -> Self {
+        Self {
+            key,
+            conn: None,
+            last_seen_ms: 0,
+            queue: VecDeque::new(),
+            inflight: 0,
+            queued_bytes: 0,
+            subscribers: Vec::new(),
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

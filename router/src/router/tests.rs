@@ -1,0 +1,516 @@
+//! Router tests: several routers wired together in memory (a deterministic cluster), users
+//! picked so that they land on the shards each test wants.
+
+use super::*;
+use hop_protocol::wire::{Ack, Ping, Read, Subscribe};
+
+/// Several routers and the forwarding between them, run to quiescence after every input.
+struct Cluster {
+    routers: Vec<Router>,
+    /// Everything pushed to each connection, in order.
+    sent: HashMap<ConnRef, Vec<Stanza>>,
+    closed: Vec<(ConnRef, GoAwayReason)>,
+    persisted: Vec<UserId>,
+    now_ms: u64,
+}
+
+impl Cluster {
+    fn new(shards: u16, limits: Limits) -> Self {
+        Self {
+            routers: (0..shards)
+                .map(|shard| Router::new(shard, shards, limits, 1_000))
+                .collect(),
+            sent: HashMap::new(),
+            closed: Vec::new(),
+            persisted: Vec::new(),
+            now_ms: 5_000,
+        }
+    }
+
+    fn shards(&self) -> u16 {
+        self.routers.len() as u16
+    }
+
+    /// A user id whose home is `shard`, distinct per `n`.
+    fn user_on(&self, shard: ShardId, n: u64) -> UserId {
+        (1..)
+            .filter_map(UserId::new)
+            .filter(|user| home_shard(*user, self.shards()) == shard)
+            .nth(n as usize)
+            .unwrap()
+    }
+
+    fn run(&mut self) {
+        loop {
+            let mut progressed = false;
+            for index in 0..self.routers.len() {
+                while let Some(action) = self.routers[index].poll_action() {
+                    progressed = true;
+                    match action {
+                        Action::Send { conn, stanza } => {
+                            self.sent.entry(conn).or_default().push(stanza)
+                        }
+                        Action::Close { conn, reason, .. } => self.closed.push((conn, reason)),
+                        Action::Forward { shard, message } => {
+                            assert_ne!(shard, index as ShardId, "forward to self");
+                            let now = self.now_ms;
+                            self.routers[usize::from(shard)].handle_shard_message(message, now);
+                        }
+                        Action::PersistBinding { user, .. } => self.persisted.push(user),
+                    }
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn connect(&mut self, user: UserId, conn: u64) -> Result<(), ConnectError> {
+        let shard = usize::from(home_shard(user, self.shards()));
+        let result =
+            self.routers[shard].handle_connect(user, &key_of(user), ConnRef(conn), self.now_ms);
+        self.run();
+        result
+    }
+
+    fn disconnect(&mut self, user: UserId, conn: u64) {
+        let shard = usize::from(home_shard(user, self.shards()));
+        self.routers[shard].handle_disconnect(user, ConnRef(conn), self.now_ms);
+        self.run();
+    }
+
+    fn stanza(&mut self, user: UserId, conn: u64, kind: Kind) -> Result<(), Violation> {
+        let shard = usize::from(home_shard(user, self.shards()));
+        let result =
+            self.routers[shard].handle_stanza(user, ConnRef(conn), Stanza::of(kind), self.now_ms);
+        self.run();
+        result
+    }
+
+    fn send(&mut self, from: UserId, conn: u64, to: UserId, seq: u32, body: &'static [u8]) {
+        self.stanza(
+            from,
+            conn,
+            Kind::Send(hop_protocol::wire::Send {
+                to: to.get(),
+                seq,
+                body: Bytes::from_static(body),
+            }),
+        )
+        .unwrap();
+    }
+
+    fn take(&mut self, conn: u64) -> Vec<Stanza> {
+        self.sent.remove(&ConnRef(conn)).unwrap_or_default()
+    }
+}
+
+fn key_of(user: UserId) -> [u8; KEY_BYTES] {
+    let mut key = [0u8; KEY_BYTES];
+    key[..8].copy_from_slice(&user.get().to_le_bytes());
+    key
+}
+
+fn only<T: std::fmt::Debug>(mut items: Vec<T>) -> T {
+    assert_eq!(items.len(), 1, "expected one item: {items:?}");
+    items.pop().unwrap()
+}
+
+fn deliver(stanza: &Stanza) -> &Deliver {
+    match &stanza.kind {
+        Some(Kind::Deliver(deliver)) => deliver,
+        other => panic!("expected Deliver, got {other:?}"),
+    }
+}
+
+fn receipt(stanza: &Stanza) -> &Receipt {
+    match &stanza.kind {
+        Some(Kind::Receipt(receipt)) => receipt,
+        other => panic!("expected Receipt, got {other:?}"),
+    }
+}
+
+fn error_code(stanza: &Stanza) -> (ErrorCode, u32) {
+    match &stanza.kind {
+        Some(Kind::Error(error)) => (ErrorCode::try_from(error.code).unwrap(), error.seq),
+        other => panic!("expected Error, got {other:?}"),
+    }
+}
+
+/// The three ticks for a pair of users on the given shards.
+fn ticks_between(sender_shard: ShardId, recipient_shard: ShardId) {
+    let mut cluster = Cluster::new(2, Limits::default());
+    let alice = cluster.user_on(sender_shard, 0);
+    let bob = cluster.user_on(recipient_shard, 1);
+    cluster.connect(alice, 1).unwrap();
+    cluster.connect(bob, 2).unwrap();
+    cluster.send(alice, 1, bob, 7, b"hello");
+
+    let ack = only(cluster.take(1));
+    let Some(Kind::ServerAck(server_ack)) = ack.kind else {
+        panic!("expected ServerAck, got {ack:?}")
+    };
+    assert_eq!(server_ack.seq, 7);
+    let delivered = only(cluster.take(2));
+    let message = deliver(&delivered);
+    assert_eq!(
+        (message.from, message.id, &message.body[..]),
+        (alice.get(), server_ack.id, &b"hello"[..])
+    );
+
+    cluster
+        .stanza(
+            bob,
+            2,
+            Kind::Ack(Ack {
+                id: message.id,
+                kind: 0,
+            }),
+        )
+        .unwrap();
+    let two_ticks = only(cluster.take(1));
+    assert_eq!(receipt(&two_ticks).kind, ReceiptKind::Delivered as i32);
+    assert_eq!(receipt(&two_ticks).by, bob.get());
+    assert_eq!(receipt(&two_ticks).id, message.id);
+
+    cluster
+        .stanza(
+            bob,
+            2,
+            Kind::Read(Read {
+                from: alice.get(),
+                id: message.id,
+            }),
+        )
+        .unwrap();
+    let blue = only(cluster.take(1));
+    assert_eq!(receipt(&blue).kind, ReceiptKind::Read as i32);
+    assert!(cluster.take(2).is_empty());
+}
+
+#[test]
+fn three_ticks_on_one_shard() {
+    ticks_between(0, 0);
+}
+
+#[test]
+fn three_ticks_across_shards() {
+    ticks_between(0, 1);
+    ticks_between(1, 0);
+}
+
+#[test]
+fn offline_recipient_gets_messages_in_order_on_connect() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    cluster.connect(bob, 2).unwrap();
+    cluster.disconnect(bob, 2);
+    cluster.connect(alice, 1).unwrap();
+    cluster.send(alice, 1, bob, 1, b"one");
+    cluster.send(alice, 1, bob, 2, b"two");
+    assert_eq!(
+        cluster.take(1).len(),
+        2,
+        "two ServerAcks while bob is offline"
+    );
+    cluster.connect(bob, 3).unwrap();
+    let bodies: Vec<_> = cluster
+        .take(3)
+        .iter()
+        .map(|s| deliver(s).body.clone())
+        .collect();
+    assert_eq!(
+        bodies,
+        [Bytes::from_static(b"one"), Bytes::from_static(b"two")]
+    );
+}
+
+#[test]
+fn receipts_wait_for_an_offline_sender() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    cluster.connect(alice, 1).unwrap();
+    cluster.connect(bob, 2).unwrap();
+    cluster.send(alice, 1, bob, 1, b"hi");
+    cluster.take(1);
+    cluster.disconnect(alice, 1);
+    let id = deliver(&only(cluster.take(2))).id;
+    cluster
+        .stanza(bob, 2, Kind::Ack(Ack { id, kind: 0 }))
+        .unwrap();
+    cluster
+        .stanza(
+            bob,
+            2,
+            Kind::Read(Read {
+                from: alice.get(),
+                id,
+            }),
+        )
+        .unwrap();
+    assert!(cluster.take(1).is_empty());
+    cluster.connect(alice, 4).unwrap();
+    let receipts = cluster.take(4);
+    assert_eq!(receipts.len(), 2);
+    assert_eq!(receipt(&receipts[0]).kind, ReceiptKind::Delivered as i32);
+    assert_eq!(receipt(&receipts[1]).kind, ReceiptKind::Read as i32);
+    // Acked receipts are gone; unacked ones come again on the next connection.
+    let delivered = ReceiptKind::Delivered as i32;
+    cluster
+        .stanza(
+            alice,
+            4,
+            Kind::Ack(Ack {
+                id,
+                kind: delivered,
+            }),
+        )
+        .unwrap();
+    cluster.disconnect(alice, 4);
+    cluster.connect(alice, 5).unwrap();
+    assert_eq!(
+        receipt(&only(cluster.take(5))).kind,
+        ReceiptKind::Read as i32
+    );
+}
+
+#[test]
+fn unacked_deliveries_are_sent_again_after_reconnect() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(alice, 1).unwrap();
+    cluster.connect(bob, 2).unwrap();
+    cluster.send(alice, 1, bob, 1, b"x");
+    let first = deliver(&only(cluster.take(2))).id;
+    cluster.disconnect(bob, 2);
+    cluster.connect(bob, 3).unwrap();
+    assert_eq!(
+        deliver(&only(cluster.take(3))).id,
+        first,
+        "same server id, so the client can drop a duplicate"
+    );
+}
+
+#[test]
+fn inflight_is_bounded_and_acks_release_more() {
+    let limits = Limits {
+        inflight_max: 2,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(1, limits);
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(alice, 1).unwrap();
+    cluster.connect(bob, 2).unwrap();
+    for seq in 1..=5 {
+        cluster.send(alice, 1, bob, seq, b"m");
+    }
+    let pushed = cluster.take(2);
+    assert_eq!(pushed.len(), 2);
+    let id = deliver(&pushed[0]).id;
+    cluster
+        .stanza(bob, 2, Kind::Ack(Ack { id, kind: 0 }))
+        .unwrap();
+    assert_eq!(cluster.take(2).len(), 1, "one ack frees one slot");
+}
+
+#[test]
+fn unknown_and_invalid_recipients_get_errors_not_acks() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let stranger = cluster.user_on(1, 5);
+    cluster.connect(alice, 1).unwrap();
+    cluster.send(alice, 1, stranger, 3, b"anyone?");
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::UnknownUser, 3)
+    );
+    cluster
+        .stanza(
+            alice,
+            1,
+            Kind::Send(hop_protocol::wire::Send {
+                to: 0,
+                seq: 4,
+                body: Bytes::new(),
+            }),
+        )
+        .unwrap();
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::BadUserId, 4)
+    );
+    cluster
+        .stanza(
+            alice,
+            1,
+            Kind::Send(hop_protocol::wire::Send {
+                to: u64::MAX,
+                seq: 5,
+                body: Bytes::new(),
+            }),
+        )
+        .unwrap();
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::BadUserId, 5)
+    );
+}
+
+#[test]
+fn full_queue_refuses_with_an_error_and_affects_no_one_else() {
+    let limits = Limits {
+        queue_messages_max: 2,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(2, limits);
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    let carol = cluster.user_on(1, 1);
+    for (user, conn) in [(bob, 2), (carol, 3)] {
+        cluster.connect(user, conn).unwrap();
+        cluster.disconnect(user, conn);
+    }
+    cluster.connect(alice, 1).unwrap();
+    for seq in 1..=3 {
+        cluster.send(alice, 1, bob, seq, b"m");
+    }
+    let replies = cluster.take(1);
+    assert!(matches!(replies[0].kind, Some(Kind::ServerAck(_))));
+    assert!(matches!(replies[1].kind, Some(Kind::ServerAck(_))));
+    assert_eq!(error_code(&replies[2]), (ErrorCode::QueueFull, 3));
+    cluster.send(alice, 1, carol, 4, b"m");
+    assert!(matches!(
+        only(cluster.take(1)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+}
+
+#[test]
+fn shard_wide_byte_limit_holds() {
+    let limits = Limits {
+        shard_queue_bytes_max: 10,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(1, limits);
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(bob, 2).unwrap();
+    cluster.disconnect(bob, 2);
+    cluster.connect(alice, 1).unwrap();
+    cluster.send(alice, 1, bob, 1, b"123456");
+    cluster.send(alice, 1, bob, 2, b"123456");
+    let replies = cluster.take(1);
+    assert!(matches!(replies[0].kind, Some(Kind::ServerAck(_))));
+    assert_eq!(error_code(&replies[1]), (ErrorCode::QueueFull, 2));
+}
+
+#[test]
+fn presence_is_told_on_subscribe_and_on_every_change() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    let watcher = cluster.user_on(0, 0);
+    let watched = cluster.user_on(1, 0);
+    cluster.connect(watched, 2).unwrap();
+    cluster.connect(watcher, 1).unwrap();
+    let presence = |stanza: Stanza| match stanza.kind {
+        Some(Kind::Presence(presence)) => presence,
+        other => panic!("expected Presence, got {other:?}"),
+    };
+    cluster
+        .stanza(
+            watcher,
+            1,
+            Kind::Subscribe(Subscribe {
+                user: watched.get(),
+            }),
+        )
+        .unwrap();
+    let now = presence(only(cluster.take(1)));
+    assert!(now.online && now.user == watched.get());
+    cluster.now_ms = 9_000;
+    cluster.disconnect(watched, 2);
+    let gone = presence(only(cluster.take(1)));
+    assert!(!gone.online);
+    assert_eq!(gone.last_seen_ms, 9_000);
+    cluster.connect(watched, 3).unwrap();
+    assert!(presence(only(cluster.take(1))).online);
+    // A watcher that disconnects stops watching.
+    cluster.disconnect(watcher, 1);
+    cluster.connect(watcher, 4).unwrap();
+    cluster.disconnect(watched, 3);
+    assert!(cluster.take(4).is_empty());
+}
+
+#[test]
+fn second_connection_replaces_the_first() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    cluster.connect(alice, 1).unwrap();
+    cluster.connect(alice, 2).unwrap();
+    assert_eq!(cluster.closed, [(ConnRef(1), GoAwayReason::Replaced)]);
+    // The old connection's disconnect does not take the user offline.
+    cluster.disconnect(alice, 1);
+    cluster
+        .stanza(alice, 2, Kind::Ping(Ping { nonce: 3 }))
+        .unwrap();
+    assert!(matches!(
+        only(cluster.take(2)).kind,
+        Some(Kind::Pong(Pong { nonce: 3 }))
+    ));
+}
+
+#[test]
+fn a_user_id_binds_to_its_first_key() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    cluster.connect(alice, 1).unwrap();
+    assert_eq!(cluster.persisted, [alice]);
+    let result = cluster.routers[0].handle_connect(alice, &[9u8; KEY_BYTES], ConnRef(2), 0);
+    assert_eq!(result, Err(ConnectError::IdTaken));
+    let mut restored = Router::new(0, 1, Limits::default(), 0);
+    restored.restore_binding(alice, key_of(alice));
+    assert_eq!(
+        restored.handle_connect(alice, &[9u8; KEY_BYTES], ConnRef(3), 0),
+        Err(ConnectError::IdTaken)
+    );
+}
+
+#[test]
+fn server_only_stanzas_from_a_client_are_violations() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    cluster.connect(alice, 1).unwrap();
+    let forged = Kind::Deliver(Deliver {
+        from: 99,
+        id: 1,
+        timestamp_ms: 0,
+        body: Bytes::new(),
+    });
+    assert!(cluster.stanza(alice, 1, forged).is_err());
+    let shard = usize::from(home_shard(alice, 1));
+    assert!(cluster.routers[shard]
+        .handle_stanza(alice, ConnRef(1), Stanza { kind: None }, 0)
+        .is_err());
+}
+
+#[test]
+fn server_ids_are_unique_and_carry_the_shard() {
+    let mut router = Router::new(3, 4, Limits::default(), 1_700_000_000_000);
+    let first = router.take_id();
+    let second = router.take_id();
+    assert_ne!(first, second);
+    assert_eq!(first >> ID_COUNTER_BITS, 3);
+}
+
+#[test]
+fn home_shards_spread_users() {
+    let mut counts = [0usize; 4];
+    for raw in 1..=4_000 {
+        counts[usize::from(home_shard(UserId::new(raw).unwrap(), 4))] += 1;
+    }
+    assert!(counts.iter().all(|count| *count > 800), "{counts:?}");
+}
