@@ -1,1 +1,58 @@
-//! placeholder
+//! hopd: the hop connection gateway.
+//!
+//! Thread-per-core and shard-nothing: `--shards N` threads, each pinned to a CPU, each with its
+//! own listener (`SO_REUSEPORT`), IO backend ([`sys`]), connections, router and counters. A
+//! connection is accepted by whichever shard the kernel picks, runs the Noise handshake there,
+//! and then moves to its user's home shard, where the user's routing state lives. Shards talk
+//! only through bounded mailboxes ([`mailbox`]).
+
+pub mod accounts;
+pub mod config;
+pub mod mailbox;
+pub mod server;
+pub mod shard;
+pub mod stats;
+pub mod sys;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// hopd's `main`: parses flags, starts the server, runs until SIGINT/SIGTERM.
+/// Exit status: 0 after a clean stop, 1 if the server failed, 2 for bad configuration.
+pub fn main() -> std::process::ExitCode {
+    let args = config::Args::parse();
+    let config = match config::Config::from_args(&args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("hopd: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string(&config).expect("the configuration serialises")
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
+    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|error| {
+        eprintln!(
+            "hopd: invalid log filter {:?} ({error}); using info",
+            config.log
+        );
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match server::serve(&config) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("hopd: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

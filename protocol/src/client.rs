@@ -383,8 +383,6 @@ pub fn body_text(body: &[u8]) -> String {
     String::from_utf8_lossy(body).into_owned()
 }
 
-pub use wire::ReceiptKind as Receipt;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -167,7 +167,7 @@ impl ServerConnection {
     }
 
     /// Feeds bytes read from the client. Handshake replies are appended to `out`; events go to
-    /// `on_event` in order. After an error the connection is `Closed`.
+    /// `on_event` in order. After an error the caller must close the connection.
     pub fn handle_input<E>(
         &mut self,
         input: &[u8],
@@ -175,11 +175,9 @@ impl ServerConnection {
         out: &mut Vec<u8>,
         on_event: &mut dyn FnMut(ServerEvent) -> Result<(), E>,
     ) -> Result<(), InputError<E>> {
-        let result = self.handle_input_inner(input, scratch, out, on_event);
-        if result.is_err() {
-            *self = Self::Closed;
-        }
-        result
+        // On an error during the handshake the state is already `Closed`. On an error after it
+        // the channel stays, so the caller can still seal an Error stanza before it closes.
+        self.handle_input_inner(input, scratch, out, on_event)
     }
 
     fn handle_input_inner<E>(

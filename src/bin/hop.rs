@@ -1,1 +1,8 @@
-fn main() {}
+//! hop: the command-line client. See `hop --help` and README.md.
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> std::process::ExitCode {
+    hop_protocol::cli::main()
+}

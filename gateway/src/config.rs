@@ -1,0 +1,279 @@
+//! hopd's configuration: embedded defaults, overridden by a TOML file (`--config`), overridden
+//! by command-line flags. Every setting has a flag of the same name (`queue_messages_max` is
+//! `--queue-messages-max`). `hopd --print-config` prints the effective settings as TOML.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The effective settings. Units are in the names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address every shard listens on (`SO_REUSEPORT`). Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Data folder: server key, account bindings. Created on first start.
+    pub data: PathBuf,
+    /// Shard threads; 0 means one per CPU this process may use.
+    pub shards: usize,
+    /// Pin each shard thread to one CPU.
+    pub pin_cores: bool,
+    /// A connection must finish the Noise handshake within this time.
+    pub handshake_timeout_ms: u64,
+    /// An authenticated connection that sends nothing for this long is closed (clients ping).
+    pub idle_timeout_ms: u64,
+    /// Connections the whole server holds; each shard takes an equal share.
+    pub connections_max: usize,
+    /// Bytes waiting to be written to one connection before it counts as not reading and is
+    /// closed.
+    pub send_buffer_bytes_max: usize,
+    /// Mails each shard-to-shard mailbox holds before backpressure.
+    pub mailbox_depth: usize,
+    /// Items (messages, receipts) queued for one user.
+    pub queue_messages_max: usize,
+    /// Message body bytes queued for one user.
+    pub queue_bytes_max: usize,
+    /// Message body bytes queued on one shard, all users together.
+    pub shard_queue_bytes_max: usize,
+    /// Deliveries pushed to one connection and not yet acked.
+    pub inflight_max: usize,
+    /// Users one user may watch.
+    pub subscriptions_max: usize,
+    /// Watchers one user may have.
+    pub subscribers_max: usize,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `hop_gateway=debug`.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let router = hop_router::Limits::default();
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7788)),
+            data: PathBuf::from("hop-data"),
+            shards: 0,
+            pin_cores: true,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            connections_max: 1_000_000,
+            send_buffer_bytes_max: 4 * 1024 * 1024,
+            mailbox_depth: 16 * 1024,
+            queue_messages_max: router.queue_messages_max,
+            queue_bytes_max: router.queue_bytes_max,
+            shard_queue_bytes_max: router.shard_queue_bytes_max,
+            inflight_max: router.inflight_max,
+            subscriptions_max: router.subscriptions_max,
+            subscribers_max: router.subscribers_max,
+            log: "info".to_string(),
+        }
+    }
+}
+
+/// hopd: the hop connection gateway.
+#[derive(Debug, Parser)]
+#[command(name = "hopd", version, about)]
+pub struct Args {
+    /// TOML file of settings (any of the keys below, snake_case).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective settings as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+    #[arg(long, value_name = "BOOL")]
+    pub pin_cores: Option<bool>,
+    #[arg(long, value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    #[arg(long, value_name = "MS")]
+    pub idle_timeout_ms: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub connections_max: Option<usize>,
+    #[arg(long, value_name = "BYTES")]
+    pub send_buffer_bytes_max: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub mailbox_depth: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub queue_messages_max: Option<usize>,
+    #[arg(long, value_name = "BYTES")]
+    pub queue_bytes_max: Option<usize>,
+    #[arg(long, value_name = "BYTES")]
+    pub shard_queue_bytes_max: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub inflight_max: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub subscriptions_max: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub subscribers_max: Option<usize>,
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// The largest shard count: server ids carry the shard in 8 bits.
+pub const SHARDS_MAX: usize = 256;
+
+impl Config {
+    /// Defaults, then the file named by `--config`, then the flags; validated.
+    pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        macro_rules! apply {
+            ($($name:ident),*) => { $( if let Some(value) = &args.$name { config.$name = value.clone(); } )* };
+        }
+        apply!(
+            listen,
+            data,
+            shards,
+            pin_cores,
+            handshake_timeout_ms,
+            idle_timeout_ms,
+            connections_max,
+            send_buffer_bytes_max,
+            mailbox_depth,
+            queue_messages_max,
+            queue_bytes_max,
+            shard_queue_bytes_max,
+            inflight_max,
+            subscriptions_max,
+            subscribers_max,
+            log
+        );
+        if config.shards == 0 {
+            config.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown,
+            source,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("handshake_timeout_ms", self.handshake_timeout_ms as usize),
+            ("idle_timeout_ms", self.idle_timeout_ms as usize),
+            ("connections_max", self.connections_max),
+            ("send_buffer_bytes_max", self.send_buffer_bytes_max),
+            ("mailbox_depth", self.mailbox_depth),
+            ("queue_messages_max", self.queue_messages_max),
+            ("queue_bytes_max", self.queue_bytes_max),
+            ("shard_queue_bytes_max", self.shard_queue_bytes_max),
+            ("inflight_max", self.inflight_max),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: "must be greater than 0".into(),
+                });
+            }
+        }
+        if self.shards > SHARDS_MAX {
+            return Err(ConfigError::Invalid {
+                name: "shards",
+                reason: format!("{} is above the maximum of {SHARDS_MAX}", self.shards),
+            });
+        }
+        if self.send_buffer_bytes_max < 64 * 1024 {
+            return Err(ConfigError::Invalid {
+                name: "send_buffer_bytes_max",
+                reason: "must hold at least one whole frame (65,536 bytes)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn router_limits(&self) -> hop_router::Limits {
+        hop_router::Limits {
+            queue_messages_max: self.queue_messages_max,
+            queue_bytes_max: self.queue_bytes_max,
+            shard_queue_bytes_max: self.shard_queue_bytes_max,
+            inflight_max: self.inflight_max,
+            subscriptions_max: self.subscriptions_max,
+            subscribers_max: self.subscribers_max,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::parse_from(std::iter::once("hopd").chain(list.iter().copied()))
+    }
+
+    #[test]
+    fn flags_override_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("hop-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hop.toml");
+        std::fs::write(&file, "shards = 3\nidle_timeout_ms = 5000\n").unwrap();
+        let config = Config::from_args(&args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--shards",
+            "2",
+        ]))
+        .unwrap();
+        assert_eq!(config.shards, 2);
+        assert_eq!(config.idle_timeout_ms, 5000);
+        assert_eq!(config.listen, Config::default().listen);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("hop-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hop.toml");
+        std::fs::write(&file, "shard = 3\n").unwrap();
+        let error = Config::from_args(&args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(error.to_string().contains("unknown field"), "{error}");
+        let error = Config::from_args(&args(&["--mailbox-depth", "0"])).unwrap_err();
+        assert!(error.to_string().contains("mailbox_depth"), "{error}");
+        let error = Config::from_args(&args(&["--shards", "300"])).unwrap_err();
+        assert!(error.to_string().contains("shards"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), Config::default());
+    }
+}

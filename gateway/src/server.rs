@@ -1,0 +1,308 @@
+//! Starting and stopping hopd: the data folder and key, the listeners, the shard threads, the
+//! signals.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hop_protocol::StaticKey;
+use hop_router::{Router, ShardId};
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+use tracing::{error, info, warn};
+
+use crate::accounts::{self, AccountLog};
+use crate::config::Config;
+use crate::mailbox::Mailboxes;
+use crate::shard::{self, wall_clock_ms, Mail, ShardParts, ShardSettings};
+use crate::stats::ShardStats;
+use crate::sys::mio::MioBackend;
+use crate::sys::{Backend, BackendLimits};
+
+/// Pending connections the kernel queues per listener.
+const LISTEN_BACKLOG: i32 = 4096;
+/// How long a closing connection may linger for its peer to close.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot create data folder {path}: {source}")]
+    DataFolder { path: String, source: io::Error },
+    #[error("{0}")]
+    Key(#[from] hop_protocol::keys::KeyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot read account bindings: {0}")]
+    Accounts(io::Error),
+    #[error("cannot start shard {shard}: {source}")]
+    Shard { shard: usize, source: io::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+/// A running server.
+pub struct Server {
+    pub local_addr: SocketAddr,
+    pub public_key: [u8; 32],
+    pub shards: usize,
+    shutdown: Arc<AtomicBool>,
+    wake_all: Arc<dyn Fn() + Send + Sync>,
+    threads: Vec<JoinHandle<()>>,
+    pub stats: Vec<Arc<ShardStats>>,
+}
+
+impl Server {
+    /// Creates the data folder and key, binds the listeners and starts the shards.
+    pub fn start(config: &Config) -> Result<Self, StartError> {
+        std::fs::create_dir_all(&config.data).map_err(|source| StartError::DataFolder {
+            path: config.data.display().to_string(),
+            source,
+        })?;
+        let (key, created) = StaticKey::load_or_create(&config.data.join("server.key"))?;
+        if created {
+            info!(path = %config.data.join("server.key").display(), "generated a new server key");
+        }
+        raise_fd_limit();
+        let listeners = bind_listeners(config.listen, config.shards)?;
+        let local_addr = listeners[0]
+            .local_addr()
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let loaded = accounts::load(&config.data).map_err(StartError::Accounts)?;
+        if loaded.corrupt_records > 0 || loaded.torn_bytes > 0 {
+            warn!(
+                corrupt = loaded.corrupt_records,
+                torn_bytes = loaded.torn_bytes,
+                "account bindings had damage; the damaged records were skipped"
+            );
+        }
+        let bindings = Arc::new(loaded.bindings);
+        let shards = config.shards;
+        let key = Arc::new(key);
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let mailboxes: Arc<Mailboxes<Mail<<MioBackend as Backend>::Handoff>>> =
+            Arc::new(Mailboxes::new(shards, config.mailbox_depth));
+        let cpus = allowed_cpus();
+        let limits = BackendLimits {
+            connections_max: config.connections_max.div_ceil(shards),
+            send_buffer_bytes_max: config.send_buffer_bytes_max,
+            close_linger: CLOSE_LINGER,
+        };
+        let ready = Arc::new(Barrier::new(shards + 1));
+        let mut threads = Vec::with_capacity(shards);
+        let mut stats = Vec::with_capacity(shards);
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let shard_stats = Arc::new(ShardStats::default());
+            stats.push(shard_stats.clone());
+            let settings = ShardSettings {
+                index: index as ShardId,
+                shards: shards as u16,
+                handshake_timeout_ms: config.handshake_timeout_ms,
+                idle_timeout_ms: config.idle_timeout_ms,
+            };
+            let accounts = AccountLog::open(&config.data, index as u16).map_err(|source| {
+                StartError::Shard {
+                    shard: index,
+                    source,
+                }
+            })?;
+            let backend =
+                MioBackend::new(listener, limits).map_err(|source| StartError::Shard {
+                    shard: index,
+                    source,
+                })?;
+            mailboxes.register_waker(index as ShardId, backend.waker());
+            let mut router = Router::new(
+                index as ShardId,
+                shards as u16,
+                config.router_limits(),
+                wall_clock_ms(),
+            );
+            let parts = ShardParts {
+                settings,
+                backend,
+                router: {
+                    for (user, key) in bindings.iter() {
+                        router.restore_binding(*user, *key);
+                    }
+                    router
+                },
+                key: key.clone(),
+                mailboxes: mailboxes.clone(),
+                stats: shard_stats,
+                accounts,
+                shutdown: shutdown.clone(),
+            };
+            let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+            let ready = ready.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("hop-shard-{index}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_to_cpu(cpu);
+                    }
+                    ready.wait();
+                    shard::run(parts);
+                })
+                .map_err(|source| StartError::Shard {
+                    shard: index,
+                    source,
+                })?;
+            threads.push(thread);
+        }
+        ready.wait();
+        let wake_all: Arc<dyn Fn() + Send + Sync> = {
+            let mailboxes = mailboxes.clone();
+            Arc::new(move || mailboxes.wake_all())
+        };
+        Ok(Self {
+            local_addr,
+            public_key: *key.public(),
+            shards,
+            shutdown,
+            wake_all,
+            threads,
+            stats,
+        })
+    }
+
+    /// Asks every shard to stop: each sends GoAway to its clients and exits.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        (self.wake_all)();
+    }
+
+    /// True while every shard thread runs.
+    pub fn is_healthy(&self) -> bool {
+        self.threads.iter().all(|thread| !thread.is_finished())
+    }
+
+    /// Waits for the shards to stop. Returns false if any shard panicked.
+    pub fn join(self) -> bool {
+        let mut clean = true;
+        for thread in self.threads {
+            if thread.join().is_err() {
+                clean = false;
+            }
+        }
+        clean
+    }
+}
+
+/// Runs until SIGINT or SIGTERM, then stops cleanly. A shard that dies stops the server
+/// (there is no shard supervisor yet): the process exits non-zero so that the service
+/// manager restarts it.
+pub fn serve(config: &Config) -> Result<bool, StartError> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(StartError::Signals)?;
+    let server = Server::start(config)?;
+    println!(
+        "hopd listening on {} with {} shard{}; server key {}; data {}",
+        server.local_addr,
+        server.shards,
+        if server.shards == 1 { "" } else { "s" },
+        hex::encode(server.public_key),
+        config.data.display()
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let handle = signals.handle();
+    loop {
+        if let Some(signal) = signals.pending().next() {
+            info!(signal, "stopping");
+            break;
+        }
+        if !server.is_healthy() {
+            error!("a shard stopped unexpectedly; stopping the server");
+            server.stop();
+            server.join();
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    handle.close();
+    server.stop();
+    Ok(server.join())
+}
+
+fn bind_listeners(addr: SocketAddr, shards: usize) -> Result<Vec<TcpListener>, StartError> {
+    let error = |source| StartError::Listen { addr, source };
+    let mut listeners = Vec::with_capacity(shards);
+    let mut bound = addr;
+    for _ in 0..shards {
+        let socket = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(error)?;
+        socket.set_reuse_address(true).map_err(error)?;
+        #[cfg(not(target_os = "freebsd"))]
+        socket.set_reuse_port(true).map_err(error)?;
+        #[cfg(target_os = "freebsd")]
+        socket.set_reuse_port_lb(true).map_err(error)?;
+        socket.bind(&bound.into()).map_err(error)?;
+        socket.listen(LISTEN_BACKLOG).map_err(error)?;
+        let listener: TcpListener = socket.into();
+        // With port 0 the first bind picks the port; the other shards join it.
+        bound = listener.local_addr().map_err(error)?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Raises the soft descriptor limit to the hard limit: each connection is a descriptor.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(error) => warn!(%error, soft, hard, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open-file limit"),
+        Err(error) => warn!(%error, "cannot read the open-file limit"),
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sched::{sched_getaffinity, CpuSet};
+        use nix::unistd::Pid;
+        match sched_getaffinity(Pid::from_raw(0)) {
+            Ok(set) => (0..CpuSet::count())
+                .filter(|cpu| set.is_set(*cpu).unwrap_or(false))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Vec::new()
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sched::{sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+        let mut set = CpuSet::new();
+        if set.set(cpu).is_ok() {
+            if let Err(error) = sched_setaffinity(Pid::from_raw(0), &set) {
+                warn!(cpu, %error, "cannot pin shard to its CPU");
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cpu;
+}

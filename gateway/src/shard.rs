@@ -1,0 +1,833 @@
+//! One shard: a thread that owns a backend (its sockets), its connections, its router (its
+//! users) and its side of the mailboxes. Nothing here is shared with other shards except the
+//! mailboxes and the counters.
+//!
+//! A turn of the loop:
+//! 1. poll the backend and handle its events: handshakes, stanzas, closes;
+//! 2. drain the mailboxes from the other shards (bounded per turn);
+//! 3. carry out the router's actions as they come: stanzas queued on connections, mail to
+//!    other shards (a full mailbox pauses the connection that produced the mail);
+//! 4. end the turn: seal each touched connection's stanzas into one frame and hand the bytes to
+//!    the backend, move authenticated connections to their home shards, close what must close,
+//!    retry blocked mail, wake the shards that got mail (once each);
+//! 5. once per tick, enforce the handshake and idle timeouts.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hop_protocol::keys::KEY_BYTES;
+use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
+use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent};
+use hop_protocol::wire::{ErrorCode, GoAwayReason, Stanza};
+use hop_protocol::{StaticKey, UserId};
+use hop_router::{home_shard, Action, ConnRef, ConnectError, Router, ShardId, ShardMessage};
+use tracing::{debug, info, warn};
+
+use crate::accounts::AccountLog;
+use crate::mailbox::Mailboxes;
+use crate::stats::{bump, ShardStats};
+use crate::sys::{Backend, ConnId, Event, Reading};
+
+/// Mail one shard takes from each other shard per turn.
+const MAILS_PER_SOURCE_PER_TURN: usize = 4096;
+/// The longest a shard sleeps between timer checks.
+const TICK_MAX: Duration = Duration::from_secs(1);
+/// How long shutdown waits for GoAways to drain.
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
+/// Send buffers above this are released after a turn.
+const OUT_CAPACITY_KEPT_BYTES: usize = 64 * 1024;
+/// Bad-input log lines per shard per second at `warn`; the rest go to `debug`.
+const WARNINGS_PER_SECOND: u32 = 10;
+
+/// Work that crosses shards.
+pub enum Mail<H> {
+    Router(ShardMessage),
+    Handoff(Box<Handoff<H>>),
+}
+
+/// An authenticated connection moving to its user's home shard.
+pub struct Handoff<H> {
+    socket: H,
+    session: ServerConnection,
+    user: UserId,
+    key: [u8; KEY_BYTES],
+    /// Stanzas that arrived with the last handshake message, before the move.
+    early: Vec<Stanza>,
+}
+
+/// Settings a shard needs.
+#[derive(Debug, Clone)]
+pub struct ShardSettings {
+    pub index: ShardId,
+    pub shards: u16,
+    pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+/// Everything a shard thread starts with.
+pub struct ShardParts<B: Backend> {
+    pub settings: ShardSettings,
+    pub backend: B,
+    pub router: Router,
+    pub key: Arc<StaticKey>,
+    pub mailboxes: Arc<Mailboxes<Mail<B::Handoff>>>,
+    pub stats: Arc<ShardStats>,
+    pub accounts: AccountLog,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Handshaking,
+    /// Authenticated; waiting to be handed to its home shard at the end of the turn.
+    Moving {
+        user: UserId,
+        key: [u8; KEY_BYTES],
+        early: Vec<Stanza>,
+    },
+    Open {
+        user: UserId,
+    },
+    /// Closing at the end of this turn; input is ignored.
+    Closing {
+        user: Option<UserId>,
+    },
+}
+
+#[derive(Debug)]
+struct Conn {
+    generation: u32,
+    session: ServerConnection,
+    phase: Phase,
+    /// Sealed bytes for the backend at the end of this turn.
+    out: Vec<u8>,
+    /// When the handshake started or, once open, when input last arrived.
+    since_ms: u64,
+    dirty: bool,
+    paused: bool,
+}
+
+/// Runs a shard until shutdown.
+pub fn run<B: Backend>(parts: ShardParts<B>) {
+    let ShardParts {
+        settings,
+        mut backend,
+        router,
+        key,
+        mailboxes,
+        stats,
+        accounts,
+        shutdown,
+    } = parts;
+    let shards = usize::from(settings.shards);
+    let mut core = Core {
+        settings,
+        key,
+        router,
+        conns: Vec::new(),
+        generation: 0,
+        mailboxes,
+        outbox: (0..shards).map(|_| VecDeque::new()).collect(),
+        paused: Vec::new(),
+        dirty: Vec::new(),
+        to_close: Vec::new(),
+        to_move: Vec::new(),
+        mail_sent_to: vec![false; shards],
+        events: Vec::new(),
+        scratch: vec![0u8; FRAME_PLAINTEXT_BYTES_MAX + 16].into_boxed_slice(),
+        stats,
+        accounts,
+        now_ms: wall_clock_ms(),
+        current: None,
+        warnings: RateLimit::default(),
+    };
+    let tick = Duration::from_millis(
+        (core
+            .settings
+            .handshake_timeout_ms
+            .min(core.settings.idle_timeout_ms)
+            / 4)
+        .max(10),
+    )
+    .min(TICK_MAX);
+    let mut next_tick = Instant::now() + tick;
+    let index = core.settings.index;
+    info!(shard = index, "shard running");
+    let mut mail_backlog = false;
+    while !shutdown.load(Ordering::Acquire) {
+        let now = Instant::now();
+        let timeout = if mail_backlog || core.has_blocked_mail() {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(now)
+        };
+        core.mailboxes.clear_wake(index);
+        let result = backend.poll(Some(timeout), &mut |event| {
+            core.now_ms = wall_clock_ms();
+            core.handle_event(event)
+        });
+        if let Err(error) = result {
+            warn!(shard = index, %error, "poll failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        core.now_ms = wall_clock_ms();
+        mail_backlog = core.drain_mail(&mut backend);
+        core.end_turn(&mut backend);
+        if Instant::now() >= next_tick {
+            core.enforce_timeouts();
+            core.end_turn(&mut backend);
+            core.publish_gauges(&backend);
+            next_tick = Instant::now() + tick;
+        }
+    }
+    core.shut_down(&mut backend);
+}
+
+struct Core<H> {
+    settings: ShardSettings,
+    key: Arc<StaticKey>,
+    router: Router,
+    /// Indexed by `ConnId`.
+    conns: Vec<Option<Conn>>,
+    generation: u32,
+    mailboxes: Arc<Mailboxes<Mail<H>>>,
+    /// Mail a full mailbox did not take yet, per destination, in order.
+    outbox: Vec<VecDeque<Mail<H>>>,
+    /// Connections paused until the outboxes drain.
+    paused: Vec<ConnId>,
+    dirty: Vec<ConnId>,
+    /// Connections to close or move at the end of the turn, with their generation: an id can
+    /// be reused within a turn after the peer closed.
+    to_close: Vec<(ConnId, u32)>,
+    to_move: Vec<(ConnId, u32)>,
+    mail_sent_to: Vec<bool>,
+    /// Reused buffer of one read's events.
+    events: Vec<ServerEvent>,
+    /// Decrypted plaintext of one frame.
+    scratch: Box<[u8]>,
+    stats: Arc<ShardStats>,
+    accounts: AccountLog,
+    now_ms: u64,
+    /// The connection whose input is being handled: the one a full mailbox pauses.
+    current: Option<ConnId>,
+    warnings: RateLimit,
+}
+
+impl<H: Send + 'static> Core<H> {
+    fn handle_event(&mut self, event: Event<'_>) -> Reading {
+        match event {
+            Event::Accepted(id) => {
+                bump(&self.stats.connections_accepted, 1);
+                self.generation = self.generation.wrapping_add(1);
+                let conn = Conn {
+                    generation: self.generation,
+                    session: ServerConnection::new(&self.key),
+                    phase: Phase::Handshaking,
+                    out: Vec::new(),
+                    since_ms: self.now_ms,
+                    dirty: false,
+                    paused: false,
+                };
+                self.insert(id, conn);
+                Reading::Continue
+            }
+            Event::Data(id, bytes) => self.handle_data(id, bytes),
+            Event::Closed(id) => {
+                if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) {
+                    self.forget(id, conn);
+                }
+                Reading::Pause
+            }
+            Event::Wake => Reading::Continue,
+        }
+    }
+
+    fn handle_data(&mut self, id: ConnId, bytes: &[u8]) -> Reading {
+        let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
+            return Reading::Pause;
+        };
+        if !matches!(conn.phase, Phase::Handshaking | Phase::Open { .. }) {
+            return Reading::Pause;
+        }
+        if matches!(conn.phase, Phase::Open { .. }) {
+            conn.since_ms = self.now_ms;
+        }
+        let mut events = std::mem::take(&mut self.events);
+        let was_open = conn.session.is_open();
+        let result = conn.session.handle_input::<()>(
+            bytes,
+            &mut self.scratch,
+            &mut conn.out,
+            &mut |event| {
+                events.push(event);
+                Ok(())
+            },
+        );
+        if !conn.out.is_empty() {
+            self.mark_dirty(id);
+        }
+        self.current = Some(id);
+        for event in events.drain(..) {
+            if !self.is_live(id) {
+                break;
+            }
+            match event {
+                ServerEvent::Authenticated { client_key } => self.authenticated(id, client_key),
+                ServerEvent::Stanza(stanza) => self.stanza(id, stanza),
+            }
+        }
+        self.current = None;
+        self.events = events;
+        if let Err(InputError::Peer(error)) = result {
+            self.peer_error(id, was_open, &error);
+        }
+        match self.conns.get(id as usize).and_then(Option::as_ref) {
+            Some(conn)
+                if matches!(conn.phase, Phase::Handshaking | Phase::Open { .. })
+                    && !conn.paused =>
+            {
+                Reading::Continue
+            }
+            _ => Reading::Pause,
+        }
+    }
+
+    fn authenticated(&mut self, id: ConnId, client_key: [u8; KEY_BYTES]) {
+        bump(&self.stats.handshakes_completed, 1);
+        let user = UserId::from_public_key(&client_key);
+        let home = home_shard(user, self.settings.shards);
+        if home == self.settings.index {
+            self.attach_user(id, user, client_key);
+        } else if let Some(conn) = self.conn_mut(id) {
+            conn.phase = Phase::Moving {
+                user,
+                key: client_key,
+                early: Vec::new(),
+            };
+            let generation = conn.generation;
+            self.to_move.push((id, generation));
+        }
+    }
+
+    /// Makes `id` the connection of `user` on this, its home shard.
+    fn attach_user(&mut self, id: ConnId, user: UserId, key: [u8; KEY_BYTES]) {
+        let conn_ref = self.conn_ref(id);
+        match self
+            .router
+            .handle_connect(user, &key, conn_ref, self.now_ms)
+        {
+            Ok(()) => {
+                let now_ms = self.now_ms;
+                if let Some(conn) = self.conn_mut(id) {
+                    conn.phase = Phase::Open { user };
+                    conn.since_ms = now_ms;
+                }
+            }
+            Err(ConnectError::IdTaken) => {
+                bump(&self.stats.ids_taken, 1);
+                self.warn(format_args!(
+                    "user id {user} is bound to another key; connection refused"
+                ));
+                self.queue_stanza(
+                    id,
+                    &Stanza::error(
+                        ErrorCode::IdTaken,
+                        "this key's user id belongs to another key; generate a new key",
+                        0,
+                    ),
+                );
+                self.close_with(id, GoAwayReason::Protocol, "user id taken");
+            }
+        }
+        self.run_actions();
+    }
+
+    fn stanza(&mut self, id: ConnId, stanza: Stanza) {
+        bump(&self.stats.stanzas_in, 1);
+        let conn_ref = self.conn_ref(id);
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        match &mut conn.phase {
+            Phase::Moving { early, .. } => early.push(stanza),
+            Phase::Open { user } => {
+                let user = *user;
+                let result = self
+                    .router
+                    .handle_stanza(user, conn_ref, stanza, self.now_ms);
+                if let Err(violation) = result {
+                    bump(&self.stats.protocol_errors, 1);
+                    self.warn(format_args!("user {user}: {}", violation.0));
+                    self.queue_stanza(id, &Stanza::error(ErrorCode::BadStanza, violation.0, 0));
+                    self.close_with(id, GoAwayReason::Protocol, "protocol violation");
+                }
+                self.run_actions();
+            }
+            Phase::Handshaking | Phase::Closing { .. } => {}
+        }
+    }
+
+    fn peer_error(&mut self, id: ConnId, was_open: bool, error: &PeerError) {
+        if !self.is_live(id) {
+            return;
+        }
+        let open = self.conn_mut(id).is_some_and(|conn| conn.session.is_open());
+        if was_open || open {
+            bump(&self.stats.protocol_errors, 1);
+            self.warn(format_args!("connection {id}: {error}"));
+            let code = match error {
+                PeerError::Stanza(_) => ErrorCode::BadStanza,
+                PeerError::Frame(_) | PeerError::Noise(_) => ErrorCode::BadFrame,
+            };
+            self.queue_stanza(id, &Stanza::error(code, error.to_string(), 0));
+            self.close_with(id, GoAwayReason::Protocol, "protocol error");
+        } else {
+            bump(&self.stats.handshakes_failed, 1);
+            self.warn(format_args!("connection {id}: handshake failed: {error}"));
+            self.close(id);
+        }
+    }
+
+    /// Carries out the router's actions.
+    fn run_actions(&mut self) {
+        while let Some(action) = self.router.poll_action() {
+            match action {
+                Action::Send { conn, stanza } => {
+                    if let Some(id) = self.resolve(conn) {
+                        self.queue_stanza(id, &stanza);
+                    }
+                }
+                Action::Close { conn, reason, text } => {
+                    if let Some(id) = self.resolve(conn) {
+                        self.close_with(id, reason, text);
+                    }
+                }
+                Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
+                Action::PersistBinding { user, key } => {
+                    if let Err(error) = self.accounts.append(user, &key) {
+                        bump(&self.stats.binding_write_errors, 1);
+                        warn!(%user, %error, path = %self.accounts.path().display(), "cannot record account binding");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends mail to another shard; a full mailbox keeps it in the outbox and pauses the
+    /// connection being read.
+    fn post(&mut self, shard: ShardId, mail: Mail<H>) {
+        let to = usize::from(shard);
+        let blocked = if self.outbox[to].is_empty() {
+            match self.mailboxes.push(self.settings.index, shard, mail) {
+                Ok(()) => None,
+                Err(mail) => Some(mail),
+            }
+        } else {
+            Some(mail)
+        };
+        self.mail_sent_to[to] = true;
+        if let Some(mail) = blocked {
+            self.outbox[to].push_back(mail);
+            if let Some(current) = self.current {
+                if let Some(conn) = self.conn_mut(current) {
+                    if !conn.paused {
+                        conn.paused = true;
+                        self.paused.push(current);
+                        bump(&self.stats.mail_backpressure, 1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes mail from every other shard. Returns true if some was left for the next turn.
+    fn drain_mail<B: Backend<Handoff = H>>(&mut self, backend: &mut B) -> bool {
+        let mut backlog = false;
+        for from in 0..self.settings.shards {
+            if from == self.settings.index {
+                continue;
+            }
+            for taken in 0.. {
+                if taken == MAILS_PER_SOURCE_PER_TURN {
+                    backlog = true;
+                    break;
+                }
+                let Some(mail) = self.mailboxes.pop(from, self.settings.index) else {
+                    break;
+                };
+                match mail {
+                    Mail::Router(message) => {
+                        self.router.handle_shard_message(message, self.now_ms);
+                        self.run_actions();
+                    }
+                    Mail::Handoff(handoff) => self.adopt(backend, *handoff),
+                }
+            }
+        }
+        backlog
+    }
+
+    /// Adopts a connection handed over by another shard.
+    fn adopt<B: Backend<Handoff = H>>(&mut self, backend: &mut B, handoff: Handoff<H>) {
+        let Handoff {
+            socket,
+            session,
+            user,
+            key,
+            early,
+        } = handoff;
+        let id = match backend.attach(socket) {
+            Ok(id) => id,
+            Err(error) => {
+                warn!(%user, %error, "adopting a connection failed");
+                return;
+            }
+        };
+        bump(&self.stats.handoffs_in, 1);
+        self.generation = self.generation.wrapping_add(1);
+        let conn = Conn {
+            generation: self.generation,
+            session,
+            phase: Phase::Handshaking,
+            out: Vec::new(),
+            since_ms: self.now_ms,
+            dirty: false,
+            paused: false,
+        };
+        self.insert(id, conn);
+        self.attach_user(id, user, key);
+        self.current = Some(id);
+        for stanza in early {
+            if !self.is_live(id) {
+                break;
+            }
+            self.stanza(id, stanza);
+        }
+        self.current = None;
+        if self.conn_mut(id).is_some_and(|conn| conn.paused) {
+            backend.set_reading(id, false);
+        }
+    }
+
+    /// Ends a turn: writes, moves, closes, retries blocked mail, wakes shards.
+    fn end_turn<B: Backend<Handoff = H>>(&mut self, backend: &mut B) {
+        // Closing a connection can queue stanzas for others (presence), so repeat until calm.
+        while !self.dirty.is_empty() || !self.to_close.is_empty() || !self.to_move.is_empty() {
+            self.flush_dirty(backend);
+            for (id, generation) in std::mem::take(&mut self.to_move) {
+                if self.generation_of(id) == Some(generation) {
+                    self.hand_off(backend, id);
+                }
+            }
+            for (id, generation) in std::mem::take(&mut self.to_close) {
+                if self.generation_of(id) == Some(generation) {
+                    let conn = self.conns[id as usize].take().expect("generation matched");
+                    backend.close(id);
+                    self.forget(id, conn);
+                }
+            }
+        }
+        self.retry_outbox(backend);
+        for (shard, sent) in self.mail_sent_to.iter_mut().enumerate() {
+            if std::mem::take(sent) {
+                self.mailboxes.wake(shard as ShardId);
+            }
+        }
+    }
+
+    fn flush_dirty<B: Backend<Handoff = H>>(&mut self, backend: &mut B) {
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            conn.dirty = false;
+            if let Some(channel) = conn.session.channel() {
+                channel.flush(&mut conn.out);
+            }
+            if conn.out.is_empty() {
+                continue;
+            }
+            let overflow = backend.send(id, &conn.out).is_err();
+            conn.out.clear();
+            if conn.out.capacity() > OUT_CAPACITY_KEPT_BYTES {
+                conn.out = Vec::new();
+            }
+            if overflow {
+                bump(&self.stats.send_overflows, 1);
+                self.warn(format_args!("connection {id}: does not read; closed"));
+                self.close(id);
+            }
+        }
+    }
+
+    fn hand_off<B: Backend<Handoff = H>>(&mut self, backend: &mut B, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) else {
+            return;
+        };
+        let Phase::Moving { user, key, early } = conn.phase else {
+            self.conns[id as usize] = Some(conn);
+            return;
+        };
+        let Some(socket) = backend.detach(id) else {
+            return; // closed meanwhile
+        };
+        bump(&self.stats.handoffs_out, 1);
+        let home = home_shard(user, self.settings.shards);
+        let handoff = Handoff {
+            socket,
+            session: conn.session,
+            user,
+            key,
+            early,
+        };
+        self.post(home, Mail::Handoff(Box::new(handoff)));
+    }
+
+    fn retry_outbox<B: Backend<Handoff = H>>(&mut self, backend: &mut B) {
+        for to in 0..self.outbox.len() {
+            while let Some(mail) = self.outbox[to].pop_front() {
+                match self
+                    .mailboxes
+                    .push(self.settings.index, to as ShardId, mail)
+                {
+                    Ok(()) => self.mail_sent_to[to] = true,
+                    Err(mail) => {
+                        self.outbox[to].push_front(mail);
+                        break;
+                    }
+                }
+            }
+        }
+        if !self.has_blocked_mail() {
+            for id in std::mem::take(&mut self.paused) {
+                if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) {
+                    conn.paused = false;
+                    backend.set_reading(id, true);
+                }
+            }
+        }
+        for (shard, sent) in self.mail_sent_to.iter_mut().enumerate() {
+            if std::mem::take(sent) {
+                self.mailboxes.wake(shard as ShardId);
+            }
+        }
+    }
+
+    fn has_blocked_mail(&self) -> bool {
+        self.outbox.iter().any(|queue| !queue.is_empty())
+    }
+
+    fn enforce_timeouts(&mut self) {
+        let now = self.now_ms;
+        let mut expired = Vec::new();
+        for (index, slot) in self.conns.iter().enumerate() {
+            let Some(conn) = slot else { continue };
+            match conn.phase {
+                Phase::Handshaking
+                    if now.saturating_sub(conn.since_ms) >= self.settings.handshake_timeout_ms =>
+                {
+                    expired.push((index as ConnId, false));
+                }
+                Phase::Open { .. }
+                    if now.saturating_sub(conn.since_ms) >= self.settings.idle_timeout_ms =>
+                {
+                    expired.push((index as ConnId, true));
+                }
+                _ => {}
+            }
+        }
+        for (id, open) in expired {
+            if open {
+                bump(&self.stats.idle_timeouts, 1);
+                debug!(conn = id, "idle timeout");
+                self.close_with(id, GoAwayReason::Idle, "idle timeout");
+            } else {
+                bump(&self.stats.handshake_timeouts, 1);
+                debug!(conn = id, "handshake timeout");
+                self.close(id);
+            }
+        }
+    }
+
+    fn publish_gauges<B: Backend>(&self, backend: &B) {
+        self.stats
+            .connections_open
+            .store(backend.connections() as u64, Ordering::Relaxed);
+        self.stats
+            .connections_refused
+            .store(backend.refused(), Ordering::Relaxed);
+    }
+
+    fn shut_down<B: Backend<Handoff = H>>(&mut self, backend: &mut B) {
+        let open: Vec<ConnId> = (0..self.conns.len() as ConnId)
+            .filter(|id| self.is_live(*id))
+            .collect();
+        for id in &open {
+            self.close_with(*id, GoAwayReason::Shutdown, "server shutting down");
+        }
+        self.end_turn(backend);
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        while backend.connections() > 0 && Instant::now() < deadline {
+            let _ = backend.poll(Some(Duration::from_millis(20)), &mut |_| Reading::Pause);
+        }
+        let counters = self.router.counters();
+        let stats: Vec<String> = self
+            .stats
+            .snapshot()
+            .into_iter()
+            .filter(|(_, value)| *value > 0)
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        info!(
+            shard = self.settings.index,
+            connections_closed = open.len(),
+            messages_accepted = counters.messages_accepted,
+            messages_acked = counters.messages_acked,
+            "shard stopped; {}",
+            stats.join(" ")
+        );
+    }
+
+    /// Queues a GoAway and closes at the end of the turn.
+    fn close_with(&mut self, id: ConnId, reason: GoAwayReason, text: &str) {
+        self.queue_stanza(id, &Stanza::go_away(reason, text));
+        self.close(id);
+    }
+
+    /// Closes at the end of the turn, after this turn's bytes are written.
+    fn close(&mut self, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let user = match conn.phase {
+            Phase::Open { user } => Some(user),
+            Phase::Closing { .. } => return,
+            _ => None,
+        };
+        conn.phase = Phase::Closing { user };
+        let generation = conn.generation;
+        self.to_close.push((id, generation));
+        self.mark_dirty(id);
+    }
+
+    /// Drops a connection that is gone: the router hears of it.
+    fn forget(&mut self, id: ConnId, conn: Conn) {
+        let user = match conn.phase {
+            Phase::Open { user } | Phase::Closing { user: Some(user) } => Some(user),
+            _ => None,
+        };
+        if let Some(user) = user {
+            let conn_ref = ConnRef((u64::from(conn.generation) << 32) | u64::from(id));
+            self.router.handle_disconnect(user, conn_ref, self.now_ms);
+            self.run_actions();
+        }
+    }
+
+    fn queue_stanza(&mut self, id: ConnId, stanza: &Stanza) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let Some(channel) = conn.session.channel() else {
+            return;
+        };
+        channel.queue(stanza, &mut conn.out);
+        self.mark_dirty(id);
+    }
+
+    fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(conn) = self.conn_mut(id) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn insert(&mut self, id: ConnId, conn: Conn) {
+        let index = id as usize;
+        if self.conns.len() <= index {
+            self.conns.resize_with(index + 1, || None);
+        }
+        debug_assert!(
+            self.conns[index].is_none(),
+            "connection id reused while in use"
+        );
+        self.conns[index] = Some(conn);
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    /// Still handshaking, moving or open (not closing, not gone).
+    fn is_live(&self, id: ConnId) -> bool {
+        matches!(
+            self.conns
+                .get(id as usize)
+                .and_then(Option::as_ref)
+                .map(|conn| &conn.phase),
+            Some(Phase::Handshaking | Phase::Moving { .. } | Phase::Open { .. })
+        )
+    }
+
+    fn generation_of(&self, id: ConnId) -> Option<u32> {
+        self.conns
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .map(|conn| conn.generation)
+    }
+
+    fn conn_ref(&self, id: ConnId) -> ConnRef {
+        let generation = self
+            .conns
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |conn| conn.generation);
+        ConnRef((u64::from(generation) << 32) | u64::from(id))
+    }
+
+    /// The connection a router handle names, if it is still that connection.
+    fn resolve(&self, conn: ConnRef) -> Option<ConnId> {
+        let id = (conn.0 & u64::from(u32::MAX)) as ConnId;
+        let generation = (conn.0 >> 32) as u32;
+        let current = self.conns.get(id as usize).and_then(Option::as_ref)?;
+        (current.generation == generation).then_some(id)
+    }
+
+    fn warn(&mut self, message: std::fmt::Arguments<'_>) {
+        let shard = self.settings.index;
+        if self.warnings.allow(self.now_ms) {
+            warn!(shard, "{message}");
+        } else {
+            debug!(shard, "{message}");
+        }
+    }
+}
+
+/// Allows a number of events per second.
+#[derive(Debug, Default)]
+struct RateLimit {
+    second: u64,
+    count: u32,
+}
+
+impl RateLimit {
+    fn allow(&mut self, now_ms: u64) -> bool {
+        let second = now_ms / 1000;
+        if second != self.second {
+            self.second = second;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= WARNINGS_PER_SECOND
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}

@@ -1,0 +1,439 @@
+//! The portable backend: `mio` (epoll on Linux, kqueue on FreeBSD and macOS).
+//!
+//! Readiness is edge-triggered, so a connection that became readable is read until the socket
+//! is drained or its per-turn budget is spent; in the second case it stays on the ready list
+//! and the next poll does not wait. All connections read into one shared buffer.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use tracing::{debug, warn};
+
+use super::{Backend, BackendLimits, ConnId, Event, Reading, SendOverflow, Wake};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+
+/// Bytes one read takes at most; one buffer per shard.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Reads per connection per turn, so one busy connection cannot starve the others.
+const READS_PER_CONNECTION_PER_TURN: usize = 4;
+/// Connections accepted per turn.
+const ACCEPTS_PER_TURN: usize = 256;
+/// Readiness events taken per poll.
+const EVENTS_PER_POLL: usize = 1024;
+
+/// A connection on its way to another shard.
+#[derive(Debug)]
+pub struct MioHandoff {
+    stream: std::net::TcpStream,
+    unsent: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Connection {
+    stream: TcpStream,
+    /// Bytes the socket did not take yet. Empty (and unallocated) almost always.
+    unsent: Vec<u8>,
+    reading: bool,
+    /// On the ready list.
+    ready: bool,
+    writable_interest: bool,
+    /// Set once closing: the write side is shut and reads are discarded until the peer closes.
+    closing_deadline: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct MioBackend {
+    poll: Poll,
+    events: Events,
+    listener: TcpListener,
+    waker: Arc<MioWaker>,
+    connections: Slab<Connection>,
+    /// Connections to read on this turn (readable, or resumed).
+    ready: Vec<ConnId>,
+    accept_backlog: bool,
+    read_buffer: Box<[u8]>,
+    limits: BackendLimits,
+    closing: usize,
+    refused: u64,
+}
+
+#[derive(Debug)]
+struct MioWaker(Waker);
+
+impl Wake for MioWaker {
+    fn wake(&self) {
+        if let Err(error) = self.0.wake() {
+            warn!(%error, "waking a shard failed");
+        }
+    }
+}
+
+impl MioBackend {
+    pub fn new(listener: std::net::TcpListener, limits: BackendLimits) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(MioWaker(Waker::new(poll.registry(), WAKER)?));
+        Ok(Self {
+            poll,
+            events: Events::with_capacity(EVENTS_PER_POLL),
+            listener,
+            waker,
+            connections: Slab::new(),
+            ready: Vec::new(),
+            accept_backlog: false,
+            read_buffer: vec![0u8; READ_BUFFER_BYTES].into_boxed_slice(),
+            limits,
+            closing: 0,
+            refused: 0,
+        })
+    }
+
+    fn accept(&mut self, on_event: &mut dyn FnMut(Event<'_>) -> Reading) {
+        self.accept_backlog = false;
+        for _ in 0..ACCEPTS_PER_TURN {
+            let (mut stream, _peer) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    // EMFILE, ENFILE, ENOBUFS: established connections go on; the listener is
+                    // retried on the next turn.
+                    warn!(%error, "accept failed");
+                    return;
+                }
+            };
+            if self.connections.len() >= self.limits.connections_max {
+                self.refused += 1;
+                debug!("connection refused: shard holds its maximum");
+                drop(stream);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let entry = self.connections.vacant_entry();
+            let id = entry.key();
+            if let Err(error) =
+                self.poll
+                    .registry()
+                    .register(&mut stream, Token(id), Interest::READABLE)
+            {
+                warn!(%error, "registering a connection failed");
+                continue;
+            }
+            entry.insert(Connection::new(stream));
+            on_event(Event::Accepted(id as ConnId));
+            self.mark_ready(id);
+        }
+        self.accept_backlog = true;
+    }
+
+    fn mark_ready(&mut self, id: usize) {
+        if let Some(connection) = self.connections.get_mut(id) {
+            if !connection.ready {
+                connection.ready = true;
+                self.ready.push(id as ConnId);
+            }
+        }
+    }
+
+    /// Reads every ready connection within its budget.
+    fn read_ready(&mut self, on_event: &mut dyn FnMut(Event<'_>) -> Reading) {
+        let ready = std::mem::take(&mut self.ready);
+        for &id in &ready {
+            let index = id as usize;
+            let Some(connection) = self.connections.get_mut(index) else {
+                continue;
+            };
+            connection.ready = false;
+            if !connection.reading && connection.closing_deadline.is_none() {
+                continue;
+            }
+            let mut outcome = ReadOutcome::Drained;
+            for _ in 0..READS_PER_CONNECTION_PER_TURN {
+                match connection.stream.read(&mut self.read_buffer) {
+                    Ok(0) => {
+                        outcome = ReadOutcome::Closed;
+                        break;
+                    }
+                    Ok(bytes) => {
+                        if connection.closing_deadline.is_some() {
+                            continue; // discard: we are closing
+                        }
+                        if on_event(Event::Data(id, &self.read_buffer[..bytes])) == Reading::Pause {
+                            connection.reading = false;
+                            outcome = ReadOutcome::Paused;
+                            break;
+                        }
+                        outcome = ReadOutcome::Budget;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        outcome = ReadOutcome::Drained;
+                        break;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        outcome = ReadOutcome::Closed;
+                        break;
+                    }
+                }
+            }
+            match outcome {
+                ReadOutcome::Closed => {
+                    let was_closing = connection.closing_deadline.is_some();
+                    self.remove(index);
+                    if !was_closing {
+                        on_event(Event::Closed(id));
+                    }
+                }
+                ReadOutcome::Budget => {
+                    connection.ready = true;
+                    self.ready.push(id);
+                }
+                ReadOutcome::Drained | ReadOutcome::Paused => {}
+            }
+        }
+    }
+
+    fn flush(&mut self, index: usize) -> io::Result<()> {
+        let Some(connection) = self.connections.get_mut(index) else {
+            return Ok(());
+        };
+        let mut written = 0;
+        while written < connection.unsent.len() {
+            match connection.stream.write(&connection.unsent[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(bytes) => written += bytes,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        connection.unsent.drain(..written);
+        let want_writable = !connection.unsent.is_empty();
+        if connection.unsent.is_empty() {
+            connection.unsent = Vec::new();
+        }
+        if want_writable != connection.writable_interest {
+            connection.writable_interest = want_writable;
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            self.poll
+                .registry()
+                .reregister(&mut connection.stream, Token(index), interest)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, index: usize) -> Connection {
+        let mut connection = self.connections.remove(index);
+        let _ = self.poll.registry().deregister(&mut connection.stream);
+        if connection.closing_deadline.is_some() {
+            self.closing -= 1;
+        }
+        connection
+    }
+
+    /// Drops closing connections whose deadline passed.
+    fn reap_closing(&mut self) {
+        if self.closing == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let expired: Vec<usize> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.closing_deadline.is_some_and(|deadline| deadline <= now))
+            .map(|(index, _)| index)
+            .collect();
+        for index in expired {
+            self.remove(index);
+        }
+    }
+}
+
+enum ReadOutcome {
+    Drained,
+    Budget,
+    Paused,
+    Closed,
+}
+
+impl Connection {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            unsent: Vec::new(),
+            reading: true,
+            ready: false,
+            writable_interest: false,
+            closing_deadline: None,
+        }
+    }
+}
+
+impl Backend for MioBackend {
+    type Handoff = MioHandoff;
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        self.waker.clone()
+    }
+
+    fn poll(
+        &mut self,
+        timeout: Option<Duration>,
+        on_event: &mut dyn FnMut(Event<'_>) -> Reading,
+    ) -> io::Result<()> {
+        let timeout = if self.has_backlog() {
+            Some(Duration::ZERO)
+        } else if self.closing > 0 {
+            Some(timeout.map_or(self.limits.close_linger, |t| {
+                t.min(self.limits.close_linger)
+            }))
+        } else {
+            timeout
+        };
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+        let mut accept = self.accept_backlog;
+        let mut woken = false;
+        let mut writable = Vec::new();
+        for event in &self.events {
+            match event.token() {
+                LISTENER => accept = true,
+                WAKER => woken = true,
+                Token(index) => {
+                    if event.is_writable() {
+                        writable.push(index);
+                    }
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        if let Some(connection) = self.connections.get_mut(index) {
+                            if !connection.ready {
+                                connection.ready = true;
+                                self.ready.push(index as ConnId);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if woken {
+            on_event(Event::Wake);
+        }
+        for index in writable {
+            if self.flush(index).is_err() {
+                if let Some(connection) = self.connections.get(index) {
+                    let was_closing = connection.closing_deadline.is_some();
+                    self.remove(index);
+                    if !was_closing {
+                        on_event(Event::Closed(index as ConnId));
+                    }
+                }
+            }
+        }
+        if accept {
+            self.accept(on_event);
+        }
+        self.read_ready(on_event);
+        self.reap_closing();
+        Ok(())
+    }
+
+    fn has_backlog(&self) -> bool {
+        self.accept_backlog || !self.ready.is_empty()
+    }
+
+    fn send(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(), SendOverflow> {
+        let index = conn as usize;
+        let Some(connection) = self.connections.get_mut(index) else {
+            return Ok(()); // already gone; its Closed event was or will be reported
+        };
+        if connection.unsent.len() + bytes.len() > self.limits.send_buffer_bytes_max {
+            return Err(SendOverflow);
+        }
+        connection.unsent.extend_from_slice(bytes);
+        // A write error means the peer is gone; the next read reports the close.
+        if self.flush(index).is_err() {
+            self.mark_ready(index);
+        }
+        Ok(())
+    }
+
+    fn set_reading(&mut self, conn: ConnId, reading: bool) {
+        let index = conn as usize;
+        if let Some(connection) = self.connections.get_mut(index) {
+            connection.reading = reading;
+            if reading {
+                // Readiness edges seen while paused were consumed: look again.
+                self.mark_ready(index);
+            }
+        }
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        let index = conn as usize;
+        if !self.connections.contains(index) {
+            return;
+        }
+        let _ = self.flush(index);
+        let connection = &mut self.connections[index];
+        if connection.closing_deadline.is_some() {
+            return;
+        }
+        let _ = connection.stream.shutdown(Shutdown::Write);
+        connection.closing_deadline = Some(Instant::now() + self.limits.close_linger);
+        self.closing += 1;
+        self.mark_ready(index);
+    }
+
+    fn detach(&mut self, conn: ConnId) -> Option<MioHandoff> {
+        let index = conn as usize;
+        if !self.connections.contains(index) {
+            return None;
+        }
+        let connection = self.remove(index);
+        self.ready.retain(|ready| *ready != conn);
+        Some(MioHandoff {
+            stream: connection.stream.into(),
+            unsent: connection.unsent,
+        })
+    }
+
+    fn attach(&mut self, handoff: MioHandoff) -> io::Result<ConnId> {
+        let mut stream = TcpStream::from_std(handoff.stream);
+        let entry = self.connections.vacant_entry();
+        let index = entry.key();
+        self.poll
+            .registry()
+            .register(&mut stream, Token(index), Interest::READABLE)?;
+        let mut connection = Connection::new(stream);
+        connection.unsent = handoff.unsent;
+        entry.insert(connection);
+        let _ = self.flush(index);
+        // Bytes may have arrived between detach and attach: look at once.
+        self.mark_ready(index);
+        Ok(index as ConnId)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.len()
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused
+    }
+}

@@ -1,0 +1,108 @@
+//! The IO backend contract.
+//!
+//! A backend owns a shard's sockets: its listener, its connections and their send buffers, and
+//! the waker other shards use to rouse it. The shard loop above it speaks only this contract
+//! and never names the backend, so that each OS's best mechanism (`mio`: epoll or kqueue;
+//! io_uring on Linux in a later backend) slots in without touching the connection logic.
+//!
+//! What every backend provides:
+//! - [`Backend::poll`] waits for IO at most `timeout` and reports [`Event`]s in order: a new
+//!   connection, bytes read from one (borrowed from a buffer the backend reuses: a connection
+//!   holds no receive buffer of its own), a connection the peer closed, a wake-up.
+//! - [`Backend::send`] takes bytes for a connection and owns them until they are written;
+//!   what cannot be written at once is kept, up to a per-connection bound.
+//! - reading can be paused per connection (backpressure) and resumed.
+//! - a connection can be detached into a [`Backend::Handoff`] that another shard's backend of
+//!   the same kind attaches: this is how a connection moves to its user's home shard.
+//! - [`Backend::close`] closes gracefully: queued bytes are written, then the write side is
+//!   shut, and the socket is dropped when the peer closes or a short deadline passes.
+
+pub mod mio;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A connection, as the backend and the shard loop name it: an index, reused after close.
+pub type ConnId = u32;
+
+/// What the backend saw.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A connection was accepted on this shard's listener.
+    Accepted(ConnId),
+    /// Bytes read from a connection.
+    Data(ConnId, &'a [u8]),
+    /// The peer closed the connection or it failed; the backend has already dropped it.
+    Closed(ConnId),
+    /// Another shard woke this one.
+    Wake,
+}
+
+/// Whether the backend should go on reading a connection after a `Data` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    Continue,
+    /// Stop reading until [`Backend::set_reading`] resumes it (backpressure, or a connection
+    /// that is about to be closed or handed off).
+    Pause,
+}
+
+/// A connection's send buffer is over its bound: the peer does not read. The caller closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOverflow;
+
+/// Rouses a shard's loop from another thread.
+pub trait Wake: Send + Sync {
+    fn wake(&self);
+}
+
+/// Per-backend bounds, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendLimits {
+    /// Connections this shard may hold; past it, new connections are closed at once.
+    pub connections_max: usize,
+    /// Bytes a connection may have waiting to be written.
+    pub send_buffer_bytes_max: usize,
+    /// How long a closing connection may take to finish.
+    pub close_linger: Duration,
+}
+
+pub trait Backend: Sized {
+    /// A connection on its way to another shard.
+    type Handoff: Send + 'static;
+
+    /// The waker other shards use to rouse this one.
+    fn waker(&self) -> Arc<dyn Wake>;
+
+    /// Waits for IO, at most `timeout` (`None`: until something happens), and reports events.
+    fn poll(
+        &mut self,
+        timeout: Option<Duration>,
+        on_event: &mut dyn FnMut(Event<'_>) -> Reading,
+    ) -> io::Result<()>;
+
+    /// True when the backend has work it will do on the next poll without waiting (reads or
+    /// accepts cut short by the per-turn budget); the caller then polls with a zero timeout.
+    fn has_backlog(&self) -> bool;
+
+    /// Queues bytes for a connection, writing what the socket takes now.
+    fn send(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(), SendOverflow>;
+
+    fn set_reading(&mut self, conn: ConnId, reading: bool);
+
+    /// Closes gracefully (see the module docs). No `Closed` event follows.
+    fn close(&mut self, conn: ConnId);
+
+    /// Takes a connection out of this backend, with any bytes it had not yet written.
+    fn detach(&mut self, conn: ConnId) -> Option<Self::Handoff>;
+
+    /// Adopts a connection detached from another shard's backend.
+    fn attach(&mut self, handoff: Self::Handoff) -> io::Result<ConnId>;
+
+    /// Connections held, closing ones included.
+    fn connections(&self) -> usize;
+
+    /// Connections refused because the shard was full, since start.
+    fn refused(&self) -> u64;
+}
