@@ -243,8 +243,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             if applied == 0 {
                 println!("\nnothing to raise; no rollback file written");
             } else {
+                let restore = match os {
+                    Os::Linux => "sysctl -p",
+                    Os::FreeBsd => "sysctl -f",
+                };
                 println!(
-                    "\nraised {applied} setting(s); old values in {} (restore: sysctl -p {})",
+                    "\nraised {applied} setting(s); old values in {} (restore: {restore} {})",
                     rollback_file.display(),
                     rollback_file.display()
                 );
