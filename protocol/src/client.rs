@@ -18,7 +18,7 @@ use crate::keys::{parse_hex_key, StaticKey, KEY_BYTES};
 use crate::noise::{ClientHandshake, NoiseError, HANDSHAKE_FRAME_LIMITS};
 use crate::session::{Channel, InputError, PeerError};
 use crate::user::UserId;
-use crate::wire::{self, Ack, Kind, Ping, Read as ReadStanza, ReceiptKind, Stanza, Subscribe};
+use crate::wire::{Ack, Kind, Ping, Read as ReadStanza, ReceiptKind, Stanza, Subscribe};
 
 /// How the client decides to trust the server's static key.
 #[derive(Debug, Clone)]
