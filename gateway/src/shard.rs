@@ -420,10 +420,7 @@ impl<H: Send + 'static> Core<H> {
     fn post(&mut self, shard: ShardId, mail: Mail<H>) {
         let to = usize::from(shard);
         let blocked = if self.outbox[to].is_empty() {
-            match self.mailboxes.push(self.settings.index, shard, mail) {
-                Ok(()) => None,
-                Err(mail) => Some(mail),
-            }
+            self.mailboxes.push(self.settings.index, shard, mail).err()
         } else {
             Some(mail)
         };

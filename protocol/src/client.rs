@@ -217,6 +217,13 @@ impl Client {
         self.stream.write_all(bytes).map_err(ClientError::from)
     }
 
+    /// Seals arbitrary plaintext as one frame and writes it. For tests of the server's
+    /// handling of undecodable stanzas.
+    pub fn send_raw_plaintext(&mut self, plaintext: &[u8]) -> Result<(), ClientError> {
+        self.channel.seal_raw(plaintext, &mut self.out);
+        self.flush()
+    }
+
     /// The next stanza from the server, waiting at most `timeout`; `None` on timeout.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Stanza>, ClientError> {
         let deadline = Instant::now() + timeout;

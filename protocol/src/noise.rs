@@ -93,7 +93,7 @@ impl std::fmt::Debug for ServerHandshake {
 #[derive(Debug)]
 pub enum ServerStep {
     /// Message 2 was appended to `out`; wait for message 3.
-    Continue(ServerHandshake),
+    Continue(Box<ServerHandshake>),
     /// Message 3 arrived: the session is open and the client's key known.
     Finished(Transport, [u8; KEY_BYTES]),
 }
@@ -107,7 +107,7 @@ impl ServerHandshake {
 
     /// Handles one handshake frame body. A reply, if any, is appended to `out` as a frame.
     pub fn handle_frame(
-        mut self,
+        mut self: Box<Self>,
         frame: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<ServerStep, NoiseError> {
@@ -264,7 +264,7 @@ mod tests {
         let client_key = StaticKey::generate().unwrap();
         let mut to_server = Vec::new();
         let mut client = ClientHandshake::start(&client_key, &mut to_server);
-        let server = ServerHandshake::new(&server_key);
+        let server = Box::new(ServerHandshake::new(&server_key));
         let mut to_client = Vec::new();
         let server = match server
             .handle_frame(&frames(&to_server)[0], &mut to_client)
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn garbage_first_message_is_rejected() {
-        let server = ServerHandshake::new(&StaticKey::generate().unwrap());
+        let server = Box::new(ServerHandshake::new(&StaticKey::generate().unwrap()));
         let mut out = Vec::new();
         // 32 bytes is the size of message 1, but a low-order point is not a valid key share.
         assert!(server.handle_frame(&[0u8; 31], &mut out).is_err());
@@ -349,7 +349,7 @@ mod tests {
         let mut message = [0u8; 128];
         let bytes = other.write_message(&[], &mut message).unwrap();
         let mut out = Vec::new();
-        let server = match ServerHandshake::new(&server_key)
+        let server = match Box::new(ServerHandshake::new(&server_key))
             .handle_frame(&message[..bytes], &mut out)
             .unwrap()
         {

@@ -125,6 +125,13 @@ impl Channel {
         }
     }
 
+    /// Seals arbitrary plaintext as one frame, bypassing the stanza codec. For tests of a
+    /// peer's handling of undecodable stanzas.
+    pub fn seal_raw(&mut self, plaintext: &[u8], out: &mut Vec<u8>) {
+        self.flush(out);
+        self.transport.seal_frame(plaintext, out);
+    }
+
     /// Queues and seals one stanza at once.
     pub fn send_now(&mut self, stanza: &Stanza, out: &mut Vec<u8>) {
         self.queue(stanza, out);
@@ -219,7 +226,7 @@ impl ServerConnection {
                     .map_err(PeerError::from)?
                 {
                     ServerStep::Continue(next) => {
-                        stage = Stage::Handshake(Box::new(next));
+                        stage = Stage::Handshake(next);
                         Ok(())
                     }
                     ServerStep::Finished(transport, client_key) => {

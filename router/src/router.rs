@@ -351,7 +351,7 @@ impl Router {
         let subscriptions = std::mem::take(&mut state.subscriptions);
         let subscribers = state.subscribers.clone();
         for target in subscriptions {
-            self.to_home_of(
+            self.send_home(
                 target,
                 ShardMessage::Unsubscribe {
                     subscriber: user,
@@ -387,7 +387,7 @@ impl Router {
                 self.client_ack(user, ack.id, kind, now_ms);
             }
             Kind::Read(read) => match UserId::new(read.from) {
-                Some(from) => self.to_home_of(
+                Some(from) => self.send_home(
                     from,
                     ShardMessage::Receipt {
                         to: from,
@@ -410,7 +410,7 @@ impl Router {
                 if let Some(target) = UserId::new(unsubscribe.user) {
                     let state = self.users.get_mut(&user).expect("checked above");
                     state.subscriptions.retain(|watched| *watched != target);
-                    self.to_home_of(
+                    self.send_home(
                         target,
                         ShardMessage::Unsubscribe {
                             subscriber: user,
@@ -537,7 +537,7 @@ impl Router {
             timestamp_ms: now_ms,
             body,
         };
-        self.to_home_of(to, ShardMessage::Route(envelope), now_ms);
+        self.send_home(to, ShardMessage::Route(envelope), now_ms);
     }
 
     /// At the recipient's home shard: take the message into the recipient's queue, or refuse.
@@ -551,7 +551,7 @@ impl Router {
         let Some(state) = self.users.get_mut(&envelope.to) else {
             self.counters.messages_rejected += 1;
             let message = reject(ErrorCode::UnknownUser, "no such user on this server");
-            return self.to_home_of(envelope.from, message, now_ms);
+            return self.send_home(envelope.from, message, now_ms);
         };
         let body_bytes = envelope.body.len();
         if state.queue.len() >= self.limits.queue_messages_max
@@ -563,7 +563,7 @@ impl Router {
                 ErrorCode::QueueFull,
                 "the recipient's queue is full; message not taken",
             );
-            return self.to_home_of(envelope.from, message, now_ms);
+            return self.send_home(envelope.from, message, now_ms);
         }
         state.queue.push_back(Item::Message {
             from: envelope.from,
@@ -581,7 +581,7 @@ impl Router {
             id: envelope.id,
             timestamp_ms: envelope.timestamp_ms,
         };
-        self.to_home_of(envelope.from, accepted, now_ms);
+        self.send_home(envelope.from, accepted, now_ms);
     }
 
     fn client_ack(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
@@ -611,7 +611,7 @@ impl Router {
                 by: user,
                 timestamp_ms: now_ms,
             };
-            self.to_home_of(from, receipt, now_ms);
+            self.send_home(from, receipt, now_ms);
         }
     }
 
@@ -634,7 +634,7 @@ impl Router {
             }
             state.subscriptions.push(target);
         }
-        self.to_home_of(
+        self.send_home(
             target,
             ShardMessage::Subscribe {
                 subscriber: user,
@@ -657,7 +657,7 @@ impl Router {
                             code: ErrorCode::Limit,
                             reason: "that user has too many watchers",
                         };
-                        return self.to_home_of(subscriber, refusal, now_ms);
+                        return self.send_home(subscriber, refusal, now_ms);
                     }
                     state.subscribers.push(subscriber);
                 }
@@ -715,11 +715,11 @@ impl Router {
             online,
             last_seen_ms,
         };
-        self.to_home_of(subscriber, message, last_seen_ms);
+        self.send_home(subscriber, message, last_seen_ms);
     }
 
     /// Hands `message` to `user`'s home shard: handled here if that is this shard.
-    fn to_home_of(&mut self, user: UserId, message: ShardMessage, now_ms: u64) {
+    fn send_home(&mut self, user: UserId, message: ShardMessage, now_ms: u64) {
         let shard = home_shard(user, self.shards);
         if shard == self.shard {
             self.handle_shard_message(message, now_ms);

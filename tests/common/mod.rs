@@ -1,0 +1,195 @@
+//! A real `hopd` process on loopback, and clients for it.
+//!
+//! Every server binds 127.0.0.1 port 0 (the kernel picks a free port) with its own temporary
+//! data folder; the port and server key are read from the line hopd prints at start.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use hop_protocol::client::{Client, ServerTrust};
+use hop_protocol::keys::parse_hex_key;
+use hop_protocol::wire::{Kind, Stanza};
+use hop_protocol::StaticKey;
+
+/// The longest any single wait in these tests may take before the test gives up. A safety
+/// stop for a broken server, not a speed requirement: on a healthy server every wait ends in
+/// milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub struct Hopd {
+    child: Option<Child>,
+    pub addr: String,
+    pub server_key: [u8; 32],
+    pub data: PathBuf,
+    _folder: Option<tempfile::TempDir>,
+    log: PathBuf,
+}
+
+impl Hopd {
+    /// Starts hopd with a fresh data folder and the given extra flags.
+    pub fn start(flags: &[&str]) -> Self {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let data = folder.path().join("data");
+        let mut hopd = Self::start_in(&data, flags);
+        hopd._folder = Some(folder);
+        hopd
+    }
+
+    /// Starts hopd on an existing data folder (restarts).
+    pub fn start_in(data: &Path, flags: &[&str]) -> Self {
+        let log = data.with_extension("log");
+        if let Some(parent) = log.parent() {
+            std::fs::create_dir_all(parent).expect("log folder");
+        }
+        let stderr = File::create(&log).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hopd"))
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(["--pin-cores", "false", "--log", "info"])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("hopd starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("hopd prints its address");
+        let (addr, server_key) = parse_banner(&line).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!(
+                "hopd did not start: {line:?}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        Self {
+            child: Some(child),
+            addr,
+            server_key,
+            data: data.to_path_buf(),
+            _folder: None,
+            log,
+        }
+    }
+
+    pub fn trust(&self) -> ServerTrust {
+        ServerTrust::Pinned(self.server_key)
+    }
+
+    /// Connects and authenticates as `key`.
+    pub fn connect(&self, key: &StaticKey) -> Client {
+        Client::connect(&self.addr, key, &self.trust(), PATIENCE).expect("client connects")
+    }
+
+    /// A new user that has connected once (so others may send to it), and its open client.
+    pub fn new_user(&self) -> (StaticKey, Client) {
+        let key = StaticKey::generate().expect("key");
+        let mut client = self.connect(&key);
+        ping(&mut client); // the server has bound the key when it answers
+        (key, client)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(&child, nix::sys::signal::Signal::SIGTERM);
+        wait_with_patience(&mut child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+}
+
+impl Drop for Hopd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn parse_banner(line: &str) -> Option<(String, [u8; 32])> {
+    // "hopd listening on ADDR with N shard(s); server key HEX; data DIR"
+    let addr = line
+        .strip_prefix("hopd listening on ")?
+        .split_whitespace()
+        .next()?;
+    let key = line.split("server key ").nth(1)?.split(';').next()?;
+    Some((addr.to_string(), parse_hex_key(key.trim())?))
+}
+
+pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, signal).expect("signal hopd");
+}
+
+pub fn wait_with_patience(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "process did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The next stanza, or a panic naming what was awaited.
+pub fn expect_stanza(client: &mut Client, what: &str) -> Stanza {
+    match client.recv(PATIENCE) {
+        Ok(Some(stanza)) => stanza,
+        Ok(None) => panic!("no {what} from the server"),
+        Err(error) => panic!("waiting for {what}: {error}"),
+    }
+}
+
+/// The next stanza of the kind `pick` accepts; others are skipped.
+pub fn expect_kind<T>(client: &mut Client, what: &str, pick: impl Fn(Kind) -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(Instant::now() < deadline, "no {what} from the server");
+        let stanza = expect_stanza(client, what);
+        if let Some(found) = stanza.kind.and_then(&pick) {
+            return found;
+        }
+    }
+}
+
+/// A round trip through the user's home shard: when the Pong is back, everything sent before
+/// the Ping was handled.
+pub fn ping(client: &mut Client) {
+    client
+        .send(&Stanza::of(Kind::Ping(hop_protocol::wire::Ping {
+            nonce: 42,
+        })))
+        .expect("ping");
+    expect_kind(client, "Pong", |kind| match kind {
+        Kind::Pong(pong) => Some(pong.nonce),
+        _ => None,
+    });
+}
+
+/// True once the server closed the connection (end of stream), reading and dropping anything
+/// before it.
+pub fn closed_by_server(client: &mut Client) -> bool {
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        match client.recv(Duration::from_millis(200)) {
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}

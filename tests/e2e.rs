@@ -1,0 +1,549 @@
+//! End-to-end tests: a real hopd process, real sockets on loopback, the client library.
+
+// A failed unwrap in a test is a test failure with a backtrace, which is what we want.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::{closed_by_server, expect_kind, ping, Hopd, PATIENCE};
+use hop_protocol::client::{Client, ClientError, ServerTrust};
+use hop_protocol::wire::{
+    Ack, Deliver, ErrorCode, GoAwayReason, Kind, Presence, ReceiptKind, ServerAck, Stanza,
+    Subscribe,
+};
+use hop_protocol::{StaticKey, UserId};
+
+fn server_ack(client: &mut Client) -> ServerAck {
+    expect_kind(client, "ServerAck", |kind| match kind {
+        Kind::ServerAck(ack) => Some(ack),
+        _ => None,
+    })
+}
+
+fn deliver(client: &mut Client) -> Deliver {
+    expect_kind(client, "Deliver", |kind| match kind {
+        Kind::Deliver(deliver) => Some(deliver),
+        _ => None,
+    })
+}
+
+fn receipt(client: &mut Client) -> (u64, ReceiptKind, u64) {
+    expect_kind(client, "Receipt", |kind| match kind {
+        Kind::Receipt(receipt) => Some((
+            receipt.id,
+            ReceiptKind::try_from(receipt.kind).expect("known receipt kind"),
+            receipt.by,
+        )),
+        _ => None,
+    })
+}
+
+fn error(client: &mut Client) -> (ErrorCode, u32) {
+    expect_kind(client, "Error", |kind| match kind {
+        Kind::Error(error) => Some((
+            ErrorCode::try_from(error.code).expect("known code"),
+            error.seq,
+        )),
+        _ => None,
+    })
+}
+
+fn go_away(client: &mut Client) -> GoAwayReason {
+    expect_kind(client, "GoAway", |kind| match kind {
+        Kind::GoAway(go_away) => {
+            Some(GoAwayReason::try_from(go_away.reason).expect("known reason"))
+        }
+        _ => None,
+    })
+}
+
+fn presence(client: &mut Client) -> Presence {
+    expect_kind(client, "Presence", |kind| match kind {
+        Kind::Presence(presence) => Some(presence),
+        _ => None,
+    })
+}
+
+/// Sends a message and checks it arrives, proving the server still serves.
+fn assert_serving(hopd: &Hopd) {
+    let (_, mut alice) = hopd.new_user();
+    let (bob_key, mut bob) = hopd.new_user();
+    alice
+        .send_message(bob_key.user_id(), b"still here")
+        .unwrap();
+    server_ack(&mut alice);
+    assert_eq!(&deliver(&mut bob).body[..], b"still here");
+}
+
+#[test]
+fn online_delivery_with_sent_delivered_read_ticks() {
+    let hopd = Hopd::start(&[]);
+    let (alice_key, mut alice) = hopd.new_user();
+    let (bob_key, mut bob) = hopd.new_user();
+    let seq = alice.send_message(bob_key.user_id(), b"hello bob").unwrap();
+
+    let sent = server_ack(&mut alice);
+    assert_eq!(sent.seq, seq);
+    let message = deliver(&mut bob);
+    assert_eq!(
+        message.from,
+        alice_key.user_id().get(),
+        "the server fills in the sender"
+    );
+    assert_eq!(message.id, sent.id);
+    assert_eq!(&message.body[..], b"hello bob");
+
+    bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+    assert_eq!(
+        receipt(&mut alice),
+        (sent.id, ReceiptKind::Delivered, bob_key.user_id().get())
+    );
+    bob.read(alice_key.user_id(), message.id).unwrap();
+    assert_eq!(
+        receipt(&mut alice),
+        (sent.id, ReceiptKind::Read, bob_key.user_id().get())
+    );
+}
+
+#[test]
+fn offline_recipient_gets_the_message_on_connect_and_receipts_reach_the_sender() {
+    let hopd = Hopd::start(&[]);
+    let (alice_key, mut alice) = hopd.new_user();
+    let (bob_key, bob) = hopd.new_user();
+    bob.close();
+
+    alice
+        .send_message(bob_key.user_id(), b"while you were out")
+        .unwrap();
+    let sent = server_ack(&mut alice);
+    alice.close(); // the sender goes offline too: its receipts must wait for it
+
+    let mut bob = hopd.connect(&bob_key);
+    let message = deliver(&mut bob);
+    assert_eq!(
+        (message.id, &message.body[..]),
+        (sent.id, &b"while you were out"[..])
+    );
+    bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+    bob.read(alice_key.user_id(), message.id).unwrap();
+    ping(&mut bob);
+
+    let mut alice = hopd.connect(&alice_key);
+    assert_eq!(receipt(&mut alice).1, ReceiptKind::Delivered);
+    assert_eq!(receipt(&mut alice).1, ReceiptKind::Read);
+}
+
+#[test]
+fn unacked_message_is_delivered_again_on_the_next_connection() {
+    let hopd = Hopd::start(&[]);
+    let (_, mut alice) = hopd.new_user();
+    let (bob_key, mut bob) = hopd.new_user();
+    alice.send_message(bob_key.user_id(), b"ack me").unwrap();
+    let first = deliver(&mut bob);
+    bob.close(); // no Ack
+    let mut bob = hopd.connect(&bob_key);
+    assert_eq!(
+        deliver(&mut bob).id,
+        first.id,
+        "same id: the client can drop a duplicate"
+    );
+}
+
+#[test]
+fn presence_online_and_offline_seen_by_a_subscriber() {
+    let hopd = Hopd::start(&[]);
+    let (_, mut watcher) = hopd.new_user();
+    let (watched_key, watched) = hopd.new_user();
+    watcher
+        .send(&Stanza::of(Kind::Subscribe(Subscribe {
+            user: watched_key.user_id().get(),
+        })))
+        .unwrap();
+    let now = presence(&mut watcher);
+    assert!(now.online);
+    assert_eq!(now.user, watched_key.user_id().get());
+
+    watched.close();
+    let gone = presence(&mut watcher);
+    assert!(!gone.online);
+    assert!(
+        gone.last_seen_ms > 0,
+        "last seen is set when the user leaves"
+    );
+
+    let _back = hopd.connect(&watched_key);
+    assert!(presence(&mut watcher).online);
+}
+
+#[test]
+fn a_client_cannot_send_as_someone_else() {
+    let hopd = Hopd::start(&[]);
+    let (alice_key, mut alice) = hopd.new_user();
+    let (bob_key, mut bob) = hopd.new_user();
+    // A Send has no sender field: the server stamps the authenticated user.
+    alice.send_message(bob_key.user_id(), b"who am i").unwrap();
+    assert_eq!(deliver(&mut bob).from, alice_key.user_id().get());
+    // A client that pushes a server-side stanza claiming another sender is cut off.
+    let forged = Stanza::of(Kind::Deliver(Deliver {
+        from: bob_key.user_id().get(),
+        id: 1,
+        timestamp_ms: 0,
+        body: bytes::Bytes::from_static(b"forged"),
+    }));
+    alice.send(&forged).unwrap();
+    assert_eq!(error(&mut alice).0, ErrorCode::BadStanza);
+    assert_eq!(go_away(&mut alice), GoAwayReason::Protocol);
+    assert!(closed_by_server(&mut alice));
+    assert_serving(&hopd);
+}
+
+#[test]
+fn garbage_before_the_handshake_closes_that_connection_only() {
+    let hopd = Hopd::start(&[]);
+    let (_, mut bystander) = hopd.new_user();
+    let mut raw = TcpStream::connect(&hopd.addr).unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: hop\r\n\r\n")
+        .unwrap();
+    assert!(
+        read_until_closed(&mut raw),
+        "server closes a connection that sends garbage"
+    );
+    ping(&mut bystander);
+    assert_serving(&hopd);
+    assert!(
+        hopd.log().contains("handshake failed"),
+        "logged: {}",
+        hopd.log()
+    );
+}
+
+#[test]
+fn bad_noise_message_closes_that_connection_only() {
+    let hopd = Hopd::start(&[]);
+    let mut raw = TcpStream::connect(&hopd.addr).unwrap();
+    // A well-framed first message of the right size that is not a valid key share followed by
+    // a bogus third message.
+    let mut frame = vec![0, 32];
+    frame.extend_from_slice(&[0xEE; 32]);
+    raw.write_all(&frame).unwrap();
+    let mut reply = [0u8; 98];
+    raw.read_exact(&mut reply).unwrap();
+    let mut bogus = vec![0, 64];
+    bogus.extend_from_slice(&[0x55; 64]);
+    raw.write_all(&bogus).unwrap();
+    assert!(read_until_closed(&mut raw));
+    assert_serving(&hopd);
+}
+
+#[test]
+fn oversized_and_truncated_frames_close_that_connection_only() {
+    let hopd = Hopd::start(&[]);
+    // Oversized during the handshake: the length alone is refused.
+    let mut raw = TcpStream::connect(&hopd.addr).unwrap();
+    raw.write_all(&[0xFF, 0xFF, 1, 2, 3]).unwrap();
+    assert!(read_until_closed(&mut raw));
+    // Truncated: half a frame, then the client goes away.
+    let mut raw = TcpStream::connect(&hopd.addr).unwrap();
+    raw.write_all(&[0, 32, 1, 2, 3, 4]).unwrap();
+    drop(raw);
+    // Truncated frame after the handshake: the server waits for the rest, then the client
+    // closes; nothing else is affected.
+    let (_, mut client) = hopd.new_user();
+    client.write_raw(&[0x01, 0x00, 9, 9, 9]).unwrap();
+    client.close();
+    assert_serving(&hopd);
+}
+
+#[test]
+fn undecryptable_frame_after_the_handshake_gets_an_error_and_a_close() {
+    let hopd = Hopd::start(&[]);
+    let (_, mut client) = hopd.new_user();
+    let mut frame = vec![0, 40];
+    frame.extend_from_slice(&[0xAB; 40]);
+    client.write_raw(&frame).unwrap();
+    assert_eq!(error(&mut client).0, ErrorCode::BadFrame);
+    assert_eq!(go_away(&mut client), GoAwayReason::Protocol);
+    assert!(closed_by_server(&mut client));
+    assert_serving(&hopd);
+}
+
+#[test]
+fn undecodable_stanza_gets_an_error_and_a_close() {
+    let hopd = Hopd::start(&[]);
+    let (_, mut client) = hopd.new_user();
+    client
+        .send_raw_plaintext(&[0x05, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF])
+        .unwrap();
+    assert_eq!(error(&mut client).0, ErrorCode::BadStanza);
+    assert!(closed_by_server(&mut client));
+    assert_serving(&hopd);
+}
+
+#[test]
+fn sends_to_unknown_or_malformed_user_ids_get_errors_not_acks() {
+    let hopd = Hopd::start(&[]);
+    let (_, mut alice) = hopd.new_user();
+    let stranger = StaticKey::generate().unwrap().user_id();
+    let seq = alice.send_message(stranger, b"anyone?").unwrap();
+    assert_eq!(error(&mut alice), (ErrorCode::UnknownUser, seq));
+    alice
+        .send(&Stanza::of(Kind::Send(hop_protocol::wire::Send {
+            to: 0,
+            seq: 99,
+            body: bytes::Bytes::from_static(b"x"),
+        })))
+        .unwrap();
+    assert_eq!(error(&mut alice), (ErrorCode::BadUserId, 99));
+    // The connection stays usable after such errors.
+    ping(&mut alice);
+}
+
+#[test]
+fn full_offline_queue_refuses_with_an_error() {
+    let hopd = Hopd::start(&["--queue-messages-max", "2"]);
+    let (_, mut alice) = hopd.new_user();
+    let (bob_key, bob) = hopd.new_user();
+    bob.close();
+    for _ in 0..2 {
+        alice.send_message(bob_key.user_id(), b"fits").unwrap();
+        server_ack(&mut alice);
+    }
+    let seq = alice.send_message(bob_key.user_id(), b"overflows").unwrap();
+    assert_eq!(error(&mut alice), (ErrorCode::QueueFull, seq));
+}
+
+#[test]
+fn handshake_timeout_is_enforced() {
+    let hopd = Hopd::start(&["--handshake-timeout-ms", "200"]);
+    let mut raw = TcpStream::connect(&hopd.addr).unwrap();
+    assert!(read_until_closed(&mut raw), "a silent connection is closed");
+    assert_serving(&hopd);
+}
+
+#[test]
+fn idle_timeout_is_enforced_with_a_go_away() {
+    let hopd = Hopd::start(&["--idle-timeout-ms", "300"]);
+    let (_, mut client) = hopd.new_user();
+    assert_eq!(go_away(&mut client), GoAwayReason::Idle);
+    assert!(closed_by_server(&mut client));
+}
+
+#[test]
+fn a_second_connection_of_a_user_replaces_the_first() {
+    let hopd = Hopd::start(&[]);
+    let (key, mut first) = hopd.new_user();
+    let mut second = hopd.connect(&key);
+    assert_eq!(go_away(&mut first), GoAwayReason::Replaced);
+    ping(&mut second);
+}
+
+#[test]
+fn a_wrong_server_key_is_a_hard_error() {
+    let hopd = Hopd::start(&[]);
+    let key = StaticKey::generate().unwrap();
+    let wrong = ServerTrust::Pinned([7u8; 32]);
+    match Client::connect(&hopd.addr, &key, &wrong, PATIENCE) {
+        Err(ClientError::ServerKeyMismatch { .. }) => {}
+        other => panic!("expected a key mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn users_on_different_shards_exchange_messages() {
+    let hopd = Hopd::start(&["--shards", "2"]);
+    let key_on = |shard: u16| loop {
+        let key = StaticKey::generate().unwrap();
+        if hop_router::home_shard(key.user_id(), 2) == shard {
+            return key;
+        }
+    };
+    let (alice_key, bob_key) = (key_on(0), key_on(1));
+    // Each connects several times so the kernel's listener choice hits both shards and some
+    // connections must move to their home shard.
+    for _ in 0..4 {
+        let mut alice = hopd.connect(&alice_key);
+        let mut bob = hopd.connect(&bob_key);
+        ping(&mut alice);
+        ping(&mut bob);
+        alice
+            .send_message(bob_key.user_id(), b"to shard 1")
+            .unwrap();
+        bob.send_message(alice_key.user_id(), b"to shard 0")
+            .unwrap();
+        let to_bob = deliver(&mut bob);
+        let to_alice = deliver(&mut alice);
+        assert_eq!(to_bob.from, alice_key.user_id().get());
+        assert_eq!(to_alice.from, bob_key.user_id().get());
+        bob.ack(to_bob.id, ReceiptKind::Unspecified).unwrap();
+        alice.ack(to_alice.id, ReceiptKind::Unspecified).unwrap();
+        assert_eq!(receipt(&mut alice).1, ReceiptKind::Delivered);
+        assert_eq!(receipt(&mut bob).1, ReceiptKind::Delivered);
+        alice.close();
+        bob.close();
+    }
+}
+
+#[test]
+fn bindings_and_server_key_survive_a_restart() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let hopd = Hopd::start_in(&data, &[]);
+    let first_key = hopd.server_key;
+    let (bob_key, bob) = hopd.new_user();
+    bob.close();
+    assert!(hopd.stop().success());
+
+    let hopd = Hopd::start_in(&data, &["--shards", "1"]);
+    assert_eq!(
+        hopd.server_key, first_key,
+        "the server key is kept in the data folder"
+    );
+    let (_, mut alice) = hopd.new_user();
+    alice
+        .send_message(bob_key.user_id(), b"you are known")
+        .unwrap();
+    server_ack(&mut alice);
+}
+
+#[test]
+fn sigterm_sends_go_away_and_exits_zero() {
+    let hopd = Hopd::start(&["--shards", "2"]);
+    let (_, mut client) = hopd.new_user();
+    let status = hopd.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(go_away(&mut client), GoAwayReason::Shutdown);
+}
+
+/// 1,000 clients in 500 pairs on two shards; every sender sends a fixed number of messages to
+/// its partner. Every message must arrive exactly once, and every sender must see every
+/// ServerAck and delivered receipt.
+#[test]
+fn a_thousand_concurrent_clients_lose_nothing_and_duplicate_nothing() {
+    const PAIRS: usize = 500;
+    const MESSAGES: usize = 10;
+    let hopd = Arc::new(Hopd::start(&["--shards", "2"]));
+    let keys: Vec<(StaticKey, StaticKey)> = (0..PAIRS)
+        .map(|_| {
+            (
+                StaticKey::generate().unwrap(),
+                StaticKey::generate().unwrap(),
+            )
+        })
+        .collect();
+    // Every recipient connects before any sender sends.
+    let connected = Arc::new(Barrier::new(2 * PAIRS));
+    let mut threads = Vec::new();
+    for (pair, (sender_key, recipient_key)) in keys.into_iter().enumerate() {
+        let recipient_id = recipient_key.user_id();
+        let sender_id = sender_key.user_id();
+        {
+            let (hopd, connected) = (hopd.clone(), connected.clone());
+            threads.push(spawn_small(move || {
+                let mut recipient = hopd.connect(&recipient_key);
+                ping(&mut recipient);
+                connected.wait();
+                let mut bodies = BTreeMap::new();
+                while bodies.len() < MESSAGES {
+                    let message = deliver(&mut recipient);
+                    assert_eq!(message.from, sender_id.get());
+                    let previous = bodies.insert(message.id, message.body.to_vec());
+                    assert!(previous.is_none(), "duplicate delivery of {}", message.id);
+                    recipient.ack(message.id, ReceiptKind::Unspecified).unwrap();
+                }
+                ping(&mut recipient);
+                let expected: BTreeSet<Vec<u8>> = (0..MESSAGES)
+                    .map(|n| format!("pair {pair} message {n}").into_bytes())
+                    .collect();
+                assert_eq!(bodies.into_values().collect::<BTreeSet<_>>(), expected);
+                recipient.close();
+            }));
+        }
+        let (hopd, connected) = (hopd.clone(), connected.clone());
+        threads.push(spawn_small(move || {
+            let mut sender = hopd.connect(&sender_key);
+            ping(&mut sender);
+            connected.wait();
+            for n in 0..MESSAGES {
+                sender.queue(&Stanza::send(
+                    recipient_id,
+                    n as u32 + 1,
+                    bytes::Bytes::from(format!("pair {pair} message {n}")),
+                ));
+            }
+            sender.flush().unwrap();
+            let (mut acked, mut delivered) = (BTreeSet::new(), BTreeSet::new());
+            while acked.len() < MESSAGES || delivered.len() < MESSAGES {
+                let stanza = common::expect_stanza(&mut sender, "ticks");
+                match stanza.kind {
+                    Some(Kind::ServerAck(ack)) => {
+                        assert!(acked.insert(ack.id), "duplicate ServerAck")
+                    }
+                    Some(Kind::Receipt(receipt)) => {
+                        assert!(delivered.insert(receipt.id), "duplicate receipt");
+                        sender
+                            .send(&Stanza::of(Kind::Ack(Ack {
+                                id: receipt.id,
+                                kind: receipt.kind,
+                            })))
+                            .unwrap();
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(acked, delivered, "every acked message was delivered");
+            sender.close();
+        }));
+    }
+    for thread in threads {
+        thread.join().expect("client thread");
+    }
+    let hopd = Arc::into_inner(hopd).expect("all clients done");
+    assert!(hopd.stop().success());
+}
+
+fn spawn_small(body: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(body)
+        .expect("thread")
+}
+
+/// Reads until the server closes; false if it did not within the patience.
+fn read_until_closed(stream: &mut TcpStream) -> bool {
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buffer = [0u8; 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn user_ids_on_the_wire_match_the_cli() {
+    // `hop keygen` prints the id the server will use for the key.
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("k");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hop"))
+        .args(["keygen", "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let printed: UserId = String::from_utf8(output.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(printed, StaticKey::load(&path).unwrap().user_id());
+    let _ = Duration::ZERO;
+}
