@@ -192,3 +192,32 @@ fn cli_errors_are_clear() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn hopd_reports_bad_configuration_with_exit_status_2() {
+    let folder = tempfile::tempdir().unwrap();
+    let config = folder.path().join("hop.toml");
+    std::fs::write(&config, "shards = 1\nidle_timout_ms = 5\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_hopd"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("idle_timout_ms"), "{stderr}");
+
+    std::fs::write(&config, "shards = 3\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_hopd"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--idle-timeout-ms", "1234", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains("shards = 3") && printed.contains("idle_timeout_ms = 1234"),
+        "{printed}"
+    );
+}

@@ -547,3 +547,48 @@ fn user_ids_on_the_wire_match_the_cli() {
     assert_eq!(printed, StaticKey::load(&path).unwrap().user_id());
     let _ = Duration::ZERO;
 }
+
+/// Mailboxes of depth 2 between two shards: a burst of cross-shard messages must fill them,
+/// pause the sender's connection, resume it, and still deliver everything exactly once.
+#[test]
+fn full_mailboxes_apply_backpressure_without_losing_anything() {
+    const MESSAGES: usize = 2_000;
+    let hopd = Hopd::start(&["--shards", "2", "--mailbox-depth", "2"]);
+    let key_on = |shard: u16| loop {
+        let key = StaticKey::generate().unwrap();
+        if hop_router::home_shard(key.user_id(), 2) == shard {
+            return key;
+        }
+    };
+    let (alice_key, bob_key) = (key_on(0), key_on(1));
+    let mut alice = hopd.connect(&alice_key);
+    let mut bob = hopd.connect(&bob_key);
+    ping(&mut alice);
+    ping(&mut bob);
+    for n in 0..MESSAGES {
+        alice.queue(&Stanza::send(
+            bob_key.user_id(),
+            n as u32 + 1,
+            bytes::Bytes::from(format!("burst {n}")),
+        ));
+    }
+    alice.flush().unwrap();
+    let mut seen = BTreeSet::new();
+    while seen.len() < MESSAGES {
+        let message = deliver(&mut bob);
+        assert!(seen.insert(message.body.to_vec()), "duplicate");
+        bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+    }
+    let mut acks = 0;
+    while acks < MESSAGES {
+        if let Some(Kind::ServerAck(_)) = common::expect_stanza(&mut alice, "ServerAck").kind {
+            acks += 1;
+        }
+    }
+    let (status, log) = hopd.stop_with_log();
+    assert!(status.success());
+    assert!(
+        log.contains("mail_backpressure="),
+        "the burst met a full mailbox: {log}"
+    );
+}

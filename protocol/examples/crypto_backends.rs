@@ -17,7 +17,10 @@ fn main() {
     let backends: [(&str, fn() -> BoxedCryptoResolver); 2] = [
         ("default (pure Rust)", || Box::new(DefaultResolver)),
         ("ring + default fallback (hop)", || {
-            Box::new(FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver)))
+            Box::new(FallbackResolver::new(
+                Box::new(RingResolver),
+                Box::new(DefaultResolver),
+            ))
         }),
     ];
     for (name, resolver) in backends {
@@ -28,7 +31,9 @@ fn main() {
         let start = Instant::now();
         for _ in 0..MESSAGES {
             let length = client.write_message(&payload, &mut sealed).expect("seal");
-            server.read_message(&sealed[..length], &mut opened).expect("open");
+            server
+                .read_message(&sealed[..length], &mut opened)
+                .expect("open");
         }
         let per_message = start.elapsed() / MESSAGES;
         let start = Instant::now();
@@ -59,7 +64,8 @@ fn pair(resolver: fn() -> BoxedCryptoResolver) -> (TransportState, TransportStat
     let mut scratch = [0u8; 256];
     let mut step = |from: &mut HandshakeState, to: &mut HandshakeState| {
         let length = from.write_message(&[], &mut buffer).expect("write");
-        to.read_message(&buffer[..length], &mut scratch).expect("read");
+        to.read_message(&buffer[..length], &mut scratch)
+            .expect("read");
     };
     step(&mut client, &mut server);
     step(&mut server, &mut client);

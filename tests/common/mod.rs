@@ -106,6 +106,14 @@ impl Hopd {
         wait_with_patience(&mut child)
     }
 
+    /// Sends SIGTERM, waits for the exit, and returns the whole log.
+    pub fn stop_with_log(mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        signal(&child, nix::sys::signal::Signal::SIGTERM);
+        let status = wait_with_patience(&mut child);
+        (status, self.log())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
