@@ -13,8 +13,11 @@ const PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
 const MESSAGES: u32 = 200_000;
 const HANDSHAKES: u32 = 2_000;
 
+/// A named way to build a resolver.
+type Backend = (&'static str, fn() -> BoxedCryptoResolver);
+
 fn main() {
-    let backends: [(&str, fn() -> BoxedCryptoResolver); 2] = [
+    let backends: [Backend; 2] = [
         ("default (pure Rust)", || Box::new(DefaultResolver)),
         ("ring + default fallback (hop)", || {
             Box::new(FallbackResolver::new(
