@@ -12,17 +12,20 @@ use crossbeam_queue::ArrayQueue;
 use crate::sys::Wake;
 use hop_router::ShardId;
 
-/// All mailboxes of one server.
-pub struct Mailboxes<M> {
+/// All mailboxes of one server. `P` is how a shard's backend reaches another shard
+/// ([`crate::sys::Backend::Peer`]).
+pub struct Mailboxes<M, P> {
     shards: usize,
     /// `queues[from * shards + to]`.
     queues: Vec<ArrayQueue<M>>,
     /// Set by a sender that woke the shard; cleared by the shard before it drains.
     wake_pending: Vec<AtomicBool>,
-    wakers: Vec<OnceLock<Arc<dyn Wake>>>,
+    peers: Vec<OnceLock<P>>,
+    /// For threads without a backend.
+    remote_wakers: Vec<OnceLock<Arc<dyn Wake>>>,
 }
 
-impl<M> std::fmt::Debug for Mailboxes<M> {
+impl<M, P> std::fmt::Debug for Mailboxes<M, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mailboxes")
             .field("shards", &self.shards)
@@ -30,7 +33,7 @@ impl<M> std::fmt::Debug for Mailboxes<M> {
     }
 }
 
-impl<M> Mailboxes<M> {
+impl<M, P> Mailboxes<M, P> {
     /// `depth`: mails each queue holds.
     pub fn new(shards: usize, depth: usize) -> Self {
         assert!(shards > 0 && depth > 0, "mailboxes need shards and depth");
@@ -40,16 +43,29 @@ impl<M> Mailboxes<M> {
                 .map(|_| ArrayQueue::new(depth))
                 .collect(),
             wake_pending: (0..shards).map(|_| AtomicBool::new(false)).collect(),
-            wakers: (0..shards).map(|_| OnceLock::new()).collect(),
+            peers: (0..shards).map(|_| OnceLock::new()).collect(),
+            remote_wakers: (0..shards).map(|_| OnceLock::new()).collect(),
         }
     }
 
-    /// Each shard registers its waker once, before any mail is sent.
-    pub fn register_waker(&self, shard: ShardId, waker: Arc<dyn Wake>) {
+    /// Each shard registers its address and remote waker once, before any mail is sent.
+    pub fn register(&self, shard: ShardId, peer: P, remote_waker: Arc<dyn Wake>) {
+        let index = usize::from(shard);
         assert!(
-            self.wakers[usize::from(shard)].set(waker).is_ok(),
-            "waker registered twice"
+            self.peers[index].set(peer).is_ok(),
+            "shard registered twice"
         );
+        assert!(
+            self.remote_wakers[index].set(remote_waker).is_ok(),
+            "shard registered twice"
+        );
+    }
+
+    /// The address of `shard`'s backend.
+    pub fn peer(&self, shard: ShardId) -> &P {
+        self.peers[usize::from(shard)]
+            .get()
+            .expect("every shard registers before mail flows")
     }
 
     /// Puts a mail in the `from -> to` queue; gives it back if the queue is full.
@@ -62,20 +78,17 @@ impl<M> Mailboxes<M> {
         self.queue(from, to).pop()
     }
 
-    /// Wakes `shard` unless a wake-up is already pending.
-    pub fn wake(&self, shard: ShardId) {
-        let index = usize::from(shard);
-        if !self.wake_pending[index].swap(true, Ordering::AcqRel) {
-            if let Some(waker) = self.wakers[index].get() {
-                waker.wake();
-            }
-        }
+    /// True if `shard` must be woken: no wake-up is pending for it yet (and now one is).
+    pub fn needs_wake(&self, shard: ShardId) -> bool {
+        !self.wake_pending[usize::from(shard)].swap(true, Ordering::AcqRel)
     }
 
-    /// Wakes every shard (shutdown).
-    pub fn wake_all(&self) {
-        for shard in 0..self.shards {
-            self.wake(shard as ShardId);
+    /// Wakes every shard from a thread without a backend (shutdown).
+    pub fn wake_all_remotely(&self) {
+        for index in 0..self.shards {
+            if let Some(waker) = self.remote_wakers[index].get() {
+                waker.wake();
+            }
         }
     }
 
@@ -105,7 +118,7 @@ mod tests {
 
     #[test]
     fn full_mailbox_gives_the_mail_back() {
-        let mailboxes = Mailboxes::new(2, 2);
+        let mailboxes: Mailboxes<u32, ()> = Mailboxes::new(2, 2);
         assert!(mailboxes.push(0, 1, 1).is_ok());
         assert!(mailboxes.push(0, 1, 2).is_ok());
         assert_eq!(mailboxes.push(0, 1, 3), Err(3));
@@ -116,21 +129,22 @@ mod tests {
 
     #[test]
     fn wake_ups_are_coalesced_until_cleared() {
-        let mailboxes: Mailboxes<u8> = Mailboxes::new(2, 4);
+        let mailboxes: Mailboxes<u8, u8> = Mailboxes::new(2, 4);
         let waker = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        mailboxes.register_waker(1, waker.clone());
-        mailboxes.wake(1);
-        mailboxes.wake(1);
-        mailboxes.wake(1);
-        assert_eq!(waker.0.load(Ordering::Relaxed), 1);
+        mailboxes.register(1, 7, waker.clone());
+        assert_eq!(*mailboxes.peer(1), 7);
+        assert!(mailboxes.needs_wake(1));
+        assert!(!mailboxes.needs_wake(1));
+        assert!(!mailboxes.needs_wake(1));
         mailboxes.clear_wake(1);
-        mailboxes.wake(1);
-        assert_eq!(waker.0.load(Ordering::Relaxed), 2);
+        assert!(mailboxes.needs_wake(1));
+        mailboxes.wake_all_remotely();
+        assert_eq!(waker.0.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn mail_crosses_threads_in_order() {
-        let mailboxes = Arc::new(Mailboxes::new(2, 64));
+        let mailboxes: Arc<Mailboxes<u32, ()>> = Arc::new(Mailboxes::new(2, 64));
         let sender = {
             let mailboxes = mailboxes.clone();
             std::thread::spawn(move || {

@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::accounts::{self, AccountLog};
 use crate::config::Config;
 use crate::mailbox::Mailboxes;
-use crate::shard::{self, wall_clock_ms, Mail, ShardParts, ShardSettings};
+use crate::shard::{self, wall_clock_ms, ShardMailboxes, ShardParts, ShardSettings};
 use crate::stats::ShardStats;
 use crate::sys::mio::MioBackend;
 use crate::sys::{Backend, BackendLimits};
@@ -82,88 +82,13 @@ impl Server {
             );
         }
         let bindings = Arc::new(loaded.bindings);
-        let shards = config.shards;
         let key = Arc::new(key);
-        let shutdown = Arc::new(AtomicBool::new(false));
-        let mailboxes: Arc<Mailboxes<Mail<<MioBackend as Backend>::Handoff>>> =
-            Arc::new(Mailboxes::new(shards, config.mailbox_depth));
-        let cpus = allowed_cpus();
-        let limits = BackendLimits {
-            connections_max: config.connections_max.div_ceil(shards),
-            send_buffer_bytes_max: config.send_buffer_bytes_max,
-            close_linger: CLOSE_LINGER,
-        };
-        let ready = Arc::new(Barrier::new(shards + 1));
-        let mut threads = Vec::with_capacity(shards);
-        let mut stats = Vec::with_capacity(shards);
-        for (index, listener) in listeners.into_iter().enumerate() {
-            let shard_stats = Arc::new(ShardStats::default());
-            stats.push(shard_stats.clone());
-            let settings = ShardSettings {
-                index: index as ShardId,
-                shards: shards as u16,
-                handshake_timeout_ms: config.handshake_timeout_ms,
-                idle_timeout_ms: config.idle_timeout_ms,
-            };
-            let accounts = AccountLog::open(&config.data, index as u16).map_err(|source| {
-                StartError::Shard {
-                    shard: index,
-                    source,
-                }
-            })?;
-            let backend =
-                MioBackend::new(listener, limits).map_err(|source| StartError::Shard {
-                    shard: index,
-                    source,
-                })?;
-            mailboxes.register_waker(index as ShardId, backend.waker());
-            let mut router = Router::new(
-                index as ShardId,
-                shards as u16,
-                config.router_limits(),
-                wall_clock_ms(),
-            );
-            let parts = ShardParts {
-                settings,
-                backend,
-                router: {
-                    for (user, key) in bindings.iter() {
-                        router.restore_binding(*user, *key);
-                    }
-                    router
-                },
-                key: key.clone(),
-                mailboxes: mailboxes.clone(),
-                stats: shard_stats,
-                accounts,
-                shutdown: shutdown.clone(),
-            };
-            let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-            let ready = ready.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("hop-shard-{index}"))
-                .spawn(move || {
-                    if let Some(cpu) = cpu {
-                        pin_to_cpu(cpu);
-                    }
-                    ready.wait();
-                    shard::run(parts);
-                })
-                .map_err(|source| StartError::Shard {
-                    shard: index,
-                    source,
-                })?;
-            threads.push(thread);
-        }
-        ready.wait();
-        let wake_all: Arc<dyn Fn() + Send + Sync> = {
-            let mailboxes = mailboxes.clone();
-            Arc::new(move || mailboxes.wake_all())
-        };
+        let (shutdown, wake_all, threads, stats) =
+            start_shards::<MioBackend>(config, listeners, &key, &bindings)?;
         Ok(Self {
             local_addr,
             public_key: *key.public(),
-            shards,
+            shards: config.shards,
             shutdown,
             wake_all,
             threads,
@@ -231,6 +156,115 @@ pub fn serve(config: &Config) -> Result<bool, StartError> {
     handle.close();
     server.stop();
     Ok(server.join())
+}
+
+type Started = (
+    Arc<AtomicBool>,
+    Arc<dyn Fn() + Send + Sync>,
+    Vec<JoinHandle<()>>,
+    Vec<Arc<ShardStats>>,
+);
+
+/// Starts one thread per listener, each creating its own backend `B` (a ring must be created
+/// by the thread that uses it), and waits until every shard has registered its address.
+fn start_shards<B: Backend>(
+    config: &Config,
+    listeners: Vec<TcpListener>,
+    key: &Arc<StaticKey>,
+    bindings: &Arc<Vec<(hop_protocol::UserId, [u8; 32])>>,
+) -> Result<Started, StartError> {
+    let shards = config.shards;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let mailboxes: Arc<ShardMailboxes<B>> = Arc::new(Mailboxes::new(shards, config.mailbox_depth));
+    let cpus = allowed_cpus();
+    let limits = BackendLimits {
+        connections_max: config.connections_max.div_ceil(shards),
+        send_buffer_bytes_max: config.send_buffer_bytes_max,
+        close_linger: CLOSE_LINGER,
+    };
+    // Every shard registers before any starts its loop; a shard that fails to start reports.
+    let registered = Arc::new(Barrier::new(shards + 1));
+    let (report, reports) = std::sync::mpsc::channel::<(usize, io::Error)>();
+    let mut threads = Vec::with_capacity(shards);
+    let mut stats = Vec::with_capacity(shards);
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let shard_stats = Arc::new(ShardStats::default());
+        stats.push(shard_stats.clone());
+        let settings = ShardSettings {
+            index: index as ShardId,
+            shards: shards as u16,
+            handshake_timeout_ms: config.handshake_timeout_ms,
+            idle_timeout_ms: config.idle_timeout_ms,
+        };
+        let accounts =
+            AccountLog::open(&config.data, index as u16).map_err(|source| StartError::Shard {
+                shard: index,
+                source,
+            })?;
+        let mut router = Router::new(
+            index as ShardId,
+            shards as u16,
+            config.router_limits(),
+            wall_clock_ms(),
+        );
+        for (user, user_key) in bindings.iter() {
+            router.restore_binding(*user, *user_key);
+        }
+        let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+        let (key, mailboxes, shutdown, registered, report) = (
+            key.clone(),
+            mailboxes.clone(),
+            shutdown.clone(),
+            registered.clone(),
+            report.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("hop-shard-{index}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to_cpu(cpu);
+                }
+                let backend = match B::open(listener, limits) {
+                    Ok(backend) => backend,
+                    Err(error) => {
+                        let _ = report.send((index, error));
+                        registered.wait();
+                        return;
+                    }
+                };
+                mailboxes.register(index as ShardId, backend.peer(), backend.remote_waker());
+                registered.wait();
+                if shutdown.load(Ordering::Acquire) {
+                    return; // another shard failed to start
+                }
+                shard::run(ShardParts {
+                    settings,
+                    backend,
+                    router,
+                    key,
+                    mailboxes,
+                    stats: shard_stats,
+                    accounts,
+                    shutdown,
+                });
+            })
+            .map_err(|source| StartError::Shard {
+                shard: index,
+                source,
+            })?;
+        threads.push(thread);
+    }
+    drop(report);
+    registered.wait();
+    if let Ok((shard, source)) = reports.try_recv() {
+        shutdown.store(true, Ordering::Release);
+        for thread in threads {
+            let _ = thread.join();
+        }
+        return Err(StartError::Shard { shard, source });
+    }
+    let wake_all: Arc<dyn Fn() + Send + Sync> = Arc::new(move || mailboxes.wake_all_remotely());
+    Ok((shutdown, wake_all, threads, stats))
 }
 
 fn bind_listeners(addr: SocketAddr, shards: usize) -> Result<Vec<TcpListener>, StartError> {

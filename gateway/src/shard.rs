@@ -12,7 +12,7 @@
 //!    retry blocked mail, wake the shards that got mail (once each);
 //! 5. once per tick, enforce the handshake and idle timeouts.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -57,6 +57,17 @@ pub struct Handoff<H> {
     early: Vec<Stanza>,
 }
 
+/// The mailboxes of a server whose shards run backend `B`.
+pub type ShardMailboxes<B> = Mailboxes<Mail<<B as Backend>::Handoff>, <B as Backend>::Peer>;
+
+/// A handed-over connection waiting for its backend to adopt the socket.
+struct Adoption {
+    session: ServerConnection,
+    user: UserId,
+    key: [u8; KEY_BYTES],
+    early: Vec<Stanza>,
+}
+
 /// Settings a shard needs.
 #[derive(Debug, Clone)]
 pub struct ShardSettings {
@@ -72,7 +83,7 @@ pub struct ShardParts<B: Backend> {
     pub backend: B,
     pub router: Router,
     pub key: Arc<StaticKey>,
-    pub mailboxes: Arc<Mailboxes<Mail<B::Handoff>>>,
+    pub mailboxes: Arc<ShardMailboxes<B>>,
     pub stats: Arc<ShardStats>,
     pub accounts: AccountLog,
     pub shutdown: Arc<AtomicBool>,
@@ -122,7 +133,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         shutdown,
     } = parts;
     let shards = usize::from(settings.shards);
-    let mut core = Core {
+    let mut core: Core<B> = Core {
         settings,
         key,
         router,
@@ -142,6 +153,9 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         now_ms: wall_clock_ms(),
         current: None,
         warnings: RateLimit::default(),
+        adoptions: HashMap::new(),
+        next_token: 0,
+        to_pause: Vec::new(),
     };
     let tick = Duration::from_millis(
         (core
@@ -154,7 +168,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
     .min(TICK_MAX);
     let mut next_tick = Instant::now() + tick;
     let index = core.settings.index;
-    info!(shard = index, "shard running");
+    info!(shard = index, backend = backend.name(), "shard running");
     let mut mail_backlog = false;
     while !shutdown.load(Ordering::Acquire) {
         let now = Instant::now();
@@ -185,16 +199,16 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
     core.shut_down(&mut backend);
 }
 
-struct Core<H> {
+struct Core<B: Backend> {
     settings: ShardSettings,
     key: Arc<StaticKey>,
     router: Router,
     /// Indexed by `ConnId`.
     conns: Vec<Option<Conn>>,
     generation: u32,
-    mailboxes: Arc<Mailboxes<Mail<H>>>,
+    mailboxes: Arc<ShardMailboxes<B>>,
     /// Mail a full mailbox did not take yet, per destination, in order.
-    outbox: Vec<VecDeque<Mail<H>>>,
+    outbox: Vec<VecDeque<Mail<B::Handoff>>>,
     /// Connections paused until the outboxes drain.
     paused: Vec<ConnId>,
     dirty: Vec<ConnId>,
@@ -213,10 +227,15 @@ struct Core<H> {
     /// The connection whose input is being handled: the one a full mailbox pauses.
     current: Option<ConnId>,
     warnings: RateLimit,
+    /// Handed-over connections whose sockets the backend is adopting, by token.
+    adoptions: HashMap<u64, Adoption>,
+    next_token: u64,
+    /// Connections to pause once the backend is free (after a poll).
+    to_pause: Vec<ConnId>,
 }
 
-impl<H: Send + 'static> Core<H> {
-    fn handle_event(&mut self, event: Event<'_>) -> Reading {
+impl<B: Backend> Core<B> {
+    fn handle_event(&mut self, event: Event<'_, B::Handoff>) -> Reading {
         match event {
             Event::Accepted(id) => {
                 bump(&self.stats.connections_accepted, 1);
@@ -241,6 +260,20 @@ impl<H: Send + 'static> Core<H> {
                 Reading::Pause
             }
             Event::Wake => Reading::Continue,
+            Event::Detached(id, socket) => {
+                self.detached(id, socket);
+                Reading::Pause
+            }
+            Event::Attached { token, conn } => {
+                self.adopted(token, conn);
+                Reading::Continue
+            }
+            Event::AttachFailed { token } => {
+                if let Some(adoption) = self.adoptions.remove(&token) {
+                    warn!(user = %adoption.user, "a connection handed to this shard could not be adopted");
+                }
+                Reading::Continue
+            }
         }
     }
 
@@ -248,7 +281,12 @@ impl<H: Send + 'static> Core<H> {
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
             return Reading::Pause;
         };
-        if !matches!(conn.phase, Phase::Handshaking | Phase::Open { .. }) {
+        // A moving connection's last bytes (read before the backend stopped) are decoded here
+        // and travel with it.
+        if !matches!(
+            conn.phase,
+            Phase::Handshaking | Phase::Open { .. } | Phase::Moving { .. }
+        ) {
             return Reading::Pause;
         }
         if matches!(conn.phase, Phase::Open { .. }) {
@@ -417,7 +455,7 @@ impl<H: Send + 'static> Core<H> {
 
     /// Sends mail to another shard; a full mailbox keeps it in the outbox and pauses the
     /// connection being read.
-    fn post(&mut self, shard: ShardId, mail: Mail<H>) {
+    fn post(&mut self, shard: ShardId, mail: Mail<B::Handoff>) {
         let to = usize::from(shard);
         let blocked = if self.outbox[to].is_empty() {
             self.mailboxes.push(self.settings.index, shard, mail).err()
@@ -440,7 +478,7 @@ impl<H: Send + 'static> Core<H> {
     }
 
     /// Takes mail from every other shard. Returns true if some was left for the next turn.
-    fn drain_mail<B: Backend<Handoff = H>>(&mut self, backend: &mut B) -> bool {
+    fn drain_mail(&mut self, backend: &mut B) -> bool {
         let mut backlog = false;
         for from in 0..self.settings.shards {
             if from == self.settings.index {
@@ -466,8 +504,9 @@ impl<H: Send + 'static> Core<H> {
         backlog
     }
 
-    /// Adopts a connection handed over by another shard.
-    fn adopt<B: Backend<Handoff = H>>(&mut self, backend: &mut B, handoff: Handoff<H>) {
+    /// Starts adopting a connection handed over by another shard: the backend takes the
+    /// socket and reports `Attached` with the token.
+    fn adopt(&mut self, backend: &mut B, handoff: Handoff<B::Handoff>) {
         let Handoff {
             socket,
             session,
@@ -475,12 +514,30 @@ impl<H: Send + 'static> Core<H> {
             key,
             early,
         } = handoff;
-        let id = match backend.attach(socket) {
-            Ok(id) => id,
-            Err(error) => {
-                warn!(%user, %error, "adopting a connection failed");
-                return;
-            }
+        let token = self.next_token;
+        self.next_token += 1;
+        self.adoptions.insert(
+            token,
+            Adoption {
+                session,
+                user,
+                key,
+                early,
+            },
+        );
+        backend.attach(socket, token);
+    }
+
+    /// The backend adopted a handed-over connection as `id`: attach it to its user.
+    fn adopted(&mut self, token: u64, id: ConnId) {
+        let Some(Adoption {
+            session,
+            user,
+            key,
+            early,
+        }) = self.adoptions.remove(&token)
+        else {
+            return;
         };
         bump(&self.stats.handoffs_in, 1);
         self.generation = self.generation.wrapping_add(1);
@@ -504,12 +561,39 @@ impl<H: Send + 'static> Core<H> {
         }
         self.current = None;
         if self.conn_mut(id).is_some_and(|conn| conn.paused) {
-            backend.set_reading(id, false);
+            self.to_pause.push(id);
         }
     }
 
+    /// The backend let go of a moving connection: mail it to its home shard.
+    fn detached(&mut self, id: ConnId, socket: B::Handoff) {
+        let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) else {
+            return;
+        };
+        let Phase::Moving { user, key, early } = conn.phase else {
+            warn!(
+                conn = id,
+                "backend detached a connection that was not moving"
+            );
+            return;
+        };
+        bump(&self.stats.handoffs_out, 1);
+        let home = home_shard(user, self.settings.shards);
+        let handoff = Handoff {
+            socket,
+            session: conn.session,
+            user,
+            key,
+            early,
+        };
+        self.post(home, Mail::Handoff(Box::new(handoff)));
+    }
+
     /// Ends a turn: writes, moves, closes, retries blocked mail, wakes shards.
-    fn end_turn<B: Backend<Handoff = H>>(&mut self, backend: &mut B) {
+    fn end_turn(&mut self, backend: &mut B) {
+        for id in std::mem::take(&mut self.to_pause) {
+            backend.set_reading(id, false);
+        }
         // Closing a connection can queue stanzas for others (presence), so repeat until calm.
         while !self.dirty.is_empty() || !self.to_close.is_empty() || !self.to_move.is_empty() {
             self.flush_dirty(backend);
@@ -527,14 +611,16 @@ impl<H: Send + 'static> Core<H> {
             }
         }
         self.retry_outbox(backend);
-        for (shard, sent) in self.mail_sent_to.iter_mut().enumerate() {
-            if std::mem::take(sent) {
-                self.mailboxes.wake(shard as ShardId);
+        for shard in 0..self.mail_sent_to.len() {
+            if std::mem::take(&mut self.mail_sent_to[shard])
+                && self.mailboxes.needs_wake(shard as ShardId)
+            {
+                backend.wake_peer(self.mailboxes.peer(shard as ShardId));
             }
         }
     }
 
-    fn flush_dirty<B: Backend<Handoff = H>>(&mut self, backend: &mut B) {
+    fn flush_dirty(&mut self, backend: &mut B) {
         for id in std::mem::take(&mut self.dirty) {
             let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
                 continue;
@@ -559,30 +645,21 @@ impl<H: Send + 'static> Core<H> {
         }
     }
 
-    fn hand_off<B: Backend<Handoff = H>>(&mut self, backend: &mut B, id: ConnId) {
-        let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) else {
+    /// Asks the backend to let go of an authenticated connection; `Event::Detached` follows.
+    fn hand_off(&mut self, backend: &mut B, id: ConnId) {
+        let Some(Phase::Moving { user, .. }) = self
+            .conns
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .map(|c| &c.phase)
+        else {
             return;
         };
-        let Phase::Moving { user, key, early } = conn.phase else {
-            self.conns[id as usize] = Some(conn);
-            return;
-        };
-        let Some(socket) = backend.detach(id) else {
-            return; // closed meanwhile
-        };
-        bump(&self.stats.handoffs_out, 1);
-        let home = home_shard(user, self.settings.shards);
-        let handoff = Handoff {
-            socket,
-            session: conn.session,
-            user,
-            key,
-            early,
-        };
-        self.post(home, Mail::Handoff(Box::new(handoff)));
+        let home = home_shard(*user, self.settings.shards);
+        backend.detach(id, self.mailboxes.peer(home));
     }
 
-    fn retry_outbox<B: Backend<Handoff = H>>(&mut self, backend: &mut B) {
+    fn retry_outbox(&mut self, backend: &mut B) {
         for to in 0..self.outbox.len() {
             while let Some(mail) = self.outbox[to].pop_front() {
                 match self
@@ -603,11 +680,6 @@ impl<H: Send + 'static> Core<H> {
                     conn.paused = false;
                     backend.set_reading(id, true);
                 }
-            }
-        }
-        for (shard, sent) in self.mail_sent_to.iter_mut().enumerate() {
-            if std::mem::take(sent) {
-                self.mailboxes.wake(shard as ShardId);
             }
         }
     }
@@ -648,7 +720,7 @@ impl<H: Send + 'static> Core<H> {
         }
     }
 
-    fn publish_gauges<B: Backend>(&self, backend: &B) {
+    fn publish_gauges(&self, backend: &B) {
         self.stats
             .connections_open
             .store(backend.connections() as u64, Ordering::Relaxed);
@@ -657,7 +729,7 @@ impl<H: Send + 'static> Core<H> {
             .store(backend.refused(), Ordering::Relaxed);
     }
 
-    fn shut_down<B: Backend<Handoff = H>>(&mut self, backend: &mut B) {
+    fn shut_down(&mut self, backend: &mut B) {
         let open: Vec<ConnId> = (0..self.conns.len() as ConnId)
             .filter(|id| self.is_live(*id))
             .collect();

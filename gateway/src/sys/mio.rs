@@ -4,6 +4,7 @@
 //! is drained or its per-turn budget is spent; in the second case it stays on the ready list
 //! and the next poll does not wait. All connections read into one shared buffer.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
@@ -62,10 +63,20 @@ pub struct MioBackend {
     limits: BackendLimits,
     closing: usize,
     refused: u64,
+    /// Moves between shards finish on the next poll, as in a completion backend.
+    finished_moves: VecDeque<Move>,
 }
 
 #[derive(Debug)]
-struct MioWaker(Waker);
+enum Move {
+    Detached(ConnId, MioHandoff),
+    Attached { token: u64, conn: ConnId },
+    AttachFailed { token: u64 },
+}
+
+/// Wakes a mio shard; also its address for other shards.
+#[derive(Debug)]
+pub struct MioWaker(Waker);
 
 impl Wake for MioWaker {
     fn wake(&self) {
@@ -76,7 +87,7 @@ impl Wake for MioWaker {
 }
 
 impl MioBackend {
-    pub fn new(listener: std::net::TcpListener, limits: BackendLimits) -> io::Result<Self> {
+    fn new(listener: std::net::TcpListener, limits: BackendLimits) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
@@ -95,10 +106,11 @@ impl MioBackend {
             limits,
             closing: 0,
             refused: 0,
+            finished_moves: VecDeque::new(),
         })
     }
 
-    fn accept(&mut self, on_event: &mut dyn FnMut(Event<'_>) -> Reading) {
+    fn accept(&mut self, on_event: &mut dyn FnMut(Event<'_, MioHandoff>) -> Reading) {
         self.accept_backlog = false;
         for _ in 0..ACCEPTS_PER_TURN {
             let (mut stream, _peer) = match self.listener.accept() {
@@ -146,7 +158,7 @@ impl MioBackend {
     }
 
     /// Reads every ready connection within its budget.
-    fn read_ready(&mut self, on_event: &mut dyn FnMut(Event<'_>) -> Reading) {
+    fn read_ready(&mut self, on_event: &mut dyn FnMut(Event<'_, MioHandoff>) -> Reading) {
         let ready = std::mem::take(&mut self.ready);
         for &id in &ready {
             let index = id as usize;
@@ -285,15 +297,32 @@ impl Connection {
 
 impl Backend for MioBackend {
     type Handoff = MioHandoff;
+    type Peer = Arc<MioWaker>;
 
-    fn waker(&self) -> Arc<dyn Wake> {
+    fn open(listener: std::net::TcpListener, limits: BackendLimits) -> io::Result<Self> {
+        Self::new(listener, limits)
+    }
+
+    fn name(&self) -> &'static str {
+        "mio"
+    }
+
+    fn peer(&self) -> Arc<MioWaker> {
+        self.waker.clone()
+    }
+
+    fn wake_peer(&mut self, peer: &Arc<MioWaker>) {
+        peer.wake();
+    }
+
+    fn remote_waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
     }
 
     fn poll(
         &mut self,
         timeout: Option<Duration>,
-        on_event: &mut dyn FnMut(Event<'_>) -> Reading,
+        on_event: &mut dyn FnMut(Event<'_, MioHandoff>) -> Reading,
     ) -> io::Result<()> {
         let timeout = if self.has_backlog() {
             Some(Duration::ZERO)
@@ -334,6 +363,13 @@ impl Backend for MioBackend {
         if woken {
             on_event(Event::Wake);
         }
+        while let Some(finished) = self.finished_moves.pop_front() {
+            on_event(match finished {
+                Move::Detached(conn, handoff) => Event::Detached(conn, handoff),
+                Move::Attached { token, conn } => Event::Attached { token, conn },
+                Move::AttachFailed { token } => Event::AttachFailed { token },
+            });
+        }
         for index in writable {
             if self.flush(index).is_err() {
                 if let Some(connection) = self.connections.get(index) {
@@ -354,7 +390,7 @@ impl Backend for MioBackend {
     }
 
     fn has_backlog(&self) -> bool {
-        self.accept_backlog || !self.ready.is_empty()
+        self.accept_backlog || !self.ready.is_empty() || !self.finished_moves.is_empty()
     }
 
     fn send(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(), SendOverflow> {
@@ -400,33 +436,43 @@ impl Backend for MioBackend {
         self.mark_ready(index);
     }
 
-    fn detach(&mut self, conn: ConnId) -> Option<MioHandoff> {
+    fn detach(&mut self, conn: ConnId, _to: &Arc<MioWaker>) {
         let index = conn as usize;
         if !self.connections.contains(index) {
-            return None;
+            return;
         }
         let connection = self.remove(index);
         self.ready.retain(|ready| *ready != conn);
-        Some(MioHandoff {
+        let handoff = MioHandoff {
             stream: connection.stream.into(),
             unsent: connection.unsent,
-        })
+        };
+        self.finished_moves.push_back(Move::Detached(conn, handoff));
     }
 
-    fn attach(&mut self, handoff: MioHandoff) -> io::Result<ConnId> {
+    fn attach(&mut self, handoff: MioHandoff, token: u64) {
         let mut stream = TcpStream::from_std(handoff.stream);
         let entry = self.connections.vacant_entry();
         let index = entry.key();
-        self.poll
-            .registry()
-            .register(&mut stream, Token(index), Interest::READABLE)?;
+        if let Err(error) =
+            self.poll
+                .registry()
+                .register(&mut stream, Token(index), Interest::READABLE)
+        {
+            warn!(%error, "adopting a connection failed");
+            self.finished_moves.push_back(Move::AttachFailed { token });
+            return;
+        }
         let mut connection = Connection::new(stream);
         connection.unsent = handoff.unsent;
         entry.insert(connection);
         let _ = self.flush(index);
+        self.finished_moves.push_back(Move::Attached {
+            token,
+            conn: index as ConnId,
+        });
         // Bytes may have arrived between detach and attach: look at once.
         self.mark_ready(index);
-        Ok(index as ConnId)
     }
 
     fn connections(&self) -> usize {

@@ -7,13 +7,21 @@
 //!
 //! What every backend provides:
 //! - [`Backend::poll`] waits for IO at most `timeout` and reports [`Event`]s in order: a new
-//!   connection, bytes read from one (borrowed from a buffer the backend reuses: a connection
-//!   holds no receive buffer of its own), a connection the peer closed, a wake-up.
+//!   connection, bytes read from one (borrowed from buffers the backend owns and reuses: a
+//!   connection holds no receive buffer of its own), a connection the peer closed, a wake-up, and
+//!   the completion of a move between shards.
 //! - [`Backend::send`] takes bytes for a connection and owns them until they are written;
 //!   what cannot be written at once is kept, up to a per-connection bound.
-//! - reading can be paused per connection (backpressure) and resumed.
-//! - a connection can be detached into a [`Backend::Handoff`] that another shard's backend of
-//!   the same kind attaches: this is how a connection moves to its user's home shard.
+//! - reading can be paused per connection (backpressure) and resumed. Bytes the backend had
+//!   already read when reading paused are still reported.
+//! - moving a connection to another shard takes two steps on each side, since a completion
+//!   backend learns of them from its ring: [`Backend::detach`] starts it, `Event::Detached`
+//!   hands over the [`Backend::Handoff`] (bytes read before that are reported first); the
+//!   receiving shard passes it to [`Backend::attach`] with a token, and `Event::Attached`
+//!   names the new connection (or `Event::AttachFailed`).
+//! - wake-ups between shards go through the waking shard's own backend
+//!   ([`Backend::wake_peer`]), so a ring-based backend can batch them with its other
+//!   submissions; threads without a backend use [`Backend::remote_waker`].
 //! - [`Backend::close`] closes gracefully: queued bytes are written, then the write side is
 //!   shut, and the socket is dropped when the peer closes or a short deadline passes.
 
@@ -28,15 +36,21 @@ pub type ConnId = u32;
 
 /// What the backend saw.
 #[derive(Debug)]
-pub enum Event<'a> {
+pub enum Event<'a, H> {
     /// A connection was accepted on this shard's listener.
     Accepted(ConnId),
     /// Bytes read from a connection.
     Data(ConnId, &'a [u8]),
     /// The peer closed the connection or it failed; the backend has already dropped it.
     Closed(ConnId),
-    /// Another shard woke this one.
+    /// Another shard (or the signal thread) woke this one.
     Wake,
+    /// A connection passed to [`Backend::detach`] left this backend; send the handoff on.
+    Detached(ConnId, H),
+    /// A handoff passed to [`Backend::attach`] is now this connection.
+    Attached { token: u64, conn: ConnId },
+    /// A handoff passed to [`Backend::attach`] could not be adopted; the connection is lost.
+    AttachFailed { token: u64 },
 }
 
 /// Whether the backend should go on reading a connection after a `Data` event.
@@ -71,19 +85,34 @@ pub struct BackendLimits {
 pub trait Backend: Sized {
     /// A connection on its way to another shard.
     type Handoff: Send + 'static;
+    /// How other shards reach this one to wake it (and to hand it connections).
+    type Peer: Clone + Send + Sync + 'static;
 
-    /// The waker other shards use to rouse this one.
-    fn waker(&self) -> Arc<dyn Wake>;
+    /// Creates the backend of one shard around its listener, on the shard's own thread.
+    fn open(listener: std::net::TcpListener, limits: BackendLimits) -> io::Result<Self>;
+
+    /// The backend's name, for logs.
+    fn name(&self) -> &'static str;
+
+    /// This backend's address for other shards.
+    fn peer(&self) -> Self::Peer;
+
+    /// Wakes another shard. Called once per turn per shard that got mail.
+    fn wake_peer(&mut self, peer: &Self::Peer);
+
+    /// A waker for threads that have no backend (signal handling).
+    fn remote_waker(&self) -> Arc<dyn Wake>;
 
     /// Waits for IO, at most `timeout` (`None`: until something happens), and reports events.
     fn poll(
         &mut self,
         timeout: Option<Duration>,
-        on_event: &mut dyn FnMut(Event<'_>) -> Reading,
+        on_event: &mut dyn FnMut(Event<'_, Self::Handoff>) -> Reading,
     ) -> io::Result<()>;
 
     /// True when the backend has work it will do on the next poll without waiting (reads or
-    /// accepts cut short by the per-turn budget); the caller then polls with a zero timeout.
+    /// accepts cut short by the per-turn budget, events queued); the caller then polls with a
+    /// zero timeout.
     fn has_backlog(&self) -> bool;
 
     /// Queues bytes for a connection, writing what the socket takes now.
@@ -94,11 +123,13 @@ pub trait Backend: Sized {
     /// Closes gracefully (see the module docs). No `Closed` event follows.
     fn close(&mut self, conn: ConnId);
 
-    /// Takes a connection out of this backend, with any bytes it had not yet written.
-    fn detach(&mut self, conn: ConnId) -> Option<Self::Handoff>;
+    /// Starts moving a connection to the shard behind `to`; `Event::Detached` follows (or
+    /// `Closed`, if the peer closed meanwhile).
+    fn detach(&mut self, conn: ConnId, to: &Self::Peer);
 
-    /// Adopts a connection detached from another shard's backend.
-    fn attach(&mut self, handoff: Self::Handoff) -> io::Result<ConnId>;
+    /// Adopts a connection detached by another shard; `Event::Attached` or
+    /// `Event::AttachFailed` with the same token follows.
+    fn attach(&mut self, handoff: Self::Handoff, token: u64);
 
     /// Connections held, closing ones included.
     fn connections(&self) -> usize;
