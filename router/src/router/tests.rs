@@ -514,3 +514,266 @@ fn home_shards_spread_users() {
     }
     assert!(counts.iter().all(|count| *count > 800), "{counts:?}");
 }
+
+/// A seeded simulation of three shards and a dozen users connecting, disconnecting, sending,
+/// acking and reading at random. After every step the cluster runs to quiescence; at the end
+/// every user connects and acks until nothing is left. It checks:
+/// - every Send gets exactly one reply, a ServerAck or an Error;
+/// - every message with a ServerAck reaches its recipient, with the true sender in `from`;
+/// - no message is delivered again once its recipient acked it;
+/// - every delivered-and-acked message yields exactly one delivered receipt to its sender.
+#[test]
+fn seeded_simulation_keeps_the_delivery_invariants() {
+    for seed in 1..=20u64 {
+        simulate(seed);
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        // xorshift64*: enough to pick operations reproducibly.
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) % n
+    }
+}
+
+fn simulate(seed: u64) {
+    const USERS: u64 = 12;
+    const STEPS: usize = 3_000;
+    // Small inflight windows exercise redelivery; queues are large enough that no receipt
+    // overflows (that bound has its own test).
+    let limits = Limits {
+        queue_messages_max: 1_000,
+        inflight_max: 3,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(3, limits);
+    let users: Vec<UserId> = (0..USERS)
+        .map(|n| cluster.user_on((n % 3) as ShardId, n / 3))
+        .collect();
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut next_conn = 100u64;
+    // Per user: its current connection, if online.
+    let mut online: HashMap<UserId, u64> = HashMap::new();
+    for user in &users {
+        cluster.connect(*user, next_conn).unwrap();
+        cluster.disconnect(*user, next_conn);
+        next_conn += 1;
+    }
+    let mut accepted: HashMap<u64, (UserId, UserId)> = HashMap::new(); // id -> (from, to)
+    let mut acked: BTreeSetU64 = BTreeSetU64::default();
+    let mut delivered_to: HashMap<u64, usize> = HashMap::new();
+    let mut receipts: HashMap<u64, usize> = HashMap::new();
+    let mut unacked: HashMap<UserId, Vec<(u64, bool)>> = HashMap::new(); // (id, is_receipt)
+    let mut sent = 0u32;
+
+    let absorb = |cluster: &mut Cluster,
+                  online: &HashMap<UserId, u64>,
+                  accepted: &mut HashMap<u64, (UserId, UserId)>,
+                  acked: &BTreeSetU64,
+                  delivered_to: &mut HashMap<u64, usize>,
+                  receipts: &mut HashMap<u64, usize>,
+                  unacked: &mut HashMap<UserId, Vec<(u64, bool)>>,
+                  pending_sends: &mut HashMap<(UserId, u32), UserId>| {
+        for (user, conn) in online {
+            for stanza in cluster.take(*conn) {
+                match stanza.kind {
+                    Some(Kind::ServerAck(ack)) => {
+                        let to = pending_sends
+                            .remove(&(*user, ack.seq))
+                            .expect("one reply per Send");
+                        accepted.insert(ack.id, (*user, to));
+                    }
+                    Some(Kind::Error(error)) => {
+                        panic!("seed {seed}: unexpected error {error:?}");
+                    }
+                    Some(Kind::Deliver(deliver)) => {
+                        assert!(
+                            !acked.0.contains(&deliver.id),
+                            "seed {seed}: delivered after ack"
+                        );
+                        let (from, to) = accepted
+                            .get(&deliver.id)
+                            .copied()
+                            .unwrap_or((UserId::new(deliver.from).unwrap(), *user));
+                        assert_eq!(
+                            (deliver.from, to),
+                            (from.get(), *user),
+                            "seed {seed}: wrong from/to"
+                        );
+                        *delivered_to.entry(deliver.id).or_default() += 1;
+                        unacked.entry(*user).or_default().push((deliver.id, false));
+                    }
+                    Some(Kind::Receipt(receipt)) => {
+                        if receipt.kind == ReceiptKind::Delivered as i32 {
+                            let (from, _) = accepted[&receipt.id];
+                            assert_eq!(from, *user, "seed {seed}: receipt to the wrong user");
+                        }
+                        unacked.entry(*user).or_default().push((receipt.id, true));
+                        if receipt.kind == ReceiptKind::Delivered as i32 {
+                            *receipts.entry(receipt.id).or_default() += 1;
+                        }
+                    }
+                    other => panic!("seed {seed}: unexpected {other:?}"),
+                }
+            }
+        }
+    };
+    let mut pending_sends: HashMap<(UserId, u32), UserId> = HashMap::new();
+
+    for _ in 0..STEPS {
+        let user = users[rng.below(USERS) as usize];
+        match rng.below(10) {
+            0 | 1 => {
+                if let Some(conn) = online.remove(&user) {
+                    cluster.disconnect(user, conn);
+                    unacked.remove(&user); // the device forgets what it did not ack
+                } else {
+                    next_conn += 1;
+                    cluster.connect(user, next_conn).unwrap();
+                    online.insert(user, next_conn);
+                }
+            }
+            2..=5 => {
+                if let Some(&conn) = online.get(&user) {
+                    let to = users[rng.below(USERS) as usize];
+                    sent += 1;
+                    pending_sends.insert((user, sent), to);
+                    cluster.send(user, conn, to, sent, b"sim");
+                }
+            }
+            _ => {
+                if let Some(&conn) = online.get(&user) {
+                    let items = unacked.entry(user).or_default();
+                    if !items.is_empty() {
+                        let (id, is_receipt) = items.remove(0);
+                        if is_receipt {
+                            // Ack both kinds the receipt could be; an unmatched ack is ignored.
+                            for kind in [ReceiptKind::Delivered, ReceiptKind::Read] {
+                                cluster
+                                    .stanza(
+                                        user,
+                                        conn,
+                                        Kind::Ack(Ack {
+                                            id,
+                                            kind: kind as i32,
+                                        }),
+                                    )
+                                    .unwrap();
+                            }
+                        } else {
+                            acked.0.insert(id);
+                            cluster
+                                .stanza(user, conn, Kind::Ack(Ack { id, kind: 0 }))
+                                .unwrap();
+                            let (from, _) = accepted[&id];
+                            cluster
+                                .stanza(
+                                    user,
+                                    conn,
+                                    Kind::Read(Read {
+                                        from: from.get(),
+                                        id,
+                                    }),
+                                )
+                                .unwrap();
+                        }
+                    }
+                }
+            }
+        }
+        absorb(
+            &mut cluster,
+            &online,
+            &mut accepted,
+            &acked,
+            &mut delivered_to,
+            &mut receipts,
+            &mut unacked,
+            &mut pending_sends,
+        );
+        assert!(
+            pending_sends.is_empty(),
+            "seed {seed}: a Send without a reply"
+        );
+    }
+    // Drain: everyone online, ack everything until quiet.
+    for user in &users {
+        if !online.contains_key(user) {
+            next_conn += 1;
+            cluster.connect(*user, next_conn).unwrap();
+            online.insert(*user, next_conn);
+        }
+    }
+    for _ in 0..10_000 {
+        absorb(
+            &mut cluster,
+            &online,
+            &mut accepted,
+            &acked,
+            &mut delivered_to,
+            &mut receipts,
+            &mut unacked,
+            &mut pending_sends,
+        );
+        let Some((&user, _)) = unacked.iter().find(|(_, items)| !items.is_empty()) else {
+            break;
+        };
+        let conn = online[&user];
+        let (id, is_receipt) = unacked.get_mut(&user).unwrap().remove(0);
+        if is_receipt {
+            for kind in [ReceiptKind::Delivered, ReceiptKind::Read] {
+                cluster
+                    .stanza(
+                        user,
+                        conn,
+                        Kind::Ack(Ack {
+                            id,
+                            kind: kind as i32,
+                        }),
+                    )
+                    .unwrap();
+            }
+        } else {
+            acked.0.insert(id);
+            cluster
+                .stanza(user, conn, Kind::Ack(Ack { id, kind: 0 }))
+                .unwrap();
+        }
+    }
+    for id in accepted.keys() {
+        assert!(
+            delivered_to.get(id).copied().unwrap_or(0) >= 1,
+            "seed {seed}: accepted message {id} never delivered"
+        );
+        assert!(
+            acked.0.contains(id),
+            "seed {seed}: message {id} never acked"
+        );
+        assert!(
+            receipts.get(id).copied().unwrap_or(0) >= 1,
+            "seed {seed}: no delivered receipt for {id}"
+        );
+    }
+    for router in &cluster.routers {
+        let counters = router.counters();
+        assert_eq!(counters.receipts_dropped, 0, "seed {seed}");
+    }
+    let total_acked: u64 = cluster
+        .routers
+        .iter()
+        .map(|r| r.counters().messages_acked)
+        .sum();
+    assert_eq!(
+        total_acked as usize,
+        accepted.len(),
+        "seed {seed}: each message acked exactly once at the server"
+    );
+}
+
+#[derive(Default)]
+struct BTreeSetU64(std::collections::BTreeSet<u64>);
