@@ -7,9 +7,15 @@
 //! Crypto backend: `snow`'s ring resolver for ChaCha20-Poly1305 (about 7x faster than the
 //! pure-Rust cipher here), falling back to the default resolver for X25519 and BLAKE2s, which
 //! ring does not offer for static keys. See docs/decisions.md.
+//!
+//! Once the handshake is done hop keeps only the two 32-byte keys of the split and their
+//! nonces ([`Transport`], 80 bytes) instead of snow's transport state (two boxed ciphers and
+//! the remote key, about a kilobyte): an idle connection's session costs little memory. The
+//! frames are the same Noise transport messages; a test checks them against snow's.
 
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use snow::resolvers::{BoxedCryptoResolver, DefaultResolver, FallbackResolver, RingResolver};
-use snow::{Builder, HandshakeState, TransportState};
+use snow::{Builder, HandshakeState};
 use thiserror::Error;
 
 use crate::frame::{push_header, FrameLimits, FRAME_BODY_BYTES_MAX};
@@ -124,11 +130,9 @@ impl ServerHandshake {
         }
         if self.state.is_handshake_finished() {
             let remote = remote_static(&self.state).ok_or(NoiseError::OutOfOrder)?;
-            let transport = self
-                .state
-                .into_transport_mode()
-                .map_err(NoiseError::Handshake)?;
-            return Ok(ServerStep::Finished(Transport { state: transport }, remote));
+            let (to_responder, to_initiator) = self.state.dangerously_get_raw_split();
+            let transport = Transport::new(to_initiator, to_responder);
+            return Ok(ServerStep::Finished(transport, remote));
         }
         write_handshake(&mut self.state, out)?;
         Ok(ServerStep::Continue(self))
@@ -177,11 +181,11 @@ impl ClientHandshake {
             return Err(NoiseError::OutOfOrder);
         }
         write_handshake(&mut self.state, out)?;
-        let transport = self
-            .state
-            .into_transport_mode()
-            .map_err(NoiseError::Handshake)?;
-        Ok(Transport { state: transport })
+        if !self.state.is_handshake_finished() {
+            return Err(NoiseError::OutOfOrder);
+        }
+        let (to_responder, to_initiator) = self.state.dangerously_get_raw_split();
+        Ok(Transport::new(to_responder, to_initiator))
     }
 }
 
@@ -199,34 +203,56 @@ fn remote_static(state: &HandshakeState) -> Option<[u8; KEY_BYTES]> {
     state.get_remote_static()?.try_into().ok()
 }
 
-/// An open Noise session: seals and opens frames. Nonces are implicit (one counter per
-/// direction), so frames must arrive in order, as TCP guarantees.
+/// An open Noise session: seals and opens frames with ChaCha20-Poly1305. Nonces are implicit
+/// (one counter per direction, Noise's 4 zero bytes and a 64-bit little-endian count), so frames
+/// must arrive in order, as TCP guarantees.
 pub struct Transport {
-    state: TransportState,
+    send_key: [u8; KEY_BYTES],
+    receive_key: [u8; KEY_BYTES],
+    send_nonce: u64,
+    receive_nonce: u64,
 }
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").finish_non_exhaustive()
+        f.debug_struct("Transport")
+            .field("send_nonce", &self.send_nonce)
+            .field("receive_nonce", &self.receive_nonce)
+            .finish_non_exhaustive()
     }
 }
 
+/// Noise reserves the last nonce; a session that reaches it must end.
+const NONCE_MAX: u64 = u64::MAX - 1;
+
 impl Transport {
+    fn new(send_key: [u8; KEY_BYTES], receive_key: [u8; KEY_BYTES]) -> Self {
+        Self {
+            send_key,
+            receive_key,
+            send_nonce: 0,
+            receive_nonce: 0,
+        }
+    }
+
     /// Seals `plaintext` and appends it to `out` as one frame.
     pub fn seal_frame(&mut self, plaintext: &[u8], out: &mut Vec<u8>) {
         assert!(
             plaintext.len() <= FRAME_PLAINTEXT_BYTES_MAX,
             "plaintext exceeds one frame"
         );
-        let body_bytes = plaintext.len() + TAG_BYTES;
-        push_header(out, body_bytes);
+        assert!(
+            self.send_nonce < NONCE_MAX,
+            "nonces exhausted: the session must end"
+        );
+        push_header(out, plaintext.len() + TAG_BYTES);
         let start = out.len();
-        out.resize(start + body_bytes, 0);
-        let written = self
-            .state
-            .write_message(plaintext, &mut out[start..])
+        out.extend_from_slice(plaintext);
+        let tag = key(&self.send_key)
+            .seal_in_place_separate_tag(nonce(self.send_nonce), Aad::empty(), &mut out[start..])
             .expect("a frame-sized plaintext seals");
-        debug_assert_eq!(written, body_bytes);
+        out.extend_from_slice(tag.as_ref());
+        self.send_nonce += 1;
     }
 
     /// Opens one frame body into `scratch` and returns the plaintext.
@@ -235,12 +261,29 @@ impl Transport {
         frame: &[u8],
         scratch: &'a mut [u8],
     ) -> Result<&'a [u8], NoiseError> {
-        let bytes = self
-            .state
-            .read_message(frame, scratch)
+        if frame.len() < TAG_BYTES || frame.len() > scratch.len() || self.receive_nonce >= NONCE_MAX
+        {
+            return Err(NoiseError::Decrypt);
+        }
+        let in_out = &mut scratch[..frame.len()];
+        in_out.copy_from_slice(frame);
+        let plaintext = key(&self.receive_key)
+            .open_in_place(nonce(self.receive_nonce), Aad::empty(), in_out)
             .map_err(|_| NoiseError::Decrypt)?;
-        Ok(&scratch[..bytes])
+        self.receive_nonce += 1;
+        Ok(plaintext)
     }
+}
+
+fn key(bytes: &[u8; KEY_BYTES]) -> LessSafeKey {
+    // A ChaCha20-Poly1305 key has no schedule: building it copies 32 bytes.
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("32-byte key"))
+}
+
+fn nonce(count: u64) -> Nonce {
+    let mut bytes = [0u8; 12];
+    bytes[4..].copy_from_slice(&count.to_le_bytes());
+    Nonce::assume_unique_for_key(bytes)
 }
 
 #[cfg(test)]
@@ -310,6 +353,51 @@ mod tests {
             client.open_frame(&frames(&wire)[0], &mut scratch).unwrap(),
             b"hello client"
         );
+    }
+
+    #[test]
+    fn frames_match_snow_transport_messages() {
+        // Run a handshake with snow on both sides, take the raw split from the client before
+        // it becomes snow's transport, and check hop's Transport against snow's both ways.
+        let server_key = StaticKey::generate().unwrap();
+        let client_key = StaticKey::generate().unwrap();
+        let mut client = build(&client_key, true);
+        let mut server = build(&server_key, false);
+        let (mut buffer, mut scratch) = ([0u8; 256], [0u8; 256]);
+        let mut step = |from: &mut HandshakeState, to: &mut HandshakeState| {
+            let length = from.write_message(&[], &mut buffer).unwrap();
+            to.read_message(&buffer[..length], &mut scratch).unwrap();
+        };
+        step(&mut client, &mut server);
+        step(&mut server, &mut client);
+        step(&mut client, &mut server);
+        let (to_responder, to_initiator) = client.dangerously_get_raw_split();
+        let mut hop_client = Transport::new(to_responder, to_initiator);
+        let mut snow_server = server.into_transport_mode().unwrap();
+        let mut frame_scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
+        for round in 0..3u8 {
+            let mut wire = Vec::new();
+            hop_client.seal_frame(&[round; 24], &mut wire);
+            let mut opened = [0u8; 64];
+            let length = snow_server.read_message(&wire[2..], &mut opened).unwrap();
+            assert_eq!(&opened[..length], &[round; 24]);
+            let mut sealed = [0u8; 64];
+            let length = snow_server
+                .write_message(&[round + 10; 5], &mut sealed)
+                .unwrap();
+            assert_eq!(
+                hop_client
+                    .open_frame(&sealed[..length], &mut frame_scratch)
+                    .unwrap(),
+                &[round + 10; 5]
+            );
+        }
+    }
+
+    #[test]
+    fn an_open_session_is_small() {
+        // Two keys and two nonces: what an idle connection pays for its session.
+        assert_eq!(std::mem::size_of::<Transport>(), 80);
     }
 
     #[test]
