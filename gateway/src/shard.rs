@@ -443,6 +443,10 @@ impl<B: Backend> Core<B> {
                     }
                 }
                 Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
+                // Queues live in memory until the durable store is wired in: an item is
+                // "kept" as soon as it is queued.
+                Action::Keep { item, .. } => self.router.handle_kept(item.id(), self.now_ms),
+                Action::Forget { .. } => {}
                 Action::PersistBinding { user, key } => {
                     if let Err(error) = self.accounts.append(user, &key) {
                         bump(&self.stats.binding_write_errors, 1);

@@ -10,18 +10,22 @@
 //! Call order: any `handle_*` method, then drain [`Router::poll_action`] until `None`.
 //!
 //! The ticks:
-//! - one tick (`ServerAck`): the recipient's home shard took the message into its queue;
+//! - one tick (`ServerAck`): the recipient's home shard took the message into its queue and it
+//!   is kept on disk ([`Action::Keep`], confirmed by [`Router::handle_kept`]), or the
+//!   recipient's device acked it, whichever comes first;
 //! - two ticks (`Receipt` delivered): the recipient's device acked the `Deliver`;
 //! - blue (`Receipt` read): the recipient reported it read.
 //!
 //! Receipts are queued for their sender like messages and removed when the sender's device
-//! acks them. In this version queues live in memory, bounded per user and per shard.
+//! acks them ([`Action::Forget`] lets the disk drop them). Queues are bounded per user and per
+//! shard.
 #![forbid(unsafe_code)]
 
 mod router;
 
 pub use router::{
-    home_shard, Action, ConnectError, Counters, Envelope, Limits, Router, ShardMessage, Violation,
+    home_shard, Action, ConnectError, Counters, Envelope, Limits, Queued, Router, ShardMessage,
+    Violation,
 };
 
 /// A shard's index, `0..shards`.

@@ -124,6 +124,15 @@ pub enum Action {
     },
     /// A new user-to-key binding, to keep across restarts.
     PersistBinding { user: UserId, key: [u8; KEY_BYTES] },
+    /// Keep this item of `user`'s queue on disk. Once it is durable the shard loop calls
+    /// [`Router::handle_kept`]; if it cannot be kept, [`Router::handle_keep_failed`].
+    Keep { user: UserId, item: Queued },
+    /// `user`'s device acked item (`id`, `kind`): it may leave the disk.
+    Forget {
+        user: UserId,
+        id: u64,
+        kind: ReceiptKind,
+    },
 }
 
 /// Why a connection may not attach to a user.
@@ -147,10 +156,15 @@ pub struct Counters {
     pub receipts_dropped: u64,
     pub acks_unmatched: u64,
     pub presence_sent: u64,
+    pub items_expired: u64,
+    /// Items restored from disk for a user with no binding.
+    pub items_orphaned: u64,
 }
 
-#[derive(Debug)]
-enum Item {
+/// An item of a user's queue: a message for the user, or a receipt for a message the user
+/// sent. It stays queued until the user's device acks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queued {
     Message {
         from: UserId,
         id: u64,
@@ -165,7 +179,22 @@ enum Item {
     },
 }
 
-impl Item {
+impl Queued {
+    /// The server id of the message (for a receipt: of the message it is about).
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Message { id, .. } | Self::Receipt { id, .. } => *id,
+        }
+    }
+
+    /// The kind a device's Ack names for this item.
+    pub fn ack_kind(&self) -> ReceiptKind {
+        match self {
+            Self::Message { .. } => ReceiptKind::Unspecified,
+            Self::Receipt { kind, .. } => *kind,
+        }
+    }
+
     fn body_bytes(&self) -> usize {
         match self {
             Self::Message { body, .. } => body.len(),
@@ -217,7 +246,7 @@ struct User {
     last_seen_ms: u64,
     /// Items waiting for the device's Ack, oldest first. The first `inflight` were pushed to
     /// the current connection.
-    queue: VecDeque<Item>,
+    queue: VecDeque<Queued>,
     inflight: usize,
     queued_bytes: usize,
     /// Who watches this user (on any shard).
@@ -237,6 +266,9 @@ pub struct Router {
     queued_bytes: usize,
     actions: VecDeque<Action>,
     counters: Counters,
+    /// Messages taken into a queue whose sender has no ServerAck yet: they wait for the disk
+    /// (or for the recipient's device, whichever comes first). Server id -> (sender, seq, time).
+    awaiting_keep: HashMap<u64, (UserId, u32, u64)>,
 }
 
 /// Server ids: the shard in the top 8 bits, a counter in the low 56. The counter starts at the
@@ -263,6 +295,7 @@ impl Router {
             queued_bytes: 0,
             actions: VecDeque::new(),
             counters: Counters::default(),
+            awaiting_keep: HashMap::new(),
         }
     }
 
@@ -565,45 +598,121 @@ impl Router {
             );
             return self.send_home(envelope.from, message, now_ms);
         }
-        state.queue.push_back(Item::Message {
+        let item = Queued::Message {
             from: envelope.from,
             id: envelope.id,
             timestamp_ms: envelope.timestamp_ms,
             body: envelope.body,
-        });
+        };
+        state.queue.push_back(item.clone());
         state.queued_bytes += body_bytes;
         self.queued_bytes += body_bytes;
         self.counters.messages_accepted += 1;
+        // The ServerAck waits until the message is on disk or acked by the device.
+        self.awaiting_keep.insert(
+            envelope.id,
+            (envelope.from, envelope.seq, envelope.timestamp_ms),
+        );
+        self.actions.push_back(Action::Keep {
+            user: envelope.to,
+            item,
+        });
         self.push_queued(envelope.to);
-        let accepted = ShardMessage::Accepted {
-            sender: envelope.from,
-            seq: envelope.seq,
-            id: envelope.id,
-            timestamp_ms: envelope.timestamp_ms,
-        };
-        self.send_home(envelope.from, accepted, now_ms);
     }
 
-    fn client_ack(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
-        let state = self
-            .users
-            .get_mut(&user)
-            .expect("acking user is online here");
-        // Acks come in delivery order, so the item is almost always at the front.
-        let Some(position) = state.queue.iter().position(|item| item.acked_by(id, kind)) else {
-            self.counters.acks_unmatched += 1;
+    /// The item `id` of `user`'s queue is durable: the sender's ServerAck may leave.
+    pub fn handle_kept(&mut self, id: u64, now_ms: u64) {
+        self.release_server_ack(id, now_ms);
+    }
+
+    /// The item (`id`, `kind`) of `user`'s queue could not be kept (quota, disk): it leaves the
+    /// queue and, for a message, its sender gets an Error instead of a ServerAck.
+    pub fn handle_keep_failed(
+        &mut self,
+        user: UserId,
+        id: u64,
+        kind: ReceiptKind,
+        code: ErrorCode,
+        reason: &'static str,
+        now_ms: u64,
+    ) {
+        self.remove_item(user, id, kind);
+        if let Some((sender, seq, _)) = self.awaiting_keep.remove(&id) {
+            self.counters.messages_rejected += 1;
+            let refusal = ShardMessage::Rejected {
+                sender,
+                seq,
+                code,
+                reason,
+            };
+            self.send_home(sender, refusal, now_ms);
+        }
+    }
+
+    /// The item (`id`, `kind`) of `user`'s queue expired on disk: it leaves the queue.
+    pub fn handle_expired(&mut self, user: UserId, id: u64, kind: ReceiptKind) {
+        self.remove_item(user, id, kind);
+        self.counters.items_expired += 1;
+    }
+
+    /// Puts back an item kept from an earlier run (already durable). Items of users without a
+    /// binding are counted and dropped.
+    pub fn restore_item(&mut self, user: UserId, item: Queued) {
+        let Some(state) = self.users.get_mut(&user) else {
+            self.counters.items_orphaned += 1;
             return;
         };
-        let item = state.queue.remove(position).expect("position is in range");
+        let body_bytes = item.body_bytes();
+        state.queue.push_back(item);
+        state.queued_bytes += body_bytes;
+        self.queued_bytes += body_bytes;
+    }
+
+    /// Messages waiting for the disk before their ServerAck.
+    pub fn awaiting_keep(&self) -> usize {
+        self.awaiting_keep.len()
+    }
+
+    fn release_server_ack(&mut self, id: u64, now_ms: u64) {
+        if let Some((sender, seq, timestamp_ms)) = self.awaiting_keep.remove(&id) {
+            let accepted = ShardMessage::Accepted {
+                sender,
+                seq,
+                id,
+                timestamp_ms,
+            };
+            self.send_home(sender, accepted, now_ms);
+        }
+    }
+
+    fn remove_item(&mut self, user: UserId, id: u64, kind: ReceiptKind) -> Option<Queued> {
+        let state = self.users.get_mut(&user)?;
+        let position = state
+            .queue
+            .iter()
+            .position(|item| item.acked_by(id, kind))?;
+        let item = state.queue.remove(position)?;
         if position < state.inflight {
             state.inflight -= 1;
         }
         let body_bytes = item.body_bytes();
         state.queued_bytes -= body_bytes;
         self.queued_bytes -= body_bytes;
+        Some(item)
+    }
+
+    fn client_ack(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
+        // Acks come in delivery order, so the item is almost always at the front.
+        let Some(item) = self.remove_item(user, id, kind) else {
+            self.counters.acks_unmatched += 1;
+            return;
+        };
+        self.actions.push_back(Action::Forget { user, id, kind });
         self.push_queued(user);
-        if let Item::Message { from, id, .. } = item {
+        if let Queued::Message { from, id, .. } = item {
             self.counters.messages_acked += 1;
+            // The device has it: the server's responsibility is met even if the disk is not.
+            self.release_server_ack(id, now_ms);
             let receipt = ShardMessage::Receipt {
                 to: from,
                 id,
@@ -685,12 +794,14 @@ impl Router {
             self.counters.receipts_dropped += 1;
             return;
         }
-        state.queue.push_back(Item::Receipt {
+        let item = Queued::Receipt {
             id,
             kind,
             by,
             timestamp_ms,
-        });
+        };
+        state.queue.push_back(item.clone());
+        self.actions.push_back(Action::Keep { user: to, item });
         self.counters.receipts_queued += 1;
         self.push_queued(to);
     }

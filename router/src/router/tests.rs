@@ -12,6 +12,10 @@ struct Cluster {
     closed: Vec<(ConnRef, GoAwayReason)>,
     persisted: Vec<UserId>,
     now_ms: u64,
+    /// When false, Keep actions wait in `unkept` until the test calls `keep_all`.
+    keep_at_once: bool,
+    unkept: Vec<(ShardId, UserId, Queued)>,
+    forgotten: Vec<(UserId, u64, ReceiptKind)>,
 }
 
 impl Cluster {
@@ -24,6 +28,9 @@ impl Cluster {
             closed: Vec::new(),
             persisted: Vec::new(),
             now_ms: 5_000,
+            keep_at_once: true,
+            unkept: Vec::new(),
+            forgotten: Vec::new(),
         }
     }
 
@@ -57,6 +64,15 @@ impl Cluster {
                             self.routers[usize::from(shard)].handle_shard_message(message, now);
                         }
                         Action::PersistBinding { user, .. } => self.persisted.push(user),
+                        Action::Keep { user, item } => {
+                            if self.keep_at_once {
+                                let now = self.now_ms;
+                                self.routers[index].handle_kept(item.id(), now);
+                            } else {
+                                self.unkept.push((index as ShardId, user, item));
+                            }
+                        }
+                        Action::Forget { user, id, kind } => self.forgotten.push((user, id, kind)),
                     }
                 }
             }
@@ -99,6 +115,15 @@ impl Cluster {
             }),
         )
         .unwrap();
+    }
+
+    /// The disk catches up: every waiting Keep becomes durable.
+    fn keep_all(&mut self) {
+        for (shard, _, item) in std::mem::take(&mut self.unkept) {
+            let now = self.now_ms;
+            self.routers[usize::from(shard)].handle_kept(item.id(), now);
+        }
+        self.run();
     }
 
     fn take(&mut self, conn: u64) -> Vec<Stanza> {
@@ -777,3 +802,144 @@ fn simulate(seed: u64) {
 
 #[derive(Default)]
 struct BTreeSetU64(std::collections::BTreeSet<u64>);
+
+#[test]
+fn server_ack_waits_for_the_disk() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    cluster.keep_at_once = false;
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    cluster.connect(bob, 2).unwrap();
+    cluster.disconnect(bob, 2);
+    cluster.connect(alice, 1).unwrap();
+    cluster.send(alice, 1, bob, 1, b"keep me");
+    assert!(
+        cluster.take(1).is_empty(),
+        "no tick before the message is durable"
+    );
+    assert_eq!(cluster.unkept.len(), 1);
+    assert_eq!(cluster.unkept[0].1, bob);
+    cluster.keep_all();
+    assert!(matches!(
+        only(cluster.take(1)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+}
+
+#[test]
+fn a_device_ack_before_the_disk_releases_the_server_ack_first() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    cluster.keep_at_once = false;
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    cluster.connect(alice, 1).unwrap();
+    cluster.connect(bob, 2).unwrap();
+    cluster.send(alice, 1, bob, 1, b"fast");
+    let id = deliver(&only(cluster.take(2))).id;
+    cluster
+        .stanza(bob, 2, Kind::Ack(Ack { id, kind: 0 }))
+        .unwrap();
+    let ticks = cluster.take(1);
+    assert!(
+        matches!(ticks[0].kind, Some(Kind::ServerAck(_))),
+        "{ticks:?}"
+    );
+    assert_eq!(receipt(&ticks[1]).kind, ReceiptKind::Delivered as i32);
+    assert_eq!(cluster.forgotten, [(bob, id, ReceiptKind::Unspecified)]);
+    cluster.keep_all();
+    assert!(
+        cluster.take(1).is_empty(),
+        "no second ServerAck when the disk catches up"
+    );
+}
+
+#[test]
+fn an_item_that_cannot_be_kept_is_refused_and_leaves_the_queue() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    cluster.keep_at_once = false;
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(bob, 2).unwrap();
+    cluster.disconnect(bob, 2);
+    cluster.connect(alice, 1).unwrap();
+    cluster.send(alice, 1, bob, 9, b"disk full");
+    let (_, user, item) = cluster.unkept.pop().unwrap();
+    let now = cluster.now_ms;
+    cluster.routers[0].handle_keep_failed(
+        user,
+        item.id(),
+        item.ack_kind(),
+        ErrorCode::Overloaded,
+        "disk",
+        now,
+    );
+    cluster.run();
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::Overloaded, 9)
+    );
+    cluster.connect(bob, 3).unwrap();
+    assert!(
+        cluster.take(3).is_empty(),
+        "the refused message is not delivered"
+    );
+}
+
+#[test]
+fn restored_items_are_delivered_on_connect() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.routers[0].restore_binding(bob, key_of(bob));
+    cluster.routers[0].restore_item(
+        bob,
+        Queued::Message {
+            from: alice,
+            id: 77,
+            timestamp_ms: 1,
+            body: Bytes::from_static(b"from before"),
+        },
+    );
+    cluster.routers[0].restore_item(
+        bob,
+        Queued::Receipt {
+            id: 78,
+            kind: ReceiptKind::Read,
+            by: alice,
+            timestamp_ms: 2,
+        },
+    );
+    let stranger = cluster.user_on(0, 5);
+    cluster.routers[0].restore_item(
+        stranger,
+        Queued::Receipt {
+            id: 1,
+            kind: ReceiptKind::Read,
+            by: alice,
+            timestamp_ms: 0,
+        },
+    );
+    assert_eq!(cluster.routers[0].counters().items_orphaned, 1);
+    cluster.connect(bob, 2).unwrap();
+    let pushed = cluster.take(2);
+    assert_eq!(deliver(&pushed[0]).id, 77);
+    assert_eq!(receipt(&pushed[1]).id, 78);
+}
+
+#[test]
+fn expired_items_leave_the_queue() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(bob, 2).unwrap();
+    cluster.disconnect(bob, 2);
+    cluster.connect(alice, 1).unwrap();
+    cluster.send(alice, 1, bob, 1, b"old");
+    let ack = only(cluster.take(1));
+    let Some(Kind::ServerAck(ack)) = ack.kind else {
+        panic!("{ack:?}")
+    };
+    cluster.routers[0].handle_expired(bob, ack.id, ReceiptKind::Unspecified);
+    cluster.connect(bob, 3).unwrap();
+    assert!(cluster.take(3).is_empty());
+}
