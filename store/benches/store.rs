@@ -2,8 +2,9 @@
 //! `cargo bench -p hop-store --bench store`
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hop_protocol::UserId;
 use hop_store::io::FsIo;
 use hop_store::{Durability, Item, Options, Quota, ShardStore};
@@ -80,20 +81,21 @@ fn ack(c: &mut Criterion) {
         ShardStore::open(temp.path(), 0, 1, options(Durability::default()), FsIo, 1).expect("open");
     let mut next = 0;
     group.bench_function("batch", |b| {
-        b.iter_batched(
-            || {
-                append_batch(&mut store, next);
+        b.iter_custom(|iterations| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iterations {
+                let first = next;
+                append_batch(&mut store, first); // not timed
                 next += BATCH;
-                next - BATCH
-            },
-            |first| {
+                let started = Instant::now();
                 for id in first..first + BATCH {
                     assert!(store.mark_delivered(1, user(1 + id % 1000), id, 0));
                 }
                 store.commit(1).expect("commit");
-            },
-            BatchSize::PerIteration,
-        )
+                timed += started.elapsed();
+            }
+            timed
+        })
     });
     group.finish();
 }

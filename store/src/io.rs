@@ -33,7 +33,7 @@ pub trait Io {
 /// An open file. Writes are positioned: the store always knows where its bytes go, so a
 /// failed, partly written batch is overwritten by the next one instead of hiding before it.
 pub trait IoFile {
-    fn len(&self) -> io::Result<u64>;
+    fn size_bytes(&self) -> io::Result<u64>;
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// `fdatasync`: the written bytes (and the length) are on stable storage.
@@ -97,7 +97,7 @@ impl Io for FsIo {
 }
 
 impl IoFile for File {
-    fn len(&self) -> io::Result<u64> {
+    fn size_bytes(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 
@@ -214,8 +214,8 @@ impl Io for FaultyIo {
 }
 
 impl IoFile for FaultyFile {
-    fn len(&self) -> io::Result<u64> {
-        self.file.len()
+    fn size_bytes(&self) -> io::Result<u64> {
+        self.file.size_bytes()
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -212,7 +212,7 @@ pub(crate) fn old_shard_dirs<I: Io>(io: &I, data: &Path) -> Result<Vec<u16>, Sto
 
 pub(crate) fn read_count<I: Io>(io: &I, path: &Path) -> Result<u16, StoreError> {
     let file = io.open(path, true).map_err(StoreError::io(path))?;
-    let length = file.len().map_err(StoreError::io(path))?.min(64) as usize;
+    let length = file.size_bytes().map_err(StoreError::io(path))?.min(64) as usize;
     let mut bytes = vec![0u8; length];
     file.read_exact_at(&mut bytes, 0)
         .map_err(StoreError::io(path))?;

@@ -1019,7 +1019,7 @@ impl<F: IoFile> Index<F> {
         for number in numbers {
             let path = segment_path(dir, number);
             let file = io.open(&path, read_only).map_err(StoreError::io(&path))?;
-            let length = file.len().map_err(StoreError::io(&path))? as usize;
+            let length = file.size_bytes().map_err(StoreError::io(&path))? as usize;
             bytes.resize(length, 0);
             file.read_exact_at(&mut bytes, 0)
                 .map_err(StoreError::io(&path))?;
