@@ -100,7 +100,7 @@ pub fn report<I: Io>(
         }
         shards.push(report);
     }
-    users.sort_unstable_by(|a, b| (b.records, b.body_bytes).cmp(&(a.records, a.body_bytes)));
+    users.sort_unstable_by_key(|u| std::cmp::Reverse((u.records, u.body_bytes)));
     users.truncate(largest_max);
     Ok(QueueReport {
         now_ms,

@@ -393,11 +393,8 @@ impl<I: Io> ShardStore<I> {
             visited += 1;
             let at = self.expire_cursor % self.index.queues.len();
             let user = self.index.queues[at].user;
-            loop {
-                // Removing a queue's last record swaps another user's queue into `at`.
-                let Some(queue) = self.index.queues.get(at).filter(|q| q.user == user) else {
-                    break;
-                };
+            // Removing a queue's last record swaps another user's queue into `at`.
+            while let Some(queue) = self.index.queues.get(at).filter(|q| q.user == user) {
                 let Some(slot) = queue.slots.front().copied() else {
                     break;
                 };
