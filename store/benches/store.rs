@@ -1,0 +1,131 @@
+//! Criterion micro-benchmarks: append with group commit, delivery acks, recovery.
+//! `cargo bench -p hop-store --bench store`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use hop_protocol::UserId;
+use hop_store::io::FsIo;
+use hop_store::{Durability, Item, Options, Quota, ShardStore};
+
+const BATCH: u64 = 1024;
+const BODY: [u8; 100] = [0x5A; 100];
+
+fn options(durability: Durability) -> Options {
+    Options {
+        durability,
+        quota: Quota {
+            messages_max: u32::MAX,
+            bytes_max: u64::MAX,
+        },
+        ..Options::default()
+    }
+}
+
+fn user(raw: u64) -> UserId {
+    UserId::new(raw).expect("valid id")
+}
+
+fn append_batch(store: &mut ShardStore<FsIo>, first: u64) {
+    for id in first..first + BATCH {
+        let item = Item::Message {
+            from: user(1),
+            id,
+            timestamp_ms: 1,
+            body: &BODY,
+        };
+        black_box(store.append(1, user(1 + id % 1000), &item).expect("append"));
+    }
+    store.commit(1).expect("commit");
+}
+
+fn append(c: &mut Criterion) {
+    let mut group = c.benchmark_group("append_100b_commit_1024");
+    group.throughput(Throughput::Elements(BATCH));
+    for (name, durability) in [
+        (
+            "batch",
+            Durability::Batch {
+                delay_ms: 2,
+                records_max: 1024,
+            },
+        ),
+        (
+            "none",
+            Durability::None {
+                delay_ms: 2,
+                records_max: 1024,
+            },
+        ),
+    ] {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) =
+            ShardStore::open(temp.path(), 0, 1, options(durability), FsIo, 1).expect("open");
+        let mut next = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                append_batch(&mut store, next);
+                next += BATCH;
+            })
+        });
+    }
+    group.finish();
+}
+
+fn ack(c: &mut Criterion) {
+    let mut group = c.benchmark_group("mark_delivered_1024");
+    group.throughput(Throughput::Elements(BATCH));
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, _) =
+        ShardStore::open(temp.path(), 0, 1, options(Durability::default()), FsIo, 1).expect("open");
+    let mut next = 0;
+    group.bench_function("batch", |b| {
+        b.iter_custom(|iterations| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iterations {
+                let first = next;
+                append_batch(&mut store, first); // not timed
+                next += BATCH;
+                let started = Instant::now();
+                for id in first..first + BATCH {
+                    assert!(store.mark_delivered(1, user(1 + id % 1000), id, 0));
+                }
+                store.commit(1).expect("commit");
+                timed += started.elapsed();
+            }
+            timed
+        })
+    });
+    group.finish();
+}
+
+fn recovery(c: &mut Criterion) {
+    let mut group = c.benchmark_group("recovery");
+    group.sample_size(10);
+    let records = 100 * BATCH;
+    group.throughput(Throughput::Elements(records));
+    let temp = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut store, _) =
+            ShardStore::open(temp.path(), 0, 1, options(Durability::default()), FsIo, 1)
+                .expect("open");
+        for batch in 0..records / BATCH {
+            append_batch(&mut store, batch * BATCH);
+        }
+    }
+    group.bench_function("102400_records", |b| {
+        b.iter(|| {
+            // Each open adds one empty segment; that is part of what a restart does.
+            let (store, stats) =
+                ShardStore::open(temp.path(), 0, 1, options(Durability::default()), FsIo, 1)
+                    .expect("open");
+            assert_eq!(stats.records_live, records);
+            black_box(store.segment_count())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, append, ack, recovery);
+criterion_main!(benches);

@@ -1,0 +1,125 @@
+//! Sustained store throughput on this machine: enqueue under each durability policy, fsyncs
+//! per second, drain, and recovery of a million queued records.
+//!
+//! `cargo run --release -p hop-store --example throughput [records]` (default 1,000,000).
+
+use std::time::Instant;
+
+use hop_protocol::UserId;
+use hop_store::io::FsIo;
+use hop_store::{Durability, Item, Options, Quota, Record, ShardStore};
+
+const USERS: u64 = 10_000;
+const BODY: [u8; 100] = [0x5A; 100];
+
+fn options(durability: Durability) -> Options {
+    Options {
+        durability,
+        quota: Quota {
+            messages_max: u32::MAX,
+            bytes_max: u64::MAX,
+        },
+        ..Options::default()
+    }
+}
+
+fn user(raw: u64) -> UserId {
+    UserId::new(raw).expect("valid id")
+}
+
+/// Appends `records` messages, committing whenever the policy says a commit is due.
+fn enqueue(store: &mut ShardStore<FsIo>, records: u64) -> (f64, u64) {
+    let fsyncs_before = store.counters().fsyncs;
+    let started = Instant::now();
+    for id in 0..records {
+        let item = Item::Message {
+            from: user(1),
+            id,
+            timestamp_ms: 1,
+            body: &BODY,
+        };
+        store
+            .append(1, user(1 + id % USERS), &item)
+            .expect("append");
+        if store.next_commit_deadline().is_some_and(|due| due <= 1) {
+            store.commit(1).expect("commit");
+        }
+    }
+    store.commit(1).expect("commit");
+    let seconds = started.elapsed().as_secs_f64();
+    (seconds, store.counters().fsyncs - fsyncs_before)
+}
+
+fn main() {
+    let records: u64 = std::env::args()
+        .nth(1)
+        .map_or(1_000_000, |arg| arg.parse().expect("count"));
+    let root = tempfile::tempdir_in(std::env::temp_dir()).expect("tempdir");
+    let policies = [
+        ("always", Durability::Always, records / 50),
+        (
+            "batch (1024 records)",
+            Durability::Batch {
+                delay_ms: 2,
+                records_max: 1024,
+            },
+            records,
+        ),
+        (
+            "none",
+            Durability::None {
+                delay_ms: 2,
+                records_max: 1024,
+            },
+            records,
+        ),
+    ];
+    for (index, (name, durability, count)) in policies.into_iter().enumerate() {
+        let data = root.path().join(format!("run-{index}"));
+        let (mut store, _) =
+            ShardStore::open(&data, 0, 1, options(durability), FsIo, 1).expect("open");
+        let (seconds, fsyncs) = enqueue(&mut store, count);
+        println!(
+            "enqueue {name}: {count} records in {seconds:.3} s = {:.0} records/s, {:.0} fsyncs/s",
+            count as f64 / seconds,
+            fsyncs as f64 / seconds
+        );
+    }
+
+    // Recovery and drain of the batch run's folder (`records` queued).
+    let data = root.path().join("run-1");
+    let started = Instant::now();
+    let (mut store, stats) =
+        ShardStore::open(&data, 0, 1, options(Durability::default()), FsIo, 1).expect("open");
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "recovery: {} records of {} users in {seconds:.3} s = {:.2} s per million",
+        stats.records_live,
+        stats.users,
+        seconds / (stats.records_live as f64 / 1e6)
+    );
+    let started = Instant::now();
+    let mut out: Vec<Record> = Vec::with_capacity(1024);
+    let mut drained = 0u64;
+    let users: Vec<UserId> = store.users().map(|(user, _)| user).collect();
+    for who in users {
+        out.clear();
+        store.read(who, 0, usize::MAX, &mut out).expect("read");
+        for record in &out {
+            let hop_store::StoredItem::Message { id, .. } = record.item else {
+                continue;
+            };
+            assert!(store.mark_delivered(1, who, id, 0));
+            drained += 1;
+        }
+        if store.next_commit_deadline().is_some_and(|due| due <= 1) {
+            store.commit(1).expect("commit");
+        }
+    }
+    store.commit(1).expect("commit");
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "drain (read + mark delivered + commit): {drained} records in {seconds:.3} s = {:.0} records/s",
+        drained as f64 / seconds
+    );
+}

@@ -1,0 +1,356 @@
+//! The byte layout of segment files (see `store/DESIGN.md`, which this module follows exactly).
+//!
+//! A segment is a 32-byte header followed by records. Every integer is little-endian. A record
+//! is `crc32c u32 | len u32 | payload[len]`; the checksum covers the four `len` bytes and the
+//! payload, so a flipped bit in the length is caught like one in the body.
+
+use hop_protocol::UserId;
+
+/// First eight bytes of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"HOPQLOG1";
+/// Segment header: magic, segment number, shard, shard count, next sequence number, reserved,
+/// CRC32C of the 28 bytes before it.
+pub const SEGMENT_HEADER_BYTES: usize = 32;
+/// `crc32c u32 | len u32` in front of every payload.
+pub const RECORD_HEADER_BYTES: usize = 8;
+
+/// Payload kinds (first payload byte).
+pub const KIND_MESSAGE: u8 = 1;
+pub const KIND_RECEIPT: u8 = 2;
+pub const KIND_DELIVERED: u8 = 3;
+pub const KIND_EXPIRED: u8 = 4;
+
+/// kind u8 | user u64 | seq u64
+const COMMON_BYTES: usize = 1 + 8 + 8;
+/// common | id u64 | timestamp_ms u64 | from u64, then the body.
+pub const MESSAGE_FIXED_BYTES: usize = COMMON_BYTES + 8 + 8 + 8;
+/// common | id u64 | timestamp_ms u64 | by u64 | receipt kind u8
+pub const RECEIPT_PAYLOAD_BYTES: usize = COMMON_BYTES + 8 + 8 + 8 + 1;
+/// common only: the record with sequence number `seq` of `user` is gone.
+pub const TOMBSTONE_PAYLOAD_BYTES: usize = COMMON_BYTES;
+/// Largest message body the store keeps, in bytes (a wire body is smaller: 63 KiB).
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+/// Largest payload a valid record has; a length above it is damage.
+pub const PAYLOAD_BYTES_MAX: usize = MESSAGE_FIXED_BYTES + BODY_BYTES_MAX;
+/// Largest whole record, in bytes.
+pub const RECORD_BYTES_MAX: usize = RECORD_HEADER_BYTES + PAYLOAD_BYTES_MAX;
+
+const _: () = assert!(TOMBSTONE_PAYLOAD_BYTES < MESSAGE_FIXED_BYTES);
+const _: () = assert!(RECEIPT_PAYLOAD_BYTES <= PAYLOAD_BYTES_MAX);
+const _: () = assert!(hop_protocol::wire::BODY_BYTES_MAX <= BODY_BYTES_MAX);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub segment: u32,
+    pub shard: u16,
+    pub shards: u16,
+    /// The shard's next sequence number when the segment was created: sequence numbers never
+    /// go back, even when every record before them is gone.
+    pub next_seq: u64,
+}
+
+impl SegmentHeader {
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
+        let mut bytes = [0u8; SEGMENT_HEADER_BYTES];
+        bytes[..8].copy_from_slice(&SEGMENT_MAGIC);
+        bytes[8..12].copy_from_slice(&self.segment.to_le_bytes());
+        bytes[12..14].copy_from_slice(&self.shard.to_le_bytes());
+        bytes[14..16].copy_from_slice(&self.shards.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.next_seq.to_le_bytes());
+        // 24..28 reserved, zero.
+        let checksum = crc32c::crc32c(&bytes[..28]);
+        bytes[28..32].copy_from_slice(&checksum.to_le_bytes());
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes = bytes.get(..SEGMENT_HEADER_BYTES)?;
+        if bytes[..8] != SEGMENT_MAGIC || crc32c::crc32c(&bytes[..28]) != le_u32(bytes, 28) {
+            return None;
+        }
+        Some(Self {
+            segment: le_u32(bytes, 8),
+            shard: u16::from_le_bytes([bytes[12], bytes[13]]),
+            shards: u16::from_le_bytes([bytes[14], bytes[15]]),
+            next_seq: le_u64(bytes, 16),
+        })
+    }
+}
+
+/// One decoded record, borrowing its body from the segment bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload<'a> {
+    Message {
+        user: UserId,
+        seq: u64,
+        id: u64,
+        timestamp_ms: u64,
+        from: UserId,
+        body: &'a [u8],
+    },
+    Receipt {
+        user: UserId,
+        seq: u64,
+        id: u64,
+        timestamp_ms: u64,
+        by: UserId,
+        kind: u8,
+    },
+    /// The record `seq` of `user` was delivered (`expired == false`) or expired.
+    Tombstone {
+        user: UserId,
+        seq: u64,
+        expired: bool,
+    },
+}
+
+pub fn encode_message(
+    out: &mut Vec<u8>,
+    user: UserId,
+    seq: u64,
+    id: u64,
+    timestamp_ms: u64,
+    from: UserId,
+    body: &[u8],
+) {
+    assert!(body.len() <= BODY_BYTES_MAX, "body checked by the caller");
+    let start = begin(out, KIND_MESSAGE, user, seq);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&timestamp_ms.to_le_bytes());
+    out.extend_from_slice(&from.get().to_le_bytes());
+    out.extend_from_slice(body);
+    finish(out, start);
+}
+
+pub fn encode_receipt(
+    out: &mut Vec<u8>,
+    user: UserId,
+    seq: u64,
+    id: u64,
+    timestamp_ms: u64,
+    by: UserId,
+    kind: u8,
+) {
+    let start = begin(out, KIND_RECEIPT, user, seq);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&timestamp_ms.to_le_bytes());
+    out.extend_from_slice(&by.get().to_le_bytes());
+    out.push(kind);
+    finish(out, start);
+}
+
+pub fn encode_tombstone(out: &mut Vec<u8>, user: UserId, seq: u64, expired: bool) {
+    let kind = if expired {
+        KIND_EXPIRED
+    } else {
+        KIND_DELIVERED
+    };
+    let start = begin(out, kind, user, seq);
+    finish(out, start);
+}
+
+/// Bytes a message record with a body of `body_bytes` takes.
+pub const fn message_record_bytes(body_bytes: usize) -> usize {
+    RECORD_HEADER_BYTES + MESSAGE_FIXED_BYTES + body_bytes
+}
+
+/// Decodes the record at the start of `bytes`: the payload and the record's whole length, or
+/// `None` when the bytes there are not a whole, valid record.
+pub fn decode(bytes: &[u8]) -> Option<(Payload<'_>, usize)> {
+    if bytes.len() < RECORD_HEADER_BYTES {
+        return None;
+    }
+    let len = le_u32(bytes, 4) as usize;
+    if !(TOMBSTONE_PAYLOAD_BYTES..=PAYLOAD_BYTES_MAX).contains(&len) {
+        return None;
+    }
+    let total = RECORD_HEADER_BYTES + len;
+    let record = bytes.get(..total)?;
+    let payload = &record[RECORD_HEADER_BYTES..];
+    // Cheap plausibility first: resynchronisation tries this at every byte offset.
+    if !(KIND_MESSAGE..=KIND_EXPIRED).contains(&payload[0]) {
+        return None;
+    }
+    if crc32c::crc32c(&record[4..]) != le_u32(record, 0) {
+        return None;
+    }
+    let user = UserId::new(le_u64(payload, 1))?;
+    let seq = le_u64(payload, 9);
+    let decoded = match payload[0] {
+        KIND_MESSAGE if len >= MESSAGE_FIXED_BYTES => Payload::Message {
+            user,
+            seq,
+            id: le_u64(payload, 17),
+            timestamp_ms: le_u64(payload, 25),
+            from: UserId::new(le_u64(payload, 33))?,
+            body: &payload[MESSAGE_FIXED_BYTES..],
+        },
+        KIND_RECEIPT if len == RECEIPT_PAYLOAD_BYTES => Payload::Receipt {
+            user,
+            seq,
+            id: le_u64(payload, 17),
+            timestamp_ms: le_u64(payload, 25),
+            by: UserId::new(le_u64(payload, 33))?,
+            kind: payload[41],
+        },
+        KIND_DELIVERED | KIND_EXPIRED if len == TOMBSTONE_PAYLOAD_BYTES => Payload::Tombstone {
+            user,
+            seq,
+            expired: payload[0] == KIND_EXPIRED,
+        },
+        _ => return None,
+    };
+    Some((decoded, total))
+}
+
+/// What a scan of a segment's records found besides the records.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ScanOutcome {
+    /// Offset just past the last valid record (or `start` when there is none).
+    pub valid_end: usize,
+    /// Damaged regions that a valid record follows: skipped, each counted once.
+    pub corrupt_records: usize,
+    pub corrupt_bytes: usize,
+    /// Bytes after the last valid record that no valid record follows: a torn tail.
+    pub torn_bytes: usize,
+}
+
+/// Walks the records of `bytes` from `start`, calling `on_record(offset, payload, length)` for
+/// each valid one. A region that does not decode is skipped up to the next offset where a valid
+/// record starts (resynchronisation); when none follows, the rest is a torn tail. Never panics
+/// on any input.
+pub fn scan(
+    bytes: &[u8],
+    start: usize,
+    mut on_record: impl FnMut(usize, Payload<'_>, usize),
+) -> ScanOutcome {
+    let mut outcome = ScanOutcome {
+        valid_end: start,
+        ..ScanOutcome::default()
+    };
+    let mut position = start;
+    while position < bytes.len() {
+        if let Some((payload, length)) = decode(&bytes[position..]) {
+            on_record(position, payload, length);
+            position += length;
+            outcome.valid_end = position;
+            continue;
+        }
+        match (position + 1..bytes.len()).find(|&next| decode(&bytes[next..]).is_some()) {
+            Some(next) => {
+                outcome.corrupt_records += 1;
+                outcome.corrupt_bytes += next - position;
+                position = next;
+            }
+            None => {
+                outcome.torn_bytes = bytes.len() - position;
+                break;
+            }
+        }
+    }
+    debug_assert!(outcome.valid_end <= bytes.len());
+    outcome
+}
+
+pub fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+pub fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
+fn begin(out: &mut Vec<u8>, kind: u8, user: UserId, seq: u64) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
+    out.push(kind);
+    out.extend_from_slice(&user.get().to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    start
+}
+
+fn finish(out: &mut [u8], start: usize) {
+    let len = out.len() - start - RECORD_HEADER_BYTES;
+    debug_assert!(len <= PAYLOAD_BYTES_MAX);
+    out[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
+    let checksum = crc32c::crc32c(&out[start + 4..]);
+    out[start..start + 4].copy_from_slice(&checksum.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(raw: u64) -> UserId {
+        UserId::new(raw).expect("valid id")
+    }
+
+    #[test]
+    fn each_kind_round_trips() {
+        let mut bytes = Vec::new();
+        encode_message(&mut bytes, user(7), 1, 99, 1_000, user(8), b"hello");
+        encode_receipt(&mut bytes, user(8), 2, 99, 1_001, user(7), 2);
+        encode_tombstone(&mut bytes, user(7), 1, false);
+        encode_tombstone(&mut bytes, user(8), 2, true);
+        assert_eq!(
+            bytes.len(),
+            message_record_bytes(5) + 8 + RECEIPT_PAYLOAD_BYTES + 2 * (8 + 17)
+        );
+        let mut seen = Vec::new();
+        let outcome = scan(&bytes, 0, |_, payload, _| seen.push(format!("{payload:?}")));
+        assert_eq!(outcome.valid_end, bytes.len());
+        assert_eq!((outcome.corrupt_records, outcome.torn_bytes), (0, 0));
+        assert_eq!(seen.len(), 4);
+        assert!(seen[0].contains("body: [104, 101, 108, 108, 111]"));
+        assert!(seen[3].contains("expired: true"));
+    }
+
+    #[test]
+    fn a_flipped_length_bit_is_skipped_and_the_next_record_found() {
+        let mut bytes = Vec::new();
+        for seq in 1..=3 {
+            encode_message(&mut bytes, user(7), seq, seq, 0, user(8), b"abc");
+        }
+        bytes[message_record_bytes(3) + 5] ^= 0x01; // second record's length
+        let mut seqs = Vec::new();
+        let outcome = scan(&bytes, 0, |_, payload, _| {
+            if let Payload::Message { seq, .. } = payload {
+                seqs.push(seq);
+            }
+        });
+        assert_eq!(seqs, [1, 3]);
+        assert_eq!(outcome.corrupt_records, 1);
+        assert_eq!(outcome.corrupt_bytes, message_record_bytes(3));
+    }
+
+    #[test]
+    fn header_round_trips_and_rejects_damage() {
+        let header = SegmentHeader {
+            segment: 3,
+            shard: 1,
+            shards: 4,
+            next_seq: 77,
+        };
+        let mut bytes = header.encode();
+        assert_eq!(SegmentHeader::decode(&bytes), Some(header));
+        bytes[20] ^= 0x10;
+        assert_eq!(SegmentHeader::decode(&bytes), None);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut state = 0x1234_5678_u64;
+        let bytes: Vec<u8> = (0..4096)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (state >> 56) as u8
+            })
+            .collect();
+        let outcome = scan(&bytes, 0, |_, _, _| {});
+        assert_eq!(outcome.torn_bytes + outcome.corrupt_bytes, bytes.len());
+    }
+}

@@ -1,0 +1,255 @@
+//! The storage seam: every byte the store reads or writes goes through [`Io`] and [`IoFile`].
+//!
+//! [`FsIo`] is the real file system. [`FaultyIo`] wraps it and fails writes or fsyncs on
+//! purpose (disk full, EIO), so tests can check that nothing already durable is lost and that
+//! the failing batch is reported.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The file system as the store uses it. Methods take `&self`: an `Io` is a handle.
+pub trait Io {
+    type File: IoFile;
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Names of the entries of `path`; `NotFound` when it does not exist.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// Creates a new file for reading and writing; fails if it exists.
+    fn create(&self, path: &Path) -> io::Result<Self::File>;
+    /// Opens an existing file, for reading and writing unless `read_only`.
+    fn open(&self, path: &Path, read_only: bool) -> io::Result<Self::File>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes the directory's entries (created, renamed, removed files) durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// An open file. Writes are positioned: the store always knows where its bytes go, so a
+/// failed, partly written batch is overwritten by the next one instead of hiding before it.
+pub trait IoFile {
+    fn size_bytes(&self) -> io::Result<u64>;
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// `fdatasync`: the written bytes (and the length) are on stable storage.
+    fn sync(&mut self) -> io::Result<()>;
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// The real file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FsIo;
+
+impl Io for FsIo {
+    type File = File;
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir_all(path)
+    }
+
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(path)? {
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+    }
+
+    fn open(&self, path: &Path, read_only: bool) -> io::Result<File> {
+        OpenOptions::new().read(true).write(!read_only).open(path)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir_all(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}
+
+impl IoFile for File {
+    fn size_bytes(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// Switches a test flips to make [`FaultyIo`] fail.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Every write fails with "no space left on device".
+    pub fail_writes: AtomicBool,
+    /// Every fsync (file or directory) fails with EIO.
+    pub fail_syncs: AtomicBool,
+    /// When non-negative: bytes that may still be written before writes fail with ENOSPC; a
+    /// write that crosses the limit writes the part that fits, as a full disk does.
+    pub write_bytes_left: AtomicI64,
+    /// File and directory fsyncs done, for counting.
+    pub syncs: AtomicU64,
+}
+
+impl Faults {
+    pub fn new() -> Arc<Self> {
+        let faults = Self::default();
+        faults.write_bytes_left.store(-1, Ordering::Relaxed);
+        Arc::new(faults)
+    }
+}
+
+/// [`FsIo`] with injected failures.
+#[derive(Debug, Clone)]
+pub struct FaultyIo {
+    pub faults: Arc<Faults>,
+}
+
+#[derive(Debug)]
+pub struct FaultyFile {
+    file: File,
+    faults: Arc<Faults>,
+}
+
+fn disk_full() -> io::Error {
+    io::Error::from_raw_os_error(28) // ENOSPC
+}
+
+fn io_error() -> io::Error {
+    io::Error::from_raw_os_error(5) // EIO
+}
+
+impl Io for FaultyIo {
+    type File = FaultyFile;
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        FsIo.create_dir_all(path)
+    }
+
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        FsIo.list_dir(path)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<FaultyFile> {
+        if self.faults.fail_writes.load(Ordering::Relaxed) {
+            return Err(disk_full());
+        }
+        Ok(FaultyFile {
+            file: FsIo.create(path)?,
+            faults: self.faults.clone(),
+        })
+    }
+
+    fn open(&self, path: &Path, read_only: bool) -> io::Result<FaultyFile> {
+        Ok(FaultyFile {
+            file: FsIo.open(path, read_only)?,
+            faults: self.faults.clone(),
+        })
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        FsIo.remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        FsIo.remove_dir_all(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        FsIo.rename(from, to)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        if self.faults.fail_syncs.load(Ordering::Relaxed) {
+            return Err(io_error());
+        }
+        self.faults.syncs.fetch_add(1, Ordering::Relaxed);
+        FsIo.sync_dir(path)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}
+
+impl IoFile for FaultyFile {
+    fn size_bytes(&self) -> io::Result<u64> {
+        self.file.size_bytes()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        IoFile::read_exact_at(&self.file, buf, offset)
+    }
+
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.faults.fail_writes.load(Ordering::Relaxed) {
+            return Err(disk_full());
+        }
+        let left = self.faults.write_bytes_left.load(Ordering::Relaxed);
+        if left >= 0 {
+            let fits = (left as usize).min(buf.len());
+            IoFile::write_all_at(&mut self.file, &buf[..fits], offset)?;
+            self.faults
+                .write_bytes_left
+                .store(left - fits as i64, Ordering::Relaxed);
+            if fits < buf.len() {
+                return Err(disk_full());
+            }
+            return Ok(());
+        }
+        IoFile::write_all_at(&mut self.file, buf, offset)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        if self.faults.fail_syncs.load(Ordering::Relaxed) {
+            return Err(io_error());
+        }
+        self.faults.syncs.fetch_add(1, Ordering::Relaxed);
+        self.file.sync()
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.truncate(len)
+    }
+}

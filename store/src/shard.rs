@@ -1,0 +1,1285 @@
+//! One shard's offline queue: an append log of segments and an in-memory index of positions.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use hop_protocol::UserId;
+
+use crate::format::{self, Payload, SegmentHeader, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
+use crate::io::{Io, IoFile};
+use crate::{AppendError, CommitError, Durability, Options, StoreError};
+
+/// An item for a user's queue, as the shard loop appends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Item<'a> {
+    Message {
+        from: UserId,
+        id: u64,
+        timestamp_ms: u64,
+        body: &'a [u8],
+    },
+    /// A receipt waiting for the original sender; `kind` is the wire `ReceiptKind` value
+    /// (never 0, which names a message in [`ShardStore::mark_delivered`]).
+    Receipt {
+        id: u64,
+        kind: u8,
+        by: UserId,
+        timestamp_ms: u64,
+    },
+}
+
+/// An item read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredItem {
+    Message {
+        from: UserId,
+        id: u64,
+        timestamp_ms: u64,
+        body: Bytes,
+    },
+    Receipt {
+        id: u64,
+        kind: u8,
+        by: UserId,
+        timestamp_ms: u64,
+    },
+}
+
+/// A record read back from a user's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The store's sequence number, the one [`ShardStore::append`] returned.
+    pub seq: u64,
+    pub item: StoredItem,
+}
+
+/// What the index keeps per queued record: where it is and what acks it, never its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub seq: u64,
+    /// Server message id.
+    pub id: u64,
+    pub timestamp_ms: u64,
+    /// 0 for a message, the receipt kind for a receipt (what the device's Ack names).
+    pub ack_kind: u8,
+    segment: u32,
+    offset: u32,
+    record_bytes: u32,
+}
+
+impl Slot {
+    /// Body bytes (0 for a receipt): what the byte quota counts.
+    pub fn body_bytes(&self) -> usize {
+        if self.ack_kind == 0 {
+            self.record_bytes as usize - format::message_record_bytes(0)
+        } else {
+            0
+        }
+    }
+}
+
+/// A record removed by [`ShardStore::expire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    pub user: UserId,
+    pub seq: u64,
+    pub id: u64,
+    pub ack_kind: u8,
+}
+
+/// A successful [`ShardStore::commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Commit {
+    /// Every record whose `append` returned a sequence number `<= durable_through` is durable
+    /// under the configured policy (except those a [`CommitError`] reported failed): its
+    /// ServerAck may leave.
+    pub durable_through: u64,
+    /// Records (appends and tombstones) this call wrote.
+    pub records_written: u32,
+    /// Whether this call fsynced.
+    pub synced: bool,
+}
+
+/// What one [`ShardStore::compact`] call did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CompactProgress {
+    pub bytes_read: u64,
+    pub records_copied: u64,
+    pub segments_deleted: u32,
+    /// Nothing to do now.
+    pub idle: bool,
+}
+
+/// What recovery found, for the log line and the counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryStats {
+    pub segments: u32,
+    pub records_live: u64,
+    pub users: u64,
+    pub corrupt_records: u64,
+    pub corrupt_bytes: u64,
+    pub torn_bytes: u64,
+    /// Segment numbers missing between the first and the last segment.
+    pub missing_segments: u32,
+    pub bad_headers: u32,
+    /// Records found twice (a compaction interrupted before it deleted its source).
+    pub duplicates: u64,
+}
+
+/// Event counts, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub appended: u64,
+    pub rejected_quota: u64,
+    pub delivered: u64,
+    pub expired: u64,
+    pub commits: u64,
+    pub fsyncs: u64,
+    pub commit_failures: u64,
+    pub failed_records: u64,
+    pub segments_created: u64,
+    pub segments_deleted: u64,
+    pub records_compacted: u64,
+    pub corrupt_reads: u64,
+}
+
+/// One shard's offline queue. Owned by the shard's thread; no locks.
+///
+/// Call order in the shard loop: [`ShardStore::append`] / [`ShardStore::mark_delivered`] as
+/// events arrive; [`ShardStore::commit`] when [`ShardStore::next_commit_deadline`] has come
+/// (then release the ServerAcks up to `durable_through`); [`ShardStore::expire`] and
+/// [`ShardStore::compact`] with a budget when the loop has time.
+#[derive(Debug)]
+pub struct ShardStore<I: Io> {
+    io: I,
+    dir: PathBuf,
+    shard: u16,
+    shards: u16,
+    options: Options,
+    index: Index<I::File>,
+    /// The segment new records go to; always present in `index.segments`.
+    active: u32,
+    /// Encoded records not yet written; they go at `active`'s `bytes` offset.
+    buffer: Vec<u8>,
+    /// Tombstones in `buffer`, rewritten after a failed commit so a delivery is not forgotten.
+    buffer_tombstones: Vec<(UserId, u64, bool)>,
+    /// Users with appends in `buffer`, to take them back if the commit fails.
+    buffer_users: Vec<UserId>,
+    buffer_appends: u32,
+    buffer_records: u32,
+    buffer_first_ms: Option<u64>,
+    dir_sync_needed: bool,
+    next_seq: u64,
+    durable_through: u64,
+    compaction: Option<(u32, u64)>,
+    expire_cursor: usize,
+    counters: Counters,
+}
+
+impl<I: Io> ShardStore<I> {
+    /// Opens shard `shard` of `shards` under `data/shard-K/`, rebuilding the index from its
+    /// segments: a torn tail is truncated, a corrupt record skipped and counted. Never panics on
+    /// damaged files. New records go to a new segment. Run [`crate::prepare`] first, once, before
+    /// any shard opens.
+    pub fn open(
+        data: &Path,
+        shard: u16,
+        shards: u16,
+        options: Options,
+        io: I,
+        now_ms: u64,
+    ) -> Result<(Self, RecoveryStats), StoreError> {
+        assert!(shard < shards, "shard {shard} of {shards}");
+        options.check();
+        let dir = shard_dir(data, shard);
+        io.create_dir_all(&dir).map_err(StoreError::io(&dir))?;
+        let (mut index, next_seq, stats) = Index::recover(&io, &dir, false, now_ms)?;
+        let active = index.segments.keys().next_back().map_or(1, |last| last + 1);
+        let mut store = Self {
+            io,
+            dir,
+            shard,
+            shards,
+            options,
+            index: Index::default(),
+            active,
+            buffer: Vec::with_capacity(options.buffer_bytes_max as usize),
+            buffer_tombstones: Vec::new(),
+            buffer_users: Vec::new(),
+            buffer_appends: 0,
+            buffer_records: 0,
+            buffer_first_ms: None,
+            dir_sync_needed: true,
+            next_seq,
+            durable_through: next_seq - 1,
+            compaction: None,
+            expire_cursor: 0,
+            counters: Counters::default(),
+        };
+        let file = store.create_segment(active, now_ms)?;
+        index
+            .segments
+            .insert(active, Segment::new(file, now_ms, None));
+        store.index = index;
+        store.commit_directory()?;
+        Ok((store, stats))
+    }
+
+    /// Queues `item` for `user`. The record is buffered, not yet durable: its ServerAck waits
+    /// for a [`Commit`] whose `durable_through` reaches the returned sequence number.
+    pub fn append(
+        &mut self,
+        now_ms: u64,
+        user: UserId,
+        item: &Item<'_>,
+    ) -> Result<u64, AppendError> {
+        let body_bytes = match item {
+            Item::Message { body, .. } => body.len(),
+            Item::Receipt { kind, .. } => {
+                assert!(*kind != 0, "receipt kind 0 names a message");
+                0
+            }
+        };
+        if body_bytes > format::BODY_BYTES_MAX {
+            return Err(AppendError::TooLarge {
+                body_bytes,
+                max: format::BODY_BYTES_MAX,
+            });
+        }
+        let quota = self.options.quota;
+        if let Some(queue) = self.index.queue(user) {
+            if queue.slots.len() >= quota.messages_max as usize {
+                self.counters.rejected_quota += 1;
+                return Err(AppendError::QuotaMessages {
+                    queued: queue.slots.len(),
+                    max: quota.messages_max as usize,
+                });
+            }
+            if queue.body_bytes + body_bytes as u64 > quota.bytes_max {
+                self.counters.rejected_quota += 1;
+                return Err(AppendError::QuotaBytes {
+                    queued: queue.body_bytes,
+                    adding: body_bytes,
+                    max: quota.bytes_max,
+                });
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let offset = self.tail_offset();
+        let start = self.buffer.len();
+        let (id, timestamp_ms, ack_kind) = match *item {
+            Item::Message {
+                from,
+                id,
+                timestamp_ms,
+                body,
+            } => {
+                format::encode_message(&mut self.buffer, user, seq, id, timestamp_ms, from, body);
+                (id, timestamp_ms, 0)
+            }
+            Item::Receipt {
+                id,
+                kind,
+                by,
+                timestamp_ms,
+            } => {
+                format::encode_receipt(&mut self.buffer, user, seq, id, timestamp_ms, by, kind);
+                (id, timestamp_ms, kind)
+            }
+        };
+        let record_bytes = (self.buffer.len() - start) as u32;
+        let slot = Slot {
+            seq,
+            id,
+            timestamp_ms,
+            ack_kind,
+            segment: self.active,
+            offset,
+            record_bytes,
+        };
+        self.index.push(user, slot);
+        self.buffer_users.push(user);
+        self.buffer_appends += 1;
+        self.note_buffered(now_ms);
+        self.counters.appended += 1;
+        Ok(seq)
+    }
+
+    /// The device acked `id` (`ack_kind` 0: a message; else a receipt of that kind): the record
+    /// leaves the queue and a tombstone is buffered. Returns false when no such record is
+    /// queued. The tombstone is durable after the next commit; until then a crash may deliver
+    /// the record again (at least once; the server id lets the client drop the duplicate).
+    pub fn mark_delivered(&mut self, now_ms: u64, user: UserId, id: u64, ack_kind: u8) -> bool {
+        let Some(queue) = self.index.queue(user) else {
+            return false;
+        };
+        let Some(position) = queue
+            .slots
+            .iter()
+            .position(|slot| slot.id == id && slot.ack_kind == ack_kind)
+        else {
+            return false;
+        };
+        self.remove(now_ms, user, position, false);
+        self.counters.delivered += 1;
+        true
+    }
+
+    /// When the loop must call [`ShardStore::commit`] next (ms, same clock as `now_ms`), or
+    /// `None` when nothing is buffered.
+    pub fn next_commit_deadline(&self) -> Option<u64> {
+        let first_ms = self.buffer_first_ms?;
+        if self.buffer.len() >= self.options.buffer_bytes_max as usize {
+            return Some(first_ms);
+        }
+        match self.options.durability {
+            Durability::Always => Some(first_ms),
+            Durability::Batch {
+                delay_ms,
+                records_max,
+            }
+            | Durability::None {
+                delay_ms,
+                records_max,
+            } => {
+                if self.buffer_appends >= records_max {
+                    Some(first_ms)
+                } else {
+                    Some(first_ms + delay_ms)
+                }
+            }
+        }
+    }
+
+    /// Writes the buffered records and, under `always` and `batch`, fsyncs them. On success
+    /// every append up to `durable_through` is durable. On failure the buffered appends are
+    /// taken back out of the queues and reported (their senders get an Error, not a ServerAck);
+    /// records that were durable before stay durable; buffered tombstones are kept for the next
+    /// commit.
+    pub fn commit(&mut self, now_ms: u64) -> Result<Commit, CommitError> {
+        let records_written = self.buffer_records;
+        let sync = !matches!(self.options.durability, Durability::None { .. });
+        if let Err(error) = self.flush(sync) {
+            return Err(self.fail_buffer(now_ms, error));
+        }
+        self.counters.commits += 1;
+        self.durable_through = self.next_seq - 1;
+        let active = &self.index.segments[&self.active];
+        let too_big = active.bytes >= u64::from(self.options.segment_bytes_max);
+        let too_old = active.bytes > SEGMENT_HEADER_BYTES as u64
+            && now_ms >= active.created_ms + self.options.segment_age_max_ms;
+        if too_big || too_old {
+            // A failed roll leaves the current segment active; the next commit tries again.
+            let _ = self.roll(now_ms);
+        }
+        Ok(Commit {
+            durable_through: self.durable_through,
+            records_written,
+            synced: sync && records_written > 0,
+        })
+    }
+
+    /// Removes the records of up to `users_budget` users (round robin) whose timestamp is older
+    /// than `offline_ttl_ms`, buffering an expiry tombstone for each.
+    pub fn expire(&mut self, now_ms: u64, users_budget: usize) -> Vec<Expired> {
+        let mut expired = Vec::new();
+        let ttl_ms = self.options.offline_ttl_ms;
+        let mut visited = 0;
+        while visited < users_budget && !self.index.queues.is_empty() {
+            visited += 1;
+            let at = self.expire_cursor % self.index.queues.len();
+            let user = self.index.queues[at].user;
+            // Removing a queue's last record swaps another user's queue into `at`.
+            while let Some(queue) = self.index.queues.get(at).filter(|q| q.user == user) {
+                let Some(slot) = queue.slots.front().copied() else {
+                    break;
+                };
+                if slot.timestamp_ms.saturating_add(ttl_ms) > now_ms {
+                    break;
+                }
+                self.remove(now_ms, user, 0, true);
+                expired.push(Expired {
+                    user,
+                    seq: slot.seq,
+                    id: slot.id,
+                    ack_kind: slot.ack_kind,
+                });
+            }
+            let still_there = self.index.queues.get(at).is_some_and(|q| q.user == user);
+            self.expire_cursor = if still_there { at + 1 } else { at };
+        }
+        self.counters.expired += expired.len() as u64;
+        expired
+    }
+
+    /// The queued records of `user`, oldest first (positions only, no bodies).
+    pub fn queue(&self, user: UserId) -> impl Iterator<Item = &Slot> + '_ {
+        self.index
+            .queue(user)
+            .into_iter()
+            .flat_map(|queue| queue.slots.iter())
+    }
+
+    pub fn queue_len(&self, user: UserId) -> usize {
+        self.index.queue(user).map_or(0, |queue| queue.slots.len())
+    }
+
+    /// Users with a queue and its length, in no order (e.g. to tell the router after start).
+    pub fn users(&self) -> impl Iterator<Item = (UserId, usize)> + '_ {
+        self.index
+            .queues
+            .iter()
+            .map(|queue| (queue.user, queue.slots.len()))
+    }
+
+    /// Reads up to `limit` records of `user`'s queue from position `skip`, oldest first, into
+    /// `out`. Adjacent records are read with one read call. A record that no longer checks out
+    /// (the disk rotted it since recovery) is dropped from the queue and counted. Returns the
+    /// number of records read.
+    pub fn read(
+        &mut self,
+        user: UserId,
+        skip: usize,
+        limit: usize,
+        out: &mut Vec<Record>,
+    ) -> Result<usize, StoreError> {
+        let before = out.len();
+        let bad = self
+            .index
+            .read_user(user, skip, limit, Some((self.active, &self.buffer)), out);
+        for seq in bad {
+            self.counters.corrupt_reads += 1;
+            self.forget(user, seq);
+        }
+        Ok(out.len() - before)
+    }
+
+    /// One step of compaction, reading at most about `budget_bytes` of an old segment: a
+    /// sealed segment with no live record is deleted; one that is at least half dead, or that
+    /// holds dead bytes and was sealed `compact_after_ms` ago, has its live records copied to
+    /// the active segment (fsynced, whatever the policy) and is then deleted. Runs only when the
+    /// buffer is empty (call it right after a commit).
+    pub fn compact(
+        &mut self,
+        now_ms: u64,
+        budget_bytes: usize,
+    ) -> Result<CompactProgress, StoreError> {
+        let mut progress = CompactProgress::default();
+        if !self.buffer.is_empty() {
+            progress.idle = true;
+            return Ok(progress);
+        }
+        let (number, offset) = match self.compaction {
+            Some(cursor) => cursor,
+            None => match self.pick_compaction(now_ms) {
+                Pick::Delete(number) => {
+                    self.delete_segment(number)?;
+                    progress.segments_deleted = 1;
+                    return Ok(progress);
+                }
+                Pick::Rewrite(number) => (number, SEGMENT_HEADER_BYTES as u64),
+                Pick::Nothing => {
+                    progress.idle = true;
+                    return Ok(progress);
+                }
+            },
+        };
+        let segment_bytes = self.index.segments[&number].bytes;
+        let chunk = (budget_bytes.max(format::RECORD_BYTES_MAX) as u64).min(segment_bytes - offset);
+        let bytes = read_run(&self.index.segments, None, number, offset, chunk as usize)
+            .map_err(StoreError::io(&segment_path(&self.dir, number)))?;
+        progress.bytes_read = chunk;
+        let mut moved: Vec<(UserId, u64, Slot)> = Vec::new();
+        let outcome = format::scan(&bytes, 0, |position, payload, length| {
+            let (user, seq) = match payload {
+                Payload::Message { user, seq, .. } | Payload::Receipt { user, seq, .. } => {
+                    (user, seq)
+                }
+                Payload::Tombstone { .. } => return,
+            };
+            let Some(slot) = self.index.find(user, seq) else {
+                return;
+            };
+            if slot.segment != number || u64::from(slot.offset) != offset + position as u64 {
+                return;
+            }
+            let new_offset = self.tail_offset();
+            self.buffer
+                .extend_from_slice(&bytes[position..position + length]);
+            self.buffer_records += 1;
+            let new_slot = Slot {
+                segment: self.active,
+                offset: new_offset,
+                ..slot
+            };
+            self.index.relocate(user, seq, new_slot);
+            moved.push((user, seq, slot));
+        });
+        let mut next = offset + outcome.valid_end as u64;
+        if outcome.valid_end == 0 || offset + chunk == segment_bytes {
+            next = offset + chunk; // damage or the end: skip what did not decode
+        }
+        if !self.buffer.is_empty() {
+            self.buffer_first_ms = Some(now_ms);
+            if let Err(error) = self.flush(true) {
+                for (user, seq, slot) in moved.iter().rev() {
+                    self.index.relocate(*user, *seq, *slot);
+                }
+                self.reset_buffer_after_failure(now_ms);
+                self.compaction = None;
+                return Err(StoreError::Io {
+                    path: segment_path(&self.dir, self.active),
+                    source: error,
+                });
+            }
+        }
+        progress.records_copied = moved.len() as u64;
+        self.counters.records_compacted += moved.len() as u64;
+        if next >= segment_bytes {
+            self.compaction = None;
+            self.delete_segment(number)?;
+            progress.segments_deleted = 1;
+        } else {
+            self.compaction = Some((number, next));
+        }
+        Ok(progress)
+    }
+
+    /// Bytes of all segment files, as the index accounts them.
+    pub fn disk_bytes(&self) -> u64 {
+        self.index
+            .segments
+            .values()
+            .map(|segment| segment.bytes)
+            .sum::<u64>()
+            + self.buffer.len() as u64
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.index.segments.len()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Sequence numbers up to this are durable (see [`Commit::durable_through`]).
+    pub fn durable_through(&self) -> u64 {
+        self.durable_through
+    }
+
+    pub fn shard(&self) -> (u16, u16) {
+        (self.shard, self.shards)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    // ---- helpers ----
+
+    fn tail_offset(&self) -> u32 {
+        let offset = self.index.segments[&self.active].bytes + self.buffer.len() as u64;
+        assert!(
+            offset < u64::from(u32::MAX),
+            "segment offsets fit u32 (see Options::check)"
+        );
+        offset as u32
+    }
+
+    fn note_buffered(&mut self, now_ms: u64) {
+        self.buffer_records += 1;
+        self.buffer_first_ms.get_or_insert(now_ms);
+    }
+
+    fn remove(&mut self, now_ms: u64, user: UserId, position: usize, expired: bool) {
+        let slot = self.index.remove_at(user, position);
+        format::encode_tombstone(&mut self.buffer, user, slot.seq, expired);
+        if let Some(active) = self.index.segments.get_mut(&self.active) {
+            active.tombstones += 1;
+        }
+        self.buffer_tombstones.push((user, slot.seq, expired));
+        self.note_buffered(now_ms);
+    }
+
+    /// Drops a record that cannot be read any more, without a tombstone (its bytes are bad).
+    fn forget(&mut self, user: UserId, seq: u64) {
+        if let Some(position) = self
+            .index
+            .queue(user)
+            .and_then(|q| q.slots.iter().position(|s| s.seq == seq))
+        {
+            self.index.remove_at(user, position);
+        }
+    }
+
+    fn flush(&mut self, sync: bool) -> io::Result<()> {
+        let active = self
+            .index
+            .segments
+            .get_mut(&self.active)
+            .expect("active segment");
+        if !self.buffer.is_empty() {
+            active.file.write_all_at(&self.buffer, active.bytes)?;
+            if sync {
+                active.file.sync()?;
+                self.counters.fsyncs += 1;
+            }
+        }
+        if self.dir_sync_needed {
+            self.io.sync_dir(&self.dir)?;
+            self.counters.fsyncs += 1;
+            self.dir_sync_needed = false;
+        }
+        let active = self
+            .index
+            .segments
+            .get_mut(&self.active)
+            .expect("active segment");
+        active.bytes += self.buffer.len() as u64;
+        self.buffer.clear();
+        self.buffer_tombstones.clear();
+        self.buffer_users.clear();
+        self.buffer_appends = 0;
+        self.buffer_records = 0;
+        self.buffer_first_ms = None;
+        Ok(())
+    }
+
+    fn fail_buffer(&mut self, now_ms: u64, error: io::Error) -> CommitError {
+        let failed_from = self.durable_through + 1;
+        let failed_through = self.next_seq - 1;
+        let mut users = std::mem::take(&mut self.buffer_users);
+        users.sort_unstable_by_key(|user| user.get());
+        users.dedup();
+        for user in users {
+            while let Some(slot) = self.index.queue(user).and_then(|q| q.slots.back().copied()) {
+                if slot.seq < failed_from {
+                    break;
+                }
+                let position = self.index.queue(user).map_or(0, |q| q.slots.len() - 1);
+                self.index.remove_at(user, position);
+            }
+        }
+        self.counters.commit_failures += 1;
+        self.counters.failed_records += failed_through + 1 - failed_from;
+        self.reset_buffer_after_failure(now_ms);
+        self.durable_through = self.next_seq - 1;
+        CommitError {
+            failed_seqs: failed_from..=failed_through,
+            source: error,
+        }
+    }
+
+    /// After a failed write or fsync: the bytes past the last good offset are suspect, so
+    /// truncate them and move to a new segment; then buffer the tombstones again.
+    fn reset_buffer_after_failure(&mut self, now_ms: u64) {
+        let tombstones = std::mem::take(&mut self.buffer_tombstones);
+        self.buffer.clear();
+        self.buffer_users.clear();
+        self.buffer_appends = 0;
+        self.buffer_records = 0;
+        self.buffer_first_ms = None;
+        if let Some(active) = self.index.segments.get_mut(&self.active) {
+            let _ = active.file.truncate(active.bytes);
+        }
+        let _ = self.roll(now_ms);
+        for (user, seq, expired) in tombstones {
+            format::encode_tombstone(&mut self.buffer, user, seq, expired);
+            if let Some(active) = self.index.segments.get_mut(&self.active) {
+                active.tombstones += 1;
+            }
+            self.buffer_tombstones.push((user, seq, expired));
+            self.note_buffered(now_ms);
+        }
+    }
+
+    /// Seals the active segment and starts the next. Only with an empty buffer.
+    fn roll(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        assert!(self.buffer.is_empty(), "roll with buffered records");
+        let number = self.active + 1;
+        let file = self.create_segment(number, now_ms)?;
+        if let Some(old) = self.index.segments.get_mut(&self.active) {
+            old.sealed_ms = Some(now_ms);
+        }
+        self.index
+            .segments
+            .insert(number, Segment::new(file, now_ms, None));
+        self.active = number;
+        self.dir_sync_needed = true;
+        Ok(())
+    }
+
+    fn create_segment(&mut self, number: u32, _now_ms: u64) -> Result<I::File, StoreError> {
+        assert!(
+            number <= SEGMENT_NUMBER_MAX,
+            "segment numbers fit eight digits"
+        );
+        let path = segment_path(&self.dir, number);
+        let header = SegmentHeader {
+            segment: number,
+            shard: self.shard,
+            shards: self.shards,
+            next_seq: self.next_seq,
+        };
+        let mut file = self.io.create(&path).map_err(StoreError::io(&path))?;
+        file.write_all_at(&header.encode(), 0)
+            .map_err(StoreError::io(&path))?;
+        self.counters.segments_created += 1;
+        Ok(file)
+    }
+
+    fn commit_directory(&mut self) -> Result<(), StoreError> {
+        self.io
+            .sync_dir(&self.dir)
+            .map_err(StoreError::io(&self.dir))?;
+        self.dir_sync_needed = false;
+        Ok(())
+    }
+
+    fn pick_compaction(&self, now_ms: u64) -> Pick {
+        // A tombstone may be dropped only when no older segment still holds a dead copy of the
+        // record it kills; "no older segment holds any dead record" is the cheap, safe test.
+        let mut older_dead = false;
+        for (&number, segment) in &self.index.segments {
+            if number == self.active {
+                break;
+            }
+            let tombstones_droppable = segment.tombstones == 0 || !older_dead;
+            if tombstones_droppable {
+                if segment.live_records == 0 {
+                    return Pick::Delete(number);
+                }
+                let payload = segment.bytes - SEGMENT_HEADER_BYTES as u64;
+                let dead = payload - segment.live_bytes;
+                let sealed_ms = segment.sealed_ms.unwrap_or(segment.created_ms);
+                if dead * 2 >= payload
+                    || (dead > 0 && now_ms >= sealed_ms + self.options.compact_after_ms)
+                {
+                    return Pick::Rewrite(number);
+                }
+            }
+            older_dead |= segment.dead_records > 0;
+        }
+        Pick::Nothing
+    }
+
+    fn delete_segment(&mut self, number: u32) -> Result<(), StoreError> {
+        assert!(number != self.active, "the active segment is never deleted");
+        let live = self
+            .index
+            .segments
+            .get(&number)
+            .map_or(0, |s| s.live_records);
+        if live > 0 {
+            // Records that compaction could not read back (damaged since recovery).
+            let lost = self.index.slots_in(number);
+            for (user, seq) in lost {
+                self.counters.corrupt_reads += 1;
+                self.forget(user, seq);
+            }
+        }
+        let path = segment_path(&self.dir, number);
+        self.io.remove_file(&path).map_err(StoreError::io(&path))?;
+        self.index.segments.remove(&number);
+        self.counters.segments_deleted += 1;
+        Ok(())
+    }
+}
+
+/// Reads `length` bytes of segment `segment` from `offset`; the part past the file's valid
+/// bytes comes from the write buffer when `tail` names the active segment and its buffer.
+fn read_run<F: IoFile>(
+    segments: &BTreeMap<u32, Segment<F>>,
+    tail: Option<(u32, &[u8])>,
+    segment: u32,
+    offset: u64,
+    length: usize,
+) -> io::Result<Vec<u8>> {
+    let Some(file) = segments.get(&segment) else {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "segment gone"));
+    };
+    let mut bytes = vec![0u8; length];
+    let on_file = (file.bytes.saturating_sub(offset) as usize).min(length);
+    if on_file > 0 {
+        file.file.read_exact_at(&mut bytes[..on_file], offset)?;
+    }
+    if on_file < length {
+        let buffer = match tail {
+            Some((active, buffer)) if active == segment => buffer,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "past segment end",
+                ))
+            }
+        };
+        let from = (offset + on_file as u64 - file.bytes) as usize;
+        let part = buffer
+            .get(from..from + length - on_file)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past buffer end"))?;
+        bytes[on_file..].copy_from_slice(part);
+    }
+    Ok(bytes)
+}
+
+/// Bytes one read call may fetch when draining a queue.
+const READ_RUN_BYTES: u64 = 1024 * 1024;
+/// Segment file names have eight decimal digits.
+pub(crate) const SEGMENT_NUMBER_MAX: u32 = 99_999_999;
+
+enum Pick {
+    Delete(u32),
+    Rewrite(u32),
+    Nothing,
+}
+
+fn decode_item(
+    bytes: &Bytes,
+    position: usize,
+    length: usize,
+    user: UserId,
+    seq: u64,
+) -> Option<StoredItem> {
+    let record = bytes.get(position..position + length)?;
+    let (payload, decoded_length) = format::decode(record)?;
+    if decoded_length != length {
+        return None;
+    }
+    match payload {
+        Payload::Message {
+            user: owner,
+            seq: stored_seq,
+            id,
+            timestamp_ms,
+            from,
+            body,
+        } if owner == user && stored_seq == seq => {
+            let start = position + RECORD_HEADER_BYTES + format::MESSAGE_FIXED_BYTES;
+            debug_assert_eq!(body.len(), position + length - start);
+            Some(StoredItem::Message {
+                from,
+                id,
+                timestamp_ms,
+                body: bytes.slice(start..position + length),
+            })
+        }
+        Payload::Receipt {
+            user: owner,
+            seq: stored_seq,
+            id,
+            timestamp_ms,
+            by,
+            kind,
+        } if owner == user && stored_seq == seq => Some(StoredItem::Receipt {
+            id,
+            kind,
+            by,
+            timestamp_ms,
+        }),
+        _ => None,
+    }
+}
+
+pub(crate) fn shard_dir(data: &Path, shard: u16) -> PathBuf {
+    data.join(format!("shard-{shard}"))
+}
+
+pub(crate) fn segment_path(dir: &Path, number: u32) -> PathBuf {
+    dir.join(format!("{number:08}.log"))
+}
+
+pub(crate) fn parse_segment_name(name: &str) -> Option<u32> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+// ---- the index ----
+
+/// A multiplicative hasher for u64 keys (sequence numbers, user ids): the index is rebuilt at
+/// every start, so hashing speed is recovery speed.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0 ^ word)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+pub(crate) type WordMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
+
+#[derive(Debug)]
+pub(crate) struct Segment<F> {
+    pub(crate) file: F,
+    /// Valid bytes on file (header included); writes go here.
+    pub(crate) bytes: u64,
+    pub(crate) live_records: u32,
+    pub(crate) live_bytes: u64,
+    /// Message and receipt records that are no longer live (delivered, expired, stale copies).
+    pub(crate) dead_records: u32,
+    pub(crate) tombstones: u32,
+    pub(crate) created_ms: u64,
+    pub(crate) sealed_ms: Option<u64>,
+}
+
+impl<F> Segment<F> {
+    fn new(file: F, created_ms: u64, sealed_ms: Option<u64>) -> Self {
+        Self {
+            file,
+            bytes: SEGMENT_HEADER_BYTES as u64,
+            live_records: 0,
+            live_bytes: 0,
+            dead_records: 0,
+            tombstones: 0,
+            created_ms,
+            sealed_ms,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct UserQueue {
+    pub(crate) user: UserId,
+    pub(crate) slots: VecDeque<Slot>,
+    pub(crate) body_bytes: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Index<F> {
+    pub(crate) segments: BTreeMap<u32, Segment<F>>,
+    pub(crate) queues: Vec<UserQueue>,
+    positions: WordMap<u64, u32>,
+}
+
+impl<F> Default for Index<F> {
+    fn default() -> Self {
+        Self {
+            segments: BTreeMap::new(),
+            queues: Vec::new(),
+            positions: WordMap::default(),
+        }
+    }
+}
+
+impl<F: IoFile> Index<F> {
+    /// Rebuilds the index of one shard folder. `read_only` neither truncates nor writes.
+    pub(crate) fn recover<I: Io<File = F>>(
+        io: &I,
+        dir: &Path,
+        read_only: bool,
+        now_ms: u64,
+    ) -> Result<(Self, u64, RecoveryStats), StoreError> {
+        let mut stats = RecoveryStats::default();
+        let mut index = Self::default();
+        let names = match io.list_dir(dir) {
+            Ok(names) => names,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => {
+                return Err(StoreError::Io {
+                    path: dir.to_path_buf(),
+                    source: error,
+                })
+            }
+        };
+        let mut numbers: Vec<u32> = names
+            .iter()
+            .filter_map(|name| parse_segment_name(name))
+            .collect();
+        numbers.sort_unstable();
+        if let (Some(first), Some(last)) = (numbers.first(), numbers.last()) {
+            stats.missing_segments = (last - first + 1) - numbers.len() as u32;
+        }
+        let mut next_seq = 1u64;
+        // Records in log order; `by_seq` finds a record's entry when its tombstone comes.
+        let mut entries: Vec<(UserId, Slot, bool)> = Vec::new();
+        let mut by_seq: WordMap<u64, u32> = WordMap::default();
+        let mut bytes = Vec::new();
+        let last_number = numbers.last().copied();
+        for number in numbers {
+            let path = segment_path(dir, number);
+            let file = io.open(&path, read_only).map_err(StoreError::io(&path))?;
+            let length = file.size_bytes().map_err(StoreError::io(&path))? as usize;
+            bytes.resize(length, 0);
+            file.read_exact_at(&mut bytes, 0)
+                .map_err(StoreError::io(&path))?;
+            match SegmentHeader::decode(&bytes) {
+                Some(header) => next_seq = next_seq.max(header.next_seq),
+                None => stats.bad_headers += 1,
+            }
+            let mut segment = Segment::new(file, now_ms, Some(now_ms));
+            let start = SEGMENT_HEADER_BYTES.min(bytes.len());
+            let mut dead_elsewhere: Vec<u32> = Vec::new();
+            let outcome = format::scan(&bytes, start, |offset, payload, length| match payload {
+                Payload::Message {
+                    user,
+                    seq,
+                    id,
+                    timestamp_ms,
+                    ..
+                }
+                | Payload::Receipt {
+                    user,
+                    seq,
+                    id,
+                    timestamp_ms,
+                    ..
+                } => {
+                    let ack_kind = match payload {
+                        Payload::Receipt { kind, .. } => kind,
+                        _ => 0,
+                    };
+                    next_seq = next_seq.max(seq + 1);
+                    let slot = Slot {
+                        seq,
+                        id,
+                        timestamp_ms,
+                        ack_kind,
+                        segment: number,
+                        offset: offset as u32,
+                        record_bytes: length as u32,
+                    };
+                    if let Some(&previous) = by_seq.get(&seq) {
+                        // A copy made by compaction: the later one is live.
+                        let entry = &mut entries[previous as usize];
+                        if entry.2 {
+                            entry.2 = false;
+                            stats.duplicates += 1;
+                            dead_elsewhere.push(entry.1.segment);
+                        }
+                    }
+                    by_seq.insert(seq, entries.len() as u32);
+                    entries.push((user, slot, true));
+                }
+                Payload::Tombstone { seq, .. } => {
+                    segment.tombstones += 1;
+                    next_seq = next_seq.max(seq + 1);
+                    if let Some(&at) = by_seq.get(&seq) {
+                        let entry = &mut entries[at as usize];
+                        if entry.2 {
+                            entry.2 = false;
+                            dead_elsewhere.push(entry.1.segment);
+                        }
+                    }
+                }
+            });
+            stats.corrupt_records += outcome.corrupt_records as u64;
+            stats.corrupt_bytes += outcome.corrupt_bytes as u64;
+            stats.torn_bytes += outcome.torn_bytes as u64;
+            segment.bytes = length as u64;
+            if outcome.torn_bytes > 0 && !read_only && Some(number) == last_number {
+                segment
+                    .file
+                    .truncate(outcome.valid_end as u64)
+                    .map_err(StoreError::io(&path))?;
+                segment.bytes = outcome.valid_end as u64;
+            }
+            index.segments.insert(number, segment);
+            for dead in dead_elsewhere {
+                if let Some(segment) = index.segments.get_mut(&dead) {
+                    segment.dead_records += 1;
+                }
+            }
+            stats.segments += 1;
+        }
+        drop(by_seq);
+        for (user, slot, live) in entries {
+            let segment = index
+                .segments
+                .get_mut(&slot.segment)
+                .expect("scanned segment");
+            if live {
+                segment.live_records += 1;
+                segment.live_bytes += u64::from(slot.record_bytes);
+                index.push_recovered(user, slot);
+            }
+        }
+        for queue in &mut index.queues {
+            // Compaction copies sit later in the log than their neighbours; order by sequence.
+            queue
+                .slots
+                .make_contiguous()
+                .sort_unstable_by_key(|slot| slot.seq);
+        }
+        stats.users = index.queues.len() as u64;
+        stats.records_live = index.queues.iter().map(|q| q.slots.len() as u64).sum();
+        Ok((index, next_seq, stats))
+    }
+
+    /// Reads up to `limit` records of `user` from position `skip` into `out`, one read call per
+    /// run of adjacent records. Returns the sequence numbers that did not read back.
+    pub(crate) fn read_user(
+        &self,
+        user: UserId,
+        skip: usize,
+        limit: usize,
+        tail: Option<(u32, &[u8])>,
+        out: &mut Vec<Record>,
+    ) -> Vec<u64> {
+        let mut bad = Vec::new();
+        let Some(queue) = self.queue(user) else {
+            return bad;
+        };
+        let slots: Vec<Slot> = queue.slots.iter().skip(skip).take(limit).copied().collect();
+        let mut at = 0;
+        while at < slots.len() {
+            let first = slots[at];
+            let mut end = at + 1;
+            let mut run_bytes = u64::from(first.record_bytes);
+            while end < slots.len()
+                && slots[end].segment == first.segment
+                && u64::from(slots[end].offset) == u64::from(first.offset) + run_bytes
+                && run_bytes + u64::from(slots[end].record_bytes) <= READ_RUN_BYTES
+            {
+                run_bytes += u64::from(slots[end].record_bytes);
+                end += 1;
+            }
+            let run = read_run(
+                &self.segments,
+                tail,
+                first.segment,
+                u64::from(first.offset),
+                run_bytes as usize,
+            );
+            let Ok(run) = run else {
+                bad.extend(slots[at..end].iter().map(|slot| slot.seq));
+                at = end;
+                continue;
+            };
+            let run = Bytes::from(run);
+            let mut position = 0;
+            for slot in &slots[at..end] {
+                let length = slot.record_bytes as usize;
+                match decode_item(&run, position, length, user, slot.seq) {
+                    Some(item) => out.push(Record {
+                        seq: slot.seq,
+                        item,
+                    }),
+                    None => bad.push(slot.seq),
+                }
+                position += length;
+            }
+            at = end;
+        }
+        bad
+    }
+
+    pub(crate) fn queue(&self, user: UserId) -> Option<&UserQueue> {
+        self.positions
+            .get(&user.get())
+            .map(|&at| &self.queues[at as usize])
+    }
+
+    fn queue_mut(&mut self, user: UserId) -> &mut UserQueue {
+        let at = match self.positions.get(&user.get()) {
+            Some(&at) => at as usize,
+            None => {
+                self.positions.insert(user.get(), self.queues.len() as u32);
+                self.queues.push(UserQueue {
+                    user,
+                    slots: VecDeque::new(),
+                    body_bytes: 0,
+                });
+                self.queues.len() - 1
+            }
+        };
+        &mut self.queues[at]
+    }
+
+    fn push(&mut self, user: UserId, slot: Slot) {
+        let segment = self
+            .segments
+            .get_mut(&slot.segment)
+            .expect("slot's segment");
+        segment.live_records += 1;
+        segment.live_bytes += u64::from(slot.record_bytes);
+        self.push_recovered(user, slot);
+    }
+
+    fn push_recovered(&mut self, user: UserId, slot: Slot) {
+        let queue = self.queue_mut(user);
+        queue.body_bytes += slot.body_bytes() as u64;
+        queue.slots.push_back(slot);
+    }
+
+    fn remove_at(&mut self, user: UserId, position: usize) -> Slot {
+        let at = *self.positions.get(&user.get()).expect("queued user") as usize;
+        let queue = &mut self.queues[at];
+        let slot = queue.slots.remove(position).expect("position in queue");
+        queue.body_bytes -= slot.body_bytes() as u64;
+        if queue.slots.is_empty() {
+            self.positions.remove(&user.get());
+            self.queues.swap_remove(at);
+            if let Some(moved) = self.queues.get(at) {
+                self.positions.insert(moved.user.get(), at as u32);
+            }
+        }
+        if let Some(segment) = self.segments.get_mut(&slot.segment) {
+            segment.live_records -= 1;
+            segment.live_bytes -= u64::from(slot.record_bytes);
+            segment.dead_records += 1;
+        }
+        slot
+    }
+
+    fn find(&self, user: UserId, seq: u64) -> Option<Slot> {
+        let queue = self.queue(user)?;
+        let at = queue
+            .slots
+            .binary_search_by_key(&seq, |slot| slot.seq)
+            .ok()?;
+        Some(queue.slots[at])
+    }
+
+    /// Points the record `seq` at a new place and moves its accounting with it.
+    fn relocate(&mut self, user: UserId, seq: u64, new_slot: Slot) {
+        let Some(&at) = self.positions.get(&user.get()) else {
+            return;
+        };
+        let queue = &mut self.queues[at as usize];
+        let Ok(position) = queue.slots.binary_search_by_key(&seq, |slot| slot.seq) else {
+            return;
+        };
+        let old = std::mem::replace(&mut queue.slots[position], new_slot);
+        let bytes = u64::from(old.record_bytes);
+        if let Some(segment) = self.segments.get_mut(&old.segment) {
+            segment.live_records -= 1;
+            segment.live_bytes -= bytes;
+            segment.dead_records += 1;
+        }
+        if let Some(segment) = self.segments.get_mut(&new_slot.segment) {
+            segment.live_records += 1;
+            segment.live_bytes += bytes;
+        }
+    }
+
+    fn slots_in(&self, segment: u32) -> Vec<(UserId, u64)> {
+        self.queues
+            .iter()
+            .flat_map(|queue| {
+                queue
+                    .slots
+                    .iter()
+                    .filter(move |slot| slot.segment == segment)
+                    .map(move |slot| (queue.user, slot.seq))
+            })
+            .collect()
+    }
+}

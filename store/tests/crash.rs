@@ -1,0 +1,495 @@
+//! Crash and damage scenarios for the per-shard log. Each test opens with the failure it
+//! guards against.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use hop_protocol::UserId;
+use hop_store::io::{Faults, FaultyIo, FsIo};
+use hop_store::{
+    prepare, report, AppendError, Durability, Item, Options, Quota, Record, ShardStore, StoredItem,
+};
+
+const MINUTE_MS: u64 = 60_000;
+
+fn user(raw: u64) -> UserId {
+    UserId::new(raw).expect("valid id")
+}
+
+fn options() -> Options {
+    Options {
+        durability: Durability::Batch {
+            delay_ms: 2,
+            records_max: 1024,
+        },
+        segment_bytes_max: 64 * 1024,
+        ..Options::default()
+    }
+}
+
+fn message(id: u64, body: &[u8]) -> Item<'_> {
+    Item::Message {
+        from: user(1),
+        id,
+        timestamp_ms: 1_000 + id,
+        body,
+    }
+}
+
+fn open(data: &Path, options: Options) -> ShardStore<FsIo> {
+    ShardStore::open(data, 0, 1, options, FsIo, 1_000)
+        .expect("open")
+        .0
+}
+
+fn read_all<I: hop_store::io::Io>(store: &mut ShardStore<I>, who: UserId) -> Vec<Record> {
+    let mut out = Vec::new();
+    store.read(who, 0, usize::MAX, &mut out).expect("read");
+    out
+}
+
+fn ids(records: &[Record]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|record| match &record.item {
+            StoredItem::Message { id, .. } | StoredItem::Receipt { id, .. } => *id,
+        })
+        .collect()
+}
+
+fn segments(data: &Path, shard: u16) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(data.join(format!("shard-{shard}")))
+        .expect("shard dir")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Appends `count` messages with ids `first..` for user 7 and commits them.
+fn fill(store: &mut ShardStore<FsIo>, first: u64, count: u64, body: &[u8]) {
+    for id in first..first + count {
+        store
+            .append(1_000, user(7), &message(id, body))
+            .expect("append");
+    }
+    store.commit(1_000).expect("commit");
+}
+
+#[test]
+fn empty_data_folder_starts_with_no_queues() {
+    // Guards against: a first start (no folder at all) failing or inventing records.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let data = temp.path().join("data");
+    let layout = prepare(
+        &FsIo,
+        &data,
+        2,
+        |u, n| (u.get() % u64::from(n)) as u16,
+        options(),
+        0,
+    )
+    .expect("prepare");
+    assert_eq!(layout.previous_shards, None);
+    let (store, stats) = ShardStore::open(&data, 1, 2, options(), FsIo, 0).expect("open");
+    assert_eq!(stats.records_live, 0);
+    assert_eq!(store.users().count(), 0);
+}
+
+#[test]
+fn records_survive_a_restart_in_order() {
+    // Guards against: committed records lost or reordered across a clean restart.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut store = open(temp.path(), options());
+    fill(&mut store, 1, 500, &[7u8; 100]);
+    drop(store);
+    let mut store = open(temp.path(), options());
+    let records = read_all(&mut store, user(7));
+    assert_eq!(ids(&records), (1..=500).collect::<Vec<_>>());
+    assert!(segments(temp.path(), 0).len() > 1, "64 KiB segments rolled");
+}
+
+#[test]
+fn torn_tail_is_truncated_and_the_rest_recovered() {
+    // Guards against: a crash in the middle of writing the last batch (a torn record at the end
+    // of the last segment) making recovery panic or drop earlier records.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut store = open(temp.path(), options());
+    fill(&mut store, 1, 10, b"body");
+    drop(store);
+    let last = segments(temp.path(), 0).pop().expect("a segment");
+    let mut bytes = fs::read(&last).expect("read");
+    let full = bytes.len();
+    bytes.truncate(full - 5); // the last record loses its end
+    fs::write(&last, &bytes).expect("write");
+    let (mut store, stats) =
+        ShardStore::open(temp.path(), 0, 1, options(), FsIo, 1_000).expect("open");
+    assert!(stats.torn_bytes > 0);
+    assert_eq!(
+        ids(&read_all(&mut store, user(7))),
+        (1..=9).collect::<Vec<_>>()
+    );
+    assert!(
+        fs::metadata(&last).expect("meta").len() < full as u64 - 5,
+        "tail cut"
+    );
+}
+
+#[test]
+fn flipped_bits_mid_segment_skip_one_record_only() {
+    // Guards against: one rotten record in the middle of a segment hiding the records after it,
+    // or crashing recovery.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut store = open(temp.path(), options());
+    fill(&mut store, 1, 20, &[0xAB; 50]);
+    drop(store);
+    let first = segments(temp.path(), 0).remove(0);
+    let mut bytes = fs::read(&first).expect("read");
+    let record = 8 + 41 + 50;
+    bytes[32 + 5 * record + 60] ^= 0x20; // inside the sixth record's body
+    bytes[32 + 9 * record + 5] ^= 0x01; // the tenth record's length
+    fs::write(&first, &bytes).expect("write");
+    let (mut store, stats) =
+        ShardStore::open(temp.path(), 0, 1, options(), FsIo, 1_000).expect("open");
+    assert_eq!(stats.corrupt_records, 2);
+    let expected: Vec<u64> = (1..=20).filter(|id| *id != 6 && *id != 10).collect();
+    assert_eq!(ids(&read_all(&mut store, user(7))), expected);
+}
+
+#[test]
+fn missing_segment_loses_only_its_records() {
+    // Guards against: a deleted or lost segment file stopping recovery of the others.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut store = open(temp.path(), options());
+    for batch in 0..3 {
+        fill(&mut store, batch * 1000 + 1, 500, &[1u8; 100]); // > 64 KiB: one segment each
+    }
+    drop(store);
+    let all = segments(temp.path(), 0);
+    assert!(all.len() >= 3);
+    fs::remove_file(&all[1]).expect("remove");
+    let (mut store, stats) =
+        ShardStore::open(temp.path(), 0, 1, options(), FsIo, 1_000).expect("open");
+    assert_eq!(stats.missing_segments, 1);
+    let got = ids(&read_all(&mut store, user(7)));
+    assert!(got.contains(&1) && got.contains(&2500));
+    assert_eq!(got.len(), 1000);
+}
+
+#[test]
+fn different_shard_count_rehomes_every_record_once() {
+    // Guards against: a restart with another --shards count losing queued records, duplicating
+    // them, or leaving them on a shard that is not their home.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let data = temp.path();
+    let home = |u: UserId, n: u16| (u.get() % u64::from(n)) as u16;
+    prepare(&FsIo, data, 3, home, options(), 0).expect("prepare 3");
+    let mut expected = Vec::new();
+    for shard in 0..3u16 {
+        let (mut store, _) = ShardStore::open(data, shard, 3, options(), FsIo, 0).expect("open");
+        for raw in (1..=60u64).filter(|raw| home(user(*raw), 3) == shard) {
+            for id in 0..5 {
+                let id = raw * 100 + id;
+                store
+                    .append(0, user(raw), &message(id, b"x"))
+                    .expect("append");
+                expected.push((raw, id));
+            }
+            // One delivered record per user: must not come back.
+            assert!(store.mark_delivered(0, user(raw), raw * 100, 0));
+        }
+        store.commit(0).expect("commit");
+    }
+    expected.retain(|(_, id)| id % 100 != 0);
+    let layout = prepare(&FsIo, data, 2, home, options(), 0).expect("prepare 2");
+    assert_eq!(layout.previous_shards, Some(3));
+    assert_eq!(layout.rehomed_records, expected.len() as u64);
+    assert!(!data.join("shard-2").exists());
+    let mut found = Vec::new();
+    for shard in 0..2u16 {
+        let (mut store, _) = ShardStore::open(data, shard, 2, options(), FsIo, 0).expect("open");
+        let users: Vec<UserId> = store.users().map(|(u, _)| u).collect();
+        for who in users {
+            assert_eq!(home(who, 2), shard);
+            for id in ids(&read_all(&mut store, who)) {
+                found.push((who.get(), id));
+            }
+        }
+    }
+    found.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(found, expected);
+    // Again with the same count: nothing moves.
+    let layout = prepare(&FsIo, data, 2, home, options(), 0).expect("prepare again");
+    assert_eq!(layout.rehomed_records, 0);
+}
+
+#[test]
+fn delete_on_delivery_leaves_no_body_bytes_on_disk() {
+    // Guards against: a delivered message's body staying readable in a file under DATA after
+    // delivery and compaction (the privacy promise of "forget").
+    let temp = tempfile::tempdir().expect("tempdir");
+    let marker = b"UNIQUE-MARKER-5f2c9e1d-delivered-body";
+    let mut store = open(temp.path(), options());
+    store
+        .append(1_000, user(7), &message(1, marker))
+        .expect("append");
+    fill(&mut store, 2, 300, &[3u8; 100]); // fills more segments; keeps some live records
+    assert!(store.mark_delivered(1_000, user(7), 1, 0));
+    store.commit(1_000).expect("commit");
+    // The documented bound: the active segment is sealed at the first commit after it is
+    // segment_age_max_ms (5 min) old, and compacted compact_after_ms (5 min) after sealing.
+    store.commit(1_000 + 6 * MINUTE_MS).expect("commit seals");
+    let later = 1_000 + 11 * MINUTE_MS;
+    for _ in 0..100 {
+        store.commit(later).expect("commit");
+        if store.compact(later, 1 << 20).expect("compact").idle {
+            break;
+        }
+    }
+    for entry in fs::read_dir(temp.path().join("shard-0")).expect("dir") {
+        let bytes = fs::read(entry.expect("entry").path()).expect("read");
+        assert!(
+            !bytes.windows(marker.len()).any(|window| window == marker),
+            "marker found on disk"
+        );
+    }
+    // The live records are still there, across a restart.
+    drop(store);
+    let mut store = open(temp.path(), options());
+    assert_eq!(
+        ids(&read_all(&mut store, user(7))),
+        (2..=301).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn expiry_with_injected_clock_removes_old_records_only() {
+    // Guards against: undelivered messages living past offline_ttl, or young ones expiring.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        offline_ttl_ms: 10 * MINUTE_MS,
+        ..options()
+    };
+    let mut store = open(temp.path(), options);
+    let item = |id, timestamp_ms| Item::Message {
+        from: user(1),
+        id,
+        timestamp_ms,
+        body: b"b",
+    };
+    store.append(0, user(7), &item(1, 0)).expect("append");
+    store.append(0, user(8), &item(2, 0)).expect("append");
+    store
+        .append(0, user(8), &item(3, 5 * MINUTE_MS))
+        .expect("append");
+    store.commit(0).expect("commit");
+    assert!(store.expire(10 * MINUTE_MS - 1, 100).is_empty());
+    let expired = store.expire(10 * MINUTE_MS, 100);
+    let mut expired_ids: Vec<u64> = expired.iter().map(|e| e.id).collect();
+    expired_ids.sort_unstable();
+    assert_eq!(expired_ids, [1, 2]);
+    store.commit(10 * MINUTE_MS).expect("commit");
+    drop(store);
+    let mut store = open(temp.path(), options);
+    assert_eq!(store.queue_len(user(7)), 0);
+    assert_eq!(ids(&read_all(&mut store, user(8))), [3]);
+}
+
+#[test]
+fn quotas_refuse_the_over_quota_user_only() {
+    // Guards against: one user's full queue blocking others, or a queue growing past its quota.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        quota: Quota {
+            messages_max: 3,
+            bytes_max: 250,
+        },
+        ..options()
+    };
+    let mut store = open(temp.path(), options);
+    for id in 1..=3 {
+        store
+            .append(0, user(7), &message(id, &[0; 10]))
+            .expect("append");
+    }
+    assert!(matches!(
+        store.append(0, user(7), &message(4, &[0; 10])),
+        Err(AppendError::QuotaMessages { queued: 3, max: 3 })
+    ));
+    store
+        .append(0, user(8), &message(5, &[0; 200]))
+        .expect("other user fine");
+    assert!(matches!(
+        store.append(0, user(8), &message(6, &[0; 100])),
+        Err(AppendError::QuotaBytes { .. })
+    ));
+    assert!(store.mark_delivered(0, user(7), 1, 0));
+    store
+        .append(0, user(7), &message(4, &[0; 10]))
+        .expect("room again");
+    assert_eq!(store.counters().rejected_quota, 2);
+}
+
+#[test]
+fn failed_write_reports_the_batch_and_keeps_durable_records() {
+    // Guards against: a full disk losing records that were already acked, or an append whose
+    // write failed being reported durable (its ServerAck must not leave).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let faults = Faults::new();
+    let io = FaultyIo {
+        faults: faults.clone(),
+    };
+    let (mut store, _) =
+        ShardStore::open(temp.path(), 0, 1, options(), io.clone(), 0).expect("open");
+    for id in 1..=5 {
+        store
+            .append(0, user(7), &message(id, b"durable"))
+            .expect("append");
+    }
+    let commit = store.commit(0).expect("commit");
+    assert_eq!(commit.durable_through, 5);
+    faults.write_bytes_left.store(30, Ordering::Relaxed); // the disk fills mid-batch
+    let failing = store
+        .append(0, user(7), &message(6, b"lost"))
+        .expect("append");
+    let error = store.commit(0).expect_err("disk full");
+    assert_eq!(error.failed_seqs, failing..=failing);
+    assert_eq!(store.queue_len(user(7)), 5);
+    faults.write_bytes_left.store(-1, Ordering::Relaxed); // space again
+    store
+        .append(0, user(7), &message(7, b"after"))
+        .expect("append");
+    store.commit(0).expect("commit");
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(7))), [1, 2, 3, 4, 5, 7]);
+}
+
+#[test]
+fn failed_fsync_reports_the_batch_and_keeps_durable_records() {
+    // Guards against: an fsync error (EIO) being ignored, so that a ServerAck leaves for a
+    // record that may not be on disk; and against it damaging what was durable before.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let faults = Faults::new();
+    let io = FaultyIo {
+        faults: faults.clone(),
+    };
+    let (mut store, _) =
+        ShardStore::open(temp.path(), 0, 1, options(), io.clone(), 0).expect("open");
+    store
+        .append(0, user(7), &message(1, b"durable"))
+        .expect("append");
+    store.commit(0).expect("commit");
+    assert!(store.mark_delivered(0, user(7), 1, 0));
+    store
+        .append(0, user(7), &message(2, b"durable too"))
+        .expect("append");
+    store.commit(0).expect("commit");
+    faults.fail_syncs.store(true, Ordering::Relaxed);
+    let failing = store
+        .append(0, user(7), &message(3, b"unsure"))
+        .expect("append");
+    assert!(store.mark_delivered(0, user(7), 2, 0));
+    let error = store.commit(0).expect_err("fsync fails");
+    assert_eq!(error.failed_seqs, failing..=failing);
+    assert_eq!(store.queue_len(user(7)), 0);
+    faults.fail_syncs.store(false, Ordering::Relaxed);
+    store.commit(0).expect("the kept tombstone commits now");
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 0).expect("reopen");
+    // 1 and 2 were delivered; 3 failed and its sender was told (it may reappear: at least once).
+    let got = ids(&read_all(&mut store, user(7)));
+    assert!(got.iter().all(|id| *id == 3), "got {got:?}");
+}
+
+#[test]
+fn admin_report_reads_a_folder_without_a_server() {
+    // Guards against: the operator having no way to see queue depths and ages offline.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut store = open(temp.path(), options());
+    for id in 1..=4 {
+        store
+            .append(0, user(7), &message(id, b"abc"))
+            .expect("append");
+    }
+    store
+        .append(0, user(9), &message(10, b"abc"))
+        .expect("append");
+    store.commit(0).expect("commit");
+    let seen = report(&FsIo, temp.path(), 2 * 86_400_000, 10).expect("report");
+    assert_eq!(seen.records(), 5);
+    assert_eq!(seen.largest[0].user, user(7));
+    assert_eq!(seen.largest[0].records, 4);
+    assert_eq!(seen.oldest_timestamp_ms(), Some(1_001));
+    let text = seen.to_string();
+    assert!(text.contains("largest queues"), "{text}");
+}
+
+#[test]
+fn kill_nine_during_appends_loses_no_committed_record() {
+    // Guards against: a record reported durable (its ServerAck sent) missing after hopd is
+    // killed with SIGKILL in the middle of a write load.
+    if let Ok(dir) = std::env::var("HOP_STORE_CRASH_CHILD") {
+        child_appends_until_killed(Path::new(&dir));
+        return;
+    }
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--exact",
+            "kill_nine_during_appends_loses_no_committed_record",
+            "--nocapture",
+        ])
+        .env("HOP_STORE_CRASH_CHILD", temp.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut durable_through = 0u64;
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        if let Some(seq) = line.strip_prefix("durable ") {
+            durable_through = seq.trim().parse().expect("seq");
+            if durable_through >= 20_000 {
+                break;
+            }
+        }
+    }
+    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
+    child.wait().expect("wait");
+    assert!(durable_through >= 20_000);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), FsIo, 0).expect("reopen");
+    let got = ids(&read_all(&mut store, user(7)));
+    // Ids equal sequence numbers in the child; every reported one must be there, in order.
+    assert!(got.len() as u64 >= durable_through);
+    assert_eq!(
+        got[..durable_through as usize],
+        (1..=durable_through).collect::<Vec<_>>()[..]
+    );
+}
+
+fn child_appends_until_killed(dir: &Path) {
+    let options = Options {
+        quota: Quota {
+            messages_max: u32::MAX,
+            bytes_max: u64::MAX,
+        },
+        ..options()
+    };
+    let (mut store, _) = ShardStore::open(dir, 0, 1, options, FsIo, 0).expect("open");
+    let mut id = 0u64;
+    loop {
+        for _ in 0..100 {
+            id += 1;
+            store
+                .append(0, user(7), &message(id, &[5u8; 100]))
+                .expect("append");
+        }
+        let commit = store.commit(0).expect("commit");
+        println!("durable {}", commit.durable_through);
+    }
+}
