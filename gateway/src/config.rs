@@ -44,8 +44,35 @@ pub struct Config {
     pub subscriptions_max: usize,
     /// Watchers one user may have.
     pub subscribers_max: usize,
+    /// When a queued message is durable, and so when its ServerAck leaves: `always` (fsync
+    /// every loop turn that queued something), `batch` (group commit, the default) or `none`
+    /// (written to the page cache, never fsynced: survives a crash of hopd, not of the machine).
+    pub durability: DurabilityPolicy,
+    /// Group commit (`batch`, `none`): commit at most this long after a batch's first record.
+    pub batch_delay_ms: u64,
+    /// Group commit (`batch`, `none`): commit as soon as a batch holds this many records.
+    pub batch_records_max: u32,
+    /// Undelivered messages and receipts are deleted this long after they were sent.
+    pub offline_ttl_ms: u64,
+    /// An offline-queue log segment is sealed once it holds this many bytes.
+    pub segment_bytes_max: u32,
+    /// A log segment holding records is sealed this long after it was created.
+    pub segment_age_max_ms: u64,
+    /// A sealed segment holding delivered or expired records is compacted this long after it
+    /// was sealed. With `segment_age_max_ms`, the bound on how long a delivered message's bytes
+    /// stay in the data folder.
+    pub compact_after_ms: u64,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `hop_gateway=debug`.
     pub log: String,
+}
+
+/// See [`Config::durability`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityPolicy {
+    Always,
+    Batch,
+    None,
 }
 
 impl Default for Config {
@@ -67,6 +94,13 @@ impl Default for Config {
             inflight_max: router.inflight_max,
             subscriptions_max: router.subscriptions_max,
             subscribers_max: router.subscribers_max,
+            durability: DurabilityPolicy::Batch,
+            batch_delay_ms: 2,
+            batch_records_max: 1024,
+            offline_ttl_ms: 30 * 24 * 60 * 60 * 1000,
+            segment_bytes_max: 64 * 1024 * 1024,
+            segment_age_max_ms: 5 * 60 * 1000,
+            compact_after_ms: 5 * 60 * 1000,
             log: "info".to_string(),
         }
     }
@@ -112,8 +146,44 @@ pub struct Args {
     pub subscriptions_max: Option<usize>,
     #[arg(long, value_name = "N")]
     pub subscribers_max: Option<usize>,
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub durability: Option<DurabilityPolicy>,
+    #[arg(long, value_name = "MS")]
+    pub batch_delay_ms: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub batch_records_max: Option<u32>,
+    #[arg(long, value_name = "MS")]
+    pub offline_ttl_ms: Option<u64>,
+    #[arg(long, value_name = "BYTES")]
+    pub segment_bytes_max: Option<u32>,
+    #[arg(long, value_name = "MS")]
+    pub segment_age_max_ms: Option<u64>,
+    #[arg(long, value_name = "MS")]
+    pub compact_after_ms: Option<u64>,
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Tools that work on a data folder without starting the server.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Inspect a data folder.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AdminCommand {
+    /// Queue depths per shard, the oldest message's age and the largest queues.
+    Queues {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// How many of the largest queues to list.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        largest: usize,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -161,6 +231,13 @@ impl Config {
             inflight_max,
             subscriptions_max,
             subscribers_max,
+            durability,
+            batch_delay_ms,
+            batch_records_max,
+            offline_ttl_ms,
+            segment_bytes_max,
+            segment_age_max_ms,
+            compact_after_ms,
             log
         );
         if config.shards == 0 {
@@ -193,6 +270,9 @@ impl Config {
             ("queue_bytes_max", self.queue_bytes_max),
             ("shard_queue_bytes_max", self.shard_queue_bytes_max),
             ("inflight_max", self.inflight_max),
+            ("batch_delay_ms", self.batch_delay_ms as usize),
+            ("batch_records_max", self.batch_records_max as usize),
+            ("offline_ttl_ms", self.offline_ttl_ms as usize),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -214,7 +294,41 @@ impl Config {
                 reason: "must hold at least one whole frame (65,536 bytes)".into(),
             });
         }
+        if self.segment_bytes_max < 1024 * 1024 || self.segment_bytes_max > 1024 * 1024 * 1024 {
+            return Err(ConfigError::Invalid {
+                name: "segment_bytes_max",
+                reason: "must be between 1 MiB and 1 GiB".into(),
+            });
+        }
         Ok(())
+    }
+
+    /// The offline store's settings. Its quotas match the router's limits; receipts count
+    /// there too, up to twice the message limit.
+    pub fn store_options(&self) -> hop_store::Options {
+        let durability = match self.durability {
+            DurabilityPolicy::Always => hop_store::Durability::Always,
+            DurabilityPolicy::Batch => hop_store::Durability::Batch {
+                delay_ms: self.batch_delay_ms,
+                records_max: self.batch_records_max,
+            },
+            DurabilityPolicy::None => hop_store::Durability::None {
+                delay_ms: self.batch_delay_ms,
+                records_max: self.batch_records_max,
+            },
+        };
+        hop_store::Options {
+            durability,
+            segment_bytes_max: self.segment_bytes_max,
+            segment_age_max_ms: self.segment_age_max_ms,
+            compact_after_ms: self.compact_after_ms,
+            offline_ttl_ms: self.offline_ttl_ms,
+            quota: hop_store::Quota {
+                messages_max: u32::try_from(2 * self.queue_messages_max).unwrap_or(u32::MAX),
+                bytes_max: self.queue_bytes_max as u64,
+            },
+            ..hop_store::Options::default()
+        }
     }
 
     pub fn router_limits(&self) -> hop_router::Limits {

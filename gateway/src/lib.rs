@@ -21,6 +21,11 @@ use tracing_subscriber::EnvFilter;
 /// Exit status: 0 after a clean stop, 1 if the server failed, 2 for bad configuration.
 pub fn main() -> std::process::ExitCode {
     let args = config::Args::parse();
+    if let Some(config::Command::Admin(config::AdminCommand::Queues { data, largest })) =
+        &args.command
+    {
+        return admin_queues(data, *largest);
+    }
     let config = match config::Config::from_args(&args) {
         Ok(config) => config,
         Err(error) => {
@@ -52,6 +57,27 @@ pub fn main() -> std::process::ExitCode {
         Ok(false) => std::process::ExitCode::FAILURE,
         Err(error) => {
             eprintln!("hopd: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hopd admin queues --data DIR`: reads the offline queues without starting the server.
+fn admin_queues(data: &std::path::Path, largest: usize) -> std::process::ExitCode {
+    if !data.is_dir() {
+        eprintln!("hopd: {} is not a data folder", data.display());
+        return std::process::ExitCode::from(2);
+    }
+    match hop_store::report(&hop_store::io::FsIo, data, shard::wall_clock_ms(), largest) {
+        Ok(report) => {
+            print!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "hopd: cannot read the queues in {}: {error}",
+                data.display()
+            );
             std::process::ExitCode::FAILURE
         }
     }

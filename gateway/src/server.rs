@@ -21,6 +21,8 @@ use crate::shard::{self, wall_clock_ms, ShardMailboxes, ShardParts, ShardSetting
 use crate::stats::ShardStats;
 use crate::sys::mio::MioBackend;
 use crate::sys::{Backend, BackendLimits};
+use hop_store::io::FsIo;
+use hop_store::ShardStore;
 
 /// Pending connections the kernel queues per listener.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -41,6 +43,8 @@ pub enum StartError {
     Shard { shard: usize, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error("offline queue: {0}")]
+    Store(#[from] hop_store::StoreError),
 }
 
 /// A running server.
@@ -81,6 +85,15 @@ impl Server {
                 "account bindings had damage; the damaged records were skipped"
             );
         }
+        let layout = hop_store::prepare(
+            &FsIo,
+            &config.data,
+            config.shards as u16,
+            hop_router::home_shard,
+            config.store_options(),
+            wall_clock_ms(),
+        )?;
+        info!(?layout, "offline queue ready");
         let bindings = Arc::new(loaded.bindings);
         let key = Arc::new(key);
         let (shutdown, wake_all, threads, stats) =
@@ -184,7 +197,9 @@ fn start_shards<B: Backend>(
     };
     // Every shard registers before any starts its loop; a shard that fails to start reports.
     let registered = Arc::new(Barrier::new(shards + 1));
-    let (report, reports) = std::sync::mpsc::channel::<(usize, io::Error)>();
+    let (report, reports) = std::sync::mpsc::channel::<(usize, String)>();
+    let store_options = config.store_options();
+    let data = config.data.clone();
     let mut threads = Vec::with_capacity(shards);
     let mut stats = Vec::with_capacity(shards);
     for (index, listener) in listeners.into_iter().enumerate() {
@@ -211,12 +226,13 @@ fn start_shards<B: Backend>(
             router.restore_binding(*user, *user_key);
         }
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-        let (key, mailboxes, shutdown, registered, report) = (
+        let (key, mailboxes, shutdown, registered, report, data) = (
             key.clone(),
             mailboxes.clone(),
             shutdown.clone(),
             registered.clone(),
             report.clone(),
+            data.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("hop-shard-{index}"))
@@ -224,8 +240,21 @@ fn start_shards<B: Backend>(
                 if let Some(cpu) = cpu {
                     pin_to_cpu(cpu);
                 }
-                let backend = match B::open(listener, limits) {
-                    Ok(backend) => backend,
+                let opened = B::open(listener, limits)
+                    .map_err(|error| error.to_string())
+                    .and_then(|backend| {
+                        let store = open_store(
+                            &data,
+                            index as u16,
+                            shards as u16,
+                            store_options,
+                            &mut router,
+                        )
+                        .map_err(|error| error.to_string())?;
+                        Ok((backend, store))
+                    });
+                let (backend, store) = match opened {
+                    Ok(opened) => opened,
                     Err(error) => {
                         let _ = report.send((index, error));
                         registered.wait();
@@ -245,6 +274,7 @@ fn start_shards<B: Backend>(
                     mailboxes,
                     stats: shard_stats,
                     accounts,
+                    store,
                     shutdown,
                 });
             })
@@ -256,15 +286,84 @@ fn start_shards<B: Backend>(
     }
     drop(report);
     registered.wait();
-    if let Ok((shard, source)) = reports.try_recv() {
+    if let Ok((shard, reason)) = reports.try_recv() {
         shutdown.store(true, Ordering::Release);
         for thread in threads {
             let _ = thread.join();
         }
-        return Err(StartError::Shard { shard, source });
+        return Err(StartError::Shard {
+            shard,
+            source: io::Error::other(reason),
+        });
     }
     let wake_all: Arc<dyn Fn() + Send + Sync> = Arc::new(move || mailboxes.wake_all_remotely());
     Ok((shutdown, wake_all, threads, stats))
+}
+
+/// Opens a shard's offline queue and gives its items back to the router.
+fn open_store(
+    data: &std::path::Path,
+    shard: u16,
+    shards: u16,
+    options: hop_store::Options,
+    router: &mut Router,
+) -> Result<ShardStore<FsIo>, hop_store::StoreError> {
+    let (mut store, recovery) =
+        ShardStore::open(data, shard, shards, options, FsIo, wall_clock_ms())?;
+    let damaged =
+        recovery.corrupt_records + recovery.torn_bytes + u64::from(recovery.missing_segments);
+    if damaged > 0 {
+        warn!(
+            shard,
+            ?recovery,
+            "offline queue recovered with damage; damaged records were skipped"
+        );
+    } else {
+        info!(
+            shard,
+            records = recovery.records_live,
+            users = recovery.users,
+            "offline queue recovered"
+        );
+    }
+    let users: Vec<hop_protocol::UserId> = store.users().map(|(user, _)| user).collect();
+    let mut records = Vec::new();
+    for user in users {
+        records.clear();
+        store.read(user, 0, usize::MAX, &mut records)?;
+        for record in records.drain(..) {
+            router.restore_item(user, queued(record.item));
+        }
+    }
+    Ok(store)
+}
+
+fn queued(item: hop_store::StoredItem) -> hop_router::Queued {
+    match item {
+        hop_store::StoredItem::Message {
+            from,
+            id,
+            timestamp_ms,
+            body,
+        } => hop_router::Queued::Message {
+            from,
+            id,
+            timestamp_ms,
+            body,
+        },
+        hop_store::StoredItem::Receipt {
+            id,
+            kind,
+            by,
+            timestamp_ms,
+        } => hop_router::Queued::Receipt {
+            id,
+            kind: hop_protocol::wire::ReceiptKind::try_from(i32::from(kind))
+                .unwrap_or(hop_protocol::wire::ReceiptKind::Delivered),
+            by,
+            timestamp_ms,
+        },
+    }
 }
 
 fn bind_listeners(addr: SocketAddr, shards: usize) -> Result<Vec<TcpListener>, StartError> {

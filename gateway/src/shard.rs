@@ -10,7 +10,10 @@
 //! 4. end the turn: seal each touched connection's stanzas into one frame and hand the bytes to
 //!    the backend, move authenticated connections to their home shards, close what must close,
 //!    retry blocked mail, wake the shards that got mail (once each);
-//! 5. once per tick, enforce the handshake and idle timeouts.
+//! 5. commit the offline store when its batch is due and release the ServerAcks of what became
+//!    durable;
+//! 6. once per tick, enforce the handshake and idle timeouts, expire old queued items and
+//!    compact the store a bounded step.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +23,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
 use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent};
+use hop_protocol::wire::ReceiptKind;
 use hop_protocol::wire::{ErrorCode, GoAwayReason, Stanza};
 use hop_protocol::{StaticKey, UserId};
-use hop_router::{home_shard, Action, ConnRef, ConnectError, Router, ShardId, ShardMessage};
+use hop_router::{
+    home_shard, Action, ConnRef, ConnectError, Queued, Router, ShardId, ShardMessage,
+};
+use hop_store::io::FsIo;
+use hop_store::ShardStore;
 use tracing::{debug, info, warn};
 
 use crate::accounts::AccountLog;
@@ -38,6 +46,10 @@ const TICK_MAX: Duration = Duration::from_secs(1);
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 /// Send buffers above this are released after a turn.
 const OUT_CAPACITY_KEPT_BYTES: usize = 64 * 1024;
+/// Users whose queues one tick checks for expired items.
+const EXPIRE_USERS_PER_TICK: usize = 1024;
+/// Bytes one tick's compaction step may read.
+const COMPACT_BYTES_PER_TICK: usize = 4 * 1024 * 1024;
 /// Bad-input log lines per shard per second at `warn`; the rest go to `debug`.
 const WARNINGS_PER_SECOND: u32 = 10;
 
@@ -86,6 +98,7 @@ pub struct ShardParts<B: Backend> {
     pub mailboxes: Arc<ShardMailboxes<B>>,
     pub stats: Arc<ShardStats>,
     pub accounts: AccountLog,
+    pub store: ShardStore<FsIo>,
     pub shutdown: Arc<AtomicBool>,
 }
 
@@ -130,6 +143,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         mailboxes,
         stats,
         accounts,
+        store,
         shutdown,
     } = parts;
     let shards = usize::from(settings.shards);
@@ -156,6 +170,8 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         adoptions: HashMap::new(),
         next_token: 0,
         to_pause: Vec::new(),
+        store,
+        unkept: VecDeque::new(),
     };
     let tick = Duration::from_millis(
         (core
@@ -175,7 +191,13 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         let timeout = if mail_backlog || core.has_blocked_mail() {
             Duration::ZERO
         } else {
-            next_tick.saturating_duration_since(now)
+            let until_commit = core
+                .store
+                .next_commit_deadline()
+                .map_or(Duration::MAX, |deadline| {
+                    Duration::from_millis(deadline.saturating_sub(wall_clock_ms()))
+                });
+            next_tick.saturating_duration_since(now).min(until_commit)
         };
         core.mailboxes.clear_wake(index);
         let result = backend.poll(Some(timeout), &mut |event| {
@@ -189,8 +211,11 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         core.now_ms = wall_clock_ms();
         mail_backlog = core.drain_mail(&mut backend);
         core.end_turn(&mut backend);
+        core.commit_if_due();
+        core.end_turn(&mut backend);
         if Instant::now() >= next_tick {
             core.enforce_timeouts();
+            core.expire_and_compact();
             core.end_turn(&mut backend);
             core.publish_gauges(&backend);
             next_tick = Instant::now() + tick;
@@ -232,6 +257,10 @@ struct Core<B: Backend> {
     next_token: u64,
     /// Connections to pause once the backend is free (after a poll).
     to_pause: Vec<ConnId>,
+    /// This shard's offline queue on disk.
+    store: ShardStore<FsIo>,
+    /// Items appended to the store and not yet durable, in sequence order: (seq, user, id, kind).
+    unkept: VecDeque<(u64, UserId, u64, ReceiptKind)>,
 }
 
 impl<B: Backend> Core<B> {
@@ -443,10 +472,10 @@ impl<B: Backend> Core<B> {
                     }
                 }
                 Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
-                // Queues live in memory until the durable store is wired in: an item is
-                // "kept" as soon as it is queued.
-                Action::Keep { item, .. } => self.router.handle_kept(item.id(), self.now_ms),
-                Action::Forget { .. } => {}
+                Action::Keep { user, item } => self.keep(user, &item),
+                Action::Forget { user, id, kind } => {
+                    self.store.mark_delivered(self.now_ms, user, id, kind as u8);
+                }
                 Action::PersistBinding { user, key } => {
                     if let Err(error) = self.accounts.append(user, &key) {
                         bump(&self.stats.binding_write_errors, 1);
@@ -455,6 +484,119 @@ impl<B: Backend> Core<B> {
                 }
             }
         }
+    }
+
+    /// Appends an item to the store; its ServerAck (for a message) waits for the commit.
+    fn keep(&mut self, user: UserId, item: &Queued) {
+        let appended = match item {
+            Queued::Message {
+                from,
+                id,
+                timestamp_ms,
+                body,
+            } => self.store.append(
+                self.now_ms,
+                user,
+                &hop_store::Item::Message {
+                    from: *from,
+                    id: *id,
+                    timestamp_ms: *timestamp_ms,
+                    body,
+                },
+            ),
+            Queued::Receipt {
+                id,
+                kind,
+                by,
+                timestamp_ms,
+            } => self.store.append(
+                self.now_ms,
+                user,
+                &hop_store::Item::Receipt {
+                    id: *id,
+                    kind: *kind as u8,
+                    by: *by,
+                    timestamp_ms: *timestamp_ms,
+                },
+            ),
+        };
+        match appended {
+            Ok(seq) => self
+                .unkept
+                .push_back((seq, user, item.id(), item.ack_kind())),
+            Err(error) => {
+                bump(&self.stats.store_refusals, 1);
+                debug!(%user, %error, "offline queue refused an item");
+                self.router.handle_keep_failed(
+                    user,
+                    item.id(),
+                    item.ack_kind(),
+                    ErrorCode::QueueFull,
+                    "the recipient's queue is full; message not taken",
+                    self.now_ms,
+                );
+            }
+        }
+    }
+
+    /// Commits the store if its batch is due, and releases what became durable.
+    fn commit_if_due(&mut self) {
+        let due = self
+            .store
+            .next_commit_deadline()
+            .is_some_and(|deadline| deadline <= self.now_ms);
+        if !due {
+            return;
+        }
+        match self.store.commit(self.now_ms) {
+            Ok(commit) => {
+                while let Some(&(seq, _, id, _)) = self.unkept.front() {
+                    if seq > commit.durable_through {
+                        break;
+                    }
+                    self.unkept.pop_front();
+                    self.router.handle_kept(id, self.now_ms);
+                }
+            }
+            Err(error) => {
+                bump(&self.stats.store_commit_failures, 1);
+                warn!(shard = self.settings.index, %error, "offline queue commit failed; its senders get an error");
+                let failed = error.failed_seqs;
+                let mut kept = VecDeque::with_capacity(self.unkept.len());
+                for (seq, user, id, kind) in std::mem::take(&mut self.unkept) {
+                    if failed.contains(&seq) {
+                        self.router.handle_keep_failed(
+                            user,
+                            id,
+                            kind,
+                            ErrorCode::Overloaded,
+                            "the server could not store the message; try again",
+                            self.now_ms,
+                        );
+                    } else {
+                        kept.push_back((seq, user, id, kind));
+                    }
+                }
+                self.unkept = kept;
+            }
+        }
+        self.run_actions();
+    }
+
+    /// Expires old queued items and runs one bounded compaction step.
+    fn expire_and_compact(&mut self) {
+        for expired in self.store.expire(self.now_ms, EXPIRE_USERS_PER_TICK) {
+            let kind = ReceiptKind::try_from(i32::from(expired.ack_kind))
+                .unwrap_or(ReceiptKind::Unspecified);
+            self.router.handle_expired(expired.user, expired.id, kind);
+        }
+        self.commit_if_due();
+        if self.store.next_commit_deadline().is_none() {
+            if let Err(error) = self.store.compact(self.now_ms, COMPACT_BYTES_PER_TICK) {
+                warn!(shard = self.settings.index, %error, "offline queue compaction failed");
+            }
+        }
+        self.run_actions();
     }
 
     /// Sends mail to another shard; a full mailbox keeps it in the outbox and pauses the
@@ -734,6 +876,12 @@ impl<B: Backend> Core<B> {
     }
 
     fn shut_down(&mut self, backend: &mut B) {
+        // What was appended becomes durable (and its ServerAcks leave) before the GoAways.
+        if self.store.next_commit_deadline().is_some() {
+            self.now_ms = u64::MAX / 2; // every deadline is due
+            self.commit_if_due();
+            self.now_ms = wall_clock_ms();
+        }
         let open: Vec<ConnId> = (0..self.conns.len() as ConnId)
             .filter(|id| self.is_live(*id))
             .collect();

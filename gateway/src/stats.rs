@@ -35,6 +35,8 @@ counters! {
     mail_backpressure: "times a full mailbox paused a connection",
     send_overflows: "connections closed because they did not read what was sent",
     binding_write_errors: "account bindings that could not be written",
+    store_refusals: "items the offline queue refused (over quota)",
+    store_commit_failures: "offline queue commits that failed (disk full, IO error)",
 }
 
 /// Adds to a counter.
