@@ -12,11 +12,10 @@
 #![no_main]
 
 use hop_fuzz::{
-    awaiting_response, client_public_key, Reader, Seen, RESPONSE_CUT_AND_APPEND, RESPONSE_RAW,
-    RESPONSE_XOR, SCRATCH_BYTES, SERVER_PRIVATE_KEY,
+    awaiting_response, client_key, server_key, Reader, Seen, RESPONSE_CUT_AND_APPEND, RESPONSE_RAW,
+    RESPONSE_XOR, SCRATCH_BYTES,
 };
 use hop_protocol::noise::NoiseError;
-use hop_protocol::StaticKey;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -50,11 +49,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(result.is_err(), "the client accepted a forged message 2");
         return;
     }
-    let server_key = result.expect("the client accepts the genuine message 2");
-    assert_eq!(
-        &server_key,
-        StaticKey::from_private(SERVER_PRIVATE_KEY).public()
-    );
+    let seen_server_key = result.expect("the client accepts the genuine message 2");
+    assert_eq!(&seen_server_key, server_key().public());
     assert!(matches!(
         client.handle_response(genuine),
         Err(NoiseError::OutOfOrder)
@@ -73,5 +69,5 @@ fuzz_target!(|data: &[u8]| {
             Ok(())
         })
         .expect("the server takes the client's message 3");
-    assert_eq!(events, [Seen::Authenticated(client_public_key())]);
+    assert_eq!(events, [Seen::Authenticated(*client_key().public())]);
 });

@@ -13,7 +13,7 @@
 //!   without output, event or error.
 #![no_main]
 
-use hop_fuzz::{split_point, Reader, SCRATCH_BYTES, SERVER_PRIVATE_KEY};
+use hop_fuzz::{server_key, split_point, Reader, SCRATCH_BYTES};
 use hop_protocol::session::{InputError, PeerError, ServerConnection};
 use hop_protocol::StaticKey;
 use libfuzzer_sys::fuzz_target;
@@ -33,11 +33,11 @@ fuzz_target!(|data: &[u8]| {
     let split = reader.u16();
     let input = reader.rest();
     let split = split_point(split, input.len());
-    let key = StaticKey::from_private(SERVER_PRIVATE_KEY);
+    let key = server_key();
     let mut scratch = vec![0u8; SCRATCH_BYTES];
 
-    let whole = feed(&key, &[input], &mut scratch);
-    let parts = feed(&key, &[&input[..split], &input[split..]], &mut scratch);
+    let whole = feed(key, &[input], &mut scratch);
+    let parts = feed(key, &[&input[..split], &input[split..]], &mut scratch);
     assert_eq!(whole, parts, "split at {split}");
     assert!(
         whole.written_bytes == 0 || whole.written_bytes == MESSAGE_2_FRAME_BYTES,

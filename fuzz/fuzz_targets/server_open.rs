@@ -19,8 +19,7 @@
 #![no_main]
 
 use hop_fuzz::{
-    awaiting_message_3, client_public_key, split_point, Reader, Seen, MODE_MESSAGE_3_JOINED,
-    SCRATCH_BYTES,
+    awaiting_message_3, client_key, split_point, Reader, Seen, MODE_MESSAGE_3_JOINED, SCRATCH_BYTES,
 };
 use hop_protocol::noise::{NoiseError, FRAME_PLAINTEXT_BYTES_MAX};
 use hop_protocol::session::{InputError, PeerError, ServerConnection};
@@ -45,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
 
     let mut stream = Vec::new();
     let mut expected = Expected {
-        events: vec![Seen::Authenticated(client_public_key())],
+        events: vec![Seen::Authenticated(*client_key().public())],
         stanza_error: None,
         raw_bytes_follow: false,
     };

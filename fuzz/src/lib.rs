@@ -5,6 +5,8 @@
 //! and treats the rest as bytes from the peer. The layouts are here, next to their encoders,
 //! so that the seeds in `seeds/` and the targets cannot drift apart.
 
+use std::sync::OnceLock;
+
 use hop_protocol::frame::{Deframer, FrameError, FrameLimits};
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::noise::{ClientHandshake, HANDSHAKE_FRAME_LIMITS, TRANSPORT_FRAME_LIMITS};
@@ -182,11 +184,9 @@ pub struct AwaitingResponse {
 }
 
 pub fn awaiting_response() -> AwaitingResponse {
-    let server_key = StaticKey::from_private(SERVER_PRIVATE_KEY);
-    let client_key = StaticKey::from_private(CLIENT_PRIVATE_KEY);
     let mut message_1 = Vec::new();
-    let client = ClientHandshake::start(&client_key, &mut message_1);
-    let mut server = ServerConnection::new(&server_key);
+    let client = ClientHandshake::start(client_key(), &mut message_1);
+    let mut server = ServerConnection::new(server_key());
     let mut scratch = vec![0u8; SCRATCH_BYTES];
     let mut to_client = Vec::new();
     server
@@ -221,10 +221,7 @@ pub fn awaiting_message_3() -> AwaitingMessage3 {
     let server_public = client
         .handle_response(&message_2)
         .expect("the client takes a real message 2");
-    assert_eq!(
-        &server_public,
-        StaticKey::from_private(SERVER_PRIVATE_KEY).public()
-    );
+    assert_eq!(&server_public, server_key().public());
     let mut message_3 = Vec::new();
     let transport = client
         .finish(&mut message_3)
@@ -236,8 +233,16 @@ pub fn awaiting_message_3() -> AwaitingMessage3 {
     }
 }
 
-pub fn client_public_key() -> [u8; KEY_BYTES] {
-    *StaticKey::from_private(CLIENT_PRIVATE_KEY).public()
+/// The server's static key, derived once: a base-point multiplication per fuzz run costs as much
+/// as the code under test.
+pub fn server_key() -> &'static StaticKey {
+    static KEY: OnceLock<StaticKey> = OnceLock::new();
+    KEY.get_or_init(|| StaticKey::from_private(SERVER_PRIVATE_KEY))
+}
+
+pub fn client_key() -> &'static StaticKey {
+    static KEY: OnceLock<StaticKey> = OnceLock::new();
+    KEY.get_or_init(|| StaticKey::from_private(CLIENT_PRIVATE_KEY))
 }
 
 /// An event in a form that compares: the client key, or the stanza.
