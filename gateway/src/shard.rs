@@ -210,7 +210,8 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         }
         core.now_ms = wall_clock_ms();
         mail_backlog = core.drain_mail(&mut backend);
-        core.end_turn(&mut backend);
+        // Commit before writing: the ServerAcks a commit releases leave in this turn's writes,
+        // and under `always` a device's Ack is on disk before anything later is answered.
         core.commit_if_due();
         core.end_turn(&mut backend);
         if Instant::now() >= next_tick {

@@ -114,6 +114,13 @@ impl Hopd {
         (status, self.log())
     }
 
+    /// Kills hopd with SIGKILL (no chance to write or say anything) and waits for it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        signal(&child, nix::sys::signal::Signal::SIGKILL);
+        wait_with_patience(&mut child);
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
