@@ -436,7 +436,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let server = listener.local_addr().unwrap();
         drop(listener);
-        let plan = SourcePlan::new(1, 0, (32768, 60999)).unwrap();
+        // One port on one source address: a budget of one connection.
+        let plan = SourcePlan::new(1, 0, (40000, 40000)).unwrap();
         let mut engine = Engine::new(Target::Mqtt, server, plan).unwrap();
         let identity = Identity::Mqtt {
             client_id: "c".into(),

@@ -132,13 +132,13 @@ impl LatencyRecorder {
 mod tests {
     use super::*;
 
-    /// A server that answers in 100 µs but stalls for 100 ms once, under a 1 ms schedule.
-    /// Open loop, the 100 messages due during the stall wait for its end: 1% of the samples
-    /// see 50 ms or more, so p99 must show the stall.
+    /// A server that answers in 100 µs but stalls for 200 ms once, under a 1 ms schedule.
+    /// Open loop, the 200 messages due during the stall wait for its end: 2% of the samples
+    /// are slow, so p99 must show the stall.
     #[test]
     fn open_loop_counts_the_messages_a_stall_delayed() {
         let interval_ns = 1_000_000;
-        let stall = 5_000_000_000..5_100_000_000u64;
+        let stall = 5_000_000_000..5_200_000_000u64;
         let mut recorder = LatencyRecorder::new();
         for k in 0..10_000u64 {
             let intended = k * interval_ns;
@@ -153,25 +153,25 @@ mod tests {
         assert_eq!(summary.count, 10_000);
         assert!((summary.p50_us - 100.0).abs() < 1.0, "{summary:?}");
         assert!(summary.p99_us > 1_000.0, "the stall is in p99: {summary:?}");
-        assert!(summary.max_us >= 100_000.0, "{summary:?}");
+        assert!(summary.max_us >= 200_000.0, "{summary:?}");
     }
 
     /// The same stall seen by a closed-loop sender: it sends nothing during the stall, so its
-    /// raw samples hold one slow sample among 9,900 fast ones. The correction back-fills the
-    /// ~99 samples it should have taken.
+    /// raw samples hold one slow sample among 9,800 fast ones. The correction back-fills the
+    /// 199 samples it should have taken during the 200 ms.
     #[test]
     fn closed_loop_correction_back_fills_a_stall() {
         let interval_ns = 1_000_000;
         let mut raw = LatencyRecorder::new();
         let mut corrected = LatencyRecorder::new();
-        for _ in 0..9_900 {
+        for _ in 0..9_800 {
             raw.record(100_000);
             corrected.record_closed_loop(100_000, interval_ns);
         }
-        raw.record(100_100_000);
-        corrected.record_closed_loop(100_100_000, interval_ns);
+        raw.record(200_000_000);
+        corrected.record_closed_loop(200_000_000, interval_ns);
         assert!(raw.summary().p99_us < 1_000.0, "raw hides the stall");
-        assert_eq!(corrected.len(), 9_900 + 100);
+        assert_eq!(corrected.len(), 9_800 + 200);
         assert!(corrected.summary().p99_us > 1_000.0, "corrected shows it");
     }
 

@@ -15,6 +15,9 @@
 //! ([`mqtt`]). Past one process's descriptor limit, `ceiling` runs several generator processes
 //! and sums their reports.
 
+// Tests may unwrap: a panic there is a failed test with its cause.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod addr;
 pub mod conn;
 pub mod engine;

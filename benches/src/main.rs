@@ -118,6 +118,16 @@ enum Scenario {
         #[arg(long, hide = true)]
         child: bool,
     },
+    /// Compare saved reports: one row per `--json` file, with each figure's ratio to the first
+    /// file's (used by scripts/peers.sh).
+    Ratios {
+        /// Figures to compare: names from the reports' `figures`, or `latency.p50_us` etc.
+        #[arg(long, value_delimiter = ',', default_value = "messages_per_second")]
+        figures: Vec<String>,
+        /// NAME=FILE pairs; the first is the baseline.
+        #[arg(required = true)]
+        reports: Vec<String>,
+    },
     /// N messages to offline recipients, then they connect and drain.
     Offline {
         #[command(flatten)]
@@ -165,6 +175,10 @@ fn common(args: &CommonArgs) -> Result<Common, String> {
 
 fn run(cli: Cli) -> Result<(), String> {
     let (report, args) = match cli.scenario {
+        Scenario::Ratios { figures, reports } => {
+            print!("{}", ratios(&figures, &reports)?);
+            return Ok(());
+        }
         Scenario::Throughput {
             common: args,
             pairs,
@@ -362,4 +376,62 @@ fn ceiling(common: &Common, options: &CeilingOptions, processes: u32) -> Result<
         }
     }
     Ok(report)
+}
+
+/// A table of `figures` from saved reports, each with its ratio to the first report's value.
+fn ratios(figures: &[String], reports: &[String]) -> Result<String, String> {
+    let mut rows = Vec::new();
+    for entry in reports {
+        let (name, path) = entry.split_once('=').ok_or("reports are NAME=FILE")?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+        let values: Vec<Option<f64>> = figures
+            .iter()
+            .map(|figure| value_of(&json, figure))
+            .collect();
+        rows.push((name.to_string(), values));
+    }
+    let mut text = format!("{:<12}", "server");
+    for figure in figures {
+        text.push_str(&format!("  {figure:>26}  {:>7}", "ratio"));
+    }
+    text.push('\n');
+    let baseline = rows
+        .first()
+        .map(|(_, values)| values.clone())
+        .unwrap_or_default();
+    for (name, values) in &rows {
+        text.push_str(&format!("{name:<12}"));
+        for (value, base) in values.iter().zip(&baseline) {
+            match (value, base) {
+                (Some(v), Some(b)) if *v != 0.0 => text.push_str(&format!(
+                    "  {:>26}  {:>7.2}",
+                    hop_bench::report::human(*v),
+                    b / v
+                )),
+                (Some(v), _) => text.push_str(&format!(
+                    "  {:>26}  {:>7}",
+                    hop_bench::report::human(*v),
+                    "-"
+                )),
+                (None, _) => text.push_str(&format!("  {:>26}  {:>7}", "not measured", "-")),
+            }
+        }
+        text.push('\n');
+    }
+    text.push_str("ratio: the first row's value divided by this row's\n");
+    Ok(text)
+}
+
+fn value_of(json: &serde_json::Value, figure: &str) -> Option<f64> {
+    if let Some((object, field)) = figure.split_once('.') {
+        return json.get(object)?.get(field)?.as_f64();
+    }
+    json.get("figures")?
+        .as_array()?
+        .iter()
+        .find(|f| f.get("name").and_then(|n| n.as_str()) == Some(figure))?
+        .get("value")?
+        .as_f64()
 }

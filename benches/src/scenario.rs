@@ -130,20 +130,12 @@ pub fn decode_body(body: &[u8]) -> Option<(u64, u64, u32)> {
     Some((k, intended, stream))
 }
 
-/// Sends `body` from client `from` to client `to`: hop Send, or MQTT PUBLISH to `u/<to>`.
-fn send(
-    engine: &mut Engine,
-    conns: &[usize],
-    clients: &[Client],
-    from: usize,
-    to: usize,
-    seq: u32,
-    body: Bytes,
-    qos: u8,
-) {
-    match clients[to].user {
-        Some(user) => engine.send_hop(conns[from], user, seq, body),
-        None => engine.publish(conns[from], &clients[to].topic, &body, qos),
+/// Sends `body` on connection `from_conn` to client `to`: hop Send, or MQTT PUBLISH to
+/// `u/<to>`.
+fn send(engine: &mut Engine, from_conn: usize, to: &Client, seq: u32, body: Bytes, qos: u8) {
+    match to.user {
+        Some(user) => engine.send_hop(from_conn, user, seq, body),
+        None => engine.publish(from_conn, &to.topic, &body, qos),
     }
 }
 
@@ -280,6 +272,13 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
     let conns = open_all(&mut engine, &clients, true, Some(0))?;
     let mut sent = vec![0u64; count];
     let mut delivered = vec![0u64; count];
+    // Per stream: messages that left the window (delivered, or lost: a later one arrived
+    // first, or nothing arrived for STREAM_STALL_MS). A broker may drop QoS 0 messages; a lost
+    // message must not hold its window slot for ever.
+    let mut done = vec![0u64; count];
+    let mut progress_at = vec![Instant::now(); count];
+    let mut lost = 0u64;
+    let mut last_stall_check = Instant::now();
     let mut refill: Vec<usize> = (0..count).collect();
     let mut counters = Counters::default();
     let mut outcomes = Vec::new();
@@ -302,16 +301,28 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
         if now >= end {
             break;
         }
+        if now.duration_since(last_stall_check) >= Duration::from_millis(STREAM_STALL_MS) {
+            last_stall_check = now;
+            for stream in 0..count {
+                if done[stream] < sent[stream]
+                    && now.duration_since(progress_at[stream])
+                        >= Duration::from_millis(STREAM_STALL_MS)
+                {
+                    lost += sent[stream] - done[stream];
+                    done[stream] = sent[stream];
+                    progress_at[stream] = now;
+                    refill.push(stream);
+                }
+            }
+        }
         for stream in refill.drain(..) {
-            while sent[stream] - delivered[stream] < options.window {
+            while sent[stream] - done[stream] < options.window {
                 let k = sent[stream];
                 let intended = now.duration_since(start).as_nanos() as u64;
                 send(
                     &mut engine,
-                    &conns,
-                    &clients,
-                    stream,
-                    stream ^ 1,
+                    conns[stream],
+                    &clients[stream ^ 1],
                     k as u32,
                     encode_body(k, intended, stream as u32),
                     0,
@@ -323,10 +334,13 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
             .turn(Some(Duration::from_millis(10)), &mut outcomes)
             .map_err(|e| e.to_string())?;
         for (_, outcome) in outcomes.drain(..) {
-            if let Some((_, _, stream)) = counters.count(&outcome) {
+            if let Some((k, _, stream)) = counters.count(&outcome) {
                 let stream = stream as usize;
-                if stream < count {
+                if stream < count && k >= done[stream] {
+                    lost += k - done[stream];
+                    done[stream] = k + 1;
                     delivered[stream] += 1;
+                    progress_at[stream] = Instant::now();
                     refill.push(stream);
                 }
             }
@@ -354,10 +368,14 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
         (engine.bytes_read - read_before) as f64 / wall,
         "B/s",
     );
+    report.figure("lost", lost as f64, "messages");
     counters.into_report(&mut report);
     cpu_report(&mut report, common, cpu_before, server_before, wall);
     Ok(report)
 }
+
+/// A stream with messages in flight and no delivery for this long counts them as lost.
+const STREAM_STALL_MS: u64 = 1_000;
 
 /// What came back from the server, counted.
 #[derive(Debug, Default)]
@@ -439,10 +457,8 @@ pub fn latency(common: &Common, options: &LatencyOptions) -> Result<Report, Stri
             late_sends_max_ns = late_sends_max_ns.max(now_ns.saturating_sub(intended));
             send(
                 &mut engine,
-                &conns,
-                &clients,
-                sender,
-                sender ^ 1,
+                conns[sender],
+                &clients[sender ^ 1],
                 sent as u32,
                 encode_body(sent, intended, sender as u32),
                 0,
@@ -819,10 +835,8 @@ pub fn offline(common: &Common, options: &OfflineOptions) -> Result<Report, Stri
                 let to = options.senders + (total_sent as usize % options.recipients);
                 send(
                     &mut engine,
-                    &sender_conns,
-                    &everyone,
-                    s,
-                    to,
+                    sender_conns[s],
+                    &everyone[to],
                     total_sent as u32,
                     encode_body(total_sent, 0, s as u32),
                     1,

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Peers for hop-bench: install them from Debian packages, and run one scenario against hop and
+# each peer back to back, like for like: the server pinned to core 0, the generator to core 1,
+# everything on 127.0.0.1 only. Prints a table of ratios at the end.
+#
+#   benches/scripts/peers.sh install
+#   benches/scripts/peers.sh compare throughput --pairs 50 --duration-ms 10000
+#   benches/scripts/peers.sh compare latency --rate 50000 --duration-ms 10000
+#
+# PEERS picks the peers (default "mosquitto nats"); ejabberd is installed and run only when
+# named (its Erlang runtime is large). RESULTS names the folder for the JSON reports.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+target_dir=${CARGO_TARGET_DIR:-$here/../../target}
+bench=${HOP_BENCH:-$target_dir/release/hop-bench}
+peers=${PEERS:-mosquitto nats}
+priority=${PRIORITY:--10}
+mosquitto_port=18830
+nats_mqtt_port=18831
+nats_port=18832
+ejabberd_mqtt_port=18833
+
+install() {
+    packages="mosquitto nats-server"
+    case " $peers " in *" ejabberd "*) packages="$packages ejabberd" ;; esac
+    apt-get update
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y $packages
+}
+
+# start_peer NAME DIR: starts the peer on core 0 in the background; sets peer_pid and peer_addr.
+start_peer() {
+    local name=$1 dir=$2
+    case $name in
+    mosquitto)
+        cat >"$dir/mosquitto.conf" <<CONF
+listener $mosquitto_port 127.0.0.1
+allow_anonymous true
+persistence false
+# Offline runs queue many QoS 1 messages per client: no cap (0), like hop's bounded queues
+# sized above the run.
+max_queued_messages 0
+set_tcp_nodelay true
+log_dest stderr
+log_type error
+CONF
+        nice -n "$priority" taskset -c 0 mosquitto -c "$dir/mosquitto.conf" 2>"$dir/peer.err" &
+        peer_pid=$!
+        peer_addr=127.0.0.1:$mosquitto_port
+        ;;
+    nats)
+        cat >"$dir/nats.conf" <<CONF
+listen: 127.0.0.1:$nats_port
+server_name: hop_bench_nats
+# MQTT keeps its sessions and QoS 1 messages in JetStream.
+jetstream {
+  store_dir: "$dir/jetstream"
+}
+mqtt {
+  listen: 127.0.0.1:$nats_mqtt_port
+}
+CONF
+        nice -n "$priority" taskset -c 0 nats-server -c "$dir/nats.conf" 2>"$dir/peer.err" &
+        peer_pid=$!
+        peer_addr=127.0.0.1:$nats_mqtt_port
+        ;;
+    ejabberd)
+        echo "ejabberd: not automated here (see docs/BENCHMARKS.md)" >&2
+        return 1
+        ;;
+    *)
+        echo "unknown peer $name" >&2
+        return 1
+        ;;
+    esac
+    local port=${peer_addr##*:}
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "$name did not start:" >&2
+    cat "$dir/peer.err" >&2
+    return 1
+}
+
+compare() {
+    local scenario=$1
+    shift
+    local results=${RESULTS:-$(mktemp -d /tmp/hop-bench-peers.XXXXXX)}
+    mkdir -p "$results"
+    local rows=()
+    echo "== hop" >&2
+    "$here/with-hopd.sh" "$scenario" "$@" --json "$results/hop.json"
+    rows+=("hop=$results/hop.json")
+    for peer in $peers; do
+        local dir
+        dir=$(mktemp -d /tmp/hop-bench-peer.XXXXXX)
+        echo "== $peer" >&2
+        if start_peer "$peer" "$dir"; then
+            trap 'kill "$peer_pid" 2>/dev/null' EXIT
+            nice -n "$priority" taskset -c 1 "$bench" "$scenario" --target mqtt \
+                --server "$peer_addr" --server-pid "$peer_pid" "$@" \
+                --json "$results/$peer.json" && rows+=("$peer=$results/$peer.json")
+            kill "$peer_pid" 2>/dev/null || true
+            wait "$peer_pid" 2>/dev/null || true
+            trap - EXIT
+        fi
+        rm -rf "$dir"
+    done
+    local figures
+    case $scenario in
+    throughput) figures=messages_per_second ;;
+    latency) figures=achieved_rate,latency.p50_us,latency.p99_us ;;
+    ceiling) figures=held,handshakes_per_second ;;
+    offline) figures=enqueue_per_second,drain_per_second ;;
+    *) figures=messages_per_second ;;
+    esac
+    echo "reports in $results"
+    "$bench" ratios --figures "$figures" "${rows[@]}"
+}
+
+case ${1:-} in
+install) install ;;
+compare)
+    shift
+    compare "$@"
+    ;;
+*)
+    echo "usage: $0 install | compare SCENARIO [hop-bench flags...]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs one hop-bench scenario against a fresh local hopd, like for like with the peers:
+# hopd --shards 1 pinned to core 0, the generator pinned to core 1.
+#
+#   benches/scripts/with-hopd.sh SCENARIO [hop-bench flags...]
+#   e.g. benches/scripts/with-hopd.sh throughput --pairs 50 --json /tmp/tp.json
+#
+# Both run at nice $PRIORITY (default -10) so that niced background work on the same cores
+# (builds) does not take time slices in the middle of a measurement.
+# HOPD and HOP_BENCH name the binaries (default: the release builds in $CARGO_TARGET_DIR or
+# target/); HOPD_FLAGS adds flags to hopd; SERVER_CORE and GENERATOR_CORE pick the cores.
+set -euo pipefail
+target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
+hopd=${HOPD:-$target_dir/release/hopd}
+bench=${HOP_BENCH:-$target_dir/release/hop-bench}
+server_core=${SERVER_CORE:-0}
+generator_core=${GENERATOR_CORE:-1}
+priority=${PRIORITY:--10}
+scenario=$1
+shift
+
+data=$(mktemp -d /tmp/hop-bench-data.XXXXXX)
+out=$data/hopd.out
+# shellcheck disable=SC2086
+nice -n "$priority" taskset -c "$server_core" "$hopd" --listen 127.0.0.1:0 --data "$data" --shards 1 \
+    --pin-cores false --log warn ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
+hopd_pid=$!
+trap 'kill "$hopd_pid" 2>/dev/null; wait "$hopd_pid" 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 100); do
+    grep -q "listening on" "$out" 2>/dev/null && break
+    sleep 0.05
+done
+addr=$(sed -n 's/^hopd listening on \([^ ]*\) .*/\1/p' "$out")
+key=$(sed -n 's/.*server key \([0-9a-f]*\);.*/\1/p' "$out")
+[ -n "$addr" ] || { echo "hopd did not start:" >&2; cat "$data/hopd.err" >&2; exit 1; }
+echo "hopd pid $hopd_pid at $addr (core $server_core); hop-bench on core $generator_core" >&2
+nice -n "$priority" taskset -c "$generator_core" "$bench" "$scenario" --server "$addr" --server-key "$key" \
+    --server-pid "$hopd_pid" "$@"
