@@ -15,6 +15,14 @@ target_dir=${CARGO_TARGET_DIR:-$here/../../target}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}
 peers=${PEERS:-mosquitto nats}
 priority=${PRIORITY:--10}
+# Same scheduling as with-hopd.sh: nice $PRIORITY, or SCHED_FIFO with SCHED=fifo.
+# An array, not a function: a function would run in a subshell when backgrounded, and $!
+# would name the subshell instead of the server.
+if [ "${SCHED:-}" = fifo ]; then
+    run_as=(chrt -f 1)
+else
+    run_as=(nice -n "$priority")
+fi
 mosquitto_port=18830
 nats_mqtt_port=18831
 nats_port=18832
@@ -44,7 +52,7 @@ set_tcp_nodelay true
 log_dest stderr
 log_type error
 CONF
-        nice -n "$priority" taskset -c 0 mosquitto -c "$dir/mosquitto.conf" 2>"$dir/peer.err" &
+        "${run_as[@]}" taskset -c 0 mosquitto -c "$dir/mosquitto.conf" 2>"$dir/peer.err" &
         peer_pid=$!
         peer_addr=127.0.0.1:$mosquitto_port
         ;;
@@ -60,7 +68,7 @@ mqtt {
   listen: 127.0.0.1:$nats_mqtt_port
 }
 CONF
-        nice -n "$priority" taskset -c 0 nats-server -c "$dir/nats.conf" 2>"$dir/peer.err" &
+        "${run_as[@]}" taskset -c 0 nats-server -c "$dir/nats.conf" 2>"$dir/peer.err" &
         peer_pid=$!
         peer_addr=127.0.0.1:$nats_mqtt_port
         ;;
@@ -100,7 +108,7 @@ compare() {
         echo "== $peer" >&2
         if start_peer "$peer" "$dir"; then
             trap 'kill "$peer_pid" 2>/dev/null' EXIT
-            nice -n "$priority" taskset -c 1 "$bench" "$scenario" --target mqtt \
+            "${run_as[@]}" taskset -c 1 "$bench" "$scenario" --target mqtt \
                 --server "$peer_addr" --server-pid "$peer_pid" "$@" \
                 --json "$results/$peer.json" && rows+=("$peer=$results/$peer.json")
             kill "$peer_pid" 2>/dev/null || true

@@ -6,7 +6,9 @@
 #   e.g. benches/scripts/with-hopd.sh throughput --pairs 50 --json /tmp/tp.json
 #
 # Both run at nice $PRIORITY (default -10) so that niced background work on the same cores
-# (builds) does not take time slices in the middle of a measurement.
+# (builds) does not take time slices in the middle of a measurement. With SCHED=fifo they run
+# SCHED_FIFO instead (root only; the kernel's RT throttling still leaves 5% of each core to
+# everything else): use it on a shared machine, and say so next to the figures.
 # HOPD and HOP_BENCH name the binaries (default: the release builds in $CARGO_TARGET_DIR or
 # target/); HOPD_FLAGS adds flags to hopd; SERVER_CORE and GENERATOR_CORE pick the cores.
 set -euo pipefail
@@ -16,13 +18,20 @@ bench=${HOP_BENCH:-$target_dir/release/hop-bench}
 server_core=${SERVER_CORE:-0}
 generator_core=${GENERATOR_CORE:-1}
 priority=${PRIORITY:--10}
+# An array, not a function: a function would run in a subshell when backgrounded, and $!
+# would name the subshell instead of the server.
+if [ "${SCHED:-}" = fifo ]; then
+    run_as=(chrt -f 1)
+else
+    run_as=(nice -n "$priority")
+fi
 scenario=$1
 shift
 
 data=$(mktemp -d /tmp/hop-bench-data.XXXXXX)
 out=$data/hopd.out
 # shellcheck disable=SC2086
-nice -n "$priority" taskset -c "$server_core" "$hopd" --listen 127.0.0.1:0 --data "$data" --shards 1 \
+"${run_as[@]}" taskset -c "$server_core" "$hopd" --listen 127.0.0.1:0 --data "$data" --shards 1 \
     --pin-cores false --log warn ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
 hopd_pid=$!
 trap 'kill "$hopd_pid" 2>/dev/null; wait "$hopd_pid" 2>/dev/null; rm -rf "$data"' EXIT
@@ -34,5 +43,5 @@ addr=$(sed -n 's/^hopd listening on \([^ ]*\) .*/\1/p' "$out")
 key=$(sed -n 's/.*server key \([0-9a-f]*\);.*/\1/p' "$out")
 [ -n "$addr" ] || { echo "hopd did not start:" >&2; cat "$data/hopd.err" >&2; exit 1; }
 echo "hopd pid $hopd_pid at $addr (core $server_core); hop-bench on core $generator_core" >&2
-nice -n "$priority" taskset -c "$generator_core" "$bench" "$scenario" --server "$addr" --server-key "$key" \
+"${run_as[@]}" taskset -c "$generator_core" "$bench" "$scenario" --server "$addr" --server-key "$key" \
     --server-pid "$hopd_pid" "$@"

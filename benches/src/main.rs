@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use hop_bench::addr::{local_port_range, SourcePlan};
 use hop_bench::engine::Target;
 use hop_bench::plot;
-use hop_bench::procfs::{MemoryPerConnection, MemorySample};
+use hop_bench::procfs::{cpu_seconds_of, MemoryPerConnection, MemorySample};
+use hop_bench::report::CpuUse;
 use hop_bench::report::Report;
 use hop_bench::scenario::{self, CeilingOptions, CeilingResult, Common};
 use hop_protocol::keys::parse_hex_key;
@@ -277,9 +278,16 @@ fn run(cli: Cli) -> Result<(), String> {
 fn ceiling(common: &Common, options: &CeilingOptions, processes: u32) -> Result<Report, String> {
     assert!(processes > 0, "at least one process");
     let before = MemorySample::read(common.server_pid);
+    let server_cpu_before = common.server_pid.and_then(cpu_seconds_of);
+    let started = std::time::Instant::now();
+    let mut server_cpu_ramp = None;
     let mut after = None;
     let results: Vec<CeilingResult> = if processes == 1 {
         vec![scenario::ceiling_local(common, options, &mut |_| {
+            server_cpu_ramp = common
+                .server_pid
+                .and_then(cpu_seconds_of)
+                .map(|cpu| (cpu, started.elapsed()));
             std::thread::sleep(Duration::from_millis(500));
             after = Some(MemorySample::read(common.server_pid));
         })?]
@@ -349,6 +357,10 @@ fn ceiling(common: &Common, options: &CeilingOptions, processes: u32) -> Result<
             if line.starts_with("RAMPED") {
                 ramped += 1;
                 if ramped == processes {
+                    server_cpu_ramp = common
+                        .server_pid
+                        .and_then(cpu_seconds_of)
+                        .map(|cpu| (cpu, started.elapsed()));
                     std::thread::sleep(Duration::from_millis(500));
                     after = Some(MemorySample::read(common.server_pid));
                 }
@@ -365,6 +377,10 @@ fn ceiling(common: &Common, options: &CeilingOptions, processes: u32) -> Result<
         results
     };
     let mut report = scenario::ceiling_report(common, options, processes, &results);
+    if let (Some(before), Some((after, wall))) = (server_cpu_before, server_cpu_ramp) {
+        // Over the ramp, where the server's work is handshakes.
+        report.server_cpu = Some(CpuUse::new(1, after - before, wall.as_secs_f64()));
+    }
     if let Some(after) = after {
         let held = report.value("held").unwrap_or(0.0) as u64;
         report.memory_before = Some(before);
