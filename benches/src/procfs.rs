@@ -174,7 +174,10 @@ impl MachineInfo {
         Self {
             kernel: read("/proc/sys/kernel/osrelease"),
             cpu_model,
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // The machine's CPUs, not this process's affinity (the generator is pinned).
+            cpus: fs::read_to_string("/proc/cpuinfo")
+                .map(|text| text.lines().filter(|l| l.starts_with("processor")).count())
+                .unwrap_or(0),
             memory_total_bytes: meminfo_kib("MemTotal").unwrap_or(0) * 1024,
             nofile_soft,
             nofile_hard,
