@@ -115,6 +115,12 @@ enum Scenario {
         /// Stop opening after this many failures.
         #[arg(long, default_value_t = 1_000)]
         failures_max: u64,
+        /// More servers for the generator processes: process i connects to the i-th of
+        /// `--server` and these, round robin. For holding more connections than one server
+        /// process may (each has its own descriptor limit). Memory per connection is then not
+        /// reported (it is read for `--server-pid` only).
+        #[arg(long, value_delimiter = ',', value_name = "ADDR,...")]
+        extra_servers: Vec<SocketAddr>,
         /// Run as one generator process of a parent `ceiling` (reports on stdout).
         #[arg(long, hide = true)]
         child: bool,
@@ -235,6 +241,7 @@ fn run(cli: Cli) -> Result<(), String> {
             hold_ms,
             heartbeat_ms,
             failures_max,
+            extra_servers,
             child,
         } => {
             let options = CeilingOptions {
@@ -257,7 +264,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
                 return Ok(());
             }
-            (ceiling(&common, &options, processes)?, args)
+            (ceiling(&common, &options, processes, &extra_servers)?, args)
         }
     };
     print!("{}", report.table());
@@ -275,8 +282,19 @@ fn run(cli: Cli) -> Result<(), String> {
 /// `ceiling` across `processes` generator processes: each is this binary with `--child`, its
 /// share of the connections and its own source addresses. Memory is sampled once every
 /// process has finished its ramp and still holds its connections.
-fn ceiling(common: &Common, options: &CeilingOptions, processes: u32) -> Result<Report, String> {
+fn ceiling(
+    common: &Common,
+    options: &CeilingOptions,
+    processes: u32,
+    extra_servers: &[SocketAddr],
+) -> Result<Report, String> {
     assert!(processes > 0, "at least one process");
+    if !extra_servers.is_empty() && processes == 1 {
+        return Err("--extra-servers needs --processes of at least the number of servers".into());
+    }
+    let servers: Vec<SocketAddr> = std::iter::once(common.server)
+        .chain(extra_servers.iter().copied())
+        .collect();
     let before = MemorySample::read(common.server_pid);
     let server_cpu_before = common.server_pid.and_then(cpu_seconds_of);
     let started = std::time::Instant::now();
@@ -304,7 +322,10 @@ fn ceiling(common: &Common, options: &CeilingOptions, processes: u32) -> Result<
             command
                 .arg("ceiling")
                 .arg("--child")
-                .args(["--server", &common.server.to_string()])
+                .args([
+                    "--server",
+                    &servers[index as usize % servers.len()].to_string(),
+                ])
                 .args([
                     "--source-offset",
                     &(common.source_offset + index * sources_each).to_string(),
@@ -377,6 +398,13 @@ fn ceiling(common: &Common, options: &CeilingOptions, processes: u32) -> Result<
         results
     };
     let mut report = scenario::ceiling_report(common, options, processes, &results);
+    if !extra_servers.is_empty() {
+        report.server = servers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     if let (Some(before), Some((after, wall))) = (server_cpu_before, server_cpu_ramp) {
         // Over the ramp, where the server's work is handshakes.
         report.server_cpu = Some(CpuUse::new(1, after - before, wall.as_secs_f64()));
@@ -385,7 +413,7 @@ fn ceiling(common: &Common, options: &CeilingOptions, processes: u32) -> Result<
         let held = report.value("held").unwrap_or(0.0) as u64;
         report.memory_before = Some(before);
         report.memory_after = Some(after);
-        if common.server_pid.is_some() {
+        if common.server_pid.is_some() && extra_servers.is_empty() {
             report.memory_per_connection =
                 Some(MemoryPerConnection::between(&before, &after, held));
             report.notes.push("kernel slab growth includes the generator's own sockets (both ends are on this machine)".into());

@@ -44,7 +44,8 @@ fn latency(report: &Report, path: &Path) -> Result<(), String> {
         .configure_mesh()
         .x_desc("percentile")
         .y_desc("latency (ms)")
-        .x_label_formatter(&|nines| format!("p{}", 100.0 - 100.0 * 10f64.powf(-nines)))
+        .x_labels(x_max.ceil() as usize + 1)
+        .x_label_formatter(&|nines| percentile_label(*nines))
         .draw()
         .map_err(|e| e.to_string())?;
     chart
@@ -82,4 +83,45 @@ fn connections(report: &Report, path: &Path) -> Result<(), String> {
         ))
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
+}
+
+/// "p99.9" for 3 nines: the percentile with at most 4 decimals, trailing zeros dropped.
+fn percentile_label(nines: f64) -> String {
+    let percentile = format!("{:.4}", 100.0 - 100.0 * 10f64.powf(-nines));
+    format!(
+        "p{}",
+        percentile.trim_end_matches('0').trim_end_matches('.')
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::latency::LatencyRecorder;
+
+    #[test]
+    fn labels_name_percentiles() {
+        assert_eq!(percentile_label(0.0), "p0");
+        assert_eq!(percentile_label(1.0), "p90");
+        assert_eq!(percentile_label(3.0), "p99.9");
+        assert_eq!(percentile_label(5.0), "p99.999");
+    }
+
+    #[test]
+    fn draws_an_svg_or_says_why_not() {
+        let dir = std::env::temp_dir().join(format!("hop-bench-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut report = Report::new("latency", "hop", "x");
+        assert!(draw(&report, &dir.join("none.svg")).is_err());
+        let mut recorder = LatencyRecorder::new();
+        for value in 1..1000u64 {
+            recorder.record_intended(0, value * 1000);
+        }
+        report.latency_curve = recorder.percentile_curve();
+        let path = dir.join("latency.svg");
+        draw(&report, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("p99.9"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
