@@ -207,6 +207,9 @@ pub struct MqttClient {
 }
 
 const SUBSCRIBE_PACKET_ID: u16 = 1;
+/// The password sent with `--mqtt-login` (the username is the client id): for brokers that
+/// require a login and accept any, such as ejabberd with anonymous authentication.
+const MQTT_PASSWORD: &str = "hop-bench";
 
 impl MqttClient {
     /// Appends CONNECT (and SUBSCRIBE, pipelined) to `out`.
@@ -215,9 +218,11 @@ impl MqttClient {
         clean_session: bool,
         subscribe: Option<(String, u8)>,
         keep_alive_s: u16,
+        login: bool,
         out: &mut Vec<u8>,
     ) -> Self {
-        mqtt::connect(out, client_id, clean_session, keep_alive_s);
+        let login = login.then_some((client_id, MQTT_PASSWORD));
+        mqtt::connect(out, client_id, clean_session, keep_alive_s, login);
         if let Some((topic, qos)) = &subscribe {
             mqtt::subscribe(out, SUBSCRIBE_PACKET_ID, topic, *qos);
         }
@@ -391,7 +396,8 @@ mod tests {
     #[test]
     fn mqtt_client_opens_after_suback_and_acks_qos1() {
         let mut out = Vec::new();
-        let mut client = MqttClient::start("c1", false, Some(("u/1".into(), 1)), 60, &mut out);
+        let mut client =
+            MqttClient::start("c1", false, Some(("u/1".into(), 1)), 60, false, &mut out);
         let mut events = Vec::new();
         let mut from_broker = vec![0x20, 2, 0, 0];
         client

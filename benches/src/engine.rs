@@ -34,8 +34,8 @@ pub const MQTT_KEEP_ALIVE_S: u16 = 120;
 pub enum Target {
     /// hop: Noise XX handshake, then stanzas. `pin` is the server's key, if known.
     Hop { pin: Option<[u8; KEY_BYTES]> },
-    /// Any MQTT 3.1.1 broker.
-    Mqtt,
+    /// Any MQTT 3.1.1 broker; with `login`, each client logs in as its client id.
+    Mqtt { login: bool },
 }
 
 /// Who a new connection is.
@@ -305,7 +305,7 @@ impl Engine {
             }
             let State::Connecting(identity) = std::mem::replace(
                 &mut connection.state,
-                State::Mqtt(MqttClient::start("", true, None, 0, &mut Vec::new())),
+                State::Mqtt(MqttClient::start("", true, None, 0, false, &mut Vec::new())),
             ) else {
                 unreachable!("matched above");
             };
@@ -319,12 +319,13 @@ impl Engine {
                         clean_session,
                         subscribe,
                     },
-                    Target::Mqtt,
+                    Target::Mqtt { login },
                 ) => State::Mqtt(MqttClient::start(
                     &client_id,
                     clean_session,
                     subscribe,
                     MQTT_KEEP_ALIVE_S,
+                    login,
                     &mut connection.out,
                 )),
                 _ => panic!("identity does not match the target"),
@@ -438,7 +439,7 @@ mod tests {
         drop(listener);
         // One port on one source address: a budget of one connection.
         let plan = SourcePlan::new(1, 0, (40000, 40000)).unwrap();
-        let mut engine = Engine::new(Target::Mqtt, server, plan).unwrap();
+        let mut engine = Engine::new(Target::Mqtt { login: false }, server, plan).unwrap();
         let identity = Identity::Mqtt {
             client_id: "c".into(),
             clean_session: true,

@@ -43,6 +43,10 @@ struct CommonArgs {
     /// any key is accepted.
     #[arg(long, value_name = "HEX")]
     server_key: Option<String>,
+    /// MQTT: log in with the client id as username (for brokers that require a login, such
+    /// as ejabberd's mod_mqtt with anonymous authentication).
+    #[arg(long)]
+    mqtt_login: bool,
     /// The server's pid: its CPU use (and for `ceiling` its memory) is read from /proc.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
@@ -170,7 +174,9 @@ fn common(args: &CommonArgs) -> Result<Common, String> {
             };
             Target::Hop { pin }
         }
-        TargetKind::Mqtt => Target::Mqtt,
+        TargetKind::Mqtt => Target::Mqtt {
+            login: args.mqtt_login,
+        },
     };
     Ok(Common {
         server: args.server,
@@ -353,8 +359,11 @@ fn ceiling(
                         command.args(["--server-key", &hex::encode(pin)]);
                     }
                 }
-                Target::Mqtt => {
+                Target::Mqtt { login } => {
                     command.args(["--target", "mqtt"]);
+                    if login {
+                        command.arg("--mqtt-login");
+                    }
                 }
             }
             let mut child = command

@@ -55,13 +55,28 @@ pub enum Packet<'a> {
     },
 }
 
-pub fn connect(out: &mut Vec<u8>, client_id: &str, clean_session: bool, keep_alive_s: u16) {
+/// A CONNECT; `login` is a username and password, for brokers that require one (ejabberd).
+pub fn connect(
+    out: &mut Vec<u8>,
+    client_id: &str,
+    clean_session: bool,
+    keep_alive_s: u16,
+    login: Option<(&str, &str)>,
+) {
     let mut body = Vec::with_capacity(12 + client_id.len());
     put_str(&mut body, b"MQTT");
     body.push(4); // protocol level 3.1.1
-    body.push(if clean_session { 0x02 } else { 0x00 });
+    let mut flags = if clean_session { 0x02 } else { 0x00 };
+    if login.is_some() {
+        flags |= 0xC0; // username and password present
+    }
+    body.push(flags);
     body.extend_from_slice(&keep_alive_s.to_be_bytes());
     put_str(&mut body, client_id.as_bytes());
+    if let Some((username, password)) = login {
+        put_str(&mut body, username.as_bytes());
+        put_str(&mut body, password.as_bytes());
+    }
     packet(out, CONNECT << 4, &body);
 }
 
@@ -242,11 +257,16 @@ mod tests {
     #[test]
     fn connect_matches_the_spec_example() {
         let mut out = Vec::new();
-        connect(&mut out, "c1", true, 60);
+        connect(&mut out, "c1", true, 60, None);
         assert_eq!(
             out,
             [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1']
         );
+        out.clear();
+        connect(&mut out, "c2", true, 60, Some(("user", "pass")));
+        let mut expected = vec![0x10, 26, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+        expected.extend_from_slice(b"\0\x02c2\0\x04user\0\x04pass");
+        assert_eq!(out, expected);
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl Common {
     fn target_name(&self) -> &'static str {
         match self.target {
             Target::Hop { .. } => "hop",
-            Target::Mqtt => "mqtt",
+            Target::Mqtt { .. } => "mqtt",
         }
     }
 
@@ -81,7 +81,7 @@ impl Client {
                     topic,
                 }
             }
-            Target::Mqtt => Self {
+            Target::Mqtt { .. } => Self {
                 key: None,
                 user: None,
                 client_id,
@@ -945,7 +945,7 @@ mod tests {
     fn ceiling_sums_processes_on_one_time_grid() {
         let common = Common {
             server: "127.0.0.1:1".parse().unwrap(),
-            target: Target::Mqtt,
+            target: Target::Mqtt { login: false },
             server_pid: None,
             source_offset: 0,
         };
