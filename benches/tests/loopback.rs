@@ -136,3 +136,153 @@ fn a_server_that_is_not_there_fails_the_run_with_the_reason() {
     let error = scenario::throughput(&common(server), &options).unwrap_err();
     assert!(error.contains("refused"), "{error}");
 }
+
+/// A toy hop server: hop's own server state machine (`ServerConnection`) and router
+/// (`hop_router::Router`, one shard) behind one lock, one thread per client. Just enough to
+/// run the generator's hop path end to end: handshake with a pinned key, Send, ServerAck,
+/// Deliver, Ack, Receipt, Ack.
+mod toy_hop {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+
+    use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
+    use hop_protocol::session::{ServerConnection, ServerEvent};
+    use hop_protocol::{StaticKey, UserId};
+    use hop_router::{Action, ConnRef, Limits, Router};
+
+    struct Shared {
+        router: Router,
+        connections: HashMap<ConnRef, (ServerConnection, TcpStream, Option<UserId>)>,
+    }
+
+    /// Starts the server; returns its address and public key.
+    pub fn start() -> (SocketAddr, [u8; 32]) {
+        let key = StaticKey::generate().unwrap();
+        let public = *key.public();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Mutex::new(Shared {
+            router: Router::new(0, 1, Limits::default(), 0),
+            connections: HashMap::new(),
+        }));
+        std::thread::spawn(move || {
+            for (id, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { break };
+                stream.set_nodelay(true).unwrap();
+                let conn = ConnRef(id as u64);
+                let reader = stream.try_clone().unwrap();
+                shared
+                    .lock()
+                    .unwrap()
+                    .connections
+                    .insert(conn, (ServerConnection::new(&key), stream, None));
+                let shared = shared.clone();
+                std::thread::spawn(move || serve(conn, reader, &shared));
+            }
+        });
+        (addr, public)
+    }
+
+    fn serve(conn: ConnRef, mut reader: TcpStream, shared: &Mutex<Shared>) {
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
+        loop {
+            let Ok(bytes) = reader.read(&mut buffer) else {
+                return;
+            };
+            if bytes == 0 {
+                return;
+            }
+            let mut guard = shared.lock().unwrap();
+            let state = &mut *guard;
+            let Some((connection, stream, user)) = state.connections.get_mut(&conn) else {
+                return;
+            };
+            let mut out = Vec::new();
+            let mut events = Vec::new();
+            connection
+                .handle_input::<()>(&buffer[..bytes], &mut scratch, &mut out, &mut |event| {
+                    events.push(event);
+                    Ok(())
+                })
+                .unwrap();
+            stream.write_all(&out).unwrap();
+            for event in events {
+                match event {
+                    ServerEvent::Authenticated { client_key } => {
+                        let id = UserId::from_public_key(&client_key);
+                        *user = Some(id);
+                        state
+                            .router
+                            .handle_connect(id, &client_key, conn, 0)
+                            .unwrap();
+                    }
+                    ServerEvent::Stanza(stanza) => {
+                        let id = user.expect("authenticated before stanzas");
+                        state.router.handle_stanza(id, conn, stanza, 0).unwrap();
+                    }
+                }
+            }
+            let mut touched = Vec::new();
+            while let Some(action) = state.router.poll_action() {
+                if let Action::Send { conn, stanza } = action {
+                    let (target, _, _) = state.connections.get_mut(&conn).unwrap();
+                    let mut sink = Vec::new();
+                    target.channel().unwrap().queue(&stanza, &mut sink);
+                    assert!(sink.is_empty(), "small stanzas share a frame");
+                    touched.push(conn);
+                }
+            }
+            touched.sort_by_key(|c| c.0);
+            touched.dedup();
+            for conn in touched {
+                let (target, stream, _) = state.connections.get_mut(&conn).unwrap();
+                let mut frame = Vec::new();
+                target.channel().unwrap().flush(&mut frame);
+                stream.write_all(&frame).unwrap();
+            }
+        }
+    }
+}
+
+fn hop_common(server: SocketAddr, key: [u8; 32]) -> Common {
+    Common {
+        server,
+        target: Target::Hop { pin: Some(key) },
+        server_pid: None,
+        source_offset: 0,
+    }
+}
+
+#[test]
+fn hop_throughput_runs_the_whole_protocol() {
+    let (server, key) = toy_hop::start();
+    let options = ThroughputOptions {
+        pairs: 2,
+        window: 4,
+        warmup_ms: 300,
+        duration_ms: 300,
+    };
+    let report = scenario::throughput(&hop_common(server, key), &options).unwrap();
+    assert!(report.value("messages_per_second").unwrap() > 0.0);
+    assert_eq!(report.value("lost"), Some(0.0));
+    // Every delivered message earned its sender a ServerAck and a delivered receipt.
+    assert!(report.value("send_acks").unwrap() > 0.0);
+    assert!(report.value("receipts").unwrap() > 0.0);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+#[test]
+fn hop_refuses_a_server_with_another_key() {
+    let (server, _) = toy_hop::start();
+    let options = LatencyOptions {
+        pairs: 1,
+        rate_per_second: 100,
+        duration_ms: 10,
+        drain_ms: 10,
+    };
+    let error = scenario::latency(&hop_common(server, [9; 32]), &options).unwrap_err();
+    assert!(error.contains("protocol"), "{error}");
+}
