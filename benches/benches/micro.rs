@@ -1,0 +1,255 @@
+//! Criterion micro-benchmarks of hop's hot-path pieces, each without IO:
+//! frame codec, Noise transport seal/open of a small message, one routing cycle through
+//! `hop_router::Router`, and a mailbox hop between two threads (`crossbeam_queue::ArrayQueue`).
+//!
+//! `cargo bench -p hop-bench --bench micro`
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use crossbeam_queue::ArrayQueue;
+use hop_protocol::frame::{push_header, Deframer, FrameError, FRAME_BODY_BYTES_MAX};
+use hop_protocol::keys::StaticKey;
+use hop_protocol::noise::{
+    ClientHandshake, ServerHandshake, ServerStep, Transport, HANDSHAKE_FRAME_LIMITS,
+    TRANSPORT_FRAME_LIMITS,
+};
+use hop_protocol::wire::{self, Ack, Kind, ReceiptKind, Stanza};
+use hop_router::{Action, ConnRef, Limits, Router};
+
+/// The DESIGN's benchmark message body.
+const BODY: &[u8; 24] = b"twenty-four byte message";
+
+fn frame_codec(c: &mut Criterion) {
+    let to = hop_protocol::UserId::new(42).expect("valid id");
+    let stanza = Stanza::send(to, 7, Bytes::from_static(BODY));
+    let mut group = c.benchmark_group("frame");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("encode_send_stanza_and_header", |b| {
+        let mut out = Vec::with_capacity(128);
+        b.iter(|| {
+            out.clear();
+            let mut plaintext = Vec::with_capacity(64);
+            wire::encode(black_box(&stanza), &mut plaintext);
+            push_header(&mut out, plaintext.len());
+            out.extend_from_slice(&plaintext);
+            black_box(&out);
+        });
+    });
+    let mut stream = Vec::new();
+    for _ in 0..64 {
+        let mut plaintext = Vec::new();
+        wire::encode(&stanza, &mut plaintext);
+        push_header(&mut stream, plaintext.len());
+        stream.extend_from_slice(&plaintext);
+    }
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("deframe_and_decode_64_stanzas", |b| {
+        let mut deframer = Deframer::new();
+        b.iter(|| {
+            let mut seen = 0u32;
+            deframer
+                .handle_input::<FrameError>(
+                    black_box(&stream),
+                    &mut || TRANSPORT_FRAME_LIMITS,
+                    &mut |frame| {
+                        wire::decode_all::<wire::DecodeError>(frame, &mut |s| {
+                            seen += u32::from(s.kind.is_some());
+                            Ok(())
+                        })
+                        .map_err(|_| FrameError::TooShort {
+                            length: 0,
+                            minimum: 1,
+                        })
+                    },
+                )
+                .expect("well-formed stream");
+            black_box(seen);
+        });
+    });
+    group.finish();
+}
+
+fn transport_pair() -> (Transport, Transport) {
+    let server_key = StaticKey::generate().expect("key");
+    let client_key = StaticKey::generate().expect("key");
+    let frame_of = |bytes: &[u8]| {
+        let mut body = None;
+        Deframer::new()
+            .handle_input::<FrameError>(bytes, &mut || HANDSHAKE_FRAME_LIMITS, &mut |f| {
+                body = Some(f.to_vec());
+                Ok(())
+            })
+            .expect("one frame");
+        body.expect("one frame")
+    };
+    let mut message_1 = Vec::new();
+    let mut client = ClientHandshake::start(&client_key, &mut message_1);
+    let mut message_2 = Vec::new();
+    let ServerStep::Continue(server) = ServerHandshake::new(&server_key)
+        .handle_frame(&frame_of(&message_1), &mut message_2)
+        .expect("message 1")
+    else {
+        panic!("finished after message 1");
+    };
+    client
+        .handle_response(&frame_of(&message_2))
+        .expect("message 2");
+    let mut message_3 = Vec::new();
+    let client = client.finish(&mut message_3).expect("message 3");
+    let ServerStep::Finished(server, _) = server
+        .handle_frame(&frame_of(&message_3), &mut Vec::new())
+        .expect("message 3")
+    else {
+        panic!("not finished after message 3");
+    };
+    (client, server)
+}
+
+fn noise_transport(c: &mut Criterion) {
+    let to = hop_protocol::UserId::new(42).expect("valid id");
+    let mut plaintext = Vec::new();
+    wire::encode(
+        &Stanza::send(to, 7, Bytes::from_static(BODY)),
+        &mut plaintext,
+    );
+    let mut group = c.benchmark_group("noise");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("seal_open_send_stanza", |b| {
+        let (mut client, mut server) = transport_pair();
+        let mut wire_bytes = Vec::with_capacity(128);
+        let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
+        b.iter(|| {
+            wire_bytes.clear();
+            client.seal_frame(black_box(&plaintext), &mut wire_bytes);
+            let opened = server
+                .open_frame(&wire_bytes[2..], &mut scratch)
+                .expect("opens");
+            black_box(opened.len());
+        });
+    });
+    group.bench_function("handshake_both_sides", |b| {
+        b.iter(|| black_box(transport_pair()));
+    });
+    group.finish();
+}
+
+fn routing(c: &mut Criterion) {
+    let mut router = Router::new(0, 1, Limits::default(), 0);
+    let alice = StaticKey::generate().expect("key");
+    let bob = StaticKey::generate().expect("key");
+    let (a, b) = (alice.user_id(), bob.user_id());
+    router
+        .handle_connect(a, alice.public(), ConnRef(1), 0)
+        .expect("connects");
+    router
+        .handle_connect(b, bob.public(), ConnRef(2), 0)
+        .expect("connects");
+    while router.poll_action().is_some() {}
+    let mut group = c.benchmark_group("router");
+    group.throughput(Throughput::Elements(1));
+    // One message's whole life on one shard: Send -> ServerAck + Deliver, the recipient's Ack
+    // -> delivered Receipt, the sender's Ack of the receipt. Acking keeps the queues empty.
+    group.bench_function("send_deliver_ack_receipt_cycle", |bench| {
+        let mut seq = 0u32;
+        bench.iter(|| {
+            seq = seq.wrapping_add(1);
+            let send = Stanza::send(b, seq, Bytes::from_static(BODY));
+            router
+                .handle_stanza(a, ConnRef(1), send, 1)
+                .expect("valid send");
+            let mut deliver_id = None;
+            while let Some(action) = router.poll_action() {
+                if let Action::Send {
+                    stanza:
+                        Stanza {
+                            kind: Some(Kind::Deliver(d)),
+                        },
+                    ..
+                } = action
+                {
+                    deliver_id = Some(d.id);
+                }
+            }
+            let id = deliver_id.expect("delivered to an online recipient");
+            let ack = Stanza::of(Kind::Ack(Ack {
+                id,
+                kind: ReceiptKind::Unspecified as i32,
+            }));
+            router
+                .handle_stanza(b, ConnRef(2), ack, 1)
+                .expect("valid ack");
+            let mut receipt_id = None;
+            while let Some(action) = router.poll_action() {
+                if let Action::Send {
+                    stanza:
+                        Stanza {
+                            kind: Some(Kind::Receipt(r)),
+                        },
+                    ..
+                } = action
+                {
+                    receipt_id = Some(r.id);
+                }
+            }
+            let ack = Stanza::of(Kind::Ack(Ack {
+                id: receipt_id.expect("a delivered receipt"),
+                kind: ReceiptKind::Delivered as i32,
+            }));
+            router
+                .handle_stanza(a, ConnRef(1), ack, 1)
+                .expect("valid ack");
+            while router.poll_action().is_some() {}
+        });
+    });
+    group.finish();
+}
+
+fn mailbox(c: &mut Criterion) {
+    let mut group = c.benchmark_group("mailbox");
+    group.throughput(Throughput::Elements(1));
+    // A round trip through two bounded queues between two threads (ping and pong), so each
+    // iteration is two hops; the reported time per element is that of one round trip.
+    group.bench_function("array_queue_round_trip_two_threads", |b| {
+        let to_peer = Arc::new(ArrayQueue::<u64>::new(1024));
+        let back = Arc::new(ArrayQueue::<u64>::new(1024));
+        let stop = Arc::new(AtomicBool::new(false));
+        let peer = {
+            let (to_peer, back, stop) = (to_peer.clone(), back.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(value) = to_peer.pop() {
+                        while back.push(value).is_err() {
+                            std::hint::spin_loop();
+                        }
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            })
+        };
+        let mut value = 0u64;
+        b.iter(|| {
+            value += 1;
+            while to_peer.push(value).is_err() {
+                std::hint::spin_loop();
+            }
+            loop {
+                if let Some(answer) = back.pop() {
+                    black_box(answer);
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+        peer.join().expect("peer thread");
+    });
+    group.finish();
+}
+
+criterion_group!(benches, frame_codec, noise_transport, routing, mailbox);
+criterion_main!(benches);

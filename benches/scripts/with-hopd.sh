@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Runs one hop-bench scenario against a fresh local hopd, like for like with the peers:
+# hopd --shards 1 pinned to core 0, the generator pinned to core 1.
+#
+#   benches/scripts/with-hopd.sh SCENARIO [hop-bench flags...]
+#   e.g. benches/scripts/with-hopd.sh throughput --pairs 50 --json /tmp/tp.json
+#        HOPDS=2 benches/scripts/with-hopd.sh ceiling --connections 30000 --processes 2
+#
+# Both run at nice $PRIORITY (default -10) so that niced background work on the same cores
+# (builds) does not take time slices in the middle of a measurement. With SCHED=fifo they run
+# SCHED_FIFO instead (root only; the kernel's RT throttling still leaves 5% of each core to
+# everything else): use it on a shared machine, and say so next to the figures.
+# HOPD and HOP_BENCH name the binaries (default: the release builds in $CARGO_TARGET_DIR or
+# target/); HOPD_FLAGS adds flags to hopd; SERVER_CORE and GENERATOR_CORE pick the cores.
+set -euo pipefail
+target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
+hopd=${HOPD:-$target_dir/release/hopd}
+bench=${HOP_BENCH:-$target_dir/release/hop-bench}
+server_core=${SERVER_CORE:-0}
+generator_core=${GENERATOR_CORE:-1}
+priority=${PRIORITY:--10}
+# An array, not a function: a function would run in a subshell when backgrounded, and $!
+# would name the subshell instead of the server.
+if [ "${SCHED:-}" = fifo ]; then
+    run_as=(chrt -f 1)
+else
+    run_as=(nice -n "$priority")
+fi
+scenario=$1
+shift
+
+# start_hopd DATA: starts one hopd on the server core; sets started_pid and started_addr.
+start_hopd() {
+    local data=$1 out=$1/hopd.out
+    # shellcheck disable=SC2086
+    "${run_as[@]}" taskset -c "$server_core" "$hopd" --listen 127.0.0.1:0 --data "$data" \
+        --shards 1 --pin-cores false --log warn ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
+    started_pid=$!
+    pids+=("$started_pid")
+    for _ in $(seq 100); do
+        grep -q "listening on" "$out" 2>/dev/null && break
+        sleep 0.05
+    done
+    started_addr=$(sed -n 's/^hopd listening on \([^ ]*\) .*/\1/p' "$out")
+    [ -n "$started_addr" ] || { echo "hopd did not start:" >&2; cat "$data/hopd.err" >&2; exit 1; }
+}
+
+pids=()
+dirs=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "${dirs[@]}"' EXIT
+data=$(mktemp -d /tmp/hop-bench-data.XXXXXX)
+dirs+=("$data")
+start_hopd "$data"
+hopd_pid=$started_pid
+addr=$started_addr
+key=$(sed -n 's/.*server key \([0-9a-f]*\);.*/\1/p' "$data/hopd.out")
+echo "hopd pid $hopd_pid at $addr (core $server_core); hop-bench on core $generator_core" >&2
+
+# HOPDS=N (ceiling only) starts N-1 more hopds with the same server key, for holding more
+# connections than one server process's descriptor limit allows; the generator processes
+# spread over them (--extra-servers).
+extra=()
+if [ "${HOPDS:-1}" -gt 1 ]; then
+    servers=""
+    for _ in $(seq 2 "$HOPDS"); do
+        more=$(mktemp -d /tmp/hop-bench-data.XXXXXX)
+        dirs+=("$more")
+        cp -p "$data/server.key" "$more/server.key"
+        start_hopd "$more"
+        echo "hopd pid $started_pid at $started_addr (core $server_core)" >&2
+        servers=${servers:+$servers,}$started_addr
+    done
+    extra=(--extra-servers "$servers")
+fi
+"${run_as[@]}" taskset -c "$generator_core" "$bench" "$scenario" --server "$addr" --server-key "$key" \
+    --server-pid "$hopd_pid" "${extra[@]}" "$@"

@@ -1,0 +1,469 @@
+//! The generator's event loop: one mio poll driving many non-blocking client sockets.
+//!
+//! Call order: [`Engine::open`] connections, queue work on them ([`Engine::send_hop`],
+//! [`Engine::publish`], [`Engine::ping`]), then call [`Engine::turn`], which writes what was
+//! queued, waits for readiness, reads, and returns what happened to each connection. Repeat.
+//! Writes are batched: everything queued on a connection in one turn goes out in one frame and
+//! one `write` where the socket takes it.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hop_protocol::keys::{StaticKey, KEY_BYTES};
+use hop_protocol::UserId;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use serde::Serialize;
+
+use crate::addr::{self, SourcePlan};
+use crate::conn::{frame_scratch, ConnError, Event, HopClient, MqttClient};
+
+/// Bytes read from a socket at once.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// Readiness events taken from one poll.
+const EVENTS_PER_POLL_MAX: usize = 4096;
+/// A connection's write buffer is released above this size once drained.
+const OUT_CAPACITY_KEPT_BYTES: usize = 16 * 1024;
+/// MQTT keep-alive announced to brokers, in seconds; the scenarios ping well inside it.
+pub const MQTT_KEEP_ALIVE_S: u16 = 120;
+
+/// Which server protocol the generator speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// hop: Noise XX handshake, then stanzas. `pin` is the server's key, if known.
+    Hop { pin: Option<[u8; KEY_BYTES]> },
+    /// Any MQTT 3.1.1 broker; with `login`, each client logs in as its client id.
+    Mqtt { login: bool },
+}
+
+/// Who a new connection is.
+#[derive(Debug)]
+pub enum Identity {
+    Hop(StaticKey),
+    Mqtt {
+        client_id: String,
+        clean_session: bool,
+        subscribe: Option<(String, u8)>,
+    },
+}
+
+/// Why a connection ended or never opened, as the benchmark reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    /// The server refused the TCP connection (nothing listening, backlog full).
+    Refused,
+    /// The server reset the connection.
+    Reset,
+    /// The server closed the connection (EOF).
+    Closed,
+    /// The connection or handshake took longer than allowed.
+    Timeout,
+    /// The generator ran out of something: descriptors, ports, memory.
+    GeneratorLimit,
+    /// The server broke the protocol (bad handshake, bad frame) or refused the client.
+    Protocol,
+    /// Any other socket error.
+    Other,
+}
+
+impl Failure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Reset => "reset",
+            Self::Closed => "closed",
+            Self::Timeout => "timeout",
+            Self::GeneratorLimit => "generator_limit",
+            Self::Protocol => "protocol",
+            Self::Other => "other",
+        }
+    }
+
+    pub fn of_io(error: &io::Error) -> Self {
+        match error.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Self::Refused,
+            Some(libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED) => Self::Reset,
+            Some(libc::ETIMEDOUT) => Self::Timeout,
+            Some(
+                libc::EMFILE | libc::ENFILE | libc::EADDRNOTAVAIL | libc::ENOBUFS | libc::ENOMEM,
+            ) => Self::GeneratorLimit,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// What happened to connection `index` in a turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Event(Event),
+    /// The connection is gone; its index is not used again.
+    Failed(Failure),
+}
+
+enum State {
+    Connecting(Identity),
+    Hop(HopClient),
+    Mqtt(MqttClient),
+}
+
+struct Connection {
+    stream: TcpStream,
+    state: State,
+    out: Vec<u8>,
+    queued: bool,
+}
+
+pub struct Engine {
+    poll: Poll,
+    events: Events,
+    target: Target,
+    server: SocketAddr,
+    plan: SourcePlan,
+    opened_total: u64,
+    connections: Vec<Option<Connection>>,
+    queued: Vec<usize>,
+    read_buffer: Vec<u8>,
+    scratch: Vec<u8>,
+    pending: Vec<(usize, Outcome)>,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+}
+
+impl Engine {
+    pub fn new(target: Target, server: SocketAddr, plan: SourcePlan) -> io::Result<Self> {
+        Ok(Self {
+            poll: Poll::new()?,
+            events: Events::with_capacity(EVENTS_PER_POLL_MAX),
+            target,
+            server,
+            plan,
+            opened_total: 0,
+            connections: Vec::new(),
+            queued: Vec::new(),
+            read_buffer: vec![0u8; READ_BUFFER_BYTES],
+            scratch: frame_scratch(),
+            pending: Vec::new(),
+            bytes_written: 0,
+            bytes_read: 0,
+        })
+    }
+
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    /// Starts a connection from the next source address of the plan. Its index names it in
+    /// every outcome. A failure to even create the socket is returned at once.
+    pub fn open(&mut self, identity: Identity) -> Result<usize, Failure> {
+        if self.opened_total >= self.plan.budget() {
+            return Err(Failure::GeneratorLimit);
+        }
+        let source = self.plan.source(self.opened_total);
+        self.opened_total += 1;
+        let mut stream =
+            addr::connect_from(source, self.server).map_err(|error| Failure::of_io(&error))?;
+        let index = self.connections.len();
+        self.poll
+            .registry()
+            .register(
+                &mut stream,
+                Token(index),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(|error| Failure::of_io(&error))?;
+        self.connections.push(Some(Connection {
+            stream,
+            state: State::Connecting(identity),
+            out: Vec::new(),
+            queued: false,
+        }));
+        Ok(index)
+    }
+
+    /// True while connection `index` is authenticated and usable.
+    pub fn is_open(&self, index: usize) -> bool {
+        match self.connections.get(index).and_then(Option::as_ref) {
+            Some(connection) => match &connection.state {
+                State::Hop(client) => client.is_open(),
+                State::Mqtt(client) => client.is_open(),
+                State::Connecting(_) => false,
+            },
+            None => false,
+        }
+    }
+
+    /// Queues a hop message; ignored unless `index` is an open hop connection.
+    pub fn send_hop(&mut self, index: usize, to: UserId, seq: u32, body: Bytes) {
+        self.with(index, |state, out| {
+            if let State::Hop(client) = state {
+                client.send(to, seq, body, out);
+            }
+        });
+    }
+
+    /// Queues an MQTT PUBLISH; ignored unless `index` is an open MQTT connection.
+    pub fn publish(&mut self, index: usize, topic: &str, payload: &[u8], qos: u8) {
+        self.with(index, |state, out| {
+            if let State::Mqtt(client) = state {
+                client.publish(topic, payload, qos, out);
+            }
+        });
+    }
+
+    /// Queues a heartbeat (hop Ping, MQTT PINGREQ).
+    pub fn ping(&mut self, index: usize, nonce: u64) {
+        self.with(index, |state, out| match state {
+            State::Hop(client) => client.ping(nonce, out),
+            State::Mqtt(client) => client.ping(out),
+            State::Connecting(_) => {}
+        });
+    }
+
+    /// Closes connection `index` (an MQTT client says DISCONNECT first, so its session is
+    /// kept as a persistent one rather than treated as a lost client).
+    pub fn close(&mut self, index: usize) {
+        if let Some(mut connection) = self.connections.get_mut(index).and_then(Option::take) {
+            if let State::Mqtt(_) = connection.state {
+                let mut bye = Vec::new();
+                crate::mqtt::disconnect(&mut bye);
+                connection.out.extend_from_slice(&bye);
+                let _ = connection.stream.write(&connection.out);
+            }
+            let _ = self.poll.registry().deregister(&mut connection.stream);
+        }
+    }
+
+    fn with(&mut self, index: usize, work: impl FnOnce(&mut State, &mut Vec<u8>)) {
+        if let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) {
+            work(&mut connection.state, &mut connection.out);
+            if !connection.queued {
+                connection.queued = true;
+                self.queued.push(index);
+            }
+        }
+    }
+
+    /// Writes everything queued, waits up to `timeout` for readiness, handles it, and appends
+    /// each connection's outcomes to `outcomes`.
+    pub fn turn(
+        &mut self,
+        timeout: Option<Duration>,
+        outcomes: &mut Vec<(usize, Outcome)>,
+    ) -> io::Result<()> {
+        self.write_queued();
+        outcomes.append(&mut self.pending);
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(error) => return Err(error),
+        }
+        let ready: Vec<(usize, bool, bool)> = self
+            .events
+            .iter()
+            .map(|event| {
+                (
+                    event.token().0,
+                    event.is_readable() || event.is_read_closed() || event.is_error(),
+                    event.is_writable(),
+                )
+            })
+            .collect();
+        for (index, readable, writable) in ready {
+            if let Err(failure) = self.handle_ready(index, readable, writable) {
+                self.fail(index, failure);
+            }
+        }
+        self.write_queued();
+        outcomes.append(&mut self.pending);
+        Ok(())
+    }
+
+    fn handle_ready(
+        &mut self,
+        index: usize,
+        readable: bool,
+        writable: bool,
+    ) -> Result<(), Failure> {
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        if let State::Connecting(_) = connection.state {
+            if let Some(error) = connection
+                .stream
+                .take_error()
+                .map_err(|e| Failure::of_io(&e))?
+            {
+                return Err(Failure::of_io(&error));
+            }
+            match connection.stream.peer_addr() {
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotConnected => return Ok(()),
+                Err(error) => return Err(Failure::of_io(&error)),
+            }
+            let State::Connecting(identity) = std::mem::replace(
+                &mut connection.state,
+                State::Mqtt(MqttClient::start("", true, None, 0, false, &mut Vec::new())),
+            ) else {
+                unreachable!("matched above");
+            };
+            connection.state = match (identity, self.target) {
+                (Identity::Hop(key), Target::Hop { pin }) => {
+                    State::Hop(HopClient::start(&key, pin, &mut connection.out))
+                }
+                (
+                    Identity::Mqtt {
+                        client_id,
+                        clean_session,
+                        subscribe,
+                    },
+                    Target::Mqtt { login },
+                ) => State::Mqtt(MqttClient::start(
+                    &client_id,
+                    clean_session,
+                    subscribe,
+                    MQTT_KEEP_ALIVE_S,
+                    login,
+                    &mut connection.out,
+                )),
+                _ => panic!("identity does not match the target"),
+            };
+            if !connection.queued {
+                connection.queued = true;
+                self.queued.push(index);
+            }
+        } else if writable && !connection.out.is_empty() && !connection.queued {
+            connection.queued = true;
+            self.queued.push(index);
+        }
+        if !readable {
+            return Ok(());
+        }
+        loop {
+            let bytes = match connection.stream.read(&mut self.read_buffer) {
+                Ok(0) => return Err(Failure::Closed),
+                Ok(bytes) => bytes,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(Failure::of_io(&error)),
+            };
+            self.bytes_read += bytes as u64;
+            let input = &self.read_buffer[..bytes];
+            let pending = &mut self.pending;
+            let mut on_event = |event| pending.push((index, Outcome::Event(event)));
+            let result: Result<(), ConnError> = match &mut connection.state {
+                State::Hop(client) => client.handle_input(
+                    input,
+                    &mut self.scratch,
+                    &mut connection.out,
+                    &mut on_event,
+                ),
+                State::Mqtt(client) => {
+                    client.handle_input(input, &mut connection.out, &mut on_event)
+                }
+                State::Connecting(_) => Ok(()),
+            };
+            result.map_err(|_| Failure::Protocol)?;
+            if !connection.queued {
+                connection.queued = true;
+                self.queued.push(index);
+            }
+        }
+    }
+
+    fn fail(&mut self, index: usize, failure: Failure) {
+        if let Some(mut connection) = self.connections.get_mut(index).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut connection.stream);
+            self.pending.push((index, Outcome::Failed(failure)));
+        }
+    }
+
+    fn write_queued(&mut self) {
+        let queued = std::mem::take(&mut self.queued);
+        for index in queued {
+            let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+                continue;
+            };
+            connection.queued = false;
+            if let State::Hop(client) = &mut connection.state {
+                client.flush(&mut connection.out);
+            }
+            let mut written = 0;
+            let mut failure = None;
+            while written < connection.out.len() {
+                match connection.stream.write(&connection.out[written..]) {
+                    Ok(bytes) => written += bytes,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(error) if error.kind() == io::ErrorKind::NotConnected => break,
+                    Err(error) => {
+                        failure = Some(Failure::of_io(&error));
+                        break;
+                    }
+                }
+            }
+            self.bytes_written += written as u64;
+            connection.out.drain(..written);
+            if connection.out.is_empty() && connection.out.capacity() > OUT_CAPACITY_KEPT_BYTES {
+                connection.out = Vec::new();
+            }
+            if let Some(failure) = failure {
+                self.fail(index, failure);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_errors_are_classified() {
+        let of = |code| Failure::of_io(&io::Error::from_raw_os_error(code));
+        assert_eq!(of(libc::ECONNREFUSED), Failure::Refused);
+        assert_eq!(of(libc::ECONNRESET), Failure::Reset);
+        assert_eq!(of(libc::EMFILE), Failure::GeneratorLimit);
+        assert_eq!(of(libc::EADDRNOTAVAIL), Failure::GeneratorLimit);
+        assert_eq!(of(libc::ETIMEDOUT), Failure::Timeout);
+        assert_eq!(of(libc::EINVAL), Failure::Other);
+    }
+
+    /// A closed port on loopback: the connection is refused, reported once, by kind.
+    #[test]
+    fn refused_connection_is_reported() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        drop(listener);
+        // One port on one source address: a budget of one connection.
+        let plan = SourcePlan::new(1, 0, (40000, 40000)).unwrap();
+        let mut engine = Engine::new(Target::Mqtt { login: false }, server, plan).unwrap();
+        let identity = Identity::Mqtt {
+            client_id: "c".into(),
+            clean_session: true,
+            subscribe: None,
+        };
+        let index = engine.open(identity).unwrap();
+        let mut outcomes = Vec::new();
+        for _ in 0..50 {
+            engine
+                .turn(Some(Duration::from_millis(20)), &mut outcomes)
+                .unwrap();
+            if !outcomes.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(outcomes, [(index, Outcome::Failed(Failure::Refused))]);
+        assert_eq!(
+            engine.open(Identity::Mqtt {
+                client_id: "d".into(),
+                clean_session: true,
+                subscribe: None
+            }),
+            Err(Failure::GeneratorLimit),
+            "the plan's budget is one connection"
+        );
+    }
+}

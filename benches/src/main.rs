@@ -1,0 +1,490 @@
+//! hop-bench: see `hop-bench --help` and benches/README.md.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hop_bench::addr::{local_port_range, SourcePlan};
+use hop_bench::engine::Target;
+use hop_bench::plot;
+use hop_bench::procfs::{cpu_seconds_of, MemoryPerConnection, MemorySample};
+use hop_bench::report::CpuUse;
+use hop_bench::report::Report;
+use hop_bench::scenario::{self, CeilingOptions, CeilingResult, Common};
+use hop_protocol::keys::parse_hex_key;
+
+/// Load generator for hopd and MQTT brokers: ceiling, throughput, latency, offline.
+#[derive(Debug, Parser)]
+#[command(name = "hop-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TargetKind {
+    Hop,
+    Mqtt,
+}
+
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// Server address (hopd's listen address, or an MQTT broker's).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    server: SocketAddr,
+    /// Protocol to speak.
+    #[arg(long, value_enum, default_value = "hop")]
+    target: TargetKind,
+    /// hopd's static key in hex (printed at its start); the handshake checks it. Without it
+    /// any key is accepted.
+    #[arg(long, value_name = "HEX")]
+    server_key: Option<String>,
+    /// MQTT: log in with the client id as username (for brokers that require a login, such
+    /// as ejabberd's mod_mqtt with anonymous authentication).
+    #[arg(long)]
+    mqtt_login: bool,
+    /// The server's pid: its CPU use (and for `ceiling` its memory) is read from /proc.
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// Write every number, the command line and the machine as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw the latency percentile curve (or, for `ceiling`, connections over time) as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Skip this many source addresses (set by `ceiling` for its generator processes).
+    #[arg(long, default_value_t = 0, hide = true)]
+    source_offset: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// P sender/recipient pairs with a bounded in-flight window: messages/s and bytes/s.
+    Throughput {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Client pairs; each client sends to its peer.
+        #[arg(long, default_value_t = 50)]
+        pairs: usize,
+        /// Undelivered messages allowed per direction of a pair.
+        #[arg(long, default_value_t = 64)]
+        window: u64,
+        #[arg(long, default_value_t = 2_000)]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+    },
+    /// Open loop at a fixed offered rate; latency from intended send time to delivery.
+    Latency {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, default_value_t = 50)]
+        pairs: usize,
+        /// Offered messages per second, all clients together.
+        #[arg(long, default_value_t = 100_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 5_000)]
+        drain_ms: u64,
+    },
+    /// Open connections at a set rate up to a target; hold them idle; report what was held.
+    Ceiling {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, default_value_t = 10_000)]
+        connections: u64,
+        /// New connections per second, all processes together.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        /// Generator processes; each holds connections / processes (one process may hold at
+        /// most its RLIMIT_NOFILE descriptors).
+        #[arg(long, default_value_t = 1)]
+        processes: u32,
+        /// Handshakes in progress at once, per process.
+        #[arg(long, default_value_t = 1_000)]
+        pending_max: usize,
+        #[arg(long, default_value_t = 10_000)]
+        handshake_timeout_ms: u64,
+        /// How long to hold the connections after the ramp.
+        #[arg(long, default_value_t = 5_000)]
+        hold_ms: u64,
+        /// Each held connection pings once per this period.
+        #[arg(long, default_value_t = 30_000)]
+        heartbeat_ms: u64,
+        /// Stop opening after this many failures.
+        #[arg(long, default_value_t = 1_000)]
+        failures_max: u64,
+        /// More servers for the generator processes: process i connects to the i-th of
+        /// `--server` and these, round robin. For holding more connections than one server
+        /// process may (each has its own descriptor limit). Memory per connection is then not
+        /// reported (it is read for `--server-pid` only).
+        #[arg(long, value_delimiter = ',', value_name = "ADDR,...")]
+        extra_servers: Vec<SocketAddr>,
+        /// Run as one generator process of a parent `ceiling` (reports on stdout).
+        #[arg(long, hide = true)]
+        child: bool,
+    },
+    /// Compare saved reports: one row per `--json` file, with each figure's ratio to the first
+    /// file's (used by scripts/peers.sh).
+    Ratios {
+        /// Figures to compare: names from the reports' `figures`, or `latency.p50_us` etc.
+        #[arg(long, value_delimiter = ',', default_value = "messages_per_second")]
+        figures: Vec<String>,
+        /// NAME=FILE pairs; the first is the baseline.
+        #[arg(required = true)]
+        reports: Vec<String>,
+    },
+    /// N messages to offline recipients, then they connect and drain.
+    Offline {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, default_value_t = 10)]
+        senders: usize,
+        #[arg(long, default_value_t = 10)]
+        recipients: usize,
+        #[arg(long, default_value_t = 50_000)]
+        messages: u64,
+        /// Messages per sender awaiting the server's ack.
+        #[arg(long, default_value_t = 256)]
+        window: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hop-bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn common(args: &CommonArgs) -> Result<Common, String> {
+    let target = match args.target {
+        TargetKind::Hop => {
+            let pin = match &args.server_key {
+                Some(hex) => Some(parse_hex_key(hex).ok_or("--server-key is not 64 hex digits")?),
+                None => None,
+            };
+            Target::Hop { pin }
+        }
+        TargetKind::Mqtt => Target::Mqtt {
+            login: args.mqtt_login,
+        },
+    };
+    Ok(Common {
+        server: args.server,
+        target,
+        server_pid: args.server_pid,
+        source_offset: args.source_offset,
+    })
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let (report, args) = match cli.scenario {
+        Scenario::Ratios { figures, reports } => {
+            print!("{}", ratios(&figures, &reports)?);
+            return Ok(());
+        }
+        Scenario::Throughput {
+            common: args,
+            pairs,
+            window,
+            warmup_ms,
+            duration_ms,
+        } => {
+            let options = scenario::ThroughputOptions {
+                pairs,
+                window,
+                warmup_ms,
+                duration_ms,
+            };
+            (scenario::throughput(&common(&args)?, &options)?, args)
+        }
+        Scenario::Latency {
+            common: args,
+            pairs,
+            rate,
+            duration_ms,
+            drain_ms,
+        } => {
+            let options = scenario::LatencyOptions {
+                pairs,
+                rate_per_second: rate,
+                duration_ms,
+                drain_ms,
+            };
+            (scenario::latency(&common(&args)?, &options)?, args)
+        }
+        Scenario::Offline {
+            common: args,
+            senders,
+            recipients,
+            messages,
+            window,
+        } => {
+            let options = scenario::OfflineOptions {
+                senders,
+                recipients,
+                messages,
+                window,
+            };
+            (scenario::offline(&common(&args)?, &options)?, args)
+        }
+        Scenario::Ceiling {
+            common: args,
+            connections,
+            rate,
+            processes,
+            pending_max,
+            handshake_timeout_ms,
+            hold_ms,
+            heartbeat_ms,
+            failures_max,
+            extra_servers,
+            child,
+        } => {
+            let options = CeilingOptions {
+                connections,
+                rate_per_second: rate,
+                pending_max,
+                handshake_timeout_ms,
+                hold_ms,
+                heartbeat_ms,
+                failures_max,
+            };
+            let common = common(&args)?;
+            if child {
+                let result = scenario::ceiling_local(&common, &options, &mut |held| {
+                    println!("RAMPED {held}");
+                })?;
+                println!(
+                    "RESULT {}",
+                    serde_json::to_string(&result).map_err(|e| e.to_string())?
+                );
+                return Ok(());
+            }
+            (ceiling(&common, &options, processes, &extra_servers)?, args)
+        }
+    };
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        report
+            .write_json(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        plot::draw(&report, path)?;
+    }
+    Ok(())
+}
+
+/// `ceiling` across `processes` generator processes: each is this binary with `--child`, its
+/// share of the connections and its own source addresses. Memory is sampled once every
+/// process has finished its ramp and still holds its connections.
+fn ceiling(
+    common: &Common,
+    options: &CeilingOptions,
+    processes: u32,
+    extra_servers: &[SocketAddr],
+) -> Result<Report, String> {
+    assert!(processes > 0, "at least one process");
+    if !extra_servers.is_empty() && processes == 1 {
+        return Err("--extra-servers needs --processes of at least the number of servers".into());
+    }
+    let servers: Vec<SocketAddr> = std::iter::once(common.server)
+        .chain(extra_servers.iter().copied())
+        .collect();
+    let before = MemorySample::read(common.server_pid);
+    let server_cpu_before = common.server_pid.and_then(cpu_seconds_of);
+    let started = std::time::Instant::now();
+    let mut server_cpu_ramp = None;
+    let mut after = None;
+    let results: Vec<CeilingResult> = if processes == 1 {
+        vec![scenario::ceiling_local(common, options, &mut |_| {
+            server_cpu_ramp = common
+                .server_pid
+                .and_then(cpu_seconds_of)
+                .map(|cpu| (cpu, started.elapsed()));
+            std::thread::sleep(Duration::from_millis(500));
+            after = Some(MemorySample::read(common.server_pid));
+        })?]
+    } else {
+        let range = local_port_range().map_err(|e| e.to_string())?;
+        let per_process = options.connections.div_ceil(u64::from(processes));
+        let sources_each = SourcePlan::new(per_process, 0, range)
+            .map_err(|e| e.to_string())?
+            .sources;
+        let (sender, receiver) = mpsc::channel::<(u32, String)>();
+        let mut children = Vec::new();
+        for index in 0..processes {
+            let mut command = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
+            command
+                .arg("ceiling")
+                .arg("--child")
+                .args([
+                    "--server",
+                    &servers[index as usize % servers.len()].to_string(),
+                ])
+                .args([
+                    "--source-offset",
+                    &(common.source_offset + index * sources_each).to_string(),
+                ])
+                .args(["--connections", &per_process.to_string()])
+                .args([
+                    "--rate",
+                    &(options.rate_per_second / u64::from(processes))
+                        .max(1)
+                        .to_string(),
+                ])
+                .args(["--pending-max", &options.pending_max.to_string()])
+                .args([
+                    "--handshake-timeout-ms",
+                    &options.handshake_timeout_ms.to_string(),
+                ])
+                .args(["--hold-ms", &options.hold_ms.to_string()])
+                .args(["--heartbeat-ms", &options.heartbeat_ms.to_string()])
+                .args(["--failures-max", &options.failures_max.to_string()])
+                .stdout(Stdio::piped());
+            match common.target {
+                Target::Hop { pin } => {
+                    command.args(["--target", "hop"]);
+                    if let Some(pin) = pin {
+                        command.args(["--server-key", &hex::encode(pin)]);
+                    }
+                }
+                Target::Mqtt { login } => {
+                    command.args(["--target", "mqtt"]);
+                    if login {
+                        command.arg("--mqtt-login");
+                    }
+                }
+            }
+            let mut child = command
+                .spawn()
+                .map_err(|e| format!("starting a generator process: {e}"))?;
+            let stdout = child.stdout.take().ok_or("generator stdout")?;
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if sender.send((index, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+            children.push(child);
+        }
+        drop(sender);
+        let mut ramped = 0;
+        let mut results = Vec::new();
+        for (_, line) in receiver.iter() {
+            if line.starts_with("RAMPED") {
+                ramped += 1;
+                if ramped == processes {
+                    server_cpu_ramp = common
+                        .server_pid
+                        .and_then(cpu_seconds_of)
+                        .map(|cpu| (cpu, started.elapsed()));
+                    std::thread::sleep(Duration::from_millis(500));
+                    after = Some(MemorySample::read(common.server_pid));
+                }
+            } else if let Some(json) = line.strip_prefix("RESULT ") {
+                results.push(serde_json::from_str(json).map_err(|e| e.to_string())?);
+            }
+        }
+        for mut child in children {
+            let status = child.wait().map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("a generator process failed: {status}"));
+            }
+        }
+        results
+    };
+    let mut report = scenario::ceiling_report(common, options, processes, &results);
+    if !extra_servers.is_empty() {
+        report.server = servers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    if let (Some(before), Some((after, wall))) = (server_cpu_before, server_cpu_ramp) {
+        // Over the ramp, where the server's work is handshakes.
+        report.server_cpu = Some(CpuUse::new(1, after - before, wall.as_secs_f64()));
+    }
+    if let Some(after) = after {
+        let held = report.value("held").unwrap_or(0.0) as u64;
+        report.memory_before = Some(before);
+        report.memory_after = Some(after);
+        if common.server_pid.is_some() && extra_servers.is_empty() {
+            report.memory_per_connection =
+                Some(MemoryPerConnection::between(&before, &after, held));
+            report.notes.push("kernel slab growth includes the generator's own sockets (both ends are on this machine)".into());
+        }
+    }
+    Ok(report)
+}
+
+/// A table of `figures` from saved reports, each with its ratio to the first report's value.
+fn ratios(figures: &[String], reports: &[String]) -> Result<String, String> {
+    let mut rows = Vec::new();
+    for entry in reports {
+        let (name, path) = entry.split_once('=').ok_or("reports are NAME=FILE")?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+        let values: Vec<Option<f64>> = figures
+            .iter()
+            .map(|figure| value_of(&json, figure))
+            .collect();
+        rows.push((name.to_string(), values));
+    }
+    let mut text = format!("{:<12}", "server");
+    for figure in figures {
+        text.push_str(&format!("  {figure:>26}  {:>7}", "ratio"));
+    }
+    text.push('\n');
+    let baseline = rows
+        .first()
+        .map(|(_, values)| values.clone())
+        .unwrap_or_default();
+    for (name, values) in &rows {
+        text.push_str(&format!("{name:<12}"));
+        for (value, base) in values.iter().zip(&baseline) {
+            match (value, base) {
+                (Some(v), Some(b)) if *v != 0.0 => text.push_str(&format!(
+                    "  {:>26}  {:>7.2}",
+                    hop_bench::report::human(*v),
+                    b / v
+                )),
+                (Some(v), _) => text.push_str(&format!(
+                    "  {:>26}  {:>7}",
+                    hop_bench::report::human(*v),
+                    "-"
+                )),
+                (None, _) => text.push_str(&format!("  {:>26}  {:>7}", "not measured", "-")),
+            }
+        }
+        text.push('\n');
+    }
+    text.push_str("ratio: the first row's value divided by this row's\n");
+    Ok(text)
+}
+
+fn value_of(json: &serde_json::Value, figure: &str) -> Option<f64> {
+    if let Some((object, field)) = figure.split_once('.') {
+        return json.get(object)?.get(field)?.as_f64();
+    }
+    json.get("figures")?
+        .as_array()?
+        .iter()
+        .find(|f| f.get("name").and_then(|n| n.as_str()) == Some(figure))?
+        .get("value")?
+        .as_f64()
+}

@@ -1,0 +1,288 @@
+//! The generator end to end on loopback, against a toy MQTT broker in this test: scenarios
+//! open their clients, send, receive, count and report. Nothing here asserts a speed; each
+//! run is a few hundred milliseconds.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+use hop_bench::engine::Target;
+use hop_bench::scenario::{self, Common, LatencyOptions, ThroughputOptions};
+
+type Subscribers = Arc<Mutex<HashMap<Vec<u8>, TcpStream>>>;
+
+/// A broker that knows just enough MQTT 3.1.1 for QoS 0: CONNECT, SUBSCRIBE, PUBLISH (routed
+/// to the one subscriber of the topic), PINGREQ, DISCONNECT. One thread per client.
+fn toy_broker() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let subscribers: Subscribers = Arc::default();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let subscribers = subscribers.clone();
+            std::thread::spawn(move || serve(stream, &subscribers));
+        }
+    });
+    addr
+}
+
+fn serve(mut stream: TcpStream, subscribers: &Subscribers) {
+    stream.set_nodelay(true).unwrap();
+    while let Some((first, body)) = read_packet(&mut stream) {
+        match first >> 4 {
+            1 => stream.write_all(&[0x20, 2, 0, 0]).unwrap(),
+            8 => {
+                let topic_bytes = usize::from(u16::from_be_bytes([body[2], body[3]]));
+                let topic = body[4..4 + topic_bytes].to_vec();
+                subscribers
+                    .lock()
+                    .unwrap()
+                    .insert(topic, stream.try_clone().unwrap());
+                stream.write_all(&[0x90, 3, body[0], body[1], 0]).unwrap();
+            }
+            3 => {
+                let topic_bytes = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                let topic = &body[2..2 + topic_bytes];
+                let mut packet = vec![first & 0xF0, body.len() as u8];
+                packet.extend_from_slice(&body);
+                if let Some(subscriber) = subscribers.lock().unwrap().get_mut(topic) {
+                    let _ = subscriber.write_all(&packet);
+                }
+            }
+            12 => stream.write_all(&[0xD0, 0]).unwrap(),
+            _ => return,
+        }
+    }
+}
+
+fn read_packet(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).ok()?;
+    let first = byte[0];
+    let (mut length, mut shift) = (0usize, 0);
+    loop {
+        stream.read_exact(&mut byte).ok()?;
+        length |= usize::from(byte[0] & 0x7F) << shift;
+        shift += 7;
+        if byte[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).ok()?;
+    Some((first, body))
+}
+
+fn common(server: SocketAddr) -> Common {
+    Common {
+        server,
+        target: Target::Mqtt { login: false },
+        server_pid: Some(std::process::id()),
+        source_offset: 0,
+    }
+}
+
+#[test]
+fn throughput_moves_messages_both_ways_and_reports_them() {
+    let server = toy_broker();
+    let options = ThroughputOptions {
+        pairs: 3,
+        window: 8,
+        warmup_ms: 100,
+        duration_ms: 300,
+    };
+    let report = scenario::throughput(&common(server), &options).unwrap();
+    assert!(report.value("messages_per_second").unwrap() > 0.0);
+    assert_eq!(report.value("lost"), Some(0.0));
+    assert!(report.value("bytes_to_server_per_second").unwrap() > 0.0);
+    assert!(report.value("bytes_from_server_per_second").unwrap() > 0.0);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(report.server_cpu.is_some(), "--server-pid was given");
+    assert!(report.table().contains("messages_per_second"));
+}
+
+#[test]
+fn latency_delivers_every_scheduled_message() {
+    let server = toy_broker();
+    let options = LatencyOptions {
+        pairs: 2,
+        rate_per_second: 1_000,
+        duration_ms: 300,
+        drain_ms: 2_000,
+    };
+    let report = scenario::latency(&common(server), &options).unwrap();
+    assert_eq!(report.value("scheduled"), Some(300.0));
+    assert_eq!(report.value("delivered"), Some(300.0));
+    let latency = report.latency.unwrap();
+    assert_eq!(latency.count, 300);
+    assert!(latency.p50_us > 0.0 && latency.p50_us <= latency.max_us);
+    assert!(!report.latency_curve.is_empty());
+}
+
+#[test]
+fn a_server_that_is_not_there_fails_the_run_with_the_reason() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    drop(listener);
+    let options = ThroughputOptions {
+        pairs: 1,
+        window: 1,
+        warmup_ms: 0,
+        duration_ms: 10,
+    };
+    let error = scenario::throughput(&common(server), &options).unwrap_err();
+    assert!(error.contains("refused"), "{error}");
+}
+
+/// A toy hop server: hop's own server state machine (`ServerConnection`) and router
+/// (`hop_router::Router`, one shard) behind one lock, one thread per client. Just enough to
+/// run the generator's hop path end to end: handshake with a pinned key, Send, ServerAck,
+/// Deliver, Ack, Receipt, Ack.
+mod toy_hop {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+
+    use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
+    use hop_protocol::session::{ServerConnection, ServerEvent};
+    use hop_protocol::{StaticKey, UserId};
+    use hop_router::{Action, ConnRef, Limits, Router};
+
+    struct Shared {
+        router: Router,
+        connections: HashMap<ConnRef, (ServerConnection, TcpStream, Option<UserId>)>,
+    }
+
+    /// Starts the server; returns its address and public key.
+    pub fn start() -> (SocketAddr, [u8; 32]) {
+        let key = StaticKey::generate().unwrap();
+        let public = *key.public();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Mutex::new(Shared {
+            router: Router::new(0, 1, Limits::default(), 0),
+            connections: HashMap::new(),
+        }));
+        std::thread::spawn(move || {
+            for (id, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { break };
+                stream.set_nodelay(true).unwrap();
+                let conn = ConnRef(id as u64);
+                let reader = stream.try_clone().unwrap();
+                shared
+                    .lock()
+                    .unwrap()
+                    .connections
+                    .insert(conn, (ServerConnection::new(&key), stream, None));
+                let shared = shared.clone();
+                std::thread::spawn(move || serve(conn, reader, &shared));
+            }
+        });
+        (addr, public)
+    }
+
+    fn serve(conn: ConnRef, mut reader: TcpStream, shared: &Mutex<Shared>) {
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
+        loop {
+            let Ok(bytes) = reader.read(&mut buffer) else {
+                return;
+            };
+            if bytes == 0 {
+                return;
+            }
+            let mut guard = shared.lock().unwrap();
+            let state = &mut *guard;
+            let Some((connection, stream, user)) = state.connections.get_mut(&conn) else {
+                return;
+            };
+            let mut out = Vec::new();
+            let mut events = Vec::new();
+            connection
+                .handle_input::<()>(&buffer[..bytes], &mut scratch, &mut out, &mut |event| {
+                    events.push(event);
+                    Ok(())
+                })
+                .unwrap();
+            stream.write_all(&out).unwrap();
+            for event in events {
+                match event {
+                    ServerEvent::Authenticated { client_key } => {
+                        let id = UserId::from_public_key(&client_key);
+                        *user = Some(id);
+                        state
+                            .router
+                            .handle_connect(id, &client_key, conn, 0)
+                            .unwrap();
+                    }
+                    ServerEvent::Stanza(stanza) => {
+                        let id = user.expect("authenticated before stanzas");
+                        state.router.handle_stanza(id, conn, stanza, 0).unwrap();
+                    }
+                }
+            }
+            let mut touched = Vec::new();
+            while let Some(action) = state.router.poll_action() {
+                if let Action::Send { conn, stanza } = action {
+                    let (target, _, _) = state.connections.get_mut(&conn).unwrap();
+                    let mut sink = Vec::new();
+                    target.channel().unwrap().queue(&stanza, &mut sink);
+                    assert!(sink.is_empty(), "small stanzas share a frame");
+                    touched.push(conn);
+                }
+            }
+            touched.sort_by_key(|c| c.0);
+            touched.dedup();
+            for conn in touched {
+                let (target, stream, _) = state.connections.get_mut(&conn).unwrap();
+                let mut frame = Vec::new();
+                target.channel().unwrap().flush(&mut frame);
+                stream.write_all(&frame).unwrap();
+            }
+        }
+    }
+}
+
+fn hop_common(server: SocketAddr, key: [u8; 32]) -> Common {
+    Common {
+        server,
+        target: Target::Hop { pin: Some(key) },
+        server_pid: None,
+        source_offset: 0,
+    }
+}
+
+#[test]
+fn hop_throughput_runs_the_whole_protocol() {
+    let (server, key) = toy_hop::start();
+    let options = ThroughputOptions {
+        pairs: 2,
+        window: 4,
+        warmup_ms: 300,
+        duration_ms: 300,
+    };
+    let report = scenario::throughput(&hop_common(server, key), &options).unwrap();
+    assert!(report.value("messages_per_second").unwrap() > 0.0);
+    assert_eq!(report.value("lost"), Some(0.0));
+    // Every delivered message earned its sender a ServerAck and a delivered receipt.
+    assert!(report.value("send_acks").unwrap() > 0.0);
+    assert!(report.value("receipts").unwrap() > 0.0);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+#[test]
+fn hop_refuses_a_server_with_another_key() {
+    let (server, _) = toy_hop::start();
+    let options = LatencyOptions {
+        pairs: 1,
+        rate_per_second: 100,
+        duration_ms: 10,
+        drain_ms: 10,
+    };
+    let error = scenario::latency(&hop_common(server, [9; 32]), &options).unwrap_err();
+    assert!(error.contains("protocol"), "{error}");
+}
