@@ -89,7 +89,7 @@ fn transport_pair() -> (Transport, Transport) {
     let mut message_1 = Vec::new();
     let mut client = ClientHandshake::start(&client_key, &mut message_1);
     let mut message_2 = Vec::new();
-    let ServerStep::Continue(server) = ServerHandshake::new(&server_key)
+    let ServerStep::Continue(server) = Box::new(ServerHandshake::new(&server_key))
         .handle_frame(&frame_of(&message_1), &mut message_2)
         .expect("message 1")
     else {
