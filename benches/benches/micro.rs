@@ -163,6 +163,9 @@ fn routing(c: &mut Criterion) {
                 .expect("valid send");
             let mut deliver_id = None;
             while let Some(action) = router.poll_action() {
+                if let Action::Keep { item, .. } = &action {
+                    router.handle_kept(item.id(), 1);
+                }
                 if let Action::Send {
                     stanza:
                         Stanza {
