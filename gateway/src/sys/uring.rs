@@ -1116,3 +1116,294 @@ impl Drop for UringBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A safety stop for a broken backend, not a speed requirement.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    #[derive(Debug)]
+    enum Seen {
+        Accepted(ConnId),
+        Data(ConnId, Vec<u8>),
+        Closed(ConnId),
+        Wake,
+        Detached(ConnId, UringHandoff),
+        Attached { token: u64, conn: ConnId },
+        AttachFailed { token: u64 },
+    }
+
+    fn backend(connections_max: usize, poll_then_receive: bool) -> (UringBackend, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let limits = BackendLimits {
+            connections_max,
+            send_buffer_bytes_max: 1 << 20,
+            close_linger: Duration::from_millis(200),
+            poll_then_receive,
+        };
+        (UringBackend::open(listener, limits).unwrap(), addr)
+    }
+
+    /// Polls once, then until `done` holds for what was seen, or gives up after `PATIENCE`.
+    fn pump(
+        backend: &mut UringBackend,
+        seen: &mut Vec<Seen>,
+        mut done: impl FnMut(&[Seen]) -> bool,
+    ) {
+        let deadline = Instant::now() + PATIENCE;
+        let mut first = true;
+        while std::mem::take(&mut first) || !done(seen) {
+            assert!(Instant::now() < deadline, "gave up waiting; saw {seen:?}");
+            backend
+                .poll(Some(Duration::from_millis(20)), &mut |event| {
+                    seen.push(match event {
+                        Event::Accepted(id) => Seen::Accepted(id),
+                        Event::Data(id, bytes) => Seen::Data(id, bytes.to_vec()),
+                        Event::Closed(id) => Seen::Closed(id),
+                        Event::Wake => Seen::Wake,
+                        Event::Detached(id, handoff) => Seen::Detached(id, handoff),
+                        Event::Attached { token, conn } => Seen::Attached { token, conn },
+                        Event::AttachFailed { token } => Seen::AttachFailed { token },
+                    });
+                    Reading::Continue
+                })
+                .unwrap();
+        }
+    }
+
+    fn accepted(seen: &[Seen]) -> Vec<ConnId> {
+        seen.iter()
+            .filter_map(|s| match s {
+                Seen::Accepted(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn data_of(seen: &[Seen], conn: ConnId) -> Vec<u8> {
+        seen.iter()
+            .filter_map(|s| match s {
+                Seen::Data(id, bytes) if *id == conn => Some(bytes.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Reads `n` bytes from `stream` while the backend keeps turning.
+    fn read_while_polling(
+        backend: &mut UringBackend,
+        seen: &mut Vec<Seen>,
+        stream: &TcpStream,
+        n: usize,
+    ) -> Vec<u8> {
+        let mut reader = stream.try_clone().unwrap();
+        let thread = std::thread::spawn(move || {
+            let mut bytes = vec![0u8; n];
+            reader.read_exact(&mut bytes).map(|()| bytes)
+        });
+        pump(backend, seen, |_| thread.is_finished());
+        thread.join().unwrap().unwrap()
+    }
+
+    fn client(addr: &str) -> TcpStream {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream
+    }
+
+    fn echo_round_trip(mode_poll: bool) {
+        let (mut backend, addr) = backend(8, mode_poll);
+        let mut seen = Vec::new();
+        let mut stream = client(&addr);
+        pump(&mut backend, &mut seen, |s| accepted(s).len() == 1);
+        let conn = accepted(&seen)[0];
+        stream.write_all(b"hello").unwrap();
+        pump(&mut backend, &mut seen, |s| data_of(s, conn) == b"hello");
+        // More than one provided buffer's worth, in one go.
+        let big: Vec<u8> = (0..3 * BUFFER_BYTES).map(|i| i as u8).collect();
+        stream.write_all(&big).unwrap();
+        pump(&mut backend, &mut seen, |s| {
+            data_of(s, conn).len() == 5 + big.len()
+        });
+        assert_eq!(&data_of(&seen, conn)[5..], &big[..]);
+        backend.send(conn, b"world").unwrap();
+        backend.send(conn, b"!").unwrap();
+        let reply = read_while_polling(&mut backend, &mut seen, &stream, 6);
+        assert_eq!(reply, b"world!");
+        // A graceful close: the client reads what was sent, then the end.
+        backend.send(conn, b"bye").unwrap();
+        backend.close(conn);
+        let mut rest = Vec::new();
+        let reader = std::thread::spawn(move || {
+            stream.read_to_end(&mut rest).unwrap();
+            rest
+        });
+        pump(&mut backend, &mut seen, |_| reader.is_finished());
+        assert_eq!(reader.join().unwrap(), b"bye");
+        let deadline = Instant::now() + PATIENCE;
+        while backend.connections() > 0 {
+            assert!(Instant::now() < deadline, "the slot was never closed");
+            pump(&mut backend, &mut seen, |_| true);
+        }
+        assert!(
+            !seen.iter().any(|s| matches!(s, Seen::Closed(_))),
+            "no Closed after close()"
+        );
+    }
+
+    #[test]
+    fn echo_and_graceful_close_with_multishot_recv() {
+        echo_round_trip(false);
+    }
+
+    #[test]
+    fn echo_and_graceful_close_with_poll_then_recv() {
+        echo_round_trip(true);
+    }
+
+    #[test]
+    fn a_full_shard_refuses_cleanly_and_keeps_its_connections() {
+        for poll in [false, true] {
+            let (mut backend, addr) = backend(2, poll);
+            let mut seen = Vec::new();
+            let mut first = client(&addr);
+            let _second = client(&addr);
+            pump(&mut backend, &mut seen, |s| accepted(s).len() == 2);
+            let mut third = client(&addr);
+            let mut end = [0u8; 1];
+            let reader = std::thread::spawn(move || third.read(&mut end).unwrap());
+            pump(&mut backend, &mut seen, |_| reader.is_finished());
+            assert_eq!(
+                reader.join().unwrap(),
+                0,
+                "the refused client reads the end"
+            );
+            assert_eq!(backend.refused(), 1);
+            assert_eq!(accepted(&seen).len(), 2);
+            let conn = accepted(&seen)[0];
+            first.write_all(b"still here").unwrap();
+            pump(&mut backend, &mut seen, |s| {
+                accepted(s)
+                    .iter()
+                    .any(|id| data_of(s, *id) == b"still here")
+            });
+            let _ = conn;
+        }
+    }
+
+    #[test]
+    fn the_peer_closing_is_reported_once_and_the_slot_is_freed() {
+        let (mut backend, addr) = backend(8, false);
+        let mut seen = Vec::new();
+        let stream = client(&addr);
+        pump(&mut backend, &mut seen, |s| accepted(s).len() == 1);
+        let conn = accepted(&seen)[0];
+        drop(stream);
+        pump(&mut backend, &mut seen, |s| {
+            s.iter()
+                .any(|e| matches!(e, Seen::Closed(id) if *id == conn))
+        });
+        let deadline = Instant::now() + PATIENCE;
+        while backend.connections() > 0 {
+            assert!(Instant::now() < deadline);
+            pump(&mut backend, &mut seen, |_| true);
+        }
+        let closed = seen.iter().filter(|e| matches!(e, Seen::Closed(_))).count();
+        assert_eq!(closed, 1);
+    }
+
+    /// A connection moves from ring A to ring B, whatever arrives first at B: the descriptor
+    /// or the handoff. Bytes written before the move are reported by A, after it by B, and
+    /// bytes queued on A are written by B.
+    #[test]
+    fn a_connection_moves_between_rings_with_its_bytes() {
+        for poll in [false, true] {
+            let (mut a, addr) = backend(8, poll);
+            let (mut b, _) = backend(8, poll);
+            let mut seen_a = Vec::new();
+            let mut seen_b = Vec::new();
+            let mut stream = client(&addr);
+            pump(&mut a, &mut seen_a, |s| accepted(s).len() == 1);
+            let conn = accepted(&seen_a)[0];
+            stream.write_all(b"before").unwrap();
+            pump(&mut a, &mut seen_a, |s| data_of(s, conn) == b"before");
+            a.detach(conn, &b.peer());
+            a.send(conn, b"queued on a").unwrap();
+            pump(&mut a, &mut seen_a, |s| {
+                s.iter().any(|e| matches!(e, Seen::Detached(..)))
+            });
+            let Some(Seen::Detached(id, handoff)) = seen_a.pop() else {
+                panic!("Detached comes last: {seen_a:?}");
+            };
+            assert_eq!(id, conn);
+            // Let B take the descriptor first half of the time.
+            if poll {
+                let deadline = Instant::now() + PATIENCE;
+                while b.transfers.is_empty() {
+                    assert!(Instant::now() < deadline, "the descriptor never came");
+                    pump(&mut b, &mut seen_b, |_| true);
+                }
+            }
+            b.attach(handoff, 77);
+            pump(&mut b, &mut seen_b, |s| {
+                s.iter()
+                    .any(|e| matches!(e, Seen::Attached { token: 77, .. }))
+            });
+            let Some(Seen::Attached { conn: moved, .. }) =
+                seen_b.iter().find(|e| matches!(e, Seen::Attached { .. }))
+            else {
+                unreachable!()
+            };
+            let moved = *moved;
+            let queued = read_while_polling(&mut b, &mut seen_b, &stream, 11);
+            assert_eq!(queued, b"queued on a");
+            stream.write_all(b"after").unwrap();
+            pump(&mut b, &mut seen_b, |s| data_of(s, moved) == b"after");
+            b.send(moved, b"from b").unwrap();
+            let reply = read_while_polling(&mut b, &mut seen_b, &stream, 6);
+            assert_eq!(reply, b"from b");
+            // A let go of its slot.
+            let deadline = Instant::now() + PATIENCE;
+            while a.connections() > 0 {
+                assert!(Instant::now() < deadline);
+                pump(&mut a, &mut seen_a, |_| true);
+            }
+        }
+    }
+
+    #[test]
+    fn a_handoff_whose_descriptor_never_comes_fails_after_the_bound() {
+        let (mut b, _) = backend(8, false);
+        b.transfers
+            .handoff(999, 5, Vec::new(), Instant::now() - TRANSFER_WAIT);
+        let mut seen = Vec::new();
+        pump(&mut b, &mut seen, |s| {
+            s.iter()
+                .any(|e| matches!(e, Seen::AttachFailed { token: 5 }))
+        });
+    }
+
+    #[test]
+    fn wake_ups_arrive_from_another_ring_and_from_the_eventfd() {
+        let (mut a, _) = backend(8, false);
+        let (mut b, _) = backend(8, false);
+        let mut seen_a = Vec::new();
+        let mut seen_b = Vec::new();
+        a.wake_peer(&b.peer());
+        pump(&mut a, &mut seen_a, |_| true); // submits the MSG_RING
+        pump(&mut b, &mut seen_b, |s| {
+            s.iter().any(|e| matches!(e, Seen::Wake))
+        });
+        seen_b.clear();
+        b.remote_waker().wake();
+        pump(&mut b, &mut seen_b, |s| {
+            s.iter().any(|e| matches!(e, Seen::Wake))
+        });
+    }
+}
