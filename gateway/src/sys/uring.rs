@@ -140,7 +140,6 @@ struct Conn {
     recv_once: bool,
     /// Poll mode: the socket may hold bytes not yet received.
     readable: bool,
-    polled_during_recv: bool,
     /// The shard wants bytes (not paused).
     reading: bool,
     shut: bool,
@@ -167,7 +166,6 @@ impl Conn {
             cancel_armed_sent: false,
             recv_once: false,
             readable: false,
-            polled_during_recv: false,
             reading: true,
             shut: false,
             cancel_all_sent: false,
@@ -558,17 +556,14 @@ impl UringBackend {
                 let want = conn.reading || closing;
                 if want {
                     if !conn.armed {
+                        // A poll armed on a socket that holds bytes fires at once.
                         conn.armed = true;
                         conn.cancel_armed_sent = false;
-                        if mode == ReceiveMode::Poll {
-                            conn.readable = true;
-                        }
                         ops[0] = Some(Op::Arm(slot));
                     }
                     if mode == ReceiveMode::Poll && conn.readable && !conn.recv_once {
                         conn.recv_once = true;
                         conn.cancel_once_sent = false;
-                        conn.polled_during_recv = false;
                         ops[1] = Some(Op::RecvOnce(slot));
                     }
                 } else if conn.armed && !conn.cancel_armed_sent {
@@ -839,9 +834,6 @@ impl UringBackend {
                 }
                 if result > 0 {
                     conn.readable = true;
-                    if conn.recv_once {
-                        conn.polled_during_recv = true;
-                    }
                 } else if result < 0 && result != -libc::ECANCELED {
                     self.fail(data.slot, on_event);
                     return;
@@ -863,8 +855,9 @@ impl UringBackend {
         if result > 0 {
             let len = result as usize;
             if data.kind == Kind::RecvOnce {
-                let nonempty = cqueue::sock_nonempty(flags) || len >= BUFFER_BYTES;
-                conn.readable = nonempty || conn.polled_during_recv;
+                // Completions are posted in time order: a poll completion seen before this one
+                // was about bytes this receive took, and one after it sets `readable` again.
+                conn.readable = cqueue::sock_nonempty(flags) || len >= BUFFER_BYTES;
             }
             let deliver = matches!(conn.state, State::Open | State::Detaching(_));
             if let Some(bid) = buffer {
@@ -1026,13 +1019,9 @@ impl Backend for UringBackend {
     }
 
     fn set_reading(&mut self, conn: ConnId, reading: bool) {
-        let poll_mode = self.mode == ReceiveMode::Poll;
         if let Some(record) = self.conn(conn) {
             if matches!(record.state, State::Open) && record.reading != reading {
                 record.reading = reading;
-                if reading && poll_mode {
-                    record.readable = true;
-                }
                 self.progress(conn);
             }
         }
