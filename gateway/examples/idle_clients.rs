@@ -70,7 +70,9 @@ fn main() {
     let mut server_key = [0u8; 32];
     hex::decode_to_slice(&args[2], &mut server_key).expect("SERVER_KEY_HEX is 64 hex digits");
     let count: usize = args[3].parse().expect("COUNT is a number");
-    let source: SocketAddr = format!("{}:0", args[4]).parse().expect("SOURCE_IP is an IPv4");
+    let source: SocketAddr = format!("{}:0", args[4])
+        .parse()
+        .expect("SOURCE_IP is an IPv4");
     let threads: usize = args.get(5).map_or(4, |t| t.parse().expect("THREADS"));
     let per_thread = count.div_ceil(threads);
     let workers: Vec<_> = (0..threads)

@@ -792,7 +792,13 @@ impl UringBackend {
             if self.held >= self.limits.connections_max {
                 self.refused += 1;
                 debug!("connection refused: shard holds its maximum");
-                self.discard(slot);
+                // Gracefully, like any close: a socket closed with unread bytes (the client's
+                // first handshake message) would send a reset instead of the end.
+                self.insert(slot, State::Closing);
+                let generation = self.generation;
+                let deadline = Instant::now() + self.limits.close_linger;
+                self.closing.push_back((deadline, slot, generation));
+                self.progress(slot);
             } else {
                 self.insert(slot, State::Open);
                 on_event(Event::Accepted(slot));
@@ -1265,11 +1271,13 @@ mod tests {
             let _second = client(&addr);
             pump(&mut backend, &mut seen, |s| accepted(s).len() == 2);
             let mut third = client(&addr);
+            // Bytes the server never reads must not turn the refusal into a reset.
+            third.write_all(b"hello").unwrap();
             let mut end = [0u8; 1];
-            let reader = std::thread::spawn(move || third.read(&mut end).unwrap());
+            let reader = std::thread::spawn(move || third.read(&mut end));
             pump(&mut backend, &mut seen, |_| reader.is_finished());
             assert_eq!(
-                reader.join().unwrap(),
+                reader.join().unwrap().unwrap(),
                 0,
                 "the refused client reads the end"
             );
