@@ -1105,6 +1105,7 @@ impl Drop for UringBackend {
         } else {
             warn!(
                 inflight = self.inflight,
+                cq_overflow = self.ring.completion().overflow(),
                 "io_uring: ops still in flight at shutdown; their buffers are leaked"
             );
             std::mem::forget(std::mem::take(&mut self.conns));
