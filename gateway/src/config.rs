@@ -64,6 +64,41 @@ pub struct Config {
     pub compact_after_ms: u64,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `hop_gateway=debug`.
     pub log: String,
+    /// IO backend: `uring` (Linux; falls back to `mio`, saying why, where the kernel lacks
+    /// it) or `mio` (epoll/kqueue).
+    pub backend: BackendName,
+    /// How the `uring` backend receives: `poll` (a readiness poll armed per connection, a
+    /// receive when it fires; the least kernel memory per idle connection) or
+    /// `multishot-recv` (a multishot receive armed per connection; one operation less per
+    /// read).
+    pub uring_receive: UringReceive,
+}
+
+/// The IO backend setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendName {
+    Uring,
+    Mio,
+}
+
+impl Default for BackendName {
+    fn default() -> Self {
+        if cfg!(target_os = "linux") {
+            Self::Uring
+        } else {
+            Self::Mio
+        }
+    }
+}
+
+/// The `uring` backend's receive mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UringReceive {
+    #[default]
+    Poll,
+    MultishotRecv,
 }
 
 /// See [`Config::durability`].
@@ -102,6 +137,8 @@ impl Default for Config {
             segment_age_max_ms: 5 * 60 * 1000,
             compact_after_ms: 5 * 60 * 1000,
             log: "info".to_string(),
+            backend: BackendName::default(),
+            uring_receive: UringReceive::default(),
         }
     }
 }
@@ -162,6 +199,10 @@ pub struct Args {
     pub compact_after_ms: Option<u64>,
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    #[arg(long, value_name = "BACKEND")]
+    pub backend: Option<BackendName>,
+    #[arg(long, value_name = "MODE")]
+    pub uring_receive: Option<UringReceive>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -238,7 +279,9 @@ impl Config {
             segment_bytes_max,
             segment_age_max_ms,
             compact_after_ms,
-            log
+            log,
+            backend,
+            uring_receive
         );
         if config.shards == 0 {
             config.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -367,6 +410,21 @@ mod tests {
         assert_eq!(config.shards, 2);
         assert_eq!(config.idle_timeout_ms, 5000);
         assert_eq!(config.listen, Config::default().listen);
+        let config = Config::from_args(&args(&[
+            "--backend",
+            "mio",
+            "--uring-receive",
+            "multishot-recv",
+        ]))
+        .unwrap();
+        assert_eq!(config.backend, BackendName::Mio);
+        assert_eq!(config.uring_receive, UringReceive::MultishotRecv);
+        let text = toml::to_string(&config).unwrap();
+        assert!(text.contains("backend = \"mio\""), "{text}");
+        assert!(
+            text.contains("uring_receive = \"multishot-recv\""),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -15,12 +15,12 @@ use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::accounts::{self, AccountLog};
-use crate::config::Config;
+use crate::config::{BackendName, Config, UringReceive};
 use crate::mailbox::Mailboxes;
 use crate::shard::{self, wall_clock_ms, ShardMailboxes, ShardParts, ShardSettings};
 use crate::stats::ShardStats;
 use crate::sys::mio::MioBackend;
-use crate::sys::{Backend, BackendLimits};
+use crate::sys::{self, Backend, BackendLimits};
 use hop_store::io::FsIo;
 use hop_store::ShardStore;
 
@@ -28,6 +28,10 @@ use hop_store::ShardStore;
 const LISTEN_BACKLOG: i32 = 4096;
 /// How long a closing connection may linger for its peer to close.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Memory one idle connection is budgeted for when the ceiling is computed: an idle TCP
+/// socket's kernel memory (about 3.6 KB of slab here) plus what hop adds, kernel and user,
+/// rounded up generously.
+const BYTES_PER_CONNECTION_BUDGET: u64 = 8 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -96,8 +100,23 @@ impl Server {
         info!(?layout, "offline queue ready");
         let bindings = Arc::new(loaded.bindings);
         let key = Arc::new(key);
-        let (shutdown, wake_all, threads, stats) =
-            start_shards::<MioBackend>(config, listeners, &key, &bindings)?;
+        let kind = choose_backend(config.backend);
+        let ceiling = connection_ceiling(config, kind);
+        let (shutdown, wake_all, threads, stats) = match kind {
+            sys::Kind::Mio => {
+                start_shards::<MioBackend>(config, listeners, &key, &bindings, ceiling.per_shard)?
+            }
+            #[cfg(target_os = "linux")]
+            sys::Kind::Uring => start_shards::<sys::uring::UringBackend>(
+                config,
+                listeners,
+                &key,
+                &bindings,
+                ceiling.per_shard,
+            )?,
+            #[cfg(not(target_os = "linux"))]
+            sys::Kind::Uring => unreachable!("choose_backend picks uring only on Linux"),
+        };
         Ok(Self {
             local_addr,
             public_key: *key.public(),
@@ -185,15 +204,17 @@ fn start_shards<B: Backend>(
     listeners: Vec<TcpListener>,
     key: &Arc<StaticKey>,
     bindings: &Arc<Vec<(hop_protocol::UserId, [u8; 32])>>,
+    connections_per_shard: usize,
 ) -> Result<Started, StartError> {
     let shards = config.shards;
     let shutdown = Arc::new(AtomicBool::new(false));
     let mailboxes: Arc<ShardMailboxes<B>> = Arc::new(Mailboxes::new(shards, config.mailbox_depth));
     let cpus = allowed_cpus();
     let limits = BackendLimits {
-        connections_max: config.connections_max.div_ceil(shards),
+        connections_max: connections_per_shard.max(1),
         send_buffer_bytes_max: config.send_buffer_bytes_max,
         close_linger: CLOSE_LINGER,
+        poll_then_receive: config.uring_receive == UringReceive::Poll,
     };
     // Every shard registers before any starts its loop; a shard that fails to start reports.
     let registered = Arc::new(Barrier::new(shards + 1));
@@ -390,6 +411,56 @@ fn bind_listeners(addr: SocketAddr, shards: usize) -> Result<Vec<TcpListener>, S
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// The backend to run: the one configured, or `mio` (saying why) where `uring` cannot run.
+fn choose_backend(name: BackendName) -> sys::Kind {
+    match name {
+        BackendName::Mio => sys::Kind::Mio,
+        BackendName::Uring => match sys::probe_uring() {
+            Ok(()) => sys::Kind::Uring,
+            Err(reason) => {
+                warn!("backend uring unavailable: {reason}; running on mio");
+                sys::Kind::Mio
+            }
+        },
+    }
+}
+
+/// Computes and logs how many connections this server can hold, and what limits it.
+fn connection_ceiling(config: &Config, kind: sys::Kind) -> sys::Ceiling {
+    use nix::sys::resource::{getrlimit, Resource};
+    let fd_limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let memory = memory_available();
+    let ceiling = sys::ceiling(
+        kind,
+        config.shards,
+        fd_limit,
+        memory,
+        BYTES_PER_CONNECTION_BUDGET,
+        config.connections_max,
+    );
+    info!(
+        backend = ?kind,
+        ceiling = ceiling.total,
+        per_shard = ceiling.per_shard,
+        bound_by = ceiling.bound_by,
+        fd_limit,
+        shards = config.shards,
+        memory_available = memory.unwrap_or(0),
+        "connection ceiling"
+    );
+    ceiling
+}
+
+/// Bytes of memory available (`MemAvailable`), where the OS tells.
+fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo
+        .lines()
+        .find(|line| line.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Raises the soft descriptor limit to the hard limit: each connection is a descriptor.

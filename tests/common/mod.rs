@@ -21,6 +21,24 @@ use hop_protocol::StaticKey;
 /// milliseconds.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// `--backend $HOP_TEST_BACKEND` when that variable is set (CI runs the suite once per
+/// backend), and `--uring-receive $HOP_TEST_URING_RECEIVE` likewise.
+fn backend_flags() -> Vec<String> {
+    let mut flags = Vec::new();
+    for (variable, flag) in [
+        ("HOP_TEST_BACKEND", "--backend"),
+        ("HOP_TEST_URING_RECEIVE", "--uring-receive"),
+    ] {
+        if let Ok(value) = std::env::var(variable) {
+            if !value.is_empty() {
+                flags.push(flag.to_string());
+                flags.push(value);
+            }
+        }
+    }
+    flags
+}
+
 pub struct Hopd {
     child: Option<Child>,
     pub addr: String,
@@ -51,6 +69,7 @@ impl Hopd {
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(["--pin-cores", "false", "--log", "info"])
+            .args(backend_flags())
             .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))

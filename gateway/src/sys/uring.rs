@@ -1,0 +1,1407 @@
+//! The Linux backend: io_uring, used the way its authors intend for network servers.
+//!
+//! - The listener runs one multishot accept that installs each new socket straight into the
+//!   ring's fixed file table (a direct descriptor): an accepted socket never enters the
+//!   process's descriptor table, so the process limit caps each ring's table, not the server.
+//!   A connection's `ConnId` is its slot in that table.
+//! - Receiving holds no buffer per connection: either a multishot receive that takes buffers
+//!   from the shard's provided buffer ring (`multishot-recv`), or a multishot readiness poll
+//!   and, when it fires, one receive with buffer select (`poll`). A buffer goes back to the
+//!   ring as soon as the shard has read it.
+//! - Sends go on the fixed file, one in flight per connection; its bytes are owned by the
+//!   connection until the completion, and what the shard sends meanwhile waits in a second
+//!   buffer (bounded).
+//! - Everything a turn produces is submitted by the next turn's single `io_uring_enter`, which
+//!   also waits (with a timeout) for completions.
+//! - Other shards wake this one with `IORING_OP_MSG_RING`, submitted on their own rings; a
+//!   connection moving to another shard goes there as a fixed file (`MSG_RING` send-fd) while
+//!   its session goes through the mailbox, and the receiving ring matches the two.
+//! - Closing is graceful: queued bytes are written, the write side is shut, reads are drained
+//!   until the peer closes or the linger passes, then every op still in flight is cancelled and
+//!   the slot is closed once none is left. Completions carry a generation, so a late one from
+//!   an earlier connection in a reused slot is recognised (and its buffer returned).
+//!
+//! All submissions go through [`UringBackend::submit`].
+
+mod buf_ring;
+pub mod probe;
+mod transfers;
+mod user_data;
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::types::{CancelBuilder, DestinationSlot, Fd, Fixed, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use tracing::{debug, info, warn};
+
+use self::buf_ring::BufRing;
+use self::probe::TaskRun;
+use self::transfers::{Transfers, TRANSFER_WAIT};
+use self::user_data::{Kind, UserData, SLOT_MAX};
+use super::{Backend, BackendLimits, ConnId, Event, Reading, SendOverflow, Wake};
+
+/// Submission queue entries; a turn that produces more flushes early.
+const SQ_ENTRIES: u32 = 4096;
+/// Completion queue entries (the kernel keeps overflow beyond these, `FEAT_NODROP`).
+const CQ_ENTRIES: u32 = 16 * 1024;
+/// Provided buffers per shard, and their size: the shard's whole receive memory.
+const BUFFERS: u16 = 256;
+const BUFFER_BYTES: usize = 8 * 1024;
+const BUFFER_GROUP: u16 = 0;
+/// Completions handled per turn; the rest wait for the next (zero-timeout) turn.
+const CQES_PER_TURN: usize = 8 * 1024;
+/// Fixed-file slots kept beyond `connections_max`: connections being refused, closed or handed
+/// over still hold a slot for a moment.
+pub const SLOT_RESERVE: usize = 64;
+/// How long dropping the backend waits for its ops to finish before leaking their buffers.
+const DRAIN_ON_DROP: Duration = Duration::from_secs(1);
+
+/// Transfer ids, unique in the process: a handed-over descriptor names its handoff by one.
+static NEXT_TRANSFER: AtomicU64 = AtomicU64::new(1);
+
+/// How a connection's bytes are received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveMode {
+    /// A multishot receive from the buffer ring stays armed on every connection.
+    MultishotRecv,
+    /// A multishot poll stays armed; a receive with buffer select runs when it fires.
+    Poll,
+}
+
+/// Another shard's ring, as MSG_RING targets it. Holds its own descriptor of the ring, so the
+/// ring stays valid for as long as anyone can still post to it.
+#[derive(Debug)]
+pub struct UringPeer {
+    ring: OwnedFd,
+}
+
+/// Wakes a shard from a thread without a ring (signal handling): an eventfd the ring polls.
+#[derive(Debug)]
+pub struct EventfdWaker {
+    fd: OwnedFd,
+}
+
+impl Wake for EventfdWaker {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to a descriptor this waker owns.
+        let written = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        if written < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::WouldBlock {
+                warn!(%error, "waking a shard failed");
+            }
+        }
+    }
+}
+
+/// A connection on its way to another shard: its descriptor travels ring to ring under
+/// `transfer`; the bytes not yet written travel here.
+#[derive(Debug)]
+pub struct UringHandoff {
+    transfer: u64,
+    unsent: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum State {
+    Open,
+    /// The shard let go: flush, shut the write side, read to the peer's close or the linger.
+    Closing,
+    /// Waiting for reads and the send in flight to stop before the descriptor leaves.
+    Detaching(Arc<UringPeer>),
+    /// The descriptor is on its way to the peer ring.
+    SendingFd,
+    /// Cancel what is in flight; close the slot once nothing is.
+    Dead,
+}
+
+#[derive(Debug)]
+struct Conn {
+    generation: u32,
+    state: State,
+    /// Ops of this connection whose last completion has not arrived.
+    ops: u32,
+    /// The multishot receive (or poll) is armed.
+    armed: bool,
+    cancel_armed_sent: bool,
+    /// Poll mode: a single receive is in flight.
+    recv_once: bool,
+    /// Poll mode: the socket may hold bytes not yet received.
+    readable: bool,
+    /// The shard wants bytes (not paused).
+    reading: bool,
+    shut: bool,
+    cancel_all_sent: bool,
+    close_sent: bool,
+    /// Bytes the kernel is sending: never grown, moved out or freed before the completion.
+    sending: Vec<u8>,
+    sent: usize,
+    send_inflight: bool,
+    /// Bytes waiting for the send in flight.
+    queued: Vec<u8>,
+    /// The id its descriptor travels under while `SendingFd`.
+    transfer: u64,
+    cancel_once_sent: bool,
+}
+
+impl Conn {
+    fn new(generation: u32, state: State) -> Self {
+        Self {
+            generation,
+            state,
+            ops: 0,
+            armed: false,
+            cancel_armed_sent: false,
+            recv_once: false,
+            readable: false,
+            reading: true,
+            shut: false,
+            cancel_all_sent: false,
+            close_sent: false,
+            sending: Vec::new(),
+            sent: 0,
+            send_inflight: false,
+            queued: Vec::new(),
+            transfer: 0,
+            cancel_once_sent: false,
+        }
+    }
+
+    /// The shard knows this connection (so it must hear `Closed`).
+    fn known(&self) -> bool {
+        matches!(
+            self.state,
+            State::Open | State::Detaching(_) | State::SendingFd
+        )
+    }
+
+    fn unsent_bytes(&self) -> usize {
+        self.sending.len() - self.sent + self.queued.len()
+    }
+}
+
+/// One submission, described; [`UringBackend::submit`] turns it into an entry.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Accept,
+    Eventfd,
+    /// Arms the connection's multishot receive or poll, by receive mode.
+    Arm(u32),
+    RecvOnce(u32),
+    Send(u32),
+    Shutdown(u32),
+    CancelArmed(u32),
+    CancelRecvOnce(u32),
+    CancelAll(u32),
+    Close(u32),
+    Wake(RawFd),
+    SendFd {
+        slot: u32,
+        ring: RawFd,
+        transfer: u64,
+    },
+    CancelEverything,
+}
+
+/// Finished moves and other events produced outside `poll`, reported by the next one.
+#[derive(Debug)]
+enum Pending {
+    Attached { token: u64, conn: ConnId },
+}
+
+pub struct UringBackend {
+    ring: IoUring,
+    listener: std::net::TcpListener,
+    eventfd: Arc<EventfdWaker>,
+    peer: Arc<UringPeer>,
+    buffers: BufRing,
+    mode: ReceiveMode,
+    limits: BackendLimits,
+    /// Indexed by fixed-file slot.
+    conns: Vec<Option<Conn>>,
+    /// Records held, closing ones included.
+    held: usize,
+    generation: u32,
+    refused: u64,
+    transfers: Transfers<Vec<u8>>,
+    pending: VecDeque<Pending>,
+    /// Linger deadlines of closing connections, in order.
+    closing: VecDeque<(Instant, u32, u32)>,
+    /// Peer rings named by entries not yet submitted: kept open until the enter.
+    peers_in_sq: Vec<Arc<UringPeer>>,
+    /// Ops whose last completion has not arrived (wake-ups excluded).
+    inflight: usize,
+    /// Completions left in the queue by the per-turn budget.
+    cq_backlog: bool,
+    cqes: Vec<cqueue::Entry>,
+    accept_armed: bool,
+}
+
+impl std::fmt::Debug for UringBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringBackend")
+            .field("held", &self.held)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fixed-file slots for a shard that may hold `connections_max` connections, within the
+/// process's descriptor limit (which caps each ring's table).
+pub fn table_slots(connections_max: usize, fd_limit: u64) -> u32 {
+    let wanted = connections_max.saturating_add(SLOT_RESERVE);
+    let cap = usize::try_from(fd_limit)
+        .unwrap_or(usize::MAX)
+        .min(SLOT_MAX as usize + 1)
+        .min(1 << 20);
+    wanted.min(cap) as u32
+}
+
+fn hard_fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _hard)| soft)
+}
+
+impl UringBackend {
+    fn new(listener: std::net::TcpListener, limits: BackendLimits) -> io::Result<Self> {
+        let (ring, task_run) = probe::build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
+        if task_run != TaskRun::SingleIssuerDeferred {
+            info!(
+                ?task_run,
+                "io_uring: this kernel lacks SINGLE_ISSUER + DEFER_TASKRUN"
+            );
+        }
+        let slots = table_slots(limits.connections_max, hard_fd_limit());
+        ring.submitter().register_files_sparse(slots)?;
+        let buffers = BufRing::register(&ring, BUFFERS, BUFFER_BYTES, BUFFER_GROUP)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener: a direct descriptor takes no
+        // setsockopt.
+        socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
+        // SAFETY: eventfd(2) with valid flags; a non-negative result is a new descriptor we own.
+        let eventfd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if eventfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `eventfd` was just created and is owned by nothing else.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(eventfd) };
+        // SAFETY: dup(2) of the ring's descriptor; a non-negative result is a new descriptor.
+        let ring_dup = unsafe { libc::fcntl(ring.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if ring_dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `ring_dup` was just created and is owned by nothing else.
+        let ring_dup = unsafe { OwnedFd::from_raw_fd(ring_dup) };
+        let mode = if limits.poll_then_receive {
+            ReceiveMode::Poll
+        } else {
+            ReceiveMode::MultishotRecv
+        };
+        debug!(slots, ?mode, "io_uring backend ready");
+        let mut backend = Self {
+            ring,
+            listener,
+            eventfd: Arc::new(EventfdWaker { fd: eventfd }),
+            peer: Arc::new(UringPeer { ring: ring_dup }),
+            buffers,
+            mode,
+            limits,
+            conns: (0..slots).map(|_| None).collect(),
+            held: 0,
+            generation: 0,
+            refused: 0,
+            transfers: Transfers::default(),
+            pending: VecDeque::new(),
+            closing: VecDeque::new(),
+            peers_in_sq: Vec::new(),
+            inflight: 0,
+            cq_backlog: false,
+            cqes: Vec::with_capacity(1024),
+            accept_armed: false,
+        };
+        backend.submit(Op::Accept);
+        backend.submit(Op::Eventfd);
+        Ok(backend)
+    }
+
+    /// The only function that puts entries on the ring.
+    ///
+    /// SAFETY (what keeps every buffer and file alive until its completion):
+    /// - Buffers. The only memory the kernel writes is the provided buffer ring, registered in
+    ///   `BufRing::register` and freed only after it is unregistered (`Drop` of the backend
+    ///   unregisters it after every op completed, else leaks it). The only memory the kernel
+    ///   reads is a connection's `sending`: a send is submitted only while no other send of
+    ///   that connection is in flight, and until its completion `sending` is not touched (new
+    ///   bytes go to `queued`); a connection record is dropped only after the slot's `Close`
+    ///   completed, which is submitted only once `ops == 0`; if `Drop` cannot drain the ring,
+    ///   the records are leaked. Moving a `Conn` (the `conns` vector growing) moves the `Vec`
+    ///   header, not its heap bytes.
+    /// - Files. A connection's fixed slot is closed only by `Op::Close`, submitted once none of
+    ///   its ops is in flight, and a late completion of a reused slot is recognised by its
+    ///   generation. The listener and the eventfd are owned by the backend and live as long
+    ///   as the ring. A peer ring named by a `MSG_RING` entry is kept open by `peers_in_sq`
+    ///   (and by the mailboxes) until the entry is submitted, when the kernel takes its own
+    ///   reference.
+    fn submit(&mut self, op: Op) {
+        let ud = |kind: Kind, slot: u32, generation: u32| UserData::new(kind, slot, generation);
+        let generation_of = |conns: &[Option<Conn>], slot: u32| {
+            conns
+                .get(slot as usize)
+                .and_then(Option::as_ref)
+                .map_or(0, |conn| conn.generation)
+        };
+        let (entry, slot, counted) = match op {
+            Op::Accept => {
+                self.accept_armed = true;
+                let entry = opcode::AcceptMulti::new(Fd(self.listener.as_raw_fd()))
+                    .allocate_file_index(true)
+                    .build()
+                    .user_data(ud(Kind::Accept, 0, 0).encode());
+                (entry, None, true)
+            }
+            Op::Eventfd => {
+                let entry =
+                    opcode::PollAdd::new(Fd(self.eventfd.fd.as_raw_fd()), libc::POLLIN as u32)
+                        .multi(true)
+                        .build()
+                        .user_data(ud(Kind::Eventfd, 0, 0).encode());
+                (entry, None, true)
+            }
+            Op::Arm(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let entry = match self.mode {
+                    ReceiveMode::MultishotRecv => opcode::RecvMulti::new(Fixed(slot), BUFFER_GROUP)
+                        .build()
+                        .user_data(ud(Kind::Recv, slot, generation).encode()),
+                    ReceiveMode::Poll => opcode::PollAdd::new(Fixed(slot), libc::POLLIN as u32)
+                        .multi(true)
+                        .build()
+                        .user_data(ud(Kind::Poll, slot, generation).encode()),
+                };
+                (entry, Some(slot), true)
+            }
+            Op::RecvOnce(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let entry = opcode::Recv::new(
+                    Fixed(slot),
+                    std::ptr::null_mut(),
+                    self.buffers.buffer_bytes() as u32,
+                )
+                .buf_group(self.buffers.group())
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(ud(Kind::RecvOnce, slot, generation).encode());
+                (entry, Some(slot), true)
+            }
+            Op::Send(slot) => {
+                let Some(conn) = self.conns.get(slot as usize).and_then(Option::as_ref) else {
+                    return;
+                };
+                let bytes = &conn.sending[conn.sent..];
+                let entry = opcode::Send::new(Fixed(slot), bytes.as_ptr(), bytes.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(ud(Kind::Send, slot, conn.generation).encode());
+                (entry, Some(slot), true)
+            }
+            Op::Shutdown(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let entry = opcode::Shutdown::new(Fixed(slot), libc::SHUT_WR)
+                    .build()
+                    .user_data(ud(Kind::Shutdown, slot, generation).encode());
+                (entry, Some(slot), true)
+            }
+            Op::CancelArmed(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let kind = match self.mode {
+                    ReceiveMode::MultishotRecv => Kind::Recv,
+                    ReceiveMode::Poll => Kind::Poll,
+                };
+                let target = ud(kind, slot, generation).encode();
+                let entry = opcode::AsyncCancel2::new(CancelBuilder::user_data(target))
+                    .build()
+                    .user_data(ud(Kind::Cancel, slot, generation).encode());
+                (entry, Some(slot), true)
+            }
+            Op::CancelRecvOnce(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let target = ud(Kind::RecvOnce, slot, generation).encode();
+                let entry = opcode::AsyncCancel2::new(CancelBuilder::user_data(target))
+                    .build()
+                    .user_data(ud(Kind::Cancel, slot, generation).encode());
+                (entry, Some(slot), true)
+            }
+            Op::CancelAll(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(slot)).all())
+                    .build()
+                    .user_data(ud(Kind::Cancel, slot, generation).encode());
+                (entry, Some(slot), true)
+            }
+            Op::Close(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let entry = opcode::Close::new(Fixed(slot))
+                    .build()
+                    .user_data(ud(Kind::Close, slot, generation).encode());
+                (entry, Some(slot), true)
+            }
+            Op::Wake(ring) => {
+                let wake = ud(Kind::Wake, 0, 0).encode();
+                let entry = opcode::MsgRingData::new(Fd(ring), 0, wake, None)
+                    .build()
+                    .flags(squeue::Flags::SKIP_SUCCESS)
+                    .user_data(wake);
+                (entry, None, false)
+            }
+            Op::SendFd {
+                slot,
+                ring,
+                transfer,
+            } => {
+                let generation = generation_of(&self.conns, slot);
+                let entry = opcode::MsgRingSendFd::new(
+                    Fd(ring),
+                    Fixed(slot),
+                    DestinationSlot::auto_target(),
+                    user_data::transfer(transfer),
+                )
+                .build()
+                .user_data(ud(Kind::SendFd, slot, generation).encode());
+                (entry, Some(slot), true)
+            }
+            Op::CancelEverything => {
+                let entry = opcode::AsyncCancel2::new(CancelBuilder::any())
+                    .build()
+                    .user_data(ud(Kind::Cancel, 0, 0).encode());
+                (entry, None, true)
+            }
+        };
+        // SAFETY: see this function's documentation: every buffer and file the entry names
+        // stays valid until its completion arrives.
+        let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
+        let pushed = pushed || {
+            // The queue is full: hand it to the kernel now and try again.
+            if let Err(error) = self.ring.submit() {
+                warn!(%error, "io_uring: flushing a full submission queue failed");
+            }
+            self.peers_in_sq.clear();
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&entry).is_ok() }
+        };
+        if !pushed {
+            warn!(?op, "io_uring: submission queue full; operation dropped");
+            return;
+        }
+        if counted {
+            self.inflight += 1;
+        }
+        if let Some(slot) = slot {
+            if let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) {
+                conn.ops += 1;
+            }
+        }
+    }
+
+    /// The record of the connection a completion names, if it is still that connection.
+    fn conn_of(&mut self, data: UserData) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(data.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|conn| conn.generation == data.generation)
+    }
+
+    fn conn(&mut self, slot: u32) -> Option<&mut Conn> {
+        self.conns.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    /// Starts a record in `slot` (a freshly installed descriptor).
+    fn insert(&mut self, slot: u32, state: State) {
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        match self.conns.get_mut(slot as usize) {
+            Some(entry) => {
+                // A record still here is one whose Close completed without our having seen it
+                // yet (the kernel reused the slot): its late completions carry the old
+                // generation.
+                if entry.replace(Conn::new(generation, state)).is_none() {
+                    self.held += 1;
+                }
+            }
+            None => warn!(slot, "io_uring: descriptor outside the table"),
+        }
+    }
+
+    /// Moves a connection on after something happened to it: arm or cancel its reads, start
+    /// its next send, shut it, hand it over, or tear it down.
+    fn progress(&mut self, slot: u32) {
+        let mode = self.mode;
+        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut ops: [Option<Op>; 3] = [None; 3];
+        match &conn.state {
+            State::Open | State::Closing => {
+                let closing = matches!(conn.state, State::Closing);
+                let want = conn.reading || closing;
+                if want {
+                    if !conn.armed {
+                        // A poll armed on a socket that holds bytes fires at once.
+                        conn.armed = true;
+                        conn.cancel_armed_sent = false;
+                        ops[0] = Some(Op::Arm(slot));
+                    }
+                    if mode == ReceiveMode::Poll && conn.readable && !conn.recv_once {
+                        conn.recv_once = true;
+                        conn.cancel_once_sent = false;
+                        ops[1] = Some(Op::RecvOnce(slot));
+                    }
+                } else if conn.armed && !conn.cancel_armed_sent {
+                    conn.cancel_armed_sent = true;
+                    ops[0] = Some(Op::CancelArmed(slot));
+                }
+                if !conn.send_inflight && !conn.queued.is_empty() {
+                    conn.sending = std::mem::take(&mut conn.queued);
+                    conn.sent = 0;
+                    conn.send_inflight = true;
+                    ops[2] = Some(Op::Send(slot));
+                } else if closing && !conn.send_inflight && !conn.shut {
+                    conn.shut = true;
+                    ops[2] = Some(Op::Shutdown(slot));
+                }
+            }
+            State::Detaching(peer) => {
+                if conn.armed || conn.recv_once {
+                    if conn.armed && !conn.cancel_armed_sent {
+                        conn.cancel_armed_sent = true;
+                        ops[0] = Some(Op::CancelArmed(slot));
+                    }
+                    if conn.recv_once && !conn.cancel_once_sent {
+                        conn.cancel_once_sent = true;
+                        ops[1] = Some(Op::CancelRecvOnce(slot));
+                    }
+                } else if !conn.recv_once && !conn.send_inflight {
+                    let peer = peer.clone();
+                    conn.state = State::SendingFd;
+                    let transfer =
+                        user_data::next_transfer_id(NEXT_TRANSFER.fetch_add(1, Ordering::Relaxed));
+                    ops[0] = Some(Op::SendFd {
+                        slot,
+                        ring: peer.ring.as_raw_fd(),
+                        transfer,
+                    });
+                    conn.transfer = transfer;
+                    self.peers_in_sq.push(peer);
+                }
+            }
+            State::SendingFd => {}
+            State::Dead => {
+                if conn.ops > 0 {
+                    if !conn.cancel_all_sent {
+                        conn.cancel_all_sent = true;
+                        ops[0] = Some(Op::CancelAll(slot));
+                    }
+                } else if !conn.close_sent {
+                    conn.close_sent = true;
+                    ops[0] = Some(Op::Close(slot));
+                }
+            }
+        }
+        for op in ops.into_iter().flatten() {
+            self.submit(op);
+        }
+    }
+
+    /// The connection failed or the peer closed it: tell the shard if it knows it, tear down.
+    fn fail(&mut self, slot: u32, on_event: &mut dyn FnMut(Event<'_, UringHandoff>) -> Reading) {
+        let Some(conn) = self.conn(slot) else { return };
+        let known = conn.known();
+        conn.state = State::Dead;
+        if known {
+            on_event(Event::Closed(slot));
+        }
+        self.progress(slot);
+    }
+
+    /// Makes a handed-over descriptor in `slot` a connection of this shard.
+    fn adopt(&mut self, slot: u32, unsent: Vec<u8>) -> ConnId {
+        self.insert(slot, State::Open);
+        if let Some(conn) = self.conn(slot) {
+            conn.queued = unsent;
+        }
+        self.progress(slot);
+        slot
+    }
+
+    /// Closes a descriptor nobody will use.
+    fn discard(&mut self, slot: u32) {
+        self.insert(slot, State::Dead);
+        self.progress(slot);
+    }
+
+    fn complete(
+        &mut self,
+        cqe: &cqueue::Entry,
+        woken: &mut bool,
+        on_event: &mut dyn FnMut(Event<'_, UringHandoff>) -> Reading,
+    ) {
+        let result = cqe.result();
+        let flags = cqe.flags();
+        let more = cqueue::more(flags);
+        let Some(data) = UserData::decode(cqe.user_data()) else {
+            warn!(
+                user_data = cqe.user_data(),
+                "io_uring: completion of unknown origin"
+            );
+            return;
+        };
+        let finished_own_op = !more && !matches!(data.kind, Kind::Wake | Kind::Transfer);
+        if finished_own_op {
+            self.inflight = self.inflight.saturating_sub(1);
+        }
+        match data.kind {
+            Kind::Accept => self.accepted(result, more, on_event),
+            Kind::Eventfd => {
+                let mut count = 0u64;
+                // SAFETY: reads 8 bytes into a live u64 from the eventfd this backend owns.
+                unsafe {
+                    libc::read(
+                        self.eventfd.fd.as_raw_fd(),
+                        (&mut count as *mut u64).cast(),
+                        std::mem::size_of::<u64>(),
+                    )
+                };
+                *woken = true;
+                if !more {
+                    self.submit(Op::Eventfd);
+                }
+            }
+            Kind::Wake => {
+                if result < 0 {
+                    // Our own MSG_RING failed (its success posts nothing here).
+                    debug!(error = %io::Error::from_raw_os_error(-result), "io_uring: waking a shard failed");
+                } else {
+                    *woken = true;
+                }
+            }
+            Kind::Transfer => {
+                if result < 0 {
+                    return;
+                }
+                let slot = result as u32;
+                let id = user_data::transfer_id(cqe.user_data());
+                if let Some((token, unsent)) = self.transfers.descriptor(id, slot, Instant::now()) {
+                    let conn = self.adopt(slot, unsent);
+                    on_event(Event::Attached { token, conn });
+                }
+            }
+            Kind::Recv | Kind::Poll | Kind::RecvOnce => {
+                self.received(data, result, flags, more, on_event)
+            }
+            Kind::Send => {
+                let Some(conn) = self.conn_of(data) else {
+                    return;
+                };
+                conn.ops -= 1;
+                conn.send_inflight = false;
+                if result <= 0 {
+                    conn.sending = Vec::new();
+                    conn.sent = 0;
+                    if result != -libc::ECANCELED {
+                        self.fail(data.slot, on_event);
+                    } else {
+                        self.progress(data.slot);
+                    }
+                    return;
+                }
+                conn.sent += result as usize;
+                if conn.sent < conn.sending.len() {
+                    conn.send_inflight = true;
+                    self.submit(Op::Send(data.slot));
+                    return;
+                }
+                // Done: free the bytes (an idle connection keeps no send buffer).
+                conn.sending = Vec::new();
+                conn.sent = 0;
+                self.progress(data.slot);
+            }
+            Kind::Shutdown | Kind::Cancel => {
+                if let Some(conn) = self.conn_of(data) {
+                    conn.ops -= 1;
+                    self.progress(data.slot);
+                }
+            }
+            Kind::Close => {
+                let slot = data.slot as usize;
+                if self.conn_of(data).is_some() {
+                    self.conns[slot] = None;
+                    self.held -= 1;
+                }
+            }
+            Kind::SendFd => {
+                let Some(conn) = self.conn_of(data) else {
+                    return;
+                };
+                conn.ops -= 1;
+                if result < 0 {
+                    warn!(error = %io::Error::from_raw_os_error(-result), "io_uring: handing a connection to another shard failed");
+                    self.fail(data.slot, on_event);
+                    return;
+                }
+                let transfer = conn.transfer;
+                let unsent = std::mem::take(&mut conn.queued);
+                conn.state = State::Dead;
+                on_event(Event::Detached(
+                    data.slot,
+                    UringHandoff { transfer, unsent },
+                ));
+                self.progress(data.slot);
+            }
+        }
+    }
+
+    fn accepted(
+        &mut self,
+        result: i32,
+        more: bool,
+        on_event: &mut dyn FnMut(Event<'_, UringHandoff>) -> Reading,
+    ) {
+        if !more {
+            self.accept_armed = false;
+        }
+        if result < 0 {
+            if result == -libc::ENFILE || result == -libc::EMFILE {
+                // The table is full: the kernel closed the new socket.
+                self.refused += 1;
+                debug!("connection refused: the fixed file table is full");
+            } else if result != -libc::ECANCELED {
+                warn!(error = %io::Error::from_raw_os_error(-result), "accept failed");
+            }
+        } else {
+            let slot = result as u32;
+            if self.held >= self.limits.connections_max {
+                self.refused += 1;
+                debug!("connection refused: shard holds its maximum");
+                // Gracefully, like any close: a socket closed with unread bytes (the client's
+                // first handshake message) would send a reset instead of the end.
+                self.insert(slot, State::Closing);
+                let generation = self.generation;
+                let deadline = Instant::now() + self.limits.close_linger;
+                self.closing.push_back((deadline, slot, generation));
+                self.progress(slot);
+            } else {
+                self.insert(slot, State::Open);
+                on_event(Event::Accepted(slot));
+                self.progress(slot);
+            }
+        }
+        if !self.accept_armed {
+            self.submit(Op::Accept);
+        }
+    }
+
+    fn received(
+        &mut self,
+        data: UserData,
+        result: i32,
+        flags: u32,
+        more: bool,
+        on_event: &mut dyn FnMut(Event<'_, UringHandoff>) -> Reading,
+    ) {
+        let buffer = cqueue::buffer_select(flags);
+        let Some(conn) = self
+            .conns
+            .get_mut(data.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|conn| conn.generation == data.generation)
+        else {
+            // A late completion of a connection that is gone: give its buffer back.
+            if let Some(bid) = buffer {
+                let _ = self.buffers.take(bid, 0);
+                self.buffers.give_back(bid);
+            }
+            return;
+        };
+        match data.kind {
+            Kind::Poll => {
+                if !more {
+                    conn.armed = false;
+                    conn.ops -= 1;
+                }
+                if result > 0 {
+                    conn.readable = true;
+                } else if result < 0 && result != -libc::ECANCELED {
+                    self.fail(data.slot, on_event);
+                    return;
+                }
+                self.progress(data.slot);
+                return;
+            }
+            Kind::Recv => {
+                if !more {
+                    conn.armed = false;
+                    conn.ops -= 1;
+                }
+            }
+            _ => {
+                conn.recv_once = false;
+                conn.ops -= 1;
+            }
+        }
+        if result > 0 {
+            let len = result as usize;
+            if data.kind == Kind::RecvOnce {
+                // Completions are posted in time order: a poll completion seen before this one
+                // was about bytes this receive took, and one after it sets `readable` again.
+                conn.readable = cqueue::sock_nonempty(flags) || len >= BUFFER_BYTES;
+            }
+            let deliver = matches!(conn.state, State::Open | State::Detaching(_));
+            if let Some(bid) = buffer {
+                if let Some(bytes) = self.buffers.take(bid, len) {
+                    if deliver && on_event(Event::Data(data.slot, bytes)) == Reading::Pause {
+                        if let Some(conn) = self.conn(data.slot) {
+                            conn.reading = false;
+                        }
+                    }
+                }
+                self.buffers.give_back(bid);
+            }
+        } else if result == 0 {
+            self.fail(data.slot, on_event);
+            return;
+        } else if result == -libc::ENOBUFS {
+            debug!("io_uring: provided buffers ran out; receiving again next turn");
+        } else if result != -libc::ECANCELED {
+            self.fail(data.slot, on_event);
+            return;
+        }
+        self.progress(data.slot);
+    }
+}
+
+impl Backend for UringBackend {
+    type Handoff = UringHandoff;
+    type Peer = Arc<UringPeer>;
+
+    fn open(listener: std::net::TcpListener, limits: BackendLimits) -> io::Result<Self> {
+        Self::new(listener, limits)
+    }
+
+    fn name(&self) -> &'static str {
+        match self.mode {
+            ReceiveMode::MultishotRecv => "uring",
+            ReceiveMode::Poll => "uring (poll)",
+        }
+    }
+
+    fn peer(&self) -> Arc<UringPeer> {
+        self.peer.clone()
+    }
+
+    fn wake_peer(&mut self, peer: &Arc<UringPeer>) {
+        self.peers_in_sq.push(peer.clone());
+        self.submit(Op::Wake(peer.ring.as_raw_fd()));
+    }
+
+    fn remote_waker(&self) -> Arc<dyn Wake> {
+        self.eventfd.clone()
+    }
+
+    fn poll(
+        &mut self,
+        timeout: Option<Duration>,
+        on_event: &mut dyn FnMut(Event<'_, UringHandoff>) -> Reading,
+    ) -> io::Result<()> {
+        let now = Instant::now();
+        let mut wait = if self.has_backlog() {
+            Some(Duration::ZERO)
+        } else {
+            timeout
+        };
+        if let Some((deadline, _, _)) = self.closing.front() {
+            let until = deadline.saturating_duration_since(now);
+            wait = Some(wait.map_or(until, |w| w.min(until)));
+        }
+        if !self.transfers.is_empty() {
+            let check = Duration::from_millis(100);
+            wait = Some(wait.map_or(check, |w| w.min(check)));
+        }
+        // The turn's one io_uring_enter: submit everything queued since the last, and wait.
+        let entered = match wait {
+            Some(wait) => {
+                let timespec = Timespec::new()
+                    .sec(wait.as_secs())
+                    .nsec(wait.subsec_nanos());
+                let args = SubmitArgs::new().timespec(&timespec);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        self.peers_in_sq.clear();
+        match entered {
+            Ok(_) => {}
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) => {}
+            Err(error) => return Err(error),
+        }
+        let mut woken = false;
+        while let Some(pending) = self.pending.pop_front() {
+            let Pending::Attached { token, conn } = pending;
+            on_event(Event::Attached { token, conn });
+        }
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        {
+            let mut completion = self.ring.completion();
+            cqes.extend(completion.by_ref().take(CQES_PER_TURN));
+            self.cq_backlog = !completion.is_empty();
+        }
+        for cqe in &cqes {
+            self.complete(cqe, &mut woken, on_event);
+        }
+        self.cqes = cqes;
+        if woken {
+            on_event(Event::Wake);
+        }
+        let now = Instant::now();
+        while let Some(&(deadline, slot, generation)) = self.closing.front() {
+            if deadline > now {
+                break;
+            }
+            self.closing.pop_front();
+            let data = UserData::new(Kind::Close, slot, generation);
+            if let Some(conn) = self.conn_of(data) {
+                if matches!(conn.state, State::Closing) {
+                    conn.state = State::Dead;
+                    self.progress(slot);
+                }
+            }
+        }
+        if !self.transfers.is_empty() {
+            let expired = self.transfers.expire(now, TRANSFER_WAIT);
+            for token in expired.failed_tokens {
+                on_event(Event::AttachFailed { token });
+            }
+            for slot in expired.orphan_slots {
+                self.discard(slot);
+            }
+        }
+        Ok(())
+    }
+
+    fn has_backlog(&self) -> bool {
+        !self.pending.is_empty() || self.cq_backlog
+    }
+
+    fn send(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(), SendOverflow> {
+        let max = self.limits.send_buffer_bytes_max;
+        let Some(record) = self.conn(conn) else {
+            return Ok(()); // already gone; its Closed event was or will be reported
+        };
+        if !record.known() || bytes.is_empty() {
+            return Ok(());
+        }
+        if record.unsent_bytes() + bytes.len() > max {
+            return Err(SendOverflow);
+        }
+        record.queued.extend_from_slice(bytes);
+        if matches!(record.state, State::Open) {
+            self.progress(conn);
+        }
+        Ok(())
+    }
+
+    fn set_reading(&mut self, conn: ConnId, reading: bool) {
+        if let Some(record) = self.conn(conn) {
+            if matches!(record.state, State::Open) && record.reading != reading {
+                record.reading = reading;
+                self.progress(conn);
+            }
+        }
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        let deadline = Instant::now() + self.limits.close_linger;
+        let Some(record) = self.conn(conn) else {
+            return;
+        };
+        if !record.known() {
+            return;
+        }
+        record.state = State::Closing;
+        let generation = record.generation;
+        self.closing.push_back((deadline, conn, generation));
+        self.progress(conn);
+    }
+
+    fn detach(&mut self, conn: ConnId, to: &Arc<UringPeer>) {
+        let Some(record) = self.conn(conn) else {
+            return;
+        };
+        if !matches!(record.state, State::Open) {
+            return;
+        }
+        record.state = State::Detaching(to.clone());
+        self.progress(conn);
+    }
+
+    fn attach(&mut self, handoff: UringHandoff, token: u64) {
+        let UringHandoff { transfer, unsent } = handoff;
+        if let Some((slot, unsent)) =
+            self.transfers
+                .handoff(transfer, token, unsent, Instant::now())
+        {
+            // The descriptor came first.
+            let conn = self.adopt(slot, unsent);
+            self.pending.push_back(Pending::Attached { token, conn });
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.held
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused
+    }
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        self.submit(Op::CancelEverything);
+        let deadline = Instant::now() + DRAIN_ON_DROP;
+        while self.inflight > 0 && Instant::now() < deadline {
+            let timespec = Timespec::new().nsec(20_000_000);
+            let args = SubmitArgs::new().timespec(&timespec);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
+            for cqe in cqes {
+                let own = UserData::decode(cqe.user_data())
+                    .is_some_and(|data| !matches!(data.kind, Kind::Wake | Kind::Transfer));
+                if own && !cqueue::more(cqe.flags()) {
+                    self.inflight = self.inflight.saturating_sub(1);
+                }
+                if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                    let _ = self.buffers.take(bid, 0);
+                    self.buffers.give_back(bid);
+                }
+            }
+        }
+        if self.inflight == 0 {
+            self.buffers.unregister(&self.ring);
+        } else {
+            warn!(
+                inflight = self.inflight,
+                cq_overflow = self.ring.completion().overflow(),
+                "io_uring: ops still in flight at shutdown; their buffers are leaked"
+            );
+            std::mem::forget(std::mem::take(&mut self.conns));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A safety stop for a broken backend, not a speed requirement.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    #[derive(Debug)]
+    enum Seen {
+        Accepted(ConnId),
+        Data(ConnId, Vec<u8>),
+        Closed(ConnId),
+        Wake,
+        Detached(ConnId, UringHandoff),
+        Attached { token: u64, conn: ConnId },
+        AttachFailed { token: u64 },
+    }
+
+    fn backend(connections_max: usize, poll_then_receive: bool) -> (UringBackend, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let limits = BackendLimits {
+            connections_max,
+            send_buffer_bytes_max: 1 << 20,
+            close_linger: Duration::from_millis(200),
+            poll_then_receive,
+        };
+        (UringBackend::open(listener, limits).unwrap(), addr)
+    }
+
+    /// Polls once, then until `done` holds for what was seen, or gives up after `PATIENCE`.
+    fn pump(
+        backend: &mut UringBackend,
+        seen: &mut Vec<Seen>,
+        mut done: impl FnMut(&[Seen]) -> bool,
+    ) {
+        let deadline = Instant::now() + PATIENCE;
+        let mut first = true;
+        while std::mem::take(&mut first) || !done(seen) {
+            assert!(Instant::now() < deadline, "gave up waiting; saw {seen:?}");
+            backend
+                .poll(Some(Duration::from_millis(20)), &mut |event| {
+                    seen.push(match event {
+                        Event::Accepted(id) => Seen::Accepted(id),
+                        Event::Data(id, bytes) => Seen::Data(id, bytes.to_vec()),
+                        Event::Closed(id) => Seen::Closed(id),
+                        Event::Wake => Seen::Wake,
+                        Event::Detached(id, handoff) => Seen::Detached(id, handoff),
+                        Event::Attached { token, conn } => Seen::Attached { token, conn },
+                        Event::AttachFailed { token } => Seen::AttachFailed { token },
+                    });
+                    Reading::Continue
+                })
+                .unwrap();
+        }
+    }
+
+    fn accepted(seen: &[Seen]) -> Vec<ConnId> {
+        seen.iter()
+            .filter_map(|s| match s {
+                Seen::Accepted(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn data_of(seen: &[Seen], conn: ConnId) -> Vec<u8> {
+        seen.iter()
+            .filter_map(|s| match s {
+                Seen::Data(id, bytes) if *id == conn => Some(bytes.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Reads `n` bytes from `stream` while the backend keeps turning.
+    fn read_while_polling(
+        backend: &mut UringBackend,
+        seen: &mut Vec<Seen>,
+        stream: &TcpStream,
+        n: usize,
+    ) -> Vec<u8> {
+        let mut reader = stream.try_clone().unwrap();
+        let thread = std::thread::spawn(move || {
+            let mut bytes = vec![0u8; n];
+            reader.read_exact(&mut bytes).map(|()| bytes)
+        });
+        pump(backend, seen, |_| thread.is_finished());
+        thread.join().unwrap().unwrap()
+    }
+
+    fn client(addr: &str) -> TcpStream {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream
+    }
+
+    fn echo_round_trip(mode_poll: bool) {
+        let (mut backend, addr) = backend(8, mode_poll);
+        let mut seen = Vec::new();
+        let mut stream = client(&addr);
+        pump(&mut backend, &mut seen, |s| accepted(s).len() == 1);
+        let conn = accepted(&seen)[0];
+        stream.write_all(b"hello").unwrap();
+        pump(&mut backend, &mut seen, |s| data_of(s, conn) == b"hello");
+        // More than one provided buffer's worth, in one go.
+        let big: Vec<u8> = (0..3 * BUFFER_BYTES).map(|i| i as u8).collect();
+        stream.write_all(&big).unwrap();
+        pump(&mut backend, &mut seen, |s| {
+            data_of(s, conn).len() == 5 + big.len()
+        });
+        assert_eq!(&data_of(&seen, conn)[5..], &big[..]);
+        backend.send(conn, b"world").unwrap();
+        backend.send(conn, b"!").unwrap();
+        let reply = read_while_polling(&mut backend, &mut seen, &stream, 6);
+        assert_eq!(reply, b"world!");
+        // A graceful close: the client reads what was sent, then the end.
+        backend.send(conn, b"bye").unwrap();
+        backend.close(conn);
+        let mut rest = Vec::new();
+        let reader = std::thread::spawn(move || {
+            stream.read_to_end(&mut rest).unwrap();
+            rest
+        });
+        pump(&mut backend, &mut seen, |_| reader.is_finished());
+        assert_eq!(reader.join().unwrap(), b"bye");
+        let deadline = Instant::now() + PATIENCE;
+        while backend.connections() > 0 {
+            assert!(Instant::now() < deadline, "the slot was never closed");
+            pump(&mut backend, &mut seen, |_| true);
+        }
+        assert!(
+            !seen.iter().any(|s| matches!(s, Seen::Closed(_))),
+            "no Closed after close()"
+        );
+    }
+
+    #[test]
+    fn echo_and_graceful_close_with_multishot_recv() {
+        echo_round_trip(false);
+    }
+
+    #[test]
+    fn echo_and_graceful_close_with_poll_then_recv() {
+        echo_round_trip(true);
+    }
+
+    #[test]
+    fn a_full_shard_refuses_cleanly_and_keeps_its_connections() {
+        for poll in [false, true] {
+            let (mut backend, addr) = backend(2, poll);
+            let mut seen = Vec::new();
+            let mut first = client(&addr);
+            let _second = client(&addr);
+            pump(&mut backend, &mut seen, |s| accepted(s).len() == 2);
+            let mut third = client(&addr);
+            // Bytes the server never reads must not turn the refusal into a reset.
+            third.write_all(b"hello").unwrap();
+            let mut end = [0u8; 1];
+            let reader = std::thread::spawn(move || third.read(&mut end));
+            pump(&mut backend, &mut seen, |_| reader.is_finished());
+            assert_eq!(
+                reader.join().unwrap().unwrap(),
+                0,
+                "the refused client reads the end"
+            );
+            assert_eq!(backend.refused(), 1);
+            assert_eq!(accepted(&seen).len(), 2);
+            let conn = accepted(&seen)[0];
+            first.write_all(b"still here").unwrap();
+            pump(&mut backend, &mut seen, |s| {
+                accepted(s)
+                    .iter()
+                    .any(|id| data_of(s, *id) == b"still here")
+            });
+            let _ = conn;
+        }
+    }
+
+    #[test]
+    fn the_peer_closing_is_reported_once_and_the_slot_is_freed() {
+        let (mut backend, addr) = backend(8, false);
+        let mut seen = Vec::new();
+        let stream = client(&addr);
+        pump(&mut backend, &mut seen, |s| accepted(s).len() == 1);
+        let conn = accepted(&seen)[0];
+        drop(stream);
+        pump(&mut backend, &mut seen, |s| {
+            s.iter()
+                .any(|e| matches!(e, Seen::Closed(id) if *id == conn))
+        });
+        let deadline = Instant::now() + PATIENCE;
+        while backend.connections() > 0 {
+            assert!(Instant::now() < deadline);
+            pump(&mut backend, &mut seen, |_| true);
+        }
+        let closed = seen.iter().filter(|e| matches!(e, Seen::Closed(_))).count();
+        assert_eq!(closed, 1);
+    }
+
+    /// A connection moves from ring A to ring B, whatever arrives first at B: the descriptor
+    /// or the handoff. Bytes written before the move are reported by A, after it by B, and
+    /// bytes queued on A are written by B.
+    #[test]
+    fn a_connection_moves_between_rings_with_its_bytes() {
+        for poll in [false, true] {
+            let (mut a, addr) = backend(8, poll);
+            let (mut b, _) = backend(8, poll);
+            let mut seen_a = Vec::new();
+            let mut seen_b = Vec::new();
+            let mut stream = client(&addr);
+            pump(&mut a, &mut seen_a, |s| accepted(s).len() == 1);
+            let conn = accepted(&seen_a)[0];
+            stream.write_all(b"before").unwrap();
+            pump(&mut a, &mut seen_a, |s| data_of(s, conn) == b"before");
+            a.detach(conn, &b.peer());
+            a.send(conn, b"queued on a").unwrap();
+            pump(&mut a, &mut seen_a, |s| {
+                s.iter().any(|e| matches!(e, Seen::Detached(..)))
+            });
+            let Some(Seen::Detached(id, handoff)) = seen_a.pop() else {
+                panic!("Detached comes last: {seen_a:?}");
+            };
+            assert_eq!(id, conn);
+            // Let B take the descriptor first half of the time.
+            if poll {
+                let deadline = Instant::now() + PATIENCE;
+                while b.transfers.is_empty() {
+                    assert!(Instant::now() < deadline, "the descriptor never came");
+                    pump(&mut b, &mut seen_b, |_| true);
+                }
+            }
+            b.attach(handoff, 77);
+            pump(&mut b, &mut seen_b, |s| {
+                s.iter()
+                    .any(|e| matches!(e, Seen::Attached { token: 77, .. }))
+            });
+            let Some(Seen::Attached { conn: moved, .. }) =
+                seen_b.iter().find(|e| matches!(e, Seen::Attached { .. }))
+            else {
+                unreachable!()
+            };
+            let moved = *moved;
+            let queued = read_while_polling(&mut b, &mut seen_b, &stream, 11);
+            assert_eq!(queued, b"queued on a");
+            stream.write_all(b"after").unwrap();
+            pump(&mut b, &mut seen_b, |s| data_of(s, moved) == b"after");
+            b.send(moved, b"from b").unwrap();
+            let reply = read_while_polling(&mut b, &mut seen_b, &stream, 6);
+            assert_eq!(reply, b"from b");
+            // A let go of its slot.
+            let deadline = Instant::now() + PATIENCE;
+            while a.connections() > 0 {
+                assert!(Instant::now() < deadline);
+                pump(&mut a, &mut seen_a, |_| true);
+            }
+        }
+    }
+
+    #[test]
+    fn a_handoff_whose_descriptor_never_comes_fails_after_the_bound() {
+        let (mut b, _) = backend(8, false);
+        b.transfers
+            .handoff(999, 5, Vec::new(), Instant::now() - TRANSFER_WAIT);
+        let mut seen = Vec::new();
+        pump(&mut b, &mut seen, |s| {
+            s.iter()
+                .any(|e| matches!(e, Seen::AttachFailed { token: 5 }))
+        });
+    }
+
+    #[test]
+    fn wake_ups_arrive_from_another_ring_and_from_the_eventfd() {
+        let (mut a, _) = backend(8, false);
+        let (mut b, _) = backend(8, false);
+        let mut seen_a = Vec::new();
+        let mut seen_b = Vec::new();
+        a.wake_peer(&b.peer());
+        pump(&mut a, &mut seen_a, |_| true); // submits the MSG_RING
+        pump(&mut b, &mut seen_b, |s| {
+            s.iter().any(|e| matches!(e, Seen::Wake))
+        });
+        seen_b.clear();
+        b.remote_waker().wake();
+        pump(&mut b, &mut seen_b, |s| {
+            s.iter().any(|e| matches!(e, Seen::Wake))
+        });
+    }
+}
