@@ -592,3 +592,37 @@ fn full_mailboxes_apply_backpressure_without_losing_anything() {
         "the burst met a full mailbox: {log}"
     );
 }
+
+/// With few descriptors, connections past the ceiling are closed at once (never left hanging
+/// in the backlog), and the connections already in are not affected.
+#[test]
+fn connections_past_the_descriptor_limit_are_refused_cleanly() {
+    let hopd = Hopd::start_with_fd_limit(96, &["--shards", "1"]);
+    let (_, mut first) = hopd.new_user();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..150 {
+        let key = StaticKey::generate().unwrap();
+        match Client::connect(&hopd.addr, &key, &hopd.trust(), PATIENCE) {
+            Ok(mut client) => {
+                // A refused connection may finish the handshake from the client's side only.
+                match client.send(&Stanza::of(Kind::Ping(hop_protocol::wire::Ping {
+                    nonce: 1,
+                }))) {
+                    Ok(()) => match client.recv(PATIENCE) {
+                        Ok(Some(_)) => held.push(client),
+                        _ => refused += 1,
+                    },
+                    Err(_) => refused += 1,
+                }
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(refused > 0, "150 connections fit under 96 descriptors?");
+    assert!(held.len() > 10, "only {} connections held", held.len());
+    ping(&mut first);
+    for client in &mut held {
+        ping(client);
+    }
+}

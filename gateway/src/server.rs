@@ -102,6 +102,7 @@ impl Server {
         let key = Arc::new(key);
         let kind = choose_backend(config.backend);
         let ceiling = connection_ceiling(config, kind);
+        log_host_limits(config, kind);
         let (shutdown, wake_all, threads, stats) = match kind {
             sys::Kind::Mio => {
                 start_shards::<MioBackend>(config, listeners, &key, &bindings, ceiling.per_shard)?
@@ -451,6 +452,34 @@ fn connection_ceiling(config: &Config, kind: sys::Kind) -> sys::Ceiling {
         "connection ceiling"
     );
     ceiling
+}
+
+/// Logs the host's limits as `hop-tune check` models them (with churn headroom), so an operator
+/// sees at start what caps this host and where to look. hopd's own enforced ceiling is the
+/// line before.
+fn log_host_limits(config: &Config, kind: sys::Kind) {
+    #[cfg(target_os = "linux")]
+    {
+        let keys = [
+            "fs.nr_open",
+            "fs.file-max",
+            "net.netfilter.nf_conntrack_max",
+        ];
+        match hop_tune::live::ProcRoot::new("/proc").read_live(&keys, None) {
+            Ok(host) => {
+                let backend = match kind {
+                    sys::Kind::Mio => hop_tune::Backend::Mio,
+                    sys::Kind::Uring => hop_tune::Backend::Uring,
+                };
+                let ceiling =
+                    hop_tune::connection_ceiling(&host.limits, backend, config.shards as u32);
+                info!("host limits: {ceiling}");
+            }
+            Err(error) => warn!(%error, "cannot read the host's limits; run `hop-tune check`"),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (config, kind);
 }
 
 /// Bytes of memory available (`MemAvailable`), where the OS tells.

@@ -58,14 +58,39 @@ impl Hopd {
         hopd
     }
 
+    /// Starts hopd with a fresh data folder under an open-file limit of `descriptors`.
+    pub fn start_with_fd_limit(descriptors: u32, flags: &[&str]) -> Self {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let data = folder.path().join("data");
+        let mut hopd = Self::launch(&data, flags, Some(descriptors));
+        hopd._folder = Some(folder);
+        hopd
+    }
+
     /// Starts hopd on an existing data folder (restarts).
     pub fn start_in(data: &Path, flags: &[&str]) -> Self {
+        Self::launch(data, flags, None)
+    }
+
+    fn launch(data: &Path, flags: &[&str], descriptors: Option<u32>) -> Self {
         let log = data.with_extension("log");
         if let Some(parent) = log.parent() {
             std::fs::create_dir_all(parent).expect("log folder");
         }
         let stderr = File::create(&log).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hopd"))
+        let mut command = match descriptors {
+            // The shell lowers the limit, then becomes hopd.
+            Some(limit) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_hopd"));
+                shell
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_hopd")),
+        };
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(["--pin-cores", "false", "--log", "info"])

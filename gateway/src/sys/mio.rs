@@ -63,6 +63,9 @@ pub struct MioBackend {
     limits: BackendLimits,
     closing: usize,
     refused: u64,
+    /// Held open so that, out of descriptors, one can be freed to refuse a connection cleanly.
+    spare_descriptor: Option<std::fs::File>,
+    refused_out_of_descriptors: u64,
     /// Moves between shards finish on the next poll, as in a completion backend.
     finished_moves: VecDeque<Move>,
 }
@@ -106,6 +109,8 @@ impl MioBackend {
             limits,
             closing: 0,
             refused: 0,
+            spare_descriptor: std::fs::File::open("/dev/null").ok(),
+            refused_out_of_descriptors: 0,
             finished_moves: VecDeque::new(),
         })
     }
@@ -117,10 +122,21 @@ impl MioBackend {
                 Ok(accepted) => accepted,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) if is_out_of_descriptors(&error) => {
+                    // Out of descriptors: established connections go on. The spare descriptor
+                    // is given up for a moment to take the waiting connection and close it
+                    // at once, so the client sees a close instead of hanging in the backlog.
+                    if self.refuse_with_spare() {
+                        continue;
+                    }
+                    warn!(%error, "accept failed: out of descriptors and no spare to refuse with");
+                    return;
+                }
                 Err(error) => {
-                    // EMFILE, ENFILE, ENOBUFS: established connections go on; the listener is
+                    // ENOBUFS, ENOMEM, ...: established connections go on; the listener is
                     // retried on the next turn.
                     warn!(%error, "accept failed");
+                    self.accept_backlog = true;
                     return;
                 }
             };
@@ -146,6 +162,32 @@ impl MioBackend {
             self.mark_ready(id);
         }
         self.accept_backlog = true;
+    }
+
+    /// Closes the spare descriptor, accepts one connection with it and closes that, then takes
+    /// the spare again. True if a connection was refused.
+    fn refuse_with_spare(&mut self) -> bool {
+        let Some(spare) = self.spare_descriptor.take() else {
+            return false;
+        };
+        drop(spare);
+        let refused = match self.listener.accept() {
+            Ok((stream, _)) => {
+                drop(stream);
+                self.refused += 1;
+                self.refused_out_of_descriptors += 1;
+                if self.refused_out_of_descriptors.is_power_of_two() {
+                    warn!(
+                        refused = self.refused_out_of_descriptors,
+                        "out of file descriptors: new connections are closed at once; see `hop-tune check`"
+                    );
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        self.spare_descriptor = std::fs::File::open("/dev/null").ok();
+        refused
     }
 
     fn mark_ready(&mut self, id: usize) {
@@ -273,6 +315,11 @@ impl MioBackend {
             self.remove(index);
         }
     }
+}
+
+fn is_out_of_descriptors(error: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(error.raw_os_error(), Some(code) if code == Errno::EMFILE as i32 || code == Errno::ENFILE as i32)
 }
 
 enum ReadOutcome {
