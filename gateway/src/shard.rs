@@ -44,8 +44,6 @@ const MAILS_PER_SOURCE_PER_TURN: usize = 4096;
 const TICK_MAX: Duration = Duration::from_secs(1);
 /// How long shutdown waits for GoAways to drain.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
-/// Send buffers above this are released after a turn.
-const OUT_CAPACITY_KEPT_BYTES: usize = 64 * 1024;
 /// Users whose queues one tick checks for expired items.
 const EXPIRE_USERS_PER_TICK: usize = 1024;
 /// Bytes one tick's compaction step may read.
@@ -105,12 +103,9 @@ pub struct ShardParts<B: Backend> {
 #[derive(Debug)]
 enum Phase {
     Handshaking,
-    /// Authenticated; waiting to be handed to its home shard at the end of the turn.
-    Moving {
-        user: UserId,
-        key: [u8; KEY_BYTES],
-        early: Vec<Stanza>,
-    },
+    /// Authenticated; waiting to be handed to its home shard at the end of the turn. Boxed:
+    /// brief, and it would otherwise widen every connection's entry.
+    Moving(Box<Moving>),
     Open {
         user: UserId,
     },
@@ -118,6 +113,14 @@ enum Phase {
     Closing {
         user: Option<UserId>,
     },
+}
+
+#[derive(Debug)]
+struct Moving {
+    user: UserId,
+    key: [u8; KEY_BYTES],
+    /// Stanzas that arrived before the move.
+    early: Vec<Stanza>,
 }
 
 #[derive(Debug)]
@@ -315,7 +318,7 @@ impl<B: Backend> Core<B> {
         // and travel with it.
         if !matches!(
             conn.phase,
-            Phase::Handshaking | Phase::Open { .. } | Phase::Moving { .. }
+            Phase::Handshaking | Phase::Open { .. } | Phase::Moving(_)
         ) {
             return Reading::Pause;
         }
@@ -369,11 +372,11 @@ impl<B: Backend> Core<B> {
         if home == self.settings.index {
             self.attach_user(id, user, client_key);
         } else if let Some(conn) = self.conn_mut(id) {
-            conn.phase = Phase::Moving {
+            conn.phase = Phase::Moving(Box::new(Moving {
                 user,
                 key: client_key,
                 early: Vec::new(),
-            };
+            }));
             let generation = conn.generation;
             self.to_move.push((id, generation));
         }
@@ -419,7 +422,7 @@ impl<B: Backend> Core<B> {
             return;
         };
         match &mut conn.phase {
-            Phase::Moving { early, .. } => early.push(stanza),
+            Phase::Moving(moving) => moving.early.push(stanza),
             Phase::Open { user } => {
                 let user = *user;
                 let result = self
@@ -717,7 +720,7 @@ impl<B: Backend> Core<B> {
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
-        let Phase::Moving { user, key, early } = conn.phase else {
+        let Phase::Moving(moving) = conn.phase else {
             warn!(
                 conn = id,
                 "backend detached a connection that was not moving"
@@ -725,6 +728,7 @@ impl<B: Backend> Core<B> {
             return;
         };
         bump(&self.stats.handoffs_out, 1);
+        let Moving { user, key, early } = *moving;
         let home = home_shard(user, self.settings.shards);
         let handoff = Handoff {
             socket,
@@ -780,10 +784,8 @@ impl<B: Backend> Core<B> {
                 continue;
             }
             let overflow = backend.send(id, &conn.out).is_err();
-            conn.out.clear();
-            if conn.out.capacity() > OUT_CAPACITY_KEPT_BYTES {
-                conn.out = Vec::new();
-            }
+            // The backend copied the bytes: an idle connection keeps no send buffer.
+            conn.out = Vec::new();
             if overflow {
                 bump(&self.stats.send_overflows, 1);
                 self.warn(format_args!("connection {id}: does not read; closed"));
@@ -794,7 +796,7 @@ impl<B: Backend> Core<B> {
 
     /// Asks the backend to let go of an authenticated connection; `Event::Detached` follows.
     fn hand_off(&mut self, backend: &mut B, id: ConnId) {
-        let Some(Phase::Moving { user, .. }) = self
+        let Some(Phase::Moving(moving)) = self
             .conns
             .get(id as usize)
             .and_then(Option::as_ref)
@@ -802,7 +804,7 @@ impl<B: Backend> Core<B> {
         else {
             return;
         };
-        let home = home_shard(*user, self.settings.shards);
+        let home = home_shard(moving.user, self.settings.shards);
         backend.detach(id, self.mailboxes.peer(home));
     }
 
@@ -990,7 +992,7 @@ impl<B: Backend> Core<B> {
                 .get(id as usize)
                 .and_then(Option::as_ref)
                 .map(|conn| &conn.phase),
-            Some(Phase::Handshaking | Phase::Moving { .. } | Phase::Open { .. })
+            Some(Phase::Handshaking | Phase::Moving(_) | Phase::Open { .. })
         )
     }
 
