@@ -626,3 +626,63 @@ fn connections_past_the_descriptor_limit_are_refused_cleanly() {
         ping(client);
     }
 }
+
+/// Resident memory of a process, from `/proc/PID/status`.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .expect("VmRSS line");
+    kib * 1024
+}
+
+/// Guards against the offline queue living in memory: a server holding 30 days of messages for
+/// millions of offline users cannot keep their bodies in RAM. Once a message is on disk, only
+/// its few bytes of bookkeeping may stay in memory; the bodies come back from disk, also after
+/// a restart.
+#[cfg(target_os = "linux")]
+#[test]
+fn queued_message_bodies_stay_on_disk_not_in_memory() {
+    const MESSAGES: usize = 1200;
+    const BODY_BYTES: usize = 60 * 1024;
+    let queued_bytes = (MESSAGES * BODY_BYTES) as u64; // 74 MB
+    let flags = ["--shards", "1", "--queue-bytes-max", "134217728"];
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let hopd = Hopd::start_in(&data, &flags);
+    let (_, mut alice) = hopd.new_user();
+    let (bob_key, bob) = hopd.new_user();
+    bob.close();
+    let before = resident_bytes(hopd.pid());
+    let body: Vec<u8> = (0..BODY_BYTES).map(|n| (n % 251) as u8).collect();
+    for _ in 0..MESSAGES {
+        alice.send_message(bob_key.user_id(), &body).unwrap();
+    }
+    for _ in 0..MESSAGES {
+        server_ack(&mut alice); // each one on disk
+    }
+    ping(&mut alice);
+    let grown = resident_bytes(hopd.pid()).saturating_sub(before);
+    assert!(
+        grown < queued_bytes / 4,
+        "hopd grew by {grown} bytes while {queued_bytes} bytes were queued on disk"
+    );
+    alice.close();
+    assert!(hopd.stop().success());
+
+    // After a restart the queue is rebuilt from the log and delivered from disk, in order.
+    let hopd = Hopd::start_in(&data, &flags);
+    let mut bob = hopd.connect(&bob_key);
+    let mut last_id = 0;
+    for _ in 0..MESSAGES {
+        let message = deliver(&mut bob);
+        assert_eq!(&message.body[..], &body[..]);
+        assert!(message.id > last_id, "in order");
+        last_id = message.id;
+        bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+    }
+    ping(&mut bob);
+}

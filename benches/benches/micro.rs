@@ -164,7 +164,7 @@ fn routing(c: &mut Criterion) {
             let mut deliver_id = None;
             while let Some(action) = router.poll_action() {
                 if let Action::Keep { item, .. } = &action {
-                    router.handle_kept(item.id(), 1);
+                    router.handle_kept(item.id(), item.ack_kind(), 1);
                 }
                 if let Action::Send {
                     stanza:

@@ -155,6 +155,8 @@ mod toy_hop {
     struct Shared {
         router: Router,
         connections: HashMap<ConnRef, (ServerConnection, TcpStream, Option<UserId>)>,
+        /// The "disk": bodies of kept messages, by server id.
+        kept: HashMap<u64, bytes::Bytes>,
     }
 
     /// Starts the server; returns its address and public key.
@@ -166,6 +168,7 @@ mod toy_hop {
         let shared = Arc::new(Mutex::new(Shared {
             router: Router::new(0, 1, Limits::default(), 0),
             connections: HashMap::new(),
+            kept: HashMap::new(),
         }));
         std::thread::spawn(move || {
             for (id, stream) in listener.incoming().enumerate() {
@@ -227,10 +230,38 @@ mod toy_hop {
             }
             let mut touched = Vec::new();
             while let Some(action) = state.router.poll_action() {
-                // No disk in this small server: an item is kept as soon as it is queued.
-                if let Action::Keep { item, .. } = &action {
-                    state.router.handle_kept(item.id(), 0);
-                }
+                // A disk in memory: an item is kept as soon as it is queued.
+                let action = match action {
+                    Action::Keep { item, .. } => {
+                        if let hop_router::Queued::Message { id, body, .. } = &item {
+                            state.kept.insert(*id, body.clone());
+                        }
+                        state.router.handle_kept(item.id(), item.ack_kind(), 0);
+                        continue;
+                    }
+                    Action::Forget { id, .. } => {
+                        state.kept.remove(&id);
+                        continue;
+                    }
+                    Action::DeliverKept {
+                        conn,
+                        from,
+                        id,
+                        timestamp_ms,
+                        ..
+                    } => Action::Send {
+                        conn,
+                        stanza: hop_protocol::wire::Stanza::of(hop_protocol::wire::Kind::Deliver(
+                            hop_protocol::wire::Deliver {
+                                from: from.get(),
+                                id,
+                                timestamp_ms,
+                                body: state.kept[&id].clone(),
+                            },
+                        )),
+                    },
+                    other => other,
+                };
                 if let Action::Send { conn, stanza } = action {
                     let (target, _, _) = state.connections.get_mut(&conn).unwrap();
                     let mut sink = Vec::new();

@@ -40,6 +40,9 @@ pub struct Config {
     pub shard_queue_bytes_max: usize,
     /// Deliveries pushed to one connection and not yet acked.
     pub inflight_max: usize,
+    /// Body bytes of those deliveries (one is always pushed, however large). At most half of
+    /// `send_buffer_bytes_max`, so a reading client is never taken for one that does not read.
+    pub inflight_bytes_max: usize,
     /// Users one user may watch.
     pub subscriptions_max: usize,
     /// Watchers one user may have.
@@ -127,6 +130,7 @@ impl Default for Config {
             queue_bytes_max: router.queue_bytes_max,
             shard_queue_bytes_max: router.shard_queue_bytes_max,
             inflight_max: router.inflight_max,
+            inflight_bytes_max: router.inflight_bytes_max,
             subscriptions_max: router.subscriptions_max,
             subscribers_max: router.subscribers_max,
             durability: DurabilityPolicy::Batch,
@@ -179,6 +183,8 @@ pub struct Args {
     pub shard_queue_bytes_max: Option<usize>,
     #[arg(long, value_name = "N")]
     pub inflight_max: Option<usize>,
+    #[arg(long, value_name = "BYTES")]
+    pub inflight_bytes_max: Option<usize>,
     #[arg(long, value_name = "N")]
     pub subscriptions_max: Option<usize>,
     #[arg(long, value_name = "N")]
@@ -270,6 +276,7 @@ impl Config {
             queue_bytes_max,
             shard_queue_bytes_max,
             inflight_max,
+            inflight_bytes_max,
             subscriptions_max,
             subscribers_max,
             durability,
@@ -313,6 +320,7 @@ impl Config {
             ("queue_bytes_max", self.queue_bytes_max),
             ("shard_queue_bytes_max", self.shard_queue_bytes_max),
             ("inflight_max", self.inflight_max),
+            ("inflight_bytes_max", self.inflight_bytes_max),
             ("batch_delay_ms", self.batch_delay_ms as usize),
             ("batch_records_max", self.batch_records_max as usize),
             ("offline_ttl_ms", self.offline_ttl_ms as usize),
@@ -335,6 +343,15 @@ impl Config {
             return Err(ConfigError::Invalid {
                 name: "send_buffer_bytes_max",
                 reason: "must hold at least one whole frame (65,536 bytes)".into(),
+            });
+        }
+        if self.inflight_bytes_max > self.send_buffer_bytes_max / 2 {
+            return Err(ConfigError::Invalid {
+                name: "inflight_bytes_max",
+                reason: format!(
+                    "{} is above half of send_buffer_bytes_max ({})",
+                    self.inflight_bytes_max, self.send_buffer_bytes_max
+                ),
             });
         }
         if self.segment_bytes_max < 1024 * 1024 || self.segment_bytes_max > 1024 * 1024 * 1024 {
@@ -380,6 +397,7 @@ impl Config {
             queue_bytes_max: self.queue_bytes_max,
             shard_queue_bytes_max: self.shard_queue_bytes_max,
             inflight_max: self.inflight_max,
+            inflight_bytes_max: self.inflight_bytes_max,
             subscriptions_max: self.subscriptions_max,
             subscribers_max: self.subscribers_max,
         }
@@ -440,6 +458,14 @@ mod tests {
         assert!(error.to_string().contains("mailbox_depth"), "{error}");
         let error = Config::from_args(&args(&["--shards", "300"])).unwrap_err();
         assert!(error.to_string().contains("shards"), "{error}");
+        let error = Config::from_args(&args(&[
+            "--send-buffer-bytes-max",
+            "1048576",
+            "--inflight-bytes-max",
+            "1048576",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("inflight_bytes_max"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

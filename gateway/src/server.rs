@@ -348,17 +348,27 @@ fn open_store(
             "offline queue recovered"
         );
     }
+    // The router keeps what acks and names each item; the bodies stay on disk. Read a few
+    // records at a time so that restoring a large queue does not hold it in memory at once.
     let users: Vec<hop_protocol::UserId> = store.users().map(|(user, _)| user).collect();
-    let mut records = Vec::new();
+    let mut records = Vec::with_capacity(RESTORE_RECORDS_PER_READ);
     for user in users {
-        records.clear();
-        store.read(user, 0, usize::MAX, &mut records)?;
-        for record in records.drain(..) {
-            router.restore_item(user, queued(record.item));
+        // A record that does not read back leaves the store's queue, so every read either
+        // moves `skip` on or shortens the queue.
+        let mut skip = 0;
+        while skip < store.queue_len(user) {
+            records.clear();
+            skip += store.read(user, skip, RESTORE_RECORDS_PER_READ, &mut records)?;
+            for record in records.drain(..) {
+                router.restore_item(user, &queued(record.item));
+            }
         }
     }
     Ok(store)
 }
+
+/// Records one restore read takes: at most 64 × 64 KiB of bodies in memory at once.
+const RESTORE_RECORDS_PER_READ: usize = 64;
 
 fn queued(item: hop_store::StoredItem) -> hop_router::Queued {
     match item {

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
 use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent};
@@ -50,6 +51,10 @@ const EXPIRE_USERS_PER_TICK: usize = 1024;
 const COMPACT_BYTES_PER_TICK: usize = 4 * 1024 * 1024;
 /// Bad-input log lines per shard per second at `warn`; the rest go to `debug`.
 const WARNINGS_PER_SECOND: u32 = 10;
+/// Records one store read fetches when a kept message must be pushed: the router pushes a
+/// user's queue in order, so the next ones are usually asked for right after. At most this many
+/// bodies (each at most 64 KiB) are held in the read-ahead.
+const READ_AHEAD_RECORDS: usize = 64;
 
 /// Work that crosses shards.
 pub enum Mail<H> {
@@ -175,6 +180,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         to_pause: Vec::new(),
         store,
         unkept: VecDeque::new(),
+        read_ahead: ReadAhead::default(),
     };
     let tick = Duration::from_millis(
         (core
@@ -265,6 +271,18 @@ struct Core<B: Backend> {
     store: ShardStore<FsIo>,
     /// Items appended to the store and not yet durable, in sequence order: (seq, user, id, kind).
     unkept: VecDeque<(u64, UserId, u64, ReceiptKind)>,
+    /// Records of one user's queue read from the store ahead of their push, oldest first.
+    read_ahead: ReadAhead,
+}
+
+/// Kept records of one user, read from the store in one call ahead of their push. A message's
+/// body never changes, so a record here is never stale, only perhaps no longer wanted.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    user: Option<UserId>,
+    records: VecDeque<hop_store::Record>,
+    /// Scratch for the store's read.
+    read: Vec<hop_store::Record>,
 }
 
 impl<B: Backend> Core<B> {
@@ -475,6 +493,30 @@ impl<B: Backend> Core<B> {
                         self.close_with(id, reason, text);
                     }
                 }
+                Action::DeliverKept {
+                    conn,
+                    user,
+                    from,
+                    id,
+                    timestamp_ms,
+                } => {
+                    let Some(conn_id) = self.resolve(conn) else {
+                        continue; // gone: the router pushes it again on the next connection
+                    };
+                    match self.kept_body(user, id) {
+                        Some(body) => {
+                            let deliver = Stanza::deliver(from, id, timestamp_ms, body);
+                            self.queue_stanza(conn_id, &deliver);
+                        }
+                        None => {
+                            bump(&self.stats.store_unreadable, 1);
+                            self.warn(format_args!(
+                                "user {user}: queued message {id} cannot be read back from the offline queue; dropped"
+                            ));
+                            self.router.handle_unreadable(user, id);
+                        }
+                    }
+                }
                 Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
                 Action::Keep { user, item } => self.keep(user, &item),
                 Action::Forget { user, id, kind } => {
@@ -543,6 +585,42 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// The body of kept message `id` of `user`, from the read-ahead or from the store (which
+    /// then reads the next records too). `None` when the store cannot read it back.
+    fn kept_body(&mut self, user: UserId, id: u64) -> Option<Bytes> {
+        let ahead = &mut self.read_ahead;
+        if ahead.user == Some(user) {
+            while let Some(record) = ahead.records.pop_front() {
+                if let hop_store::StoredItem::Message { id: read, body, .. } = record.item {
+                    if read == id {
+                        return Some(body);
+                    }
+                }
+            }
+        }
+        ahead.user = Some(user);
+        ahead.records.clear();
+        let position = self
+            .store
+            .queue(user)
+            .position(|slot| slot.id == id && slot.ack_kind == 0)?;
+        ahead.read.clear();
+        if let Err(error) = self
+            .store
+            .read(user, position, READ_AHEAD_RECORDS, &mut ahead.read)
+        {
+            warn!(shard = self.settings.index, %user, %error, "reading the offline queue failed");
+            return None;
+        }
+        let mut records = ahead.read.drain(..);
+        let first = records.next()?;
+        ahead.records.extend(records);
+        match first.item {
+            hop_store::StoredItem::Message { id: read, body, .. } if read == id => Some(body),
+            _ => None, // the store dropped it as damaged
+        }
+    }
+
     /// Commits the store if its batch is due, and releases what became durable.
     fn commit_if_due(&mut self) {
         let due = self
@@ -554,12 +632,12 @@ impl<B: Backend> Core<B> {
         }
         match self.store.commit(self.now_ms) {
             Ok(commit) => {
-                while let Some(&(seq, _, id, _)) = self.unkept.front() {
+                while let Some(&(seq, _, id, kind)) = self.unkept.front() {
                     if seq > commit.durable_through {
                         break;
                     }
                     self.unkept.pop_front();
-                    self.router.handle_kept(id, self.now_ms);
+                    self.router.handle_kept(id, kind, self.now_ms);
                 }
             }
             Err(error) => {

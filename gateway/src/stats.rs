@@ -37,6 +37,7 @@ counters! {
     binding_write_errors: "account bindings that could not be written",
     store_refusals: "items the offline queue refused (over quota)",
     store_commit_failures: "offline queue commits that failed (disk full, IO error)",
+    store_unreadable: "queued messages dropped because their record could not be read back",
 }
 
 /// Adds to a counter.

@@ -77,6 +77,16 @@ impl Stanza {
         }))
     }
 
+    /// A message pushed to its recipient; `from` is filled in by the server.
+    pub fn deliver(from: UserId, id: u64, timestamp_ms: u64, body: Bytes) -> Self {
+        Self::of(Kind::Deliver(Deliver {
+            from: from.get(),
+            id,
+            timestamp_ms,
+            body,
+        }))
+    }
+
     pub fn error(code: ErrorCode, reason: impl Into<String>, seq: u32) -> Self {
         Self::of(Kind::Error(Error {
             code: code as i32,

@@ -3,8 +3,8 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::wire::{
-    Deliver, ErrorCode, GoAwayReason, Kind, Pong, Presence, Receipt, ReceiptKind, ServerAck,
-    Stanza, BODY_BYTES_MAX,
+    ErrorCode, GoAwayReason, Kind, Pong, Presence, Receipt, ReceiptKind, ServerAck, Stanza,
+    BODY_BYTES_MAX,
 };
 use hop_protocol::UserId;
 
@@ -30,6 +30,9 @@ pub struct Limits {
     pub shard_queue_bytes_max: usize,
     /// Deliveries pushed to a connection and not yet acked.
     pub inflight_max: usize,
+    /// Body bytes of those deliveries (at least one is always pushed): a connection that just
+    /// came online to a queue of large messages is not pushed more than it can take at once.
+    pub inflight_bytes_max: usize,
     /// Users one user may watch at once.
     pub subscriptions_max: usize,
     /// Watchers one user may have.
@@ -43,6 +46,7 @@ impl Default for Limits {
             queue_bytes_max: 16 * 1024 * 1024,
             shard_queue_bytes_max: 1024 * 1024 * 1024,
             inflight_max: 256,
+            inflight_bytes_max: 1024 * 1024,
             subscriptions_max: 1024,
             subscribers_max: 10_000,
         }
@@ -111,6 +115,16 @@ pub enum ShardMessage {
 pub enum Action {
     /// Queue `stanza` on a local connection.
     Send { conn: ConnRef, stanza: Stanza },
+    /// Push message `id` of `user`'s queue to a local connection as a `Deliver`. Its body is
+    /// on disk only (the router lets go of a body once it is kept): the shard loop reads it
+    /// from the store, or, if it cannot be read back, calls [`Router::handle_unreadable`].
+    DeliverKept {
+        conn: ConnRef,
+        user: UserId,
+        from: UserId,
+        id: u64,
+        timestamp_ms: u64,
+    },
     /// Send a GoAway and close a local connection.
     Close {
         conn: ConnRef,
@@ -159,6 +173,8 @@ pub struct Counters {
     pub items_expired: u64,
     /// Items restored from disk for a user with no binding.
     pub items_orphaned: u64,
+    /// Kept messages whose body could not be read back from disk (dropped from the queue).
+    pub items_unreadable: u64,
 }
 
 /// An item of a user's queue: a message for the user, or a receipt for a message the user
@@ -194,47 +210,68 @@ impl Queued {
             Self::Receipt { kind, .. } => *kind,
         }
     }
+}
 
-    fn body_bytes(&self) -> usize {
-        match self {
-            Self::Message { body, .. } => body.len(),
-            Self::Receipt { .. } => 0,
-        }
-    }
+/// An item of a user's queue as the router keeps it: what acks it, whom it names and how big
+/// its body is, never the body itself. A message's body lives in [`Router`]'s `fresh` map only
+/// until it is kept on disk; after that the store has it and memory does not grow with the
+/// bytes queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    /// The message's server id (for a receipt: of the message it is about).
+    id: u64,
+    timestamp_ms: u64,
+    /// A message's sender, or who sent a receipt.
+    peer: UserId,
+    body_bytes: u32,
+    /// `Unspecified` for a message, else the receipt's kind: what the device's Ack names.
+    kind: ReceiptKind,
+}
 
-    fn stanza(&self) -> Stanza {
-        match self {
-            Self::Message {
+const _: () = assert!(std::mem::size_of::<Entry>() <= 32);
+const _: () = assert!(BODY_BYTES_MAX <= u32::MAX as usize);
+
+impl Entry {
+    fn of(item: &Queued) -> Self {
+        match item {
+            Queued::Message {
                 from,
                 id,
                 timestamp_ms,
                 body,
-            } => Stanza::of(Kind::Deliver(Deliver {
-                from: from.get(),
+            } => Self {
                 id: *id,
                 timestamp_ms: *timestamp_ms,
-                body: body.clone(),
-            })),
-            Self::Receipt {
+                peer: *from,
+                body_bytes: body.len() as u32,
+                kind: ReceiptKind::Unspecified,
+            },
+            Queued::Receipt {
                 id,
                 kind,
                 by,
                 timestamp_ms,
-            } => Stanza::of(Kind::Receipt(Receipt {
+            } => Self {
                 id: *id,
-                kind: *kind as i32,
-                by: by.get(),
                 timestamp_ms: *timestamp_ms,
-            })),
+                peer: *by,
+                body_bytes: 0,
+                kind: *kind,
+            },
         }
+    }
+
+    fn is_message(&self) -> bool {
+        self.kind == ReceiptKind::Unspecified
+    }
+
+    fn body_bytes(&self) -> usize {
+        self.body_bytes as usize
     }
 
     /// Does an Ack of (`id`, `kind`) name this item?
     fn acked_by(&self, ack_id: u64, ack_kind: ReceiptKind) -> bool {
-        match self {
-            Self::Message { id, .. } => *id == ack_id && ack_kind == ReceiptKind::Unspecified,
-            Self::Receipt { id, kind, .. } => *id == ack_id && *kind == ack_kind,
-        }
+        self.id == ack_id && self.kind == ack_kind
     }
 }
 
@@ -246,8 +283,10 @@ struct User {
     last_seen_ms: u64,
     /// Items waiting for the device's Ack, oldest first. The first `inflight` were pushed to
     /// the current connection.
-    queue: VecDeque<Queued>,
+    queue: VecDeque<Entry>,
     inflight: usize,
+    /// Body bytes of the first `inflight` items.
+    inflight_bytes: usize,
     queued_bytes: usize,
     /// Who watches this user (on any shard).
     subscribers: Vec<UserId>,
@@ -269,6 +308,9 @@ pub struct Router {
     /// Messages taken into a queue whose sender has no ServerAck yet: they wait for the disk
     /// (or for the recipient's device, whichever comes first). Server id -> (sender, seq, time).
     awaiting_keep: HashMap<u64, (UserId, u32, u64)>,
+    /// Bodies of queued messages not yet kept on disk, by server id. Bounded by what one
+    /// commit interval brings in: a body leaves when its message is kept, acked or refused.
+    fresh: HashMap<u64, Bytes>,
 }
 
 /// Server ids: the shard in the top 8 bits, a counter in the low 56. The counter starts at the
@@ -296,6 +338,7 @@ impl Router {
             actions: VecDeque::new(),
             counters: Counters::default(),
             awaiting_keep: HashMap::new(),
+            fresh: HashMap::new(),
         }
     }
 
@@ -362,6 +405,7 @@ impl Router {
         }
         user_state.last_seen_ms = 0;
         user_state.inflight = 0;
+        user_state.inflight_bytes = 0;
         let subscribers = user_state.subscribers.clone();
         self.push_queued(user);
         for subscriber in subscribers {
@@ -380,6 +424,7 @@ impl Router {
         }
         state.conn = None;
         state.inflight = 0;
+        state.inflight_bytes = 0;
         state.last_seen_ms = now_ms.max(1);
         let subscriptions = std::mem::take(&mut state.subscriptions);
         let subscribers = state.subscribers.clone();
@@ -602,9 +647,10 @@ impl Router {
             from: envelope.from,
             id: envelope.id,
             timestamp_ms: envelope.timestamp_ms,
-            body: envelope.body,
+            body: envelope.body.clone(),
         };
-        state.queue.push_back(item.clone());
+        state.queue.push_back(Entry::of(&item));
+        self.fresh.insert(envelope.id, envelope.body);
         state.queued_bytes += body_bytes;
         self.queued_bytes += body_bytes;
         self.counters.messages_accepted += 1;
@@ -620,9 +666,28 @@ impl Router {
         self.push_queued(envelope.to);
     }
 
-    /// The item `id` of `user`'s queue is durable: the sender's ServerAck may leave.
-    pub fn handle_kept(&mut self, id: u64, now_ms: u64) {
+    /// The queued item (`id`, `kind`) is durable. For a message, the sender's
+    /// ServerAck may leave, and the router lets go of the body: from now on the store has it
+    /// and deliveries of it are [`Action::DeliverKept`].
+    pub fn handle_kept(&mut self, id: u64, kind: ReceiptKind, now_ms: u64) {
+        if kind != ReceiptKind::Unspecified {
+            return;
+        }
+        // Server ids are unique, so the id alone names the message.
+        self.fresh.remove(&id);
         self.release_server_ack(id, now_ms);
+    }
+
+    /// A kept message of `user` could not be read back from disk (the store found it
+    /// damaged and dropped it): it leaves the queue too, and is counted.
+    pub fn handle_unreadable(&mut self, user: UserId, id: u64) {
+        if self
+            .remove_item(user, id, ReceiptKind::Unspecified)
+            .is_some()
+        {
+            self.counters.items_unreadable += 1;
+            self.push_queued(user);
+        }
     }
 
     /// The item (`id`, `kind`) of `user`'s queue could not be kept (quota, disk): it leaves the
@@ -655,15 +720,17 @@ impl Router {
         self.counters.items_expired += 1;
     }
 
-    /// Puts back an item kept from an earlier run (already durable). Items of users without a
-    /// binding are counted and dropped.
-    pub fn restore_item(&mut self, user: UserId, item: Queued) {
+    /// Puts back an item kept from an earlier run (already durable). Only what acks and names
+    /// it is kept here; a message's body stays on disk. Items of users without a binding are
+    /// counted and dropped.
+    pub fn restore_item(&mut self, user: UserId, item: &Queued) {
         let Some(state) = self.users.get_mut(&user) else {
             self.counters.items_orphaned += 1;
             return;
         };
-        let body_bytes = item.body_bytes();
-        state.queue.push_back(item);
+        let entry = Entry::of(item);
+        let body_bytes = entry.body_bytes();
+        state.queue.push_back(entry);
         state.queued_bytes += body_bytes;
         self.queued_bytes += body_bytes;
     }
@@ -671,6 +738,11 @@ impl Router {
     /// Messages waiting for the disk before their ServerAck.
     pub fn awaiting_keep(&self) -> usize {
         self.awaiting_keep.len()
+    }
+
+    /// Message bodies held in memory: those of queued messages not yet kept on disk.
+    pub fn bodies_in_memory(&self) -> usize {
+        self.fresh.len()
     }
 
     fn release_server_ack(&mut self, id: u64, now_ms: u64) {
@@ -685,19 +757,23 @@ impl Router {
         }
     }
 
-    fn remove_item(&mut self, user: UserId, id: u64, kind: ReceiptKind) -> Option<Queued> {
+    fn remove_item(&mut self, user: UserId, id: u64, kind: ReceiptKind) -> Option<Entry> {
         let state = self.users.get_mut(&user)?;
         let position = state
             .queue
             .iter()
             .position(|item| item.acked_by(id, kind))?;
         let item = state.queue.remove(position)?;
+        let body_bytes = item.body_bytes();
         if position < state.inflight {
             state.inflight -= 1;
+            state.inflight_bytes -= body_bytes;
         }
-        let body_bytes = item.body_bytes();
         state.queued_bytes -= body_bytes;
         self.queued_bytes -= body_bytes;
+        if item.is_message() {
+            self.fresh.remove(&id);
+        }
         Some(item)
     }
 
@@ -709,7 +785,8 @@ impl Router {
         };
         self.actions.push_back(Action::Forget { user, id, kind });
         self.push_queued(user);
-        if let Queued::Message { from, id, .. } = item {
+        if item.is_message() {
+            let from = item.peer;
             self.counters.messages_acked += 1;
             // The device has it: the server's responsibility is met even if the disk is not.
             self.release_server_ack(id, now_ms);
@@ -800,22 +877,52 @@ impl Router {
             by,
             timestamp_ms,
         };
-        state.queue.push_back(item.clone());
+        state.queue.push_back(Entry::of(&item));
         self.actions.push_back(Action::Keep { user: to, item });
         self.counters.receipts_queued += 1;
         self.push_queued(to);
     }
 
-    /// Pushes queued items to the user's connection, up to the inflight limit.
+    /// Pushes queued items to the user's connection, up to the inflight limits.
     fn push_queued(&mut self, user: UserId) {
         let Some(state) = self.users.get_mut(&user) else {
             return;
         };
         let Some(conn) = state.conn else { return };
         while state.inflight < self.limits.inflight_max && state.inflight < state.queue.len() {
-            let stanza = state.queue[state.inflight].stanza();
+            let entry = state.queue[state.inflight];
+            if state.inflight > 0
+                && state.inflight_bytes + entry.body_bytes() > self.limits.inflight_bytes_max
+            {
+                break;
+            }
             state.inflight += 1;
-            self.actions.push_back(Action::Send { conn, stanza });
+            state.inflight_bytes += entry.body_bytes();
+            let action = if !entry.is_message() {
+                Action::Send {
+                    conn,
+                    stanza: Stanza::of(Kind::Receipt(Receipt {
+                        id: entry.id,
+                        kind: entry.kind as i32,
+                        by: entry.peer.get(),
+                        timestamp_ms: entry.timestamp_ms,
+                    })),
+                }
+            } else if let Some(body) = self.fresh.get(&entry.id) {
+                Action::Send {
+                    conn,
+                    stanza: Stanza::deliver(entry.peer, entry.id, entry.timestamp_ms, body.clone()),
+                }
+            } else {
+                Action::DeliverKept {
+                    conn,
+                    user,
+                    from: entry.peer,
+                    id: entry.id,
+                    timestamp_ms: entry.timestamp_ms,
+                }
+            };
+            self.actions.push_back(action);
         }
     }
 
@@ -867,6 +974,7 @@ impl User {
             last_seen_ms: 0,
             queue: VecDeque::new(),
             inflight: 0,
+            inflight_bytes: 0,
             queued_bytes: 0,
             subscribers: Vec::new(),
             subscriptions: Vec::new(),

@@ -2,7 +2,7 @@
 //! picked so that they land on the shards each test wants.
 
 use super::*;
-use hop_protocol::wire::{Ack, Ping, Read, Subscribe};
+use hop_protocol::wire::{Ack, Deliver, Ping, Read, Subscribe};
 
 /// Several routers and the forwarding between them, run to quiescence after every input.
 struct Cluster {
@@ -16,6 +16,10 @@ struct Cluster {
     keep_at_once: bool,
     unkept: Vec<(ShardId, UserId, Queued)>,
     forgotten: Vec<(UserId, u64, ReceiptKind)>,
+    /// What each shard's store holds: every kept item by (user, id, kind), bodies included.
+    disk: HashMap<(UserId, u64, i32), Queued>,
+    /// Kept messages whose body the store "cannot read back" (disk damage).
+    rotten: Vec<u64>,
 }
 
 impl Cluster {
@@ -31,6 +35,8 @@ impl Cluster {
             keep_at_once: true,
             unkept: Vec::new(),
             forgotten: Vec::new(),
+            disk: HashMap::new(),
+            rotten: Vec::new(),
         }
     }
 
@@ -63,16 +69,43 @@ impl Cluster {
                             let now = self.now_ms;
                             self.routers[usize::from(shard)].handle_shard_message(message, now);
                         }
+                        Action::DeliverKept {
+                            conn,
+                            user,
+                            from,
+                            id,
+                            timestamp_ms,
+                        } => {
+                            let key = (user, id, ReceiptKind::Unspecified as i32);
+                            match self.disk.get(&key) {
+                                Some(Queued::Message { body, .. })
+                                    if !self.rotten.contains(&id) =>
+                                {
+                                    let stanza =
+                                        Stanza::deliver(from, id, timestamp_ms, body.clone());
+                                    self.sent.entry(conn).or_default().push(stanza);
+                                }
+                                _ => {
+                                    self.disk.remove(&key);
+                                    self.routers[index].handle_unreadable(user, id);
+                                }
+                            }
+                        }
                         Action::PersistBinding { user, .. } => self.persisted.push(user),
                         Action::Keep { user, item } => {
+                            self.disk
+                                .insert((user, item.id(), item.ack_kind() as i32), item.clone());
                             if self.keep_at_once {
                                 let now = self.now_ms;
-                                self.routers[index].handle_kept(item.id(), now);
+                                self.routers[index].handle_kept(item.id(), item.ack_kind(), now);
                             } else {
                                 self.unkept.push((index as ShardId, user, item));
                             }
                         }
-                        Action::Forget { user, id, kind } => self.forgotten.push((user, id, kind)),
+                        Action::Forget { user, id, kind } => {
+                            self.disk.remove(&(user, id, kind as i32));
+                            self.forgotten.push((user, id, kind));
+                        }
                     }
                 }
             }
@@ -121,9 +154,29 @@ impl Cluster {
     fn keep_all(&mut self) {
         for (shard, _, item) in std::mem::take(&mut self.unkept) {
             let now = self.now_ms;
-            self.routers[usize::from(shard)].handle_kept(item.id(), now);
+            self.routers[usize::from(shard)].handle_kept(item.id(), item.ack_kind(), now);
         }
         self.run();
+    }
+
+    /// One shard, Alice online on connection 1, Bob known but offline (his first connection,
+    /// 2, came and went).
+    fn with_offline_recipient(limits: Limits) -> (Self, UserId, UserId) {
+        let mut cluster = Self::new(1, limits);
+        let alice = cluster.user_on(0, 0);
+        let bob = cluster.user_on(0, 1);
+        cluster.connect(bob, 2).unwrap();
+        cluster.disconnect(bob, 2);
+        cluster.connect(alice, 1).unwrap();
+        (cluster, alice, bob)
+    }
+
+    /// An item kept by an earlier run: on the disk of its user's shard, and told to the router.
+    fn restore(&mut self, user: UserId, item: Queued) {
+        let shard = usize::from(home_shard(user, self.shards()));
+        self.routers[shard].restore_item(user, &item);
+        self.disk
+            .insert((user, item.id(), item.ack_kind() as i32), item);
     }
 
     fn take(&mut self, conn: u64) -> Vec<Stanza> {
@@ -344,6 +397,45 @@ fn inflight_is_bounded_and_acks_release_more() {
 }
 
 #[test]
+fn inflight_bytes_are_bounded_but_one_large_item_always_goes() {
+    let limits = Limits {
+        inflight_bytes_max: 10,
+        ..Limits::default()
+    };
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(limits);
+    cluster.send(alice, 1, bob, 1, b"twelve bytes");
+    cluster.send(alice, 1, bob, 2, b"four");
+    cluster.send(alice, 1, bob, 3, b"six!!!");
+    cluster.connect(bob, 3).unwrap();
+    let first = deliver(&only(cluster.take(3))).clone();
+    assert_eq!(
+        first.body.as_ref(),
+        b"twelve bytes",
+        "larger than the bound, alone"
+    );
+    cluster
+        .stanza(
+            bob,
+            3,
+            Kind::Ack(Ack {
+                id: first.id,
+                kind: 0,
+            }),
+        )
+        .unwrap();
+    let next: Vec<_> = cluster
+        .take(3)
+        .iter()
+        .map(|stanza| deliver(stanza).body.clone())
+        .collect();
+    assert_eq!(
+        next,
+        [&b"four"[..], &b"six!!!"[..]],
+        "4 + 6 bytes fit in 10"
+    );
+}
+
+#[test]
 fn unknown_and_invalid_recipients_get_errors_not_acks() {
     let mut cluster = Cluster::new(2, Limits::default());
     let alice = cluster.user_on(0, 0);
@@ -421,12 +513,7 @@ fn shard_wide_byte_limit_holds() {
         shard_queue_bytes_max: 10,
         ..Limits::default()
     };
-    let mut cluster = Cluster::new(1, limits);
-    let alice = cluster.user_on(0, 0);
-    let bob = cluster.user_on(0, 1);
-    cluster.connect(bob, 2).unwrap();
-    cluster.disconnect(bob, 2);
-    cluster.connect(alice, 1).unwrap();
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(limits);
     cluster.send(alice, 1, bob, 1, b"123456");
     cluster.send(alice, 1, bob, 2, b"123456");
     let replies = cluster.take(1);
@@ -855,13 +942,8 @@ fn a_device_ack_before_the_disk_releases_the_server_ack_first() {
 
 #[test]
 fn an_item_that_cannot_be_kept_is_refused_and_leaves_the_queue() {
-    let mut cluster = Cluster::new(1, Limits::default());
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
     cluster.keep_at_once = false;
-    let alice = cluster.user_on(0, 0);
-    let bob = cluster.user_on(0, 1);
-    cluster.connect(bob, 2).unwrap();
-    cluster.disconnect(bob, 2);
-    cluster.connect(alice, 1).unwrap();
     cluster.send(alice, 1, bob, 9, b"disk full");
     let (_, user, item) = cluster.unkept.pop().unwrap();
     let now = cluster.now_ms;
@@ -891,7 +973,7 @@ fn restored_items_are_delivered_on_connect() {
     let alice = cluster.user_on(0, 0);
     let bob = cluster.user_on(0, 1);
     cluster.routers[0].restore_binding(bob, key_of(bob));
-    cluster.routers[0].restore_item(
+    cluster.restore(
         bob,
         Queued::Message {
             from: alice,
@@ -900,7 +982,7 @@ fn restored_items_are_delivered_on_connect() {
             body: Bytes::from_static(b"from before"),
         },
     );
-    cluster.routers[0].restore_item(
+    cluster.restore(
         bob,
         Queued::Receipt {
             id: 78,
@@ -910,7 +992,7 @@ fn restored_items_are_delivered_on_connect() {
         },
     );
     let stranger = cluster.user_on(0, 5);
-    cluster.routers[0].restore_item(
+    cluster.restore(
         stranger,
         Queued::Receipt {
             id: 1,
@@ -928,12 +1010,7 @@ fn restored_items_are_delivered_on_connect() {
 
 #[test]
 fn expired_items_leave_the_queue() {
-    let mut cluster = Cluster::new(1, Limits::default());
-    let alice = cluster.user_on(0, 0);
-    let bob = cluster.user_on(0, 1);
-    cluster.connect(bob, 2).unwrap();
-    cluster.disconnect(bob, 2);
-    cluster.connect(alice, 1).unwrap();
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
     cluster.send(alice, 1, bob, 1, b"old");
     let ack = only(cluster.take(1));
     let Some(Kind::ServerAck(ack)) = ack.kind else {
@@ -942,4 +1019,61 @@ fn expired_items_leave_the_queue() {
     cluster.routers[0].handle_expired(bob, ack.id, ReceiptKind::Unspecified);
     cluster.connect(bob, 3).unwrap();
     assert!(cluster.take(3).is_empty());
+}
+
+#[test]
+fn a_kept_body_leaves_memory_and_is_delivered_from_disk() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    cluster.keep_at_once = false;
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    cluster.connect(bob, 2).unwrap();
+    cluster.disconnect(bob, 2);
+    cluster.connect(alice, 1).unwrap();
+    cluster.send(alice, 1, bob, 1, b"on disk");
+    assert_eq!(cluster.routers[1].bodies_in_memory(), 1, "held until kept");
+    cluster.keep_all();
+    assert_eq!(cluster.routers[1].bodies_in_memory(), 0, "the store has it");
+    cluster.connect(bob, 3).unwrap();
+    let pushed = only(cluster.take(3));
+    let delivered = deliver(&pushed);
+    assert_eq!(delivered.body.as_ref(), b"on disk");
+    assert_eq!(delivered.from, alice.get());
+}
+
+#[test]
+fn an_online_delivery_uses_the_body_in_memory_and_a_redelivery_the_disk() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    cluster.keep_at_once = false;
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(alice, 1).unwrap();
+    cluster.connect(bob, 2).unwrap();
+    cluster.send(alice, 1, bob, 1, b"fresh");
+    let first = only(cluster.take(2));
+    assert_eq!(deliver(&first).body.as_ref(), b"fresh");
+    // Bob drops the connection before acking; the message is kept meanwhile.
+    cluster.disconnect(bob, 2);
+    cluster.keep_all();
+    assert_eq!(cluster.routers[0].bodies_in_memory(), 0);
+    cluster.connect(bob, 3).unwrap();
+    let again = only(cluster.take(3));
+    assert_eq!(deliver(&again).id, deliver(&first).id);
+    assert_eq!(deliver(&again).body.as_ref(), b"fresh");
+}
+
+#[test]
+fn a_kept_message_that_cannot_be_read_back_leaves_the_queue_and_is_counted() {
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
+    cluster.send(alice, 1, bob, 1, b"rotten");
+    cluster.send(alice, 1, bob, 2, b"fine");
+    let acks = cluster.take(1);
+    let Some(Kind::ServerAck(first)) = &acks[0].kind else {
+        panic!("{acks:?}")
+    };
+    cluster.rotten.push(first.id);
+    cluster.connect(bob, 3).unwrap();
+    let pushed = only(cluster.take(3));
+    assert_eq!(deliver(&pushed).body.as_ref(), b"fine");
+    assert_eq!(cluster.routers[0].counters().items_unreadable, 1);
 }
