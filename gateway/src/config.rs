@@ -75,6 +75,12 @@ pub struct Config {
     /// `multishot-recv` (a multishot receive armed per connection; one operation less per
     /// read).
     pub uring_receive: UringReceive,
+    /// Linux: let the kernel back hopd's memory with transparent huge pages (where THP is
+    /// `always` or `madvise`). Off by default: huge pages make a table reserved for the
+    /// connection ceiling resident in 2 MiB steps at once, so memory follows the ceiling
+    /// instead of the connections held; on suits servers near their ceiling that want fewer
+    /// TLB misses.
+    pub transparent_huge_pages: bool,
 }
 
 /// The IO backend setting.
@@ -143,6 +149,7 @@ impl Default for Config {
             log: "info".to_string(),
             backend: BackendName::default(),
             uring_receive: UringReceive::default(),
+            transparent_huge_pages: false,
         }
     }
 }
@@ -209,6 +216,8 @@ pub struct Args {
     pub backend: Option<BackendName>,
     #[arg(long, value_name = "MODE")]
     pub uring_receive: Option<UringReceive>,
+    #[arg(long, value_name = "BOOL")]
+    pub transparent_huge_pages: Option<bool>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -288,7 +297,8 @@ impl Config {
             compact_after_ms,
             log,
             backend,
-            uring_receive
+            uring_receive,
+            transparent_huge_pages
         );
         if config.shards == 0 {
             config.shards = std::thread::available_parallelism().map_or(1, |n| n.get());

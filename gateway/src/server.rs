@@ -161,6 +161,14 @@ pub fn serve(config: &Config) -> Result<bool, StartError> {
         signal_hook::consts::SIGTERM,
     ])
     .map_err(StartError::Signals)?;
+    #[cfg(target_os = "linux")]
+    if !config.transparent_huge_pages {
+        // Before the shards allocate their tables: from here on memory is backed 4 KiB at a
+        // time, as it is touched.
+        if let Err(error) = nix::sys::prctl::set_thp_disable(true) {
+            warn!(%error, "cannot turn transparent huge pages off; memory may follow the connection ceiling");
+        }
+    }
     let server = Server::start(config)?;
     println!(
         "hopd listening on {} with {} shard{}; server key {}; data {}",
@@ -232,6 +240,7 @@ fn start_shards<B: Backend>(
             shards: shards as u16,
             handshake_timeout_ms: config.handshake_timeout_ms,
             idle_timeout_ms: config.idle_timeout_ms,
+            connection_slots: limits.connections_max + CONNECTION_SLOTS_SPARE,
         };
         let accounts =
             AccountLog::open(&config.data, index as u16).map_err(|source| StartError::Shard {
@@ -366,6 +375,10 @@ fn open_store(
     }
     Ok(store)
 }
+
+/// Connection ids beyond a shard's share that a backend may use for a moment (refusals,
+/// closes, handovers in flight): `uring`'s reserved fixed-file slots.
+const CONNECTION_SLOTS_SPARE: usize = 64;
 
 /// Records one restore read takes: at most 64 × 64 KiB of bodies in memory at once.
 const RESTORE_RECORDS_PER_READ: usize = 64;

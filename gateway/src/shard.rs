@@ -90,6 +90,10 @@ pub struct ShardSettings {
     pub shards: u16,
     pub handshake_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    /// Connection ids the backend may hand out: the connection table is reserved for this
+    /// many at start (address space only; a page is touched when an entry in it is used), so
+    /// it never grows by copying.
+    pub connection_slots: usize,
 }
 
 /// Everything a shard thread starts with.
@@ -105,41 +109,69 @@ pub struct ShardParts<B: Backend> {
     pub shutdown: Arc<AtomicBool>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Handshaking,
-    /// Authenticated; waiting to be handed to its home shard at the end of the turn. Boxed:
-    /// brief, and it would otherwise widen every connection's entry.
-    Moving(Box<Moving>),
-    Open {
-        user: UserId,
-    },
-    /// Closing at the end of this turn; input is ignored.
-    Closing {
-        user: Option<UserId>,
-    },
+    /// Authenticated as `Conn::user`; handed to its home shard at the end of the turn. Its
+    /// key and early stanzas wait in `Core::moving` (brief, so not in every entry).
+    Moving,
+    /// `Conn::user`'s connection in the router.
+    Open,
+    /// Closing at the end of this turn; input is ignored. `Conn::user` is kept only if the
+    /// connection was open, so that the router hears of its end.
+    Closing,
 }
 
 #[derive(Debug)]
 struct Moving {
-    user: UserId,
     key: [u8; KEY_BYTES],
     /// Stanzas that arrived before the move.
     early: Vec<Stanza>,
 }
 
+/// One connection of this shard: its Noise session and what the loop needs to route, time and
+/// write it. Bytes to write wait in the shard's `Core::out`, not here, so an idle connection
+/// is this entry alone (a test pins its size).
 #[derive(Debug)]
 struct Conn {
-    generation: u32,
     session: ServerConnection,
-    phase: Phase,
-    /// Sealed bytes for the backend at the end of this turn.
-    out: Vec<u8>,
+    user: Option<UserId>,
     /// When the handshake started or, once open, when input last arrived.
     since_ms: u64,
+    generation: u32,
+    phase: Phase,
     dirty: bool,
     paused: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<Option<Conn>>() <= 120);
+
+impl Conn {
+    fn new(generation: u32, session: ServerConnection, now_ms: u64) -> Self {
+        Self {
+            session,
+            user: None,
+            since_ms: now_ms,
+            generation,
+            phase: Phase::Handshaking,
+            dirty: false,
+            paused: false,
+        }
+    }
+}
+
+/// Bytes the turn produced for one connection: `Core::out[start..end]`, for the connection
+/// `id` of this generation (an id can be reused within a turn after the peer closed).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    id: ConnId,
+    generation: u32,
+    start: usize,
+    end: usize,
+}
+
+/// Capacity of `Core::out` kept between turns; a busier turn's buffer is released.
+const OUT_CAPACITY_KEPT_BYTES: usize = 1024 * 1024;
 
 /// Runs a shard until shutdown.
 pub fn run<B: Backend>(parts: ShardParts<B>) {
@@ -155,11 +187,12 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         shutdown,
     } = parts;
     let shards = usize::from(settings.shards);
+    let connection_slots = settings.connection_slots;
     let mut core: Core<B> = Core {
         settings,
         key,
         router,
-        conns: Vec::new(),
+        conns: Vec::with_capacity(connection_slots),
         generation: 0,
         mailboxes,
         outbox: (0..shards).map(|_| VecDeque::new()).collect(),
@@ -169,6 +202,9 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         to_move: Vec::new(),
         mail_sent_to: vec![false; shards],
         events: Vec::new(),
+        out: Vec::new(),
+        spans: Vec::new(),
+        moving: HashMap::new(),
         scratch: vec![0u8; FRAME_PLAINTEXT_BYTES_MAX + 16].into_boxed_slice(),
         stats,
         accounts,
@@ -254,6 +290,11 @@ struct Core<B: Backend> {
     mail_sent_to: Vec<bool>,
     /// Reused buffer of one read's events.
     events: Vec<ServerEvent>,
+    /// Sealed bytes for the backend, produced this turn, and whose they are, in order.
+    out: Vec<u8>,
+    spans: Vec<Span>,
+    /// Connections authenticated here and waiting to move to their home shard.
+    moving: HashMap<ConnId, Moving>,
     /// Decrypted plaintext of one frame.
     scratch: Box<[u8]>,
     stats: Arc<ShardStats>,
@@ -290,16 +331,8 @@ impl<B: Backend> Core<B> {
         match event {
             Event::Accepted(id) => {
                 bump(&self.stats.connections_accepted, 1);
-                self.generation = self.generation.wrapping_add(1);
-                let conn = Conn {
-                    generation: self.generation,
-                    session: ServerConnection::new(&self.key),
-                    phase: Phase::Handshaking,
-                    out: Vec::new(),
-                    since_ms: self.now_ms,
-                    dirty: false,
-                    paused: false,
-                };
+                let generation = self.next_generation();
+                let conn = Conn::new(generation, ServerConnection::new(&self.key), self.now_ms);
                 self.insert(id, conn);
                 Reading::Continue
             }
@@ -334,29 +367,26 @@ impl<B: Backend> Core<B> {
         };
         // A moving connection's last bytes (read before the backend stopped) are decoded here
         // and travel with it.
-        if !matches!(
-            conn.phase,
-            Phase::Handshaking | Phase::Open { .. } | Phase::Moving(_)
-        ) {
+        if conn.phase == Phase::Closing {
             return Reading::Pause;
         }
-        if matches!(conn.phase, Phase::Open { .. }) {
+        if conn.phase == Phase::Open {
             conn.since_ms = self.now_ms;
         }
         let mut events = std::mem::take(&mut self.events);
         let was_open = conn.session.is_open();
+        let start = self.out.len();
         let result = conn.session.handle_input::<()>(
             bytes,
             &mut self.scratch,
-            &mut conn.out,
+            &mut self.out,
             &mut |event| {
                 events.push(event);
                 Ok(())
             },
         );
-        if !conn.out.is_empty() {
-            self.mark_dirty(id);
-        }
+        let generation = conn.generation;
+        self.note_out(id, generation, start);
         self.current = Some(id);
         for event in events.drain(..) {
             if !self.is_live(id) {
@@ -374,8 +404,7 @@ impl<B: Backend> Core<B> {
         }
         match self.conns.get(id as usize).and_then(Option::as_ref) {
             Some(conn)
-                if matches!(conn.phase, Phase::Handshaking | Phase::Open { .. })
-                    && !conn.paused =>
+                if matches!(conn.phase, Phase::Handshaking | Phase::Open) && !conn.paused =>
             {
                 Reading::Continue
             }
@@ -390,12 +419,16 @@ impl<B: Backend> Core<B> {
         if home == self.settings.index {
             self.attach_user(id, user, client_key);
         } else if let Some(conn) = self.conn_mut(id) {
-            conn.phase = Phase::Moving(Box::new(Moving {
-                user,
-                key: client_key,
-                early: Vec::new(),
-            }));
+            conn.phase = Phase::Moving;
+            conn.user = Some(user);
             let generation = conn.generation;
+            self.moving.insert(
+                id,
+                Moving {
+                    key: client_key,
+                    early: Vec::new(),
+                },
+            );
             self.to_move.push((id, generation));
         }
     }
@@ -410,7 +443,8 @@ impl<B: Backend> Core<B> {
             Ok(()) => {
                 let now_ms = self.now_ms;
                 if let Some(conn) = self.conn_mut(id) {
-                    conn.phase = Phase::Open { user };
+                    conn.phase = Phase::Open;
+                    conn.user = Some(user);
                     conn.since_ms = now_ms;
                 }
             }
@@ -439,10 +473,13 @@ impl<B: Backend> Core<B> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
-        match &mut conn.phase {
-            Phase::Moving(moving) => moving.early.push(stanza),
-            Phase::Open { user } => {
-                let user = *user;
+        match (conn.phase, conn.user) {
+            (Phase::Moving, _) => {
+                if let Some(moving) = self.moving.get_mut(&id) {
+                    moving.early.push(stanza);
+                }
+            }
+            (Phase::Open, Some(user)) => {
                 let result = self
                     .router
                     .handle_stanza(user, conn_ref, stanza, self.now_ms);
@@ -454,7 +491,7 @@ impl<B: Backend> Core<B> {
                 }
                 self.run_actions();
             }
-            Phase::Handshaking | Phase::Closing { .. } => {}
+            _ => {}
         }
     }
 
@@ -768,17 +805,8 @@ impl<B: Backend> Core<B> {
             return;
         };
         bump(&self.stats.handoffs_in, 1);
-        self.generation = self.generation.wrapping_add(1);
-        let conn = Conn {
-            generation: self.generation,
-            session,
-            phase: Phase::Handshaking,
-            out: Vec::new(),
-            since_ms: self.now_ms,
-            dirty: false,
-            paused: false,
-        };
-        self.insert(id, conn);
+        let generation = self.next_generation();
+        self.insert(id, Conn::new(generation, session, self.now_ms));
         self.attach_user(id, user, key);
         self.current = Some(id);
         for stanza in early {
@@ -798,7 +826,9 @@ impl<B: Backend> Core<B> {
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
-        let Phase::Moving(moving) = conn.phase else {
+        let (Phase::Moving, Some(user), Some(Moving { key, early })) =
+            (conn.phase, conn.user, self.moving.remove(&id))
+        else {
             warn!(
                 conn = id,
                 "backend detached a connection that was not moving"
@@ -806,7 +836,6 @@ impl<B: Backend> Core<B> {
             return;
         };
         bump(&self.stats.handoffs_out, 1);
-        let Moving { user, key, early } = *moving;
         let home = home_shard(user, self.settings.shards);
         let handoff = Handoff {
             socket,
@@ -849,40 +878,53 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// Seals what each touched connection has queued and hands everything this turn produced
+    /// to the backend, each connection's bytes in the order they were made.
     fn flush_dirty(&mut self, backend: &mut B) {
         for id in std::mem::take(&mut self.dirty) {
             let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
                 continue;
             };
             conn.dirty = false;
+            let generation = conn.generation;
+            let start = self.out.len();
             if let Some(channel) = conn.session.channel() {
-                channel.flush(&mut conn.out);
+                channel.flush(&mut self.out);
             }
-            if conn.out.is_empty() {
-                continue;
+            self.note_out(id, generation, start);
+        }
+        for span in std::mem::take(&mut self.spans) {
+            if self.generation_of(span.id) != Some(span.generation) {
+                continue; // closed meanwhile; its id went to another connection
             }
-            let overflow = backend.send(id, &conn.out).is_err();
-            // The backend copied the bytes: an idle connection keeps no send buffer.
-            conn.out = Vec::new();
-            if overflow {
+            // The backend copies the bytes: an idle connection keeps no send buffer.
+            if backend
+                .send(span.id, &self.out[span.start..span.end])
+                .is_err()
+            {
                 bump(&self.stats.send_overflows, 1);
+                let id = span.id;
                 self.warn(format_args!("connection {id}: does not read; closed"));
                 self.close(id);
             }
+        }
+        self.out.clear();
+        if self.out.capacity() > OUT_CAPACITY_KEPT_BYTES {
+            self.out = Vec::new();
         }
     }
 
     /// Asks the backend to let go of an authenticated connection; `Event::Detached` follows.
     fn hand_off(&mut self, backend: &mut B, id: ConnId) {
-        let Some(Phase::Moving(moving)) = self
-            .conns
-            .get(id as usize)
-            .and_then(Option::as_ref)
-            .map(|c| &c.phase)
+        let Some(Conn {
+            phase: Phase::Moving,
+            user: Some(user),
+            ..
+        }) = self.conns.get(id as usize).and_then(Option::as_ref)
         else {
             return;
         };
-        let home = home_shard(moving.user, self.settings.shards);
+        let home = home_shard(*user, self.settings.shards);
         backend.detach(id, self.mailboxes.peer(home));
     }
 
@@ -926,7 +968,7 @@ impl<B: Backend> Core<B> {
                 {
                     expired.push((index as ConnId, false));
                 }
-                Phase::Open { .. }
+                Phase::Open
                     if now.saturating_sub(conn.since_ms) >= self.settings.idle_timeout_ms =>
                 {
                     expired.push((index as ConnId, true));
@@ -1003,12 +1045,13 @@ impl<B: Backend> Core<B> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
-        let user = match conn.phase {
-            Phase::Open { user } => Some(user),
-            Phase::Closing { .. } => return,
-            _ => None,
-        };
-        conn.phase = Phase::Closing { user };
+        match conn.phase {
+            Phase::Closing => return,
+            Phase::Open => {}
+            // Not attached in the router: nothing to tell it when the connection goes.
+            Phase::Handshaking | Phase::Moving => conn.user = None,
+        }
+        conn.phase = Phase::Closing;
         let generation = conn.generation;
         self.to_close.push((id, generation));
         self.mark_dirty(id);
@@ -1016,11 +1059,11 @@ impl<B: Backend> Core<B> {
 
     /// Drops a connection that is gone: the router hears of it.
     fn forget(&mut self, id: ConnId, conn: Conn) {
-        let user = match conn.phase {
-            Phase::Open { user } | Phase::Closing { user: Some(user) } => Some(user),
-            _ => None,
-        };
-        if let Some(user) = user {
+        if conn.phase == Phase::Moving {
+            self.moving.remove(&id);
+            return;
+        }
+        if let (Phase::Open | Phase::Closing, Some(user)) = (conn.phase, conn.user) {
             let conn_ref = ConnRef((u64::from(conn.generation) << 32) | u64::from(id));
             self.router.handle_disconnect(user, conn_ref, self.now_ms);
             self.run_actions();
@@ -1028,14 +1071,37 @@ impl<B: Backend> Core<B> {
     }
 
     fn queue_stanza(&mut self, id: ConnId, stanza: &Stanza) {
-        let Some(conn) = self.conn_mut(id) else {
+        let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
             return;
         };
         let Some(channel) = conn.session.channel() else {
             return;
         };
-        channel.queue(stanza, &mut conn.out);
+        let generation = conn.generation;
+        let start = self.out.len();
+        channel.queue(stanza, &mut self.out);
+        self.note_out(id, generation, start);
         self.mark_dirty(id);
+    }
+
+    /// Records the bytes appended to `out` since `start` as connection `id`'s.
+    fn note_out(&mut self, id: ConnId, generation: u32, start: usize) {
+        let end = self.out.len();
+        if end > start {
+            self.spans.push(Span {
+                id,
+                generation,
+                start,
+                end,
+            });
+            self.mark_dirty(id);
+        }
+    }
+
+    /// A generation for a new connection entry; never 0, so no handle is all zeros.
+    fn next_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.generation
     }
 
     fn mark_dirty(&mut self, id: ConnId) {
@@ -1069,8 +1135,8 @@ impl<B: Backend> Core<B> {
             self.conns
                 .get(id as usize)
                 .and_then(Option::as_ref)
-                .map(|conn| &conn.phase),
-            Some(Phase::Handshaking | Phase::Moving(_) | Phase::Open { .. })
+                .map(|conn| conn.phase),
+            Some(Phase::Handshaking | Phase::Moving | Phase::Open)
         )
     }
 

@@ -48,26 +48,33 @@ impl<E> From<DecodeError> for InputError<E> {
 }
 
 /// An open session: the Noise transport, the frame reassembly and the stanzas queued for
-/// the next frame.
+/// the next frame. An idle channel is its keys and nonces and one empty pointer (88 bytes):
+/// the buffers exist only while a frame is half read or stanzas wait to be sealed.
 #[derive(Debug)]
 pub struct Channel {
     transport: Transport,
+    buffers: Option<Box<Buffers>>,
+}
+
+#[derive(Debug, Default)]
+struct Buffers {
+    /// A frame from the peer that arrived in part.
     deframer: Deframer,
-    /// Encoded stanzas waiting to be sealed into one frame. Empty and unallocated when idle.
+    /// Encoded stanzas waiting to be sealed into one frame.
     pending: Vec<u8>,
 }
 
-/// Plaintext buffers above this capacity are released after a flush, so that an idle
-/// connection holds no send buffer.
-const PENDING_CAPACITY_KEPT_BYTES: usize = 0;
+const _: () = assert!(std::mem::size_of::<Channel>() <= 88);
 
 impl Channel {
     pub fn new(transport: Transport, deframer: Deframer) -> Self {
-        Self {
-            transport,
-            deframer,
-            pending: Vec::new(),
-        }
+        let buffers = (!deframer.is_idle()).then(|| {
+            Box::new(Buffers {
+                deframer,
+                pending: Vec::new(),
+            })
+        });
+        Self { transport, buffers }
     }
 
     /// Feeds bytes from the peer; passes each stanza to `on_stanza` in order. `scratch` must
@@ -83,15 +90,33 @@ impl Channel {
             "scratch smaller than a frame"
         );
         let transport = &mut self.transport;
-        self.deframer
-            .handle_input(input, &mut || TRANSPORT_FRAME_LIMITS, &mut |frame| {
-                let plaintext = transport
-                    .open_frame(frame, scratch)
-                    .map_err(PeerError::from)?;
-                wire::decode_all(plaintext, &mut |stanza| {
-                    on_stanza(stanza).map_err(InputError::Handler)
-                })
+        let mut on_frame = |frame: &[u8]| {
+            let plaintext = transport
+                .open_frame(frame, scratch)
+                .map_err(PeerError::from)?;
+            wire::decode_all(plaintext, &mut |stanza| {
+                on_stanza(stanza).map_err(InputError::Handler)
             })
+        };
+        let result = match self.buffers.as_mut() {
+            Some(buffers) => {
+                buffers
+                    .deframer
+                    .handle_input(input, &mut || TRANSPORT_FRAME_LIMITS, &mut on_frame)
+            }
+            None => {
+                // The common case: whole frames, nothing left over, nothing allocated.
+                let mut deframer = Deframer::new();
+                let result =
+                    deframer.handle_input(input, &mut || TRANSPORT_FRAME_LIMITS, &mut on_frame);
+                if !deframer.is_idle() {
+                    self.buffers_mut().deframer = deframer;
+                }
+                result
+            }
+        };
+        self.tidy();
+        result
     }
 
     /// Queues a stanza for the next frame. If it does not fit in the frame being built, that
@@ -102,26 +127,53 @@ impl Channel {
             bytes <= FRAME_PLAINTEXT_BYTES_MAX,
             "a stanza larger than a frame"
         );
-        if self.pending.len() + bytes > FRAME_PLAINTEXT_BYTES_MAX {
+        if self.pending_bytes() + bytes > FRAME_PLAINTEXT_BYTES_MAX {
             self.flush(out);
         }
-        wire::encode(stanza, &mut self.pending);
+        wire::encode(stanza, &mut self.buffers_mut().pending);
     }
 
     /// True when stanzas are queued but not yet sealed.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        self.pending_bytes() > 0
     }
 
     /// Seals the queued stanzas into one frame appended to `out`.
     pub fn flush(&mut self, out: &mut Vec<u8>) {
-        if self.pending.is_empty() {
+        let Some(buffers) = self.buffers.as_mut() else {
+            return;
+        };
+        if buffers.pending.is_empty() {
             return;
         }
-        self.transport.seal_frame(&self.pending, out);
-        self.pending.clear();
-        if self.pending.capacity() > PENDING_CAPACITY_KEPT_BYTES {
-            self.pending = Vec::new();
+        self.transport.seal_frame(&buffers.pending, out);
+        // Released, not kept: an idle connection holds no send buffer.
+        buffers.pending = Vec::new();
+        self.tidy();
+    }
+
+    /// True when the channel holds no buffer: no partial frame, nothing queued.
+    pub fn is_idle(&self) -> bool {
+        self.buffers.is_none()
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.buffers
+            .as_ref()
+            .map_or(0, |buffers| buffers.pending.len())
+    }
+
+    fn buffers_mut(&mut self) -> &mut Buffers {
+        self.buffers.get_or_insert_with(Box::default)
+    }
+
+    fn tidy(&mut self) {
+        if self
+            .buffers
+            .as_ref()
+            .is_some_and(|buffers| buffers.deframer.is_idle() && buffers.pending.is_empty())
+        {
+            self.buffers = None;
         }
     }
 
@@ -160,6 +212,8 @@ pub enum ServerConnection {
     /// The connection failed or was closed; nothing more is accepted.
     Closed,
 }
+
+const _: () = assert!(std::mem::size_of::<ServerConnection>() <= 96);
 
 impl ServerConnection {
     pub fn new(key: &StaticKey) -> Self {
@@ -504,6 +558,6 @@ mod tests {
             })
             .unwrap();
         assert_eq!(frames, 1);
-        assert_eq!(fresh.client.pending.capacity(), 0);
+        assert!(fresh.client.is_idle(), "no buffer kept after the flush");
     }
 }

@@ -6,6 +6,7 @@
 //! with `ERROR_CODE_ID_TAKEN` (the holder of that key must generate another).
 
 use std::fmt;
+use std::num::NonZeroU64;
 use std::str::FromStr;
 
 use blake2::{Blake2s256, Digest};
@@ -17,9 +18,11 @@ pub const USER_ID_MAX: u64 = (1 << USER_ID_BITS) - 1;
 
 const DERIVATION_CONTEXT: &[u8] = b"hop user id v1";
 
-/// A user, as named on the wire.
+/// A user, as named on the wire. Never zero, so `Option<UserId>` is 8 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(u64);
+pub struct UserId(NonZeroU64);
+
+const _: () = assert!(std::mem::size_of::<Option<UserId>>() == 8);
 
 impl UserId {
     /// The id bound to this public key.
@@ -33,16 +36,19 @@ impl UserId {
         let id = u64::from_le_bytes(first) & USER_ID_MAX;
         // Zero is reserved for "no user"; a key that hashes to it takes 1 (and, as with any
         // collision, only the first such key can bind it).
-        Self(id.max(1))
+        Self(NonZeroU64::new(id).unwrap_or(NonZeroU64::MIN))
     }
 
     /// A user id read from the wire or from a person; `None` when out of range.
     pub fn new(raw: u64) -> Option<Self> {
-        (1..=USER_ID_MAX).contains(&raw).then_some(Self(raw))
+        if raw > USER_ID_MAX {
+            return None;
+        }
+        NonZeroU64::new(raw).map(Self)
     }
 
     pub fn get(self) -> u64 {
-        self.0
+        self.0.get()
     }
 }
 

@@ -275,19 +275,37 @@ impl Entry {
     }
 }
 
+/// What a shard knows of one of its users: 64 bytes, most users having nothing queued and no
+/// watchers. The queue and the presence lists exist only while they hold something.
 #[derive(Debug)]
 struct User {
     key: [u8; KEY_BYTES],
-    conn: Option<ConnRef>,
+    /// The current connection, or `NO_CONN` while offline (a sentinel keeps this 8 bytes).
+    conn: ConnRef,
     /// When the user went offline; 0 while online or never seen.
     last_seen_ms: u64,
-    /// Items waiting for the device's Ack, oldest first. The first `inflight` were pushed to
-    /// the current connection.
-    queue: VecDeque<Entry>,
+    queue: Option<Box<Queue>>,
+    watch: Option<Box<Watch>>,
+}
+
+/// `User::conn` of a user who is offline. The shard's handles never take this value.
+const NO_CONN: ConnRef = ConnRef(u64::MAX);
+
+const _: () = assert!(std::mem::size_of::<User>() <= 64);
+
+/// Items waiting for the device's Ack, oldest first. The first `inflight` were pushed to the
+/// current connection.
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Entry>,
     inflight: usize,
     /// Body bytes of the first `inflight` items.
     inflight_bytes: usize,
     queued_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Watch {
     /// Who watches this user (on any shard).
     subscribers: Vec<UserId>,
     /// Whom this user watches; only while online.
@@ -394,19 +412,22 @@ impl Router {
                 vacant.insert(User::new(*key))
             }
         };
-        if let Some(old) = user_state.conn.replace(conn) {
+        assert_ne!(conn, NO_CONN, "a connection handle the router reserves");
+        if let Some(old) = user_state.replace_conn(Some(conn)) {
             // One connection per user: the newer one wins.
             self.actions.push_back(Action::Close {
                 conn: old,
                 reason: GoAwayReason::Replaced,
                 text: "the same user connected again",
             });
-            user_state.subscriptions.clear();
+            if let Some(watch) = user_state.watch.as_mut() {
+                watch.subscriptions.clear();
+            }
         }
         user_state.last_seen_ms = 0;
-        user_state.inflight = 0;
-        user_state.inflight_bytes = 0;
-        let subscribers = user_state.subscribers.clone();
+        user_state.restart_pushes();
+        let subscribers = user_state.subscribers().to_vec();
+        user_state.tidy();
         self.push_queued(user);
         for subscriber in subscribers {
             self.presence_to(subscriber, user, true, 0);
@@ -419,15 +440,19 @@ impl Router {
         let Some(state) = self.users.get_mut(&user) else {
             return;
         };
-        if state.conn != Some(conn) {
+        if state.conn() != Some(conn) {
             return; // an older connection, already replaced
         }
-        state.conn = None;
-        state.inflight = 0;
-        state.inflight_bytes = 0;
+        state.replace_conn(None);
+        state.restart_pushes();
         state.last_seen_ms = now_ms.max(1);
-        let subscriptions = std::mem::take(&mut state.subscriptions);
-        let subscribers = state.subscribers.clone();
+        let subscriptions = state
+            .watch
+            .as_mut()
+            .map(|watch| std::mem::take(&mut watch.subscriptions))
+            .unwrap_or_default();
+        let subscribers = state.subscribers().to_vec();
+        state.tidy();
         for target in subscriptions {
             self.send_home(
                 target,
@@ -452,7 +477,7 @@ impl Router {
         now_ms: u64,
     ) -> Result<(), Violation> {
         match self.users.get(&user) {
-            Some(state) if state.conn == Some(conn) => {}
+            Some(state) if state.conn() == Some(conn) => {}
             _ => return Ok(()), // a replaced connection's last words
         }
         let Some(kind) = stanza.kind else {
@@ -487,7 +512,10 @@ impl Router {
             Kind::Unsubscribe(unsubscribe) => {
                 if let Some(target) = UserId::new(unsubscribe.user) {
                     let state = self.users.get_mut(&user).expect("checked above");
-                    state.subscriptions.retain(|watched| *watched != target);
+                    if let Some(watch) = state.watch.as_mut() {
+                        watch.subscriptions.retain(|watched| *watched != target);
+                    }
+                    state.tidy();
                     self.send_home(
                         target,
                         ShardMessage::Unsubscribe {
@@ -554,7 +582,10 @@ impl Router {
             }
             ShardMessage::Unsubscribe { subscriber, target } => {
                 if let Some(state) = self.users.get_mut(&target) {
-                    state.subscribers.retain(|watcher| *watcher != subscriber);
+                    if let Some(watch) = state.watch.as_mut() {
+                        watch.subscribers.retain(|watcher| *watcher != subscriber);
+                    }
+                    state.tidy();
                 }
             }
             ShardMessage::Presence {
@@ -566,8 +597,8 @@ impl Router {
                 let Some(state) = self.users.get(&to) else {
                     return;
                 };
-                let Some(conn) = state.conn else { return };
-                if state.subscriptions.contains(&about) {
+                let Some(conn) = state.conn() else { return };
+                if state.subscriptions().contains(&about) {
                     self.counters.presence_sent += 1;
                     self.actions.push_back(Action::Send {
                         conn,
@@ -632,8 +663,8 @@ impl Router {
             return self.send_home(envelope.from, message, now_ms);
         };
         let body_bytes = envelope.body.len();
-        if state.queue.len() >= self.limits.queue_messages_max
-            || state.queued_bytes + body_bytes > self.limits.queue_bytes_max
+        if state.queue_len() >= self.limits.queue_messages_max
+            || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
             || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
         {
             self.counters.messages_rejected += 1;
@@ -649,9 +680,8 @@ impl Router {
             timestamp_ms: envelope.timestamp_ms,
             body: envelope.body.clone(),
         };
-        state.queue.push_back(Entry::of(&item));
+        state.queue_mut().push(Entry::of(&item));
         self.fresh.insert(envelope.id, envelope.body);
-        state.queued_bytes += body_bytes;
         self.queued_bytes += body_bytes;
         self.counters.messages_accepted += 1;
         // The ServerAck waits until the message is on disk or acked by the device.
@@ -729,10 +759,8 @@ impl Router {
             return;
         };
         let entry = Entry::of(item);
-        let body_bytes = entry.body_bytes();
-        state.queue.push_back(entry);
-        state.queued_bytes += body_bytes;
-        self.queued_bytes += body_bytes;
+        state.queue_mut().push(entry);
+        self.queued_bytes += entry.body_bytes();
     }
 
     /// Messages waiting for the disk before their ServerAck.
@@ -759,17 +787,19 @@ impl Router {
 
     fn remove_item(&mut self, user: UserId, id: u64, kind: ReceiptKind) -> Option<Entry> {
         let state = self.users.get_mut(&user)?;
-        let position = state
-            .queue
+        let queue = state.queue.as_mut()?;
+        let position = queue
+            .items
             .iter()
             .position(|item| item.acked_by(id, kind))?;
-        let item = state.queue.remove(position)?;
+        let item = queue.items.remove(position)?;
         let body_bytes = item.body_bytes();
-        if position < state.inflight {
-            state.inflight -= 1;
-            state.inflight_bytes -= body_bytes;
+        if position < queue.inflight {
+            queue.inflight -= 1;
+            queue.inflight_bytes -= body_bytes;
         }
-        state.queued_bytes -= body_bytes;
+        queue.queued_bytes -= body_bytes;
+        state.tidy();
         self.queued_bytes -= body_bytes;
         if item.is_message() {
             self.fresh.remove(&id);
@@ -814,11 +844,11 @@ impl Router {
             .users
             .get_mut(&user)
             .expect("subscribing user is online here");
-        if !state.subscriptions.contains(&target) {
-            if state.subscriptions.len() >= self.limits.subscriptions_max {
+        if !state.subscriptions().contains(&target) {
+            if state.subscriptions().len() >= self.limits.subscriptions_max {
                 return self.error_to(conn, ErrorCode::Limit, "too many presence subscriptions", 0);
             }
-            state.subscriptions.push(target);
+            state.watch_mut().subscriptions.push(target);
         }
         self.send_home(
             target,
@@ -835,8 +865,8 @@ impl Router {
         let (online, last_seen_ms) = match self.users.get_mut(&target) {
             None => (false, 0), // never seen here: offline, no last-seen time
             Some(state) => {
-                if !state.subscribers.contains(&subscriber) {
-                    if state.subscribers.len() >= self.limits.subscribers_max {
+                if !state.subscribers().contains(&subscriber) {
+                    if state.subscribers().len() >= self.limits.subscribers_max {
                         let refusal = ShardMessage::Rejected {
                             sender: subscriber,
                             seq: 0,
@@ -845,9 +875,9 @@ impl Router {
                         };
                         return self.send_home(subscriber, refusal, now_ms);
                     }
-                    state.subscribers.push(subscriber);
+                    state.watch_mut().subscribers.push(subscriber);
                 }
-                (state.conn.is_some(), state.last_seen_ms)
+                (state.conn().is_some(), state.last_seen_ms)
             }
         };
         self.presence_to(subscriber, target, online, last_seen_ms);
@@ -867,7 +897,7 @@ impl Router {
         };
         // Receipts carry no body; they are bounded by twice the message limit so a flood of
         // them cannot grow a queue without bound. Past it they are dropped and counted.
-        if state.queue.len() >= 2 * self.limits.queue_messages_max {
+        if state.queue_len() >= 2 * self.limits.queue_messages_max {
             self.counters.receipts_dropped += 1;
             return;
         }
@@ -877,7 +907,7 @@ impl Router {
             by,
             timestamp_ms,
         };
-        state.queue.push_back(Entry::of(&item));
+        state.queue_mut().push(Entry::of(&item));
         self.actions.push_back(Action::Keep { user: to, item });
         self.counters.receipts_queued += 1;
         self.push_queued(to);
@@ -888,16 +918,19 @@ impl Router {
         let Some(state) = self.users.get_mut(&user) else {
             return;
         };
-        let Some(conn) = state.conn else { return };
-        while state.inflight < self.limits.inflight_max && state.inflight < state.queue.len() {
-            let entry = state.queue[state.inflight];
-            if state.inflight > 0
-                && state.inflight_bytes + entry.body_bytes() > self.limits.inflight_bytes_max
+        let Some(conn) = state.conn() else { return };
+        let Some(queue) = state.queue.as_mut() else {
+            return;
+        };
+        while queue.inflight < self.limits.inflight_max && queue.inflight < queue.items.len() {
+            let entry = queue.items[queue.inflight];
+            if queue.inflight > 0
+                && queue.inflight_bytes + entry.body_bytes() > self.limits.inflight_bytes_max
             {
                 break;
             }
-            state.inflight += 1;
-            state.inflight_bytes += entry.body_bytes();
+            queue.inflight += 1;
+            queue.inflight_bytes += entry.body_bytes();
             let action = if !entry.is_message() {
                 Action::Send {
                     conn,
@@ -954,7 +987,7 @@ impl Router {
     }
 
     fn conn_of(&self, user: UserId) -> Option<ConnRef> {
-        self.users.get(&user).and_then(|state| state.conn)
+        self.users.get(&user).and_then(User::conn)
     }
 
     fn take_id(&mut self) -> u64 {
@@ -970,15 +1003,84 @@ impl User {
     fn new(key: [u8; KEY_BYTES]) -> Self {
         Self {
             key,
-            conn: None,
+            conn: NO_CONN,
             last_seen_ms: 0,
-            queue: VecDeque::new(),
-            inflight: 0,
-            inflight_bytes: 0,
-            queued_bytes: 0,
-            subscribers: Vec::new(),
-            subscriptions: Vec::new(),
+            queue: None,
+            watch: None,
         }
+    }
+
+    fn conn(&self) -> Option<ConnRef> {
+        (self.conn != NO_CONN).then_some(self.conn)
+    }
+
+    /// Sets the connection; returns the one it replaces.
+    fn replace_conn(&mut self, conn: Option<ConnRef>) -> Option<ConnRef> {
+        let old = self.conn();
+        self.conn = conn.unwrap_or(NO_CONN);
+        old
+    }
+
+    fn queue_len(&self) -> usize {
+        self.queue.as_ref().map_or(0, |queue| queue.items.len())
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.queue.as_ref().map_or(0, |queue| queue.queued_bytes)
+    }
+
+    fn queue_mut(&mut self) -> &mut Queue {
+        self.queue.get_or_insert_with(Box::default)
+    }
+
+    /// A new connection: nothing is pushed to it yet.
+    fn restart_pushes(&mut self) {
+        if let Some(queue) = self.queue.as_mut() {
+            queue.inflight = 0;
+            queue.inflight_bytes = 0;
+        }
+    }
+
+    fn subscribers(&self) -> &[UserId] {
+        self.watch
+            .as_ref()
+            .map_or(&[][..], |watch| &watch.subscribers)
+    }
+
+    fn subscriptions(&self) -> &[UserId] {
+        self.watch
+            .as_ref()
+            .map_or(&[][..], |watch| &watch.subscriptions)
+    }
+
+    fn watch_mut(&mut self) -> &mut Watch {
+        self.watch.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the queue and the presence lists once they are empty, so that an idle user costs
+    /// only its 64 bytes.
+    fn tidy(&mut self) {
+        if self
+            .queue
+            .as_ref()
+            .is_some_and(|queue| queue.items.is_empty())
+        {
+            self.queue = None;
+        }
+        if self
+            .watch
+            .as_ref()
+            .is_some_and(|watch| watch.subscribers.is_empty() && watch.subscriptions.is_empty())
+        {
+            self.watch = None;
+        }
+    }
+}
+
+impl Queue {
+    fn push(&mut self, entry: Entry) {
+        self.queued_bytes += entry.body_bytes();
+        self.items.push_back(entry);
     }
 }
 
