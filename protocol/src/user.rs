@@ -17,6 +17,21 @@ pub const USER_ID_BITS: u32 = 48;
 pub const USER_ID_MAX: u64 = (1 << USER_ID_BITS) - 1;
 
 const DERIVATION_CONTEXT: &[u8] = b"hop user id v1";
+const FINGERPRINT_CONTEXT: &[u8] = b"hop key fingerprint v1";
+
+/// 64 bits of BLAKE2s of a public key, under another context than the user id: what a server
+/// keeps in memory to recognise the key a user id is bound to. A key that takes another's
+/// binding must match the id's 48 bits and these 64 independent bits at once, a search of
+/// 2^112 for one chosen victim.
+pub fn key_fingerprint(public_key: &[u8; 32]) -> u64 {
+    let mut hasher = Blake2s256::new();
+    hasher.update(FINGERPRINT_CONTEXT);
+    hasher.update(public_key);
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
 
 /// A user, as named on the wire. Never zero, so `Option<UserId>` is 8 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,6 +95,17 @@ mod tests {
         assert_eq!(a, UserId::from_public_key(&[1u8; 32]));
         assert_ne!(a, UserId::from_public_key(&[2u8; 32]));
         assert!(a.get() >= 1 && a.get() <= USER_ID_MAX);
+    }
+
+    #[test]
+    fn fingerprints_are_stable_and_independent_of_the_id() {
+        let key = [7u8; 32];
+        assert_eq!(key_fingerprint(&key), key_fingerprint(&key));
+        assert_ne!(key_fingerprint(&key), key_fingerprint(&[8u8; 32]));
+        assert_ne!(
+            key_fingerprint(&key) & USER_ID_MAX,
+            UserId::from_public_key(&key).get()
+        );
     }
 
     #[test]

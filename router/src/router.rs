@@ -2,6 +2,7 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
+use hop_protocol::user::key_fingerprint;
 use hop_protocol::wire::{
     ErrorCode, GoAwayReason, Kind, Pong, Presence, Receipt, ReceiptKind, ServerAck, Stanza,
     BODY_BYTES_MAX,
@@ -275,23 +276,31 @@ impl Entry {
     }
 }
 
-/// What a shard knows of one of its users: 64 bytes, most users having nothing queued and no
+/// What a shard knows of one of its users: 32 bytes, most users having nothing queued and no
 /// watchers. The queue and the presence lists exist only while they hold something.
 #[derive(Debug)]
 struct User {
-    key: [u8; KEY_BYTES],
+    /// `key_fingerprint` of the key the id is bound to (the key itself is on disk, in the
+    /// account log): another key must match the id's 48 bits and these 64 to pass for it.
+    key_fingerprint: u64,
     /// The current connection, or `NO_CONN` while offline (a sentinel keeps this 8 bytes).
     conn: ConnRef,
     /// When the user went offline; 0 while online or never seen.
     last_seen_ms: u64,
-    queue: Option<Box<Queue>>,
-    watch: Option<Box<Watch>>,
+    extra: Option<Box<Extra>>,
 }
 
 /// `User::conn` of a user who is offline. The shard's handles never take this value.
 const NO_CONN: ConnRef = ConnRef(u64::MAX);
 
-const _: () = assert!(std::mem::size_of::<User>() <= 64);
+const _: () = assert!(std::mem::size_of::<User>() <= 32);
+
+/// A user's queue and presence lists, while any of them holds something.
+#[derive(Debug, Default)]
+struct Extra {
+    queue: Queue,
+    watch: Watch,
+}
 
 /// Items waiting for the device's Ack, oldest first. The first `inflight` were pushed to the
 /// current connection.
@@ -376,7 +385,7 @@ impl Router {
     /// Restores a binding kept from an earlier run. Bindings of other shards are ignored.
     pub fn restore_binding(&mut self, user: UserId, key: [u8; KEY_BYTES]) {
         if home_shard(user, self.shards) == self.shard {
-            self.users.entry(user).or_insert_with(|| User::new(key));
+            self.users.entry(user).or_insert_with(|| User::new(&key));
         }
     }
 
@@ -401,7 +410,7 @@ impl Router {
         let entry = self.users.entry(user);
         let user_state = match entry {
             std::collections::hash_map::Entry::Occupied(occupied) => {
-                if &occupied.get().key != key {
+                if occupied.get().key_fingerprint != key_fingerprint(key) {
                     return Err(ConnectError::IdTaken);
                 }
                 occupied.into_mut()
@@ -409,7 +418,7 @@ impl Router {
             std::collections::hash_map::Entry::Vacant(vacant) => {
                 self.actions
                     .push_back(Action::PersistBinding { user, key: *key });
-                vacant.insert(User::new(*key))
+                vacant.insert(User::new(key))
             }
         };
         assert_ne!(conn, NO_CONN, "a connection handle the router reserves");
@@ -420,8 +429,8 @@ impl Router {
                 reason: GoAwayReason::Replaced,
                 text: "the same user connected again",
             });
-            if let Some(watch) = user_state.watch.as_mut() {
-                watch.subscriptions.clear();
+            if let Some(extra) = user_state.extra.as_mut() {
+                extra.watch.subscriptions.clear();
             }
         }
         user_state.last_seen_ms = 0;
@@ -447,9 +456,9 @@ impl Router {
         state.restart_pushes();
         state.last_seen_ms = now_ms.max(1);
         let subscriptions = state
-            .watch
+            .extra
             .as_mut()
-            .map(|watch| std::mem::take(&mut watch.subscriptions))
+            .map(|extra| std::mem::take(&mut extra.watch.subscriptions))
             .unwrap_or_default();
         let subscribers = state.subscribers().to_vec();
         state.tidy();
@@ -512,8 +521,11 @@ impl Router {
             Kind::Unsubscribe(unsubscribe) => {
                 if let Some(target) = UserId::new(unsubscribe.user) {
                     let state = self.users.get_mut(&user).expect("checked above");
-                    if let Some(watch) = state.watch.as_mut() {
-                        watch.subscriptions.retain(|watched| *watched != target);
+                    if let Some(extra) = state.extra.as_mut() {
+                        extra
+                            .watch
+                            .subscriptions
+                            .retain(|watched| *watched != target);
                     }
                     state.tidy();
                     self.send_home(
@@ -582,8 +594,11 @@ impl Router {
             }
             ShardMessage::Unsubscribe { subscriber, target } => {
                 if let Some(state) = self.users.get_mut(&target) {
-                    if let Some(watch) = state.watch.as_mut() {
-                        watch.subscribers.retain(|watcher| *watcher != subscriber);
+                    if let Some(extra) = state.extra.as_mut() {
+                        extra
+                            .watch
+                            .subscribers
+                            .retain(|watcher| *watcher != subscriber);
                     }
                     state.tidy();
                 }
@@ -787,7 +802,7 @@ impl Router {
 
     fn remove_item(&mut self, user: UserId, id: u64, kind: ReceiptKind) -> Option<Entry> {
         let state = self.users.get_mut(&user)?;
-        let queue = state.queue.as_mut()?;
+        let queue = &mut state.extra.as_mut()?.queue;
         let position = queue
             .items
             .iter()
@@ -919,7 +934,7 @@ impl Router {
             return;
         };
         let Some(conn) = state.conn() else { return };
-        let Some(queue) = state.queue.as_mut() else {
+        let Some(queue) = state.extra.as_mut().map(|extra| &mut extra.queue) else {
             return;
         };
         while queue.inflight < self.limits.inflight_max && queue.inflight < queue.items.len() {
@@ -1000,13 +1015,12 @@ impl Router {
 }
 
 impl User {
-    fn new(key: [u8; KEY_BYTES]) -> Self {
+    fn new(key: &[u8; KEY_BYTES]) -> Self {
         Self {
-            key,
+            key_fingerprint: key_fingerprint(key),
             conn: NO_CONN,
             last_seen_ms: 0,
-            queue: None,
-            watch: None,
+            extra: None,
         }
     }
 
@@ -1021,58 +1035,55 @@ impl User {
         old
     }
 
+    fn queue(&self) -> Option<&Queue> {
+        self.extra.as_ref().map(|extra| &extra.queue)
+    }
+
     fn queue_len(&self) -> usize {
-        self.queue.as_ref().map_or(0, |queue| queue.items.len())
+        self.queue().map_or(0, |queue| queue.items.len())
     }
 
     fn queued_bytes(&self) -> usize {
-        self.queue.as_ref().map_or(0, |queue| queue.queued_bytes)
+        self.queue().map_or(0, |queue| queue.queued_bytes)
     }
 
     fn queue_mut(&mut self) -> &mut Queue {
-        self.queue.get_or_insert_with(Box::default)
+        &mut self.extra.get_or_insert_with(Box::default).queue
     }
 
     /// A new connection: nothing is pushed to it yet.
     fn restart_pushes(&mut self) {
-        if let Some(queue) = self.queue.as_mut() {
-            queue.inflight = 0;
-            queue.inflight_bytes = 0;
+        if let Some(extra) = self.extra.as_mut() {
+            extra.queue.inflight = 0;
+            extra.queue.inflight_bytes = 0;
         }
     }
 
     fn subscribers(&self) -> &[UserId] {
-        self.watch
+        self.extra
             .as_ref()
-            .map_or(&[][..], |watch| &watch.subscribers)
+            .map_or(&[][..], |extra| &extra.watch.subscribers)
     }
 
     fn subscriptions(&self) -> &[UserId] {
-        self.watch
+        self.extra
             .as_ref()
-            .map_or(&[][..], |watch| &watch.subscriptions)
+            .map_or(&[][..], |extra| &extra.watch.subscriptions)
     }
 
     fn watch_mut(&mut self) -> &mut Watch {
-        self.watch.get_or_insert_with(Box::default)
+        &mut self.extra.get_or_insert_with(Box::default).watch
     }
 
-    /// Frees the queue and the presence lists once they are empty, so that an idle user costs
-    /// only its 64 bytes.
+    /// Frees the queue and the presence lists once they are all empty, so that an idle user
+    /// costs only its 32 bytes.
     fn tidy(&mut self) {
-        if self
-            .queue
-            .as_ref()
-            .is_some_and(|queue| queue.items.is_empty())
-        {
-            self.queue = None;
-        }
-        if self
-            .watch
-            .as_ref()
-            .is_some_and(|watch| watch.subscribers.is_empty() && watch.subscriptions.is_empty())
-        {
-            self.watch = None;
+        if self.extra.as_ref().is_some_and(|extra| {
+            extra.queue.items.is_empty()
+                && extra.watch.subscribers.is_empty()
+                && extra.watch.subscriptions.is_empty()
+        }) {
+            self.extra = None;
         }
     }
 }
