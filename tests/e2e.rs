@@ -319,6 +319,17 @@ fn full_offline_queue_refuses_with_an_error() {
 }
 
 #[test]
+fn the_status_line_names_the_connection_ceiling_and_what_sets_it() {
+    let hopd = Hopd::start(&["--shards", "2", "--connections-max", "500"]);
+    assert!(
+        hopd.banner
+            .ends_with("; ceiling 500 connections (connections_max)"),
+        "{}",
+        hopd.banner
+    );
+}
+
+#[test]
 fn handshake_timeout_is_enforced() {
     let hopd = Hopd::start(&["--handshake-timeout-ms", "200"]);
     let mut raw = TcpStream::connect(&hopd.addr).unwrap();

@@ -56,6 +56,8 @@ pub struct Server {
     pub local_addr: SocketAddr,
     pub public_key: [u8; 32],
     pub shards: usize,
+    /// The connections this server holds before it refuses new ones, and what sets that.
+    pub ceiling: sys::Ceiling,
     shutdown: Arc<AtomicBool>,
     wake_all: Arc<dyn Fn() + Send + Sync>,
     threads: Vec<JoinHandle<()>>,
@@ -122,6 +124,7 @@ impl Server {
             local_addr,
             public_key: *key.public(),
             shards: config.shards,
+            ceiling,
             shutdown,
             wake_all,
             threads,
@@ -170,13 +173,16 @@ pub fn serve(config: &Config) -> Result<bool, StartError> {
         }
     }
     let server = Server::start(config)?;
+    // The status line: scripts read the address (fourth word) and the key.
     println!(
-        "hopd listening on {} with {} shard{}; server key {}; data {}",
+        "hopd listening on {} with {} shard{}; server key {}; data {}; ceiling {} connections ({})",
         server.local_addr,
         server.shards,
         if server.shards == 1 { "" } else { "s" },
         hex::encode(server.public_key),
-        config.data.display()
+        config.data.display(),
+        server.ceiling.total,
+        server.ceiling.bound_by
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -496,7 +502,7 @@ fn log_host_limits(config: &Config, kind: sys::Kind) {
                 };
                 let ceiling =
                     hop_tune::connection_ceiling(&host.limits, backend, config.shards as u32);
-                info!("host limits: {ceiling}");
+                info!("host limits as `hop-tune check` models them (with headroom for closing connections): {ceiling}");
             }
             Err(error) => warn!(%error, "cannot read the host's limits; run `hop-tune check`"),
         }

@@ -44,6 +44,8 @@ pub struct Hopd {
     pub addr: String,
     pub server_key: [u8; 32],
     pub data: PathBuf,
+    /// The status line hopd printed at start.
+    pub banner: String,
     _folder: Option<tempfile::TempDir>,
     log: PathBuf,
 }
@@ -116,6 +118,7 @@ impl Hopd {
             addr,
             server_key,
             data: data.to_path_buf(),
+            banner: line.trim_end().to_string(),
             _folder: None,
             log,
         }
@@ -180,7 +183,7 @@ impl Drop for Hopd {
 }
 
 fn parse_banner(line: &str) -> Option<(String, [u8; 32])> {
-    // "hopd listening on ADDR with N shard(s); server key HEX; data DIR"
+    // "hopd listening on ADDR with N shard(s); server key HEX; data DIR; ceiling N connections (WHY)"
     let addr = line
         .strip_prefix("hopd listening on ")?
         .split_whitespace()
