@@ -11,7 +11,8 @@
 # SCHED_FIFO instead (root only; the kernel's RT throttling still leaves 5% of each core to
 # everything else): use it on a shared machine, and say so next to the figures.
 # HOPD and HOP_BENCH name the binaries (default: the release builds in $CARGO_TARGET_DIR or
-# target/); HOPD_FLAGS adds flags to hopd; SERVER_CORE and GENERATOR_CORE pick the cores.
+# target/); HOPD_FLAGS adds flags to hopd; SERVER_CORE and GENERATOR_CORE pick the cores;
+# PERF_SYSCALLS=FILE counts hopd's system calls during the run (below).
 set -euo pipefail
 target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
 hopd=${HOPD:-$target_dir/release/hopd}
@@ -72,5 +73,21 @@ if [ "${HOPDS:-1}" -gt 1 ]; then
     done
     extra=(--extra-servers "$servers")
 fi
+# PERF_SYSCALLS=FILE counts the system calls hopd makes while the scenario runs (perf's
+# syscall tracepoints; no hardware counters needed) and writes perf's report to FILE.
+perf_pid=
+if [ -n "${PERF_SYSCALLS:-}" ]; then
+    perf stat -e raw_syscalls:sys_enter -e syscalls:sys_enter_io_uring_enter \
+        -e syscalls:sys_enter_epoll_wait -e syscalls:sys_enter_recvfrom \
+        -e syscalls:sys_enter_sendto -e syscalls:sys_enter_read -e syscalls:sys_enter_write \
+        -p "$hopd_pid" -o "$PERF_SYSCALLS" &
+    perf_pid=$!
+fi
+status=0
 "${run_as[@]}" taskset -c "$generator_core" "$bench" "$scenario" --server "$addr" --server-key "$key" \
-    --server-pid "$hopd_pid" "${extra[@]}" "$@"
+    --server-pid "$hopd_pid" "${extra[@]}" "$@" || status=$?
+if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid"
+    wait "$perf_pid" || true
+fi
+exit "$status"

@@ -4,8 +4,13 @@
 //! only: user id (u64 little-endian), public key (32 bytes), CRC32C of those 40 bytes (u32
 //! little-endian). Every shard reads every file at start and keeps the bindings of its own
 //! users, so a restart with another shard count finds every binding. A torn last record is
-//! ignored; a record with a bad checksum is skipped and counted. A new binding is fsynced
-//! before the connection that made it is served (bindings are rare: one per new user).
+//! cut off when the shard opens its file (so later records stay aligned); a record with a bad
+//! checksum is skipped and counted.
+//!
+//! New bindings are written in groups: [`AccountLog::append`] buffers, [`AccountLog::flush`]
+//! writes and fsyncs once for all of them. The shard flushes before every commit of its
+//! offline queue, so no item kept on disk outlives its user's binding; a crash can forget only
+//! the bindings of the last loop turn, whose users bind again when they next connect.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -30,6 +35,8 @@ pub struct Loaded {
 pub struct AccountLog {
     file: File,
     path: PathBuf,
+    /// Records appended and not yet written.
+    pending: Vec<u8>,
 }
 
 pub fn folder(data: &Path) -> PathBuf {
@@ -42,14 +49,39 @@ impl AccountLog {
         fs::create_dir_all(&folder)?;
         let path = folder.join(format!("shard-{shard}.bin"));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(Self { file, path })
+        // A record torn by a crash would shift every later record out of alignment.
+        let length = file.metadata()?.len();
+        let torn = length % RECORD_BYTES as u64;
+        if torn > 0 {
+            warn!(path = %path.display(), torn_bytes = torn, "cutting off a torn account record");
+            file.set_len(length - torn)?;
+            file.sync_data()?;
+        }
+        Ok(Self {
+            file,
+            path,
+            pending: Vec::new(),
+        })
     }
 
-    /// Appends a binding and waits until it is on disk.
-    pub fn append(&mut self, user: UserId, key: &[u8; KEY_BYTES]) -> io::Result<()> {
-        let record = encode(user, key);
-        self.file.write_all(&record)?;
-        self.file.sync_data()
+    /// Buffers a binding; [`AccountLog::flush`] makes it durable.
+    pub fn append(&mut self, user: UserId, key: &[u8; KEY_BYTES]) {
+        self.pending.extend_from_slice(&encode(user, key));
+    }
+
+    /// Writes and fsyncs the buffered bindings (nothing to do if none). On failure they stay
+    /// buffered for the next call.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        // Whole records only: a failed write leaves at most a torn record, which the next
+        // open cuts off; the buffered records are written again.
+        self.file.write_all(&self.pending)?;
+        self.file.sync_data()?;
+        let records = self.pending.len() / RECORD_BYTES;
+        self.pending.clear();
+        Ok(records)
     }
 
     pub fn path(&self) -> &Path {
@@ -124,14 +156,13 @@ mod tests {
         let data = temp("round-trip");
         let alice = UserId::new(11).unwrap();
         let bob = UserId::new(22).unwrap();
-        AccountLog::open(&data, 0)
-            .unwrap()
-            .append(alice, &[1; 32])
-            .unwrap();
-        AccountLog::open(&data, 1)
-            .unwrap()
-            .append(bob, &[2; 32])
-            .unwrap();
+        let mut first = AccountLog::open(&data, 0).unwrap();
+        first.append(alice, &[1; 32]);
+        assert_eq!(load(&data).unwrap().bindings, [], "buffered until flushed");
+        assert_eq!(first.flush().unwrap(), 1);
+        let mut second = AccountLog::open(&data, 1).unwrap();
+        second.append(bob, &[2; 32]);
+        second.flush().unwrap();
         let loaded = load(&data).unwrap();
         assert_eq!(loaded.bindings, vec![(alice, [1; 32]), (bob, [2; 32])]);
         fs::remove_dir_all(&data).unwrap();
@@ -142,9 +173,9 @@ mod tests {
         let data = temp("damage");
         let mut log = AccountLog::open(&data, 0).unwrap();
         for raw in 1..=3 {
-            log.append(UserId::new(raw).unwrap(), &[raw as u8; 32])
-                .unwrap();
+            log.append(UserId::new(raw).unwrap(), &[raw as u8; 32]);
         }
+        assert_eq!(log.flush().unwrap(), 3);
         let path = log.path().to_path_buf();
         drop(log);
         let mut bytes = fs::read(&path).unwrap();
@@ -155,6 +186,28 @@ mod tests {
         let users: Vec<u64> = loaded.bindings.iter().map(|(user, _)| user.get()).collect();
         assert_eq!(users, [1, 3]);
         assert_eq!((loaded.corrupt_records, loaded.torn_bytes), (1, 3));
+        fs::remove_dir_all(&data).unwrap();
+    }
+
+    /// Guards against a torn record shifting the records appended after it out of alignment.
+    #[test]
+    fn a_torn_tail_is_cut_off_before_new_records_are_appended() {
+        let data = temp("torn-then-append");
+        let mut log = AccountLog::open(&data, 0).unwrap();
+        log.append(UserId::new(1).unwrap(), &[1; 32]);
+        log.flush().unwrap();
+        let path = log.path().to_path_buf();
+        drop(log);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[7; 20]); // half a record, as a crash may leave
+        fs::write(&path, &bytes).unwrap();
+        let mut log = AccountLog::open(&data, 0).unwrap();
+        log.append(UserId::new(2).unwrap(), &[2; 32]);
+        log.flush().unwrap();
+        let loaded = load(&data).unwrap();
+        let users: Vec<u64> = loaded.bindings.iter().map(|(user, _)| user.get()).collect();
+        assert_eq!(users, [1, 2]);
+        assert_eq!((loaded.corrupt_records, loaded.torn_bytes), (0, 0));
         fs::remove_dir_all(&data).unwrap();
     }
 

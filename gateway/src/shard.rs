@@ -559,12 +559,7 @@ impl<B: Backend> Core<B> {
                 Action::Forget { user, id, kind } => {
                     self.store.mark_delivered(self.now_ms, user, id, kind as u8);
                 }
-                Action::PersistBinding { user, key } => {
-                    if let Err(error) = self.accounts.append(user, &key) {
-                        bump(&self.stats.binding_write_errors, 1);
-                        warn!(%user, %error, path = %self.accounts.path().display(), "cannot record account binding");
-                    }
-                }
+                Action::PersistBinding { user, key } => self.accounts.append(user, &key),
             }
         }
     }
@@ -658,8 +653,17 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Commits the store if its batch is due, and releases what became durable.
+    /// Commits the store if its batch is due, and releases what became durable. New account
+    /// bindings are made durable first, so no queued item outlives its user's binding.
     fn commit_if_due(&mut self) {
+        if let Err(error) = self.accounts.flush() {
+            bump(&self.stats.binding_write_errors, 1);
+            let path = self.accounts.path().display().to_string();
+            self.warn(format_args!(
+                "cannot record account bindings in {path}: {error}; trying again next turn"
+            ));
+            return; // nothing is committed while a binding it may depend on is not on disk
+        }
         let due = self
             .store
             .next_commit_deadline()
@@ -1000,11 +1004,9 @@ impl<B: Backend> Core<B> {
 
     fn shut_down(&mut self, backend: &mut B) {
         // What was appended becomes durable (and its ServerAcks leave) before the GoAways.
-        if self.store.next_commit_deadline().is_some() {
-            self.now_ms = u64::MAX / 2; // every deadline is due
-            self.commit_if_due();
-            self.now_ms = wall_clock_ms();
-        }
+        self.now_ms = u64::MAX / 2; // every deadline is due
+        self.commit_if_due();
+        self.now_ms = wall_clock_ms();
         let open: Vec<ConnId> = (0..self.conns.len() as ConnId)
             .filter(|id| self.is_live(*id))
             .collect();
