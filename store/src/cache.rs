@@ -107,8 +107,8 @@ impl BlockCache {
                     self.misses_until_probe = PROBE_EVERY_MISSES - 1;
                 }
                 self.waste = (self.waste + 1).min(WASTE_MAX);
+                // The read overwrites every byte: only a growing block needs zeros.
                 let valid = (file_bytes - block_start).min(block_bytes) as usize;
-                block.bytes.clear();
                 block.bytes.resize(valid, 0);
                 self.read_calls += 1;
                 if let Err(error) = file.read_exact_at(&mut block.bytes, block_start) {

@@ -319,17 +319,18 @@ impl<I: Io> ShardStore<I> {
     /// queued. The tombstone is durable after the next commit; until then a crash may deliver
     /// the record again (at least once; the server id lets the client drop the duplicate).
     pub fn mark_delivered(&mut self, now_ms: u64, user: UserId, id: u64, ack_kind: u8) -> bool {
-        let Some(queue) = self.index.queue(user) else {
+        let Some(at) = self.index.queue_index(user) else {
             return false;
         };
-        let Some(position) = queue
+        // Devices ack in order, so the record is almost always the first one looked at.
+        let Some(position) = self.index.queues[at]
             .slots
             .iter()
             .position(|slot| slot.id == id && slot.ack_kind == ack_kind)
         else {
             return false;
         };
-        self.remove(now_ms, user, position, false);
+        self.remove(now_ms, at, position, false);
         self.counters.delivered += 1;
         true
     }
@@ -406,7 +407,7 @@ impl<I: Io> ShardStore<I> {
                 if slot.timestamp_ms.saturating_add(ttl_ms) > now_ms {
                     break;
                 }
-                self.remove(now_ms, user, 0, true);
+                self.remove(now_ms, at, 0, true);
                 expired.push(Expired {
                     user,
                     seq: slot.seq,
@@ -609,24 +610,26 @@ impl<I: Io> ShardStore<I> {
         self.buffer_first_ms.get_or_insert(now_ms);
     }
 
-    fn remove(&mut self, now_ms: u64, user: UserId, position: usize, expired: bool) {
-        let slot = self.index.remove_at(user, position);
+    /// Removes the record at `position` of queue `at` and buffers its tombstone.
+    fn remove(&mut self, now_ms: u64, at: usize, position: usize, expired: bool) {
+        let user = self.index.queues[at].user;
+        let slot = self.index.remove_at(at, position);
         format::encode_tombstone(&mut self.buffer, user, slot.seq, expired);
-        if let Some(active) = self.index.segments.get_mut(&self.active) {
-            active.tombstones += 1;
-        }
         self.buffer_tombstones.push((user, slot.seq, expired));
         self.note_buffered(now_ms);
     }
 
     /// Drops a record that cannot be read any more, without a tombstone (its bytes are bad).
     fn forget(&mut self, user: UserId, seq: u64) {
-        if let Some(position) = self
-            .index
-            .queue(user)
-            .and_then(|q| q.slots.iter().position(|s| s.seq == seq))
+        let Some(at) = self.index.queue_index(user) else {
+            return;
+        };
+        if let Some(position) = self.index.queues[at]
+            .slots
+            .iter()
+            .position(|s| s.seq == seq)
         {
-            self.index.remove_at(user, position);
+            self.index.remove_at(at, position);
         }
     }
 
@@ -654,6 +657,8 @@ impl<I: Io> ShardStore<I> {
             .get_mut(&self.active)
             .expect("active segment");
         active.bytes += self.buffer.len() as u64;
+        // Counted once they are on file, not when buffered: a failed commit moves them on.
+        active.tombstones += self.buffer_tombstones.len() as u32;
         self.buffer.clear();
         self.buffer_tombstones.clear();
         self.buffer_users.clear();
@@ -670,12 +675,12 @@ impl<I: Io> ShardStore<I> {
         users.sort_unstable_by_key(|user| user.get());
         users.dedup();
         for user in users {
-            while let Some(slot) = self.index.queue(user).and_then(|q| q.slots.back().copied()) {
-                if slot.seq < failed_from {
+            while let Some(at) = self.index.queue_index(user) {
+                let slots = &self.index.queues[at].slots;
+                if slots.back().is_none_or(|slot| slot.seq < failed_from) {
                     break;
                 }
-                let position = self.index.queue(user).map_or(0, |q| q.slots.len() - 1);
-                self.index.remove_at(user, position);
+                self.index.remove_at(at, slots.len() - 1);
             }
         }
         self.counters.commit_failures += 1;
@@ -703,9 +708,6 @@ impl<I: Io> ShardStore<I> {
         let _ = self.roll(now_ms);
         for (user, seq, expired) in tombstones {
             format::encode_tombstone(&mut self.buffer, user, seq, expired);
-            if let Some(active) = self.index.segments.get_mut(&self.active) {
-                active.tombstones += 1;
-            }
             self.buffer_tombstones.push((user, seq, expired));
             self.note_buffered(now_ms);
         }
@@ -1243,9 +1245,12 @@ impl<F: IoFile> Index<F> {
     }
 
     pub(crate) fn queue(&self, user: UserId) -> Option<&UserQueue> {
-        self.positions
-            .get(&user.get())
-            .map(|&at| &self.queues[at as usize])
+        self.queue_index(user).map(|at| &self.queues[at])
+    }
+
+    /// Where `user`'s queue is in `queues`.
+    fn queue_index(&self, user: UserId) -> Option<usize> {
+        self.positions.get(&user.get()).map(|&at| at as usize)
     }
 
     fn queue_mut(&mut self, user: UserId) -> &mut UserQueue {
@@ -1280,12 +1285,14 @@ impl<F: IoFile> Index<F> {
         queue.slots.push_back(slot);
     }
 
-    fn remove_at(&mut self, user: UserId, position: usize) -> Slot {
-        let at = *self.positions.get(&user.get()).expect("queued user") as usize;
+    /// Removes the slot at `position` of queue `at`; an emptied queue leaves the index (the
+    /// last queue moves into `at`).
+    fn remove_at(&mut self, at: usize, position: usize) -> Slot {
         let queue = &mut self.queues[at];
         let slot = queue.slots.remove(position).expect("position in queue");
         queue.body_bytes -= slot.body_bytes() as u64;
         if queue.slots.is_empty() {
+            let user = queue.user;
             self.positions.remove(&user.get());
             self.queues.swap_remove(at);
             if let Some(moved) = self.queues.get(at) {
