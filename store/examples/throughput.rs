@@ -102,8 +102,9 @@ fn main() {
     let users: Vec<UserId> = store.users().map(|(user, _)| user).collect();
     let (drained, seconds) = drain(&mut store, &users);
     println!(
-        "drain (read + mark delivered + commit): {drained} records in {seconds:.3} s = {:.0} records/s",
-        drained as f64 / seconds
+        "drain (read + mark delivered + commit): {drained} records in {seconds:.3} s = {:.0} records/s, {} read calls",
+        drained as f64 / seconds,
+        store.counters().read_calls
     );
 
     // The same drain of the `none` run's folder with the users in a shuffled order: reads
@@ -115,8 +116,9 @@ fn main() {
     shuffle(&mut users);
     let (drained, seconds) = drain(&mut store, &users);
     println!(
-        "drain, users in random order: {drained} records in {seconds:.3} s = {:.0} records/s",
-        drained as f64 / seconds
+        "drain, users in random order: {drained} records in {seconds:.3} s = {:.0} records/s, {} read calls",
+        drained as f64 / seconds,
+        store.counters().read_calls
     );
 }
 
