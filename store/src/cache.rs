@@ -21,8 +21,9 @@ use crate::io::IoFile;
 /// (adjacent records of one user, or a big body) is read directly, so the cache never reads
 /// more than about one block around what was asked for.
 pub(crate) const BLOCK_BYTES: usize = 4 * 1024;
-/// Blocks kept at most. With [`BLOCK_BYTES`] this bounds the cache's memory (4 MiB per shard):
-/// one user's records sit in at most this many distinct blocks before the cache stops helping.
+/// Blocks kept at most. With [`BLOCK_BYTES`] this bounds the cache's memory (4 MiB per shard).
+/// The next user's read hits the blocks the last one loaded only while one queue spans fewer
+/// blocks than this, and fewer in practice: blocks that hash to one place evict each other.
 pub(crate) const BLOCKS_MAX: usize = 1024;
 
 /// A loaded block pays off when a later read hits it: a hit saves a read call, which costs more
