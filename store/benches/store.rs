@@ -1,4 +1,4 @@
-//! Criterion micro-benchmarks: append with group commit, delivery acks, recovery.
+//! Criterion micro-benchmarks: append with group commit, delivery acks, drain, recovery.
 //! `cargo bench -p hop-store --bench store`
 
 use std::hint::black_box;
@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hop_protocol::UserId;
 use hop_store::io::FsIo;
-use hop_store::{Durability, Item, Options, Quota, ShardStore};
+use hop_store::{Durability, Item, Options, Quota, Record, ShardStore, StoredItem};
 
 const BATCH: u64 = 1024;
+/// Recipients of a batch: record `id` goes to user `1 + id % USERS`.
+const USERS: u64 = 1000;
 const BODY: [u8; 100] = [0x5A; 100];
 
 fn options(durability: Durability) -> Options {
@@ -27,6 +29,14 @@ fn user(raw: u64) -> UserId {
     UserId::new(raw).expect("valid id")
 }
 
+/// A store in a new temporary folder (removed when the folder handle drops).
+fn open_temp(durability: Durability) -> (tempfile::TempDir, ShardStore<FsIo>) {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (store, _) =
+        ShardStore::open(temp.path(), 0, 1, options(durability), FsIo, 1).expect("open");
+    (temp, store)
+}
+
 fn append_batch(store: &mut ShardStore<FsIo>, first: u64) {
     for id in first..first + BATCH {
         let item = Item::Message {
@@ -35,33 +45,39 @@ fn append_batch(store: &mut ShardStore<FsIo>, first: u64) {
             timestamp_ms: 1,
             body: &BODY,
         };
-        black_box(store.append(1, user(1 + id % 1000), &item).expect("append"));
+        black_box(
+            store
+                .append(1, user(1 + id % USERS), &item)
+                .expect("append"),
+        );
     }
     store.commit(1).expect("commit");
 }
 
+/// The policies a group commit of 1024 runs under: fsynced, and written only (the code's own
+/// cost, without the disk's).
+const POLICIES: [(&str, Durability); 2] = [
+    (
+        "batch",
+        Durability::Batch {
+            delay_ms: 2,
+            records_max: 1024,
+        },
+    ),
+    (
+        "none",
+        Durability::None {
+            delay_ms: 2,
+            records_max: 1024,
+        },
+    ),
+];
+
 fn append(c: &mut Criterion) {
     let mut group = c.benchmark_group("append_100b_commit_1024");
     group.throughput(Throughput::Elements(BATCH));
-    for (name, durability) in [
-        (
-            "batch",
-            Durability::Batch {
-                delay_ms: 2,
-                records_max: 1024,
-            },
-        ),
-        (
-            "none",
-            Durability::None {
-                delay_ms: 2,
-                records_max: 1024,
-            },
-        ),
-    ] {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let (mut store, _) =
-            ShardStore::open(temp.path(), 0, 1, options(durability), FsIo, 1).expect("open");
+    for (name, durability) in POLICIES {
+        let (_temp, mut store) = open_temp(durability);
         let mut next = 0;
         group.bench_function(name, |b| {
             b.iter(|| {
@@ -76,9 +92,7 @@ fn append(c: &mut Criterion) {
 fn ack(c: &mut Criterion) {
     let mut group = c.benchmark_group("mark_delivered_1024");
     group.throughput(Throughput::Elements(BATCH));
-    let temp = tempfile::tempdir().expect("tempdir");
-    let (mut store, _) =
-        ShardStore::open(temp.path(), 0, 1, options(Durability::default()), FsIo, 1).expect("open");
+    let (_temp, mut store) = open_temp(Durability::default());
     let mut next = 0;
     group.bench_function("batch", |b| {
         b.iter_custom(|iterations| {
@@ -89,7 +103,7 @@ fn ack(c: &mut Criterion) {
                 next += BATCH;
                 let started = Instant::now();
                 for id in first..first + BATCH {
-                    assert!(store.mark_delivered(1, user(1 + id % 1000), id, 0));
+                    assert!(store.mark_delivered(1, user(1 + id % USERS), id, 0));
                 }
                 store.commit(1).expect("commit");
                 timed += started.elapsed();
@@ -97,6 +111,47 @@ fn ack(c: &mut Criterion) {
             timed
         })
     });
+    group.finish();
+}
+
+/// Read every queue the batch filled (in log order, as a start restores them), mark each
+/// record delivered, commit.
+fn drain(c: &mut Criterion) {
+    let mut group = c.benchmark_group("drain_1024");
+    group.throughput(Throughput::Elements(BATCH));
+    for (name, durability) in POLICIES {
+        let (_temp, mut store) = open_temp(durability);
+        let mut next = 0;
+        let mut out: Vec<Record> = Vec::with_capacity(4);
+        group.bench_function(name, |b| {
+            b.iter_custom(|iterations| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iterations {
+                    append_batch(&mut store, next); // not timed
+                    next += BATCH;
+                    let started = Instant::now();
+                    let mut drained = 0;
+                    for raw in 1..=USERS {
+                        out.clear();
+                        store
+                            .read(user(raw), 0, usize::MAX, &mut out)
+                            .expect("read");
+                        for record in &out {
+                            let StoredItem::Message { id, .. } = record.item else {
+                                continue;
+                            };
+                            assert!(store.mark_delivered(1, user(raw), id, 0));
+                            drained += 1;
+                        }
+                    }
+                    store.commit(1).expect("commit");
+                    timed += started.elapsed();
+                    assert_eq!(drained, BATCH);
+                }
+                timed
+            })
+        });
+    }
     group.finish();
 }
 
@@ -127,5 +182,5 @@ fn recovery(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append, ack, recovery);
+criterion_group!(benches, append, ack, drain, recovery);
 criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! The storage seam: every byte the store reads or writes goes through [`Io`] and [`IoFile`].
 //!
-//! [`FsIo`] is the real file system. [`FaultyIo`] wraps it and fails writes or fsyncs on
+//! [`FsIo`] is the real file system. [`FaultyIo`] wraps it and fails writes, fsyncs or reads on
 //! purpose (disk full, EIO), so tests can check that nothing already durable is lost and that
 //! the failing batch is reported.
 
@@ -125,6 +125,8 @@ pub struct Faults {
     pub fail_writes: AtomicBool,
     /// Every fsync (file or directory) fails with EIO.
     pub fail_syncs: AtomicBool,
+    /// Every read fails with EIO.
+    pub fail_reads: AtomicBool,
     /// When non-negative: bytes that may still be written before writes fail with ENOSPC; a
     /// write that crosses the limit writes the part that fits, as a full disk does.
     pub write_bytes_left: AtomicI64,
@@ -219,6 +221,9 @@ impl IoFile for FaultyFile {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.faults.fail_reads.load(Ordering::Relaxed) {
+            return Err(io_error());
+        }
         IoFile::read_exact_at(&self.file, buf, offset)
     }
 

@@ -20,6 +20,7 @@
 //! Time is passed in (`now_ms`); all IO goes through the [`io::Io`] seam.
 #![forbid(unsafe_code)]
 
+mod cache;
 pub mod format;
 pub mod io;
 mod rehome;

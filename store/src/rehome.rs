@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use hop_protocol::UserId;
 
+use crate::cache::BlockCache;
 use crate::io::{Io, IoFile};
 use crate::shard::{shard_dir, Index, ShardStore};
 use crate::{Durability, Item, Options, Quota, StoreError, StoredItem};
@@ -102,10 +103,12 @@ pub fn prepare<I: Io + Clone>(
     for old in old_shard_dirs(io, data)? {
         let dir = shard_dir(data, old);
         let (index, _, stats) = Index::recover(io, &dir, true, now_ms)?;
+        // Segment numbers repeat across folders: a cache serves one folder only.
+        let mut cache = BlockCache::default();
         layout.corrupt_records += stats.corrupt_records;
         for queue in &index.queues {
             records.clear();
-            let bad = index.read_user(queue.user, 0, usize::MAX, None, &mut records);
+            let bad = index.read_user(queue.user, 0, usize::MAX, None, &mut cache, &mut records);
             layout.corrupt_records += bad.len() as u64;
             let target = &mut targets[usize::from(home(queue.user, shards))];
             for record in &records {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use hop_protocol::UserId;
 
+use crate::cache::BlockCache;
 use crate::format::{self, Payload, SegmentHeader, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
 use crate::io::{Io, IoFile};
 use crate::{AppendError, CommitError, Durability, Options, StoreError};
@@ -144,6 +145,8 @@ pub struct Counters {
     pub segments_deleted: u64,
     pub records_compacted: u64,
     pub corrupt_reads: u64,
+    /// Read calls [`ShardStore::read`] made to segment files.
+    pub read_calls: u64,
 }
 
 /// One shard's offline queue. Owned by the shard's thread; no locks.
@@ -176,6 +179,7 @@ pub struct ShardStore<I: Io> {
     durable_through: u64,
     compaction: Option<(u32, u64)>,
     expire_cursor: usize,
+    read_cache: BlockCache,
     counters: Counters,
 }
 
@@ -217,6 +221,7 @@ impl<I: Io> ShardStore<I> {
             durable_through: next_seq - 1,
             compaction: None,
             expire_cursor: 0,
+            read_cache: BlockCache::default(),
             counters: Counters::default(),
         };
         let file = store.create_segment(active, now_ms)?;
@@ -314,17 +319,18 @@ impl<I: Io> ShardStore<I> {
     /// queued. The tombstone is durable after the next commit; until then a crash may deliver
     /// the record again (at least once; the server id lets the client drop the duplicate).
     pub fn mark_delivered(&mut self, now_ms: u64, user: UserId, id: u64, ack_kind: u8) -> bool {
-        let Some(queue) = self.index.queue(user) else {
+        let Some(at) = self.index.queue_index(user) else {
             return false;
         };
-        let Some(position) = queue
+        // Devices ack in order, so the record is almost always the first one looked at.
+        let Some(position) = self.index.queues[at]
             .slots
             .iter()
             .position(|slot| slot.id == id && slot.ack_kind == ack_kind)
         else {
             return false;
         };
-        self.remove(now_ms, user, position, false);
+        self.remove(now_ms, at, position, false);
         self.counters.delivered += 1;
         true
     }
@@ -401,7 +407,7 @@ impl<I: Io> ShardStore<I> {
                 if slot.timestamp_ms.saturating_add(ttl_ms) > now_ms {
                     break;
                 }
-                self.remove(now_ms, user, 0, true);
+                self.remove(now_ms, at, 0, true);
                 expired.push(Expired {
                     user,
                     seq: slot.seq,
@@ -448,9 +454,16 @@ impl<I: Io> ShardStore<I> {
         out: &mut Vec<Record>,
     ) -> Result<usize, StoreError> {
         let before = out.len();
-        let bad = self
-            .index
-            .read_user(user, skip, limit, Some((self.active, &self.buffer)), out);
+        let read_calls_before = self.read_cache.read_calls;
+        let bad = self.index.read_user(
+            user,
+            skip,
+            limit,
+            Some((self.active, &self.buffer)),
+            &mut self.read_cache,
+            out,
+        );
+        self.counters.read_calls += self.read_cache.read_calls - read_calls_before;
         for seq in bad {
             self.counters.corrupt_reads += 1;
             self.forget(user, seq);
@@ -469,6 +482,7 @@ impl<I: Io> ShardStore<I> {
         budget_bytes: usize,
     ) -> Result<CompactProgress, StoreError> {
         let mut progress = CompactProgress::default();
+        self.read_cache.release_if_idle();
         if !self.buffer.is_empty() {
             progress.idle = true;
             return Ok(progress);
@@ -596,24 +610,26 @@ impl<I: Io> ShardStore<I> {
         self.buffer_first_ms.get_or_insert(now_ms);
     }
 
-    fn remove(&mut self, now_ms: u64, user: UserId, position: usize, expired: bool) {
-        let slot = self.index.remove_at(user, position);
+    /// Removes the record at `position` of queue `at` and buffers its tombstone.
+    fn remove(&mut self, now_ms: u64, at: usize, position: usize, expired: bool) {
+        let user = self.index.queues[at].user;
+        let slot = self.index.remove_at(at, position);
         format::encode_tombstone(&mut self.buffer, user, slot.seq, expired);
-        if let Some(active) = self.index.segments.get_mut(&self.active) {
-            active.tombstones += 1;
-        }
         self.buffer_tombstones.push((user, slot.seq, expired));
         self.note_buffered(now_ms);
     }
 
     /// Drops a record that cannot be read any more, without a tombstone (its bytes are bad).
     fn forget(&mut self, user: UserId, seq: u64) {
-        if let Some(position) = self
-            .index
-            .queue(user)
-            .and_then(|q| q.slots.iter().position(|s| s.seq == seq))
+        let Some(at) = self.index.queue_index(user) else {
+            return;
+        };
+        if let Some(position) = self.index.queues[at]
+            .slots
+            .iter()
+            .position(|s| s.seq == seq)
         {
-            self.index.remove_at(user, position);
+            self.index.remove_at(at, position);
         }
     }
 
@@ -641,6 +657,8 @@ impl<I: Io> ShardStore<I> {
             .get_mut(&self.active)
             .expect("active segment");
         active.bytes += self.buffer.len() as u64;
+        // Counted once they are on file, not when buffered: a failed commit moves them on.
+        active.tombstones += self.buffer_tombstones.len() as u32;
         self.buffer.clear();
         self.buffer_tombstones.clear();
         self.buffer_users.clear();
@@ -657,12 +675,12 @@ impl<I: Io> ShardStore<I> {
         users.sort_unstable_by_key(|user| user.get());
         users.dedup();
         for user in users {
-            while let Some(slot) = self.index.queue(user).and_then(|q| q.slots.back().copied()) {
-                if slot.seq < failed_from {
+            while let Some(at) = self.index.queue_index(user) {
+                let slots = &self.index.queues[at].slots;
+                if slots.back().is_none_or(|slot| slot.seq < failed_from) {
                     break;
                 }
-                let position = self.index.queue(user).map_or(0, |q| q.slots.len() - 1);
-                self.index.remove_at(user, position);
+                self.index.remove_at(at, slots.len() - 1);
             }
         }
         self.counters.commit_failures += 1;
@@ -690,9 +708,6 @@ impl<I: Io> ShardStore<I> {
         let _ = self.roll(now_ms);
         for (user, seq, expired) in tombstones {
             format::encode_tombstone(&mut self.buffer, user, seq, expired);
-            if let Some(active) = self.index.segments.get_mut(&self.active) {
-                active.tombstones += 1;
-            }
             self.buffer_tombstones.push((user, seq, expired));
             self.note_buffered(now_ms);
         }
@@ -786,6 +801,7 @@ impl<I: Io> ShardStore<I> {
         let path = segment_path(&self.dir, number);
         self.io.remove_file(&path).map_err(StoreError::io(&path))?;
         self.index.segments.remove(&number);
+        self.read_cache.forget_segment(number);
         self.counters.segments_deleted += 1;
         Ok(())
     }
@@ -800,13 +816,37 @@ fn read_run<F: IoFile>(
     offset: u64,
     length: usize,
 ) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(length);
+    read_into(segments, tail, None, segment, offset, length, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// [`read_run`] appending to `out`, the file part through `cache` when there is one. On error
+/// `out` may hold part of the bytes.
+fn read_into<F: IoFile>(
+    segments: &BTreeMap<u32, Segment<F>>,
+    tail: Option<(u32, &[u8])>,
+    cache: Option<&mut BlockCache>,
+    segment: u32,
+    offset: u64,
+    length: usize,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     let Some(file) = segments.get(&segment) else {
         return Err(io::Error::new(io::ErrorKind::NotFound, "segment gone"));
     };
-    let mut bytes = vec![0u8; length];
     let on_file = (file.bytes.saturating_sub(offset) as usize).min(length);
     if on_file > 0 {
-        file.file.read_exact_at(&mut bytes[..on_file], offset)?;
+        match cache {
+            Some(cache) => {
+                cache.read_into(segment, &file.file, file.bytes, offset, on_file, out)?
+            }
+            None => {
+                let start = out.len();
+                out.resize(start + on_file, 0);
+                file.file.read_exact_at(&mut out[start..], offset)?;
+            }
+        }
     }
     if on_file < length {
         let buffer = match tail {
@@ -822,13 +862,14 @@ fn read_run<F: IoFile>(
         let part = buffer
             .get(from..from + length - on_file)
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past buffer end"))?;
-        bytes[on_file..].copy_from_slice(part);
+        out.extend_from_slice(part);
     }
-    Ok(bytes)
+    Ok(())
 }
 
-/// Bytes one read call may fetch when draining a queue.
-const READ_RUN_BYTES: u64 = 1024 * 1024;
+/// Bytes of records one buffer of [`ShardStore::read`] holds (and so one read call fetches at
+/// most): every body of a buffer keeps all of it alive.
+const READ_RUN_BYTES: usize = 1024 * 1024;
 /// Segment file names have eight decimal digits.
 pub(crate) const SEGMENT_NUMBER_MAX: u32 = 99_999_999;
 
@@ -1123,51 +1164,73 @@ impl<F: IoFile> Index<F> {
         Ok((index, next_seq, stats))
     }
 
-    /// Reads up to `limit` records of `user` from position `skip` into `out`, one read call per
-    /// run of adjacent records. Returns the sequence numbers that did not read back.
+    /// Reads up to `limit` records of `user` from position `skip` into `out`: the records'
+    /// bytes are gathered into one buffer per [`READ_RUN_BYTES`] (each body is a slice of it),
+    /// a run of adjacent records is one read, and small reads go through `cache`. Returns the
+    /// sequence numbers that did not read back.
     pub(crate) fn read_user(
         &self,
         user: UserId,
         skip: usize,
         limit: usize,
         tail: Option<(u32, &[u8])>,
+        cache: &mut BlockCache,
         out: &mut Vec<Record>,
     ) -> Vec<u64> {
         let mut bad = Vec::new();
         let Some(queue) = self.queue(user) else {
             return bad;
         };
-        let slots: Vec<Slot> = queue.slots.iter().skip(skip).take(limit).copied().collect();
-        let mut at = 0;
-        while at < slots.len() {
-            let first = slots[at];
-            let mut end = at + 1;
-            let mut run_bytes = u64::from(first.record_bytes);
-            while end < slots.len()
-                && slots[end].segment == first.segment
-                && u64::from(slots[end].offset) == u64::from(first.offset) + run_bytes
-                && run_bytes + u64::from(slots[end].record_bytes) <= READ_RUN_BYTES
+        let slots = &queue.slots;
+        let end = skip.saturating_add(limit).min(slots.len());
+        let mut at = skip.min(end);
+        while at < end {
+            let mut chunk_end = at + 1;
+            let mut chunk_bytes = slots[at].record_bytes as usize;
+            while chunk_end < end
+                && chunk_bytes + slots[chunk_end].record_bytes as usize <= READ_RUN_BYTES
             {
-                run_bytes += u64::from(slots[end].record_bytes);
-                end += 1;
+                chunk_bytes += slots[chunk_end].record_bytes as usize;
+                chunk_end += 1;
             }
-            let run = read_run(
-                &self.segments,
-                tail,
-                first.segment,
-                u64::from(first.offset),
-                run_bytes as usize,
-            );
-            let Ok(run) = run else {
-                bad.extend(slots[at..end].iter().map(|slot| slot.seq));
-                at = end;
-                continue;
-            };
-            let run = Bytes::from(run);
+            let mut bytes = Vec::with_capacity(chunk_bytes);
+            let mut run_at = at;
+            while run_at < chunk_end {
+                let first = slots[run_at];
+                let mut run_end = run_at + 1;
+                let mut run_bytes = first.record_bytes as usize;
+                while run_end < chunk_end
+                    && slots[run_end].segment == first.segment
+                    && u64::from(slots[run_end].offset)
+                        == u64::from(first.offset) + run_bytes as u64
+                {
+                    run_bytes += slots[run_end].record_bytes as usize;
+                    run_end += 1;
+                }
+                let before = bytes.len();
+                let read = read_into(
+                    &self.segments,
+                    tail,
+                    Some(&mut *cache),
+                    first.segment,
+                    u64::from(first.offset),
+                    run_bytes,
+                    &mut bytes,
+                );
+                if read.is_err() {
+                    // Zeros never decode (a zero length is invalid): each record of the run is
+                    // reported below like one that rotted on disk.
+                    bytes.truncate(before);
+                    bytes.resize(before + run_bytes, 0);
+                }
+                run_at = run_end;
+            }
+            debug_assert_eq!(bytes.len(), chunk_bytes);
+            let bytes = Bytes::from(bytes);
             let mut position = 0;
-            for slot in &slots[at..end] {
+            for slot in slots.range(at..chunk_end) {
                 let length = slot.record_bytes as usize;
-                match decode_item(&run, position, length, user, slot.seq) {
+                match decode_item(&bytes, position, length, user, slot.seq) {
                     Some(item) => out.push(Record {
                         seq: slot.seq,
                         item,
@@ -1176,15 +1239,18 @@ impl<F: IoFile> Index<F> {
                 }
                 position += length;
             }
-            at = end;
+            at = chunk_end;
         }
         bad
     }
 
     pub(crate) fn queue(&self, user: UserId) -> Option<&UserQueue> {
-        self.positions
-            .get(&user.get())
-            .map(|&at| &self.queues[at as usize])
+        self.queue_index(user).map(|at| &self.queues[at])
+    }
+
+    /// Where `user`'s queue is in `queues`.
+    fn queue_index(&self, user: UserId) -> Option<usize> {
+        self.positions.get(&user.get()).map(|&at| at as usize)
     }
 
     fn queue_mut(&mut self, user: UserId) -> &mut UserQueue {
@@ -1219,12 +1285,14 @@ impl<F: IoFile> Index<F> {
         queue.slots.push_back(slot);
     }
 
-    fn remove_at(&mut self, user: UserId, position: usize) -> Slot {
-        let at = *self.positions.get(&user.get()).expect("queued user") as usize;
+    /// Removes the slot at `position` of queue `at`; an emptied queue leaves the index (the
+    /// last queue moves into `at`).
+    fn remove_at(&mut self, at: usize, position: usize) -> Slot {
         let queue = &mut self.queues[at];
         let slot = queue.slots.remove(position).expect("position in queue");
         queue.body_bytes -= slot.body_bytes() as u64;
         if queue.slots.is_empty() {
+            let user = queue.user;
             self.positions.remove(&user.get());
             self.queues.swap_remove(at);
             if let Some(moved) = self.queues.get(at) {
@@ -1281,5 +1349,205 @@ impl<F: IoFile> Index<F> {
                     .map(move |slot| (queue.user, slot.seq))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::cache::BLOCK_BYTES;
+    use crate::io::{Faults, FaultyIo, FsIo};
+    use crate::Quota;
+
+    const USERS: u64 = 50;
+    const PER_USER: u64 = 20;
+
+    fn user(raw: u64) -> UserId {
+        UserId::new(raw).expect("valid id")
+    }
+
+    fn options() -> Options {
+        Options {
+            quota: Quota {
+                messages_max: u32::MAX,
+                bytes_max: u64::MAX,
+            },
+            ..Options::default()
+        }
+    }
+
+    fn body_bytes(id: u64) -> Vec<u8> {
+        (0..100).map(|at| (id as u8).wrapping_add(at)).collect()
+    }
+
+    /// Appends `PER_USER` messages to each of `USERS` users, interleaved as a busy shard
+    /// appends them (id `n` goes to user `1 + n % USERS`), and commits.
+    fn fill<I: Io>(store: &mut ShardStore<I>) {
+        for id in 0..USERS * PER_USER {
+            append(store, user(1 + id % USERS), id);
+        }
+        store.commit(1).expect("commit");
+    }
+
+    fn append<I: Io>(store: &mut ShardStore<I>, who: UserId, id: u64) {
+        let body = body_bytes(id);
+        let item = Item::Message {
+            from: user(9_999),
+            id,
+            timestamp_ms: 1,
+            body: &body,
+        };
+        store.append(1, who, &item).expect("append");
+    }
+
+    fn ids_and_bodies_ok(who: UserId, records: &[Record]) -> Vec<u64> {
+        records
+            .iter()
+            .map(|record| match &record.item {
+                StoredItem::Message { id, body, .. } => {
+                    assert_eq!(1 + id % USERS, who.get(), "the record is this user's");
+                    assert_eq!(body.as_ref(), body_bytes(*id).as_slice(), "body of {id}");
+                    *id
+                }
+                StoredItem::Receipt { .. } => panic!("only messages were appended"),
+            })
+            .collect()
+    }
+
+    fn expected_ids(who: UserId) -> Vec<u64> {
+        (0..PER_USER).map(|n| who.get() - 1 + n * USERS).collect()
+    }
+
+    fn reopen(data: &Path) -> ShardStore<FsIo> {
+        ShardStore::open(data, 0, 1, options(), FsIo, 1)
+            .expect("open")
+            .0
+    }
+
+    #[test]
+    fn reading_every_queue_in_log_order_reads_each_block_about_once() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        fill(&mut reopen(temp.path()));
+        let mut store = reopen(temp.path());
+        let users: Vec<UserId> = store.users().map(|(who, _)| who).collect();
+        assert_eq!(users.len() as u64, USERS);
+        let mut out = Vec::new();
+        for who in users {
+            out.clear();
+            let read = store.read(who, 0, usize::MAX, &mut out).expect("read");
+            assert_eq!(read as u64, PER_USER);
+            assert_eq!(ids_and_bodies_ok(who, &out), expected_ids(who));
+        }
+        let log_bytes = USERS * PER_USER * format::message_record_bytes(100) as u64;
+        let blocks = log_bytes.div_ceil(BLOCK_BYTES as u64) + 1;
+        let read_calls = store.counters().read_calls;
+        assert!(
+            read_calls <= blocks,
+            "{read_calls} read calls for {blocks} blocks"
+        );
+        assert_eq!(store.counters().corrupt_reads, 0);
+    }
+
+    #[test]
+    fn reads_with_skip_and_limit_see_the_file_and_the_buffer() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut store = reopen(temp.path());
+        fill(&mut store);
+        // Two more for user 1, buffered only.
+        for id in [USERS * PER_USER, USERS * PER_USER + USERS] {
+            append(&mut store, user(1), id);
+        }
+        let mut all = expected_ids(user(1));
+        all.extend([USERS * PER_USER, USERS * PER_USER + USERS]);
+        for (skip, limit) in [(0, usize::MAX), (3, 4), (PER_USER as usize - 1, 2), (21, 9)] {
+            let mut out = Vec::new();
+            store.read(user(1), skip, limit, &mut out).expect("read");
+            let wanted: Vec<u64> = all.iter().copied().skip(skip).take(limit).collect();
+            assert_eq!(ids_and_bodies_ok(user(1), &out), wanted, "{skip}+{limit}");
+        }
+        let mut out = Vec::new();
+        assert_eq!(store.read(user(1), 99, 5, &mut out).expect("read"), 0);
+        assert_eq!(store.read(user(77), 0, 5, &mut out).expect("read"), 0);
+    }
+
+    #[test]
+    fn a_record_that_rotted_since_recovery_is_dropped_and_counted() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        fill(&mut reopen(temp.path()));
+        let mut store = reopen(temp.path());
+        let victim = store.queue(user(3)).nth(5).copied().expect("sixth record");
+        // Flip a body byte on disk after recovery checked it.
+        let path = segment_path(store.dir(), victim.segment);
+        let mut bytes = std::fs::read(&path).expect("segment");
+        bytes[victim.offset as usize + victim.record_bytes as usize - 1] ^= 0x40;
+        std::fs::write(&path, bytes).expect("rot");
+        let mut out = Vec::new();
+        store.read(user(3), 0, usize::MAX, &mut out).expect("read");
+        let mut wanted = expected_ids(user(3));
+        wanted.remove(5);
+        assert_eq!(ids_and_bodies_ok(user(3), &out), wanted);
+        assert_eq!(store.counters().corrupt_reads, 1);
+        assert_eq!(store.queue_len(user(3)), PER_USER as usize - 1);
+    }
+
+    #[test]
+    fn a_failed_read_drops_the_records_it_could_not_read_only() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let faults = Faults::new();
+        let io = FaultyIo {
+            faults: faults.clone(),
+        };
+        let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 1).expect("open");
+        fill(&mut store);
+        faults.fail_reads.store(true, Ordering::Relaxed);
+        let mut out = Vec::new();
+        assert_eq!(
+            store.read(user(2), 0, usize::MAX, &mut out).expect("read"),
+            0
+        );
+        assert_eq!(store.counters().corrupt_reads, PER_USER);
+        assert_eq!(store.queue_len(user(2)), 0);
+        faults.fail_reads.store(false, Ordering::Relaxed);
+        store.read(user(4), 0, usize::MAX, &mut out).expect("read");
+        assert_eq!(ids_and_bodies_ok(user(4), &out), expected_ids(user(4)));
+    }
+
+    #[test]
+    fn reads_after_compaction_see_the_moved_records() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let small = Options {
+            segment_bytes_max: 16 * 1024,
+            ..options()
+        };
+        let (mut store, _) = ShardStore::open(temp.path(), 0, 1, small, FsIo, 1).expect("open");
+        fill(&mut store);
+        let mut out = Vec::new();
+        for raw in 1..=USERS {
+            out.clear();
+            store
+                .read(user(raw), 0, usize::MAX, &mut out)
+                .expect("read");
+            let ids = ids_and_bodies_ok(user(raw), &out);
+            for id in ids.into_iter().filter(|id| id % 2 == 0) {
+                assert!(store.mark_delivered(1, user(raw), id, 0));
+            }
+        }
+        store.commit(1).expect("commit");
+        while !store.compact(1, 1 << 20).expect("compact").idle {}
+        for raw in 1..=USERS {
+            out.clear();
+            store
+                .read(user(raw), 0, usize::MAX, &mut out)
+                .expect("read");
+            let wanted: Vec<u64> = expected_ids(user(raw))
+                .into_iter()
+                .filter(|id| id % 2 == 1)
+                .collect();
+            assert_eq!(ids_and_bodies_ok(user(raw), &out), wanted);
+        }
+        assert_eq!(store.counters().corrupt_reads, 0);
+        assert!(store.counters().segments_deleted > 0);
     }
 }
