@@ -697,3 +697,66 @@ fn queued_message_bodies_stay_on_disk_not_in_memory() {
     }
     ping(&mut bob);
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Guards against writing every message to disk on the way to an online recipient: one that
+/// the device acks before its batch is due never reaches the disk, while a message for an
+/// offline user still does (and gets its ServerAck once it is there).
+#[test]
+fn a_message_acked_before_its_batch_is_due_is_never_written() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let flags = [
+        "--shards",
+        "1",
+        "--batch-delay-ms",
+        "60000",
+        "--batch-records-max",
+        "100000",
+    ];
+    let hopd = Hopd::start_in(&data, &flags);
+    let (_, mut alice) = hopd.new_user();
+    let (bob_key, mut bob) = hopd.new_user();
+    let online_marker = b"ONLINE-MARKER-7d41c2-acked-before-the-batch";
+    alice
+        .send_message(bob_key.user_id(), online_marker)
+        .unwrap();
+    let message = deliver(&mut bob);
+    bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+    assert_eq!(server_ack(&mut alice).id, message.id, "acked by the device");
+    ping(&mut bob);
+    bob.close();
+
+    // Offline: held until the batch is due (here: at shutdown), then written and acked.
+    let offline_marker = b"OFFLINE-MARKER-93be0a-kept-for-later";
+    let seq = alice
+        .send_message(bob_key.user_id(), offline_marker)
+        .unwrap();
+    ping(&mut alice);
+    assert!(hopd.stop().success());
+    assert_eq!(server_ack(&mut alice).seq, seq, "acked once on disk");
+    let written = |marker: &[u8]| {
+        files_under(&data).iter().any(|path| {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            bytes.windows(marker.len()).any(|window| window == marker)
+        })
+    };
+    assert!(
+        !written(online_marker),
+        "the acked message reached the disk"
+    );
+    assert!(written(offline_marker), "the queued message is on disk");
+}

@@ -401,6 +401,15 @@ impl Config {
         }
     }
 
+    /// When the shards hand items to the store: the same policy as the store's commits.
+    pub fn keeping(&self) -> crate::shard::Keeping {
+        crate::shard::Keeping {
+            at_once: self.durability == DurabilityPolicy::Always,
+            delay_ms: self.batch_delay_ms,
+            records_max: self.batch_records_max as usize,
+        }
+    }
+
     pub fn router_limits(&self) -> hop_router::Limits {
         hop_router::Limits {
             queue_messages_max: self.queue_messages_max,

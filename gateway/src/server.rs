@@ -247,6 +247,7 @@ fn start_shards<B: Backend>(
             handshake_timeout_ms: config.handshake_timeout_ms,
             idle_timeout_ms: config.idle_timeout_ms,
             connection_slots: limits.connections_max + CONNECTION_SLOTS_SPARE,
+            keeping: config.keeping(),
         };
         let accounts =
             AccountLog::open(&config.data, index as u16).map_err(|source| StartError::Shard {

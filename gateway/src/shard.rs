@@ -94,6 +94,22 @@ pub struct ShardSettings {
     /// many at start (address space only; a page is touched when an entry in it is used), so
     /// it never grows by copying.
     pub connection_slots: usize,
+    /// When items to keep go to the offline queue: the group-commit policy.
+    pub keeping: Keeping,
+}
+
+/// When the shard hands the items it must keep to the store. Items are held back until their
+/// batch is due, so one that the recipient's device acks meanwhile never touches the disk (no
+/// record, no checksum, no tombstone); what is still held then is appended and committed at
+/// once. The ServerAck of a held message waits like that of a buffered one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keeping {
+    /// `always`: every loop turn that held something commits it.
+    pub at_once: bool,
+    /// `batch`/`none`: the longest an item is held.
+    pub delay_ms: u64,
+    /// `batch`/`none`: a batch this large is due at once.
+    pub records_max: usize,
 }
 
 /// Everything a shard thread starts with.
@@ -170,6 +186,57 @@ struct Span {
     end: usize,
 }
 
+/// Items to keep, held back until their batch is due, in order. A held item that its device
+/// acks is cancelled in place.
+#[derive(Debug, Default)]
+struct Held {
+    items: VecDeque<Option<(UserId, Queued)>>,
+    /// Sequence number of `items[0]`.
+    first: u64,
+    /// Sequence number of each held item, by (server id, ack kind).
+    index: HashMap<(u64, i32), u64>,
+    /// When the oldest held item arrived.
+    since_ms: Option<u64>,
+}
+
+impl Held {
+    fn hold(&mut self, user: UserId, item: Queued, now_ms: u64) {
+        let seq = self.first + self.items.len() as u64;
+        self.index.insert((item.id(), item.ack_kind() as i32), seq);
+        self.items.push_back(Some((user, item)));
+        self.since_ms.get_or_insert(now_ms);
+    }
+
+    /// Drops a held item the device acked; false if it is not held (it went to the store).
+    fn cancel(&mut self, id: u64, kind: ReceiptKind) -> bool {
+        let Some(seq) = self.index.remove(&(id, kind as i32)) else {
+            return false;
+        };
+        let slot = &mut self.items[(seq - self.first) as usize];
+        debug_assert!(slot.is_some(), "an indexed item is held");
+        *slot = None;
+        true
+    }
+
+    /// When the held batch must go to the store.
+    fn deadline(&self, keeping: &Keeping) -> Option<u64> {
+        let since_ms = self.since_ms?;
+        if keeping.at_once || self.index.len() >= keeping.records_max {
+            Some(since_ms)
+        } else {
+            Some(since_ms + keeping.delay_ms)
+        }
+    }
+
+    /// Everything still held, oldest first; the batch starts again empty.
+    fn take(&mut self) -> impl Iterator<Item = (UserId, Queued)> {
+        self.first += self.items.len() as u64;
+        self.index.clear();
+        self.since_ms = None;
+        std::mem::take(&mut self.items).into_iter().flatten()
+    }
+}
+
 /// Capacity of `Core::out` kept between turns; a busier turn's buffer is released.
 const OUT_CAPACITY_KEPT_BYTES: usize = 1024 * 1024;
 
@@ -215,6 +282,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         next_token: 0,
         to_pause: Vec::new(),
         store,
+        held: Held::default(),
         unkept: VecDeque::new(),
         read_ahead: ReadAhead::default(),
     };
@@ -236,12 +304,9 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         let timeout = if mail_backlog || core.has_blocked_mail() {
             Duration::ZERO
         } else {
-            let until_commit = core
-                .store
-                .next_commit_deadline()
-                .map_or(Duration::MAX, |deadline| {
-                    Duration::from_millis(deadline.saturating_sub(wall_clock_ms()))
-                });
+            let until_commit = core.commit_deadline().map_or(Duration::MAX, |deadline| {
+                Duration::from_millis(deadline.saturating_sub(wall_clock_ms()))
+            });
             next_tick.saturating_duration_since(now).min(until_commit)
         };
         core.mailboxes.clear_wake(index);
@@ -310,6 +375,8 @@ struct Core<B: Backend> {
     to_pause: Vec<ConnId>,
     /// This shard's offline queue on disk.
     store: ShardStore<FsIo>,
+    /// Items to keep that wait for their batch before they go to the store.
+    held: Held,
     /// Items appended to the store and not yet durable, in sequence order: (seq, user, id, kind).
     unkept: VecDeque<(u64, UserId, u64, ReceiptKind)>,
     /// Records of one user's queue read from the store ahead of their push, oldest first.
@@ -555,9 +622,13 @@ impl<B: Backend> Core<B> {
                     }
                 }
                 Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
-                Action::Keep { user, item } => self.keep(user, &item),
+                Action::Keep { user, item } => self.held.hold(user, item, self.now_ms),
                 Action::Forget { user, id, kind } => {
-                    self.store.mark_delivered(self.now_ms, user, id, kind as u8);
+                    if self.held.cancel(id, kind) {
+                        bump(&self.stats.keeps_skipped, 1);
+                    } else {
+                        self.store.mark_delivered(self.now_ms, user, id, kind as u8);
+                    }
                 }
                 Action::PersistBinding { user, key } => self.accounts.append(user, &key),
             }
@@ -653,8 +724,20 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Commits the store if its batch is due, and releases what became durable. New account
-    /// bindings are made durable first, so no queued item outlives its user's binding.
+    /// When `commit_if_due` has work next: the held batch's deadline or the store's own (for
+    /// tombstones and compaction copies).
+    fn commit_deadline(&self) -> Option<u64> {
+        let held = self.held.deadline(&self.settings.keeping);
+        let store = self.store.next_commit_deadline();
+        match (held, store) {
+            (Some(held), Some(store)) => Some(held.min(store)),
+            (one, other) => one.or(other),
+        }
+    }
+
+    /// Appends the held items when their batch is due and commits the store when that or its
+    /// own batch is due, then releases what became durable. New account bindings are made
+    /// durable first, so no queued item outlives its user's binding.
     fn commit_if_due(&mut self) {
         if let Err(error) = self.accounts.flush() {
             bump(&self.stats.binding_write_errors, 1);
@@ -664,11 +747,21 @@ impl<B: Backend> Core<B> {
             ));
             return; // nothing is committed while a binding it may depend on is not on disk
         }
-        let due = self
+        let held_due = self
+            .held
+            .deadline(&self.settings.keeping)
+            .is_some_and(|deadline| deadline <= self.now_ms);
+        if held_due {
+            let held: Vec<(UserId, Queued)> = self.held.take().collect();
+            for (user, item) in held {
+                self.keep(user, &item);
+            }
+        }
+        let store_due = self
             .store
             .next_commit_deadline()
             .is_some_and(|deadline| deadline <= self.now_ms);
-        if !due {
+        if !held_due && !store_due {
             return;
         }
         match self.store.commit(self.now_ms) {
@@ -1200,4 +1293,69 @@ pub fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: u64) -> Queued {
+        Queued::Message {
+            from: UserId::new(1).expect("valid"),
+            id,
+            timestamp_ms: 0,
+            body: Bytes::from_static(b"x"),
+        }
+    }
+
+    const BATCH: Keeping = Keeping {
+        at_once: false,
+        delay_ms: 2,
+        records_max: 3,
+    };
+
+    #[test]
+    fn held_items_leave_in_order_without_the_cancelled_ones() {
+        let user = UserId::new(7).expect("valid");
+        let mut held = Held::default();
+        assert_eq!(held.deadline(&BATCH), None);
+        held.hold(user, message(1), 100);
+        held.hold(user, message(2), 101);
+        assert_eq!(
+            held.deadline(&BATCH),
+            Some(102),
+            "the oldest item's time + delay"
+        );
+        assert!(held.cancel(2, ReceiptKind::Unspecified));
+        assert!(!held.cancel(2, ReceiptKind::Unspecified), "once");
+        assert!(
+            !held.cancel(1, ReceiptKind::Read),
+            "the kind is part of the key"
+        );
+        held.hold(user, message(3), 105);
+        let ids: Vec<u64> = held.take().map(|(_, item)| item.id()).collect();
+        assert_eq!(ids, [1, 3]);
+        assert_eq!(held.deadline(&BATCH), None, "empty again");
+        held.hold(user, message(4), 200);
+        assert!(
+            held.cancel(4, ReceiptKind::Unspecified),
+            "sequence numbers go on"
+        );
+    }
+
+    #[test]
+    fn a_full_batch_or_always_is_due_at_once() {
+        let user = UserId::new(7).expect("valid");
+        let mut held = Held::default();
+        for id in 1..=3 {
+            held.hold(user, message(id), 100 + id);
+        }
+        assert_eq!(held.deadline(&BATCH), Some(101), "records_max reached");
+        let always = Keeping {
+            at_once: true,
+            ..BATCH
+        };
+        assert!(held.cancel(3, ReceiptKind::Unspecified));
+        assert_eq!(held.deadline(&always), Some(101));
+    }
 }

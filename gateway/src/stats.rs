@@ -38,6 +38,7 @@ counters! {
     store_refusals: "items the offline queue refused (over quota)",
     store_commit_failures: "offline queue commits that failed (disk full, IO error)",
     store_unreadable: "queued messages dropped because their record could not be read back",
+    keeps_skipped: "queued items acked by their device before their batch went to disk (never written)",
 }
 
 /// Adds to a counter.
