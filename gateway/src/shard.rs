@@ -15,12 +15,13 @@
 //! 6. once per tick, enforce the handshake and idle timeouts, expire old queued items and
 //!    compact the store a bounded step.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use foldhash::HashMap;
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
 use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent};
@@ -271,14 +272,14 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         events: Vec::new(),
         out: Vec::new(),
         spans: Vec::new(),
-        moving: HashMap::new(),
+        moving: HashMap::default(),
         scratch: vec![0u8; FRAME_PLAINTEXT_BYTES_MAX + 16].into_boxed_slice(),
         stats,
         accounts,
         now_ms: wall_clock_ms(),
         current: None,
         warnings: RateLimit::default(),
-        adoptions: HashMap::new(),
+        adoptions: HashMap::default(),
         next_token: 0,
         to_pause: Vec::new(),
         store,

@@ -1,4 +1,6 @@
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
@@ -359,13 +361,13 @@ impl Router {
             shard,
             shards,
             limits,
-            users: HashMap::new(),
+            users: HashMap::default(),
             next_id: (u64::from(shard) << ID_COUNTER_BITS) | counter,
             queued_bytes: 0,
             actions: VecDeque::new(),
             counters: Counters::default(),
-            awaiting_keep: HashMap::new(),
-            fresh: HashMap::new(),
+            awaiting_keep: HashMap::default(),
+            fresh: HashMap::default(),
         }
     }
 

@@ -1,8 +1,11 @@
 //! Router tests: several routers wired together in memory (a deterministic cluster), users
 //! picked so that they land on the shards each test wants.
 
-use super::*;
+use std::collections::HashMap;
+
 use hop_protocol::wire::{Ack, Deliver, Ping, Read, Subscribe};
+
+use super::*;
 
 /// Several routers and the forwarding between them, run to quiescence after every input.
 struct Cluster {
