@@ -11,13 +11,15 @@
 # SCHED_FIFO instead (root only; the kernel's RT throttling still leaves 5% of each core to
 # everything else): use it on a shared machine, and say so next to the figures.
 # HOPD and HOP_BENCH name the binaries (default: the release builds in $CARGO_TARGET_DIR or
-# target/); HOPD_FLAGS adds flags to hopd; SERVER_CORE and GENERATOR_CORE pick the cores;
+# target/); HOPD_FLAGS adds flags to hopd; SHARDS sets hopd's --shards (default 1: the
+# like-for-like row); SERVER_CORE and GENERATOR_CORE pick the cores (a list such as 0,1 too);
 # PERF_SYSCALLS=FILE counts hopd's system calls during the run (below).
 set -euo pipefail
 target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
 hopd=${HOPD:-$target_dir/release/hopd}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}
 server_core=${SERVER_CORE:-0}
+shards=${SHARDS:-1}
 generator_core=${GENERATOR_CORE:-1}
 priority=${PRIORITY:--10}
 # An array, not a function: a function would run in a subshell when backgrounded, and $!
@@ -35,7 +37,7 @@ start_hopd() {
     local data=$1 out=$1/hopd.out
     # shellcheck disable=SC2086
     "${run_as[@]}" taskset -c "$server_core" "$hopd" --listen 127.0.0.1:0 --data "$data" \
-        --shards 1 --pin-cores false --log warn ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
+        --shards "$shards" --pin-cores false --log warn ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
     started_pid=$!
     pids+=("$started_pid")
     for _ in $(seq 100); do
