@@ -143,7 +143,6 @@ struct Conn {
     /// The shard wants bytes (not paused).
     reading: bool,
     shut: bool,
-    cancel_all_sent: bool,
     close_sent: bool,
     /// Bytes the kernel is sending: never grown, moved out or freed before the completion.
     sending: Vec<u8>,
@@ -154,6 +153,7 @@ struct Conn {
     /// The id its descriptor travels under while `SendingFd`.
     transfer: u64,
     cancel_once_sent: bool,
+    cancel_send_sent: bool,
 }
 
 impl Conn {
@@ -168,7 +168,6 @@ impl Conn {
             readable: false,
             reading: true,
             shut: false,
-            cancel_all_sent: false,
             close_sent: false,
             sending: Vec::new(),
             sent: 0,
@@ -176,6 +175,7 @@ impl Conn {
             queued: Vec::new(),
             transfer: 0,
             cancel_once_sent: false,
+            cancel_send_sent: false,
         }
     }
 
@@ -190,6 +190,25 @@ impl Conn {
     fn unsent_bytes(&self) -> usize {
         self.sending.len() - self.sent + self.queued.len()
     }
+
+    /// Cancels for the receives in flight not yet asked to stop, and for the send with
+    /// `send`. The armed receive (or poll) is of kind `armed_kind`.
+    fn cancels(&mut self, slot: u32, armed_kind: Kind, send: bool) -> [Option<Op>; 3] {
+        let mut ops = [None; 3];
+        if self.armed && !self.cancel_armed_sent {
+            self.cancel_armed_sent = true;
+            ops[0] = Some(Op::Cancel(slot, armed_kind));
+        }
+        if self.recv_once && !self.cancel_once_sent {
+            self.cancel_once_sent = true;
+            ops[1] = Some(Op::Cancel(slot, Kind::RecvOnce));
+        }
+        if send && self.send_inflight && !self.cancel_send_sent {
+            self.cancel_send_sent = true;
+            ops[2] = Some(Op::Cancel(slot, Kind::Send));
+        }
+        ops
+    }
 }
 
 /// One submission, described; [`UringBackend::submit`] turns it into an entry.
@@ -202,9 +221,11 @@ enum Op {
     RecvOnce(u32),
     Send(u32),
     Shutdown(u32),
-    CancelArmed(u32),
-    CancelRecvOnce(u32),
-    CancelAll(u32),
+    /// Cancels the op of kind `Kind` of the connection in the slot, named by its user_data: the
+    /// kernel looks it up in a hash. Cancelling by descriptor (`IORING_ASYNC_CANCEL_FD`) or
+    /// `IORING_ASYNC_CANCEL_ANY` instead walks every armed poll of the ring for each op it
+    /// finds: O(connections) per close, and O(connections²) for one cancel of everything.
+    Cancel(u32, Kind),
     Close(u32),
     Wake(RawFd),
     SendFd {
@@ -422,29 +443,14 @@ impl UringBackend {
                     .user_data(ud(Kind::Shutdown, slot, generation).encode());
                 (entry, Some(slot), true)
             }
-            Op::CancelArmed(slot) => {
+            Op::Cancel(slot, kind) => {
+                debug_assert!(matches!(
+                    kind,
+                    Kind::Recv | Kind::Poll | Kind::RecvOnce | Kind::Send
+                ));
                 let generation = generation_of(&self.conns, slot);
-                let kind = match self.mode {
-                    ReceiveMode::MultishotRecv => Kind::Recv,
-                    ReceiveMode::Poll => Kind::Poll,
-                };
                 let target = ud(kind, slot, generation).encode();
                 let entry = opcode::AsyncCancel2::new(CancelBuilder::user_data(target))
-                    .build()
-                    .user_data(ud(Kind::Cancel, slot, generation).encode());
-                (entry, Some(slot), true)
-            }
-            Op::CancelRecvOnce(slot) => {
-                let generation = generation_of(&self.conns, slot);
-                let target = ud(Kind::RecvOnce, slot, generation).encode();
-                let entry = opcode::AsyncCancel2::new(CancelBuilder::user_data(target))
-                    .build()
-                    .user_data(ud(Kind::Cancel, slot, generation).encode());
-                (entry, Some(slot), true)
-            }
-            Op::CancelAll(slot) => {
-                let generation = generation_of(&self.conns, slot);
-                let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(slot)).all())
                     .build()
                     .user_data(ud(Kind::Cancel, slot, generation).encode());
                 (entry, Some(slot), true)
@@ -546,6 +552,10 @@ impl UringBackend {
     /// its next send, shut it, hand it over, or tear it down.
     fn progress(&mut self, slot: u32) {
         let mode = self.mode;
+        let armed_kind = match mode {
+            ReceiveMode::MultishotRecv => Kind::Recv,
+            ReceiveMode::Poll => Kind::Poll,
+        };
         let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return;
         };
@@ -568,12 +578,13 @@ impl UringBackend {
                     }
                 } else if conn.armed && !conn.cancel_armed_sent {
                     conn.cancel_armed_sent = true;
-                    ops[0] = Some(Op::CancelArmed(slot));
+                    ops[0] = Some(Op::Cancel(slot, armed_kind));
                 }
                 if !conn.send_inflight && !conn.queued.is_empty() {
                     conn.sending = std::mem::take(&mut conn.queued);
                     conn.sent = 0;
                     conn.send_inflight = true;
+                    conn.cancel_send_sent = false;
                     ops[2] = Some(Op::Send(slot));
                 } else if closing && !conn.send_inflight && !conn.shut {
                     conn.shut = true;
@@ -582,15 +593,8 @@ impl UringBackend {
             }
             State::Detaching(peer) => {
                 if conn.armed || conn.recv_once {
-                    if conn.armed && !conn.cancel_armed_sent {
-                        conn.cancel_armed_sent = true;
-                        ops[0] = Some(Op::CancelArmed(slot));
-                    }
-                    if conn.recv_once && !conn.cancel_once_sent {
-                        conn.cancel_once_sent = true;
-                        ops[1] = Some(Op::CancelRecvOnce(slot));
-                    }
-                } else if !conn.recv_once && !conn.send_inflight {
+                    ops = conn.cancels(slot, armed_kind, false);
+                } else if !conn.send_inflight {
                     let peer = peer.clone();
                     conn.state = State::SendingFd;
                     let transfer =
@@ -606,11 +610,10 @@ impl UringBackend {
             }
             State::SendingFd => {}
             State::Dead => {
+                // Each op in flight is cancelled by its own user_data (see `Op::Cancel`); a
+                // shutdown finishes by itself.
                 if conn.ops > 0 {
-                    if !conn.cancel_all_sent {
-                        conn.cancel_all_sent = true;
-                        ops[0] = Some(Op::CancelAll(slot));
-                    }
+                    ops = conn.cancels(slot, armed_kind, true);
                 } else if !conn.close_sent {
                     conn.close_sent = true;
                     ops[0] = Some(Op::Close(slot));
@@ -725,7 +728,7 @@ impl UringBackend {
                     return;
                 }
                 conn.sent += result as usize;
-                if conn.sent < conn.sending.len() {
+                if conn.sent < conn.sending.len() && !matches!(conn.state, State::Dead) {
                     conn.send_inflight = true;
                     self.submit(Op::Send(data.slot));
                     return;
