@@ -1,36 +1,45 @@
 #!/usr/bin/env bash
 # idle-memory.sh BACKEND MODE PROCS PER_PROC : memory per idle authenticated connection,
 # hopd --shards 2. Run as root (/proc/slabinfo). See docs/BENCHMARKS.md.
+#
+# The client processes start one after the other, and hopd's RSS and the kernel's slab are
+# read before the first and after each. Two figures per connection come out:
+# - growth: (after the last - before the first) / connections held, which also counts the
+#   fixed memory that the first connections touch for the first time (the shard's receive
+#   buffers, 2 x 2 MiB, are touched by the first few thousand handshakes);
+# - marginal: (after the last - after the first) / connections added since, the cost of one
+#   more idle connection once that is done.
 set -u
 B=$1; M=$2; P=$3; N=$4
 T=${CARGO_TARGET_DIR:-target}/release
 W=$(mktemp -d /tmp/hopmeasure.XXXX)
 slab() { awk 'NR>2 {s+=$2*$4} END {print s}' /proc/slabinfo; }
 slabs() { awk 'NR>2 {print $1, $2*$4}' /proc/slabinfo | sort; }
+rss() { awk '/VmRSS/ {print $2 * 1024}' /proc/$H/status; }
+held() { ss -tnH state established "( sport = :${ADDR##*:} )" | wc -l; }
 $T/hopd --listen 127.0.0.1:0 --data $W/data --shards 2 --pin-cores false --backend $B --uring-receive $M \
-  --idle-timeout-ms 900000 --handshake-timeout-ms 120000 --log warn >$W/banner 2>$W/log &
+  --idle-timeout-ms 900000 --handshake-timeout-ms 120000 --log warn ${HOPD_FLAGS:-} >$W/banner 2>$W/log &
 H=$!
 for i in $(seq 50); do [ -s $W/banner ] && break; sleep 0.1; done
 ADDR=$(awk '{print $4}' $W/banner); KEY=$(sed 's/.*server key \([0-9a-f]*\);.*/\1/' $W/banner)
 sleep 1
-R0=$(awk '/VmRSS/ {print $2}' /proc/$H/status); S0=$(slab); slabs >$W/s0; M0=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
+R0=$(rss); S0=$(slab); slabs >$W/s0; M0=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
 mkfifo $W/hold
+exec 3<>$W/hold
 CL=""
 for p in $(seq $P); do
-  $T/examples/idle_clients $ADDR $KEY $N 127.0.0.$((p+1)) 4 <$W/hold >$W/c$p &
+  $T/examples/idle_clients $ADDR $KEY $N 127.0.0.$((p+1)) 4 <$W/hold >$W/c$p 3>&- &
   CL="$CL $!"
+  for i in $(seq 900); do grep -q -E "ready|stopped" $W/c$p 2>/dev/null && break; sleep 0.5; done
+  sleep 2
+  if [ $p -eq 1 ]; then RA=$(rss); SA=$(slab); HA=$(held); fi
 done
-exec 3>$W/hold
-for i in $(seq 900); do
-  done_=$(cat $W/c* 2>/dev/null | grep -c -E "ready|stopped"); [ "$done_" -ge $P ] && break; sleep 1
-done
-sleep 3
-R1=$(awk '/VmRSS/ {print $2}' /proc/$H/status); S1=$(slab); slabs >$W/s1; M1=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
-HELD=$(ss -tnH state established "( sport = :${ADDR##*:} )" | wc -l)
+R1=$(rss); S1=$(slab); slabs >$W/s1; M1=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
+HELD=$(held)
 echo "backend=$B mode=$M clients: $(cat $W/c* | tr '\n' ' ')"
-echo "server-side established=$HELD"
-echo "rss_kb $R0 -> $R1 : $(( (R1-R0)*1024 / (HELD>0?HELD:1) )) B/conn"
-echo "slabinfo_bytes $S0 -> $S1 : $(( (S1-S0) / (HELD>0?HELD:1) )) B/conn (both ends of each loopback connection)"
+echo "server-side established=$HELD (after the first process: $HA)"
+echo "rss_bytes $R0 -> $R1 : growth $(( (R1-R0) / (HELD>0?HELD:1) )) B/conn; marginal $(( (R1-RA) / ((HELD-HA)>0?(HELD-HA):1) )) B/conn"
+echo "slabinfo_bytes $S0 -> $S1 : growth $(( (S1-S0) / (HELD>0?HELD:1) )) B/conn; marginal $(( (S1-SA) / ((HELD-HA)>0?(HELD-HA):1) )) B/conn (both ends of each loopback connection)"
 echo "meminfo_slab_kb $M0 -> $M1 : $(( (M1-M0)*1024 / (HELD>0?HELD:1) )) B/conn"
 join $W/s0 $W/s1 | awk -v n=$HELD '{d=$3-$2; if (d>n*16) printf "  %-24s %6d B/conn\n", $1, d/n}' | sort -k2 -nr | head -12
 # end: clients first, then hopd

@@ -1,5 +1,6 @@
 //! hop: the command-line client. See `hop --help` and README.md.
 
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

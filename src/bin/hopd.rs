@@ -1,5 +1,6 @@
 //! hopd: the hop connection gateway. See `hopd --help` and README.md.
 
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -426,7 +426,9 @@ pub fn table_slots(connections_max: usize, fd_limit: u64) -> u32 {
     wanted.min(cap) as u32
 }
 
-fn hard_fd_limit() -> u64 {
+/// The open-file limit a fixed-file table is checked against when it is registered: the soft
+/// one (hopd raises it to the hard one before the shards start).
+fn table_fd_limit() -> u64 {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(1024, |(soft, _hard)| soft)
 }
@@ -444,7 +446,7 @@ impl UringBackend {
                 "io_uring: this kernel lacks SINGLE_ISSUER + DEFER_TASKRUN"
             );
         }
-        let slots = table_slots(limits.connections_max, hard_fd_limit());
+        let slots = table_slots(limits.connections_max, table_fd_limit());
         ring.submitter().register_files_sparse(slots)?;
         let buffers = BufRing::register(&ring, BUFFERS, BUFFER_BYTES, BUFFER_GROUP)?;
         // Accepted sockets inherit TCP_NODELAY from the listener: a direct descriptor takes no
