@@ -20,6 +20,8 @@ hopd=${HOPD:-$target_dir/release/hopd}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}
 server_core=${SERVER_CORE:-0}
 shards=${SHARDS:-1}
+log_filter=warn
+[ -n "${HOPD_LOG:-}" ] && log_filter=info
 generator_core=${GENERATOR_CORE:-1}
 priority=${PRIORITY:--10}
 # An array, not a function: a function would run in a subshell when backgrounded, and $!
@@ -37,7 +39,7 @@ start_hopd() {
     local data=$1 out=$1/hopd.out
     # shellcheck disable=SC2086
     "${run_as[@]}" taskset -c "$server_core" "$hopd" --listen 127.0.0.1:0 --data "$data" \
-        --shards "$shards" --pin-cores false --log warn ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
+        --shards "$shards" --pin-cores false --log "$log_filter" ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
     started_pid=$!
     pids+=("$started_pid")
     for _ in $(seq 100); do
@@ -50,7 +52,8 @@ start_hopd() {
 
 pids=()
 dirs=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "${dirs[@]}"' EXIT
+# HOPD_LOG=FILE keeps the first hopd's log (its counters at stop: stores' commits, fsyncs).
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; [ -n "${HOPD_LOG:-}" ] && cp "${dirs[0]}/hopd.err" "$HOPD_LOG"; rm -rf "${dirs[@]}"' EXIT
 data=$(mktemp -d /tmp/hop-bench-data.XXXXXX)
 dirs+=("$data")
 start_hopd "$data"

@@ -1120,11 +1120,16 @@ impl<B: Backend> Core<B> {
             .filter(|(_, value)| *value > 0)
             .map(|(name, value)| format!("{name}={value}"))
             .collect();
+        let store = self.store.counters();
         info!(
             shard = self.settings.index,
             connections_closed = open.len(),
             messages_accepted = counters.messages_accepted,
             messages_acked = counters.messages_acked,
+            store_appended = store.appended,
+            store_delivered = store.delivered,
+            store_commits = store.commits,
+            store_fsyncs = store.fsyncs,
             "shard stopped; {}",
             stats.join(" ")
         );
