@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # idle-memory.sh BACKEND MODE PROCS PER_PROC : memory per idle authenticated connection,
-# hopd --shards 2. Run as root (/proc/slabinfo). See docs/BENCHMARKS.md.
+# hopd --shards 2 (SHARDS=N for another count). Run as root (/proc/slabinfo). See
+# docs/uring.md and docs/BENCHMARKS.md.
 #
 # The client processes start one after the other, and hopd's RSS and the kernel's slab are
 # read before the first and after each. Two figures per connection come out:
@@ -17,7 +18,7 @@ slab() { awk 'NR>2 {s+=$2*$4} END {print s}' /proc/slabinfo; }
 slabs() { awk 'NR>2 {print $1, $2*$4}' /proc/slabinfo | sort; }
 rss() { awk '/VmRSS/ {print $2 * 1024}' /proc/$H/status; }
 held() { ss -tnH state established "( sport = :${ADDR##*:} )" | wc -l; }
-$T/hopd --listen 127.0.0.1:0 --data $W/data --shards 2 --pin-cores false --backend $B --uring-receive $M \
+$T/hopd --listen 127.0.0.1:0 --data $W/data --shards ${SHARDS:-2} --pin-cores false --backend $B --uring-receive $M \
   --idle-timeout-ms 900000 --handshake-timeout-ms 120000 --log warn ${HOPD_FLAGS:-} >$W/banner 2>$W/log &
 H=$!
 for i in $(seq 50); do [ -s $W/banner ] && break; sleep 0.1; done
@@ -28,7 +29,7 @@ mkfifo $W/hold
 exec 3<>$W/hold
 CL=""
 for p in $(seq $P); do
-  $T/examples/idle_clients $ADDR $KEY $N 127.0.0.$((p+1)) 4 <$W/hold >$W/c$p 3>&- &
+  $T/examples/idle_clients $ADDR $KEY $N 127.0.$(( (p+1) / 250 )).$(( (p+1) % 250 + 1 )) 4 <$W/hold >$W/c$p 3>&- &
   CL="$CL $!"
   for i in $(seq 900); do grep -q -E "ready|stopped" $W/c$p 2>/dev/null && break; sleep 0.5; done
   sleep 2

@@ -226,7 +226,7 @@ pub fn connection_ceiling(limits: &LiveLimits, backend: Backend, shards: u32) ->
         connections: memory_for_connections(limits.memory_bytes) / per_connection,
         derivation: format!(
             "{} bytes after the OS reserve and the socket-buffer budget / {per_connection} bytes \
-             per idle connection (kernel measured, hop estimated)",
+             per idle connection (measured on Linux)",
             group(memory_for_connections(limits.memory_bytes))
         ),
     });

@@ -7,7 +7,7 @@ use crate::ceiling::{connection_ceiling, group, Bound, Ceiling, Factor};
 use crate::live::LiveHost;
 use crate::model::{
     bytes_per_connection, Backend, Os, Place, Plan, Rule, Setting, Value,
-    HOP_USER_BYTES_PER_CONNECTION_ESTIMATE, MEMORY_RESERVED_PERCENT, SOCKET_BUFFER_BUDGET_PERCENT,
+    HOP_USER_BYTES_PER_CONNECTION, MEMORY_RESERVED_PERCENT, SOCKET_BUFFER_BUDGET_PERCENT,
 };
 
 /// How a row stands.
@@ -150,7 +150,7 @@ pub fn check(plan: &Plan, live: &LiveHost) -> Report {
         recommended: format!("{} bytes", group(memory_needed)),
         status: verdict(limits.memory_bytes >= memory_needed, capped(Factor::Memory)),
         reason: format!(
-            "{per_connection} bytes per idle connection (kernel measured, hop estimated) over \
+            "{per_connection} bytes per idle connection (measured on Linux) over \
              {usable_percent}% of RAM ({MEMORY_RESERVED_PERCENT}% OS reserve, \
              {SOCKET_BUFFER_BUDGET_PERCENT}% socket buffers)"
         ),
@@ -180,9 +180,8 @@ pub fn check(plan: &Plan, live: &LiveHost) -> Report {
         });
     }
     notes.push(format!(
-        "hop's user-space bytes per connection ({HOP_USER_BYTES_PER_CONNECTION_ESTIMATE}) is an \
-         estimate, to be replaced by the figure in docs/BENCHMARKS.md; the kernel's 3,600 bytes \
-         per idle socket was measured on Linux."
+        "hop's user-space bytes per connection ({HOP_USER_BYTES_PER_CONNECTION}) and the \
+         kernel's 3,600 bytes per idle socket were measured on Linux (docs/BENCHMARKS.md)."
     ));
     if let Some(pid) = live.pid {
         notes.push(format!("limits read from process {pid}"));

@@ -371,10 +371,14 @@ fn describe(plan: &Plan) -> String {
     let _ = writeln!(out, "\nmemory budget (derived by the model):");
     let _ = writeln!(
         out,
-        "  kernel bytes per idle socket        {:>15}  (measured on Linux: slab)",
+        "  kernel bytes per idle connection    {:>15}  (measured on Linux: the socket's slab + hop's poll)",
         group(memory.kernel_bytes_per_connection)
     );
-    let _ = writeln!(out, "  hop user-space bytes per connection {:>15}  (ESTIMATE; to be replaced by docs/BENCHMARKS.md)", group(memory.user_bytes_per_connection));
+    let _ = writeln!(
+        out,
+        "  hop user-space bytes per connection {:>15}  (measured: docs/BENCHMARKS.md)",
+        group(memory.user_bytes_per_connection)
+    );
     let _ = writeln!(
         out,
         "  conntrack bytes per connection      {:>15}",

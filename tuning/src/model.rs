@@ -19,10 +19,15 @@ use crate::error::InputError;
 /// measured there.
 pub const KERNEL_BYTES_PER_IDLE_SOCKET: u64 = 3_600;
 
-/// hop's user-space bytes per idle connection. ESTIMATE, not measured: four times the design
-/// target of 256 bytes (DESIGN.md), to stay on the safe side until hopd exists. To be replaced
-/// by the figure in docs/BENCHMARKS.md.
-pub const HOP_USER_BYTES_PER_CONNECTION_ESTIMATE: u64 = 1_024;
+/// hop's user-space bytes per idle connection. Measured on Linux (docs/BENCHMARKS.md,
+/// `benches/scripts/idle-memory.sh`, 2026-12-01): hopd's RSS grew by 367 B per connection at
+/// 19,000 idle connections on `uring` (375 B on `mio`), first-touch fixed memory included, and
+/// by 191–227 B per connection added after that; rounded up to cover the growth figure.
+pub const HOP_USER_BYTES_PER_CONNECTION: u64 = 384;
+
+/// Kernel bytes hop's backend adds to an idle socket: the armed multishot poll's `io_kiocb`
+/// on `uring` (255–258 B measured), the epoll registration on `mio` (128–165 B); the larger.
+pub const HOP_KERNEL_BYTES_PER_CONNECTION: u64 = 256;
 
 /// Bytes of one conntrack entry: the `nf_conntrack` slab object size on the project's Linux
 /// machine (`grep nf_conntrack /proc/slabinfo`, column objsize: 256).
@@ -444,7 +449,8 @@ pub fn without_headroom(slots: u64) -> u64 {
 /// User-space plus kernel bytes per idle connection.
 pub fn bytes_per_connection(conntrack: bool) -> u64 {
     KERNEL_BYTES_PER_IDLE_SOCKET
-        + HOP_USER_BYTES_PER_CONNECTION_ESTIMATE
+        + HOP_KERNEL_BYTES_PER_CONNECTION
+        + HOP_USER_BYTES_PER_CONNECTION
         + if conntrack {
             CONNTRACK_BYTES_PER_ENTRY
         } else {
@@ -501,8 +507,8 @@ pub fn plan(target: Target) -> Plan {
     let available_bytes = memory_for_connections(target.memory_bytes);
     let per_connection = bytes_per_connection(conntrack);
     let memory = MemoryBudget {
-        kernel_bytes_per_connection: KERNEL_BYTES_PER_IDLE_SOCKET,
-        user_bytes_per_connection: HOP_USER_BYTES_PER_CONNECTION_ESTIMATE,
+        kernel_bytes_per_connection: KERNEL_BYTES_PER_IDLE_SOCKET + HOP_KERNEL_BYTES_PER_CONNECTION,
+        user_bytes_per_connection: HOP_USER_BYTES_PER_CONNECTION,
         conntrack_bytes_per_connection: if conntrack {
             CONNTRACK_BYTES_PER_ENTRY
         } else {
