@@ -24,8 +24,13 @@ const FINGERPRINT_CONTEXT: &[u8] = b"hop key fingerprint v1";
 /// binding must match the id's 48 bits and these 64 independent bits at once, a search of
 /// 2^112 for one chosen victim.
 pub fn key_fingerprint(public_key: &[u8; 32]) -> u64 {
+    hash_64(FINGERPRINT_CONTEXT, public_key)
+}
+
+/// The first 64 bits (little-endian) of BLAKE2s of `context` then `public_key`.
+fn hash_64(context: &[u8], public_key: &[u8; 32]) -> u64 {
     let mut hasher = Blake2s256::new();
-    hasher.update(FINGERPRINT_CONTEXT);
+    hasher.update(context);
     hasher.update(public_key);
     let digest = hasher.finalize();
     let mut first = [0u8; 8];
@@ -42,13 +47,7 @@ const _: () = assert!(std::mem::size_of::<Option<UserId>>() == 8);
 impl UserId {
     /// The id bound to this public key.
     pub fn from_public_key(public_key: &[u8; 32]) -> Self {
-        let mut hasher = Blake2s256::new();
-        hasher.update(DERIVATION_CONTEXT);
-        hasher.update(public_key);
-        let digest = hasher.finalize();
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&digest[..8]);
-        let id = u64::from_le_bytes(first) & USER_ID_MAX;
+        let id = hash_64(DERIVATION_CONTEXT, public_key) & USER_ID_MAX;
         // Zero is reserved for "no user"; a key that hashes to it takes 1 (and, as with any
         // collision, only the first such key can bind it).
         Self(NonZeroU64::new(id).unwrap_or(NonZeroU64::MIN))
