@@ -328,6 +328,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         if Instant::now() >= next_tick {
             core.enforce_timeouts();
             core.expire_and_compact();
+            core.router.release_empty();
             core.end_turn(&mut backend);
             core.publish_gauges(&backend);
             next_tick = Instant::now() + tick;
@@ -991,7 +992,9 @@ impl<B: Backend> Core<B> {
             }
             self.note_out(id, generation, start);
         }
-        for span in std::mem::take(&mut self.spans) {
+        // Taken and put back, so the list keeps its capacity from turn to turn.
+        let mut spans = std::mem::take(&mut self.spans);
+        for span in spans.drain(..) {
             if self.generation_of(span.id) != Some(span.generation) {
                 continue; // closed meanwhile; its id went to another connection
             }
@@ -1003,9 +1006,14 @@ impl<B: Backend> Core<B> {
                 bump(&self.stats.send_overflows, 1);
                 let id = span.id;
                 self.warn(format_args!("connection {id}: does not read; closed"));
-                self.close(id);
+                self.close(id); // writes nothing: no span can appear meanwhile
             }
         }
+        debug_assert!(
+            self.spans.is_empty(),
+            "output made while the turn's output was sent"
+        );
+        self.spans = spans;
         self.out.clear();
         if self.out.capacity() > OUT_CAPACITY_KEPT_BYTES {
             self.out = Vec::new();

@@ -279,7 +279,9 @@ impl Entry {
 }
 
 /// What a shard knows of one of its users: 32 bytes, most users having nothing queued and no
-/// watchers. The queue and the presence lists exist only while they hold something.
+/// watchers. The queue and the presence lists exist only while they hold something (freed by
+/// [`Router::release_empty`] at the first tick they stay empty, not at once: a chatting user
+/// would otherwise allocate them again for every message).
 #[derive(Debug)]
 struct User {
     /// `key_fingerprint` of the key the id is bound to (the key itself is on disk, in the
@@ -302,6 +304,8 @@ const _: () = assert!(std::mem::size_of::<User>() <= 32);
 struct Extra {
     queue: Queue,
     watch: Watch,
+    /// In `Router::emptied`, to be freed at the next sweep if it is still empty then.
+    listed: bool,
 }
 
 /// Items waiting for the device's Ack, oldest first. The first `inflight` were pushed to the
@@ -340,6 +344,9 @@ pub struct Router {
     /// Bodies of queued messages not yet kept on disk, by server id. Bounded by what one
     /// commit interval brings in: a body leaves when its message is kept, acked or refused.
     fresh: HashMap<u64, Bytes>,
+    /// Users whose queue and presence lists became empty since the last
+    /// [`Router::release_empty`]; each at most once.
+    emptied: Vec<UserId>,
 }
 
 /// Server ids: the shard in the top 8 bits, a counter in the low 56. The counter starts at the
@@ -368,6 +375,7 @@ impl Router {
             counters: Counters::default(),
             awaiting_keep: HashMap::default(),
             fresh: HashMap::default(),
+            emptied: Vec::new(),
         }
     }
 
@@ -438,7 +446,9 @@ impl Router {
         user_state.last_seen_ms = 0;
         user_state.restart_pushes();
         let subscribers = user_state.subscribers().to_vec();
-        user_state.tidy();
+        if user_state.newly_empty() {
+            self.emptied.push(user);
+        }
         self.push_queued(user);
         for subscriber in subscribers {
             self.presence_to(subscriber, user, true, 0);
@@ -463,7 +473,9 @@ impl Router {
             .map(|extra| std::mem::take(&mut extra.watch.subscriptions))
             .unwrap_or_default();
         let subscribers = state.subscribers().to_vec();
-        state.tidy();
+        if state.newly_empty() {
+            self.emptied.push(user);
+        }
         for target in subscriptions {
             self.send_home(
                 target,
@@ -523,13 +535,10 @@ impl Router {
             Kind::Unsubscribe(unsubscribe) => {
                 if let Some(target) = UserId::new(unsubscribe.user) {
                     let state = self.users.get_mut(&user).expect("checked above");
-                    if let Some(extra) = state.extra.as_mut() {
-                        extra
-                            .watch
-                            .subscriptions
-                            .retain(|watched| *watched != target);
+                    state.unsubscribe_from(target);
+                    if state.newly_empty() {
+                        self.emptied.push(user);
                     }
-                    state.tidy();
                     self.send_home(
                         target,
                         ShardMessage::Unsubscribe {
@@ -596,13 +605,10 @@ impl Router {
             }
             ShardMessage::Unsubscribe { subscriber, target } => {
                 if let Some(state) = self.users.get_mut(&target) {
-                    if let Some(extra) = state.extra.as_mut() {
-                        extra
-                            .watch
-                            .subscribers
-                            .retain(|watcher| *watcher != subscriber);
+                    state.remove_subscriber(subscriber);
+                    if state.newly_empty() {
+                        self.emptied.push(target);
                     }
-                    state.tidy();
                 }
             }
             ShardMessage::Presence {
@@ -785,6 +791,23 @@ impl Router {
         self.awaiting_keep.len()
     }
 
+    /// Frees the queue and presence lists of the users whose lists have stayed empty since
+    /// they emptied, so that an idle user costs only its 32 bytes. Called once per tick: a
+    /// user who gets a message now and then keeps the box between them instead of
+    /// allocating it again for every message.
+    pub fn release_empty(&mut self) {
+        for user in std::mem::take(&mut self.emptied) {
+            let Some(state) = self.users.get_mut(&user) else {
+                continue;
+            };
+            if state.extra.as_ref().is_some_and(|extra| extra.is_empty()) {
+                state.extra = None;
+            } else if let Some(extra) = state.extra.as_mut() {
+                extra.listed = false; // in use again: listed when it next empties
+            }
+        }
+    }
+
     /// Message bodies held in memory: those of queued messages not yet kept on disk.
     pub fn bodies_in_memory(&self) -> usize {
         self.fresh.len()
@@ -816,7 +839,9 @@ impl Router {
             queue.inflight_bytes -= body_bytes;
         }
         queue.queued_bytes -= body_bytes;
-        state.tidy();
+        if state.newly_empty() {
+            self.emptied.push(user);
+        }
         self.queued_bytes -= body_bytes;
         if item.is_message() {
             self.fresh.remove(&id);
@@ -1077,16 +1102,43 @@ impl User {
         &mut self.extra.get_or_insert_with(Box::default).watch
     }
 
-    /// Frees the queue and the presence lists once they are all empty, so that an idle user
-    /// costs only its 32 bytes.
-    fn tidy(&mut self) {
-        if self.extra.as_ref().is_some_and(|extra| {
-            extra.queue.items.is_empty()
-                && extra.watch.subscribers.is_empty()
-                && extra.watch.subscriptions.is_empty()
-        }) {
-            self.extra = None;
+    /// True once, when the queue and the presence lists have all become empty: the caller
+    /// lists the user for [`Router::release_empty`]. Freeing at once would allocate the box
+    /// again with the user's next message.
+    fn newly_empty(&mut self) -> bool {
+        match self.extra.as_mut() {
+            Some(extra) if !extra.listed && extra.is_empty() => {
+                extra.listed = true;
+                true
+            }
+            _ => false,
         }
+    }
+
+    fn unsubscribe_from(&mut self, target: UserId) {
+        if let Some(extra) = self.extra.as_mut() {
+            extra
+                .watch
+                .subscriptions
+                .retain(|watched| *watched != target);
+        }
+    }
+
+    fn remove_subscriber(&mut self, subscriber: UserId) {
+        if let Some(extra) = self.extra.as_mut() {
+            extra
+                .watch
+                .subscribers
+                .retain(|watcher| *watcher != subscriber);
+        }
+    }
+}
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.queue.items.is_empty()
+            && self.watch.subscribers.is_empty()
+            && self.watch.subscriptions.is_empty()
     }
 }
 

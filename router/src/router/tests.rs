@@ -165,9 +165,14 @@ impl Cluster {
     /// One shard, Alice online on connection 1, Bob known but offline (his first connection,
     /// 2, came and went).
     fn with_offline_recipient(limits: Limits) -> (Self, UserId, UserId) {
-        let mut cluster = Self::new(1, limits);
+        Self::with_offline_recipient_on(1, limits)
+    }
+
+    /// The same on `shards` shards: Alice on the first, Bob on the last.
+    fn with_offline_recipient_on(shards: u16, limits: Limits) -> (Self, UserId, UserId) {
+        let mut cluster = Self::new(shards, limits);
         let alice = cluster.user_on(0, 0);
-        let bob = cluster.user_on(0, 1);
+        let bob = cluster.user_on(shards - 1, u64::from(shards == 1));
         cluster.connect(bob, 2).unwrap();
         cluster.disconnect(bob, 2);
         cluster.connect(alice, 1).unwrap();
@@ -895,13 +900,8 @@ struct BTreeSetU64(std::collections::BTreeSet<u64>);
 
 #[test]
 fn server_ack_waits_for_the_disk() {
-    let mut cluster = Cluster::new(2, Limits::default());
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient_on(2, Limits::default());
     cluster.keep_at_once = false;
-    let alice = cluster.user_on(0, 0);
-    let bob = cluster.user_on(1, 0);
-    cluster.connect(bob, 2).unwrap();
-    cluster.disconnect(bob, 2);
-    cluster.connect(alice, 1).unwrap();
     cluster.send(alice, 1, bob, 1, b"keep me");
     assert!(
         cluster.take(1).is_empty(),
@@ -1026,13 +1026,8 @@ fn expired_items_leave_the_queue() {
 
 #[test]
 fn a_kept_body_leaves_memory_and_is_delivered_from_disk() {
-    let mut cluster = Cluster::new(2, Limits::default());
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient_on(2, Limits::default());
     cluster.keep_at_once = false;
-    let alice = cluster.user_on(0, 0);
-    let bob = cluster.user_on(1, 0);
-    cluster.connect(bob, 2).unwrap();
-    cluster.disconnect(bob, 2);
-    cluster.connect(alice, 1).unwrap();
     cluster.send(alice, 1, bob, 1, b"on disk");
     assert_eq!(cluster.routers[1].bodies_in_memory(), 1, "held until kept");
     cluster.keep_all();
@@ -1079,4 +1074,26 @@ fn a_kept_message_that_cannot_be_read_back_leaves_the_queue_and_is_counted() {
     let pushed = only(cluster.take(3));
     assert_eq!(deliver(&pushed).body.as_ref(), b"fine");
     assert_eq!(cluster.routers[0].counters().items_unreadable, 1);
+}
+
+#[test]
+fn an_emptied_queue_is_freed_at_the_next_sweep_not_at_once() {
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
+    cluster.connect(bob, 3).unwrap();
+    cluster.send(alice, 1, bob, 1, b"hi");
+    let id = deliver(&only(cluster.take(3))).id;
+    cluster
+        .stanza(bob, 3, Kind::Ack(Ack { id, kind: 0 }))
+        .unwrap();
+    let router = &mut cluster.routers[0];
+    assert!(
+        router.users[&bob].extra.is_some(),
+        "kept for the next message"
+    );
+    router.release_empty();
+    assert!(
+        router.users[&bob].extra.is_none(),
+        "an idle user is its 32 bytes"
+    );
+    router.release_empty(); // nothing listed twice
 }
