@@ -102,9 +102,10 @@ fn readme_demo_shows_the_message_and_all_three_ticks() {
         .map(|e| e["event"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["sent", "delivered", "read"]);
-    let id = events[0]["id"].as_u64().unwrap();
-    assert!(events.iter().all(|e| e["id"].as_u64() == Some(id)));
-    assert_eq!(events[1]["by"].as_u64().unwrap().to_string(), bob);
+    let id = events[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 16, "message ids are 16 hex digits: {id}");
+    assert!(events.iter().all(|e| e["id"].as_str() == Some(id.as_str())));
+    assert_eq!(events[1]["by"].as_str(), Some(bob.as_str()));
 
     let listened = finish(listener);
     assert!(listened.status.success());
@@ -112,8 +113,8 @@ fn readme_demo_shows_the_message_and_all_three_ticks() {
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0]["event"], "message");
     assert_eq!(messages[0]["text"], "hello");
-    assert_eq!(messages[0]["from"].as_u64().unwrap().to_string(), alice);
-    assert_eq!(messages[0]["id"].as_u64(), Some(id));
+    assert_eq!(messages[0]["from"].as_str(), Some(alice.as_str()));
+    assert_eq!(messages[0]["id"].as_str(), Some(id.as_str()));
 }
 
 #[test]
@@ -166,20 +167,26 @@ fn cli_errors_are_clear() {
     let output = hop(home)
         .args(["send", "--server", &hopd.addr, "--key"])
         .arg(home.join("a.key"))
-        .args(["--server-key", &"00".repeat(32), "--to", "5", "x"])
+        .args([
+            "--server-key",
+            &"00".repeat(32),
+            "--to",
+            &"5".repeat(32),
+            "x",
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("SERVER KEY MISMATCH"));
-    // An id out of range.
+    // A malformed id, as version 1 printed them (decimal).
     let output = hop(home)
         .args(["send", "--key"])
         .arg(home.join("a.key"))
-        .args(["--to", "0", "x"])
+        .args(["--to", "12345", "x"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("outside"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("32 hex digits"));
     // keygen never overwrites.
     let output = hop(home)
         .args(["keygen", "--out"])

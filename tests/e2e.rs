@@ -14,8 +14,8 @@ use std::time::Duration;
 use common::{closed_by_server, expect_kind, ping, Hopd, PATIENCE};
 use hop_protocol::client::{Client, ClientError, ServerTrust};
 use hop_protocol::wire::{
-    Ack, Deliver, ErrorCode, GoAwayReason, Kind, Presence, ReceiptKind, ServerAck, Stanza,
-    Subscribe,
+    Ack, Deliver, ErrorCode, GoAwayReason, Kind, MessageRef, Presence, ReceiptKind, ServerAck,
+    Stanza, Subscribe, UserRef,
 };
 use hop_protocol::{StaticKey, UserId};
 
@@ -33,25 +33,41 @@ fn deliver(client: &mut Client) -> Deliver {
     })
 }
 
-fn receipt(client: &mut Client) -> (u64, ReceiptKind, u64) {
+fn receipt(client: &mut Client) -> (u64, ReceiptKind, UserId) {
     expect_kind(client, "Receipt", |kind| match kind {
         Kind::Receipt(receipt) => Some((
             receipt.id,
             ReceiptKind::try_from(receipt.kind).expect("known receipt kind"),
-            receipt.by,
+            UserRef::user(receipt.by.as_ref()).expect("a valid user id"),
         )),
         _ => None,
     })
 }
 
-fn error(client: &mut Client) -> (ErrorCode, u32) {
+/// The next Error: its code and the message it names.
+fn error(client: &mut Client) -> (ErrorCode, MessageRef) {
     expect_kind(client, "Error", |kind| match kind {
         Kind::Error(error) => Some((
             ErrorCode::try_from(error.code).expect("known code"),
-            error.seq,
+            MessageRef {
+                outbox: error.outbox,
+                seq: error.seq,
+            },
         )),
         _ => None,
     })
+}
+
+/// The message a ServerAck names.
+fn acked(ack: &ServerAck) -> MessageRef {
+    MessageRef {
+        outbox: ack.outbox,
+        seq: ack.seq,
+    }
+}
+
+fn sender(deliver: &Deliver) -> UserId {
+    UserRef::user(deliver.from.as_ref()).expect("a valid sender")
 }
 
 fn go_away(client: &mut Client) -> GoAwayReason {
@@ -86,14 +102,14 @@ fn online_delivery_with_sent_delivered_read_ticks() {
     let hopd = Hopd::start(&[]);
     let (alice_key, mut alice) = hopd.new_user();
     let (bob_key, mut bob) = hopd.new_user();
-    let seq = alice.send_message(bob_key.user_id(), b"hello bob").unwrap();
+    let message_ref = alice.send_message(bob_key.user_id(), b"hello bob").unwrap();
 
     let sent = server_ack(&mut alice);
-    assert_eq!(sent.seq, seq);
+    assert_eq!(acked(&sent), message_ref);
     let message = deliver(&mut bob);
     assert_eq!(
-        message.from,
-        alice_key.user_id().get(),
+        sender(&message),
+        alice_key.user_id(),
         "the server fills in the sender"
     );
     assert_eq!(message.id, sent.id);
@@ -102,12 +118,13 @@ fn online_delivery_with_sent_delivered_read_ticks() {
     bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
     assert_eq!(
         receipt(&mut alice),
-        (sent.id, ReceiptKind::Delivered, bob_key.user_id().get())
+        (sent.id, ReceiptKind::Delivered, bob_key.user_id())
     );
-    bob.read(alice_key.user_id(), message.id).unwrap();
+    bob.read(alice_key.user_id(), message.id, message.proof)
+        .unwrap();
     assert_eq!(
         receipt(&mut alice),
-        (sent.id, ReceiptKind::Read, bob_key.user_id().get())
+        (sent.id, ReceiptKind::Read, bob_key.user_id())
     );
 }
 
@@ -131,7 +148,8 @@ fn offline_recipient_gets_the_message_on_connect_and_receipts_reach_the_sender()
         (sent.id, &b"while you were out"[..])
     );
     bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
-    bob.read(alice_key.user_id(), message.id).unwrap();
+    bob.read(alice_key.user_id(), message.id, message.proof)
+        .unwrap();
     ping(&mut bob);
 
     let mut alice = hopd.connect(&alice_key);
@@ -162,12 +180,15 @@ fn presence_online_and_offline_seen_by_a_subscriber() {
     let (watched_key, watched) = hopd.new_user();
     watcher
         .send(&Stanza::of(Kind::Subscribe(Subscribe {
-            user: watched_key.user_id().get(),
+            user: Some(watched_key.user_id().into()),
         })))
         .unwrap();
     let now = presence(&mut watcher);
     assert!(now.online);
-    assert_eq!(now.user, watched_key.user_id().get());
+    assert_eq!(
+        UserRef::user(now.user.as_ref()),
+        Some(watched_key.user_id())
+    );
 
     watched.close();
     let gone = presence(&mut watcher);
@@ -188,14 +209,15 @@ fn a_client_cannot_send_as_someone_else() {
     let (bob_key, mut bob) = hopd.new_user();
     // A Send has no sender field: the server stamps the authenticated user.
     alice.send_message(bob_key.user_id(), b"who am i").unwrap();
-    assert_eq!(deliver(&mut bob).from, alice_key.user_id().get());
+    assert_eq!(sender(&deliver(&mut bob)), alice_key.user_id());
     // A client that pushes a server-side stanza claiming another sender is cut off.
-    let forged = Stanza::of(Kind::Deliver(Deliver {
-        from: bob_key.user_id().get(),
-        id: 1,
-        timestamp_ms: 0,
-        body: bytes::Bytes::from_static(b"forged"),
-    }));
+    let forged = Stanza::deliver(
+        bob_key.user_id(),
+        1,
+        0,
+        bytes::Bytes::from_static(b"forged"),
+        0,
+    );
     alice.send(&forged).unwrap();
     assert_eq!(error(&mut alice).0, ErrorCode::BadStanza);
     assert_eq!(go_away(&mut alice), GoAwayReason::Protocol);
@@ -290,16 +312,26 @@ fn sends_to_unknown_or_malformed_user_ids_get_errors_not_acks() {
     let hopd = Hopd::start(&[]);
     let (_, mut alice) = hopd.new_user();
     let stranger = StaticKey::generate().unwrap().user_id();
-    let seq = alice.send_message(stranger, b"anyone?").unwrap();
-    assert_eq!(error(&mut alice), (ErrorCode::UnknownUser, seq));
+    let message = alice.send_message(stranger, b"anyone?").unwrap();
+    assert_eq!(error(&mut alice), (ErrorCode::UnknownUser, message));
     alice
         .send(&Stanza::of(Kind::Send(hop_protocol::wire::Send {
-            to: 0,
+            to: Some(UserRef { high: 0, low: 7 }),
             seq: 99,
             body: bytes::Bytes::from_static(b"x"),
+            alias: 0,
         })))
         .unwrap();
-    assert_eq!(error(&mut alice), (ErrorCode::BadUserId, 99));
+    assert_eq!(
+        error(&mut alice),
+        (
+            ErrorCode::BadUserId,
+            MessageRef {
+                outbox: message.outbox,
+                seq: 99
+            }
+        )
+    );
     // The connection stays usable after such errors.
     ping(&mut alice);
 }
@@ -314,8 +346,8 @@ fn full_offline_queue_refuses_with_an_error() {
         alice.send_message(bob_key.user_id(), b"fits").unwrap();
         server_ack(&mut alice);
     }
-    let seq = alice.send_message(bob_key.user_id(), b"overflows").unwrap();
-    assert_eq!(error(&mut alice), (ErrorCode::QueueFull, seq));
+    let message = alice.send_message(bob_key.user_id(), b"overflows").unwrap();
+    assert_eq!(error(&mut alice), (ErrorCode::QueueFull, message));
 }
 
 #[test]
@@ -389,8 +421,8 @@ fn users_on_different_shards_exchange_messages() {
             .unwrap();
         let to_bob = deliver(&mut bob);
         let to_alice = deliver(&mut alice);
-        assert_eq!(to_bob.from, alice_key.user_id().get());
-        assert_eq!(to_alice.from, bob_key.user_id().get());
+        assert_eq!(sender(&to_bob), alice_key.user_id());
+        assert_eq!(sender(&to_alice), bob_key.user_id());
         bob.ack(to_bob.id, ReceiptKind::Unspecified).unwrap();
         alice.ack(to_alice.id, ReceiptKind::Unspecified).unwrap();
         assert_eq!(receipt(&mut alice).1, ReceiptKind::Delivered);
@@ -462,7 +494,7 @@ fn a_thousand_concurrent_clients_lose_nothing_and_duplicate_nothing() {
                 let mut bodies = BTreeMap::new();
                 while bodies.len() < MESSAGES {
                     let message = deliver(&mut recipient);
-                    assert_eq!(message.from, sender_id.get());
+                    assert_eq!(sender(&message), sender_id);
                     let previous = bodies.insert(message.id, message.body.to_vec());
                     assert!(previous.is_none(), "duplicate delivery of {}", message.id);
                     recipient.ack(message.id, ReceiptKind::Unspecified).unwrap();
@@ -481,11 +513,7 @@ fn a_thousand_concurrent_clients_lose_nothing_and_duplicate_nothing() {
             ping(&mut sender);
             connected.wait();
             for n in 0..MESSAGES {
-                sender.queue(&Stanza::send(
-                    recipient_id,
-                    n as u32 + 1,
-                    bytes::Bytes::from(format!("pair {pair} message {n}")),
-                ));
+                sender.queue_message(recipient_id, format!("pair {pair} message {n}").as_bytes());
             }
             sender.flush().unwrap();
             let (mut acked, mut delivered) = (BTreeSet::new(), BTreeSet::new());
@@ -577,11 +605,7 @@ fn full_mailboxes_apply_backpressure_without_losing_anything() {
     ping(&mut alice);
     ping(&mut bob);
     for n in 0..MESSAGES {
-        alice.queue(&Stanza::send(
-            bob_key.user_id(),
-            n as u32 + 1,
-            bytes::Bytes::from(format!("burst {n}")),
-        ));
+        alice.queue_message(bob_key.user_id(), format!("burst {n}").as_bytes());
     }
     alice.flush().unwrap();
     let mut seen = BTreeSet::new();
@@ -668,9 +692,15 @@ fn queued_message_bodies_stay_on_disk_not_in_memory() {
     let (bob_key, bob) = hopd.new_user();
     bob.close();
     let before = resident_bytes(hopd.pid());
-    let body: Vec<u8> = (0..BODY_BYTES).map(|n| (n % 251) as u8).collect();
-    for _ in 0..MESSAGES {
-        alice.send_message(bob_key.user_id(), &body).unwrap();
+    let body_of = |number: usize| -> Vec<u8> {
+        let mut body: Vec<u8> = (0..BODY_BYTES).map(|n| (n % 251) as u8).collect();
+        body[..8].copy_from_slice(&(number as u64).to_le_bytes());
+        body
+    };
+    for number in 0..MESSAGES {
+        alice
+            .send_message(bob_key.user_id(), &body_of(number))
+            .unwrap();
     }
     for _ in 0..MESSAGES {
         server_ack(&mut alice); // each one on disk
@@ -687,12 +717,12 @@ fn queued_message_bodies_stay_on_disk_not_in_memory() {
     // After a restart the queue is rebuilt from the log and delivered from disk, in order.
     let hopd = Hopd::start_in(&data, &flags);
     let mut bob = hopd.connect(&bob_key);
-    let mut last_id = 0;
-    for _ in 0..MESSAGES {
+    for number in 0..MESSAGES {
         let message = deliver(&mut bob);
-        assert_eq!(&message.body[..], &body[..]);
-        assert!(message.id > last_id, "in order");
-        last_id = message.id;
+        assert!(
+            message.body[..] == body_of(number)[..],
+            "message {number}, in order"
+        );
         bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
     }
     ping(&mut bob);
@@ -742,12 +772,16 @@ fn a_message_acked_before_its_batch_is_due_is_never_written() {
 
     // Offline: held until the batch is due (here: at shutdown), then written and acked.
     let offline_marker = b"OFFLINE-MARKER-93be0a-kept-for-later";
-    let seq = alice
+    let message = alice
         .send_message(bob_key.user_id(), offline_marker)
         .unwrap();
     ping(&mut alice);
     assert!(hopd.stop().success());
-    assert_eq!(server_ack(&mut alice).seq, seq, "acked once on disk");
+    assert_eq!(
+        acked(&server_ack(&mut alice)),
+        message,
+        "acked once on disk"
+    );
     let written = |marker: &[u8]| {
         files_under(&data).iter().any(|path| {
             let bytes = std::fs::read(path).unwrap_or_default();

@@ -18,14 +18,14 @@ use hop_protocol::noise::{
     TRANSPORT_FRAME_LIMITS,
 };
 use hop_protocol::wire::{self, Ack, Kind, ReceiptKind, Stanza};
-use hop_router::{Action, ConnRef, Limits, Router};
+use hop_router::{Action, ConnRef, Limits, Router, Secrets};
 
 /// The DESIGN's benchmark message body.
 const BODY: &[u8; 24] = b"twenty-four byte message";
 
 fn frame_codec(c: &mut Criterion) {
-    let to = hop_protocol::UserId::new(42).expect("valid id");
-    let stanza = Stanza::send(to, 7, Bytes::from_static(BODY));
+    // A Send to a recipient already bound to an alias: the common case on the wire.
+    let stanza = Stanza::send_to_alias(1, 7, Bytes::from_static(BODY));
     let mut group = c.benchmark_group("frame");
     group.throughput(Throughput::Elements(1));
     group.bench_function("encode_send_stanza_and_header", |b| {
@@ -100,7 +100,9 @@ fn transport_pair() -> (Transport, Transport) {
         .expect("message 2");
     let mut message_3 = Vec::new();
     let client = client.finish(&mut message_3).expect("message 3");
-    let ServerStep::Finished(server, _) = server
+    let ServerStep::Finished {
+        transport: server, ..
+    } = server
         .handle_frame(&frame_of(&message_3), &mut Vec::new())
         .expect("message 3")
     else {
@@ -110,10 +112,9 @@ fn transport_pair() -> (Transport, Transport) {
 }
 
 fn noise_transport(c: &mut Criterion) {
-    let to = hop_protocol::UserId::new(42).expect("valid id");
     let mut plaintext = Vec::new();
     wire::encode(
-        &Stanza::send(to, 7, Bytes::from_static(BODY)),
+        &Stanza::send_to_alias(1, 7, Bytes::from_static(BODY)),
         &mut plaintext,
     );
     let mut group = c.benchmark_group("noise");
@@ -138,33 +139,41 @@ fn noise_transport(c: &mut Criterion) {
 }
 
 fn routing(c: &mut Criterion) {
-    let mut router = Router::new(0, 1, Limits::default(), 0);
+    let secrets = Secrets::derive(&[3; 32]);
+    let mut router = Router::new(0, 1, Limits::default(), secrets);
     let alice = StaticKey::generate().expect("key");
     let bob = StaticKey::generate().expect("key");
     let (a, b) = (alice.user_id(), bob.user_id());
+    router.handle_connect(a, alice.public(), ConnRef(1), 0);
+    router.handle_connect(b, bob.public(), ConnRef(2), 0);
+    // Alice's connection declares its outbox and binds bob to alias 1, as a client does once.
     router
-        .handle_connect(a, alice.public(), ConnRef(1), 0)
-        .expect("connects");
+        .handle_stanza(a, ConnRef(1), Stanza::outbox(77), 1)
+        .expect("valid outbox");
     router
-        .handle_connect(b, bob.public(), ConnRef(2), 0)
-        .expect("connects");
-    while router.poll_action().is_some() {}
+        .handle_stanza(a, ConnRef(1), Stanza::send(b, 1, Bytes::new(), 1), 1)
+        .expect("valid send");
+    while let Some(action) = router.poll_action() {
+        if let Action::Keep { user, item } = &action {
+            router.handle_kept(*user, item.id(), item.ack_kind(), 1);
+        }
+    }
     let mut group = c.benchmark_group("router");
     group.throughput(Throughput::Elements(1));
     // One message's whole life on one shard: Send -> ServerAck + Deliver, the recipient's Ack
     // -> delivered Receipt, the sender's Ack of the receipt. Acking keeps the queues empty.
     group.bench_function("send_deliver_ack_receipt_cycle", |bench| {
-        let mut seq = 0u32;
+        let mut seq = 1u64;
         bench.iter(|| {
-            seq = seq.wrapping_add(1);
-            let send = Stanza::send(b, seq, Bytes::from_static(BODY));
+            seq += 1;
+            let send = Stanza::send_to_alias(1, seq, Bytes::from_static(BODY));
             router
                 .handle_stanza(a, ConnRef(1), send, 1)
                 .expect("valid send");
             let mut deliver_id = None;
             while let Some(action) = router.poll_action() {
-                if let Action::Keep { item, .. } = &action {
-                    router.handle_kept(item.id(), item.ack_kind(), 1);
+                if let Action::Keep { user, item } = &action {
+                    router.handle_kept(*user, item.id(), item.ack_kind(), 1);
                 }
                 if let Action::Send {
                     stanza:

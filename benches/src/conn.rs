@@ -1,16 +1,21 @@
 //! One client connection's protocol state, sans-IO: bytes in, events and bytes out.
 //!
-//! [`HopClient`] runs hop's Noise XX handshake through `ClientHandshake` and then an open
-//! `Channel`; [`MqttClient`] runs CONNECT/SUBSCRIBE and then PUBLISH. Both ack what the
-//! server delivers, as a real client does (hop: `Ack` for a Deliver and for a delivered
-//! Receipt; MQTT: PUBACK for a QoS 1 PUBLISH), so the scenarios only count.
+//! [`HopClient`] drives hop's own client connection (`session::ClientConnection`: the Noise XX
+//! handshake, then the open channel) and sends as a v2 client does: it declares a random
+//! outbox and numbers and names its messages through `outbox::Outbox`, so a message to a
+//! known peer carries an alias, not the peer's 16-byte id. [`MqttClient`] runs
+//! CONNECT/SUBSCRIBE and then PUBLISH. Both ack what the server delivers, as a real client does
+//! (hop: `Ack` for a Deliver and for a Receipt; MQTT: PUBACK for a QoS 1 PUBLISH), so the
+//! scenarios only count.
+
+use std::collections::BTreeSet;
 
 use bytes::Bytes;
-use hop_protocol::frame::{Deframer, FRAME_BODY_BYTES_MAX};
+use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
 use hop_protocol::keys::{StaticKey, KEY_BYTES};
-use hop_protocol::noise::{ClientHandshake, NoiseError, HANDSHAKE_FRAME_LIMITS};
-use hop_protocol::session::{Channel, InputError, PeerError};
-use hop_protocol::wire::{Ack, Kind, Ping, ReceiptKind, Stanza};
+use hop_protocol::outbox::Outbox;
+use hop_protocol::session::{ClientConnection, ClientEvent, ClientInputError, PeerError};
+use hop_protocol::wire::{Ack, Kind, MessageRef, Ping, ReceiptKind, Stanza};
 use hop_protocol::UserId;
 use thiserror::Error;
 
@@ -24,11 +29,15 @@ pub enum Event {
     /// A message for this client, already acked to the server.
     Delivered { body: Bytes },
     /// The server took responsibility for a message this client sent (ServerAck / PUBACK).
+    /// hop: counted once per message, by its (outbox, seq).
     SendAcked,
+    /// hop: a second answer (ServerAck or Error) for a message that already had one.
+    SendAnsweredAgain,
     /// A delivered receipt for a message this client sent (hop only), already acked.
     Receipt,
-    /// The server refused something; the code names what.
-    ServerError { code: i32 },
+    /// The server refused something; the code names what. `send_refused`: the Error names a
+    /// message this connection sent (by its (outbox, seq)), which gets no ServerAck.
+    ServerError { code: i32, send_refused: bool },
     /// The server announced it closes this connection.
     GoAway { reason: i32 },
 }
@@ -40,45 +49,65 @@ pub enum ConnError {
     Hop(#[from] PeerError),
     #[error("server key {presented} differs from the pinned key")]
     ServerKeyMismatch { presented: String },
+    #[error(
+        "hop: the server answered message {seq} of outbox {outbox:016x}, which this connection \
+         did not send"
+    )]
+    UnknownMessage { outbox: u64, seq: u64 },
+    #[error("no randomness available for an outbox id")]
+    Random,
     #[error("mqtt: {0}")]
     Mqtt(#[from] MqttError),
     #[error("mqtt broker refused the connection with return code {0}")]
     MqttRefused(u8),
 }
 
-impl From<InputError<std::convert::Infallible>> for ConnError {
-    fn from(error: InputError<std::convert::Infallible>) -> Self {
+impl From<ClientInputError<ConnError>> for ConnError {
+    fn from(error: ClientInputError<ConnError>) -> Self {
         match error {
-            InputError::Peer(peer) => Self::Hop(peer),
-            InputError::Handler(never) => match never {},
+            ClientInputError::Peer(peer) => Self::Hop(peer),
+            ClientInputError::ServerKeyMismatch { presented } => Self::ServerKeyMismatch {
+                presented: hex::encode(presented),
+            },
+            ClientInputError::Handler(error) => error,
         }
     }
 }
 
 /// The client side of one hop connection.
 #[derive(Debug)]
-pub enum HopClient {
-    Handshaking {
-        handshake: Option<Box<ClientHandshake>>,
-        deframer: Deframer,
-        pin: Option<[u8; KEY_BYTES]>,
-    },
-    Open(Box<Channel>),
+pub struct HopClient {
+    connection: ClientConnection,
+    outbox: Outbox,
+    /// Which of the outbox's messages the server answered, to count each answer once.
+    answered: Answered,
+    /// The stanzas of one message (the outbox declaration first, then the Send); kept so that
+    /// sending allocates nothing but the body.
+    stanzas: Vec<Stanza>,
+    /// The acks of one read, queued once the read is handled; kept for the same reason.
+    acks: Vec<Ack>,
 }
 
 impl HopClient {
-    /// Starts the handshake: message 1 is appended to `out`.
-    pub fn start(key: &StaticKey, pin: Option<[u8; KEY_BYTES]>, out: &mut Vec<u8>) -> Self {
-        let handshake = ClientHandshake::start(key, out);
-        Self::Handshaking {
-            handshake: Some(Box::new(handshake)),
-            deframer: Deframer::new(),
-            pin,
-        }
+    /// Starts the handshake: message 1 is appended to `out`. With a `pin`, a server with
+    /// another key fails the connection.
+    pub fn start(
+        key: &StaticKey,
+        pin: Option<[u8; KEY_BYTES]>,
+        out: &mut Vec<u8>,
+    ) -> Result<Self, ConnError> {
+        let outbox = Outbox::random().map_err(|_| ConnError::Random)?;
+        Ok(Self {
+            connection: ClientConnection::start(key, pin, out),
+            outbox,
+            answered: Answered::default(),
+            stanzas: Vec::new(),
+            acks: Vec::new(),
+        })
     }
 
     pub fn is_open(&self) -> bool {
-        matches!(self, Self::Open(_))
+        self.connection.is_open()
     }
 
     /// Feeds bytes from the server. Replies (message 3, acks) are queued or appended to `out`;
@@ -90,104 +119,146 @@ impl HopClient {
         out: &mut Vec<u8>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(), ConnError> {
-        match self {
-            Self::Handshaking {
-                handshake,
-                deframer,
-                pin,
-            } => {
-                let mut reply: Option<Vec<u8>> = None;
-                deframer.handle_input::<PeerError>(
-                    input,
-                    &mut || HANDSHAKE_FRAME_LIMITS,
-                    &mut |frame| {
-                        if reply.is_some() {
-                            // The server sends nothing after message 2 until it has message 3.
-                            return Err(NoiseError::OutOfOrder.into());
-                        }
-                        reply = Some(frame.to_vec());
-                        Ok(())
-                    },
-                )?;
-                let Some(reply) = reply else {
+        let Self {
+            connection,
+            outbox,
+            answered,
+            acks,
+            ..
+        } = self;
+        debug_assert!(acks.is_empty());
+        let result = connection.handle_input::<ConnError>(input, scratch, out, &mut |event| {
+            let stanza = match event {
+                // The pin, if any, was checked by the connection.
+                ClientEvent::Authenticated { .. } => {
+                    on_event(Event::Opened);
                     return Ok(());
-                };
-                let mut handshake = handshake
-                    .take()
-                    .ok_or(PeerError::from(NoiseError::OutOfOrder))?;
-                let server_key = handshake.handle_response(&reply).map_err(PeerError::from)?;
-                if let Some(pinned) = pin {
-                    if *pinned != server_key {
-                        return Err(ConnError::ServerKeyMismatch {
-                            presented: hex::encode(server_key),
-                        });
-                    }
                 }
-                let transport = handshake.finish(out).map_err(PeerError::from)?;
-                let deframer = std::mem::take(deframer);
-                *self = Self::Open(Box::new(Channel::new(transport, deframer)));
-                on_event(Event::Opened);
-                Ok(())
+                ClientEvent::Stanza(stanza) => stanza,
+            };
+            match stanza.kind {
+                Some(Kind::Deliver(deliver)) => {
+                    acks.push(Ack {
+                        id: deliver.id,
+                        kind: ReceiptKind::Unspecified as i32,
+                    });
+                    on_event(Event::Delivered { body: deliver.body });
+                }
+                Some(Kind::ServerAck(ack)) => {
+                    let message = MessageRef {
+                        outbox: ack.outbox,
+                        seq: ack.seq,
+                    };
+                    on_event(if answered.first_answer(outbox, message)? {
+                        Event::SendAcked
+                    } else {
+                        Event::SendAnsweredAgain
+                    });
+                }
+                Some(Kind::Receipt(receipt)) => {
+                    acks.push(Ack {
+                        id: receipt.id,
+                        kind: receipt.kind,
+                    });
+                    on_event(Event::Receipt);
+                }
+                Some(Kind::Error(error)) => {
+                    // seq 0: the Error is not about a Send.
+                    let message = MessageRef {
+                        outbox: error.outbox,
+                        seq: error.seq,
+                    };
+                    let send_refused = error.seq != 0 && answered.first_answer(outbox, message)?;
+                    on_event(Event::ServerError {
+                        code: error.code,
+                        send_refused,
+                    });
+                }
+                Some(Kind::GoAway(go_away)) => on_event(Event::GoAway {
+                    reason: go_away.reason,
+                }),
+                _ => {}
             }
-            Self::Open(channel) => {
-                let mut replies: Vec<Stanza> = Vec::new();
-                channel.handle_input::<std::convert::Infallible>(
-                    input,
-                    scratch,
-                    &mut |stanza| {
-                        match stanza.kind {
-                            Some(Kind::Deliver(deliver)) => {
-                                replies.push(Stanza::of(Kind::Ack(Ack {
-                                    id: deliver.id,
-                                    kind: ReceiptKind::Unspecified as i32,
-                                })));
-                                on_event(Event::Delivered { body: deliver.body });
-                            }
-                            Some(Kind::ServerAck(_)) => on_event(Event::SendAcked),
-                            Some(Kind::Receipt(receipt)) => {
-                                replies.push(Stanza::of(Kind::Ack(Ack {
-                                    id: receipt.id,
-                                    kind: receipt.kind,
-                                })));
-                                on_event(Event::Receipt);
-                            }
-                            Some(Kind::Error(error)) => {
-                                on_event(Event::ServerError { code: error.code })
-                            }
-                            Some(Kind::GoAway(go_away)) => on_event(Event::GoAway {
-                                reason: go_away.reason,
-                            }),
-                            _ => {}
-                        }
-                        Ok(())
-                    },
-                )?;
-                for reply in &replies {
-                    channel.queue(reply, out);
-                }
-                Ok(())
+            Ok(())
+        });
+        if let (Ok(()), Some(channel)) = (&result, connection.channel()) {
+            for ack in acks.drain(..) {
+                channel.queue(&Stanza::of(Kind::Ack(ack)), out);
             }
         }
+        // After an error the connection fails: its acks are moot.
+        acks.clear();
+        Ok(result?)
     }
 
-    /// Queues a message to `to`; sealed at the next flush.
-    pub fn send(&mut self, to: UserId, seq: u32, body: Bytes, out: &mut Vec<u8>) {
-        if let Self::Open(channel) = self {
-            channel.queue(&Stanza::send(to, seq, body), out);
+    /// Queues a message to `to` from this connection's outbox; sealed at the next flush.
+    /// Ignored until the connection is open.
+    pub fn send(&mut self, to: UserId, body: Bytes, out: &mut Vec<u8>) {
+        let Some(channel) = self.connection.channel() else {
+            return;
+        };
+        debug_assert!(self.stanzas.is_empty());
+        self.outbox.send(to, body, &mut self.stanzas);
+        for stanza in self.stanzas.drain(..) {
+            channel.queue(&stanza, out);
         }
     }
 
     pub fn ping(&mut self, nonce: u64, out: &mut Vec<u8>) {
-        if let Self::Open(channel) = self {
+        if let Some(channel) = self.connection.channel() {
             channel.queue(&Stanza::of(Kind::Ping(Ping { nonce })), out);
         }
     }
 
     /// Seals everything queued into one frame.
     pub fn flush(&mut self, out: &mut Vec<u8>) {
-        if let Self::Open(channel) = self {
+        if let Some(channel) = self.connection.channel() {
             channel.flush(out);
         }
+    }
+}
+
+/// The seqs of one outbox that got their answer (a ServerAck or an Error), in little memory:
+/// every seq below `below` is answered; `above` holds those answered out of order, so answers
+/// that arrive in order never touch it.
+#[derive(Debug)]
+struct Answered {
+    below: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Default for Answered {
+    fn default() -> Self {
+        // Seqs count from 1.
+        Self {
+            below: 1,
+            above: BTreeSet::new(),
+        }
+    }
+}
+
+impl Answered {
+    /// True the first time `message` is answered. A message this connection did not send (of
+    /// another outbox, or a seq the outbox has not given out) is the server's error.
+    fn first_answer(&mut self, outbox: &Outbox, message: MessageRef) -> Result<bool, ConnError> {
+        if message.outbox != outbox.id() || message.seq == 0 || message.seq >= outbox.next_seq() {
+            return Err(ConnError::UnknownMessage {
+                outbox: message.outbox,
+                seq: message.seq,
+            });
+        }
+        if message.seq < self.below {
+            return Ok(false);
+        }
+        if message.seq > self.below {
+            return Ok(self.above.insert(message.seq));
+        }
+        self.below += 1;
+        while self.above.first() == Some(&self.below) {
+            self.above.pop_first();
+            self.below += 1;
+        }
+        Ok(true)
     }
 }
 
@@ -303,75 +374,233 @@ impl MqttClient {
 mod tests {
     use super::*;
     use hop_protocol::session::{ServerConnection, ServerEvent};
-    use hop_protocol::wire::Deliver;
+    use hop_protocol::wire::{ErrorCode, Receipt, ServerAck, UserRef};
 
-    /// The generator's client against hop's own server state machine, in memory.
+    /// The generator's client and hop's own server state machine, in memory.
+    struct Pair {
+        client: HopClient,
+        server: ServerConnection,
+        scratch: Vec<u8>,
+    }
+
+    /// What the client made of a read: its events, and the stanzas its reply (sealed at the
+    /// end of the turn, as the engine does) carried to the server.
+    #[derive(Debug)]
+    struct Turn {
+        events: Vec<Event>,
+        replies: Vec<Stanza>,
+    }
+
+    impl Pair {
+        /// Runs the handshake; the server has authenticated the client.
+        fn open() -> Self {
+            let server_key = StaticKey::generate().unwrap();
+            let client_key = StaticKey::generate().unwrap();
+            let mut to_server = Vec::new();
+            let client =
+                HopClient::start(&client_key, Some(*server_key.public()), &mut to_server).unwrap();
+            let mut pair = Self {
+                client,
+                server: ServerConnection::new(&server_key),
+                scratch: frame_scratch(),
+            };
+            let mut to_client = Vec::new();
+            pair.server
+                .handle_input::<()>(&to_server, &mut pair.scratch, &mut to_client, &mut |_| {
+                    Ok(())
+                })
+                .unwrap();
+            let turn = pair.feed_client(&to_client).unwrap();
+            assert_eq!(turn.events, [Event::Opened]);
+            assert!(turn.replies.is_empty(), "message 3 only");
+            assert!(pair.client.is_open());
+            assert!(pair.server.is_open(), "the server took message 3");
+            pair
+        }
+
+        /// Feeds `bytes` to the client, then its reply to the server.
+        fn feed_client(&mut self, bytes: &[u8]) -> Result<Turn, ConnError> {
+            let mut events = Vec::new();
+            let mut out = Vec::new();
+            self.client
+                .handle_input(bytes, &mut self.scratch, &mut out, &mut |e| events.push(e))?;
+            self.client.flush(&mut out);
+            let replies = self.feed_server(&out);
+            Ok(Turn { events, replies })
+        }
+
+        /// Feeds `bytes` to the server; returns the stanzas it received.
+        fn feed_server(&mut self, bytes: &[u8]) -> Vec<Stanza> {
+            let mut stanzas = Vec::new();
+            self.server
+                .handle_input::<()>(bytes, &mut self.scratch, &mut Vec::new(), &mut |event| {
+                    match event {
+                        ServerEvent::Authenticated { .. } => {}
+                        ServerEvent::Stanza(stanza) => stanzas.push(stanza),
+                        ServerEvent::Outdated { .. } => panic!("the bench speaks v2"),
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            stanzas
+        }
+
+        /// Seals `stanzas` from the server in one frame and feeds them to the client.
+        fn server_sends(&mut self, stanzas: &[Stanza]) -> Result<Turn, ConnError> {
+            let mut to_client = Vec::new();
+            let channel = self.server.channel().unwrap();
+            for stanza in stanzas {
+                channel.queue(stanza, &mut to_client);
+            }
+            channel.flush(&mut to_client);
+            self.feed_client(&to_client)
+        }
+
+        /// Sends `bodies` to `to` in one turn; returns what the server received.
+        fn send(&mut self, to: UserId, bodies: &[&'static [u8]]) -> Vec<Stanza> {
+            let mut out = Vec::new();
+            for body in bodies {
+                self.client.send(to, Bytes::from_static(body), &mut out);
+            }
+            self.client.flush(&mut out);
+            self.feed_server(&out)
+        }
+    }
+
+    fn server_ack(outbox: u64, seq: u64) -> Stanza {
+        Stanza::of(Kind::ServerAck(ServerAck {
+            seq,
+            id: 1000 + seq,
+            timestamp_ms: 1,
+            outbox,
+        }))
+    }
+
+    fn refusal(outbox: u64, seq: u64) -> Stanza {
+        Stanza::error(
+            ErrorCode::QueueFull,
+            "full",
+            Some(MessageRef { outbox, seq }),
+        )
+    }
+
     #[test]
-    fn hop_client_handshakes_and_acks_a_delivery() {
-        let server_key = StaticKey::generate().unwrap();
-        let client_key = StaticKey::generate().unwrap();
-        let mut to_server = Vec::new();
-        let mut client = HopClient::start(&client_key, Some(*server_key.public()), &mut to_server);
-        let mut server = ServerConnection::new(&server_key);
-        let mut scratch = frame_scratch();
-        let mut to_client = Vec::new();
-        server
-            .handle_input::<()>(&to_server, &mut scratch, &mut to_client, &mut |_| Ok(()))
+    fn hop_client_acks_deliveries_and_receipts() {
+        let mut pair = Pair::open();
+        let from = UserId::from_public_key(&[3; 32]);
+        let turn = pair
+            .server_sends(&[
+                Stanza::deliver(from, 77, 1, Bytes::from_static(b"hello"), 5),
+                Stanza::of(Kind::Receipt(Receipt {
+                    id: 78,
+                    kind: ReceiptKind::Read as i32,
+                    by: Some(from.into()),
+                    timestamp_ms: 2,
+                })),
+            ])
             .unwrap();
-        to_server.clear();
-        let mut events = Vec::new();
-        client
-            .handle_input(&to_client, &mut scratch, &mut to_server, &mut |e| {
-                events.push(e)
-            })
-            .unwrap();
-        assert_eq!(events, [Event::Opened]);
-        let mut authenticated = false;
-        server
-            .handle_input::<()>(&to_server, &mut scratch, &mut Vec::new(), &mut |event| {
-                authenticated |= matches!(event, ServerEvent::Authenticated { .. });
-                Ok(())
-            })
-            .unwrap();
-        assert!(authenticated);
-
-        to_client.clear();
-        server.channel().unwrap().send_now(
-            &Stanza::of(Kind::Deliver(Deliver {
-                from: 1,
-                id: 77,
-                timestamp_ms: 0,
-                body: Bytes::from_static(b"hello"),
-            })),
-            &mut to_client,
-        );
-        to_server.clear();
-        events.clear();
-        client
-            .handle_input(&to_client, &mut scratch, &mut to_server, &mut |e| {
-                events.push(e)
-            })
-            .unwrap();
-        client.flush(&mut to_server);
         assert_eq!(
-            events,
-            [Event::Delivered {
-                body: Bytes::from_static(b"hello")
-            }]
+            turn.events,
+            [
+                Event::Delivered {
+                    body: Bytes::from_static(b"hello")
+                },
+                Event::Receipt
+            ]
         );
-        let mut acked = Vec::new();
-        server
-            .handle_input::<()>(&to_server, &mut scratch, &mut Vec::new(), &mut |event| {
-                if let ServerEvent::Stanza(Stanza {
-                    kind: Some(Kind::Ack(ack)),
-                }) = event
-                {
-                    acked.push(ack.id);
-                }
-                Ok(())
+        let acks: Vec<(u64, i32)> = turn
+            .replies
+            .iter()
+            .map(|stanza| match &stanza.kind {
+                Some(Kind::Ack(ack)) => (ack.id, ack.kind),
+                _ => panic!("only acks, not {}", stanza.kind_name()),
             })
+            .collect();
+        assert_eq!(
+            acks,
+            [
+                (77, ReceiptKind::Unspecified as i32),
+                (78, ReceiptKind::Read as i32)
+            ]
+        );
+    }
+
+    #[test]
+    fn hop_client_declares_its_outbox_and_names_a_peer_once() {
+        let mut pair = Pair::open();
+        let peer = UserId::from_public_key(&[8; 32]);
+        let received = pair.send(peer, &[b"one", b"two"]);
+        let Some(Kind::Outbox(outbox)) = &received[0].kind else {
+            panic!("the outbox first, not {}", received[0].kind_name());
+        };
+        assert_ne!(outbox.id, 0);
+        let sends: Vec<(Option<UserId>, u64, u32)> = received[1..]
+            .iter()
+            .map(|stanza| match &stanza.kind {
+                Some(Kind::Send(send)) => (UserRef::user(send.to.as_ref()), send.seq, send.alias),
+                _ => panic!("a Send, not {}", stanza.kind_name()),
+            })
+            .collect();
+        assert_eq!(sends, [(Some(peer), 1, 1), (None, 2, 1)]);
+        // Declared once per connection: the next turn carries the Send alone.
+        let received = pair.send(peer, &[b"three"]);
+        assert_eq!(received.len(), 1);
+        assert!(
+            matches!(&received[0].kind, Some(Kind::Send(send)) if send.to.is_none() && send.seq == 3)
+        );
+    }
+
+    #[test]
+    fn hop_client_counts_each_answer_once_by_outbox_and_seq() {
+        let mut pair = Pair::open();
+        let peer = UserId::from_public_key(&[8; 32]);
+        let received = pair.send(peer, &[b"1", b"2", b"3", b"4"]);
+        let Some(Kind::Outbox(outbox)) = &received[0].kind else {
+            panic!("the outbox first");
+        };
+        let outbox = outbox.id;
+        let turn = pair
+            .server_sends(&[
+                server_ack(outbox, 2),
+                server_ack(outbox, 1),
+                server_ack(outbox, 2),
+                refusal(outbox, 3),
+                Stanza::error(ErrorCode::Limit, "not about a Send", None),
+                server_ack(outbox, 4),
+                server_ack(outbox, 3),
+            ])
             .unwrap();
-        assert_eq!(acked, [77]);
+        assert_eq!(
+            turn.events,
+            [
+                Event::SendAcked,
+                Event::SendAcked,
+                Event::SendAnsweredAgain,
+                Event::ServerError {
+                    code: ErrorCode::QueueFull as i32,
+                    send_refused: true
+                },
+                Event::ServerError {
+                    code: ErrorCode::Limit as i32,
+                    send_refused: false
+                },
+                Event::SendAcked,
+                Event::SendAnsweredAgain,
+            ]
+        );
+        // A message this connection never sent: another outbox, or a seq not given out.
+        for stanza in [
+            server_ack(outbox ^ 1, 1),
+            server_ack(outbox, 5),
+            refusal(outbox, 9),
+        ] {
+            let mut pair = Pair::open();
+            pair.send(peer, &[b"1", b"2", b"3", b"4"]);
+            assert!(matches!(
+                pair.server_sends(&[stanza]),
+                Err(ConnError::UnknownMessage { .. })
+            ));
+        }
     }
 
     #[test]
@@ -382,15 +611,24 @@ mod tests {
             &StaticKey::generate().unwrap(),
             Some([7; 32]),
             &mut to_server,
-        );
+        )
+        .unwrap();
         let mut server = ServerConnection::new(&server_key);
         let mut scratch = frame_scratch();
         let mut to_client = Vec::new();
         server
             .handle_input::<()>(&to_server, &mut scratch, &mut to_client, &mut |_| Ok(()))
             .unwrap();
-        let result = client.handle_input(&to_client, &mut scratch, &mut Vec::new(), &mut |_| {});
+        let mut events = Vec::new();
+        let mut out = Vec::new();
+        let result =
+            client.handle_input(&to_client, &mut scratch, &mut out, &mut |e| events.push(e));
         assert!(matches!(result, Err(ConnError::ServerKeyMismatch { .. })));
+        assert!(
+            events.is_empty() && out.is_empty(),
+            "no message 3, not opened"
+        );
+        assert!(!client.is_open());
     }
 
     #[test]

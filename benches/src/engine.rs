@@ -195,11 +195,12 @@ impl Engine {
         }
     }
 
-    /// Queues a hop message; ignored unless `index` is an open hop connection.
-    pub fn send_hop(&mut self, index: usize, to: UserId, seq: u32, body: Bytes) {
+    /// Queues a hop message from the connection's outbox; ignored unless `index` is an open
+    /// hop connection.
+    pub fn send_hop(&mut self, index: usize, to: UserId, body: Bytes) {
         self.with(index, |state, out| {
             if let State::Hop(client) = state {
-                client.send(to, seq, body, out);
+                client.send(to, body, out);
             }
         });
     }
@@ -310,9 +311,11 @@ impl Engine {
                 unreachable!("matched above");
             };
             connection.state = match (identity, self.target) {
-                (Identity::Hop(key), Target::Hop { pin }) => {
-                    State::Hop(HopClient::start(&key, pin, &mut connection.out))
-                }
+                (Identity::Hop(key), Target::Hop { pin }) => State::Hop(
+                    // Only the outbox's random id can fail: the generator's own limit.
+                    HopClient::start(&key, pin, &mut connection.out)
+                        .map_err(|_| Failure::GeneratorLimit)?,
+                ),
                 (
                     Identity::Mqtt {
                         client_id,

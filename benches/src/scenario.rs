@@ -130,11 +130,11 @@ pub fn decode_body(body: &[u8]) -> Option<(u64, u64, u32)> {
     Some((k, intended, stream))
 }
 
-/// Sends `body` on connection `from_conn` to client `to`: hop Send, or MQTT PUBLISH to
-/// `u/<to>`.
-fn send(engine: &mut Engine, from_conn: usize, to: &Client, seq: u32, body: Bytes, qos: u8) {
+/// Sends `body` on connection `from_conn` to client `to`: hop Send (numbered by the
+/// connection's outbox), or MQTT PUBLISH to `u/<to>`.
+fn send(engine: &mut Engine, from_conn: usize, to: &Client, body: Bytes, qos: u8) {
     match to.user {
-        Some(user) => engine.send_hop(from_conn, user, seq, body),
+        Some(user) => engine.send_hop(from_conn, user, body),
         None => engine.publish(from_conn, &to.topic, &body, qos),
     }
 }
@@ -323,7 +323,6 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
                     &mut engine,
                     conns[stream],
                     &clients[stream ^ 1],
-                    k as u32,
                     encode_body(k, intended, stream as u32),
                     0,
                 );
@@ -393,8 +392,11 @@ impl Counters {
             Outcome::Event(Event::Delivered { body }) => return decode_body(body),
             Outcome::Event(Event::SendAcked) => self.send_acked += 1,
             Outcome::Event(Event::Receipt) => self.receipts += 1,
-            Outcome::Event(Event::ServerError { code }) => {
+            Outcome::Event(Event::ServerError { code, .. }) => {
                 *self.server_errors.entry(*code).or_default() += 1
+            }
+            Outcome::Event(Event::SendAnsweredAgain) => {
+                *self.failures.entry("send_answered_again").or_default() += 1
             }
             Outcome::Event(Event::GoAway { .. }) => {
                 *self.failures.entry("go_away").or_default() += 1
@@ -459,7 +461,6 @@ pub fn latency(common: &Common, options: &LatencyOptions) -> Result<Report, Stri
                 &mut engine,
                 conns[sender],
                 &clients[sender ^ 1],
-                sent as u32,
                 encode_body(sent, intended, sender as u32),
                 0,
             );
@@ -849,7 +850,6 @@ pub fn offline(common: &Common, options: &OfflineOptions) -> Result<Report, Stri
                     &mut engine,
                     sender_conns[s],
                     &everyone[to],
-                    total_sent as u32,
                     encode_body(total_sent, 0, s as u32),
                     1,
                 );
@@ -864,7 +864,12 @@ pub fn offline(common: &Common, options: &OfflineOptions) -> Result<Report, Stri
             let sender = by_conn.get(&conn).copied();
             match (&outcome, sender) {
                 (Outcome::Event(Event::SendAcked), Some(s)) => acked[s] += 1,
-                (Outcome::Event(Event::ServerError { .. }), Some(s)) => {
+                (
+                    Outcome::Event(Event::ServerError {
+                        send_refused: true, ..
+                    }),
+                    Some(s),
+                ) => {
                     acked[s] += 1;
                     rejected += 1;
                 }

@@ -150,7 +150,7 @@ mod toy_hop {
     use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
     use hop_protocol::session::{ServerConnection, ServerEvent};
     use hop_protocol::{StaticKey, UserId};
-    use hop_router::{Action, ConnRef, Limits, Router};
+    use hop_router::{Action, ConnRef, Limits, Router, Secrets};
 
     struct Shared {
         router: Router,
@@ -166,7 +166,7 @@ mod toy_hop {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared {
-            router: Router::new(0, 1, Limits::default(), 0),
+            router: Router::new(0, 1, Limits::default(), Secrets::derive(&[1; 32])),
             connections: HashMap::new(),
             kept: HashMap::new(),
         }));
@@ -217,11 +217,9 @@ mod toy_hop {
                     ServerEvent::Authenticated { client_key } => {
                         let id = UserId::from_public_key(&client_key);
                         *user = Some(id);
-                        state
-                            .router
-                            .handle_connect(id, &client_key, conn, 0)
-                            .unwrap();
+                        state.router.handle_connect(id, &client_key, conn, 0);
                     }
+                    ServerEvent::Outdated { version } => panic!("a client of version {version}"),
                     ServerEvent::Stanza(stanza) => {
                         let id = user.expect("authenticated before stanzas");
                         state.router.handle_stanza(id, conn, stanza, 0).unwrap();
@@ -232,11 +230,13 @@ mod toy_hop {
             while let Some(action) = state.router.poll_action() {
                 // A disk in memory: an item is kept as soon as it is queued.
                 let action = match action {
-                    Action::Keep { item, .. } => {
+                    Action::Keep { user, item } => {
                         if let hop_router::Queued::Message { id, body, .. } = &item {
                             state.kept.insert(*id, body.clone());
                         }
-                        state.router.handle_kept(item.id(), item.ack_kind(), 0);
+                        state
+                            .router
+                            .handle_kept(user, item.id(), item.ack_kind(), 0);
                         continue;
                     }
                     Action::Forget { id, .. } => {
@@ -248,17 +248,17 @@ mod toy_hop {
                         from,
                         id,
                         timestamp_ms,
+                        proof,
                         ..
                     } => Action::Send {
                         conn,
-                        stanza: hop_protocol::wire::Stanza::of(hop_protocol::wire::Kind::Deliver(
-                            hop_protocol::wire::Deliver {
-                                from: from.get(),
-                                id,
-                                timestamp_ms,
-                                body: state.kept[&id].clone(),
-                            },
-                        )),
+                        stanza: hop_protocol::wire::Stanza::deliver(
+                            from,
+                            id,
+                            timestamp_ms,
+                            state.kept[&id].clone(),
+                            proof,
+                        ),
                     },
                     other => other,
                 };

@@ -1,7 +1,7 @@
-//! `session::ServerConnection::handle_input` after a real handshake: transport frames from a
-//! client that holds the session keys (plaintexts of any content, sealed with
-//! `Channel::seal_raw`, so the stanza decoder behind decryption is reached) mixed with raw bytes
-//! on the wire (forged or misaligned frames).
+//! `session::ServerConnection::handle_input` after a real handshake (with
+//! `session::ClientConnection`): transport frames from a client that holds the session keys
+//! (plaintexts of any content, sealed with `Channel::seal_raw`, so the stanza decoder behind
+//! decryption is reached) mixed with raw bytes on the wire (forged or misaligned frames).
 //!
 //! Input: see `hop_fuzz::server_open_input`.
 //!
@@ -59,7 +59,11 @@ fuzz_target!(|data: &[u8]| {
             stream.extend_from_slice(bytes);
             continue;
         }
-        setup.client.seal_raw(bytes, &mut stream);
+        setup
+            .client
+            .channel()
+            .expect("open after message 2")
+            .seal_raw(bytes, &mut stream);
         if expected.raw_bytes_follow || expected.stanza_error.is_some() {
             continue;
         }

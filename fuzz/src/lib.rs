@@ -1,5 +1,6 @@
 //! Shared pieces of hop's fuzz targets: the input layouts the targets parse (and the seed
-//! writer builds), fixed keys and an in-memory handshake.
+//! writer builds), fixed keys and an in-memory handshake between `session::ClientConnection`
+//! and `session::ServerConnection`.
 //!
 //! Each target reads a few header bytes from the fuzz input (a split point, a mode, limits)
 //! and treats the rest as bytes from the peer. The layouts are here, next to their encoders,
@@ -9,8 +10,8 @@ use std::sync::OnceLock;
 
 use hop_protocol::frame::{Deframer, FrameError, FrameLimits};
 use hop_protocol::keys::KEY_BYTES;
-use hop_protocol::noise::{ClientHandshake, HANDSHAKE_FRAME_LIMITS, TRANSPORT_FRAME_LIMITS};
-use hop_protocol::session::{Channel, ServerConnection, ServerEvent};
+use hop_protocol::noise::{HANDSHAKE_FRAME_LIMITS, TRANSPORT_FRAME_LIMITS};
+use hop_protocol::session::{ClientConnection, ClientEvent, ServerConnection, ServerEvent};
 use hop_protocol::StaticKey;
 
 /// Fixed static keys, so that a crash reproduces with the same identities. The ephemeral keys
@@ -154,12 +155,28 @@ pub fn server_open_input(mode: u8, split: u16, records: &[(u8, &[u8])]) -> Vec<u
     out
 }
 
-/// Layout of the `client_response` input: `mode: u8`, then bytes. Mode 0: the bytes are message
-/// 2 as a hostile server sends it. Mode 1: XOR the bytes over the genuine message 2 from the
-/// start. Mode 2: keep the first `bytes[0]` bytes of the genuine message 2 and append the rest.
+/// Layout of the `client_response` input: `mode: u8, trust: u8, split: u16 BE`, then bytes.
+/// The bytes make the stream a hostile server sends after message 1. Mode 0: the bytes are the
+/// stream. Mode 1: the bytes XORed over the genuine message 2 frame (header included), from its
+/// start; bytes past its end are appended. Mode 2: keep the first `bytes[0]` bytes of the genuine
+/// frame and append the rest. The stream reaches the client in two reads, split at `split`.
 pub const RESPONSE_RAW: u8 = 0;
 pub const RESPONSE_XOR: u8 = 1;
 pub const RESPONSE_CUT_AND_APPEND: u8 = 2;
+/// `trust` of the `client_response` input: no pin and the callback accepts the key; the
+/// server's own key pinned; another key pinned; no pin and the callback refuses the key.
+pub const TRUST_ANY: u8 = 0;
+pub const TRUST_PINNED: u8 = 1;
+pub const TRUST_PINNED_OTHER: u8 = 2;
+pub const TRUST_REFUSED: u8 = 3;
+
+/// Encodes a `client_response` input.
+pub fn client_response_input(mode: u8, trust: u8, split: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![mode, trust];
+    out.extend_from_slice(&split.to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
 
 /// The deframed bodies of a stream that must deframe cleanly under `limits`.
 pub fn frames(stream: &[u8], limits: FrameLimits) -> Vec<Vec<u8>> {
@@ -178,36 +195,41 @@ pub fn frames(stream: &[u8], limits: FrameLimits) -> Vec<Vec<u8>> {
 #[derive(Debug)]
 pub struct AwaitingResponse {
     pub server: ServerConnection,
-    pub client: ClientHandshake,
-    /// Message 2 from the server, without its frame header.
+    pub client: ClientConnection,
+    /// Message 2 from the server as a frame, header included: what the client reads.
     pub message_2: Vec<u8>,
 }
 
-pub fn awaiting_response() -> AwaitingResponse {
+/// Starts a client (with `pin`, if any) and a server on it; the server has answered message 1.
+pub fn awaiting_response(pin: Option<[u8; KEY_BYTES]>) -> AwaitingResponse {
     let mut message_1 = Vec::new();
-    let client = ClientHandshake::start(client_key(), &mut message_1);
+    let client = ClientConnection::start(client_key(), pin, &mut message_1);
     let mut server = ServerConnection::new(server_key());
     let mut scratch = vec![0u8; SCRATCH_BYTES];
-    let mut to_client = Vec::new();
+    let mut message_2 = Vec::new();
     server
-        .handle_input::<()>(&message_1, &mut scratch, &mut to_client, &mut |_| {
+        .handle_input::<()>(&message_1, &mut scratch, &mut message_2, &mut |_| {
             panic!("an event after message 1")
         })
         .expect("the server takes a real message 1");
-    let mut replies = frames(&to_client, HANDSHAKE_FRAME_LIMITS);
-    assert_eq!(replies.len(), 1, "one message 2");
+    assert_eq!(
+        frames(&message_2, HANDSHAKE_FRAME_LIMITS).len(),
+        1,
+        "one message 2"
+    );
     AwaitingResponse {
         server,
         client,
-        message_2: replies.remove(0),
+        message_2,
     }
 }
 
-/// A server connection waiting for message 3, and the client's open channel.
+/// A server connection waiting for message 3, and the client's open connection.
 #[derive(Debug)]
 pub struct AwaitingMessage3 {
     pub server: ServerConnection,
-    pub client: Channel,
+    /// Open: its channel seals what the client sends.
+    pub client: ClientConnection,
     /// Message 3 as a frame, header included.
     pub message_3: Vec<u8>,
 }
@@ -217,18 +239,20 @@ pub fn awaiting_message_3() -> AwaitingMessage3 {
         server,
         mut client,
         message_2,
-    } = awaiting_response();
-    let server_public = client
-        .handle_response(&message_2)
-        .expect("the client takes a real message 2");
-    assert_eq!(&server_public, server_key().public());
+    } = awaiting_response(Some(*server_key().public()));
+    let mut scratch = vec![0u8; SCRATCH_BYTES];
     let mut message_3 = Vec::new();
-    let transport = client
-        .finish(&mut message_3)
-        .expect("the client finishes after message 2");
+    let mut authenticated = false;
+    client
+        .handle_input::<()>(&message_2, &mut scratch, &mut message_3, &mut |event| {
+            authenticated = matches!(event, ClientEvent::Authenticated { .. });
+            Ok(())
+        })
+        .expect("the client takes a real message 2");
+    assert!(authenticated && client.is_open());
     AwaitingMessage3 {
         server,
-        client: Channel::new(transport, Deframer::new()),
+        client,
         message_3,
     }
 }
@@ -245,10 +269,11 @@ pub fn client_key() -> &'static StaticKey {
     KEY.get_or_init(|| StaticKey::from_private(CLIENT_PRIVATE_KEY))
 }
 
-/// An event in a form that compares: the client key, or the stanza.
+/// An event in a form that compares: the peer's key, an old client's version, or the stanza.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Seen {
     Authenticated([u8; KEY_BYTES]),
+    Outdated(u8),
     Stanza(hop_protocol::wire::Stanza),
 }
 
@@ -256,7 +281,17 @@ impl From<ServerEvent> for Seen {
     fn from(event: ServerEvent) -> Self {
         match event {
             ServerEvent::Authenticated { client_key } => Self::Authenticated(client_key),
+            ServerEvent::Outdated { version } => Self::Outdated(version),
             ServerEvent::Stanza(stanza) => Self::Stanza(stanza),
+        }
+    }
+}
+
+impl From<ClientEvent> for Seen {
+    fn from(event: ClientEvent) -> Self {
+        match event {
+            ClientEvent::Authenticated { server_key } => Self::Authenticated(server_key),
+            ClientEvent::Stanza(stanza) => Self::Stanza(stanza),
         }
     }
 }

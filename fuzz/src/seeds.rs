@@ -8,22 +8,37 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use hop_protocol::frame::{push_header, FrameLimits, FRAME_BODY_BYTES_MAX};
-use hop_protocol::noise::{ClientHandshake, HANDSHAKE_FRAME_LIMITS};
+use hop_protocol::noise::HANDSHAKE_FRAME_LIMITS;
+use hop_protocol::session::ClientConnection;
 use hop_protocol::wire::{
-    self, Ack, Deliver, ErrorCode, GoAwayReason, Kind, Ping, Presence, Read, Receipt, ReceiptKind,
-    Stanza, Subscribe,
+    self, Ack, ErrorCode, GoAwayReason, Kind, MessageRef, Ping, Presence, PresenceSettings, Read,
+    Receipt, ReceiptKind, ServerAck, Stanza, Subscribe, UserRef, Visibility,
 };
-use hop_protocol::{StaticKey, UserId};
+use hop_protocol::UserId;
 
 use crate::{
-    server_open_input, DeframerCase, CLIENT_PRIVATE_KEY, RECORD_RAW, RECORD_SEALED,
-    RESPONSE_CUT_AND_APPEND, RESPONSE_RAW, RESPONSE_XOR,
+    client_key, client_response_input, frames, server_open_input, DeframerCase, RECORD_RAW,
+    RECORD_SEALED, RESPONSE_CUT_AND_APPEND, RESPONSE_RAW, RESPONSE_XOR, TRUST_ANY, TRUST_PINNED,
+    TRUST_PINNED_OTHER, TRUST_REFUSED,
 };
 
-fn write(target: &str, name: &str, bytes: &[u8]) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+const TARGETS: [&str; 5] = [
+    "deframer",
+    "wire_decode_all",
+    "server_fresh",
+    "server_open",
+    "client_response",
+];
+
+fn seed_folder(target: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("seeds")
-        .join(target);
+        .join(target)
+}
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    assert!(TARGETS.contains(&target), "a target of fuzz/Cargo.toml");
+    let dir = seed_folder(target);
     fs::create_dir_all(&dir).expect("seed folder");
     fs::write(dir.join(name), bytes).expect("seed file");
 }
@@ -46,42 +61,60 @@ fn encoded(stanzas: &[Stanza]) -> Vec<u8> {
 }
 
 fn every_kind() -> Vec<Stanza> {
-    let to = UserId::new(42).expect("a valid user id");
+    let user = UserId::from_public_key(&[42; 32]);
+    let user_ref = || Some(UserRef::from(user));
+    let outbox = 0xDEAD_BEEF;
     vec![
-        Stanza::send(to, 1, Bytes::from_static(b"hello")),
-        Stanza::of(Kind::ServerAck(wire::ServerAck {
+        Stanza::send(user, 1, Bytes::from_static(b"hello"), 1),
+        Stanza::of(Kind::ServerAck(ServerAck {
             seq: 1,
             id: 7,
             timestamp_ms: 1_700_000_000_000,
+            outbox,
         })),
-        Stanza::of(Kind::Deliver(Deliver {
-            from: 42,
-            id: 7,
-            timestamp_ms: 1_700_000_000_000,
-            body: Bytes::from_static(b"hello"),
-        })),
+        Stanza::deliver(
+            user,
+            7,
+            1_700_000_000_000,
+            Bytes::from_static(b"hello"),
+            0x5EED,
+        ),
         Stanza::of(Kind::Ack(Ack {
             id: 7,
             kind: ReceiptKind::Delivered as i32,
         })),
-        Stanza::of(Kind::Read(Read { from: 42, id: 7 })),
+        Stanza::of(Kind::Read(Read {
+            from: user_ref(),
+            id: 7,
+            proof: 0x5EED,
+        })),
         Stanza::of(Kind::Receipt(Receipt {
             id: 7,
             kind: ReceiptKind::Read as i32,
-            by: 42,
+            by: user_ref(),
             timestamp_ms: 1,
         })),
         Stanza::of(Kind::Presence(Presence {
-            user: 42,
+            user: user_ref(),
             online: true,
             last_seen_ms: 0,
         })),
-        Stanza::of(Kind::Subscribe(Subscribe { user: 42 })),
-        Stanza::of(Kind::Unsubscribe(wire::Unsubscribe { user: 42 })),
+        Stanza::of(Kind::Subscribe(Subscribe { user: user_ref() })),
+        Stanza::of(Kind::Unsubscribe(wire::Unsubscribe { user: user_ref() })),
         Stanza::of(Kind::Ping(Ping { nonce: 9 })),
         Stanza::of(Kind::Pong(wire::Pong { nonce: 9 })),
-        Stanza::error(ErrorCode::QueueFull, "full", 1),
+        Stanza::error(
+            ErrorCode::QueueFull,
+            "full",
+            Some(MessageRef { outbox, seq: 1 }),
+        ),
         Stanza::go_away(GoAwayReason::Shutdown, "bye"),
+        Stanza::outbox(outbox),
+        Stanza::of(Kind::PresenceSettings(PresenceSettings {
+            visibility: Visibility::Contacts as i32,
+            contacts: vec![user.into()],
+        })),
+        Stanza::send_to_alias(1, 2, Bytes::from_static(b"again")),
         Stanza { kind: None },
     ]
 }
@@ -93,8 +126,15 @@ fn write_seeds() {
         body_bytes_min: 0,
         body_bytes_max: FRAME_BODY_BYTES_MAX,
     };
+    for target in TARGETS {
+        match fs::remove_dir_all(seed_folder(target)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => panic!("cannot clear the seeds of {target}: {error}"),
+        }
+    }
     let mut message_1 = Vec::new();
-    ClientHandshake::start(&StaticKey::from_private(CLIENT_PRIVATE_KEY), &mut message_1);
+    ClientConnection::start(client_key(), None, &mut message_1);
 
     // deframer
     let three = framed(&[b"one", b"", b"three"]);
@@ -171,12 +211,28 @@ fn write_seeds() {
         "http_request",
         &with_split(3, b"GET / HTTP/1.1\r\n\r\n"),
     );
+    // Message 1 is `e` and the version in the clear: a version-1 client sends no version (the
+    // server answers it, to tell it to upgrade once open), an unknown version is refused.
+    let message_1_body = &frames(&message_1, HANDSHAKE_FRAME_LIMITS)[0];
+    let (e, _version) = message_1_body.split_at(32);
+    write(
+        "server_fresh",
+        "message_1_version_1",
+        &with_split(1, &framed(&[e])),
+    );
+    write(
+        "server_fresh",
+        "message_1_unknown_version",
+        &with_split(34, &framed(&[&[e, &[9]].concat()])),
+    );
 
-    // server_open
-    let send = encoded(&stanzas[..1]);
+    // server_open: what a v2 client sends first (its outbox, a Send naming the recipient and
+    // binding an alias, a Send to the alias)
+    let send = encoded(&[stanzas[13].clone(), stanzas[0].clone(), stanzas[15].clone()]);
     let two = encoded(&[stanzas[9].clone(), stanzas[3].clone()]);
     let forged = framed(&[&[0xab; 40]]);
-    let open_cases: [(&str, u8, u16, Vec<(u8, &[u8])>); 5] = [
+    type Records<'a> = Vec<(u8, &'a [u8])>;
+    let open_cases: [(&str, u8, u16, Records); 5] = [
         ("send", 0, 5, vec![(RECORD_SEALED, &send)]),
         (
             "message_3_joined_two_frames",
@@ -210,31 +266,68 @@ fn write_seeds() {
         );
     }
 
-    // client_response: mode, then bytes
-    let with_mode = |mode: u8, bytes: &[u8]| {
-        let mut out = vec![mode];
-        out.extend_from_slice(bytes);
-        out
+    // client_response: mode, trust, split, then bytes
+    let genuine_then_a_frame = {
+        let mut bytes = vec![0; 2 + 96];
+        bytes.extend_from_slice(&framed(&[&[0xab; 40]]));
+        bytes
     };
-    write("client_response", "genuine", &with_mode(RESPONSE_XOR, &[]));
-    write(
-        "client_response",
-        "one_bit_flipped",
-        &with_mode(RESPONSE_XOR, &[0, 0, 0, 1]),
-    );
-    write(
-        "client_response",
-        "raw_zeros",
-        &with_mode(RESPONSE_RAW, &[0; 96]),
-    );
-    write(
-        "client_response",
-        "genuine_cut",
-        &with_mode(RESPONSE_CUT_AND_APPEND, &[96]),
-    );
-    write(
-        "client_response",
-        "cut_and_appended",
-        &with_mode(RESPONSE_CUT_AND_APPEND, &[80, 1, 2, 3]),
-    );
+    let mut frame_of_zeros = vec![0, 96];
+    frame_of_zeros.extend_from_slice(&[0; 96]);
+    let response_cases: [(&str, u8, u8, u16, &[u8]); 11] = [
+        ("genuine", RESPONSE_XOR, TRUST_ANY, 50, &[]),
+        ("genuine_pinned", RESPONSE_XOR, TRUST_PINNED, 0, &[]),
+        (
+            "genuine_pinned_other",
+            RESPONSE_XOR,
+            TRUST_PINNED_OTHER,
+            98,
+            &[],
+        ),
+        ("genuine_refused", RESPONSE_XOR, TRUST_REFUSED, 1, &[]),
+        (
+            "one_bit_flipped",
+            RESPONSE_XOR,
+            TRUST_ANY,
+            10,
+            &[0, 0, 0, 0, 1],
+        ),
+        ("raw_zeros", RESPONSE_RAW, TRUST_ANY, 3, &[0; 98]),
+        (
+            "raw_frame_of_zeros",
+            RESPONSE_RAW,
+            TRUST_PINNED,
+            40,
+            &frame_of_zeros,
+        ),
+        ("genuine_cut", RESPONSE_CUT_AND_APPEND, TRUST_ANY, 7, &[98]),
+        (
+            "cut_and_appended",
+            RESPONSE_CUT_AND_APPEND,
+            TRUST_PINNED,
+            20,
+            &[80, 1, 2, 3],
+        ),
+        (
+            "half_message_2",
+            RESPONSE_CUT_AND_APPEND,
+            TRUST_ANY,
+            30,
+            &[60],
+        ),
+        (
+            "genuine_then_a_frame",
+            RESPONSE_XOR,
+            TRUST_ANY,
+            98,
+            &genuine_then_a_frame,
+        ),
+    ];
+    for (name, mode, trust, split, bytes) in response_cases {
+        write(
+            "client_response",
+            name,
+            &client_response_input(mode, trust, split, bytes),
+        );
+    }
 }

@@ -32,8 +32,11 @@ pub struct Config {
     pub send_buffer_bytes_max: usize,
     /// Mails each shard-to-shard mailbox holds before backpressure.
     pub mailbox_depth: usize,
-    /// Items (messages, receipts) queued for one user.
+    /// Messages queued for one user.
     pub queue_messages_max: usize,
+    /// Receipts queued for one user, counted apart from its messages: receipts never take the
+    /// room of messages.
+    pub queue_receipts_max: usize,
     /// Message body bytes queued for one user.
     pub queue_bytes_max: usize,
     /// Message body bytes queued on one shard, all users together.
@@ -133,6 +136,7 @@ impl Default for Config {
             send_buffer_bytes_max: 4 * 1024 * 1024,
             mailbox_depth: 16 * 1024,
             queue_messages_max: router.queue_messages_max,
+            queue_receipts_max: router.queue_receipts_max,
             queue_bytes_max: router.queue_bytes_max,
             shard_queue_bytes_max: router.shard_queue_bytes_max,
             inflight_max: router.inflight_max,
@@ -184,6 +188,8 @@ pub struct Args {
     pub mailbox_depth: Option<usize>,
     #[arg(long, value_name = "N")]
     pub queue_messages_max: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub queue_receipts_max: Option<usize>,
     #[arg(long, value_name = "BYTES")]
     pub queue_bytes_max: Option<usize>,
     #[arg(long, value_name = "BYTES")]
@@ -240,6 +246,13 @@ pub enum AdminCommand {
         #[arg(long, value_name = "N", default_value_t = 10)]
         largest: usize,
     },
+    /// Rewrites damaged account files (`DATA/accounts/`) with their valid records only,
+    /// keeping a `.damaged` copy of each. Run it when hopd refuses to start over a damaged
+    /// account record; a dropped binding is made again at its user's next connection.
+    RepairAccounts {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -282,6 +295,7 @@ impl Config {
             send_buffer_bytes_max,
             mailbox_depth,
             queue_messages_max,
+            queue_receipts_max,
             queue_bytes_max,
             shard_queue_bytes_max,
             inflight_max,
@@ -327,6 +341,7 @@ impl Config {
             ("send_buffer_bytes_max", self.send_buffer_bytes_max),
             ("mailbox_depth", self.mailbox_depth),
             ("queue_messages_max", self.queue_messages_max),
+            ("queue_receipts_max", self.queue_receipts_max),
             ("queue_bytes_max", self.queue_bytes_max),
             ("shard_queue_bytes_max", self.shard_queue_bytes_max),
             ("inflight_max", self.inflight_max),
@@ -373,8 +388,7 @@ impl Config {
         Ok(())
     }
 
-    /// The offline store's settings. Its quotas match the router's limits; receipts count
-    /// there too, up to twice the message limit.
+    /// The offline store's settings. Its quotas match the router's limits.
     pub fn store_options(&self) -> hop_store::Options {
         let durability = match self.durability {
             DurabilityPolicy::Always => hop_store::Durability::Always,
@@ -394,7 +408,8 @@ impl Config {
             compact_after_ms: self.compact_after_ms,
             offline_ttl_ms: self.offline_ttl_ms,
             quota: hop_store::Quota {
-                messages_max: u32::try_from(2 * self.queue_messages_max).unwrap_or(u32::MAX),
+                messages_max: u32::try_from(self.queue_messages_max).unwrap_or(u32::MAX),
+                receipts_max: u32::try_from(self.queue_receipts_max).unwrap_or(u32::MAX),
                 bytes_max: self.queue_bytes_max as u64,
             },
             ..hop_store::Options::default()
@@ -413,6 +428,7 @@ impl Config {
     pub fn router_limits(&self) -> hop_router::Limits {
         hop_router::Limits {
             queue_messages_max: self.queue_messages_max,
+            queue_receipts_max: self.queue_receipts_max,
             queue_bytes_max: self.queue_bytes_max,
             shard_queue_bytes_max: self.shard_queue_bytes_max,
             inflight_max: self.inflight_max,

@@ -6,7 +6,6 @@
 //! and then moves to its user's home shard, where the user's routing state lives. Shards talk
 //! only through bounded mailboxes ([`mailbox`]).
 
-pub mod accounts;
 pub mod config;
 pub mod mailbox;
 pub mod server;
@@ -21,10 +20,14 @@ use tracing_subscriber::EnvFilter;
 /// Exit status: 0 after a clean stop, 1 if the server failed, 2 for bad configuration.
 pub fn main() -> std::process::ExitCode {
     let args = config::Args::parse();
-    if let Some(config::Command::Admin(config::AdminCommand::Queues { data, largest })) =
-        &args.command
-    {
-        return admin_queues(data, *largest);
+    match &args.command {
+        Some(config::Command::Admin(config::AdminCommand::Queues { data, largest })) => {
+            return admin_queues(data, *largest);
+        }
+        Some(config::Command::Admin(config::AdminCommand::RepairAccounts { data })) => {
+            return admin_repair_accounts(data);
+        }
+        None => {}
     }
     let config = match config::Config::from_args(&args) {
         Ok(config) => config,
@@ -57,6 +60,28 @@ pub fn main() -> std::process::ExitCode {
         Ok(false) => std::process::ExitCode::FAILURE,
         Err(error) => {
             eprintln!("hopd: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hopd admin repair-accounts --data DIR`: rewrites damaged account files with their valid
+/// records, for a hopd that refuses to start over a damaged one. Run it with hopd stopped.
+fn admin_repair_accounts(data: &std::path::Path) -> std::process::ExitCode {
+    if !data.is_dir() {
+        eprintln!("hopd: {} is not a data folder", data.display());
+        return std::process::ExitCode::from(2);
+    }
+    match hop_store::accounts::repair(&hop_store::io::FsIo, data) {
+        Ok(report) => {
+            print!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "hopd: cannot repair the accounts in {}: {error}",
+                data.display()
+            );
             std::process::ExitCode::FAILURE
         }
     }

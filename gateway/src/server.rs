@@ -9,19 +9,20 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hop_protocol::StaticKey;
-use hop_router::{Router, ShardId};
+use hop_router::{Router, Secrets, ShardId};
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 use tracing::{error, info, warn};
 
-use crate::accounts::{self, AccountLog};
 use crate::config::{BackendName, Config, UringReceive};
 use crate::mailbox::Mailboxes;
-use crate::shard::{self, wall_clock_ms, ShardMailboxes, ShardParts, ShardSettings};
+use crate::shard::{self, monotonic_ms, ShardMailboxes, ShardParts, ShardSettings};
 use crate::stats::ShardStats;
 use crate::sys::mio::MioBackend;
 use crate::sys::{self, Backend, BackendLimits};
+use hop_store::accounts::{self, AccountLog};
 use hop_store::io::FsIo;
+use hop_store::privacy::{self, PrivacyLog};
 use hop_store::ShardStore;
 
 /// Pending connections the kernel queues per listener.
@@ -41,8 +42,6 @@ pub enum StartError {
     Key(#[from] hop_protocol::keys::KeyError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
-    #[error("cannot read account bindings: {0}")]
-    Accounts(io::Error),
     #[error("cannot start shard {shard}: {source}")]
     Shard { shard: usize, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
@@ -83,12 +82,11 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
-        let loaded = accounts::load(&config.data).map_err(StartError::Accounts)?;
-        if loaded.corrupt_records > 0 || loaded.torn_bytes > 0 {
+        let loaded = accounts::load(&FsIo, &config.data)?;
+        if loaded.torn_bytes > 0 {
             warn!(
-                corrupt = loaded.corrupt_records,
                 torn_bytes = loaded.torn_bytes,
-                "account bindings had damage; the damaged records were skipped"
+                "account bindings ended in a torn record (a crash while writing); it was ignored"
             );
         }
         let layout = hop_store::prepare(
@@ -97,10 +95,20 @@ impl Server {
             config.shards as u16,
             hop_router::home_shard,
             config.store_options(),
-            wall_clock_ms(),
+            monotonic_ms(),
         )?;
         info!(?layout, "offline queue ready");
-        let bindings = Arc::new(loaded.bindings);
+        let settings = privacy::load(&FsIo, &config.data)?;
+        if settings.torn_bytes > 0 {
+            warn!(
+                torn_bytes = settings.torn_bytes,
+                "presence settings ended in a torn record (a crash while writing); it was ignored"
+            );
+        }
+        let bindings = Arc::new(Restored {
+            bindings: loaded.bindings,
+            privacy: settings.settings,
+        });
         let key = Arc::new(key);
         let kind = choose_backend(config.backend);
         let ceiling = connection_ceiling(config, kind);
@@ -164,6 +172,13 @@ pub fn serve(config: &Config) -> Result<bool, StartError> {
         signal_hook::consts::SIGTERM,
     ])
     .map_err(StartError::Signals)?;
+    // A write past the file-size limit (RLIMIT_FSIZE) must fail with EFBIG, which the store
+    // reports to the senders like a full disk, instead of killing hopd with SIGXFSZ.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .map_err(StartError::Signals)?;
     #[cfg(target_os = "linux")]
     if !config.transparent_huge_pages {
         // Before the shards allocate their tables: from here on memory is backed 4 KiB at a
@@ -205,6 +220,12 @@ pub fn serve(config: &Config) -> Result<bool, StartError> {
     Ok(server.join())
 }
 
+/// What every shard learns at start from the account files: who exists and who hides.
+struct Restored {
+    bindings: Vec<(hop_protocol::UserId, [u8; 32])>,
+    privacy: Vec<(hop_protocol::UserId, u8, Vec<hop_protocol::UserId>)>,
+}
+
 type Started = (
     Arc<AtomicBool>,
     Arc<dyn Fn() + Send + Sync>,
@@ -218,7 +239,7 @@ fn start_shards<B: Backend>(
     config: &Config,
     listeners: Vec<TcpListener>,
     key: &Arc<StaticKey>,
-    bindings: &Arc<Vec<(hop_protocol::UserId, [u8; 32])>>,
+    bindings: &Arc<Restored>,
     connections_per_shard: usize,
 ) -> Result<Started, StartError> {
     let shards = config.shards;
@@ -249,20 +270,33 @@ fn start_shards<B: Backend>(
             connection_slots: limits.connections_max + CONNECTION_SLOTS_SPARE,
             keeping: config.keeping(),
         };
-        let accounts =
-            AccountLog::open(&config.data, index as u16).map_err(|source| StartError::Shard {
-                shard: index,
-                source,
-            })?;
+        let accounts = AccountLog::open(&FsIo, &config.data, index as u16)?;
+        if accounts.opened().torn_bytes_cut > 0 {
+            warn!(
+                shard = index,
+                torn_bytes = accounts.opened().torn_bytes_cut,
+                path = %accounts.path().display(),
+                "cut off a torn account record"
+            );
+        }
         let mut router = Router::new(
             index as ShardId,
             shards as u16,
             config.router_limits(),
-            wall_clock_ms(),
+            Secrets::derive(key.private()),
         );
-        for (user, user_key) in bindings.iter() {
-            router.restore_binding(*user, *user_key);
+        for (user, _) in &bindings.bindings {
+            router.restore_binding(*user);
         }
+        for (user, visibility, contacts) in &bindings.privacy {
+            let privacy = hop_router::Privacy {
+                visibility: hop_protocol::wire::Visibility::try_from(i32::from(*visibility))
+                    .unwrap_or(hop_protocol::wire::Visibility::Nobody),
+                contacts: contacts.clone(),
+            };
+            router.restore_privacy(*user, privacy);
+        }
+        let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)?;
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let (key, mailboxes, shutdown, registered, report, data) = (
             key.clone(),
@@ -312,6 +346,7 @@ fn start_shards<B: Backend>(
                     mailboxes,
                     stats: shard_stats,
                     accounts,
+                    privacy,
                     store,
                     shutdown,
                 });
@@ -347,7 +382,7 @@ fn open_store(
     router: &mut Router,
 ) -> Result<ShardStore<FsIo>, hop_store::StoreError> {
     let (mut store, recovery) =
-        ShardStore::open(data, shard, shards, options, FsIo, wall_clock_ms())?;
+        ShardStore::open(data, shard, shards, options, FsIo, monotonic_ms())?;
     let damaged =
         recovery.corrupt_records + recovery.torn_bytes + u64::from(recovery.missing_segments);
     if damaged > 0 {

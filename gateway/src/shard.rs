@@ -14,10 +14,15 @@
 //!    durable;
 //! 6. once per tick, enforce the handshake and idle timeouts, expire old queued items and
 //!    compact the store a bounded step.
+//!
+//! Two clocks: every deadline (batch, handshake, idle, compaction ages) runs on the monotonic
+//! [`monotonic_ms`], so a step of the system clock neither stalls the ServerAcks nor idles out
+//! every connection at once; the wall clock ([`wall_clock_ms`]) only stamps messages, receipts
+//! and last-seen times and decides the offline TTL.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -28,14 +33,13 @@ use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent
 use hop_protocol::wire::ReceiptKind;
 use hop_protocol::wire::{ErrorCode, GoAwayReason, Stanza};
 use hop_protocol::{StaticKey, UserId};
-use hop_router::{
-    home_shard, Action, ConnRef, ConnectError, Queued, Router, ShardId, ShardMessage,
-};
+use hop_router::{home_shard, Action, ConnRef, Queued, Router, ShardId, ShardMessage};
+use hop_store::accounts::AccountLog;
 use hop_store::io::FsIo;
+use hop_store::privacy::PrivacyLog;
 use hop_store::ShardStore;
 use tracing::{debug, info, warn};
 
-use crate::accounts::AccountLog;
 use crate::mailbox::Mailboxes;
 use crate::stats::{bump, ShardStats};
 use crate::sys::{Backend, ConnId, Event, Reading};
@@ -121,7 +125,8 @@ pub struct ShardParts<B: Backend> {
     pub key: Arc<StaticKey>,
     pub mailboxes: Arc<ShardMailboxes<B>>,
     pub stats: Arc<ShardStats>,
-    pub accounts: AccountLog,
+    pub accounts: AccountLog<FsIo>,
+    pub privacy: PrivacyLog<FsIo>,
     pub store: ShardStore<FsIo>,
     pub shutdown: Arc<AtomicBool>,
 }
@@ -161,7 +166,8 @@ struct Conn {
     paused: bool,
 }
 
-const _: () = assert!(std::mem::size_of::<Option<Conn>>() <= 120);
+// 128 since user ids are 16 bytes (120 with the 8-byte ids of protocol version 1).
+const _: () = assert!(std::mem::size_of::<Option<Conn>>() <= 128);
 
 impl Conn {
     fn new(generation: u32, session: ServerConnection, now_ms: u64) -> Self {
@@ -251,6 +257,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         mailboxes,
         stats,
         accounts,
+        privacy,
         store,
         shutdown,
     } = parts;
@@ -276,7 +283,9 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         scratch: vec![0u8; FRAME_PLAINTEXT_BYTES_MAX + 16].into_boxed_slice(),
         stats,
         accounts,
-        now_ms: wall_clock_ms(),
+        privacy,
+        now_ms: monotonic_ms(),
+        wall_ms: wall_clock_ms(),
         current: None,
         warnings: RateLimit::default(),
         adoptions: HashMap::default(),
@@ -306,20 +315,20 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
             Duration::ZERO
         } else {
             let until_commit = core.commit_deadline().map_or(Duration::MAX, |deadline| {
-                Duration::from_millis(deadline.saturating_sub(wall_clock_ms()))
+                Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
             });
             next_tick.saturating_duration_since(now).min(until_commit)
         };
         core.mailboxes.clear_wake(index);
         let result = backend.poll(Some(timeout), &mut |event| {
-            core.now_ms = wall_clock_ms();
+            core.read_clocks();
             core.handle_event(event)
         });
         if let Err(error) = result {
             warn!(shard = index, %error, "poll failed");
             std::thread::sleep(Duration::from_millis(10));
         }
-        core.now_ms = wall_clock_ms();
+        core.read_clocks();
         mail_backlog = core.drain_mail(&mut backend);
         // Commit before writing: the ServerAcks a commit releases leave in this turn's writes,
         // and under `always` a device's Ack is on disk before anything later is answered.
@@ -365,8 +374,13 @@ struct Core<B: Backend> {
     /// Decrypted plaintext of one frame.
     scratch: Box<[u8]>,
     stats: Arc<ShardStats>,
-    accounts: AccountLog,
+    accounts: AccountLog<FsIo>,
+    /// Users' presence settings on disk.
+    privacy: PrivacyLog<FsIo>,
+    /// Monotonic milliseconds ([`monotonic_ms`]): every deadline.
     now_ms: u64,
+    /// Unix-epoch milliseconds: timestamps, last-seen times, the offline TTL.
+    wall_ms: u64,
     /// The connection whose input is being handled: the one a full mailbox pauses.
     current: Option<ConnId>,
     warnings: RateLimit,
@@ -463,6 +477,7 @@ impl<B: Backend> Core<B> {
             }
             match event {
                 ServerEvent::Authenticated { client_key } => self.authenticated(id, client_key),
+                ServerEvent::Outdated { version } => self.outdated(id, version),
                 ServerEvent::Stanza(stanza) => self.stanza(id, stanza),
             }
         }
@@ -502,36 +517,32 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// A client of an older protocol version finished its handshake: it is told, in stanzas
+    /// every version decodes alike, to upgrade, and closed.
+    fn outdated(&mut self, id: ConnId, version: u8) {
+        bump(&self.stats.clients_outdated, 1);
+        self.warn(format_args!(
+            "connection {id}: a client of hop protocol version {version} was told to upgrade"
+        ));
+        let text = format!(
+            "this server speaks hop protocol version {}; the client speaks version {version}: \
+             upgrade the client",
+            hop_protocol::noise::VERSION
+        );
+        self.queue_stanza(id, &Stanza::error(ErrorCode::Version, text.clone(), None));
+        self.close_with(id, GoAwayReason::Protocol, &text);
+    }
+
     /// Makes `id` the connection of `user` on this, its home shard.
     fn attach_user(&mut self, id: ConnId, user: UserId, key: [u8; KEY_BYTES]) {
         let conn_ref = self.conn_ref(id);
-        match self
-            .router
-            .handle_connect(user, &key, conn_ref, self.now_ms)
-        {
-            Ok(()) => {
-                let now_ms = self.now_ms;
-                if let Some(conn) = self.conn_mut(id) {
-                    conn.phase = Phase::Open;
-                    conn.user = Some(user);
-                    conn.since_ms = now_ms;
-                }
-            }
-            Err(ConnectError::IdTaken) => {
-                bump(&self.stats.ids_taken, 1);
-                self.warn(format_args!(
-                    "user id {user} is bound to another key; connection refused"
-                ));
-                self.queue_stanza(
-                    id,
-                    &Stanza::error(
-                        ErrorCode::IdTaken,
-                        "this key's user id belongs to another key; generate a new key",
-                        0,
-                    ),
-                );
-                self.close_with(id, GoAwayReason::Protocol, "user id taken");
-            }
+        self.router
+            .handle_connect(user, &key, conn_ref, self.wall_ms);
+        let now_ms = self.now_ms;
+        if let Some(conn) = self.conn_mut(id) {
+            conn.phase = Phase::Open;
+            conn.user = Some(user);
+            conn.since_ms = now_ms;
         }
         self.run_actions();
     }
@@ -551,11 +562,11 @@ impl<B: Backend> Core<B> {
             (Phase::Open, Some(user)) => {
                 let result = self
                     .router
-                    .handle_stanza(user, conn_ref, stanza, self.now_ms);
+                    .handle_stanza(user, conn_ref, stanza, self.wall_ms);
                 if let Err(violation) = result {
                     bump(&self.stats.protocol_errors, 1);
                     self.warn(format_args!("user {user}: {}", violation.0));
-                    self.queue_stanza(id, &Stanza::error(ErrorCode::BadStanza, violation.0, 0));
+                    self.queue_stanza(id, &Stanza::error(ErrorCode::BadStanza, violation.0, None));
                     self.close_with(id, GoAwayReason::Protocol, "protocol violation");
                 }
                 self.run_actions();
@@ -576,7 +587,7 @@ impl<B: Backend> Core<B> {
                 PeerError::Stanza(_) => ErrorCode::BadStanza,
                 PeerError::Frame(_) | PeerError::Noise(_) => ErrorCode::BadFrame,
             };
-            self.queue_stanza(id, &Stanza::error(code, error.to_string(), 0));
+            self.queue_stanza(id, &Stanza::error(code, error.to_string(), None));
             self.close_with(id, GoAwayReason::Protocol, "protocol error");
         } else {
             bump(&self.stats.handshakes_failed, 1);
@@ -605,13 +616,14 @@ impl<B: Backend> Core<B> {
                     from,
                     id,
                     timestamp_ms,
+                    proof,
                 } => {
                     let Some(conn_id) = self.resolve(conn) else {
                         continue; // gone: the router pushes it again on the next connection
                     };
                     match self.kept_body(user, id) {
                         Some(body) => {
-                            let deliver = Stanza::deliver(from, id, timestamp_ms, body);
+                            let deliver = Stanza::deliver(from, id, timestamp_ms, body, proof);
                             self.queue_stanza(conn_id, &deliver);
                         }
                         None => {
@@ -632,7 +644,15 @@ impl<B: Backend> Core<B> {
                         self.store.mark_delivered(self.now_ms, user, id, kind as u8);
                     }
                 }
-                Action::PersistBinding { user, key } => self.accounts.append(user, &key),
+                Action::PersistBinding { key, .. } => self.accounts.append(&key),
+                Action::PersistPrivacy { user, privacy } => {
+                    self.privacy.append(
+                        user,
+                        self.wall_ms,
+                        privacy.visibility as u8,
+                        &privacy.contacts,
+                    );
+                }
             }
         }
     }
@@ -684,7 +704,7 @@ impl<B: Backend> Core<B> {
                     item.ack_kind(),
                     ErrorCode::QueueFull,
                     "the recipient's queue is full; message not taken",
-                    self.now_ms,
+                    self.wall_ms,
                 );
             }
         }
@@ -738,8 +758,10 @@ impl<B: Backend> Core<B> {
     }
 
     /// Appends the held items when their batch is due and commits the store when that or its
-    /// own batch is due, then releases what became durable. New account bindings are made
-    /// durable first, so no queued item outlives its user's binding.
+    /// own batch is due, then releases what became durable. New account bindings are written
+    /// first; a binding that cannot be written (disk full) stays buffered and is tried again
+    /// next turn without holding up the queue: a queued item needs no binding on disk (at
+    /// start, a user with queued items is made from them).
     fn commit_if_due(&mut self) {
         if let Err(error) = self.accounts.flush() {
             bump(&self.stats.binding_write_errors, 1);
@@ -747,7 +769,13 @@ impl<B: Backend> Core<B> {
             self.warn(format_args!(
                 "cannot record account bindings in {path}: {error}; trying again next turn"
             ));
-            return; // nothing is committed while a binding it may depend on is not on disk
+        }
+        if let Err(error) = self.privacy.flush() {
+            bump(&self.stats.binding_write_errors, 1);
+            let path = self.privacy.path().display().to_string();
+            self.warn(format_args!(
+                "cannot record presence settings in {path}: {error}; trying again next turn"
+            ));
         }
         let held_due = self
             .held
@@ -768,12 +796,12 @@ impl<B: Backend> Core<B> {
         }
         match self.store.commit(self.now_ms) {
             Ok(commit) => {
-                while let Some(&(seq, _, id, kind)) = self.unkept.front() {
+                while let Some(&(seq, user, id, kind)) = self.unkept.front() {
                     if seq > commit.durable_through {
                         break;
                     }
                     self.unkept.pop_front();
-                    self.router.handle_kept(id, kind, self.now_ms);
+                    self.router.handle_kept(user, id, kind, self.wall_ms);
                 }
             }
             Err(error) => {
@@ -789,7 +817,7 @@ impl<B: Backend> Core<B> {
                             kind,
                             ErrorCode::Overloaded,
                             "the server could not store the message; try again",
-                            self.now_ms,
+                            self.wall_ms,
                         );
                     } else {
                         kept.push_back((seq, user, id, kind));
@@ -803,7 +831,10 @@ impl<B: Backend> Core<B> {
 
     /// Expires old queued items and runs one bounded compaction step.
     fn expire_and_compact(&mut self) {
-        for expired in self.store.expire(self.now_ms, EXPIRE_USERS_PER_TICK) {
+        for expired in self
+            .store
+            .expire(self.now_ms, self.wall_ms, EXPIRE_USERS_PER_TICK)
+        {
             let kind = ReceiptKind::try_from(i32::from(expired.ack_kind))
                 .unwrap_or(ReceiptKind::Unspecified);
             self.router.handle_expired(expired.user, expired.id, kind);
@@ -858,7 +889,7 @@ impl<B: Backend> Core<B> {
                 };
                 match mail {
                     Mail::Router(message) => {
-                        self.router.handle_shard_message(message, self.now_ms);
+                        self.router.handle_shard_message(message, self.wall_ms);
                         self.run_actions();
                     }
                     Mail::Handoff(handoff) => self.adopt(backend, *handoff),
@@ -1108,7 +1139,7 @@ impl<B: Backend> Core<B> {
         // What was appended becomes durable (and its ServerAcks leave) before the GoAways.
         self.now_ms = u64::MAX / 2; // every deadline is due
         self.commit_if_due();
-        self.now_ms = wall_clock_ms();
+        self.read_clocks();
         let open: Vec<ConnId> = (0..self.conns.len() as ConnId)
             .filter(|id| self.is_live(*id))
             .collect();
@@ -1174,7 +1205,7 @@ impl<B: Backend> Core<B> {
         }
         if let (Phase::Open | Phase::Closing, Some(user)) = (conn.phase, conn.user) {
             let conn_ref = ConnRef((u64::from(conn.generation) << 32) | u64::from(id));
-            self.router.handle_disconnect(user, conn_ref, self.now_ms);
+            self.router.handle_disconnect(user, conn_ref, self.wall_ms);
             self.run_actions();
         }
     }
@@ -1273,6 +1304,12 @@ impl<B: Backend> Core<B> {
         (current.generation == generation).then_some(id)
     }
 
+    /// Reads both clocks once for the events that follow.
+    fn read_clocks(&mut self) {
+        self.now_ms = monotonic_ms();
+        self.wall_ms = wall_clock_ms();
+    }
+
     fn warn(&mut self, message: std::fmt::Arguments<'_>) {
         let shard = self.settings.index;
         if self.warnings.allow(self.now_ms) {
@@ -1302,11 +1339,18 @@ impl RateLimit {
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch: for timestamps and the offline TTL, never deadlines.
 pub fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// Milliseconds on a monotonic clock shared by every shard of this process (it starts at 1 at
+/// the first call): for every deadline. Never stored, never compared with a wall-clock time.
+pub fn monotonic_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 #[cfg(test)]
@@ -1315,7 +1359,7 @@ mod tests {
 
     fn message(id: u64) -> Queued {
         Queued::Message {
-            from: UserId::new(1).expect("valid"),
+            from: UserId::from_halves(1, 1).expect("valid"),
             id,
             timestamp_ms: 0,
             body: Bytes::from_static(b"x"),
@@ -1330,7 +1374,7 @@ mod tests {
 
     #[test]
     fn held_items_leave_in_order_without_the_cancelled_ones() {
-        let user = UserId::new(7).expect("valid");
+        let user = UserId::from_halves(7, 7).expect("valid");
         let mut held = Held::default();
         assert_eq!(held.deadline(&BATCH), None);
         held.hold(user, message(1), 100);
@@ -1359,7 +1403,7 @@ mod tests {
 
     #[test]
     fn a_full_batch_or_always_is_due_at_once() {
-        let user = UserId::new(7).expect("valid");
+        let user = UserId::from_halves(7, 7).expect("valid");
         let mut held = Held::default();
         for id in 1..=3 {
             held.hold(user, message(id), 100 + id);

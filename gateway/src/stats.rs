@@ -28,7 +28,7 @@ counters! {
     handshake_timeouts: "connections closed for not finishing the handshake in time",
     idle_timeouts: "connections closed for silence",
     protocol_errors: "connections closed for breaking the protocol after the handshake",
-    ids_taken: "connections refused because their user id belongs to another key",
+    clients_outdated: "connections of clients of an older protocol version, told to upgrade",
     handoffs_out: "connections handed to their home shard",
     handoffs_in: "connections adopted from another shard",
     stanzas_in: "stanzas received from clients",

@@ -88,7 +88,10 @@ fn hop_transport() {
     client.handle_response(&body(&reply)).expect("message 2");
     wire.clear();
     let mut client = client.finish(&mut wire).expect("message 3");
-    let ServerStep::Finished(mut server, _) = server
+    let ServerStep::Finished {
+        transport: mut server,
+        ..
+    } = server
         .handle_frame(&body(&wire), &mut reply)
         .expect("message 3")
     else {

@@ -1,7 +1,10 @@
 //! A blocking client: one TCP connection, one Noise session, stanzas in and out.
 //!
-//! Used by the `hop` CLI, the end-to-end tests and the benchmarks. It pins the server's key:
-//! either a key given by the caller or the one recorded in a known-servers file on first use.
+//! Used by the `hop` CLI and the end-to-end tests. The handshake and the session are
+//! [`crate::session::ClientConnection`]'s (which hop-bench and the fuzz targets drive too); this
+//! module adds the socket, the trust decision and the v2 client's bookkeeping (its outbox,
+//! dropping a message delivered twice). It pins the server's key: either a key given by the
+//! caller or the one recorded in a known-servers file on first use.
 
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
@@ -13,12 +16,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::frame::{Deframer, FrameError, FRAME_BODY_BYTES_MAX};
+use crate::frame::{FrameError, FRAME_BODY_BYTES_MAX};
 use crate::keys::{parse_hex_key, StaticKey, KEY_BYTES};
-use crate::noise::{ClientHandshake, NoiseError, HANDSHAKE_FRAME_LIMITS};
-use crate::session::{Channel, InputError, PeerError};
+use crate::noise::NoiseError;
+use crate::outbox::{Outbox, Seen};
+use crate::session::{Channel, ClientConnection, ClientEvent, ClientInputError, PeerError};
 use crate::user::UserId;
-use crate::wire::{Ack, Kind, Ping, Read as ReadStanza, ReceiptKind, Stanza, Subscribe};
+use crate::wire::{
+    Ack, Kind, MessageRef, Ping, PresenceSettings, Read as ReadStanza, ReceiptKind, Stanza,
+    Subscribe, UserRef, Visibility,
+};
 
 /// How the client decides to trust the server's static key.
 #[derive(Debug, Clone)]
@@ -51,7 +58,12 @@ pub enum ClientError {
     KnownServers { path: String, reason: String },
     #[error("connection error: {0}")]
     Io(#[from] io::Error),
-    #[error("handshake with the server failed: {0}")]
+    #[error("no randomness available for an outbox id")]
+    Random,
+    #[error(
+        "handshake with the server failed: {0} (a server of another hop protocol version \
+         fails the handshake like this)"
+    )]
     Handshake(PeerError),
     #[error("the server broke the protocol: {0}")]
     Peer(PeerError),
@@ -77,14 +89,18 @@ impl From<NoiseError> for ClientError {
 #[derive(Debug)]
 pub struct Client {
     stream: TcpStream,
-    channel: Channel,
+    /// Open from `connect` on: a `Client` exists only once the handshake finished.
+    connection: ClientConnection,
     user: UserId,
     server_key: [u8; KEY_BYTES],
     inbox: VecDeque<Stanza>,
     out: Vec<u8>,
     read_buffer: Vec<u8>,
     scratch: Vec<u8>,
-    next_seq: u32,
+    outbox: Outbox,
+    /// Messages received, to drop a copy delivered again.
+    seen: Seen,
+    duplicates_dropped: u64,
     last_sent: Instant,
     keepalive: Duration,
 }
@@ -111,44 +127,53 @@ impl Client {
             }
         })?;
         stream.set_nodelay(true)?;
+        // The server's key is checked by `check_trust` (a pin or the known-servers file) when
+        // message 2 proves it, before message 3 goes out.
         let mut out = Vec::new();
-        let mut handshake = ClientHandshake::start(key, &mut out);
+        let mut connection = ClientConnection::start(key, None, &mut out);
         stream.write_all(&out)?;
         out.clear();
-
-        let mut deframer = Deframer::new();
         let mut read_buffer = vec![0u8; READ_BUFFER_BYTES];
-        let mut reply: Option<Vec<u8>> = None;
-        while reply.is_none() {
+        let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
+        let mut inbox = VecDeque::new();
+        let mut server_key = None;
+        while !connection.is_open() {
             let bytes = read_before(&mut stream, &mut read_buffer, deadline)?;
-            deframer.handle_input::<ClientError>(
-                &read_buffer[..bytes],
-                &mut || HANDSHAKE_FRAME_LIMITS,
-                &mut |frame| {
-                    if reply.is_some() {
-                        // The server sends nothing after message 2 until it has message 3.
-                        return Err(NoiseError::OutOfOrder.into());
-                    }
-                    reply = Some(frame.to_vec());
-                    Ok(())
-                },
-            )?;
+            connection
+                .handle_input(
+                    &read_buffer[..bytes],
+                    &mut scratch,
+                    &mut out,
+                    &mut |event| match event {
+                        ClientEvent::Authenticated { server_key: key } => {
+                            check_trust(addr, &key, trust)?;
+                            server_key = Some(key);
+                            Ok(())
+                        }
+                        ClientEvent::Stanza(stanza) => {
+                            inbox.push_back(stanza);
+                            Ok(())
+                        }
+                    },
+                )
+                .map_err(|error| ClientError::from_input(error, true))?;
         }
-        let server_key = handshake.handle_response(&reply.unwrap_or_default())?;
-        check_trust(addr, &server_key, trust)?;
-        let transport = handshake.finish(&mut out)?;
+        let server_key = server_key.ok_or(ClientError::Handshake(NoiseError::OutOfOrder.into()))?;
         stream.write_all(&out)?;
         out.clear();
+        let outbox = Outbox::random().map_err(|_| ClientError::Random)?;
         Ok(Self {
             stream,
-            channel: Channel::new(transport, deframer),
+            connection,
             user: key.user_id(),
             server_key,
-            inbox: VecDeque::new(),
+            inbox,
             out,
             read_buffer,
-            scratch: vec![0u8; FRAME_BODY_BYTES_MAX],
-            next_seq: 1,
+            scratch,
+            outbox,
+            seen: Seen::default(),
+            duplicates_dropped: 0,
             last_sent: Instant::now(),
             keepalive: KEEPALIVE_DEFAULT,
         })
@@ -162,12 +187,65 @@ impl Client {
         &self.server_key
     }
 
-    /// Sends a message to `to`; returns the sequence number the ServerAck or Error will carry.
-    pub fn send_message(&mut self, to: UserId, body: &[u8]) -> Result<u32, ClientError> {
-        let seq = self.next_seq;
-        self.next_seq = self.next_seq.wrapping_add(1).max(1);
-        self.send(&Stanza::send(to, seq, Bytes::copy_from_slice(body)))?;
-        Ok(seq)
+    /// Sends a message to `to` from this connection's outbox; returns its client id, which
+    /// the ServerAck or Error will carry.
+    pub fn send_message(&mut self, to: UserId, body: &[u8]) -> Result<MessageRef, ClientError> {
+        let mut stanzas = Vec::with_capacity(2);
+        let message = self
+            .outbox
+            .send(to, Bytes::copy_from_slice(body), &mut stanzas);
+        self.send_all(&stanzas)?;
+        Ok(message)
+    }
+
+    /// Queues a message to `to` like [`Client::send_message`] without writing it: many queued
+    /// messages leave in one write at the next [`Client::flush`].
+    pub fn queue_message(&mut self, to: UserId, body: &[u8]) -> MessageRef {
+        let mut stanzas = Vec::with_capacity(2);
+        let message = self
+            .outbox
+            .send(to, Bytes::copy_from_slice(body), &mut stanzas);
+        for stanza in &stanzas {
+            self.queue(stanza);
+        }
+        message
+    }
+
+    /// Sends message `seq` of this connection's outbox again: the server answers with the
+    /// original's ServerAck and delivers it once.
+    pub fn resend_message(
+        &mut self,
+        to: UserId,
+        seq: u64,
+        body: &[u8],
+    ) -> Result<MessageRef, ClientError> {
+        let mut stanzas = Vec::with_capacity(2);
+        let message = self
+            .outbox
+            .resend(to, seq, Bytes::copy_from_slice(body), &mut stanzas);
+        self.send_all(&stanzas)?;
+        Ok(message)
+    }
+
+    /// The outbox this connection sends from.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Sends from `outbox` from now on (one kept from an earlier connection, for a resend).
+    pub fn set_outbox(&mut self, mut outbox: Outbox) {
+        outbox.reconnected();
+        self.outbox = outbox;
+    }
+
+    /// The outbox, to carry to the next connection.
+    pub fn into_outbox(self) -> Outbox {
+        self.outbox
+    }
+
+    /// Deliveries dropped as copies of messages already received on this client.
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.duplicates_dropped
     }
 
     /// Tells the server the device received item `id` (a Deliver, or a Receipt of `kind`).
@@ -178,16 +256,31 @@ impl Client {
         })))
     }
 
-    /// Tells the server the user read message `id` from `from`.
-    pub fn read(&mut self, from: UserId, id: u64) -> Result<(), ClientError> {
+    /// Tells the server the user read message `id` from `from`; `proof` is the Deliver's.
+    pub fn read(&mut self, from: UserId, id: u64, proof: u64) -> Result<(), ClientError> {
         self.send(&Stanza::of(Kind::Read(ReadStanza {
-            from: from.get(),
+            from: Some(from.into()),
             id,
+            proof,
+        })))
+    }
+
+    /// Sets who may see this user's presence (kept by the server across restarts).
+    pub fn set_presence_privacy(
+        &mut self,
+        visibility: Visibility,
+        contacts: &[UserId],
+    ) -> Result<(), ClientError> {
+        self.send(&Stanza::of(Kind::PresenceSettings(PresenceSettings {
+            visibility: visibility as i32,
+            contacts: contacts.iter().map(|user| UserRef::from(*user)).collect(),
         })))
     }
 
     pub fn subscribe(&mut self, user: UserId) -> Result<(), ClientError> {
-        self.send(&Stanza::of(Kind::Subscribe(Subscribe { user: user.get() })))
+        self.send(&Stanza::of(Kind::Subscribe(Subscribe {
+            user: Some(user.into()),
+        })))
     }
 
     /// Sends one stanza in its own frame.
@@ -196,13 +289,22 @@ impl Client {
         self.flush()
     }
 
+    /// Sends stanzas in one frame.
+    pub fn send_all(&mut self, stanzas: &[Stanza]) -> Result<(), ClientError> {
+        for stanza in stanzas {
+            self.queue(stanza);
+        }
+        self.flush()
+    }
+
     /// Queues a stanza; [`Client::flush`] seals everything queued into frames and writes it.
     pub fn queue(&mut self, stanza: &Stanza) {
-        self.channel.queue(stanza, &mut self.out);
+        let out = &mut self.out;
+        channel(&mut self.connection).queue(stanza, out);
     }
 
     pub fn flush(&mut self) -> Result<(), ClientError> {
-        self.channel.flush(&mut self.out);
+        channel(&mut self.connection).flush(&mut self.out);
         if !self.out.is_empty() {
             self.stream.write_all(&self.out)?;
             self.out.clear();
@@ -220,15 +322,25 @@ impl Client {
     /// Seals arbitrary plaintext as one frame and writes it. For tests of the server's
     /// handling of undecodable stanzas.
     pub fn send_raw_plaintext(&mut self, plaintext: &[u8]) -> Result<(), ClientError> {
-        self.channel.seal_raw(plaintext, &mut self.out);
+        channel(&mut self.connection).seal_raw(plaintext, &mut self.out);
         self.flush()
     }
 
-    /// The next stanza from the server, waiting at most `timeout`; `None` on timeout.
+    /// The next stanza from the server, waiting at most `timeout`; `None` on timeout. A
+    /// Deliver of a message this client already received is acked and not returned.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Stanza>, ClientError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(stanza) = self.inbox.pop_front() {
+            while let Some(stanza) = self.inbox.pop_front() {
+                if let Some(Kind::Deliver(deliver)) = &stanza.kind {
+                    if let Some(from) = UserRef::user(deliver.from.as_ref()) {
+                        if !self.seen.first_time(from, deliver.id) {
+                            self.duplicates_dropped += 1;
+                            self.ack(deliver.id, ReceiptKind::Unspecified)?;
+                            continue;
+                        }
+                    }
+                }
                 return Ok(Some(stanza));
             }
             if self.last_sent.elapsed() >= self.keepalive {
@@ -242,19 +354,19 @@ impl Client {
                 Err(error) => return Err(error),
             };
             let inbox = &mut self.inbox;
-            self.channel
-                .handle_input::<()>(
+            self.connection
+                .handle_input::<ClientError>(
                     &self.read_buffer[..bytes],
                     &mut self.scratch,
-                    &mut |stanza| {
-                        inbox.push_back(stanza);
+                    &mut self.out,
+                    &mut |event| {
+                        if let ClientEvent::Stanza(stanza) = event {
+                            inbox.push_back(stanza);
+                        }
                         Ok(())
                     },
                 )
-                .map_err(|error| match error {
-                    InputError::Peer(peer) => ClientError::Peer(peer),
-                    InputError::Handler(()) => ClientError::Closed,
-                })?;
+                .map_err(|error| ClientError::from_input(error, false))?;
         }
     }
 
@@ -267,6 +379,27 @@ impl Client {
         while let Ok(bytes) = read_before(&mut self.stream, &mut self.read_buffer, deadline) {
             if bytes == 0 {
                 break;
+            }
+        }
+    }
+}
+
+/// The open channel of a client's connection.
+fn channel(connection: &mut ClientConnection) -> &mut Channel {
+    connection
+        .channel()
+        .expect("a Client exists only once its connection is open, and it stays open")
+}
+
+impl ClientError {
+    /// The error of a failed `handle_input`, during the handshake or after it.
+    fn from_input(error: ClientInputError<ClientError>, handshaking: bool) -> Self {
+        match error {
+            ClientInputError::Peer(peer) if handshaking => Self::Handshake(peer),
+            ClientInputError::Peer(peer) => Self::Peer(peer),
+            ClientInputError::Handler(error) => error,
+            ClientInputError::ServerKeyMismatch { .. } => {
+                unreachable!("a Client pins no key in its connection: check_trust decides")
             }
         }
     }
@@ -424,5 +557,134 @@ mod tests {
             check_trust("a", &[1; 32], &ServerTrust::Pinned([2; 32])),
             Err(ClientError::ServerKeyMismatch { .. })
         ));
+    }
+
+    /// A one-connection server on loopback, driven by `ServerConnection`: once the client is
+    /// authenticated it delivers one message twice, then answers every Send with a ServerAck.
+    /// Returns the kinds of the stanzas it received, and whether the client authenticated.
+    fn serve_once(
+        listener: std::net::TcpListener,
+        server_key: StaticKey,
+    ) -> std::thread::JoinHandle<(Vec<String>, bool)> {
+        use crate::session::{ServerConnection, ServerEvent};
+        use crate::wire::ServerAck;
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut server = ServerConnection::new(&server_key);
+            let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
+            let mut buffer = vec![0u8; 4096];
+            let mut kinds = Vec::new();
+            let mut authenticated = false;
+            let mut outbox = 0;
+            loop {
+                let bytes = match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => return (kinds, authenticated),
+                    Ok(bytes) => bytes,
+                };
+                let mut out = Vec::new();
+                let mut replies = Vec::new();
+                let result = server.handle_input::<()>(
+                    &buffer[..bytes],
+                    &mut scratch,
+                    &mut out,
+                    &mut |event| {
+                        match event {
+                            ServerEvent::Authenticated { .. } => {
+                                authenticated = true;
+                                let from = UserId::from_public_key(&[4; 32]);
+                                let deliver =
+                                    Stanza::deliver(from, 9, 1, Bytes::from_static(b"once"), 3);
+                                replies.push(deliver.clone());
+                                replies.push(deliver);
+                            }
+                            ServerEvent::Stanza(stanza) => {
+                                kinds.push(stanza.kind_name().to_string());
+                                match &stanza.kind {
+                                    Some(Kind::Outbox(declared)) => outbox = declared.id,
+                                    Some(Kind::Send(send)) => {
+                                        replies.push(Stanza::of(Kind::ServerAck(ServerAck {
+                                            seq: send.seq,
+                                            id: 100 + send.seq,
+                                            timestamp_ms: 1,
+                                            outbox,
+                                        })))
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            ServerEvent::Outdated { .. } => panic!("a v2 client"),
+                        }
+                        Ok(())
+                    },
+                );
+                if result.is_err() {
+                    return (kinds, authenticated);
+                }
+                for reply in &replies {
+                    if let Some(channel) = server.channel() {
+                        channel.send_now(reply, &mut out);
+                    }
+                }
+                if stream.write_all(&out).is_err() {
+                    return (kinds, authenticated);
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn client_pins_the_server_and_drops_a_second_copy() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server_key = StaticKey::generate().unwrap();
+        let trust = ServerTrust::Pinned(*server_key.public());
+        let server = serve_once(listener, server_key.clone());
+        let key = StaticKey::generate().unwrap();
+        let mut client = Client::connect(&addr, &key, &trust, Duration::from_secs(10)).unwrap();
+        assert_eq!(client.server_key(), server_key.public());
+        assert_eq!(client.user_id(), key.user_id());
+        let first = client.recv(Duration::from_secs(10)).unwrap().unwrap();
+        let Some(Kind::Deliver(deliver)) = first.kind else {
+            panic!("a Deliver first, not {}", first.kind_name());
+        };
+        client.ack(deliver.id, ReceiptKind::Unspecified).unwrap();
+        // The copy is acked and dropped, not returned.
+        let to = UserId::from_public_key(&[4; 32]);
+        let message = client.send_message(to, b"reply").unwrap();
+        assert_eq!((message.outbox, message.seq), (client.outbox().id(), 1));
+        let next = client.recv(Duration::from_secs(10)).unwrap().unwrap();
+        let Some(Kind::ServerAck(ack)) = next.kind else {
+            panic!("a ServerAck, not {}", next.kind_name());
+        };
+        assert_eq!((ack.outbox, ack.seq), (message.outbox, message.seq));
+        assert_eq!(client.duplicates_dropped(), 1);
+        client.close();
+        let (kinds, authenticated) = server.join().unwrap();
+        assert!(authenticated);
+        assert_eq!(kinds, ["Ack", "Outbox", "Send", "Ack"]);
+    }
+
+    #[test]
+    fn client_refuses_a_server_that_is_not_pinned_before_message_3() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = serve_once(listener, StaticKey::generate().unwrap());
+        let key = StaticKey::generate().unwrap();
+        let result = Client::connect(
+            &addr,
+            &key,
+            &ServerTrust::Pinned([7; 32]),
+            Duration::from_secs(10),
+        );
+        assert!(
+            matches!(result, Err(ClientError::ServerKeyMismatch { .. })),
+            "{result:?}"
+        );
+        let (kinds, authenticated) = server.join().unwrap();
+        assert!(!authenticated, "no message 3 reached the server");
+        assert!(kinds.is_empty());
     }
 }

@@ -1,6 +1,6 @@
-//! hop wire protocol, version 1.
+//! hop wire protocol, version 2.
 //!
-//! Everything here is sans-IO except [`client`] and [`cli`]: the framing ([`frame`]), the Noise
+//! Everything here is sans-IO except [`client`] and [`keys`]' files: the framing ([`frame`]), the Noise
 //! handshake and transport ([`noise`]), the stanza codec ([`wire`]) and the connection state
 //! machines ([`session`]) take bytes in and give bytes and events out, so they are tested
 //! without sockets, clocks or threads.
@@ -10,11 +10,11 @@
 //! (`proto/hop.proto`).
 #![forbid(unsafe_code)]
 
-pub mod cli;
 pub mod client;
 pub mod frame;
 pub mod keys;
 pub mod noise;
+pub mod outbox;
 pub mod session;
 pub mod user;
 pub mod wire;

@@ -22,8 +22,16 @@ use crate::frame::{push_header, FrameLimits, FRAME_BODY_BYTES_MAX};
 use crate::keys::{StaticKey, KEY_BYTES};
 
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+/// The protocol version this crate speaks. A client names it in the payload of handshake
+/// message 1 (one byte); the prologue binds it into the handshake hash.
+pub const VERSION: u8 = 2;
 /// Mixed into the handshake hash: both sides must speak this protocol version.
-pub const PROLOGUE: &[u8] = b"hop wire protocol v1";
+pub const PROLOGUE: &[u8] = b"hop wire protocol v2";
+/// The prologue of version 1, whose clients send an empty message 1 payload: the server
+/// finishes their handshake only to tell them, in stanzas version 1 can read, to upgrade.
+const PROLOGUE_V1: &[u8] = b"hop wire protocol v1";
+/// Bytes of `e` in message 1; the payload (the version) follows in the clear.
+const MESSAGE_1_KEY_BYTES: usize = 32;
 
 /// Bytes the AEAD adds to every transport message.
 pub const TAG_BYTES: usize = 16;
@@ -54,6 +62,8 @@ pub enum NoiseError {
     UnexpectedPayload,
     #[error("handshake is not at a stage that takes this message")]
     OutOfOrder,
+    #[error("the client speaks hop protocol version {0}, which this server does not")]
+    UnknownVersion(u8),
 }
 
 /// A Noise builder with hop's parameters and crypto backend.
@@ -71,10 +81,10 @@ fn resolver() -> BoxedCryptoResolver {
     ))
 }
 
-fn build(key: &StaticKey, initiator: bool) -> HandshakeState {
+fn build(key: &StaticKey, initiator: bool, prologue: &[u8]) -> HandshakeState {
     let builder = builder()
         .local_private_key(key.private())
-        .and_then(|b| b.prologue(PROLOGUE))
+        .and_then(|b| b.prologue(prologue))
         .expect("key and prologue have valid sizes");
     let state = if initiator {
         builder.build_initiator()
@@ -84,9 +94,21 @@ fn build(key: &StaticKey, initiator: bool) -> HandshakeState {
     state.expect("hop's Noise parameters build")
 }
 
-/// The server side of the handshake.
+/// The server side of the handshake. The Noise state (and its X25519 work) is built only when
+/// message 1 arrives and names a version this server answers.
 pub struct ServerHandshake {
-    state: HandshakeState,
+    stage: ServerStage,
+}
+
+enum ServerStage {
+    /// Waiting for message 1; the server's key, to build the responder with.
+    Fresh(StaticKey),
+    /// Message 2 sent; waiting for message 3 of a client of `version`. Boxed: a connection
+    /// waiting for message 1 holds only the key.
+    Replied {
+        state: Box<HandshakeState>,
+        version: u8,
+    },
 }
 
 impl std::fmt::Debug for ServerHandshake {
@@ -100,14 +122,19 @@ impl std::fmt::Debug for ServerHandshake {
 pub enum ServerStep {
     /// Message 2 was appended to `out`; wait for message 3.
     Continue(Box<ServerHandshake>),
-    /// Message 3 arrived: the session is open and the client's key known.
-    Finished(Transport, [u8; KEY_BYTES]),
+    /// Message 3 arrived: the session is open and the client's key known. `version` is the
+    /// client's: [`VERSION`], or 1 for a client the server only tells to upgrade.
+    Finished {
+        transport: Transport,
+        client_key: [u8; KEY_BYTES],
+        version: u8,
+    },
 }
 
 impl ServerHandshake {
     pub fn new(key: &StaticKey) -> Self {
         Self {
-            state: build(key, false),
+            stage: ServerStage::Fresh(key.clone()),
         }
     }
 
@@ -118,24 +145,50 @@ impl ServerHandshake {
         out: &mut Vec<u8>,
     ) -> Result<ServerStep, NoiseError> {
         let mut payload = [0u8; HANDSHAKE_MESSAGE_BYTES_MAX];
-        if self.state.is_my_turn() {
-            return Err(NoiseError::OutOfOrder);
+        match &mut self.stage {
+            ServerStage::Fresh(key) => {
+                // Message 1 is `e` and the payload in the clear: the version is read before
+                // any Noise state is built.
+                let version = match frame.get(MESSAGE_1_KEY_BYTES..) {
+                    None => return Err(NoiseError::OutOfOrder),
+                    Some([]) => 1,
+                    Some([VERSION]) => VERSION,
+                    Some([other, ..]) => return Err(NoiseError::UnknownVersion(*other)),
+                };
+                let prologue = if version == 1 { PROLOGUE_V1 } else { PROLOGUE };
+                let mut state = build(key, false, prologue);
+                state
+                    .read_message(frame, &mut payload)
+                    .map_err(NoiseError::Handshake)?;
+                write_handshake(&mut state, &[], out)?;
+                self.stage = ServerStage::Replied {
+                    state: Box::new(state),
+                    version,
+                };
+                Ok(ServerStep::Continue(self))
+            }
+            ServerStage::Replied { state, version } => {
+                if state.is_my_turn() {
+                    return Err(NoiseError::OutOfOrder);
+                }
+                let payload_bytes = state
+                    .read_message(frame, &mut payload)
+                    .map_err(NoiseError::Handshake)?;
+                if payload_bytes != 0 {
+                    return Err(NoiseError::UnexpectedPayload);
+                }
+                if !state.is_handshake_finished() {
+                    return Err(NoiseError::OutOfOrder);
+                }
+                let client_key = remote_static(state).ok_or(NoiseError::OutOfOrder)?;
+                let (to_responder, to_initiator) = state.dangerously_get_raw_split();
+                Ok(ServerStep::Finished {
+                    transport: Transport::new(to_initiator, to_responder),
+                    client_key,
+                    version: *version,
+                })
+            }
         }
-        let payload_bytes = self
-            .state
-            .read_message(frame, &mut payload)
-            .map_err(NoiseError::Handshake)?;
-        if payload_bytes != 0 {
-            return Err(NoiseError::UnexpectedPayload);
-        }
-        if self.state.is_handshake_finished() {
-            let remote = remote_static(&self.state).ok_or(NoiseError::OutOfOrder)?;
-            let (to_responder, to_initiator) = self.state.dangerously_get_raw_split();
-            let transport = Transport::new(to_initiator, to_responder);
-            return Ok(ServerStep::Finished(transport, remote));
-        }
-        write_handshake(&mut self.state, out)?;
-        Ok(ServerStep::Continue(self))
     }
 }
 
@@ -153,8 +206,8 @@ impl std::fmt::Debug for ClientHandshake {
 impl ClientHandshake {
     /// Starts a handshake; message 1 is appended to `out` as a frame.
     pub fn start(key: &StaticKey, out: &mut Vec<u8>) -> Self {
-        let mut state = build(key, true);
-        write_handshake(&mut state, out).expect("message 1 always fits");
+        let mut state = build(key, true, PROLOGUE);
+        write_handshake(&mut state, &[VERSION], out).expect("message 1 always fits");
         Self { state }
     }
 
@@ -180,7 +233,7 @@ impl ClientHandshake {
         if !self.state.is_my_turn() {
             return Err(NoiseError::OutOfOrder);
         }
-        write_handshake(&mut self.state, out)?;
+        write_handshake(&mut self.state, &[], out)?;
         if !self.state.is_handshake_finished() {
             return Err(NoiseError::OutOfOrder);
         }
@@ -189,10 +242,14 @@ impl ClientHandshake {
     }
 }
 
-fn write_handshake(state: &mut HandshakeState, out: &mut Vec<u8>) -> Result<(), NoiseError> {
+fn write_handshake(
+    state: &mut HandshakeState,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), NoiseError> {
     let mut message = [0u8; HANDSHAKE_MESSAGE_BYTES_MAX];
     let bytes = state
-        .write_message(&[], &mut message)
+        .write_message(payload, &mut message)
         .map_err(NoiseError::Handshake)?;
     push_header(out, bytes);
     out.extend_from_slice(&message[..bytes]);
@@ -314,7 +371,7 @@ mod tests {
             .unwrap()
         {
             ServerStep::Continue(waiting) => waiting,
-            ServerStep::Finished(..) => panic!("finished after message 1"),
+            ServerStep::Finished { .. } => panic!("finished after message 1"),
         };
         let seen_server_key = client.handle_response(&frames(&to_client)[0]).unwrap();
         assert_eq!(&seen_server_key, server_key.public());
@@ -324,8 +381,12 @@ mod tests {
             .handle_frame(&frames(&message3)[0], &mut to_client)
             .unwrap()
         {
-            ServerStep::Finished(transport, key) => (transport, key),
-            ServerStep::Continue(_) => panic!("not finished after message 3"),
+            ServerStep::Finished {
+                transport,
+                client_key,
+                version: VERSION,
+            } => (transport, client_key),
+            other => panic!("not finished at this version after message 3: {other:?}"),
         };
         assert_eq!(&seen_client_key, client_key.public());
         (
@@ -361,8 +422,8 @@ mod tests {
         // it becomes snow's transport, and check hop's Transport against snow's both ways.
         let server_key = StaticKey::generate().unwrap();
         let client_key = StaticKey::generate().unwrap();
-        let mut client = build(&client_key, true);
-        let mut server = build(&server_key, false);
+        let mut client = build(&client_key, true, PROLOGUE);
+        let mut server = build(&server_key, false, PROLOGUE);
         let (mut buffer, mut scratch) = ([0u8; 256], [0u8; 256]);
         let mut step = |from: &mut HandshakeState, to: &mut HandshakeState| {
             let length = from.write_message(&[], &mut buffer).unwrap();
@@ -422,31 +483,65 @@ mod tests {
         assert!(server.handle_frame(&[0u8; 31], &mut out).is_err());
     }
 
+    /// A snow initiator with `prologue` whose message 1 carries `payload`.
+    fn other_client(prologue: &[u8], payload: &[u8]) -> (HandshakeState, Vec<u8>) {
+        let client_key = StaticKey::generate().unwrap();
+        let mut other = build(&client_key, true, prologue);
+        let mut message = [0u8; 128];
+        let bytes = other.write_message(payload, &mut message).unwrap();
+        (other, message[..bytes].to_vec())
+    }
+
     #[test]
     fn wrong_prologue_fails_the_handshake() {
         let server_key = StaticKey::generate().unwrap();
-        let client_key = StaticKey::generate().unwrap();
-        let params = NOISE_PARAMS.parse().unwrap();
-        let mut other = Builder::with_resolver(params, resolver())
-            .local_private_key(client_key.private())
-            .unwrap()
-            .prologue(b"hop wire protocol v0")
-            .unwrap()
-            .build_initiator()
-            .unwrap();
-        let mut message = [0u8; 128];
-        let bytes = other.write_message(&[], &mut message).unwrap();
+        let (mut other, message_1) = other_client(b"hop wire protocol v0", &[VERSION]);
         let mut out = Vec::new();
         let server = match Box::new(ServerHandshake::new(&server_key))
-            .handle_frame(&message[..bytes], &mut out)
+            .handle_frame(&message_1, &mut out)
             .unwrap()
         {
             ServerStep::Continue(waiting) => waiting,
-            ServerStep::Finished(..) => panic!("finished early"),
+            ServerStep::Finished { .. } => panic!("finished early"),
         };
         let reply = &frames(&out)[0];
         // The client cannot authenticate message 2 when the prologues differ.
-        assert!(other.read_message(reply, &mut message).is_err());
+        let mut scratch = [0u8; 128];
+        assert!(other.read_message(reply, &mut scratch).is_err());
         drop(server);
+    }
+
+    #[test]
+    fn a_version_1_client_finishes_its_handshake_and_is_named_so() {
+        // A version-1 client: the version-1 prologue, an empty message 1 payload.
+        let server_key = StaticKey::generate().unwrap();
+        let (mut old, message_1) = other_client(PROLOGUE_V1, &[]);
+        let mut out = Vec::new();
+        let ServerStep::Continue(server) = Box::new(ServerHandshake::new(&server_key))
+            .handle_frame(&message_1, &mut out)
+            .unwrap()
+        else {
+            panic!("message 2 expected");
+        };
+        let mut scratch = [0u8; 128];
+        old.read_message(&frames(&out)[0], &mut scratch).unwrap();
+        let mut message_3 = [0u8; 128];
+        let bytes = old.write_message(&[], &mut message_3).unwrap();
+        match server.handle_frame(&message_3[..bytes], &mut out).unwrap() {
+            ServerStep::Finished { version, .. } => assert_eq!(version, 1),
+            ServerStep::Continue(_) => panic!("not finished after message 3"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused_before_any_noise_work() {
+        let (_, message_1) = other_client(PROLOGUE, &[9]);
+        let server = Box::new(ServerHandshake::new(&StaticKey::generate().unwrap()));
+        let mut out = Vec::new();
+        assert!(matches!(
+            server.handle_frame(&message_1, &mut out),
+            Err(NoiseError::UnknownVersion(9))
+        ));
+        assert!(out.is_empty());
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! [`ServerConnection`] is the server's view of one client: feed it the bytes read from the
 //! socket with [`ServerConnection::handle_input`]; it appends the bytes to write to `out` and
-//! passes events ([`ServerEvent`]) to a callback, in stream order. [`Channel`] is an open
+//! passes events ([`ServerEvent`]) to a callback, in stream order. [`ClientConnection`] is its
+//! twin on the client's side ([`ClientEvent`]), the one handshake that the blocking
+//! [`crate::client::Client`], hop-bench and the fuzz targets all drive. [`Channel`] is an open
 //! session (either side): frames in, stanzas out; stanzas queued, frames sealed.
 
 use thiserror::Error;
@@ -10,8 +12,8 @@ use thiserror::Error;
 use crate::frame::{Deframer, FrameError};
 use crate::keys::{StaticKey, KEY_BYTES};
 use crate::noise::{
-    NoiseError, ServerHandshake, ServerStep, Transport, FRAME_PLAINTEXT_BYTES_MAX,
-    HANDSHAKE_FRAME_LIMITS, TRANSPORT_FRAME_LIMITS,
+    ClientHandshake, NoiseError, ServerHandshake, ServerStep, Transport, FRAME_PLAINTEXT_BYTES_MAX,
+    HANDSHAKE_FRAME_LIMITS, HANDSHAKE_MESSAGE_BYTES_MAX, TRANSPORT_FRAME_LIMITS, VERSION,
 };
 use crate::wire::{self, DecodeError, Stanza};
 
@@ -198,6 +200,12 @@ pub enum ServerEvent {
     Authenticated {
         client_key: [u8; KEY_BYTES],
     },
+    /// The handshake finished with a client of an older protocol version (1). The channel is
+    /// open only so that the server can tell it so: an `Error` with `ERROR_CODE_VERSION` and a
+    /// `GoAway`, both encoded alike in every version, then close. Its stanzas are dropped.
+    Outdated {
+        version: u8,
+    },
     Stanza(Stanza),
 }
 
@@ -265,6 +273,7 @@ impl ServerConnection {
         let mut stage = Stage::Handshake(handshake);
         let mut opened: Option<Transport> = None;
         let is_open = std::cell::Cell::new(false);
+        let outdated = std::cell::Cell::new(false);
         let result = deframer.handle_input(
             input,
             &mut || {
@@ -283,13 +292,23 @@ impl ServerConnection {
                         stage = Stage::Handshake(next);
                         Ok(())
                     }
-                    ServerStep::Finished(transport, client_key) => {
+                    ServerStep::Finished {
+                        transport,
+                        client_key,
+                        version,
+                    } => {
                         opened = Some(transport);
                         is_open.set(true);
-                        on_event(ServerEvent::Authenticated { client_key })
-                            .map_err(InputError::Handler)
+                        let event = if version == VERSION {
+                            ServerEvent::Authenticated { client_key }
+                        } else {
+                            outdated.set(true);
+                            ServerEvent::Outdated { version }
+                        };
+                        on_event(event).map_err(InputError::Handler)
                     }
                 },
+                Stage::Open if outdated.get() => Ok(()),
                 Stage::Open => {
                     let transport = opened.as_mut().expect("open after the handshake");
                     let plaintext = transport
@@ -322,9 +341,218 @@ impl ServerConnection {
     }
 }
 
+/// What the client learns from the server's bytes.
+#[derive(Debug)]
+pub enum ClientEvent {
+    /// Message 2 proved that the server holds this static key (and it is the pinned one, if
+    /// a pin was given). The client decides here whether it trusts the key: when the callback
+    /// returns `Ok`, message 3 is appended to `out` and the channel opens; when it returns an
+    /// error, nothing is written and the connection is closed. Always the first event.
+    Authenticated {
+        server_key: [u8; KEY_BYTES],
+    },
+    Stanza(Stanza),
+}
+
+/// Why a client connection's input handling stopped: the server's fault, a server that is
+/// not the pinned one, or the callback's refusal.
+#[derive(Debug, Error)]
+pub enum ClientInputError<E> {
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// The server proved a static key other than the pinned one: another server, or someone
+    /// in between.
+    #[error(
+        "the server's key {} differs from the pinned key",
+        hex::encode(presented)
+    )]
+    ServerKeyMismatch { presented: [u8; KEY_BYTES] },
+    #[error("{0}")]
+    Handler(E),
+}
+
+impl<E> From<FrameError> for ClientInputError<E> {
+    fn from(error: FrameError) -> Self {
+        Self::Peer(error.into())
+    }
+}
+
+impl<E> From<NoiseError> for ClientInputError<E> {
+    fn from(error: NoiseError) -> Self {
+        Self::Peer(error.into())
+    }
+}
+
+impl<E> From<InputError<E>> for ClientInputError<E> {
+    fn from(error: InputError<E>) -> Self {
+        match error {
+            InputError::Peer(peer) => Self::Peer(peer),
+            InputError::Handler(handler) => Self::Handler(handler),
+        }
+    }
+}
+
+/// The client's side of one connection.
+///
+/// Call order:
+/// 1. [`ClientConnection::start`] appends handshake message 1 to `out`; write it.
+/// 2. Feed every byte read from the server to [`ClientConnection::handle_input`] and write
+///    what it appended to `out`, in order. Message 2 raises [`ClientEvent::Authenticated`],
+///    which the caller answers (trust the key or refuse it); on `Ok`, message 3 is in `out`
+///    and the connection is open.
+/// 3. Once open, stanzas from the server arrive as [`ClientEvent::Stanza`];
+///    [`ClientConnection::channel`] queues stanzas and seals them into `out`. Stanzas queued
+///    after a `handle_input` that opened the connection follow message 3 in `out`.
+///
+/// After an error during the handshake (message 2 bad, the key refused) the connection is
+/// closed and takes no more input; after an error on an open connection the channel stays,
+/// and the caller closes the socket.
+#[derive(Debug)]
+pub struct ClientConnection {
+    state: ClientState,
+}
+
+const _: () = assert!(std::mem::size_of::<ClientConnection>() <= 96);
+
+impl ClientConnection {
+    /// Starts the handshake: message 1 is appended to `out`. With a `pin`, a server that
+    /// proves another static key is refused before the callback hears of it.
+    pub fn start(key: &StaticKey, pin: Option<[u8; KEY_BYTES]>, out: &mut Vec<u8>) -> Self {
+        let before = out.len();
+        let handshake = ClientHandshake::start(key, out);
+        debug_assert!(out.len() > before, "message 1 written");
+        Self {
+            state: ClientState::Handshaking(Box::new(ClientHandshaking {
+                handshake,
+                deframer: Deframer::new(),
+                pin,
+            })),
+        }
+    }
+
+    /// True once message 3 is written: stanzas may be queued.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, ClientState::Open(_))
+    }
+
+    /// True after a failed handshake: nothing more is accepted or written.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, ClientState::Closed)
+    }
+
+    /// Feeds bytes read from the server. Message 3 is appended to `out` once the server is
+    /// trusted; events go to `on_event` in stream order. `scratch` must hold a whole frame's
+    /// plaintext (`FRAME_PLAINTEXT_BYTES_MAX`). After an error the caller must close the
+    /// connection.
+    pub fn handle_input<E>(
+        &mut self,
+        input: &[u8],
+        scratch: &mut [u8],
+        out: &mut Vec<u8>,
+        on_event: &mut dyn FnMut(ClientEvent) -> Result<(), E>,
+    ) -> Result<(), ClientInputError<E>> {
+        match &mut self.state {
+            ClientState::Open(channel) => {
+                Ok(channel.handle_input(input, scratch, &mut |stanza| {
+                    on_event(ClientEvent::Stanza(stanza))
+                })?)
+            }
+            ClientState::Closed => Ok(()),
+            ClientState::Handshaking(_) => {
+                // Closed until the handshake step succeeds: an error leaves it closed.
+                let ClientState::Handshaking(handshaking) =
+                    std::mem::replace(&mut self.state, ClientState::Closed)
+                else {
+                    unreachable!("matched above");
+                };
+                self.state = handshaking.handle_input(input, out, on_event)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The open channel, to queue stanzas for the server; `None` before message 3 and after a
+    /// failed handshake.
+    pub fn channel(&mut self) -> Option<&mut Channel> {
+        match &mut self.state {
+            ClientState::Open(channel) => Some(channel),
+            _ => None,
+        }
+    }
+}
+
 enum Stage {
     Handshake(Box<ServerHandshake>),
     Open,
+}
+
+#[derive(Debug)]
+enum ClientState {
+    /// Message 1 sent; waiting for message 2. Boxed: the Noise state is large and lives only
+    /// for one round trip.
+    Handshaking(Box<ClientHandshaking>),
+    Open(Channel),
+    /// The handshake failed; nothing more is accepted.
+    Closed,
+}
+
+#[derive(Debug)]
+struct ClientHandshaking {
+    handshake: ClientHandshake,
+    /// Message 2 when it arrives in parts.
+    deframer: Deframer,
+    pin: Option<[u8; KEY_BYTES]>,
+}
+
+impl ClientHandshaking {
+    /// Takes message 2 (whole or in parts): checks the server's key, asks the caller, writes
+    /// message 3. Returns the next state.
+    fn handle_input<E>(
+        mut self: Box<Self>,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        on_event: &mut dyn FnMut(ClientEvent) -> Result<(), E>,
+    ) -> Result<ClientState, ClientInputError<E>> {
+        // The whole read is framed before any crypto: the server sends nothing after message 2
+        // until it has message 3, so a second frame, or part of one, is refused before the
+        // caller is asked to trust the key.
+        const _: () = assert!(HANDSHAKE_FRAME_LIMITS.body_bytes_max <= HANDSHAKE_MESSAGE_BYTES_MAX);
+        let mut message_2 = [0u8; HANDSHAKE_MESSAGE_BYTES_MAX];
+        let mut message_2_bytes = None;
+        self.deframer.handle_input::<ClientInputError<E>>(
+            input,
+            &mut || HANDSHAKE_FRAME_LIMITS,
+            &mut |frame| {
+                if message_2_bytes.is_some() {
+                    return Err(NoiseError::OutOfOrder.into());
+                }
+                // The handshake limits keep a frame within the buffer.
+                message_2[..frame.len()].copy_from_slice(frame);
+                message_2_bytes = Some(frame.len());
+                Ok(())
+            },
+        )?;
+        let Some(message_2_bytes) = message_2_bytes else {
+            return Ok(ClientState::Handshaking(self));
+        };
+        let Self {
+            mut handshake,
+            deframer,
+            pin,
+        } = *self;
+        if !deframer.is_idle() {
+            return Err(NoiseError::OutOfOrder.into());
+        }
+        let server_key = handshake.handle_response(&message_2[..message_2_bytes])?;
+        if pin.is_some_and(|pinned| pinned != server_key) {
+            return Err(ClientInputError::ServerKeyMismatch {
+                presented: server_key,
+            });
+        }
+        on_event(ClientEvent::Authenticated { server_key }).map_err(ClientInputError::Handler)?;
+        let transport = handshake.finish(out)?;
+        Ok(ClientState::Open(Channel::new(transport, deframer)))
+    }
 }
 
 #[cfg(test)]
@@ -333,9 +561,8 @@ mod tests {
 
     use super::*;
     use crate::frame::FRAME_BODY_BYTES_MAX;
-    use crate::noise::ClientHandshake;
     use crate::user::UserId;
-    use crate::wire::{Kind, Ping};
+    use crate::wire::{ErrorCode, Kind, Ping};
 
     struct Pair {
         /// A server that has taken handshake message 1 and replied.
@@ -346,7 +573,7 @@ mod tests {
         rest: Vec<u8>,
     }
 
-    const MESSAGE_1_BYTES: usize = 2 + 32;
+    const MESSAGE_1_BYTES: usize = 2 + 32 + 1;
     const MESSAGE_3_BYTES: usize = 2 + 64;
 
     /// Runs message 1 and 2 in memory and returns the rest of the client's stream: message 3
@@ -355,7 +582,8 @@ mod tests {
         let server_key = StaticKey::generate().unwrap();
         let client_key = StaticKey::generate().unwrap();
         let mut message_1 = Vec::new();
-        let mut handshake = ClientHandshake::start(&client_key, &mut message_1);
+        let mut client =
+            ClientConnection::start(&client_key, Some(*server_key.public()), &mut message_1);
         assert_eq!(message_1.len(), MESSAGE_1_BYTES);
         let mut server = ServerConnection::new(&server_key);
         let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
@@ -363,21 +591,15 @@ mod tests {
         server
             .handle_input::<()>(&message_1, &mut scratch, &mut to_client, &mut |_| Ok(()))
             .unwrap();
-        let mut reply = None;
-        Deframer::new()
-            .handle_input::<FrameError>(&to_client, &mut || HANDSHAKE_FRAME_LIMITS, &mut |f| {
-                reply = Some(f.to_vec());
-                Ok(())
-            })
-            .unwrap();
-        assert_eq!(
-            &handshake.handle_response(&reply.unwrap()).unwrap(),
-            server_key.public()
-        );
         let mut rest = Vec::new();
-        let transport = handshake.finish(&mut rest).unwrap();
+        client
+            .handle_input::<()>(&to_client, &mut scratch, &mut rest, &mut |_| Ok(()))
+            .unwrap();
         assert_eq!(rest.len(), MESSAGE_3_BYTES);
-        let mut client = Channel::new(transport, Deframer::new());
+        let mut client = match client.state {
+            ClientState::Open(channel) => channel,
+            other => panic!("not open after message 2: {other:?}"),
+        };
         for stanza in stanzas_after_handshake {
             client.queue(stanza, &mut rest);
         }
@@ -402,6 +624,7 @@ mod tests {
                         ServerEvent::Authenticated { client_key } => {
                             format!("auth {}", hex::encode(client_key))
                         }
+                        ServerEvent::Outdated { version } => format!("outdated {version}"),
                         ServerEvent::Stanza(stanza) => stanza.kind_name().to_string(),
                     });
                     Ok(())
@@ -415,7 +638,8 @@ mod tests {
     fn handshake_message_1_at_every_split() {
         let server_key = StaticKey::generate().unwrap();
         let mut message_1 = Vec::new();
-        let _client = ClientHandshake::start(&StaticKey::generate().unwrap(), &mut message_1);
+        let _client =
+            ClientConnection::start(&StaticKey::generate().unwrap(), None, &mut message_1);
         let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
         for split in 0..=message_1.len() {
             let mut server = ServerConnection::new(&server_key);
@@ -431,10 +655,10 @@ mod tests {
 
     #[test]
     fn message_3_and_stanzas_at_every_split() {
-        let to = UserId::new(5).unwrap();
+        let to = UserId::from_public_key(&[5; 32]);
         let stanzas = [
-            Stanza::send(to, 1, Bytes::from_static(b"hi")),
-            Stanza::send(to, 2, Bytes::from_static(b"there")),
+            Stanza::send(to, 1, Bytes::from_static(b"hi"), 1),
+            Stanza::send_to_alias(1, 2, Bytes::from_static(b"there")),
         ];
         let length = pair(&stanzas).rest.len();
         for split in 0..=length {
@@ -454,9 +678,10 @@ mod tests {
     #[test]
     fn byte_at_a_time() {
         let mut fresh = pair(&[Stanza::send(
-            UserId::new(9).unwrap(),
+            UserId::from_public_key(&[9; 32]),
             1,
             Bytes::from_static(b"x"),
+            0,
         )]);
         let rest = fresh.rest.clone();
         let chunks: Vec<&[u8]> = rest.chunks(1).collect();
@@ -559,5 +784,318 @@ mod tests {
             .unwrap();
         assert_eq!(frames, 1);
         assert!(fresh.client.is_idle(), "no buffer kept after the flush");
+    }
+
+    const MESSAGE_2_BYTES: usize = 2 + 96;
+
+    fn scratch() -> Vec<u8> {
+        vec![0u8; FRAME_BODY_BYTES_MAX]
+    }
+
+    /// A server that took message 1 and the client that sent it, before message 2 reaches the
+    /// client.
+    struct Dialing {
+        client: ClientConnection,
+        server: ServerConnection,
+        server_key: StaticKey,
+        client_key: StaticKey,
+        /// Message 2 as a frame, header included.
+        message_2: Vec<u8>,
+    }
+
+    fn dialing(pin: impl FnOnce(&StaticKey) -> Option<[u8; KEY_BYTES]>) -> Dialing {
+        let server_key = StaticKey::generate().unwrap();
+        let client_key = StaticKey::generate().unwrap();
+        let mut message_1 = Vec::new();
+        let client = ClientConnection::start(&client_key, pin(&server_key), &mut message_1);
+        assert_eq!(message_1.len(), MESSAGE_1_BYTES);
+        assert!(!client.is_open() && !client.is_closed());
+        let mut server = ServerConnection::new(&server_key);
+        let mut message_2 = Vec::new();
+        server
+            .handle_input::<()>(&message_1, &mut scratch(), &mut message_2, &mut |event| {
+                panic!("an event after message 1: {event:?}")
+            })
+            .unwrap();
+        assert_eq!(message_2.len(), MESSAGE_2_BYTES);
+        Dialing {
+            client,
+            server,
+            server_key,
+            client_key,
+            message_2,
+        }
+    }
+
+    /// What a client did with some reads: its events as text, the bytes it wrote, and how the
+    /// last read ended (the reads stop at the first error).
+    struct Fed {
+        events: Vec<String>,
+        written: Vec<u8>,
+        result: Result<(), ClientInputError<()>>,
+    }
+
+    fn feed_client(client: &mut ClientConnection, chunks: &[&[u8]]) -> Fed {
+        let mut fed = Fed {
+            events: Vec::new(),
+            written: Vec::new(),
+            result: Ok(()),
+        };
+        let mut scratch = scratch();
+        for chunk in chunks {
+            fed.result = client.handle_input(chunk, &mut scratch, &mut fed.written, &mut |event| {
+                fed.events.push(match event {
+                    ClientEvent::Authenticated { server_key } => {
+                        format!("auth {}", hex::encode(server_key))
+                    }
+                    ClientEvent::Stanza(stanza) => stanza.kind_name().to_string(),
+                });
+                Ok(())
+            });
+            if fed.result.is_err() {
+                break;
+            }
+        }
+        fed
+    }
+
+    fn server_events(server: &mut ServerConnection, input: &[u8]) -> Vec<String> {
+        let mut events = Vec::new();
+        server
+            .handle_input::<()>(input, &mut scratch(), &mut Vec::new(), &mut |event| {
+                events.push(match event {
+                    ServerEvent::Authenticated { client_key } => {
+                        format!("auth {}", hex::encode(client_key))
+                    }
+                    ServerEvent::Outdated { version } => format!("outdated {version}"),
+                    ServerEvent::Stanza(stanza) => stanza.kind_name().to_string(),
+                });
+                Ok(())
+            })
+            .unwrap();
+        events
+    }
+
+    /// A client and a server with an open session, in memory.
+    fn opened() -> (ClientConnection, ServerConnection) {
+        let mut dialing = dialing(|server| Some(*server.public()));
+        let message_2 = dialing.message_2.clone();
+        let fed = feed_client(&mut dialing.client, &[&message_2]);
+        fed.result.unwrap();
+        server_events(&mut dialing.server, &fed.written);
+        assert!(dialing.client.is_open() && dialing.server.is_open());
+        (dialing.client, dialing.server)
+    }
+
+    #[test]
+    fn client_opens_at_every_split_of_message_2() {
+        for split in 0..=MESSAGE_2_BYTES {
+            let mut dialing = dialing(|server| Some(*server.public()));
+            let message_2 = dialing.message_2.clone();
+            let mut fed = feed_client(
+                &mut dialing.client,
+                &[&message_2[..split], &message_2[split..]],
+            );
+            fed.result.unwrap();
+            let server_public = hex::encode(dialing.server_key.public());
+            assert_eq!(
+                fed.events,
+                [format!("auth {server_public}")],
+                "split {split}"
+            );
+            assert!(dialing.client.is_open());
+            assert_eq!(fed.written.len(), MESSAGE_3_BYTES, "message 3 only");
+            // Stanzas queued after the read that opened the connection follow message 3.
+            let channel = dialing.client.channel().unwrap();
+            channel.queue(&Stanza::outbox(7), &mut fed.written);
+            channel.send_now(
+                &Stanza::send(
+                    dialing.client_key.user_id(),
+                    1,
+                    Bytes::from_static(b"hi"),
+                    1,
+                ),
+                &mut fed.written,
+            );
+            let client_public = hex::encode(dialing.client_key.public());
+            assert_eq!(
+                server_events(&mut dialing.server, &fed.written),
+                [format!("auth {client_public}").as_str(), "Outbox", "Send"]
+            );
+        }
+    }
+
+    #[test]
+    fn client_takes_stanzas_at_every_split() {
+        let stanzas = [
+            Stanza::deliver(
+                UserId::from_public_key(&[3; 32]),
+                77,
+                1_700_000_000_000,
+                Bytes::from_static(b"hello"),
+                5,
+            ),
+            Stanza::error(ErrorCode::QueueFull, "full", None),
+        ];
+        let stream = |server: &mut ServerConnection| {
+            let mut stream = Vec::new();
+            let channel = server.channel().unwrap();
+            for stanza in &stanzas {
+                channel.queue(stanza, &mut stream);
+            }
+            channel.flush(&mut stream);
+            channel.send_now(&Stanza::of(Kind::Ping(Ping { nonce: 1 })), &mut stream);
+            stream
+        };
+        let length = stream(&mut opened().1).len();
+        for split in 0..=length {
+            let (mut client, mut server) = opened();
+            let bytes = stream(&mut server);
+            let fed = feed_client(&mut client, &[&bytes[..split], &bytes[split..]]);
+            fed.result.unwrap();
+            assert_eq!(fed.events, ["Deliver", "Error", "Ping"], "split {split}");
+            assert!(
+                fed.written.is_empty(),
+                "the client answers nothing by itself"
+            );
+            assert!(client.channel().unwrap().is_idle());
+        }
+    }
+
+    #[test]
+    fn a_wrong_pin_is_refused_before_the_callback() {
+        let mut dialing = dialing(|_| Some([7; 32]));
+        let message_2 = dialing.message_2.clone();
+        let fed = feed_client(&mut dialing.client, &[&message_2]);
+        assert!(matches!(
+            fed.result,
+            Err(ClientInputError::ServerKeyMismatch { presented })
+                if presented == *dialing.server_key.public()
+        ));
+        assert!(fed.events.is_empty(), "the callback never heard of it");
+        assert!(fed.written.is_empty(), "no message 3");
+        assert!(dialing.client.is_closed());
+        // A closed connection takes more bytes quietly.
+        let again = feed_client(&mut dialing.client, &[&message_2]);
+        assert!(again.result.is_ok() && again.events.is_empty() && again.written.is_empty());
+    }
+
+    #[test]
+    fn the_caller_refuses_the_server_key() {
+        let mut dialing = dialing(|_| None);
+        let mut written = Vec::new();
+        let mut asked = 0;
+        let result = dialing.client.handle_input(
+            &dialing.message_2,
+            &mut scratch(),
+            &mut written,
+            &mut |event| {
+                asked += 1;
+                match event {
+                    ClientEvent::Authenticated { .. } => Err("not in known_servers"),
+                    ClientEvent::Stanza(_) => panic!("a stanza before the session"),
+                }
+            },
+        );
+        assert!(matches!(
+            result,
+            Err(ClientInputError::Handler("not in known_servers"))
+        ));
+        assert_eq!(asked, 1);
+        assert!(written.is_empty(), "no message 3 to a refused server");
+        assert!(dialing.client.is_closed());
+    }
+
+    #[test]
+    fn garbage_instead_of_message_2_is_refused() {
+        let mut bogus_frame = Vec::new();
+        crate::frame::push_header(&mut bogus_frame, 96);
+        bogus_frame.extend_from_slice(&[0xAB; 96]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("http", b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()),
+            ("tiny frame", vec![0, 4, 1, 2, 3, 4]),
+            ("random message 2", bogus_frame),
+        ];
+        for (name, bytes) in cases {
+            let mut dialing = dialing(|_| None);
+            let fed = feed_client(&mut dialing.client, &[&bytes]);
+            assert!(
+                matches!(
+                    (name, &fed.result),
+                    (
+                        "http" | "tiny frame",
+                        Err(ClientInputError::Peer(PeerError::Frame(_)))
+                    ) | (
+                        "random message 2",
+                        Err(ClientInputError::Peer(PeerError::Noise(
+                            NoiseError::Handshake(_)
+                        )))
+                    )
+                ),
+                "{name}: {:?}",
+                fed.result
+            );
+            assert!(fed.events.is_empty() && fed.written.is_empty(), "{name}");
+            assert!(dialing.client.is_closed(), "{name}");
+        }
+    }
+
+    #[test]
+    fn message_2_with_any_byte_changed_is_refused() {
+        let genuine = dialing(|_| None).message_2;
+        for index in crate::frame::FRAME_HEADER_BYTES..genuine.len() {
+            let mut dialing = dialing(|_| None);
+            let mut message_2 = dialing.message_2.clone();
+            message_2[index] ^= 0x01;
+            let fed = feed_client(&mut dialing.client, &[&message_2]);
+            assert!(
+                matches!(fed.result, Err(ClientInputError::Peer(PeerError::Noise(_)))),
+                "byte {index}"
+            );
+            assert!(fed.events.is_empty() && fed.written.is_empty());
+            assert!(dialing.client.is_closed());
+        }
+    }
+
+    #[test]
+    fn bytes_after_message_2_are_refused_before_the_callback() {
+        let mut frame = Vec::new();
+        crate::frame::push_header(&mut frame, 40);
+        frame.extend_from_slice(&[0xAB; 40]);
+        for extra in [&frame[..], &frame[..1], &frame[..3]] {
+            let mut dialing = dialing(|_| None);
+            let mut bytes = dialing.message_2.clone();
+            bytes.extend_from_slice(extra);
+            let fed = feed_client(&mut dialing.client, &[&bytes]);
+            assert!(
+                matches!(
+                    fed.result,
+                    Err(ClientInputError::Peer(PeerError::Noise(
+                        NoiseError::OutOfOrder
+                    )))
+                ),
+                "{} bytes after message 2: {:?}",
+                extra.len(),
+                fed.result
+            );
+            assert!(fed.events.is_empty() && fed.written.is_empty());
+            assert!(dialing.client.is_closed());
+        }
+    }
+
+    #[test]
+    fn garbage_on_an_open_client_keeps_the_channel() {
+        let (mut client, _server) = opened();
+        let mut garbage = Vec::new();
+        crate::frame::push_header(&mut garbage, 40);
+        garbage.extend_from_slice(&[0xAB; 40]);
+        let fed = feed_client(&mut client, &[&garbage]);
+        assert!(matches!(
+            fed.result,
+            Err(ClientInputError::Peer(PeerError::Noise(
+                NoiseError::Decrypt
+            )))
+        ));
+        assert!(client.is_open(), "the caller closes the socket");
     }
 }

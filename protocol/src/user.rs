@@ -1,9 +1,14 @@
-//! User ids: compact numbers bound to a client's static key.
+//! User ids: 128-bit names derived from a client's static key.
 //!
-//! A user id is derived from the public key (BLAKE2s, 48 bits), so `hop keygen` can print it
-//! without asking a server, and it costs at most 7 bytes as a varint. Two keys can collide on
-//! 48 bits; the server binds each id to the first key that claims it and refuses any other key
-//! with `ERROR_CODE_ID_TAKEN` (the holder of that key must generate another).
+//! A user id is the first 128 bits of BLAKE2s("hop user id v2" ‖ public key), so `hop keygen`
+//! prints it without asking a server and no registry hands ids out. Two keys share an id only
+//! by a 128-bit collision: with N accounts the expected number of colliding pairs is about
+//! N²/2¹²⁹ (≈ 1.5·10⁻¹⁹ at ten billion accounts), so the server treats the id as the key's
+//! fingerprint. The arithmetic and the alternatives are in `docs/decisions.md`.
+//!
+//! Text form: 32 lowercase hex digits, the id's 16 bytes in order; `FromStr` takes it back (any
+//! case). On the wire an id is a `UserRef` message of two `fixed64` halves (`proto/hop.proto`):
+//! 20 bytes, and no allocation to encode or decode it.
 
 use std::fmt;
 use std::num::NonZeroU64;
@@ -11,64 +16,91 @@ use std::str::FromStr;
 
 use blake2::{Blake2s256, Digest};
 
-/// Bits of a user id: 48 bits encode in at most 7 varint bytes.
-pub const USER_ID_BITS: u32 = 48;
-/// The largest valid user id. Zero is never valid.
-pub const USER_ID_MAX: u64 = (1 << USER_ID_BITS) - 1;
+/// Bytes of a user id.
+pub const USER_ID_BYTES: usize = 16;
+/// Hex digits of a user id's text form.
+pub const USER_ID_HEX_DIGITS: usize = 2 * USER_ID_BYTES;
 
-const DERIVATION_CONTEXT: &[u8] = b"hop user id v1";
-const FINGERPRINT_CONTEXT: &[u8] = b"hop key fingerprint v1";
+const DERIVATION_CONTEXT: &[u8] = b"hop user id v2";
 
-/// 64 bits of BLAKE2s of a public key, under another context than the user id: what a server
-/// keeps in memory to recognise the key a user id is bound to. A key that takes another's
-/// binding must match the id's 48 bits and these 64 independent bits at once, a search of
-/// 2^112 for one chosen victim.
-pub fn key_fingerprint(public_key: &[u8; 32]) -> u64 {
-    hash_64(FINGERPRINT_CONTEXT, public_key)
-}
-
-/// The first 64 bits (little-endian) of BLAKE2s of `context` then `public_key`.
-fn hash_64(context: &[u8], public_key: &[u8; 32]) -> u64 {
-    let mut hasher = Blake2s256::new();
-    hasher.update(context);
-    hasher.update(public_key);
-    let digest = hasher.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    u64::from_le_bytes(first)
-}
-
-/// A user, as named on the wire. Never zero, so `Option<UserId>` is 8 bytes.
+/// A user, as named on the wire, on disk and to people. The first 8 bytes are never all zero
+/// (the derivation maps that one value in 2⁶⁴ away), so `Option<UserId>` costs no more than
+/// a `UserId`, and the 8-byte alignment keeps the structs holding one compact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(NonZeroU64);
+pub struct UserId {
+    high: NonZeroU64,
+    low: u64,
+}
 
-const _: () = assert!(std::mem::size_of::<Option<UserId>>() == 8);
+const _: () = assert!(std::mem::size_of::<UserId>() == USER_ID_BYTES);
+const _: () = assert!(std::mem::size_of::<Option<UserId>>() == USER_ID_BYTES);
+const _: () = assert!(std::mem::align_of::<UserId>() == 8);
 
 impl UserId {
-    /// The id bound to this public key.
+    /// The id of the user whose static key this is.
     pub fn from_public_key(public_key: &[u8; 32]) -> Self {
-        let id = hash_64(DERIVATION_CONTEXT, public_key) & USER_ID_MAX;
-        // Zero is reserved for "no user"; a key that hashes to it takes 1 (and, as with any
-        // collision, only the first such key can bind it).
-        Self(NonZeroU64::new(id).unwrap_or(NonZeroU64::MIN))
-    }
-
-    /// A user id read from the wire or from a person; `None` when out of range.
-    pub fn new(raw: u64) -> Option<Self> {
-        if raw > USER_ID_MAX {
-            return None;
+        let mut hasher = Blake2s256::new();
+        hasher.update(DERIVATION_CONTEXT);
+        hasher.update(public_key);
+        let digest = hasher.finalize();
+        let mut bytes = [0u8; USER_ID_BYTES];
+        bytes.copy_from_slice(&digest[..USER_ID_BYTES]);
+        let high = u64::from_be_bytes(first_half(&bytes));
+        let low = u64::from_be_bytes(second_half(&bytes));
+        // A zero high half (one key in 2^64) takes 1: the id stays a function of the key.
+        Self {
+            high: NonZeroU64::new(high).unwrap_or(NonZeroU64::MIN),
+            low,
         }
-        NonZeroU64::new(raw).map(Self)
     }
 
-    pub fn get(self) -> u64 {
-        self.0.get()
+    /// An id from its two halves, as they travel on the wire; `None` when the high half is 0
+    /// (no derived id has it).
+    pub fn from_halves(high: u64, low: u64) -> Option<Self> {
+        NonZeroU64::new(high).map(|high| Self { high, low })
     }
+
+    /// An id from its 16 bytes (on disk); `None` when it is not a valid id.
+    pub fn from_bytes(bytes: &[u8; USER_ID_BYTES]) -> Option<Self> {
+        Self::from_halves(
+            u64::from_be_bytes(first_half(bytes)),
+            u64::from_be_bytes(second_half(bytes)),
+        )
+    }
+
+    pub fn to_bytes(self) -> [u8; USER_ID_BYTES] {
+        let mut bytes = [0u8; USER_ID_BYTES];
+        bytes[..8].copy_from_slice(&self.high.get().to_be_bytes());
+        bytes[8..].copy_from_slice(&self.low.to_be_bytes());
+        bytes
+    }
+
+    /// The first 8 bytes as a big-endian number: hash-derived, so also a good hash of the id.
+    pub fn high(self) -> u64 {
+        self.high.get()
+    }
+
+    /// The last 8 bytes as a big-endian number.
+    pub fn low(self) -> u64 {
+        self.low
+    }
+}
+
+fn first_half(bytes: &[u8; USER_ID_BYTES]) -> [u8; 8] {
+    let mut half = [0u8; 8];
+    half.copy_from_slice(&bytes[..8]);
+    half
+}
+
+fn second_half(bytes: &[u8; USER_ID_BYTES]) -> [u8; 8] {
+    let mut half = [0u8; 8];
+    half.copy_from_slice(&bytes[8..]);
+    half
 }
 
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        write!(f, "{:016x}{:016x}", self.high, self.low)
     }
 }
 
@@ -76,11 +108,15 @@ impl FromStr for UserId {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let raw: u64 = text
-            .trim()
-            .parse()
-            .map_err(|_| format!("user id {text:?} is not a decimal number"))?;
-        Self::new(raw).ok_or_else(|| format!("user id {raw} is outside 1..={USER_ID_MAX}"))
+        let text = text.trim();
+        let mut bytes = [0u8; USER_ID_BYTES];
+        if text.len() != USER_ID_HEX_DIGITS || hex::decode_to_slice(text, &mut bytes).is_err() {
+            return Err(format!(
+                "user id {text:?} is not {USER_ID_HEX_DIGITS} hex digits (as `hop keygen` and `hop id` print it)"
+            ));
+        }
+        Self::from_bytes(&bytes)
+            .ok_or_else(|| format!("user id {text:?} is not a valid id: its first 16 digits are 0"))
     }
 }
 
@@ -89,31 +125,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn derived_ids_are_in_range_and_stable() {
+    fn derived_ids_are_stable_and_distinct() {
         let a = UserId::from_public_key(&[1u8; 32]);
         assert_eq!(a, UserId::from_public_key(&[1u8; 32]));
         assert_ne!(a, UserId::from_public_key(&[2u8; 32]));
-        assert!(a.get() >= 1 && a.get() <= USER_ID_MAX);
     }
 
     #[test]
-    fn fingerprints_are_stable_and_independent_of_the_id() {
-        let key = [7u8; 32];
-        assert_eq!(key_fingerprint(&key), key_fingerprint(&key));
-        assert_ne!(key_fingerprint(&key), key_fingerprint(&[8u8; 32]));
-        assert_ne!(
-            key_fingerprint(&key) & USER_ID_MAX,
-            UserId::from_public_key(&key).get()
+    fn text_bytes_and_halves_round_trip() {
+        let id = UserId::from_public_key(&[9u8; 32]);
+        let text = id.to_string();
+        assert_eq!(text.len(), USER_ID_HEX_DIGITS);
+        assert_eq!(
+            text,
+            hex::encode(id.to_bytes()),
+            "the text is the bytes in order"
         );
+        assert_eq!(text.parse::<UserId>(), Ok(id));
+        assert_eq!(text.to_uppercase().parse::<UserId>(), Ok(id));
+        assert_eq!(UserId::from_bytes(&id.to_bytes()), Some(id));
+        assert_eq!(UserId::from_halves(id.high(), id.low()), Some(id));
     }
 
     #[test]
-    fn range_is_enforced() {
-        assert!(UserId::new(0).is_none());
-        assert!(UserId::new(USER_ID_MAX + 1).is_none());
-        assert_eq!(UserId::new(USER_ID_MAX).map(UserId::get), Some(USER_ID_MAX));
-        assert!("0".parse::<UserId>().is_err());
-        assert!("abc".parse::<UserId>().is_err());
-        assert_eq!("42".parse::<UserId>().map(UserId::get), Ok(42));
+    fn malformed_text_and_the_zero_high_half_are_refused() {
+        assert!("".parse::<UserId>().is_err());
+        assert!(
+            "42".parse::<UserId>().is_err(),
+            "v1 decimal ids are refused"
+        );
+        assert!("zz".repeat(16).parse::<UserId>().is_err());
+        assert!("0".repeat(32).parse::<UserId>().is_err());
+        assert!(format!("{}{}", "0".repeat(16), "1".repeat(16))
+            .parse::<UserId>()
+            .is_err());
+        assert!(UserId::from_halves(0, 5).is_none());
+        assert!(UserId::from_bytes(&[0; 16]).is_none());
+        let ok = format!("{}{}", "0".repeat(15), "1".repeat(17));
+        assert!(ok.parse::<UserId>().is_ok());
     }
 }

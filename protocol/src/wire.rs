@@ -11,21 +11,26 @@ use crate::user::UserId;
 
 #[allow(clippy::all, missing_debug_implementations)]
 mod generated {
-    include!(concat!(env!("OUT_DIR"), "/hop.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/hop.v2.rs"));
 }
 
 pub use generated::stanza::Kind;
 pub use generated::{
-    Ack, Deliver, Error, ErrorCode, GoAway, GoAwayReason, Ping, Pong, Presence, Read, Receipt,
-    ReceiptKind, Send, ServerAck, Stanza, Subscribe, Unsubscribe,
+    Ack, Deliver, Error, ErrorCode, GoAway, GoAwayReason, Outbox, Ping, Pong, Presence,
+    PresenceSettings, Read, Receipt, ReceiptKind, Send, ServerAck, Stanza, Subscribe, Unsubscribe,
+    UserRef, Visibility,
 };
 
 /// The largest message body a client may send. With the stanza's other fields it still fits in
 /// one frame: a stanza never spans frames.
 pub const BODY_BYTES_MAX: usize = 64 * 1024 - 1024;
 /// Room left in a frame for a Deliver's fields besides the body.
-const STANZA_OVERHEAD_BYTES_MAX: usize = 64;
+const STANZA_OVERHEAD_BYTES_MAX: usize = 96;
 const _: () = assert!(BODY_BYTES_MAX + STANZA_OVERHEAD_BYTES_MAX <= FRAME_PLAINTEXT_BYTES_MAX);
+/// The aliases one connection may bind (`Send.alias` is 1..=this).
+pub const ALIASES_MAX: u32 = 256;
+/// Contacts one `PresenceSettings` may name.
+pub const CONTACTS_MAX: usize = 1024;
 
 #[derive(Debug, Error)]
 pub enum DecodeError {
@@ -64,34 +69,77 @@ pub fn decode_all<E: From<DecodeError>>(
     Ok(())
 }
 
+impl From<UserId> for UserRef {
+    fn from(user: UserId) -> Self {
+        Self {
+            high: user.high(),
+            low: user.low(),
+        }
+    }
+}
+
+impl UserRef {
+    /// The id this names, or `None` when it is missing or not a valid id.
+    pub fn user(reference: Option<&UserRef>) -> Option<UserId> {
+        reference.and_then(|user| UserId::from_halves(user.high, user.low))
+    }
+}
+
+/// A client message id: the outbox the client chose and the message's number in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageRef {
+    pub outbox: u64,
+    pub seq: u64,
+}
+
 impl Stanza {
     pub fn of(kind: Kind) -> Self {
         Self { kind: Some(kind) }
     }
 
-    pub fn send(to: UserId, seq: u32, body: Bytes) -> Self {
+    /// A Send naming its recipient in full (and binding `alias` to it, unless 0).
+    pub fn send(to: UserId, seq: u64, body: Bytes, alias: u32) -> Self {
         Self::of(Kind::Send(Send {
-            to: to.get(),
+            to: Some(to.into()),
             seq,
             body,
+            alias,
         }))
+    }
+
+    /// A Send to the recipient bound to `alias` on this connection.
+    pub fn send_to_alias(alias: u32, seq: u64, body: Bytes) -> Self {
+        Self::of(Kind::Send(Send {
+            to: None,
+            seq,
+            body,
+            alias,
+        }))
+    }
+
+    pub fn outbox(id: u64) -> Self {
+        Self::of(Kind::Outbox(Outbox { id }))
     }
 
     /// A message pushed to its recipient; `from` is filled in by the server.
-    pub fn deliver(from: UserId, id: u64, timestamp_ms: u64, body: Bytes) -> Self {
+    pub fn deliver(from: UserId, id: u64, timestamp_ms: u64, body: Bytes, proof: u64) -> Self {
         Self::of(Kind::Deliver(Deliver {
-            from: from.get(),
+            from: Some(from.into()),
             id,
             timestamp_ms,
             body,
+            proof,
         }))
     }
 
-    pub fn error(code: ErrorCode, reason: impl Into<String>, seq: u32) -> Self {
+    /// An Error about the Send (`message`), or about nothing in particular (`None`).
+    pub fn error(code: ErrorCode, reason: impl Into<String>, message: Option<MessageRef>) -> Self {
+        let message = message.unwrap_or(MessageRef { outbox: 0, seq: 0 });
         Self::of(Kind::Error(Error {
             code: code as i32,
             reason: reason.into(),
-            seq,
+            seq: message.seq,
+            outbox: message.outbox,
         }))
     }
 
@@ -119,6 +167,8 @@ impl Stanza {
             Some(Kind::Pong(_)) => "Pong",
             Some(Kind::Error(_)) => "Error",
             Some(Kind::GoAway(_)) => "GoAway",
+            Some(Kind::Outbox(_)) => "Outbox",
+            Some(Kind::PresenceSettings(_)) => "PresenceSettings",
         }
     }
 }
@@ -128,36 +178,61 @@ mod tests {
     use super::*;
     use crate::frame::FRAME_HEADER_BYTES;
     use crate::noise::TAG_BYTES;
-    use crate::user::USER_ID_MAX;
+
+    fn user(seed: u8) -> UserId {
+        UserId::from_public_key(&[seed; 32])
+    }
+
+    fn wire_bytes(stanza: &Stanza) -> usize {
+        FRAME_HEADER_BYTES + encoded_bytes(stanza) + TAG_BYTES
+    }
 
     #[test]
     fn five_byte_text_budget() {
-        // The worst case for the recipient id (the largest id, 7 varint bytes) and a sequence
-        // number a client reaches after 127 messages on one connection (2 varint bytes).
-        let to = UserId::new(USER_ID_MAX).unwrap();
-        let stanza = Stanza::send(to, 300, Bytes::from_static(b"hello"));
-        let plaintext = encoded_bytes(&stanza);
-        let wire = FRAME_HEADER_BYTES + plaintext + TAG_BYTES;
-        assert_eq!(plaintext, 21);
+        // The common case: a recipient already bound to an alias on this connection, a
+        // message number under 128.
+        let common = Stanza::send_to_alias(1, 5, Bytes::from_static(b"hello"));
         assert_eq!(
-            wire, 39,
+            wire_bytes(&common),
+            32,
             "a 5-byte text must cost at most 40 bytes on the wire"
         );
-        // The common case: sequence number under 128.
-        let small_seq = Stanza::send(to, 5, Bytes::from_static(b"hello"));
+        // A connection's 128th message and on: one more varint byte; its 16,384th: two.
         assert_eq!(
-            FRAME_HEADER_BYTES + encoded_bytes(&small_seq) + TAG_BYTES,
-            38
+            wire_bytes(&Stanza::send_to_alias(
+                ALIASES_MAX,
+                300,
+                Bytes::from_static(b"hello")
+            )),
+            34
         );
+        assert_eq!(
+            wire_bytes(&Stanza::send_to_alias(
+                1,
+                20_000,
+                Bytes::from_static(b"hello")
+            )),
+            34
+        );
+        // The first message to a recipient names it in full (20 bytes) and binds the alias.
+        let first = Stanza::send(user(1), 5, Bytes::from_static(b"hello"), 1);
+        assert_eq!(wire_bytes(&first), 52);
+        // Once per connection (and per outbox switch): the outbox, 12 bytes of plaintext.
+        assert_eq!(encoded_bytes(&Stanza::outbox(u64::MAX)), 12);
     }
 
     #[test]
     fn several_stanzas_round_trip_in_one_plaintext() {
-        let to = UserId::new(42).unwrap();
         let sent = [
-            Stanza::send(to, 1, Bytes::from_static(b"a")),
+            Stanza::outbox(0xDEAD_BEEF),
+            Stanza::send(user(1), 1, Bytes::from_static(b"a"), 3),
+            Stanza::send_to_alias(3, 2, Bytes::from_static(b"b")),
             Stanza::of(Kind::Ping(Ping { nonce: 9 })),
-            Stanza::error(ErrorCode::QueueFull, "full", 1),
+            Stanza::error(
+                ErrorCode::QueueFull,
+                "full",
+                Some(MessageRef { outbox: 7, seq: 1 }),
+            ),
         ];
         let mut plaintext = Vec::new();
         for stanza in &sent {
@@ -170,13 +245,23 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, sent);
+        let Some(Kind::Send(send)) = &seen[1].kind else {
+            panic!("a Send");
+        };
+        assert_eq!(UserRef::user(send.to.as_ref()), Some(user(1)));
+    }
+
+    #[test]
+    fn a_missing_or_zero_user_ref_names_no_user() {
+        assert_eq!(UserRef::user(None), None);
+        assert_eq!(UserRef::user(Some(&UserRef { high: 0, low: 9 })), None);
     }
 
     #[test]
     fn truncated_or_garbage_plaintext_is_an_error() {
         let mut plaintext = Vec::new();
         encode(
-            &Stanza::send(UserId::new(7).unwrap(), 1, Bytes::from_static(b"abc")),
+            &Stanza::send(user(7), 1, Bytes::from_static(b"abc"), 0),
             &mut plaintext,
         );
         for cut in 1..plaintext.len() {
@@ -189,12 +274,13 @@ mod tests {
 
     #[test]
     fn largest_body_fits_one_frame_as_a_deliver() {
-        let deliver = Stanza::of(Kind::Deliver(Deliver {
-            from: USER_ID_MAX,
-            id: u64::MAX,
-            timestamp_ms: u64::MAX,
-            body: Bytes::from(vec![0u8; BODY_BYTES_MAX]),
-        }));
+        let deliver = Stanza::deliver(
+            user(1),
+            u64::MAX,
+            u64::MAX,
+            Bytes::from(vec![0u8; BODY_BYTES_MAX]),
+            u64::MAX,
+        );
         assert!(encoded_bytes(&deliver) <= FRAME_PLAINTEXT_BYTES_MAX);
     }
 }

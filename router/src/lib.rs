@@ -18,14 +18,24 @@
 //!
 //! Receipts are queued for their sender like messages and removed when the sender's device
 //! acks them ([`Action::Forget`] lets the disk drop them). Queues are bounded per user and per
-//! shard.
+//! shard, messages and receipts each with their own quota, so receipts can never fill the room
+//! a user's incoming messages need.
+//!
+//! The delivery contract (`docs/protocol.md`):
+//! - a message's server id is a keyed hash of (sender, recipient, outbox, seq), the client's id
+//!   of it: every copy has the same id, so a resend of a message still queued is answered with
+//!   the original's ServerAck instead of being queued twice, and a recipient drops a second
+//!   Deliver by (from, id);
+//! - a ServerAck or a refusal goes only to the connection that sent the message, and is
+//!   dropped if that connection has gone (the client sends again);
+//! - a Read counts only with the proof its Deliver carried to the reader.
 #![forbid(unsafe_code)]
 
 mod router;
 
 pub use router::{
-    home_shard, Action, ConnectError, Counters, Envelope, Limits, Queued, Router, ShardMessage,
-    Violation,
+    home_shard, Action, Counters, Envelope, Limits, Privacy, Queued, Router, Secrets, ShardMessage,
+    Violation, LAST_SEEN_GRAIN_MS,
 };
 
 /// A shard's index, `0..shards`.

@@ -1,15 +1,17 @@
 use std::collections::VecDeque;
+use std::hash::Hasher;
 
 use foldhash::HashMap;
 
 use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
-use hop_protocol::user::key_fingerprint;
 use hop_protocol::wire::{
-    ErrorCode, GoAwayReason, Kind, Pong, Presence, Receipt, ReceiptKind, ServerAck, Stanza,
-    BODY_BYTES_MAX,
+    ErrorCode, GoAwayReason, Kind, MessageRef, Pong, Presence, PresenceSettings, Receipt,
+    ReceiptKind, Send, ServerAck, Stanza, UserRef, Visibility, ALIASES_MAX, BODY_BYTES_MAX,
+    CONTACTS_MAX,
 };
 use hop_protocol::UserId;
+use siphasher::sip::SipHasher24;
 
 use crate::{ConnRef, ShardId};
 
@@ -18,15 +20,18 @@ pub fn home_shard(user: UserId, shards: u16) -> ShardId {
     assert!(shards > 0, "at least one shard");
     // User ids are hash-derived, but a multiplicative mix keeps the spread even for ids that
     // are not (tests, hand-picked ids).
-    let mixed = user.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    let mixed = user.high().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
     (mixed % u64::from(shards)) as ShardId
 }
 
 /// Bounds on what one shard keeps. Every queue is bounded; nothing grows without limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Items (messages and receipts) waiting for one user's device.
+    /// Messages waiting for one user's device.
     pub queue_messages_max: usize,
+    /// Receipts waiting for one user's device: counted apart from messages, so that receipts
+    /// can never fill the room a user's incoming messages need.
+    pub queue_receipts_max: usize,
     /// Body bytes waiting for one user's device.
     pub queue_bytes_max: usize,
     /// Body bytes waiting in all queues of this shard.
@@ -46,6 +51,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             queue_messages_max: 10_000,
+            queue_receipts_max: 10_000,
             queue_bytes_max: 16 * 1024 * 1024,
             shard_queue_bytes_max: 1024 * 1024 * 1024,
             inflight_max: 256,
@@ -56,15 +62,76 @@ impl Default for Limits {
     }
 }
 
+/// The server's secret keys for the ids and proofs it makes. Derived from the server's static
+/// key, so every shard and every restart makes the same ones.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secrets {
+    /// Keys the server message id: SipHash-2-4 of (sender, recipient, outbox, seq).
+    pub message_ids: [u8; 16],
+    /// Keys a Deliver's proof: SipHash-2-4 of (recipient, sender, message id).
+    pub read_proofs: [u8; 16],
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets").finish_non_exhaustive()
+    }
+}
+
+impl Secrets {
+    /// The secrets of the server whose static private key this is.
+    pub fn derive(server_private_key: &[u8; KEY_BYTES]) -> Self {
+        Self {
+            message_ids: derive_key(b"hop message id key v2", server_private_key),
+            read_proofs: derive_key(b"hop read proof key v2", server_private_key),
+        }
+    }
+}
+
+fn derive_key(context: &[u8], secret: &[u8; KEY_BYTES]) -> [u8; 16] {
+    use blake2::{Blake2s256, Digest};
+    let mut hasher = Blake2s256::new();
+    hasher.update(context);
+    hasher.update(secret);
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&hasher.finalize()[..16]);
+    key
+}
+
+/// Who may see a user's presence. The default, [`Visibility::Everyone`] with no contacts, is
+/// what a user who never set it has.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Privacy {
+    pub visibility: Visibility,
+    /// Sorted, without duplicates; at most `CONTACTS_MAX`. Only read under
+    /// [`Visibility::Contacts`].
+    pub contacts: Vec<UserId>,
+}
+
+impl Privacy {
+    /// Does this user show its presence to `watcher`?
+    pub fn shows_to(&self, watcher: UserId) -> bool {
+        match self.visibility {
+            Visibility::Everyone => true,
+            Visibility::Contacts => self.contacts.binary_search(&watcher).is_ok(),
+            Visibility::Nobody => false,
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        self.visibility == Visibility::Everyone && self.contacts.is_empty()
+    }
+}
+
 /// A message on its way from the sender's home shard to the recipient's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     pub from: UserId,
     pub to: UserId,
-    /// The sender's sequence number, echoed in its ServerAck.
-    pub seq: u32,
-    /// Server id, unique per server.
-    pub id: u64,
+    /// The sender's connection: the only one that hears the ServerAck or the refusal.
+    pub conn: ConnRef,
+    /// The sender's id of the message.
+    pub message: MessageRef,
     pub timestamp_ms: u64,
     pub body: Bytes,
 }
@@ -74,17 +141,22 @@ pub struct Envelope {
 pub enum ShardMessage {
     /// A message for a user of the receiving shard.
     Route(Envelope),
-    /// The recipient's shard took message `seq` of `sender`: send the ServerAck.
+    /// The recipient's shard took `message` of `sender`: send the ServerAck on `conn`, if it is
+    /// still the sender's connection (else drop it: the client sends again, and a resend gets
+    /// the same ack).
     Accepted {
         sender: UserId,
-        seq: u32,
+        conn: ConnRef,
+        message: MessageRef,
         id: u64,
         timestamp_ms: u64,
     },
-    /// The recipient's shard refused message `seq` of `sender` (seq 0: a subscription).
+    /// The recipient's shard refused `message` of `sender` (`None`: a subscription): send the
+    /// Error on `conn`, if it is still the sender's connection.
     Rejected {
         sender: UserId,
-        seq: u32,
+        conn: ConnRef,
+        message: Option<MessageRef>,
         code: ErrorCode,
         reason: &'static str,
     },
@@ -98,6 +170,7 @@ pub enum ShardMessage {
     },
     Subscribe {
         subscriber: UserId,
+        conn: ConnRef,
         target: UserId,
     },
     Unsubscribe {
@@ -118,15 +191,17 @@ pub enum ShardMessage {
 pub enum Action {
     /// Queue `stanza` on a local connection.
     Send { conn: ConnRef, stanza: Stanza },
-    /// Push message `id` of `user`'s queue to a local connection as a `Deliver`. Its body is
-    /// on disk only (the router lets go of a body once it is kept): the shard loop reads it
-    /// from the store, or, if it cannot be read back, calls [`Router::handle_unreadable`].
+    /// Push message `id` of `user`'s queue to a local connection as a `Deliver` with this
+    /// `proof`. Its body is on disk only (the router lets go of a body once it is kept): the
+    /// shard loop reads it from the store, or, if it cannot be read back, calls
+    /// [`Router::handle_unreadable`].
     DeliverKept {
         conn: ConnRef,
         user: UserId,
         from: UserId,
         id: u64,
         timestamp_ms: u64,
+        proof: u64,
     },
     /// Send a GoAway and close a local connection.
     Close {
@@ -139,8 +214,10 @@ pub enum Action {
         shard: ShardId,
         message: ShardMessage,
     },
-    /// A new user-to-key binding, to keep across restarts.
+    /// A user connected for the first time: its key, to keep across restarts.
     PersistBinding { user: UserId, key: [u8; KEY_BYTES] },
+    /// A user changed who may see its presence: to keep across restarts (the latest wins).
+    PersistPrivacy { user: UserId, privacy: Privacy },
     /// Keep this item of `user`'s queue on disk. Once it is durable the shard loop calls
     /// [`Router::handle_kept`]; if it cannot be kept, [`Router::handle_keep_failed`].
     Keep { user: UserId, item: Queued },
@@ -150,13 +227,6 @@ pub enum Action {
         id: u64,
         kind: ReceiptKind,
     },
-}
-
-/// Why a connection may not attach to a user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectError {
-    /// The user id is bound to another key.
-    IdTaken,
 }
 
 /// A stanza the client may not send; the connection is closed.
@@ -169,13 +239,27 @@ pub struct Counters {
     pub messages_accepted: u64,
     pub messages_rejected: u64,
     pub messages_acked: u64,
+    /// Sends of a message that was still queued (a resend after a lost ServerAck): answered
+    /// with the original's ack, not queued twice.
+    pub messages_deduplicated: u64,
+    /// ServerAcks and refusals whose connection had gone: dropped, not sent to a newer one.
+    pub replies_dropped: u64,
     pub receipts_queued: u64,
+    /// Receipts dropped at the receipt quota or for a user with no queue here.
     pub receipts_dropped: u64,
+    /// Receipts dropped because the same receipt was already queued.
+    pub receipts_duplicate: u64,
+    /// Reads whose proof did not match: not a message delivered to the reader.
+    pub reads_refused: u64,
+    /// Watch requests answered "offline" because the target does not show its presence to the
+    /// watcher (or does not exist: the two answer alike).
+    pub watches_hidden: u64,
     pub acks_unmatched: u64,
     pub presence_sent: u64,
     pub items_expired: u64,
-    /// Items restored from disk for a user with no binding.
-    pub items_orphaned: u64,
+    /// Users made from their queued items at start because their binding was not on disk
+    /// (written again at their next connection).
+    pub users_restored_from_queue: u64,
     /// Kept messages whose body could not be read back from disk (dropped from the queue).
     pub items_unreadable: u64,
 }
@@ -231,7 +315,7 @@ struct Entry {
     kind: ReceiptKind,
 }
 
-const _: () = assert!(std::mem::size_of::<Entry>() <= 32);
+const _: () = assert!(std::mem::size_of::<Entry>() <= 40);
 const _: () = assert!(BODY_BYTES_MAX <= u32::MAX as usize);
 
 impl Entry {
@@ -279,19 +363,18 @@ impl Entry {
 }
 
 /// What a shard knows of one of its users: 32 bytes, most users having nothing queued and no
-/// watchers. The queue and the presence lists exist only while they hold something (freed by
-/// [`Router::release_empty`] at the first tick they stay empty, not at once: a chatting user
-/// would otherwise allocate them again for every message).
+/// watchers. The queue, the presence lists and the sending state exist only while they hold
+/// something (freed by [`Router::release_empty`] at the first tick they stay empty, not at
+/// once: a chatting user would otherwise allocate them again for every message).
 #[derive(Debug)]
 struct User {
-    /// `key_fingerprint` of the key the id is bound to (the key itself is on disk, in the
-    /// account log): another key must match the id's 48 bits and these 64 to pass for it.
-    key_fingerprint: u64,
     /// The current connection, or `NO_CONN` while offline (a sentinel keeps this 8 bytes).
     conn: ConnRef,
     /// When the user went offline; 0 while online or never seen.
     last_seen_ms: u64,
     extra: Option<Box<Extra>>,
+    /// The user's key is on disk (false for a user made from its queued items at start).
+    bound: bool,
 }
 
 /// `User::conn` of a user who is offline. The shard's handles never take this value.
@@ -299,11 +382,14 @@ const NO_CONN: ConnRef = ConnRef(u64::MAX);
 
 const _: () = assert!(std::mem::size_of::<User>() <= 32);
 
-/// A user's queue and presence lists, while any of them holds something.
+/// A user's queue, presence lists and sending state, while any of them holds something.
 #[derive(Debug, Default)]
 struct Extra {
     queue: Queue,
     watch: Watch,
+    sending: Sending,
+    /// Who may see this user's presence; `None` for the default (everyone).
+    privacy: Option<Box<Privacy>>,
     /// In `Router::emptied`, to be freed at the next sweep if it is still empty then.
     listed: bool,
 }
@@ -317,6 +403,8 @@ struct Queue {
     /// Body bytes of the first `inflight` items.
     inflight_bytes: usize,
     queued_bytes: usize,
+    /// Receipts among `items` (the rest are messages): each kind has its own quota.
+    receipts: usize,
 }
 
 #[derive(Debug, Default)]
@@ -327,54 +415,79 @@ struct Watch {
     subscriptions: Vec<UserId>,
 }
 
+/// What the current connection declared for its Sends: its outbox and the aliases it bound.
+/// Reset when the connection ends or is replaced.
+#[derive(Debug, Default)]
+struct Sending {
+    /// 0 until the connection sends an `Outbox`.
+    outbox: u64,
+    /// Index `alias - 1`; at most `ALIASES_MAX`.
+    aliases: Vec<Option<UserId>>,
+}
+
+impl Sending {
+    fn is_empty(&self) -> bool {
+        self.outbox == 0 && self.aliases.is_empty()
+    }
+}
+
+/// Who waits for a message's ServerAck: the connection that sent it last.
+#[derive(Debug, Clone, Copy)]
+struct Waiter {
+    sender: UserId,
+    conn: ConnRef,
+    message: MessageRef,
+    timestamp_ms: u64,
+}
+
 /// One shard's routing state. See the crate docs for the call order.
 #[derive(Debug)]
 pub struct Router {
     shard: ShardId,
     shards: u16,
     limits: Limits,
+    secrets: Secrets,
     users: HashMap<UserId, User>,
-    next_id: u64,
     queued_bytes: usize,
     actions: VecDeque<Action>,
     counters: Counters,
     /// Messages taken into a queue whose sender has no ServerAck yet: they wait for the disk
-    /// (or for the recipient's device, whichever comes first). Server id -> (sender, seq, time).
-    awaiting_keep: HashMap<u64, (UserId, u32, u64)>,
-    /// Bodies of queued messages not yet kept on disk, by server id. Bounded by what one
-    /// commit interval brings in: a body leaves when its message is kept, acked or refused.
-    fresh: HashMap<u64, Bytes>,
+    /// (or for the recipient's device, whichever comes first). By (recipient, server id).
+    awaiting_keep: HashMap<(UserId, u64), Waiter>,
+    /// Bodies of queued messages not yet kept on disk, by (recipient, server id). Bounded by
+    /// what one commit interval brings in: a body leaves when its message is kept, acked or
+    /// refused.
+    fresh: HashMap<(UserId, u64), Bytes>,
+    /// How many queued messages have each server id: a resend of a queued message is found
+    /// through it without scanning every queue (ids are 64-bit hashes, so the queue itself
+    /// is checked on a hit).
+    queued_ids: HashMap<u64, u32>,
     /// Users whose queue and presence lists became empty since the last
     /// [`Router::release_empty`]; each at most once.
     emptied: Vec<UserId>,
 }
 
-/// Server ids: the shard in the top 8 bits, a counter in the low 56. The counter starts at the
-/// router's start time in microseconds, so ids stay unique across restarts unless a shard
-/// averaged more than a million messages a second since its start.
-const ID_COUNTER_BITS: u32 = 56;
-const SHARDS_MAX: u16 = 1 << (64 - ID_COUNTER_BITS);
+/// Receipts already queued for a user that a new receipt is compared with, newest first: a
+/// repeated Read finds its twin among the latest items; an older twin is not worth a scan.
+const RECEIPT_TWIN_SCAN_MAX: usize = 64;
 
 impl Router {
-    pub fn new(shard: ShardId, shards: u16, limits: Limits, now_ms: u64) -> Self {
-        assert!(
-            shards > 0 && shards <= SHARDS_MAX,
-            "shards must be in 1..={SHARDS_MAX}"
-        );
+    pub fn new(shard: ShardId, shards: u16, limits: Limits, secrets: Secrets) -> Self {
+        assert!(shards > 0, "at least one shard");
         assert!(shard < shards, "shard index out of range");
         assert!(limits.inflight_max > 0, "inflight_max must be positive");
-        let counter = now_ms.saturating_mul(1000) & ((1 << ID_COUNTER_BITS) - 1);
         Self {
             shard,
             shards,
             limits,
+            secrets,
             users: HashMap::default(),
-            next_id: (u64::from(shard) << ID_COUNTER_BITS) | counter,
             queued_bytes: 0,
             actions: VecDeque::new(),
             counters: Counters::default(),
             awaiting_keep: HashMap::default(),
             fresh: HashMap::default(),
+            queued_ids: HashMap::default(),
             emptied: Vec::new(),
         }
     }
@@ -387,16 +500,29 @@ impl Router {
         self.counters
     }
 
-    /// Users with a binding on this shard.
+    /// Users known on this shard.
     pub fn users_known(&self) -> usize {
         self.users.len()
     }
 
     /// Restores a binding kept from an earlier run. Bindings of other shards are ignored.
-    pub fn restore_binding(&mut self, user: UserId, key: [u8; KEY_BYTES]) {
+    pub fn restore_binding(&mut self, user: UserId) {
         if home_shard(user, self.shards) == self.shard {
-            self.users.entry(user).or_insert_with(|| User::new(&key));
+            self.users.entry(user).or_insert_with(User::new).bound = true;
         }
+    }
+
+    /// Restores who may see a user's presence, kept from an earlier run (the latest setting of
+    /// each user, in the order they were made). Users of other shards are ignored.
+    pub fn restore_privacy(&mut self, user: UserId, mut privacy: Privacy) {
+        if home_shard(user, self.shards) != self.shard {
+            return;
+        }
+        privacy.contacts.sort_unstable();
+        privacy.contacts.dedup();
+        privacy.contacts.truncate(CONTACTS_MAX);
+        let state = self.users.entry(user).or_insert_with(User::new);
+        state.set_privacy(privacy);
     }
 
     /// The next action for the shard loop.
@@ -404,56 +530,48 @@ impl Router {
         self.actions.pop_front()
     }
 
-    /// A connection authenticated as `user` with `key` arrived at its home shard.
+    /// A connection authenticated as `user` (whose id the shard derived from `key`) arrived at
+    /// its home shard. A connection the user already had is closed: the newer one wins.
     pub fn handle_connect(
         &mut self,
         user: UserId,
         key: &[u8; KEY_BYTES],
         conn: ConnRef,
-        _now_ms: u64,
-    ) -> Result<(), ConnectError> {
+        now_ms: u64,
+    ) {
         assert_eq!(
             home_shard(user, self.shards),
             self.shard,
             "connection at the wrong shard"
         );
-        let entry = self.users.entry(user);
-        let user_state = match entry {
-            std::collections::hash_map::Entry::Occupied(occupied) => {
-                if occupied.get().key_fingerprint != key_fingerprint(key) {
-                    return Err(ConnectError::IdTaken);
-                }
-                occupied.into_mut()
-            }
-            std::collections::hash_map::Entry::Vacant(vacant) => {
-                self.actions
-                    .push_back(Action::PersistBinding { user, key: *key });
-                vacant.insert(User::new(key))
-            }
-        };
         assert_ne!(conn, NO_CONN, "a connection handle the router reserves");
-        if let Some(old) = user_state.replace_conn(Some(conn)) {
-            // One connection per user: the newer one wins.
+        let state = self.users.entry(user).or_insert_with(User::new);
+        if !state.bound {
+            state.bound = true;
+            self.actions
+                .push_back(Action::PersistBinding { user, key: *key });
+        }
+        let mut subscriptions = Vec::new();
+        if let Some(old) = state.replace_conn(Some(conn)) {
             self.actions.push_back(Action::Close {
                 conn: old,
                 reason: GoAwayReason::Replaced,
                 text: "the same user connected again",
             });
-            if let Some(extra) = user_state.extra.as_mut() {
-                extra.watch.subscriptions.clear();
-            }
+            // The old connection's watches and declarations end with it.
+            subscriptions = state.end_session();
         }
-        user_state.last_seen_ms = 0;
-        user_state.restart_pushes();
-        let subscribers = user_state.subscribers().to_vec();
-        if user_state.newly_empty() {
+        state.last_seen_ms = 0;
+        state.restart_pushes();
+        let subscribers = state.subscribers().to_vec();
+        if state.newly_empty() {
             self.emptied.push(user);
         }
+        self.unsubscribe_all(user, subscriptions, now_ms);
         self.push_queued(user);
         for subscriber in subscribers {
-            self.presence_to(subscriber, user, true, 0);
+            self.presence_to(subscriber, user, true, 0, now_ms);
         }
-        Ok(())
     }
 
     /// A connection of `user` closed. Unacked deliveries are sent again on the next connect.
@@ -467,27 +585,14 @@ impl Router {
         state.replace_conn(None);
         state.restart_pushes();
         state.last_seen_ms = now_ms.max(1);
-        let subscriptions = state
-            .extra
-            .as_mut()
-            .map(|extra| std::mem::take(&mut extra.watch.subscriptions))
-            .unwrap_or_default();
+        let subscriptions = state.end_session();
         let subscribers = state.subscribers().to_vec();
         if state.newly_empty() {
             self.emptied.push(user);
         }
-        for target in subscriptions {
-            self.send_home(
-                target,
-                ShardMessage::Unsubscribe {
-                    subscriber: user,
-                    target,
-                },
-                now_ms,
-            );
-        }
+        self.unsubscribe_all(user, subscriptions, now_ms);
         for subscriber in subscribers {
-            self.presence_to(subscriber, user, false, now_ms.max(1));
+            self.presence_to(subscriber, user, false, now_ms.max(1), now_ms);
         }
     }
 
@@ -507,46 +612,33 @@ impl Router {
             return Err(Violation("stanza of unknown kind".into()));
         };
         match kind {
-            Kind::Send(send) => self.client_send(user, conn, send.to, send.seq, send.body, now_ms),
+            Kind::Outbox(outbox) => {
+                if outbox.id == 0 {
+                    return Err(Violation("Outbox 0 is not a valid outbox".into()));
+                }
+                let state = self.users.get_mut(&user).expect("checked above");
+                state.extra_mut().sending.outbox = outbox.id;
+            }
+            Kind::Send(send) => self.client_send(user, conn, send, now_ms),
             Kind::Ack(ack) => {
                 let kind = ReceiptKind::try_from(ack.kind).unwrap_or(ReceiptKind::Unspecified);
                 self.client_ack(user, ack.id, kind, now_ms);
             }
-            Kind::Read(read) => match UserId::new(read.from) {
-                Some(from) => self.send_home(
-                    from,
-                    ShardMessage::Receipt {
-                        to: from,
-                        id: read.id,
-                        kind: ReceiptKind::Read,
-                        by: user,
-                        timestamp_ms: now_ms,
-                    },
-                    now_ms,
-                ),
-                None => self.error_to(
-                    conn,
-                    ErrorCode::BadUserId,
-                    "Read names an invalid user id",
-                    0,
-                ),
-            },
-            Kind::Subscribe(subscribe) => self.client_subscribe(user, conn, subscribe.user, now_ms),
+            Kind::Read(read) => self.client_read(user, conn, read, now_ms),
+            Kind::Subscribe(subscribe) => {
+                self.client_subscribe(user, conn, subscribe.user.as_ref(), now_ms)
+            }
+            Kind::PresenceSettings(settings) => {
+                self.client_privacy(user, conn, settings, now_ms);
+            }
             Kind::Unsubscribe(unsubscribe) => {
-                if let Some(target) = UserId::new(unsubscribe.user) {
+                if let Some(target) = UserRef::user(unsubscribe.user.as_ref()) {
                     let state = self.users.get_mut(&user).expect("checked above");
                     state.unsubscribe_from(target);
                     if state.newly_empty() {
                         self.emptied.push(user);
                     }
-                    self.send_home(
-                        target,
-                        ShardMessage::Unsubscribe {
-                            subscriber: user,
-                            target,
-                        },
-                        now_ms,
-                    );
+                    self.unsubscribe_all(user, vec![target], now_ms);
                 }
             }
             Kind::Ping(ping) => self.actions.push_back(Action::Send {
@@ -568,30 +660,37 @@ impl Router {
             ShardMessage::Route(envelope) => self.accept(envelope, now_ms),
             ShardMessage::Accepted {
                 sender,
-                seq,
+                conn,
+                message,
                 id,
                 timestamp_ms,
             } => {
-                if let Some(conn) = self.conn_of(sender) {
-                    self.actions.push_back(Action::Send {
-                        conn,
-                        stanza: Stanza::of(Kind::ServerAck(ServerAck {
-                            seq,
-                            id,
-                            timestamp_ms,
-                        })),
-                    });
+                if self.conn_of(sender) != Some(conn) {
+                    self.counters.replies_dropped += 1;
+                    return;
                 }
+                self.actions.push_back(Action::Send {
+                    conn,
+                    stanza: Stanza::of(Kind::ServerAck(ServerAck {
+                        seq: message.seq,
+                        id,
+                        timestamp_ms,
+                        outbox: message.outbox,
+                    })),
+                });
             }
             ShardMessage::Rejected {
                 sender,
-                seq,
+                conn,
+                message,
                 code,
                 reason,
             } => {
-                if let Some(conn) = self.conn_of(sender) {
-                    self.error_to(conn, code, reason, seq);
+                if self.conn_of(sender) != Some(conn) {
+                    self.counters.replies_dropped += 1;
+                    return;
                 }
+                self.error_to(conn, code, reason, message);
             }
             ShardMessage::Receipt {
                 to,
@@ -600,9 +699,11 @@ impl Router {
                 by,
                 timestamp_ms,
             } => self.queue_receipt(to, id, kind, by, timestamp_ms),
-            ShardMessage::Subscribe { subscriber, target } => {
-                self.add_subscriber(subscriber, target, now_ms)
-            }
+            ShardMessage::Subscribe {
+                subscriber,
+                conn,
+                target,
+            } => self.add_subscriber(subscriber, conn, target, now_ms),
             ShardMessage::Unsubscribe { subscriber, target } => {
                 if let Some(state) = self.users.get_mut(&target) {
                     state.remove_subscriber(subscriber);
@@ -622,11 +723,18 @@ impl Router {
                 };
                 let Some(conn) = state.conn() else { return };
                 if state.subscriptions().contains(&about) {
+                    // Reciprocity: a watcher that hides its own presence from `about` does
+                    // not see `about`'s last-seen time either.
+                    let last_seen_ms = if state.privacy().shows_to(about) {
+                        last_seen_ms
+                    } else {
+                        0
+                    };
                     self.counters.presence_sent += 1;
                     self.actions.push_back(Action::Send {
                         conn,
                         stanza: Stanza::of(Kind::Presence(Presence {
-                            user: about.get(),
+                            user: Some(about.into()),
                             online,
                             last_seen_ms,
                         })),
@@ -636,99 +744,15 @@ impl Router {
         }
     }
 
-    fn client_send(
-        &mut self,
-        from: UserId,
-        conn: ConnRef,
-        to: u64,
-        seq: u32,
-        body: Bytes,
-        now_ms: u64,
-    ) {
-        let Some(to) = UserId::new(to) else {
-            return self.error_to(
-                conn,
-                ErrorCode::BadUserId,
-                "recipient id is outside the valid range",
-                seq,
-            );
-        };
-        if body.len() > BODY_BYTES_MAX {
-            return self.error_to(
-                conn,
-                ErrorCode::BadStanza,
-                "message body exceeds the limit",
-                seq,
-            );
-        }
-        let envelope = Envelope {
-            from,
-            to,
-            seq,
-            id: self.take_id(),
-            timestamp_ms: now_ms,
-            body,
-        };
-        self.send_home(to, ShardMessage::Route(envelope), now_ms);
-    }
-
-    /// At the recipient's home shard: take the message into the recipient's queue, or refuse.
-    fn accept(&mut self, envelope: Envelope, now_ms: u64) {
-        let reject = |code, reason| ShardMessage::Rejected {
-            sender: envelope.from,
-            seq: envelope.seq,
-            code,
-            reason,
-        };
-        let Some(state) = self.users.get_mut(&envelope.to) else {
-            self.counters.messages_rejected += 1;
-            let message = reject(ErrorCode::UnknownUser, "no such user on this server");
-            return self.send_home(envelope.from, message, now_ms);
-        };
-        let body_bytes = envelope.body.len();
-        if state.queue_len() >= self.limits.queue_messages_max
-            || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
-            || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
-        {
-            self.counters.messages_rejected += 1;
-            let message = reject(
-                ErrorCode::QueueFull,
-                "the recipient's queue is full; message not taken",
-            );
-            return self.send_home(envelope.from, message, now_ms);
-        }
-        let item = Queued::Message {
-            from: envelope.from,
-            id: envelope.id,
-            timestamp_ms: envelope.timestamp_ms,
-            body: envelope.body.clone(),
-        };
-        state.queue_mut().push(Entry::of(&item));
-        self.fresh.insert(envelope.id, envelope.body);
-        self.queued_bytes += body_bytes;
-        self.counters.messages_accepted += 1;
-        // The ServerAck waits until the message is on disk or acked by the device.
-        self.awaiting_keep.insert(
-            envelope.id,
-            (envelope.from, envelope.seq, envelope.timestamp_ms),
-        );
-        self.actions.push_back(Action::Keep {
-            user: envelope.to,
-            item,
-        });
-        self.push_queued(envelope.to);
-    }
-
-    /// The queued item (`id`, `kind`) is durable. For a message, the sender's
+    /// The queued item (`id`, `kind`) of `user` is durable. For a message, the sender's
     /// ServerAck may leave, and the router lets go of the body: from now on the store has it
     /// and deliveries of it are [`Action::DeliverKept`].
-    pub fn handle_kept(&mut self, id: u64, kind: ReceiptKind, now_ms: u64) {
+    pub fn handle_kept(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
         if kind != ReceiptKind::Unspecified {
             return;
         }
-        // Server ids are unique, so the id alone names the message.
-        self.fresh.remove(&id);
-        self.release_server_ack(id, now_ms);
+        self.fresh.remove(&(user, id));
+        self.release_server_ack(user, id, now_ms);
     }
 
     /// A kept message of `user` could not be read back from disk (the store found it
@@ -755,15 +779,19 @@ impl Router {
         now_ms: u64,
     ) {
         self.remove_item(user, id, kind);
-        if let Some((sender, seq, _)) = self.awaiting_keep.remove(&id) {
+        if kind != ReceiptKind::Unspecified {
+            return;
+        }
+        if let Some(waiter) = self.awaiting_keep.remove(&(user, id)) {
             self.counters.messages_rejected += 1;
             let refusal = ShardMessage::Rejected {
-                sender,
-                seq,
+                sender: waiter.sender,
+                conn: waiter.conn,
+                message: Some(waiter.message),
                 code,
                 reason,
             };
-            self.send_home(sender, refusal, now_ms);
+            self.send_home(waiter.sender, refusal, now_ms);
         }
     }
 
@@ -774,16 +802,20 @@ impl Router {
     }
 
     /// Puts back an item kept from an earlier run (already durable). Only what acks and names
-    /// it is kept here; a message's body stays on disk. Items of users without a binding are
-    /// counted and dropped.
+    /// it is kept here; a message's body stays on disk. A user whose binding did not reach the
+    /// disk is made from its items: its key is written again when it next connects.
     pub fn restore_item(&mut self, user: UserId, item: &Queued) {
-        let Some(state) = self.users.get_mut(&user) else {
-            self.counters.items_orphaned += 1;
-            return;
-        };
+        debug_assert_eq!(home_shard(user, self.shards), self.shard);
+        let state = self.users.entry(user).or_insert_with(|| {
+            self.counters.users_restored_from_queue += 1;
+            User::new()
+        });
         let entry = Entry::of(item);
         state.queue_mut().push(entry);
         self.queued_bytes += entry.body_bytes();
+        if entry.is_message() {
+            *self.queued_ids.entry(entry.id).or_insert(0) += 1;
+        }
     }
 
     /// Messages waiting for the disk before their ServerAck.
@@ -813,15 +845,167 @@ impl Router {
         self.fresh.len()
     }
 
-    fn release_server_ack(&mut self, id: u64, now_ms: u64) {
-        if let Some((sender, seq, timestamp_ms)) = self.awaiting_keep.remove(&id) {
+    /// The server id of message `message` from `from` to `to`: the same for every copy, so
+    /// that a resend is found in the queue and a recipient drops a second Deliver by
+    /// (from, id). Keyed, so that no client can name another's messages.
+    pub fn message_id(&self, from: UserId, to: UserId, message: MessageRef) -> u64 {
+        let mut hasher = SipHasher24::new_with_key(&self.secrets.message_ids);
+        hasher.write(&from.to_bytes());
+        hasher.write(&to.to_bytes());
+        hasher.write(&message.outbox.to_le_bytes());
+        hasher.write(&message.seq.to_le_bytes());
+        hasher.finish().max(1)
+    }
+
+    /// The proof a Deliver of message `id` from `from` carries to `reader`, and that a Read of
+    /// it must show: only the device the message was delivered to has it.
+    pub fn read_proof(&self, reader: UserId, from: UserId, id: u64) -> u64 {
+        read_proof(&self.secrets, reader, from, id)
+    }
+
+    fn client_send(&mut self, from: UserId, conn: ConnRef, send: Send, now_ms: u64) {
+        let sending = &mut self
+            .users
+            .get_mut(&from)
+            .expect("the sender is online here")
+            .extra_mut()
+            .sending;
+        let message = MessageRef {
+            outbox: sending.outbox,
+            seq: send.seq,
+        };
+        if message.outbox == 0 {
+            return self.error_to(
+                conn,
+                ErrorCode::BadStanza,
+                "send an Outbox before the first Send on a connection",
+                Some(message),
+            );
+        }
+        if message.seq == 0 {
+            return self.error_to(
+                conn,
+                ErrorCode::BadStanza,
+                "a Send's seq starts at 1",
+                Some(message),
+            );
+        }
+        let to = match resolve_recipient(sending, &send) {
+            Ok(to) => to,
+            Err((code, reason)) => return self.error_to(conn, code, reason, Some(message)),
+        };
+        if send.body.len() > BODY_BYTES_MAX {
+            return self.error_to(
+                conn,
+                ErrorCode::BadStanza,
+                "message body exceeds the limit",
+                Some(message),
+            );
+        }
+        let envelope = Envelope {
+            from,
+            to,
+            conn,
+            message,
+            timestamp_ms: now_ms,
+            body: send.body,
+        };
+        self.send_home(to, ShardMessage::Route(envelope), now_ms);
+    }
+
+    /// At the recipient's home shard: take the message into the recipient's queue, answer a
+    /// resend of a queued one with the original's ack, or refuse.
+    fn accept(&mut self, envelope: Envelope, now_ms: u64) {
+        let id = self.message_id(envelope.from, envelope.to, envelope.message);
+        let reject = |code, reason| ShardMessage::Rejected {
+            sender: envelope.from,
+            conn: envelope.conn,
+            message: Some(envelope.message),
+            code,
+            reason,
+        };
+        let Some(state) = self.users.get_mut(&envelope.to) else {
+            self.counters.messages_rejected += 1;
+            let message = reject(ErrorCode::UnknownUser, "no such user on this server");
+            return self.send_home(envelope.from, message, now_ms);
+        };
+        if self.queued_ids.contains_key(&id) {
+            if let Some(original) = state.queued_message(id, envelope.from) {
+                return self.answer_resend(envelope, id, original.timestamp_ms, now_ms);
+            }
+        }
+        let body_bytes = envelope.body.len();
+        let messages = state.queue_len() - state.queued_receipts();
+        if messages >= self.limits.queue_messages_max
+            || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
+            || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
+        {
+            self.counters.messages_rejected += 1;
+            let message = reject(
+                ErrorCode::QueueFull,
+                "the recipient's queue is full; message not taken",
+            );
+            return self.send_home(envelope.from, message, now_ms);
+        }
+        let item = Queued::Message {
+            from: envelope.from,
+            id,
+            timestamp_ms: envelope.timestamp_ms,
+            body: envelope.body.clone(),
+        };
+        state.queue_mut().push(Entry::of(&item));
+        *self.queued_ids.entry(id).or_insert(0) += 1;
+        self.fresh.insert((envelope.to, id), envelope.body);
+        self.queued_bytes += body_bytes;
+        self.counters.messages_accepted += 1;
+        // The ServerAck waits until the message is on disk or acked by the device.
+        self.awaiting_keep.insert(
+            (envelope.to, id),
+            Waiter {
+                sender: envelope.from,
+                conn: envelope.conn,
+                message: envelope.message,
+                timestamp_ms: envelope.timestamp_ms,
+            },
+        );
+        self.actions.push_back(Action::Keep {
+            user: envelope.to,
+            item,
+        });
+        self.push_queued(envelope.to);
+    }
+
+    /// A message that is still queued was sent again (its sender did not see the ServerAck).
+    /// If the original is not durable yet, the resend's connection waits for its ack instead
+    /// of the original's (one connection per user: the older one is gone); else the ack goes
+    /// now, with the original's id and time.
+    fn answer_resend(&mut self, envelope: Envelope, id: u64, timestamp_ms: u64, now_ms: u64) {
+        self.counters.messages_deduplicated += 1;
+        if let Some(waiter) = self.awaiting_keep.get_mut(&(envelope.to, id)) {
+            waiter.conn = envelope.conn;
+            waiter.message = envelope.message;
+            return;
+        }
+        let accepted = ShardMessage::Accepted {
+            sender: envelope.from,
+            conn: envelope.conn,
+            message: envelope.message,
+            id,
+            timestamp_ms,
+        };
+        self.send_home(envelope.from, accepted, now_ms);
+    }
+
+    fn release_server_ack(&mut self, user: UserId, id: u64, now_ms: u64) {
+        if let Some(waiter) = self.awaiting_keep.remove(&(user, id)) {
             let accepted = ShardMessage::Accepted {
-                sender,
-                seq,
+                sender: waiter.sender,
+                conn: waiter.conn,
+                message: waiter.message,
                 id,
-                timestamp_ms,
+                timestamp_ms: waiter.timestamp_ms,
             };
-            self.send_home(sender, accepted, now_ms);
+            self.send_home(waiter.sender, accepted, now_ms);
         }
     }
 
@@ -839,18 +1023,28 @@ impl Router {
             queue.inflight_bytes -= body_bytes;
         }
         queue.queued_bytes -= body_bytes;
+        if !item.is_message() {
+            queue.receipts -= 1;
+        }
         if state.newly_empty() {
             self.emptied.push(user);
         }
         self.queued_bytes -= body_bytes;
         if item.is_message() {
-            self.fresh.remove(&id);
+            self.fresh.remove(&(user, id));
+            if let Some(count) = self.queued_ids.get_mut(&id) {
+                *count -= 1;
+                if *count == 0 {
+                    self.queued_ids.remove(&id);
+                }
+            }
         }
         Some(item)
     }
 
     fn client_ack(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
-        // Acks come in delivery order, so the item is almost always at the front.
+        // Acks come in delivery order, so the item is almost always at the front. An Ack can
+        // only name an item of the acker's own queue: it needs no other check.
         let Some(item) = self.remove_item(user, id, kind) else {
             self.counters.acks_unmatched += 1;
             return;
@@ -861,7 +1055,7 @@ impl Router {
             let from = item.peer;
             self.counters.messages_acked += 1;
             // The device has it: the server's responsibility is met even if the disk is not.
-            self.release_server_ack(id, now_ms);
+            self.release_server_ack(user, id, now_ms);
             let receipt = ShardMessage::Receipt {
                 to: from,
                 id,
@@ -873,13 +1067,116 @@ impl Router {
         }
     }
 
-    fn client_subscribe(&mut self, user: UserId, conn: ConnRef, target: u64, now_ms: u64) {
-        let Some(target) = UserId::new(target) else {
+    /// A Read is taken only with the proof its Deliver carried to this reader: a user cannot
+    /// mark as read a message that was not delivered to it.
+    fn client_read(
+        &mut self,
+        reader: UserId,
+        conn: ConnRef,
+        read: hop_protocol::wire::Read,
+        now_ms: u64,
+    ) {
+        let Some(from) = UserRef::user(read.from.as_ref()) else {
+            return self.error_to(
+                conn,
+                ErrorCode::BadUserId,
+                "Read names an invalid user id",
+                None,
+            );
+        };
+        if read.proof != read_proof(&self.secrets, reader, from, read.id) {
+            self.counters.reads_refused += 1;
+            return self.error_to(
+                conn,
+                ErrorCode::BadReceipt,
+                "Read names no message delivered to you (its proof does not match)",
+                None,
+            );
+        }
+        let receipt = ShardMessage::Receipt {
+            to: from,
+            id: read.id,
+            kind: ReceiptKind::Read,
+            by: reader,
+            timestamp_ms: now_ms,
+        };
+        self.send_home(from, receipt, now_ms);
+    }
+
+    /// New presence settings: kept, and applied at once to the current watchers (one that may
+    /// no longer see the user is told "offline" and dropped; it may watch again if it is
+    /// allowed later).
+    fn client_privacy(
+        &mut self,
+        user: UserId,
+        conn: ConnRef,
+        settings: PresenceSettings,
+        now_ms: u64,
+    ) {
+        let Ok(visibility) = Visibility::try_from(settings.visibility) else {
+            return self.error_to(conn, ErrorCode::BadStanza, "unknown visibility", None);
+        };
+        if settings.contacts.len() > CONTACTS_MAX {
+            return self.error_to(
+                conn,
+                ErrorCode::Limit,
+                "too many contacts (at most 1,024)",
+                None,
+            );
+        }
+        let mut contacts = Vec::with_capacity(settings.contacts.len());
+        for contact in &settings.contacts {
+            let Some(contact) = UserRef::user(Some(contact)) else {
+                return self.error_to(
+                    conn,
+                    ErrorCode::BadUserId,
+                    "a contact is not a valid user id",
+                    None,
+                );
+            };
+            contacts.push(contact);
+        }
+        contacts.sort_unstable();
+        contacts.dedup();
+        let privacy = Privacy {
+            visibility,
+            contacts,
+        };
+        let state = self.users.get_mut(&user).expect("the user is online here");
+        state.set_privacy(privacy.clone());
+        let mut hidden = Vec::new();
+        if let Some(extra) = state.extra.as_mut() {
+            extra.watch.subscribers.retain(|watcher| {
+                let shown = privacy.shows_to(*watcher);
+                if !shown {
+                    hidden.push(*watcher);
+                }
+                shown
+            });
+        }
+        if state.newly_empty() {
+            self.emptied.push(user);
+        }
+        self.actions
+            .push_back(Action::PersistPrivacy { user, privacy });
+        for watcher in hidden {
+            self.presence_to(watcher, user, false, 0, now_ms);
+        }
+    }
+
+    fn client_subscribe(
+        &mut self,
+        user: UserId,
+        conn: ConnRef,
+        target: Option<&UserRef>,
+        now_ms: u64,
+    ) {
+        let Some(target) = UserRef::user(target) else {
             return self.error_to(
                 conn,
                 ErrorCode::BadUserId,
                 "Subscribe names an invalid user id",
-                0,
+                None,
             );
         };
         let state = self
@@ -888,30 +1185,43 @@ impl Router {
             .expect("subscribing user is online here");
         if !state.subscriptions().contains(&target) {
             if state.subscriptions().len() >= self.limits.subscriptions_max {
-                return self.error_to(conn, ErrorCode::Limit, "too many presence subscriptions", 0);
+                return self.error_to(
+                    conn,
+                    ErrorCode::Limit,
+                    "too many presence subscriptions",
+                    None,
+                );
             }
             state.watch_mut().subscriptions.push(target);
         }
-        self.send_home(
+        let subscribe = ShardMessage::Subscribe {
+            subscriber: user,
+            conn,
             target,
-            ShardMessage::Subscribe {
-                subscriber: user,
-                target,
-            },
-            now_ms,
-        );
+        };
+        self.send_home(target, subscribe, now_ms);
     }
 
-    /// At the target's home shard: record the watcher and tell it the current presence.
-    fn add_subscriber(&mut self, subscriber: UserId, target: UserId, now_ms: u64) {
+    /// At the target's home shard: record the watcher and tell it the current presence. A
+    /// target that does not show its presence to the watcher answers exactly as one that does
+    /// not exist: offline, never seen, and no watcher slot is taken.
+    fn add_subscriber(&mut self, subscriber: UserId, conn: ConnRef, target: UserId, now_ms: u64) {
         let (online, last_seen_ms) = match self.users.get_mut(&target) {
-            None => (false, 0), // never seen here: offline, no last-seen time
+            Some(state) if !state.privacy().shows_to(subscriber) => {
+                self.counters.watches_hidden += 1;
+                (false, 0)
+            }
+            None => {
+                self.counters.watches_hidden += 1;
+                (false, 0)
+            }
             Some(state) => {
                 if !state.subscribers().contains(&subscriber) {
                     if state.subscribers().len() >= self.limits.subscribers_max {
                         let refusal = ShardMessage::Rejected {
                             sender: subscriber,
-                            seq: 0,
+                            conn,
+                            message: None,
                             code: ErrorCode::Limit,
                             reason: "that user has too many watchers",
                         };
@@ -922,7 +1232,18 @@ impl Router {
                 (state.conn().is_some(), state.last_seen_ms)
             }
         };
-        self.presence_to(subscriber, target, online, last_seen_ms);
+        self.presence_to(subscriber, target, online, last_seen_ms, now_ms);
+    }
+
+    /// Unsubscribes `user` from each of `targets` at their home shards.
+    fn unsubscribe_all(&mut self, user: UserId, targets: Vec<UserId>, now_ms: u64) {
+        for target in targets {
+            let unsubscribe = ShardMessage::Unsubscribe {
+                subscriber: user,
+                target,
+            };
+            self.send_home(target, unsubscribe, now_ms);
+        }
     }
 
     fn queue_receipt(
@@ -937,19 +1258,24 @@ impl Router {
             self.counters.receipts_dropped += 1;
             return;
         };
-        // Receipts carry no body; they are bounded by twice the message limit so a flood of
-        // them cannot grow a queue without bound. Past it they are dropped and counted.
-        if state.queue_len() >= 2 * self.limits.queue_messages_max {
-            self.counters.receipts_dropped += 1;
-            return;
-        }
         let item = Queued::Receipt {
             id,
             kind,
             by,
             timestamp_ms,
         };
-        state.queue_mut().push(Entry::of(&item));
+        let entry = Entry::of(&item);
+        if state.has_recent_twin(&entry) {
+            self.counters.receipts_duplicate += 1;
+            return;
+        }
+        // Receipts have their own quota: past it they are dropped and counted, and the
+        // messages waiting for this user are not affected.
+        if state.queued_receipts() >= self.limits.queue_receipts_max {
+            self.counters.receipts_dropped += 1;
+            return;
+        }
+        state.queue_mut().push(entry);
         self.actions.push_back(Action::Keep { user: to, item });
         self.counters.receipts_queued += 1;
         self.push_queued(to);
@@ -979,36 +1305,53 @@ impl Router {
                     stanza: Stanza::of(Kind::Receipt(Receipt {
                         id: entry.id,
                         kind: entry.kind as i32,
-                        by: entry.peer.get(),
+                        by: Some(entry.peer.into()),
                         timestamp_ms: entry.timestamp_ms,
                     })),
                 }
-            } else if let Some(body) = self.fresh.get(&entry.id) {
-                Action::Send {
-                    conn,
-                    stanza: Stanza::deliver(entry.peer, entry.id, entry.timestamp_ms, body.clone()),
-                }
             } else {
-                Action::DeliverKept {
-                    conn,
-                    user,
-                    from: entry.peer,
-                    id: entry.id,
-                    timestamp_ms: entry.timestamp_ms,
+                let proof = read_proof(&self.secrets, user, entry.peer, entry.id);
+                match self.fresh.get(&(user, entry.id)) {
+                    Some(body) => Action::Send {
+                        conn,
+                        stanza: Stanza::deliver(
+                            entry.peer,
+                            entry.id,
+                            entry.timestamp_ms,
+                            body.clone(),
+                            proof,
+                        ),
+                    },
+                    None => Action::DeliverKept {
+                        conn,
+                        user,
+                        from: entry.peer,
+                        id: entry.id,
+                        timestamp_ms: entry.timestamp_ms,
+                        proof,
+                    },
                 }
             };
             self.actions.push_back(action);
         }
     }
 
-    fn presence_to(&mut self, subscriber: UserId, about: UserId, online: bool, last_seen_ms: u64) {
+    /// Tells `subscriber` of `about`'s presence, its last-seen time rounded down to the minute.
+    fn presence_to(
+        &mut self,
+        subscriber: UserId,
+        about: UserId,
+        online: bool,
+        last_seen_ms: u64,
+        now_ms: u64,
+    ) {
         let message = ShardMessage::Presence {
             to: subscriber,
             about,
             online,
-            last_seen_ms,
+            last_seen_ms: last_seen_ms / LAST_SEEN_GRAIN_MS * LAST_SEEN_GRAIN_MS,
         };
-        self.send_home(subscriber, message, last_seen_ms);
+        self.send_home(subscriber, message, now_ms);
     }
 
     /// Hands `message` to `user`'s home shard: handled here if that is this shard.
@@ -1021,33 +1364,76 @@ impl Router {
         }
     }
 
-    fn error_to(&mut self, conn: ConnRef, code: ErrorCode, reason: &str, seq: u32) {
+    fn error_to(
+        &mut self,
+        conn: ConnRef,
+        code: ErrorCode,
+        reason: &str,
+        message: Option<MessageRef>,
+    ) {
         self.actions.push_back(Action::Send {
             conn,
-            stanza: Stanza::error(code, reason, seq),
+            stanza: Stanza::error(code, reason, message),
         });
     }
 
     fn conn_of(&self, user: UserId) -> Option<ConnRef> {
         self.users.get(&user).and_then(User::conn)
     }
+}
 
-    fn take_id(&mut self) -> u64 {
-        let id = self.next_id;
-        let counter_mask = (1u64 << ID_COUNTER_BITS) - 1;
-        let shard_bits = u64::from(self.shard) << ID_COUNTER_BITS;
-        self.next_id = shard_bits | ((id + 1) & counter_mask);
-        id
+/// Presence tells a last-seen time only to the minute: a watcher cannot time another user's
+/// actions to the millisecond.
+pub const LAST_SEEN_GRAIN_MS: u64 = 60_000;
+
+fn read_proof(secrets: &Secrets, reader: UserId, from: UserId, id: u64) -> u64 {
+    let mut hasher = SipHasher24::new_with_key(&secrets.read_proofs);
+    hasher.write(&reader.to_bytes());
+    hasher.write(&from.to_bytes());
+    hasher.write(&id.to_le_bytes());
+    hasher.finish()
+}
+
+/// The recipient a Send names: in full (binding an alias when it gives one) or by an alias
+/// bound earlier on the connection.
+fn resolve_recipient(
+    sending: &mut Sending,
+    send: &Send,
+) -> Result<UserId, (ErrorCode, &'static str)> {
+    let alias = send.alias;
+    if alias > ALIASES_MAX {
+        return Err((ErrorCode::BadAlias, "alias out of range (1..=256)"));
+    }
+    let index = alias as usize;
+    match (&send.to, alias) {
+        (Some(to), _) => {
+            let to = UserRef::user(Some(to))
+                .ok_or((ErrorCode::BadUserId, "recipient id is not a valid user id"))?;
+            if alias > 0 {
+                if sending.aliases.len() < index {
+                    sending.aliases.resize(index, None);
+                }
+                sending.aliases[index - 1] = Some(to);
+            }
+            Ok(to)
+        }
+        (None, 0) => Err((ErrorCode::BadUserId, "Send names no recipient")),
+        (None, _) => sending
+            .aliases
+            .get(index - 1)
+            .copied()
+            .flatten()
+            .ok_or((ErrorCode::BadAlias, "alias not bound on this connection")),
     }
 }
 
 impl User {
-    fn new(key: &[u8; KEY_BYTES]) -> Self {
+    fn new() -> Self {
         Self {
-            key_fingerprint: key_fingerprint(key),
             conn: NO_CONN,
             last_seen_ms: 0,
             extra: None,
+            bound: false,
         }
     }
 
@@ -1062,6 +1448,41 @@ impl User {
         old
     }
 
+    /// The connection's declarations and watches end; returns whom it watched, to unsubscribe.
+    fn end_session(&mut self) -> Vec<UserId> {
+        let Some(extra) = self.extra.as_mut() else {
+            return Vec::new();
+        };
+        extra.sending = Sending::default();
+        std::mem::take(&mut extra.watch.subscriptions)
+    }
+
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Who may see this user's presence.
+    fn privacy(&self) -> &Privacy {
+        static EVERYONE: Privacy = Privacy {
+            visibility: Visibility::Everyone,
+            contacts: Vec::new(),
+        };
+        self.extra
+            .as_ref()
+            .and_then(|extra| extra.privacy.as_deref())
+            .unwrap_or(&EVERYONE)
+    }
+
+    fn set_privacy(&mut self, privacy: Privacy) {
+        if privacy.is_default() {
+            if let Some(extra) = self.extra.as_mut() {
+                extra.privacy = None;
+            }
+        } else {
+            self.extra_mut().privacy = Some(Box::new(privacy));
+        }
+    }
+
     fn queue(&self) -> Option<&Queue> {
         self.extra.as_ref().map(|extra| &extra.queue)
     }
@@ -1070,12 +1491,37 @@ impl User {
         self.queue().map_or(0, |queue| queue.items.len())
     }
 
+    fn queued_receipts(&self) -> usize {
+        self.queue().map_or(0, |queue| queue.receipts)
+    }
+
     fn queued_bytes(&self) -> usize {
         self.queue().map_or(0, |queue| queue.queued_bytes)
     }
 
+    /// The queued message `id` from `from`, if there is one.
+    fn queued_message(&self, id: u64, from: UserId) -> Option<Entry> {
+        self.queue()?
+            .items
+            .iter()
+            .find(|entry| entry.is_message() && entry.id == id && entry.peer == from)
+            .copied()
+    }
+
+    /// Is the same receipt among the latest queued items?
+    fn has_recent_twin(&self, receipt: &Entry) -> bool {
+        self.queue().is_some_and(|queue| {
+            queue
+                .items
+                .iter()
+                .rev()
+                .take(RECEIPT_TWIN_SCAN_MAX)
+                .any(|entry| entry.acked_by(receipt.id, receipt.kind) && entry.peer == receipt.peer)
+        })
+    }
+
     fn queue_mut(&mut self) -> &mut Queue {
-        &mut self.extra.get_or_insert_with(Box::default).queue
+        &mut self.extra_mut().queue
     }
 
     /// A new connection: nothing is pushed to it yet.
@@ -1099,12 +1545,12 @@ impl User {
     }
 
     fn watch_mut(&mut self) -> &mut Watch {
-        &mut self.extra.get_or_insert_with(Box::default).watch
+        &mut self.extra_mut().watch
     }
 
-    /// True once, when the queue and the presence lists have all become empty: the caller
-    /// lists the user for [`Router::release_empty`]. Freeing at once would allocate the box
-    /// again with the user's next message.
+    /// True once, when the queue, the presence lists and the sending state have all become
+    /// empty: the caller lists the user for [`Router::release_empty`]. Freeing at once would
+    /// allocate the box again with the user's next message.
     fn newly_empty(&mut self) -> bool {
         match self.extra.as_mut() {
             Some(extra) if !extra.listed && extra.is_empty() => {
@@ -1139,12 +1585,17 @@ impl Extra {
         self.queue.items.is_empty()
             && self.watch.subscribers.is_empty()
             && self.watch.subscriptions.is_empty()
+            && self.sending.is_empty()
+            && self.privacy.is_none()
     }
 }
 
 impl Queue {
     fn push(&mut self, entry: Entry) {
         self.queued_bytes += entry.body_bytes();
+        if !entry.is_message() {
+            self.receipts += 1;
+        }
         self.items.push_back(entry);
     }
 }

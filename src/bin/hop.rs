@@ -1,9 +1,670 @@
-//! hop: the command-line client. See `hop --help` and README.md.
+//! hop: the command-line client of the hop messaging gateway. See `hop --help` and README.md.
+//!
+//! Every event is one JSON object per line on stdout; errors go to stderr as `hop: ...` with
+//! exit status 1 (2 for bad arguments). User ids are 32 hex digits, message ids 16.
 
 #[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> std::process::ExitCode {
-    hop_protocol::cli::main()
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hop_protocol::client::{body_text, Client, ClientError, ServerTrust};
+use hop_protocol::keys::{parse_hex_key, StaticKey};
+use hop_protocol::outbox::Outbox;
+use hop_protocol::wire::{
+    ErrorCode, GoAwayReason, Kind, MessageRef, Receipt, ReceiptKind, Stanza, UserRef, Visibility,
+    CONTACTS_MAX,
+};
+use hop_protocol::UserId;
+use serde_json::json;
+
+/// hop: the command-line client of the hop messaging gateway.
+#[derive(Debug, Parser)]
+#[command(name = "hop", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate a key (mode 0600) and print its user id.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the user id of a key.
+    Id {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Send one message and wait for its ticks. A lost connection is retried, and the message
+    /// sent again under the same id, until it is acked or the timeout passes.
+    Send(SendArgs),
+    /// Print incoming messages, receipts and presence; ack every message.
+    Listen(ListenArgs),
+    /// Watch a user's presence.
+    Presence(PresenceArgs),
+    /// Set who may see your presence (online, last seen). Who hides it from someone does not
+    /// see their last-seen time either.
+    Privacy(PrivacyArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Shown {
+    /// Anyone may watch (the default).
+    Everyone,
+    /// Only the users named with --contact.
+    Contacts,
+    /// No one.
+    Nobody,
+}
+
+#[derive(Debug, Args)]
+struct PrivacyArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Who may see your presence.
+    #[arg(value_enum)]
+    shown_to: Shown,
+    /// A contact (32 hex digits), with `contacts`; repeat it, at most 1,024. The list replaces
+    /// the one set before.
+    #[arg(long = "contact", value_name = "ID")]
+    contacts: Vec<UserId>,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// Server address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7788")]
+    server: String,
+    /// Your key file (from `hop keygen`).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The server's public key in hex (printed by hopd at start). Without it, the key is
+    /// checked against the known-servers file, and recorded there on first use.
+    #[arg(long, value_name = "HEX")]
+    server_key: Option<String>,
+    /// Known-servers file [default: $HOME/.config/hop/known_servers].
+    #[arg(long, value_name = "FILE")]
+    known_servers: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Tick {
+    /// One tick: the server took the message.
+    Sent,
+    /// Two ticks: the recipient's device received it.
+    Delivered,
+    /// Blue ticks: the recipient read it.
+    Read,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Recipient user id (32 hex digits).
+    #[arg(long, value_name = "ID")]
+    to: UserId,
+    /// Exit once this tick arrives.
+    #[arg(long, value_enum, default_value = "sent")]
+    wait: Tick,
+    /// Give up after this many seconds, retries included.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    timeout: f64,
+    /// The message text.
+    text: String,
+}
+
+#[derive(Debug, Args)]
+struct ListenArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Exit after this many messages [default: run until stopped].
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Also send a read receipt for every message.
+    #[arg(long)]
+    read: bool,
+    /// Give up (exit 1) after this many seconds [default: no limit].
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+struct PresenceArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The user to watch (32 hex digits).
+    #[arg(long, value_name = "ID")]
+    watch: UserId,
+    /// Exit after this many presence events [default: run until stopped].
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Give up (exit 1) after this many seconds [default: no limit].
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+}
+
+/// How long one connection and handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest single wait when no deadline is set.
+const WAIT_SLICE: Duration = Duration::from_secs(3600);
+/// `hop send`'s first wait before it connects again; doubled per failure up to the maximum.
+const RETRY_DELAY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("hop: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Keygen { out } => {
+            let key = StaticKey::generate().map_err(|e| e.to_string())?;
+            key.save_new(&out).map_err(|e| e.to_string())?;
+            println!("{}", key.user_id());
+            Ok(())
+        }
+        Command::Id { key } => {
+            let key = StaticKey::load(&key).map_err(|e| e.to_string())?;
+            println!("{}", key.user_id());
+            Ok(())
+        }
+        Command::Send(args) => send(args),
+        Command::Listen(args) => listen(args),
+        Command::Presence(args) => presence(args),
+        Command::Privacy(args) => privacy(args),
+    }
+}
+
+/// What `connect` needs, loaded once.
+struct Endpoint {
+    server: String,
+    key: StaticKey,
+    trust: ServerTrust,
+}
+
+impl Endpoint {
+    fn load(args: &ConnectArgs) -> Result<Self, String> {
+        let key = StaticKey::load(&args.key).map_err(|e| e.to_string())?;
+        let trust = match (&args.server_key, &args.known_servers) {
+            (Some(hex), _) => ServerTrust::Pinned(
+                parse_hex_key(hex.trim())
+                    .ok_or("--server-key must be 64 hex digits (the key hopd prints at start)")?,
+            ),
+            (None, Some(path)) => ServerTrust::KnownServers(path.clone()),
+            (None, None) => {
+                let home = std::env::var_os("HOME")
+                    .ok_or("HOME is not set: pass --server-key or --known-servers")?;
+                ServerTrust::KnownServers(PathBuf::from(home).join(".config/hop/known_servers"))
+            }
+        };
+        Ok(Self {
+            server: args.server.clone(),
+            key,
+            trust,
+        })
+    }
+
+    fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.server, &self.key, &self.trust, CONNECT_TIMEOUT)
+    }
+}
+
+fn connect(args: &ConnectArgs) -> Result<Client, String> {
+    Endpoint::load(args)?.connect().map_err(|e| e.to_string())
+}
+
+fn emit(value: serde_json::Value) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{value}");
+    let _ = stdout.flush();
+}
+
+fn deadline_after(seconds: Option<f64>) -> Result<Option<Instant>, String> {
+    match seconds {
+        None => Ok(None),
+        Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
+            Ok(Some(Instant::now() + Duration::from_secs_f64(seconds)))
+        }
+        Some(seconds) => Err(format!(
+            "--timeout must be a positive number of seconds, not {seconds}"
+        )),
+    }
+}
+
+/// A server message id as text: 16 hex digits.
+fn message_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn user_text(user: Option<&UserRef>) -> String {
+    UserRef::user(user).map_or_else(|| "invalid".to_string(), |user| user.to_string())
+}
+
+/// Waits for the next stanza until `deadline`; `Ok(None)` when it passed.
+fn next(client: &mut Client, deadline: Option<Instant>) -> Result<Option<Stanza>, ClientError> {
+    loop {
+        let wait = match deadline {
+            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left,
+                _ => return Ok(None),
+            },
+            None => WAIT_SLICE,
+        };
+        match client.recv(wait)? {
+            Some(stanza) => return Ok(Some(stanza)),
+            None if deadline.is_none() => continue,
+            None => return Ok(None),
+        }
+    }
+}
+
+fn described(error: ClientError) -> String {
+    match error {
+        ClientError::Closed => "the server closed the connection".into(),
+        error => error.to_string(),
+    }
+}
+
+fn code_name(code: i32) -> String {
+    ErrorCode::try_from(code).map_or_else(
+        |_| format!("code {code}"),
+        |code| code.as_str_name().to_string(),
+    )
+}
+
+fn go_away_message(reason: i32, text: &str) -> String {
+    let reason = GoAwayReason::try_from(reason)
+        .map_or_else(|_| format!("{reason}"), |r| r.as_str_name().to_string());
+    format!("the server closed the connection ({reason}: {text})")
+}
+
+/// Prints a receipt as a JSON line and acks it, so the server forgets it; returns its kind.
+fn show_and_ack(client: &mut Client, receipt: &Receipt) -> Result<ReceiptKind, ClientError> {
+    emit(json!({
+        "event": receipt_event(receipt.kind),
+        "id": message_id(receipt.id),
+        "by": user_text(receipt.by.as_ref()),
+        "timestamp_ms": receipt.timestamp_ms,
+    }));
+    let kind = ReceiptKind::try_from(receipt.kind).unwrap_or(ReceiptKind::Unspecified);
+    client.ack(receipt.id, kind)?;
+    Ok(kind)
+}
+
+fn receipt_event(kind: i32) -> &'static str {
+    match ReceiptKind::try_from(kind) {
+        Ok(ReceiptKind::Read) => "read",
+        Ok(ReceiptKind::Delivered) => "delivered",
+        _ => "receipt",
+    }
+}
+
+/// Errors worth a new connection: the connection went, or the server asked the client to
+/// come back. Key mismatches, bad files and protocol version errors are final.
+fn retryable(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed
+    )
+}
+
+fn go_away_retryable(reason: i32) -> bool {
+    matches!(
+        GoAwayReason::try_from(reason),
+        Ok(GoAwayReason::Shutdown
+            | GoAwayReason::Replaced
+            | GoAwayReason::Idle
+            | GoAwayReason::Full)
+    )
+}
+
+/// `hop send`'s progress, across connections.
+struct Sending {
+    to: UserId,
+    wait: Tick,
+    /// The message's client id, once it was first sent.
+    message: Option<MessageRef>,
+    /// The server id, once the ServerAck came.
+    id: Option<u64>,
+    reached: Option<Tick>,
+}
+
+/// How one connection of `hop send` ended.
+enum Ended {
+    Done,
+    /// The connection went or the server sent the client away: connect again.
+    Retry(String),
+}
+
+fn send(args: SendArgs) -> Result<(), String> {
+    let deadline = deadline_after(Some(args.timeout))?.unwrap_or_else(Instant::now);
+    let endpoint = Endpoint::load(&args.connect)?;
+    let body = args.text.as_bytes();
+    let mut sending = Sending {
+        to: args.to,
+        wait: args.wait,
+        message: None,
+        id: None,
+        reached: None,
+    };
+    let mut outbox: Option<Outbox> = None;
+    let mut delay = RETRY_DELAY_FIRST;
+    let mut told = false;
+    loop {
+        let why = match endpoint.connect() {
+            Ok(mut client) => {
+                if let Some(kept) = outbox.take() {
+                    client.set_outbox(kept);
+                }
+                let ended = send_on(&mut client, &mut sending, body, deadline)?;
+                match ended {
+                    Ended::Done => {
+                        client.close();
+                        return Ok(());
+                    }
+                    Ended::Retry(why) => {
+                        outbox = Some(client.into_outbox());
+                        why
+                    }
+                }
+            }
+            Err(error) if retryable(&error) => described(error),
+            Err(error) => return Err(described(error)),
+        };
+        if Instant::now() + delay >= deadline {
+            return Err(format!(
+                "timed out after {} s waiting for {} (last: {why})",
+                args.timeout,
+                sending.awaited()
+            ));
+        }
+        if !told {
+            eprintln!("hop: {why}; connecting again");
+            told = true;
+        }
+        std::thread::sleep(jittered(delay, sending.message));
+        delay = (delay * 2).min(RETRY_DELAY_MAX);
+    }
+}
+
+impl Sending {
+    fn awaited(&self) -> &'static str {
+        match (self.id, self.reached) {
+            (None, _) => "the server's ack",
+            (Some(_), reached) if reached.is_none_or(|tick| tick < Tick::Delivered) => {
+                "the delivered receipt"
+            }
+            _ => "the read receipt",
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.reached.is_some_and(|tick| tick >= self.wait)
+    }
+}
+
+/// Sends (or sends again) the message on one connection and waits there for its ticks.
+fn send_on(
+    client: &mut Client,
+    sending: &mut Sending,
+    body: &[u8],
+    deadline: Instant,
+) -> Result<Ended, String> {
+    if sending.id.is_none() {
+        let sent = match sending.message {
+            None => client.send_message(sending.to, body),
+            Some(message) => client.resend_message(sending.to, message.seq, body),
+        };
+        match sent {
+            Ok(message) => sending.message = Some(message),
+            Err(error) if retryable(&error) => return Ok(Ended::Retry(described(error))),
+            Err(error) => return Err(described(error)),
+        }
+    }
+    let message = sending.message.expect("sent above or before");
+    while !sending.done() {
+        let stanza = match next(client, Some(deadline)) {
+            Ok(Some(stanza)) => stanza,
+            Ok(None) => return Err(format!("timed out waiting for {}", sending.awaited())),
+            Err(error) if retryable(&error) => return Ok(Ended::Retry(described(error))),
+            Err(error) => return Err(described(error)),
+        };
+        match stanza.kind {
+            Some(Kind::ServerAck(ack))
+                if ack.outbox == message.outbox && ack.seq == message.seq =>
+            {
+                sending.id = Some(ack.id);
+                sending.reached = sending.reached.max(Some(Tick::Sent));
+                emit(json!({
+                    "event": "sent",
+                    "to": sending.to.to_string(),
+                    "id": message_id(ack.id),
+                    "outbox": message_id(message.outbox),
+                    "seq": message.seq,
+                    "timestamp_ms": ack.timestamp_ms,
+                }));
+            }
+            Some(Kind::Error(error))
+                if (error.outbox == message.outbox && error.seq == message.seq)
+                    || error.seq == 0 =>
+            {
+                emit(json!({
+                    "event": "error",
+                    "code": code_name(error.code),
+                    "reason": error.reason,
+                    "outbox": message_id(error.outbox),
+                    "seq": error.seq,
+                }));
+                if error.code == ErrorCode::Overloaded as i32 {
+                    return Ok(Ended::Retry(format!("server overloaded: {}", error.reason)));
+                }
+                return Err(format!(
+                    "message not sent: {} ({})",
+                    error.reason,
+                    code_name(error.code)
+                ));
+            }
+            Some(Kind::Receipt(receipt)) => {
+                // Receipts are for this user: show them all and ack them, so none is left
+                // queued on the server. Only ours decide when to stop.
+                let kind = match show_and_ack(client, &receipt) {
+                    Ok(kind) => kind,
+                    Err(error) => return Ok(Ended::Retry(described(error))),
+                };
+                if Some(receipt.id) == sending.id {
+                    let tick = if kind == ReceiptKind::Read {
+                        Tick::Read
+                    } else {
+                        Tick::Delivered
+                    };
+                    sending.reached = sending.reached.max(Some(tick));
+                }
+            }
+            Some(Kind::GoAway(go_away)) if go_away_retryable(go_away.reason) => {
+                return Ok(Ended::Retry(go_away_message(go_away.reason, &go_away.text)))
+            }
+            Some(Kind::GoAway(go_away)) => {
+                return Err(go_away_message(go_away.reason, &go_away.text))
+            }
+            // Incoming messages stay queued for `hop listen`.
+            _ => {}
+        }
+    }
+    Ok(Ended::Done)
+}
+
+/// `delay` give or take a quarter, varied by the message id so that clients that failed
+/// together do not all come back in the same instant.
+fn jittered(delay: Duration, message: Option<MessageRef>) -> Duration {
+    let seed =
+        message.map_or(0, |m| m.outbox ^ m.seq.rotate_left(17)) ^ u64::from(std::process::id());
+    let spread = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32; // 0..1024
+    delay * 3 / 4 + delay / 2 * spread / 1024
+}
+
+fn listen(args: ListenArgs) -> Result<(), String> {
+    let deadline = deadline_after(args.timeout)?;
+    let mut client = connect(&args.connect)?;
+    let mut messages = 0u64;
+    while args.count.is_none_or(|count| messages < count) {
+        let Some(stanza) = next(&mut client, deadline).map_err(described)? else {
+            return Err(format!(
+                "timed out after {} s with {messages} message(s)",
+                args.timeout.unwrap_or_default()
+            ));
+        };
+        match stanza.kind {
+            Some(Kind::Deliver(deliver)) => {
+                emit(json!({
+                    "event": "message",
+                    "from": user_text(deliver.from.as_ref()),
+                    "id": message_id(deliver.id),
+                    "timestamp_ms": deliver.timestamp_ms,
+                    "text": body_text(&deliver.body),
+                }));
+                client
+                    .ack(deliver.id, ReceiptKind::Unspecified)
+                    .map_err(described)?;
+                if args.read {
+                    if let Some(from) = UserRef::user(deliver.from.as_ref()) {
+                        client
+                            .read(from, deliver.id, deliver.proof)
+                            .map_err(described)?;
+                    }
+                }
+                messages += 1;
+            }
+            Some(Kind::Receipt(receipt)) => {
+                show_and_ack(&mut client, &receipt).map_err(described)?;
+            }
+            Some(Kind::Presence(presence)) => {
+                emit(json!({
+                    "event": "presence",
+                    "user": user_text(presence.user.as_ref()),
+                    "online": presence.online,
+                    "last_seen_ms": presence.last_seen_ms,
+                }));
+            }
+            Some(Kind::Error(error)) => {
+                emit(json!({
+                    "event": "error",
+                    "code": code_name(error.code),
+                    "reason": error.reason,
+                    "seq": error.seq,
+                }));
+            }
+            Some(Kind::GoAway(go_away)) => {
+                return Err(go_away_message(go_away.reason, &go_away.text))
+            }
+            _ => {}
+        }
+    }
+    client.close();
+    Ok(())
+}
+
+fn privacy(args: PrivacyArgs) -> Result<(), String> {
+    let visibility = match args.shown_to {
+        Shown::Everyone => Visibility::Everyone,
+        Shown::Contacts => Visibility::Contacts,
+        Shown::Nobody => Visibility::Nobody,
+    };
+    if args.contacts.len() > CONTACTS_MAX {
+        return Err(format!("at most {CONTACTS_MAX} contacts"));
+    }
+    let mut client = connect(&args.connect)?;
+    client
+        .set_presence_privacy(visibility, &args.contacts)
+        .map_err(described)?;
+    // The Pong comes after the settings were taken; an Error before it names what was wrong.
+    client
+        .send(&Stanza::of(Kind::Ping(hop_protocol::wire::Ping {
+            nonce: 1,
+        })))
+        .map_err(described)?;
+    loop {
+        let Some(stanza) =
+            next(&mut client, Some(Instant::now() + CONNECT_TIMEOUT)).map_err(described)?
+        else {
+            return Err("the server did not answer".into());
+        };
+        match stanza.kind {
+            Some(Kind::Pong(_)) => break,
+            Some(Kind::Error(error)) => {
+                return Err(format!(
+                    "settings refused: {} ({})",
+                    error.reason,
+                    code_name(error.code)
+                ))
+            }
+            Some(Kind::GoAway(go_away)) => {
+                return Err(go_away_message(go_away.reason, &go_away.text))
+            }
+            _ => {}
+        }
+    }
+    emit(
+        json!({"event": "privacy", "shown_to": visibility.as_str_name(), "contacts": args.contacts.len()}),
+    );
+    client.close();
+    Ok(())
+}
+
+fn presence(args: PresenceArgs) -> Result<(), String> {
+    let deadline = deadline_after(args.timeout)?;
+    let mut client = connect(&args.connect)?;
+    client.subscribe(args.watch).map_err(described)?;
+    let mut events = 0u64;
+    while args.count.is_none_or(|count| events < count) {
+        let Some(stanza) = next(&mut client, deadline).map_err(described)? else {
+            return Err(format!(
+                "timed out after {} s with {events} presence event(s)",
+                args.timeout.unwrap_or_default()
+            ));
+        };
+        match stanza.kind {
+            Some(Kind::Presence(presence))
+                if UserRef::user(presence.user.as_ref()) == Some(args.watch) =>
+            {
+                emit(json!({
+                    "event": "presence",
+                    "user": args.watch.to_string(),
+                    "online": presence.online,
+                    "last_seen_ms": presence.last_seen_ms,
+                }));
+                events += 1;
+            }
+            Some(Kind::Error(error)) => {
+                return Err(format!(
+                    "cannot watch {}: {} ({})",
+                    args.watch,
+                    error.reason,
+                    code_name(error.code)
+                ));
+            }
+            Some(Kind::GoAway(go_away)) => {
+                return Err(go_away_message(go_away.reason, &go_away.text))
+            }
+            _ => {}
+        }
+    }
+    client.close();
+    Ok(())
 }

@@ -17,16 +17,14 @@ const BODY: [u8; 100] = [0x5A; 100];
 fn options(durability: Durability) -> Options {
     Options {
         durability,
-        quota: Quota {
-            messages_max: u32::MAX,
-            bytes_max: u64::MAX,
-        },
+        quota: Quota::UNLIMITED,
         ..Options::default()
     }
 }
 
+/// A test id: `raw` in its first half (derived ids are hashes; any valid id will do here).
 fn user(raw: u64) -> UserId {
-    UserId::new(raw).expect("valid id")
+    UserId::from_halves(raw, !raw).expect("valid id")
 }
 
 /// A store in a new temporary folder (removed when the folder handle drops).

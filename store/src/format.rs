@@ -2,12 +2,17 @@
 //!
 //! A segment is a 32-byte header followed by records. Every integer is little-endian. A record
 //! is `crc32c u32 | len u32 | payload[len]`; the checksum covers the four `len` bytes and the
-//! payload, so a flipped bit in the length is caught like one in the body.
+//! payload, so a flipped bit in the length is caught like one in the body. User ids are their
+//! 16 bytes in [`UserId::to_bytes`] order.
 
+use hop_protocol::user::USER_ID_BYTES;
 use hop_protocol::UserId;
 
-/// First eight bytes of every segment file.
-pub const SEGMENT_MAGIC: [u8; 8] = *b"HOPQLOG1";
+/// First eight bytes of every segment file (format v2: 128-bit user ids).
+pub const SEGMENT_MAGIC: [u8; 8] = *b"HOPQLOG2";
+/// First eight bytes of a segment written by hop wire protocol v1 (48-bit user ids, 8 bytes
+/// on disk). Such a folder is refused, never scanned: its records would checksum as v2 ones.
+pub const SEGMENT_MAGIC_V1: [u8; 8] = *b"HOPQLOG1";
 /// Segment header: magic, segment number, shard, shard count, next sequence number, reserved,
 /// CRC32C of the 28 bytes before it.
 pub const SEGMENT_HEADER_BYTES: usize = 32;
@@ -20,12 +25,14 @@ pub const KIND_RECEIPT: u8 = 2;
 pub const KIND_DELIVERED: u8 = 3;
 pub const KIND_EXPIRED: u8 = 4;
 
-/// kind u8 | user u64 | seq u64
-const COMMON_BYTES: usize = 1 + 8 + 8;
-/// common | id u64 | timestamp_ms u64 | from u64, then the body.
-pub const MESSAGE_FIXED_BYTES: usize = COMMON_BYTES + 8 + 8 + 8;
-/// common | id u64 | timestamp_ms u64 | by u64 | receipt kind u8
-pub const RECEIPT_PAYLOAD_BYTES: usize = COMMON_BYTES + 8 + 8 + 8 + 1;
+/// Bytes of a user id in a record.
+pub const USER_BYTES: usize = USER_ID_BYTES;
+/// kind u8 | user 16 | seq u64
+const COMMON_BYTES: usize = 1 + USER_BYTES + 8;
+/// common | id u64 | timestamp_ms u64 | from 16, then the body.
+pub const MESSAGE_FIXED_BYTES: usize = COMMON_BYTES + 8 + 8 + USER_BYTES;
+/// common | id u64 | timestamp_ms u64 | by 16 | receipt kind u8
+pub const RECEIPT_PAYLOAD_BYTES: usize = MESSAGE_FIXED_BYTES + 1;
 /// common only: the record with sequence number `seq` of `user` is gone.
 pub const TOMBSTONE_PAYLOAD_BYTES: usize = COMMON_BYTES;
 /// Largest message body the store keeps, in bytes (a wire body is smaller: 63 KiB).
@@ -36,6 +43,10 @@ pub const PAYLOAD_BYTES_MAX: usize = MESSAGE_FIXED_BYTES + BODY_BYTES_MAX;
 pub const RECORD_BYTES_MAX: usize = RECORD_HEADER_BYTES + PAYLOAD_BYTES_MAX;
 
 const _: () = assert!(TOMBSTONE_PAYLOAD_BYTES < MESSAGE_FIXED_BYTES);
+// The byte counts store/DESIGN.md gives.
+const _: () = assert!(TOMBSTONE_PAYLOAD_BYTES == 25);
+const _: () = assert!(MESSAGE_FIXED_BYTES == 57);
+const _: () = assert!(RECEIPT_PAYLOAD_BYTES == 58);
 const _: () = assert!(RECEIPT_PAYLOAD_BYTES <= PAYLOAD_BYTES_MAX);
 const _: () = assert!(hop_protocol::wire::BODY_BYTES_MAX <= BODY_BYTES_MAX);
 
@@ -75,6 +86,13 @@ impl SegmentHeader {
             next_seq: le_u64(bytes, 16),
         })
     }
+}
+
+/// Whether `bytes` start like a segment of format v1 (hop wire protocol v1). The magic alone
+/// decides: a v2 header damaged into exactly this magic is not a case worth serving around,
+/// and refusing is the safe side (nothing is read or changed).
+pub fn is_v1_segment(bytes: &[u8]) -> bool {
+    bytes.get(..SEGMENT_MAGIC_V1.len()) == Some(&SEGMENT_MAGIC_V1[..])
 }
 
 /// One decoded record, borrowing its body from the segment bytes.
@@ -117,7 +135,7 @@ pub fn encode_message(
     let start = begin(out, KIND_MESSAGE, user, seq);
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
-    out.extend_from_slice(&from.get().to_le_bytes());
+    out.extend_from_slice(&from.to_bytes());
     out.extend_from_slice(body);
     finish(out, start);
 }
@@ -134,7 +152,7 @@ pub fn encode_receipt(
     let start = begin(out, KIND_RECEIPT, user, seq);
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
-    out.extend_from_slice(&by.get().to_le_bytes());
+    out.extend_from_slice(&by.to_bytes());
     out.push(kind);
     finish(out, start);
 }
@@ -153,8 +171,8 @@ pub fn encode_tombstone(out: &mut Vec<u8>, user: UserId, seq: u64, expired: bool
     let mut record = [0u8; TOMBSTONE_RECORD_BYTES];
     record[4..8].copy_from_slice(&(TOMBSTONE_PAYLOAD_BYTES as u32).to_le_bytes());
     record[8] = kind;
-    record[9..17].copy_from_slice(&user.get().to_le_bytes());
-    record[17..25].copy_from_slice(&seq.to_le_bytes());
+    record[USER_AT..SEQ_AT].copy_from_slice(&user.to_bytes());
+    record[SEQ_AT..SEQ_AT + 8].copy_from_slice(&seq.to_le_bytes());
     let checksum = crc32c::crc32c(&record[4..]);
     record[..4].copy_from_slice(&checksum.to_le_bytes());
     out.extend_from_slice(&record);
@@ -185,24 +203,24 @@ pub fn decode(bytes: &[u8]) -> Option<(Payload<'_>, usize)> {
     if crc32c::crc32c(&record[4..]) != le_u32(record, 0) {
         return None;
     }
-    let user = UserId::new(le_u64(payload, 1))?;
-    let seq = le_u64(payload, 9);
+    let user = user_at(payload, PAYLOAD_USER_AT)?;
+    let seq = le_u64(payload, PAYLOAD_SEQ_AT);
     let decoded = match payload[0] {
         KIND_MESSAGE if len >= MESSAGE_FIXED_BYTES => Payload::Message {
             user,
             seq,
-            id: le_u64(payload, 17),
-            timestamp_ms: le_u64(payload, 25),
-            from: UserId::new(le_u64(payload, 33))?,
+            id: le_u64(payload, PAYLOAD_ID_AT),
+            timestamp_ms: le_u64(payload, PAYLOAD_TIMESTAMP_AT),
+            from: user_at(payload, PAYLOAD_PEER_AT)?,
             body: &payload[MESSAGE_FIXED_BYTES..],
         },
         KIND_RECEIPT if len == RECEIPT_PAYLOAD_BYTES => Payload::Receipt {
             user,
             seq,
-            id: le_u64(payload, 17),
-            timestamp_ms: le_u64(payload, 25),
-            by: UserId::new(le_u64(payload, 33))?,
-            kind: payload[41],
+            id: le_u64(payload, PAYLOAD_ID_AT),
+            timestamp_ms: le_u64(payload, PAYLOAD_TIMESTAMP_AT),
+            by: user_at(payload, PAYLOAD_PEER_AT)?,
+            kind: payload[MESSAGE_FIXED_BYTES],
         },
         KIND_DELIVERED | KIND_EXPIRED if len == TOMBSTONE_PAYLOAD_BYTES => Payload::Tombstone {
             user,
@@ -279,9 +297,30 @@ fn begin(out: &mut Vec<u8>, kind: u8, user: UserId, seq: u64) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
     out.push(kind);
-    out.extend_from_slice(&user.get().to_le_bytes());
+    out.extend_from_slice(&user.to_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     start
+}
+
+/// Where the fields sit in a payload (store/DESIGN.md, Record).
+const PAYLOAD_USER_AT: usize = 1;
+const PAYLOAD_SEQ_AT: usize = PAYLOAD_USER_AT + USER_BYTES;
+const PAYLOAD_ID_AT: usize = PAYLOAD_SEQ_AT + 8;
+const PAYLOAD_TIMESTAMP_AT: usize = PAYLOAD_ID_AT + 8;
+/// `from` of a message, `by` of a receipt.
+const PAYLOAD_PEER_AT: usize = PAYLOAD_TIMESTAMP_AT + 8;
+/// The same offsets in a whole record (behind the 8-byte record header).
+const USER_AT: usize = RECORD_HEADER_BYTES + PAYLOAD_USER_AT;
+const SEQ_AT: usize = RECORD_HEADER_BYTES + PAYLOAD_SEQ_AT;
+
+const _: () = assert!(PAYLOAD_SEQ_AT + 8 == COMMON_BYTES);
+const _: () = assert!(PAYLOAD_PEER_AT + USER_BYTES == MESSAGE_FIXED_BYTES);
+
+/// The user id at `at`; `None` for an invalid id (damage).
+fn user_at(payload: &[u8], at: usize) -> Option<UserId> {
+    let mut bytes = [0u8; USER_BYTES];
+    bytes.copy_from_slice(&payload[at..at + USER_BYTES]);
+    UserId::from_bytes(&bytes)
 }
 
 fn finish(out: &mut [u8], start: usize) {
@@ -297,7 +336,7 @@ mod tests {
     use super::*;
 
     fn user(raw: u64) -> UserId {
-        UserId::new(raw).expect("valid id")
+        UserId::from_halves(raw, !raw).expect("valid id")
     }
 
     #[test]
@@ -309,33 +348,111 @@ mod tests {
         encode_tombstone(&mut bytes, user(8), 2, true);
         assert_eq!(
             bytes.len(),
-            message_record_bytes(5) + 8 + RECEIPT_PAYLOAD_BYTES + 2 * (8 + 17)
+            message_record_bytes(5) + 8 + RECEIPT_PAYLOAD_BYTES + 2 * (8 + 25)
         );
         let mut seen = Vec::new();
+        // Payloads borrow the scanned bytes for one call only: compare their Debug text.
         let outcome = scan(&bytes, 0, |_, payload, _| seen.push(format!("{payload:?}")));
         assert_eq!(outcome.valid_end, bytes.len());
         assert_eq!((outcome.corrupt_records, outcome.torn_bytes), (0, 0));
-        assert_eq!(seen.len(), 4);
-        assert!(seen[0].contains("body: [104, 101, 108, 108, 111]"));
-        assert!(seen[3].contains("expired: true"));
+        let expected = [
+            Payload::Message {
+                user: user(7),
+                seq: 1,
+                id: 99,
+                timestamp_ms: 1_000,
+                from: user(8),
+                body: b"hello",
+            },
+            Payload::Receipt {
+                user: user(8),
+                seq: 2,
+                id: 99,
+                timestamp_ms: 1_001,
+                by: user(7),
+                kind: 2,
+            },
+            Payload::Tombstone {
+                user: user(7),
+                seq: 1,
+                expired: false,
+            },
+            Payload::Tombstone {
+                user: user(8),
+                seq: 2,
+                expired: true,
+            },
+        ];
+        let expected: Vec<String> = expected.iter().map(|p| format!("{p:?}")).collect();
+        assert_eq!(seen, expected);
+    }
+
+    /// The 16 bytes of the id 0x0102..0f10, in `to_bytes` order.
+    const USER_BYTES_IN_ORDER: [u8; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+
+    fn documented_user() -> UserId {
+        UserId::from_bytes(&USER_BYTES_IN_ORDER).expect("valid id")
+    }
+
+    fn with_checksum(mut record: Vec<u8>) -> Vec<u8> {
+        let checksum = crc32c::crc32c(&record[4..]);
+        record[..4].copy_from_slice(&checksum.to_le_bytes());
+        record
     }
 
     #[test]
     fn a_tombstone_has_the_documented_bytes() {
         let mut bytes = Vec::new();
-        encode_tombstone(
-            &mut bytes,
-            user(0x0102_0304_0506),
-            0x1122_3344_5566_7788,
-            true,
-        );
-        let mut expected = vec![0, 0, 0, 0, 17, 0, 0, 0, KIND_EXPIRED];
-        expected.extend_from_slice(&[6, 5, 4, 3, 2, 1, 0, 0]);
+        encode_tombstone(&mut bytes, documented_user(), 0x1122_3344_5566_7788, true);
+        let mut expected = vec![0, 0, 0, 0, 25, 0, 0, 0, KIND_EXPIRED];
+        expected.extend_from_slice(&USER_BYTES_IN_ORDER);
         expected.extend_from_slice(&[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
-        let checksum = crc32c::crc32c(&expected[4..]);
-        expected[..4].copy_from_slice(&checksum.to_le_bytes());
-        assert_eq!(bytes, expected);
+        assert_eq!(bytes, with_checksum(expected));
         assert_eq!(bytes.len(), TOMBSTONE_RECORD_BYTES);
+        assert_eq!(TOMBSTONE_RECORD_BYTES, 33);
+    }
+
+    #[test]
+    fn a_message_and_a_receipt_have_the_documented_bytes() {
+        let peer = UserId::from_halves(0xA1, 0xB2).expect("valid id");
+        let mut peer_bytes = [0u8; 16];
+        peer_bytes[7] = 0xA1;
+        peer_bytes[15] = 0xB2;
+        let fixed = |kind: u8, len: u8| {
+            let mut record = vec![0, 0, 0, 0, len, 0, 0, 0, kind];
+            record.extend_from_slice(&USER_BYTES_IN_ORDER);
+            record.extend_from_slice(&5u64.to_le_bytes()); // seq
+            record.extend_from_slice(&6u64.to_le_bytes()); // id
+            record.extend_from_slice(&7u64.to_le_bytes()); // timestamp_ms
+            record.extend_from_slice(&peer_bytes); // from / by
+            record
+        };
+        let mut bytes = Vec::new();
+        encode_message(&mut bytes, documented_user(), 5, 6, 7, peer, b"hi");
+        let mut expected = fixed(KIND_MESSAGE, 57 + 2);
+        expected.extend_from_slice(b"hi");
+        assert_eq!(bytes, with_checksum(expected));
+        assert_eq!(message_record_bytes(100), 165, "the figure DESIGN.md gives");
+
+        bytes.clear();
+        encode_receipt(&mut bytes, documented_user(), 5, 6, 7, peer, 3);
+        let mut expected = fixed(KIND_RECEIPT, 58);
+        expected.push(3);
+        assert_eq!(bytes, with_checksum(expected));
+    }
+
+    #[test]
+    fn an_invalid_user_id_makes_a_record_corrupt() {
+        let mut bytes = Vec::new();
+        encode_tombstone(&mut bytes, user(7), 1, false);
+        // Zero the id's first eight bytes and checksum the record again: only the id is wrong.
+        bytes[9..17].fill(0);
+        let bytes = with_checksum(bytes);
+        assert_eq!(decode(&bytes), None);
+        let mut message = Vec::new();
+        encode_message(&mut message, user(7), 1, 1, 1, user(8), b"x");
+        message[8 + 41..8 + 49].fill(0); // `from`
+        assert_eq!(decode(&with_checksum(message)), None);
     }
 
     #[test]
@@ -368,6 +485,24 @@ mod tests {
         assert_eq!(SegmentHeader::decode(&bytes), Some(header));
         bytes[20] ^= 0x10;
         assert_eq!(SegmentHeader::decode(&bytes), None);
+    }
+
+    #[test]
+    fn a_v1_segment_header_is_recognised_and_not_decoded() {
+        let mut bytes = SegmentHeader {
+            segment: 1,
+            shard: 0,
+            shards: 1,
+            next_seq: 1,
+        }
+        .encode();
+        assert!(!is_v1_segment(&bytes));
+        bytes[..8].copy_from_slice(&SEGMENT_MAGIC_V1);
+        let checksum = crc32c::crc32c(&bytes[..28]);
+        bytes[28..].copy_from_slice(&checksum.to_le_bytes());
+        assert!(is_v1_segment(&bytes));
+        assert_eq!(SegmentHeader::decode(&bytes), None);
+        assert!(!is_v1_segment(b"HOPQ"), "too short to tell");
     }
 
     #[test]

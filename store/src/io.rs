@@ -1,8 +1,9 @@
 //! The storage seam: every byte the store reads or writes goes through [`Io`] and [`IoFile`].
 //!
-//! [`FsIo`] is the real file system. [`FaultyIo`] wraps it and fails writes, fsyncs or reads on
-//! purpose (disk full, EIO), so tests can check that nothing already durable is lost and that
-//! the failing batch is reported.
+//! [`FsIo`] is the real file system. [`FaultyIo`] wraps it and fails writes (all, the next one,
+//! or those past a byte budget, which then land in part), fsyncs (all or the next one), reads,
+//! truncates or the next rename on purpose (disk full, EIO), so tests can check that nothing
+//! already durable is lost and that the failing batch is reported.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -28,6 +29,19 @@ pub trait Io {
     /// Makes the directory's entries (created, renamed, removed files) durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
+}
+
+/// Appends `bytes` to a log file whose known-good bytes end at `end`, and syncs them. On a
+/// failed write or sync the file is truncated back to `end` (best effort: whatever part landed
+/// is not known to be durable) and the error returned; the caller keeps `end`, so its next try
+/// writes at the same place, over any torn bytes, never after them.
+pub fn append_durably<F: IoFile>(file: &mut F, bytes: &[u8], end: u64) -> io::Result<()> {
+    let written = file.write_all_at(bytes, end).and_then(|()| file.sync());
+    if let Err(error) = written {
+        let _ = file.truncate(end);
+        return Err(error);
+    }
+    Ok(())
 }
 
 /// An open file. Writes are positioned: the store always knows where its bytes go, so a
@@ -130,6 +144,15 @@ pub struct Faults {
     /// When non-negative: bytes that may still be written before writes fail with ENOSPC; a
     /// write that crosses the limit writes the part that fits, as a full disk does.
     pub write_bytes_left: AtomicI64,
+    /// The next write fails with ENOSPC, writing nothing; later ones work (a passing error).
+    pub fail_next_write: AtomicBool,
+    /// The next fsync (file or directory) fails with EIO; later ones work.
+    pub fail_next_sync: AtomicBool,
+    /// Every truncate fails with EIO (the cleanup after a failed write fails too).
+    pub fail_truncates: AtomicBool,
+    /// The next rename fails with EIO, renaming nothing; later ones work (a crash between
+    /// writing a replacement file and renaming it over the original).
+    pub fail_next_rename: AtomicBool,
     /// File and directory fsyncs done, for counting.
     pub syncs: AtomicU64,
 }
@@ -199,11 +222,16 @@ impl Io for FaultyIo {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.faults.fail_next_rename.swap(false, Ordering::Relaxed) {
+            return Err(io_error());
+        }
         FsIo.rename(from, to)
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        if self.faults.fail_syncs.load(Ordering::Relaxed) {
+        if self.faults.fail_syncs.load(Ordering::Relaxed)
+            || self.faults.fail_next_sync.swap(false, Ordering::Relaxed)
+        {
             return Err(io_error());
         }
         self.faults.syncs.fetch_add(1, Ordering::Relaxed);
@@ -228,7 +256,9 @@ impl IoFile for FaultyFile {
     }
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.faults.fail_writes.load(Ordering::Relaxed) {
+        if self.faults.fail_writes.load(Ordering::Relaxed)
+            || self.faults.fail_next_write.swap(false, Ordering::Relaxed)
+        {
             return Err(disk_full());
         }
         let left = self.faults.write_bytes_left.load(Ordering::Relaxed);
@@ -247,7 +277,9 @@ impl IoFile for FaultyFile {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        if self.faults.fail_syncs.load(Ordering::Relaxed) {
+        if self.faults.fail_syncs.load(Ordering::Relaxed)
+            || self.faults.fail_next_sync.swap(false, Ordering::Relaxed)
+        {
             return Err(io_error());
         }
         self.faults.syncs.fetch_add(1, Ordering::Relaxed);
@@ -255,6 +287,9 @@ impl IoFile for FaultyFile {
     }
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {
+        if self.faults.fail_truncates.load(Ordering::Relaxed) {
+            return Err(io_error());
+        }
         self.file.truncate(len)
     }
 }

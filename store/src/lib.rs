@@ -17,12 +17,25 @@
 //! 5. when a user connects: [`ShardStore::read`] its queue in order;
 //! 6. with spare time: [`ShardStore::expire`] and [`ShardStore::compact`], each with a budget.
 //!
-//! Time is passed in (`now_ms`); all IO goes through the [`io::Io`] seam.
+//! `DATA/accounts/shard-K.keys` holds the account bindings (which static key a user id belongs
+//! to): [`accounts::load`] at process start, an [`accounts::AccountLog`] per shard.
+//! `DATA/accounts/shard-K.privacy` holds the presence settings (who may see a user's
+//! presence): [`privacy::load`] at process start, a [`privacy::PrivacyLog`] per shard.
+//!
+//! Time is passed in; all IO goes through the [`io::Io`] seam. Two clocks, never mixed:
+//! - `now_ms`: a monotonic clock (milliseconds since some start, e.g. the process's). Batch
+//!   deadlines, segment ages and compaction ages use it; it is never written to disk nor
+//!   compared with anything read from disk (a recovered segment's age starts at `open`).
+//! - `wall_ms`: the wall clock, milliseconds since the Unix epoch, the clock of the message
+//!   timestamps (`timestamp_ms`) stored in records. Only [`ShardStore::expire`] (the offline
+//!   TTL) and [`report`] (message ages) take it.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 mod cache;
 pub mod format;
 pub mod io;
+pub mod privacy;
 mod rehome;
 mod report;
 mod shard;
@@ -60,12 +73,16 @@ impl Default for Durability {
     }
 }
 
-/// Per-user limits on what may wait in a queue.
+/// Per-user limits on what may wait in a queue. Messages and receipts count separately, so
+/// receipts waiting for a user never take the room its incoming messages need, nor the other
+/// way round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
-    /// Messages and receipts queued for one user.
+    /// Messages queued for one user.
     pub messages_max: u32,
-    /// Body bytes queued for one user.
+    /// Receipts queued for one user (receipts for messages it sent, waiting for it).
+    pub receipts_max: u32,
+    /// Message body bytes queued for one user (receipts have no body).
     pub bytes_max: u64,
 }
 
@@ -74,9 +91,20 @@ impl Default for Quota {
         // The router's in-memory limits, so the switch to the store changes no behaviour.
         Self {
             messages_max: 10_000,
+            receipts_max: 10_000,
             bytes_max: 16 * 1024 * 1024,
         }
     }
+}
+
+impl Quota {
+    /// No limit at all: for copies of records that were admitted under a quota already
+    /// (re-homing), tests and benchmarks.
+    pub const UNLIMITED: Self = Self {
+        messages_max: u32::MAX,
+        receipts_max: u32::MAX,
+        bytes_max: u64::MAX,
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,13 +113,15 @@ pub struct Options {
     /// A segment is sealed once it holds this many bytes (it may exceed it by one batch).
     pub segment_bytes_max: u32,
     /// A segment holding records is sealed this long after it was created, so that a
-    /// delivered record's bytes do not wait in the active segment for ever.
+    /// delivered record's bytes do not wait in the active segment for ever (monotonic clock).
     pub segment_age_max_ms: u64,
-    /// A sealed segment holding dead bytes is compacted this long after it was sealed.
+    /// A sealed segment holding dead bytes is compacted this long after it was sealed
+    /// (monotonic clock).
     pub compact_after_ms: u64,
     /// Buffered bytes that make a commit due at once.
     pub buffer_bytes_max: u32,
-    /// Undelivered records expire this long after their timestamp.
+    /// Undelivered records expire this long after their timestamp (wall clock: compared with
+    /// the records' `timestamp_ms`).
     pub offline_ttl_ms: u64,
     pub quota: Quota,
 }
@@ -132,8 +162,11 @@ impl Options {
 /// Why an append was refused. Nothing was written; the sender gets an Error stanza.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AppendError {
-    #[error("the recipient's queue is full: {queued} items queued, at most {max}")]
+    #[error("the recipient's queue is full: {queued} messages queued, at most {max}")]
     QuotaMessages { queued: usize, max: usize },
+    /// Too many receipts wait for the original sender (the user the receipt goes to).
+    #[error("the original sender's queue is full: {queued} receipts queued, at most {max}")]
+    QuotaReceipts { queued: usize, max: usize },
     #[error(
         "the recipient's queue is full: {queued} body bytes queued, {adding} more would pass {max}"
     )]
@@ -157,7 +190,7 @@ pub struct CommitError {
     pub source: std::io::Error,
 }
 
-/// A local storage failure outside a commit (open, compaction, re-homing).
+/// A local storage failure outside a commit (open, compaction, re-homing, accounts).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
@@ -166,11 +199,38 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The folder is not laid out as this version expects (e.g. written by protocol v1);
+    /// `reason` says what to do.
     #[error("{path}: {reason}")]
     Layout { path: PathBuf, reason: String },
+    /// A damaged record that cannot be skipped without the operator's consent; `repair` says
+    /// the command that fixes it.
+    #[error("{path}: damaged record at byte {offset}: {reason}; to repair: {repair}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+        repair: String,
+    },
 }
 
 impl StoreError {
+    /// `path` shows that the data folder `data` was written by hop wire protocol v1.
+    pub(crate) fn written_by_v1(path: &Path, data: &Path) -> Self {
+        Self::Layout {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the data folder {data} was written by hop wire protocol v1 (48-bit user ids), \
+                 as this file shows; this hop speaks protocol v2 (128-bit user ids) and cannot \
+                 read it, and nothing converts it. Stop hopd, move the data folder aside (e.g. \
+                 `mv {data} {data}.v1`) and start with a new, empty one: the messages queued in \
+                 the old folder are not delivered, and clients bind their keys again when they \
+                 next connect",
+                data = data.display()
+            ),
+        }
+    }
+
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
         move |source| Self::Io {
             path: path.to_path_buf(),

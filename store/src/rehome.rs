@@ -15,12 +15,12 @@ use hop_protocol::UserId;
 
 use crate::cache::BlockCache;
 use crate::io::{Io, IoFile};
-use crate::shard::{shard_dir, Index, ShardStore};
+use crate::shard::{refuse_v1_segments, shard_dir, Index, ShardStore};
 use crate::{Durability, Item, Options, Quota, StoreError, StoredItem};
 
 /// The file under `DATA/` naming the shard count the queue folders are laid out for.
 pub const SHARDS_FILE: &str = "store-shards";
-const REHOME_DIR: &str = "rehome";
+pub(crate) const REHOME_DIR: &str = "rehome";
 const DONE_FILE: &str = "DONE";
 /// Appends buffered per fsync while copying.
 const COPY_BATCH_RECORDS: u32 = 64 * 1024;
@@ -38,7 +38,9 @@ pub struct Layout {
 
 /// Makes `data` ready for `shards` shards: finishes an interrupted re-homing, and re-homes the
 /// queued records to `home(user, shards)` when the folder was laid out for another count.
-/// `options` are the segment limits for the new folders.
+/// `options` are the segment limits for the new folders; `now_ms` is the monotonic clock of
+/// [`ShardStore`]. A folder written by protocol v1 is refused with [`StoreError::Layout`]
+/// before anything in it changes.
 pub fn prepare<I: Io + Clone>(
     io: &I,
     data: &Path,
@@ -50,6 +52,12 @@ pub fn prepare<I: Io + Clone>(
     assert!(shards > 0, "at least one shard");
     io.create_dir_all(data).map_err(StoreError::io(data))?;
     let rehome = data.join(REHOME_DIR);
+    for shard in old_shard_dirs(io, data)? {
+        refuse_v1_segments(io, &shard_dir(data, shard))?;
+    }
+    for shard in old_shard_dirs(io, &rehome)? {
+        refuse_v1_segments(io, &shard_dir(&rehome, shard))?;
+    }
     let done = rehome.join(DONE_FILE);
     if io.exists(&done) {
         let target = read_count(io, &done)?;
@@ -87,10 +95,7 @@ pub fn prepare<I: Io + Clone>(
             delay_ms: u64::MAX / 4,
             records_max: COPY_BATCH_RECORDS,
         },
-        quota: Quota {
-            messages_max: u32::MAX,
-            bytes_max: u64::MAX,
-        },
+        quota: Quota::UNLIMITED,
         ..options
     };
     let mut targets = Vec::with_capacity(usize::from(shards));
@@ -147,13 +152,13 @@ pub fn prepare<I: Io + Clone>(
                     .next_commit_deadline()
                     .is_some_and(|due| due <= now_ms)
                 {
-                    commit(target)?;
+                    commit(target, now_ms)?;
                 }
             }
         }
     }
     for target in &mut targets {
-        commit(target)?;
+        commit(target, now_ms)?;
     }
     drop(targets);
     io.sync_dir(&rehome).map_err(StoreError::io(&rehome))?;
@@ -162,12 +167,15 @@ pub fn prepare<I: Io + Clone>(
     Ok(layout)
 }
 
-fn commit<I: Io>(store: &mut ShardStore<I>) -> Result<(), StoreError> {
+fn commit<I: Io>(store: &mut ShardStore<I>, now_ms: u64) -> Result<(), StoreError> {
     let dir = store.dir().to_path_buf();
-    store.commit(0).map(|_| ()).map_err(|error| StoreError::Io {
-        path: dir,
-        source: error.source,
-    })
+    store
+        .commit(now_ms)
+        .map(|_| ())
+        .map_err(|error| StoreError::Io {
+            path: dir,
+            source: error.source,
+        })
 }
 
 /// Replaces the old shard folders with the ones under rehome/; safe to run again after a crash.

@@ -36,7 +36,8 @@ pub struct ShardReport {
 /// Queue depths, ages and the largest queues of a data folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueReport {
-    pub now_ms: u64,
+    /// The wall clock (ms since the Unix epoch) the ages are counted to.
+    pub wall_ms: u64,
     /// The count in `DATA/store-shards`, if any.
     pub layout_shards: Option<u16>,
     pub shards: Vec<ShardReport>,
@@ -58,18 +59,22 @@ impl QueueReport {
 }
 
 /// Reads every `shard-K` folder under `data` (read only: nothing is truncated or written) and
-/// reports its queues, with the `largest_max` largest queues.
+/// reports its queues, with the `largest_max` largest queues. `wall_ms` is the wall clock (ms
+/// since the Unix epoch): ages are `wall_ms` minus the records' timestamps. A folder written
+/// by protocol v1 is refused with [`StoreError::Layout`].
 pub fn report<I: Io>(
     io: &I,
     data: &Path,
-    now_ms: u64,
+    wall_ms: u64,
     largest_max: usize,
 ) -> Result<QueueReport, StoreError> {
     let layout_shards = read_count(io, &data.join(SHARDS_FILE)).ok();
     let mut shards = Vec::new();
     let mut users = Vec::new();
     for shard in old_shard_dirs(io, data)? {
-        let (index, _, recovery) = Index::recover(io, &shard_dir(data, shard), true, now_ms)?;
+        // The monotonic open time only ages segments for compaction, which a report never does.
+        let opened_ms = 0;
+        let (index, _, recovery) = Index::recover(io, &shard_dir(data, shard), true, opened_ms)?;
         let mut report = ShardReport {
             shard,
             segments: recovery.segments,
@@ -86,7 +91,7 @@ pub fn report<I: Io>(
                 .iter()
                 .map(|slot| slot.timestamp_ms)
                 .min()
-                .unwrap_or(now_ms);
+                .unwrap_or(wall_ms);
             report.body_bytes += queue.body_bytes;
             report.oldest_timestamp_ms =
                 Some(report.oldest_timestamp_ms.map_or(oldest, |o| o.min(oldest)));
@@ -103,18 +108,18 @@ pub fn report<I: Io>(
     users.sort_unstable_by_key(|u| std::cmp::Reverse((u.records, u.body_bytes)));
     users.truncate(largest_max);
     Ok(QueueReport {
-        now_ms,
+        wall_ms,
         layout_shards,
         shards,
         largest: users,
     })
 }
 
-fn age(now_ms: u64, timestamp_ms: Option<u64>) -> String {
+fn age(wall_ms: u64, timestamp_ms: Option<u64>) -> String {
     match timestamp_ms {
         None => "-".to_string(),
         Some(timestamp_ms) => {
-            let seconds = now_ms.saturating_sub(timestamp_ms) / 1000;
+            let seconds = wall_ms.saturating_sub(timestamp_ms) / 1000;
             format!(
                 "{}d{:02}h{:02}m",
                 seconds / 86_400,
@@ -153,7 +158,7 @@ impl fmt::Display for QueueReport {
                 shard.users,
                 shard.records,
                 shard.body_bytes,
-                age(self.now_ms, shard.oldest_timestamp_ms),
+                age(self.wall_ms, shard.oldest_timestamp_ms),
                 shard.recovery.corrupt_records,
             )?;
         }
@@ -161,23 +166,23 @@ impl fmt::Display for QueueReport {
             f,
             "total: {} records, oldest {}",
             self.records(),
-            age(self.now_ms, self.oldest_timestamp_ms())
+            age(self.wall_ms, self.oldest_timestamp_ms())
         )?;
         writeln!(f, "largest queues:")?;
         writeln!(
             f,
-            "{:>16} {:>5} {:>8} {:>12} {:>10}",
+            "{:>32} {:>5} {:>8} {:>12} {:>10}",
             "user", "shard", "records", "body bytes", "oldest"
         )?;
         for user in &self.largest {
             writeln!(
                 f,
-                "{:>16} {:>5} {:>8} {:>12} {:>10}",
+                "{:>32} {:>5} {:>8} {:>12} {:>10}",
                 user.user,
                 user.shard,
                 user.records,
                 user.body_bytes,
-                age(self.now_ms, Some(user.oldest_timestamp_ms)),
+                age(self.wall_ms, Some(user.oldest_timestamp_ms)),
             )?;
         }
         Ok(())

@@ -11,9 +11,10 @@ use hop_protocol::UserId;
 use crate::cache::BlockCache;
 use crate::format::{self, Payload, SegmentHeader, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
 use crate::io::{Io, IoFile};
-use crate::{AppendError, CommitError, Durability, Options, StoreError};
+use crate::{AppendError, CommitError, Durability, Options, Quota, StoreError};
 
-/// An item for a user's queue, as the shard loop appends it.
+/// An item for a user's queue, as the shard loop appends it. `timestamp_ms` is the wall
+/// clock (milliseconds since the Unix epoch): it is stored, and the offline TTL counts from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Item<'a> {
     Message {
@@ -63,6 +64,7 @@ pub struct Slot {
     pub seq: u64,
     /// Server message id.
     pub id: u64,
+    /// The item's timestamp: wall clock, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
     /// 0 for a message, the receipt kind for a receipt (what the device's Ack names).
     pub ack_kind: u8,
@@ -155,6 +157,10 @@ pub struct Counters {
 /// events arrive; [`ShardStore::commit`] when [`ShardStore::next_commit_deadline`] has come
 /// (then release the ServerAcks up to `durable_through`); [`ShardStore::expire`] and
 /// [`ShardStore::compact`] with a budget when the loop has time.
+///
+/// Every `now_ms` argument is the same monotonic clock (milliseconds since some start, not the
+/// Unix epoch): it paces batches, seals and compacts segments, and is never stored. Only
+/// [`ShardStore::expire`] also takes the wall clock, for the records' timestamps.
 #[derive(Debug)]
 pub struct ShardStore<I: Io> {
     io: I,
@@ -187,7 +193,9 @@ impl<I: Io> ShardStore<I> {
     /// Opens shard `shard` of `shards` under `data/shard-K/`, rebuilding the index from its
     /// segments: a torn tail is truncated, a corrupt record skipped and counted. Never panics on
     /// damaged files. New records go to a new segment. Run [`crate::prepare`] first, once, before
-    /// any shard opens.
+    /// any shard opens. `now_ms` (monotonic) is the age origin of every segment found, since no
+    /// time is stored in the files. A folder written by protocol v1 is refused with
+    /// [`StoreError::Layout`], untouched.
     pub fn open(
         data: &Path,
         shard: u16,
@@ -224,7 +232,7 @@ impl<I: Io> ShardStore<I> {
             read_cache: BlockCache::default(),
             counters: Counters::default(),
         };
-        let file = store.create_segment(active, now_ms)?;
+        let file = store.create_segment(active)?;
         index
             .segments
             .insert(active, Segment::new(file, now_ms, None));
@@ -254,22 +262,10 @@ impl<I: Io> ShardStore<I> {
                 max: format::BODY_BYTES_MAX,
             });
         }
-        let quota = self.options.quota;
         if let Some(queue) = self.index.queue(user) {
-            if queue.slots.len() >= quota.messages_max as usize {
+            if let Err(error) = queue.admits(item, self.options.quota) {
                 self.counters.rejected_quota += 1;
-                return Err(AppendError::QuotaMessages {
-                    queued: queue.slots.len(),
-                    max: quota.messages_max as usize,
-                });
-            }
-            if queue.body_bytes + body_bytes as u64 > quota.bytes_max {
-                self.counters.rejected_quota += 1;
-                return Err(AppendError::QuotaBytes {
-                    queued: queue.body_bytes,
-                    adding: body_bytes,
-                    max: quota.bytes_max,
-                });
+                return Err(error);
             }
         }
         let seq = self.next_seq;
@@ -335,8 +331,8 @@ impl<I: Io> ShardStore<I> {
         true
     }
 
-    /// When the loop must call [`ShardStore::commit`] next (ms, same clock as `now_ms`), or
-    /// `None` when nothing is buffered.
+    /// When the loop must call [`ShardStore::commit`] next (ms on the monotonic clock of
+    /// `now_ms`), or `None` when nothing is buffered.
     pub fn next_commit_deadline(&self) -> Option<u64> {
         let first_ms = self.buffer_first_ms?;
         if self.buffer.len() >= self.options.buffer_bytes_max as usize {
@@ -390,8 +386,10 @@ impl<I: Io> ShardStore<I> {
     }
 
     /// Removes the records of up to `users_budget` users (round robin) whose timestamp is older
-    /// than `offline_ttl_ms`, buffering an expiry tombstone for each.
-    pub fn expire(&mut self, now_ms: u64, users_budget: usize) -> Vec<Expired> {
+    /// than `offline_ttl_ms`, buffering an expiry tombstone for each. `wall_ms` is the wall
+    /// clock (ms since the Unix epoch), which the records' timestamps are on; `now_ms` is the
+    /// monotonic clock of the other calls (it starts the tombstones' batch).
+    pub fn expire(&mut self, now_ms: u64, wall_ms: u64, users_budget: usize) -> Vec<Expired> {
         let mut expired = Vec::new();
         let ttl_ms = self.options.offline_ttl_ms;
         let mut visited = 0;
@@ -404,7 +402,7 @@ impl<I: Io> ShardStore<I> {
                 let Some(slot) = queue.slots.front().copied() else {
                     break;
                 };
-                if slot.timestamp_ms.saturating_add(ttl_ms) > now_ms {
+                if slot.timestamp_ms.saturating_add(ttl_ms) > wall_ms {
                     break;
                 }
                 self.remove(now_ms, at, 0, true);
@@ -672,7 +670,7 @@ impl<I: Io> ShardStore<I> {
         let failed_from = self.durable_through + 1;
         let failed_through = self.next_seq - 1;
         let mut users = std::mem::take(&mut self.buffer_users);
-        users.sort_unstable_by_key(|user| user.get());
+        users.sort_unstable();
         users.dedup();
         for user in users {
             while let Some(at) = self.index.queue_index(user) {
@@ -717,7 +715,7 @@ impl<I: Io> ShardStore<I> {
     fn roll(&mut self, now_ms: u64) -> Result<(), StoreError> {
         assert!(self.buffer.is_empty(), "roll with buffered records");
         let number = self.active + 1;
-        let file = self.create_segment(number, now_ms)?;
+        let file = self.create_segment(number)?;
         if let Some(old) = self.index.segments.get_mut(&self.active) {
             old.sealed_ms = Some(now_ms);
         }
@@ -729,7 +727,7 @@ impl<I: Io> ShardStore<I> {
         Ok(())
     }
 
-    fn create_segment(&mut self, number: u32, _now_ms: u64) -> Result<I::File, StoreError> {
+    fn create_segment(&mut self, number: u32) -> Result<I::File, StoreError> {
         assert!(
             number <= SEGMENT_NUMBER_MAX,
             "segment numbers fit eight digits"
@@ -934,6 +932,40 @@ pub(crate) fn segment_path(dir: &Path, number: u32) -> PathBuf {
     dir.join(format!("{number:08}.log"))
 }
 
+/// Fails with [`StoreError::written_by_v1`] when a segment of the shard folder `dir` was written
+/// by protocol v1. Reads the first bytes of each segment only; a missing folder passes.
+pub(crate) fn refuse_v1_segments<I: Io>(io: &I, dir: &Path) -> Result<(), StoreError> {
+    let names = match io.list_dir(dir) {
+        Ok(names) => names,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(StoreError::io(dir)(error)),
+    };
+    for number in names.iter().filter_map(|name| parse_segment_name(name)) {
+        let path = segment_path(dir, number);
+        let file = io.open(&path, true).map_err(StoreError::io(&path))?;
+        let mut magic = [0u8; format::SEGMENT_MAGIC_V1.len()];
+        if file.size_bytes().map_err(StoreError::io(&path))? < magic.len() as u64 {
+            continue; // too short to tell; recovery counts it as a bad header
+        }
+        file.read_exact_at(&mut magic, 0)
+            .map_err(StoreError::io(&path))?;
+        if format::is_v1_segment(&magic) {
+            return Err(StoreError::written_by_v1(&path, data_of(dir)));
+        }
+    }
+    Ok(())
+}
+
+/// The data folder a shard folder `DATA/shard-K` (or `DATA/rehome/shard-K`) is in, for
+/// messages.
+fn data_of(dir: &Path) -> &Path {
+    let parent = dir.parent().unwrap_or(dir);
+    match parent.file_name() {
+        Some(name) if name == crate::rehome::REHOME_DIR => parent.parent().unwrap_or(parent),
+        _ => parent,
+    }
+}
+
 pub(crate) fn parse_segment_name(name: &str) -> Option<u32> {
     let digits = name.strip_suffix(".log")?;
     if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -944,8 +976,8 @@ pub(crate) fn parse_segment_name(name: &str) -> Option<u32> {
 
 // ---- the index ----
 
-/// A multiplicative hasher for u64 keys (sequence numbers, user ids): the index is rebuilt at
-/// every start, so hashing speed is recovery speed.
+/// A multiplicative hasher for word keys (sequence numbers; user ids, which hash as their two
+/// halves): the index is rebuilt at every start, so hashing speed is recovery speed.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct WordHasher(u64);
 
@@ -1001,13 +1033,80 @@ pub(crate) struct UserQueue {
     pub(crate) user: UserId,
     pub(crate) slots: VecDeque<Slot>,
     pub(crate) body_bytes: u64,
+    /// Slots with `ack_kind == 0`, kept on push and remove (the quota checks them per append).
+    pub(crate) messages: u32,
+    /// Slots with `ack_kind != 0`.
+    pub(crate) receipts: u32,
+}
+
+impl UserQueue {
+    fn new(user: UserId) -> Self {
+        Self {
+            user,
+            slots: VecDeque::new(),
+            body_bytes: 0,
+            messages: 0,
+            receipts: 0,
+        }
+    }
+
+    /// Whether `item` fits the quota: messages and their bytes, or receipts, each on their own.
+    fn admits(&self, item: &Item<'_>, quota: Quota) -> Result<(), AppendError> {
+        match item {
+            Item::Message { body, .. } => {
+                if self.messages >= quota.messages_max {
+                    return Err(AppendError::QuotaMessages {
+                        queued: self.messages as usize,
+                        max: quota.messages_max as usize,
+                    });
+                }
+                if self.body_bytes + body.len() as u64 > quota.bytes_max {
+                    return Err(AppendError::QuotaBytes {
+                        queued: self.body_bytes,
+                        adding: body.len(),
+                        max: quota.bytes_max,
+                    });
+                }
+            }
+            Item::Receipt { .. } => {
+                if self.receipts >= quota.receipts_max {
+                    return Err(AppendError::QuotaReceipts {
+                        queued: self.receipts as usize,
+                        max: quota.receipts_max as usize,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Accounts for `slot`, just pushed to (`added`) or removed from `slots`.
+    fn count(&mut self, slot: &Slot, added: bool) {
+        let counter = if slot.ack_kind == 0 {
+            &mut self.messages
+        } else {
+            &mut self.receipts
+        };
+        if added {
+            *counter += 1;
+            self.body_bytes += slot.body_bytes() as u64;
+        } else {
+            *counter -= 1;
+            self.body_bytes -= slot.body_bytes() as u64;
+        }
+        debug_assert_eq!(
+            (self.messages + self.receipts) as usize,
+            self.slots.len(),
+            "the counters count the slots"
+        );
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Index<F> {
     pub(crate) segments: BTreeMap<u32, Segment<F>>,
     pub(crate) queues: Vec<UserQueue>,
-    positions: WordMap<u64, u32>,
+    positions: WordMap<UserId, u32>,
 }
 
 impl<F> Default for Index<F> {
@@ -1022,11 +1121,13 @@ impl<F> Default for Index<F> {
 
 impl<F: IoFile> Index<F> {
     /// Rebuilds the index of one shard folder. `read_only` neither truncates nor writes.
+    /// `opened_ms` (monotonic clock) becomes every segment's created and sealed time: the
+    /// files hold no time, and a stored one would be on another run's clock.
     pub(crate) fn recover<I: Io<File = F>>(
         io: &I,
         dir: &Path,
         read_only: bool,
-        now_ms: u64,
+        opened_ms: u64,
     ) -> Result<(Self, u64, RecoveryStats), StoreError> {
         let mut stats = RecoveryStats::default();
         let mut index = Self::default();
@@ -1061,11 +1162,15 @@ impl<F: IoFile> Index<F> {
             bytes.resize(length, 0);
             file.read_exact_at(&mut bytes, 0)
                 .map_err(StoreError::io(&path))?;
+            if format::is_v1_segment(&bytes) {
+                // Checked before anything is scanned or truncated: the folder stays as it was.
+                return Err(StoreError::written_by_v1(&path, data_of(dir)));
+            }
             match SegmentHeader::decode(&bytes) {
                 Some(header) => next_seq = next_seq.max(header.next_seq),
                 None => stats.bad_headers += 1,
             }
-            let mut segment = Segment::new(file, now_ms, Some(now_ms));
+            let mut segment = Segment::new(file, opened_ms, Some(opened_ms));
             let start = SEGMENT_HEADER_BYTES.min(bytes.len());
             let mut dead_elsewhere: Vec<u32> = Vec::new();
             let outcome = format::scan(&bytes, start, |offset, payload, length| match payload {
@@ -1250,19 +1355,15 @@ impl<F: IoFile> Index<F> {
 
     /// Where `user`'s queue is in `queues`.
     fn queue_index(&self, user: UserId) -> Option<usize> {
-        self.positions.get(&user.get()).map(|&at| at as usize)
+        self.positions.get(&user).map(|&at| at as usize)
     }
 
     fn queue_mut(&mut self, user: UserId) -> &mut UserQueue {
-        let at = match self.positions.get(&user.get()) {
+        let at = match self.positions.get(&user) {
             Some(&at) => at as usize,
             None => {
-                self.positions.insert(user.get(), self.queues.len() as u32);
-                self.queues.push(UserQueue {
-                    user,
-                    slots: VecDeque::new(),
-                    body_bytes: 0,
-                });
+                self.positions.insert(user, self.queues.len() as u32);
+                self.queues.push(UserQueue::new(user));
                 self.queues.len() - 1
             }
         };
@@ -1281,8 +1382,8 @@ impl<F: IoFile> Index<F> {
 
     fn push_recovered(&mut self, user: UserId, slot: Slot) {
         let queue = self.queue_mut(user);
-        queue.body_bytes += slot.body_bytes() as u64;
         queue.slots.push_back(slot);
+        queue.count(&slot, true);
     }
 
     /// Removes the slot at `position` of queue `at`; an emptied queue leaves the index (the
@@ -1290,13 +1391,13 @@ impl<F: IoFile> Index<F> {
     fn remove_at(&mut self, at: usize, position: usize) -> Slot {
         let queue = &mut self.queues[at];
         let slot = queue.slots.remove(position).expect("position in queue");
-        queue.body_bytes -= slot.body_bytes() as u64;
+        queue.count(&slot, false);
         if queue.slots.is_empty() {
             let user = queue.user;
-            self.positions.remove(&user.get());
+            self.positions.remove(&user);
             self.queues.swap_remove(at);
             if let Some(moved) = self.queues.get(at) {
-                self.positions.insert(moved.user.get(), at as u32);
+                self.positions.insert(moved.user, at as u32);
             }
         }
         if let Some(segment) = self.segments.get_mut(&slot.segment) {
@@ -1318,7 +1419,7 @@ impl<F: IoFile> Index<F> {
 
     /// Points the record `seq` at a new place and moves its accounting with it.
     fn relocate(&mut self, user: UserId, seq: u64, new_slot: Slot) {
-        let Some(&at) = self.positions.get(&user.get()) else {
+        let Some(&at) = self.positions.get(&user) else {
             return;
         };
         let queue = &mut self.queues[at as usize];
@@ -1364,16 +1465,18 @@ mod tests {
     const USERS: u64 = 50;
     const PER_USER: u64 = 20;
 
+    /// A test id whose first half is `raw` (so `raw_of` gives it back).
     fn user(raw: u64) -> UserId {
-        UserId::new(raw).expect("valid id")
+        UserId::from_halves(raw, !raw).expect("valid id")
+    }
+
+    fn raw_of(user: UserId) -> u64 {
+        user.high()
     }
 
     fn options() -> Options {
         Options {
-            quota: Quota {
-                messages_max: u32::MAX,
-                bytes_max: u64::MAX,
-            },
+            quota: Quota::UNLIMITED,
             ..Options::default()
         }
     }
@@ -1407,7 +1510,7 @@ mod tests {
             .iter()
             .map(|record| match &record.item {
                 StoredItem::Message { id, body, .. } => {
-                    assert_eq!(1 + id % USERS, who.get(), "the record is this user's");
+                    assert_eq!(1 + id % USERS, raw_of(who), "the record is this user's");
                     assert_eq!(body.as_ref(), body_bytes(*id).as_slice(), "body of {id}");
                     *id
                 }
@@ -1417,7 +1520,7 @@ mod tests {
     }
 
     fn expected_ids(who: UserId) -> Vec<u64> {
-        (0..PER_USER).map(|n| who.get() - 1 + n * USERS).collect()
+        (0..PER_USER).map(|n| raw_of(who) - 1 + n * USERS).collect()
     }
 
     fn reopen(data: &Path) -> ShardStore<FsIo> {

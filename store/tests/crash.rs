@@ -8,13 +8,24 @@ use std::sync::atomic::Ordering;
 use hop_protocol::UserId;
 use hop_store::io::{Faults, FaultyIo, FsIo};
 use hop_store::{
-    prepare, report, AppendError, Durability, Item, Options, Quota, Record, ShardStore, StoredItem,
+    prepare, report, AppendError, Durability, Item, Options, Quota, Record, ShardStore, StoreError,
+    StoredItem,
 };
 
 const MINUTE_MS: u64 = 60_000;
 
+/// A test id whose first half is `raw` (`raw_of` gives it back).
 fn user(raw: u64) -> UserId {
-    UserId::new(raw).expect("valid id")
+    UserId::from_halves(raw, !raw).expect("valid id")
+}
+
+fn raw_of(user: UserId) -> u64 {
+    user.high()
+}
+
+/// The home function `prepare` takes (the router's hashes the id the same way).
+fn home(user: UserId, shards: u16) -> u16 {
+    (user.high() % u64::from(shards)) as u16
 }
 
 fn options() -> Options {
@@ -83,15 +94,7 @@ fn empty_data_folder_starts_with_no_queues() {
     // Guards against: a first start (no folder at all) failing or inventing records.
     let temp = tempfile::tempdir().expect("tempdir");
     let data = temp.path().join("data");
-    let layout = prepare(
-        &FsIo,
-        &data,
-        2,
-        |u, n| (u.get() % u64::from(n)) as u16,
-        options(),
-        0,
-    )
-    .expect("prepare");
+    let layout = prepare(&FsIo, &data, 2, home, options(), 0).expect("prepare");
     assert_eq!(layout.previous_shards, None);
     let (store, stats) = ShardStore::open(&data, 1, 2, options(), FsIo, 0).expect("open");
     assert_eq!(stats.records_live, 0);
@@ -147,8 +150,8 @@ fn flipped_bits_mid_segment_skip_one_record_only() {
     drop(store);
     let first = segments(temp.path(), 0).remove(0);
     let mut bytes = fs::read(&first).expect("read");
-    let record = 8 + 41 + 50;
-    bytes[32 + 5 * record + 60] ^= 0x20; // inside the sixth record's body
+    let record = 8 + 57 + 50;
+    bytes[32 + 5 * record + 70] ^= 0x20; // inside the sixth record's body
     bytes[32 + 9 * record + 5] ^= 0x01; // the tenth record's length
     fs::write(&first, &bytes).expect("write");
     let (mut store, stats) =
@@ -184,7 +187,6 @@ fn different_shard_count_rehomes_every_record_once() {
     // them, or leaving them on a shard that is not their home.
     let temp = tempfile::tempdir().expect("tempdir");
     let data = temp.path();
-    let home = |u: UserId, n: u16| (u.get() % u64::from(n)) as u16;
     prepare(&FsIo, data, 3, home, options(), 0).expect("prepare 3");
     let mut expected = Vec::new();
     for shard in 0..3u16 {
@@ -214,7 +216,7 @@ fn different_shard_count_rehomes_every_record_once() {
         for who in users {
             assert_eq!(home(who, 2), shard);
             for id in ids(&read_all(&mut store, who)) {
-                found.push((who.get(), id));
+                found.push((raw_of(who), id));
             }
         }
     }
@@ -286,8 +288,8 @@ fn expiry_with_injected_clock_removes_old_records_only() {
         .append(0, user(8), &item(3, 5 * MINUTE_MS))
         .expect("append");
     store.commit(0).expect("commit");
-    assert!(store.expire(10 * MINUTE_MS - 1, 100).is_empty());
-    let expired = store.expire(10 * MINUTE_MS, 100);
+    assert!(store.expire(0, 10 * MINUTE_MS - 1, 100).is_empty());
+    let expired = store.expire(0, 10 * MINUTE_MS, 100);
     let mut expired_ids: Vec<u64> = expired.iter().map(|e| e.id).collect();
     expired_ids.sort_unstable();
     assert_eq!(expired_ids, [1, 2]);
@@ -306,6 +308,7 @@ fn quotas_refuse_the_over_quota_user_only() {
         quota: Quota {
             messages_max: 3,
             bytes_max: 250,
+            ..Quota::default()
         },
         ..options()
     };
@@ -331,6 +334,218 @@ fn quotas_refuse_the_over_quota_user_only() {
         .append(0, user(7), &message(4, &[0; 10]))
         .expect("room again");
     assert_eq!(store.counters().rejected_quota, 2);
+}
+
+#[test]
+fn receipts_at_their_quota_do_not_stop_messages_and_messages_at_theirs_do_not_stop_receipts() {
+    // Guards against: receipts waiting for a user (about messages it sent) filling the quota
+    // that its incoming messages need, so that nobody can write to it while it is offline; and
+    // the other way round. Also that the per-kind counts are rebuilt right after a restart.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        quota: Quota {
+            messages_max: 2,
+            receipts_max: 3,
+            bytes_max: 1 << 20,
+        },
+        ..options()
+    };
+    let receipt = |id| Item::Receipt {
+        id,
+        kind: 1,
+        by: user(2),
+        timestamp_ms: 1_000,
+    };
+    let mut store = open(temp.path(), options);
+    for id in 1..=3 {
+        store.append(1_000, user(7), &receipt(id)).expect("receipt");
+    }
+    assert_eq!(
+        store.append(1_000, user(7), &receipt(4)),
+        Err(AppendError::QuotaReceipts { queued: 3, max: 3 })
+    );
+    for id in 10..=11 {
+        store
+            .append(1_000, user(7), &message(id, b"m"))
+            .expect("a message fits beside a full share of receipts");
+    }
+    assert_eq!(
+        store.append(1_000, user(7), &message(12, b"m")),
+        Err(AppendError::QuotaMessages { queued: 2, max: 2 })
+    );
+    // A delivered receipt makes room for a receipt, not for a message.
+    assert!(store.mark_delivered(1_000, user(7), 1, 1));
+    store
+        .append(1_000, user(7), &receipt(4))
+        .expect("room for one receipt");
+    assert!(store.append(1_000, user(7), &message(12, b"m")).is_err());
+    store.commit(1_000).expect("commit");
+    drop(store);
+
+    let mut store = open(temp.path(), options);
+    assert_eq!(
+        store.append(1_000, user(7), &receipt(5)),
+        Err(AppendError::QuotaReceipts { queued: 3, max: 3 })
+    );
+    assert_eq!(
+        store.append(1_000, user(7), &message(12, b"m")),
+        Err(AppendError::QuotaMessages { queued: 2, max: 2 })
+    );
+    assert!(store.mark_delivered(1_000, user(7), 10, 0));
+    store
+        .append(1_000, user(7), &message(12, b"m"))
+        .expect("room for one message");
+    assert_eq!(store.counters().rejected_quota, 2);
+}
+
+/// A segment as hop wire protocol v1 wrote it: magic `HOPQLOG1`, then one message record with
+/// 48-bit ids stored as u64 (payload `kind | user u64 | seq | id | timestamp_ms | from u64 |
+/// body`), then a few torn bytes.
+fn v1_segment() -> Vec<u8> {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(b"HOPQLOG1");
+    bytes.extend_from_slice(&1u32.to_le_bytes()); // segment number
+    bytes.extend_from_slice(&0u16.to_le_bytes()); // shard
+    bytes.extend_from_slice(&1u16.to_le_bytes()); // shard count
+    bytes.extend_from_slice(&1u64.to_le_bytes()); // next_seq
+    bytes.extend_from_slice(&[0; 4]);
+    let checksum = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&checksum.to_le_bytes());
+    let mut payload = vec![1u8];
+    for field in [7u64, 1, 1, 1_000, 8] {
+        payload.extend_from_slice(&field.to_le_bytes());
+    }
+    payload.extend_from_slice(b"hello from v1");
+    let mut record = (payload.len() as u32).to_le_bytes().to_vec();
+    record.extend_from_slice(&payload);
+    bytes.extend_from_slice(&crc32c::crc32c(&record).to_le_bytes());
+    bytes.extend_from_slice(&record);
+    bytes.extend_from_slice(&[0xEE; 5]);
+    bytes
+}
+
+fn assert_refused_as_v1(error: StoreError) {
+    let StoreError::Layout { path, reason } = &error else {
+        panic!("expected a layout error, got {error}");
+    };
+    assert!(path.ends_with("shard-0/00000001.log"), "{}", path.display());
+    for needle in [
+        "protocol v1",
+        "48-bit",
+        "cannot read it",
+        "move the data folder",
+    ] {
+        assert!(reason.contains(needle), "{needle:?} missing from: {reason}");
+    }
+}
+
+#[test]
+fn a_folder_written_by_protocol_v1_is_refused_not_scanned_as_damage() {
+    // Guards against: a data folder of hop wire protocol v1 (48-bit user ids, `HOPQLOG1`
+    // segments) read as v2. Its records carry valid checksums, so a scan would serve them
+    // under garbled ids, and its tail would be truncated as a torn write. Open, re-homing and
+    // the admin report must refuse it, say what to do, and change nothing.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let data = temp.path();
+    fs::create_dir_all(data.join("shard-0")).expect("mkdir");
+    fs::write(data.join("store-shards"), "1\n").expect("count");
+    let segment = data.join("shard-0").join("00000001.log");
+    fs::write(&segment, v1_segment()).expect("segment");
+
+    let opened = ShardStore::open(data, 0, 1, options(), FsIo, 0);
+    assert_refused_as_v1(opened.expect_err("open refuses"));
+    for shards in [1, 2] {
+        let prepared = prepare(&FsIo, data, shards, home, options(), 0);
+        assert_refused_as_v1(prepared.expect_err("prepare refuses"));
+    }
+    assert_refused_as_v1(report(&FsIo, data, 0, 10).expect_err("report refuses"));
+
+    assert_eq!(fs::read(&segment).expect("read"), v1_segment(), "untouched");
+    assert_eq!(segments(data, 0), [segment], "no new segment");
+    assert!(!data.join("rehome").exists());
+}
+
+#[test]
+fn expiry_reads_the_wall_clock_and_batching_the_monotonic_one() {
+    // Guards against: the two clocks mixed up. The shard passes a monotonic `now` (ms since
+    // it started); compared with the wall-clock timestamps in records nothing would ever
+    // expire, and a wall time taken as the batch clock would put the next commit decades away.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        offline_ttl_ms: 10 * MINUTE_MS,
+        ..options()
+    };
+    let sent_wall_ms = 1_767_225_600_000; // 2026-01-01, Unix epoch ms
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options, FsIo, 0).expect("open");
+    let item = Item::Message {
+        from: user(1),
+        id: 1,
+        timestamp_ms: sent_wall_ms,
+        body: b"b",
+    };
+    store.append(5, user(7), &item).expect("append");
+    assert_eq!(store.next_commit_deadline(), Some(5 + 2), "monotonic batch");
+    store.commit(7).expect("commit");
+    assert!(store
+        .expire(10, sent_wall_ms + 10 * MINUTE_MS - 1, 100)
+        .is_empty());
+    let expired = store.expire(20, sent_wall_ms + 10 * MINUTE_MS, 100);
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        store.next_commit_deadline(),
+        Some(20 + 2),
+        "the tombstone's batch runs on the monotonic clock"
+    );
+}
+
+#[test]
+fn a_restart_ages_recovered_segments_on_the_new_runs_clock() {
+    // Guards against: a segment's age carried across a restart although the monotonic clock
+    // starts again: compaction of a recovered segment with dead bytes would wait for a time of
+    // the old run (or come at once), instead of `compact_after_ms` after the open.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let long_uptime_ms = 1_000_000_000;
+    let (mut store, _) =
+        ShardStore::open(temp.path(), 0, 1, options(), FsIo, long_uptime_ms).expect("open");
+    for id in 1..=1_000 {
+        store
+            .append(long_uptime_ms, user(7), &message(id, &[2u8; 100]))
+            .expect("append");
+    }
+    assert!(store.mark_delivered(long_uptime_ms, user(7), 1, 0));
+    store.commit(long_uptime_ms).expect("commit");
+    drop(store);
+
+    // The new run opens its store a minute after it started.
+    let opened_ms = MINUTE_MS;
+    let (mut store, _) =
+        ShardStore::open(temp.path(), 0, 1, options(), FsIo, opened_ms).expect("open");
+    let compact_after_ms = options().compact_after_ms;
+    // Empty segments may go at any time; nothing is rewritten before `compact_after_ms`.
+    let early = compact_until_idle(&mut store, opened_ms + compact_after_ms - 1);
+    assert_eq!(early, 0, "records copied too early on the new run's clock");
+    let due = compact_until_idle(&mut store, opened_ms + compact_after_ms);
+    assert!(
+        due > 0,
+        "the segment with the delivered record is rewritten"
+    );
+    assert_eq!(
+        ids(&read_all(&mut store, user(7))),
+        (2..=1_000).collect::<Vec<_>>()
+    );
+}
+
+/// Runs compaction at `now_ms` until it has nothing to do; returns the records it copied.
+fn compact_until_idle(store: &mut ShardStore<FsIo>, now_ms: u64) -> u64 {
+    let mut copied = 0;
+    for _ in 0..100 {
+        let progress = store.compact(now_ms, 1 << 20).expect("compact");
+        copied += progress.records_copied;
+        if progress.idle {
+            return copied;
+        }
+    }
+    panic!("compaction did not finish in 100 steps");
 }
 
 #[test]
@@ -474,10 +689,7 @@ fn kill_nine_during_appends_loses_no_committed_record() {
 
 fn child_appends_until_killed(dir: &Path) {
     let options = Options {
-        quota: Quota {
-            messages_max: u32::MAX,
-            bytes_max: u64::MAX,
-        },
+        quota: Quota::UNLIMITED,
         ..options()
     };
     let (mut store, _) = ShardStore::open(dir, 0, 1, options, FsIo, 0).expect("open");

@@ -39,6 +39,21 @@ fn backend_flags() -> Vec<String> {
     flags
 }
 
+/// A resource limit hopd starts under.
+enum Limit {
+    /// `RLIMIT_NOFILE`.
+    Descriptors(u32),
+    /// `RLIMIT_FSIZE`, soft.
+    FileBytes(u64),
+}
+
+/// A loopback address with a port free at the time of the call, for a hopd that must keep
+/// its address across restarts.
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").to_string()
+}
+
 pub struct Hopd {
     child: Option<Child>,
     pub addr: String,
@@ -64,25 +79,68 @@ impl Hopd {
     pub fn start_with_fd_limit(descriptors: u32, flags: &[&str]) -> Self {
         let folder = tempfile::tempdir().expect("temporary folder");
         let data = folder.path().join("data");
-        let mut hopd = Self::launch(&data, flags, Some(descriptors));
+        let limit = Limit::Descriptors(descriptors);
+        let mut hopd = Self::launch(&data, "127.0.0.1:0", flags, Some(limit));
         hopd._folder = Some(folder);
         hopd
     }
 
     /// Starts hopd on an existing data folder (restarts).
     pub fn start_in(data: &Path, flags: &[&str]) -> Self {
-        Self::launch(data, flags, None)
+        Self::launch(data, "127.0.0.1:0", flags, None)
     }
 
-    fn launch(data: &Path, flags: &[&str], descriptors: Option<u32>) -> Self {
+    /// Starts hopd on an existing data folder at a fixed address, so that clients that lost
+    /// their connection to an earlier hopd find the new one.
+    pub fn start_at(data: &Path, listen: &str, flags: &[&str]) -> Self {
+        Self::launch(data, listen, flags, None)
+    }
+
+    /// Starts hopd on `data` with files limited to `bytes` (`RLIMIT_FSIZE`, soft limit only:
+    /// [`Hopd::lift_file_size_limit`] raises it again while hopd runs).
+    pub fn start_with_file_size_limit(data: &Path, bytes: u64, flags: &[&str]) -> Self {
+        Self::launch(data, "127.0.0.1:0", flags, Some(Limit::FileBytes(bytes)))
+    }
+
+    /// Lifts the file-size limit of a hopd started with one.
+    pub fn lift_file_size_limit(&self) {
+        let status = Command::new("prlimit")
+            .arg(format!("--pid={}", self.pid()))
+            .arg("--fsize=unlimited:unlimited")
+            .status()
+            .expect("prlimit runs");
+        assert!(status.success(), "prlimit failed: {status:?}");
+    }
+
+    /// Starts hopd with a fresh data folder and these variables in its environment.
+    pub fn start_with_env(flags: &[&str], env: &[(&str, &str)]) -> Self {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let data = folder.path().join("data");
+        let mut hopd = Self::launch_with(&data, "127.0.0.1:0", flags, None, env);
+        hopd._folder = Some(folder);
+        hopd
+    }
+
+    fn launch(data: &Path, listen: &str, flags: &[&str], limit: Option<Limit>) -> Self {
+        Self::launch_with(data, listen, flags, limit, &[])
+    }
+
+    fn launch_with(
+        data: &Path,
+        listen: &str,
+        flags: &[&str],
+        limit: Option<Limit>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = data.with_extension("log");
         if let Some(parent) = log.parent() {
             std::fs::create_dir_all(parent).expect("log folder");
         }
         let stderr = File::create(&log).expect("log file");
-        let mut command = match descriptors {
+        let copy_log = matches!(limit, Some(Limit::FileBytes(_)));
+        let mut command = match limit {
             // The shell lowers the limit, then becomes hopd.
-            Some(limit) => {
+            Some(Limit::Descriptors(limit)) => {
                 let mut shell = Command::new("sh");
                 shell
                     .arg("-c")
@@ -90,18 +148,39 @@ impl Hopd {
                     .arg(env!("CARGO_BIN_EXE_hopd"));
                 shell
             }
+            // prlimit lowers the soft limit only, so that it can be raised again later.
+            Some(Limit::FileBytes(bytes)) => {
+                let mut prlimit = Command::new("prlimit");
+                prlimit
+                    .arg(format!("--fsize={bytes}:unlimited"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_hopd"));
+                prlimit
+            }
             None => Command::new(env!("CARGO_BIN_EXE_hopd")),
         };
         let mut child = command
-            .args(["--listen", "127.0.0.1:0", "--data"])
+            .envs(env.iter().copied())
+            .args(["--listen", listen, "--data"])
             .arg(data)
             .args(["--pin-cores", "false", "--log", "info"])
             .args(backend_flags())
             .args(flags)
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
+            .stderr(if copy_log {
+                Stdio::piped()
+            } else {
+                Stdio::from(stderr.try_clone().expect("log file"))
+            })
             .spawn()
             .expect("hopd starts");
+        if copy_log {
+            // hopd's file-size limit would apply to a log file it writes itself: the log goes
+            // through a pipe, copied here.
+            let mut from = child.stderr.take().expect("stderr");
+            let mut to = stderr;
+            std::thread::spawn(move || std::io::copy(&mut from, &mut to));
+        }
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)

@@ -3,9 +3,18 @@
 
 use std::collections::HashMap;
 
-use hop_protocol::wire::{Ack, Deliver, Ping, Read, Subscribe};
+use std::collections::HashSet;
+
+use hop_protocol::wire::{Ack, Deliver, Outbox, Ping, Read, Subscribe};
 
 use super::*;
+
+fn secrets() -> Secrets {
+    Secrets {
+        message_ids: [7; 16],
+        read_proofs: [9; 16],
+    }
+}
 
 /// Several routers and the forwarding between them, run to quiescence after every input.
 struct Cluster {
@@ -23,13 +32,22 @@ struct Cluster {
     disk: HashMap<(UserId, u64, i32), Queued>,
     /// Kept messages whose body the store "cannot read back" (disk damage).
     rotten: Vec<u64>,
+    /// Connections that declared their outbox (`outbox_of`).
+    declared: HashSet<u64>,
+    /// A PersistPrivacy action was seen.
+    persisted_privacy: bool,
+}
+
+/// The outbox the harness declares for connection `conn`.
+fn outbox_of(conn: u64) -> u64 {
+    1_000 + conn
 }
 
 impl Cluster {
     fn new(shards: u16, limits: Limits) -> Self {
         Self {
             routers: (0..shards)
-                .map(|shard| Router::new(shard, shards, limits, 1_000))
+                .map(|shard| Router::new(shard, shards, limits, secrets()))
                 .collect(),
             sent: HashMap::new(),
             closed: Vec::new(),
@@ -40,6 +58,8 @@ impl Cluster {
             forgotten: Vec::new(),
             disk: HashMap::new(),
             rotten: Vec::new(),
+            declared: HashSet::new(),
+            persisted_privacy: false,
         }
     }
 
@@ -50,7 +70,7 @@ impl Cluster {
     /// A user id whose home is `shard`, distinct per `n`.
     fn user_on(&self, shard: ShardId, n: u64) -> UserId {
         (1..)
-            .filter_map(UserId::new)
+            .filter_map(|raw: u64| UserId::from_halves(raw.wrapping_mul(0x9E37_79B9), raw))
             .filter(|user| home_shard(*user, self.shards()) == shard)
             .nth(n as usize)
             .unwrap()
@@ -78,14 +98,20 @@ impl Cluster {
                             from,
                             id,
                             timestamp_ms,
+                            proof,
                         } => {
                             let key = (user, id, ReceiptKind::Unspecified as i32);
                             match self.disk.get(&key) {
                                 Some(Queued::Message { body, .. })
                                     if !self.rotten.contains(&id) =>
                                 {
-                                    let stanza =
-                                        Stanza::deliver(from, id, timestamp_ms, body.clone());
+                                    let stanza = Stanza::deliver(
+                                        from,
+                                        id,
+                                        timestamp_ms,
+                                        body.clone(),
+                                        proof,
+                                    );
                                     self.sent.entry(conn).or_default().push(stanza);
                                 }
                                 _ => {
@@ -95,12 +121,18 @@ impl Cluster {
                             }
                         }
                         Action::PersistBinding { user, .. } => self.persisted.push(user),
+                        Action::PersistPrivacy { .. } => self.persisted_privacy = true,
                         Action::Keep { user, item } => {
                             self.disk
                                 .insert((user, item.id(), item.ack_kind() as i32), item.clone());
                             if self.keep_at_once {
                                 let now = self.now_ms;
-                                self.routers[index].handle_kept(item.id(), item.ack_kind(), now);
+                                self.routers[index].handle_kept(
+                                    user,
+                                    item.id(),
+                                    item.ack_kind(),
+                                    now,
+                                );
                             } else {
                                 self.unkept.push((index as ShardId, user, item));
                             }
@@ -118,12 +150,10 @@ impl Cluster {
         }
     }
 
-    fn connect(&mut self, user: UserId, conn: u64) -> Result<(), ConnectError> {
+    fn connect(&mut self, user: UserId, conn: u64) {
         let shard = usize::from(home_shard(user, self.shards()));
-        let result =
-            self.routers[shard].handle_connect(user, &key_of(user), ConnRef(conn), self.now_ms);
+        self.routers[shard].handle_connect(user, &key_of(user), ConnRef(conn), self.now_ms);
         self.run();
-        result
     }
 
     fn disconnect(&mut self, user: UserId, conn: u64) {
@@ -140,24 +170,36 @@ impl Cluster {
         result
     }
 
-    fn send(&mut self, from: UserId, conn: u64, to: UserId, seq: u32, body: &'static [u8]) {
+    /// Message `seq` of connection `conn`'s outbox (declared first if it was not), naming
+    /// the recipient in full.
+    fn send(&mut self, from: UserId, conn: u64, to: UserId, seq: u64, body: &'static [u8]) {
+        self.declare(from, conn, outbox_of(conn));
         self.stanza(
             from,
             conn,
             Kind::Send(hop_protocol::wire::Send {
-                to: to.get(),
+                to: Some(to.into()),
                 seq,
                 body: Bytes::from_static(body),
+                alias: 0,
             }),
         )
         .unwrap();
     }
 
+    /// Declares outbox `outbox` on the connection, once per connection.
+    fn declare(&mut self, user: UserId, conn: u64, outbox: u64) {
+        if self.declared.insert(conn) {
+            self.stanza(user, conn, Kind::Outbox(Outbox { id: outbox }))
+                .unwrap();
+        }
+    }
+
     /// The disk catches up: every waiting Keep becomes durable.
     fn keep_all(&mut self) {
-        for (shard, _, item) in std::mem::take(&mut self.unkept) {
+        for (shard, user, item) in std::mem::take(&mut self.unkept) {
             let now = self.now_ms;
-            self.routers[usize::from(shard)].handle_kept(item.id(), item.ack_kind(), now);
+            self.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), now);
         }
         self.run();
     }
@@ -173,9 +215,9 @@ impl Cluster {
         let mut cluster = Self::new(shards, limits);
         let alice = cluster.user_on(0, 0);
         let bob = cluster.user_on(shards - 1, u64::from(shards == 1));
-        cluster.connect(bob, 2).unwrap();
+        cluster.connect(bob, 2);
         cluster.disconnect(bob, 2);
-        cluster.connect(alice, 1).unwrap();
+        cluster.connect(alice, 1);
         (cluster, alice, bob)
     }
 
@@ -194,7 +236,7 @@ impl Cluster {
 
 fn key_of(user: UserId) -> [u8; KEY_BYTES] {
     let mut key = [0u8; KEY_BYTES];
-    key[..8].copy_from_slice(&user.get().to_le_bytes());
+    key[..16].copy_from_slice(&user.to_bytes());
     key
 }
 
@@ -217,7 +259,23 @@ fn receipt(stanza: &Stanza) -> &Receipt {
     }
 }
 
-fn error_code(stanza: &Stanza) -> (ErrorCode, u32) {
+fn server_ack(stanza: &Stanza) -> &ServerAck {
+    match &stanza.kind {
+        Some(Kind::ServerAck(ack)) => ack,
+        other => panic!("expected ServerAck, got {other:?}"),
+    }
+}
+
+/// A Read of `delivered` as its recipient sends it, with the Deliver's proof.
+fn read_of(delivered: &Deliver) -> Kind {
+    Kind::Read(Read {
+        from: delivered.from,
+        id: delivered.id,
+        proof: delivered.proof,
+    })
+}
+
+fn error_code(stanza: &Stanza) -> (ErrorCode, u64) {
     match &stanza.kind {
         Some(Kind::Error(error)) => (ErrorCode::try_from(error.code).unwrap(), error.seq),
         other => panic!("expected Error, got {other:?}"),
@@ -229,20 +287,18 @@ fn ticks_between(sender_shard: ShardId, recipient_shard: ShardId) {
     let mut cluster = Cluster::new(2, Limits::default());
     let alice = cluster.user_on(sender_shard, 0);
     let bob = cluster.user_on(recipient_shard, 1);
-    cluster.connect(alice, 1).unwrap();
-    cluster.connect(bob, 2).unwrap();
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
     cluster.send(alice, 1, bob, 7, b"hello");
 
     let ack = only(cluster.take(1));
-    let Some(Kind::ServerAck(server_ack)) = ack.kind else {
-        panic!("expected ServerAck, got {ack:?}")
-    };
-    assert_eq!(server_ack.seq, 7);
+    let server_ack = server_ack(&ack);
+    assert_eq!((server_ack.outbox, server_ack.seq), (outbox_of(1), 7));
     let delivered = only(cluster.take(2));
     let message = deliver(&delivered);
     assert_eq!(
         (message.from, message.id, &message.body[..]),
-        (alice.get(), server_ack.id, &b"hello"[..])
+        (Some(alice.into()), server_ack.id, &b"hello"[..])
     );
 
     cluster
@@ -257,19 +313,10 @@ fn ticks_between(sender_shard: ShardId, recipient_shard: ShardId) {
         .unwrap();
     let two_ticks = only(cluster.take(1));
     assert_eq!(receipt(&two_ticks).kind, ReceiptKind::Delivered as i32);
-    assert_eq!(receipt(&two_ticks).by, bob.get());
+    assert_eq!(receipt(&two_ticks).by, Some(bob.into()));
     assert_eq!(receipt(&two_ticks).id, message.id);
 
-    cluster
-        .stanza(
-            bob,
-            2,
-            Kind::Read(Read {
-                from: alice.get(),
-                id: message.id,
-            }),
-        )
-        .unwrap();
+    cluster.stanza(bob, 2, read_of(message)).unwrap();
     let blue = only(cluster.take(1));
     assert_eq!(receipt(&blue).kind, ReceiptKind::Read as i32);
     assert!(cluster.take(2).is_empty());
@@ -291,9 +338,9 @@ fn offline_recipient_gets_messages_in_order_on_connect() {
     let mut cluster = Cluster::new(2, Limits::default());
     let alice = cluster.user_on(0, 0);
     let bob = cluster.user_on(1, 0);
-    cluster.connect(bob, 2).unwrap();
+    cluster.connect(bob, 2);
     cluster.disconnect(bob, 2);
-    cluster.connect(alice, 1).unwrap();
+    cluster.connect(alice, 1);
     cluster.send(alice, 1, bob, 1, b"one");
     cluster.send(alice, 1, bob, 2, b"two");
     assert_eq!(
@@ -301,7 +348,7 @@ fn offline_recipient_gets_messages_in_order_on_connect() {
         2,
         "two ServerAcks while bob is offline"
     );
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     let bodies: Vec<_> = cluster
         .take(3)
         .iter()
@@ -318,27 +365,19 @@ fn receipts_wait_for_an_offline_sender() {
     let mut cluster = Cluster::new(2, Limits::default());
     let alice = cluster.user_on(0, 0);
     let bob = cluster.user_on(1, 0);
-    cluster.connect(alice, 1).unwrap();
-    cluster.connect(bob, 2).unwrap();
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
     cluster.send(alice, 1, bob, 1, b"hi");
     cluster.take(1);
     cluster.disconnect(alice, 1);
-    let id = deliver(&only(cluster.take(2))).id;
+    let delivered = deliver(&only(cluster.take(2))).clone();
+    let id = delivered.id;
     cluster
         .stanza(bob, 2, Kind::Ack(Ack { id, kind: 0 }))
         .unwrap();
-    cluster
-        .stanza(
-            bob,
-            2,
-            Kind::Read(Read {
-                from: alice.get(),
-                id,
-            }),
-        )
-        .unwrap();
+    cluster.stanza(bob, 2, read_of(&delivered)).unwrap();
     assert!(cluster.take(1).is_empty());
-    cluster.connect(alice, 4).unwrap();
+    cluster.connect(alice, 4);
     let receipts = cluster.take(4);
     assert_eq!(receipts.len(), 2);
     assert_eq!(receipt(&receipts[0]).kind, ReceiptKind::Delivered as i32);
@@ -356,7 +395,7 @@ fn receipts_wait_for_an_offline_sender() {
         )
         .unwrap();
     cluster.disconnect(alice, 4);
-    cluster.connect(alice, 5).unwrap();
+    cluster.connect(alice, 5);
     assert_eq!(
         receipt(&only(cluster.take(5))).kind,
         ReceiptKind::Read as i32
@@ -368,12 +407,12 @@ fn unacked_deliveries_are_sent_again_after_reconnect() {
     let mut cluster = Cluster::new(1, Limits::default());
     let alice = cluster.user_on(0, 0);
     let bob = cluster.user_on(0, 1);
-    cluster.connect(alice, 1).unwrap();
-    cluster.connect(bob, 2).unwrap();
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
     cluster.send(alice, 1, bob, 1, b"x");
     let first = deliver(&only(cluster.take(2))).id;
     cluster.disconnect(bob, 2);
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     assert_eq!(
         deliver(&only(cluster.take(3))).id,
         first,
@@ -390,8 +429,8 @@ fn inflight_is_bounded_and_acks_release_more() {
     let mut cluster = Cluster::new(1, limits);
     let alice = cluster.user_on(0, 0);
     let bob = cluster.user_on(0, 1);
-    cluster.connect(alice, 1).unwrap();
-    cluster.connect(bob, 2).unwrap();
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
     for seq in 1..=5 {
         cluster.send(alice, 1, bob, seq, b"m");
     }
@@ -414,7 +453,7 @@ fn inflight_bytes_are_bounded_but_one_large_item_always_goes() {
     cluster.send(alice, 1, bob, 1, b"twelve bytes");
     cluster.send(alice, 1, bob, 2, b"four");
     cluster.send(alice, 1, bob, 3, b"six!!!");
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     let first = deliver(&only(cluster.take(3))).clone();
     assert_eq!(
         first.body.as_ref(),
@@ -448,42 +487,106 @@ fn unknown_and_invalid_recipients_get_errors_not_acks() {
     let mut cluster = Cluster::new(2, Limits::default());
     let alice = cluster.user_on(0, 0);
     let stranger = cluster.user_on(1, 5);
-    cluster.connect(alice, 1).unwrap();
+    cluster.connect(alice, 1);
     cluster.send(alice, 1, stranger, 3, b"anyone?");
     assert_eq!(
         error_code(&only(cluster.take(1))),
         (ErrorCode::UnknownUser, 3)
     );
-    cluster
-        .stanza(
-            alice,
-            1,
-            Kind::Send(hop_protocol::wire::Send {
-                to: 0,
-                seq: 4,
-                body: Bytes::new(),
-            }),
-        )
-        .unwrap();
+    for (seq, to, alias, code) in [
+        (4, None, 0, ErrorCode::BadUserId),
+        (
+            5,
+            Some(UserRef { high: 0, low: 1 }),
+            0,
+            ErrorCode::BadUserId,
+        ),
+        (6, None, 9, ErrorCode::BadAlias),
+        (
+            7,
+            Some(stranger.into()),
+            ALIASES_MAX + 1,
+            ErrorCode::BadAlias,
+        ),
+    ] {
+        let send = hop_protocol::wire::Send {
+            to,
+            seq,
+            body: Bytes::new(),
+            alias,
+        };
+        cluster.stanza(alice, 1, Kind::Send(send)).unwrap();
+        assert_eq!(error_code(&only(cluster.take(1))), (code, seq));
+    }
+}
+
+/// A Send is named by (outbox, seq): one before any Outbox, or with seq 0, has no name and
+/// is refused, without closing the connection.
+#[test]
+fn a_send_needs_an_outbox_and_a_seq() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    let send = |seq| {
+        Kind::Send(hop_protocol::wire::Send {
+            to: Some(bob.into()),
+            seq,
+            body: Bytes::from_static(b"x"),
+            alias: 0,
+        })
+    };
+    cluster.stanza(alice, 1, send(1)).unwrap();
     assert_eq!(
         error_code(&only(cluster.take(1))),
-        (ErrorCode::BadUserId, 4)
+        (ErrorCode::BadStanza, 1)
     );
     cluster
-        .stanza(
-            alice,
-            1,
-            Kind::Send(hop_protocol::wire::Send {
-                to: u64::MAX,
-                seq: 5,
-                body: Bytes::new(),
-            }),
-        )
+        .stanza(alice, 1, Kind::Outbox(Outbox { id: 5 }))
         .unwrap();
+    cluster.stanza(alice, 1, send(0)).unwrap();
     assert_eq!(
         error_code(&only(cluster.take(1))),
-        (ErrorCode::BadUserId, 5)
+        (ErrorCode::BadStanza, 0)
     );
+    assert!(cluster.take(2).is_empty(), "nothing delivered");
+    assert!(
+        cluster
+            .stanza(alice, 1, Kind::Outbox(Outbox { id: 0 }))
+            .is_err(),
+        "outbox 0 is a violation"
+    );
+}
+
+#[test]
+fn an_alias_names_its_recipient_for_the_rest_of_the_connection_only() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    cluster.declare(alice, 1, 42);
+    let send = |to: Option<UserId>, seq, alias| {
+        Kind::Send(hop_protocol::wire::Send {
+            to: to.map(UserRef::from),
+            seq,
+            body: Bytes::from_static(b"hi"),
+            alias,
+        })
+    };
+    cluster.stanza(alice, 1, send(Some(bob), 1, 3)).unwrap();
+    cluster.stanza(alice, 1, send(None, 2, 3)).unwrap();
+    let acks = cluster.take(1);
+    assert_eq!(acks.len(), 2, "{acks:?}");
+    assert_eq!(server_ack(&acks[1]).seq, 2);
+    assert_eq!(cluster.take(2).len(), 2, "both reached bob");
+    // A new connection starts with no alias bound.
+    cluster.disconnect(alice, 1);
+    cluster.connect(alice, 3);
+    cluster.declare(alice, 3, 42);
+    cluster.stanza(alice, 3, send(None, 3, 3)).unwrap();
+    assert_eq!(error_code(&only(cluster.take(3))), (ErrorCode::BadAlias, 3));
 }
 
 #[test]
@@ -497,10 +600,10 @@ fn full_queue_refuses_with_an_error_and_affects_no_one_else() {
     let bob = cluster.user_on(1, 0);
     let carol = cluster.user_on(1, 1);
     for (user, conn) in [(bob, 2), (carol, 3)] {
-        cluster.connect(user, conn).unwrap();
+        cluster.connect(user, conn);
         cluster.disconnect(user, conn);
     }
-    cluster.connect(alice, 1).unwrap();
+    cluster.connect(alice, 1);
     for seq in 1..=3 {
         cluster.send(alice, 1, bob, seq, b"m");
     }
@@ -529,48 +632,77 @@ fn shard_wide_byte_limit_holds() {
     assert_eq!(error_code(&replies[1]), (ErrorCode::QueueFull, 2));
 }
 
+fn presence(stanza: Stanza) -> Presence {
+    match stanza.kind {
+        Some(Kind::Presence(presence)) => presence,
+        other => panic!("expected Presence, got {other:?}"),
+    }
+}
+
+fn subscribe(user: UserId) -> Kind {
+    Kind::Subscribe(Subscribe {
+        user: Some(user.into()),
+    })
+}
+
 #[test]
 fn presence_is_told_on_subscribe_and_on_every_change() {
     let mut cluster = Cluster::new(2, Limits::default());
     let watcher = cluster.user_on(0, 0);
     let watched = cluster.user_on(1, 0);
-    cluster.connect(watched, 2).unwrap();
-    cluster.connect(watcher, 1).unwrap();
-    let presence = |stanza: Stanza| match stanza.kind {
-        Some(Kind::Presence(presence)) => presence,
-        other => panic!("expected Presence, got {other:?}"),
-    };
-    cluster
-        .stanza(
-            watcher,
-            1,
-            Kind::Subscribe(Subscribe {
-                user: watched.get(),
-            }),
-        )
-        .unwrap();
+    cluster.connect(watched, 2);
+    cluster.connect(watcher, 1);
+    cluster.stanza(watcher, 1, subscribe(watched)).unwrap();
     let now = presence(only(cluster.take(1)));
-    assert!(now.online && now.user == watched.get());
-    cluster.now_ms = 9_000;
+    assert!(now.online && now.user == Some(watched.into()));
+    cluster.now_ms = 9_000_123;
     cluster.disconnect(watched, 2);
     let gone = presence(only(cluster.take(1)));
     assert!(!gone.online);
-    assert_eq!(gone.last_seen_ms, 9_000);
-    cluster.connect(watched, 3).unwrap();
+    assert_eq!(gone.last_seen_ms, 9_000_000, "rounded down to the minute");
+    cluster.connect(watched, 3);
     assert!(presence(only(cluster.take(1))).online);
     // A watcher that disconnects stops watching.
     cluster.disconnect(watcher, 1);
-    cluster.connect(watcher, 4).unwrap();
+    cluster.connect(watcher, 4);
     cluster.disconnect(watched, 3);
     assert!(cluster.take(4).is_empty());
+}
+
+/// Guards against the watcher leak: a connection replaced by a newer one of the same user
+/// used to keep its place in its targets' watcher lists for good, so that stale watchers
+/// filled `subscribers_max`.
+#[test]
+fn a_replaced_connection_stops_watching_at_its_targets() {
+    let limits = Limits {
+        subscribers_max: 1,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(2, limits);
+    let watcher = cluster.user_on(0, 0);
+    let other = cluster.user_on(0, 1);
+    let watched = cluster.user_on(1, 0);
+    cluster.connect(watched, 2);
+    cluster.connect(watcher, 1);
+    cluster.stanza(watcher, 1, subscribe(watched)).unwrap();
+    assert!(presence(only(cluster.take(1))).online);
+    cluster.connect(watcher, 3); // replaces connection 1
+    assert!(cluster.routers[1].users[&watched].subscribers().is_empty());
+    // The slot is free for someone else.
+    cluster.connect(other, 4);
+    cluster.stanza(other, 4, subscribe(watched)).unwrap();
+    assert!(presence(only(cluster.take(4))).online);
+    // And the replaced connection hears nothing more.
+    cluster.disconnect(watched, 2);
+    assert!(cluster.take(1).is_empty() && cluster.take(3).is_empty());
 }
 
 #[test]
 fn second_connection_replaces_the_first() {
     let mut cluster = Cluster::new(1, Limits::default());
     let alice = cluster.user_on(0, 0);
-    cluster.connect(alice, 1).unwrap();
-    cluster.connect(alice, 2).unwrap();
+    cluster.connect(alice, 1);
+    cluster.connect(alice, 2);
     assert_eq!(cluster.closed, [(ConnRef(1), GoAwayReason::Replaced)]);
     // The old connection's disconnect does not take the user offline.
     cluster.disconnect(alice, 1);
@@ -584,18 +716,20 @@ fn second_connection_replaces_the_first() {
 }
 
 #[test]
-fn a_user_id_binds_to_its_first_key() {
+fn a_user_is_bound_at_its_first_connection_only() {
     let mut cluster = Cluster::new(1, Limits::default());
     let alice = cluster.user_on(0, 0);
-    cluster.connect(alice, 1).unwrap();
+    cluster.connect(alice, 1);
+    cluster.disconnect(alice, 1);
+    cluster.connect(alice, 2);
     assert_eq!(cluster.persisted, [alice]);
-    let result = cluster.routers[0].handle_connect(alice, &[9u8; KEY_BYTES], ConnRef(2), 0);
-    assert_eq!(result, Err(ConnectError::IdTaken));
-    let mut restored = Router::new(0, 1, Limits::default(), 0);
-    restored.restore_binding(alice, key_of(alice));
-    assert_eq!(
-        restored.handle_connect(alice, &[9u8; KEY_BYTES], ConnRef(3), 0),
-        Err(ConnectError::IdTaken)
+    let mut restored = Router::new(0, 1, Limits::default(), secrets());
+    restored.restore_binding(alice);
+    restored.handle_connect(alice, &key_of(alice), ConnRef(3), 0);
+    assert!(
+        !std::iter::from_fn(|| restored.poll_action())
+            .any(|action| matches!(action, Action::PersistBinding { .. })),
+        "a restored binding is not written again"
     );
 }
 
@@ -603,12 +737,13 @@ fn a_user_id_binds_to_its_first_key() {
 fn server_only_stanzas_from_a_client_are_violations() {
     let mut cluster = Cluster::new(1, Limits::default());
     let alice = cluster.user_on(0, 0);
-    cluster.connect(alice, 1).unwrap();
+    cluster.connect(alice, 1);
     let forged = Kind::Deliver(Deliver {
-        from: 99,
+        from: Some(alice.into()),
         id: 1,
         timestamp_ms: 0,
         body: Bytes::new(),
+        proof: 0,
     });
     assert!(cluster.stanza(alice, 1, forged).is_err());
     let shard = usize::from(home_shard(alice, 1));
@@ -618,21 +753,279 @@ fn server_only_stanzas_from_a_client_are_violations() {
 }
 
 #[test]
-fn server_ids_are_unique_and_carry_the_shard() {
-    let mut router = Router::new(3, 4, Limits::default(), 1_700_000_000_000);
-    let first = router.take_id();
-    let second = router.take_id();
-    assert_ne!(first, second);
-    assert_eq!(first >> ID_COUNTER_BITS, 3);
+fn message_ids_name_one_message_of_one_sender_to_one_recipient() {
+    let router = Router::new(0, 1, Limits::default(), secrets());
+    let (alice, bob, carol) = (
+        UserId::from_public_key(&[1; 32]),
+        UserId::from_public_key(&[2; 32]),
+        UserId::from_public_key(&[3; 32]),
+    );
+    let message = MessageRef { outbox: 9, seq: 1 };
+    let id = router.message_id(alice, bob, message);
+    assert_eq!(id, router.message_id(alice, bob, message), "every copy");
+    let others = [
+        router.message_id(bob, alice, message),
+        router.message_id(alice, carol, message),
+        router.message_id(alice, bob, MessageRef { outbox: 9, seq: 2 }),
+        router.message_id(alice, bob, MessageRef { outbox: 8, seq: 1 }),
+        Router::new(0, 1, Limits::default(), Secrets::derive(&[5; 32]))
+            .message_id(alice, bob, message),
+    ];
+    assert!(others.iter().all(|other| *other != id), "{others:?}");
+    // Every shard of a server makes the same id: re-homing keeps resends recognisable.
+    assert_eq!(
+        Router::new(3, 4, Limits::default(), secrets()).message_id(alice, bob, message),
+        id
+    );
 }
 
 #[test]
 fn home_shards_spread_users() {
     let mut counts = [0usize; 4];
-    for raw in 1..=4_000 {
-        counts[usize::from(home_shard(UserId::new(raw).unwrap(), 4))] += 1;
+    for seed in 0..4_000u32 {
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(&seed.to_le_bytes());
+        counts[usize::from(home_shard(UserId::from_public_key(&key), 4))] += 1;
     }
     assert!(counts.iter().all(|count| *count > 800), "{counts:?}");
+}
+
+/// Guards against the lost-ack bug of the first contract: a ServerAck went to whatever
+/// connection its sender had when it was released, and clients numbered messages from 1 on
+/// every connection, so connection 1's ack arrived on connection 2 and was taken as the ack of
+/// connection 2's own message, still in its batch and lost in a crash.
+#[test]
+fn a_replaced_connection_does_not_hear_the_ack_of_the_connection_before_it() {
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient_on(2, Limits::default());
+    cluster.keep_at_once = false;
+    cluster.send(alice, 1, bob, 1, b"from connection 1");
+    cluster.connect(alice, 3); // replaces connection 1 before the disk answered
+    cluster.send(alice, 3, bob, 1, b"from connection 3");
+    cluster.keep_all();
+    assert!(cluster.take(1).is_empty(), "connection 1 is gone");
+    let ack = only(cluster.take(3));
+    assert_eq!(
+        (server_ack(&ack).outbox, server_ack(&ack).seq),
+        (outbox_of(3), 1),
+        "connection 3 hears only its own message's ack"
+    );
+    let replies_dropped: u64 = cluster
+        .routers
+        .iter()
+        .map(|router| router.counters().replies_dropped)
+        .sum();
+    assert_eq!(replies_dropped, 1);
+    // Both messages were taken; each is delivered once.
+    cluster.connect(bob, 4);
+    assert_eq!(cluster.take(4).len(), 2);
+}
+
+/// A client that lost its connection before the ServerAck sends the message again with the
+/// same (outbox, seq): it gets the original's ack (same id, same time) and the recipient
+/// gets the message once.
+#[test]
+fn a_resend_of_a_queued_message_gets_the_original_ack_and_is_queued_once() {
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient_on(2, Limits::default());
+    cluster.keep_at_once = false;
+    cluster.send(alice, 1, bob, 1, b"once");
+    assert!(cluster.take(1).is_empty(), "not durable yet");
+    // Reconnect, same outbox, send again while the original still waits for the disk.
+    cluster.connect(alice, 2);
+    cluster.declare(alice, 2, outbox_of(1));
+    cluster.now_ms += 5;
+    let again = |cluster: &mut Cluster, conn| {
+        let send = hop_protocol::wire::Send {
+            to: Some(bob.into()),
+            seq: 1,
+            body: Bytes::from_static(b"once"),
+            alias: 0,
+        };
+        cluster.stanza(alice, conn, Kind::Send(send)).unwrap();
+    };
+    again(&mut cluster, 2);
+    assert!(
+        cluster.take(2).is_empty(),
+        "the resend waits for the original's disk"
+    );
+    assert_eq!(cluster.unkept.len(), 1, "queued once");
+    cluster.keep_all();
+    let first = *server_ack(&only(cluster.take(2)));
+    assert_eq!((first.outbox, first.seq), (outbox_of(1), 1));
+    // Once durable, a resend is answered at once with the same id and time.
+    cluster.connect(alice, 3);
+    cluster.declare(alice, 3, outbox_of(1));
+    again(&mut cluster, 3);
+    assert_eq!(server_ack(&only(cluster.take(3))), &first);
+    let deduplicated: u64 = cluster
+        .routers
+        .iter()
+        .map(|router| router.counters().messages_deduplicated)
+        .sum();
+    assert_eq!(deduplicated, 2);
+    cluster.connect(bob, 4);
+    let delivered = only(cluster.take(4));
+    assert_eq!(deliver(&delivered).id, first.id);
+}
+
+/// After the recipient acked the original, the server no longer holds it: a resend is
+/// delivered again, with the same id, so that the recipient's client drops it.
+#[test]
+fn a_resend_after_delivery_carries_the_same_id() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    cluster.send(alice, 1, bob, 1, b"twice?");
+    let first = deliver(&only(cluster.take(2))).clone();
+    cluster
+        .stanza(
+            bob,
+            2,
+            Kind::Ack(Ack {
+                id: first.id,
+                kind: 0,
+            }),
+        )
+        .unwrap();
+    cluster.take(1);
+    cluster.connect(alice, 3);
+    cluster.declare(alice, 3, outbox_of(1));
+    let send = hop_protocol::wire::Send {
+        to: Some(bob.into()),
+        seq: 1,
+        body: Bytes::from_static(b"twice?"),
+        alias: 0,
+    };
+    cluster.stanza(alice, 3, Kind::Send(send)).unwrap();
+    let ack = cluster
+        .take(3)
+        .into_iter()
+        .find(|stanza| matches!(stanza.kind, Some(Kind::ServerAck(_))))
+        .expect("a ServerAck for the resend");
+    assert_eq!(server_ack(&ack).id, first.id);
+    assert_eq!(deliver(&only(cluster.take(2))).id, first.id);
+}
+
+/// Guards against forged read receipts: any user could send `Read{from, id}` naming any
+/// message, make its sender see blue ticks "by" a third user, and fill the sender's queue.
+#[test]
+fn a_read_without_the_deliver_proof_is_refused() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    let mallory = cluster.user_on(1, 1);
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    cluster.connect(mallory, 3);
+    cluster.send(alice, 1, bob, 1, b"for bob");
+    cluster.take(1);
+    let delivered = deliver(&only(cluster.take(2))).clone();
+    // Mallory knows the id (say bob showed it) and even bob's proof: neither is hers.
+    for proof in [0, delivered.proof, delivered.proof ^ 1] {
+        let forged = Kind::Read(Read {
+            from: delivered.from,
+            id: delivered.id,
+            proof,
+        });
+        cluster.stanza(mallory, 3, forged).unwrap();
+        assert_eq!(
+            error_code(&only(cluster.take(3))),
+            (ErrorCode::BadReceipt, 0)
+        );
+    }
+    // Bob with a wrong proof is refused too; with the Deliver's, it counts.
+    let mut wrong = delivered.clone();
+    wrong.proof ^= 1;
+    cluster.stanza(bob, 2, read_of(&wrong)).unwrap();
+    assert_eq!(
+        error_code(&only(cluster.take(2))),
+        (ErrorCode::BadReceipt, 0)
+    );
+    assert!(cluster.take(1).is_empty(), "alice saw no forged tick");
+    cluster.stanza(bob, 2, read_of(&delivered)).unwrap();
+    let blue = only(cluster.take(1));
+    assert_eq!(
+        (receipt(&blue).kind, receipt(&blue).by),
+        (ReceiptKind::Read as i32, Some(bob.into()))
+    );
+    let refused: u64 = cluster
+        .routers
+        .iter()
+        .map(|router| router.counters().reads_refused)
+        .sum();
+    assert_eq!(refused, 4);
+}
+
+/// Guards against receipts filling a user's queue: receipts counted against the message
+/// quota once let 10,000 Reads lock a user's inbox with QUEUE_FULL for up to 30 days.
+#[test]
+fn receipts_cannot_fill_the_room_of_messages() {
+    let limits = Limits {
+        queue_messages_max: 2,
+        queue_receipts_max: 3,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(2, limits);
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    let carol = cluster.user_on(1, 1);
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    // Five messages, each acked and read twice by bob, while alice acks nothing: fifteen
+    // receipts for alice.
+    for seq in 1..=5 {
+        cluster.send(alice, 1, bob, seq, b"read me");
+        let delivered = deliver(&only(cluster.take(2))).clone();
+        cluster
+            .stanza(
+                bob,
+                2,
+                Kind::Ack(Ack {
+                    id: delivered.id,
+                    kind: 0,
+                }),
+            )
+            .unwrap();
+        cluster.stanza(bob, 2, read_of(&delivered)).unwrap();
+        cluster.stanza(bob, 2, read_of(&delivered)).unwrap();
+    }
+    let alice_shard = &cluster.routers[0];
+    assert_eq!(
+        alice_shard.users[&alice].queued_receipts(),
+        3,
+        "at the receipt quota"
+    );
+    // Queued: delivered 1, read 1, delivered 2. The second read of message 1 is a twin;
+    // the other eleven meet the quota.
+    assert_eq!(alice_shard.counters().receipts_duplicate, 1);
+    assert_eq!(alice_shard.counters().receipts_dropped, 11);
+    // Messages for alice still go in, up to their own quota.
+    cluster.connect(carol, 3);
+    cluster.send(carol, 3, alice, 1, b"still room");
+    assert!(matches!(
+        only(cluster.take(3)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+}
+
+#[test]
+fn a_repeated_read_queues_one_receipt() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    cluster.send(alice, 1, bob, 1, b"hi");
+    cluster.disconnect(alice, 1);
+    let delivered = deliver(&only(cluster.take(2))).clone();
+    for _ in 0..5 {
+        cluster.stanza(bob, 2, read_of(&delivered)).unwrap();
+    }
+    assert_eq!(cluster.routers[0].counters().receipts_duplicate, 4);
+    cluster.connect(alice, 3);
+    let pushed = cluster.take(3);
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
 }
 
 /// A seeded simulation of three shards and a dozen users connecting, disconnecting, sending,
@@ -680,7 +1073,7 @@ fn simulate(seed: u64) {
     // Per user: its current connection, if online.
     let mut online: HashMap<UserId, u64> = HashMap::new();
     for user in &users {
-        cluster.connect(*user, next_conn).unwrap();
+        cluster.connect(*user, next_conn);
         cluster.disconnect(*user, next_conn);
         next_conn += 1;
     }
@@ -688,8 +1081,9 @@ fn simulate(seed: u64) {
     let mut acked: BTreeSetU64 = BTreeSetU64::default();
     let mut delivered_to: HashMap<u64, usize> = HashMap::new();
     let mut receipts: HashMap<u64, usize> = HashMap::new();
-    let mut unacked: HashMap<UserId, Vec<(u64, bool)>> = HashMap::new(); // (id, is_receipt)
-    let mut sent = 0u32;
+    // (id, the Deliver for a message; None for a receipt)
+    let mut unacked: HashMap<UserId, Vec<(u64, Option<Deliver>)>> = HashMap::new();
+    let mut sent = 0u64;
 
     let absorb = |cluster: &mut Cluster,
                   online: &HashMap<UserId, u64>,
@@ -697,8 +1091,8 @@ fn simulate(seed: u64) {
                   acked: &BTreeSetU64,
                   delivered_to: &mut HashMap<u64, usize>,
                   receipts: &mut HashMap<u64, usize>,
-                  unacked: &mut HashMap<UserId, Vec<(u64, bool)>>,
-                  pending_sends: &mut HashMap<(UserId, u32), UserId>| {
+                  unacked: &mut HashMap<UserId, Vec<(u64, Option<Deliver>)>>,
+                  pending_sends: &mut HashMap<(UserId, u64), UserId>| {
         for (user, conn) in online {
             for stanza in cluster.take(*conn) {
                 match stanza.kind {
@@ -716,24 +1110,24 @@ fn simulate(seed: u64) {
                             !acked.0.contains(&deliver.id),
                             "seed {seed}: delivered after ack"
                         );
+                        let sender = UserRef::user(deliver.from.as_ref()).unwrap();
                         let (from, to) = accepted
                             .get(&deliver.id)
                             .copied()
-                            .unwrap_or((UserId::new(deliver.from).unwrap(), *user));
-                        assert_eq!(
-                            (deliver.from, to),
-                            (from.get(), *user),
-                            "seed {seed}: wrong from/to"
-                        );
+                            .unwrap_or((sender, *user));
+                        assert_eq!((sender, to), (from, *user), "seed {seed}: wrong from/to");
                         *delivered_to.entry(deliver.id).or_default() += 1;
-                        unacked.entry(*user).or_default().push((deliver.id, false));
+                        unacked
+                            .entry(*user)
+                            .or_default()
+                            .push((deliver.id, Some(deliver)));
                     }
                     Some(Kind::Receipt(receipt)) => {
                         if receipt.kind == ReceiptKind::Delivered as i32 {
                             let (from, _) = accepted[&receipt.id];
                             assert_eq!(from, *user, "seed {seed}: receipt to the wrong user");
                         }
-                        unacked.entry(*user).or_default().push((receipt.id, true));
+                        unacked.entry(*user).or_default().push((receipt.id, None));
                         if receipt.kind == ReceiptKind::Delivered as i32 {
                             *receipts.entry(receipt.id).or_default() += 1;
                         }
@@ -743,7 +1137,7 @@ fn simulate(seed: u64) {
             }
         }
     };
-    let mut pending_sends: HashMap<(UserId, u32), UserId> = HashMap::new();
+    let mut pending_sends: HashMap<(UserId, u64), UserId> = HashMap::new();
 
     for _ in 0..STEPS {
         let user = users[rng.below(USERS) as usize];
@@ -754,7 +1148,7 @@ fn simulate(seed: u64) {
                     unacked.remove(&user); // the device forgets what it did not ack
                 } else {
                     next_conn += 1;
-                    cluster.connect(user, next_conn).unwrap();
+                    cluster.connect(user, next_conn);
                     online.insert(user, next_conn);
                 }
             }
@@ -770,8 +1164,14 @@ fn simulate(seed: u64) {
                 if let Some(&conn) = online.get(&user) {
                     let items = unacked.entry(user).or_default();
                     if !items.is_empty() {
-                        let (id, is_receipt) = items.remove(0);
-                        if is_receipt {
+                        let (id, delivered) = items.remove(0);
+                        if let Some(delivered) = delivered {
+                            acked.0.insert(id);
+                            cluster
+                                .stanza(user, conn, Kind::Ack(Ack { id, kind: 0 }))
+                                .unwrap();
+                            cluster.stanza(user, conn, read_of(&delivered)).unwrap();
+                        } else {
                             // Ack both kinds the receipt could be; an unmatched ack is ignored.
                             for kind in [ReceiptKind::Delivered, ReceiptKind::Read] {
                                 cluster
@@ -785,22 +1185,6 @@ fn simulate(seed: u64) {
                                     )
                                     .unwrap();
                             }
-                        } else {
-                            acked.0.insert(id);
-                            cluster
-                                .stanza(user, conn, Kind::Ack(Ack { id, kind: 0 }))
-                                .unwrap();
-                            let (from, _) = accepted[&id];
-                            cluster
-                                .stanza(
-                                    user,
-                                    conn,
-                                    Kind::Read(Read {
-                                        from: from.get(),
-                                        id,
-                                    }),
-                                )
-                                .unwrap();
                         }
                     }
                 }
@@ -825,7 +1209,7 @@ fn simulate(seed: u64) {
     for user in &users {
         if !online.contains_key(user) {
             next_conn += 1;
-            cluster.connect(*user, next_conn).unwrap();
+            cluster.connect(*user, next_conn);
             online.insert(*user, next_conn);
         }
     }
@@ -844,8 +1228,8 @@ fn simulate(seed: u64) {
             break;
         };
         let conn = online[&user];
-        let (id, is_receipt) = unacked.get_mut(&user).unwrap().remove(0);
-        if is_receipt {
+        let (id, delivered) = unacked.get_mut(&user).unwrap().remove(0);
+        if delivered.is_none() {
             for kind in [ReceiptKind::Delivered, ReceiptKind::Read] {
                 cluster
                     .stanza(
@@ -922,8 +1306,8 @@ fn a_device_ack_before_the_disk_releases_the_server_ack_first() {
     cluster.keep_at_once = false;
     let alice = cluster.user_on(0, 0);
     let bob = cluster.user_on(1, 0);
-    cluster.connect(alice, 1).unwrap();
-    cluster.connect(bob, 2).unwrap();
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
     cluster.send(alice, 1, bob, 1, b"fast");
     let id = deliver(&only(cluster.take(2))).id;
     cluster
@@ -963,7 +1347,7 @@ fn an_item_that_cannot_be_kept_is_refused_and_leaves_the_queue() {
         error_code(&only(cluster.take(1))),
         (ErrorCode::Overloaded, 9)
     );
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     assert!(
         cluster.take(3).is_empty(),
         "the refused message is not delivered"
@@ -975,7 +1359,7 @@ fn restored_items_are_delivered_on_connect() {
     let mut cluster = Cluster::new(1, Limits::default());
     let alice = cluster.user_on(0, 0);
     let bob = cluster.user_on(0, 1);
-    cluster.routers[0].restore_binding(bob, key_of(bob));
+    cluster.routers[0].restore_binding(bob);
     cluster.restore(
         bob,
         Queued::Message {
@@ -1004,11 +1388,20 @@ fn restored_items_are_delivered_on_connect() {
             timestamp_ms: 0,
         },
     );
-    assert_eq!(cluster.routers[0].counters().items_orphaned, 1);
-    cluster.connect(bob, 2).unwrap();
+    // A user whose binding did not reach the disk is made from its items, and bound again
+    // when it connects: nothing it was acked is dropped.
+    assert_eq!(cluster.routers[0].counters().users_restored_from_queue, 1);
+    cluster.connect(bob, 2);
     let pushed = cluster.take(2);
     assert_eq!(deliver(&pushed[0]).id, 77);
     assert_eq!(receipt(&pushed[1]).id, 78);
+    cluster.connect(stranger, 3);
+    assert_eq!(receipt(&only(cluster.take(3))).id, 1);
+    assert_eq!(
+        cluster.persisted,
+        [stranger],
+        "bob's binding was on disk already"
+    );
 }
 
 #[test]
@@ -1020,7 +1413,7 @@ fn expired_items_leave_the_queue() {
         panic!("{ack:?}")
     };
     cluster.routers[0].handle_expired(bob, ack.id, ReceiptKind::Unspecified);
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     assert!(cluster.take(3).is_empty());
 }
 
@@ -1032,11 +1425,11 @@ fn a_kept_body_leaves_memory_and_is_delivered_from_disk() {
     assert_eq!(cluster.routers[1].bodies_in_memory(), 1, "held until kept");
     cluster.keep_all();
     assert_eq!(cluster.routers[1].bodies_in_memory(), 0, "the store has it");
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     let pushed = only(cluster.take(3));
     let delivered = deliver(&pushed);
     assert_eq!(delivered.body.as_ref(), b"on disk");
-    assert_eq!(delivered.from, alice.get());
+    assert_eq!(delivered.from, Some(alice.into()));
 }
 
 #[test]
@@ -1045,8 +1438,8 @@ fn an_online_delivery_uses_the_body_in_memory_and_a_redelivery_the_disk() {
     cluster.keep_at_once = false;
     let alice = cluster.user_on(0, 0);
     let bob = cluster.user_on(0, 1);
-    cluster.connect(alice, 1).unwrap();
-    cluster.connect(bob, 2).unwrap();
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
     cluster.send(alice, 1, bob, 1, b"fresh");
     let first = only(cluster.take(2));
     assert_eq!(deliver(&first).body.as_ref(), b"fresh");
@@ -1054,7 +1447,7 @@ fn an_online_delivery_uses_the_body_in_memory_and_a_redelivery_the_disk() {
     cluster.disconnect(bob, 2);
     cluster.keep_all();
     assert_eq!(cluster.routers[0].bodies_in_memory(), 0);
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     let again = only(cluster.take(3));
     assert_eq!(deliver(&again).id, deliver(&first).id);
     assert_eq!(deliver(&again).body.as_ref(), b"fresh");
@@ -1070,7 +1463,7 @@ fn a_kept_message_that_cannot_be_read_back_leaves_the_queue_and_is_counted() {
         panic!("{acks:?}")
     };
     cluster.rotten.push(first.id);
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     let pushed = only(cluster.take(3));
     assert_eq!(deliver(&pushed).body.as_ref(), b"fine");
     assert_eq!(cluster.routers[0].counters().items_unreadable, 1);
@@ -1079,7 +1472,7 @@ fn a_kept_message_that_cannot_be_read_back_leaves_the_queue_and_is_counted() {
 #[test]
 fn an_emptied_queue_is_freed_at_the_next_sweep_not_at_once() {
     let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
-    cluster.connect(bob, 3).unwrap();
+    cluster.connect(bob, 3);
     cluster.send(alice, 1, bob, 1, b"hi");
     let id = deliver(&only(cluster.take(3))).id;
     cluster
@@ -1096,4 +1489,128 @@ fn an_emptied_queue_is_freed_at_the_next_sweep_not_at_once() {
         "an idle user is its 32 bytes"
     );
     router.release_empty(); // nothing listed twice
+}
+
+fn privacy_settings(visibility: Visibility, contacts: &[UserId]) -> Kind {
+    Kind::PresenceSettings(PresenceSettings {
+        visibility: visibility as i32,
+        contacts: contacts.iter().map(|user| UserRef::from(*user)).collect(),
+    })
+}
+
+/// Guards against the presence leaks of the first contract: anyone could watch anyone, to the
+/// millisecond, and an unknown id answered differently from a hidden one.
+#[test]
+fn presence_is_shown_only_as_its_user_allows_and_hidden_looks_like_unknown() {
+    let mut cluster = Cluster::new(2, Limits::default());
+    let watched = cluster.user_on(1, 0);
+    let friend = cluster.user_on(0, 0);
+    let stranger = cluster.user_on(0, 1);
+    let nobody_there = cluster.user_on(1, 9); // never connected
+    cluster.connect(watched, 1);
+    cluster.connect(friend, 2);
+    cluster.connect(stranger, 3);
+    cluster
+        .stanza(
+            watched,
+            1,
+            privacy_settings(Visibility::Contacts, &[friend]),
+        )
+        .unwrap();
+    assert!(matches!(
+        cluster.take(1).as_slice(),
+        [] // settings are not answered
+    ));
+    let persisted = cluster.routers[1]
+        .users
+        .get(&watched)
+        .map(|state| state.privacy().clone());
+    assert_eq!(
+        persisted,
+        Some(Privacy {
+            visibility: Visibility::Contacts,
+            contacts: vec![friend]
+        })
+    );
+    cluster.stanza(friend, 2, subscribe(watched)).unwrap();
+    assert!(presence(only(cluster.take(2))).online, "a contact sees it");
+    cluster.stanza(stranger, 3, subscribe(watched)).unwrap();
+    let hidden = presence(only(cluster.take(3)));
+    cluster
+        .stanza(stranger, 3, subscribe(nobody_there))
+        .unwrap();
+    let unknown = presence(only(cluster.take(3)));
+    assert_eq!(
+        (hidden.online, hidden.last_seen_ms),
+        (unknown.online, unknown.last_seen_ms),
+        "hidden and unknown answer alike"
+    );
+    assert!(!hidden.online && hidden.last_seen_ms == 0);
+    // The stranger took no watcher slot and hears nothing of changes.
+    assert_eq!(cluster.routers[1].users[&watched].subscribers(), [friend]);
+    cluster.now_ms = 7_200_500;
+    cluster.disconnect(watched, 1);
+    assert!(cluster.take(3).is_empty(), "the stranger hears nothing");
+    assert_eq!(presence(only(cluster.take(2))).last_seen_ms, 7_200_000);
+    // Hiding from everyone tells the remaining watchers "offline" and drops them.
+    cluster.connect(watched, 4);
+    assert!(presence(only(cluster.take(2))).online);
+    cluster
+        .stanza(watched, 4, privacy_settings(Visibility::Nobody, &[]))
+        .unwrap();
+    let gone = presence(only(cluster.take(2)));
+    assert!(!gone.online && gone.last_seen_ms == 0);
+    assert!(cluster.routers[1].users[&watched].subscribers().is_empty());
+}
+
+/// WhatsApp's reciprocity: who hides its last-seen time from someone does not see theirs.
+#[test]
+fn a_watcher_that_hides_its_presence_sees_no_last_seen_time() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let watched = cluster.user_on(0, 0);
+    let watcher = cluster.user_on(0, 1);
+    cluster.connect(watched, 1);
+    cluster.connect(watcher, 2);
+    cluster
+        .stanza(watcher, 2, privacy_settings(Visibility::Nobody, &[]))
+        .unwrap();
+    cluster.stanza(watcher, 2, subscribe(watched)).unwrap();
+    assert!(
+        presence(only(cluster.take(2))).online,
+        "online is still shown"
+    );
+    cluster.now_ms = 600_000;
+    cluster.disconnect(watched, 1);
+    let gone = presence(only(cluster.take(2)));
+    assert_eq!((gone.online, gone.last_seen_ms), (false, 0));
+}
+
+#[test]
+fn bad_presence_settings_get_errors() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    cluster.connect(alice, 1);
+    let too_many: Vec<UserId> = (1..=CONTACTS_MAX as u64 + 1)
+        .map(|n| UserId::from_halves(n, n).unwrap())
+        .collect();
+    cluster
+        .stanza(alice, 1, privacy_settings(Visibility::Contacts, &too_many))
+        .unwrap();
+    assert_eq!(error_code(&only(cluster.take(1))).0, ErrorCode::Limit);
+    let bad = Kind::PresenceSettings(PresenceSettings {
+        visibility: 99,
+        contacts: Vec::new(),
+    });
+    cluster.stanza(alice, 1, bad).unwrap();
+    assert_eq!(error_code(&only(cluster.take(1))).0, ErrorCode::BadStanza);
+    let invalid = Kind::PresenceSettings(PresenceSettings {
+        visibility: Visibility::Contacts as i32,
+        contacts: vec![UserRef { high: 0, low: 3 }],
+    });
+    cluster.stanza(alice, 1, invalid).unwrap();
+    assert_eq!(error_code(&only(cluster.take(1))).0, ErrorCode::BadUserId);
+    assert!(
+        !cluster.persisted_privacy,
+        "nothing persisted for refused settings"
+    );
 }

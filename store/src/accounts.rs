@@ -1,0 +1,538 @@
+//! Account bindings on disk: which static public key each user id belongs to.
+//!
+//! `DATA/accounts/shard-K.keys`, written by shard K only and only ever appended to, is a row of
+//! 36-byte records: the client's static public key (32 bytes), then the CRC32C of those 32
+//! bytes (u32 little-endian). The user id is not stored: it is
+//! [`UserId::from_public_key`] of the key. Every shard file is read at process start by
+//! [`load`], so a restart with another shard count still finds every binding.
+//!
+//! Writing ([`AccountLog`]): [`AccountLog::append`] buffers, [`AccountLog::flush`] writes all
+//! buffered records with one positioned write at the end of the last good record and fsyncs.
+//! A failed write or fsync cuts the file back to that end and keeps the records for the next
+//! flush, which writes at the same offset again: a retry never lands behind torn bytes.
+//!
+//! Damage: a length that is not a whole number of records is a write torn by a crash, cut off
+//! when the shard opens its file. A record whose checksum fails is not skipped: [`load`] fails
+//! naming the file and the offset, and [`repair`] (`hopd admin repair-accounts --data DIR`)
+//! rewrites the file without it (and repairs the presence-settings files of the same folder,
+//! [`crate::privacy::repair`]). Why dropping a binding loses nothing acked, and the byte
+//! layout, are in `store/DESIGN.md` ("Account bindings").
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use hop_protocol::keys::KEY_BYTES;
+use hop_protocol::UserId;
+
+use crate::io::{self as store_io, Io, IoFile};
+use crate::StoreError;
+
+/// The folder under `DATA/` that holds the binding files.
+pub const FOLDER: &str = "accounts";
+/// Bytes of one record: the public key and its CRC32C.
+pub const RECORD_BYTES: usize = KEY_BYTES + 4;
+/// The admin command that runs [`repair`], as error messages name it.
+pub const REPAIR_COMMAND: &str = "hopd admin repair-accounts --data";
+
+/// Records [`load`] and [`repair`] read per read call (144 KiB): memory stays bounded however
+/// many bindings a file holds.
+const READ_RECORDS: usize = 4096;
+/// `shard-K.keys.damaged`, then `.damaged.2` up to this: copies [`repair`] may keep of one file.
+const DAMAGED_COPIES_MAX: u32 = 100;
+
+const _: () = assert!(RECORD_BYTES == 36, "store/DESIGN.md gives 36 bytes");
+const _: () = assert!(KEY_BYTES == 32);
+
+/// The bindings of every shard file, in file order (shard 0 first).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    pub bindings: Vec<(UserId, [u8; KEY_BYTES])>,
+    /// Files read.
+    pub files: usize,
+    /// Bytes after the last whole record of a file: a write torn by a crash. The file's shard
+    /// cuts them off when it opens its [`AccountLog`].
+    pub torn_bytes: u64,
+}
+
+/// What [`AccountLog::open`] found in the shard's file.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Whole records in the file (not checked: [`load`] checks them).
+    pub records: u64,
+    /// A torn tail cut off (0 when the file ended on a record boundary).
+    pub torn_bytes_cut: u64,
+    /// The file did not exist and was created.
+    pub created: bool,
+}
+
+/// One shard's writer of new bindings. Owned by the shard's thread.
+#[derive(Debug)]
+pub struct AccountLog<I: Io> {
+    file: I::File,
+    path: PathBuf,
+    /// Length of the records known to be on file, whole and fsynced: the next write goes here.
+    good_bytes: u64,
+    /// Encoded records appended and not yet flushed.
+    pending: Vec<u8>,
+    opened: Opened,
+}
+
+impl<I: Io> AccountLog<I> {
+    /// Opens (or creates) `DATA/accounts/shard-K.keys` for shard `shard`. A torn tail (a
+    /// length that is not a multiple of [`RECORD_BYTES`]) is cut off and the cut fsynced, so
+    /// that later records stay aligned; [`AccountLog::opened`] tells how many bytes went. A v1
+    /// file of this shard (`shard-K.bin`) is refused with [`StoreError::Layout`].
+    pub fn open(io: &I, data: &Path, shard: u16) -> Result<Self, StoreError> {
+        let folder = folder(data);
+        io.create_dir_all(&folder)
+            .map_err(StoreError::io(&folder))?;
+        let v1 = folder.join(format!("shard-{shard}.bin"));
+        if io.exists(&v1) {
+            return Err(StoreError::written_by_v1(&v1, data));
+        }
+        let path = shard_path(data, shard);
+        let (mut file, created) = match io.open(&path, false) {
+            Ok(file) => (file, false),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                let file = io.create(&path).map_err(StoreError::io(&path))?;
+                // The new name must outlive a crash before any record in it is relied on.
+                io.sync_dir(&folder).map_err(StoreError::io(&folder))?;
+                io.sync_dir(data).map_err(StoreError::io(data))?;
+                (file, true)
+            }
+            Err(error) => return Err(StoreError::io(&path)(error)),
+        };
+        let length = file.size_bytes().map_err(StoreError::io(&path))?;
+        let torn = length % RECORD_BYTES as u64;
+        let good_bytes = length - torn;
+        if torn > 0 {
+            file.truncate(good_bytes).map_err(StoreError::io(&path))?;
+            file.sync().map_err(StoreError::io(&path))?;
+        }
+        Ok(Self {
+            file,
+            path,
+            good_bytes,
+            pending: Vec::new(),
+            opened: Opened {
+                records: good_bytes / RECORD_BYTES as u64,
+                torn_bytes_cut: torn,
+                created,
+            },
+        })
+    }
+
+    /// Buffers the binding of `key` (its user id is derived from it); [`AccountLog::flush`]
+    /// makes it durable.
+    pub fn append(&mut self, key: &[u8; KEY_BYTES]) {
+        self.pending.extend_from_slice(&encode(key));
+    }
+
+    /// Writes every buffered record with one positioned write at the end of the good records,
+    /// then fsyncs; returns how many records became durable (0 when none were buffered).
+    ///
+    /// On failure the records stay buffered and the file is cut back to its good length (best
+    /// effort: if that fails too, the next flush still writes at the good length, over the
+    /// torn bytes). Call again later to retry.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        debug_assert_eq!(self.good_bytes % RECORD_BYTES as u64, 0);
+        debug_assert_eq!(self.pending.len() % RECORD_BYTES, 0);
+        store_io::append_durably(&mut self.file, &self.pending, self.good_bytes)?;
+        self.good_bytes += self.pending.len() as u64;
+        let records = self.pending.len() / RECORD_BYTES;
+        self.pending.clear();
+        Ok(records)
+    }
+
+    /// Records appended and not yet durable (they grow while flushes fail).
+    pub fn pending_records(&self) -> usize {
+        self.pending.len() / RECORD_BYTES
+    }
+
+    /// What opening found.
+    pub fn opened(&self) -> Opened {
+        self.opened
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// `DATA/accounts`.
+pub fn folder(data: &Path) -> PathBuf {
+    data.join(FOLDER)
+}
+
+/// `DATA/accounts/shard-K.keys`.
+pub fn shard_path(data: &Path, shard: u16) -> PathBuf {
+    folder(data).join(format!("shard-{shard}.keys"))
+}
+
+/// Reads the bindings of every `shard-K.keys` file under `DATA/accounts` (none when the folder
+/// does not exist). Fails with [`StoreError::Corrupt`], naming the file, the byte offset and
+/// the repair command, on a record whose checksum fails; with [`StoreError::Layout`] when a
+/// v1 file (`shard-K.bin`) is there.
+pub fn load<I: Io>(io: &I, data: &Path) -> Result<Loaded, StoreError> {
+    let mut loaded = Loaded::default();
+    for (shard, path) in shard_files(io, data)? {
+        loaded.files += 1;
+        let scanned = scan_file(io, &path, |offset, record| match decode(record) {
+            Some(binding) => {
+                loaded.bindings.push(binding);
+                Ok(())
+            }
+            None => Err(corrupt(data, shard, &path, offset)),
+        })?;
+        loaded.torn_bytes += scanned.torn_bytes;
+    }
+    Ok(loaded)
+}
+
+/// What [`repair`] did to one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairedFile {
+    /// The file, rewritten with its valid records only.
+    pub path: PathBuf,
+    /// The copy of the damaged file, byte for byte.
+    pub damaged_copy: PathBuf,
+    /// Valid records written back.
+    pub kept: u64,
+    /// Damaged records left out: for a binding file, records whose checksum failed; for a
+    /// presence-settings file, damaged stretches (each one record or more, since a damaged
+    /// length hides where the next record starts).
+    pub dropped: u64,
+    /// Bytes of the damaged records left out.
+    pub dropped_bytes: u64,
+    /// Bytes after the last whole record, left out.
+    pub torn_bytes: u64,
+}
+
+/// What [`repair`] (or [`crate::privacy::repair`]) did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Binding files and presence-settings files read.
+    pub files_checked: usize,
+    /// The files that held a damaged record; the others are untouched.
+    pub repaired: Vec<RepairedFile>,
+}
+
+/// Rewrites every `shard-K.keys` file that holds a record with a bad checksum, keeping its
+/// valid records, then repairs the presence-settings files of the same folder
+/// ([`crate::privacy::repair`]): `hopd admin repair-accounts` is one command for both. Run it
+/// with hopd stopped. Per damaged file: the file is copied byte for byte
+/// to `shard-K.keys.damaged` (or `.damaged.2`, ... when that exists), the valid records are
+/// written to `shard-K.keys.tmp`, both are fsynced, and the new file is renamed over the old
+/// one, then the folder is fsynced. A crash at any point leaves either the old file or the
+/// new one in place (and perhaps a `.tmp`, removed by the next run), so the command can simply
+/// be run again. A file whose only damage is a torn tail is left to [`AccountLog::open`],
+/// which cuts it.
+pub fn repair<I: Io>(io: &I, data: &Path) -> Result<RepairReport, StoreError> {
+    let mut report = RepairReport::default();
+    let folder = folder(data);
+    for (shard, path) in shard_files(io, data)? {
+        report.files_checked += 1;
+        let temporary = folder.join(format!("shard-{shard}.keys.tmp"));
+        if io.exists(&temporary) {
+            // Left by a repair that crashed before its rename: the old file is still in place.
+            io.remove_file(&temporary)
+                .map_err(StoreError::io(&temporary))?;
+        }
+        let scanned = scan_file(io, &path, |_, _| Ok(()))?;
+        if scanned.bad_records == 0 {
+            continue;
+        }
+        let damaged_copy = free_damaged_name(io, &path)?;
+        copy_file(io, &path, &damaged_copy, Selection::Whole)?;
+        let kept = copy_file(io, &path, &temporary, Selection::ValidRecords)?;
+        io.rename(&temporary, &path)
+            .map_err(StoreError::io(&path))?;
+        io.sync_dir(&folder).map_err(StoreError::io(&folder))?;
+        debug_assert_eq!(kept, scanned.records - scanned.bad_records);
+        report.repaired.push(RepairedFile {
+            path,
+            damaged_copy,
+            kept,
+            dropped: scanned.bad_records,
+            dropped_bytes: scanned.bad_records * RECORD_BYTES as u64,
+            torn_bytes: scanned.torn_bytes,
+        });
+    }
+    // The presence settings live in the same folder; one command repairs both.
+    let privacy = crate::privacy::repair(io, data)?;
+    report.files_checked += privacy.files_checked;
+    report.repaired.extend(privacy.repaired);
+    Ok(report)
+}
+
+impl fmt::Display for RepairReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "accounts folder (bindings and presence settings): {} files checked, {} repaired",
+            self.files_checked,
+            self.repaired.len()
+        )?;
+        for file in &self.repaired {
+            writeln!(
+                f,
+                "{}: kept {} records, dropped {} damaged ({} bytes; {} torn bytes); the damaged file is kept as {}",
+                file.path.display(),
+                file.kept,
+                file.dropped,
+                file.dropped_bytes,
+                file.torn_bytes,
+                file.damaged_copy.display()
+            )?;
+            if file.path.extension().is_some_and(|ext| ext == "privacy") {
+                writeln!(
+                    f,
+                    "  users whose presence setting was in the dropped bytes fall back to their \
+                     setting in another shard's file, if any, or to the default (visible to \
+                     everyone) until they send their settings again"
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- helpers ----
+
+fn encode(key: &[u8; KEY_BYTES]) -> [u8; RECORD_BYTES] {
+    let mut record = [0u8; RECORD_BYTES];
+    record[..KEY_BYTES].copy_from_slice(key);
+    record[KEY_BYTES..].copy_from_slice(&crc32c::crc32c(key).to_le_bytes());
+    record
+}
+
+/// The binding a record holds; `None` when its checksum fails.
+fn decode(record: &[u8]) -> Option<(UserId, [u8; KEY_BYTES])> {
+    let mut key = [0u8; KEY_BYTES];
+    key.copy_from_slice(record.get(..KEY_BYTES)?);
+    let stored = crate::format::le_u32(record.get(..RECORD_BYTES)?, KEY_BYTES);
+    (crc32c::crc32c(&key) == stored).then(|| (UserId::from_public_key(&key), key))
+}
+
+fn corrupt(data: &Path, shard: u16, path: &Path, offset: u64) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        reason: format!(
+            "the account record ({RECORD_BYTES} bytes) there fails its checksum, so its key and \
+             user id are unknown"
+        ),
+        repair: format!(
+            "stop hopd and run `{REPAIR_COMMAND} {data}`: it keeps a copy as \
+             shard-{shard}.keys.damaged and rewrites the file with its valid records (a user \
+             whose binding is dropped binds again when it next connects)",
+            data = data.display()
+        ),
+    }
+}
+
+/// The `shard-K.keys` files under `DATA/accounts`, by shard number. A v1 file is an error.
+fn shard_files<I: Io>(io: &I, data: &Path) -> Result<Vec<(u16, PathBuf)>, StoreError> {
+    let folder = folder(data);
+    let names = match io.list_dir(&folder) {
+        Ok(names) => names,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(StoreError::io(&folder)(error)),
+    };
+    let mut files = Vec::new();
+    for name in names {
+        let Some(rest) = name.strip_prefix("shard-") else {
+            continue;
+        };
+        if rest.strip_suffix(".bin").is_some_and(is_number) {
+            return Err(StoreError::written_by_v1(&folder.join(&name), data));
+        }
+        if let Some(shard) = rest
+            .strip_suffix(".keys")
+            .and_then(|n| n.parse::<u16>().ok())
+        {
+            files.push((shard, folder.join(&name)));
+        }
+    }
+    files.sort_unstable();
+    Ok(files)
+}
+
+fn is_number(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit())
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Scanned {
+    records: u64,
+    bad_records: u64,
+    torn_bytes: u64,
+}
+
+/// Calls `on_record(offset, record)` for each whole record of the file, in order, reading
+/// [`READ_RECORDS`] per call; stops at the first error `on_record` returns.
+fn scan_file<I: Io>(
+    io: &I,
+    path: &Path,
+    mut on_record: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+) -> Result<Scanned, StoreError> {
+    let file = io.open(path, true).map_err(StoreError::io(path))?;
+    let length = file.size_bytes().map_err(StoreError::io(path))?;
+    let whole = length - length % RECORD_BYTES as u64;
+    let mut scanned = Scanned {
+        torn_bytes: length - whole,
+        ..Scanned::default()
+    };
+    let mut chunk = vec![0u8; READ_RECORDS * RECORD_BYTES];
+    let mut offset = 0u64;
+    while offset < whole {
+        let take = (whole - offset).min(chunk.len() as u64) as usize;
+        file.read_exact_at(&mut chunk[..take], offset)
+            .map_err(StoreError::io(path))?;
+        for (at, record) in chunk[..take].chunks_exact(RECORD_BYTES).enumerate() {
+            scanned.records += 1;
+            if decode(record).is_none() {
+                scanned.bad_records += 1;
+            }
+            on_record(offset + (at * RECORD_BYTES) as u64, record)?;
+        }
+        offset += take as u64;
+    }
+    Ok(scanned)
+}
+
+/// What [`copy_file`] copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Selection {
+    /// Every byte, torn tail included.
+    Whole,
+    /// The records whose checksum holds.
+    ValidRecords,
+}
+
+/// Writes `what` of `from` to the new file `to`, fsyncs it and returns the records written.
+fn copy_file<I: Io>(io: &I, from: &Path, to: &Path, what: Selection) -> Result<u64, StoreError> {
+    let mut target = io.create(to).map_err(StoreError::io(to))?;
+    let mut out = Vec::with_capacity(READ_RECORDS * RECORD_BYTES);
+    let mut written = 0u64;
+    let mut kept = 0u64;
+    let scanned = scan_file(io, from, |_, record| {
+        if what == Selection::Whole || decode(record).is_some() {
+            out.extend_from_slice(record);
+            kept += 1;
+        }
+        if out.len() >= READ_RECORDS * RECORD_BYTES {
+            target
+                .write_all_at(&out, written)
+                .map_err(StoreError::io(to))?;
+            written += out.len() as u64;
+            out.clear();
+        }
+        Ok(())
+    })?;
+    if what == Selection::Whole && scanned.torn_bytes > 0 {
+        let source = io.open(from, true).map_err(StoreError::io(from))?;
+        let mut tail = vec![0u8; scanned.torn_bytes as usize];
+        let whole = scanned.records * RECORD_BYTES as u64;
+        source
+            .read_exact_at(&mut tail, whole)
+            .map_err(StoreError::io(from))?;
+        out.extend_from_slice(&tail);
+    }
+    target
+        .write_all_at(&out, written)
+        .map_err(StoreError::io(to))?;
+    target.sync().map_err(StoreError::io(to))?;
+    Ok(kept)
+}
+
+/// `shard-K.keys.damaged` (`shard-K.privacy.damaged` for `shard-K.privacy`), or the first of
+/// `.damaged.2`, `.damaged.3`, ... that is free.
+pub(crate) fn free_damaged_name<I: Io>(io: &I, path: &Path) -> Result<PathBuf, StoreError> {
+    let extension = path
+        .extension()
+        .and_then(|extension| extension.to_str())
+        .unwrap_or_default();
+    let base = path.with_extension(format!("{extension}.damaged"));
+    if !io.exists(&base) {
+        return Ok(base);
+    }
+    for copy in 2..=DAMAGED_COPIES_MAX {
+        let name = path.with_extension(format!("{extension}.damaged.{copy}"));
+        if !io.exists(&name) {
+            return Ok(name);
+        }
+    }
+    Err(StoreError::Layout {
+        path: base,
+        reason: format!(
+            "{DAMAGED_COPIES_MAX} damaged copies of this file are kept already; move them \
+             elsewhere and repair again"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::FsIo;
+
+    #[test]
+    fn a_record_is_the_key_then_its_checksum() {
+        let key = [0x42u8; KEY_BYTES];
+        let record = encode(&key);
+        assert_eq!(record[..KEY_BYTES], key);
+        assert_eq!(
+            record[KEY_BYTES..],
+            crc32c::crc32c(&key).to_le_bytes(),
+            "CRC32C, little-endian"
+        );
+        assert_eq!(decode(&record), Some((UserId::from_public_key(&key), key)));
+        let mut flipped = record;
+        flipped[3] ^= 0x01;
+        assert_eq!(decode(&flipped), None);
+    }
+
+    #[test]
+    fn bindings_of_every_shard_file_are_loaded_in_shard_order() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let data = temp.path();
+        let mut second = AccountLog::open(&FsIo, data, 10).expect("open");
+        second.append(&[2; KEY_BYTES]);
+        assert_eq!(second.flush().expect("flush"), 1);
+        let mut first = AccountLog::open(&FsIo, data, 2).expect("open");
+        first.append(&[1; KEY_BYTES]);
+        assert_eq!(
+            load(&FsIo, data).expect("load").bindings.len(),
+            1,
+            "buffered until flushed"
+        );
+        assert_eq!(first.flush().expect("flush"), 1);
+        assert_eq!(first.flush().expect("nothing left"), 0);
+        let loaded = load(&FsIo, data).expect("load");
+        let keys: Vec<[u8; KEY_BYTES]> = loaded.bindings.iter().map(|(_, key)| *key).collect();
+        assert_eq!(
+            keys,
+            [[1; KEY_BYTES], [2; KEY_BYTES]],
+            "shard 2 before shard 10"
+        );
+        assert_eq!((loaded.files, loaded.torn_bytes), (2, 0));
+    }
+
+    #[test]
+    fn no_folder_means_no_bindings() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            load(&FsIo, &temp.path().join("none")).expect("load"),
+            Loaded::default()
+        );
+        assert_eq!(
+            repair(&FsIo, &temp.path().join("none")).expect("repair"),
+            RepairReport::default()
+        );
+    }
+}
