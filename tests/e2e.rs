@@ -320,6 +320,7 @@ fn sends_to_unknown_or_malformed_user_ids_get_errors_not_acks() {
             seq: 99,
             body: bytes::Bytes::from_static(b"x"),
             alias: 0,
+            resend: false,
         })))
         .unwrap();
     assert_eq!(

@@ -76,16 +76,28 @@ impl Outbox {
     pub fn send(&mut self, to: UserId, body: Bytes, stanzas: &mut Vec<Stanza>) -> MessageRef {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.resend(to, seq, body, stanzas)
+        self.stanzas_for(to, seq, body, false, stanzas)
     }
 
-    /// The stanzas for message `seq` of this outbox again (the same id, so the server delivers
-    /// it once), e.g. on a new connection after the first did not bring its ServerAck.
+    /// The stanzas for message `seq` of this outbox again (the same id, marked as a resend, so
+    /// the server looks for the original and takes it once), e.g. on a new connection after
+    /// the first did not bring its ServerAck.
     pub fn resend(
         &mut self,
         to: UserId,
         seq: u64,
         body: Bytes,
+        stanzas: &mut Vec<Stanza>,
+    ) -> MessageRef {
+        self.stanzas_for(to, seq, body, true, stanzas)
+    }
+
+    fn stanzas_for(
+        &mut self,
+        to: UserId,
+        seq: u64,
+        body: Bytes,
+        resend: bool,
         stanzas: &mut Vec<Stanza>,
     ) -> MessageRef {
         assert!(
@@ -103,7 +115,7 @@ impl Outbox {
                 Stanza::send(to, seq, body, alias)
             }
         };
-        stanzas.push(send);
+        stanzas.push(if resend { send.into_resend() } else { send });
         MessageRef {
             outbox: self.id,
             seq,

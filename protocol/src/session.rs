@@ -124,7 +124,8 @@ impl Channel {
     /// Queues a stanza for the next frame. If it does not fit in the frame being built, that
     /// frame is sealed into `out` first.
     pub fn queue(&mut self, stanza: &Stanza, out: &mut Vec<u8>) {
-        let bytes = wire::encoded_bytes(stanza);
+        let measured = wire::Measured::of(stanza);
+        let bytes = measured.bytes();
         assert!(
             bytes <= FRAME_PLAINTEXT_BYTES_MAX,
             "a stanza larger than a frame"
@@ -132,7 +133,7 @@ impl Channel {
         if self.pending_bytes() + bytes > FRAME_PLAINTEXT_BYTES_MAX {
             self.flush(out);
         }
-        wire::encode(stanza, &mut self.buffers_mut().pending);
+        measured.encode(&mut self.buffers_mut().pending);
     }
 
     /// True when stanzas are queued but not yet sealed.

@@ -1,5 +1,4 @@
 use std::collections::VecDeque;
-use std::hash::Hasher;
 
 use foldhash::HashMap;
 
@@ -11,7 +10,7 @@ use hop_protocol::wire::{
     CONTACTS_MAX,
 };
 use hop_protocol::UserId;
-use siphasher::sip::SipHasher24;
+use siphasher::sip::SipHasher13;
 
 use crate::{ConnRef, ShardId};
 
@@ -66,9 +65,9 @@ impl Default for Limits {
 /// key, so every shard and every restart makes the same ones.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secrets {
-    /// Keys the server message id: SipHash-2-4 of (sender, recipient, outbox, seq).
+    /// Keys the server message id: SipHash-1-3 of (sender, recipient, outbox, seq).
     pub message_ids: [u8; 16],
-    /// Keys a Deliver's proof: SipHash-2-4 of (recipient, sender, message id).
+    /// Keys a Deliver's proof: SipHash-1-3 of (recipient, sender, message id).
     pub read_proofs: [u8; 16],
 }
 
@@ -132,6 +131,8 @@ pub struct Envelope {
     pub conn: ConnRef,
     /// The sender's id of the message.
     pub message: MessageRef,
+    /// The client marked it as sent before: look for the original before queueing it.
+    pub resend: bool,
     pub timestamp_ms: u64,
     pub body: Bytes,
 }
@@ -431,6 +432,16 @@ impl Sending {
     }
 }
 
+/// A queued message not yet on disk. One map entry for both, since both come at accept and
+/// both go at the commit: half the map work of two maps.
+#[derive(Debug)]
+struct Pending {
+    /// Its body, until the store has it.
+    body: Bytes,
+    /// Who waits for its ServerAck; `None` once the recipient's device acked it.
+    waiter: Option<Waiter>,
+}
+
 /// Who waits for a message's ServerAck: the connection that sent it last.
 #[derive(Debug, Clone, Copy)]
 struct Waiter {
@@ -446,22 +457,19 @@ pub struct Router {
     shard: ShardId,
     shards: u16,
     limits: Limits,
-    secrets: Secrets,
+    /// SipHash keyed with `Secrets::message_ids`.
+    message_ids: Keyed,
+    /// SipHash keyed with `Secrets::read_proofs`.
+    read_proofs: Keyed,
     users: HashMap<UserId, User>,
     queued_bytes: usize,
     actions: VecDeque<Action>,
     counters: Counters,
-    /// Messages taken into a queue whose sender has no ServerAck yet: they wait for the disk
-    /// (or for the recipient's device, whichever comes first). By (recipient, server id).
-    awaiting_keep: HashMap<(UserId, u64), Waiter>,
-    /// Bodies of queued messages not yet kept on disk, by (recipient, server id). Bounded by
-    /// what one commit interval brings in: a body leaves when its message is kept, acked or
-    /// refused.
-    fresh: HashMap<(UserId, u64), Bytes>,
-    /// How many queued messages have each server id: a resend of a queued message is found
-    /// through it without scanning every queue (ids are 64-bit hashes, so the queue itself
-    /// is checked on a hit).
-    queued_ids: HashMap<u64, u32>,
+    /// Queued messages the disk has not taken yet, by (recipient, server id): the body, so
+    /// that an online recipient gets it without a read, and who waits for the ServerAck (until
+    /// the disk or the recipient's device takes responsibility). Bounded by what one commit
+    /// interval brings in: an entry leaves when its message is kept, acked or refused.
+    pending: HashMap<(UserId, u64), Pending>,
     /// Users whose queue and presence lists became empty since the last
     /// [`Router::release_empty`]; each at most once.
     emptied: Vec<UserId>,
@@ -480,14 +488,13 @@ impl Router {
             shard,
             shards,
             limits,
-            secrets,
+            message_ids: Keyed(SipHasher13::new_with_key(&secrets.message_ids)),
+            read_proofs: Keyed(SipHasher13::new_with_key(&secrets.read_proofs)),
             users: HashMap::default(),
             queued_bytes: 0,
             actions: VecDeque::new(),
             counters: Counters::default(),
-            awaiting_keep: HashMap::default(),
-            fresh: HashMap::default(),
-            queued_ids: HashMap::default(),
+            pending: HashMap::default(),
             emptied: Vec::new(),
         }
     }
@@ -751,8 +758,13 @@ impl Router {
         if kind != ReceiptKind::Unspecified {
             return;
         }
-        self.fresh.remove(&(user, id));
-        self.release_server_ack(user, id, now_ms);
+        if let Some(Pending {
+            waiter: Some(waiter),
+            ..
+        }) = self.pending.remove(&(user, id))
+        {
+            self.accepted(waiter, id, now_ms);
+        }
     }
 
     /// A kept message of `user` could not be read back from disk (the store found it
@@ -778,11 +790,10 @@ impl Router {
         reason: &'static str,
         now_ms: u64,
     ) {
-        self.remove_item(user, id, kind);
-        if kind != ReceiptKind::Unspecified {
+        let Some((_, Some(waiter))) = self.remove_item(user, id, kind) else {
             return;
-        }
-        if let Some(waiter) = self.awaiting_keep.remove(&(user, id)) {
+        };
+        {
             self.counters.messages_rejected += 1;
             let refusal = ShardMessage::Rejected {
                 sender: waiter.sender,
@@ -813,14 +824,14 @@ impl Router {
         let entry = Entry::of(item);
         state.queue_mut().push(entry);
         self.queued_bytes += entry.body_bytes();
-        if entry.is_message() {
-            *self.queued_ids.entry(entry.id).or_insert(0) += 1;
-        }
     }
 
     /// Messages waiting for the disk before their ServerAck.
     pub fn awaiting_keep(&self) -> usize {
-        self.awaiting_keep.len()
+        self.pending
+            .values()
+            .filter(|pending| pending.waiter.is_some())
+            .count()
     }
 
     /// Frees the queue and presence lists of the users whose lists have stayed empty since
@@ -842,25 +853,25 @@ impl Router {
 
     /// Message bodies held in memory: those of queued messages not yet kept on disk.
     pub fn bodies_in_memory(&self) -> usize {
-        self.fresh.len()
+        self.pending.len()
     }
 
     /// The server id of message `message` from `from` to `to`: the same for every copy, so
     /// that a resend is found in the queue and a recipient drops a second Deliver by
     /// (from, id). Keyed, so that no client can name another's messages.
     pub fn message_id(&self, from: UserId, to: UserId, message: MessageRef) -> u64 {
-        let mut hasher = SipHasher24::new_with_key(&self.secrets.message_ids);
-        hasher.write(&from.to_bytes());
-        hasher.write(&to.to_bytes());
-        hasher.write(&message.outbox.to_le_bytes());
-        hasher.write(&message.seq.to_le_bytes());
-        hasher.finish().max(1)
+        let mut input = [0u8; 48];
+        input[..16].copy_from_slice(&from.to_bytes());
+        input[16..32].copy_from_slice(&to.to_bytes());
+        input[32..40].copy_from_slice(&message.outbox.to_le_bytes());
+        input[40..].copy_from_slice(&message.seq.to_le_bytes());
+        self.message_ids.0.hash(&input).max(1)
     }
 
     /// The proof a Deliver of message `id` from `from` carries to `reader`, and that a Read of
     /// it must show: only the device the message was delivered to has it.
     pub fn read_proof(&self, reader: UserId, from: UserId, id: u64) -> u64 {
-        read_proof(&self.secrets, reader, from, id)
+        read_proof(&self.read_proofs, reader, from, id)
     }
 
     fn client_send(&mut self, from: UserId, conn: ConnRef, send: Send, now_ms: u64) {
@@ -907,6 +918,7 @@ impl Router {
             to,
             conn,
             message,
+            resend: send.resend,
             timestamp_ms: now_ms,
             body: send.body,
         };
@@ -929,7 +941,11 @@ impl Router {
             let message = reject(ErrorCode::UnknownUser, "no such user on this server");
             return self.send_home(envelope.from, message, now_ms);
         };
-        if self.queued_ids.contains_key(&id) {
+        // Only a Send the client marked as a resend is looked for: a first send cannot have
+        // an original, and the common path stays free of the lookup. The lookup scans the
+        // recipient's queue (at most `queue_messages_max` items), once per resend. A resend
+        // not marked as one is queued again under the same id, which the recipient drops.
+        if envelope.resend {
             if let Some(original) = state.queued_message(id, envelope.from) {
                 return self.answer_resend(envelope, id, original.timestamp_ms, now_ms);
             }
@@ -954,18 +970,20 @@ impl Router {
             body: envelope.body.clone(),
         };
         state.queue_mut().push(Entry::of(&item));
-        *self.queued_ids.entry(id).or_insert(0) += 1;
-        self.fresh.insert((envelope.to, id), envelope.body);
         self.queued_bytes += body_bytes;
         self.counters.messages_accepted += 1;
         // The ServerAck waits until the message is on disk or acked by the device.
-        self.awaiting_keep.insert(
+        let waiter = Waiter {
+            sender: envelope.from,
+            conn: envelope.conn,
+            message: envelope.message,
+            timestamp_ms: envelope.timestamp_ms,
+        };
+        self.pending.insert(
             (envelope.to, id),
-            Waiter {
-                sender: envelope.from,
-                conn: envelope.conn,
-                message: envelope.message,
-                timestamp_ms: envelope.timestamp_ms,
+            Pending {
+                body: envelope.body,
+                waiter: Some(waiter),
             },
         );
         self.actions.push_back(Action::Keep {
@@ -981,7 +999,11 @@ impl Router {
     /// now, with the original's id and time.
     fn answer_resend(&mut self, envelope: Envelope, id: u64, timestamp_ms: u64, now_ms: u64) {
         self.counters.messages_deduplicated += 1;
-        if let Some(waiter) = self.awaiting_keep.get_mut(&(envelope.to, id)) {
+        let waiting = self
+            .pending
+            .get_mut(&(envelope.to, id))
+            .and_then(|pending| pending.waiter.as_mut());
+        if let Some(waiter) = waiting {
             waiter.conn = envelope.conn;
             waiter.message = envelope.message;
             return;
@@ -996,20 +1018,26 @@ impl Router {
         self.send_home(envelope.from, accepted, now_ms);
     }
 
-    fn release_server_ack(&mut self, user: UserId, id: u64, now_ms: u64) {
-        if let Some(waiter) = self.awaiting_keep.remove(&(user, id)) {
-            let accepted = ShardMessage::Accepted {
-                sender: waiter.sender,
-                conn: waiter.conn,
-                message: waiter.message,
-                id,
-                timestamp_ms: waiter.timestamp_ms,
-            };
-            self.send_home(waiter.sender, accepted, now_ms);
-        }
+    /// The ServerAck of message `id` goes to the connection that waits for it.
+    fn accepted(&mut self, waiter: Waiter, id: u64, now_ms: u64) {
+        let accepted = ShardMessage::Accepted {
+            sender: waiter.sender,
+            conn: waiter.conn,
+            message: waiter.message,
+            id,
+            timestamp_ms: waiter.timestamp_ms,
+        };
+        self.send_home(waiter.sender, accepted, now_ms);
     }
 
-    fn remove_item(&mut self, user: UserId, id: u64, kind: ReceiptKind) -> Option<Entry> {
+    /// Takes item (`id`, `kind`) out of `user`'s queue; for a message not yet on disk, also
+    /// its body, and returns who still waits for its ServerAck.
+    fn remove_item(
+        &mut self,
+        user: UserId,
+        id: u64,
+        kind: ReceiptKind,
+    ) -> Option<(Entry, Option<Waiter>)> {
         let state = self.users.get_mut(&user)?;
         let queue = &mut state.extra.as_mut()?.queue;
         let position = queue
@@ -1030,22 +1058,20 @@ impl Router {
             self.emptied.push(user);
         }
         self.queued_bytes -= body_bytes;
-        if item.is_message() {
-            self.fresh.remove(&(user, id));
-            if let Some(count) = self.queued_ids.get_mut(&id) {
-                *count -= 1;
-                if *count == 0 {
-                    self.queued_ids.remove(&id);
-                }
-            }
-        }
-        Some(item)
+        let waiter = if item.is_message() {
+            self.pending
+                .remove(&(user, id))
+                .and_then(|pending| pending.waiter)
+        } else {
+            None
+        };
+        Some((item, waiter))
     }
 
     fn client_ack(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
         // Acks come in delivery order, so the item is almost always at the front. An Ack can
         // only name an item of the acker's own queue: it needs no other check.
-        let Some(item) = self.remove_item(user, id, kind) else {
+        let Some((item, waiter)) = self.remove_item(user, id, kind) else {
             self.counters.acks_unmatched += 1;
             return;
         };
@@ -1055,7 +1081,9 @@ impl Router {
             let from = item.peer;
             self.counters.messages_acked += 1;
             // The device has it: the server's responsibility is met even if the disk is not.
-            self.release_server_ack(user, id, now_ms);
+            if let Some(waiter) = waiter {
+                self.accepted(waiter, id, now_ms);
+            }
             let receipt = ShardMessage::Receipt {
                 to: from,
                 id,
@@ -1084,7 +1112,7 @@ impl Router {
                 None,
             );
         };
-        if read.proof != read_proof(&self.secrets, reader, from, read.id) {
+        if read.proof != read_proof(&self.read_proofs, reader, from, read.id) {
             self.counters.reads_refused += 1;
             return self.error_to(
                 conn,
@@ -1265,7 +1293,9 @@ impl Router {
             timestamp_ms,
         };
         let entry = Entry::of(&item);
-        if state.has_recent_twin(&entry) {
+        // A delivered receipt is made once, by the server, at the device's Ack; a read receipt
+        // comes from the reader, who may send its Read again.
+        if kind == ReceiptKind::Read && state.has_recent_twin(&entry) {
             self.counters.receipts_duplicate += 1;
             return;
         }
@@ -1310,9 +1340,9 @@ impl Router {
                     })),
                 }
             } else {
-                let proof = read_proof(&self.secrets, user, entry.peer, entry.id);
-                match self.fresh.get(&(user, entry.id)) {
-                    Some(body) => Action::Send {
+                let proof = read_proof(&self.read_proofs, user, entry.peer, entry.id);
+                match self.pending.get(&(user, entry.id)) {
+                    Some(Pending { body, .. }) => Action::Send {
                         conn,
                         stanza: Stanza::deliver(
                             entry.peer,
@@ -1386,12 +1416,21 @@ impl Router {
 /// actions to the millisecond.
 pub const LAST_SEEN_GRAIN_MS: u64 = 60_000;
 
-fn read_proof(secrets: &Secrets, reader: UserId, from: UserId, id: u64) -> u64 {
-    let mut hasher = SipHasher24::new_with_key(&secrets.read_proofs);
-    hasher.write(&reader.to_bytes());
-    hasher.write(&from.to_bytes());
-    hasher.write(&id.to_le_bytes());
-    hasher.finish()
+/// A keyed SipHash whose `Debug` does not print the key.
+struct Keyed(SipHasher13);
+
+impl std::fmt::Debug for Keyed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keyed(..)")
+    }
+}
+
+fn read_proof(keyed: &Keyed, reader: UserId, from: UserId, id: u64) -> u64 {
+    let mut input = [0u8; 40];
+    input[..16].copy_from_slice(&reader.to_bytes());
+    input[16..32].copy_from_slice(&from.to_bytes());
+    input[32..].copy_from_slice(&id.to_le_bytes());
+    keyed.0.hash(&input)
 }
 
 /// The recipient a Send names: in full (binding an alias when it gives one) or by an alias

@@ -33,8 +33,9 @@ const COMMON_BYTES: usize = 1 + USER_BYTES + 8;
 pub const MESSAGE_FIXED_BYTES: usize = COMMON_BYTES + 8 + 8 + USER_BYTES;
 /// common | id u64 | timestamp_ms u64 | by 16 | receipt kind u8
 pub const RECEIPT_PAYLOAD_BYTES: usize = MESSAGE_FIXED_BYTES + 1;
-/// common only: the record with sequence number `seq` of `user` is gone.
-pub const TOMBSTONE_PAYLOAD_BYTES: usize = COMMON_BYTES;
+/// kind u8 | seq u64: the record with sequence number `seq` is gone (sequence numbers are
+/// unique in a shard folder, so the user is not needed, and a drain writes one per record).
+pub const TOMBSTONE_PAYLOAD_BYTES: usize = 1 + 8;
 /// Largest message body the store keeps, in bytes (a wire body is smaller: 63 KiB).
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Largest payload a valid record has; a length above it is damage.
@@ -44,7 +45,7 @@ pub const RECORD_BYTES_MAX: usize = RECORD_HEADER_BYTES + PAYLOAD_BYTES_MAX;
 
 const _: () = assert!(TOMBSTONE_PAYLOAD_BYTES < MESSAGE_FIXED_BYTES);
 // The byte counts store/DESIGN.md gives.
-const _: () = assert!(TOMBSTONE_PAYLOAD_BYTES == 25);
+const _: () = assert!(TOMBSTONE_PAYLOAD_BYTES == 9);
 const _: () = assert!(MESSAGE_FIXED_BYTES == 57);
 const _: () = assert!(RECEIPT_PAYLOAD_BYTES == 58);
 const _: () = assert!(RECEIPT_PAYLOAD_BYTES <= PAYLOAD_BYTES_MAX);
@@ -114,12 +115,8 @@ pub enum Payload<'a> {
         by: UserId,
         kind: u8,
     },
-    /// The record `seq` of `user` was delivered (`expired == false`) or expired.
-    Tombstone {
-        user: UserId,
-        seq: u64,
-        expired: bool,
-    },
+    /// The record `seq` was delivered (`expired == false`) or expired.
+    Tombstone { seq: u64, expired: bool },
 }
 
 pub fn encode_message(
@@ -160,7 +157,7 @@ pub fn encode_receipt(
 /// Bytes of a tombstone record.
 pub const TOMBSTONE_RECORD_BYTES: usize = RECORD_HEADER_BYTES + TOMBSTONE_PAYLOAD_BYTES;
 
-pub fn encode_tombstone(out: &mut Vec<u8>, user: UserId, seq: u64, expired: bool) {
+pub fn encode_tombstone(out: &mut Vec<u8>, seq: u64, expired: bool) {
     let kind = if expired {
         KIND_EXPIRED
     } else {
@@ -171,8 +168,7 @@ pub fn encode_tombstone(out: &mut Vec<u8>, user: UserId, seq: u64, expired: bool
     let mut record = [0u8; TOMBSTONE_RECORD_BYTES];
     record[4..8].copy_from_slice(&(TOMBSTONE_PAYLOAD_BYTES as u32).to_le_bytes());
     record[8] = kind;
-    record[USER_AT..SEQ_AT].copy_from_slice(&user.to_bytes());
-    record[SEQ_AT..SEQ_AT + 8].copy_from_slice(&seq.to_le_bytes());
+    record[9..17].copy_from_slice(&seq.to_le_bytes());
     let checksum = crc32c::crc32c(&record[4..]);
     record[..4].copy_from_slice(&checksum.to_le_bytes());
     out.extend_from_slice(&record);
@@ -203,6 +199,15 @@ pub fn decode(bytes: &[u8]) -> Option<(Payload<'_>, usize)> {
     if crc32c::crc32c(&record[4..]) != le_u32(record, 0) {
         return None;
     }
+    if matches!(payload[0], KIND_DELIVERED | KIND_EXPIRED) {
+        return (len == TOMBSTONE_PAYLOAD_BYTES).then(|| {
+            let tombstone = Payload::Tombstone {
+                seq: le_u64(payload, 1),
+                expired: payload[0] == KIND_EXPIRED,
+            };
+            (tombstone, total)
+        });
+    }
     let user = user_at(payload, PAYLOAD_USER_AT)?;
     let seq = le_u64(payload, PAYLOAD_SEQ_AT);
     let decoded = match payload[0] {
@@ -221,11 +226,6 @@ pub fn decode(bytes: &[u8]) -> Option<(Payload<'_>, usize)> {
             timestamp_ms: le_u64(payload, PAYLOAD_TIMESTAMP_AT),
             by: user_at(payload, PAYLOAD_PEER_AT)?,
             kind: payload[MESSAGE_FIXED_BYTES],
-        },
-        KIND_DELIVERED | KIND_EXPIRED if len == TOMBSTONE_PAYLOAD_BYTES => Payload::Tombstone {
-            user,
-            seq,
-            expired: payload[0] == KIND_EXPIRED,
         },
         _ => return None,
     };
@@ -309,9 +309,6 @@ const PAYLOAD_ID_AT: usize = PAYLOAD_SEQ_AT + 8;
 const PAYLOAD_TIMESTAMP_AT: usize = PAYLOAD_ID_AT + 8;
 /// `from` of a message, `by` of a receipt.
 const PAYLOAD_PEER_AT: usize = PAYLOAD_TIMESTAMP_AT + 8;
-/// The same offsets in a whole record (behind the 8-byte record header).
-const USER_AT: usize = RECORD_HEADER_BYTES + PAYLOAD_USER_AT;
-const SEQ_AT: usize = RECORD_HEADER_BYTES + PAYLOAD_SEQ_AT;
 
 const _: () = assert!(PAYLOAD_SEQ_AT + 8 == COMMON_BYTES);
 const _: () = assert!(PAYLOAD_PEER_AT + USER_BYTES == MESSAGE_FIXED_BYTES);
@@ -344,11 +341,11 @@ mod tests {
         let mut bytes = Vec::new();
         encode_message(&mut bytes, user(7), 1, 99, 1_000, user(8), b"hello");
         encode_receipt(&mut bytes, user(8), 2, 99, 1_001, user(7), 2);
-        encode_tombstone(&mut bytes, user(7), 1, false);
-        encode_tombstone(&mut bytes, user(8), 2, true);
+        encode_tombstone(&mut bytes, 1, false);
+        encode_tombstone(&mut bytes, 2, true);
         assert_eq!(
             bytes.len(),
-            message_record_bytes(5) + 8 + RECEIPT_PAYLOAD_BYTES + 2 * (8 + 25)
+            message_record_bytes(5) + 8 + RECEIPT_PAYLOAD_BYTES + 2 * (8 + 9)
         );
         let mut seen = Vec::new();
         // Payloads borrow the scanned bytes for one call only: compare their Debug text.
@@ -373,12 +370,10 @@ mod tests {
                 kind: 2,
             },
             Payload::Tombstone {
-                user: user(7),
                 seq: 1,
                 expired: false,
             },
             Payload::Tombstone {
-                user: user(8),
                 seq: 2,
                 expired: true,
             },
@@ -403,13 +398,12 @@ mod tests {
     #[test]
     fn a_tombstone_has_the_documented_bytes() {
         let mut bytes = Vec::new();
-        encode_tombstone(&mut bytes, documented_user(), 0x1122_3344_5566_7788, true);
-        let mut expected = vec![0, 0, 0, 0, 25, 0, 0, 0, KIND_EXPIRED];
-        expected.extend_from_slice(&USER_BYTES_IN_ORDER);
+        encode_tombstone(&mut bytes, 0x1122_3344_5566_7788, true);
+        let mut expected = vec![0, 0, 0, 0, 9, 0, 0, 0, KIND_EXPIRED];
         expected.extend_from_slice(&[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
         assert_eq!(bytes, with_checksum(expected));
         assert_eq!(bytes.len(), TOMBSTONE_RECORD_BYTES);
-        assert_eq!(TOMBSTONE_RECORD_BYTES, 33);
+        assert_eq!(TOMBSTONE_RECORD_BYTES, 17);
     }
 
     #[test]
@@ -444,7 +438,7 @@ mod tests {
     #[test]
     fn an_invalid_user_id_makes_a_record_corrupt() {
         let mut bytes = Vec::new();
-        encode_tombstone(&mut bytes, user(7), 1, false);
+        encode_receipt(&mut bytes, user(7), 1, 1, 1, user(8), 1);
         // Zero the id's first eight bytes and checksum the record again: only the id is wrong.
         bytes[9..17].fill(0);
         let bytes = with_checksum(bytes);

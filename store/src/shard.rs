@@ -612,7 +612,7 @@ impl<I: Io> ShardStore<I> {
     fn remove(&mut self, now_ms: u64, at: usize, position: usize, expired: bool) {
         let user = self.index.queues[at].user;
         let slot = self.index.remove_at(at, position);
-        format::encode_tombstone(&mut self.buffer, user, slot.seq, expired);
+        format::encode_tombstone(&mut self.buffer, slot.seq, expired);
         self.buffer_tombstones.push((user, slot.seq, expired));
         self.note_buffered(now_ms);
     }
@@ -705,7 +705,7 @@ impl<I: Io> ShardStore<I> {
         }
         let _ = self.roll(now_ms);
         for (user, seq, expired) in tombstones {
-            format::encode_tombstone(&mut self.buffer, user, seq, expired);
+            format::encode_tombstone(&mut self.buffer, seq, expired);
             self.buffer_tombstones.push((user, seq, expired));
             self.note_buffered(now_ms);
         }

@@ -182,6 +182,7 @@ impl Cluster {
                 seq,
                 body: Bytes::from_static(body),
                 alias: 0,
+                resend: false,
             }),
         )
         .unwrap();
@@ -514,6 +515,7 @@ fn unknown_and_invalid_recipients_get_errors_not_acks() {
             seq,
             body: Bytes::new(),
             alias,
+            resend: false,
         };
         cluster.stanza(alice, 1, Kind::Send(send)).unwrap();
         assert_eq!(error_code(&only(cluster.take(1))), (code, seq));
@@ -535,6 +537,7 @@ fn a_send_needs_an_outbox_and_a_seq() {
             seq,
             body: Bytes::from_static(b"x"),
             alias: 0,
+            resend: false,
         })
     };
     cluster.stanza(alice, 1, send(1)).unwrap();
@@ -573,6 +576,7 @@ fn an_alias_names_its_recipient_for_the_rest_of_the_connection_only() {
             seq,
             body: Bytes::from_static(b"hi"),
             alias,
+            resend: false,
         })
     };
     cluster.stanza(alice, 1, send(Some(bob), 1, 3)).unwrap();
@@ -839,6 +843,7 @@ fn a_resend_of_a_queued_message_gets_the_original_ack_and_is_queued_once() {
             seq: 1,
             body: Bytes::from_static(b"once"),
             alias: 0,
+            resend: true,
         };
         cluster.stanza(alice, conn, Kind::Send(send)).unwrap();
     };
@@ -896,6 +901,7 @@ fn a_resend_after_delivery_carries_the_same_id() {
         seq: 1,
         body: Bytes::from_static(b"twice?"),
         alias: 0,
+        resend: true,
     };
     cluster.stanza(alice, 3, Kind::Send(send)).unwrap();
     let ack = cluster
@@ -1613,4 +1619,20 @@ fn bad_presence_settings_get_errors() {
         !cluster.persisted_privacy,
         "nothing persisted for refused settings"
     );
+}
+
+/// A resend the client did not mark as one is not looked for: it is queued again under the
+/// same id, and the recipient's client drops the copy by (from, id). Nothing is lost.
+#[test]
+fn an_unmarked_resend_is_queued_again_under_the_same_id() {
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
+    cluster.send(alice, 1, bob, 1, b"once?");
+    let first = *server_ack(&only(cluster.take(1)));
+    cluster.connect(alice, 2);
+    cluster.declare(alice, 2, outbox_of(1));
+    cluster.send(alice, 2, bob, 1, b"once?");
+    assert_eq!(server_ack(&only(cluster.take(2))).id, first.id);
+    cluster.connect(bob, 3);
+    let ids: Vec<u64> = cluster.take(3).iter().map(|s| deliver(s).id).collect();
+    assert_eq!(ids, [first.id, first.id]);
 }
