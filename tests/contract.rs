@@ -471,3 +471,66 @@ fn a_step_of_the_wall_clock_neither_stalls_acks_nor_idles_connections_out() {
     );
     ping(&mut quiet);
 }
+
+/// Guards against a damaged account record being skipped in silence (its user lost, and with
+/// it, at the time, every message acked to that user): hopd refuses to start, naming the file
+/// and the offset, and `hopd admin repair-accounts` keeps the valid records so that it starts.
+#[test]
+fn a_damaged_account_record_stops_the_start_until_it_is_repaired() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let hopd = Hopd::start_in(&data, &["--shards", "1"]);
+    let keys: Vec<StaticKey> = (0..3)
+        .map(|_| {
+            let (key, client) = hopd.new_user();
+            client.close();
+            key
+        })
+        .collect();
+    assert!(hopd.stop().success());
+    let file = data.join("accounts").join("shard-0.keys");
+    let mut bytes = std::fs::read(&file).unwrap();
+    assert_eq!(bytes.len(), 3 * 36, "three bindings of 36 bytes");
+    bytes[36 + 5] ^= 0x10; // the second record's key
+    std::fs::write(&file, &bytes).unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hopd"))
+        .args(["--listen", "127.0.0.1:0", "--pin-cores", "false", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("shard-0.keys") && stderr.contains("byte 36"),
+        "names the file and the offset: {stderr}"
+    );
+    assert!(
+        stderr.contains("repair-accounts"),
+        "says how to repair: {stderr}"
+    );
+
+    let repair = std::process::Command::new(env!("CARGO_BIN_EXE_hopd"))
+        .args(["admin", "repair-accounts", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        repair.status.success(),
+        "{}",
+        String::from_utf8_lossy(&repair.stderr)
+    );
+    let hopd = Hopd::start_in(&data, &["--shards", "1"]);
+    let (_, mut alice) = hopd.new_user();
+    for key in [&keys[0], &keys[2]] {
+        alice.send_message(key.user_id(), b"still known").unwrap();
+        server_ack(&mut alice);
+    }
+    // The dropped binding's user binds again when it next connects.
+    let mut again = hopd.connect(&keys[1]);
+    ping(&mut again);
+    alice
+        .send_message(keys[1].user_id(), b"known again")
+        .unwrap();
+    server_ack(&mut alice);
+}
