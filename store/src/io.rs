@@ -44,6 +44,27 @@ pub fn append_durably<F: IoFile>(file: &mut F, bytes: &[u8], end: u64) -> io::Re
     Ok(())
 }
 
+/// Opens the log file `path` in `folder` (under `data`) for reading and writing, creating it if
+/// it does not exist; a created file's name is made durable (both folders synced) before any
+/// record in it is relied on. Returns the file and whether it was created.
+pub fn open_or_create_log<I: Io>(
+    io: &I,
+    path: &Path,
+    folder: &Path,
+    data: &Path,
+) -> Result<(I::File, bool), crate::StoreError> {
+    match io.open(path, false) {
+        Ok(file) => Ok((file, false)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            let file = io.create(path).map_err(crate::StoreError::io(path))?;
+            io.sync_dir(folder).map_err(crate::StoreError::io(folder))?;
+            io.sync_dir(data).map_err(crate::StoreError::io(data))?;
+            Ok((file, true))
+        }
+        Err(error) => Err(crate::StoreError::io(path)(error)),
+    }
+}
+
 /// An open file. Writes are positioned: the store always knows where its bytes go, so a
 /// failed, partly written batch is overwritten by the next one instead of hiding before it.
 pub trait IoFile {

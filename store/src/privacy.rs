@@ -172,17 +172,7 @@ impl<I: Io> PrivacyLog<I> {
                 .map_err(StoreError::io(&temporary))?;
             opened.temporary_removed = true;
         }
-        let (mut file, created) = match io.open(&path, false) {
-            Ok(file) => (file, false),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                let file = io.create(&path).map_err(StoreError::io(&path))?;
-                // The new name must outlive a crash before any record in it is relied on.
-                io.sync_dir(&folder).map_err(StoreError::io(&folder))?;
-                io.sync_dir(data).map_err(StoreError::io(data))?;
-                (file, true)
-            }
-            Err(error) => return Err(StoreError::io(&path)(error)),
-        };
+        let (mut file, created) = store_io::open_or_create_log(io, &path, &folder, data)?;
         opened.created = created;
 
         // Each user's last record in the file: (offset, bytes).
