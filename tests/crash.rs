@@ -318,8 +318,7 @@ fn crash_loop_with_shared_identities_loses_no_acked_message_and_shows_none_twice
         hopd.kill9();
         hopd = Hopd::start_at(&data, &address, &flags);
     }
-    // The sends in flight at the last restart finish against the running server.
-    std::thread::sleep(Duration::from_millis(300));
+    // No new sends; those in flight at the last restart finish against the running server.
     stop.store(true, Ordering::Release);
     for sender in senders {
         sender.join().unwrap();

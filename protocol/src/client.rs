@@ -190,11 +190,8 @@ impl Client {
     /// Sends a message to `to` from this connection's outbox; returns its client id, which
     /// the ServerAck or Error will carry.
     pub fn send_message(&mut self, to: UserId, body: &[u8]) -> Result<MessageRef, ClientError> {
-        let mut stanzas = Vec::with_capacity(2);
-        let message = self
-            .outbox
-            .send(to, Bytes::copy_from_slice(body), &mut stanzas);
-        self.send_all(&stanzas)?;
+        let message = self.queue_message(to, body);
+        self.flush()?;
         Ok(message)
     }
 

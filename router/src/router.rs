@@ -826,14 +826,6 @@ impl Router {
         self.queued_bytes += entry.body_bytes();
     }
 
-    /// Messages waiting for the disk before their ServerAck.
-    pub fn awaiting_keep(&self) -> usize {
-        self.pending
-            .values()
-            .filter(|pending| pending.waiter.is_some())
-            .count()
-    }
-
     /// Frees the queue and presence lists of the users whose lists have stayed empty since
     /// they emptied, so that an idle user costs only its 32 bytes. Called once per tick: a
     /// user who gets a message now and then keeps the box between them instead of
@@ -866,12 +858,6 @@ impl Router {
         input[32..40].copy_from_slice(&message.outbox.to_le_bytes());
         input[40..].copy_from_slice(&message.seq.to_le_bytes());
         self.message_ids.0.hash(&input).max(1)
-    }
-
-    /// The proof a Deliver of message `id` from `from` carries to `reader`, and that a Read of
-    /// it must show: only the device the message was delivered to has it.
-    pub fn read_proof(&self, reader: UserId, from: UserId, id: u64) -> u64 {
-        read_proof(&self.read_proofs, reader, from, id)
     }
 
     fn client_send(&mut self, from: UserId, conn: ConnRef, send: Send, now_ms: u64) {
@@ -1425,6 +1411,8 @@ impl std::fmt::Debug for Keyed {
     }
 }
 
+/// The proof a Deliver of message `id` from `from` carries to `reader`, and that a Read of it
+/// must show: only the device the message was delivered to has it.
 fn read_proof(keyed: &Keyed, reader: UserId, from: UserId, id: u64) -> u64 {
     let mut input = [0u8; 40];
     input[..16].copy_from_slice(&reader.to_bytes());
