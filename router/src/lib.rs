@@ -35,7 +35,7 @@ mod router;
 
 pub use router::{
     home_shard, Action, Counters, Envelope, Limits, Privacy, Queued, Router, Secrets, ShardMessage,
-    Violation, LAST_SEEN_GRAIN_MS,
+    UserReport, Violation, LAST_SEEN_GRAIN_MS,
 };
 
 /// A shard's index, `0..shards`.

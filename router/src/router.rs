@@ -265,6 +265,23 @@ pub struct Counters {
     pub items_unreadable: u64,
 }
 
+/// One user as an operator sees it. All zero and `known: false` for a user this shard does not
+/// know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserReport {
+    pub known: bool,
+    pub online: bool,
+    /// When the user went offline (Unix-epoch milliseconds); 0 while online or never seen.
+    pub last_seen_ms: u64,
+    pub queued_messages: usize,
+    pub queued_receipts: usize,
+    /// Body bytes of the queued messages.
+    pub queued_bytes: usize,
+    /// Queued items pushed to the current connection and not yet acked.
+    pub inflight: usize,
+    pub watchers: usize,
+}
+
 /// An item of a user's queue: a message for the user, or a receipt for a message the user
 /// sent. It stays queued until the user's device acks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -463,6 +480,8 @@ pub struct Router {
     read_proofs: Keyed,
     users: HashMap<UserId, User>,
     queued_bytes: usize,
+    /// Items in every user's queue here.
+    queued_items: usize,
     actions: VecDeque<Action>,
     counters: Counters,
     /// Queued messages the disk has not taken yet, by (recipient, server id): the body, so
@@ -492,6 +511,7 @@ impl Router {
             read_proofs: Keyed(SipHasher13::new_with_key(&secrets.read_proofs)),
             users: HashMap::default(),
             queued_bytes: 0,
+            queued_items: 0,
             actions: VecDeque::new(),
             counters: Counters::default(),
             pending: HashMap::default(),
@@ -507,9 +527,45 @@ impl Router {
         self.counters
     }
 
+    /// Items (messages and receipts) queued on this shard, and their body bytes.
+    pub fn queued(&self) -> (usize, usize) {
+        (self.queued_items, self.queued_bytes)
+    }
+
     /// Users known on this shard.
     pub fn users_known(&self) -> usize {
         self.users.len()
+    }
+
+    /// What an operator may see of one user of this shard (`hop admin user`).
+    pub fn user_report(&self, user: UserId) -> UserReport {
+        let Some(state) = self.users.get(&user) else {
+            return UserReport::default();
+        };
+        UserReport {
+            known: true,
+            online: state.conn().is_some(),
+            last_seen_ms: state.last_seen_ms,
+            queued_messages: state.queue_len() - state.queued_receipts(),
+            queued_receipts: state.queued_receipts(),
+            queued_bytes: state.queued_bytes(),
+            inflight: state.queue().map_or(0, |queue| queue.inflight),
+            watchers: state.subscribers().len(),
+        }
+    }
+
+    /// An operator closes `user`'s connection (`hop admin kick`): a GoAway `KICKED`, then the
+    /// disconnect runs as for any other end. False if the user is not online here.
+    pub fn handle_kick(&mut self, user: UserId) -> bool {
+        let Some(conn) = self.conn_of(user) else {
+            return false;
+        };
+        self.actions.push_back(Action::Close {
+            conn,
+            reason: GoAwayReason::Kicked,
+            text: "closed by the server's operator",
+        });
+        true
     }
 
     /// Restores a binding kept from an earlier run. Bindings of other shards are ignored.
@@ -824,6 +880,7 @@ impl Router {
         let entry = Entry::of(item);
         state.queue_mut().push(entry);
         self.queued_bytes += entry.body_bytes();
+        self.queued_items += 1;
     }
 
     /// Frees the queue and presence lists of the users whose lists have stayed empty since
@@ -957,6 +1014,7 @@ impl Router {
         };
         state.queue_mut().push(Entry::of(&item));
         self.queued_bytes += body_bytes;
+        self.queued_items += 1;
         self.counters.messages_accepted += 1;
         // The ServerAck waits until the message is on disk or acked by the device.
         let waiter = Waiter {
@@ -1044,6 +1102,7 @@ impl Router {
             self.emptied.push(user);
         }
         self.queued_bytes -= body_bytes;
+        self.queued_items -= 1;
         let waiter = if item.is_message() {
             self.pending
                 .remove(&(user, id))
@@ -1292,6 +1351,7 @@ impl Router {
             return;
         }
         state.queue_mut().push(entry);
+        self.queued_items += 1;
         self.actions.push_back(Action::Keep { user: to, item });
         self.counters.receipts_queued += 1;
         self.push_queued(to);

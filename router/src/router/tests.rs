@@ -1636,3 +1636,28 @@ fn an_unmarked_resend_is_queued_again_under_the_same_id() {
     let ids: Vec<u64> = cluster.take(3).iter().map(|s| deliver(s).id).collect();
     assert_eq!(ids, [first.id, first.id]);
 }
+
+#[test]
+fn an_operator_sees_a_users_queue_and_kicks_its_connection() {
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
+    cluster.send(alice, 1, bob, 1, b"one");
+    cluster.send(alice, 1, bob, 2, b"two");
+    let router = &cluster.routers[0];
+    let report = router.user_report(bob);
+    assert!(report.known && !report.online);
+    assert_eq!(report.queued_messages, 2);
+    assert_eq!(report.queued_bytes, 6);
+    assert!(report.last_seen_ms > 0);
+    let report = router.user_report(alice);
+    assert!(report.online && report.queued_messages == 0);
+    assert_eq!(router.queued(), (2, 6));
+    let stranger = cluster.user_on(0, 7);
+    assert_eq!(router.user_report(stranger), UserReport::default());
+
+    assert!(!cluster.routers[0].handle_kick(bob), "bob is offline");
+    assert!(cluster.routers[0].handle_kick(alice));
+    cluster.run();
+    assert_eq!(cluster.closed, vec![(ConnRef(1), GoAwayReason::Kicked)]);
+    cluster.disconnect(alice, 1);
+    assert!(!cluster.routers[0].user_report(alice).online);
+}
