@@ -18,7 +18,7 @@ slab() { awk 'NR>2 {s+=$2*$4} END {print s}' /proc/slabinfo; }
 slabs() { awk 'NR>2 {print $1, $2*$4}' /proc/slabinfo | sort; }
 rss() { awk '/VmRSS/ {print $2 * 1024}' /proc/$H/status; }
 held() { ss -tnH state established "( sport = :${ADDR##*:} )" | wc -l; }
-$T/hopd --listen 127.0.0.1:0 --data $W/data --shards ${SHARDS:-2} --pin-cores false --backend $B --uring-receive $M \
+$T/hopd --listen 127.0.0.1:0 --data $W/data --shards ${SHARDS:-2} --pin-cores false --admin 127.0.0.1:0 --backend $B --uring-receive $M \
   --idle-timeout-ms 900000 --handshake-timeout-ms 120000 --log warn ${HOPD_FLAGS:-} >$W/banner 2>$W/log &
 H=$!
 for i in $(seq 50); do [ -s $W/banner ] && break; sleep 0.1; done

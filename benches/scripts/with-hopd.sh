@@ -39,7 +39,7 @@ start_hopd() {
     local data=$1 out=$1/hopd.out
     # shellcheck disable=SC2086
     "${run_as[@]}" taskset -c "$server_core" "$hopd" --listen 127.0.0.1:0 --data "$data" \
-        --shards "$shards" --pin-cores false --log "$log_filter" ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
+        --shards "$shards" --pin-cores false --admin 127.0.0.1:0 --log "$log_filter" ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
     started_pid=$!
     pids+=("$started_pid")
     for _ in $(seq 100); do

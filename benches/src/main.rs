@@ -34,7 +34,7 @@ enum TargetKind {
 #[derive(Debug, Args)]
 struct CommonArgs {
     /// Server address (hopd's listen address, or an MQTT broker's).
-    #[arg(long, default_value = "127.0.0.1:7000")]
+    #[arg(long, default_value = "127.0.0.1:7788")]
     server: SocketAddr,
     /// Protocol to speak.
     #[arg(long, value_enum, default_value = "hop")]

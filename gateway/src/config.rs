@@ -84,6 +84,53 @@ pub struct Config {
     /// instead of the connections held; on suits servers near their ceiling that want fewer
     /// TLB misses.
     pub transparent_huge_pages: bool,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz` and the JSON admin
+    /// API that `hop admin` speaks), or `off`. It has no authentication: keep it on a loopback
+    /// or private address.
+    pub admin: AdminAddress,
+    /// Lame-duck drain (SIGTERM, `hop admin drain`): hopd stops accepting and sends GoAway to
+    /// its connections spread evenly over this window, so that clients do not reconnect all at
+    /// once; it exits when the last connection has gone or the window has passed. 0 closes
+    /// every connection at once.
+    pub drain_ms: u64,
+}
+
+/// The admin listener setting: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum AdminAddress {
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for AdminAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "off" {
+            return Ok(Self::Off);
+        }
+        text.parse().map(Self::At).map_err(|_| {
+            format!("{text:?} is neither an address (such as 127.0.0.1:7789) nor \"off\"")
+        })
+    }
+}
+
+impl TryFrom<String> for AdminAddress {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<AdminAddress> for String {
+    fn from(address: AdminAddress) -> Self {
+        match address {
+            AdminAddress::Off => "off".to_string(),
+            AdminAddress::At(address) => address.to_string(),
+        }
+    }
 }
 
 /// The IO backend setting.
@@ -154,13 +201,24 @@ impl Default for Config {
             backend: BackendName::default(),
             uring_receive: UringReceive::default(),
             transparent_huge_pages: false,
+            admin: AdminAddress::At(SocketAddr::from(([127, 0, 0, 1], 7789))),
+            drain_ms: 30_000,
         }
     }
 }
 
-/// hopd: the hop connection gateway.
+/// hopd: the hop messaging gateway.
 #[derive(Debug, Parser)]
-#[command(name = "hopd", version, about)]
+#[command(
+    name = "hopd",
+    version,
+    about = "hopd, the hop messaging gateway: holds encrypted client connections (Noise) on every \
+             core, routes messages between them, and keeps offline messages on disk until \
+             they are delivered",
+    after_help = "Settings: embedded defaults, then --config FILE, then flags. \
+                  `hopd --print-config` prints the effective settings. \
+                  Signals: SIGTERM drains, SIGINT stops at once, SIGHUP reloads log and drain_ms."
+)]
 pub struct Args {
     /// TOML file of settings (any of the keys below, snake_case).
     #[arg(long, value_name = "FILE")]
@@ -168,62 +226,96 @@ pub struct Args {
     /// Print the effective settings as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Address every shard listens on (SO_REUSEPORT); port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Data folder: server key, accounts, offline queues; created on first start.
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// Shard threads (0: one per CPU this process may use; at most 256).
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// Pin each shard thread to one CPU.
     #[arg(long, value_name = "BOOL")]
     pub pin_cores: Option<bool>,
+    /// A connection must finish the Noise handshake within this many milliseconds.
     #[arg(long, value_name = "MS")]
     pub handshake_timeout_ms: Option<u64>,
+    /// An authenticated connection silent this long is closed (clients ping).
     #[arg(long, value_name = "MS")]
     pub idle_timeout_ms: Option<u64>,
+    /// Connections the whole server holds, split evenly over the shards.
     #[arg(long, value_name = "N")]
     pub connections_max: Option<usize>,
+    /// Bytes waiting to be written to one connection before it is closed as not reading.
     #[arg(long, value_name = "BYTES")]
     pub send_buffer_bytes_max: Option<usize>,
+    /// Mails each shard-to-shard mailbox holds before backpressure.
     #[arg(long, value_name = "N")]
     pub mailbox_depth: Option<usize>,
+    /// Messages queued for one user.
     #[arg(long, value_name = "N")]
     pub queue_messages_max: Option<usize>,
+    /// Receipts queued for one user, apart from its messages.
     #[arg(long, value_name = "N")]
     pub queue_receipts_max: Option<usize>,
+    /// Message body bytes queued for one user.
     #[arg(long, value_name = "BYTES")]
     pub queue_bytes_max: Option<usize>,
+    /// Message body bytes queued on one shard, all users together.
     #[arg(long, value_name = "BYTES")]
     pub shard_queue_bytes_max: Option<usize>,
+    /// Deliveries pushed to one connection and not yet acked.
     #[arg(long, value_name = "N")]
     pub inflight_max: Option<usize>,
+    /// Body bytes of those deliveries; at most half of --send-buffer-bytes-max.
     #[arg(long, value_name = "BYTES")]
     pub inflight_bytes_max: Option<usize>,
+    /// Users one user may watch.
     #[arg(long, value_name = "N")]
     pub subscriptions_max: Option<usize>,
+    /// Watchers one user may have.
     #[arg(long, value_name = "N")]
     pub subscribers_max: Option<usize>,
+    /// When a queued message is durable and its ServerAck leaves: always (fsync every turn), batch (group commit) or none (page cache only).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub durability: Option<DurabilityPolicy>,
+    /// Group commit: commit at most this long after a batch's first record.
     #[arg(long, value_name = "MS")]
     pub batch_delay_ms: Option<u64>,
+    /// Group commit: commit as soon as a batch holds this many records.
     #[arg(long, value_name = "N")]
     pub batch_records_max: Option<u32>,
+    /// Undelivered messages and receipts are deleted this long after they were sent.
     #[arg(long, value_name = "MS")]
     pub offline_ttl_ms: Option<u64>,
+    /// An offline-queue log segment is sealed at this size (1 MiB to 1 GiB).
     #[arg(long, value_name = "BYTES")]
     pub segment_bytes_max: Option<u32>,
+    /// A log segment holding records is sealed this long after it was created.
     #[arg(long, value_name = "MS")]
     pub segment_age_max_ms: Option<u64>,
+    /// A sealed segment with delivered or expired records is compacted this long after it was sealed.
     #[arg(long, value_name = "MS")]
     pub compact_after_ms: Option<u64>,
+    /// Log filter (tracing EnvFilter syntax, e.g. info or hop_gateway=debug); reloaded on SIGHUP.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    /// IO backend: uring (Linux; falls back to mio, saying why) or mio (epoll/kqueue).
     #[arg(long, value_name = "BACKEND")]
     pub backend: Option<BackendName>,
+    /// uring receive mode: poll (least kernel memory per idle connection) or multishot-recv.
     #[arg(long, value_name = "MODE")]
     pub uring_receive: Option<UringReceive>,
+    /// Linux: let the kernel back hopd's memory with transparent huge pages.
     #[arg(long, value_name = "BOOL")]
     pub transparent_huge_pages: Option<bool>,
+    /// Admin listener (/metrics, /healthz, /readyz, hop admin) or off; no authentication, keep it private.
+    #[arg(long, value_name = "ADDR|off")]
+    pub admin: Option<AdminAddress>,
+    /// Lame-duck drain on SIGTERM: GoAways spread over this many milliseconds, then exit; reloaded on SIGHUP.
+    #[arg(long, value_name = "MS")]
+    pub drain_ms: Option<u64>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -274,6 +366,33 @@ pub enum ConfigError {
 /// The largest shard count: server ids carry the shard in 8 bits.
 pub const SHARDS_MAX: usize = 256;
 
+impl Args {
+    /// Parses the command line; every setting's help ends with its default.
+    pub fn parse_with_defaults() -> Self {
+        let matches = Self::command_with_defaults().get_matches();
+        <Self as clap::FromArgMatches>::from_arg_matches(&matches)
+            .unwrap_or_else(|error| error.exit())
+    }
+
+    /// The command, with each setting's default (from [`Config::default`]) in its help. The
+    /// defaults are not given to clap as values: a flag left out must not override the file.
+    pub fn command_with_defaults() -> clap::Command {
+        let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+        let mut command = <Self as clap::CommandFactory>::command();
+        for (name, value) in defaults {
+            let shown = match value {
+                toml::Value::String(text) => text,
+                other => other.to_string(),
+            };
+            command = command.mut_arg(name, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} [default: {shown}]"))
+            });
+        }
+        command
+    }
+}
+
 impl Config {
     /// Defaults, then the file named by `--config`, then the flags; validated.
     pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
@@ -312,7 +431,9 @@ impl Config {
             log,
             backend,
             uring_receive,
-            transparent_huge_pages
+            transparent_huge_pages,
+            admin,
+            drain_ms
         );
         if config.shards == 0 {
             config.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -502,6 +623,24 @@ mod tests {
         .unwrap_err();
         assert!(error.to_string().contains("inflight_bytes_max"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_setting_has_a_flag_with_help_and_its_default() {
+        let command = Args::command_with_defaults();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for name in defaults.keys() {
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id().as_str() == name)
+                .unwrap_or_else(|| panic!("no flag for setting {name}"));
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help.len() > 20, "no help for --{name}: {help:?}");
+            assert!(
+                help.contains("[default: "),
+                "no default for --{name}: {help:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,20 +6,23 @@
 //! and then moves to its user's home shard, where the user's routing state lives. Shards talk
 //! only through bounded mailboxes ([`mailbox`]).
 
+pub mod admin;
 pub mod config;
+pub mod control;
 pub mod mailbox;
 pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod sys;
 
-use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-/// hopd's `main`: parses flags, starts the server, runs until SIGINT/SIGTERM.
+/// hopd's `main`: parses flags, starts the server, runs until stopped (see [`server::serve`]).
 /// Exit status: 0 after a clean stop, 1 if the server failed, 2 for bad configuration.
 pub fn main() -> std::process::ExitCode {
-    let args = config::Args::parse();
+    let args = config::Args::parse_with_defaults();
     match &args.command {
         Some(config::Command::Admin(config::AdminCommand::Queues { data, largest })) => {
             return admin_queues(data, *largest);
@@ -50,12 +53,24 @@ pub fn main() -> std::process::ExitCode {
         );
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    // The filter can be set again while hopd runs (SIGHUP, `hop admin log-level`).
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
-    match server::serve(&config) {
+    let set_log_filter: admin::SetLogFilter = std::sync::Arc::new(move |text: &str| {
+        let filter = EnvFilter::try_new(text).map_err(|error| error.to_string())?;
+        filter_handle
+            .reload(filter)
+            .map_err(|error| error.to_string())
+    });
+    let reload = || config::Config::from_args(&args).map_err(|error| error.to_string());
+    match server::serve(&config, &reload, set_log_filter) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
         Err(error) => {

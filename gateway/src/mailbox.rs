@@ -78,6 +78,11 @@ impl<M, P> Mailboxes<M, P> {
         self.queue(from, to).pop()
     }
 
+    /// Mails waiting in the `from -> to` queue now (for metrics; racy by nature).
+    pub fn depth(&self, from: ShardId, to: ShardId) -> usize {
+        self.queue(from, to).len()
+    }
+
     /// True if `shard` must be woken: no wake-up is pending for it yet (and now one is).
     pub fn needs_wake(&self, shard: ShardId) -> bool {
         !self.wake_pending[usize::from(shard)].swap(true, Ordering::AcqRel)

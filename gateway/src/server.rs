@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -14,7 +14,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 use tracing::{error, info, warn};
 
-use crate::config::{BackendName, Config, UringReceive};
+use crate::admin::{Admin, AdminState, SetLogFilter, ShardViews};
+use crate::config::{AdminAddress, BackendName, Config, UringReceive};
+use crate::control::Controls;
 use crate::mailbox::Mailboxes;
 use crate::shard::{self, monotonic_ms, ShardMailboxes, ShardParts, ShardSettings};
 use crate::stats::ShardStats;
@@ -48,6 +50,10 @@ pub enum StartError {
     Signals(io::Error),
     #[error("offline queue: {0}")]
     Store(#[from] hop_store::StoreError),
+    #[error(
+        "cannot listen on admin address {addr}: {source} (set admin to another address, or off)"
+    )]
+    Admin { addr: SocketAddr, source: io::Error },
 }
 
 /// A running server.
@@ -61,11 +67,21 @@ pub struct Server {
     wake_all: Arc<dyn Fn() + Send + Sync>,
     threads: Vec<JoinHandle<()>>,
     pub stats: Vec<Arc<ShardStats>>,
+    /// Operators' requests to the shards, readiness and the drain.
+    pub controls: Arc<Controls>,
+    pub mailbox_depth: MailboxDepth,
 }
 
 impl Server {
     /// Creates the data folder and key, binds the listeners and starts the shards.
     pub fn start(config: &Config) -> Result<Self, StartError> {
+        Self::start_with(config, &Arc::new(Controls::new(config.shards)))
+    }
+
+    /// [`Server::start`] with the shards' controls made beforehand, so that an admin
+    /// listener started earlier answers `/readyz` while the queues recover.
+    pub fn start_with(config: &Config, controls: &Arc<Controls>) -> Result<Self, StartError> {
+        assert_eq!(controls.shards(), config.shards, "one control per shard");
         std::fs::create_dir_all(&config.data).map_err(|source| StartError::DataFolder {
             path: config.data.display().to_string(),
             source,
@@ -113,10 +129,16 @@ impl Server {
         let kind = choose_backend(config.backend);
         let ceiling = connection_ceiling(config, kind);
         log_host_limits(config, kind);
-        let (shutdown, wake_all, threads, stats) = match kind {
-            sys::Kind::Mio => {
-                start_shards::<MioBackend>(config, listeners, &key, &bindings, ceiling.per_shard)?
-            }
+        let controls = controls.clone();
+        let (shutdown, wake_all, threads, stats, mailbox_depth) = match kind {
+            sys::Kind::Mio => start_shards::<MioBackend>(
+                config,
+                listeners,
+                &key,
+                &bindings,
+                ceiling.per_shard,
+                &controls,
+            )?,
             #[cfg(target_os = "linux")]
             sys::Kind::Uring => start_shards::<sys::uring::UringBackend>(
                 config,
@@ -124,6 +146,7 @@ impl Server {
                 &key,
                 &bindings,
                 ceiling.per_shard,
+                &controls,
             )?,
             #[cfg(not(target_os = "linux"))]
             sys::Kind::Uring => unreachable!("choose_backend picks uring only on Linux"),
@@ -137,6 +160,8 @@ impl Server {
             wake_all,
             threads,
             stats,
+            controls,
+            mailbox_depth,
         })
     }
 
@@ -163,15 +188,25 @@ impl Server {
     }
 }
 
-/// Runs until SIGINT or SIGTERM, then stops cleanly. A shard that dies stops the server
-/// (there is no shard supervisor yet): the process exits non-zero so that the service
-/// manager restarts it.
-pub fn serve(config: &Config) -> Result<bool, StartError> {
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .map_err(StartError::Signals)?;
+/// Runs until stopped, then stops cleanly.
+///
+/// - SIGTERM (or `hop admin drain`) starts a lame-duck drain: no new connections, the held
+///   ones sent away spread over `drain_ms`; hopd exits 0 when the last has gone or the window
+///   (plus a grace for the last closes) has passed. A second SIGTERM stops at once.
+/// - SIGINT stops at once: every connection gets its GoAway now.
+/// - SIGHUP reads the settings again (the `--config` file, then the flags) and applies those
+///   that can change live: `log` and `drain_ms`. It never stops hopd.
+///
+/// A shard that dies stops the server (there is no shard supervisor yet): the process exits
+/// non-zero so that the service manager restarts it.
+pub fn serve(
+    config: &Config,
+    reload: &dyn Fn() -> Result<Config, String>,
+    set_log_filter: SetLogFilter,
+) -> Result<bool, StartError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(StartError::Signals)?;
     // A write past the file-size limit (RLIMIT_FSIZE) must fail with EFBIG, which the store
     // reports to the senders like a full disk, instead of killing hopd with SIGXFSZ.
     signal_hook::flag::register(
@@ -187,37 +222,148 @@ pub fn serve(config: &Config) -> Result<bool, StartError> {
             warn!(%error, "cannot turn transparent huge pages off; memory may follow the connection ceiling");
         }
     }
-    let server = Server::start(config)?;
+    // The admin listener comes first, so that `/readyz` says "starting" while the queues
+    // recover; it learns of the shards once they run.
+    let controls = Arc::new(Controls::new(config.shards));
+    let views = Arc::new(std::sync::OnceLock::new());
+    let drain_ms = Arc::new(AtomicU64::new(config.drain_ms));
+    let admin = match config.admin {
+        AdminAddress::Off => None,
+        AdminAddress::At(addr) => {
+            let state = AdminState {
+                controls: controls.clone(),
+                shards: views.clone(),
+                set_log_filter: set_log_filter.clone(),
+                drain_ms: drain_ms.clone(),
+            };
+            Some(Admin::start(addr, state).map_err(|source| StartError::Admin { addr, source })?)
+        }
+    };
+    let server = Server::start_with(config, &controls)?;
+    let _ = views.set(ShardViews {
+        stats: server.stats.clone(),
+        mailbox_depth: server.mailbox_depth.clone(),
+    });
     // The status line: scripts read the address (fourth word) and the key.
     println!(
-        "hopd listening on {} with {} shard{}; server key {}; data {}; ceiling {} connections ({})",
+        "hopd listening on {} with {} shard{}; server key {}; data {}; ceiling {} connections ({}); admin {}",
         server.local_addr,
         server.shards,
         if server.shards == 1 { "" } else { "s" },
         hex::encode(server.public_key),
         config.data.display(),
         server.ceiling.total,
-        server.ceiling.bound_by
+        server.ceiling.bound_by,
+        admin
+            .as_ref()
+            .map_or_else(|| "off".to_string(), |admin| admin.local_addr.to_string()),
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    wait_until_serving(&server);
+    notify_service_manager(&[sd_notify::NotifyState::Ready]);
     let handle = signals.handle();
-    loop {
-        if let Some(signal) = signals.pending().next() {
-            info!(signal, "stopping");
-            break;
+    let mut drain_started: Option<(std::time::Instant, u64)> = None;
+    let clean = loop {
+        let mut stop_now = false;
+        for signal in signals.pending() {
+            match signal {
+                SIGHUP => apply_reload(reload(), config, &set_log_filter, &drain_ms),
+                SIGTERM if !server.controls.is_draining() => {
+                    let window_ms = drain_ms.load(Ordering::Relaxed);
+                    info!(window_ms, "SIGTERM: draining");
+                    server.controls.start_drain(window_ms);
+                }
+                _ => {
+                    info!(signal, "stopping");
+                    stop_now = true;
+                }
+            }
+        }
+        if drain_started.is_none() {
+            if let Some(window_ms) = server.controls.drain_window_ms() {
+                notify_service_manager(&[sd_notify::NotifyState::Stopping]);
+                drain_started = Some((std::time::Instant::now(), window_ms));
+            }
+        }
+        if let Some((since, window_ms)) = drain_started {
+            if server.controls.is_drained() {
+                info!("drained: every connection has gone; stopping");
+                stop_now = true;
+            } else if since.elapsed() >= Duration::from_millis(window_ms) + DRAIN_GRACE {
+                info!("the drain window has passed; stopping");
+                stop_now = true;
+            }
+        }
+        if stop_now {
+            break true;
         }
         if !server.is_healthy() {
             error!("a shard stopped unexpectedly; stopping the server");
-            server.stop();
-            server.join();
-            return Ok(false);
+            break false;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
+    };
     handle.close();
+    drop(admin);
     server.stop();
-    Ok(server.join())
+    let joined = server.join();
+    Ok(clean && joined)
+}
+
+/// How long past the drain window hopd waits for the last connections to close.
+const DRAIN_GRACE: Duration = Duration::from_secs(3);
+
+/// Waits (bounded) until every shard runs its loop, for the service manager's READY.
+fn wait_until_serving(server: &Server) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !server.controls.is_ready() && std::time::Instant::now() < deadline {
+        if !server.is_healthy() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Tells systemd (`Type=notify`) where hopd is; nothing when not run by it.
+fn notify_service_manager(state: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(error) = sd_notify::notify(state) {
+            warn!(%error, "cannot notify the service manager");
+        }
+    }
+}
+
+/// SIGHUP: applies what can change while hopd runs, and says what needs a restart.
+fn apply_reload(
+    reloaded: Result<Config, String>,
+    running: &Config,
+    set_log_filter: &SetLogFilter,
+    drain_ms: &AtomicU64,
+) {
+    let reloaded = match reloaded {
+        Ok(reloaded) => reloaded,
+        Err(error) => {
+            warn!(%error, "SIGHUP: the settings did not load; nothing changed");
+            return;
+        }
+    };
+    match set_log_filter(&reloaded.log) {
+        Ok(()) => info!(log = %reloaded.log, "SIGHUP: log filter set"),
+        Err(error) => {
+            warn!(log = %reloaded.log, %error, "SIGHUP: invalid log filter; kept the old one")
+        }
+    }
+    drain_ms.store(reloaded.drain_ms, Ordering::Relaxed);
+    let live = Config {
+        log: running.log.clone(),
+        drain_ms: running.drain_ms,
+        ..reloaded.clone()
+    };
+    if live != *running {
+        warn!("SIGHUP: settings other than log and drain_ms changed; they take effect at the next start");
+    }
+    info!(drain_ms = reloaded.drain_ms, "SIGHUP: settings reloaded");
 }
 
 /// What every shard learns at start from the account files: who exists and who hides.
@@ -226,11 +372,15 @@ struct Restored {
     privacy: Vec<(hop_protocol::UserId, u8, Vec<hop_protocol::UserId>)>,
 }
 
+/// Mails waiting in the `from -> to` mailbox.
+pub type MailboxDepth = Arc<dyn Fn(ShardId, ShardId) -> usize + Send + Sync>;
+
 type Started = (
     Arc<AtomicBool>,
     Arc<dyn Fn() + Send + Sync>,
     Vec<JoinHandle<()>>,
     Vec<Arc<ShardStats>>,
+    MailboxDepth,
 );
 
 /// Starts one thread per listener, each creating its own backend `B` (a ring must be created
@@ -241,6 +391,7 @@ fn start_shards<B: Backend>(
     key: &Arc<StaticKey>,
     bindings: &Arc<Restored>,
     connections_per_shard: usize,
+    controls: &Arc<Controls>,
 ) -> Result<Started, StartError> {
     let shards = config.shards;
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -298,13 +449,14 @@ fn start_shards<B: Backend>(
         }
         let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)?;
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-        let (key, mailboxes, shutdown, registered, report, data) = (
+        let (key, mailboxes, shutdown, registered, report, data, controls) = (
             key.clone(),
             mailboxes.clone(),
             shutdown.clone(),
             registered.clone(),
             report.clone(),
             data.clone(),
+            controls.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("hop-shard-{index}"))
@@ -334,6 +486,7 @@ fn start_shards<B: Backend>(
                     }
                 };
                 mailboxes.register(index as ShardId, backend.peer(), backend.remote_waker());
+                controls.register(index as ShardId, backend.remote_waker());
                 registered.wait();
                 if shutdown.load(Ordering::Acquire) {
                     return; // another shard failed to start
@@ -349,6 +502,7 @@ fn start_shards<B: Backend>(
                     privacy,
                     store,
                     shutdown,
+                    controls,
                 });
             })
             .map_err(|source| StartError::Shard {
@@ -369,8 +523,10 @@ fn start_shards<B: Backend>(
             source: io::Error::other(reason),
         });
     }
+    let depth_of = mailboxes.clone();
+    let depth: MailboxDepth = Arc::new(move |from, to| depth_of.depth(from, to));
     let wake_all: Arc<dyn Fn() + Send + Sync> = Arc::new(move || mailboxes.wake_all_remotely());
-    Ok((shutdown, wake_all, threads, stats))
+    Ok((shutdown, wake_all, threads, stats, depth))
 }
 
 /// Opens a shard's offline queue and gives its items back to the router.

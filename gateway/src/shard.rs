@@ -40,6 +40,7 @@ use hop_store::privacy::PrivacyLog;
 use hop_store::ShardStore;
 use tracing::{debug, info, warn};
 
+use crate::control::{Command, Controls, DrainPlan};
 use crate::mailbox::Mailboxes;
 use crate::stats::{bump, ShardStats};
 use crate::sys::{Backend, ConnId, Event, Reading};
@@ -129,6 +130,8 @@ pub struct ShardParts<B: Backend> {
     pub privacy: PrivacyLog<FsIo>,
     pub store: ShardStore<FsIo>,
     pub shutdown: Arc<AtomicBool>,
+    /// Operators' requests and the drain.
+    pub controls: Arc<Controls>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +263,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         privacy,
         store,
         shutdown,
+        controls,
     } = parts;
     let shards = usize::from(settings.shards);
     let connection_slots = settings.connection_slots;
@@ -295,6 +299,9 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         held: Held::default(),
         unkept: VecDeque::new(),
         read_ahead: ReadAhead::default(),
+        handshaking: 0,
+        controls,
+        draining: None,
     };
     let tick = Duration::from_millis(
         (core
@@ -308,16 +315,24 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
     let mut next_tick = Instant::now() + tick;
     let index = core.settings.index;
     info!(shard = index, backend = backend.name(), "shard running");
+    core.controls.set_serving(index, true);
     let mut mail_backlog = false;
     while !shutdown.load(Ordering::Acquire) {
         let now = Instant::now();
         let timeout = if mail_backlog || core.has_blocked_mail() {
             Duration::ZERO
         } else {
-            let until_commit = core.commit_deadline().map_or(Duration::MAX, |deadline| {
-                Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
-            });
-            next_tick.saturating_duration_since(now).min(until_commit)
+            let until = |deadline: Option<u64>| {
+                deadline.map_or(Duration::MAX, |deadline| {
+                    Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
+                })
+            };
+            let until_commit = until(core.commit_deadline());
+            let until_drain = until(core.drain_deadline());
+            next_tick
+                .saturating_duration_since(now)
+                .min(until_commit)
+                .min(until_drain)
         };
         core.mailboxes.clear_wake(index);
         let result = backend.poll(Some(timeout), &mut |event| {
@@ -330,6 +345,8 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         }
         core.read_clocks();
         mail_backlog = core.drain_mail(&mut backend);
+        core.take_commands();
+        core.drain_step(&mut backend);
         // Commit before writing: the ServerAcks a commit releases leave in this turn's writes,
         // and under `always` a device's Ack is on disk before anything later is answered.
         core.commit_if_due();
@@ -343,6 +360,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
             next_tick = Instant::now() + tick;
         }
     }
+    core.controls.set_serving(index, false);
     core.shut_down(&mut backend);
 }
 
@@ -397,6 +415,21 @@ struct Core<B: Backend> {
     unkept: VecDeque<(u64, UserId, u64, ReceiptKind)>,
     /// Records of one user's queue read from the store ahead of their push, oldest first.
     read_ahead: ReadAhead,
+    /// Connections in their handshake.
+    handshaking: usize,
+    controls: Arc<Controls>,
+    /// Set once a drain reached this shard.
+    draining: Option<Draining>,
+}
+
+/// A shard's part of a lame-duck drain.
+#[derive(Debug)]
+struct Draining {
+    plan: DrainPlan,
+    /// The connections held when the drain started, in the order they leave.
+    order: VecDeque<(ConnId, u32)>,
+    /// The shard told the server it holds nothing any more.
+    reported: bool,
 }
 
 /// Kept records of one user, read from the store in one call ahead of their push. A message's
@@ -417,11 +450,16 @@ impl<B: Backend> Core<B> {
                 let generation = self.next_generation();
                 let conn = Conn::new(generation, ServerConnection::new(&self.key), self.now_ms);
                 self.insert(id, conn);
+                self.handshaking += 1;
                 Reading::Continue
             }
             Event::Data(id, bytes) => self.handle_data(id, bytes),
             Event::Closed(id) => {
                 if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) {
+                    if conn.phase == Phase::Handshaking {
+                        bump(&self.stats.handshakes_abandoned, 1);
+                        self.left_handshake();
+                    }
                     self.forget(id, conn);
                 }
                 Reading::Pause
@@ -445,6 +483,7 @@ impl<B: Backend> Core<B> {
     }
 
     fn handle_data(&mut self, id: ConnId, bytes: &[u8]) -> Reading {
+        bump(&self.stats.bytes_in, bytes.len() as u64);
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
             return Reading::Pause;
         };
@@ -498,6 +537,7 @@ impl<B: Backend> Core<B> {
 
     fn authenticated(&mut self, id: ConnId, client_key: [u8; KEY_BYTES]) {
         bump(&self.stats.handshakes_completed, 1);
+        self.left_handshake();
         let user = UserId::from_public_key(&client_key);
         let home = home_shard(user, self.settings.shards);
         if home == self.settings.index {
@@ -794,8 +834,15 @@ impl<B: Backend> Core<B> {
         if !held_due && !store_due {
             return;
         }
+        let started = Instant::now();
         match self.store.commit(self.now_ms) {
             Ok(commit) => {
+                if commit.synced {
+                    let micros = started.elapsed().as_micros();
+                    self.stats
+                        .commit_times
+                        .record(u64::try_from(micros).unwrap_or(u64::MAX));
+                }
                 while let Some(&(seq, user, id, kind)) = self.unkept.front() {
                     if seq > commit.durable_through {
                         break;
@@ -1045,6 +1092,7 @@ impl<B: Backend> Core<B> {
             "output made while the turn's output was sent"
         );
         self.spans = spans;
+        bump(&self.stats.bytes_out, self.out.len() as u64);
         self.out.clear();
         if self.out.capacity() > OUT_CAPACITY_KEPT_BYTES {
             self.out = Vec::new();
@@ -1126,6 +1174,108 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// Answers the operators' requests that came since the last turn.
+    fn take_commands(&mut self) {
+        while let Some(command) = self.controls.take(self.settings.index) {
+            match command {
+                Command::User { user, reply } => {
+                    let _ = reply.try_send(self.router.user_report(user));
+                }
+                Command::Kick { user, reply } => {
+                    let kicked = self.router.handle_kick(user);
+                    if kicked {
+                        bump(&self.stats.kicks, 1);
+                        info!(%user, "connection closed by the operator");
+                    }
+                    self.run_actions();
+                    let _ = reply.try_send(kicked);
+                }
+            }
+        }
+    }
+
+    /// Once a drain has started: stops accepting, then sends the connections away as the
+    /// plan makes them due, each with a GoAway that tells its client to wait for the window
+    /// before it connects again (by then a restarted hopd serves). Connections that arrive
+    /// meanwhile (moved from a shard that accepted them) leave when the window ends.
+    fn drain_step(&mut self, backend: &mut B) {
+        if self.draining.is_none() {
+            let Some(window_ms) = self.controls.drain_window_ms() else {
+                return;
+            };
+            backend.stop_accepting();
+            let order: VecDeque<(ConnId, u32)> = (0..self.conns.len() as ConnId)
+                .filter_map(|id| {
+                    let conn = self.conns[id as usize].as_ref()?;
+                    (conn.phase != Phase::Closing).then_some((id, conn.generation))
+                })
+                .collect();
+            info!(
+                shard = self.settings.index,
+                connections = order.len(),
+                window_ms,
+                "draining: accepting no more connections; sending the held ones away over the window"
+            );
+            self.draining = Some(Draining {
+                plan: DrainPlan::new(self.now_ms, window_ms, order.len()),
+                order,
+                reported: false,
+            });
+        }
+        let Some(draining) = self.draining.as_mut() else {
+            return;
+        };
+        let due = draining.plan.take_due(self.now_ms);
+        let over = draining.plan.is_over(self.now_ms);
+        let mut away: Vec<(ConnId, u32)> = draining
+            .order
+            .drain(..due.min(draining.order.len()))
+            .collect();
+        if over {
+            away.extend(draining.order.drain(..));
+            away.extend((0..self.conns.len() as ConnId).filter_map(|id| {
+                let conn = self.conns[id as usize].as_ref()?;
+                (conn.phase != Phase::Closing).then_some((id, conn.generation))
+            }));
+        }
+        let retry_after_ms = u32::try_from(draining.plan.window_ms).unwrap_or(u32::MAX);
+        if !away.is_empty() {
+            // What was sent before the GoAway is durable, and its ServerAck leaves, first.
+            self.commit_now();
+        }
+        for (id, generation) in away {
+            if self.generation_of(id) != Some(generation) || !self.is_live(id) {
+                continue; // gone already, or closing
+            }
+            bump(&self.stats.drain_closes, 1);
+            let go_away = Stanza::go_away_retry_after(
+                GoAwayReason::Shutdown,
+                "the server is draining; connect again later",
+                retry_after_ms,
+            );
+            self.queue_stanza(id, &go_away);
+            self.close(id);
+        }
+        let empty = backend.connections() == 0 && self.adoptions.is_empty();
+        if let Some(draining) = self.draining.as_mut() {
+            if empty && !draining.reported {
+                draining.reported = true;
+                self.controls.set_drained(self.settings.index);
+                info!(shard = self.settings.index, "drained: no connection left");
+            }
+        }
+    }
+
+    /// When the drain sends the next connection away.
+    fn drain_deadline(&self) -> Option<u64> {
+        let draining = self.draining.as_ref()?;
+        if draining.reported {
+            return None;
+        }
+        // Past the plan, the loop still looks at least once a tick for the last closes.
+        draining.plan.next_deadline_ms()
+    }
+
     fn publish_gauges(&self, backend: &B) {
         self.stats
             .connections_open
@@ -1133,13 +1283,40 @@ impl<B: Backend> Core<B> {
         self.stats
             .connections_refused
             .store(backend.refused(), Ordering::Relaxed);
+        let router = self.router.counters();
+        let store = self.store.counters();
+        let (queue_items, queue_bytes) = self.router.queued();
+        let stats = &self.stats;
+        for (gauge, value) in [
+            (&stats.connections_handshaking, self.handshaking as u64),
+            (&stats.messages_accepted, router.messages_accepted),
+            (&stats.messages_rejected, router.messages_rejected),
+            (&stats.messages_acked, router.messages_acked),
+            (&stats.messages_deduplicated, router.messages_deduplicated),
+            (&stats.receipts_queued, router.receipts_queued),
+            (&stats.reads_refused, router.reads_refused),
+            (&stats.queue_items, queue_items as u64),
+            (&stats.queue_bytes, queue_bytes as u64),
+            (&stats.store_appends, store.appended),
+            (&stats.store_deliveries, store.delivered),
+            (&stats.store_commits, store.commits),
+            (&stats.store_fsyncs, store.fsyncs),
+            (&stats.store_disk_bytes, self.store.disk_bytes()),
+        ] {
+            gauge.store(value, Ordering::Relaxed);
+        }
+    }
+
+    /// Commits whatever is held or buffered now, whatever the batch deadlines.
+    fn commit_now(&mut self) {
+        self.now_ms = u64::MAX / 2; // every deadline is due
+        self.commit_if_due();
+        self.read_clocks();
     }
 
     fn shut_down(&mut self, backend: &mut B) {
         // What was appended becomes durable (and its ServerAcks leave) before the GoAways.
-        self.now_ms = u64::MAX / 2; // every deadline is due
-        self.commit_if_due();
-        self.read_clocks();
+        self.commit_now();
         let open: Vec<ConnId> = (0..self.conns.len() as ConnId)
             .filter(|id| self.is_live(*id))
             .collect();
@@ -1191,6 +1368,7 @@ impl<B: Backend> Core<B> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
+        let was_handshaking = conn.phase == Phase::Handshaking;
         match conn.phase {
             Phase::Closing => return,
             Phase::Open => {}
@@ -1201,6 +1379,15 @@ impl<B: Backend> Core<B> {
         let generation = conn.generation;
         self.to_close.push((id, generation));
         self.mark_dirty(id);
+        if was_handshaking {
+            self.left_handshake();
+        }
+    }
+
+    /// A connection left its handshake (done, failed, closed).
+    fn left_handshake(&mut self) {
+        debug_assert!(self.handshaking > 0, "a handshake ended that never started");
+        self.handshaking = self.handshaking.saturating_sub(1);
     }
 
     /// Drops a connection that is gone: the router hears of it.
@@ -1226,6 +1413,7 @@ impl<B: Backend> Core<B> {
         let generation = conn.generation;
         let start = self.out.len();
         channel.queue(stanza, &mut self.out);
+        bump(&self.stats.stanzas_out, 1);
         self.note_out(id, generation, start);
         self.mark_dirty(id);
     }

@@ -8,7 +8,11 @@ macro_rules! counters {
         /// Counters of one shard.
         #[derive(Debug, Default)]
         #[repr(align(128))]
-        pub struct ShardStats { $( #[doc = $doc] pub $name: AtomicU64, )* }
+        pub struct ShardStats {
+            $( #[doc = $doc] pub $name: AtomicU64, )*
+            /// Commits that fsynced, by how long they took.
+            pub commit_times: CommitTimes,
+        }
 
         impl ShardStats {
             /// Name and value of every counter.
@@ -39,6 +43,55 @@ counters! {
     store_commit_failures: "offline queue commits that failed (disk full, IO error)",
     store_unreadable: "queued messages dropped because their record could not be read back",
     keeps_skipped: "queued items acked by their device before their batch went to disk (never written)",
+    handshakes_abandoned: "connections the peer closed before finishing the handshake",
+    kicks: "connections an operator closed (`hop admin kick`)",
+    drain_closes: "connections sent away by a lame-duck drain",
+    bytes_in: "bytes read from clients",
+    bytes_out: "bytes handed to the backend to write to clients",
+    stanzas_out: "stanzas sent to clients",
+    // Published by the shard once per tick, from its router and store.
+    connections_handshaking: "connections still in their handshake (gauge, per tick)",
+    messages_accepted: "messages taken for delivery (per tick)",
+    messages_rejected: "messages refused (quota, unknown user, disk; per tick)",
+    messages_acked: "messages the recipient's device acked (per tick)",
+    messages_deduplicated: "resent messages answered with the original's ack (per tick)",
+    receipts_queued: "receipts queued for senders (per tick)",
+    reads_refused: "Read receipts refused for a wrong proof (per tick)",
+    queue_items: "items queued on this shard (gauge, per tick)",
+    queue_bytes: "body bytes queued on this shard (gauge, per tick)",
+    store_appends: "records appended to the offline queue (per tick)",
+    store_deliveries: "tombstones written for delivered records (per tick)",
+    store_commits: "offline-queue commits (per tick)",
+    store_fsyncs: "offline-queue fsyncs (per tick)",
+    store_disk_bytes: "bytes of the offline queue's segment files (gauge, per tick)",
+}
+
+/// Upper bounds, in microseconds, of the buckets of [`CommitTimes`]; the last bucket is
+/// unbounded.
+pub const COMMIT_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// How long the shard's commits that fsynced took (write and fsync), as a histogram. Written
+/// by the shard alone; read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct CommitTimes {
+    /// Commits whose time was at most the bound of the same index; the last is `+Inf`.
+    pub buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
+    pub count: AtomicU64,
+    pub sum_us: AtomicU64,
+}
+
+impl CommitTimes {
+    pub fn record(&self, micros: u64) {
+        let index = COMMIT_BUCKETS_US
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(COMMIT_BUCKETS_US.len());
+        bump(&self.buckets[index], 1);
+        bump(&self.count, 1);
+        bump(&self.sum_us, micros);
+    }
 }
 
 /// Adds to a counter.

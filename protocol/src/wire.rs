@@ -311,9 +311,19 @@ impl Stanza {
     }
 
     pub fn go_away(reason: GoAwayReason, text: impl Into<String>) -> Self {
+        Self::go_away_retry_after(reason, text, 0)
+    }
+
+    /// A GoAway with a hint of how long the client should wait before it connects again.
+    pub fn go_away_retry_after(
+        reason: GoAwayReason,
+        text: impl Into<String>,
+        retry_after_ms: u32,
+    ) -> Self {
         Self::of(Kind::GoAway(GoAway {
             reason: reason as i32,
             text: text.into(),
+            retry_after_ms,
         }))
     }
 

@@ -25,7 +25,13 @@ use serde_json::json;
 
 /// hop: the command-line client of the hop messaging gateway.
 #[derive(Debug, Parser)]
-#[command(name = "hop", version, about)]
+#[command(
+    name = "hop",
+    version,
+    about = "hop, the command-line client of the hop messaging gateway: make a key, send and \
+             receive messages with their ticks, watch presence, and operate a running hopd \
+             (hop admin). Events print as JSON lines."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,6 +60,43 @@ enum Command {
     /// Set who may see your presence (online, last seen). Who hides it from someone does not
     /// see their last-seen time either.
     Privacy(PrivacyArgs),
+    /// Operate a running hopd through its admin listener (hopd's `admin` setting); prints
+    /// the answer as JSON.
+    Admin(AdminArgs),
+}
+
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// hopd's admin listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7789")]
+    admin: String,
+    #[command(subcommand)]
+    request: AdminRequest,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminRequest {
+    /// Every counter, per shard and in total.
+    Stats,
+    /// One user: its home shard, whether it is online, its queue.
+    User {
+        /// The user id (32 hex digits).
+        id: UserId,
+    },
+    /// Close a user's connection (GoAway KICKED); the client may connect again.
+    Kick {
+        /// The user id (32 hex digits).
+        id: UserId,
+    },
+    /// Set hopd's log filter until the next restart or SIGHUP, e.g. `debug` or
+    /// `info,hop_gateway=debug`.
+    LogLevel {
+        /// A tracing filter.
+        filter: String,
+    },
+    /// Start a lame-duck drain: hopd accepts no more connections, sends the held ones away
+    /// spread over its drain_ms, and exits.
+    Drain,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -189,6 +232,49 @@ fn run(command: Command) -> Result<(), String> {
         Command::Listen(args) => listen(args),
         Command::Presence(args) => presence(args),
         Command::Privacy(args) => privacy(args),
+        Command::Admin(args) => admin(args),
+    }
+}
+
+/// Admin requests wait at most this long for hopd.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `hop admin`: one request to hopd's admin listener; its JSON answer goes to stdout. An
+/// error answer is printed too, and the exit status is 1.
+fn admin(args: AdminArgs) -> Result<(), String> {
+    let base = format!("http://{}", args.admin);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(ADMIN_TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let response = match &args.request {
+        AdminRequest::Stats => agent.get(format!("{base}/stats")).call(),
+        AdminRequest::User { id } => agent.get(format!("{base}/users/{id}")).call(),
+        AdminRequest::Kick { id } => agent.post(format!("{base}/users/{id}/kick")).send_empty(),
+        AdminRequest::LogLevel { filter } => agent.put(format!("{base}/log")).send(filter.as_str()),
+        AdminRequest::Drain => agent.post(format!("{base}/drain")).send_empty(),
+    };
+    let mut response = response.map_err(|error| {
+        format!(
+            "cannot reach hopd's admin listener at {}: {error}",
+            args.admin
+        )
+    })?;
+    let status = response.status();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|error| format!("cannot read hopd's answer: {error}"))?;
+    print!("{body}");
+    if status.is_success() {
+        Ok(())
+    } else {
+        let reason = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|value| value.get("error")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| body.trim().to_string());
+        Err(format!("hopd answered {}: {reason}", status.as_u16()))
     }
 }
 

@@ -23,7 +23,7 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// `--backend $HOP_TEST_BACKEND` when that variable is set (CI runs the suite once per
 /// backend), and `--uring-receive $HOP_TEST_URING_RECEIVE` likewise.
-fn backend_flags() -> Vec<String> {
+pub fn backend_flags() -> Vec<String> {
     let mut flags = Vec::new();
     for (variable, flag) in [
         ("HOP_TEST_BACKEND", "--backend"),
@@ -59,6 +59,8 @@ pub struct Hopd {
     pub addr: String,
     pub server_key: [u8; 32],
     pub data: PathBuf,
+    /// The admin listener's address (each hopd picks a free port).
+    pub admin: String,
     /// The status line hopd printed at start.
     pub banner: String,
     _folder: Option<tempfile::TempDir>,
@@ -164,6 +166,14 @@ impl Hopd {
             .args(["--listen", listen, "--data"])
             .arg(data)
             .args(["--pin-cores", "false", "--log", "info"])
+            // A free admin port each, and a stop that sends every client away at once, as
+            // the tests expect of SIGTERM (the drain tests set their own window).
+            .args(["--admin", "127.0.0.1:0"])
+            .args(if flags.contains(&"--drain-ms") {
+                &[][..]
+            } else {
+                &["--drain-ms", "0"][..]
+            })
             .args(backend_flags())
             .args(flags)
             .stdout(Stdio::piped())
@@ -185,7 +195,7 @@ impl Hopd {
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
             .expect("hopd prints its address");
-        let (addr, server_key) = parse_banner(&line).unwrap_or_else(|| {
+        let (addr, server_key, admin) = parse_banner(&line).unwrap_or_else(|| {
             let _ = child.kill();
             panic!(
                 "hopd did not start: {line:?}\n{}",
@@ -196,6 +206,7 @@ impl Hopd {
             child: Some(child),
             addr,
             server_key,
+            admin,
             data: data.to_path_buf(),
             banner: line.trim_end().to_string(),
             _folder: None,
@@ -261,14 +272,20 @@ impl Drop for Hopd {
     }
 }
 
-fn parse_banner(line: &str) -> Option<(String, [u8; 32])> {
-    // "hopd listening on ADDR with N shard(s); server key HEX; data DIR; ceiling N connections (WHY)"
+pub fn parse_banner(line: &str) -> Option<(String, [u8; 32], String)> {
+    // "hopd listening on ADDR with N shard(s); server key HEX; data DIR; ceiling N connections
+    // (WHY); admin ADDR"
     let addr = line
         .strip_prefix("hopd listening on ")?
         .split_whitespace()
         .next()?;
     let key = line.split("server key ").nth(1)?.split(';').next()?;
-    Some((addr.to_string(), parse_hex_key(key.trim())?))
+    let admin = line.split("; admin ").nth(1)?.trim();
+    Some((
+        addr.to_string(),
+        parse_hex_key(key.trim())?,
+        admin.to_string(),
+    ))
 }
 
 pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {

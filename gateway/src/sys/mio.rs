@@ -53,7 +53,8 @@ struct Connection {
 pub struct MioBackend {
     poll: Poll,
     events: Events,
-    listener: TcpListener,
+    /// `None` once the shard stopped accepting (a drain): the socket is closed.
+    listener: Option<TcpListener>,
     waker: Arc<MioWaker>,
     connections: Slab<Connection>,
     /// Connections to read on this turn (readable, or resumed).
@@ -100,7 +101,7 @@ impl MioBackend {
         Ok(Self {
             poll,
             events: Events::with_capacity(EVENTS_PER_POLL),
-            listener,
+            listener: Some(listener),
             waker,
             connections: Slab::new(),
             ready: Vec::new(),
@@ -118,7 +119,10 @@ impl MioBackend {
     fn accept(&mut self, on_event: &mut dyn FnMut(Event<'_, MioHandoff>) -> Reading) {
         self.accept_backlog = false;
         for _ in 0..ACCEPTS_PER_TURN {
-            let (mut stream, _peer) = match self.listener.accept() {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let (mut stream, _peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -171,8 +175,9 @@ impl MioBackend {
             return false;
         };
         drop(spare);
-        let refused = match self.listener.accept() {
-            Ok((stream, _)) => {
+        let accepted = self.listener.as_ref().map(TcpListener::accept);
+        let refused = match accepted {
+            Some(Ok((stream, _))) => {
                 drop(stream);
                 self.refused += 1;
                 self.refused_out_of_descriptors += 1;
@@ -184,7 +189,7 @@ impl MioBackend {
                 }
                 true
             }
-            Err(_) => false,
+            Some(Err(_)) | None => false,
         };
         self.spare_descriptor = std::fs::File::open("/dev/null").ok();
         refused
@@ -434,6 +439,15 @@ impl Backend for MioBackend {
         self.read_ready(on_event);
         self.reap_closing();
         Ok(())
+    }
+
+    fn stop_accepting(&mut self) {
+        if let Some(mut listener) = self.listener.take() {
+            if let Err(error) = self.poll.registry().deregister(&mut listener) {
+                warn!(%error, "deregistering the listener failed");
+            }
+        }
+        self.accept_backlog = false;
     }
 
     fn has_backlog(&self) -> bool {

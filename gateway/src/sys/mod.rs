@@ -22,6 +22,7 @@
 //! - wake-ups between shards go through the waking shard's own backend
 //!   ([`Backend::wake_peer`]), so a ring-based backend can batch them with its other
 //!   submissions; threads without a backend use [`Backend::remote_waker`].
+//! - [`Backend::stop_accepting`] closes the listener for good; held connections go on.
 //! - [`Backend::close`] closes gracefully: queued bytes are written, then the write side is
 //!   shut, and the socket is dropped when the peer closes or a short deadline passes.
 
@@ -196,6 +197,10 @@ pub trait Backend: Sized {
         timeout: Option<Duration>,
         on_event: &mut dyn FnMut(Event<'_, Self::Handoff>) -> Reading,
     ) -> io::Result<()>;
+
+    /// Stops taking new connections for good (a drain) and closes the listening socket, so
+    /// that the kernel stops sending this shard new connections; the connections held go on.
+    fn stop_accepting(&mut self);
 
     /// True when the backend has work it will do on the next poll without waiting (reads or
     /// accepts cut short by the per-turn budget, events queued); the caller then polls with a

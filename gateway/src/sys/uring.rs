@@ -376,6 +376,8 @@ pub struct UringBackend {
     cq_backlog: bool,
     cqes: Vec<cqueue::Entry>,
     accept_armed: bool,
+    /// False once the shard stopped accepting (a drain): the accept is not armed again.
+    accepting: bool,
     /// The ring's completion queue entries.
     cq_entries: u32,
     /// Entries put on the submission queue since the start.
@@ -493,6 +495,7 @@ impl UringBackend {
             cq_backlog: false,
             cqes: Vec::with_capacity(1024),
             accept_armed: false,
+            accepting: true,
             cq_entries,
             submitted: 0,
             stopping: false,
@@ -958,7 +961,7 @@ impl UringBackend {
                 // The table is full: the kernel closed the new socket.
                 self.refused += 1;
                 debug!("connection refused: the fixed file table is full");
-            } else if result != -libc::ECANCELED {
+            } else if result != -libc::ECANCELED && self.accepting {
                 warn!(error = %io::Error::from_raw_os_error(-result), "accept failed");
             }
         } else {
@@ -979,7 +982,7 @@ impl UringBackend {
                 self.progress(slot);
             }
         }
-        if !self.accept_armed && !self.stopping {
+        if !self.accept_armed && !self.stopping && self.accepting {
             self.submit(Op::Accept);
         }
     }
@@ -1252,6 +1255,25 @@ impl Backend for UringBackend {
             }
         }
         Ok(())
+    }
+
+    fn stop_accepting(&mut self) {
+        if !self.accepting {
+            return;
+        }
+        self.accepting = false;
+        if self.accept_armed && !self.stopping {
+            self.submit(Op::CancelShared(Kind::Accept));
+        }
+        // Shutting a listening socket down takes it out of the listening state (Linux):
+        // the kernel sends this port's new connections to the other listeners of the
+        // `SO_REUSEPORT` group, or refuses them once none is left. The descriptor stays
+        // open until the backend drops, since an entry on the submission queue may name it.
+        if let Err(error) =
+            socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Read)
+        {
+            warn!(%error, "cannot stop the listener");
+        }
     }
 
     fn has_backlog(&self) -> bool {
