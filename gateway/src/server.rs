@@ -42,6 +42,11 @@ pub enum StartError {
     DataFolder { path: String, source: io::Error },
     #[error("{0}")]
     Key(#[from] hop_protocol::keys::KeyError),
+    #[error(
+        "data folder {path} is open to other users (mode {mode:04o}); it holds message bodies \
+         and keys: `chmod 700 {path}`"
+    )]
+    DataFolderOpen { path: String, mode: u32 },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
     #[error("cannot start shard {shard}: {source}")]
@@ -82,10 +87,13 @@ impl Server {
     /// listener started earlier answers `/readyz` while the queues recover.
     pub fn start_with(config: &Config, controls: &Arc<Controls>) -> Result<Self, StartError> {
         assert_eq!(controls.shards(), config.shards, "one control per shard");
-        std::fs::create_dir_all(&config.data).map_err(|source| StartError::DataFolder {
-            path: config.data.display().to_string(),
-            source,
+        hop_store::io::Io::create_dir_all(&FsIo, &config.data).map_err(|source| {
+            StartError::DataFolder {
+                path: config.data.display().to_string(),
+                source,
+            }
         })?;
+        check_data_folder_mode(&config.data)?;
         let (key, created) = StaticKey::load_or_create(&config.data.join("server.key"))?;
         if created {
             info!(path = %config.data.join("server.key").display(), "generated a new server key");
@@ -205,6 +213,9 @@ pub fn serve(
     set_log_filter: SetLogFilter,
 ) -> Result<bool, StartError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    // Whatever hopd creates is its own alone (the store asks for 0700 and 0600 as well): a
+    // service manager's or a shell's permissive umask must not open message bodies to others.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(StartError::Signals)?;
     // A write past the file-size limit (RLIMIT_FSIZE) must fail with EFBIG, which the store
@@ -364,6 +375,28 @@ fn apply_reload(
         warn!("SIGHUP: settings other than log and drain_ms changed; they take effect at the next start");
     }
     info!(drain_ms = reloaded.drain_ms, "SIGHUP: settings reloaded");
+}
+
+/// Refuses a data folder that users other than its owner may read, write or enter.
+fn check_data_folder_mode(data: &std::path::Path) -> Result<(), StartError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let metadata = std::fs::metadata(data).map_err(|source| StartError::DataFolder {
+            path: data.display().to_string(),
+            source,
+        })?;
+        let mode = metadata.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(StartError::DataFolderOpen {
+                path: data.display().to_string(),
+                mode,
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = data;
+    Ok(())
 }
 
 /// What every shard learns at start from the account files: who exists and who hides.

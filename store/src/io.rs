@@ -80,11 +80,21 @@ pub trait IoFile {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FsIo;
 
+/// The mode of every folder the store creates: its owner's alone.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// The mode of every file the store creates: its owner's alone.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
 impl Io for FsIo {
     type File = File;
 
+    /// Folders are for hopd alone (0700): they hold message bodies and keys.
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        fs::create_dir_all(path)
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, PRIVATE_DIR_MODE);
+        builder.create(path)
     }
 
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
@@ -98,12 +108,13 @@ impl Io for FsIo {
         Ok(names)
     }
 
+    /// Files are for hopd alone (0600), whatever the umask allows.
     fn create(&self, path: &Path) -> io::Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, PRIVATE_FILE_MODE);
+        options.open(path)
     }
 
     fn open(&self, path: &Path, read_only: bool) -> io::Result<File> {

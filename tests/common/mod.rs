@@ -45,6 +45,8 @@ enum Limit {
     Descriptors(u32),
     /// `RLIMIT_FSIZE`, soft.
     FileBytes(u64),
+    /// The file-creation mask hopd inherits.
+    Umask(u32),
 }
 
 /// A loopback address with a port free at the time of the call, for a hopd that must keep
@@ -100,6 +102,11 @@ impl Hopd {
 
     /// Starts hopd on `data` with files limited to `bytes` (`RLIMIT_FSIZE`, soft limit only:
     /// [`Hopd::lift_file_size_limit`] raises it again while hopd runs).
+    /// Starts hopd in `data` as a shell with file-creation mask `mask` would.
+    pub fn start_with_umask(data: &Path, mask: u32, flags: &[&str]) -> Self {
+        Self::launch(data, "127.0.0.1:0", flags, Some(Limit::Umask(mask)))
+    }
+
     pub fn start_with_file_size_limit(data: &Path, bytes: u64, flags: &[&str]) -> Self {
         Self::launch(data, "127.0.0.1:0", flags, Some(Limit::FileBytes(bytes)))
     }
@@ -147,6 +154,14 @@ impl Hopd {
                 shell
                     .arg("-c")
                     .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_hopd"));
+                shell
+            }
+            Some(Limit::Umask(mask)) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
                     .arg(env!("CARGO_BIN_EXE_hopd"));
                 shell
             }
