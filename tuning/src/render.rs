@@ -32,6 +32,100 @@ const LEFT_AT_DEFAULT_FREEBSD: &[(&str, &str)] = &[
     ),
 ];
 
+/// The systemd unit below its header: how hopd is started, stopped and sandboxed. Nothing in
+/// it depends on the plan (the derived limits are in the drop-in); `deploy/check` verifies it
+/// and rates its sandbox with `systemd-analyze security`.
+const LINUX_UNIT_BODY: &str = r"
+[Unit]
+Description=hop connection gateway
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+# hopd sends READY=1 once every shard serves and STOPPING=1 when a drain starts; only hopd
+# itself (not a child) may send them.
+Type=notify
+NotifyAccess=main
+User=hop
+Group=hop
+# Data folder /var/lib/hopd (server key, accounts, shard logs), created 0700 for hop. It is
+# the one writable path: ProtectSystem=strict makes the rest of the file system read-only.
+StateDirectory=hopd
+StateDirectoryMode=0700
+# Both on the command line: without --data hopd would use hop-data relative to /, read-only
+# here. --data overrides the file's `data` (flags override the file).
+ExecStart=/usr/local/bin/hopd --config /etc/hop/hopd.toml --data /var/lib/hopd
+# SIGHUP makes hopd read its settings again and apply `log` and `drain_ms`; it never exits on
+# it.
+ExecReload=/bin/kill -HUP $MAINPID
+# SIGTERM starts the drain: hopd stops accepting, sends GoAway to its connections spread over
+# drain_ms (30000 by default, `hopd --print-config | grep drain_ms`) and exits 0 once they are
+# gone or the window and a short grace for the last closes have passed.
+KillSignal=SIGTERM
+# Above drain_ms, with room for that grace and the final commit; raise both together. Past it
+# systemd sends SIGKILL: acked messages survive it, but clients are cut off without GoAway.
+TimeoutStopSec=45s
+# A failed shard stops hopd with a non-zero exit: start again. A drain exits 0: stay stopped.
+Restart=on-failure
+RestartSec=1s
+# LimitNOFILE lives in hopd.service.d/10-hop-limits.conf (rendered for the target); without
+# it systemd's default applies (1024:524288, `systemd-analyze cat-config systemd/system.conf`)
+# and hopd raises its soft limit to the hard one, which needs no privilege.
+# LimitMEMLOCK is left at systemd's default: hopd's uring backend needs Linux >= 6.0
+# (gateway/src/sys/uring/probe.rs), kernels from 5.12 charge rings to the memory cgroup
+# (tuning/src/model.rs), and hopd registers no fixed buffers: it ran its uring shards under
+# `prlimit --memlock=0:0 hopd --backend uring` on Linux 6.18 (`uname -r`).
+
+# Hardening: `systemd-analyze security --offline=true hopd.service` (docs/operations.md).
+# Files hopd creates (server key, logs) are for hop alone.
+UMask=0077
+NoNewPrivileges=yes
+# hopd needs no capability: its port is above 1023 and raising the soft RLIMIT_NOFILE to the
+# hard one is unprivileged. For a port below 1024 set both lines to CAP_NET_BIND_SERVICE and
+# drop PrivateUsers=: a capability held inside the unit's user namespace does not count for
+# the host's network.
+CapabilityBoundingSet=
+AmbientCapabilities=
+PrivateUsers=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateMounts=yes
+# /proc/sys stays readable, not writable: hopd reads fs.nr_open, kernel.io_uring_disabled,
+# kernel.osrelease and others there at start (`strace -f -e trace=openat hopd`).
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+# Other processes are hidden. ProcSubset=pid is not set: it would hide /proc/meminfo and
+# /proc/sys, which hopd reads to size its connection ceiling and probe io_uring.
+ProtectProc=invisible
+# TCP listeners (IPv4, IPv6); AF_UNIX for sd_notify and the takeover socket.
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+# hopd generates no code at run time.
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+SystemCallArchitectures=native
+# @system-service holds hopd's calls, sched_setaffinity (core pinning) and setrlimit among them
+# (in @resources, so that set stays allowed). The io_uring calls are in its @aio on systemd 252
+# (`systemd-analyze syscall-filter @aio`); named here for versions whose @aio lacks them.
+SystemCallFilter=@system-service io_uring_setup io_uring_enter io_uring_register
+SystemCallFilter=~@privileged
+# A refused call fails with EPERM, which hopd reports, instead of killing it with SIGSYS.
+SystemCallErrorNumber=EPERM
+# Not set, on purpose: PrivateNetwork= and IPAddressDeny= (hopd serves clients from anywhere).
+
+[Install]
+WantedBy=multi-user.target
+";
+
 /// The command line that renders `plan` (written into every file's header).
 pub fn command_line(plan: &Plan) -> String {
     let target = plan.target;
@@ -102,7 +196,7 @@ fn header(plan: &Plan, what: &str, install: &str) -> String {
     let _ = writeln!(out, "# Rendered by `{}`;", command_line(plan));
     let _ = writeln!(
         out,
-        "# re-render rather than edit. Every value is derived by hop's tuning model"
+        "# re-render rather than edit. Every tuned value is derived by hop's tuning model"
     );
     let _ = writeln!(
         out,
@@ -148,34 +242,7 @@ fn linux_unit(plan: &Plan) -> String {
         "/etc/systemd/system/hopd.service with the drop-in beside it, then \
          `systemctl daemon-reload && systemctl enable --now hopd`.",
     );
-    out.push_str(
-        "\n[Unit]\n\
-         Description=hop connection gateway\n\
-         After=network-online.target\n\
-         Wants=network-online.target\n\
-         \n\
-         [Service]\n\
-         Type=exec\n\
-         User=hop\n\
-         Group=hop\n\
-         # Data folder /var/lib/hop (server key, accounts, shard logs), created 0700 for hop.\n\
-         StateDirectory=hop\n\
-         StateDirectoryMode=0700\n\
-         ExecStart=/usr/local/bin/hopd --config /etc/hop/hopd.toml\n\
-         Restart=on-failure\n\
-         RestartSec=1s\n\
-         # Give established connections time to be closed cleanly on stop.\n\
-         TimeoutStopSec=30s\n\
-         # Limits (LimitNOFILE, LimitMEMLOCK) live in hopd.service.d/10-hop-limits.conf.\n\
-         NoNewPrivileges=yes\n\
-         ProtectSystem=strict\n\
-         ProtectHome=yes\n\
-         PrivateTmp=yes\n\
-         PrivateDevices=yes\n\
-         \n\
-         [Install]\n\
-         WantedBy=multi-user.target\n",
-    );
+    out.push_str(LINUX_UNIT_BODY);
     out
 }
 
