@@ -226,6 +226,16 @@ fn route(
                 &json!({ "draining": true, "started": started, "drain_ms": window_ms }),
             )
         }
+        #[cfg(feature = "fault-injection")]
+        (Post, ["fault", "panic", shard]) => match shard.parse::<ShardId>() {
+            Ok(shard) if usize::from(shard) < state.controls.shards() => {
+                match send(state, shard, Command::Panic) {
+                    Ok(()) => Answer::json(200, &json!({ "panicking": shard })),
+                    Err(answer) => answer,
+                }
+            }
+            _ => Answer::error(400, format!("no shard {shard}")),
+        },
         (_, ["healthz" | "readyz" | "metrics" | "stats" | "log" | "drain"])
         | (_, ["users", _] | ["users", _, "kick"]) => Answer::error(405, "method not allowed"),
         _ => Answer::error(404, format!("no such admin resource: {path}")),
@@ -429,6 +439,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         "store_refusals",
         "Items the offline queue refused (over quota).",
         |s| &s.store_refusals,
+    ),
+    (
+        "shard_restarts",
+        "Times the shard panicked and its supervisor restarted it.",
+        |s| &s.shard_restarts,
     ),
     (
         "keeps_skipped",

@@ -29,6 +29,9 @@ pub enum Command {
         user: UserId,
         reply: SyncSender<bool>,
     },
+    /// Panic, to prove the shard supervisor (builds with the `fault-injection` feature only).
+    #[cfg(feature = "fault-injection")]
+    Panic,
 }
 
 /// The command queues and flags of every shard.

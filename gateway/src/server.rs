@@ -205,8 +205,9 @@ impl Server {
 /// - SIGHUP reads the settings again (the `--config` file, then the flags) and applies those
 ///   that can change live: `log` and `drain_ms`. It never stops hopd.
 ///
-/// A shard that dies stops the server (there is no shard supervisor yet): the process exits
-/// non-zero so that the service manager restarts it.
+/// A shard that panics is restarted by its own supervisor ([`shard::run`]); one that keeps
+/// panicking gives up, which stops the server: the process exits non-zero so that the service
+/// manager restarts it.
 pub fn serve(
     config: &Config,
     reload: &dyn Fn() -> Result<Config, String>,
@@ -463,24 +464,9 @@ fn start_shards<B: Backend>(
                 "cut off a torn account record"
             );
         }
-        let mut router = Router::new(
-            index as ShardId,
-            shards as u16,
-            config.router_limits(),
-            Secrets::derive(key.private()),
-        );
-        for (user, _) in &bindings.bindings {
-            router.restore_binding(*user);
-        }
-        for (user, visibility, contacts) in &bindings.privacy {
-            let privacy = hop_router::Privacy {
-                visibility: hop_protocol::wire::Visibility::try_from(i32::from(*visibility))
-                    .unwrap_or(hop_protocol::wire::Visibility::Nobody),
-                contacts: contacts.clone(),
-            };
-            router.restore_privacy(*user, privacy);
-        }
+        let mut router = restored_router(config, index, key, bindings);
         let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)?;
+        let rebuild = rebuilder(config, index, key);
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let (key, mailboxes, shutdown, registered, report, data, controls) = (
             key.clone(),
@@ -536,6 +522,7 @@ fn start_shards<B: Backend>(
                     store,
                     shutdown,
                     controls,
+                    rebuild,
                 });
             })
             .map_err(|source| StartError::Shard {
@@ -560,6 +547,62 @@ fn start_shards<B: Backend>(
     let depth: MailboxDepth = Arc::new(move |from, to| depth_of.depth(from, to));
     let wake_all: Arc<dyn Fn() + Send + Sync> = Arc::new(move || mailboxes.wake_all_remotely());
     Ok((shutdown, wake_all, threads, stats, depth))
+}
+
+/// Shard `index`'s router, with the bindings and presence settings read from disk.
+fn restored_router(config: &Config, index: usize, key: &StaticKey, restored: &Restored) -> Router {
+    let mut router = Router::new(
+        index as ShardId,
+        config.shards as u16,
+        config.router_limits(),
+        Secrets::derive(key.private()),
+    );
+    for (user, _) in &restored.bindings {
+        router.restore_binding(*user);
+    }
+    for (user, visibility, contacts) in &restored.privacy {
+        let privacy = hop_router::Privacy {
+            visibility: hop_protocol::wire::Visibility::try_from(i32::from(*visibility))
+                .unwrap_or(hop_protocol::wire::Visibility::Nobody),
+            contacts: contacts.clone(),
+        };
+        router.restore_privacy(*user, privacy);
+    }
+    router
+}
+
+/// How shard `index` is rebuilt from disk after a panic: bindings and presence settings read
+/// again (the other shards go on appending theirs meanwhile: a torn tail of theirs is
+/// skipped), its logs opened again, its queue recovered.
+fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebuild {
+    let (config, key) = (config.clone(), key.clone());
+    Box::new(move || {
+        let loaded = accounts::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
+        let settings = privacy::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
+        let restored = Restored {
+            bindings: loaded.bindings,
+            privacy: settings.settings,
+        };
+        let mut router = restored_router(&config, index, &key, &restored);
+        let accounts = AccountLog::open(&FsIo, &config.data, index as u16)
+            .map_err(|error| error.to_string())?;
+        let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)
+            .map_err(|error| error.to_string())?;
+        let store = open_store(
+            &config.data,
+            index as u16,
+            config.shards as u16,
+            config.store_options(),
+            &mut router,
+        )
+        .map_err(|error| error.to_string())?;
+        Ok(shard::Fresh {
+            router,
+            accounts,
+            privacy,
+            store,
+        })
+    })
 }
 
 /// Opens a shard's offline queue and gives its items back to the router.

@@ -38,7 +38,7 @@ use hop_store::accounts::AccountLog;
 use hop_store::io::FsIo;
 use hop_store::privacy::PrivacyLog;
 use hop_store::ShardStore;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::control::{Command, Controls, DrainPlan};
 use crate::mailbox::Mailboxes;
@@ -132,6 +132,8 @@ pub struct ShardParts<B: Backend> {
     pub shutdown: Arc<AtomicBool>,
     /// Operators' requests and the drain.
     pub controls: Arc<Controls>,
+    /// Rebuilds the shard's state from disk after a panic.
+    pub rebuild: Rebuild,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +252,31 @@ impl Held {
 /// Capacity of `Core::out` kept between turns; a busier turn's buffer is released.
 const OUT_CAPACITY_KEPT_BYTES: usize = 1024 * 1024;
 
-/// Runs a shard until shutdown.
+/// A shard restarts after a panic at most this many times within [`RESTART_WINDOW`]; one
+/// more and it gives up, which stops the server (non-zero) for the service manager.
+pub const RESTARTS_MAX: usize = 5;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// The wait before a restart: doubled for each crash within the window, up to the maximum.
+const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A shard's state as its files on disk give it: what a shard starts with, and what it is
+/// rebuilt from after a panic.
+pub struct Fresh {
+    pub router: Router,
+    pub accounts: AccountLog<FsIo>,
+    pub privacy: PrivacyLog<FsIo>,
+    pub store: ShardStore<FsIo>,
+}
+
+/// Builds a shard's [`Fresh`] state again from disk (bindings, presence settings, its queue).
+pub type Rebuild = Box<dyn FnMut() -> Result<Fresh, String> + Send>;
+
+/// Runs a shard until shutdown, under its own supervisor ("let it crash", per shard): a
+/// panic closes this shard's connections (their clients reconnect), drops its state, rebuilds
+/// it from disk (the queue recovers from its log, as after a crash of the process) and serves
+/// again on the same backend and listener, while the other shards go on. Acked messages are
+/// on disk, so none is lost; what was held for the next commit was not acked yet.
 pub fn run<B: Backend>(parts: ShardParts<B>) {
     let ShardParts {
         settings,
@@ -264,104 +290,247 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         store,
         shutdown,
         controls,
+        mut rebuild,
     } = parts;
-    let shards = usize::from(settings.shards);
-    let connection_slots = settings.connection_slots;
-    let mut core: Core<B> = Core {
-        settings,
-        key,
+    let index = settings.index;
+    let fresh = Fresh {
         router,
-        conns: Vec::with_capacity(connection_slots),
-        generation: 0,
-        mailboxes,
-        outbox: (0..shards).map(|_| VecDeque::new()).collect(),
-        paused: Vec::new(),
-        dirty: Vec::new(),
-        to_close: Vec::new(),
-        to_move: Vec::new(),
-        mail_sent_to: vec![false; shards],
-        events: Vec::new(),
-        out: Vec::new(),
-        spans: Vec::new(),
-        moving: HashMap::default(),
-        scratch: vec![0u8; FRAME_PLAINTEXT_BYTES_MAX + 16].into_boxed_slice(),
-        stats,
         accounts,
         privacy,
-        now_ms: monotonic_ms(),
-        wall_ms: wall_clock_ms(),
-        current: None,
-        warnings: RateLimit::default(),
-        adoptions: HashMap::default(),
-        next_token: 0,
-        to_pause: Vec::new(),
         store,
-        held: Held::default(),
-        unkept: VecDeque::new(),
-        read_ahead: ReadAhead::default(),
-        handshaking: 0,
-        controls,
-        draining: None,
     };
-    let tick = Duration::from_millis(
-        (core
-            .settings
-            .handshake_timeout_ms
-            .min(core.settings.idle_timeout_ms)
-            / 4)
-        .max(10),
-    )
-    .min(TICK_MAX);
-    let mut next_tick = Instant::now() + tick;
-    let index = core.settings.index;
+    let mut core = Core::new(settings, key, mailboxes, stats, controls, fresh, 0, 0);
     info!(shard = index, backend = backend.name(), "shard running");
-    core.controls.set_serving(index, true);
-    let mut mail_backlog = false;
-    while !shutdown.load(Ordering::Acquire) {
-        let now = Instant::now();
-        let timeout = if mail_backlog || core.has_blocked_mail() {
-            Duration::ZERO
-        } else {
-            let until = |deadline: Option<u64>| {
-                deadline.map_or(Duration::MAX, |deadline| {
-                    Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
-                })
-            };
-            let until_commit = until(core.commit_deadline());
-            let until_drain = until(core.drain_deadline());
-            next_tick
-                .saturating_duration_since(now)
-                .min(until_commit)
-                .min(until_drain)
+    let mut crashes: VecDeque<Instant> = VecDeque::new();
+    loop {
+        core.controls.set_serving(index, true);
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            core.serve(&mut backend, &shutdown);
+        }));
+        let Err(panic) = served else {
+            break;
         };
-        core.mailboxes.clear_wake(index);
-        let result = backend.poll(Some(timeout), &mut |event| {
-            core.read_clocks();
-            core.handle_event(event)
-        });
-        if let Err(error) = result {
-            warn!(shard = index, %error, "poll failed");
-            std::thread::sleep(Duration::from_millis(10));
+        core.controls.set_serving(index, false);
+        bump(&core.stats.shard_restarts, 1);
+        let now = Instant::now();
+        crashes.push_back(now);
+        while crashes
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > RESTART_WINDOW)
+        {
+            crashes.pop_front();
         }
-        core.read_clocks();
-        mail_backlog = core.drain_mail(&mut backend);
-        core.take_commands();
-        core.drain_step(&mut backend);
-        // Commit before writing: the ServerAcks a commit releases leave in this turn's writes,
-        // and under `always` a device's Ack is on disk before anything later is answered.
-        core.commit_if_due();
-        core.end_turn(&mut backend);
-        if Instant::now() >= next_tick {
-            core.enforce_timeouts();
-            core.expire_and_compact();
-            core.router.release_empty();
-            core.end_turn(&mut backend);
-            core.publish_gauges(&backend);
-            next_tick = Instant::now() + tick;
+        error!(
+            shard = index,
+            reason = panic_text(&panic),
+            crashes_in_window = crashes.len(),
+            "shard panicked: its connections are closed and its state is rebuilt from disk"
+        );
+        backend.close_all();
+        if crashes.len() > RESTARTS_MAX {
+            error!(
+                shard = index,
+                "shard panicked {} times within {:?}; giving up",
+                crashes.len(),
+                RESTART_WINDOW
+            );
+            std::panic::resume_unwind(panic);
         }
+        let backoff = RESTART_BACKOFF_FIRST
+            .saturating_mul(1 << (crashes.len() - 1).min(16))
+            .min(RESTART_BACKOFF_MAX);
+        std::thread::sleep(backoff);
+        // The crashed state goes before the new one is read from disk: nothing of it may
+        // write, or hold a file, while its successor opens them.
+        let handles = core.into_handles();
+        let fresh = loop {
+            match rebuild() {
+                Ok(fresh) => break fresh,
+                Err(error) if !shutdown.load(Ordering::Acquire) => {
+                    error!(shard = index, %error, "cannot rebuild the shard; trying again");
+                    std::thread::sleep(RESTART_BACKOFF_MAX);
+                }
+                Err(_) => return,
+            }
+        };
+        core = Core::from_handles(handles, fresh);
+        info!(shard = index, "shard restarted");
     }
     core.controls.set_serving(index, false);
     core.shut_down(&mut backend);
+}
+
+/// What a shard keeps across a restart.
+struct Handles<B: Backend> {
+    settings: ShardSettings,
+    key: Arc<StaticKey>,
+    mailboxes: Arc<ShardMailboxes<B>>,
+    stats: Arc<ShardStats>,
+    controls: Arc<Controls>,
+    next_token: u64,
+    generation: u32,
+}
+
+/// The message a panic carried.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+impl<B: Backend> Core<B> {
+    /// A shard's loop state, around its fresh state. `next_token` and `generation` carry on
+    /// from a crashed predecessor, so that nothing it started (a move, a handle) is taken for
+    /// one of the new core's.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        settings: ShardSettings,
+        key: Arc<StaticKey>,
+        mailboxes: Arc<ShardMailboxes<B>>,
+        stats: Arc<ShardStats>,
+        controls: Arc<Controls>,
+        fresh: Fresh,
+        next_token: u64,
+        generation: u32,
+    ) -> Self {
+        let Fresh {
+            router,
+            accounts,
+            privacy,
+            store,
+        } = fresh;
+        let shards = usize::from(settings.shards);
+        let connection_slots = settings.connection_slots;
+        Self {
+            settings,
+            key,
+            router,
+            conns: Vec::with_capacity(connection_slots),
+            generation,
+            mailboxes,
+            outbox: (0..shards).map(|_| VecDeque::new()).collect(),
+            paused: Vec::new(),
+            dirty: Vec::new(),
+            to_close: Vec::new(),
+            to_move: Vec::new(),
+            mail_sent_to: vec![false; shards],
+            events: Vec::new(),
+            out: Vec::new(),
+            spans: Vec::new(),
+            moving: HashMap::default(),
+            scratch: vec![0u8; FRAME_PLAINTEXT_BYTES_MAX + 16].into_boxed_slice(),
+            stats,
+            accounts,
+            privacy,
+            now_ms: monotonic_ms(),
+            wall_ms: wall_clock_ms(),
+            current: None,
+            warnings: RateLimit::default(),
+            adoptions: HashMap::default(),
+            next_token,
+            to_pause: Vec::new(),
+            store,
+            held: Held::default(),
+            unkept: VecDeque::new(),
+            read_ahead: ReadAhead::default(),
+            handshaking: 0,
+            controls,
+            draining: None,
+            orphans: Vec::new(),
+        }
+    }
+
+    /// What outlives a panic: the settings and shared handles, and the counters that name
+    /// moves and connections. The rest (router, store, logs, connections) is dropped.
+    fn into_handles(self) -> Handles<B> {
+        Handles {
+            settings: self.settings,
+            key: self.key,
+            mailboxes: self.mailboxes,
+            stats: self.stats,
+            controls: self.controls,
+            next_token: self.next_token,
+            generation: self.generation,
+        }
+    }
+
+    /// The core that takes over after a panic: the same settings and handles, the rebuilt
+    /// state, and nothing of the old connections (the backend closed them).
+    fn from_handles(handles: Handles<B>, fresh: Fresh) -> Self {
+        Self::new(
+            handles.settings,
+            handles.key,
+            handles.mailboxes,
+            handles.stats,
+            handles.controls,
+            fresh,
+            handles.next_token,
+            handles.generation,
+        )
+    }
+
+    /// The loop: poll, mail, commands, drain, commit, write; timers once a tick. Returns when
+    /// `shutdown` is set.
+    fn serve(&mut self, backend: &mut B, shutdown: &AtomicBool) {
+        let core = self;
+        let tick = Duration::from_millis(
+            (core
+                .settings
+                .handshake_timeout_ms
+                .min(core.settings.idle_timeout_ms)
+                / 4)
+            .max(10),
+        )
+        .min(TICK_MAX);
+        let mut next_tick = Instant::now() + tick;
+        let index = core.settings.index;
+        let mut mail_backlog = false;
+        while !shutdown.load(Ordering::Acquire) {
+            let now = Instant::now();
+            let timeout = if mail_backlog || core.has_blocked_mail() {
+                Duration::ZERO
+            } else {
+                let until = |deadline: Option<u64>| {
+                    deadline.map_or(Duration::MAX, |deadline| {
+                        Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
+                    })
+                };
+                let until_commit = until(core.commit_deadline());
+                let until_drain = until(core.drain_deadline());
+                next_tick
+                    .saturating_duration_since(now)
+                    .min(until_commit)
+                    .min(until_drain)
+            };
+            core.mailboxes.clear_wake(index);
+            let result = backend.poll(Some(timeout), &mut |event| {
+                core.read_clocks();
+                core.handle_event(event)
+            });
+            if let Err(error) = result {
+                warn!(shard = index, %error, "poll failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            core.read_clocks();
+            mail_backlog = core.drain_mail(backend);
+            core.take_commands();
+            core.drain_step(backend);
+            // Commit before writing: the ServerAcks a commit releases leave in this turn's writes,
+            // and under `always` a device's Ack is on disk before anything later is answered.
+            core.commit_if_due();
+            core.end_turn(backend);
+            if Instant::now() >= next_tick {
+                core.enforce_timeouts();
+                core.expire_and_compact();
+                core.router.release_empty();
+                core.end_turn(backend);
+                core.publish_gauges(backend);
+                next_tick = Instant::now() + tick;
+            }
+        }
+    }
 }
 
 struct Core<B: Backend> {
@@ -420,6 +589,9 @@ struct Core<B: Backend> {
     controls: Arc<Controls>,
     /// Set once a drain reached this shard.
     draining: Option<Draining>,
+    /// Connections the backend adopted for no move this core knows of: closed at the end of
+    /// the turn.
+    orphans: Vec<ConnId>,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -979,6 +1151,9 @@ impl<B: Backend> Core<B> {
             early,
         }) = self.adoptions.remove(&token)
         else {
+            // A move a crashed predecessor of this core started: nobody here knows its
+            // session, so the connection is closed (its client reconnects).
+            self.orphans.push(id);
             return;
         };
         bump(&self.stats.handoffs_in, 1);
@@ -1028,6 +1203,9 @@ impl<B: Backend> Core<B> {
     fn end_turn(&mut self, backend: &mut B) {
         for id in std::mem::take(&mut self.to_pause) {
             backend.set_reading(id, false);
+        }
+        for id in std::mem::take(&mut self.orphans) {
+            backend.close(id);
         }
         // Closing a connection can queue stanzas for others (presence), so repeat until calm.
         while !self.dirty.is_empty() || !self.to_close.is_empty() || !self.to_move.is_empty() {
@@ -1189,6 +1367,13 @@ impl<B: Backend> Core<B> {
                     }
                     self.run_actions();
                     let _ = reply.try_send(kicked);
+                }
+                #[cfg(feature = "fault-injection")]
+                Command::Panic => {
+                    panic!(
+                        "fault injected: shard {} panics on request",
+                        self.settings.index
+                    )
                 }
             }
         }

@@ -46,6 +46,7 @@ counters! {
     handshakes_abandoned: "connections the peer closed before finishing the handshake",
     kicks: "connections an operator closed (`hop admin kick`)",
     drain_closes: "connections sent away by a lame-duck drain",
+    shard_restarts: "times this shard panicked and was restarted by its supervisor",
     bytes_in: "bytes read from clients",
     bytes_out: "bytes handed to the backend to write to clients",
     stanzas_out: "stanzas sent to clients",

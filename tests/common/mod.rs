@@ -266,6 +266,12 @@ impl Hopd {
         (status, self.log())
     }
 
+    /// Waits for hopd to exit by itself.
+    pub fn wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_with_patience(&mut child)
+    }
+
     /// Kills hopd with SIGKILL (no chance to write or say anything) and waits for it.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("running");

@@ -497,6 +497,18 @@ impl Backend for MioBackend {
         self.mark_ready(index);
     }
 
+    fn close_all(&mut self) {
+        let open: Vec<ConnId> = self
+            .connections
+            .iter()
+            .filter(|(_, connection)| connection.closing_deadline.is_none())
+            .map(|(index, _)| index as ConnId)
+            .collect();
+        for conn in open {
+            self.close(conn);
+        }
+    }
+
     fn detach(&mut self, conn: ConnId, _to: &Arc<MioWaker>) {
         let index = conn as usize;
         if !self.connections.contains(index) {

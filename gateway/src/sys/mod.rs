@@ -198,6 +198,11 @@ pub trait Backend: Sized {
         on_event: &mut dyn FnMut(Event<'_, Self::Handoff>) -> Reading,
     ) -> io::Result<()>;
 
+    /// Closes every connection it holds, gracefully as [`Backend::close`] does (after a shard
+    /// panicked: their sessions went with it). No `Closed` events follow; moves in flight may
+    /// still end in `Attached` or `Detached`.
+    fn close_all(&mut self);
+
     /// Stops taking new connections for good (a drain) and closes the listening socket, so
     /// that the kernel stops sending this shard new connections; the connections held go on.
     fn stop_accepting(&mut self);

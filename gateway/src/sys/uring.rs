@@ -1321,6 +1321,20 @@ impl Backend for UringBackend {
         self.progress(conn);
     }
 
+    fn close_all(&mut self) {
+        // Moving connections finish their move; the receiving shard knows their session.
+        let open: Vec<ConnId> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, record)| record.as_ref().is_some_and(|r| r.state == State::Open))
+            .map(|(slot, _)| slot as ConnId)
+            .collect();
+        for conn in open {
+            self.close(conn);
+        }
+    }
+
     fn detach(&mut self, conn: ConnId, to: &Arc<UringPeer>) {
         let Some(record) = self.conn(conn) else {
             return;
