@@ -656,7 +656,7 @@ fn connections_past_the_descriptor_limit_are_refused_cleanly() {
         }
     }
     assert!(refused > 0, "150 connections fit under 96 descriptors?");
-    assert!(held.len() > 10, "only {} connections held", held.len());
+    assert!(held.len() > 5, "only {} connections held", held.len());
     ping(&mut first);
     for client in &mut held {
         ping(client);

@@ -31,10 +31,6 @@ use hop_store::ShardStore;
 const LISTEN_BACKLOG: i32 = 4096;
 /// How long a closing connection may linger for its peer to close.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-/// Memory one idle connection is budgeted for when the ceiling is computed: an idle TCP
-/// socket's kernel memory (about 3.6 KB of slab here) plus what hop adds, kernel and user,
-/// rounded up generously.
-const BYTES_PER_CONNECTION_BUDGET: u64 = 8 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -136,7 +132,6 @@ impl Server {
         let key = Arc::new(key);
         let kind = choose_backend(config.backend);
         let ceiling = connection_ceiling(config, kind);
-        log_host_limits(config, kind);
         let controls = controls.clone();
         let (shutdown, wake_all, threads, stats, mailbox_depth) = match kind {
             sys::Kind::Mio => start_shards::<MioBackend>(
@@ -725,68 +720,80 @@ fn choose_backend(name: BackendName) -> sys::Kind {
     }
 }
 
-/// Computes and logs how many connections this server can hold, and what limits it.
+/// Computes and logs how many connections this server can hold, and what limits it: the
+/// model `hop-tune check` applies to a host (`hop_tune::connection_ceiling`: descriptors per
+/// process or per ring, system-wide files and sockets, conntrack, memory, each with headroom
+/// for closing connections), capped by `connections_max`. One model, one number, logged once.
 fn connection_ceiling(config: &Config, kind: sys::Kind) -> sys::Ceiling {
-    use nix::sys::resource::{getrlimit, Resource};
-    let fd_limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
-    let memory = memory_available();
-    let ceiling = sys::ceiling(
-        kind,
-        config.shards,
-        fd_limit,
-        memory,
-        BYTES_PER_CONNECTION_BUDGET,
-        config.connections_max,
-    );
+    let backend = match kind {
+        sys::Kind::Mio => hop_tune::Backend::Mio,
+        sys::Kind::Uring => hop_tune::Backend::Uring,
+    };
+    let limits = live_limits();
+    let model = hop_tune::connection_ceiling(&limits, backend, config.shards as u32);
+    let modelled = usize::try_from(model.connections).unwrap_or(usize::MAX);
+    let (total, bound_by) = if config.connections_max <= modelled {
+        (config.connections_max, "connections_max")
+    } else {
+        (modelled, model.limiting.name(limits.os))
+    };
+    let ceiling = sys::Ceiling {
+        total,
+        per_shard: total / config.shards.max(1),
+        bound_by,
+    };
     info!(
         backend = ?kind,
         ceiling = ceiling.total,
         per_shard = ceiling.per_shard,
         bound_by = ceiling.bound_by,
-        fd_limit,
         shards = config.shards,
-        memory_available = memory.unwrap_or(0),
+        model = %model,
         "connection ceiling"
     );
     ceiling
 }
 
-/// Logs the host's limits as `hop-tune check` models them (with churn headroom), so an operator
-/// sees at start what caps this host and where to look. hopd's own enforced ceiling is the
-/// line before.
-fn log_host_limits(config: &Config, kind: sys::Kind) {
+/// The limits that bound connections, as `hop-tune check` reads them. Where they cannot be
+/// read, the process's descriptor limit alone (memory unknown: not a bound).
+fn live_limits() -> hop_tune::LiveLimits {
+    let keys = [
+        "fs.nr_open",
+        "fs.file-max",
+        "net.netfilter.nf_conntrack_max",
+        "kern.maxfilesperproc",
+        "kern.maxfiles",
+        "kern.ipc.maxsockets",
+    ];
     #[cfg(target_os = "linux")]
-    {
-        let keys = [
-            "fs.nr_open",
-            "fs.file-max",
-            "net.netfilter.nf_conntrack_max",
-        ];
-        match hop_tune::live::ProcRoot::new("/proc").read_live(&keys, None) {
-            Ok(host) => {
-                let backend = match kind {
-                    sys::Kind::Mio => hop_tune::Backend::Mio,
-                    sys::Kind::Uring => hop_tune::Backend::Uring,
-                };
-                let ceiling =
-                    hop_tune::connection_ceiling(&host.limits, backend, config.shards as u32);
-                info!("host limits as `hop-tune check` models them (with headroom for closing connections): {ceiling}");
+    let read = hop_tune::live::ProcRoot::new("/proc").read_live(&keys, None);
+    #[cfg(target_os = "freebsd")]
+    let read = hop_tune::live::read_freebsd(&keys, None);
+    #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+    let read: Result<hop_tune::live::LiveHost, String> =
+        Err("this OS's limits are not modelled".to_string());
+    match read {
+        Ok(host) => host.limits,
+        Err(error) => {
+            warn!(%error, "cannot read the host's limits; the ceiling follows the descriptor limit alone");
+            use nix::sys::resource::{getrlimit, Resource};
+            let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+            hop_tune::LiveLimits {
+                os: if cfg!(target_os = "freebsd") {
+                    hop_tune::Os::FreeBsd
+                } else {
+                    hop_tune::Os::Linux
+                },
+                nofile_soft: soft,
+                nofile_hard: hard,
+                files_per_process_max: None,
+                files_system_max: None,
+                sockets_system_max: None,
+                conntrack_max: None,
+                memory_bytes: u64::MAX / 2,
             }
-            Err(error) => warn!(%error, "cannot read the host's limits; run `hop-tune check`"),
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (config, kind);
-}
-
-/// Bytes of memory available (`MemAvailable`), where the OS tells.
-fn memory_available() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo
-        .lines()
-        .find(|line| line.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Raises the soft descriptor limit to the hard limit: each connection is a descriptor.

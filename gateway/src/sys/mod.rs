@@ -110,64 +110,17 @@ pub fn probe_uring() -> Result<(), String> {
     }
 }
 
-/// Descriptors the process keeps for itself (listeners, rings, eventfds, logs, std streams).
-pub const FDS_RESERVED: u64 = 64;
-
-/// How many connections a server can hold, and what limits it.
+/// How many connections a server can hold, and what limits it (computed by hopd from
+/// `hop_tune::connection_ceiling`, the model `hop-tune check` applies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ceiling {
     /// Connections the whole server holds.
     pub total: usize,
     /// Connections each shard holds.
     pub per_shard: usize,
-    /// What set the ceiling: `"fd limit"`, `"fixed file tables"`, `"memory"` or
-    /// `"connections_max"`.
+    /// What set the ceiling: a limit's name (`RLIMIT_NOFILE hard limit`, `fs.file-max`,
+    /// `memory`, ...) or `connections_max`.
     pub bound_by: &'static str,
-}
-
-/// The connection ceiling of a server with `shards` shards on backend `kind`, from the
-/// process's descriptor limit, the memory available and the configured maximum.
-///
-/// `mio` puts every connection in the process's descriptor table, so the descriptor limit
-/// caps the whole server. `uring` installs connections in each ring's fixed file table, which
-/// the descriptor limit caps per ring, so the server holds up to `shards` times as many.
-pub fn ceiling(
-    kind: Kind,
-    shards: usize,
-    fd_limit: u64,
-    memory_available: Option<u64>,
-    bytes_per_connection: u64,
-    connections_max: usize,
-) -> Ceiling {
-    let shards = shards.max(1);
-    let mut candidates: Vec<(usize, &'static str)> = Vec::with_capacity(3);
-    match kind {
-        Kind::Mio => {
-            let fds = fd_limit.saturating_sub(FDS_RESERVED) as usize;
-            candidates.push((fds, "fd limit"));
-        }
-        Kind::Uring => {
-            #[cfg(target_os = "linux")]
-            let reserve = uring::SLOT_RESERVE;
-            #[cfg(not(target_os = "linux"))]
-            let reserve = 0;
-            let per_ring = (fd_limit.min(1 << 20) as usize).saturating_sub(reserve);
-            candidates.push((per_ring.saturating_mul(shards), "fixed file tables"));
-        }
-    }
-    if let Some(memory) = memory_available {
-        candidates.push(((memory / bytes_per_connection.max(1)) as usize, "memory"));
-    }
-    candidates.push((connections_max, "connections_max"));
-    let (total, bound_by) = candidates
-        .into_iter()
-        .min_by_key(|(count, _)| *count)
-        .unwrap_or((connections_max, "connections_max"));
-    Ceiling {
-        total,
-        per_shard: total / shards,
-        bound_by,
-    }
 }
 
 pub trait Backend: Sized {
@@ -233,29 +186,4 @@ pub trait Backend: Sized {
 
     /// Connections refused because the shard was full, since start.
     fn refused(&self) -> u64;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mio_is_capped_by_the_process_fd_limit_uring_per_ring() {
-        let mio = ceiling(Kind::Mio, 2, 20_000, None, 8192, 1_000_000);
-        assert_eq!(mio.total, 20_000 - FDS_RESERVED as usize);
-        assert_eq!(mio.per_shard, mio.total / 2);
-        assert_eq!(mio.bound_by, "fd limit");
-        let uring = ceiling(Kind::Uring, 2, 20_000, None, 8192, 1_000_000);
-        assert!(uring.total > 39_000 && uring.total <= 40_000, "{uring:?}");
-        assert_eq!(uring.bound_by, "fixed file tables");
-    }
-
-    #[test]
-    fn memory_and_configuration_can_bind_first() {
-        let by_memory = ceiling(Kind::Uring, 2, 20_000, Some(8192 * 1000), 8192, 1_000_000);
-        assert_eq!((by_memory.total, by_memory.bound_by), (1000, "memory"));
-        let by_config = ceiling(Kind::Uring, 4, 20_000, None, 8192, 100);
-        assert_eq!((by_config.total, by_config.per_shard), (100, 25));
-        assert_eq!(by_config.bound_by, "connections_max");
-    }
 }
