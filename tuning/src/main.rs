@@ -82,11 +82,12 @@ struct TargetArgs {
     /// hopd shards (threads, listeners, rings).
     #[arg(long, default_value_t = 1)]
     shards: u32,
-    /// hopd's IO backend. mio is the conservative default: every connection is a descriptor
-    /// in the process fd table. uring (Linux) holds connections as io_uring direct
-    /// descriptors, one fixed-file table per shard ring, each capped by RLIMIT_NOFILE.
-    #[arg(long, value_enum, default_value_t = BackendArg::Mio)]
-    backend: BackendArg,
+    /// hopd's IO backend [default: the one hopd runs on that OS: uring on Linux, mio on
+    /// FreeBSD]. mio: every connection is a descriptor in the process fd table. uring (Linux)
+    /// holds connections as io_uring direct descriptors, one fixed-file table per shard ring,
+    /// each capped by RLIMIT_NOFILE.
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
 }
 
 #[derive(Debug, Args)]
@@ -276,7 +277,8 @@ fn plan_for(
         args.role.into(),
         os,
         args.shards,
-        args.backend.into(),
+        args.backend
+            .map_or_else(|| Backend::default_for(os), Into::into),
     )?;
     Ok(plan(target))
 }

@@ -137,11 +137,22 @@ pub enum Os {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     /// Readiness (epoll / kqueue): every connection is a descriptor in the process fd table,
-    /// so RLIMIT_NOFILE bounds the whole process. The conservative default.
+    /// so RLIMIT_NOFILE bounds the whole process. hopd's backend on FreeBSD.
     Mio,
     /// Linux io_uring with direct descriptors: connections live in each shard ring's fixed-file
     /// table, each capped by RLIMIT_NOFILE, so S shards hold about S x the limit.
     Uring,
+}
+
+impl Backend {
+    /// The backend hopd runs on `os` by default: `uring` on Linux (hopd falls back to `mio`,
+    /// saying so, where the kernel lacks it), `mio` elsewhere.
+    pub fn default_for(os: Os) -> Self {
+        match os {
+            Os::Linux => Backend::Uring,
+            Os::FreeBsd => Backend::Mio,
+        }
+    }
 }
 
 impl fmt::Display for Role {

@@ -71,10 +71,11 @@ RestartSec=1s
 # LimitNOFILE lives in hopd.service.d/10-hop-limits.conf (rendered for the target); without
 # it systemd's default applies (1024:524288, `systemd-analyze cat-config systemd/system.conf`)
 # and hopd raises its soft limit to the hard one, which needs no privilege.
-# LimitMEMLOCK is left at systemd's default: hopd's uring backend needs Linux >= 6.0
-# (gateway/src/sys/uring/probe.rs), kernels from 5.12 charge rings to the memory cgroup
-# (tuning/src/model.rs), and hopd registers no fixed buffers: it ran its uring shards under
-# `prlimit --memlock=0:0 hopd --backend uring` on Linux 6.18 (`uname -r`).
+# The drop-in's LimitMEMLOCK (uring targets) is the model's allowance for kernels before 5.12,
+# which charge rings to RLIMIT_MEMLOCK. hopd's uring backend needs Linux >= 6.0
+# (gateway/src/sys/uring/probe.rs), which charges them to the memory cgroup, and registers no
+# fixed buffers: it ran its uring shards under `prlimit --memlock=0:0 hopd --backend uring` on
+# Linux 6.18 (`uname -r`), so the value is headroom, not a need.
 
 # Hardening: `systemd-analyze security --offline=true hopd.service` (docs/operations.md).
 # Files hopd creates (server key, logs) are for hop alone.
@@ -137,8 +138,8 @@ pub fn command_line(plan: &Plan) -> String {
         memory_argument(target.memory_bytes()),
         target.shards()
     );
-    if target.backend() == Backend::Uring {
-        line.push_str(" --backend uring");
+    if target.backend() != Backend::default_for(target.os()) {
+        line.push_str(&format!(" --backend {}", target.backend()));
     }
     line
 }

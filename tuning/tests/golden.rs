@@ -52,7 +52,8 @@ fn rendered(profile: &Profile) -> Vec<(String, String)> {
         Role::Server,
         profile.os,
         16,
-        Backend::Mio,
+        // What hopd runs on that OS, as `hop-tune render` assumes without --backend.
+        Backend::default_for(profile.os),
     )
     .expect("valid target");
     render(&plan(target))
