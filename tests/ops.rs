@@ -500,3 +500,24 @@ fn a_drain_of_2000_connections_spreads_their_goaways_over_the_window() {
     let status = hopd.stop();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let hopd = Hopd::start(&["--shards", "2", "--log-format", "json"]);
+    let (_, mut client) = hopd.new_user();
+    ping(&mut client);
+    let (status, log) = hopd.stop_with_log();
+    assert!(status.success());
+    let mut lines = 0;
+    for line in log.lines().filter(|line| !line.trim().is_empty()) {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+        assert!(
+            object["level"].is_string() && object["fields"].is_object(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines >= 3, "{log}");
+    assert!(log.contains("\"message\":\"shard running\""), "{log}");
+}

@@ -70,6 +70,8 @@ pub struct Config {
     pub compact_after_ms: u64,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `hop_gateway=debug`.
     pub log: String,
+    /// Log lines as `text` (for people) or `json` (one object per line, for log collectors).
+    pub log_format: LogFormat,
     /// IO backend: `uring` (Linux; falls back to `mio`, saying why, where the kernel lacks
     /// it) or `mio` (epoll/kqueue).
     pub backend: BackendName,
@@ -131,6 +133,15 @@ impl From<AdminAddress> for String {
             AdminAddress::At(address) => address.to_string(),
         }
     }
+}
+
+/// The log format setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// The IO backend setting.
@@ -198,6 +209,7 @@ impl Default for Config {
             segment_age_max_ms: 5 * 60 * 1000,
             compact_after_ms: 5 * 60 * 1000,
             log: "info".to_string(),
+            log_format: LogFormat::Text,
             backend: BackendName::default(),
             uring_receive: UringReceive::default(),
             transparent_huge_pages: false,
@@ -301,6 +313,9 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax, e.g. info or hop_gateway=debug); reloaded on SIGHUP.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    /// Log lines as text (for people) or json (one object per line, for log collectors).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// IO backend: uring (Linux; falls back to mio, saying why) or mio (epoll/kqueue).
     #[arg(long, value_name = "BACKEND")]
     pub backend: Option<BackendName>,
@@ -429,6 +444,7 @@ impl Config {
             segment_age_max_ms,
             compact_after_ms,
             log,
+            log_format,
             backend,
             uring_receive,
             transparent_huge_pages,

@@ -55,13 +55,19 @@ pub fn main() -> std::process::ExitCode {
     });
     // The filter can be set again while hopd runs (SIGHUP, `hop admin log-level`).
     let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
+    let json = config.log_format == config::LogFormat::Json;
     tracing_subscriber::registry()
         .with(filter)
-        .with(
+        .with((!json).then(|| {
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        }))
+        .with(json.then(|| {
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+        }))
         .init();
     let set_log_filter: admin::SetLogFilter = std::sync::Arc::new(move |text: &str| {
         let filter = EnvFilter::try_new(text).map_err(|error| error.to_string())?;
