@@ -811,7 +811,7 @@ fn raise_fd_limit() {
 
 /// The CPUs this process may run on.
 fn allowed_cpus() -> Vec<usize> {
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
     {
         use nix::sched::{sched_getaffinity, CpuSet};
         use nix::unistd::Pid;
@@ -822,14 +822,16 @@ fn allowed_cpus() -> Vec<usize> {
             Err(_) => Vec::new(),
         }
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
     {
         Vec::new()
     }
 }
 
+/// Pins the calling thread to `cpu`: `sched_setaffinity` on Linux, `cpuset_setaffinity` on
+/// FreeBSD (both through nix); elsewhere shards are not pinned.
 fn pin_to_cpu(cpu: usize) {
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
     {
         use nix::sched::{sched_setaffinity, CpuSet};
         use nix::unistd::Pid;
@@ -840,6 +842,6 @@ fn pin_to_cpu(cpu: usize) {
             }
         }
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
     let _ = cpu;
 }
