@@ -11,21 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{closed_by_server, expect_kind, ping, Hopd, PATIENCE};
+use common::{closed_by_server, expect_kind, key_on, ping, Hopd, PATIENCE};
 use hop_protocol::client::Client;
 use hop_protocol::wire::{Kind, ReceiptKind};
-use hop_protocol::StaticKey;
-use hop_router::home_shard;
-
-/// A new key whose user lives on `shard` of two.
-fn key_on(shard: u16) -> StaticKey {
-    loop {
-        let key = StaticKey::generate().unwrap();
-        if home_shard(key.user_id(), 2) == shard {
-            return key;
-        }
-    }
-}
 
 fn admin(hopd: &Hopd, method: &str, path: &str) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -51,10 +39,10 @@ fn admin(hopd: &Hopd, method: &str, path: &str) -> (u16, String) {
 fn a_shard_that_panics_restarts_from_disk_while_the_others_serve_on() {
     let hopd = Hopd::start(&["--shards", "2"]);
     // Bob (shard 1) is offline with 20 messages queued, each ServerAcked (so on disk).
-    let bob_key = key_on(1);
+    let bob_key = key_on(1, 2);
     let bob = hopd.connect(&bob_key);
     bob.close();
-    let mut alice = hopd.connect(&key_on(0));
+    let mut alice = hopd.connect(&key_on(0, 2));
     let mut sent = Vec::new();
     for n in 0..20u8 {
         sent.push(alice.send_message(bob_key.user_id(), &[n; 24]).unwrap());
@@ -64,12 +52,12 @@ fn a_shard_that_panics_restarts_from_disk_while_the_others_serve_on() {
         });
     }
     // Carol is online on shard 1 when it panics.
-    let carol_key = key_on(1);
+    let carol_key = key_on(1, 2);
     let mut carol = hopd.connect(&carol_key);
     ping(&mut carol);
 
     // A pair on shard 0 exchanges messages throughout; any error fails the test.
-    let (dave_key, erin_key) = (key_on(0), key_on(0));
+    let (dave_key, erin_key) = (key_on(0, 2), key_on(0, 2));
     let mut dave = hopd.connect(&dave_key);
     let mut erin = hopd.connect(&erin_key);
     ping(&mut erin);

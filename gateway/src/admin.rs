@@ -36,6 +36,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::control::{Command, Controls, Refused};
+use crate::directory::{Directory, Placement};
 use crate::server::MailboxDepth;
 use crate::stats::{ShardStats, COMMIT_BUCKETS_US};
 
@@ -64,6 +65,8 @@ pub struct AdminState {
 pub struct ShardViews {
     pub stats: Vec<Arc<ShardStats>>,
     pub mailbox_depth: MailboxDepth,
+    /// Where companion devices live: on their account's home shard.
+    pub directory: Arc<Directory>,
 }
 
 /// A running admin listener; stops when dropped.
@@ -251,7 +254,15 @@ fn ask_about(state: &AdminState, user_text: &str, kick: bool) -> Result<Value, A
         )
     })?;
     let shards = state.controls.shards() as u16;
-    let shard = home_shard(user, shards);
+    let account = match state
+        .shards
+        .get()
+        .map(|views| views.directory.placement(user))
+    {
+        Some(Placement::Companion(account)) => account,
+        _ => user,
+    };
+    let shard = home_shard(account, shards);
     if kick {
         let (reply, answer) = sync_channel(1);
         send(state, shard, Command::Kick { user, reply })?;
@@ -263,6 +274,7 @@ fn ask_about(state: &AdminState, user_text: &str, kick: bool) -> Result<Value, A
         let report: UserReport = wait(answer)?;
         Ok(json!({
             "user": user.to_string(),
+            "account": account.to_string(),
             "shard": shard,
             "known": report.known,
             "online": report.online,

@@ -50,6 +50,8 @@ pub struct Config {
     pub subscriptions_max: usize,
     /// Watchers one user may have.
     pub subscribers_max: usize,
+    /// Companion devices one account may link besides its primary (WhatsApp's limit is 4).
+    pub companions_max: usize,
     /// When a queued message is durable, and so when its ServerAck leaves: `always` (fsync
     /// every loop turn that queued something), `batch` (group commit, the default) or `none`
     /// (written to the page cache, never fsynced: survives a crash of hopd, not of the machine).
@@ -201,6 +203,7 @@ impl Default for Config {
             inflight_bytes_max: router.inflight_bytes_max,
             subscriptions_max: router.subscriptions_max,
             subscribers_max: router.subscribers_max,
+            companions_max: router.companions_max,
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
             batch_records_max: 1024,
@@ -289,6 +292,9 @@ pub struct Args {
     /// Watchers one user may have.
     #[arg(long, value_name = "N")]
     pub subscribers_max: Option<usize>,
+    /// Companion devices one account may link besides its primary.
+    #[arg(long, value_name = "N")]
+    pub companions_max: Option<usize>,
     /// When a queued message is durable and its ServerAck leaves: always (fsync every turn), batch (group commit) or none (page cache only).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub durability: Option<DurabilityPolicy>,
@@ -436,6 +442,7 @@ impl Config {
             inflight_bytes_max,
             subscriptions_max,
             subscribers_max,
+            companions_max,
             durability,
             batch_delay_ms,
             batch_records_max,
@@ -572,6 +579,7 @@ impl Config {
             inflight_bytes_max: self.inflight_bytes_max,
             subscriptions_max: self.subscriptions_max,
             subscribers_max: self.subscribers_max,
+            companions_max: self.companions_max,
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod directory;
 pub mod mailbox;
 pub mod server;
 pub mod shard;

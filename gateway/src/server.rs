@@ -17,12 +17,14 @@ use tracing::{error, info, warn};
 use crate::admin::{Admin, AdminState, SetLogFilter, ShardViews};
 use crate::config::{AdminAddress, BackendName, Config, UringReceive};
 use crate::control::Controls;
+use crate::directory::Directory;
 use crate::mailbox::Mailboxes;
 use crate::shard::{self, monotonic_ms, ShardMailboxes, ShardParts, ShardSettings};
 use crate::stats::ShardStats;
 use crate::sys::mio::MioBackend;
 use crate::sys::{self, Backend, BackendLimits};
 use hop_store::accounts::{self, AccountLog};
+use hop_store::devices::{DeviceLog, DeviceRecord};
 use hop_store::io::FsIo;
 use hop_store::privacy::{self, PrivacyLog};
 use hop_store::ShardStore;
@@ -71,6 +73,8 @@ pub struct Server {
     /// Operators' requests to the shards, readiness and the drain.
     pub controls: Arc<Controls>,
     pub mailbox_depth: MailboxDepth,
+    /// Which account each companion device belongs to.
+    pub directory: Arc<Directory>,
 }
 
 impl Server {
@@ -125,14 +129,18 @@ impl Server {
                 "presence settings ended in a torn record (a crash while writing); it was ignored"
             );
         }
+        let devices = hop_store::devices::load(&FsIo, &config.data)?;
         let bindings = Arc::new(Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,
+            devices,
         });
         let key = Arc::new(key);
         let kind = choose_backend(config.backend);
         let ceiling = connection_ceiling(config, kind);
         let controls = controls.clone();
+        // Shared by the shards and the admin listener: who each companion device belongs to.
+        let directory = Arc::new(Directory::replay(&bindings.devices));
         let (shutdown, wake_all, threads, stats, mailbox_depth) = match kind {
             sys::Kind::Mio => start_shards::<MioBackend>(
                 config,
@@ -141,6 +149,7 @@ impl Server {
                 &bindings,
                 ceiling.per_shard,
                 &controls,
+                &directory,
             )?,
             #[cfg(target_os = "linux")]
             sys::Kind::Uring => start_shards::<sys::uring::UringBackend>(
@@ -150,6 +159,7 @@ impl Server {
                 &bindings,
                 ceiling.per_shard,
                 &controls,
+                &directory,
             )?,
             #[cfg(not(target_os = "linux"))]
             sys::Kind::Uring => unreachable!("choose_backend picks uring only on Linux"),
@@ -165,6 +175,7 @@ impl Server {
             stats,
             controls,
             mailbox_depth,
+            directory,
         })
     }
 
@@ -250,6 +261,7 @@ pub fn serve(
     let _ = views.set(ShardViews {
         stats: server.stats.clone(),
         mailbox_depth: server.mailbox_depth.clone(),
+        directory: server.directory.clone(),
     });
     // The status line: scripts read the address (fourth word) and the key.
     println!(
@@ -399,6 +411,8 @@ fn check_data_folder_mode(data: &std::path::Path) -> Result<(), StartError> {
 struct Restored {
     bindings: Vec<(hop_protocol::UserId, [u8; 32])>,
     privacy: Vec<(hop_protocol::UserId, u8, Vec<hop_protocol::UserId>)>,
+    /// Device links and unlinks, in the order they were made.
+    devices: Vec<DeviceRecord>,
 }
 
 /// Mails waiting in the `from -> to` mailbox.
@@ -421,6 +435,7 @@ fn start_shards<B: Backend>(
     bindings: &Arc<Restored>,
     connections_per_shard: usize,
     controls: &Arc<Controls>,
+    directory: &Arc<Directory>,
 ) -> Result<Started, StartError> {
     let shards = config.shards;
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -461,9 +476,10 @@ fn start_shards<B: Backend>(
         }
         let mut router = restored_router(config, index, key, bindings);
         let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)?;
+        let devices = DeviceLog::open(&FsIo, &config.data, index as u16)?;
         let rebuild = rebuilder(config, index, key);
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-        let (key, mailboxes, shutdown, registered, report, data, controls) = (
+        let (key, mailboxes, shutdown, registered, report, data, controls, directory) = (
             key.clone(),
             mailboxes.clone(),
             shutdown.clone(),
@@ -471,6 +487,7 @@ fn start_shards<B: Backend>(
             report.clone(),
             data.clone(),
             controls.clone(),
+            directory.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("hop-shard-{index}"))
@@ -518,6 +535,8 @@ fn start_shards<B: Backend>(
                     shutdown,
                     controls,
                     rebuild,
+                    devices,
+                    directory,
                 });
             })
             .map_err(|source| StartError::Shard {
@@ -563,6 +582,9 @@ fn restored_router(config: &Config, index: usize, key: &StaticKey, restored: &Re
         };
         router.restore_privacy(*user, privacy);
     }
+    for record in &restored.devices {
+        router.restore_device_link(record.account, record.device, record.linked);
+    }
     router
 }
 
@@ -574,14 +596,19 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
     Box::new(move || {
         let loaded = accounts::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let settings = privacy::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
+        let devices =
+            hop_store::devices::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let restored = Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,
+            devices,
         };
         let mut router = restored_router(&config, index, &key, &restored);
         let accounts = AccountLog::open(&FsIo, &config.data, index as u16)
             .map_err(|error| error.to_string())?;
         let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)
+            .map_err(|error| error.to_string())?;
+        let devices = DeviceLog::open(&FsIo, &config.data, index as u16)
             .map_err(|error| error.to_string())?;
         let store = open_store(
             &config.data,
@@ -595,6 +622,7 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
             router,
             accounts,
             privacy,
+            devices,
             store,
         })
     })

@@ -35,12 +35,14 @@ use hop_protocol::wire::{ErrorCode, GoAwayReason, Stanza};
 use hop_protocol::{StaticKey, UserId};
 use hop_router::{home_shard, Action, ConnRef, Queued, Router, ShardId, ShardMessage};
 use hop_store::accounts::AccountLog;
+use hop_store::devices::{DeviceLog, DeviceRecord};
 use hop_store::io::FsIo;
 use hop_store::privacy::PrivacyLog;
 use hop_store::ShardStore;
 use tracing::{debug, error, info, warn};
 
 use crate::control::{Command, Controls, DrainPlan};
+use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
 use crate::stats::{bump, ShardStats};
 use crate::sys::{Backend, ConnId, Event, Reading};
@@ -134,6 +136,9 @@ pub struct ShardParts<B: Backend> {
     pub controls: Arc<Controls>,
     /// Rebuilds the shard's state from disk after a panic.
     pub rebuild: Rebuild,
+    pub devices: DeviceLog<FsIo>,
+    /// Which account each companion device belongs to, for every shard.
+    pub directory: Arc<Directory>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +156,8 @@ enum Phase {
 
 #[derive(Debug)]
 struct Moving {
+    /// Where it goes: its account's home shard.
+    home: ShardId,
     key: [u8; KEY_BYTES],
     /// Stanzas that arrived before the move.
     early: Vec<Stanza>,
@@ -266,6 +273,7 @@ pub struct Fresh {
     pub router: Router,
     pub accounts: AccountLog<FsIo>,
     pub privacy: PrivacyLog<FsIo>,
+    pub devices: DeviceLog<FsIo>,
     pub store: ShardStore<FsIo>,
 }
 
@@ -291,15 +299,28 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         shutdown,
         controls,
         mut rebuild,
+        devices,
+        directory,
     } = parts;
     let index = settings.index;
     let fresh = Fresh {
         router,
         accounts,
         privacy,
+        devices,
         store,
     };
-    let mut core = Core::new(settings, key, mailboxes, stats, controls, fresh, 0, 0);
+    let handles = Handles {
+        settings,
+        key,
+        mailboxes,
+        stats,
+        controls,
+        directory,
+        next_token: 0,
+        generation: 0,
+    };
+    let mut core = Core::from_handles(handles, fresh);
     info!(shard = index, backend = backend.name(), "shard running");
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     loop {
@@ -367,6 +388,7 @@ struct Handles<B: Backend> {
     mailboxes: Arc<ShardMailboxes<B>>,
     stats: Arc<ShardStats>,
     controls: Arc<Controls>,
+    directory: Arc<Directory>,
     next_token: u64,
     generation: u32,
 }
@@ -384,21 +406,22 @@ impl<B: Backend> Core<B> {
     /// A shard's loop state, around its fresh state. `next_token` and `generation` carry on
     /// from a crashed predecessor, so that nothing it started (a move, a handle) is taken for
     /// one of the new core's.
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        settings: ShardSettings,
-        key: Arc<StaticKey>,
-        mailboxes: Arc<ShardMailboxes<B>>,
-        stats: Arc<ShardStats>,
-        controls: Arc<Controls>,
-        fresh: Fresh,
-        next_token: u64,
-        generation: u32,
-    ) -> Self {
+    fn from_handles(handles: Handles<B>, fresh: Fresh) -> Self {
+        let Handles {
+            settings,
+            key,
+            mailboxes,
+            stats,
+            controls,
+            directory,
+            next_token,
+            generation,
+        } = handles;
         let Fresh {
             router,
             accounts,
             privacy,
+            devices,
             store,
         } = fresh;
         let shards = usize::from(settings.shards);
@@ -439,6 +462,8 @@ impl<B: Backend> Core<B> {
             controls,
             draining: None,
             orphans: Vec::new(),
+            devices,
+            directory,
         }
     }
 
@@ -451,24 +476,10 @@ impl<B: Backend> Core<B> {
             mailboxes: self.mailboxes,
             stats: self.stats,
             controls: self.controls,
+            directory: self.directory,
             next_token: self.next_token,
             generation: self.generation,
         }
-    }
-
-    /// The core that takes over after a panic: the same settings and handles, the rebuilt
-    /// state, and nothing of the old connections (the backend closed them).
-    fn from_handles(handles: Handles<B>, fresh: Fresh) -> Self {
-        Self::new(
-            handles.settings,
-            handles.key,
-            handles.mailboxes,
-            handles.stats,
-            handles.controls,
-            fresh,
-            handles.next_token,
-            handles.generation,
-        )
     }
 
     /// The loop: poll, mail, commands, drain, commit, write; timers once a tick. Returns when
@@ -592,6 +603,9 @@ struct Core<B: Backend> {
     /// Connections the backend adopted for no move this core knows of: closed at the end of
     /// the turn.
     orphans: Vec<ConnId>,
+    /// Device links of the accounts homed here, on disk.
+    devices: DeviceLog<FsIo>,
+    directory: Arc<Directory>,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -709,9 +723,23 @@ impl<B: Backend> Core<B> {
 
     fn authenticated(&mut self, id: ConnId, client_key: [u8; KEY_BYTES]) {
         bump(&self.stats.handshakes_completed, 1);
-        self.left_handshake();
         let user = UserId::from_public_key(&client_key);
-        let home = home_shard(user, self.settings.shards);
+        let account = match self.directory.placement(user) {
+            Placement::Own => user,
+            Placement::Companion(account) => account,
+            Placement::Removed => {
+                // Still in its handshake phase: the close counts it as left.
+                self.close_with(
+                    id,
+                    GoAwayReason::DeviceRemoved,
+                    "this device was removed from its account; its primary may link it again",
+                );
+                return;
+            }
+        };
+        self.left_handshake();
+        // Every device of an account lives on the account's home shard.
+        let home = home_shard(account, self.settings.shards);
         if home == self.settings.index {
             self.attach_user(id, user, client_key);
         } else if let Some(conn) = self.conn_mut(id) {
@@ -721,6 +749,7 @@ impl<B: Backend> Core<B> {
             self.moving.insert(
                 id,
                 Moving {
+                    home,
                     key: client_key,
                     early: Vec::new(),
                 },
@@ -857,6 +886,22 @@ impl<B: Backend> Core<B> {
                     }
                 }
                 Action::PersistBinding { key, .. } => self.accounts.append(&key),
+                Action::LinkDevice {
+                    account,
+                    device,
+                    conn,
+                } => {
+                    let linked = self.directory.claim(account, device);
+                    if linked {
+                        self.record_device(true, account, device);
+                    }
+                    self.router
+                        .handle_link_result(account, device, conn, linked);
+                }
+                Action::UnlinkDevice { account, device } => {
+                    self.directory.remove(device);
+                    self.record_device(false, account, device);
+                }
                 Action::PersistPrivacy { user, privacy } => {
                     self.privacy.append(
                         user,
@@ -867,6 +912,17 @@ impl<B: Backend> Core<B> {
                 }
             }
         }
+    }
+
+    /// Keeps a device link (or its removal) on disk with the next flush.
+    fn record_device(&mut self, linked: bool, account: UserId, device: UserId) {
+        self.devices.append(&DeviceRecord {
+            linked,
+            account,
+            device,
+            wall_ms: self.wall_ms,
+        });
+        info!(%account, %device, linked, "device link changed");
     }
 
     /// Appends an item to the store; its ServerAck (for a message) waits for the commit.
@@ -980,6 +1036,13 @@ impl<B: Backend> Core<B> {
             let path = self.accounts.path().display().to_string();
             self.warn(format_args!(
                 "cannot record account bindings in {path}: {error}; trying again next turn"
+            ));
+        }
+        if let Err(error) = self.devices.flush() {
+            bump(&self.stats.binding_write_errors, 1);
+            let path = self.devices.path().display().to_string();
+            self.warn(format_args!(
+                "cannot record device links in {path}: {error}; trying again next turn"
             ));
         }
         if let Err(error) = self.privacy.flush() {
@@ -1178,7 +1241,7 @@ impl<B: Backend> Core<B> {
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
-        let (Phase::Moving, Some(user), Some(Moving { key, early })) =
+        let (Phase::Moving, Some(user), Some(Moving { home, key, early })) =
             (conn.phase, conn.user, self.moving.remove(&id))
         else {
             warn!(
@@ -1188,7 +1251,6 @@ impl<B: Backend> Core<B> {
             return;
         };
         bump(&self.stats.handoffs_out, 1);
-        let home = home_shard(user, self.settings.shards);
         let handoff = Handoff {
             socket,
             session: conn.session,
@@ -1281,13 +1343,14 @@ impl<B: Backend> Core<B> {
     fn hand_off(&mut self, backend: &mut B, id: ConnId) {
         let Some(Conn {
             phase: Phase::Moving,
-            user: Some(user),
             ..
         }) = self.conns.get(id as usize).and_then(Option::as_ref)
         else {
             return;
         };
-        let home = home_shard(*user, self.settings.shards);
+        let Some(home) = self.moving.get(&id).map(|moving| moving.home) else {
+            return;
+        };
         backend.detach(id, self.mailboxes.peer(home));
     }
 

@@ -14,11 +14,12 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/hop.v2.rs"));
 }
 
+pub use generated::device_change;
 pub use generated::stanza::Kind;
 pub use generated::{
-    Ack, Deliver, Error, ErrorCode, GoAway, GoAwayReason, Outbox, Ping, Pong, Presence,
-    PresenceSettings, Read, Receipt, ReceiptKind, Send, ServerAck, Stanza, Subscribe, Unsubscribe,
-    UserRef, Visibility,
+    Ack, Deliver, DeviceChange, Devices, Error, ErrorCode, GoAway, GoAwayReason, Outbox, Ping,
+    Pong, Presence, PresenceSettings, Read, Receipt, ReceiptKind, Send, ServerAck, Stanza,
+    Subscribe, Unsubscribe, UserRef, Visibility,
 };
 
 /// The largest message body a client may send. With the stanza's other fields it still fits in
@@ -346,6 +347,8 @@ impl Stanza {
             Some(Kind::GoAway(_)) => "GoAway",
             Some(Kind::Outbox(_)) => "Outbox",
             Some(Kind::PresenceSettings(_)) => "PresenceSettings",
+            Some(Kind::DeviceChange(_)) => "DeviceChange",
+            Some(Kind::Devices(_)) => "Devices",
         }
     }
 }

@@ -5,9 +5,9 @@ use foldhash::HashMap;
 use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::wire::{
-    ErrorCode, GoAwayReason, Kind, MessageRef, Pong, Presence, PresenceSettings, Receipt,
-    ReceiptKind, Send, ServerAck, Stanza, UserRef, Visibility, ALIASES_MAX, BODY_BYTES_MAX,
-    CONTACTS_MAX,
+    device_change, DeviceChange, Devices, ErrorCode, GoAwayReason, Kind, MessageRef, Pong,
+    Presence, PresenceSettings, Receipt, ReceiptKind, Send, ServerAck, Stanza, UserRef, Visibility,
+    ALIASES_MAX, BODY_BYTES_MAX, CONTACTS_MAX,
 };
 use hop_protocol::UserId;
 use siphasher::sip::SipHasher13;
@@ -44,6 +44,8 @@ pub struct Limits {
     pub subscriptions_max: usize,
     /// Watchers one user may have.
     pub subscribers_max: usize,
+    /// Companion devices one account may have besides its primary.
+    pub companions_max: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +59,7 @@ impl Default for Limits {
             inflight_bytes_max: 1024 * 1024,
             subscriptions_max: 1024,
             subscribers_max: 10_000,
+            companions_max: 4,
         }
     }
 }
@@ -222,6 +225,16 @@ pub enum Action {
     /// Keep this item of `user`'s queue on disk. Once it is durable the shard loop calls
     /// [`Router::handle_kept`]; if it cannot be kept, [`Router::handle_keep_failed`].
     Keep { user: UserId, item: Queued },
+    /// The primary's connection `conn` asks to link `device` to `account`: claim the device in
+    /// the server-wide directory, keep the link on disk, and answer with
+    /// [`Router::handle_link_result`].
+    LinkDevice {
+        account: UserId,
+        device: UserId,
+        conn: ConnRef,
+    },
+    /// `device` no longer belongs to `account`: keep that on disk, and refuse its connections.
+    UnlinkDevice { account: UserId, device: UserId },
     /// `user`'s device acked item (`id`, `kind`): it may leave the disk.
     Forget {
         user: UserId,
@@ -482,6 +495,11 @@ pub struct Router {
     queued_bytes: usize,
     /// Items in every user's queue here.
     queued_items: usize,
+    /// The companion devices of the accounts homed here, by device: its account. A companion
+    /// lives on its account's home shard, as a user of its own (connection, queue).
+    companions: HashMap<UserId, UserId>,
+    /// The same links by account: its companions, in the order they were added.
+    devices: HashMap<UserId, Vec<UserId>>,
     actions: VecDeque<Action>,
     counters: Counters,
     /// Queued messages the disk has not taken yet, by (recipient, server id): the body, so
@@ -512,6 +530,8 @@ impl Router {
             users: HashMap::default(),
             queued_bytes: 0,
             queued_items: 0,
+            companions: HashMap::default(),
+            devices: HashMap::default(),
             actions: VecDeque::new(),
             counters: Counters::default(),
             pending: HashMap::default(),
@@ -568,6 +588,47 @@ impl Router {
         true
     }
 
+    /// The account `user` is a device of: its own id for a primary (or an account of one
+    /// device), the primary's for a companion linked to an account homed here.
+    pub fn account_of(&self, user: UserId) -> UserId {
+        self.companions.get(&user).copied().unwrap_or(user)
+    }
+
+    /// Restores a device link or unlink kept from an earlier run, in the order they were made.
+    /// Links of accounts homed on other shards are ignored.
+    pub fn restore_device_link(&mut self, account: UserId, device: UserId, linked: bool) {
+        if home_shard(account, self.shards) != self.shard {
+            return;
+        }
+        if linked {
+            self.link(account, device);
+        } else {
+            self.unlink(account, device);
+        }
+    }
+
+    /// The shard loop's answer to [`Action::LinkDevice`]: `linked` if the device was free and
+    /// its link is recorded, false if it belongs to another account. The requesting connection
+    /// gets the account's devices, or `DEVICE_TAKEN`.
+    pub fn handle_link_result(
+        &mut self,
+        account: UserId,
+        device: UserId,
+        conn: ConnRef,
+        linked: bool,
+    ) {
+        if !linked {
+            return self.error_to(
+                conn,
+                ErrorCode::DeviceTaken,
+                "that device belongs to another account",
+                None,
+            );
+        }
+        self.link(account, device);
+        self.reply_devices(conn, account);
+    }
+
     /// Restores a binding kept from an earlier run. Bindings of other shards are ignored.
     pub fn restore_binding(&mut self, user: UserId) {
         if home_shard(user, self.shards) == self.shard {
@@ -603,7 +664,7 @@ impl Router {
         now_ms: u64,
     ) {
         assert_eq!(
-            home_shard(user, self.shards),
+            home_shard(self.account_of(user), self.shards),
             self.shard,
             "connection at the wrong shard"
         );
@@ -709,6 +770,7 @@ impl Router {
                 stanza: Stanza::of(Kind::Pong(Pong { nonce: ping.nonce })),
             }),
             Kind::Pong(_) => {}
+            Kind::DeviceChange(change) => self.client_device_change(user, conn, change),
             other => {
                 let name = Stanza::of(other).kind_name();
                 return Err(Violation(format!("clients may not send {name}")));
@@ -1450,6 +1512,143 @@ impl Router {
         self.actions.push_back(Action::Send {
             conn,
             stanza: Stanza::error(code, reason, message),
+        });
+    }
+
+    /// `DeviceChange` from `user`'s connection: any device lists its account's devices; the
+    /// primary adds (through the shard loop, which owns the server-wide directory of devices)
+    /// and removes companions.
+    fn client_device_change(&mut self, user: UserId, conn: ConnRef, change: DeviceChange) {
+        let account = self.account_of(user);
+        let op = device_change::Op::try_from(change.op).unwrap_or(device_change::Op::Unspecified);
+        if op == device_change::Op::List {
+            return self.reply_devices(conn, account);
+        }
+        if op == device_change::Op::Unspecified {
+            return self.error_to(conn, ErrorCode::BadStanza, "unknown device operation", None);
+        }
+        if account != user {
+            return self.error_to(
+                conn,
+                ErrorCode::NotPrimary,
+                "only the account's primary device may add or remove devices",
+                None,
+            );
+        }
+        let Some(device) = UserRef::user(change.device.as_ref()) else {
+            return self.error_to(
+                conn,
+                ErrorCode::BadUserId,
+                "a missing or invalid device id",
+                None,
+            );
+        };
+        let companions = self.devices.get(&account).map_or(&[][..], Vec::as_slice);
+        if op == device_change::Op::Add {
+            if device == account {
+                return self.error_to(
+                    conn,
+                    ErrorCode::DeviceTaken,
+                    "that is the account's primary device",
+                    None,
+                );
+            }
+            if companions.contains(&device) {
+                return self.reply_devices(conn, account);
+            }
+            if companions.len() >= self.limits.companions_max {
+                return self.error_to(
+                    conn,
+                    ErrorCode::Limit,
+                    "the account has as many companion devices as it may",
+                    None,
+                );
+            }
+            self.actions.push_back(Action::LinkDevice {
+                account,
+                device,
+                conn,
+            });
+            return;
+        }
+        if !companions.contains(&device) {
+            return self.error_to(
+                conn,
+                ErrorCode::UnknownDevice,
+                "that device is not one of this account's",
+                None,
+            );
+        }
+        self.unlink(account, device);
+        self.forget_device(device);
+        self.actions
+            .push_back(Action::UnlinkDevice { account, device });
+        self.reply_devices(conn, account);
+    }
+
+    /// Links `device` to `account` (both here).
+    fn link(&mut self, account: UserId, device: UserId) {
+        if let Some(previous) = self.companions.insert(device, account) {
+            if let Some(list) = self.devices.get_mut(&previous) {
+                list.retain(|d| *d != device);
+            }
+        }
+        let list = self.devices.entry(account).or_default();
+        if !list.contains(&device) {
+            list.push(device);
+        }
+    }
+
+    fn unlink(&mut self, account: UserId, device: UserId) {
+        if self.companions.get(&device) == Some(&account) {
+            self.companions.remove(&device);
+        }
+        if let Some(list) = self.devices.get_mut(&account) {
+            list.retain(|d| *d != device);
+            if list.is_empty() {
+                self.devices.remove(&account);
+            }
+        }
+    }
+
+    /// A removed device: its connection is closed and its queue deleted.
+    fn forget_device(&mut self, device: UserId) {
+        let Some(state) = self.users.get(&device) else {
+            return;
+        };
+        if let Some(conn) = state.conn() {
+            self.actions.push_back(Action::Close {
+                conn,
+                reason: GoAwayReason::DeviceRemoved,
+                text: "this device was removed from its account",
+            });
+        }
+        let items: Vec<(u64, ReceiptKind)> = state
+            .queue()
+            .map(|queue| queue.items.iter().map(|e| (e.id, e.kind)).collect())
+            .unwrap_or_default();
+        for (id, kind) in items {
+            if self.remove_item(device, id, kind).is_some() {
+                self.actions.push_back(Action::Forget {
+                    user: device,
+                    id,
+                    kind,
+                });
+            }
+        }
+    }
+
+    fn reply_devices(&mut self, conn: ConnRef, account: UserId) {
+        let companions = self
+            .devices
+            .get(&account)
+            .map_or_else(Vec::new, |list| list.iter().map(|d| (*d).into()).collect());
+        self.actions.push_back(Action::Send {
+            conn,
+            stanza: Stanza::of(Kind::Devices(Devices {
+                account: Some(account.into()),
+                companions,
+            })),
         });
     }
 

@@ -60,9 +60,38 @@ enum Command {
     /// Set who may see your presence (online, last seen). Who hides it from someone does not
     /// see their last-seen time either.
     Privacy(PrivacyArgs),
+    /// Link, list and remove the devices of your account: the primary device (whose key made
+    /// the account) adds a companion by the device id its `hop keygen` printed; any device
+    /// lists them. Prints the account's devices as JSON.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Operate a running hopd through its admin listener (hopd's `admin` setting); prints
     /// the answer as JSON.
     Admin(AdminArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Link a companion device to your account (run with the primary's key).
+    Add {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        /// The companion's device id (32 hex digits, from `hop keygen` on it).
+        device: UserId,
+    },
+    /// Your account's devices (run with any of its devices' keys).
+    List {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Remove a companion device: its connection is closed, its queue deleted, and it is
+    /// refused from then on (run with the primary's key).
+    Remove {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        /// The companion's device id.
+        device: UserId,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +262,74 @@ fn run(command: Command) -> Result<(), String> {
         Command::Presence(args) => presence(args),
         Command::Privacy(args) => privacy(args),
         Command::Admin(args) => admin(args),
+        Command::Device(command) => device(command),
+    }
+}
+
+/// `hop device`: one DeviceChange, and the account's devices it is answered with.
+fn device(command: DeviceCommand) -> Result<(), String> {
+    use hop_protocol::wire::{device_change::Op, DeviceChange};
+    let (connect_args, op, device) = match &command {
+        DeviceCommand::Add { connect, device } => (connect, Op::Add, Some(*device)),
+        DeviceCommand::List { connect } => (connect, Op::List, None),
+        DeviceCommand::Remove { connect, device } => (connect, Op::Remove, Some(*device)),
+    };
+    let mut client = connect(connect_args)?;
+    client
+        .send(&Stanza::of(Kind::DeviceChange(DeviceChange {
+            op: op as i32,
+            device: device.map(Into::into),
+        })))
+        .map_err(described)?;
+    let devices = answer(&mut client, "device change", |kind| match kind {
+        Kind::Devices(devices) => Some(devices),
+        _ => None,
+    })?;
+    let companions: Vec<String> = devices
+        .companions
+        .iter()
+        .map(|d| user_text(Some(d)))
+        .collect();
+    emit(json!({
+        "event": "devices",
+        "account": user_text(devices.account.as_ref()),
+        "companions": companions,
+    }));
+    client.close();
+    Ok(())
+}
+
+/// Waits for the stanza `pick` takes: the server's answer to a request (`what`). An Error or
+/// a GoAway before it, or silence, is the request's failure.
+fn answer<T>(
+    client: &mut Client,
+    what: &str,
+    pick: impl Fn(Kind) -> Option<T>,
+) -> Result<T, String> {
+    loop {
+        let Some(stanza) =
+            next(client, Some(Instant::now() + CONNECT_TIMEOUT)).map_err(described)?
+        else {
+            return Err("the server did not answer".into());
+        };
+        match stanza.kind {
+            Some(Kind::Error(error)) => {
+                return Err(format!(
+                    "{what} refused: {} ({})",
+                    error.reason,
+                    code_name(error.code)
+                ))
+            }
+            Some(Kind::GoAway(go_away)) => {
+                return Err(go_away_message(go_away.reason, &go_away.text))
+            }
+            Some(kind) => {
+                if let Some(found) = pick(kind) {
+                    return Ok(found);
+                }
+            }
+            None => {}
+        }
     }
 }
 
@@ -685,27 +782,10 @@ fn privacy(args: PrivacyArgs) -> Result<(), String> {
             nonce: 1,
         })))
         .map_err(described)?;
-    loop {
-        let Some(stanza) =
-            next(&mut client, Some(Instant::now() + CONNECT_TIMEOUT)).map_err(described)?
-        else {
-            return Err("the server did not answer".into());
-        };
-        match stanza.kind {
-            Some(Kind::Pong(_)) => break,
-            Some(Kind::Error(error)) => {
-                return Err(format!(
-                    "settings refused: {} ({})",
-                    error.reason,
-                    code_name(error.code)
-                ))
-            }
-            Some(Kind::GoAway(go_away)) => {
-                return Err(go_away_message(go_away.reason, &go_away.text))
-            }
-            _ => {}
-        }
-    }
+    answer(&mut client, "settings", |kind| match kind {
+        Kind::Pong(_) => Some(()),
+        _ => None,
+    })?;
     emit(
         json!({"event": "privacy", "shown_to": visibility.as_str_name(), "contacts": args.contacts.len()}),
     );

@@ -33,6 +33,7 @@
 
 pub mod accounts;
 mod cache;
+pub mod devices;
 pub mod format;
 pub mod io;
 pub mod privacy;

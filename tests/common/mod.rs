@@ -372,3 +372,13 @@ pub fn closed_by_server(client: &mut Client) -> bool {
     }
     false
 }
+
+/// A new key whose user's home is `shard` of `shards`.
+pub fn key_on(shard: u16, shards: u16) -> StaticKey {
+    loop {
+        let key = StaticKey::generate().expect("key");
+        if hop_router::home_shard(key.user_id(), shards) == shard {
+            return key;
+        }
+    }
+}

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use std::collections::HashSet;
 
-use hop_protocol::wire::{Ack, Deliver, Outbox, Ping, Read, Subscribe};
+use hop_protocol::wire::{
+    device_change, Ack, Deliver, DeviceChange, Outbox, Ping, Read, Subscribe,
+};
 
 use super::*;
 
@@ -36,6 +38,10 @@ struct Cluster {
     declared: HashSet<u64>,
     /// A PersistPrivacy action was seen.
     persisted_privacy: bool,
+    /// Devices the server-wide directory says belong to another account.
+    taken: Vec<UserId>,
+    /// Devices whose unlink the routers asked to keep.
+    unlinked: Vec<UserId>,
 }
 
 /// The outbox the harness declares for connection `conn`.
@@ -60,6 +66,8 @@ impl Cluster {
             rotten: Vec::new(),
             declared: HashSet::new(),
             persisted_privacy: false,
+            taken: Vec::new(),
+            unlinked: Vec::new(),
         }
     }
 
@@ -137,6 +145,15 @@ impl Cluster {
                                 self.unkept.push((index as ShardId, user, item));
                             }
                         }
+                        Action::LinkDevice {
+                            account,
+                            device,
+                            conn,
+                        } => {
+                            let free = !self.taken.contains(&device);
+                            self.routers[index].handle_link_result(account, device, conn, free);
+                        }
+                        Action::UnlinkDevice { device, .. } => self.unlinked.push(device),
                         Action::Forget { user, id, kind } => {
                             self.disk.remove(&(user, id, kind as i32));
                             self.forgotten.push((user, id, kind));
@@ -1660,4 +1677,120 @@ fn an_operator_sees_a_users_queue_and_kicks_its_connection() {
     assert_eq!(cluster.closed, vec![(ConnRef(1), GoAwayReason::Kicked)]);
     cluster.disconnect(alice, 1);
     assert!(!cluster.routers[0].user_report(alice).online);
+}
+
+fn device_change(op: device_change::Op, device: Option<UserId>) -> Kind {
+    Kind::DeviceChange(DeviceChange {
+        op: op as i32,
+        device: device.map(Into::into),
+    })
+}
+
+fn devices_of(stanza: &Stanza) -> (UserId, Vec<UserId>) {
+    match &stanza.kind {
+        Some(Kind::Devices(devices)) => (
+            UserRef::user(devices.account.as_ref()).unwrap(),
+            devices
+                .companions
+                .iter()
+                .map(|d| UserRef::user(Some(d)).unwrap())
+                .collect(),
+        ),
+        other => panic!("not Devices: {other:?}"),
+    }
+}
+
+#[test]
+fn the_primary_links_and_removes_companions_that_live_on_its_shard() {
+    use device_change::Op;
+    let mut cluster = Cluster::new(2, Limits::default());
+    let primary = cluster.user_on(0, 0);
+    // A companion whose own home would be the other shard: it lives on its account's.
+    let phone = cluster.user_on(1, 0);
+    cluster.connect(primary, 1);
+    cluster
+        .stanza(primary, 1, device_change(Op::Add, Some(phone)))
+        .unwrap();
+    assert_eq!(devices_of(&only(cluster.take(1))), (primary, vec![phone]));
+    assert_eq!(cluster.routers[0].account_of(phone), primary);
+    cluster.routers[0].handle_connect(phone, &key_of(phone), ConnRef(2), 0);
+    cluster.run();
+    let listed = cluster.routers[0].handle_stanza(
+        phone,
+        ConnRef(2),
+        Stanza::of(device_change(Op::List, None)),
+        0,
+    );
+    assert!(listed.is_ok());
+    cluster.run();
+    assert_eq!(devices_of(&only(cluster.take(2))), (primary, vec![phone]));
+
+    // Only the primary changes the account's devices; bad and taken devices are refused.
+    let other = cluster.user_on(0, 5);
+    cluster.routers[0]
+        .handle_stanza(
+            phone,
+            ConnRef(2),
+            Stanza::of(device_change(Op::Add, Some(other))),
+            0,
+        )
+        .unwrap();
+    cluster.run();
+    assert_eq!(error_code(&only(cluster.take(2))).0, ErrorCode::NotPrimary);
+    cluster
+        .stanza(primary, 1, device_change(Op::Add, Some(primary)))
+        .unwrap();
+    assert_eq!(error_code(&only(cluster.take(1))).0, ErrorCode::DeviceTaken);
+    cluster
+        .stanza(primary, 1, device_change(Op::Add, None))
+        .unwrap();
+    assert_eq!(error_code(&only(cluster.take(1))).0, ErrorCode::BadUserId);
+    cluster.taken.push(other);
+    cluster
+        .stanza(primary, 1, device_change(Op::Add, Some(other)))
+        .unwrap();
+    assert_eq!(error_code(&only(cluster.take(1))).0, ErrorCode::DeviceTaken);
+
+    // At most four companions.
+    for n in 1..4 {
+        let device = cluster.user_on(1, n);
+        cluster
+            .stanza(primary, 1, device_change(Op::Add, Some(device)))
+            .unwrap();
+        assert_eq!(devices_of(&only(cluster.take(1))).1.len(), 1 + n as usize);
+    }
+    let fifth = cluster.user_on(1, 9);
+    cluster
+        .stanza(primary, 1, device_change(Op::Add, Some(fifth)))
+        .unwrap();
+    assert_eq!(error_code(&only(cluster.take(1))).0, ErrorCode::Limit);
+
+    // Removing closes the device's connection and forgets the link.
+    cluster
+        .stanza(primary, 1, device_change(Op::Remove, Some(phone)))
+        .unwrap();
+    let (account, companions) = devices_of(&only(cluster.take(1)));
+    assert_eq!(account, primary);
+    assert!(!companions.contains(&phone));
+    assert_eq!(
+        cluster.closed,
+        vec![(ConnRef(2), GoAwayReason::DeviceRemoved)]
+    );
+    assert_eq!(cluster.unlinked, vec![phone]);
+    assert_eq!(cluster.routers[0].account_of(phone), phone);
+    cluster
+        .stanza(primary, 1, device_change(Op::Remove, Some(phone)))
+        .unwrap();
+    assert_eq!(
+        error_code(&only(cluster.take(1))).0,
+        ErrorCode::UnknownDevice
+    );
+
+    // A restart replays the links in order.
+    let mut restarted = Router::new(0, 2, Limits::default(), secrets());
+    restarted.restore_device_link(primary, phone, true);
+    restarted.restore_device_link(primary, fifth, true);
+    restarted.restore_device_link(primary, phone, false);
+    assert_eq!(restarted.account_of(phone), phone);
+    assert_eq!(restarted.account_of(fifth), primary);
 }

@@ -1,0 +1,144 @@
+//! Accounts with companion devices: the primary links and removes them, a companion's
+//! connection lives on its account's home shard, a removed device is refused; the links
+//! survive a restart. (Messages reach an account's primary only, for now.)
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a test failure
+
+mod common;
+
+use std::process::Command;
+
+use common::{closed_by_server, expect_kind, key_on, ping, Hopd};
+use hop_protocol::client::Client;
+use hop_protocol::wire::{device_change::Op, DeviceChange, ErrorCode, GoAwayReason, Kind, UserRef};
+use hop_protocol::UserId;
+
+fn change(client: &mut Client, op: Op, device: Option<UserId>) {
+    client
+        .send(&hop_protocol::wire::Stanza::of(Kind::DeviceChange(
+            DeviceChange {
+                op: op as i32,
+                device: device.map(Into::into),
+            },
+        )))
+        .unwrap();
+}
+
+/// The answer to a DeviceChange: the account and its companions, or an Error's code.
+fn answer(client: &mut Client) -> Result<(UserId, Vec<UserId>), ErrorCode> {
+    expect_kind(client, "Devices or Error", |kind| match kind {
+        Kind::Devices(devices) => Some(Ok((
+            UserRef::user(devices.account.as_ref()).unwrap(),
+            devices
+                .companions
+                .iter()
+                .map(|d| UserRef::user(Some(d)).unwrap())
+                .collect(),
+        ))),
+        Kind::Error(error) => Some(Err(ErrorCode::try_from(error.code).unwrap())),
+        _ => None,
+    })
+}
+
+fn go_away_reason(client: &mut Client) -> i32 {
+    expect_kind(client, "GoAway", |kind| match kind {
+        Kind::GoAway(go_away) => Some(go_away.reason),
+        _ => None,
+    })
+}
+
+#[test]
+fn the_primary_links_and_removes_companions_and_a_removed_device_is_refused() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let hopd = Hopd::start_in(&data, &["--shards", "2", "--companions-max", "2"]);
+    let primary_key = key_on(0, 2);
+    let primary_id = primary_key.user_id();
+    // The companion's own home is the other shard: it must be moved to its account's.
+    let phone_key = key_on(1, 2);
+    let phone_id = phone_key.user_id();
+
+    // Linked with the CLI, as an operator's user would.
+    let key_file = folder.path().join("primary.key");
+    primary_key.save_new(&key_file).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_hop"))
+        .args(["device", "add", "--server", &hopd.addr, "--server-key"])
+        .arg(hex_key(&hopd.server_key))
+        .arg("--key")
+        .arg(&key_file)
+        .arg(phone_id.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["account"], primary_id.to_string());
+    assert_eq!(printed["companions"][0], phone_id.to_string());
+    // (One connection per device: the CLI's replaced any other of the primary's.)
+    let mut primary = hopd.connect(&primary_key);
+
+    // The companion lands on its account's shard: that shard's router answers for the
+    // account (the companion's own home shard would not know the link).
+    let mut phone = hopd.connect(&phone_key);
+    ping(&mut phone);
+    change(&mut phone, Op::List, None);
+    assert_eq!(answer(&mut phone), Ok((primary_id, vec![phone_id])));
+    // Only the primary changes the devices.
+    change(&mut phone, Op::Add, Some(key_on(0, 2).user_id()));
+    assert_eq!(answer(&mut phone), Err(ErrorCode::NotPrimary));
+
+    // Another account cannot take a linked device; the limit holds.
+    let mut other = hopd.connect(&key_on(1, 2));
+    change(&mut other, Op::Add, Some(phone_id));
+    assert_eq!(answer(&mut other), Err(ErrorCode::DeviceTaken));
+    let tablet_id = key_on(1, 2).user_id();
+    change(&mut primary, Op::Add, Some(tablet_id));
+    assert_eq!(
+        answer(&mut primary),
+        Ok((primary_id, vec![phone_id, tablet_id]))
+    );
+    change(&mut primary, Op::Add, Some(key_on(0, 2).user_id()));
+    assert_eq!(answer(&mut primary), Err(ErrorCode::Limit));
+
+    // The links survive a restart.
+    assert!(hopd.stop().success());
+    let hopd = Hopd::start_in(&data, &["--shards", "2", "--companions-max", "2"]);
+    let mut primary = hopd.connect(&primary_key);
+    let mut phone = hopd.connect(&phone_key);
+    change(&mut phone, Op::List, None);
+    assert_eq!(
+        answer(&mut phone),
+        Ok((primary_id, vec![phone_id, tablet_id]))
+    );
+
+    // Removed: its connection goes, and its next one is refused with the reason.
+    change(&mut primary, Op::Remove, Some(phone_id));
+    assert_eq!(answer(&mut primary), Ok((primary_id, vec![tablet_id])));
+    assert_eq!(
+        go_away_reason(&mut phone),
+        GoAwayReason::DeviceRemoved as i32
+    );
+    assert!(closed_by_server(&mut phone));
+    let mut again = hopd.connect(&phone_key);
+    assert_eq!(
+        go_away_reason(&mut again),
+        GoAwayReason::DeviceRemoved as i32
+    );
+    change(&mut primary, Op::Remove, Some(phone_id));
+    assert_eq!(answer(&mut primary), Err(ErrorCode::UnknownDevice));
+
+    // Still refused after a restart.
+    assert!(hopd.stop().success());
+    let hopd = Hopd::start_in(&data, &["--shards", "2"]);
+    let mut again = hopd.connect(&phone_key);
+    assert_eq!(
+        go_away_reason(&mut again),
+        GoAwayReason::DeviceRemoved as i32
+    );
+}
+
+fn hex_key(key: &[u8; 32]) -> String {
+    key.iter().map(|byte| format!("{byte:02x}")).collect()
+}
