@@ -1,6 +1,6 @@
 //! Accounts with companion devices: the primary links and removes them, a companion's
 //! connection lives on its account's home shard, a removed device is refused; the links
-//! survive a restart. (Messages reach an account's primary only, for now.)
+//! survive a restart; a message to an account reaches every device.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a test failure
 
 mod common;
@@ -141,4 +141,56 @@ fn the_primary_links_and_removes_companions_and_a_removed_device_is_refused() {
 
 fn hex_key(key: &[u8; 32]) -> String {
     key.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Two devices of bob on different shards' keys, alice on a third: a message to bob reaches
+/// both devices (each acks its own copy, and each ack is a delivered tick naming the device);
+/// the phone sends as bob.
+#[test]
+fn a_message_to_an_account_reaches_all_its_devices_and_a_companion_sends_as_the_account() {
+    let hopd = Hopd::start(&["--shards", "2"]);
+    let bob_key = key_on(0, 2);
+    let bob_id = bob_key.user_id();
+    let phone_key = key_on(1, 2);
+    let mut bob = hopd.connect(&bob_key);
+    change(&mut bob, Op::Add, Some(phone_key.user_id()));
+    assert!(answer(&mut bob).is_ok());
+    let mut phone = hopd.connect(&phone_key);
+    ping(&mut phone);
+    let alice_key = key_on(1, 2);
+    let mut alice = hopd.connect(&alice_key);
+
+    alice
+        .send_message(bob_id, b"to both of bob's devices")
+        .unwrap();
+    let deliver = |client: &mut Client| {
+        expect_kind(client, "Deliver", |kind| match kind {
+            Kind::Deliver(deliver) => Some(deliver),
+            _ => None,
+        })
+    };
+    let on_bob = deliver(&mut bob);
+    let on_phone = deliver(&mut phone);
+    assert_eq!(on_bob.id, on_phone.id);
+    assert_eq!(&on_phone.body[..], b"to both of bob's devices");
+    phone
+        .ack(on_phone.id, hop_protocol::wire::ReceiptKind::Unspecified)
+        .unwrap();
+    let tick = expect_kind(&mut alice, "Receipt", |kind| match kind {
+        Kind::Receipt(receipt) => Some(receipt),
+        _ => None,
+    });
+    assert_eq!(tick.id, on_phone.id);
+    assert_eq!(UserRef::user(tick.by.as_ref()), Some(phone_key.user_id()));
+
+    phone
+        .send_message(alice_key.user_id(), b"from bob's phone")
+        .unwrap();
+    let got = deliver(&mut alice);
+    assert_eq!(UserRef::user(got.from.as_ref()), Some(bob_id));
+    let acked = expect_kind(&mut phone, "ServerAck", |kind| match kind {
+        Kind::ServerAck(ack) => Some(ack.id),
+        _ => None,
+    });
+    assert_eq!(acked, got.id);
 }

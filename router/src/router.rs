@@ -128,7 +128,11 @@ impl Privacy {
 /// A message on its way from the sender's home shard to the recipient's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
+    /// The sending account: what the recipient sees, and where replies are routed.
     pub from: UserId,
+    /// The sending device (the account itself, or one of its companions): whose connection
+    /// `conn` is.
+    pub device: UserId,
     pub to: UserId,
     /// The sender's connection: the only one that hears the ServerAck or the refusal.
     pub conn: ConnRef,
@@ -276,6 +280,8 @@ pub struct Counters {
     pub users_restored_from_queue: u64,
     /// Kept messages whose body could not be read back from disk (dropped from the queue).
     pub items_unreadable: u64,
+    /// Copies of a message for an account's companion device not queued: its queue was full.
+    pub copies_dropped: u64,
 }
 
 /// One user as an operator sees it. All zero and `known: false` for a user this shard does not
@@ -475,7 +481,10 @@ struct Pending {
 /// Who waits for a message's ServerAck: the connection that sent it last.
 #[derive(Debug, Clone, Copy)]
 struct Waiter {
+    /// The sending device.
     sender: UserId,
+    /// Its account's home shard, where the device's connection lives.
+    home: ShardId,
     conn: ConnRef,
     message: MessageRef,
     timestamp_ms: u64,
@@ -669,6 +678,8 @@ impl Router {
             "connection at the wrong shard"
         );
         assert_ne!(conn, NO_CONN, "a connection handle the router reserves");
+        let account = self.account_of(user);
+        let account_was_online = account != user && self.account_online(account);
         let state = self.users.entry(user).or_insert_with(User::new);
         if !state.bound {
             state.bound = true;
@@ -696,6 +707,26 @@ impl Router {
         for subscriber in subscribers {
             self.presence_to(subscriber, user, true, 0, now_ms);
         }
+        // A companion coming online brings its account online, if no other device was.
+        if account != user && !account_was_online {
+            let watchers = self
+                .users
+                .get(&account)
+                .map(|state| state.subscribers().to_vec())
+                .unwrap_or_default();
+            for subscriber in watchers {
+                self.presence_to(subscriber, account, true, 0, now_ms);
+            }
+        }
+    }
+
+    /// An account is online while any of its devices is.
+    fn account_online(&self, account: UserId) -> bool {
+        self.conn_of(account).is_some()
+            || self
+                .devices
+                .get(&account)
+                .is_some_and(|devices| devices.iter().any(|d| self.conn_of(*d).is_some()))
     }
 
     /// A connection of `user` closed. Unacked deliveries are sent again on the next connect.
@@ -715,8 +746,22 @@ impl Router {
             self.emptied.push(user);
         }
         self.unsubscribe_all(user, subscriptions, now_ms);
+        // The account goes offline with its last device.
+        let account = self.account_of(user);
+        if self.account_online(account) {
+            return;
+        }
+        let subscribers = if account == user {
+            subscribers
+        } else {
+            let Some(state) = self.users.get_mut(&account) else {
+                return;
+            };
+            state.last_seen_ms = now_ms.max(1);
+            state.subscribers().to_vec()
+        };
         for subscriber in subscribers {
-            self.presence_to(subscriber, user, false, now_ms.max(1), now_ms);
+            self.presence_to(subscriber, account, false, now_ms.max(1), now_ms);
         }
     }
 
@@ -823,7 +868,15 @@ impl Router {
                 kind,
                 by,
                 timestamp_ms,
-            } => self.queue_receipt(to, id, kind, by, timestamp_ms),
+            } => {
+                // Every device of the sending account shows the ticks.
+                let companions = self.devices.get(&to).cloned().unwrap_or_default();
+                self.queue_receipt(to, id, kind, by, timestamp_ms);
+                for device in companions {
+                    self.users.entry(device).or_insert_with(User::new);
+                    self.queue_receipt(device, id, kind, by, timestamp_ms);
+                }
+            }
             ShardMessage::Subscribe {
                 subscriber,
                 conn,
@@ -1019,7 +1072,8 @@ impl Router {
             );
         }
         let envelope = Envelope {
-            from,
+            from: self.account_of(from),
+            device: from,
             to,
             conn,
             message,
@@ -1035,7 +1089,7 @@ impl Router {
     fn accept(&mut self, envelope: Envelope, now_ms: u64) {
         let id = self.message_id(envelope.from, envelope.to, envelope.message);
         let reject = |code, reason| ShardMessage::Rejected {
-            sender: envelope.from,
+            sender: envelope.device,
             conn: envelope.conn,
             message: Some(envelope.message),
             code,
@@ -1080,7 +1134,8 @@ impl Router {
         self.counters.messages_accepted += 1;
         // The ServerAck waits until the message is on disk or acked by the device.
         let waiter = Waiter {
-            sender: envelope.from,
+            sender: envelope.device,
+            home: home_shard(envelope.from, self.shards),
             conn: envelope.conn,
             message: envelope.message,
             timestamp_ms: envelope.timestamp_ms,
@@ -1092,11 +1147,56 @@ impl Router {
                 waiter: Some(waiter),
             },
         );
+        // An account with companions gets a copy per device; one without costs a lookup.
+        let copy = self
+            .devices
+            .contains_key(&envelope.to)
+            .then(|| item.clone());
         self.actions.push_back(Action::Keep {
             user: envelope.to,
             item,
         });
         self.push_queued(envelope.to);
+        if let Some(item) = copy {
+            self.copy_to_companions(envelope.to, &item);
+        }
+    }
+
+    /// Queues a copy of an account's new message for each of its companion devices (on this
+    /// shard, the account's home): each device acks its own copy. The ServerAck follows the
+    /// primary's copy. A companion whose queue is full misses the copy (counted).
+    fn copy_to_companions(&mut self, account: UserId, item: &Queued) {
+        let Queued::Message { body, .. } = item else {
+            return;
+        };
+        let companions = self.devices.get(&account).cloned().unwrap_or_default();
+        let id = item.id();
+        for device in companions {
+            let state = self.users.entry(device).or_insert_with(User::new);
+            let entry = Entry::of(item);
+            let full = state.queue_len() - state.queued_receipts()
+                >= self.limits.queue_messages_max
+                || state.queued_bytes() + body.len() > self.limits.queue_bytes_max;
+            if full {
+                self.counters.copies_dropped += 1;
+                continue;
+            }
+            state.queue_mut().push(entry);
+            self.queued_bytes += body.len();
+            self.queued_items += 1;
+            self.pending.insert(
+                (device, id),
+                Pending {
+                    body: body.clone(),
+                    waiter: None,
+                },
+            );
+            self.actions.push_back(Action::Keep {
+                user: device,
+                item: item.clone(),
+            });
+            self.push_queued(device);
+        }
     }
 
     /// A message that is still queued was sent again (its sender did not see the ServerAck).
@@ -1115,7 +1215,7 @@ impl Router {
             return;
         }
         let accepted = ShardMessage::Accepted {
-            sender: envelope.from,
+            sender: envelope.device,
             conn: envelope.conn,
             message: envelope.message,
             id,
@@ -1133,7 +1233,7 @@ impl Router {
             id,
             timestamp_ms: waiter.timestamp_ms,
         };
-        self.send_home(waiter.sender, accepted, now_ms);
+        self.send_to(waiter.home, accepted, now_ms);
     }
 
     /// Takes item (`id`, `kind`) out of `user`'s queue; for a message not yet on disk, also
@@ -1341,14 +1441,14 @@ impl Router {
     /// target that does not show its presence to the watcher answers exactly as one that does
     /// not exist: offline, never seen, and no watcher slot is taken.
     fn add_subscriber(&mut self, subscriber: UserId, conn: ConnRef, target: UserId, now_ms: u64) {
-        let (online, last_seen_ms) = match self.users.get_mut(&target) {
+        let (online, last_seen_ms, visible) = match self.users.get_mut(&target) {
             Some(state) if !state.privacy().shows_to(subscriber) => {
                 self.counters.watches_hidden += 1;
-                (false, 0)
+                (false, 0, false)
             }
             None => {
                 self.counters.watches_hidden += 1;
-                (false, 0)
+                (false, 0, false)
             }
             Some(state) => {
                 if !state.subscribers().contains(&subscriber) {
@@ -1364,8 +1464,14 @@ impl Router {
                     }
                     state.watch_mut().subscribers.push(subscriber);
                 }
-                (state.conn().is_some(), state.last_seen_ms)
+                (state.conn().is_some(), state.last_seen_ms, true)
             }
+        };
+        // A companion online makes its account online.
+        let (online, last_seen_ms) = if visible && !online && self.account_online(target) {
+            (true, 0)
+        } else {
+            (online, last_seen_ms)
         };
         self.presence_to(subscriber, target, online, last_seen_ms, now_ms);
     }
@@ -1494,7 +1600,10 @@ impl Router {
 
     /// Hands `message` to `user`'s home shard: handled here if that is this shard.
     fn send_home(&mut self, user: UserId, message: ShardMessage, now_ms: u64) {
-        let shard = home_shard(user, self.shards);
+        self.send_to(home_shard(user, self.shards), message, now_ms);
+    }
+
+    fn send_to(&mut self, shard: ShardId, message: ShardMessage, now_ms: u64) {
         if shard == self.shard {
             self.handle_shard_message(message, now_ms);
         } else {

@@ -1794,3 +1794,104 @@ fn the_primary_links_and_removes_companions_that_live_on_its_shard() {
     assert_eq!(restarted.account_of(phone), phone);
     assert_eq!(restarted.account_of(fifth), primary);
 }
+
+/// A message to an account reaches every device, each acking its own copy; a companion sends
+/// as its account and hears its own ServerAck; the ticks reach every device of the sender; the
+/// account is online while any device is.
+#[test]
+fn an_account_with_a_companion_gets_every_message_on_both_devices() {
+    use device_change::Op;
+    let mut cluster = Cluster::new(2, Limits::default());
+    let bob = cluster.user_on(0, 0);
+    let bob_phone = cluster.user_on(1, 0); // lives on bob's shard, 0, once linked
+    let alice = cluster.user_on(1, 1);
+    cluster.connect(bob, 1);
+    cluster
+        .stanza(bob, 1, device_change(Op::Add, Some(bob_phone)))
+        .unwrap();
+    cluster.take(1);
+    cluster.connect(alice, 3);
+    // Alice watches bob: online while either device is.
+    cluster.stanza(alice, 3, subscribe(bob)).unwrap();
+    assert!(presence(only(cluster.take(3))).online);
+    cluster.routers[0].handle_connect(bob_phone, &key_of(bob_phone), ConnRef(2), 0);
+    cluster.run();
+    assert!(cluster.take(3).is_empty(), "bob was online already");
+
+    cluster.send(alice, 3, bob, 1, b"to both");
+    let on_primary = only(cluster.take(1));
+    let on_phone = only(cluster.take(2));
+    let (primary_copy, phone_copy) = (deliver(&on_primary), deliver(&on_phone));
+    assert_eq!(primary_copy.id, phone_copy.id, "one message, one id");
+    assert_eq!(&phone_copy.body[..], b"to both");
+    assert_eq!(server_ack(&only(cluster.take(3))).id, primary_copy.id);
+    // Each device acks its own copy; each ack is a delivered receipt naming the device.
+    cluster.routers[0]
+        .handle_stanza(
+            bob_phone,
+            ConnRef(2),
+            Stanza::of(Kind::Ack(Ack {
+                id: phone_copy.id,
+                kind: 0,
+            })),
+            0,
+        )
+        .unwrap();
+    cluster.run();
+    let tick = only(cluster.take(3));
+    assert_eq!(receipt(&tick).kind, ReceiptKind::Delivered as i32);
+    assert_eq!(receipt(&tick).by, Some(bob_phone.into()));
+
+    // The phone sends as bob: alice sees bob, the phone gets the ServerAck, and both of bob's
+    // devices get alice's delivered tick.
+    cluster.routers[0]
+        .handle_stanza(
+            bob_phone,
+            ConnRef(2),
+            Stanza::of(Kind::Outbox(Outbox { id: 77 })),
+            0,
+        )
+        .unwrap();
+    cluster.routers[0]
+        .handle_stanza(
+            bob_phone,
+            ConnRef(2),
+            Stanza::of(Kind::Send(hop_protocol::wire::Send {
+                to: Some(alice.into()),
+                seq: 1,
+                body: Bytes::from_static(b"from the phone"),
+                alias: 0,
+                resend: false,
+            })),
+            0,
+        )
+        .unwrap();
+    cluster.run();
+    let got = only(cluster.take(3));
+    assert_eq!(
+        deliver(&got).from,
+        Some(bob.into()),
+        "the account, not the device"
+    );
+    let acked = server_ack(&only(cluster.take(2))).id;
+    assert_eq!(acked, deliver(&got).id);
+    cluster
+        .stanza(alice, 3, Kind::Ack(Ack { id: acked, kind: 0 }))
+        .unwrap();
+    for conn in [1, 2] {
+        let ticks = cluster.take(conn);
+        assert!(
+            ticks
+                .iter()
+                .any(|t| matches!(&t.kind, Some(Kind::Receipt(r)) if r.id == acked)),
+            "device {conn} has the tick: {ticks:?}"
+        );
+    }
+
+    // Offline only once the last device goes.
+    cluster.disconnect(bob, 1);
+    assert!(cluster.take(3).is_empty(), "the phone is still online");
+    cluster.routers[0].handle_disconnect(bob_phone, ConnRef(2), 0);
+    cluster.run();
+    assert!(!presence(only(cluster.take(3))).online);
+}
