@@ -869,12 +869,15 @@ impl Router {
                 by,
                 timestamp_ms,
             } => {
-                // Every device of the sending account shows the ticks.
-                let companions = self.devices.get(&to).cloned().unwrap_or_default();
                 self.queue_receipt(to, id, kind, by, timestamp_ms);
-                for device in companions {
-                    self.users.entry(device).or_insert_with(User::new);
-                    self.queue_receipt(device, id, kind, by, timestamp_ms);
+                // Every device of the sending account shows the ticks. (The list is taken out
+                // and put back: no copy on the message path.)
+                if let Some(companions) = self.devices.get_mut(&to).map(std::mem::take) {
+                    for device in &companions {
+                        self.users.entry(*device).or_insert_with(User::new);
+                        self.queue_receipt(*device, id, kind, by, timestamp_ms);
+                    }
+                    self.devices.insert(to, companions);
                 }
             }
             ShardMessage::Subscribe {
@@ -1169,9 +1172,12 @@ impl Router {
         let Queued::Message { body, .. } = item else {
             return;
         };
-        let companions = self.devices.get(&account).cloned().unwrap_or_default();
+        // Taken out and put back: no copy of the list on the message path.
+        let Some(companions) = self.devices.get_mut(&account).map(std::mem::take) else {
+            return;
+        };
         let id = item.id();
-        for device in companions {
+        for &device in &companions {
             let state = self.users.entry(device).or_insert_with(User::new);
             let entry = Entry::of(item);
             let full = state.queue_len() - state.queued_receipts()
@@ -1197,6 +1203,7 @@ impl Router {
             });
             self.push_queued(device);
         }
+        self.devices.insert(account, companions);
     }
 
     /// A message that is still queued was sent again (its sender did not see the ServerAck).
