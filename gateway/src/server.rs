@@ -78,14 +78,10 @@ pub struct Server {
 }
 
 impl Server {
-    /// Creates the data folder and key, binds the listeners and starts the shards.
-    pub fn start(config: &Config) -> Result<Self, StartError> {
-        Self::start_with(config, &Arc::new(Controls::new(config.shards)))
-    }
-
-    /// [`Server::start`] with the shards' controls made beforehand, so that an admin
-    /// listener started earlier answers `/readyz` while the queues recover.
-    pub fn start_with(config: &Config, controls: &Arc<Controls>) -> Result<Self, StartError> {
+    /// Creates the data folder and key, binds the listeners and starts the shards, which
+    /// report to `controls` (made beforehand, so that an admin listener started earlier answers
+    /// `/readyz` while the queues recover).
+    pub fn start(config: &Config, controls: &Arc<Controls>) -> Result<Self, StartError> {
         assert_eq!(controls.shards(), config.shards, "one control per shard");
         hop_store::io::Io::create_dir_all(&FsIo, &config.data).map_err(|source| {
             StartError::DataFolder {
@@ -257,7 +253,7 @@ pub fn serve(
             Some(Admin::start(addr, state).map_err(|source| StartError::Admin { addr, source })?)
         }
     };
-    let server = Server::start_with(config, &controls)?;
+    let server = Server::start(config, &controls)?;
     let _ = views.set(ShardViews {
         stats: server.stats.clone(),
         mailbox_depth: server.mailbox_depth.clone(),
