@@ -40,7 +40,8 @@ fn a_shard_that_panics_restarts_from_disk_while_the_others_serve_on() {
     let hopd = Hopd::start(&["--shards", "2"]);
     // Bob (shard 1) is offline with 20 messages queued, each ServerAcked (so on disk).
     let bob_key = key_on(1, 2);
-    let bob = hopd.connect(&bob_key);
+    let mut bob = hopd.connect(&bob_key);
+    ping(&mut bob); // bound on its shard before it goes: alice may send to it
     bob.close();
     let mut alice = hopd.connect(&key_on(0, 2));
     let mut sent = Vec::new();
