@@ -65,7 +65,8 @@ KillSignal=SIGTERM
 # Above drain_ms, with room for that grace and the final commit; raise both together. Past it
 # systemd sends SIGKILL: acked messages survive it, but clients are cut off without GoAway.
 TimeoutStopSec=45s
-# A failed shard stops hopd with a non-zero exit: start again. A drain exits 0: stay stopped.
+# A shard that keeps panicking (six times in a minute) stops hopd non-zero: start again. A
+# drain exits 0: stay stopped.
 Restart=on-failure
 RestartSec=1s
 # LimitNOFILE lives in hopd.service.d/10-hop-limits.conf (rendered for the target); without
