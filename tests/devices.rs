@@ -145,7 +145,7 @@ fn hex_key(key: &[u8; 32]) -> String {
 
 /// Two devices of bob on different shards' keys, alice on a third: a message to bob reaches
 /// both devices (each acks its own copy, and each ack is a delivered tick naming the device);
-/// the phone sends as bob.
+/// the phone sends as bob, and bob's other device gets a copy of what it sent.
 #[test]
 fn a_message_to_an_account_reaches_all_its_devices_and_a_companion_sends_as_the_account() {
     let hopd = Hopd::start(&["--shards", "2"]);
@@ -193,4 +193,45 @@ fn a_message_to_an_account_reaches_all_its_devices_and_a_companion_sends_as_the_
         _ => None,
     });
     assert_eq!(acked, got.id);
+    // Sent-sync: bob's other device gets a copy, from bob, naming its recipient.
+    let copy = deliver(&mut bob);
+    assert_eq!(copy.id, got.id);
+    assert_eq!(UserRef::user(copy.from.as_ref()), Some(bob_id));
+    assert_eq!(UserRef::user(copy.to.as_ref()), Some(alice_key.user_id()));
+    assert_eq!(&copy.body[..], b"from bob's phone");
+}
+
+/// A sent copy waits on disk for a device that is offline, and comes back as a sent copy
+/// (from the account, naming its recipient) after a restart.
+#[test]
+fn a_sent_copy_waits_for_an_offline_device_across_a_restart() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let hopd = Hopd::start_in(&data, &["--shards", "2"]);
+    let bob_key = key_on(0, 2);
+    let phone_key = key_on(1, 2);
+    let mut bob = hopd.connect(&bob_key);
+    change(&mut bob, Op::Add, Some(phone_key.user_id()));
+    assert!(answer(&mut bob).is_ok());
+    bob.close();
+    let (alice_key, _alice) = hopd.new_user();
+    let mut phone = hopd.connect(&phone_key);
+    phone
+        .send_message(alice_key.user_id(), b"kept for bob")
+        .unwrap();
+    expect_kind(&mut phone, "ServerAck", |kind| match kind {
+        Kind::ServerAck(ack) => Some(ack.id),
+        _ => None,
+    });
+    assert!(hopd.stop().success());
+
+    let hopd = Hopd::start_in(&data, &["--shards", "2"]);
+    let mut bob = hopd.connect(&bob_key);
+    let copy = expect_kind(&mut bob, "Deliver", |kind| match kind {
+        Kind::Deliver(deliver) => Some(deliver),
+        _ => None,
+    });
+    assert_eq!(UserRef::user(copy.from.as_ref()), Some(bob_key.user_id()));
+    assert_eq!(UserRef::user(copy.to.as_ref()), Some(alice_key.user_id()));
+    assert_eq!(&copy.body[..], b"kept for bob");
 }

@@ -683,8 +683,21 @@ fn queued(item: hop_store::StoredItem) -> hop_router::Queued {
             id,
             timestamp_ms,
             body,
+            sent: false,
         } => hop_router::Queued::Message {
             from,
+            id,
+            timestamp_ms,
+            body,
+        },
+        hop_store::StoredItem::Message {
+            from: to,
+            id,
+            timestamp_ms,
+            body,
+            sent: true,
+        } => hop_router::Queued::Sent {
+            to,
             id,
             timestamp_ms,
             body,

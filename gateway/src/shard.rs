@@ -858,13 +858,17 @@ impl<B: Backend> Core<B> {
                     id,
                     timestamp_ms,
                     proof,
+                    sent_to,
                 } => {
                     let Some(conn_id) = self.resolve(conn) else {
                         continue; // gone: the router pushes it again on the next connection
                     };
                     match self.kept_body(user, id) {
                         Some(body) => {
-                            let deliver = Stanza::deliver(from, id, timestamp_ms, body, proof);
+                            let deliver = match sent_to {
+                                Some(to) => Stanza::deliver_sent(from, to, id, timestamp_ms, body),
+                                None => Stanza::deliver(from, id, timestamp_ms, body, proof),
+                            };
                             self.queue_stanza(conn_id, &deliver);
                         }
                         None => {
@@ -928,8 +932,15 @@ impl<B: Backend> Core<B> {
     /// Appends an item to the store; its ServerAck (for a message) waits for the commit.
     fn keep(&mut self, user: UserId, item: &Queued) {
         let appended = match item {
+            // A sent copy is laid out as a message, its recipient where a sender would be.
             Queued::Message {
-                from,
+                from: peer,
+                id,
+                timestamp_ms,
+                body,
+            }
+            | Queued::Sent {
+                to: peer,
                 id,
                 timestamp_ms,
                 body,
@@ -937,10 +948,11 @@ impl<B: Backend> Core<B> {
                 self.now_ms,
                 user,
                 &hop_store::Item::Message {
-                    from: *from,
+                    from: *peer,
                     id: *id,
                     timestamp_ms: *timestamp_ms,
                     body,
+                    sent: matches!(item, Queued::Sent { .. }),
                 },
             ),
             Queued::Receipt {

@@ -175,6 +175,7 @@ fn deliver_len(deliver: &Deliver) -> usize {
             field_len(deliver.body.len())
         }
         + fixed64_len(deliver.proof)
+        + user_ref_field_len(deliver.to.as_ref())
 }
 
 fn encode_deliver(deliver: &Deliver, out: &mut Vec<u8>) {
@@ -187,6 +188,7 @@ fn encode_deliver(deliver: &Deliver, out: &mut Vec<u8>) {
         out.extend_from_slice(&deliver.body);
     }
     fixed64(5 << 3 | 1, deliver.proof, out);
+    user_ref_field(6 << 3 | 2, deliver.to.as_ref(), out);
 }
 
 fn receipt_len(receipt: &Receipt) -> usize {
@@ -297,6 +299,25 @@ impl Stanza {
             timestamp_ms,
             body,
             proof,
+            to: None,
+        }))
+    }
+
+    /// A copy, for another device of `account`, of a message one of its devices sent to `to`.
+    pub fn deliver_sent(
+        account: UserId,
+        to: UserId,
+        id: u64,
+        timestamp_ms: u64,
+        body: Bytes,
+    ) -> Self {
+        Self::of(Kind::Deliver(Deliver {
+            from: Some(account.into()),
+            id,
+            timestamp_ms,
+            body,
+            proof: 0,
+            to: Some(to.into()),
         }))
     }
 
@@ -462,6 +483,14 @@ mod tests {
             u64::MAX,
         );
         assert!(encoded_bytes(&deliver) <= FRAME_PLAINTEXT_BYTES_MAX);
+        let copy = Stanza::deliver_sent(
+            user(1),
+            user(2),
+            u64::MAX,
+            u64::MAX,
+            Bytes::from(vec![0u8; BODY_BYTES_MAX]),
+        );
+        assert!(encoded_bytes(&copy) <= FRAME_PLAINTEXT_BYTES_MAX);
     }
 
     /// The hand-written Deliver and Receipt bytes are prost's, for every field present or
@@ -484,13 +513,16 @@ mod tests {
         for from in &users {
             for &number in &numbers {
                 for body in &bodies {
-                    stanzas.push(Stanza::of(Kind::Deliver(Deliver {
-                        from: *from,
-                        id: number,
-                        timestamp_ms: number.rotate_left(7),
-                        body: body.clone(),
-                        proof: number ^ 1,
-                    })));
+                    for to in [None, *from, Some(user(5).into())] {
+                        stanzas.push(Stanza::of(Kind::Deliver(Deliver {
+                            from: *from,
+                            id: number,
+                            timestamp_ms: number.rotate_left(7),
+                            body: body.clone(),
+                            proof: number ^ 1,
+                            to,
+                        })));
+                    }
                 }
                 for kind in [0, 1, 2, -1, i32::MAX] {
                     stanzas.push(Stanza::of(Kind::Receipt(Receipt {

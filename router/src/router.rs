@@ -210,6 +210,8 @@ pub enum Action {
         id: u64,
         timestamp_ms: u64,
         proof: u64,
+        /// For a sent copy: its recipient (`from` is then the account itself).
+        sent_to: Option<UserId>,
     },
     /// Send a GoAway and close a local connection.
     Close {
@@ -280,7 +282,8 @@ pub struct Counters {
     pub users_restored_from_queue: u64,
     /// Kept messages whose body could not be read back from disk (dropped from the queue).
     pub items_unreadable: u64,
-    /// Copies of a message for an account's companion device not queued: its queue was full.
+    /// Copies of a message for another device of an account (a companion's copy of a message
+    /// to the account, or a sent copy) not queued: that device's queue was full.
     pub copies_dropped: u64,
 }
 
@@ -317,20 +320,28 @@ pub enum Queued {
         by: UserId,
         timestamp_ms: u64,
     },
+    /// A copy of a message that another device of the queue's account sent to `to`
+    /// (sent-sync), so that every device shows the whole conversation.
+    Sent {
+        to: UserId,
+        id: u64,
+        timestamp_ms: u64,
+        body: Bytes,
+    },
 }
 
 impl Queued {
     /// The server id of the message (for a receipt: of the message it is about).
     pub fn id(&self) -> u64 {
         match self {
-            Self::Message { id, .. } | Self::Receipt { id, .. } => *id,
+            Self::Message { id, .. } | Self::Receipt { id, .. } | Self::Sent { id, .. } => *id,
         }
     }
 
     /// The kind a device's Ack names for this item.
     pub fn ack_kind(&self) -> ReceiptKind {
         match self {
-            Self::Message { .. } => ReceiptKind::Unspecified,
+            Self::Message { .. } | Self::Sent { .. } => ReceiptKind::Unspecified,
             Self::Receipt { kind, .. } => *kind,
         }
     }
@@ -345,14 +356,18 @@ struct Entry {
     /// The message's server id (for a receipt: of the message it is about).
     id: u64,
     timestamp_ms: u64,
-    /// A message's sender, or who sent a receipt.
+    /// A message's sender, who sent a receipt, or a sent copy's recipient.
     peer: UserId,
+    /// Body bytes; the top bit ([`SENT_COPY`]) marks a sent copy.
     body_bytes: u32,
     /// `Unspecified` for a message, else the receipt's kind: what the device's Ack names.
     kind: ReceiptKind,
 }
 
 const _: () = assert!(std::mem::size_of::<Entry>() <= 40);
+/// `Entry::body_bytes`'s flag of a sent copy: bodies are far below 2^31 bytes.
+const SENT_COPY: u32 = 1 << 31;
+const _: () = assert!(BODY_BYTES_MAX < SENT_COPY as usize);
 const _: () = assert!(BODY_BYTES_MAX <= u32::MAX as usize);
 
 impl Entry {
@@ -382,7 +397,24 @@ impl Entry {
                 body_bytes: 0,
                 kind: *kind,
             },
+            Queued::Sent {
+                to,
+                id,
+                timestamp_ms,
+                body,
+            } => Self {
+                id: *id,
+                timestamp_ms: *timestamp_ms,
+                peer: *to,
+                body_bytes: body.len() as u32 | SENT_COPY,
+                kind: ReceiptKind::Unspecified,
+            },
         }
+    }
+
+    /// A copy of a message the account sent, not one it received.
+    fn is_sent_copy(&self) -> bool {
+        self.body_bytes & SENT_COPY != 0
     }
 
     fn is_message(&self) -> bool {
@@ -390,7 +422,7 @@ impl Entry {
     }
 
     fn body_bytes(&self) -> usize {
-        self.body_bytes as usize
+        (self.body_bytes & !SENT_COPY) as usize
     }
 
     /// Does an Ack of (`id`, `kind`) name this item?
@@ -1074,8 +1106,9 @@ impl Router {
                 Some(message),
             );
         }
+        let account = self.account_of(from);
         let envelope = Envelope {
-            from: self.account_of(from),
+            from: account,
             device: from,
             to,
             conn,
@@ -1084,6 +1117,9 @@ impl Router {
             timestamp_ms: now_ms,
             body: send.body,
         };
+        if account != from || self.devices.contains_key(&account) {
+            self.copy_to_other_devices(&envelope);
+        }
         self.send_home(to, ShardMessage::Route(envelope), now_ms);
     }
 
@@ -1291,7 +1327,7 @@ impl Router {
         };
         self.actions.push_back(Action::Forget { user, id, kind });
         self.push_queued(user);
-        if item.is_message() {
+        if item.is_message() && !item.is_sent_copy() {
             let from = item.peer;
             self.counters.messages_acked += 1;
             // The device has it: the server's responsibility is met even if the disk is not.
@@ -1560,6 +1596,29 @@ impl Router {
                         timestamp_ms: entry.timestamp_ms,
                     })),
                 }
+            } else if entry.is_sent_copy() {
+                let account = self.companions.get(&user).copied().unwrap_or(user);
+                match self.pending.get(&(user, entry.id)) {
+                    Some(Pending { body, .. }) => Action::Send {
+                        conn,
+                        stanza: Stanza::deliver_sent(
+                            account,
+                            entry.peer,
+                            entry.id,
+                            entry.timestamp_ms,
+                            body.clone(),
+                        ),
+                    },
+                    None => Action::DeliverKept {
+                        conn,
+                        user,
+                        from: account,
+                        id: entry.id,
+                        timestamp_ms: entry.timestamp_ms,
+                        proof: 0,
+                        sent_to: Some(entry.peer),
+                    },
+                }
             } else {
                 let proof = read_proof(&self.read_proofs, user, entry.peer, entry.id);
                 match self.pending.get(&(user, entry.id)) {
@@ -1580,6 +1639,7 @@ impl Router {
                         id: entry.id,
                         timestamp_ms: entry.timestamp_ms,
                         proof,
+                        sent_to: None,
                     },
                 }
             };
@@ -1700,6 +1760,50 @@ impl Router {
         self.actions
             .push_back(Action::UnlinkDevice { account, device });
         self.reply_devices(conn, account);
+    }
+
+    /// Sent-sync: a copy of what one device of an account sends, queued for each of the
+    /// account's other devices (all on this shard), under the message's id. A device whose
+    /// queue is full misses the copy (counted).
+    fn copy_to_other_devices(&mut self, envelope: &Envelope) {
+        let account = envelope.from;
+        let id = self.message_id(account, envelope.to, envelope.message);
+        let item = Queued::Sent {
+            to: envelope.to,
+            id,
+            timestamp_ms: envelope.timestamp_ms,
+            body: envelope.body.clone(),
+        };
+        let companions = self.devices.get(&account).map_or(&[][..], Vec::as_slice);
+        let others: Vec<UserId> = std::iter::once(account)
+            .chain(companions.iter().copied())
+            .filter(|device| *device != envelope.device)
+            .collect();
+        for device in others {
+            let state = self.users.entry(device).or_insert_with(User::new);
+            let body_bytes = envelope.body.len();
+            if state.queue_len() - state.queued_receipts() >= self.limits.queue_messages_max
+                || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
+            {
+                self.counters.copies_dropped += 1;
+                continue;
+            }
+            state.queue_mut().push(Entry::of(&item));
+            self.queued_bytes += body_bytes;
+            self.queued_items += 1;
+            self.pending.insert(
+                (device, id),
+                Pending {
+                    body: envelope.body.clone(),
+                    waiter: None,
+                },
+            );
+            self.actions.push_back(Action::Keep {
+                user: device,
+                item: item.clone(),
+            });
+            self.push_queued(device);
+        }
     }
 
     /// Links `device` to `account` (both here).

@@ -714,6 +714,19 @@ fn listen(args: ListenArgs) -> Result<(), String> {
             ));
         };
         match stanza.kind {
+            Some(Kind::Deliver(deliver)) if deliver.to.is_some() => {
+                // Another device of this account sent it: shown, acked, not counted or read.
+                emit(json!({
+                    "event": "sent",
+                    "to": user_text(deliver.to.as_ref()),
+                    "id": message_id(deliver.id),
+                    "timestamp_ms": deliver.timestamp_ms,
+                    "text": body_text(&deliver.body),
+                }));
+                client
+                    .ack(deliver.id, ReceiptKind::Unspecified)
+                    .map_err(described)?;
+            }
             Some(Kind::Deliver(deliver)) => {
                 emit(json!({
                     "event": "message",

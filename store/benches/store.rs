@@ -42,6 +42,7 @@ fn append_batch(store: &mut ShardStore<FsIo>, first: u64) {
             id,
             timestamp_ms: 1,
             body: &BODY,
+            sent: false,
         };
         black_box(
             store

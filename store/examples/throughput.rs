@@ -36,6 +36,7 @@ fn enqueue(store: &mut ShardStore<FsIo>, records: u64) -> (f64, u64) {
             id,
             timestamp_ms: 1,
             body: &BODY,
+            sent: false,
         };
         store
             .append(1, user(1 + id % USERS), &item)

@@ -24,6 +24,9 @@ pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_RECEIPT: u8 = 2;
 pub const KIND_DELIVERED: u8 = 3;
 pub const KIND_EXPIRED: u8 = 4;
+/// A copy, for its account's other devices, of a message one of its devices sent: laid out as
+/// a message, its peer the recipient (the sender is the queue's own account).
+pub const KIND_SENT: u8 = 5;
 
 /// Bytes of a user id in a record.
 pub const USER_BYTES: usize = USER_ID_BYTES;
@@ -104,8 +107,10 @@ pub enum Payload<'a> {
         seq: u64,
         id: u64,
         timestamp_ms: u64,
+        /// The sender; for a sent copy (`sent`), the recipient.
         from: UserId,
         body: &'a [u8],
+        sent: bool,
     },
     Receipt {
         user: UserId,
@@ -119,6 +124,7 @@ pub enum Payload<'a> {
     Tombstone { seq: u64, expired: bool },
 }
 
+#[allow(clippy::too_many_arguments)] // one per field of the record, in layout order
 pub fn encode_message(
     out: &mut Vec<u8>,
     user: UserId,
@@ -127,9 +133,10 @@ pub fn encode_message(
     timestamp_ms: u64,
     from: UserId,
     body: &[u8],
+    sent: bool,
 ) {
     assert!(body.len() <= BODY_BYTES_MAX, "body checked by the caller");
-    let start = begin(out, KIND_MESSAGE, user, seq);
+    let start = begin(out, if sent { KIND_SENT } else { KIND_MESSAGE }, user, seq);
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
     out.extend_from_slice(&from.to_bytes());
@@ -193,7 +200,7 @@ pub fn decode(bytes: &[u8]) -> Option<(Payload<'_>, usize)> {
     let record = bytes.get(..total)?;
     let payload = &record[RECORD_HEADER_BYTES..];
     // Cheap plausibility first: resynchronisation tries this at every byte offset.
-    if !(KIND_MESSAGE..=KIND_EXPIRED).contains(&payload[0]) {
+    if !(KIND_MESSAGE..=KIND_SENT).contains(&payload[0]) {
         return None;
     }
     if crc32c::crc32c(&record[4..]) != le_u32(record, 0) {
@@ -211,13 +218,14 @@ pub fn decode(bytes: &[u8]) -> Option<(Payload<'_>, usize)> {
     let user = user_at(payload, PAYLOAD_USER_AT)?;
     let seq = le_u64(payload, PAYLOAD_SEQ_AT);
     let decoded = match payload[0] {
-        KIND_MESSAGE if len >= MESSAGE_FIXED_BYTES => Payload::Message {
+        KIND_MESSAGE | KIND_SENT if len >= MESSAGE_FIXED_BYTES => Payload::Message {
             user,
             seq,
             id: le_u64(payload, PAYLOAD_ID_AT),
             timestamp_ms: le_u64(payload, PAYLOAD_TIMESTAMP_AT),
             from: user_at(payload, PAYLOAD_PEER_AT)?,
             body: &payload[MESSAGE_FIXED_BYTES..],
+            sent: payload[0] == KIND_SENT,
         },
         KIND_RECEIPT if len == RECEIPT_PAYLOAD_BYTES => Payload::Receipt {
             user,
@@ -339,7 +347,7 @@ mod tests {
     #[test]
     fn each_kind_round_trips() {
         let mut bytes = Vec::new();
-        encode_message(&mut bytes, user(7), 1, 99, 1_000, user(8), b"hello");
+        encode_message(&mut bytes, user(7), 1, 99, 1_000, user(8), b"hello", false);
         encode_receipt(&mut bytes, user(8), 2, 99, 1_001, user(7), 2);
         encode_tombstone(&mut bytes, 1, false);
         encode_tombstone(&mut bytes, 2, true);
@@ -360,6 +368,7 @@ mod tests {
                 timestamp_ms: 1_000,
                 from: user(8),
                 body: b"hello",
+                sent: false,
             },
             Payload::Receipt {
                 user: user(8),
@@ -422,7 +431,7 @@ mod tests {
             record
         };
         let mut bytes = Vec::new();
-        encode_message(&mut bytes, documented_user(), 5, 6, 7, peer, b"hi");
+        encode_message(&mut bytes, documented_user(), 5, 6, 7, peer, b"hi", false);
         let mut expected = fixed(KIND_MESSAGE, 57 + 2);
         expected.extend_from_slice(b"hi");
         assert_eq!(bytes, with_checksum(expected));
@@ -444,7 +453,7 @@ mod tests {
         let bytes = with_checksum(bytes);
         assert_eq!(decode(&bytes), None);
         let mut message = Vec::new();
-        encode_message(&mut message, user(7), 1, 1, 1, user(8), b"x");
+        encode_message(&mut message, user(7), 1, 1, 1, user(8), b"x", false);
         message[8 + 41..8 + 49].fill(0); // `from`
         assert_eq!(decode(&with_checksum(message)), None);
     }
@@ -453,7 +462,7 @@ mod tests {
     fn a_flipped_length_bit_is_skipped_and_the_next_record_found() {
         let mut bytes = Vec::new();
         for seq in 1..=3 {
-            encode_message(&mut bytes, user(7), seq, seq, 0, user(8), b"abc");
+            encode_message(&mut bytes, user(7), seq, seq, 0, user(8), b"abc", false);
         }
         bytes[message_record_bytes(3) + 5] ^= 0x01; // second record's length
         let mut seqs = Vec::new();

@@ -123,11 +123,13 @@ pub fn prepare<I: Io + Clone>(
                         id,
                         timestamp_ms,
                         body,
+                        sent,
                     } => Item::Message {
                         from: *from,
                         id: *id,
                         timestamp_ms: *timestamp_ms,
                         body,
+                        sent: *sent,
                     },
                     StoredItem::Receipt {
                         id,

@@ -18,10 +18,13 @@ use crate::{AppendError, CommitError, Durability, Options, Quota, StoreError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Item<'a> {
     Message {
+        /// The sender; for a sent copy (`sent`), the recipient.
         from: UserId,
         id: u64,
         timestamp_ms: u64,
         body: &'a [u8],
+        /// A copy of a message the queue's own account sent, for its other devices.
+        sent: bool,
     },
     /// A receipt waiting for the original sender; `kind` is the wire `ReceiptKind` value
     /// (never 0, which names a message in [`ShardStore::mark_delivered`]).
@@ -37,10 +40,13 @@ pub enum Item<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoredItem {
     Message {
+        /// The sender; for a sent copy (`sent`), the recipient.
         from: UserId,
         id: u64,
         timestamp_ms: u64,
         body: Bytes,
+        /// A copy of a message the queue's own account sent, for its other devices.
+        sent: bool,
     },
     Receipt {
         id: u64,
@@ -278,8 +284,18 @@ impl<I: Io> ShardStore<I> {
                 id,
                 timestamp_ms,
                 body,
+                sent,
             } => {
-                format::encode_message(&mut self.buffer, user, seq, id, timestamp_ms, from, body);
+                format::encode_message(
+                    &mut self.buffer,
+                    user,
+                    seq,
+                    id,
+                    timestamp_ms,
+                    from,
+                    body,
+                    sent,
+                );
                 (id, timestamp_ms, 0)
             }
             Item::Receipt {
@@ -897,6 +913,7 @@ fn decode_item(
             timestamp_ms,
             from,
             body,
+            sent,
         } if owner == user && stored_seq == seq => {
             let start = position + RECORD_HEADER_BYTES + format::MESSAGE_FIXED_BYTES;
             debug_assert_eq!(body.len(), position + length - start);
@@ -905,6 +922,7 @@ fn decode_item(
                 id,
                 timestamp_ms,
                 body: bytes.slice(start..position + length),
+                sent,
             })
         }
         Payload::Receipt {
@@ -1501,6 +1519,7 @@ mod tests {
             id,
             timestamp_ms: 1,
             body: &body,
+            sent: false,
         };
         store.append(1, who, &item).expect("append");
     }

@@ -45,6 +45,7 @@ fn message(id: u64, body: &[u8]) -> Item<'_> {
         id,
         timestamp_ms: 1_000 + id,
         body,
+        sent: false,
     }
 }
 
@@ -281,6 +282,7 @@ fn expiry_with_injected_clock_removes_old_records_only() {
         id,
         timestamp_ms,
         body: b"b",
+        sent: false,
     };
     store.append(0, user(7), &item(1, 0)).expect("append");
     store.append(0, user(8), &item(2, 0)).expect("append");
@@ -482,6 +484,7 @@ fn expiry_reads_the_wall_clock_and_batching_the_monotonic_one() {
         id: 1,
         timestamp_ms: sent_wall_ms,
         body: b"b",
+        sent: false,
     };
     store.append(5, user(7), &item).expect("append");
     assert_eq!(store.next_commit_deadline(), Some(5 + 2), "monotonic batch");
@@ -704,4 +707,35 @@ fn child_appends_until_killed(dir: &Path) {
         let commit = store.commit(0).expect("commit");
         println!("durable {}", commit.durable_through);
     }
+}
+
+/// Guards against a device's copy of its own account's message coming back, after a restart,
+/// as a message *from* its recipient.
+#[test]
+fn a_sent_copy_comes_back_as_a_sent_copy_after_a_restart() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut store = open(temp.path(), options());
+    let copy = Item::Message {
+        from: user(2), // the recipient
+        id: 42,
+        timestamp_ms: 1_000,
+        body: b"what I sent",
+        sent: true,
+    };
+    store.append(1_000, user(1), &copy).expect("append");
+    store
+        .append(1_000, user(1), &message(43, b"what I got"))
+        .expect("append");
+    store.commit(1_000).expect("commit");
+    drop(store);
+    let mut store = open(temp.path(), options());
+    let records = read_all(&mut store, user(1));
+    let kinds: Vec<(u64, bool)> = records
+        .iter()
+        .map(|record| match &record.item {
+            StoredItem::Message { id, sent, .. } => (*id, *sent),
+            other => panic!("not a message: {other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, vec![(42, true), (43, false)]);
 }

@@ -107,19 +107,29 @@ impl Cluster {
                             id,
                             timestamp_ms,
                             proof,
+                            sent_to,
                         } => {
                             let key = (user, id, ReceiptKind::Unspecified as i32);
                             match self.disk.get(&key) {
-                                Some(Queued::Message { body, .. })
+                                Some(Queued::Message { body, .. } | Queued::Sent { body, .. })
                                     if !self.rotten.contains(&id) =>
                                 {
-                                    let stanza = Stanza::deliver(
-                                        from,
-                                        id,
-                                        timestamp_ms,
-                                        body.clone(),
-                                        proof,
-                                    );
+                                    let stanza = match sent_to {
+                                        Some(to) => Stanza::deliver_sent(
+                                            from,
+                                            to,
+                                            id,
+                                            timestamp_ms,
+                                            body.clone(),
+                                        ),
+                                        None => Stanza::deliver(
+                                            from,
+                                            id,
+                                            timestamp_ms,
+                                            body.clone(),
+                                            proof,
+                                        ),
+                                    };
                                     self.sent.entry(conn).or_default().push(stanza);
                                 }
                                 _ => {
@@ -765,6 +775,7 @@ fn server_only_stanzas_from_a_client_are_violations() {
         timestamp_ms: 0,
         body: Bytes::new(),
         proof: 0,
+        to: None,
     });
     assert!(cluster.stanza(alice, 1, forged).is_err());
     let shard = usize::from(home_shard(alice, 1));
@@ -1875,6 +1886,19 @@ fn an_account_with_a_companion_gets_every_message_on_both_devices() {
     );
     let acked = server_ack(&only(cluster.take(2))).id;
     assert_eq!(acked, deliver(&got).id);
+    // Sent-sync: bob's primary gets a copy of what the phone sent, marked with its recipient.
+    let copy = only(cluster.take(1));
+    let copy = deliver(&copy);
+    assert_eq!(
+        (copy.id, copy.from, copy.to),
+        (acked, Some(bob.into()), Some(alice.into()))
+    );
+    assert_eq!(&copy.body[..], b"from the phone");
+    // Its ack is no tick for anyone.
+    cluster
+        .stanza(bob, 1, Kind::Ack(Ack { id: acked, kind: 0 }))
+        .unwrap();
+    assert!(cluster.take(3).is_empty());
     cluster
         .stanza(alice, 3, Kind::Ack(Ack { id: acked, kind: 0 }))
         .unwrap();
