@@ -235,3 +235,42 @@ fn a_sent_copy_waits_for_an_offline_device_across_a_restart() {
     assert_eq!(UserRef::user(copy.to.as_ref()), Some(alice_key.user_id()));
     assert_eq!(&copy.body[..], b"kept for bob");
 }
+
+/// Guards against a companion's queue stranded by a shard-count change: its items are
+/// re-homed with its account's, where the companion's connections go.
+#[test]
+fn a_companions_queue_follows_its_account_when_the_shard_count_changes() {
+    use hop_router::home_shard;
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let bob_key = key_on(0, 2);
+    let bob_id = bob_key.user_id();
+    // A phone whose own home differs from bob's under two shards and under three.
+    let phone_key = loop {
+        let key = hop_protocol::StaticKey::generate().unwrap();
+        let id = key.user_id();
+        if home_shard(id, 2) != home_shard(bob_id, 2) && home_shard(id, 3) != home_shard(bob_id, 3)
+        {
+            break key;
+        }
+    };
+    let hopd = Hopd::start_in(&data, &["--shards", "2"]);
+    let mut bob = hopd.connect(&bob_key);
+    change(&mut bob, Op::Add, Some(phone_key.user_id()));
+    assert!(answer(&mut bob).is_ok());
+    let (_, mut alice) = hopd.new_user();
+    alice.send_message(bob_id, b"for every device").unwrap();
+    expect_kind(&mut alice, "ServerAck", |kind| match kind {
+        Kind::ServerAck(ack) => Some(ack.id),
+        _ => None,
+    });
+    assert!(hopd.stop().success());
+
+    let hopd = Hopd::start_in(&data, &["--shards", "3"]);
+    let mut phone = hopd.connect(&phone_key);
+    let got = expect_kind(&mut phone, "Deliver", |kind| match kind {
+        Kind::Deliver(deliver) => Some(deliver),
+        _ => None,
+    });
+    assert_eq!(&got.body[..], b"for every device");
+}

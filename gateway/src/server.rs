@@ -109,11 +109,22 @@ impl Server {
                 "account bindings ended in a torn record (a crash while writing); it was ignored"
             );
         }
+        // Companions live on their account's shard: a shard-count change re-homes their
+        // queued items by the account, as the directory says.
+        let devices = hop_store::devices::load(&FsIo, &config.data)?;
+        let directory = Arc::new(Directory::replay(&devices));
+        let home_of_queue = |user, shards| {
+            let account = match directory.placement(user) {
+                crate::directory::Placement::Companion(account) => account,
+                _ => user,
+            };
+            hop_router::home_shard(account, shards)
+        };
         let layout = hop_store::prepare(
             &FsIo,
             &config.data,
             config.shards as u16,
-            hop_router::home_shard,
+            home_of_queue,
             config.store_options(),
             monotonic_ms(),
         )?;
@@ -125,7 +136,6 @@ impl Server {
                 "presence settings ended in a torn record (a crash while writing); it was ignored"
             );
         }
-        let devices = hop_store::devices::load(&FsIo, &config.data)?;
         let bindings = Arc::new(Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,
@@ -136,7 +146,6 @@ impl Server {
         let ceiling = connection_ceiling(config, kind);
         let controls = controls.clone();
         // Shared by the shards and the admin listener: who each companion device belongs to.
-        let directory = Arc::new(Directory::replay(&bindings.devices));
         let (shutdown, wake_all, threads, stats, mailbox_depth) = match kind {
             sys::Kind::Mio => start_shards::<MioBackend>(
                 config,
@@ -491,19 +500,23 @@ fn start_shards<B: Backend>(
                 if let Some(cpu) = cpu {
                     pin_to_cpu(cpu);
                 }
-                let opened = B::open(listener, limits)
-                    .map_err(|error| error.to_string())
-                    .and_then(|backend| {
-                        let store = open_store(
-                            &data,
-                            index as u16,
-                            shards as u16,
-                            store_options,
-                            &mut router,
-                        )
-                        .map_err(|error| error.to_string())?;
-                        Ok((backend, store))
-                    });
+                // A panic here must still reach the barrier, or the start would wait forever.
+                let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    B::open(listener, limits)
+                        .map_err(|error| error.to_string())
+                        .and_then(|backend| {
+                            let store = open_store(
+                                &data,
+                                index as u16,
+                                shards as u16,
+                                store_options,
+                                &mut router,
+                            )
+                            .map_err(|error| error.to_string())?;
+                            Ok((backend, store))
+                        })
+                }))
+                .unwrap_or_else(|_| Err("the shard panicked while it started".to_string()));
                 let (backend, store) = match opened {
                     Ok(opened) => opened,
                     Err(error) => {

@@ -1022,7 +1022,7 @@ impl Router {
     /// it is kept here; a message's body stays on disk. A user whose binding did not reach the
     /// disk is made from its items: its key is written again when it next connects.
     pub fn restore_item(&mut self, user: UserId, item: &Queued) {
-        debug_assert_eq!(home_shard(user, self.shards), self.shard);
+        debug_assert_eq!(home_shard(self.account_of(user), self.shards), self.shard);
         let state = self.users.entry(user).or_insert_with(|| {
             self.counters.users_restored_from_queue += 1;
             User::new()
