@@ -888,7 +888,7 @@ impl Router {
                 code,
                 reason,
             } => {
-                if self.conn_of(sender) != Some(conn) {
+                if !self.conn_of_account(sender, conn) {
                     self.counters.replies_dropped += 1;
                     return;
                 }
@@ -931,18 +931,26 @@ impl Router {
                 online,
                 last_seen_ms,
             } => {
-                let Some(state) = self.users.get(&to) else {
+                // Reciprocity: a watcher that hides its own presence from `about` does not see
+                // `about`'s last-seen time either.
+                let Some(account) = self.users.get(&to) else {
                     return;
                 };
-                let Some(conn) = state.conn() else { return };
-                if state.subscriptions().contains(&about) {
-                    // Reciprocity: a watcher that hides its own presence from `about` does
-                    // not see `about`'s last-seen time either.
-                    let last_seen_ms = if state.privacy().shows_to(about) {
-                        last_seen_ms
-                    } else {
-                        0
-                    };
+                let last_seen_ms = if account.privacy().shows_to(about) {
+                    last_seen_ms
+                } else {
+                    0
+                };
+                // Every device of the watching account that watches `about` is told.
+                let watching: Vec<ConnRef> = self
+                    .devices_of(to)
+                    .filter_map(|device| {
+                        let state = self.users.get(&device)?;
+                        let conn = state.conn()?;
+                        state.subscriptions().contains(&about).then_some(conn)
+                    })
+                    .collect();
+                for conn in watching {
                     self.counters.presence_sent += 1;
                     self.actions.push_back(Action::Send {
                         conn,
@@ -1472,8 +1480,10 @@ impl Router {
             }
             state.watch_mut().subscriptions.push(target);
         }
+        // Watchers are accounts: presence comes back to the account's home shard, where each
+        // of its devices that watches `target` is told.
         let subscribe = ShardMessage::Subscribe {
-            subscriber: user,
+            subscriber: self.account_of(user),
             conn,
             target,
         };
@@ -1520,14 +1530,39 @@ impl Router {
     }
 
     /// Unsubscribes `user` from each of `targets` at their home shards.
+    /// `user`'s device stopped watching `targets`: its account stops watching those that none
+    /// of its other devices watches.
     fn unsubscribe_all(&mut self, user: UserId, targets: Vec<UserId>, now_ms: u64) {
+        let account = self.account_of(user);
         for target in targets {
+            if self.watched_by_a_device(account, target) {
+                continue;
+            }
             let unsubscribe = ShardMessage::Unsubscribe {
-                subscriber: user,
+                subscriber: account,
                 target,
             };
             self.send_home(target, unsubscribe, now_ms);
         }
+    }
+
+    /// The account's devices that are connected: the account itself and its companions.
+    fn devices_of(&self, account: UserId) -> impl Iterator<Item = UserId> + '_ {
+        std::iter::once(account).chain(self.devices.get(&account).into_iter().flatten().copied())
+    }
+
+    fn watched_by_a_device(&self, account: UserId, target: UserId) -> bool {
+        self.devices_of(account).any(|device| {
+            self.users
+                .get(&device)
+                .is_some_and(|state| state.subscriptions().contains(&target))
+        })
+    }
+
+    /// `conn` is the connection of `account` or of one of its devices.
+    fn conn_of_account(&self, account: UserId, conn: ConnRef) -> bool {
+        self.devices_of(account)
+            .any(|device| self.conn_of(device) == Some(conn))
     }
 
     fn queue_receipt(

@@ -1919,3 +1919,51 @@ fn an_account_with_a_companion_gets_every_message_on_both_devices() {
     cluster.run();
     assert!(!presence(only(cluster.take(3))).online);
 }
+
+/// A companion watches presence like any device: its account is the watcher, and each of the
+/// account's devices that watches is told; the watch ends when the last device stops.
+#[test]
+fn a_companion_watches_presence_and_the_account_stops_with_its_last_device() {
+    use device_change::Op;
+    let mut cluster = Cluster::new(2, Limits::default());
+    let bob = cluster.user_on(0, 0);
+    let bob_phone = cluster.user_on(1, 0);
+    let alice = cluster.user_on(1, 1);
+    cluster.connect(alice, 3);
+    cluster.connect(bob, 1);
+    cluster
+        .stanza(bob, 1, device_change(Op::Add, Some(bob_phone)))
+        .unwrap();
+    cluster.take(1);
+    cluster.routers[0].handle_connect(bob_phone, &key_of(bob_phone), ConnRef(2), 0);
+    cluster.run();
+    let watch = |cluster: &mut Cluster, device: UserId, conn: u64| {
+        cluster.routers[0]
+            .handle_stanza(device, ConnRef(conn), Stanza::of(subscribe(alice)), 0)
+            .unwrap();
+        cluster.run();
+    };
+    watch(&mut cluster, bob_phone, 2);
+    assert!(
+        presence(only(cluster.take(2))).online,
+        "the phone hears alice"
+    );
+    assert!(cluster.take(1).is_empty(), "bob's primary does not watch");
+    watch(&mut cluster, bob, 1);
+    assert!(presence(only(cluster.take(1))).online);
+    cluster.take(2);
+    cluster.now_ms = 120_000;
+    cluster.disconnect(alice, 3);
+    assert!(!presence(only(cluster.take(1))).online);
+    assert!(!presence(only(cluster.take(2))).online);
+    // The phone goes; bob still watches, so the account does.
+    cluster.routers[0].handle_disconnect(bob_phone, ConnRef(2), 0);
+    cluster.run();
+    cluster.connect(alice, 4);
+    assert!(presence(only(cluster.take(1))).online);
+    // Bob goes too: nobody of the account watches any more.
+    cluster.disconnect(bob, 1);
+    cluster.disconnect(alice, 4);
+    cluster.connect(bob, 5);
+    assert!(cluster.take(5).is_empty());
+}
