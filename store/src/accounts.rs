@@ -93,13 +93,7 @@ impl<I: Io> AccountLog<I> {
         }
         let path = shard_path(data, shard);
         let (mut file, created) = store_io::open_or_create_log(io, &path, &folder, data)?;
-        let length = file.size_bytes().map_err(StoreError::io(&path))?;
-        let torn = length % RECORD_BYTES as u64;
-        let good_bytes = length - torn;
-        if torn > 0 {
-            file.truncate(good_bytes).map_err(StoreError::io(&path))?;
-            file.sync().map_err(StoreError::io(&path))?;
-        }
+        let (good_bytes, torn) = store_io::cut_torn_tail(&mut file, RECORD_BYTES, &path)?;
         Ok(Self {
             file,
             path,

@@ -57,12 +57,7 @@ impl<I: Io> DeviceLog<I> {
             .map_err(StoreError::io(&folder))?;
         let path = folder.join(format!("shard-{shard}{FILE_SUFFIX}"));
         let (mut file, _) = store_io::open_or_create_log(io, &path, &folder, data)?;
-        let length = file.size_bytes().map_err(StoreError::io(&path))?;
-        let good_bytes = length - length % RECORD_BYTES as u64;
-        if good_bytes < length {
-            file.truncate(good_bytes).map_err(StoreError::io(&path))?;
-            file.sync().map_err(StoreError::io(&path))?;
-        }
+        let (good_bytes, _) = store_io::cut_torn_tail(&mut file, RECORD_BYTES, &path)?;
         Ok(Self {
             file,
             path,

@@ -65,6 +65,25 @@ pub fn open_or_create_log<I: Io>(
     }
 }
 
+/// Cuts a torn tail off a log of fixed-size records (`length % record_bytes` bytes left by a
+/// write a crash interrupted) and syncs the cut, so that later records stay aligned. Returns the
+/// length of the whole records and the bytes cut.
+pub fn cut_torn_tail<F: IoFile>(
+    file: &mut F,
+    record_bytes: usize,
+    path: &Path,
+) -> Result<(u64, u64), crate::StoreError> {
+    let length = file.size_bytes().map_err(crate::StoreError::io(path))?;
+    let torn = length % record_bytes as u64;
+    let good_bytes = length - torn;
+    if torn > 0 {
+        file.truncate(good_bytes)
+            .map_err(crate::StoreError::io(path))?;
+        file.sync().map_err(crate::StoreError::io(path))?;
+    }
+    Ok((good_bytes, torn))
+}
+
 /// An open file. Writes are positioned: the store always knows where its bytes go, so a
 /// failed, partly written batch is overwritten by the next one instead of hiding before it.
 pub trait IoFile {
