@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{expect_kind, expect_stanza, ping, Hopd, PATIENCE};
+use common::{before_pong, expect_kind, ping, Hopd, PATIENCE};
 use hop_protocol::client::Client;
 use hop_protocol::wire::{
     self, ErrorCode, GoAwayReason, Kind, MessageRef, ReceiptKind, ServerAck, Stanza, UserRef,
@@ -44,21 +44,6 @@ fn error_code(client: &mut Client) -> (ErrorCode, MessageRef) {
     })
 }
 
-/// Every stanza until the Pong of a ping sent now: what the server had for this client.
-fn until_pong(client: &mut Client) -> Vec<Stanza> {
-    client
-        .send(&Stanza::of(Kind::Ping(wire::Ping { nonce: 7 })))
-        .unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let stanza = expect_stanza(client, "Pong");
-        if matches!(stanza.kind, Some(Kind::Pong(_))) {
-            return seen;
-        }
-        seen.push(stanza);
-    }
-}
-
 /// Guards against the lost-ack bug of the first contract, as it was found: with a 3-second
 /// batch, a second connection of the same key (which replaces the first) sent its own message
 /// and received the first connection's ServerAck, matched it on the per-connection sequence
@@ -84,7 +69,7 @@ fn a_replacing_connection_hears_only_its_own_ack() {
     );
     let ack = server_ack(&mut second);
     assert_eq!(acked(&ack), two, "the second connection's own message");
-    let more: Vec<Stanza> = until_pong(&mut second)
+    let more: Vec<Stanza> = before_pong(&mut second)
         .into_iter()
         .filter(|stanza| matches!(stanza.kind, Some(Kind::ServerAck(_))))
         .collect();
@@ -95,7 +80,7 @@ fn a_replacing_connection_hears_only_its_own_ack() {
     while let Some(stanza) = bob.recv(Duration::from_millis(500)).unwrap() {
         if let Some(Kind::Deliver(deliver)) = stanza.kind {
             bodies.push(deliver.body.to_vec());
-            bob.ack(deliver.id, ReceiptKind::Unspecified).unwrap();
+            bob.ack_deliver(deliver.id).unwrap();
         }
     }
     bodies.sort();
@@ -132,7 +117,7 @@ fn a_resend_on_a_new_connection_is_acked_as_the_original_and_delivered_once() {
         if let Some(Kind::Deliver(deliver)) = stanza.kind {
             assert_eq!(deliver.id, original.id);
             copies += 1;
-            bob.ack(deliver.id, ReceiptKind::Unspecified).unwrap();
+            bob.ack_deliver(deliver.id).unwrap();
         }
     }
     assert_eq!(copies, 1);
@@ -159,7 +144,7 @@ fn a_read_by_someone_the_message_was_not_delivered_to_is_refused() {
         .read(alice_key.user_id(), delivered.id, delivered.proof)
         .unwrap();
     assert_eq!(error_code(&mut mallory).0, ErrorCode::BadReceipt);
-    let ticks: Vec<Stanza> = until_pong(&mut alice);
+    let ticks: Vec<Stanza> = before_pong(&mut alice);
     assert!(ticks.is_empty(), "alice saw a forged tick: {ticks:?}");
     // Bob's own Read, with the proof, is the blue tick.
     bob.read(alice_key.user_id(), delivered.id, delivered.proof)
@@ -189,7 +174,7 @@ fn receipts_for_a_user_never_take_the_room_of_its_messages() {
             Kind::Deliver(deliver) => Some(deliver),
             _ => None,
         });
-        bob.ack(delivered.id, ReceiptKind::Unspecified).unwrap();
+        bob.ack_deliver(delivered.id).unwrap();
         bob.read(alice_key.user_id(), delivered.id, delivered.proof)
             .unwrap();
     }
@@ -335,7 +320,7 @@ fn a_full_disk_refuses_with_overloaded_and_loses_no_binding_or_acked_message() {
         carol.send_message(key.user_id(), b"you are known").unwrap();
         server_ack(&mut carol);
         let mut client = hopd.connect(key);
-        let bodies: Vec<Vec<u8>> = until_pong(&mut client)
+        let bodies: Vec<Vec<u8>> = before_pong(&mut client)
             .into_iter()
             .filter_map(|stanza| match stanza.kind {
                 Some(Kind::Deliver(deliver)) => Some(deliver.body.to_vec()),
@@ -442,7 +427,7 @@ fn a_step_of_the_wall_clock_neither_stalls_acks_nor_idles_connections_out() {
     // monotonic clock). Timeouts are checked at least once a second: wait past two checks.
     std::fs::write(&offset, "+1d\n").unwrap();
     std::thread::sleep(Duration::from_millis(2_500));
-    let seen = until_pong(&mut quiet);
+    let seen = before_pong(&mut quiet);
     assert!(
         !seen
             .iter()

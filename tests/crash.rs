@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{free_address, ping, Hopd, PATIENCE};
 use hop_protocol::client::Client;
-use hop_protocol::wire::{Kind, ReceiptKind, Stanza};
+use hop_protocol::wire::{Kind, Stanza};
 use hop_protocol::StaticKey;
 
 /// Every Deliver that arrives until the server has been quiet for a while (after the queue is
@@ -29,7 +29,7 @@ fn drain(client: &mut Client, ack: bool) -> BTreeMap<u64, Vec<u8>> {
             }) => {
                 seen.insert(deliver.id, deliver.body.to_vec());
                 if ack {
-                    client.ack(deliver.id, ReceiptKind::Unspecified).unwrap();
+                    client.ack_deliver(deliver.id).unwrap();
                 }
             }
             Some(_) => {}
@@ -132,7 +132,7 @@ fn crash_kill9_after_recorded_acks_delivers_nothing_twice() {
     assert_eq!(first.len(), 40);
     let (acked, unacked) = first.split_at(25);
     for id in acked {
-        bob.ack(*id, ReceiptKind::Unspecified).unwrap();
+        bob.ack_deliver(*id).unwrap();
     }
     ping(&mut bob);
     hopd.kill9();
@@ -416,7 +416,7 @@ fn drain_bodies(client: &mut Client) -> Vec<Vec<u8>> {
                 kind: Some(Kind::Deliver(deliver)),
             }) => {
                 bodies.push(deliver.body.to_vec());
-                client.ack(deliver.id, ReceiptKind::Unspecified).unwrap();
+                client.ack_deliver(deliver.id).unwrap();
             }
             Some(_) => {}
             None => return bodies,

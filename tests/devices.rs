@@ -7,9 +7,10 @@ mod common;
 
 use std::process::Command;
 
-use common::{closed_by_server, expect_kind, key_on, ping, Hopd};
+use common::{before_pong, closed_by_server, expect_kind, key_on, ping, Hopd};
 use hop_protocol::client::Client;
 use hop_protocol::wire::{device_change::Op, DeviceChange, ErrorCode, GoAwayReason, Kind, UserRef};
+use hop_protocol::StaticKey;
 use hop_protocol::UserId;
 
 fn change(client: &mut Client, op: Op, device: Option<UserId>) {
@@ -139,6 +140,19 @@ fn the_primary_links_and_removes_companions_and_a_removed_device_is_refused() {
     );
 }
 
+/// Bob, homed on shard 0 of 2, and his phone, whose own home is shard 1, linked and both
+/// connected.
+fn account_with_phone(hopd: &Hopd) -> (StaticKey, StaticKey, Client, Client) {
+    let bob_key = key_on(0, 2);
+    let phone_key = key_on(1, 2);
+    let mut bob = hopd.connect(&bob_key);
+    change(&mut bob, Op::Add, Some(phone_key.user_id()));
+    assert!(answer(&mut bob).is_ok());
+    let mut phone = hopd.connect(&phone_key);
+    ping(&mut phone);
+    (bob_key, phone_key, bob, phone)
+}
+
 fn hex_key(key: &[u8; 32]) -> String {
     key.iter().map(|byte| format!("{byte:02x}")).collect()
 }
@@ -149,14 +163,8 @@ fn hex_key(key: &[u8; 32]) -> String {
 #[test]
 fn a_message_to_an_account_reaches_all_its_devices_and_a_companion_sends_as_the_account() {
     let hopd = Hopd::start(&["--shards", "2"]);
-    let bob_key = key_on(0, 2);
+    let (bob_key, phone_key, mut bob, mut phone) = account_with_phone(&hopd);
     let bob_id = bob_key.user_id();
-    let phone_key = key_on(1, 2);
-    let mut bob = hopd.connect(&bob_key);
-    change(&mut bob, Op::Add, Some(phone_key.user_id()));
-    assert!(answer(&mut bob).is_ok());
-    let mut phone = hopd.connect(&phone_key);
-    ping(&mut phone);
     let alice_key = key_on(1, 2);
     let mut alice = hopd.connect(&alice_key);
 
@@ -173,9 +181,7 @@ fn a_message_to_an_account_reaches_all_its_devices_and_a_companion_sends_as_the_
     let on_phone = deliver(&mut phone);
     assert_eq!(on_bob.id, on_phone.id);
     assert_eq!(&on_phone.body[..], b"to both of bob's devices");
-    phone
-        .ack(on_phone.id, hop_protocol::wire::ReceiptKind::Unspecified)
-        .unwrap();
+    phone.ack_deliver(on_phone.id).unwrap();
     let tick = expect_kind(&mut alice, "Receipt", |kind| match kind {
         Kind::Receipt(receipt) => Some(receipt),
         _ => None,
@@ -199,6 +205,55 @@ fn a_message_to_an_account_reaches_all_its_devices_and_a_companion_sends_as_the_
     assert_eq!(UserRef::user(copy.from.as_ref()), Some(bob_id));
     assert_eq!(UserRef::user(copy.to.as_ref()), Some(alice_key.user_id()));
     assert_eq!(&copy.body[..], b"from bob's phone");
+}
+
+/// Guards against the copies of one message for two devices, and the two delivered ticks
+/// their acks make, being taken for one another while their batch is held: each device acks
+/// its own copy and the sender acks each tick; after a restart nothing comes back.
+#[test]
+fn each_device_acks_its_own_copy_and_the_sender_each_tick_across_a_restart() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    // A long batch: every copy and tick is still held when it is acked.
+    let flags = ["--shards", "2", "--batch-delay-ms", "60000"];
+    let hopd = Hopd::start_in(&data, &flags);
+    let (bob_key, phone_key, mut bob, mut phone) = account_with_phone(&hopd);
+    let (alice_key, mut alice) = hopd.new_user();
+
+    alice
+        .send_message(bob_key.user_id(), b"one for each")
+        .unwrap();
+    for device in [&mut bob, &mut phone] {
+        let id = expect_kind(device, "Deliver", |kind| match kind {
+            Kind::Deliver(deliver) => Some(deliver.id),
+            _ => None,
+        });
+        device.ack_deliver(id).unwrap();
+        ping(device);
+    }
+    let mut ticks_by = Vec::new();
+    while ticks_by.len() < 2 {
+        let receipt = expect_kind(&mut alice, "Receipt", |kind| match kind {
+            Kind::Receipt(receipt) => Some(receipt),
+            _ => None,
+        });
+        alice.ack_receipt(&receipt).unwrap();
+        ticks_by.push(UserRef::user(receipt.by.as_ref()).unwrap());
+    }
+    ticks_by.sort();
+    let mut devices = vec![bob_key.user_id(), phone_key.user_id()];
+    devices.sort();
+    assert_eq!(ticks_by, devices, "one delivered tick per device");
+    ping(&mut alice);
+    drop((bob, phone, alice));
+    assert!(hopd.stop().success());
+
+    let hopd = Hopd::start_in(&data, &flags);
+    for key in [&bob_key, &phone_key, &alice_key] {
+        let mut client = hopd.connect(key);
+        let left = before_pong(&mut client);
+        assert!(left.is_empty(), "acked items came back: {left:?}");
+    }
 }
 
 /// A sent copy waits on disk for a device that is offline, and comes back as a sent copy

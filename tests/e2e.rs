@@ -115,7 +115,7 @@ fn online_delivery_with_sent_delivered_read_ticks() {
     assert_eq!(message.id, sent.id);
     assert_eq!(&message.body[..], b"hello bob");
 
-    bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+    bob.ack_deliver(message.id).unwrap();
     assert_eq!(
         receipt(&mut alice),
         (sent.id, ReceiptKind::Delivered, bob_key.user_id())
@@ -147,7 +147,7 @@ fn offline_recipient_gets_the_message_on_connect_and_receipts_reach_the_sender()
         (message.id, &message.body[..]),
         (sent.id, &b"while you were out"[..])
     );
-    bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+    bob.ack_deliver(message.id).unwrap();
     bob.read(alice_key.user_id(), message.id, message.proof)
         .unwrap();
     ping(&mut bob);
@@ -424,8 +424,8 @@ fn users_on_different_shards_exchange_messages() {
         let to_alice = deliver(&mut alice);
         assert_eq!(sender(&to_bob), alice_key.user_id());
         assert_eq!(sender(&to_alice), bob_key.user_id());
-        bob.ack(to_bob.id, ReceiptKind::Unspecified).unwrap();
-        alice.ack(to_alice.id, ReceiptKind::Unspecified).unwrap();
+        bob.ack_deliver(to_bob.id).unwrap();
+        alice.ack_deliver(to_alice.id).unwrap();
         assert_eq!(receipt(&mut alice).1, ReceiptKind::Delivered);
         assert_eq!(receipt(&mut bob).1, ReceiptKind::Delivered);
         alice.close();
@@ -498,7 +498,7 @@ fn a_thousand_concurrent_clients_lose_nothing_and_duplicate_nothing() {
                     assert_eq!(sender(&message), sender_id);
                     let previous = bodies.insert(message.id, message.body.to_vec());
                     assert!(previous.is_none(), "duplicate delivery of {}", message.id);
-                    recipient.ack(message.id, ReceiptKind::Unspecified).unwrap();
+                    recipient.ack_deliver(message.id).unwrap();
                 }
                 ping(&mut recipient);
                 let expected: BTreeSet<Vec<u8>> = (0..MESSAGES)
@@ -528,7 +528,7 @@ fn a_thousand_concurrent_clients_lose_nothing_and_duplicate_nothing() {
                         assert!(delivered.insert(receipt.id), "duplicate receipt");
                         sender
                             .send(&Stanza::of(Kind::Ack(Ack {
-                                id: receipt.id,
+                                id: receipt.ack_id().expect("a receipt names who made it"),
                                 kind: receipt.kind,
                             })))
                             .unwrap();
@@ -613,7 +613,7 @@ fn full_mailboxes_apply_backpressure_without_losing_anything() {
     while seen.len() < MESSAGES {
         let message = deliver(&mut bob);
         assert!(seen.insert(message.body.to_vec()), "duplicate");
-        bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+        bob.ack_deliver(message.id).unwrap();
     }
     let mut acks = 0;
     while acks < MESSAGES {
@@ -724,7 +724,7 @@ fn queued_message_bodies_stay_on_disk_not_in_memory() {
             message.body[..] == body_of(number)[..],
             "message {number}, in order"
         );
-        bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+        bob.ack_deliver(message.id).unwrap();
     }
     ping(&mut bob);
 }
@@ -766,7 +766,7 @@ fn a_message_acked_before_its_batch_is_due_is_never_written() {
         .send_message(bob_key.user_id(), online_marker)
         .unwrap();
     let message = deliver(&mut bob);
-    bob.ack(message.id, ReceiptKind::Unspecified).unwrap();
+    bob.ack_deliver(message.id).unwrap();
     assert_eq!(server_ack(&mut alice).id, message.id, "acked by the device");
     ping(&mut bob);
     bob.close();

@@ -74,7 +74,7 @@ fn a_shard_that_panics_restarts_from_disk_while_the_others_serve_on() {
                     Kind::Deliver(deliver) => Some(deliver),
                     _ => None,
                 });
-                erin.ack(deliver.id, ReceiptKind::Unspecified).unwrap();
+                erin.ack_deliver(deliver.id).unwrap();
                 expect_kind(&mut dave, "ServerAck", |kind| match kind {
                     Kind::ServerAck(ack) => Some(ack),
                     _ => None,
@@ -115,7 +115,7 @@ fn a_shard_that_panics_restarts_from_disk_while_the_others_serve_on() {
             Kind::Deliver(deliver) => Some(deliver),
             _ => None,
         });
-        bob.ack(deliver.id, ReceiptKind::Unspecified).unwrap();
+        bob.ack_deliver(deliver.id).unwrap();
         received.push(deliver.body[0]);
     }
     assert_eq!(

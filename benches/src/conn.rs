@@ -157,7 +157,7 @@ impl HopClient {
                 }
                 Some(Kind::Receipt(receipt)) => {
                     acks.push(Ack {
-                        id: receipt.id,
+                        id: receipt.ack_id().unwrap_or(receipt.id),
                         kind: receipt.kind,
                     });
                     on_event(Event::Receipt);
@@ -520,7 +520,10 @@ mod tests {
             acks,
             [
                 (77, ReceiptKind::Unspecified as i32),
-                (78, ReceiptKind::Read as i32)
+                (
+                    hop_protocol::wire::receipt_ack_id(78, from),
+                    ReceiptKind::Read as i32
+                )
             ]
         );
     }

@@ -212,8 +212,11 @@ struct Held {
     items: VecDeque<Option<(UserId, Queued)>>,
     /// Sequence number of `items[0]`.
     first: u64,
-    /// Sequence number of each held item, by (server id, ack kind).
-    index: HashMap<(u64, i32), u64>,
+    /// Sequence number of each held item, by what its device's Ack names: (user, ack id, ack
+    /// kind). The user is part of the key: the copies of one message for an account's devices
+    /// share its id. Items with one key are alike (a repeated Read), so which is cancelled
+    /// does not matter.
+    index: HashMap<(UserId, u64, i32), u64>,
     /// When the oldest held item arrived.
     since_ms: Option<u64>,
 }
@@ -221,14 +224,15 @@ struct Held {
 impl Held {
     fn hold(&mut self, user: UserId, item: Queued, now_ms: u64) {
         let seq = self.first + self.items.len() as u64;
-        self.index.insert((item.id(), item.ack_kind() as i32), seq);
+        self.index
+            .insert((user, item.ack_id(), item.ack_kind() as i32), seq);
         self.items.push_back(Some((user, item)));
         self.since_ms.get_or_insert(now_ms);
     }
 
     /// Drops a held item the device acked; false if it is not held (it went to the store).
-    fn cancel(&mut self, id: u64, kind: ReceiptKind) -> bool {
-        let Some(seq) = self.index.remove(&(id, kind as i32)) else {
+    fn cancel(&mut self, user: UserId, id: u64, kind: ReceiptKind) -> bool {
+        let Some(seq) = self.index.remove(&(user, id, kind as i32)) else {
             return false;
         };
         let slot = &mut self.items[(seq - self.first) as usize];
@@ -883,7 +887,7 @@ impl<B: Backend> Core<B> {
                 Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
                 Action::Keep { user, item } => self.held.hold(user, item, self.now_ms),
                 Action::Forget { user, id, kind } => {
-                    if self.held.cancel(id, kind) {
+                    if self.held.cancel(user, id, kind) {
                         bump(&self.stats.keeps_skipped, 1);
                     } else {
                         self.store.mark_delivered(self.now_ms, user, id, kind as u8);
@@ -974,13 +978,13 @@ impl<B: Backend> Core<B> {
         match appended {
             Ok(seq) => self
                 .unkept
-                .push_back((seq, user, item.id(), item.ack_kind())),
+                .push_back((seq, user, item.ack_id(), item.ack_kind())),
             Err(error) => {
                 bump(&self.stats.store_refusals, 1);
                 debug!(%user, %error, "offline queue refused an item");
                 self.router.handle_keep_failed(
                     user,
-                    item.id(),
+                    item.ack_id(),
                     item.ack_kind(),
                     ErrorCode::QueueFull,
                     "the recipient's queue is full; message not taken",
@@ -1838,10 +1842,10 @@ mod tests {
             Some(102),
             "the oldest item's time + delay"
         );
-        assert!(held.cancel(2, ReceiptKind::Unspecified));
-        assert!(!held.cancel(2, ReceiptKind::Unspecified), "once");
+        assert!(held.cancel(user, 2, ReceiptKind::Unspecified));
+        assert!(!held.cancel(user, 2, ReceiptKind::Unspecified), "once");
         assert!(
-            !held.cancel(1, ReceiptKind::Read),
+            !held.cancel(user, 1, ReceiptKind::Read),
             "the kind is part of the key"
         );
         held.hold(user, message(3), 105);
@@ -1850,9 +1854,33 @@ mod tests {
         assert_eq!(held.deadline(&BATCH), None, "empty again");
         held.hold(user, message(4), 200);
         assert!(
-            held.cancel(4, ReceiptKind::Unspecified),
+            held.cancel(user, 4, ReceiptKind::Unspecified),
             "sequence numbers go on"
         );
+    }
+
+    #[test]
+    fn copies_of_one_message_and_receipts_of_it_are_held_apart() {
+        let phone = UserId::from_halves(7, 7).expect("valid");
+        let laptop = UserId::from_halves(8, 8).expect("valid");
+        let mut held = Held::default();
+        // One message's copies for two devices of an account share its id.
+        held.hold(phone, message(1), 100);
+        held.hold(laptop, message(1), 100);
+        // Two devices' delivered receipts of one message, for its sender.
+        let receipt = |by| Queued::Receipt {
+            id: 9,
+            kind: ReceiptKind::Delivered,
+            by,
+            timestamp_ms: 0,
+        };
+        held.hold(phone, receipt(phone), 101);
+        held.hold(phone, receipt(laptop), 101);
+        assert!(held.cancel(phone, 1, ReceiptKind::Unspecified));
+        let by_laptop = receipt(laptop).ack_id();
+        assert!(held.cancel(phone, by_laptop, ReceiptKind::Delivered));
+        let left: Vec<(UserId, Queued)> = held.take().collect();
+        assert_eq!(left, [(laptop, message(1)), (phone, receipt(phone))]);
     }
 
     #[test]
@@ -1867,7 +1895,7 @@ mod tests {
             at_once: true,
             ..BATCH
         };
-        assert!(held.cancel(3, ReceiptKind::Unspecified));
+        assert!(held.cancel(user, 3, ReceiptKind::Unspecified));
         assert_eq!(held.deadline(&always), Some(101));
     }
 }

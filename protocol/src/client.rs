@@ -23,8 +23,8 @@ use crate::outbox::{Outbox, Seen};
 use crate::session::{Channel, ClientConnection, ClientEvent, ClientInputError, PeerError};
 use crate::user::UserId;
 use crate::wire::{
-    Ack, Kind, MessageRef, Ping, PresenceSettings, Read as ReadStanza, ReceiptKind, Stanza,
-    Subscribe, UserRef, Visibility,
+    Ack, Kind, MessageRef, Ping, PresenceSettings, Read as ReadStanza, Receipt, ReceiptKind,
+    Stanza, Subscribe, UserRef, Visibility,
 };
 
 /// How the client decides to trust the server's static key.
@@ -245,11 +245,23 @@ impl Client {
         self.duplicates_dropped
     }
 
-    /// Tells the server the device received item `id` (a Deliver, or a Receipt of `kind`).
-    pub fn ack(&mut self, id: u64, kind: ReceiptKind) -> Result<(), ClientError> {
+    /// Tells the server the device received the Deliver `id`.
+    pub fn ack_deliver(&mut self, id: u64) -> Result<(), ClientError> {
         self.send(&Stanza::of(Kind::Ack(Ack {
             id,
-            kind: kind as i32,
+            kind: ReceiptKind::Unspecified as i32,
+        })))
+    }
+
+    /// Tells the server the device received `receipt` (acked by its ack id, which tells the
+    /// receipts of one message from several devices or members apart).
+    pub fn ack_receipt(&mut self, receipt: &Receipt) -> Result<(), ClientError> {
+        let Some(id) = receipt.ack_id() else {
+            return Ok(()); // not a receipt the server makes: nothing to ack
+        };
+        self.send(&Stanza::of(Kind::Ack(Ack {
+            id,
+            kind: receipt.kind,
         })))
     }
 
@@ -333,7 +345,7 @@ impl Client {
                     if let Some(from) = UserRef::user(deliver.from.as_ref()) {
                         if !self.seen.first_time(from, deliver.id) {
                             self.duplicates_dropped += 1;
-                            self.ack(deliver.id, ReceiptKind::Unspecified)?;
+                            self.ack_deliver(deliver.id)?;
                             continue;
                         }
                     }
@@ -647,7 +659,7 @@ mod tests {
         let Some(Kind::Deliver(deliver)) = first.kind else {
             panic!("a Deliver first, not {}", first.kind_name());
         };
-        client.ack(deliver.id, ReceiptKind::Unspecified).unwrap();
+        client.ack_deliver(deliver.id).unwrap();
         // The copy is acked and dropped, not returned.
         let to = UserId::from_public_key(&[4; 32]);
         let message = client.send_message(to, b"reply").unwrap();

@@ -244,6 +244,24 @@ impl UserRef {
     }
 }
 
+/// The id a device's Ack names for a Receipt: the message id mixed with who the receipt is
+/// from, so that the receipts of one message from several devices or group members are told
+/// apart (each is queued, kept and acked on its own). Public and unkeyed: the client computes
+/// it from the Receipt it got (`Receipt::ack_id`).
+pub fn receipt_ack_id(id: u64, by: UserId) -> u64 {
+    let fold = by.high().rotate_left(23) ^ by.low();
+    // An odd multiplier is a bijection: two receipts of one message share an ack id only when
+    // their `by` fold alike (2^-64 for ids that are hashes).
+    id ^ fold.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl Receipt {
+    /// What an Ack of this receipt names (`None` when `by` is not a valid id).
+    pub fn ack_id(&self) -> Option<u64> {
+        UserRef::user(self.by.as_ref()).map(|by| receipt_ack_id(self.id, by))
+    }
+}
+
 /// A client message id: the outbox the client chose and the message's number in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageRef {

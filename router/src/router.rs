@@ -5,9 +5,9 @@ use foldhash::HashMap;
 use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::wire::{
-    device_change, DeviceChange, Devices, ErrorCode, GoAwayReason, Kind, MessageRef, Pong,
-    Presence, PresenceSettings, Receipt, ReceiptKind, Send, ServerAck, Stanza, UserRef, Visibility,
-    ALIASES_MAX, BODY_BYTES_MAX, CONTACTS_MAX,
+    device_change, receipt_ack_id, DeviceChange, Devices, ErrorCode, GoAwayReason, Kind,
+    MessageRef, Pong, Presence, PresenceSettings, Receipt, ReceiptKind, Send, ServerAck, Stanza,
+    UserRef, Visibility, ALIASES_MAX, BODY_BYTES_MAX, CONTACTS_MAX,
 };
 use hop_protocol::UserId;
 use siphasher::sip::SipHasher13;
@@ -241,7 +241,8 @@ pub enum Action {
     },
     /// `device` no longer belongs to `account`: keep that on disk, and refuse its connections.
     UnlinkDevice { account: UserId, device: UserId },
-    /// `user`'s device acked item (`id`, `kind`): it may leave the disk.
+    /// `user`'s device acked item (`id`, `kind`), `id` being the item's ack id
+    /// ([`Queued::ack_id`]): it may leave the disk.
     Forget {
         user: UserId,
         id: u64,
@@ -338,6 +339,15 @@ impl Queued {
         }
     }
 
+    /// The id a device's Ack names for this item: a message's id, or a receipt's ack id
+    /// ([`receipt_ack_id`]), which tells apart the receipts of one message by who made them.
+    pub fn ack_id(&self) -> u64 {
+        match self {
+            Self::Message { id, .. } | Self::Sent { id, .. } => *id,
+            Self::Receipt { id, by, .. } => receipt_ack_id(*id, *by),
+        }
+    }
+
     /// The kind a device's Ack names for this item.
     pub fn ack_kind(&self) -> ReceiptKind {
         match self {
@@ -425,9 +435,18 @@ impl Entry {
         (self.body_bytes & !SENT_COPY) as usize
     }
 
-    /// Does an Ack of (`id`, `kind`) name this item?
+    /// The id a device's Ack names for this item (see [`Queued::ack_id`]).
+    fn ack_id(&self) -> u64 {
+        if self.is_message() {
+            self.id
+        } else {
+            receipt_ack_id(self.id, self.peer)
+        }
+    }
+
+    /// Does an Ack of (`ack_id`, `kind`) name this item?
     fn acked_by(&self, ack_id: u64, ack_kind: ReceiptKind) -> bool {
-        self.id == ack_id && self.kind == ack_kind
+        self.kind == ack_kind && self.ack_id() == ack_id
     }
 }
 
@@ -1287,8 +1306,9 @@ impl Router {
         self.send_to(waiter.home, accepted, now_ms);
     }
 
-    /// Takes item (`id`, `kind`) out of `user`'s queue; for a message not yet on disk, also
-    /// its body, and returns who still waits for its ServerAck.
+    /// Takes item (`id`, `kind`) out of `user`'s queue (`id`: its ack id; of several items
+    /// with one ack id, the oldest); for a message not yet on disk, also its body, and returns
+    /// who still waits for its ServerAck.
     fn remove_item(
         &mut self,
         user: UserId,
@@ -1880,7 +1900,7 @@ impl Router {
         }
         let items: Vec<(u64, ReceiptKind)> = state
             .queue()
-            .map(|queue| queue.items.iter().map(|e| (e.id, e.kind)).collect())
+            .map(|queue| queue.items.iter().map(|e| (e.ack_id(), e.kind)).collect())
             .unwrap_or_default();
         for (id, kind) in items {
             if self.remove_item(device, id, kind).is_some() {
@@ -2057,7 +2077,7 @@ impl User {
                 .iter()
                 .rev()
                 .take(RECEIPT_TWIN_SCAN_MAX)
-                .any(|entry| entry.acked_by(receipt.id, receipt.kind) && entry.peer == receipt.peer)
+                .any(|entry| entry.acked_by(receipt.ack_id(), receipt.kind))
         })
     }
 

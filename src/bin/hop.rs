@@ -487,7 +487,7 @@ fn show_and_ack(client: &mut Client, receipt: &Receipt) -> Result<ReceiptKind, C
         "timestamp_ms": receipt.timestamp_ms,
     }));
     let kind = ReceiptKind::try_from(receipt.kind).unwrap_or(ReceiptKind::Unspecified);
-    client.ack(receipt.id, kind)?;
+    client.ack_receipt(receipt)?;
     Ok(kind)
 }
 
@@ -723,9 +723,7 @@ fn listen(args: ListenArgs) -> Result<(), String> {
                     "timestamp_ms": deliver.timestamp_ms,
                     "text": body_text(&deliver.body),
                 }));
-                client
-                    .ack(deliver.id, ReceiptKind::Unspecified)
-                    .map_err(described)?;
+                client.ack_deliver(deliver.id).map_err(described)?;
             }
             Some(Kind::Deliver(deliver)) => {
                 emit(json!({
@@ -735,9 +733,7 @@ fn listen(args: ListenArgs) -> Result<(), String> {
                     "timestamp_ms": deliver.timestamp_ms,
                     "text": body_text(&deliver.body),
                 }));
-                client
-                    .ack(deliver.id, ReceiptKind::Unspecified)
-                    .map_err(described)?;
+                client.ack_deliver(deliver.id).map_err(described)?;
                 if args.read {
                     if let Some(from) = UserRef::user(deliver.from.as_ref()) {
                         client

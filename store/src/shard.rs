@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use hop_protocol::wire::receipt_ack_id;
 use hop_protocol::UserId;
 
 use crate::cache::BlockCache;
@@ -68,7 +69,9 @@ pub struct Record {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
     pub seq: u64,
-    /// Server message id.
+    /// What the device's Ack names: the server message id of a message, the ack id of a
+    /// receipt (`hop_protocol::wire::receipt_ack_id`, which tells apart the receipts of one
+    /// message by who made them).
     pub id: u64,
     /// The item's timestamp: wall clock, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
@@ -95,6 +98,7 @@ impl Slot {
 pub struct Expired {
     pub user: UserId,
     pub seq: u64,
+    /// What an Ack of it would name ([`Slot::id`]).
     pub id: u64,
     pub ack_kind: u8,
 }
@@ -305,7 +309,7 @@ impl<I: Io> ShardStore<I> {
                 timestamp_ms,
             } => {
                 format::encode_receipt(&mut self.buffer, user, seq, id, timestamp_ms, by, kind);
-                (id, timestamp_ms, kind)
+                (receipt_ack_id(id, by), timestamp_ms, kind)
             }
         };
         let record_bytes = (self.buffer.len() - start) as u32;
@@ -1206,9 +1210,9 @@ impl<F: IoFile> Index<F> {
                     timestamp_ms,
                     ..
                 } => {
-                    let ack_kind = match payload {
-                        Payload::Receipt { kind, .. } => kind,
-                        _ => 0,
+                    let (id, ack_kind) = match payload {
+                        Payload::Receipt { kind, by, .. } => (receipt_ack_id(id, by), kind),
+                        _ => (id, 0),
                     };
                     next_seq = next_seq.max(seq + 1);
                     let slot = Slot {

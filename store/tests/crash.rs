@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use hop_protocol::wire::receipt_ack_id;
 use hop_protocol::UserId;
 use hop_store::io::{Faults, FaultyIo, FsIo};
 use hop_store::{
@@ -375,8 +376,13 @@ fn receipts_at_their_quota_do_not_stop_messages_and_messages_at_theirs_do_not_st
         store.append(1_000, user(7), &message(12, b"m")),
         Err(AppendError::QuotaMessages { queued: 2, max: 2 })
     );
-    // A delivered receipt makes room for a receipt, not for a message.
-    assert!(store.mark_delivered(1_000, user(7), 1, 1));
+    // A delivered receipt makes room for a receipt, not for a message. A receipt is named by
+    // its ack id: the message id mixed with who made it.
+    assert!(
+        !store.mark_delivered(1_000, user(7), 1, 1),
+        "not by the message id"
+    );
+    assert!(store.mark_delivered(1_000, user(7), receipt_ack_id(1, user(2)), 1));
     store
         .append(1_000, user(7), &receipt(4))
         .expect("room for one receipt");
@@ -738,4 +744,35 @@ fn a_sent_copy_comes_back_as_a_sent_copy_after_a_restart() {
         })
         .collect();
     assert_eq!(kinds, vec![(42, true), (43, false)]);
+}
+
+#[test]
+fn receipts_of_one_message_by_two_devices_are_acked_one_by_one_across_a_restart() {
+    // Guards against: the receipts of one message from two devices (or group members) sharing
+    // a key, so that acking one removes the other, or a restart names them differently.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let receipt = |by| Item::Receipt {
+        id: 5,
+        kind: 1,
+        by,
+        timestamp_ms: 1_000,
+    };
+    let mut store = open(temp.path(), options());
+    store
+        .append(1_000, user(7), &receipt(user(2)))
+        .expect("first");
+    store
+        .append(1_000, user(7), &receipt(user(3)))
+        .expect("second");
+    store.commit(1_000).expect("commit");
+    drop(store);
+    let mut store = open(temp.path(), options());
+    assert!(store.mark_delivered(1_000, user(7), receipt_ack_id(5, user(3)), 1));
+    assert!(
+        !store.mark_delivered(1_000, user(7), receipt_ack_id(5, user(3)), 1),
+        "once"
+    );
+    let left = read_all(&mut store, user(7));
+    assert_eq!(left.len(), 1);
+    assert!(matches!(left[0].item, StoredItem::Receipt { by, .. } if by == user(2)));
 }

@@ -360,6 +360,24 @@ pub fn ping(client: &mut Client) {
     });
 }
 
+/// Everything the server sends before the answer to a Ping: what was waiting for the client
+/// (a round trip through its home shard pushes whatever is queued for it first).
+pub fn before_pong(client: &mut Client) -> Vec<Stanza> {
+    client
+        .send(&Stanza::of(Kind::Ping(hop_protocol::wire::Ping {
+            nonce: 43,
+        })))
+        .expect("ping");
+    let mut before = Vec::new();
+    loop {
+        let stanza = expect_stanza(client, "Pong");
+        if matches!(stanza.kind, Some(Kind::Pong(_))) {
+            return before;
+        }
+        before.push(stanza);
+    }
+}
+
 /// True once the server closed the connection (end of stream), reading and dropping anything
 /// before it.
 pub fn closed_by_server(client: &mut Client) -> bool {

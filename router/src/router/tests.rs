@@ -417,7 +417,7 @@ fn receipts_wait_for_an_offline_sender() {
             alice,
             4,
             Kind::Ack(Ack {
-                id,
+                id: receipt(&receipts[0]).ack_id().unwrap(),
                 kind: delivered,
             }),
         )
@@ -1161,7 +1161,8 @@ fn simulate(seed: u64) {
                             let (from, _) = accepted[&receipt.id];
                             assert_eq!(from, *user, "seed {seed}: receipt to the wrong user");
                         }
-                        unacked.entry(*user).or_default().push((receipt.id, None));
+                        let ack_id = receipt.ack_id().expect("receipts name who made them");
+                        unacked.entry(*user).or_default().push((ack_id, None));
                         if receipt.kind == ReceiptKind::Delivered as i32 {
                             *receipts.entry(receipt.id).or_default() += 1;
                         }
