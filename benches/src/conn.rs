@@ -473,6 +473,7 @@ mod tests {
             id: 1000 + seq,
             timestamp_ms: 1,
             outbox,
+            ..ServerAck::default()
         }))
     }
 

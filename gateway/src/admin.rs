@@ -429,6 +429,21 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.reads_refused,
     ),
     (
+        "group_messages",
+        "Messages sent to groups homed on this shard.",
+        |s| &s.group_messages,
+    ),
+    (
+        "group_changes",
+        "Group membership changes made on this shard.",
+        |s| &s.group_changes,
+    ),
+    (
+        "group_copies_refused",
+        "Members' copies of group messages and events their shards refused.",
+        |s| &s.group_copies_refused,
+    ),
+    (
         "store_appends",
         "Records appended to the offline queue.",
         |s| &s.store_appends,

@@ -52,6 +52,8 @@ pub struct Config {
     pub subscribers_max: usize,
     /// Companion devices one account may link besides its primary (WhatsApp's limit is 4).
     pub companions_max: usize,
+    /// Members one group may have, its creator included (at most 1,024).
+    pub group_members_max: usize,
     /// When a queued message is durable, and so when its ServerAck leaves: `always` (fsync
     /// every loop turn that queued something), `batch` (group commit, the default) or `none`
     /// (written to the page cache, never fsynced: survives a crash of hopd, not of the machine).
@@ -204,6 +206,7 @@ impl Default for Config {
             subscriptions_max: router.subscriptions_max,
             subscribers_max: router.subscribers_max,
             companions_max: router.companions_max,
+            group_members_max: router.group_members_max,
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
             batch_records_max: 1024,
@@ -295,6 +298,9 @@ pub struct Args {
     /// Companion devices one account may link besides its primary.
     #[arg(long, value_name = "N")]
     pub companions_max: Option<usize>,
+    /// Members one group may have, its creator included (at most 1,024).
+    #[arg(long, value_name = "N")]
+    pub group_members_max: Option<usize>,
     /// When a queued message is durable and its ServerAck leaves: always (fsync every turn), batch (group commit) or none (page cache only).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub durability: Option<DurabilityPolicy>,
@@ -443,6 +449,7 @@ impl Config {
             subscriptions_max,
             subscribers_max,
             companions_max,
+            group_members_max,
             durability,
             batch_delay_ms,
             batch_records_max,
@@ -490,6 +497,7 @@ impl Config {
             ("shard_queue_bytes_max", self.shard_queue_bytes_max),
             ("inflight_max", self.inflight_max),
             ("inflight_bytes_max", self.inflight_bytes_max),
+            ("group_members_max", self.group_members_max),
             ("batch_delay_ms", self.batch_delay_ms as usize),
             ("batch_records_max", self.batch_records_max as usize),
             ("offline_ttl_ms", self.offline_ttl_ms as usize),
@@ -506,6 +514,16 @@ impl Config {
             return Err(ConfigError::Invalid {
                 name: "shards",
                 reason: format!("{} is above the maximum of {SHARDS_MAX}", self.shards),
+            });
+        }
+        if self.group_members_max > hop_protocol::wire::GROUP_MEMBERS_MAX {
+            return Err(ConfigError::Invalid {
+                name: "group_members_max",
+                reason: format!(
+                    "{} is above the protocol's maximum of {}",
+                    self.group_members_max,
+                    hop_protocol::wire::GROUP_MEMBERS_MAX
+                ),
             });
         }
         if self.send_buffer_bytes_max < 64 * 1024 {
@@ -580,6 +598,7 @@ impl Config {
             subscriptions_max: self.subscriptions_max,
             subscribers_max: self.subscribers_max,
             companions_max: self.companions_max,
+            group_members_max: self.group_members_max,
         }
     }
 }

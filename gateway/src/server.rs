@@ -25,6 +25,7 @@ use crate::sys::mio::MioBackend;
 use crate::sys::{self, Backend, BackendLimits};
 use hop_store::accounts::{self, AccountLog};
 use hop_store::devices::{DeviceLog, DeviceRecord};
+use hop_store::groups::{GroupLog, GroupRecord};
 use hop_store::io::FsIo;
 use hop_store::privacy::{self, PrivacyLog};
 use hop_store::ShardStore;
@@ -136,10 +137,12 @@ impl Server {
                 "presence settings ended in a torn record (a crash while writing); it was ignored"
             );
         }
+        let groups = hop_store::groups::load(&FsIo, &config.data)?;
         let bindings = Arc::new(Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,
             devices,
+            groups,
         });
         let key = Arc::new(key);
         let kind = choose_backend(config.backend);
@@ -418,6 +421,8 @@ struct Restored {
     privacy: Vec<(hop_protocol::UserId, u8, Vec<hop_protocol::UserId>)>,
     /// Device links and unlinks, in the order they were made.
     devices: Vec<DeviceRecord>,
+    /// The latest state of every group.
+    groups: Vec<GroupRecord>,
 }
 
 /// Mails waiting in the `from -> to` mailbox.
@@ -482,6 +487,7 @@ fn start_shards<B: Backend>(
         let mut router = restored_router(config, index, key, bindings);
         let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)?;
         let devices = DeviceLog::open(&FsIo, &config.data, index as u16)?;
+        let groups = GroupLog::open(&FsIo, &config.data, index as u16)?;
         let rebuild = rebuilder(config, index, key);
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let (key, mailboxes, shutdown, registered, report, data, controls, directory) = (
@@ -546,6 +552,7 @@ fn start_shards<B: Backend>(
                     rebuild,
                     devices,
                     directory,
+                    groups,
                 });
             })
             .map_err(|source| StartError::Shard {
@@ -594,6 +601,14 @@ fn restored_router(config: &Config, index: usize, key: &StaticKey, restored: &Re
     for record in &restored.devices {
         router.restore_device_link(record.account, record.device, record.linked);
     }
+    for record in &restored.groups {
+        router.restore_group(hop_router::GroupSnapshot {
+            group: record.group,
+            version: record.version,
+            name: record.name.clone(),
+            members: record.members.clone(),
+        });
+    }
     router
 }
 
@@ -607,10 +622,13 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
         let settings = privacy::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let devices =
             hop_store::devices::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
+        let groups =
+            hop_store::groups::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let restored = Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,
             devices,
+            groups,
         };
         let mut router = restored_router(&config, index, &key, &restored);
         let accounts = AccountLog::open(&FsIo, &config.data, index as u16)
@@ -619,6 +637,8 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
             .map_err(|error| error.to_string())?;
         let devices = DeviceLog::open(&FsIo, &config.data, index as u16)
             .map_err(|error| error.to_string())?;
+        let groups =
+            GroupLog::open(&FsIo, &config.data, index as u16).map_err(|error| error.to_string())?;
         let store = open_store(
             &config.data,
             index as u16,
@@ -632,6 +652,7 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
             accounts,
             privacy,
             devices,
+            groups,
             store,
         })
     })
@@ -697,6 +718,7 @@ fn queued(item: hop_store::StoredItem) -> hop_router::Queued {
             timestamp_ms,
             body,
             sent: false,
+            group: None,
         } => hop_router::Queued::Message {
             from,
             id,
@@ -704,11 +726,27 @@ fn queued(item: hop_store::StoredItem) -> hop_router::Queued {
             body,
         },
         hop_store::StoredItem::Message {
+            from,
+            id,
+            timestamp_ms,
+            body,
+            group: Some(tag),
+            ..
+        } => hop_router::Queued::Group {
+            from,
+            group: tag.group,
+            id,
+            timestamp_ms,
+            body,
+            event: tag.event,
+        },
+        hop_store::StoredItem::Message {
             from: to,
             id,
             timestamp_ms,
             body,
             sent: true,
+            group: None,
         } => hop_router::Queued::Sent {
             to,
             id,

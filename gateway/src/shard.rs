@@ -36,8 +36,10 @@ use hop_protocol::{StaticKey, UserId};
 use hop_router::{home_shard, Action, ConnRef, Queued, Router, ShardId, ShardMessage};
 use hop_store::accounts::AccountLog;
 use hop_store::devices::{DeviceLog, DeviceRecord};
+use hop_store::groups::{GroupLog, GroupRecord};
 use hop_store::io::FsIo;
 use hop_store::privacy::PrivacyLog;
+use hop_store::GroupTag;
 use hop_store::ShardStore;
 use tracing::{debug, error, info, warn};
 
@@ -139,6 +141,7 @@ pub struct ShardParts<B: Backend> {
     pub devices: DeviceLog<FsIo>,
     /// Which account each companion device belongs to, for every shard.
     pub directory: Arc<Directory>,
+    pub groups: GroupLog<FsIo>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +281,7 @@ pub struct Fresh {
     pub accounts: AccountLog<FsIo>,
     pub privacy: PrivacyLog<FsIo>,
     pub devices: DeviceLog<FsIo>,
+    pub groups: GroupLog<FsIo>,
     pub store: ShardStore<FsIo>,
 }
 
@@ -305,6 +309,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         mut rebuild,
         devices,
         directory,
+        groups,
     } = parts;
     let index = settings.index;
     let fresh = Fresh {
@@ -312,6 +317,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         accounts,
         privacy,
         devices,
+        groups,
         store,
     };
     let handles = Handles {
@@ -426,6 +432,7 @@ impl<B: Backend> Core<B> {
             accounts,
             privacy,
             devices,
+            groups,
             store,
         } = fresh;
         let shards = usize::from(settings.shards);
@@ -468,6 +475,7 @@ impl<B: Backend> Core<B> {
             orphans: Vec::new(),
             devices,
             directory,
+            groups,
         }
     }
 
@@ -540,6 +548,7 @@ impl<B: Backend> Core<B> {
                 core.enforce_timeouts();
                 core.expire_and_compact();
                 core.router.release_empty();
+                core.router.expire_fanouts(core.wall_ms);
                 core.end_turn(backend);
                 core.publish_gauges(backend);
                 next_tick = Instant::now() + tick;
@@ -610,6 +619,8 @@ struct Core<B: Backend> {
     /// Device links of the accounts homed here, on disk.
     devices: DeviceLog<FsIo>,
     directory: Arc<Directory>,
+    /// The groups homed here, on disk: a snapshot per change.
+    groups: GroupLog<FsIo>,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -868,10 +879,23 @@ impl<B: Backend> Core<B> {
                         continue; // gone: the router pushes it again on the next connection
                     };
                     match self.kept_body(user, id) {
-                        Some(body) => {
-                            let deliver = match sent_to {
-                                Some(to) => Stanza::deliver_sent(from, to, id, timestamp_ms, body),
-                                None => Stanza::deliver(from, id, timestamp_ms, body, proof),
+                        Some((body, group)) => {
+                            let deliver = match (sent_to, group) {
+                                (_, Some(tag)) => Stanza::deliver_group(
+                                    from,
+                                    tag.group,
+                                    id,
+                                    timestamp_ms,
+                                    body,
+                                    proof,
+                                    tag.event,
+                                ),
+                                (Some(to), None) => {
+                                    Stanza::deliver_sent(from, to, id, timestamp_ms, body)
+                                }
+                                (None, None) => {
+                                    Stanza::deliver(from, id, timestamp_ms, body, proof)
+                                }
                             };
                             self.queue_stanza(conn_id, &deliver);
                         }
@@ -909,6 +933,21 @@ impl<B: Backend> Core<B> {
                 Action::UnlinkDevice { account, device } => {
                     self.directory.remove(device);
                     self.record_device(false, account, device);
+                }
+                Action::PersistGroup(snapshot) => {
+                    let hop_router::GroupSnapshot {
+                        group,
+                        version,
+                        name,
+                        members,
+                    } = *snapshot;
+                    self.groups.append(&GroupRecord {
+                        group,
+                        version,
+                        wall_ms: self.wall_ms,
+                        name,
+                        members,
+                    });
                 }
                 Action::PersistPrivacy { user, privacy } => {
                     self.privacy.append(
@@ -957,6 +996,29 @@ impl<B: Backend> Core<B> {
                     timestamp_ms: *timestamp_ms,
                     body,
                     sent: matches!(item, Queued::Sent { .. }),
+                    group: None,
+                },
+            ),
+            Queued::Group {
+                from,
+                group,
+                id,
+                timestamp_ms,
+                body,
+                event,
+            } => self.store.append(
+                self.now_ms,
+                user,
+                &hop_store::Item::Message {
+                    from: *from,
+                    id: *id,
+                    timestamp_ms: *timestamp_ms,
+                    body,
+                    sent: false,
+                    group: Some(hop_store::GroupTag {
+                        group: *group,
+                        event: *event,
+                    }),
                 },
             ),
             Queued::Receipt {
@@ -994,15 +1056,22 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// The body of kept message `id` of `user`, from the read-ahead or from the store (which
-    /// then reads the next records too). `None` when the store cannot read it back.
-    fn kept_body(&mut self, user: UserId, id: u64) -> Option<Bytes> {
+    /// The body of kept message `id` of `user` (and its group, for a group copy), from the
+    /// read-ahead or from the store (which then reads the next records too). `None` when the
+    /// store cannot read it back.
+    fn kept_body(&mut self, user: UserId, id: u64) -> Option<(Bytes, Option<GroupTag>)> {
         let ahead = &mut self.read_ahead;
         if ahead.user == Some(user) {
             while let Some(record) = ahead.records.pop_front() {
-                if let hop_store::StoredItem::Message { id: read, body, .. } = record.item {
+                if let hop_store::StoredItem::Message {
+                    id: read,
+                    body,
+                    group,
+                    ..
+                } = record.item
+                {
                     if read == id {
-                        return Some(body);
+                        return Some((body, group));
                     }
                 }
             }
@@ -1025,7 +1094,12 @@ impl<B: Backend> Core<B> {
         let first = records.next()?;
         ahead.records.extend(records);
         match first.item {
-            hop_store::StoredItem::Message { id: read, body, .. } if read == id => Some(body),
+            hop_store::StoredItem::Message {
+                id: read,
+                body,
+                group,
+                ..
+            } if read == id => Some((body, group)),
             _ => None, // the store dropped it as damaged
         }
     }
@@ -1059,6 +1133,13 @@ impl<B: Backend> Core<B> {
             let path = self.devices.path().display().to_string();
             self.warn(format_args!(
                 "cannot record device links in {path}: {error}; trying again next turn"
+            ));
+        }
+        if let Err(error) = self.groups.flush() {
+            bump(&self.stats.binding_write_errors, 1);
+            let path = self.groups.path().display().to_string();
+            self.warn(format_args!(
+                "cannot record group changes in {path}: {error}; trying again next turn"
             ));
         }
         if let Err(error) = self.privacy.flush() {
@@ -1559,6 +1640,9 @@ impl<B: Backend> Core<B> {
             (&stats.messages_deduplicated, router.messages_deduplicated),
             (&stats.receipts_queued, router.receipts_queued),
             (&stats.reads_refused, router.reads_refused),
+            (&stats.group_messages, router.group_messages),
+            (&stats.group_changes, router.group_changes),
+            (&stats.group_copies_refused, router.group_copies_refused),
             (&stats.queue_items, queue_items as u64),
             (&stats.queue_bytes, queue_bytes as u64),
             (&stats.store_appends, store.appended),

@@ -619,6 +619,7 @@ mod tests {
                                             id: 100 + send.seq,
                                             timestamp_ms: 1,
                                             outbox,
+                                            ..ServerAck::default()
                                         })))
                                     }
                                     _ => {}

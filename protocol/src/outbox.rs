@@ -28,17 +28,24 @@ pub struct Outbox {
     next_alias: u32,
 }
 
+/// A random 64-bit number, never 0, from the operating system's random source: an outbox id,
+/// or the nonce of a group's create.
+pub fn random_nonzero() -> Result<u64, ring::error::Unspecified> {
+    let random = ring::rand::SystemRandom::new();
+    let mut bytes = [0u8; 8];
+    loop {
+        ring::rand::SecureRandom::fill(&random, &mut bytes)?;
+        let value = u64::from_le_bytes(bytes);
+        if value != 0 {
+            return Ok(value);
+        }
+    }
+}
+
 impl Outbox {
     /// A new outbox with a random id (never 0) from the operating system's random source.
     pub fn random() -> Result<Self, ring::error::Unspecified> {
-        let random = ring::rand::SystemRandom::new();
-        let mut bytes = [0u8; 8];
-        loop {
-            ring::rand::SecureRandom::fill(&random, &mut bytes)?;
-            if let Some(outbox) = Self::with_id(u64::from_le_bytes(bytes), 1) {
-                return Ok(outbox);
-            }
-        }
+        Ok(Self::with_id(random_nonzero()?, 1).expect("a nonzero id"))
     }
 
     /// An outbox whose id and next message number the caller kept (a resend after a restart);

@@ -22,6 +22,8 @@ pub const USER_ID_BYTES: usize = 16;
 pub const USER_ID_HEX_DIGITS: usize = 2 * USER_ID_BYTES;
 
 const DERIVATION_CONTEXT: &[u8] = b"hop user id v2";
+/// Hashed in front of a group's creator and nonce ([`UserId::of_group`]).
+const GROUP_DERIVATION_CONTEXT: &[u8] = b"hop group id v1";
 
 /// A user, as named on the wire, on disk and to people. The first 8 bytes are never all zero
 /// (the derivation maps that one value in 2⁶⁴ away), so `Option<UserId>` costs no more than
@@ -42,7 +44,21 @@ impl UserId {
         let mut hasher = Blake2s256::new();
         hasher.update(DERIVATION_CONTEXT);
         hasher.update(public_key);
-        let digest = hasher.finalize();
+        Self::from_digest(&hasher.finalize())
+    }
+
+    /// The id of the group that account `creator` creates with `nonce` (its client's random
+    /// number): the same for a retried create, never a user's (another derivation context),
+    /// and no one can make a group take a chosen id.
+    pub fn of_group(creator: UserId, nonce: u64) -> Self {
+        let mut hasher = Blake2s256::new();
+        hasher.update(GROUP_DERIVATION_CONTEXT);
+        hasher.update(creator.to_bytes());
+        hasher.update(nonce.to_le_bytes());
+        Self::from_digest(&hasher.finalize())
+    }
+
+    fn from_digest(digest: &[u8]) -> Self {
         let mut bytes = [0u8; USER_ID_BYTES];
         bytes.copy_from_slice(&digest[..USER_ID_BYTES]);
         let high = u64::from_be_bytes(first_half(&bytes));

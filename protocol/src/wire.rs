@@ -14,12 +14,12 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/hop.v2.rs"));
 }
 
-pub use generated::device_change;
 pub use generated::stanza::Kind;
+pub use generated::{device_change, group_change};
 pub use generated::{
-    Ack, Deliver, DeviceChange, Devices, Error, ErrorCode, GoAway, GoAwayReason, Outbox, Ping,
-    Pong, Presence, PresenceSettings, Read, Receipt, ReceiptKind, Send, ServerAck, Stanza,
-    Subscribe, Unsubscribe, UserRef, Visibility,
+    Ack, Deliver, DeviceChange, Devices, Error, ErrorCode, GoAway, GoAwayReason, GroupChange,
+    GroupEvent, GroupInfo, Outbox, Ping, Pong, Presence, PresenceSettings, Read, Receipt,
+    ReceiptKind, Send, ServerAck, Stanza, Subscribe, Unsubscribe, UserRef, Visibility,
 };
 
 /// The largest message body a client may send. With the stanza's other fields it still fits in
@@ -28,6 +28,10 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024 - 1024;
 /// Room left in a frame for a Deliver's fields besides the body.
 const STANZA_OVERHEAD_BYTES_MAX: usize = 96;
 const _: () = assert!(BODY_BYTES_MAX + STANZA_OVERHEAD_BYTES_MAX <= FRAME_PLAINTEXT_BYTES_MAX);
+/// Members one group may have (a server's `group_members_max` may be lower).
+pub const GROUP_MEMBERS_MAX: usize = 1024;
+/// Bytes of UTF-8 in a group's name.
+pub const GROUP_NAME_BYTES_MAX: usize = 100;
 /// The aliases one connection may bind (`Send.alias` is 1..=this).
 pub const ALIASES_MAX: u32 = 256;
 /// Contacts one `PresenceSettings` may name.
@@ -63,7 +67,10 @@ pub struct Measured<'a> {
 impl<'a> Measured<'a> {
     pub fn of(stanza: &'a Stanza) -> Self {
         let encoded_len = match &stanza.kind {
-            Some(Kind::Deliver(deliver)) => field_len(deliver_len(deliver)),
+            // A group event is rare and nested deeper: prost's own path.
+            Some(Kind::Deliver(deliver)) if deliver.event.is_none() => {
+                field_len(deliver_len(deliver))
+            }
             Some(Kind::Receipt(receipt)) => field_len(receipt_len(receipt)),
             _ => stanza.encoded_len(),
         };
@@ -84,7 +91,7 @@ impl<'a> Measured<'a> {
         out.reserve(self.bytes());
         varint(self.encoded_len as u64, out);
         match &self.stanza.kind {
-            Some(Kind::Deliver(deliver)) => {
+            Some(Kind::Deliver(deliver)) if deliver.event.is_none() => {
                 out.push(STANZA_DELIVER_TAG);
                 varint(deliver_len(deliver) as u64, out);
                 encode_deliver(deliver, out);
@@ -176,6 +183,7 @@ fn deliver_len(deliver: &Deliver) -> usize {
         }
         + fixed64_len(deliver.proof)
         + user_ref_field_len(deliver.to.as_ref())
+        + user_ref_field_len(deliver.group.as_ref())
 }
 
 fn encode_deliver(deliver: &Deliver, out: &mut Vec<u8>) {
@@ -189,6 +197,7 @@ fn encode_deliver(deliver: &Deliver, out: &mut Vec<u8>) {
     }
     fixed64(5 << 3 | 1, deliver.proof, out);
     user_ref_field(6 << 3 | 2, deliver.to.as_ref(), out);
+    user_ref_field(7 << 3 | 2, deliver.group.as_ref(), out);
 }
 
 fn receipt_len(receipt: &Receipt) -> usize {
@@ -255,6 +264,18 @@ pub fn receipt_ack_id(id: u64, by: UserId) -> u64 {
     id ^ fold.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+impl GroupEvent {
+    /// The event as a queued item's body: how the server keeps it until the member acks it.
+    pub fn to_body(&self) -> Bytes {
+        Bytes::from(self.encode_to_vec())
+    }
+
+    /// The event kept as `body`; `None` if those bytes are not one.
+    pub fn from_body(body: &[u8]) -> Option<Self> {
+        Self::decode(body).ok()
+    }
+}
+
 impl Receipt {
     /// What an Ack of this receipt names (`None` when `by` is not a valid id).
     pub fn ack_id(&self) -> Option<u64> {
@@ -318,7 +339,36 @@ impl Stanza {
             body,
             proof,
             to: None,
+            group: None,
+            event: None,
         }))
+    }
+
+    /// A member's copy of a message `from` another member of `group`; or (`event`) of a change
+    /// of the group that member `from` made, kept with the encoded `GroupEvent` as its body and
+    /// pushed with it as `event` (bytes that do not decode, which a server never keeps, go as
+    /// an empty event rather than not at all).
+    pub fn deliver_group(
+        from: UserId,
+        group: UserId,
+        id: u64,
+        timestamp_ms: u64,
+        body: Bytes,
+        proof: u64,
+        event: bool,
+    ) -> Self {
+        let (body, event) = if event {
+            let event = GroupEvent::from_body(&body).unwrap_or_default();
+            (Bytes::new(), Some(event))
+        } else {
+            (body, None)
+        };
+        let mut stanza = Self::deliver(from, id, timestamp_ms, body, proof);
+        if let Some(Kind::Deliver(deliver)) = &mut stanza.kind {
+            deliver.group = Some(group.into());
+            deliver.event = event;
+        }
+        stanza
     }
 
     /// A copy, for another device of `account`, of a message one of its devices sent to `to`.
@@ -329,14 +379,11 @@ impl Stanza {
         timestamp_ms: u64,
         body: Bytes,
     ) -> Self {
-        Self::of(Kind::Deliver(Deliver {
-            from: Some(account.into()),
-            id,
-            timestamp_ms,
-            body,
-            proof: 0,
-            to: Some(to.into()),
-        }))
+        let mut stanza = Self::deliver(account, id, timestamp_ms, body, 0);
+        if let Some(Kind::Deliver(deliver)) = &mut stanza.kind {
+            deliver.to = Some(to.into());
+        }
+        stanza
     }
 
     /// An Error about the Send (`message`), or about nothing in particular (`None`).
@@ -388,6 +435,8 @@ impl Stanza {
             Some(Kind::PresenceSettings(_)) => "PresenceSettings",
             Some(Kind::DeviceChange(_)) => "DeviceChange",
             Some(Kind::Devices(_)) => "Devices",
+            Some(Kind::GroupChange(_)) => "GroupChange",
+            Some(Kind::GroupInfo(_)) => "GroupInfo",
         }
     }
 }
@@ -532,14 +581,18 @@ mod tests {
             for &number in &numbers {
                 for body in &bodies {
                     for to in [None, *from, Some(user(5).into())] {
-                        stanzas.push(Stanza::of(Kind::Deliver(Deliver {
-                            from: *from,
-                            id: number,
-                            timestamp_ms: number.rotate_left(7),
-                            body: body.clone(),
-                            proof: number ^ 1,
-                            to,
-                        })));
+                        for group in [None, Some(user(6).into())] {
+                            stanzas.push(Stanza::of(Kind::Deliver(Deliver {
+                                from: *from,
+                                id: number,
+                                timestamp_ms: number.rotate_left(7),
+                                body: body.clone(),
+                                proof: number ^ 1,
+                                to,
+                                group,
+                                event: None,
+                            })));
+                        }
                     }
                 }
                 for kind in [0, 1, 2, -1, i32::MAX] {

@@ -21,6 +21,12 @@
 //! shard, messages and receipts each with their own quota, so receipts can never fill the room
 //! a user's incoming messages need.
 //!
+//! Groups: a group lives on its home shard (the hash of its id, like a user's), which keeps
+//! its members and fans each message out to every other member through the members' home
+//! shards, like 1:1 messages but named by the group. The sender's ServerAck waits until every
+//! member's shard answered (each once its copies are durable or acked). Membership changes
+//! reach the members the same way, as events queued in order with the messages.
+//!
 //! The delivery contract (`docs/protocol.md`):
 //! - a message's server id is a keyed hash of (sender, recipient, outbox, seq), the client's id
 //!   of it: every copy has the same id, so a resend of a message still queued is answered with
@@ -34,8 +40,8 @@
 mod router;
 
 pub use router::{
-    home_shard, Action, Counters, Envelope, Limits, Privacy, Queued, Router, Secrets, ShardMessage,
-    UserReport, Violation, LAST_SEEN_GRAIN_MS,
+    home_shard, Action, Counters, Envelope, GroupCopy, GroupRequest, GroupSnapshot, Limits,
+    Privacy, Queued, Router, Secrets, ShardMessage, UserReport, Violation, LAST_SEEN_GRAIN_MS,
 };
 
 /// A shard's index, `0..shards`.

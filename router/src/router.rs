@@ -5,9 +5,10 @@ use foldhash::HashMap;
 use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::wire::{
-    device_change, receipt_ack_id, DeviceChange, Devices, ErrorCode, GoAwayReason, Kind,
-    MessageRef, Pong, Presence, PresenceSettings, Receipt, ReceiptKind, Send, ServerAck, Stanza,
-    UserRef, Visibility, ALIASES_MAX, BODY_BYTES_MAX, CONTACTS_MAX,
+    device_change, group_change, receipt_ack_id, DeviceChange, Devices, ErrorCode, GoAwayReason,
+    GroupChange, GroupEvent, GroupInfo, Kind, MessageRef, Pong, Presence, PresenceSettings,
+    Receipt, ReceiptKind, Send, ServerAck, Stanza, UserRef, Visibility, ALIASES_MAX,
+    BODY_BYTES_MAX, CONTACTS_MAX, GROUP_MEMBERS_MAX, GROUP_NAME_BYTES_MAX,
 };
 use hop_protocol::UserId;
 use siphasher::sip::SipHasher13;
@@ -46,6 +47,8 @@ pub struct Limits {
     pub subscribers_max: usize,
     /// Companion devices one account may have besides its primary.
     pub companions_max: usize,
+    /// Members one group may have (at most `GROUP_MEMBERS_MAX`).
+    pub group_members_max: usize,
 }
 
 impl Default for Limits {
@@ -60,6 +63,7 @@ impl Default for Limits {
             subscriptions_max: 1024,
             subscribers_max: 10_000,
             companions_max: 4,
+            group_members_max: GROUP_MEMBERS_MAX,
         }
     }
 }
@@ -142,10 +146,49 @@ pub struct Envelope {
     pub resend: bool,
     pub timestamp_ms: u64,
     pub body: Bytes,
+    /// Set on a member's copy of a group message or event, made at the group's home shard
+    /// (`to` is then the member, and replies go to the group's home shard). Boxed: the common
+    /// message does not carry its size.
+    pub group: Option<Box<GroupCopy>>,
+}
+
+/// What a member's copy of a group message carries besides the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCopy {
+    pub group: UserId,
+    /// A membership change made by the server (the body is the encoded `GroupEvent`), not a
+    /// member's message.
+    pub event: bool,
+}
+
+/// A group change a member asked for, on its way to the group's home shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRequest {
+    /// The requesting account, and the connection (of one of its devices) that hears the
+    /// answer.
+    pub account: UserId,
+    pub conn: ConnRef,
+    pub op: group_change::Op,
+    pub group: UserId,
+    /// Valid ids, without duplicates.
+    pub members: Vec<UserId>,
+    pub name: String,
+    pub admin: bool,
+}
+
+/// A group as kept on disk: a whole snapshot after each change ([`Action::PersistGroup`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnapshot {
+    pub group: UserId,
+    /// One more at each change.
+    pub version: u64,
+    pub name: String,
+    /// In the order they joined, `true` for an admin. Empty: the group ended.
+    pub members: Vec<(UserId, bool)>,
 }
 
 /// Work one shard's router hands to another.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ShardMessage {
     /// A message for a user of the receiving shard.
     Route(Envelope),
@@ -158,6 +201,9 @@ pub enum ShardMessage {
         message: MessageRef,
         id: u64,
         timestamp_ms: u64,
+        /// From a member's shard to a group's (for a member's copy): the device copies queued
+        /// there.
+        copies: u16,
     },
     /// The recipient's shard refused `message` of `sender` (`None`: a subscription): send the
     /// Error on `conn`, if it is still the sender's connection.
@@ -191,6 +237,22 @@ pub enum ShardMessage {
         about: UserId,
         online: bool,
         last_seen_ms: u64,
+    },
+    /// A member's shard refused its copy of group message `id` (queue full, not a user here):
+    /// for the group's home shard, which names the member in the sender's ServerAck.
+    CopyRefused {
+        group: UserId,
+        id: u64,
+        member: UserId,
+    },
+    /// A group change, for the group's home shard.
+    Group(Box<GroupRequest>),
+    /// The answer to a request of `account`'s connection `conn`: sent if that connection is
+    /// still one of the account's devices'.
+    Answer {
+        account: UserId,
+        conn: ConnRef,
+        stanza: Box<Stanza>,
     },
 }
 
@@ -241,6 +303,8 @@ pub enum Action {
     },
     /// `device` no longer belongs to `account`: keep that on disk, and refuse its connections.
     UnlinkDevice { account: UserId, device: UserId },
+    /// A group homed here changed: keep its new state on disk.
+    PersistGroup(Box<GroupSnapshot>),
     /// `user`'s device acked item (`id`, `kind`), `id` being the item's ack id
     /// ([`Queued::ack_id`]): it may leave the disk.
     Forget {
@@ -286,6 +350,14 @@ pub struct Counters {
     /// Copies of a message for another device of an account (a companion's copy of a message
     /// to the account, or a sent copy) not queued: that device's queue was full.
     pub copies_dropped: u64,
+    /// Messages sent to groups homed here, and membership changes made.
+    pub group_messages: u64,
+    pub group_changes: u64,
+    /// Members' copies of group messages and events their shards refused (queue full, not
+    /// a user of this server).
+    pub group_copies_refused: u64,
+    /// Group fan-outs given up after waiting (a member's shard restarted meanwhile).
+    pub fanouts_abandoned: u64,
 }
 
 /// One user as an operator sees it. All zero and `known: false` for a user this shard does not
@@ -329,13 +401,27 @@ pub enum Queued {
         timestamp_ms: u64,
         body: Bytes,
     },
+    /// A member's copy of a message `from` another member of `group`, or (`event`) of a
+    /// change of the group's membership that member `from` made, its body the encoded
+    /// `GroupEvent`.
+    Group {
+        from: UserId,
+        group: UserId,
+        id: u64,
+        timestamp_ms: u64,
+        body: Bytes,
+        event: bool,
+    },
 }
 
 impl Queued {
     /// The server id of the message (for a receipt: of the message it is about).
     pub fn id(&self) -> u64 {
         match self {
-            Self::Message { id, .. } | Self::Receipt { id, .. } | Self::Sent { id, .. } => *id,
+            Self::Message { id, .. }
+            | Self::Receipt { id, .. }
+            | Self::Sent { id, .. }
+            | Self::Group { id, .. } => *id,
         }
     }
 
@@ -343,7 +429,7 @@ impl Queued {
     /// ([`receipt_ack_id`]), which tells apart the receipts of one message by who made them.
     pub fn ack_id(&self) -> u64 {
         match self {
-            Self::Message { id, .. } | Self::Sent { id, .. } => *id,
+            Self::Message { id, .. } | Self::Sent { id, .. } | Self::Group { id, .. } => *id,
             Self::Receipt { id, by, .. } => receipt_ack_id(*id, *by),
         }
     }
@@ -351,7 +437,9 @@ impl Queued {
     /// The kind a device's Ack names for this item.
     pub fn ack_kind(&self) -> ReceiptKind {
         match self {
-            Self::Message { .. } | Self::Sent { .. } => ReceiptKind::Unspecified,
+            Self::Message { .. } | Self::Sent { .. } | Self::Group { .. } => {
+                ReceiptKind::Unspecified
+            }
             Self::Receipt { kind, .. } => *kind,
         }
     }
@@ -368,16 +456,22 @@ struct Entry {
     timestamp_ms: u64,
     /// A message's sender, who sent a receipt, or a sent copy's recipient.
     peer: UserId,
-    /// Body bytes; the top bit ([`SENT_COPY`]) marks a sent copy.
+    /// Body bytes; the top bits mark a sent copy ([`SENT_COPY`]), a group copy
+    /// ([`GROUP_COPY`]) and a group event ([`GROUP_EVENT`]).
     body_bytes: u32,
     /// `Unspecified` for a message, else the receipt's kind: what the device's Ack names.
     kind: ReceiptKind,
 }
 
 const _: () = assert!(std::mem::size_of::<Entry>() <= 40);
-/// `Entry::body_bytes`'s flag of a sent copy: bodies are far below 2^31 bytes.
+/// `Entry::body_bytes`'s flag of a sent copy: bodies are far below 2^29 bytes.
 const SENT_COPY: u32 = 1 << 31;
-const _: () = assert!(BODY_BYTES_MAX < SENT_COPY as usize);
+/// `Entry::body_bytes`'s flag of a member's copy of a group message or event.
+const GROUP_COPY: u32 = 1 << 30;
+/// With [`GROUP_COPY`]: a group event.
+const GROUP_EVENT: u32 = 1 << 29;
+const FLAGS: u32 = SENT_COPY | GROUP_COPY | GROUP_EVENT;
+const _: () = assert!(BODY_BYTES_MAX < GROUP_EVENT as usize);
 const _: () = assert!(BODY_BYTES_MAX <= u32::MAX as usize);
 
 impl Entry {
@@ -419,6 +513,20 @@ impl Entry {
                 body_bytes: body.len() as u32 | SENT_COPY,
                 kind: ReceiptKind::Unspecified,
             },
+            Queued::Group {
+                from,
+                id,
+                timestamp_ms,
+                body,
+                event,
+                ..
+            } => Self {
+                id: *id,
+                timestamp_ms: *timestamp_ms,
+                peer: *from,
+                body_bytes: body.len() as u32 | GROUP_COPY | if *event { GROUP_EVENT } else { 0 },
+                kind: ReceiptKind::Unspecified,
+            },
         }
     }
 
@@ -432,7 +540,15 @@ impl Entry {
     }
 
     fn body_bytes(&self) -> usize {
-        (self.body_bytes & !SENT_COPY) as usize
+        (self.body_bytes & !FLAGS) as usize
+    }
+
+    fn is_group_copy(&self) -> bool {
+        self.body_bytes & GROUP_COPY != 0
+    }
+
+    fn is_group_event(&self) -> bool {
+        self.body_bytes & GROUP_EVENT != 0
     }
 
     /// The id a device's Ack names for this item (see [`Queued::ack_id`]).
@@ -539,7 +655,83 @@ struct Waiter {
     conn: ConnRef,
     message: MessageRef,
     timestamp_ms: u64,
+    /// For a member's copy of a group message: the device copies queued for the member (its
+    /// primary's and its companions'), for the group's count of copies.
+    copies: u16,
 }
+
+/// A group homed on this shard.
+#[derive(Debug, Clone)]
+struct Group {
+    name: String,
+    version: u64,
+    /// In the order they joined, `true` for an admin. Never empty: the last member leaving
+    /// ends the group.
+    members: Vec<(UserId, bool)>,
+}
+
+impl Group {
+    fn is_member(&self, account: UserId) -> bool {
+        self.members.iter().any(|(member, _)| *member == account)
+    }
+
+    fn is_admin(&self, account: UserId) -> bool {
+        self.members
+            .iter()
+            .any(|(member, admin)| *member == account && *admin)
+    }
+
+    fn accounts(&self) -> Vec<UserId> {
+        self.members.iter().map(|(member, _)| *member).collect()
+    }
+
+    /// A group keeps an admin while it has members: the oldest member takes the role.
+    fn keep_an_admin(&mut self) {
+        if !self.members.iter().any(|(_, admin)| *admin) {
+            if let Some(first) = self.members.first_mut() {
+                first.1 = true;
+            }
+        }
+    }
+
+    fn info(&self, group: UserId) -> Stanza {
+        Stanza::of(Kind::GroupInfo(GroupInfo {
+            group: Some(group.into()),
+            name: self.name.clone(),
+            members: self.members.iter().map(|(m, _)| (*m).into()).collect(),
+            admins: self
+                .members
+                .iter()
+                .filter(|(_, admin)| *admin)
+                .map(|(m, _)| (*m).into())
+                .collect(),
+        }))
+    }
+}
+
+/// A group message on its way to the members: its ServerAck waits until every member's shard
+/// answered (queued, or refused).
+#[derive(Debug)]
+struct Fanout {
+    waiter: Waiter,
+    /// When the copies left (wall clock): a fan-out whose answers never all come (a member's
+    /// shard restarted) is given up ([`FANOUT_PATIENCE_MS`]).
+    started_ms: u64,
+    /// Member shards yet to answer.
+    outstanding: u32,
+    members: u16,
+    copies: u16,
+    /// Members whose shard refused their copy.
+    missed: Vec<UserId>,
+}
+
+/// `ConnRef` of the replies a group's home shard awaits from its members' shards: never a
+/// connection's.
+const FANOUT_CONN: ConnRef = ConnRef(u64::MAX - 1);
+/// A resend of a group message whose fan-out has waited this long starts it again (the
+/// members' shards answer a copy they hold at once); a fan-out that waits 12 times as long
+/// with no resend is dropped ([`Router::expire_fanouts`]).
+const FANOUT_PATIENCE_MS: u64 = 5_000;
 
 /// One shard's routing state. See the crate docs for the call order.
 #[derive(Debug)]
@@ -570,6 +762,13 @@ pub struct Router {
     /// Users whose queue and presence lists became empty since the last
     /// [`Router::release_empty`]; each at most once.
     emptied: Vec<UserId>,
+    /// The group of each group copy in `pending`: a group copy's Deliver names it. Apart from
+    /// `pending`, so that a 1:1 message does not carry its room.
+    pending_groups: HashMap<(UserId, u64), UserId>,
+    /// The groups homed here.
+    groups: HashMap<UserId, Group>,
+    /// Group messages whose members' shards have not all answered, by (group, id).
+    fanouts: HashMap<(UserId, u64), Fanout>,
 }
 
 /// Receipts already queued for a user that a new receipt is compared with, newest first: a
@@ -596,6 +795,9 @@ impl Router {
             counters: Counters::default(),
             pending: HashMap::default(),
             emptied: Vec::new(),
+            pending_groups: HashMap::default(),
+            groups: HashMap::default(),
+            fanouts: HashMap::default(),
         }
     }
 
@@ -867,6 +1069,7 @@ impl Router {
             }),
             Kind::Pong(_) => {}
             Kind::DeviceChange(change) => self.client_device_change(user, conn, change),
+            Kind::GroupChange(change) => self.client_group_change(user, conn, change, now_ms),
             other => {
                 let name = Stanza::of(other).kind_name();
                 return Err(Violation(format!("clients may not send {name}")));
@@ -885,7 +1088,11 @@ impl Router {
                 message,
                 id,
                 timestamp_ms,
+                copies,
             } => {
+                if conn == FANOUT_CONN {
+                    return self.fanout_answered(sender, id, copies, None, now_ms);
+                }
                 if self.conn_of(sender) != Some(conn) {
                     self.counters.replies_dropped += 1;
                     return;
@@ -897,6 +1104,7 @@ impl Router {
                         id,
                         timestamp_ms,
                         outbox: message.outbox,
+                        ..ServerAck::default()
                     })),
                 });
             }
@@ -906,13 +1114,7 @@ impl Router {
                 message,
                 code,
                 reason,
-            } => {
-                if !self.conn_of_account(sender, conn) {
-                    self.counters.replies_dropped += 1;
-                    return;
-                }
-                self.error_to(conn, code, reason, message);
-            }
+            } => self.reply(sender, conn, Stanza::error(code, reason, message)),
             ShardMessage::Receipt {
                 to,
                 id,
@@ -944,6 +1146,16 @@ impl Router {
                     }
                 }
             }
+            ShardMessage::CopyRefused { group, id, member } => {
+                self.counters.group_copies_refused += 1;
+                self.fanout_answered(group, id, 0, Some(member), now_ms);
+            }
+            ShardMessage::Group(request) => self.group_request(*request, now_ms),
+            ShardMessage::Answer {
+                account,
+                conn,
+                stanza,
+            } => self.reply(account, conn, *stanza),
             ShardMessage::Presence {
                 to,
                 about,
@@ -991,6 +1203,9 @@ impl Router {
         if kind != ReceiptKind::Unspecified {
             return;
         }
+        if !self.pending_groups.is_empty() {
+            self.pending_groups.remove(&(user, id));
+        }
         if let Some(Pending {
             waiter: Some(waiter),
             ..
@@ -1026,17 +1241,23 @@ impl Router {
         let Some((_, Some(waiter))) = self.remove_item(user, id, kind) else {
             return;
         };
-        {
-            self.counters.messages_rejected += 1;
-            let refusal = ShardMessage::Rejected {
+        self.counters.messages_rejected += 1;
+        let refusal = if waiter.conn == FANOUT_CONN {
+            ShardMessage::CopyRefused {
+                group: waiter.sender,
+                id,
+                member: user,
+            }
+        } else {
+            ShardMessage::Rejected {
                 sender: waiter.sender,
                 conn: waiter.conn,
                 message: Some(waiter.message),
                 code,
                 reason,
-            };
-            self.send_home(waiter.sender, refusal, now_ms);
-        }
+            }
+        };
+        self.send_to(waiter.home, refusal, now_ms);
     }
 
     /// The item (`id`, `kind`) of `user`'s queue expired on disk: it leaves the queue.
@@ -1143,6 +1364,7 @@ impl Router {
             resend: send.resend,
             timestamp_ms: now_ms,
             body: send.body,
+            group: None,
         };
         if account != from || self.devices.contains_key(&account) {
             self.copy_to_other_devices(&envelope);
@@ -1153,18 +1375,48 @@ impl Router {
     /// At the recipient's home shard: take the message into the recipient's queue, answer a
     /// resend of a queued one with the original's ack, or refuse.
     fn accept(&mut self, envelope: Envelope, now_ms: u64) {
-        let id = self.message_id(envelope.from, envelope.to, envelope.message);
-        let reject = |code, reason| ShardMessage::Rejected {
-            sender: envelope.device,
-            conn: envelope.conn,
-            message: Some(envelope.message),
-            code,
-            reason,
+        // A member's copy of a group message is named by the group, so that every copy has
+        // one id; an event by the group alone (no client can name a message so).
+        let id = match envelope.group.as_deref() {
+            None => self.message_id(envelope.from, envelope.to, envelope.message),
+            Some(GroupCopy {
+                group,
+                event: false,
+            }) => self.message_id(envelope.from, *group, envelope.message),
+            Some(GroupCopy { group, event: true }) => {
+                self.message_id(*group, *group, envelope.message)
+            }
+        };
+        // Replies go where the sender's connection is, or for a group copy to the group's
+        // home shard, which answers the sender once every member's shard answered.
+        let reply_home = match envelope.group.as_deref() {
+            None => home_shard(envelope.from, self.shards),
+            Some(copy) => home_shard(copy.group, self.shards),
+        };
+        let reject = |code, reason| match envelope.group.as_deref() {
+            Some(copy) => ShardMessage::CopyRefused {
+                group: copy.group,
+                id,
+                member: envelope.to,
+            },
+            None => ShardMessage::Rejected {
+                sender: envelope.device,
+                conn: envelope.conn,
+                message: Some(envelope.message),
+                code,
+                reason,
+            },
         };
         let Some(state) = self.users.get_mut(&envelope.to) else {
+            if envelope.group.is_none() && self.groups.contains_key(&envelope.to) {
+                return self.fan_out(envelope, now_ms);
+            }
             self.counters.messages_rejected += 1;
-            let message = reject(ErrorCode::UnknownUser, "no such user on this server");
-            return self.send_home(envelope.from, message, now_ms);
+            let message = reject(
+                ErrorCode::UnknownUser,
+                "no such user or group on this server",
+            );
+            return self.send_to(reply_home, message, now_ms);
         };
         // Only a Send the client marked as a resend is looked for: a first send cannot have
         // an original, and the common path stays free of the lookup. The lookup scans the
@@ -1186,13 +1438,26 @@ impl Router {
                 ErrorCode::QueueFull,
                 "the recipient's queue is full; message not taken",
             );
-            return self.send_home(envelope.from, message, now_ms);
+            return self.send_to(reply_home, message, now_ms);
         }
-        let item = Queued::Message {
-            from: envelope.from,
-            id,
-            timestamp_ms: envelope.timestamp_ms,
-            body: envelope.body.clone(),
+        let item = match envelope.group.as_deref() {
+            None => Queued::Message {
+                from: envelope.from,
+                id,
+                timestamp_ms: envelope.timestamp_ms,
+                body: envelope.body.clone(),
+            },
+            Some(copy) => {
+                self.pending_groups.insert((envelope.to, id), copy.group);
+                Queued::Group {
+                    from: envelope.from,
+                    group: copy.group,
+                    id,
+                    timestamp_ms: envelope.timestamp_ms,
+                    body: envelope.body.clone(),
+                    event: copy.event,
+                }
+            }
         };
         state.queue_mut().push(Entry::of(&item));
         self.queued_bytes += body_bytes;
@@ -1201,10 +1466,11 @@ impl Router {
         // The ServerAck waits until the message is on disk or acked by the device.
         let waiter = Waiter {
             sender: envelope.device,
-            home: home_shard(envelope.from, self.shards),
+            home: reply_home,
             conn: envelope.conn,
             message: envelope.message,
             timestamp_ms: envelope.timestamp_ms,
+            copies: 1,
         };
         self.pending.insert(
             (envelope.to, id),
@@ -1224,21 +1490,31 @@ impl Router {
         });
         self.push_queued(envelope.to);
         if let Some(item) = copy {
-            self.copy_to_companions(envelope.to, &item);
+            let copies = self.copy_to_companions(envelope.to, &item);
+            let waiter = self
+                .pending
+                .get_mut(&(envelope.to, id))
+                .and_then(|pending| pending.waiter.as_mut());
+            if let Some(waiter) = waiter {
+                waiter.copies += copies;
+            }
         }
     }
 
     /// Queues a copy of an account's new message for each of its companion devices (on this
     /// shard, the account's home): each device acks its own copy. The ServerAck follows the
     /// primary's copy. A companion whose queue is full misses the copy (counted).
-    fn copy_to_companions(&mut self, account: UserId, item: &Queued) {
-        let Queued::Message { body, .. } = item else {
-            return;
+    fn copy_to_companions(&mut self, account: UserId, item: &Queued) -> u16 {
+        let (body, group) = match item {
+            Queued::Message { body, .. } => (body, None),
+            Queued::Group { body, group, .. } => (body, Some(*group)),
+            _ => return 0,
         };
         // Taken out and put back: no copy of the list on the message path.
         let Some(companions) = self.devices.get_mut(&account).map(std::mem::take) else {
-            return;
+            return 0;
         };
+        let mut copies = 0;
         let id = item.id();
         for &device in &companions {
             let state = self.users.entry(device).or_insert_with(User::new);
@@ -1260,13 +1536,18 @@ impl Router {
                     waiter: None,
                 },
             );
+            if let Some(group) = group {
+                self.pending_groups.insert((device, id), group);
+            }
             self.actions.push_back(Action::Keep {
                 user: device,
                 item: item.clone(),
             });
             self.push_queued(device);
+            copies += 1;
         }
         self.devices.insert(account, companions);
+        copies
     }
 
     /// A message that is still queued was sent again (its sender did not see the ServerAck).
@@ -1284,14 +1565,20 @@ impl Router {
             waiter.message = envelope.message;
             return;
         }
+        let reply_home = match envelope.group.as_deref() {
+            None => home_shard(envelope.from, self.shards),
+            Some(copy) => home_shard(copy.group, self.shards),
+        };
+        let copies = 1 + self.devices.get(&envelope.to).map_or(0, Vec::len) as u16;
         let accepted = ShardMessage::Accepted {
             sender: envelope.device,
             conn: envelope.conn,
             message: envelope.message,
             id,
             timestamp_ms,
+            copies,
         };
-        self.send_home(envelope.from, accepted, now_ms);
+        self.send_to(reply_home, accepted, now_ms);
     }
 
     /// The ServerAck of message `id` goes to the connection that waits for it.
@@ -1302,6 +1589,7 @@ impl Router {
             message: waiter.message,
             id,
             timestamp_ms: waiter.timestamp_ms,
+            copies: waiter.copies,
         };
         self.send_to(waiter.home, accepted, now_ms);
     }
@@ -1337,6 +1625,9 @@ impl Router {
         self.queued_bytes -= body_bytes;
         self.queued_items -= 1;
         let waiter = if item.is_message() {
+            if item.is_group_copy() {
+                self.pending_groups.remove(&(user, id));
+            }
             self.pending
                 .remove(&(user, id))
                 .and_then(|pending| pending.waiter)
@@ -1355,7 +1646,7 @@ impl Router {
         };
         self.actions.push_back(Action::Forget { user, id, kind });
         self.push_queued(user);
-        if item.is_message() && !item.is_sent_copy() {
+        if item.is_message() && !item.is_sent_copy() && !item.is_group_event() {
             let from = item.peer;
             self.counters.messages_acked += 1;
             // The device has it: the server's responsibility is met even if the disk is not.
@@ -1399,11 +1690,13 @@ impl Router {
                 None,
             );
         }
+        // Read is per account: read on any device is read, and a second device's Read is
+        // the same receipt (queued once).
         let receipt = ShardMessage::Receipt {
             to: from,
             id: read.id,
             kind: ReceiptKind::Read,
-            by: reader,
+            by: self.account_of(reader),
             timestamp_ms: now_ms,
         };
         self.send_home(from, receipt, now_ms);
@@ -1422,26 +1715,16 @@ impl Router {
         let Ok(visibility) = Visibility::try_from(settings.visibility) else {
             return self.error_to(conn, ErrorCode::BadStanza, "unknown visibility", None);
         };
-        if settings.contacts.len() > CONTACTS_MAX {
-            return self.error_to(
-                conn,
-                ErrorCode::Limit,
-                "too many contacts (at most 1,024)",
-                None,
-            );
-        }
-        let mut contacts = Vec::with_capacity(settings.contacts.len());
-        for contact in &settings.contacts {
-            let Some(contact) = UserRef::user(Some(contact)) else {
-                return self.error_to(
-                    conn,
-                    ErrorCode::BadUserId,
-                    "a contact is not a valid user id",
-                    None,
-                );
-            };
-            contacts.push(contact);
-        }
+        let named = named_users(
+            &settings.contacts,
+            CONTACTS_MAX,
+            "too many contacts (at most 1,024)",
+            "a contact is not a valid user id",
+        );
+        let mut contacts = match named {
+            Ok(contacts) => contacts,
+            Err((code, reason)) => return self.error_to(conn, code, reason, None),
+        };
         contacts.sort_unstable();
         contacts.dedup();
         let privacy = Privacy {
@@ -1675,8 +1958,25 @@ impl Router {
                     },
                 }
             } else {
-                let proof = read_proof(&self.read_proofs, user, entry.peer, entry.id);
+                let proof = if entry.is_group_event() {
+                    0
+                } else {
+                    read_proof(&self.read_proofs, user, entry.peer, entry.id)
+                };
                 match self.pending.get(&(user, entry.id)) {
+                    Some(Pending { body, .. }) if entry.is_group_copy() => {
+                        let group = self.pending_groups.get(&(user, entry.id)).copied();
+                        let stanza = Stanza::deliver_group(
+                            entry.peer,
+                            group.expect("a pending group copy names its group"),
+                            entry.id,
+                            entry.timestamp_ms,
+                            body.clone(),
+                            proof,
+                            entry.is_group_event(),
+                        );
+                        Action::Send { conn, stanza }
+                    }
                     Some(Pending { body, .. }) => Action::Send {
                         conn,
                         stanza: Stanza::deliver(
@@ -1817,6 +2117,440 @@ impl Router {
         self.reply_devices(conn, account);
     }
 
+    /// Restores a group kept from an earlier run (its latest snapshot). Groups homed on other
+    /// shards, and ended ones, are ignored.
+    pub fn restore_group(&mut self, snapshot: GroupSnapshot) {
+        if home_shard(snapshot.group, self.shards) != self.shard || snapshot.members.is_empty() {
+            return;
+        }
+        self.groups.insert(
+            snapshot.group,
+            Group {
+                name: snapshot.name,
+                version: snapshot.version,
+                members: snapshot.members,
+            },
+        );
+    }
+
+    /// Groups homed on this shard.
+    pub fn groups_homed(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Drops the group fan-outs that have waited too long for their members' shards (a shard
+    /// restarted meanwhile and lost the copies' answers); their senders' resends start them
+    /// again. Called once per tick.
+    pub fn expire_fanouts(&mut self, now_ms: u64) {
+        if self.fanouts.is_empty() {
+            return;
+        }
+        let before = self.fanouts.len();
+        self.fanouts
+            .retain(|_, fanout| now_ms.saturating_sub(fanout.started_ms) < FANOUT_PATIENCE_MS * 12);
+        self.counters.fanouts_abandoned += (before - self.fanouts.len()) as u64;
+    }
+
+    /// `GroupChange` from `user`'s connection: checked here, carried out at the group's home
+    /// shard, which answers the connection.
+    fn client_group_change(
+        &mut self,
+        user: UserId,
+        conn: ConnRef,
+        change: GroupChange,
+        now_ms: u64,
+    ) {
+        use group_change::Op;
+        let account = self.account_of(user);
+        let op = Op::try_from(change.op).unwrap_or(Op::Unspecified);
+        if op == Op::Unspecified {
+            return self.error_to(conn, ErrorCode::BadStanza, "unknown group operation", None);
+        }
+        let named = named_users(
+            &change.members,
+            GROUP_MEMBERS_MAX,
+            "a group has at most 1,024 members",
+            "a member is not a valid user id",
+        );
+        let members = match named {
+            Ok(members) => members,
+            Err((code, reason)) => return self.error_to(conn, code, reason, None),
+        };
+        if matches!(op, Op::Add | Op::Remove) && members.is_empty() {
+            return self.error_to(
+                conn,
+                ErrorCode::BadStanza,
+                "name the members to add or remove",
+                None,
+            );
+        }
+        let group = if op == Op::Create {
+            if change.nonce == 0 {
+                return self.error_to(
+                    conn,
+                    ErrorCode::BadStanza,
+                    "a group's create needs a random nonce",
+                    None,
+                );
+            }
+            if change.name.len() > GROUP_NAME_BYTES_MAX {
+                return self.error_to(
+                    conn,
+                    ErrorCode::BadStanza,
+                    "a group's name is at most 100 bytes",
+                    None,
+                );
+            }
+            UserId::of_group(account, change.nonce)
+        } else {
+            let Some(group) = UserRef::user(change.group.as_ref()) else {
+                return self.error_to(
+                    conn,
+                    ErrorCode::BadUserId,
+                    "a missing or invalid group id",
+                    None,
+                );
+            };
+            group
+        };
+        let request = GroupRequest {
+            account,
+            conn,
+            op,
+            group,
+            members,
+            name: change.name,
+            admin: change.admin,
+        };
+        self.send_home(group, ShardMessage::Group(Box::new(request)), now_ms);
+    }
+
+    /// At a group's home shard: a member's change, carried out, kept and told to every member
+    /// (and to those it removes), then answered with the group as it is now.
+    fn group_request(&mut self, request: GroupRequest, now_ms: u64) {
+        use group_change::Op;
+        let GroupRequest {
+            account,
+            conn,
+            op,
+            group: id,
+            members,
+            name,
+            admin,
+        } = request;
+        if op == Op::Create {
+            if let Some(group) = self.groups.get(&id) {
+                // A retried create (the same account and nonce) finds its group.
+                let answer = if group.is_member(account) {
+                    group.info(id)
+                } else {
+                    unknown_group()
+                };
+                return self.answer(account, conn, answer, now_ms);
+            }
+            let mut list = vec![(account, true)];
+            list.extend(
+                members
+                    .into_iter()
+                    .filter(|member| *member != account)
+                    .map(|member| (member, false)),
+            );
+            if list.len() > self.limits.group_members_max {
+                return self.answer(account, conn, too_many_members(), now_ms);
+            }
+            let event = GroupEvent {
+                op: Op::Create as i32,
+                members: list.iter().map(|(member, _)| (*member).into()).collect(),
+                admin: false,
+                name: name.clone(),
+            };
+            self.groups.insert(
+                id,
+                Group {
+                    name,
+                    version: 0,
+                    members: list,
+                },
+            );
+            return self.group_changed(id, account, conn, event, Vec::new(), now_ms);
+        }
+        let members_max = self.limits.group_members_max;
+        let Some(group) = self.groups.get_mut(&id).filter(|g| g.is_member(account)) else {
+            return self.answer(account, conn, unknown_group(), now_ms);
+        };
+        if op == Op::Info {
+            let info = group.info(id);
+            return self.answer(account, conn, info, now_ms);
+        }
+        if matches!(op, Op::Add | Op::Remove) && !group.is_admin(account) {
+            let refusal = Stanza::error(
+                ErrorCode::NotAdmin,
+                "only the group's admins may change its members",
+                None,
+            );
+            return self.answer(account, conn, refusal, now_ms);
+        }
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        match op {
+            Op::Add => {
+                let joining = members.iter().filter(|m| !group.is_member(**m)).count();
+                if group.members.len() + joining > members_max {
+                    return self.answer(account, conn, too_many_members(), now_ms);
+                }
+                for member in members {
+                    match group.members.iter_mut().find(|(m, _)| *m == member) {
+                        Some(entry) if admin && !entry.1 => {
+                            entry.1 = true;
+                            changed.push(member);
+                        }
+                        Some(_) => {}
+                        None => {
+                            group.members.push((member, admin));
+                            changed.push(member);
+                        }
+                    }
+                }
+            }
+            Op::Remove if admin => {
+                for entry in &mut group.members {
+                    if entry.1 && members.contains(&entry.0) {
+                        entry.1 = false;
+                        changed.push(entry.0);
+                    }
+                }
+                group.keep_an_admin();
+            }
+            Op::Remove | Op::Leave => {
+                let leaving = if op == Op::Leave {
+                    vec![account]
+                } else {
+                    members
+                };
+                group.members.retain(|(member, _)| {
+                    let stays = !leaving.contains(member);
+                    if !stays {
+                        changed.push(*member);
+                    }
+                    stays
+                });
+                group.keep_an_admin();
+                removed.clone_from(&changed);
+            }
+            Op::Create | Op::Info | Op::Unspecified => unreachable!("handled above"),
+        }
+        if changed.is_empty() {
+            let info = group.info(id);
+            return self.answer(account, conn, info, now_ms);
+        }
+        let event = GroupEvent {
+            op: op as i32,
+            members: changed.iter().map(|member| (*member).into()).collect(),
+            admin,
+            name: String::new(),
+        };
+        self.group_changed(id, account, conn, event, removed, now_ms);
+    }
+
+    /// A group homed here changed (`actor` made the change): its new state is kept, `conn` is
+    /// answered with the group as it is now, and every member and each of `removed` gets the
+    /// event (through the members' home shards, in order with the group's messages). A group
+    /// left without members ends.
+    fn group_changed(
+        &mut self,
+        id: UserId,
+        actor: UserId,
+        conn: ConnRef,
+        event: GroupEvent,
+        removed: Vec<UserId>,
+        now_ms: u64,
+    ) {
+        let group = self.groups.get_mut(&id).expect("the group that changed");
+        group.version += 1;
+        let snapshot = GroupSnapshot {
+            group: id,
+            version: group.version,
+            name: group.name.clone(),
+            members: group.members.clone(),
+        };
+        let info = group.info(id);
+        let mut recipients = group.accounts();
+        recipients.extend(removed);
+        if group.members.is_empty() {
+            self.groups.remove(&id);
+        }
+        self.counters.group_changes += 1;
+        self.actions
+            .push_back(Action::PersistGroup(Box::new(snapshot.clone())));
+        // The answer first: the requester's own event follows it on the same path.
+        self.answer(actor, conn, info, now_ms);
+        // An event is named by the group and its version: no client can name a message so.
+        let message = MessageRef {
+            outbox: 0,
+            seq: snapshot.version,
+        };
+        let body = event.to_body();
+        for member in recipients {
+            let envelope = Envelope {
+                from: actor,
+                device: id,
+                to: member,
+                conn: FANOUT_CONN,
+                message,
+                resend: false,
+                timestamp_ms: now_ms,
+                body: body.clone(),
+                group: Some(Box::new(GroupCopy {
+                    group: id,
+                    event: true,
+                })),
+            };
+            self.send_home(member, ShardMessage::Route(envelope), now_ms);
+        }
+    }
+
+    /// At a group's home shard: a member's message, queued for every other member (and so for
+    /// all their devices) through the members' home shards. Its ServerAck waits until every
+    /// member's shard answered.
+    fn fan_out(&mut self, envelope: Envelope, now_ms: u64) {
+        let group_id = envelope.to;
+        let reply_home = home_shard(envelope.from, self.shards);
+        let group = self.groups.get(&group_id).expect("checked by the caller");
+        if !group.is_member(envelope.from) {
+            // A group one is not in answers as one that does not exist.
+            self.counters.messages_rejected += 1;
+            let refusal = ShardMessage::Rejected {
+                sender: envelope.device,
+                conn: envelope.conn,
+                message: Some(envelope.message),
+                code: ErrorCode::UnknownUser,
+                reason: "no such user or group on this server",
+            };
+            return self.send_to(reply_home, refusal, now_ms);
+        }
+        let others: Vec<UserId> = group
+            .members
+            .iter()
+            .map(|(member, _)| *member)
+            .filter(|member| *member != envelope.from)
+            .collect();
+        let id = self.message_id(envelope.from, group_id, envelope.message);
+        let waiter = Waiter {
+            sender: envelope.device,
+            home: reply_home,
+            conn: envelope.conn,
+            message: envelope.message,
+            timestamp_ms: envelope.timestamp_ms,
+            copies: 0,
+        };
+        if let Some(fanout) = self.fanouts.get_mut(&(group_id, id)) {
+            self.counters.messages_deduplicated += 1;
+            if now_ms.saturating_sub(fanout.started_ms) < FANOUT_PATIENCE_MS {
+                // A resend while the copies are on their way: the newer connection waits.
+                fanout.waiter = Waiter {
+                    timestamp_ms: fanout.waiter.timestamp_ms,
+                    ..waiter
+                };
+                return;
+            }
+            // Waited too long: the copies go again (a member's shard answers a copy it holds
+            // at once).
+            self.fanouts.remove(&(group_id, id));
+        }
+        self.counters.group_messages += 1;
+        if others.is_empty() {
+            return self.accepted(waiter, id, now_ms);
+        }
+        self.fanouts.insert(
+            (group_id, id),
+            Fanout {
+                waiter,
+                started_ms: now_ms,
+                outstanding: others.len() as u32,
+                members: others.len() as u16,
+                copies: 0,
+                missed: Vec::new(),
+            },
+        );
+        for member in others {
+            let copy = Envelope {
+                from: envelope.from,
+                device: group_id,
+                to: member,
+                conn: FANOUT_CONN,
+                message: envelope.message,
+                resend: envelope.resend,
+                timestamp_ms: envelope.timestamp_ms,
+                body: envelope.body.clone(),
+                group: Some(Box::new(GroupCopy {
+                    group: group_id,
+                    event: false,
+                })),
+            };
+            self.send_home(member, ShardMessage::Route(copy), now_ms);
+        }
+    }
+
+    /// A member's shard answered for its copy of group message `id`: `copies` device copies
+    /// queued, or refused (`missed`, the member). When every member's has, the sender's
+    /// ServerAck goes, naming the members who missed it.
+    fn fanout_answered(
+        &mut self,
+        group: UserId,
+        id: u64,
+        copies: u16,
+        missed: Option<UserId>,
+        now_ms: u64,
+    ) {
+        let Some(fanout) = self.fanouts.get_mut(&(group, id)) else {
+            return; // an event's copy, or a fan-out given up
+        };
+        fanout.outstanding -= 1;
+        fanout.copies = fanout.copies.saturating_add(copies);
+        fanout.missed.extend(missed);
+        if fanout.outstanding > 0 {
+            return;
+        }
+        let fanout = self.fanouts.remove(&(group, id)).expect("just seen");
+        let waiter = fanout.waiter;
+        let ack = ServerAck {
+            seq: waiter.message.seq,
+            id,
+            timestamp_ms: waiter.timestamp_ms,
+            outbox: waiter.message.outbox,
+            members: u32::from(fanout.members),
+            copies: u32::from(fanout.copies),
+            missed: fanout.missed.into_iter().map(Into::into).collect(),
+        };
+        // To the sender's account's shard, where its device's connection is.
+        let answer = ShardMessage::Answer {
+            account: waiter.sender,
+            conn: waiter.conn,
+            stanza: Box::new(Stanza::of(Kind::ServerAck(ack))),
+        };
+        self.send_to(waiter.home, answer, now_ms);
+    }
+
+    /// At `account`'s home shard: `stanza` for the connection `conn` of one of its devices,
+    /// dropped (and counted) if that connection has gone: the client asks again.
+    fn reply(&mut self, account: UserId, conn: ConnRef, stanza: Stanza) {
+        if !self.conn_of_account(account, conn) {
+            self.counters.replies_dropped += 1;
+            return;
+        }
+        self.actions.push_back(Action::Send { conn, stanza });
+    }
+
+    /// Answers `account`'s connection `conn` (on the account's home shard) with `stanza`.
+    fn answer(&mut self, account: UserId, conn: ConnRef, stanza: Stanza, now_ms: u64) {
+        let answer = ShardMessage::Answer {
+            account,
+            conn,
+            stanza: Box::new(stanza),
+        };
+        self.send_home(account, answer, now_ms);
+    }
+
     /// Sent-sync: a copy of what one device of an account sends, queued for each of the
     /// account's other devices (all on this shard), under the message's id. A device whose
     /// queue is full misses the copy (counted).
@@ -1930,6 +2664,44 @@ impl Router {
     fn conn_of(&self, user: UserId) -> Option<ConnRef> {
         self.users.get(&user).and_then(User::conn)
     }
+}
+
+/// The users a stanza names: at most `max`, each a valid id, a repeated one dropped (the
+/// first kept, in order); else the Error's code and reason.
+fn named_users(
+    refs: &[UserRef],
+    max: usize,
+    too_many: &'static str,
+    invalid: &'static str,
+) -> Result<Vec<UserId>, (ErrorCode, &'static str)> {
+    if refs.len() > max {
+        return Err((ErrorCode::Limit, too_many));
+    }
+    let mut users = Vec::with_capacity(refs.len());
+    let mut seen = foldhash::HashSet::default();
+    for user in refs {
+        let user = UserRef::user(Some(user)).ok_or((ErrorCode::BadUserId, invalid))?;
+        if seen.insert(user) {
+            users.push(user);
+        }
+    }
+    Ok(users)
+}
+
+fn unknown_group() -> Stanza {
+    Stanza::error(
+        ErrorCode::UnknownGroup,
+        "no such group, or you are not a member of it",
+        None,
+    )
+}
+
+fn too_many_members() -> Stanza {
+    Stanza::error(
+        ErrorCode::Limit,
+        "the group would have more members than it may",
+        None,
+    )
 }
 
 /// Presence tells a last-seen time only to the minute: a watcher cannot time another user's

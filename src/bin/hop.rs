@@ -7,6 +7,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,8 +18,8 @@ use hop_protocol::client::{body_text, Client, ClientError, ServerTrust};
 use hop_protocol::keys::{parse_hex_key, StaticKey};
 use hop_protocol::outbox::Outbox;
 use hop_protocol::wire::{
-    ErrorCode, GoAwayReason, Kind, MessageRef, Receipt, ReceiptKind, Stanza, UserRef, Visibility,
-    CONTACTS_MAX,
+    ErrorCode, GoAwayReason, GroupEvent, Kind, MessageRef, Receipt, ReceiptKind, Stanza, UserRef,
+    Visibility, CONTACTS_MAX, GROUP_NAME_BYTES_MAX,
 };
 use hop_protocol::UserId;
 use serde_json::json;
@@ -65,6 +66,10 @@ enum Command {
     /// lists them. Prints the account's devices as JSON.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Create a group, change its members and admins, leave it, or show it. Prints the group
+    /// (id, name, members, admins) as JSON. Send to a group with `hop send --to GROUP`.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Operate a running hopd through its admin listener (hopd's `admin` setting); prints
     /// the answer as JSON.
     Admin(AdminArgs),
@@ -92,6 +97,51 @@ enum DeviceCommand {
         /// The companion's device id.
         device: UserId,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group of your account (its first admin) and the MEMBER_IDs (account ids, 32
+    /// hex digits each); prints the group's id (as `hop keygen` prints a user's), for
+    /// `GROUP=$(hop group create ...)`.
+    Create {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        /// The group's name (at most 100 bytes).
+        #[arg(long, default_value = "")]
+        name: String,
+        members: Vec<UserId>,
+    },
+    /// Add members (admins only). With --admin: add them as admins, or make members admins.
+    Add(GroupMembersArgs),
+    /// Remove members (admins only). With --admin: only take their admin role.
+    Remove(GroupMembersArgs),
+    /// Leave a group. The last admin to leave makes the oldest member an admin; the last
+    /// member to leave ends the group.
+    Leave(GroupArgs),
+    /// The group's name, members and admins (members only).
+    Info(GroupArgs),
+}
+
+#[derive(Debug, Args)]
+struct GroupArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The group's id (32 hex digits, as `hop group create` printed it).
+    #[arg(long, value_name = "GROUP_ID")]
+    group: UserId,
+}
+
+#[derive(Debug, Args)]
+struct GroupMembersArgs {
+    #[command(flatten)]
+    group: GroupArgs,
+    /// The admin role: given (add) or taken (remove).
+    #[arg(long)]
+    admin: bool,
+    /// Account ids (32 hex digits each).
+    #[arg(required = true)]
+    members: Vec<UserId>,
 }
 
 #[derive(Debug, Args)]
@@ -182,10 +232,11 @@ enum Tick {
 struct SendArgs {
     #[command(flatten)]
     connect: ConnectArgs,
-    /// Recipient user id (32 hex digits).
+    /// Recipient: a user id, or the id of a group you are a member of (32 hex digits).
     #[arg(long, value_name = "ID")]
     to: UserId,
-    /// Exit once this tick arrives.
+    /// Exit once this tick arrives. For a group, delivered and read mean by everyone: every
+    /// device of every other member acked it, every other member read it.
     #[arg(long, value_enum, default_value = "sent")]
     wait: Tick,
     /// Give up after this many seconds, retries included.
@@ -263,7 +314,91 @@ fn run(command: Command) -> Result<(), String> {
         Command::Privacy(args) => privacy(args),
         Command::Admin(args) => admin(args),
         Command::Device(command) => device(command),
+        Command::Group(command) => group(command),
     }
+}
+
+/// `hop group`: one GroupChange, and the group it is answered with.
+fn group(command: GroupCommand) -> Result<(), String> {
+    use hop_protocol::wire::{group_change::Op, GroupChange};
+    let change = |op: Op, group: Option<UserId>, members: Vec<UserId>, admin| GroupChange {
+        op: op as i32,
+        group: group.map(Into::into),
+        members: members.into_iter().map(Into::into).collect(),
+        admin,
+        ..GroupChange::default()
+    };
+    let creating = matches!(command, GroupCommand::Create { .. });
+    let (connect_args, change) = match command {
+        GroupCommand::Create {
+            connect,
+            name,
+            members,
+        } => {
+            if name.len() > GROUP_NAME_BYTES_MAX {
+                return Err(format!(
+                    "--name is at most {GROUP_NAME_BYTES_MAX} bytes, not {}",
+                    name.len()
+                ));
+            }
+            // A retry of this create (the same nonce) would find the same group.
+            let nonce = hop_protocol::outbox::random_nonzero()
+                .map_err(|_| "the system's random source failed")?;
+            let create = GroupChange {
+                name,
+                nonce,
+                ..change(Op::Create, None, members, false)
+            };
+            (connect, create)
+        }
+        GroupCommand::Add(GroupMembersArgs {
+            group,
+            admin,
+            members,
+        }) => (
+            group.connect,
+            change(Op::Add, Some(group.group), members, admin),
+        ),
+        GroupCommand::Remove(GroupMembersArgs {
+            group,
+            admin,
+            members,
+        }) => (
+            group.connect,
+            change(Op::Remove, Some(group.group), members, admin),
+        ),
+        GroupCommand::Leave(group) => {
+            let leave = change(Op::Leave, Some(group.group), Vec::new(), false);
+            (group.connect, leave)
+        }
+        GroupCommand::Info(group) => {
+            let info = change(Op::Info, Some(group.group), Vec::new(), false);
+            (group.connect, info)
+        }
+    };
+    let mut client = connect(&connect_args)?;
+    client
+        .send(&Stanza::of(Kind::GroupChange(change)))
+        .map_err(described)?;
+    let info = answer(&mut client, "group change", |kind| match kind {
+        Kind::GroupInfo(info) => Some(info),
+        _ => None,
+    })?;
+    client.close();
+    if creating {
+        println!("{}", user_text(info.group.as_ref()));
+        return Ok(());
+    }
+    let ids =
+        |list: &[UserRef]| -> Vec<String> { list.iter().map(|u| user_text(Some(u))).collect() };
+    emit(json!({
+        "event": "group",
+        "group": user_text(info.group.as_ref()),
+        "name": info.name,
+        "members": ids(&info.members),
+        "admins": ids(&info.admins),
+    }));
+    Ok(())
 }
 
 /// `hop device`: one DeviceChange, and the account's devices it is answered with.
@@ -527,6 +662,12 @@ struct Sending {
     /// The server id, once the ServerAck came.
     id: Option<u64>,
     reached: Option<Tick>,
+    /// For a group message, from its ServerAck: the other members and their devices' copies.
+    members: u32,
+    copies: u32,
+    /// Who has sent a delivered (devices) and a read (accounts) receipt of a group message.
+    delivered_by: BTreeSet<String>,
+    read_by: BTreeSet<String>,
 }
 
 /// How one connection of `hop send` ended.
@@ -546,6 +687,10 @@ fn send(args: SendArgs) -> Result<(), String> {
         message: None,
         id: None,
         reached: None,
+        members: 0,
+        copies: 0,
+        delivered_by: BTreeSet::new(),
+        read_by: BTreeSet::new(),
     };
     let mut outbox: Option<Outbox> = None;
     let mut delay = RETRY_DELAY_FIRST;
@@ -601,6 +746,22 @@ impl Sending {
     fn done(&self) -> bool {
         self.reached.is_some_and(|tick| tick >= self.wait)
     }
+
+    /// A receipt of this message: a tick for a user; for a group, one more device or member
+    /// towards "by everyone".
+    fn count(&mut self, kind: ReceiptKind, by: String) {
+        let read = kind == ReceiptKind::Read;
+        let tick = if self.members == 0 {
+            Some(if read { Tick::Read } else { Tick::Delivered })
+        } else if read {
+            self.read_by.insert(by);
+            (self.read_by.len() >= self.members as usize).then_some(Tick::Read)
+        } else {
+            self.delivered_by.insert(by);
+            (self.delivered_by.len() >= self.copies as usize).then_some(Tick::Delivered)
+        };
+        self.reached = self.reached.max(tick);
+    }
 }
 
 /// Sends (or sends again) the message on one connection and waits there for its ticks.
@@ -635,14 +796,27 @@ fn send_on(
             {
                 sending.id = Some(ack.id);
                 sending.reached = sending.reached.max(Some(Tick::Sent));
-                emit(json!({
+                // Members whose copy was refused will not tick: "everyone" is the others.
+                sending.members = ack.members.saturating_sub(ack.missed.len() as u32);
+                sending.copies = ack.copies;
+                let mut sent = json!({
                     "event": "sent",
                     "to": sending.to.to_string(),
                     "id": message_id(ack.id),
                     "outbox": message_id(message.outbox),
                     "seq": message.seq,
                     "timestamp_ms": ack.timestamp_ms,
-                }));
+                });
+                if ack.members > 0 {
+                    sent["members"] = json!(ack.members);
+                    sent["copies"] = json!(ack.copies);
+                    let missed: Vec<String> =
+                        ack.missed.iter().map(|m| user_text(Some(m))).collect();
+                    if !missed.is_empty() {
+                        sent["missed"] = json!(missed);
+                    }
+                }
+                emit(sent);
             }
             Some(Kind::Error(error))
                 if (error.outbox == message.outbox && error.seq == message.seq)
@@ -672,12 +846,7 @@ fn send_on(
                     Err(error) => return Ok(Ended::Retry(described(error))),
                 };
                 if Some(receipt.id) == sending.id {
-                    let tick = if kind == ReceiptKind::Read {
-                        Tick::Read
-                    } else {
-                        Tick::Delivered
-                    };
-                    sending.reached = sending.reached.max(Some(tick));
+                    sending.count(kind, user_text(receipt.by.as_ref()));
                 }
             }
             Some(Kind::GoAway(go_away)) if go_away_retryable(go_away.reason) => {
@@ -725,14 +894,23 @@ fn listen(args: ListenArgs) -> Result<(), String> {
                 }));
                 client.ack_deliver(deliver.id).map_err(described)?;
             }
+            Some(Kind::Deliver(deliver)) if deliver.event.is_some() => {
+                // A change of a group's members: shown and acked, not counted or read.
+                emit(group_event(&deliver));
+                client.ack_deliver(deliver.id).map_err(described)?;
+            }
             Some(Kind::Deliver(deliver)) => {
-                emit(json!({
+                let mut message = json!({
                     "event": "message",
                     "from": user_text(deliver.from.as_ref()),
                     "id": message_id(deliver.id),
                     "timestamp_ms": deliver.timestamp_ms,
                     "text": body_text(&deliver.body),
-                }));
+                });
+                if deliver.group.is_some() {
+                    message["group"] = json!(user_text(deliver.group.as_ref()));
+                }
+                emit(message);
                 client.ack_deliver(deliver.id).map_err(described)?;
                 if args.read {
                     if let Some(from) = UserRef::user(deliver.from.as_ref()) {
@@ -770,6 +948,36 @@ fn listen(args: ListenArgs) -> Result<(), String> {
     }
     client.close();
     Ok(())
+}
+
+/// A group event as `hop listen` prints it: who changed what.
+fn group_event(deliver: &hop_protocol::wire::Deliver) -> serde_json::Value {
+    let event: GroupEvent = deliver.event.clone().unwrap_or_default();
+    let op =
+        hop_protocol::wire::group_change::Op::try_from(event.op).map_or("unknown", |op| match op {
+            hop_protocol::wire::group_change::Op::Create => "create",
+            hop_protocol::wire::group_change::Op::Add => "add",
+            hop_protocol::wire::group_change::Op::Remove => "remove",
+            hop_protocol::wire::group_change::Op::Leave => "leave",
+            _ => "unknown",
+        });
+    let members: Vec<String> = event.members.iter().map(|m| user_text(Some(m))).collect();
+    let mut shown = json!({
+        "event": "group_change",
+        "group": user_text(deliver.group.as_ref()),
+        "op": op,
+        "by": user_text(deliver.from.as_ref()),
+        "members": members,
+        "id": message_id(deliver.id),
+        "timestamp_ms": deliver.timestamp_ms,
+    });
+    if event.admin {
+        shown["admin"] = json!(true);
+    }
+    if !event.name.is_empty() {
+        shown["name"] = json!(event.name);
+    }
+    shown
 }
 
 fn privacy(args: PrivacyArgs) -> Result<(), String> {

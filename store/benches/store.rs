@@ -43,6 +43,7 @@ fn append_batch(store: &mut ShardStore<FsIo>, first: u64) {
             timestamp_ms: 1,
             body: &BODY,
             sent: false,
+            group: None,
         };
         black_box(
             store

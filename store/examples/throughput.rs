@@ -37,6 +37,7 @@ fn enqueue(store: &mut ShardStore<FsIo>, records: u64) -> (f64, u64) {
             timestamp_ms: 1,
             body: &BODY,
             sent: false,
+            group: None,
         };
         store
             .append(1, user(1 + id % USERS), &item)

@@ -52,11 +52,7 @@ pub struct DeviceLog<I: Io> {
 impl<I: Io> DeviceLog<I> {
     /// Opens (or creates) `DATA/accounts/shard-K.devices`; a torn tail is cut off.
     pub fn open(io: &I, data: &Path, shard: u16) -> Result<Self, StoreError> {
-        let folder = crate::accounts::folder(data);
-        io.create_dir_all(&folder)
-            .map_err(StoreError::io(&folder))?;
-        let path = folder.join(format!("shard-{shard}{FILE_SUFFIX}"));
-        let (mut file, _) = store_io::open_or_create_log(io, &path, &folder, data)?;
+        let (mut file, path) = store_io::open_shard_log(io, data, shard, FILE_SUFFIX)?;
         let (good_bytes, _) = store_io::cut_torn_tail(&mut file, RECORD_BYTES, &path)?;
         Ok(Self {
             file,

@@ -27,6 +27,12 @@ pub const KIND_EXPIRED: u8 = 4;
 /// A copy, for its account's other devices, of a message one of its devices sent: laid out as
 /// a message, its peer the recipient (the sender is the queue's own account).
 pub const KIND_SENT: u8 = 5;
+/// A member's copy of a group message: laid out as a message with the group's id after the
+/// sender's, then the body.
+pub const KIND_GROUP: u8 = 6;
+/// A member's copy of a group membership change (the body is the encoded `GroupEvent`, the
+/// sender the member who made it), laid out as [`KIND_GROUP`].
+pub const KIND_GROUP_EVENT: u8 = 7;
 
 /// Bytes of a user id in a record.
 pub const USER_BYTES: usize = USER_ID_BYTES;
@@ -34,6 +40,8 @@ pub const USER_BYTES: usize = USER_ID_BYTES;
 const COMMON_BYTES: usize = 1 + USER_BYTES + 8;
 /// common | id u64 | timestamp_ms u64 | from 16, then the body.
 pub const MESSAGE_FIXED_BYTES: usize = COMMON_BYTES + 8 + 8 + USER_BYTES;
+/// A message's fixed bytes | group 16, then the body.
+pub const GROUP_FIXED_BYTES: usize = MESSAGE_FIXED_BYTES + USER_BYTES;
 /// common | id u64 | timestamp_ms u64 | by 16 | receipt kind u8
 pub const RECEIPT_PAYLOAD_BYTES: usize = MESSAGE_FIXED_BYTES + 1;
 /// kind u8 | seq u64: the record with sequence number `seq` is gone (sequence numbers are
@@ -42,7 +50,7 @@ pub const TOMBSTONE_PAYLOAD_BYTES: usize = 1 + 8;
 /// Largest message body the store keeps, in bytes (a wire body is smaller: 63 KiB).
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Largest payload a valid record has; a length above it is damage.
-pub const PAYLOAD_BYTES_MAX: usize = MESSAGE_FIXED_BYTES + BODY_BYTES_MAX;
+pub const PAYLOAD_BYTES_MAX: usize = GROUP_FIXED_BYTES + BODY_BYTES_MAX;
 /// Largest whole record, in bytes.
 pub const RECORD_BYTES_MAX: usize = RECORD_HEADER_BYTES + PAYLOAD_BYTES_MAX;
 
@@ -50,9 +58,18 @@ const _: () = assert!(TOMBSTONE_PAYLOAD_BYTES < MESSAGE_FIXED_BYTES);
 // The byte counts store/DESIGN.md gives.
 const _: () = assert!(TOMBSTONE_PAYLOAD_BYTES == 9);
 const _: () = assert!(MESSAGE_FIXED_BYTES == 57);
+const _: () = assert!(GROUP_FIXED_BYTES == 73);
 const _: () = assert!(RECEIPT_PAYLOAD_BYTES == 58);
 const _: () = assert!(RECEIPT_PAYLOAD_BYTES <= PAYLOAD_BYTES_MAX);
 const _: () = assert!(hop_protocol::wire::BODY_BYTES_MAX <= BODY_BYTES_MAX);
+
+/// The group of a member's copy of a group message or event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupTag {
+    pub group: UserId,
+    /// A membership change (the body is the encoded event), not a member's message.
+    pub event: bool,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -111,6 +128,8 @@ pub enum Payload<'a> {
         from: UserId,
         body: &'a [u8],
         sent: bool,
+        /// A member's copy of a group message or event.
+        group: Option<GroupTag>,
     },
     Receipt {
         user: UserId,
@@ -134,12 +153,22 @@ pub fn encode_message(
     from: UserId,
     body: &[u8],
     sent: bool,
+    group: Option<GroupTag>,
 ) {
     assert!(body.len() <= BODY_BYTES_MAX, "body checked by the caller");
-    let start = begin(out, if sent { KIND_SENT } else { KIND_MESSAGE }, user, seq);
+    let kind = match group {
+        Some(GroupTag { event: true, .. }) => KIND_GROUP_EVENT,
+        Some(GroupTag { event: false, .. }) => KIND_GROUP,
+        None if sent => KIND_SENT,
+        None => KIND_MESSAGE,
+    };
+    let start = begin(out, kind, user, seq);
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
     out.extend_from_slice(&from.to_bytes());
+    if let Some(tag) = group {
+        out.extend_from_slice(&tag.group.to_bytes());
+    }
     out.extend_from_slice(body);
     finish(out, start);
 }
@@ -200,7 +229,7 @@ pub fn decode(bytes: &[u8]) -> Option<(Payload<'_>, usize)> {
     let record = bytes.get(..total)?;
     let payload = &record[RECORD_HEADER_BYTES..];
     // Cheap plausibility first: resynchronisation tries this at every byte offset.
-    if !(KIND_MESSAGE..=KIND_SENT).contains(&payload[0]) {
+    if !(KIND_MESSAGE..=KIND_GROUP_EVENT).contains(&payload[0]) {
         return None;
     }
     if crc32c::crc32c(&record[4..]) != le_u32(record, 0) {
@@ -218,15 +247,35 @@ pub fn decode(bytes: &[u8]) -> Option<(Payload<'_>, usize)> {
     let user = user_at(payload, PAYLOAD_USER_AT)?;
     let seq = le_u64(payload, PAYLOAD_SEQ_AT);
     let decoded = match payload[0] {
-        KIND_MESSAGE | KIND_SENT if len >= MESSAGE_FIXED_BYTES => Payload::Message {
-            user,
-            seq,
-            id: le_u64(payload, PAYLOAD_ID_AT),
-            timestamp_ms: le_u64(payload, PAYLOAD_TIMESTAMP_AT),
-            from: user_at(payload, PAYLOAD_PEER_AT)?,
-            body: &payload[MESSAGE_FIXED_BYTES..],
-            sent: payload[0] == KIND_SENT,
-        },
+        kind @ (KIND_MESSAGE | KIND_SENT | KIND_GROUP | KIND_GROUP_EVENT) => {
+            let grouped = matches!(kind, KIND_GROUP | KIND_GROUP_EVENT);
+            let fixed = if grouped {
+                GROUP_FIXED_BYTES
+            } else {
+                MESSAGE_FIXED_BYTES
+            };
+            if len < fixed {
+                return None;
+            }
+            let group = if grouped {
+                Some(GroupTag {
+                    group: user_at(payload, PAYLOAD_GROUP_AT)?,
+                    event: kind == KIND_GROUP_EVENT,
+                })
+            } else {
+                None
+            };
+            Payload::Message {
+                user,
+                seq,
+                id: le_u64(payload, PAYLOAD_ID_AT),
+                timestamp_ms: le_u64(payload, PAYLOAD_TIMESTAMP_AT),
+                from: user_at(payload, PAYLOAD_PEER_AT)?,
+                body: &payload[fixed..],
+                sent: kind == KIND_SENT,
+                group,
+            }
+        }
         KIND_RECEIPT if len == RECEIPT_PAYLOAD_BYTES => Payload::Receipt {
             user,
             seq,
@@ -317,6 +366,8 @@ const PAYLOAD_ID_AT: usize = PAYLOAD_SEQ_AT + 8;
 const PAYLOAD_TIMESTAMP_AT: usize = PAYLOAD_ID_AT + 8;
 /// `from` of a message, `by` of a receipt.
 const PAYLOAD_PEER_AT: usize = PAYLOAD_TIMESTAMP_AT + 8;
+/// The group of a group copy.
+const PAYLOAD_GROUP_AT: usize = PAYLOAD_PEER_AT + USER_BYTES;
 
 const _: () = assert!(PAYLOAD_SEQ_AT + 8 == COMMON_BYTES);
 const _: () = assert!(PAYLOAD_PEER_AT + USER_BYTES == MESSAGE_FIXED_BYTES);
@@ -347,7 +398,17 @@ mod tests {
     #[test]
     fn each_kind_round_trips() {
         let mut bytes = Vec::new();
-        encode_message(&mut bytes, user(7), 1, 99, 1_000, user(8), b"hello", false);
+        encode_message(
+            &mut bytes,
+            user(7),
+            1,
+            99,
+            1_000,
+            user(8),
+            b"hello",
+            false,
+            None,
+        );
         encode_receipt(&mut bytes, user(8), 2, 99, 1_001, user(7), 2);
         encode_tombstone(&mut bytes, 1, false);
         encode_tombstone(&mut bytes, 2, true);
@@ -369,6 +430,7 @@ mod tests {
                 from: user(8),
                 body: b"hello",
                 sent: false,
+                group: None,
             },
             Payload::Receipt {
                 user: user(8),
@@ -431,7 +493,17 @@ mod tests {
             record
         };
         let mut bytes = Vec::new();
-        encode_message(&mut bytes, documented_user(), 5, 6, 7, peer, b"hi", false);
+        encode_message(
+            &mut bytes,
+            documented_user(),
+            5,
+            6,
+            7,
+            peer,
+            b"hi",
+            false,
+            None,
+        );
         let mut expected = fixed(KIND_MESSAGE, 57 + 2);
         expected.extend_from_slice(b"hi");
         assert_eq!(bytes, with_checksum(expected));
@@ -453,7 +525,7 @@ mod tests {
         let bytes = with_checksum(bytes);
         assert_eq!(decode(&bytes), None);
         let mut message = Vec::new();
-        encode_message(&mut message, user(7), 1, 1, 1, user(8), b"x", false);
+        encode_message(&mut message, user(7), 1, 1, 1, user(8), b"x", false, None);
         message[8 + 41..8 + 49].fill(0); // `from`
         assert_eq!(decode(&with_checksum(message)), None);
     }
@@ -462,7 +534,17 @@ mod tests {
     fn a_flipped_length_bit_is_skipped_and_the_next_record_found() {
         let mut bytes = Vec::new();
         for seq in 1..=3 {
-            encode_message(&mut bytes, user(7), seq, seq, 0, user(8), b"abc", false);
+            encode_message(
+                &mut bytes,
+                user(7),
+                seq,
+                seq,
+                0,
+                user(8),
+                b"abc",
+                false,
+                None,
+            );
         }
         bytes[message_record_bytes(3) + 5] ^= 0x01; // second record's length
         let mut seqs = Vec::new();

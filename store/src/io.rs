@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -42,6 +42,21 @@ pub fn append_durably<F: IoFile>(file: &mut F, bytes: &[u8], end: u64) -> io::Re
         return Err(error);
     }
     Ok(())
+}
+
+/// Opens (or creates) shard `shard`'s log `DATA/accounts/shard-K<suffix>`, with its folder.
+pub fn open_shard_log<I: Io>(
+    io: &I,
+    data: &Path,
+    shard: u16,
+    suffix: &str,
+) -> Result<(I::File, PathBuf), crate::StoreError> {
+    let folder = crate::accounts::folder(data);
+    io.create_dir_all(&folder)
+        .map_err(crate::StoreError::io(&folder))?;
+    let path = folder.join(format!("shard-{shard}{suffix}"));
+    let (file, _) = open_or_create_log(io, &path, &folder, data)?;
+    Ok((file, path))
 }
 
 /// Opens the log file `path` in `folder` (under `data`) for reading and writing, creating it if

@@ -21,6 +21,8 @@
 //! to): [`accounts::load`] at process start, an [`accounts::AccountLog`] per shard.
 //! `DATA/accounts/shard-K.privacy` holds the presence settings (who may see a user's
 //! presence): [`privacy::load`] at process start, a [`privacy::PrivacyLog`] per shard.
+//! `DATA/accounts/shard-K.groups` holds the chat groups (name, version, members; a whole
+//! snapshot per change): [`groups::load`] at process start, a [`groups::GroupLog`] per shard.
 //!
 //! Time is passed in; all IO goes through the [`io::Io`] seam. Two clocks, never mixed:
 //! - `now_ms`: a monotonic clock (milliseconds since some start, e.g. the process's). Batch
@@ -35,15 +37,18 @@ pub mod accounts;
 mod cache;
 pub mod devices;
 pub mod format;
+pub mod groups;
 pub mod io;
 pub mod privacy;
 mod rehome;
 mod report;
 mod shard;
+mod varlog;
 
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+pub use format::GroupTag;
 pub use rehome::{prepare, Layout, SHARDS_FILE};
 pub use report::{report, QueueReport, ShardReport, UserReport};
 pub use shard::{

@@ -41,6 +41,7 @@ use hop_protocol::UserId;
 use crate::accounts::{self, RepairReport, RepairedFile, REPAIR_COMMAND};
 use crate::format::{le_u32, le_u64};
 use crate::io::{self as store_io, Io, IoFile};
+use crate::varlog::{self, id_at, Event, RecordFormat, Window, READ_BYTES};
 use crate::StoreError;
 
 /// `hop_protocol::wire::Visibility::Everyone`: anyone may watch the user's presence.
@@ -68,9 +69,7 @@ pub const PENDING_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// records plus this many (1 MiB): a small file is never worth a rewrite.
 pub const COMPACT_SLACK_BYTES: u64 = 1024 * 1024;
 
-/// Bytes read per read call while scanning or copying a file (256 KiB): memory stays bounded
-/// however large the file is.
-const READ_BYTES: usize = 256 * 1024;
+const FILE_SUFFIX: &str = ".privacy";
 
 const _: () = assert!(PAYLOAD_FIXED_BYTES == 27, "store/DESIGN.md gives 27 bytes");
 const _: () = assert!(
@@ -178,7 +177,10 @@ impl<I: Io> PrivacyLog<I> {
         // Each user's last record in the file: (offset, bytes).
         let mut live: HashMap<UserId, (u64, u32)> = HashMap::new();
         let scanned = scan(&file, &path, |event| match event {
-            Event::Record { offset, view } => {
+            Event::Record {
+                offset,
+                record: view,
+            } => {
                 live.insert(view.user, (offset, view.record.len() as u32));
                 Ok(())
             }
@@ -252,19 +254,18 @@ impl<I: Io> PrivacyLog<I> {
     /// effort: if that fails too, the next flush still writes at the good length, over the
     /// torn bytes). Call again later to retry.
     pub fn flush(&mut self) -> io::Result<usize> {
-        if self.pending.is_empty() {
-            return Ok(0);
-        }
-        store_io::append_durably(&mut self.file, &self.pending, self.good_bytes)?;
-        self.good_bytes += self.pending.len() as u64;
-        let records = self.pending_records;
+        let records = varlog::flush_pending(
+            &mut self.file,
+            &mut self.good_bytes,
+            &mut self.pending,
+            &mut self.pending_records,
+        )?;
         if self.pending.capacity() > PENDING_BYTES_MAX {
             // An outage grew the buffer; give the memory back.
             self.pending = Vec::new();
-        } else {
-            self.pending.clear();
         }
-        self.pending_records = 0;
+        // `fold_pending` raises it only while records are buffered: an empty flush finds it
+        // at this already.
         self.fold_above_bytes = PENDING_BYTES_MAX;
         Ok(records)
     }
@@ -310,7 +311,7 @@ impl<I: Io> PrivacyLog<I> {
 
 /// `DATA/accounts/shard-K.privacy`.
 pub fn shard_path(data: &Path, shard: u16) -> PathBuf {
-    accounts::folder(data).join(format!("shard-{shard}.privacy"))
+    accounts::folder(data).join(format!("shard-{shard}{FILE_SUFFIX}"))
 }
 
 /// Reads every `shard-K.privacy` file under `DATA/accounts` (none when the folder does not
@@ -327,7 +328,7 @@ pub fn load<I: Io>(io: &I, data: &Path) -> Result<LoadedPrivacy, StoreError> {
         // wall clock stepped back between two of them.
         let mut latest_in_file: HashMap<UserId, Setting> = HashMap::new();
         let scanned = scan(&file, &path, |event| match event {
-            Event::Record { view, .. } => {
+            Event::Record { record: view, .. } => {
                 latest_in_file.insert(view.user, Setting::from(view));
                 Ok(())
             }
@@ -392,7 +393,7 @@ pub fn repair<I: Io>(io: &I, data: &Path) -> Result<RepairReport, StoreError> {
         let mut written = 0u64;
         let mut kept = 0u64;
         scan(&file, &path, |event| {
-            if let Event::Record { view, .. } = event {
+            if let Event::Record { record: view, .. } = event {
                 if out.len() + view.record.len() > READ_BYTES {
                     target
                         .write_all_at(&out, written)
@@ -546,12 +547,6 @@ fn possible_payload_bytes(payload_bytes: usize) -> bool {
         && (payload_bytes - PAYLOAD_FIXED_BYTES) % USER_ID_BYTES == 0
 }
 
-fn id_at(bytes: &[u8]) -> Option<UserId> {
-    let mut id = [0u8; USER_ID_BYTES];
-    id.copy_from_slice(bytes.get(..USER_ID_BYTES)?);
-    UserId::from_bytes(&id)
-}
-
 /// The records of a buffer `encode` wrote (trusted: no checks).
 fn pending_records(pending: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = pending;
@@ -593,161 +588,38 @@ fn corrupt(data: &Path, shard: u16, path: &Path, offset: u64, reason: &str) -> S
 
 /// The `shard-K.privacy` files under `DATA/accounts`, by shard number.
 fn shard_files<I: Io>(io: &I, data: &Path) -> Result<Vec<(u16, PathBuf)>, StoreError> {
-    let folder = accounts::folder(data);
-    let names = match io.list_dir(&folder) {
-        Ok(names) => names,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(error) => return Err(StoreError::io(&folder)(error)),
-    };
-    let mut files: Vec<(u16, PathBuf)> = names
-        .iter()
-        .filter_map(|name| {
-            let shard = name
-                .strip_prefix("shard-")?
-                .strip_suffix(".privacy")?
-                .parse::<u16>()
-                .ok()?;
-            Some((shard, folder.join(name)))
-        })
-        .collect();
-    files.sort_unstable();
-    Ok(files)
+    varlog::shard_files(io, data, FILE_SUFFIX)
 }
 
-/// A read buffer over one file: byte ranges are served from one [`READ_BYTES`] read at a time,
-/// read again from the asked offset when a range is not in memory.
-struct Window<'f, F> {
-    file: &'f F,
-    length: u64,
-    start: u64,
-    bytes: Vec<u8>,
-}
+/// The layout of a `shard-K.privacy` file's records, for [`varlog::scan`].
+enum PrivacyFile {}
 
-impl<'f, F: IoFile> Window<'f, F> {
-    fn new(file: &'f F, length: u64) -> Self {
-        Self {
-            file,
-            length,
-            start: 0,
-            bytes: Vec::new(),
+impl RecordFormat for PrivacyFile {
+    type Record<'a> = View<'a>;
+    const HEAD_BYTES: usize = RECORD_HEADER_BYTES;
+    const SMALLEST_BYTES: usize = RECORD_HEADER_BYTES + PAYLOAD_FIXED_BYTES;
+    const HEAD_PAST_END: &'static str = "its header runs past the end of the file";
+
+    fn record_bytes(header: &[u8]) -> Result<usize, &'static str> {
+        let payload_bytes = le_u32(header, 4) as usize;
+        if !possible_payload_bytes(payload_bytes) {
+            return Err("its length is not that of any record");
         }
+        Ok(RECORD_HEADER_BYTES + payload_bytes)
     }
 
-    /// The `len` bytes at `offset`, which lie within the file; `len` ≤ [`READ_BYTES`].
-    fn get(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
-        assert!(len <= READ_BYTES);
-        assert!(offset + len as u64 <= self.length);
-        let end = offset + len as u64;
-        if offset < self.start || end > self.start + self.bytes.len() as u64 {
-            let take = (self.length - offset).min(READ_BYTES as u64) as usize;
-            self.bytes.resize(take, 0);
-            self.file.read_exact_at(&mut self.bytes, offset)?;
-            self.start = offset;
-        }
-        let at = (offset - self.start) as usize;
-        Ok(&self.bytes[at..at + len])
+    fn parse(record: &[u8]) -> Result<View<'_>, &'static str> {
+        parse(record)
     }
 }
 
-/// What [`scan`] met, in file order.
-enum Event<'a> {
-    Record {
-        offset: u64,
-        view: View<'a>,
-    },
-    /// A damaged stretch from `offset` up to the next valid record.
-    Damaged {
-        offset: u64,
-        reason: &'static str,
-    },
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Scanned {
-    /// Valid records.
-    records: u64,
-    /// Damaged stretches with a valid record after them.
-    damaged: u64,
-    damaged_bytes: u64,
-    /// Where the torn tail starts: the file's length when there is none.
-    valid_end: u64,
-    torn_bytes: u64,
-}
-
-/// Walks the file record by record, calling `on_event` for each valid record and each damaged
-/// stretch that has a valid record after it; stops at the first error `on_event` returns.
-/// Where a record is damaged, the next record is searched for byte by byte (its length may be
-/// the damaged part); when none is found, the rest of the file is a torn tail.
+/// Walks the file's records; see [`varlog::scan`].
 fn scan<F: IoFile>(
     file: &F,
     path: &Path,
-    mut on_event: impl FnMut(Event<'_>) -> Result<(), StoreError>,
-) -> Result<Scanned, StoreError> {
-    let length = file.size_bytes().map_err(StoreError::io(path))?;
-    let mut window = Window::new(file, length);
-    let mut scanned = Scanned::default();
-    let mut offset = 0u64;
-    while offset < length {
-        let reason = match record_at(&mut window, offset).map_err(StoreError::io(path))? {
-            Ok(view) => {
-                let record_bytes = view.record.len() as u64;
-                scanned.records += 1;
-                on_event(Event::Record { offset, view })?;
-                offset += record_bytes;
-                continue;
-            }
-            Err(reason) => reason,
-        };
-        match next_valid(&mut window, offset + 1).map_err(StoreError::io(path))? {
-            Some(next) => {
-                debug_assert!(next > offset);
-                scanned.damaged += 1;
-                scanned.damaged_bytes += next - offset;
-                on_event(Event::Damaged { offset, reason })?;
-                offset = next;
-            }
-            None => {
-                scanned.torn_bytes = length - offset;
-                break;
-            }
-        }
-    }
-    scanned.valid_end = length - scanned.torn_bytes;
-    debug_assert!(offset <= length);
-    Ok(scanned)
-}
-
-/// The record at `offset`, or what is wrong with it.
-fn record_at<'w, F: IoFile>(
-    window: &'w mut Window<'_, F>,
-    offset: u64,
-) -> io::Result<Result<View<'w>, &'static str>> {
-    let left = window.length - offset;
-    if left < RECORD_HEADER_BYTES as u64 {
-        return Ok(Err("its header runs past the end of the file"));
-    }
-    let payload_bytes = le_u32(window.get(offset, RECORD_HEADER_BYTES)?, 4) as usize;
-    if !possible_payload_bytes(payload_bytes) {
-        return Ok(Err("its length is not that of any record"));
-    }
-    let record_bytes = RECORD_HEADER_BYTES + payload_bytes;
-    if record_bytes as u64 > left {
-        return Ok(Err("it runs past the end of the file"));
-    }
-    Ok(parse(window.get(offset, record_bytes)?))
-}
-
-/// The first offset from `from` on where a valid record starts.
-fn next_valid<F: IoFile>(window: &mut Window<'_, F>, from: u64) -> io::Result<Option<u64>> {
-    let smallest = (RECORD_HEADER_BYTES + PAYLOAD_FIXED_BYTES) as u64;
-    let mut offset = from;
-    while offset + smallest <= window.length {
-        if record_at(window, offset)?.is_ok() {
-            return Ok(Some(offset));
-        }
-        offset += 1;
-    }
-    Ok(None)
+    on_event: impl FnMut(Event<View<'_>>) -> Result<(), StoreError>,
+) -> Result<varlog::Scanned, StoreError> {
+    varlog::scan::<PrivacyFile, F>(file, path, on_event)
 }
 
 /// Writes the `records` (offset and bytes in `source`, in file order) to a new file at

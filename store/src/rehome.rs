@@ -124,12 +124,14 @@ pub fn prepare<I: Io + Clone>(
                         timestamp_ms,
                         body,
                         sent,
+                        group,
                     } => Item::Message {
                         from: *from,
                         id: *id,
                         timestamp_ms: *timestamp_ms,
                         body,
                         sent: *sent,
+                        group: *group,
                     },
                     StoredItem::Receipt {
                         id,

@@ -10,7 +10,7 @@ use hop_protocol::wire::receipt_ack_id;
 use hop_protocol::UserId;
 
 use crate::cache::BlockCache;
-use crate::format::{self, Payload, SegmentHeader, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
+use crate::format::{self, GroupTag, Payload, SegmentHeader, SEGMENT_HEADER_BYTES};
 use crate::io::{Io, IoFile};
 use crate::{AppendError, CommitError, Durability, Options, Quota, StoreError};
 
@@ -26,6 +26,8 @@ pub enum Item<'a> {
         body: &'a [u8],
         /// A copy of a message the queue's own account sent, for its other devices.
         sent: bool,
+        /// A member's copy of a group message or event.
+        group: Option<GroupTag>,
     },
     /// A receipt waiting for the original sender; `kind` is the wire `ReceiptKind` value
     /// (never 0, which names a message in [`ShardStore::mark_delivered`]).
@@ -48,6 +50,8 @@ pub enum StoredItem {
         body: Bytes,
         /// A copy of a message the queue's own account sent, for its other devices.
         sent: bool,
+        /// A member's copy of a group message or event.
+        group: Option<GroupTag>,
     },
     Receipt {
         id: u64,
@@ -289,6 +293,7 @@ impl<I: Io> ShardStore<I> {
                 timestamp_ms,
                 body,
                 sent,
+                group,
             } => {
                 format::encode_message(
                     &mut self.buffer,
@@ -299,6 +304,7 @@ impl<I: Io> ShardStore<I> {
                     from,
                     body,
                     sent,
+                    group,
                 );
                 (id, timestamp_ms, 0)
             }
@@ -918,15 +924,17 @@ fn decode_item(
             from,
             body,
             sent,
+            group,
         } if owner == user && stored_seq == seq => {
-            let start = position + RECORD_HEADER_BYTES + format::MESSAGE_FIXED_BYTES;
-            debug_assert_eq!(body.len(), position + length - start);
+            // The body ends the record (a group copy's fixed part is longer).
+            let start = position + length - body.len();
             Some(StoredItem::Message {
                 from,
                 id,
                 timestamp_ms,
                 body: bytes.slice(start..position + length),
                 sent,
+                group,
             })
         }
         Payload::Receipt {
@@ -1524,6 +1532,7 @@ mod tests {
             timestamp_ms: 1,
             body: &body,
             sent: false,
+            group: None,
         };
         store.append(1, who, &item).expect("append");
     }

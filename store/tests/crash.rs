@@ -9,8 +9,8 @@ use hop_protocol::wire::receipt_ack_id;
 use hop_protocol::UserId;
 use hop_store::io::{Faults, FaultyIo, FsIo};
 use hop_store::{
-    prepare, report, AppendError, Durability, Item, Options, Quota, Record, ShardStore, StoreError,
-    StoredItem,
+    prepare, report, AppendError, Durability, GroupTag, Item, Options, Quota, Record, ShardStore,
+    StoreError, StoredItem,
 };
 
 const MINUTE_MS: u64 = 60_000;
@@ -47,6 +47,7 @@ fn message(id: u64, body: &[u8]) -> Item<'_> {
         timestamp_ms: 1_000 + id,
         body,
         sent: false,
+        group: None,
     }
 }
 
@@ -284,6 +285,7 @@ fn expiry_with_injected_clock_removes_old_records_only() {
         timestamp_ms,
         body: b"b",
         sent: false,
+        group: None,
     };
     store.append(0, user(7), &item(1, 0)).expect("append");
     store.append(0, user(8), &item(2, 0)).expect("append");
@@ -491,6 +493,7 @@ fn expiry_reads_the_wall_clock_and_batching_the_monotonic_one() {
         timestamp_ms: sent_wall_ms,
         body: b"b",
         sent: false,
+        group: None,
     };
     store.append(5, user(7), &item).expect("append");
     assert_eq!(store.next_commit_deadline(), Some(5 + 2), "monotonic batch");
@@ -727,6 +730,7 @@ fn a_sent_copy_comes_back_as_a_sent_copy_after_a_restart() {
         timestamp_ms: 1_000,
         body: b"what I sent",
         sent: true,
+        group: None,
     };
     store.append(1_000, user(1), &copy).expect("append");
     store
@@ -775,4 +779,57 @@ fn receipts_of_one_message_by_two_devices_are_acked_one_by_one_across_a_restart(
     let left = read_all(&mut store, user(7));
     assert_eq!(left.len(), 1);
     assert!(matches!(left[0].item, StoredItem::Receipt { by, .. } if by == user(2)));
+}
+
+/// Guards against a member's copy of a group message (or of a group event) losing its group,
+/// or its body the group id's bytes, across a restart and a re-homing.
+#[test]
+fn group_copies_and_events_keep_their_group_across_a_restart_and_a_rehoming() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let data = temp.path();
+    let member = user(6);
+    let tag = |event| {
+        Some(GroupTag {
+            group: user(77),
+            event,
+        })
+    };
+    let mut store = open(data, options());
+    for (id, body, event) in [
+        (1, &b"to the group"[..], false),
+        (2, &b"\x08\x02"[..], true),
+    ] {
+        let copy = Item::Message {
+            from: user(2),
+            id,
+            timestamp_ms: 1_000,
+            body,
+            sent: false,
+            group: tag(event),
+        };
+        store.append(1_000, member, &copy).expect("append");
+    }
+    store.commit(1_000).expect("commit");
+    drop(store);
+    prepare(&FsIo, data, 3, home, options(), 0).expect("re-home onto 3 shards");
+    let shard = home(member, 3);
+    let mut store = ShardStore::open(data, shard, 3, options(), FsIo, 1_000)
+        .expect("open")
+        .0;
+    let got: Vec<(u64, Vec<u8>, Option<GroupTag>)> = read_all(&mut store, member)
+        .into_iter()
+        .map(|record| match record.item {
+            StoredItem::Message {
+                id, body, group, ..
+            } => (id, body.to_vec(), group),
+            other => panic!("not a message: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, b"to the group".to_vec(), tag(false)),
+            (2, b"\x08\x02".to_vec(), tag(true)),
+        ]
+    );
 }

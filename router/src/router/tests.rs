@@ -42,6 +42,8 @@ struct Cluster {
     taken: Vec<UserId>,
     /// Devices whose unlink the routers asked to keep.
     unlinked: Vec<UserId>,
+    /// Group snapshots kept, in order.
+    groups_kept: Vec<crate::GroupSnapshot>,
 }
 
 /// The outbox the harness declares for connection `conn`.
@@ -68,6 +70,7 @@ impl Cluster {
             persisted_privacy: false,
             taken: Vec::new(),
             unlinked: Vec::new(),
+            groups_kept: Vec::new(),
         }
     }
 
@@ -110,29 +113,37 @@ impl Cluster {
                             sent_to,
                         } => {
                             let key = (user, id, ReceiptKind::Unspecified as i32);
-                            match self.disk.get(&key) {
-                                Some(Queued::Message { body, .. } | Queued::Sent { body, .. })
-                                    if !self.rotten.contains(&id) =>
-                                {
-                                    let stanza = match sent_to {
-                                        Some(to) => Stanza::deliver_sent(
+                            let kept = match self.disk.get(&key) {
+                                Some(Queued::Group {
+                                    group, body, event, ..
+                                }) => Some((body.clone(), Some((*group, *event)))),
+                                Some(Queued::Message { body, .. } | Queued::Sent { body, .. }) => {
+                                    Some((body.clone(), None))
+                                }
+                                _ => None,
+                            };
+                            match kept.filter(|_| !self.rotten.contains(&id)) {
+                                Some((body, group)) => {
+                                    let stanza = match (sent_to, group) {
+                                        (_, Some((group, event))) => Stanza::deliver_group(
                                             from,
-                                            to,
+                                            group,
                                             id,
                                             timestamp_ms,
-                                            body.clone(),
-                                        ),
-                                        None => Stanza::deliver(
-                                            from,
-                                            id,
-                                            timestamp_ms,
-                                            body.clone(),
+                                            body,
                                             proof,
+                                            event,
                                         ),
+                                        (Some(to), None) => {
+                                            Stanza::deliver_sent(from, to, id, timestamp_ms, body)
+                                        }
+                                        (None, None) => {
+                                            Stanza::deliver(from, id, timestamp_ms, body, proof)
+                                        }
                                     };
                                     self.sent.entry(conn).or_default().push(stanza);
                                 }
-                                _ => {
+                                None => {
                                     self.disk.remove(&key);
                                     self.routers[index].handle_unreadable(user, id);
                                 }
@@ -141,8 +152,10 @@ impl Cluster {
                         Action::PersistBinding { user, .. } => self.persisted.push(user),
                         Action::PersistPrivacy { .. } => self.persisted_privacy = true,
                         Action::Keep { user, item } => {
-                            self.disk
-                                .insert((user, item.id(), item.ack_kind() as i32), item.clone());
+                            self.disk.insert(
+                                (user, item.ack_id(), item.ack_kind() as i32),
+                                item.clone(),
+                            );
                             if self.keep_at_once {
                                 let now = self.now_ms;
                                 self.routers[index].handle_kept(
@@ -164,6 +177,7 @@ impl Cluster {
                             self.routers[index].handle_link_result(account, device, conn, free);
                         }
                         Action::UnlinkDevice { device, .. } => self.unlinked.push(device),
+                        Action::PersistGroup(snapshot) => self.groups_kept.push(*snapshot),
                         Action::Forget { user, id, kind } => {
                             self.disk.remove(&(user, id, kind as i32));
                             self.forgotten.push((user, id, kind));
@@ -201,18 +215,8 @@ impl Cluster {
     /// the recipient in full.
     fn send(&mut self, from: UserId, conn: u64, to: UserId, seq: u64, body: &'static [u8]) {
         self.declare(from, conn, outbox_of(conn));
-        self.stanza(
-            from,
-            conn,
-            Kind::Send(hop_protocol::wire::Send {
-                to: Some(to.into()),
-                seq,
-                body: Bytes::from_static(body),
-                alias: 0,
-                resend: false,
-            }),
-        )
-        .unwrap();
+        self.stanza(from, conn, send_of(to, seq, body, false))
+            .unwrap();
     }
 
     /// Declares outbox `outbox` on the connection, once per connection.
@@ -260,6 +264,17 @@ impl Cluster {
     fn take(&mut self, conn: u64) -> Vec<Stanza> {
         self.sent.remove(&ConnRef(conn)).unwrap_or_default()
     }
+}
+
+/// A Send naming its recipient in full.
+fn send_of(to: UserId, seq: u64, body: &'static [u8], resend: bool) -> Kind {
+    Kind::Send(hop_protocol::wire::Send {
+        to: Some(to.into()),
+        seq,
+        body: Bytes::from_static(body),
+        alias: 0,
+        resend,
+    })
 }
 
 fn key_of(user: UserId) -> [u8; KEY_BYTES] {
@@ -558,15 +573,7 @@ fn a_send_needs_an_outbox_and_a_seq() {
     let bob = cluster.user_on(0, 1);
     cluster.connect(alice, 1);
     cluster.connect(bob, 2);
-    let send = |seq| {
-        Kind::Send(hop_protocol::wire::Send {
-            to: Some(bob.into()),
-            seq,
-            body: Bytes::from_static(b"x"),
-            alias: 0,
-            resend: false,
-        })
-    };
+    let send = |seq| send_of(bob, seq, b"x", false);
     cluster.stanza(alice, 1, send(1)).unwrap();
     assert_eq!(
         error_code(&only(cluster.take(1))),
@@ -776,6 +783,8 @@ fn server_only_stanzas_from_a_client_are_violations() {
         body: Bytes::new(),
         proof: 0,
         to: None,
+        group: None,
+        event: None,
     });
     assert!(cluster.stanza(alice, 1, forged).is_err());
     let shard = usize::from(home_shard(alice, 1));
@@ -882,7 +891,7 @@ fn a_resend_of_a_queued_message_gets_the_original_ack_and_is_queued_once() {
     );
     assert_eq!(cluster.unkept.len(), 1, "queued once");
     cluster.keep_all();
-    let first = *server_ack(&only(cluster.take(2)));
+    let first = server_ack(&only(cluster.take(2))).clone();
     assert_eq!((first.outbox, first.seq), (outbox_of(1), 1));
     // Once durable, a resend is answered at once with the same id and time.
     cluster.connect(alice, 3);
@@ -1656,7 +1665,7 @@ fn bad_presence_settings_get_errors() {
 fn an_unmarked_resend_is_queued_again_under_the_same_id() {
     let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
     cluster.send(alice, 1, bob, 1, b"once?");
-    let first = *server_ack(&only(cluster.take(1)));
+    let first = server_ack(&only(cluster.take(1))).clone();
     cluster.connect(alice, 2);
     cluster.declare(alice, 2, outbox_of(1));
     cluster.send(alice, 2, bob, 1, b"once?");
@@ -1967,4 +1976,223 @@ fn a_companion_watches_presence_and_the_account_stops_with_its_last_device() {
     cluster.disconnect(alice, 4);
     cluster.connect(bob, 5);
     assert!(cluster.take(5).is_empty());
+}
+
+/// A group change from `user`'s connection `conn`.
+fn change_group(
+    cluster: &mut Cluster,
+    user: UserId,
+    conn: u64,
+    op: group_change::Op,
+    group: Option<UserId>,
+    members: &[UserId],
+) {
+    let change = GroupChange {
+        op: op as i32,
+        group: group.map(Into::into),
+        members: members.iter().map(|m| (*m).into()).collect(),
+        name: "g".into(),
+        nonce: 1,
+        admin: false,
+    };
+    cluster
+        .stanza(user, conn, Kind::GroupChange(change))
+        .unwrap();
+}
+
+/// Alice makes a group of herself and members on every shard; returns its id. Everyone's
+/// stanzas so far are taken.
+fn group_of_three(cluster: &mut Cluster) -> (UserId, [UserId; 3]) {
+    let people = [
+        cluster.user_on(0, 0),
+        cluster.user_on(1, 0),
+        cluster.user_on(2, 0),
+    ];
+    for (conn, user) in people.iter().enumerate() {
+        cluster.connect(*user, conn as u64 + 1);
+    }
+    change_group(
+        cluster,
+        people[0],
+        1,
+        group_change::Op::Create,
+        None,
+        &people[1..],
+    );
+    cluster.keep_all();
+    let group = UserId::of_group(people[0], 1);
+    for conn in 1..=3 {
+        cluster.take(conn);
+    }
+    (group, people)
+}
+
+#[test]
+fn a_group_messages_server_ack_waits_for_every_members_copy_on_disk() {
+    let mut cluster = Cluster::new(3, Limits::default());
+    cluster.keep_at_once = false;
+    let (group, [alice, ..]) = group_of_three(&mut cluster);
+    cluster.send(alice, 1, group, 1, b"to all");
+    let copies: Vec<Stanza> = [2, 3].iter().flat_map(|conn| cluster.take(*conn)).collect();
+    assert_eq!(copies.len(), 2, "one Deliver per other member, at once");
+    for copy in &copies {
+        let got = deliver(copy);
+        assert_eq!(UserRef::user(got.group.as_ref()), Some(group));
+        assert_eq!(UserRef::user(got.from.as_ref()), Some(alice));
+    }
+    assert!(
+        cluster.take(1).is_empty(),
+        "no ServerAck before the copies are kept"
+    );
+    // One member's copy on disk is not enough.
+    let (shard, user, item) = cluster.unkept.remove(0);
+    let now = cluster.now_ms;
+    cluster.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), now);
+    cluster.run();
+    assert!(cluster.take(1).is_empty());
+    cluster.keep_all();
+    let ticks = cluster.take(1);
+    let Some(Kind::ServerAck(ack)) = &only(ticks).kind else {
+        panic!("a ServerAck");
+    };
+    assert_eq!((ack.members, ack.copies), (2, 2));
+    assert_eq!(ack.id, deliver(&copies[0]).id);
+}
+
+#[test]
+fn a_resend_of_a_group_message_waits_on_or_restarts_its_fan_out_and_is_queued_once() {
+    let mut cluster = Cluster::new(3, Limits::default());
+    cluster.keep_at_once = false;
+    let (group, [alice, bob, carol]) = group_of_three(&mut cluster);
+    cluster.disconnect(bob, 2);
+    cluster.disconnect(carol, 3);
+    cluster.send(alice, 1, group, 1, b"once");
+    // Alice reconnects and resends before the copies are kept: the new connection waits.
+    cluster.connect(alice, 4);
+    cluster.declare(alice, 4, outbox_of(1));
+    let resend = |seq| send_of(group, seq, b"once", true);
+    cluster.stanza(alice, 4, resend(1)).unwrap();
+    cluster.keep_all();
+    assert!(cluster
+        .take(1)
+        .iter()
+        .all(|s| !matches!(s.kind, Some(Kind::ServerAck(_)))));
+    let server_acks = |stanzas: Vec<Stanza>| {
+        stanzas
+            .iter()
+            .filter(|s| matches!(s.kind, Some(Kind::ServerAck(_))))
+            .count()
+    };
+    assert_eq!(server_acks(cluster.take(4)), 1);
+    // Long after (its ack lost again), a resend fans out anew; each member's shard finds its
+    // copy still queued and answers at once: no second copy.
+    cluster.now_ms += FANOUT_PATIENCE_MS * 2;
+    cluster.stanza(alice, 4, resend(1)).unwrap();
+    assert_eq!(server_acks(cluster.take(4)), 1);
+    assert!(cluster.unkept.is_empty(), "nothing queued twice");
+    for member in [bob, carol] {
+        let shard = usize::from(home_shard(member, 3));
+        assert_eq!(
+            cluster.routers[shard].user_report(member).queued_messages,
+            2,
+            "{member}"
+        );
+    }
+}
+
+#[test]
+fn group_changes_are_kept_as_snapshots_and_a_restored_group_serves_its_members() {
+    let mut cluster = Cluster::new(3, Limits::default());
+    let (group, [alice, bob, carol]) = group_of_three(&mut cluster);
+    change_group(
+        &mut cluster,
+        alice,
+        1,
+        group_change::Op::Remove,
+        Some(group),
+        &[carol],
+    );
+    change_group(
+        &mut cluster,
+        bob,
+        2,
+        group_change::Op::Leave,
+        Some(group),
+        &[],
+    );
+    let versions: Vec<(u64, usize)> = cluster
+        .groups_kept
+        .iter()
+        .map(|snapshot| (snapshot.version, snapshot.members.len()))
+        .collect();
+    assert_eq!(versions, [(1, 3), (2, 2), (3, 1)]);
+    // The last member leaving ends the group; it is kept as ended.
+    change_group(
+        &mut cluster,
+        alice,
+        1,
+        group_change::Op::Leave,
+        Some(group),
+        &[],
+    );
+    let ended = cluster.groups_kept.last().unwrap().clone();
+    assert!(ended.members.is_empty());
+    cluster.take(1);
+    change_group(
+        &mut cluster,
+        alice,
+        1,
+        group_change::Op::Info,
+        Some(group),
+        &[],
+    );
+    let Some(Kind::Error(error)) = &only(cluster.take(1)).kind else {
+        panic!("an Error");
+    };
+    assert_eq!(error.code, ErrorCode::UnknownGroup as i32);
+
+    // A snapshot restored on a router of another shard count serves from its new home.
+    let mut fresh = Cluster::new(2, Limits::default());
+    let snapshot = cluster.groups_kept[1].clone();
+    for router in &mut fresh.routers {
+        router.restore_group(snapshot.clone());
+    }
+    let homed: usize = fresh.routers.iter().map(Router::groups_homed).sum();
+    assert_eq!(homed, 1, "on its home shard only");
+    fresh.connect(alice, 1);
+    fresh.connect(bob, 2);
+    fresh.send(alice, 1, group, 1, b"after the move");
+    let got = only(fresh.take(2));
+    assert_eq!(UserRef::user(deliver(&got).group.as_ref()), Some(group));
+}
+
+#[test]
+fn a_member_whose_queue_is_full_is_named_in_the_senders_server_ack() {
+    let limits = Limits {
+        queue_messages_max: 1,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(3, limits);
+    // Each member's queue holds the create event, unacked: full.
+    let (group, [alice, bob, carol]) = group_of_three(&mut cluster);
+    cluster.send(alice, 1, group, 1, b"for whom?");
+    let Some(Kind::ServerAck(ack)) = &only(cluster.take(1)).kind else {
+        panic!("a ServerAck");
+    };
+    let mut missed: Vec<UserId> = ack
+        .missed
+        .iter()
+        .map(|m| UserRef::user(Some(m)).unwrap())
+        .collect();
+    missed.sort();
+    let mut expected = vec![bob, carol];
+    expected.sort();
+    assert_eq!((ack.members, ack.copies), (2, 0));
+    assert_eq!(missed, expected);
+    let refused: u64 = cluster
+        .routers
+        .iter()
+        .map(|router| router.counters().group_copies_refused)
+        .sum();
+    assert_eq!(refused, 2);
 }
