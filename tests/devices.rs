@@ -203,7 +203,7 @@ fn a_message_to_an_account_reaches_all_its_devices_and_a_companion_sends_as_the_
     let copy = deliver(&mut bob);
     assert_eq!(copy.id, got.id);
     assert_eq!(UserRef::user(copy.from.as_ref()), Some(bob_id));
-    assert_eq!(UserRef::user(copy.to.as_ref()), Some(alice_key.user_id()));
+    assert_eq!(UserRef::user(copy.to.as_deref()), Some(alice_key.user_id()));
     assert_eq!(&copy.body[..], b"from bob's phone");
 }
 
@@ -287,7 +287,7 @@ fn a_sent_copy_waits_for_an_offline_device_across_a_restart() {
         _ => None,
     });
     assert_eq!(UserRef::user(copy.from.as_ref()), Some(bob_key.user_id()));
-    assert_eq!(UserRef::user(copy.to.as_ref()), Some(alice_key.user_id()));
+    assert_eq!(UserRef::user(copy.to.as_deref()), Some(alice_key.user_id()));
     assert_eq!(&copy.body[..], b"kept for bob");
 }
 

@@ -182,8 +182,8 @@ fn deliver_len(deliver: &Deliver) -> usize {
             field_len(deliver.body.len())
         }
         + fixed64_len(deliver.proof)
-        + user_ref_field_len(deliver.to.as_ref())
-        + user_ref_field_len(deliver.group.as_ref())
+        + user_ref_field_len(deliver.to.as_deref())
+        + user_ref_field_len(deliver.group.as_deref())
 }
 
 fn encode_deliver(deliver: &Deliver, out: &mut Vec<u8>) {
@@ -196,8 +196,8 @@ fn encode_deliver(deliver: &Deliver, out: &mut Vec<u8>) {
         out.extend_from_slice(&deliver.body);
     }
     fixed64(5 << 3 | 1, deliver.proof, out);
-    user_ref_field(6 << 3 | 2, deliver.to.as_ref(), out);
-    user_ref_field(7 << 3 | 2, deliver.group.as_ref(), out);
+    user_ref_field(6 << 3 | 2, deliver.to.as_deref(), out);
+    user_ref_field(7 << 3 | 2, deliver.group.as_deref(), out);
 }
 
 fn receipt_len(receipt: &Receipt) -> usize {
@@ -365,8 +365,8 @@ impl Stanza {
         };
         let mut stanza = Self::deliver(from, id, timestamp_ms, body, proof);
         if let Some(Kind::Deliver(deliver)) = &mut stanza.kind {
-            deliver.group = Some(group.into());
-            deliver.event = event;
+            deliver.group = Some(Box::new(group.into()));
+            deliver.event = event.map(Box::new);
         }
         stanza
     }
@@ -381,7 +381,7 @@ impl Stanza {
     ) -> Self {
         let mut stanza = Self::deliver(account, id, timestamp_ms, body, 0);
         if let Some(Kind::Deliver(deliver)) = &mut stanza.kind {
-            deliver.to = Some(to.into());
+            deliver.to = Some(Box::new(to.into()));
         }
         stanza
     }
@@ -580,15 +580,15 @@ mod tests {
         for from in &users {
             for &number in &numbers {
                 for body in &bodies {
-                    for to in [None, *from, Some(user(5).into())] {
-                        for group in [None, Some(user(6).into())] {
+                    for to in [None, from.map(Box::new), Some(Box::new(user(5).into()))] {
+                        for group in [None, Some(Box::new(user(6).into()))] {
                             stanzas.push(Stanza::of(Kind::Deliver(Deliver {
                                 from: *from,
                                 id: number,
                                 timestamp_ms: number.rotate_left(7),
                                 body: body.clone(),
                                 proof: number ^ 1,
-                                to,
+                                to: to.clone(),
                                 group,
                                 event: None,
                             })));

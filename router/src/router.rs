@@ -146,10 +146,6 @@ pub struct Envelope {
     pub resend: bool,
     pub timestamp_ms: u64,
     pub body: Bytes,
-    /// Set on a member's copy of a group message or event, made at the group's home shard
-    /// (`to` is then the member, and replies go to the group's home shard). Boxed: the common
-    /// message does not carry its size.
-    pub group: Option<Box<GroupCopy>>,
 }
 
 /// What a member's copy of a group message carries besides the message.
@@ -192,6 +188,10 @@ pub struct GroupSnapshot {
 pub enum ShardMessage {
     /// A message for a user of the receiving shard.
     Route(Envelope),
+    /// A member's copy of a group message or event, made at the group's home shard, for the
+    /// member (`to`) of the receiving shard; replies go to the group's home shard. Apart from
+    /// `Route` and boxed, so that a 1:1 message's mail does not carry its size.
+    RouteCopy(Box<(Envelope, GroupCopy)>),
     /// The recipient's shard took `message` of `sender`: send the ServerAck on `conn`, if it is
     /// still the sender's connection (else drop it: the client sends again, and a resend gets
     /// the same ack).
@@ -313,6 +313,11 @@ pub enum Action {
         kind: ReceiptKind,
     },
 }
+
+// Every mail between shards and every action of the message path is one of these: what a
+// rare case (a group's copy, a sent copy) carries more is boxed, not inline.
+const _: () = assert!(std::mem::size_of::<ShardMessage>() <= 120);
+const _: () = assert!(std::mem::size_of::<Action>() <= 128);
 
 /// A stanza the client may not send; the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1081,7 +1086,11 @@ impl Router {
     /// Work from another shard.
     pub fn handle_shard_message(&mut self, message: ShardMessage, now_ms: u64) {
         match message {
-            ShardMessage::Route(envelope) => self.accept(envelope, now_ms),
+            ShardMessage::Route(envelope) => self.accept(envelope, None, now_ms),
+            ShardMessage::RouteCopy(copy) => {
+                let (envelope, copy) = *copy;
+                self.accept(envelope, Some(&copy), now_ms);
+            }
             ShardMessage::Accepted {
                 sender,
                 conn,
@@ -1364,7 +1373,6 @@ impl Router {
             resend: send.resend,
             timestamp_ms: now_ms,
             body: send.body,
-            group: None,
         };
         if account != from || self.devices.contains_key(&account) {
             self.copy_to_other_devices(&envelope);
@@ -1374,10 +1382,10 @@ impl Router {
 
     /// At the recipient's home shard: take the message into the recipient's queue, answer a
     /// resend of a queued one with the original's ack, or refuse.
-    fn accept(&mut self, envelope: Envelope, now_ms: u64) {
+    fn accept(&mut self, envelope: Envelope, group: Option<&GroupCopy>, now_ms: u64) {
         // A member's copy of a group message is named by the group, so that every copy has
         // one id; an event by the group alone (no client can name a message so).
-        let id = match envelope.group.as_deref() {
+        let id = match group {
             None => self.message_id(envelope.from, envelope.to, envelope.message),
             Some(GroupCopy {
                 group,
@@ -1389,11 +1397,11 @@ impl Router {
         };
         // Replies go where the sender's connection is, or for a group copy to the group's
         // home shard, which answers the sender once every member's shard answered.
-        let reply_home = match envelope.group.as_deref() {
+        let reply_home = match group {
             None => home_shard(envelope.from, self.shards),
             Some(copy) => home_shard(copy.group, self.shards),
         };
-        let reject = |code, reason| match envelope.group.as_deref() {
+        let reject = |code, reason| match group {
             Some(copy) => ShardMessage::CopyRefused {
                 group: copy.group,
                 id,
@@ -1408,7 +1416,7 @@ impl Router {
             },
         };
         let Some(state) = self.users.get_mut(&envelope.to) else {
-            if envelope.group.is_none() && self.groups.contains_key(&envelope.to) {
+            if group.is_none() && self.groups.contains_key(&envelope.to) {
                 return self.fan_out(envelope, now_ms);
             }
             self.counters.messages_rejected += 1;
@@ -1424,7 +1432,7 @@ impl Router {
         // not marked as one is queued again under the same id, which the recipient drops.
         if envelope.resend {
             if let Some(original) = state.queued_message(id, envelope.from) {
-                return self.answer_resend(envelope, id, original.timestamp_ms, now_ms);
+                return self.answer_resend(envelope, group, id, original.timestamp_ms, now_ms);
             }
         }
         let body_bytes = envelope.body.len();
@@ -1440,7 +1448,7 @@ impl Router {
             );
             return self.send_to(reply_home, message, now_ms);
         }
-        let item = match envelope.group.as_deref() {
+        let item = match group {
             None => Queued::Message {
                 from: envelope.from,
                 id,
@@ -1554,7 +1562,14 @@ impl Router {
     /// If the original is not durable yet, the resend's connection waits for its ack instead
     /// of the original's (one connection per user: the older one is gone); else the ack goes
     /// now, with the original's id and time.
-    fn answer_resend(&mut self, envelope: Envelope, id: u64, timestamp_ms: u64, now_ms: u64) {
+    fn answer_resend(
+        &mut self,
+        envelope: Envelope,
+        group: Option<&GroupCopy>,
+        id: u64,
+        timestamp_ms: u64,
+        now_ms: u64,
+    ) {
         self.counters.messages_deduplicated += 1;
         let waiting = self
             .pending
@@ -1565,7 +1580,7 @@ impl Router {
             waiter.message = envelope.message;
             return;
         }
-        let reply_home = match envelope.group.as_deref() {
+        let reply_home = match group {
             None => home_shard(envelope.from, self.shards),
             Some(copy) => home_shard(copy.group, self.shards),
         };
@@ -2400,12 +2415,13 @@ impl Router {
                 resend: false,
                 timestamp_ms: now_ms,
                 body: body.clone(),
-                group: Some(Box::new(GroupCopy {
-                    group: id,
-                    event: true,
-                })),
             };
-            self.send_home(member, ShardMessage::Route(envelope), now_ms);
+            let copy = GroupCopy {
+                group: id,
+                event: true,
+            };
+            let mail = ShardMessage::RouteCopy(Box::new((envelope, copy)));
+            self.send_home(member, mail, now_ms);
         }
     }
 
@@ -2482,12 +2498,13 @@ impl Router {
                 resend: envelope.resend,
                 timestamp_ms: envelope.timestamp_ms,
                 body: envelope.body.clone(),
-                group: Some(Box::new(GroupCopy {
-                    group: group_id,
-                    event: false,
-                })),
             };
-            self.send_home(member, ShardMessage::Route(copy), now_ms);
+            let tag = GroupCopy {
+                group: group_id,
+                event: false,
+            };
+            let mail = ShardMessage::RouteCopy(Box::new((copy, tag)));
+            self.send_home(member, mail, now_ms);
         }
     }
 

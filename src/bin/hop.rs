@@ -668,7 +668,14 @@ struct Sending {
     /// Who has sent a delivered (devices) and a read (accounts) receipt of a group message.
     delivered_by: BTreeSet<String>,
     read_by: BTreeSet<String>,
+    /// Receipts that came before the ServerAck named the message's id: a group message's
+    /// receipts can overtake its ServerAck, which waits for every member's shard.
+    early: Vec<(u64, ReceiptKind, String)>,
 }
+
+/// Receipts `hop send` keeps while it waits for its ServerAck: a group's every device copy
+/// and member read, with room to spare.
+const EARLY_RECEIPTS_MAX: usize = 16 * 1024;
 
 /// How one connection of `hop send` ended.
 enum Ended {
@@ -691,6 +698,7 @@ fn send(args: SendArgs) -> Result<(), String> {
         copies: 0,
         delivered_by: BTreeSet::new(),
         read_by: BTreeSet::new(),
+        early: Vec::new(),
     };
     let mut outbox: Option<Outbox> = None;
     let mut delay = RETRY_DELAY_FIRST;
@@ -817,6 +825,11 @@ fn send_on(
                     }
                 }
                 emit(sent);
+                for (id, kind, by) in std::mem::take(&mut sending.early) {
+                    if id == ack.id {
+                        sending.count(kind, by);
+                    }
+                }
             }
             Some(Kind::Error(error))
                 if (error.outbox == message.outbox && error.seq == message.seq)
@@ -845,8 +858,14 @@ fn send_on(
                     Ok(kind) => kind,
                     Err(error) => return Ok(Ended::Retry(described(error))),
                 };
-                if Some(receipt.id) == sending.id {
-                    sending.count(kind, user_text(receipt.by.as_ref()));
+                let by = user_text(receipt.by.as_ref());
+                match sending.id {
+                    Some(id) if id == receipt.id => sending.count(kind, by),
+                    Some(_) => {}
+                    None if sending.early.len() < EARLY_RECEIPTS_MAX => {
+                        sending.early.push((receipt.id, kind, by));
+                    }
+                    None => {}
                 }
             }
             Some(Kind::GoAway(go_away)) if go_away_retryable(go_away.reason) => {
@@ -887,7 +906,7 @@ fn listen(args: ListenArgs) -> Result<(), String> {
                 // Another device of this account sent it: shown, acked, not counted or read.
                 emit(json!({
                     "event": "sent",
-                    "to": user_text(deliver.to.as_ref()),
+                    "to": user_text(deliver.to.as_deref()),
                     "id": message_id(deliver.id),
                     "timestamp_ms": deliver.timestamp_ms,
                     "text": body_text(&deliver.body),
@@ -908,7 +927,7 @@ fn listen(args: ListenArgs) -> Result<(), String> {
                     "text": body_text(&deliver.body),
                 });
                 if deliver.group.is_some() {
-                    message["group"] = json!(user_text(deliver.group.as_ref()));
+                    message["group"] = json!(user_text(deliver.group.as_deref()));
                 }
                 emit(message);
                 client.ack_deliver(deliver.id).map_err(described)?;
@@ -952,7 +971,7 @@ fn listen(args: ListenArgs) -> Result<(), String> {
 
 /// A group event as `hop listen` prints it: who changed what.
 fn group_event(deliver: &hop_protocol::wire::Deliver) -> serde_json::Value {
-    let event: GroupEvent = deliver.event.clone().unwrap_or_default();
+    let event: GroupEvent = deliver.event.as_deref().cloned().unwrap_or_default();
     let op =
         hop_protocol::wire::group_change::Op::try_from(event.op).map_or("unknown", |op| match op {
             hop_protocol::wire::group_change::Op::Create => "create",
@@ -964,7 +983,7 @@ fn group_event(deliver: &hop_protocol::wire::Deliver) -> serde_json::Value {
     let members: Vec<String> = event.members.iter().map(|m| user_text(Some(m))).collect();
     let mut shown = json!({
         "event": "group_change",
-        "group": user_text(deliver.group.as_ref()),
+        "group": user_text(deliver.group.as_deref()),
         "op": op,
         "by": user_text(deliver.from.as_ref()),
         "members": members,

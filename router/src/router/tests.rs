@@ -1900,7 +1900,7 @@ fn an_account_with_a_companion_gets_every_message_on_both_devices() {
     let copy = only(cluster.take(1));
     let copy = deliver(&copy);
     assert_eq!(
-        (copy.id, copy.from, copy.to),
+        (copy.id, copy.from, copy.to.as_deref().copied()),
         (acked, Some(bob.into()), Some(alice.into()))
     );
     assert_eq!(&copy.body[..], b"from the phone");
@@ -2037,7 +2037,7 @@ fn a_group_messages_server_ack_waits_for_every_members_copy_on_disk() {
     assert_eq!(copies.len(), 2, "one Deliver per other member, at once");
     for copy in &copies {
         let got = deliver(copy);
-        assert_eq!(UserRef::user(got.group.as_ref()), Some(group));
+        assert_eq!(UserRef::user(got.group.as_deref()), Some(group));
         assert_eq!(UserRef::user(got.from.as_ref()), Some(alice));
     }
     assert!(
@@ -2163,7 +2163,7 @@ fn group_changes_are_kept_as_snapshots_and_a_restored_group_serves_its_members()
     fresh.connect(bob, 2);
     fresh.send(alice, 1, group, 1, b"after the move");
     let got = only(fresh.take(2));
-    assert_eq!(UserRef::user(deliver(&got).group.as_ref()), Some(group));
+    assert_eq!(UserRef::user(deliver(&got).group.as_deref()), Some(group));
 }
 
 #[test]
