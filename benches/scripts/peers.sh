@@ -6,6 +6,7 @@
 #   benches/scripts/peers.sh install
 #   benches/scripts/peers.sh compare throughput --pairs 50 --duration-ms 10000
 #   benches/scripts/peers.sh compare latency --rate 50000 --duration-ms 10000
+#   benches/scripts/peers.sh compare group --members 100 --groups 10
 #
 # PEERS picks the peers (default "mosquitto nats"); ejabberd is installed and run only when
 # named (its Erlang runtime is large): PEERS="mosquitto nats ejabberd". RESULTS names the folder for the JSON reports.
@@ -188,6 +189,7 @@ compare() {
     latency) figures=achieved_rate,latency.p50_us,latency.p99_us ;;
     ceiling) figures=held,handshakes_per_second ;;
     offline) figures=enqueue_per_second,drain_per_second ;;
+    group) figures=member_messages_per_second,latency.p50_us,latency.p99_us ;;
     *) figures=messages_per_second ;;
     esac
     echo "reports in $results"

@@ -3,10 +3,11 @@
 //! [`HopClient`] drives hop's own client connection (`session::ClientConnection`: the Noise XX
 //! handshake, then the open channel) and sends as a v2 client does: it declares a random
 //! outbox and numbers and names its messages through `outbox::Outbox`, so a message to a
-//! known peer carries an alias, not the peer's 16-byte id. [`MqttClient`] runs
-//! CONNECT/SUBSCRIBE and then PUBLISH. Both ack what the server delivers, as a real client does
-//! (hop: `Ack` for a Deliver and for a Receipt; MQTT: PUBACK for a QoS 1 PUBLISH), so the
-//! scenarios only count.
+//! known peer carries an alias, not the peer's 16-byte id. It also creates groups
+//! (`GroupChange`) and reports their answer (`GroupInfo`) and their change events apart from
+//! messages. [`MqttClient`] runs CONNECT/SUBSCRIBE and then PUBLISH. Both ack what the server
+//! delivers, as a real client does (hop: `Ack` for a Deliver, a group event included, and for
+//! a Receipt; MQTT: PUBACK for a QoS 1 PUBLISH), so the scenarios only count.
 
 use std::collections::BTreeSet;
 
@@ -15,7 +16,7 @@ use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
 use hop_protocol::keys::{StaticKey, KEY_BYTES};
 use hop_protocol::outbox::Outbox;
 use hop_protocol::session::{ClientConnection, ClientEvent, ClientInputError, PeerError};
-use hop_protocol::wire::{Ack, Kind, MessageRef, Ping, ReceiptKind, Stanza};
+use hop_protocol::wire::{Ack, GroupChange, Kind, MessageRef, Ping, ReceiptKind, Stanza, UserRef};
 use hop_protocol::UserId;
 use thiserror::Error;
 
@@ -28,6 +29,11 @@ pub enum Event {
     Opened,
     /// A message for this client, already acked to the server.
     Delivered { body: Bytes },
+    /// hop: a change of a group this client's account is a member of (a Deliver carrying a
+    /// `GroupEvent`), already acked to the server. Not a message: no receipt follows.
+    GroupEvent,
+    /// hop: the answer to a `GroupChange`: the group as it is now (`None`: no valid id).
+    GroupInfo { group: Option<UserId> },
     /// The server took responsibility for a message this client sent (ServerAck / PUBACK).
     /// hop: counted once per message, by its (outbox, seq).
     SendAcked,
@@ -142,8 +148,15 @@ impl HopClient {
                         id: deliver.id,
                         kind: ReceiptKind::Unspecified as i32,
                     });
-                    on_event(Event::Delivered { body: deliver.body });
+                    on_event(if deliver.event.is_some() {
+                        Event::GroupEvent
+                    } else {
+                        Event::Delivered { body: deliver.body }
+                    });
                 }
+                Some(Kind::GroupInfo(info)) => on_event(Event::GroupInfo {
+                    group: UserRef::user(info.group.as_ref()),
+                }),
                 Some(Kind::ServerAck(ack)) => {
                     let message = MessageRef {
                         outbox: ack.outbox,
@@ -201,6 +214,14 @@ impl HopClient {
         self.outbox.send(to, body, &mut self.stanzas);
         for stanza in self.stanzas.drain(..) {
             channel.queue(&stanza, out);
+        }
+    }
+
+    /// Queues a group change (create, add, ...); answered with `GroupInfo` or an Error.
+    /// Ignored until the connection is open.
+    pub fn change_group(&mut self, change: GroupChange, out: &mut Vec<u8>) {
+        if let Some(channel) = self.connection.channel() {
+            channel.queue(&Stanza::of(Kind::GroupChange(change)), out);
         }
     }
 
@@ -527,6 +548,65 @@ mod tests {
                 )
             ]
         );
+    }
+
+    #[test]
+    fn hop_client_creates_a_group_and_acks_its_events() {
+        let mut pair = Pair::open();
+        let member = UserId::from_public_key(&[4; 32]);
+        let mut out = Vec::new();
+        pair.client.change_group(
+            GroupChange {
+                op: hop_protocol::wire::group_change::Op::Create as i32,
+                members: vec![member.into()],
+                nonce: 9,
+                ..GroupChange::default()
+            },
+            &mut out,
+        );
+        pair.client.flush(&mut out);
+        let received = pair.feed_server(&out);
+        assert!(
+            matches!(&received[..], [Stanza { kind: Some(Kind::GroupChange(change)) }]
+                if change.nonce == 9 && change.members == [member.into()]),
+            "{received:?}"
+        );
+        let group = UserId::from_public_key(&[5; 32]);
+        let event = hop_protocol::wire::GroupEvent {
+            op: hop_protocol::wire::group_change::Op::Create as i32,
+            members: vec![member.into()],
+            ..Default::default()
+        };
+        let turn = pair
+            .server_sends(&[
+                Stanza::of(Kind::GroupInfo(hop_protocol::wire::GroupInfo {
+                    group: Some(group.into()),
+                    members: vec![member.into()],
+                    ..Default::default()
+                })),
+                Stanza::deliver_group(member, group, 31, 1, event.to_body(), 7, true),
+                Stanza::deliver_group(member, group, 32, 1, Bytes::from_static(b"hi"), 8, false),
+            ])
+            .unwrap();
+        assert_eq!(
+            turn.events,
+            [
+                Event::GroupInfo { group: Some(group) },
+                Event::GroupEvent,
+                Event::Delivered {
+                    body: Bytes::from_static(b"hi")
+                }
+            ]
+        );
+        let acked: Vec<u64> = turn
+            .replies
+            .iter()
+            .map(|stanza| match &stanza.kind {
+                Some(Kind::Ack(ack)) => ack.id,
+                _ => panic!("only acks, not {}", stanza.kind_name()),
+            })
+            .collect();
+        assert_eq!(acked, [31, 32], "the event is acked like a message");
     }
 
     #[test]

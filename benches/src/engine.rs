@@ -1,8 +1,9 @@
 //! The generator's event loop: one mio poll driving many non-blocking client sockets.
 //!
 //! Call order: [`Engine::open`] connections, queue work on them ([`Engine::send_hop`],
-//! [`Engine::publish`], [`Engine::ping`]), then call [`Engine::turn`], which writes what was
-//! queued, waits for readiness, reads, and returns what happened to each connection. Repeat.
+//! [`Engine::publish`], [`Engine::change_group`], [`Engine::ping`]), then call
+//! [`Engine::turn`], which writes what was queued, waits for readiness, reads, and returns what
+//! happened to each connection. Repeat.
 //! Writes are batched: everything queued on a connection in one turn goes out in one frame and
 //! one `write` where the socket takes it.
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hop_protocol::keys::{StaticKey, KEY_BYTES};
+use hop_protocol::wire::GroupChange;
 use hop_protocol::UserId;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -210,6 +212,15 @@ impl Engine {
         self.with(index, |state, out| {
             if let State::Mqtt(client) = state {
                 client.publish(topic, payload, qos, out);
+            }
+        });
+    }
+
+    /// Queues a hop group change; ignored unless `index` is an open hop connection.
+    pub fn change_group(&mut self, index: usize, change: GroupChange) {
+        self.with(index, |state, out| {
+            if let State::Hop(client) = state {
+                client.change_group(change, out);
             }
         });
     }

@@ -17,7 +17,7 @@ use hop_bench::report::Report;
 use hop_bench::scenario::{self, CeilingOptions, CeilingResult, Common};
 use hop_protocol::keys::parse_hex_key;
 
-/// Load generator for hopd and MQTT brokers: ceiling, throughput, latency, offline.
+/// Load generator for hopd and MQTT brokers: ceiling, throughput, latency, offline, group.
 #[derive(Debug, Parser)]
 #[command(name = "hop-bench", version, about)]
 struct Cli {
@@ -72,6 +72,27 @@ enum Scenario {
         pairs: usize,
         /// Undelivered messages allowed per direction of a pair.
         #[arg(long, default_value_t = 64)]
+        window: u64,
+        #[arg(long, default_value_t = 2_000)]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+    },
+    /// G groups of M members; one sender per group with a bounded window: delivered
+    /// member-messages/s and the time to fan a message out to every member.
+    Group {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Members of each group, its sender included (hop: at most 1,024); each message
+        /// reaches the other members - 1.
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        /// Groups, each with its own sender and members (members x groups clients).
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
+        /// Messages per group sent and not yet delivered to every other member. 1 measures
+        /// the fan-out of one message alone.
+        #[arg(long, default_value_t = 8)]
         window: u64,
         #[arg(long, default_value_t = 2_000)]
         warmup_ms: u64,
@@ -206,6 +227,23 @@ fn run(cli: Cli) -> Result<(), String> {
                 duration_ms,
             };
             (scenario::throughput(&common(&args)?, &options)?, args)
+        }
+        Scenario::Group {
+            common: args,
+            members,
+            groups,
+            window,
+            warmup_ms,
+            duration_ms,
+        } => {
+            let options = scenario::GroupOptions {
+                members,
+                groups,
+                window,
+                warmup_ms,
+                duration_ms,
+            };
+            (scenario::group(&common(&args)?, &options)?, args)
         }
         Scenario::Latency {
             common: args,

@@ -1,5 +1,5 @@
-//! The scenarios: `throughput`, `latency`, `ceiling`, `offline`. Each drives an [`Engine`]
-//! and fills a [`Report`].
+//! The scenarios: `throughput`, `latency`, `ceiling`, `offline`, and `group` (in its own
+//! module). Each drives an [`Engine`] and fills a [`Report`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,6 +17,10 @@ use crate::latency::{LatencyRecorder, LatencySummary};
 use crate::procfs::{cpu_seconds_of, cpu_seconds_self};
 use crate::report::{CpuUse, Report};
 use crate::schedule::{sender_of, Schedule};
+
+mod group;
+
+pub use group::{group, GroupOptions};
 
 /// Bytes of every benchmark message body: the DESIGN's 24-byte message.
 pub const BODY_BYTES: usize = 24;
@@ -401,7 +405,7 @@ impl Counters {
             Outcome::Event(Event::GoAway { .. }) => {
                 *self.failures.entry("go_away").or_default() += 1
             }
-            Outcome::Event(Event::Opened) => {}
+            Outcome::Event(Event::Opened | Event::GroupEvent | Event::GroupInfo { .. }) => {}
             Outcome::Failed(failure) => *self.failures.entry(failure.name()).or_default() += 1,
         }
         None

@@ -9,12 +9,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
 use hop_bench::engine::Target;
-use hop_bench::scenario::{self, Common, LatencyOptions, ThroughputOptions};
+use hop_bench::scenario::{self, Common, GroupOptions, LatencyOptions, ThroughputOptions};
 
-type Subscribers = Arc<Mutex<HashMap<Vec<u8>, TcpStream>>>;
+type Subscribers = Arc<Mutex<HashMap<Vec<u8>, Vec<TcpStream>>>>;
 
 /// A broker that knows just enough MQTT 3.1.1 for QoS 0: CONNECT, SUBSCRIBE, PUBLISH (routed
-/// to the one subscriber of the topic), PINGREQ, DISCONNECT. One thread per client.
+/// to every subscriber of the topic), PINGREQ, DISCONNECT. One thread per client.
 fn toy_broker() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -40,7 +40,9 @@ fn serve(mut stream: TcpStream, subscribers: &Subscribers) {
                 subscribers
                     .lock()
                     .unwrap()
-                    .insert(topic, stream.try_clone().unwrap());
+                    .entry(topic)
+                    .or_default()
+                    .push(stream.try_clone().unwrap());
                 stream.write_all(&[0x90, 3, body[0], body[1], 0]).unwrap();
             }
             3 => {
@@ -48,7 +50,13 @@ fn serve(mut stream: TcpStream, subscribers: &Subscribers) {
                 let topic = &body[2..2 + topic_bytes];
                 let mut packet = vec![first & 0xF0, body.len() as u8];
                 packet.extend_from_slice(&body);
-                if let Some(subscriber) = subscribers.lock().unwrap().get_mut(topic) {
+                for subscriber in subscribers
+                    .lock()
+                    .unwrap()
+                    .get_mut(topic)
+                    .into_iter()
+                    .flatten()
+                {
                     let _ = subscriber.write_all(&packet);
                 }
             }
@@ -123,6 +131,35 @@ fn latency_delivers_every_scheduled_message() {
 }
 
 #[test]
+fn group_fans_each_message_out_to_every_subscriber() {
+    let server = toy_broker();
+    let report = scenario::group(&common(server), &small_groups()).unwrap();
+    assert_group_report(&report);
+}
+
+/// 2 groups of 4 (each message reaches 3 members), briefly.
+fn small_groups() -> GroupOptions {
+    GroupOptions {
+        members: 4,
+        groups: 2,
+        window: 4,
+        warmup_ms: 100,
+        duration_ms: 300,
+    }
+}
+
+/// Messages were sent and fanned out, none lost, nothing failed.
+fn assert_group_report(report: &hop_bench::report::Report) {
+    assert_eq!(report.value("recipients_per_message"), Some(3.0));
+    assert!(report.value("sends_per_second").unwrap() > 0.0);
+    assert!(report.value("member_messages_per_second").unwrap() > 0.0);
+    assert_eq!(report.value("lost"), Some(0.0));
+    assert_eq!(report.value("late"), Some(0.0));
+    assert!(report.latency.unwrap().count > 0, "fan-out times measured");
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+#[test]
 fn a_server_that_is_not_there_fails_the_run_with_the_reason() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let server = listener.local_addr().unwrap();
@@ -140,7 +177,7 @@ fn a_server_that_is_not_there_fails_the_run_with_the_reason() {
 /// A toy hop server: hop's own server state machine (`ServerConnection`) and router
 /// (`hop_router::Router`, one shard) behind one lock, one thread per client. Just enough to
 /// run the generator's hop path end to end: handshake with a pinned key, Send, ServerAck,
-/// Deliver, Ack, Receipt, Ack.
+/// Deliver, Ack, Receipt, Ack, and groups (GroupChange, GroupInfo, events, fan-out).
 mod toy_hop {
     use std::collections::HashMap;
     use std::io::{Read, Write};
@@ -149,14 +186,16 @@ mod toy_hop {
 
     use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
     use hop_protocol::session::{ServerConnection, ServerEvent};
+    use hop_protocol::wire::Stanza;
     use hop_protocol::{StaticKey, UserId};
-    use hop_router::{Action, ConnRef, Limits, Router, Secrets};
+    use hop_router::{Action, ConnRef, Limits, Queued, Router, Secrets};
 
     struct Shared {
         router: Router,
         connections: HashMap<ConnRef, (ServerConnection, TcpStream, Option<UserId>)>,
-        /// The "disk": bodies of kept messages, by server id.
-        kept: HashMap<u64, bytes::Bytes>,
+        /// The "disk": kept messages and group copies, by user and server id (the copies of
+        /// a group message share its id).
+        kept: HashMap<(UserId, u64), Queued>,
     }
 
     /// Starts the server; returns its address and public key.
@@ -231,35 +270,45 @@ mod toy_hop {
                 // A disk in memory: an item is kept as soon as it is queued.
                 let action = match action {
                     Action::Keep { user, item } => {
-                        if let hop_router::Queued::Message { id, body, .. } = &item {
-                            state.kept.insert(*id, body.clone());
+                        let (id, kind) = (item.id(), item.ack_kind());
+                        if matches!(item, Queued::Message { .. } | Queued::Group { .. }) {
+                            state.kept.insert((user, id), item);
                         }
-                        state
-                            .router
-                            .handle_kept(user, item.id(), item.ack_kind(), 0);
+                        state.router.handle_kept(user, id, kind, 0);
                         continue;
                     }
-                    Action::Forget { id, .. } => {
-                        state.kept.remove(&id);
+                    Action::Forget { user, id, .. } => {
+                        state.kept.remove(&(user, id));
                         continue;
                     }
                     Action::DeliverKept {
                         conn,
+                        user,
                         from,
                         id,
                         timestamp_ms,
                         proof,
                         ..
-                    } => Action::Send {
-                        conn,
-                        stanza: hop_protocol::wire::Stanza::deliver(
-                            from,
-                            id,
-                            timestamp_ms,
-                            state.kept[&id].clone(),
-                            proof,
-                        ),
-                    },
+                    } => {
+                        let stanza = match &state.kept[&(user, id)] {
+                            Queued::Message { body, .. } => {
+                                Stanza::deliver(from, id, timestamp_ms, body.clone(), proof)
+                            }
+                            Queued::Group {
+                                group, body, event, ..
+                            } => Stanza::deliver_group(
+                                from,
+                                *group,
+                                id,
+                                timestamp_ms,
+                                body.clone(),
+                                proof,
+                                *event,
+                            ),
+                            other => panic!("the toy keeps no {other:?}"),
+                        };
+                        Action::Send { conn, stanza }
+                    }
                     other => other,
                 };
                 if let Action::Send { conn, stanza } = action {
@@ -307,6 +356,15 @@ fn hop_throughput_runs_the_whole_protocol() {
     assert!(report.value("send_acks").unwrap() > 0.0);
     assert!(report.value("receipts").unwrap() > 0.0);
     assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+#[test]
+fn hop_group_creates_its_groups_and_fans_out() {
+    let (server, key) = toy_hop::start();
+    let report = scenario::group(&hop_common(server, key), &small_groups()).unwrap();
+    assert_group_report(&report);
+    // The sender acks a delivered receipt from each member's device.
+    assert!(report.value("receipts").unwrap() > 0.0);
 }
 
 #[test]
