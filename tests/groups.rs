@@ -376,3 +376,43 @@ fn the_cli_creates_a_group_sends_to_it_and_leaves_it() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+/// Every group limit answers with a clear error and changes nothing: more members than
+/// `group_members_max`, a name over 100 bytes, a create with no nonce.
+#[test]
+fn group_limits_give_clear_errors() {
+    let hopd = Hopd::start(&["--group-members-max", "3"]);
+    let (_, mut alice) = hopd.new_user();
+    let others: Vec<UserId> = (0..3).map(|_| hopd.new_user().0.user_id()).collect();
+    ask(&mut alice, Op::Create, None, &others, false);
+    assert_eq!(
+        answer(&mut alice).unwrap_err(),
+        ErrorCode::Limit,
+        "4 members"
+    );
+    ask(&mut alice, Op::Create, None, &others[..2], false);
+    let group = UserRef::user(answer(&mut alice).unwrap().group.as_ref()).unwrap();
+    ask(&mut alice, Op::Add, Some(group), &others[2..], false);
+    assert_eq!(
+        answer(&mut alice).unwrap_err(),
+        ErrorCode::Limit,
+        "a 4th member"
+    );
+    ask(&mut alice, Op::Info, Some(group), &[], false);
+    assert_eq!(answer(&mut alice).unwrap().members.len(), 3, "unchanged");
+
+    let mut change = |name: &str, nonce: u64| {
+        alice
+            .send(&Stanza::of(Kind::GroupChange(GroupChange {
+                op: Op::Create as i32,
+                name: name.into(),
+                nonce,
+                ..GroupChange::default()
+            })))
+            .unwrap();
+        answer(&mut alice).map(|_| ())
+    };
+    assert_eq!(change(&"x".repeat(101), 9), Err(ErrorCode::BadStanza));
+    assert_eq!(change("no nonce", 0), Err(ErrorCode::BadStanza));
+    assert_eq!(change(&"x".repeat(100), 9), Ok(()), "100 bytes is allowed");
+}
