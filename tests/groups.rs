@@ -416,3 +416,34 @@ fn group_limits_give_clear_errors() {
     assert_eq!(change("no nonce", 0), Err(ErrorCode::BadStanza));
     assert_eq!(change(&"x".repeat(100), 9), Ok(()), "100 bytes is allowed");
 }
+
+/// `groups_max` holds across a restart: the places are counted again from the groups on disk.
+#[test]
+fn an_accounts_groups_are_counted_again_after_a_restart() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let flags = ["--shards", "2", "--groups-max", "1"];
+    let hopd = Hopd::start_in(&data, &flags);
+    let (alice_key, mut alice) = hopd.new_user();
+    let (bob_key, bob) = hopd.new_user();
+    drop(bob);
+    ask(&mut alice, Op::Create, None, &[bob_key.user_id()], false);
+    assert!(answer(&mut alice).is_ok());
+    drop(alice);
+    assert!(hopd.stop().success());
+
+    let hopd = Hopd::start_in(&data, &flags);
+    let (_, mut carol) = hopd.new_user();
+    ask(&mut carol, Op::Create, None, &[bob_key.user_id()], false);
+    assert_eq!(
+        answer(&mut carol).unwrap_err(),
+        ErrorCode::Limit,
+        "bob is in one"
+    );
+    let mut alice = connected(&hopd, &alice_key);
+    ask(&mut alice, Op::Create, None, &[], false);
+    assert!(
+        answer(&mut alice).is_ok(),
+        "a retried create finds its group"
+    );
+}

@@ -54,6 +54,8 @@ pub struct Config {
     pub companions_max: usize,
     /// Members one group may have, its creator included (at most 1,024).
     pub group_members_max: usize,
+    /// Groups one account may be a member of (at most 65,535).
+    pub groups_max: usize,
     /// When a queued message is durable, and so when its ServerAck leaves: `always` (fsync
     /// every loop turn that queued something), `batch` (group commit, the default) or `none`
     /// (written to the page cache, never fsynced: survives a crash of hopd, not of the machine).
@@ -207,6 +209,7 @@ impl Default for Config {
             subscribers_max: router.subscribers_max,
             companions_max: router.companions_max,
             group_members_max: router.group_members_max,
+            groups_max: router.groups_max,
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
             batch_records_max: 1024,
@@ -301,6 +304,9 @@ pub struct Args {
     /// Members one group may have, its creator included (at most 1,024).
     #[arg(long, value_name = "N")]
     pub group_members_max: Option<usize>,
+    /// Groups one account may be a member of (at most 65,535).
+    #[arg(long, value_name = "N")]
+    pub groups_max: Option<usize>,
     /// When a queued message is durable and its ServerAck leaves: always (fsync every turn), batch (group commit) or none (page cache only).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub durability: Option<DurabilityPolicy>,
@@ -450,6 +456,7 @@ impl Config {
             subscribers_max,
             companions_max,
             group_members_max,
+            groups_max,
             durability,
             batch_delay_ms,
             batch_records_max,
@@ -498,6 +505,7 @@ impl Config {
             ("inflight_max", self.inflight_max),
             ("inflight_bytes_max", self.inflight_bytes_max),
             ("group_members_max", self.group_members_max),
+            ("groups_max", self.groups_max),
             ("batch_delay_ms", self.batch_delay_ms as usize),
             ("batch_records_max", self.batch_records_max as usize),
             ("offline_ttl_ms", self.offline_ttl_ms as usize),
@@ -524,6 +532,12 @@ impl Config {
                     self.group_members_max,
                     hop_protocol::wire::GROUP_MEMBERS_MAX
                 ),
+            });
+        }
+        if self.groups_max > usize::from(u16::MAX) {
+            return Err(ConfigError::Invalid {
+                name: "groups_max",
+                reason: format!("{} is above the maximum of 65,535", self.groups_max),
             });
         }
         if self.send_buffer_bytes_max < 64 * 1024 {
@@ -599,6 +613,7 @@ impl Config {
             subscribers_max: self.subscribers_max,
             companions_max: self.companions_max,
             group_members_max: self.group_members_max,
+            groups_max: self.groups_max,
         }
     }
 }

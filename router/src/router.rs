@@ -49,6 +49,8 @@ pub struct Limits {
     pub companions_max: usize,
     /// Members one group may have (at most `GROUP_MEMBERS_MAX`).
     pub group_members_max: usize,
+    /// Groups one account may be a member of.
+    pub groups_max: usize,
 }
 
 impl Default for Limits {
@@ -64,6 +66,7 @@ impl Default for Limits {
             subscribers_max: 10_000,
             companions_max: 4,
             group_members_max: GROUP_MEMBERS_MAX,
+            groups_max: 1024,
         }
     }
 }
@@ -247,6 +250,22 @@ pub enum ShardMessage {
     },
     /// A group change, for the group's home shard.
     Group(Box<GroupRequest>),
+    /// For `member`'s home shard: may it join `group` (is it in fewer than `groups_max`
+    /// groups)? If so its place is taken now; answered with `Joined`.
+    Join {
+        group: UserId,
+        member: UserId,
+    },
+    /// For `group`'s home shard: `member`'s answer to `Join`.
+    Joined {
+        group: UserId,
+        member: UserId,
+        admitted: bool,
+    },
+    /// For `member`'s home shard: it left a group (or did not join it after all).
+    Left {
+        member: UserId,
+    },
     /// The answer to a request of `account`'s connection `conn`: sent if that connection is
     /// still one of the account's devices'.
     Answer {
@@ -774,6 +793,23 @@ pub struct Router {
     groups: HashMap<UserId, Group>,
     /// Group messages whose members' shards have not all answered, by (group, id).
     fanouts: HashMap<(UserId, u64), Fanout>,
+    /// The groups each account homed here is a member of, for `groups_max` (with the places
+    /// taken by joins still under way).
+    memberships: HashMap<UserId, u16>,
+    /// Creates and adds waiting for their new members' shards to admit them, by group: one at
+    /// a time per group.
+    joins: HashMap<UserId, Joining>,
+}
+
+/// A create or add whose new members' home shards are asked whether each may join.
+#[derive(Debug)]
+struct Joining {
+    request: GroupRequest,
+    /// Shards yet to answer.
+    waiting: usize,
+    /// Members whose place is taken.
+    admitted: Vec<UserId>,
+    refused: usize,
 }
 
 /// Receipts already queued for a user that a new receipt is compared with, newest first: a
@@ -803,6 +839,8 @@ impl Router {
             pending_groups: HashMap::default(),
             groups: HashMap::default(),
             fanouts: HashMap::default(),
+            memberships: HashMap::default(),
+            joins: HashMap::default(),
         }
     }
 
@@ -1160,6 +1198,32 @@ impl Router {
                 self.fanout_answered(group, id, 0, Some(member), now_ms);
             }
             ShardMessage::Group(request) => self.group_request(*request, now_ms),
+            ShardMessage::Join { group, member } => {
+                let count = self.memberships.entry(member).or_insert(0);
+                let admitted = usize::from(*count) < self.limits.groups_max;
+                if admitted {
+                    *count += 1;
+                }
+                let answer = ShardMessage::Joined {
+                    group,
+                    member,
+                    admitted,
+                };
+                self.send_home(group, answer, now_ms);
+            }
+            ShardMessage::Joined {
+                group,
+                member,
+                admitted,
+            } => self.joined(group, member, admitted, now_ms),
+            ShardMessage::Left { member } => {
+                if let Some(count) = self.memberships.get_mut(&member) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        self.memberships.remove(&member);
+                    }
+                }
+            }
             ShardMessage::Answer {
                 account,
                 conn,
@@ -2135,6 +2199,12 @@ impl Router {
     /// Restores a group kept from an earlier run (its latest snapshot). Groups homed on other
     /// shards, and ended ones, are ignored.
     pub fn restore_group(&mut self, snapshot: GroupSnapshot) {
+        // Every shard counts the groups of its own accounts.
+        for (member, _) in &snapshot.members {
+            if home_shard(*member, self.shards) == self.shard {
+                *self.memberships.entry(*member).or_insert(0) += 1;
+            }
+        }
         if home_shard(snapshot.group, self.shards) != self.shard || snapshot.members.is_empty() {
             return;
         }
@@ -2240,9 +2310,101 @@ impl Router {
         self.send_home(group, ShardMessage::Group(Box::new(request)), now_ms);
     }
 
+    /// At a group's home shard: a member's change. A create or an add first asks each new
+    /// member's home shard whether it may join (`groups_max`); the change is made when all
+    /// answered yes, or refused with `LIMIT` if one did not.
+    fn group_request(&mut self, request: GroupRequest, now_ms: u64) {
+        use group_change::Op;
+        let group = self.groups.get(&request.group);
+        let joining: Vec<UserId> = match (request.op, group) {
+            (Op::Create, None) => std::iter::once(request.account)
+                .chain(request.members.iter().copied())
+                .filter({
+                    let mut seen = foldhash::HashSet::default();
+                    move |member| seen.insert(*member)
+                })
+                .collect(),
+            (Op::Add, Some(group)) if group.is_admin(request.account) => request
+                .members
+                .iter()
+                .copied()
+                .filter(|member| !group.is_member(*member))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if joining.is_empty() {
+            return self.apply_group_request(request, now_ms);
+        }
+        let size = group.map_or(0, |group| group.members.len()) + joining.len();
+        if size > self.limits.group_members_max {
+            return self.answer(request.account, request.conn, too_many_members(), now_ms);
+        }
+        if self.joins.contains_key(&request.group) {
+            let busy = Stanza::error(
+                ErrorCode::Overloaded,
+                "another change of this group is under way; try again",
+                None,
+            );
+            return self.answer(request.account, request.conn, busy, now_ms);
+        }
+        let id = request.group;
+        self.joins.insert(
+            id,
+            Joining {
+                request,
+                waiting: joining.len(),
+                admitted: Vec::new(),
+                refused: 0,
+            },
+        );
+        for member in joining {
+            self.send_home(member, ShardMessage::Join { group: id, member }, now_ms);
+        }
+    }
+
+    /// A new member's home shard answered a join of group `id`. When all have, the change is
+    /// made (and the places of members it did not add after all are given back), or refused
+    /// and every place taken for it given back.
+    fn joined(&mut self, id: UserId, member: UserId, admitted: bool, now_ms: u64) {
+        let Some(joining) = self.joins.get_mut(&id) else {
+            if admitted {
+                self.send_home(member, ShardMessage::Left { member }, now_ms);
+            }
+            return;
+        };
+        joining.waiting -= 1;
+        if admitted {
+            joining.admitted.push(member);
+        } else {
+            joining.refused += 1;
+        }
+        if joining.waiting > 0 {
+            return;
+        }
+        let joining = self.joins.remove(&id).expect("just seen");
+        let (account, conn) = (joining.request.account, joining.request.conn);
+        if joining.refused == 0 {
+            self.apply_group_request(joining.request, now_ms);
+        }
+        for member in joining.admitted {
+            let joined = self.groups.get(&id).is_some_and(|g| g.is_member(member));
+            if !joined {
+                self.send_home(member, ShardMessage::Left { member }, now_ms);
+            }
+        }
+        if joining.refused > 0 {
+            let refusal = Stanza::error(
+                ErrorCode::Limit,
+                "a member is in as many groups as it may be (groups_max)",
+                None,
+            );
+            self.answer(account, conn, refusal, now_ms);
+        }
+    }
+
     /// At a group's home shard: a member's change, carried out, kept and told to every member
     /// (and to those it removes), then answered with the group as it is now.
-    fn group_request(&mut self, request: GroupRequest, now_ms: u64) {
+    fn apply_group_request(&mut self, request: GroupRequest, now_ms: u64) {
         use group_change::Op;
         let GroupRequest {
             account,
@@ -2390,6 +2552,10 @@ impl Router {
         };
         let info = group.info(id);
         let mut recipients = group.accounts();
+        for member in &removed {
+            self.send_home(*member, ShardMessage::Left { member: *member }, now_ms);
+        }
+        let group = self.groups.get_mut(&id).expect("the group that changed");
         recipients.extend(removed);
         if group.members.is_empty() {
             self.groups.remove(&id);

@@ -2027,6 +2027,25 @@ fn group_of_three(cluster: &mut Cluster) -> (UserId, [UserId; 3]) {
     (group, people)
 }
 
+/// `user`'s connection `conn` leaves `group`.
+fn leave(cluster: &mut Cluster, user: UserId, conn: u64, group: UserId) {
+    change_group(
+        cluster,
+        user,
+        conn,
+        group_change::Op::Leave,
+        Some(group),
+        &[],
+    );
+}
+
+/// Three shards with these limits, and [`group_of_three`] on them.
+fn grouped(limits: Limits) -> (Cluster, UserId, [UserId; 3]) {
+    let mut cluster = Cluster::new(3, limits);
+    let (group, people) = group_of_three(&mut cluster);
+    (cluster, group, people)
+}
+
 #[test]
 fn a_group_messages_server_ack_waits_for_every_members_copy_on_disk() {
     let mut cluster = Cluster::new(3, Limits::default());
@@ -2112,14 +2131,7 @@ fn group_changes_are_kept_as_snapshots_and_a_restored_group_serves_its_members()
         Some(group),
         &[carol],
     );
-    change_group(
-        &mut cluster,
-        bob,
-        2,
-        group_change::Op::Leave,
-        Some(group),
-        &[],
-    );
+    leave(&mut cluster, bob, 2, group);
     let versions: Vec<(u64, usize)> = cluster
         .groups_kept
         .iter()
@@ -2127,14 +2139,7 @@ fn group_changes_are_kept_as_snapshots_and_a_restored_group_serves_its_members()
         .collect();
     assert_eq!(versions, [(1, 3), (2, 2), (3, 1)]);
     // The last member leaving ends the group; it is kept as ended.
-    change_group(
-        &mut cluster,
-        alice,
-        1,
-        group_change::Op::Leave,
-        Some(group),
-        &[],
-    );
+    leave(&mut cluster, alice, 1, group);
     let ended = cluster.groups_kept.last().unwrap().clone();
     assert!(ended.members.is_empty());
     cluster.take(1);
@@ -2168,13 +2173,11 @@ fn group_changes_are_kept_as_snapshots_and_a_restored_group_serves_its_members()
 
 #[test]
 fn a_member_whose_queue_is_full_is_named_in_the_senders_server_ack() {
-    let limits = Limits {
+    // Each member's queue holds the create event, unacked: full.
+    let (mut cluster, group, [alice, bob, carol]) = grouped(Limits {
         queue_messages_max: 1,
         ..Limits::default()
-    };
-    let mut cluster = Cluster::new(3, limits);
-    // Each member's queue holds the create event, unacked: full.
-    let (group, [alice, bob, carol]) = group_of_three(&mut cluster);
+    });
     cluster.send(alice, 1, group, 1, b"for whom?");
     let Some(Kind::ServerAck(ack)) = &only(cluster.take(1)).kind else {
         panic!("a ServerAck");
@@ -2195,4 +2198,48 @@ fn a_member_whose_queue_is_full_is_named_in_the_senders_server_ack() {
         .map(|router| router.counters().group_copies_refused)
         .sum();
     assert_eq!(refused, 2);
+}
+
+#[test]
+fn an_account_in_as_many_groups_as_it_may_be_is_refused_and_a_leave_frees_its_place() {
+    let (mut cluster, group, [alice, bob, carol]) = grouped(Limits {
+        groups_max: 1,
+        ..Limits::default()
+    });
+    // Bob is in one group: a second one (created by carol on another shard) is refused whole,
+    // and carol's place, taken for it, is given back.
+    let create = |cluster: &mut Cluster, nonce| {
+        let change = GroupChange {
+            op: group_change::Op::Create as i32,
+            members: vec![bob.into()],
+            nonce,
+            ..GroupChange::default()
+        };
+        cluster.stanza(carol, 3, Kind::GroupChange(change)).unwrap();
+        cluster.take(3)
+    };
+    let refused = create(&mut cluster, 2);
+    let Some(Kind::Error(error)) = &only(refused).kind else {
+        panic!("an Error");
+    };
+    assert_eq!(error.code, ErrorCode::Limit as i32);
+    assert_eq!(
+        cluster
+            .routers
+            .iter()
+            .map(Router::groups_homed)
+            .sum::<usize>(),
+        1
+    );
+    // Bob leaves the first group: now he may join another; carol leaving hers too makes room.
+    leave(&mut cluster, bob, 2, group);
+    leave(&mut cluster, carol, 3, group);
+    cluster.take(3);
+    let made = create(&mut cluster, 3);
+    assert!(
+        made.iter()
+            .any(|s| matches!(s.kind, Some(Kind::GroupInfo(_)))),
+        "{made:?}"
+    );
+    let _ = alice;
 }
