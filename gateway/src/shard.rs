@@ -51,6 +51,10 @@ use crate::sys::{Backend, ConnId, Event, Reading};
 
 /// Mail one shard takes from each other shard per turn.
 const MAILS_PER_SOURCE_PER_TURN: usize = 4096;
+/// Mails waiting in this shard's outboxes (other shards' mailboxes full) past which the
+/// groups homed here take no new message: their fan-out would only grow the outboxes. The
+/// senders are told to try again (`OVERLOADED`); a message already on its way goes on.
+const OUTBOX_MAILS_FANOUT_MAX: usize = 16 * 1024;
 /// The longest a shard sleeps between timer checks.
 const TICK_MAX: Duration = Duration::from_secs(1);
 /// How long shutdown waits for GoAways to drain.
@@ -1239,6 +1243,9 @@ impl<B: Backend> Core<B> {
         self.mail_sent_to[to] = true;
         if let Some(mail) = blocked {
             self.outbox[to].push_back(mail);
+            if self.outbox_mails() >= OUTBOX_MAILS_FANOUT_MAX {
+                self.router.pause_fanouts(true);
+            }
             if let Some(current) = self.current {
                 if let Some(conn) = self.conn_mut(current) {
                     if !conn.paused {
@@ -1466,6 +1473,8 @@ impl<B: Backend> Core<B> {
                 }
             }
         }
+        self.router
+            .pause_fanouts(self.outbox_mails() >= OUTBOX_MAILS_FANOUT_MAX);
         if !self.has_blocked_mail() {
             for id in std::mem::take(&mut self.paused) {
                 if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) {
@@ -1478,6 +1487,10 @@ impl<B: Backend> Core<B> {
 
     fn has_blocked_mail(&self) -> bool {
         self.outbox.iter().any(|queue| !queue.is_empty())
+    }
+
+    fn outbox_mails(&self) -> usize {
+        self.outbox.iter().map(VecDeque::len).sum()
     }
 
     fn enforce_timeouts(&mut self) {

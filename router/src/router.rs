@@ -799,6 +799,8 @@ pub struct Router {
     /// Creates and adds waiting for their new members' shards to admit them, by group: one at
     /// a time per group.
     joins: HashMap<UserId, Joining>,
+    /// The shard's mail to other shards is backed up: groups take no new message.
+    fanouts_paused: bool,
 }
 
 /// A create or add whose new members' home shards are asked whether each may join.
@@ -841,6 +843,7 @@ impl Router {
             fanouts: HashMap::default(),
             memberships: HashMap::default(),
             joins: HashMap::default(),
+            fanouts_paused: false,
         }
     }
 
@@ -2223,6 +2226,12 @@ impl Router {
         self.groups.len()
     }
 
+    /// While `paused`, the groups homed here refuse new messages with `OVERLOADED` (the shard
+    /// loop's mail to other shards is backed up, and a fan-out would only add to it).
+    pub fn pause_fanouts(&mut self, paused: bool) {
+        self.fanouts_paused = paused;
+    }
+
     /// Drops the group fan-outs that have waited too long for their members' shards (a shard
     /// restarted meanwhile and lost the copies' answers); their senders' resends start them
     /// again. Called once per tick.
@@ -2597,17 +2606,21 @@ impl Router {
     fn fan_out(&mut self, envelope: Envelope, now_ms: u64) {
         let group_id = envelope.to;
         let reply_home = home_shard(envelope.from, self.shards);
+        let refusal = |code, reason| ShardMessage::Rejected {
+            sender: envelope.device,
+            conn: envelope.conn,
+            message: Some(envelope.message),
+            code,
+            reason,
+        };
         let group = self.groups.get(&group_id).expect("checked by the caller");
         if !group.is_member(envelope.from) {
             // A group one is not in answers as one that does not exist.
             self.counters.messages_rejected += 1;
-            let refusal = ShardMessage::Rejected {
-                sender: envelope.device,
-                conn: envelope.conn,
-                message: Some(envelope.message),
-                code: ErrorCode::UnknownUser,
-                reason: "no such user or group on this server",
-            };
+            let refusal = refusal(
+                ErrorCode::UnknownUser,
+                "no such user or group on this server",
+            );
             return self.send_to(reply_home, refusal, now_ms);
         }
         let others: Vec<UserId> = group
@@ -2638,6 +2651,14 @@ impl Router {
             // Waited too long: the copies go again (a member's shard answers a copy it holds
             // at once).
             self.fanouts.remove(&(group_id, id));
+        }
+        if self.fanouts_paused {
+            self.counters.messages_rejected += 1;
+            let refusal = refusal(
+                ErrorCode::Overloaded,
+                "the group's server is busy; try again",
+            );
+            return self.send_to(reply_home, refusal, now_ms);
         }
         self.counters.group_messages += 1;
         if others.is_empty() {

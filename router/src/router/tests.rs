@@ -2243,3 +2243,21 @@ fn an_account_in_as_many_groups_as_it_may_be_is_refused_and_a_leave_frees_its_pl
     );
     let _ = alice;
 }
+
+#[test]
+fn a_group_takes_no_new_message_while_its_shards_mail_is_backed_up() {
+    let (mut cluster, group, [alice, ..]) = grouped(Limits::default());
+    let home = usize::from(home_shard(group, 3));
+    cluster.routers[home].pause_fanouts(true);
+    cluster.send(alice, 1, group, 1, b"not now");
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::Overloaded, 1)
+    );
+    cluster.routers[home].pause_fanouts(false);
+    cluster.send(alice, 1, group, 2, b"now");
+    assert!(matches!(
+        only(cluster.take(1)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+}
