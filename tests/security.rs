@@ -7,7 +7,9 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{ping, Hopd};
+use common::{expect_kind, ping, Hopd};
+use hop_protocol::wire::{GoAwayReason, Kind};
+use hop_protocol::StaticKey;
 
 /// Every path under `dir`, folders included, with its permission bits.
 fn modes_under(dir: &Path) -> Vec<(PathBuf, u32)> {
@@ -82,4 +84,32 @@ fn a_data_folder_open_to_others_is_refused_with_the_fix() {
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
     let hopd = Hopd::start_in(&data, &["--shards", "1"]);
     assert!(hopd.stop().success(), "starts once fixed");
+}
+
+/// `registration = closed`: a key bound before connects as always; a new key is sent away with
+/// `NOT_REGISTERED`, and nothing is kept of it (it is refused again after a restart).
+#[test]
+fn closed_registration_lets_known_keys_in_and_sends_new_ones_away() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let hopd = Hopd::start_in(&data, &[]);
+    let (known, client) = hopd.new_user();
+    drop(client);
+    assert!(hopd.stop().success());
+
+    let closed = ["--registration", "closed"];
+    let stranger = StaticKey::generate().unwrap();
+    for _ in 0..2 {
+        let hopd = Hopd::start_in(&data, &closed);
+        let mut client = hopd.connect(&known);
+        ping(&mut client);
+        let mut refused = hopd.connect(&stranger);
+        let reason = expect_kind(&mut refused, "GoAway", |kind| match kind {
+            Kind::GoAway(go_away) => Some(go_away.reason),
+            _ => None,
+        });
+        assert_eq!(reason, GoAwayReason::NotRegistered as i32);
+        drop((client, refused));
+        assert!(hopd.stop().success());
+    }
 }

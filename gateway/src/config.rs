@@ -56,6 +56,9 @@ pub struct Config {
     pub group_members_max: usize,
     /// Groups one account may be a member of (at most 65,535).
     pub groups_max: usize,
+    /// Who may make an account: `open` (a key's first connection does) or `closed` (only
+    /// keys bound before connect; a new key is sent away with `NOT_REGISTERED`).
+    pub registration: Registration,
     /// When a queued message is durable, and so when its ServerAck leaves: `always` (fsync
     /// every loop turn that queued something), `batch` (group commit, the default) or `none`
     /// (written to the page cache, never fsynced: survives a crash of hopd, not of the machine).
@@ -177,6 +180,16 @@ pub enum UringReceive {
     MultishotRecv,
 }
 
+/// See [`Config::registration`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    /// A key's first connection makes its account.
+    Open,
+    /// Only keys bound before may connect (and companions their primaries link).
+    Closed,
+}
+
 /// See [`Config::durability`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -210,6 +223,7 @@ impl Default for Config {
             companions_max: router.companions_max,
             group_members_max: router.group_members_max,
             groups_max: router.groups_max,
+            registration: Registration::Open,
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
             batch_records_max: 1024,
@@ -307,6 +321,9 @@ pub struct Args {
     /// Groups one account may be a member of (at most 65,535).
     #[arg(long, value_name = "N")]
     pub groups_max: Option<usize>,
+    /// Who may make an account: open (a key's first connection) or closed (only keys bound before).
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub registration: Option<Registration>,
     /// When a queued message is durable and its ServerAck leaves: always (fsync every turn), batch (group commit) or none (page cache only).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub durability: Option<DurabilityPolicy>,
@@ -457,6 +474,7 @@ impl Config {
             companions_max,
             group_members_max,
             groups_max,
+            registration,
             durability,
             batch_delay_ms,
             batch_records_max,

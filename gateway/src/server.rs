@@ -601,6 +601,9 @@ fn restored_router(config: &Config, index: usize, key: &StaticKey, restored: &Re
     for record in &restored.devices {
         router.restore_device_link(record.account, record.device, record.linked);
     }
+    if config.registration == crate::config::Registration::Closed {
+        router.close_registration();
+    }
     for record in &restored.groups {
         router.restore_group(hop_router::GroupSnapshot {
             group: record.group,

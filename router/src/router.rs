@@ -801,6 +801,8 @@ pub struct Router {
     joins: HashMap<UserId, Joining>,
     /// The shard's mail to other shards is backed up: groups take no new message.
     fanouts_paused: bool,
+    /// Only keys already bound may connect: the server takes no new accounts.
+    registration_closed: bool,
 }
 
 /// A create or add whose new members' home shards are asked whether each may join.
@@ -844,6 +846,7 @@ impl Router {
             memberships: HashMap::default(),
             joins: HashMap::default(),
             fanouts_paused: false,
+            registration_closed: false,
         }
     }
 
@@ -978,6 +981,15 @@ impl Router {
         );
         assert_ne!(conn, NO_CONN, "a connection handle the router reserves");
         let account = self.account_of(user);
+        let known = self.users.get(&user).is_some_and(|state| state.bound);
+        if self.registration_closed && account == user && !known {
+            self.actions.push_back(Action::Close {
+                conn,
+                reason: GoAwayReason::NotRegistered,
+                text: "this server takes no new accounts; ask its operator",
+            });
+            return;
+        }
         let account_was_online = account != user && self.account_online(account);
         let state = self.users.entry(user).or_insert_with(User::new);
         if !state.bound {
@@ -2224,6 +2236,12 @@ impl Router {
     /// Groups homed on this shard.
     pub fn groups_homed(&self) -> usize {
         self.groups.len()
+    }
+
+    /// The server takes no new accounts: a key not bound yet is sent away (`NOT_REGISTERED`)
+    /// when it connects, and no state is made for it. Linked companions still connect.
+    pub fn close_registration(&mut self) {
+        self.registration_closed = true;
     }
 
     /// While `paused`, the groups homed here refuse new messages with `OVERLOADED` (the shard
