@@ -158,6 +158,25 @@ fn offline_recipient_gets_the_message_on_connect_and_receipts_reach_the_sender()
 }
 
 #[test]
+fn connect_home_to_a_single_hopd_keeps_what_arrived_before_its_pong() {
+    let hopd = Hopd::start(&[]);
+    let (_, mut alice) = hopd.new_user();
+    let (bob_key, bob) = hopd.new_user();
+    bob.close();
+    let mut sent = Vec::new();
+    for body in [&b"one"[..], b"two", b"three"] {
+        alice.send_message(bob_key.user_id(), body).unwrap();
+        sent.push(server_ack(&mut alice).id);
+    }
+    // A single hopd never redirects: the Pong comes after the queued Delivers, which stay in
+    // the inbox, in order, for recv.
+    let mut bob = Client::connect_home(&hopd.addr, &bob_key, &hopd.trust(), PATIENCE).unwrap();
+    let received: Vec<u64> = (0..3).map(|_| deliver(&mut bob).id).collect();
+    assert_eq!(received, sent);
+    ping(&mut bob);
+}
+
+#[test]
 fn unacked_message_is_delivered_again_on_the_next_connection() {
     let hopd = Hopd::start(&[]);
     let (_, mut alice) = hopd.new_user();

@@ -23,8 +23,8 @@ use crate::outbox::{Outbox, Seen};
 use crate::session::{Channel, ClientConnection, ClientEvent, ClientInputError, PeerError};
 use crate::user::UserId;
 use crate::wire::{
-    Ack, Kind, MessageRef, Ping, PresenceSettings, Read as ReadStanza, Receipt, ReceiptKind,
-    Stanza, Subscribe, UserRef, Visibility,
+    Ack, GoAwayReason, Kind, MessageRef, Ping, PresenceSettings, Read as ReadStanza, Receipt,
+    ReceiptKind, Stanza, Subscribe, UserRef, Visibility,
 };
 
 /// How the client decides to trust the server's static key.
@@ -71,6 +71,13 @@ pub enum ClientError {
     Closed,
     #[error("timed out")]
     Timeout,
+    #[error("the server sent a redirect this client cannot follow: {0}")]
+    BadRedirect(String),
+    #[error(
+        "redirected more than {max} times (last to {last}): the cluster's nodes disagree about \
+         its members; try again"
+    )]
+    Redirects { last: String, max: usize },
 }
 
 impl From<FrameError> for ClientError {
@@ -109,6 +116,11 @@ pub struct Client {
 /// idle timeout.
 pub const KEEPALIVE_DEFAULT: Duration = Duration::from_secs(60);
 const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Redirects [`Client::connect_home`] follows before it gives up. A cluster redirects once, to
+/// the user's home; more means its nodes disagree about the members while the list changes.
+pub const REDIRECTS_MAX: usize = 3;
+/// The nonce of `connect_home`'s Ping, to tell its Pong from a keepalive's.
+const HOME_PING_NONCE: u64 = 0x686f_7020_686f_6d65;
 
 impl Client {
     /// Connects, runs the handshake and checks the server's key.
@@ -356,26 +368,106 @@ impl Client {
                 self.send(&Stanza::of(Kind::Ping(Ping { nonce: 0 })))?;
             }
             let wait_until = deadline.min(self.last_sent + self.keepalive);
-            let bytes = match read_before(&mut self.stream, &mut self.read_buffer, wait_until) {
-                Ok(bytes) => bytes,
+            match self.read_into_inbox(wait_until) {
+                Ok(()) => {}
                 Err(ClientError::Timeout) if Instant::now() < deadline => continue,
                 Err(ClientError::Timeout) => return Ok(None),
                 Err(error) => return Err(error),
-            };
-            let inbox = &mut self.inbox;
-            self.connection
-                .handle_input::<ClientError>(
-                    &self.read_buffer[..bytes],
-                    &mut self.scratch,
-                    &mut self.out,
-                    &mut |event| {
-                        if let ClientEvent::Stanza(stanza) = event {
-                            inbox.push_back(stanza);
+            }
+        }
+    }
+
+    /// One read from the socket, before `deadline`; the stanzas it completes go to the inbox.
+    fn read_into_inbox(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        let bytes = read_before(&mut self.stream, &mut self.read_buffer, deadline)?;
+        let inbox = &mut self.inbox;
+        self.connection
+            .handle_input::<ClientError>(
+                &self.read_buffer[..bytes],
+                &mut self.scratch,
+                &mut self.out,
+                &mut |event| {
+                    if let ClientEvent::Stanza(stanza) = event {
+                        inbox.push_back(stanza);
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(|error| ClientError::from_input(error, false))
+    }
+
+    /// Connects like [`Client::connect`], then makes sure the server is this user's home. A
+    /// node of a cluster that is not answers the first Ping with a GoAway REDIRECT naming the
+    /// home node and its key; this follows it, pinning that key (it comes from a server already
+    /// trusted, over an authenticated session), at most [`REDIRECTS_MAX`] times. A single hopd
+    /// answers with a Pong: one round trip more than `connect`. Stanzas that arrive before the
+    /// Pong, and a GoAway of another reason, stay in the inbox for `recv`.
+    pub fn connect_home(
+        addr: &str,
+        key: &StaticKey,
+        trust: &ServerTrust,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let mut addr = addr.to_string();
+        let mut trust = trust.clone();
+        for _ in 0..=REDIRECTS_MAX {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|left| !left.is_zero())
+                .ok_or(ClientError::Timeout)?;
+            let mut client = Self::connect(&addr, key, &trust, left)?;
+            client.send(&Stanza::of(Kind::Ping(Ping {
+                nonce: HOME_PING_NONCE,
+            })))?;
+            match client.wait_for_home(deadline)? {
+                None => return Ok(client),
+                Some((home, home_key)) => {
+                    addr = home;
+                    trust = ServerTrust::Pinned(home_key);
+                }
+            }
+        }
+        Err(ClientError::Redirects {
+            last: addr,
+            max: REDIRECTS_MAX,
+        })
+    }
+
+    /// After `connect_home`'s Ping: `None` when this server keeps the connection (the Pong, or
+    /// a GoAway that is not a redirect, arrived), or where it redirects to.
+    fn wait_for_home(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<(String, [u8; KEY_BYTES])>, ClientError> {
+        let mut scanned = 0;
+        loop {
+            while scanned < self.inbox.len() {
+                match &self.inbox[scanned].kind {
+                    Some(Kind::Pong(pong)) if pong.nonce == HOME_PING_NONCE => {
+                        self.inbox.remove(scanned);
+                        return Ok(None);
+                    }
+                    Some(Kind::GoAway(go_away))
+                        if go_away.reason == GoAwayReason::Redirect as i32 =>
+                    {
+                        let home_key = <[u8; KEY_BYTES]>::try_from(&go_away.redirect_key[..])
+                            .map_err(|_| {
+                                ClientError::BadRedirect(format!(
+                                    "its key has {} bytes, not {KEY_BYTES}",
+                                    go_away.redirect_key.len()
+                                ))
+                            })?;
+                        if go_away.redirect_address.is_empty() {
+                            return Err(ClientError::BadRedirect("it names no address".into()));
                         }
-                        Ok(())
-                    },
-                )
-                .map_err(|error| ClientError::from_input(error, false))?;
+                        return Ok(Some((go_away.redirect_address.clone(), home_key)));
+                    }
+                    Some(Kind::GoAway(_)) => return Ok(None),
+                    _ => scanned += 1,
+                }
+            }
+            self.read_into_inbox(deadline)?;
         }
     }
 

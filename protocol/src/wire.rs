@@ -6,6 +6,7 @@ use bytes::Bytes;
 use prost::Message;
 use thiserror::Error;
 
+use crate::keys::KEY_BYTES;
 use crate::noise::FRAME_PLAINTEXT_BYTES_MAX;
 use crate::user::UserId;
 
@@ -411,6 +412,20 @@ impl Stanza {
             reason: reason as i32,
             text: text.into(),
             retry_after_ms,
+            ..GoAway::default()
+        }))
+    }
+
+    /// A GoAway sending the client to the node that is its home: `address` ("host:port") and
+    /// that node's static key, which the client pins for the new connection.
+    pub fn go_away_redirect(address: impl Into<String>, key: &[u8; KEY_BYTES]) -> Self {
+        let address = address.into();
+        Self::of(Kind::GoAway(GoAway {
+            reason: GoAwayReason::Redirect as i32,
+            text: format!("this user's home is another node of the cluster: {address}"),
+            retry_after_ms: 0,
+            redirect_address: address,
+            redirect_key: Bytes::copy_from_slice(key),
         }))
     }
 
