@@ -13,6 +13,7 @@
 //! | `POST /users/ID/kick` | JSON: closes the user's connection (GoAway `KICKED`) |
 //! | `PUT /log` (body: a filter) | JSON: sets the log filter |
 //! | `POST /drain` | JSON: starts a lame-duck drain |
+//! | `GET /cluster` | JSON: this node's view of its cluster (members, lease, counters) |
 //!
 //! There is no authentication: the listener belongs on a loopback or private address.
 
@@ -35,6 +36,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use crate::cluster::membership::Cluster;
 use crate::control::{Command, Controls, Refused};
 use crate::directory::{Directory, Placement};
 use crate::server::MailboxDepth;
@@ -67,6 +69,8 @@ pub struct ShardViews {
     pub mailbox_depth: MailboxDepth,
     /// Where companion devices live: on their account's home shard.
     pub directory: Arc<Directory>,
+    /// This node's membership in its cluster; `None` for a single hopd.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// A running admin listener; stops when dropped.
@@ -175,8 +179,11 @@ fn route(
     match (method, parts.as_slice()) {
         (Get, ["healthz"]) => Answer::text(200, "ok\n"),
         (Get, ["readyz"]) => {
+            let cluster = state.shards.get().and_then(|views| views.cluster.as_ref());
             if state.controls.is_draining() {
                 Answer::text(503, "draining\n")
+            } else if cluster.is_some_and(|cluster| !cluster.is_member()) {
+                Answer::text(503, "not a member of the cluster\n")
             } else if state.controls.is_ready() {
                 Answer::text(200, "ready\n")
             } else {
@@ -195,6 +202,10 @@ fn route(
             }
         }
         (Get, ["stats"]) => Answer::json(200, &stats_json(state)),
+        (Get, ["cluster"]) => match state.shards.get().and_then(|views| views.cluster.as_ref()) {
+            Some(cluster) => Answer::json(200, &cluster_json(cluster)),
+            None => Answer::json(200, &json!({ "cluster": false })),
+        },
         (Get, ["users", user]) => match ask_about(state, user, false) {
             Ok(value) => Answer::json(200, &value),
             Err(answer) => answer,
@@ -239,10 +250,45 @@ fn route(
             }
             _ => Answer::error(400, format!("no shard {shard}")),
         },
-        (_, ["healthz" | "readyz" | "metrics" | "stats" | "log" | "drain"])
+        (_, ["healthz" | "readyz" | "metrics" | "stats" | "log" | "drain" | "cluster"])
         | (_, ["users", _] | ["users", _, "kick"]) => Answer::error(405, "method not allowed"),
         _ => Answer::error(404, format!("no such admin resource: {path}")),
     }
+}
+
+/// This node's view of its cluster, for `hop admin cluster`.
+fn cluster_json(cluster: &Cluster) -> Value {
+    let view = cluster.view();
+    let this = view.this_node;
+    let members: Vec<Value> = view
+        .members
+        .iter()
+        .enumerate()
+        .map(|(index, member)| {
+            json!({
+                "node_id": member.node_id,
+                "advertise": member.advertise,
+                "shards": member.shards,
+                "server_key": hex::encode(member.server_key),
+                "this_node": Some(index) == this,
+            })
+        })
+        .collect();
+    let stats = &cluster.stats;
+    json!({
+        "cluster": true,
+        "node_id": cluster.settings.node_id,
+        "member": this.is_some(),
+        "revision": view.revision,
+        "lease_ms": cluster.settings.lease_ms,
+        "etcd": cluster.settings.etcd,
+        "members": members,
+        "joins": stats.joins.load(Ordering::Relaxed),
+        "lease_renewals": stats.renewals.load(Ordering::Relaxed),
+        "leases_lost": stats.leases_lost.load(Ordering::Relaxed),
+        "etcd_failures": stats.etcd_failures.load(Ordering::Relaxed),
+        "view_changes": stats.view_changes.load(Ordering::Relaxed),
+    })
 }
 
 /// Asks `user`'s home shard for its report, or to kick it.
@@ -471,6 +517,16 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         "shard_restarts",
         "Times the shard panicked and its supervisor restarted it.",
         |s| &s.shard_restarts,
+    ),
+    (
+        "cluster_redirects",
+        "Connections sent to their home node of the cluster (GoAway REDIRECT).",
+        |s| &s.cluster_redirects,
+    ),
+    (
+        "cluster_unavailable",
+        "Connections sent away while this node was no member of its cluster.",
+        |s| &s.cluster_unavailable,
     ),
     (
         "keeps_skipped",

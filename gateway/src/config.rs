@@ -104,6 +104,18 @@ pub struct Config {
     /// once; it exits when the last connection has gone or the window has passed. 0 closes
     /// every connection at once.
     pub drain_ms: u64,
+    /// etcd endpoints (`http://host:2379`) of the cluster this node is a member of; empty: a
+    /// single hopd, no cluster (`docs/cluster.md`).
+    pub cluster_etcd: Vec<String>,
+    /// This node's name in its cluster: unique, and the same across restarts (users are
+    /// placed by it). Empty: the host name.
+    pub node_id: String,
+    /// Where clients reach this node ("host:port"): other nodes redirect its users here.
+    /// Empty: the listen address, which must then not be a wildcard.
+    pub advertise: String,
+    /// A node whose cluster lease etcd has not seen renewed for this long is dropped and its
+    /// users move; the node itself stops serving after the same time without etcd.
+    pub cluster_lease_ms: u64,
 }
 
 /// The admin listener setting: an address, or `off`.
@@ -238,6 +250,10 @@ impl Default for Config {
             transparent_huge_pages: false,
             admin: AdminAddress::At(SocketAddr::from(([127, 0, 0, 1], 7789))),
             drain_ms: 30_000,
+            cluster_etcd: Vec::new(),
+            node_id: String::new(),
+            advertise: String::new(),
+            cluster_lease_ms: 5_000,
         }
     }
 }
@@ -366,6 +382,18 @@ pub struct Args {
     /// Lame-duck drain on SIGTERM: GoAways spread over this many milliseconds, then exit; reloaded on SIGHUP.
     #[arg(long, value_name = "MS")]
     pub drain_ms: Option<u64>,
+    /// etcd endpoints of this node's cluster, comma-separated (http://host:2379); none: a single hopd.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    pub cluster_etcd: Option<Vec<String>>,
+    /// This node's name in its cluster, unique and stable across restarts; empty: the host name.
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// Where clients reach this node (host:port), for redirects from the other nodes; empty: the listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Cluster lease: a node not renewed for this long is dropped and its users move.
+    #[arg(long, value_name = "MS")]
+    pub cluster_lease_ms: Option<u64>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -488,7 +516,11 @@ impl Config {
             uring_receive,
             transparent_huge_pages,
             admin,
-            drain_ms
+            drain_ms,
+            cluster_etcd,
+            node_id,
+            advertise,
+            cluster_lease_ms
         );
         if config.shards == 0 {
             config.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -572,6 +604,28 @@ impl Config {
                     self.inflight_bytes_max, self.send_buffer_bytes_max
                 ),
             });
+        }
+        if !self.cluster_etcd.is_empty() {
+            if self.cluster_lease_ms < crate::cluster::membership::LEASE_MS_MIN {
+                return Err(ConfigError::Invalid {
+                    name: "cluster_lease_ms",
+                    reason: format!(
+                        "{} is below the minimum of {} (etcd leases are whole seconds)",
+                        self.cluster_lease_ms,
+                        crate::cluster::membership::LEASE_MS_MIN
+                    ),
+                });
+            }
+            if self.advertise.is_empty() && self.listen.ip().is_unspecified() {
+                return Err(ConfigError::Invalid {
+                    name: "advertise",
+                    reason: format!(
+                        "listen is {}, which clients cannot be sent to: set advertise to this \
+                         node's address (host:port)",
+                        self.listen
+                    ),
+                });
+            }
         }
         if self.segment_bytes_max < 1024 * 1024 || self.segment_bytes_max > 1024 * 1024 * 1024 {
             return Err(ConfigError::Invalid {
@@ -699,6 +753,50 @@ mod tests {
         .unwrap_err();
         assert!(error.to_string().contains("inflight_bytes_max"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_only_in_a_cluster() {
+        let config = Config::from_args(&args(&[
+            "--cluster-etcd",
+            "http://10.0.0.1:2379,http://10.0.0.2:2379",
+            "--node-id",
+            "n1",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.cluster_etcd,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(config.node_id, "n1");
+        // A single hopd ignores the lease; a cluster refuses one etcd cannot grant.
+        Config::from_args(&args(&["--cluster-lease-ms", "100"])).unwrap();
+        let error = Config::from_args(&args(&[
+            "--cluster-etcd",
+            "http://10.0.0.1:2379",
+            "--cluster-lease-ms",
+            "100",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("cluster_lease_ms"), "{error}");
+        // Clients cannot be redirected to a wildcard address.
+        let error = Config::from_args(&args(&[
+            "--cluster-etcd",
+            "http://10.0.0.1:2379",
+            "--listen",
+            "0.0.0.0:7788",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("advertise"), "{error}");
+        Config::from_args(&args(&[
+            "--cluster-etcd",
+            "http://10.0.0.1:2379",
+            "--listen",
+            "0.0.0.0:7788",
+            "--advertise",
+            "10.0.0.7:7788",
+        ]))
+        .unwrap();
     }
 
     #[test]

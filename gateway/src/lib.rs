@@ -7,6 +7,7 @@
 //! only through bounded mailboxes ([`mailbox`]).
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod directory;

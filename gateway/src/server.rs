@@ -15,6 +15,7 @@ use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState, SetLogFilter, ShardViews};
+use crate::cluster::membership::{self, Cluster, ClusterSettings};
 use crate::config::{AdminAddress, BackendName, Config, UringReceive};
 use crate::control::Controls;
 use crate::directory::Directory;
@@ -58,6 +59,8 @@ pub enum StartError {
         "cannot listen on admin address {addr}: {source} (set admin to another address, or off)"
     )]
     Admin { addr: SocketAddr, source: io::Error },
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// A running server.
@@ -76,6 +79,60 @@ pub struct Server {
     pub mailbox_depth: MailboxDepth,
     /// Which account each companion device belongs to.
     pub directory: Arc<Directory>,
+    /// In a cluster: this node's membership, and the flag that stops its threads.
+    pub cluster: Option<Membership>,
+}
+
+/// A node's membership in its cluster, and the flag that stops its threads.
+pub type Membership = (Arc<Cluster>, Arc<AtomicBool>);
+
+/// What every shard shares besides its mailboxes.
+#[derive(Clone)]
+struct Shared {
+    controls: Arc<Controls>,
+    directory: Arc<Directory>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+/// Joins the cluster named by `cluster_etcd`, if any: the membership threads start now, and
+/// the shards serve no one until this node is a member (`docs/cluster.md`).
+fn start_cluster(
+    config: &Config,
+    local_addr: SocketAddr,
+    key: &StaticKey,
+) -> Result<Option<Membership>, StartError> {
+    if config.cluster_etcd.is_empty() {
+        return Ok(None);
+    }
+    let node_id = if config.node_id.is_empty() {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .filter(|name| !name.is_empty())
+            .ok_or_else(|| {
+                StartError::Cluster("node_id is empty and the host has no name: set node_id".into())
+            })?
+    } else {
+        config.node_id.clone()
+    };
+    let advertise = if config.advertise.is_empty() {
+        local_addr.to_string()
+    } else {
+        config.advertise.clone()
+    };
+    let cluster = Arc::new(Cluster::new(ClusterSettings {
+        etcd: config.cluster_etcd.clone(),
+        node_id: node_id.clone(),
+        advertise: advertise.clone(),
+        lease_ms: config.cluster_lease_ms,
+        shards: config.shards,
+        server_key: *key.public(),
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    membership::start(cluster.clone(), stop.clone())
+        .map_err(|error| StartError::Cluster(error.to_string()))?;
+    info!(node = %node_id, %advertise, etcd = ?config.cluster_etcd, "joining the cluster");
+    Ok(Some((cluster, stop)))
 }
 
 impl Server {
@@ -149,6 +206,12 @@ impl Server {
         let ceiling = connection_ceiling(config, kind);
         let controls = controls.clone();
         // Shared by the shards and the admin listener: who each companion device belongs to.
+        let cluster = start_cluster(config, local_addr, &key)?;
+        let shared = Shared {
+            controls: controls.clone(),
+            directory: directory.clone(),
+            cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
+        };
         let (shutdown, wake_all, threads, stats, mailbox_depth) = match kind {
             sys::Kind::Mio => start_shards::<MioBackend>(
                 config,
@@ -156,8 +219,7 @@ impl Server {
                 &key,
                 &bindings,
                 ceiling.per_shard,
-                &controls,
-                &directory,
+                &shared,
             )?,
             #[cfg(target_os = "linux")]
             sys::Kind::Uring => start_shards::<sys::uring::UringBackend>(
@@ -166,8 +228,7 @@ impl Server {
                 &key,
                 &bindings,
                 ceiling.per_shard,
-                &controls,
-                &directory,
+                &shared,
             )?,
             #[cfg(not(target_os = "linux"))]
             sys::Kind::Uring => unreachable!("choose_backend picks uring only on Linux"),
@@ -184,11 +245,15 @@ impl Server {
             controls,
             mailbox_depth,
             directory,
+            cluster,
         })
     }
 
     /// Asks every shard to stop: each sends GoAway to its clients and exits.
     pub fn stop(&self) {
+        if let Some((_, stop)) = &self.cluster {
+            stop.store(true, Ordering::Release);
+        }
         self.shutdown.store(true, Ordering::Release);
         (self.wake_all)();
     }
@@ -270,6 +335,7 @@ pub fn serve(
         stats: server.stats.clone(),
         mailbox_depth: server.mailbox_depth.clone(),
         directory: server.directory.clone(),
+        cluster: server.cluster.as_ref().map(|(cluster, _)| cluster.clone()),
     });
     // The status line: scripts read the address (fourth word) and the key.
     println!(
@@ -310,6 +376,10 @@ pub fn serve(
         if drain_started.is_none() {
             if let Some(window_ms) = server.controls.drain_window_ms() {
                 notify_service_manager(&[sd_notify::NotifyState::Stopping]);
+                // The other nodes take this node's users now, not a lease time later.
+                if let Some((cluster, _)) = &server.cluster {
+                    cluster.leave();
+                }
                 drain_started = Some((std::time::Instant::now(), window_ms));
             }
         }
@@ -444,8 +514,7 @@ fn start_shards<B: Backend>(
     key: &Arc<StaticKey>,
     bindings: &Arc<Restored>,
     connections_per_shard: usize,
-    controls: &Arc<Controls>,
-    directory: &Arc<Directory>,
+    shared: &Shared,
 ) -> Result<Started, StartError> {
     let shards = config.shards;
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -490,16 +559,19 @@ fn start_shards<B: Backend>(
         let groups = GroupLog::open(&FsIo, &config.data, index as u16)?;
         let rebuild = rebuilder(config, index, key);
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-        let (key, mailboxes, shutdown, registered, report, data, controls, directory) = (
+        let (key, mailboxes, shutdown, registered, report, data) = (
             key.clone(),
             mailboxes.clone(),
             shutdown.clone(),
             registered.clone(),
             report.clone(),
             data.clone(),
-            controls.clone(),
-            directory.clone(),
         );
+        let Shared {
+            controls,
+            directory,
+            cluster,
+        } = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("hop-shard-{index}"))
             .spawn(move || {
@@ -553,6 +625,7 @@ fn start_shards<B: Backend>(
                     devices,
                     directory,
                     groups,
+                    cluster,
                 });
             })
             .map_err(|source| StartError::Shard {

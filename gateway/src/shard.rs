@@ -43,6 +43,7 @@ use hop_store::GroupTag;
 use hop_store::ShardStore;
 use tracing::{debug, error, info, warn};
 
+use crate::cluster::membership::{Cluster, Home};
 use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
@@ -146,6 +147,8 @@ pub struct ShardParts<B: Backend> {
     /// Which account each companion device belongs to, for every shard.
     pub directory: Arc<Directory>,
     pub groups: GroupLog<FsIo>,
+    /// This node's view of its cluster; `None` for a single hopd.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +317,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         devices,
         directory,
         groups,
+        cluster,
     } = parts;
     let index = settings.index;
     let fresh = Fresh {
@@ -331,6 +335,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         stats,
         controls,
         directory,
+        cluster,
         next_token: 0,
         generation: 0,
     };
@@ -403,6 +408,7 @@ struct Handles<B: Backend> {
     stats: Arc<ShardStats>,
     controls: Arc<Controls>,
     directory: Arc<Directory>,
+    cluster: Option<Arc<Cluster>>,
     next_token: u64,
     generation: u32,
 }
@@ -428,6 +434,7 @@ impl<B: Backend> Core<B> {
             stats,
             controls,
             directory,
+            cluster,
             next_token,
             generation,
         } = handles;
@@ -480,6 +487,8 @@ impl<B: Backend> Core<B> {
             devices,
             directory,
             groups,
+            cluster,
+            cluster_state: (0, false),
         }
     }
 
@@ -493,6 +502,7 @@ impl<B: Backend> Core<B> {
             stats: self.stats,
             controls: self.controls,
             directory: self.directory,
+            cluster: self.cluster,
             next_token: self.next_token,
             generation: self.generation,
         }
@@ -549,6 +559,7 @@ impl<B: Backend> Core<B> {
             core.commit_if_due();
             core.end_turn(backend);
             if Instant::now() >= next_tick {
+                core.follow_cluster();
                 core.enforce_timeouts();
                 core.expire_and_compact();
                 core.router.release_empty();
@@ -625,6 +636,11 @@ struct Core<B: Backend> {
     directory: Arc<Directory>,
     /// The groups homed here, on disk: a snapshot per change.
     groups: GroupLog<FsIo>,
+    /// This node's view of its cluster; `None` for a single hopd.
+    cluster: Option<Arc<Cluster>>,
+    /// The cluster view's generation, and whether this node served, when this shard last
+    /// checked its users.
+    cluster_state: (u64, bool),
 }
 
 /// A shard's part of a lame-duck drain.
@@ -756,6 +772,9 @@ impl<B: Backend> Core<B> {
                 return;
             }
         };
+        if self.sent_to_home_node(id, account) {
+            return;
+        }
         self.left_handshake();
         // Every device of an account lives on the account's home shard.
         let home = home_shard(account, self.settings.shards);
@@ -775,6 +794,69 @@ impl<B: Backend> Core<B> {
             );
             self.to_move.push((id, generation));
         }
+    }
+
+    /// In a cluster, sends connection `id` of `account` away when this node is not the
+    /// account's home: to the home node (GoAway REDIRECT, with its address and key), or, while
+    /// this node is no member, away with a hint to come back after a lease time. True if sent.
+    fn sent_to_home_node(&mut self, id: ConnId, account: UserId) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        let view = cluster.view();
+        let stanza = match cluster.home(&view, account) {
+            Home::Here => return false,
+            Home::There(member) => {
+                bump(&self.stats.cluster_redirects, 1);
+                Stanza::go_away_redirect(member.advertise.clone(), &member.server_key)
+            }
+            Home::Unavailable => {
+                bump(&self.stats.cluster_unavailable, 1);
+                Stanza::go_away_retry_after(
+                    GoAwayReason::Unavailable,
+                    "this node is not serving: it is not a member of its cluster now",
+                    u32::try_from(cluster.settings.lease_ms).unwrap_or(u32::MAX),
+                )
+            }
+        };
+        self.queue_stanza(id, &stanza);
+        self.close(id);
+        true
+    }
+
+    /// When the cluster's members changed, or this node's lease began or ended: every
+    /// connection whose account now lives on another node (or, while this node serves no one,
+    /// every connection) is sent away as at its handshake. Once per tick; a full walk only
+    /// when something changed.
+    fn follow_cluster(&mut self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        // A draining node has left its cluster on purpose: the drain sends its users away,
+        // spread over the window, not this walk all at once.
+        if self.controls.is_draining() {
+            return;
+        }
+        // A new member list, or this node's lease starting or ending.
+        let state = (cluster.generation(), cluster.serving());
+        if state == self.cluster_state {
+            return;
+        }
+        self.cluster_state = state;
+        let open: Vec<(ConnId, UserId)> = (0..self.conns.len() as ConnId)
+            .filter_map(|id| {
+                let conn = self.conns[id as usize].as_ref()?;
+                (conn.phase == Phase::Open).then_some((id, conn.user?))
+            })
+            .collect();
+        for (id, user) in open {
+            let account = match self.directory.placement(user) {
+                Placement::Companion(account) => account,
+                _ => user,
+            };
+            self.sent_to_home_node(id, account);
+        }
+        self.run_actions();
     }
 
     /// A client of an older protocol version finished its handshake: it is told, in stanzas

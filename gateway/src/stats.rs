@@ -47,6 +47,8 @@ counters! {
     kicks: "connections an operator closed (`hop admin kick`)",
     drain_closes: "connections sent away by a lame-duck drain",
     shard_restarts: "times this shard panicked and was restarted by its supervisor",
+    cluster_redirects: "connections sent to their home node of the cluster (GoAway REDIRECT)",
+    cluster_unavailable: "connections sent away while this node was no member of its cluster",
     bytes_in: "bytes read from clients",
     bytes_out: "bytes handed to the backend to write to clients",
     stanzas_out: "stanzas sent to clients",

@@ -176,6 +176,9 @@ enum AdminRequest {
     /// Start a lame-duck drain: hopd accepts no more connections, sends the held ones away
     /// spread over its drain_ms, and exits.
     Drain,
+    /// This node's view of its cluster: the members (address, key, shards), whether this
+    /// node is one, its lease and etcd counters.
+    Cluster,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -486,6 +489,7 @@ fn admin(args: AdminArgs) -> Result<(), String> {
         AdminRequest::Kick { id } => agent.post(format!("{base}/users/{id}/kick")).send_empty(),
         AdminRequest::LogLevel { filter } => agent.put(format!("{base}/log")).send(filter.as_str()),
         AdminRequest::Drain => agent.post(format!("{base}/drain")).send_empty(),
+        AdminRequest::Cluster => agent.get(format!("{base}/cluster")).call(),
     };
     let mut response = response.map_err(|error| {
         format!(
@@ -539,8 +543,9 @@ impl Endpoint {
         })
     }
 
+    /// Connects, following a cluster's redirect to the user's home node.
     fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(&self.server, &self.key, &self.trust, CONNECT_TIMEOUT)
+        Client::connect_home(&self.server, &self.key, &self.trust, CONNECT_TIMEOUT)
     }
 }
 
@@ -639,7 +644,10 @@ fn receipt_event(kind: i32) -> &'static str {
 fn retryable(error: &ClientError) -> bool {
     matches!(
         error,
-        ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed
+        ClientError::Connect { .. }
+            | ClientError::Io(_)
+            | ClientError::Closed
+            | ClientError::Redirects { .. }
     )
 }
 
@@ -649,7 +657,9 @@ fn go_away_retryable(reason: i32) -> bool {
         Ok(GoAwayReason::Shutdown
             | GoAwayReason::Replaced
             | GoAwayReason::Idle
-            | GoAwayReason::Full)
+            | GoAwayReason::Full
+            | GoAwayReason::Redirect
+            | GoAwayReason::Unavailable)
     )
 }
 
