@@ -1,0 +1,737 @@
+//! Several nodes, each in its own network namespace, with etcd for membership: first the
+//! tests of the harness itself (`netns`: the namespaces, cutting and healing a node's link,
+//! clean-up, a 3-member etcd cluster that survives the loss of one member), then hopd
+//! clusters: redirects to the home node, a node killed, a node cut off from etcd.
+//!
+//! Needs root and `tests/cluster-install`; without them every test prints `SKIPPED:` and
+//! passes.
+
+mod netns;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hop_gateway::cluster::placement;
+use hop_protocol::client::{Client, ClientError, ServerTrust};
+use hop_protocol::keys::parse_hex_key;
+use hop_protocol::wire::{GoAwayReason, Kind, Ping, ReceiptKind, Stanza};
+use hop_protocol::{StaticKey, UserId};
+use netns::Proc;
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use netns::{netns_list, EtcdCluster, Net, NETNS_DIR, PATIENCE};
+
+/// How long a connect may take before the peer counts as unreachable. Inside one machine a
+/// reachable peer answers in microseconds.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// The port of the test listeners.
+const PORT: u16 = 7000;
+
+/// Where a connection starts.
+#[derive(Clone, Copy, Debug)]
+enum From {
+    Client,
+    Node(usize),
+}
+
+/// Guards against a harness whose namespaces leak into each other or the host, whose cut
+/// leaves a path open, or whose drop leaves namespaces or processes behind.
+#[test]
+fn a_cut_link_isolates_its_node_until_healed_and_drop_removes_everything() {
+    let Some(net) = Net::new(2) else { return };
+    let names = net.namespaces().to_vec();
+    assert_eq!(names.len(), 4, "hub, two nodes, client: {names:?}");
+    let present = netns_list();
+    for name in &names {
+        assert!(
+            present.contains(name),
+            "{name} not in `ip netns list`: {present:?}"
+        );
+    }
+
+    // One listener per namespace, made inside it; never accepted: the kernel completes the
+    // handshake on its own, which is all a reachability check needs.
+    let node0 = SocketAddrV4::new(net.addr(0), PORT);
+    let node1 = SocketAddrV4::new(net.addr(1), PORT);
+    let client = SocketAddrV4::new(net.client_addr(), PORT);
+    let listeners: Vec<TcpListener> = vec![
+        net.in_node(0, move || {
+            TcpListener::bind(node0).expect("listener in node 0")
+        }),
+        net.in_node(1, move || {
+            TcpListener::bind(node1).expect("listener in node 1")
+        }),
+        net.in_client(move || TcpListener::bind(client).expect("listener in the client")),
+    ];
+
+    // No route leads out of the namespaces: an address outside the subnet fails at once,
+    // before any packet is sent.
+    let outside = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), PORT);
+    let error = connect(&net, From::Node(0), outside).expect_err("a route out of node 0");
+    assert_eq!(error.kind(), io::ErrorKind::NetworkUnreachable, "{error}");
+
+    for (from, to) in [
+        (From::Client, node0),
+        (From::Node(1), node0),
+        (From::Node(0), client),
+        (From::Node(1), client),
+    ] {
+        connect(&net, from, to).unwrap_or_else(|error| panic!("{from:?} -> {to}: {error}"));
+    }
+
+    net.cut(0);
+    for (from, to) in [
+        (From::Client, node0),
+        (From::Node(1), node0),
+        (From::Node(0), client),
+    ] {
+        assert!(
+            connect(&net, from, to).is_err(),
+            "{from:?} reaches {to} while node 0 is cut off"
+        );
+    }
+    for (from, to) in [(From::Client, node1), (From::Node(1), client)] {
+        connect(&net, from, to)
+            .unwrap_or_else(|error| panic!("{from:?} -> {to} with node 0 cut off: {error}"));
+    }
+
+    net.heal(0);
+    for (from, to) in [(From::Client, node0), (From::Node(0), client)] {
+        eventually(&format!("{from:?} -> {to} after heal"), || {
+            connect(&net, from, to)
+        });
+    }
+
+    // One process started through the harness, one started by the test itself: both run in
+    // node 1's namespace, both are gone after the drop.
+    let tracked = net.spawn({
+        let mut command = net.command(1, "sleep");
+        command.arg("600").stdin(Stdio::null());
+        command
+    });
+    let mut untracked = net
+        .command(1, "sleep")
+        .arg("600")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("sleep starts");
+    for pid in [tracked.pid(), untracked.id()] {
+        eventually(&format!("pid {pid} in node 1's namespace"), || {
+            let identify = std::process::Command::new("ip")
+                .args(["netns", "identify", &pid.to_string()])
+                .output()
+                .map_err(|error| error.to_string())?;
+            let name = String::from_utf8_lossy(&identify.stdout).trim().to_string();
+            if name == net.namespace(1) {
+                Ok(())
+            } else {
+                Err(format!("in {name:?}"))
+            }
+        });
+    }
+
+    drop(listeners);
+    drop(net);
+    let present = netns_list();
+    for name in &names {
+        assert!(
+            !present.contains(name),
+            "{name} survived the drop: {present:?}"
+        );
+    }
+    let status = tracked
+        .try_wait()
+        .expect("the drop waited for the tracked process");
+    assert_eq!(
+        status.signal(),
+        Some(Signal::SIGKILL as i32),
+        "tracked: {status:?}"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = untracked.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the untracked process outlived its namespace"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        status.signal(),
+        Some(Signal::SIGKILL as i32),
+        "untracked: {status:?}"
+    );
+}
+
+/// Guards against namespaces that pile up after runs that died without dropping their `Net`
+/// (SIGKILL, abort), and against two `Net`s of one process that step on each other.
+#[test]
+fn leftovers_of_dead_runs_are_removed_and_two_nets_coexist() {
+    if Net::new(1).is_none() {
+        return;
+    }
+    // A process that has exited and been reaped: its pid names a run that is gone.
+    let mut gone = std::process::Command::new("true")
+        .spawn()
+        .expect("true starts");
+    let gone_pid = gone.id();
+    gone.wait().expect("true exits");
+    let leftover = format!("hopnet-{gone_pid}-0-hub");
+    let made = std::process::Command::new("ip")
+        .args(["netns", "add", &leftover])
+        .status()
+        .expect("ip runs");
+    assert!(made.success(), "ip netns add {leftover}: {made}");
+
+    let first = Net::new(1).expect("first net");
+    assert!(
+        !std::path::Path::new(NETNS_DIR).join(&leftover).exists(),
+        "{leftover} survived Net::new"
+    );
+    let second = Net::new(1).expect("second net");
+    for name in second.namespaces() {
+        assert!(!first.namespaces().contains(name), "{name} is in both nets");
+    }
+
+    // The same address in both, each reachable only within its own net.
+    let addr = SocketAddrV4::new(first.addr(0), PORT);
+    assert_eq!(first.addr(0), second.addr(0));
+    let _listener = first.in_node(0, move || TcpListener::bind(addr).expect("listener"));
+    connect(&first, From::Client, addr).expect("first net's client reaches its node 0");
+    assert!(
+        connect(&second, From::Client, addr).is_err(),
+        "second net's client reaches the first net's node 0"
+    );
+}
+
+/// Guards against an etcd harness that does not form a real cluster: values must cross
+/// members, writes must go on with one member of three dead, and the dead member must catch
+/// up after a restart on its own data.
+#[test]
+fn etcd_of_three_keeps_quorum_with_one_member_down() {
+    let Some(net) = Net::new(3) else { return };
+    let Some(mut etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    assert_eq!(
+        etcd.endpoints(),
+        [
+            "http://10.99.0.1:2379",
+            "http://10.99.0.2:2379",
+            "http://10.99.0.3:2379"
+        ]
+    );
+
+    etcd.put(0, b"hop/test/first", b"one")
+        .expect("put through member 0");
+    assert_eq!(
+        etcd.get(2, b"hop/test/first")
+            .expect("get through member 2"),
+        Some(b"one".to_vec())
+    );
+    assert_eq!(
+        etcd.get(2, b"hop/test/never")
+            .expect("get through member 2"),
+        None
+    );
+
+    etcd.kill(0);
+    assert!(
+        etcd.put(0, b"hop/test/second", b"lost").is_err(),
+        "a killed member took a write"
+    );
+    // Member 0 may have been the leader: the other two elect a new one first.
+    eventually("a write with member 0 down", || {
+        etcd.put(1, b"hop/test/second", b"two")
+    });
+    assert_eq!(
+        etcd.get(2, b"hop/test/second")
+            .expect("get through member 2"),
+        Some(b"two".to_vec())
+    );
+
+    etcd.restart(0);
+    assert_eq!(
+        etcd.get(0, b"hop/test/first")
+            .expect("get through member 0"),
+        Some(b"one".to_vec())
+    );
+    assert_eq!(
+        etcd.get(0, b"hop/test/second")
+            .expect("get through member 0"),
+        Some(b"two".to_vec()),
+        "member 0 did not catch up on the write it missed"
+    );
+}
+
+/// A TCP connect from `from` to `to`, closed at once.
+fn connect(net: &Net, from: From, to: SocketAddrV4) -> io::Result<()> {
+    let attempt =
+        move || TcpStream::connect_timeout(&SocketAddr::V4(to), CONNECT_TIMEOUT).map(drop);
+    match from {
+        From::Client => net.in_client(attempt),
+        From::Node(node) => net.in_node(node, attempt),
+    }
+}
+
+/// Retries `attempt` until it succeeds; panics naming `what` and the last error after
+/// [`PATIENCE`].
+fn eventually<E: std::fmt::Display>(what: &str, mut attempt: impl FnMut() -> Result<(), E>) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match attempt() {
+            Ok(()) => return,
+            Err(error) if Instant::now() >= deadline => {
+                panic!("{what}: still failing after {PATIENCE:?}: {error}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+// ---- hopd clusters ----
+
+/// The client port of every node (each on its own address).
+const HOP_PORT: u16 = 7788;
+/// The admin listener of every node, on the loopback of the node's own namespace.
+const ADMIN: &str = "127.0.0.1:7789";
+/// A short lease, so that a dead node's users move within seconds.
+const LEASE_MS: u64 = 2_000;
+
+/// hopd nodes `n0`, `n1`, ... one per namespace of a [`Net`], members of one etcd cluster.
+struct Nodes<'net> {
+    net: &'net Net,
+    endpoints: String,
+    nodes: Vec<Option<Node>>,
+    folder: tempfile::TempDir,
+}
+
+struct Node {
+    process: Proc,
+    key: [u8; 32],
+}
+
+fn node_id(index: usize) -> String {
+    format!("n{index}")
+}
+
+impl<'net> Nodes<'net> {
+    /// Starts `count` nodes and waits until each sees all of them as members.
+    fn start(net: &'net Net, etcd: &EtcdCluster<'net>, count: usize) -> Self {
+        let mut nodes = Self {
+            net,
+            endpoints: etcd.endpoints().join(","),
+            nodes: (0..count).map(|_| None).collect(),
+            folder: tempfile::tempdir().expect("a temporary folder"),
+        };
+        for index in 0..count {
+            nodes.start_node(index);
+        }
+        let all: Vec<usize> = (0..count).collect();
+        for index in 0..count {
+            nodes.wait_for_members(index, &all);
+        }
+        nodes
+    }
+
+    fn data(&self, index: usize) -> PathBuf {
+        self.folder.path().join(node_id(index))
+    }
+
+    fn log(&self, index: usize) -> PathBuf {
+        self.folder.path().join(format!("{}.log", node_id(index)))
+    }
+
+    /// Starts node `index` (again: its data folder is kept) and waits for its status line.
+    fn start_node(&mut self, index: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(index))
+            .expect("a log file");
+        let listen = SocketAddrV4::new(self.net.addr(index), HOP_PORT).to_string();
+        let mut command = self.net.command(index, env!("CARGO_BIN_EXE_hopd"));
+        command
+            .args(["--data", &self.data(index).display().to_string()])
+            .args(["--listen", &listen, "--admin", ADMIN, "--shards", "2"])
+            .args(["--cluster-etcd", &self.endpoints])
+            .args(["--node-id", &node_id(index)])
+            .args(["--cluster-lease-ms", &LEASE_MS.to_string()])
+            .args(["--drain-ms", "0"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("the log again"))
+            .stderr(log);
+        let process = self.net.spawn(command);
+        let key = self.wait_for_key(index, &process);
+        self.nodes[index] = Some(Node { process, key });
+    }
+
+    /// The server key from the status line node `index` printed last.
+    fn wait_for_key(&self, index: usize, process: &Proc) -> [u8; 32] {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let text = std::fs::read_to_string(self.log(index)).unwrap_or_default();
+            let key = text
+                .lines()
+                .rev()
+                .find_map(|line| line.split("server key ").nth(1))
+                .and_then(|rest| parse_hex_key(rest.split(';').next().unwrap_or("")));
+            if let Some(key) = key {
+                return key;
+            }
+            assert!(
+                process.try_wait().is_none() && Instant::now() < deadline,
+                "node {index} printed no status line:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn key(&self, index: usize) -> [u8; 32] {
+        self.nodes[index].as_ref().expect("a running node").key
+    }
+
+    /// The node whose server key this is.
+    fn which(&self, key: &[u8; 32]) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|node| node.as_ref().is_some_and(|node| &node.key == key))
+    }
+
+    fn addr(&self, index: usize) -> String {
+        SocketAddrV4::new(self.net.addr(index), HOP_PORT).to_string()
+    }
+
+    /// `kill -9` of node `index`.
+    fn kill(&mut self, index: usize) {
+        if let Some(node) = self.nodes[index].take() {
+            node.process.kill();
+        }
+    }
+
+    /// A GET on node `index`'s admin listener: status and body.
+    fn admin(&self, index: usize, path: &str) -> (u16, String) {
+        let url = format!("http://{ADMIN}{path}");
+        self.net.in_node(index, move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(2)))
+                .http_status_as_error(false)
+                .proxy(None)
+                .build()
+                .into();
+            match agent.get(&url).call() {
+                Ok(mut response) => (
+                    response.status().as_u16(),
+                    response.body_mut().read_to_string().unwrap_or_default(),
+                ),
+                Err(error) => (0, error.to_string()),
+            }
+        })
+    }
+
+    /// Waits until node `index` is a member and sees exactly `members`.
+    fn wait_for_members(&self, index: usize, members: &[usize]) {
+        let wanted: Vec<String> = members.iter().map(|&m| node_id(m)).collect();
+        let deadline = Instant::now() + PATIENCE;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let (status, body) = self.admin(index, "/cluster");
+            if status == 200 {
+                let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+                let seen: Vec<String> = view["members"]
+                    .as_array()
+                    .map(|members| {
+                        members
+                            .iter()
+                            .filter_map(|m| m["node_id"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if view["member"] == true && seen == wanted {
+                    return;
+                }
+            }
+            last = body;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node {index} never saw members {wanted:?}; last /cluster: {last}");
+    }
+
+    /// Connects `key`'s user through node `via` from the client namespace, following redirects.
+    fn connect(&self, via: usize, key: &StaticKey) -> Result<Client, ClientError> {
+        let (addr, trust) = (self.addr(via), ServerTrust::Pinned(self.key(via)));
+        let key = key.clone();
+        self.net
+            .in_client(move || Client::connect_home(&addr, &key, &trust, Duration::from_secs(2)))
+    }
+}
+
+impl Nodes<'_> {
+    /// Connects `key`'s user through node `via` until node `home` serves it, and returns how
+    /// long that took. Meanwhile a connect may fail (to a node that died or was cut off) or be
+    /// sent away `UNAVAILABLE` (a node whose lease etcd has not confirmed in time, as while
+    /// etcd elects a leader): a client tries again, and so does this, within [`PATIENCE`].
+    fn served_by(&self, via: usize, key: &StaticKey, home: usize) -> Duration {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < PATIENCE {
+            match self.connect(via, key) {
+                Ok(mut client) => {
+                    if self.which(client.server_key()) == Some(home) {
+                        return start.elapsed();
+                    }
+                    last = format!(
+                        "served by {:?}, first stanza {:?}",
+                        self.which(client.server_key()),
+                        client.recv(Duration::from_millis(100))
+                    );
+                }
+                Err(error) => last = error.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "the user was never served by n{home} through n{via}; last: {last}\nn{via}: {}",
+            self.admin(via, "/cluster").1
+        );
+    }
+}
+
+/// The node of `live` (node indices) that placement makes `user`'s home, and its replica.
+fn placed(live: &[usize], user: UserId) -> (usize, usize) {
+    let hashes: Vec<u64> = live
+        .iter()
+        .map(|&index| placement::node_hash(&node_id(index)))
+        .collect();
+    let mut order = placement::ranked(&hashes, user);
+    let home = order.next().expect("a member");
+    let replica = order.next().unwrap_or(home);
+    (live[home], live[replica])
+}
+
+/// A new key whose user's home among `live` is `home`.
+fn key_homed_on(live: &[usize], home: usize) -> StaticKey {
+    for _ in 0..10_000 {
+        let key = StaticKey::generate().expect("a key");
+        if placed(live, key.user_id()).0 == home {
+            return key;
+        }
+    }
+    panic!("no key homed on node {home} in 10,000 tries");
+}
+
+/// Waits for the next stanza of `kind`, failing after [`PATIENCE`].
+fn next_of(client: &mut Client, kind: &str) -> Kind {
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        if let Some(stanza) = client.recv(Duration::from_millis(200)).expect("connected") {
+            if stanza.kind_name() == kind {
+                return stanza.kind.expect("a kind");
+            }
+        }
+    }
+    panic!("no {kind} within {PATIENCE:?}");
+}
+
+/// Every user ends up on its home node whichever node it connects to, and two users sent
+/// there from different nodes exchange a message with its ticks.
+#[test]
+fn a_client_is_served_by_its_home_node_whichever_node_it_connects_to() {
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let nodes = Nodes::start(&net, &etcd, 3);
+    let live = [0, 1, 2];
+    for home in live {
+        let key = key_homed_on(&live, home);
+        for via in live {
+            nodes.served_by(via, &key, home);
+        }
+    }
+
+    // Alice and Bob live on n1; Alice comes through n0, Bob through n2.
+    let (alice_key, bob_key) = (key_homed_on(&live, 1), key_homed_on(&live, 1));
+    let mut alice = nodes.connect(0, &alice_key).expect("alice served");
+    let mut bob = nodes.connect(2, &bob_key).expect("bob served");
+    assert_eq!(nodes.which(alice.server_key()), Some(1));
+    assert_eq!(nodes.which(bob.server_key()), Some(1));
+    alice
+        .send_message(bob_key.user_id(), b"through the cluster")
+        .expect("sent");
+    let Kind::ServerAck(ack) = next_of(&mut alice, "ServerAck") else {
+        unreachable!()
+    };
+    let Kind::Deliver(deliver) = next_of(&mut bob, "Deliver") else {
+        unreachable!()
+    };
+    assert_eq!(
+        (deliver.id, &deliver.body[..]),
+        (ack.id, &b"through the cluster"[..])
+    );
+    bob.ack_deliver(deliver.id).expect("acked");
+    let Kind::Receipt(receipt) = next_of(&mut alice, "Receipt") else {
+        unreachable!()
+    };
+    assert_eq!(
+        (receipt.id, receipt.kind),
+        (ack.id, ReceiptKind::Delivered as i32)
+    );
+    let (_, metrics) = nodes.admin(0, "/metrics");
+    let redirects: u64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("hop_cluster_redirects_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(redirects >= 3, "n0 redirected {redirects} connections");
+}
+
+/// After `kill -9` of a node its users are served by their replicas once its lease has run
+/// out; when it comes back (same data, same key) they are sent home to it again.
+#[test]
+fn a_killed_node_s_users_move_to_their_replicas_and_come_back_with_it() {
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let mut nodes = Nodes::start(&net, &etcd, 3);
+    let key = key_homed_on(&[0, 1, 2], 2);
+    let (_, replica) = placed(&[0, 1, 2], key.user_id());
+    assert_eq!(placed(&[0, 1], key.user_id()).0, replica);
+    nodes.served_by(0, &key, 2);
+
+    nodes.kill(2);
+    let moved = nodes.served_by(0, &key, replica);
+    println!(
+        "users of a node killed with kill -9 were served by their replica {moved:?} later \
+         (lease {LEASE_MS} ms)"
+    );
+    nodes.wait_for_members(0, &[0, 1]);
+
+    nodes.start_node(2);
+    nodes.wait_for_members(0, &[0, 1, 2]);
+    nodes.wait_for_members(2, &[0, 1, 2]);
+    nodes.served_by(0, &key, 2);
+}
+
+/// Connects `key`'s user straight to `addr` (no redirect followed) and pings: whether the
+/// node served it (a Pong) rather than sending it away (a GoAway); `None` if the connect or
+/// the exchange failed.
+fn serves(addr: &str, key: &StaticKey, server_key: [u8; 32]) -> Option<bool> {
+    let trust = ServerTrust::Pinned(server_key);
+    let mut client = Client::connect(addr, key, &trust, Duration::from_secs(2)).ok()?;
+    client
+        .send(&Stanza::of(Kind::Ping(Ping { nonce: 7 })))
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match client.recv(Duration::from_millis(100)).ok()? {
+            Some(Stanza {
+                kind: Some(Kind::Pong(_)),
+            }) => return Some(true),
+            Some(Stanza {
+                kind: Some(Kind::GoAway(_)),
+            }) => return Some(false),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A node cut off from the network (its etcd member with it, in the minority) stops serving
+/// once its lease may have run out: its own connections are sent away `UNAVAILABLE`, while
+/// the other side serves its users. No user is served on both sides: a client inside the cut
+/// node's namespace and one outside try to be served by each side over and over, and the
+/// last time the cut node served the user began before the first time its replica did.
+/// After the heal the node joins again and its users come home.
+#[test]
+fn a_node_cut_off_from_etcd_stops_serving_before_its_users_move_and_returns_after_heal() {
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let nodes = Nodes::start(&net, &etcd, 3);
+    let key = key_homed_on(&[0, 1, 2], 2);
+    let (_, replica) = placed(&[0, 1, 2], key.user_id());
+    // Another user of n2, connected from inside n2's own namespace: it stays reachable
+    // through the cut.
+    let (addr, trust, inner_key) = (
+        nodes.addr(2),
+        ServerTrust::Pinned(nodes.key(2)),
+        key_homed_on(&[0, 1, 2], 2),
+    );
+    let mut local = net.in_node(2, move || {
+        Client::connect_home(&addr, &inner_key, &trust, Duration::from_secs(5))
+            .expect("served by n2")
+    });
+
+    net.cut(2);
+    let cut = Instant::now();
+    let moved = AtomicBool::new(false);
+    let (n2_addr, n2_key) = (nodes.addr(2), nodes.key(2));
+    let (replica_addr, replica_key) = (nodes.addr(replica), nodes.key(replica));
+    let (last_served_by_n2, first_served_by_replica) = std::thread::scope(|scope| {
+        let inside = scope.spawn(|| {
+            net.in_node(2, || {
+                // When the last attempt that n2 answered with a Pong began.
+                let mut last_served = None;
+                while !moved.load(Ordering::Acquire) && cut.elapsed() < PATIENCE {
+                    let began = cut.elapsed();
+                    if serves(&n2_addr, &key, n2_key) == Some(true) {
+                        last_served = Some(began);
+                    }
+                }
+                last_served
+            })
+        });
+        let outside = scope.spawn(|| {
+            let served = net.in_client(|| loop {
+                if serves(&replica_addr, &key, replica_key) == Some(true) {
+                    // When the first attempt the replica answered with a Pong ended.
+                    break Some(cut.elapsed());
+                }
+                if cut.elapsed() >= PATIENCE {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            });
+            moved.store(true, Ordering::Release);
+            served
+        });
+        (
+            inside.join().expect("the inside client"),
+            outside.join().expect("the outside client"),
+        )
+    });
+    let moved_at = first_served_by_replica.expect("n2's user was never served by its replica");
+    println!(
+        "after the cut: n2 last served its user in an attempt begun at {last_served_by_n2:?}; \
+         n{replica} first served it by {moved_at:?}"
+    );
+    assert!(
+        last_served_by_n2.is_none_or(|at| at < moved_at),
+        "the user was served on both sides: by n2 at {last_served_by_n2:?}, by n{replica} at \
+         {moved_at:?}"
+    );
+    // n2 says it is not serving, and its connection was sent away.
+    assert_eq!(nodes.admin(2, "/readyz").0, 503);
+    let Kind::GoAway(go_away) = next_of(&mut local, "GoAway") else {
+        unreachable!()
+    };
+    assert_eq!(go_away.reason, GoAwayReason::Unavailable as i32);
+
+    net.heal(2);
+    nodes.wait_for_members(2, &[0, 1, 2]);
+    nodes.wait_for_members(0, &[0, 1, 2]);
+    nodes.served_by(0, &key, 2);
+}
