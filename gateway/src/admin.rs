@@ -475,6 +475,16 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.reads_refused,
     ),
     (
+        "mails_to_nodes",
+        "Mails for users of another node of the cluster.",
+        |s| &s.mails_to_nodes,
+    ),
+    (
+        "mails_unroutable",
+        "Mails for another node that could not reach it (refused to their sender, or dropped).",
+        |s| &s.mails_unroutable,
+    ),
+    (
         "group_messages",
         "Messages sent to groups homed on this shard.",
         |s| &s.group_messages,

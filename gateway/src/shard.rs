@@ -43,7 +43,7 @@ use hop_store::GroupTag;
 use hop_store::ShardStore;
 use tracing::{debug, error, info, warn};
 
-use crate::cluster::membership::{Cluster, Home};
+use crate::cluster::membership::{Cluster, Home, ShardLocality};
 use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
@@ -439,13 +439,16 @@ impl<B: Backend> Core<B> {
             generation,
         } = handles;
         let Fresh {
-            router,
+            mut router,
             accounts,
             privacy,
             devices,
             groups,
             store,
         } = fresh;
+        if let Some(cluster) = &cluster {
+            router.set_locality(Box::new(ShardLocality::new(cluster.clone())));
+        }
         let shards = usize::from(settings.shards);
         let connection_slots = settings.connection_slots;
         Self {
@@ -995,6 +998,10 @@ impl<B: Backend> Core<B> {
                     }
                 }
                 Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
+                // No links between nodes yet: the router refuses what it can to its sender.
+                Action::ToNode { message, .. } => {
+                    self.router.handle_unroutable(*message, self.wall_ms);
+                }
                 Action::Keep { user, item } => self.held.hold(user, item, self.now_ms),
                 Action::Forget { user, id, kind } => {
                     if self.held.cancel(user, id, kind) {
@@ -1735,6 +1742,8 @@ impl<B: Backend> Core<B> {
             (&stats.messages_deduplicated, router.messages_deduplicated),
             (&stats.receipts_queued, router.receipts_queued),
             (&stats.reads_refused, router.reads_refused),
+            (&stats.mails_to_nodes, router.mails_to_nodes),
+            (&stats.mails_unroutable, router.mails_unroutable),
             (&stats.group_messages, router.group_messages),
             (&stats.group_changes, router.group_changes),
             (&stats.group_copies_refused, router.group_copies_refused),

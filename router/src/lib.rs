@@ -41,7 +41,8 @@ mod router;
 
 pub use router::{
     home_shard, Action, Counters, Envelope, GroupCopy, GroupRequest, GroupSnapshot, Limits,
-    Privacy, Queued, Router, Secrets, ShardMessage, UserReport, Violation, LAST_SEEN_GRAIN_MS,
+    Locality, Privacy, Queued, Router, Secrets, ShardMessage, UserReport, Violation,
+    LAST_SEEN_GRAIN_MS,
 };
 
 /// A shard's index, `0..shards`.

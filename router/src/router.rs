@@ -305,6 +305,13 @@ pub enum Action {
         shard: ShardId,
         message: ShardMessage,
     },
+    /// In a cluster: hand a message to `user`'s home node, which hands it to `user`'s home
+    /// shard there. Boxed: a mail to another node is encoded for its link anyway, and an
+    /// `Action` stays within its size.
+    ToNode {
+        user: UserId,
+        message: Box<ShardMessage>,
+    },
     /// A user connected for the first time: its key, to keep across restarts.
     PersistBinding { user: UserId, key: [u8; KEY_BYTES] },
     /// A user changed who may see its presence: to keep across restarts (the latest wins).
@@ -365,6 +372,10 @@ pub struct Counters {
     pub watches_hidden: u64,
     pub acks_unmatched: u64,
     pub presence_sent: u64,
+    /// Mails addressed to another node of the cluster ([`Action::ToNode`]).
+    pub mails_to_nodes: u64,
+    /// Of those, mails that could not reach their node ([`Router::handle_unroutable`]).
+    pub mails_unroutable: u64,
     pub items_expired: u64,
     /// Users made from their queued items at start because their binding was not on disk
     /// (written again at their next connection).
@@ -674,8 +685,9 @@ struct Pending {
 struct Waiter {
     /// The sending device.
     sender: UserId,
-    /// Its account's home shard, where the device's connection lives.
-    home: ShardId,
+    /// Whose home the ServerAck goes to: the sending account's (where the device's connection
+    /// lives), or for a member's copy of a group message the group's.
+    reply_to: UserId,
     conn: ConnRef,
     message: MessageRef,
     timestamp_ms: u64,
@@ -757,12 +769,25 @@ const FANOUT_CONN: ConnRef = ConnRef(u64::MAX - 1);
 /// with no resend is dropped ([`Router::expire_fanouts`]).
 const FANOUT_PATIENCE_MS: u64 = 5_000;
 
+/// In a cluster: which accounts and groups live on this node. Everything else is addressed
+/// to its home node ([`Action::ToNode`]). A single hopd has none, and every user is here.
+pub trait Locality: std::fmt::Debug + std::marker::Send {
+    /// `user` (an account or a group) lives on this node now.
+    fn is_here(&self, user: UserId) -> bool;
+}
+
+/// Why a message or watch request for a user of another node was refused.
+const UNROUTABLE: &str =
+    "the recipient lives on another node of the cluster, which this node cannot reach now; try again later";
+
 /// One shard's routing state. See the crate docs for the call order.
 #[derive(Debug)]
 pub struct Router {
     shard: ShardId,
     shards: u16,
     limits: Limits,
+    /// In a cluster, which users live on this node; `None` for a single hopd.
+    locality: Option<Box<dyn Locality>>,
     /// SipHash keyed with `Secrets::message_ids`.
     message_ids: Keyed,
     /// SipHash keyed with `Secrets::read_proofs`.
@@ -829,6 +854,7 @@ impl Router {
             shard,
             shards,
             limits,
+            locality: None,
             message_ids: Keyed(SipHasher13::new_with_key(&secrets.message_ids)),
             read_proofs: Keyed(SipHasher13::new_with_key(&secrets.read_proofs)),
             users: HashMap::default(),
@@ -1345,7 +1371,7 @@ impl Router {
                 reason,
             }
         };
-        self.send_to(waiter.home, refusal, now_ms);
+        self.send_home(waiter.reply_to, refusal, now_ms);
     }
 
     /// The item (`id`, `kind`) of `user`'s queue expired on disk: it leaves the queue.
@@ -1476,9 +1502,9 @@ impl Router {
         };
         // Replies go where the sender's connection is, or for a group copy to the group's
         // home shard, which answers the sender once every member's shard answered.
-        let reply_home = match group {
-            None => home_shard(envelope.from, self.shards),
-            Some(copy) => home_shard(copy.group, self.shards),
+        let reply_to = match group {
+            None => envelope.from,
+            Some(copy) => copy.group,
         };
         let reject = |code, reason| match group {
             Some(copy) => ShardMessage::CopyRefused {
@@ -1503,7 +1529,7 @@ impl Router {
                 ErrorCode::UnknownUser,
                 "no such user or group on this server",
             );
-            return self.send_to(reply_home, message, now_ms);
+            return self.send_home(reply_to, message, now_ms);
         };
         // Only a Send the client marked as a resend is looked for: a first send cannot have
         // an original, and the common path stays free of the lookup. The lookup scans the
@@ -1525,7 +1551,7 @@ impl Router {
                 ErrorCode::QueueFull,
                 "the recipient's queue is full; message not taken",
             );
-            return self.send_to(reply_home, message, now_ms);
+            return self.send_home(reply_to, message, now_ms);
         }
         let item = match group {
             None => Queued::Message {
@@ -1553,7 +1579,7 @@ impl Router {
         // The ServerAck waits until the message is on disk or acked by the device.
         let waiter = Waiter {
             sender: envelope.device,
-            home: reply_home,
+            reply_to,
             conn: envelope.conn,
             message: envelope.message,
             timestamp_ms: envelope.timestamp_ms,
@@ -1659,9 +1685,9 @@ impl Router {
             waiter.message = envelope.message;
             return;
         }
-        let reply_home = match group {
-            None => home_shard(envelope.from, self.shards),
-            Some(copy) => home_shard(copy.group, self.shards),
+        let reply_to = match group {
+            None => envelope.from,
+            Some(copy) => copy.group,
         };
         let copies = 1 + self.devices.get(&envelope.to).map_or(0, Vec::len) as u16;
         let accepted = ShardMessage::Accepted {
@@ -1672,7 +1698,7 @@ impl Router {
             timestamp_ms,
             copies,
         };
-        self.send_to(reply_home, accepted, now_ms);
+        self.send_home(reply_to, accepted, now_ms);
     }
 
     /// The ServerAck of message `id` goes to the connection that waits for it.
@@ -1685,7 +1711,7 @@ impl Router {
             timestamp_ms: waiter.timestamp_ms,
             copies: waiter.copies,
         };
-        self.send_to(waiter.home, accepted, now_ms);
+        self.send_home(waiter.reply_to, accepted, now_ms);
     }
 
     /// Takes item (`id`, `kind`) out of `user`'s queue (`id`: its ack id; of several items
@@ -2114,8 +2140,19 @@ impl Router {
         self.send_home(subscriber, message, now_ms);
     }
 
-    /// Hands `message` to `user`'s home shard: handled here if that is this shard.
+    /// Hands `message` to `user`'s home shard: handled here if that is this shard; in a
+    /// cluster, to `user`'s home node if that is another node.
     fn send_home(&mut self, user: UserId, message: ShardMessage, now_ms: u64) {
+        if let Some(locality) = &self.locality {
+            if !locality.is_here(user) {
+                self.counters.mails_to_nodes += 1;
+                self.actions.push_back(Action::ToNode {
+                    user,
+                    message: Box::new(message),
+                });
+                return;
+            }
+        }
         self.send_to(home_shard(user, self.shards), message, now_ms);
     }
 
@@ -2242,6 +2279,47 @@ impl Router {
     /// when it connects, and no state is made for it. Linked companions still connect.
     pub fn close_registration(&mut self) {
         self.registration_closed = true;
+    }
+
+    /// A mail for another node ([`Action::ToNode`]) that cannot reach it. The sender of a
+    /// message or of a watch request is told (`OVERLOADED`: try again later); any other mail
+    /// (a reply, a receipt, a presence change, a group's work) is dropped, and counted.
+    pub fn handle_unroutable(&mut self, message: ShardMessage, now_ms: u64) {
+        self.counters.mails_unroutable += 1;
+        let (account, refusal) = match message {
+            ShardMessage::Route(envelope) => (
+                envelope.from,
+                ShardMessage::Rejected {
+                    sender: envelope.device,
+                    conn: envelope.conn,
+                    message: Some(envelope.message),
+                    code: ErrorCode::Overloaded,
+                    reason: UNROUTABLE,
+                },
+            ),
+            ShardMessage::Subscribe {
+                subscriber, conn, ..
+            } => (
+                subscriber,
+                ShardMessage::Rejected {
+                    sender: subscriber,
+                    conn,
+                    message: None,
+                    code: ErrorCode::Overloaded,
+                    reason: UNROUTABLE,
+                },
+            ),
+            _ => return,
+        };
+        // The sender's connection is on this node: the refusal does not leave it (and if the
+        // members changed meanwhile, it is dropped as unroutable in turn, never looping).
+        self.send_home(account, refusal, now_ms);
+    }
+
+    /// Makes this router a part of one node of a cluster: work for a user that `locality`
+    /// says lives on another node leaves as [`Action::ToNode`].
+    pub fn set_locality(&mut self, locality: Box<dyn Locality>) {
+        self.locality = Some(locality);
     }
 
     /// While `paused`, the groups homed here refuse new messages with `OVERLOADED` (the shard
@@ -2623,7 +2701,7 @@ impl Router {
     /// member's shard answered.
     fn fan_out(&mut self, envelope: Envelope, now_ms: u64) {
         let group_id = envelope.to;
-        let reply_home = home_shard(envelope.from, self.shards);
+        let reply_to = envelope.from;
         let refusal = |code, reason| ShardMessage::Rejected {
             sender: envelope.device,
             conn: envelope.conn,
@@ -2639,7 +2717,7 @@ impl Router {
                 ErrorCode::UnknownUser,
                 "no such user or group on this server",
             );
-            return self.send_to(reply_home, refusal, now_ms);
+            return self.send_home(reply_to, refusal, now_ms);
         }
         let others: Vec<UserId> = group
             .members
@@ -2650,7 +2728,7 @@ impl Router {
         let id = self.message_id(envelope.from, group_id, envelope.message);
         let waiter = Waiter {
             sender: envelope.device,
-            home: reply_home,
+            reply_to,
             conn: envelope.conn,
             message: envelope.message,
             timestamp_ms: envelope.timestamp_ms,
@@ -2676,7 +2754,7 @@ impl Router {
                 ErrorCode::Overloaded,
                 "the group's server is busy; try again",
             );
-            return self.send_to(reply_home, refusal, now_ms);
+            return self.send_home(reply_to, refusal, now_ms);
         }
         self.counters.group_messages += 1;
         if others.is_empty() {
@@ -2750,7 +2828,7 @@ impl Router {
             conn: waiter.conn,
             stanza: Box::new(Stanza::of(Kind::ServerAck(ack))),
         };
-        self.send_to(waiter.home, answer, now_ms);
+        self.send_home(waiter.reply_to, answer, now_ms);
     }
 
     /// At `account`'s home shard: `stanza` for the connection `conn` of one of its devices,

@@ -294,6 +294,37 @@ impl Cluster {
     }
 }
 
+/// One shard's answer to "does this user live on this node?", for its router: the view is
+/// read again only when its generation changed, so the message path shares no lock, and no
+/// reference count, with the other shards; only the generation, an atomic that changes when
+/// the members do.
+#[derive(Debug)]
+pub struct ShardLocality {
+    cluster: Arc<Cluster>,
+    cached: std::cell::RefCell<(u64, Arc<View>)>,
+}
+
+impl ShardLocality {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        let cached = (cluster.generation(), cluster.view());
+        Self {
+            cluster,
+            cached: std::cell::RefCell::new(cached),
+        }
+    }
+}
+
+impl hop_router::Locality for ShardLocality {
+    fn is_here(&self, user: UserId) -> bool {
+        let generation = self.cluster.generation();
+        let mut cached = self.cached.borrow_mut();
+        if cached.0 != generation {
+            *cached = (generation, self.cluster.view());
+        }
+        self.cluster.home(&cached.1, user) == Home::Here
+    }
+}
+
 /// Starts the lease and watch threads of `cluster`; they stop when `stop` is set (the watch
 /// thread at its next event or etcd error).
 pub fn start(cluster: Arc<Cluster>, stop: Arc<AtomicBool>) -> Result<Vec<JoinHandle<()>>, String> {

@@ -44,6 +44,31 @@ struct Cluster {
     unlinked: Vec<UserId>,
     /// Group snapshots kept, in order.
     groups_kept: Vec<crate::GroupSnapshot>,
+    /// When set, each router is a node of a cluster (of one shard): a user lives on node
+    /// `node_of(user)`, and `ToNode` mails are carried to it like a node link would.
+    nodes: Option<usize>,
+    /// Mails carried between nodes.
+    node_mails: usize,
+    /// When false, node mails are not carried but refused (`handle_unroutable`): no links.
+    links_up: bool,
+}
+
+/// The node of a cluster of `nodes` that `user` lives on, in node mode.
+fn node_of(user: UserId, nodes: usize) -> usize {
+    (user.low() % nodes as u64) as usize
+}
+
+/// What each node's router is told about placement in node mode.
+#[derive(Debug)]
+struct NodeLocality {
+    node: usize,
+    nodes: usize,
+}
+
+impl Locality for NodeLocality {
+    fn is_here(&self, user: UserId) -> bool {
+        node_of(user, self.nodes) == self.node
+    }
 }
 
 /// The outbox the harness declares for connection `conn`.
@@ -71,7 +96,43 @@ impl Cluster {
             taken: Vec::new(),
             unlinked: Vec::new(),
             groups_kept: Vec::new(),
+            nodes: None,
+            node_mails: 0,
+            links_up: true,
         }
+    }
+
+    /// `nodes` nodes of one shard each, every router told where each user lives.
+    fn new_nodes(nodes: usize, limits: Limits) -> Self {
+        let mut cluster = Self::new(1, limits);
+        cluster.routers = (0..nodes)
+            .map(|node| {
+                let mut router = Router::new(0, 1, limits, secrets());
+                router.set_locality(Box::new(NodeLocality { node, nodes }));
+                router
+            })
+            .collect();
+        cluster.nodes = Some(nodes);
+        cluster
+    }
+
+    /// The router a user's connection and queue are on: its home shard, or in node mode its
+    /// node's.
+    fn router_of(&self, user: UserId) -> usize {
+        match self.nodes {
+            Some(nodes) => node_of(user, nodes),
+            None => usize::from(home_shard(user, self.shards())),
+        }
+    }
+
+    /// A user on node `node` (node mode), distinct per `n`.
+    fn user_on_node(&self, node: usize, n: u64) -> UserId {
+        let nodes = self.nodes.expect("node mode");
+        (1..)
+            .filter_map(|raw: u64| UserId::from_halves(raw.wrapping_mul(0x9E37_79B9), raw))
+            .filter(|user| node_of(*user, nodes) == node)
+            .nth(n as usize)
+            .unwrap()
     }
 
     fn shards(&self) -> u16 {
@@ -102,6 +163,18 @@ impl Cluster {
                             assert_ne!(shard, index as ShardId, "forward to self");
                             let now = self.now_ms;
                             self.routers[usize::from(shard)].handle_shard_message(message, now);
+                        }
+                        Action::ToNode { user, message } => {
+                            let nodes = self.nodes.expect("only a router of a cluster");
+                            let node = node_of(user, nodes);
+                            assert_ne!(node, index, "a mail to its own node");
+                            let now = self.now_ms;
+                            if self.links_up {
+                                self.node_mails += 1;
+                                self.routers[node].handle_shard_message(*message, now);
+                            } else {
+                                self.routers[index].handle_unroutable(*message, now);
+                            }
                         }
                         Action::DeliverKept {
                             conn,
@@ -192,19 +265,19 @@ impl Cluster {
     }
 
     fn connect(&mut self, user: UserId, conn: u64) {
-        let shard = usize::from(home_shard(user, self.shards()));
+        let shard = self.router_of(user);
         self.routers[shard].handle_connect(user, &key_of(user), ConnRef(conn), self.now_ms);
         self.run();
     }
 
     fn disconnect(&mut self, user: UserId, conn: u64) {
-        let shard = usize::from(home_shard(user, self.shards()));
+        let shard = self.router_of(user);
         self.routers[shard].handle_disconnect(user, ConnRef(conn), self.now_ms);
         self.run();
     }
 
     fn stanza(&mut self, user: UserId, conn: u64, kind: Kind) -> Result<(), Violation> {
-        let shard = usize::from(home_shard(user, self.shards()));
+        let shard = self.router_of(user);
         let result =
             self.routers[shard].handle_stanza(user, ConnRef(conn), Stanza::of(kind), self.now_ms);
         self.run();
@@ -327,9 +400,14 @@ fn error_code(stanza: &Stanza) -> (ErrorCode, u64) {
 
 /// The three ticks for a pair of users on the given shards.
 fn ticks_between(sender_shard: ShardId, recipient_shard: ShardId) {
-    let mut cluster = Cluster::new(2, Limits::default());
+    let cluster = Cluster::new(2, Limits::default());
     let alice = cluster.user_on(sender_shard, 0);
     let bob = cluster.user_on(recipient_shard, 1);
+    three_ticks(cluster, alice, bob);
+}
+
+/// Alice sends Bob a message and gets all three ticks.
+fn three_ticks(mut cluster: Cluster, alice: UserId, bob: UserId) {
     cluster.connect(alice, 1);
     cluster.connect(bob, 2);
     cluster.send(alice, 1, bob, 7, b"hello");
@@ -374,6 +452,50 @@ fn three_ticks_on_one_shard() {
 fn three_ticks_across_shards() {
     ticks_between(0, 1);
     ticks_between(1, 0);
+}
+
+#[test]
+fn three_ticks_across_nodes_with_every_mail_between_them_addressed_by_user() {
+    let cluster = Cluster::new_nodes(2, Limits::default());
+    let alice = cluster.user_on_node(0, 0);
+    let bob = cluster.user_on_node(1, 0);
+    three_ticks(cluster, alice, bob);
+    let mut cluster = Cluster::new_nodes(3, Limits::default());
+    let (alice, bob) = (cluster.user_on_node(2, 0), cluster.user_on_node(1, 0));
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    cluster.send(alice, 1, bob, 1, b"hi");
+    // Route there, ServerAck back; nothing is handled on a node the user does not live on.
+    assert_eq!(cluster.node_mails, 2);
+    assert_eq!(cluster.routers[0].counters().mails_to_nodes, 0);
+    assert_eq!(server_ack(&only(cluster.take(1))).seq, 1);
+}
+
+#[test]
+fn a_message_or_watch_for_an_unreachable_node_is_refused_to_its_sender_only() {
+    let mut cluster = Cluster::new_nodes(2, Limits::default());
+    cluster.links_up = false;
+    let alice = cluster.user_on_node(0, 0);
+    let bob = cluster.user_on_node(1, 0);
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    cluster.send(alice, 1, bob, 5, b"hello");
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::Overloaded, 5)
+    );
+    assert!(cluster.take(2).is_empty(), "nothing reached Bob");
+    cluster.stanza(alice, 1, subscribe(bob)).unwrap();
+    assert_eq!(error_code(&only(cluster.take(1))).0, ErrorCode::Overloaded);
+    let counters = cluster.routers[0].counters();
+    assert_eq!((counters.mails_to_nodes, counters.mails_unroutable), (2, 2));
+    assert_eq!(counters.messages_accepted, 0);
+    // Alice's own node still serves her: a message to a user of her node goes through.
+    let carol = cluster.user_on_node(0, 1);
+    cluster.connect(carol, 3);
+    cluster.send(alice, 1, carol, 6, b"near");
+    assert_eq!(server_ack(&only(cluster.take(1))).seq, 6);
+    assert_eq!(deliver(&only(cluster.take(3))).body, &b"near"[..]);
 }
 
 #[test]
