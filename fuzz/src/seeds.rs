@@ -11,10 +11,13 @@ use hop_protocol::frame::{push_header, FrameLimits, FRAME_BODY_BYTES_MAX};
 use hop_protocol::noise::HANDSHAKE_FRAME_LIMITS;
 use hop_protocol::session::ClientConnection;
 use hop_protocol::wire::{
-    self, Ack, ErrorCode, GoAwayReason, Kind, MessageRef, Ping, Presence, PresenceSettings, Read,
-    Receipt, ReceiptKind, ServerAck, Stanza, Subscribe, UserRef, Visibility,
+    self, group_change, Ack, ErrorCode, GoAwayReason, GroupInfo, Kind, MessageRef, Ping, Presence,
+    PresenceSettings, Read, Receipt, ReceiptKind, ServerAck, Stanza, Subscribe, UserRef,
+    Visibility,
 };
 use hop_protocol::UserId;
+use hop_router::mail;
+use hop_router::{ConnRef, Envelope, GroupCopy, GroupRequest, ShardMessage};
 
 use crate::{
     client_key, client_response_input, frames, server_open_input, DeframerCase, RECORD_RAW,
@@ -22,12 +25,13 @@ use crate::{
     TRUST_PINNED_OTHER, TRUST_REFUSED,
 };
 
-const TARGETS: [&str; 5] = [
+const TARGETS: [&str; 6] = [
     "deframer",
     "wire_decode_all",
     "server_fresh",
     "server_open",
     "client_response",
+    "mail_decode",
 ];
 
 fn seed_folder(target: &str) -> PathBuf {
@@ -71,6 +75,7 @@ fn every_kind() -> Vec<Stanza> {
             id: 7,
             timestamp_ms: 1_700_000_000_000,
             outbox,
+            ..ServerAck::default()
         })),
         Stanza::deliver(
             user,
@@ -116,6 +121,143 @@ fn every_kind() -> Vec<Stanza> {
         })),
         Stanza::send_to_alias(1, 2, Bytes::from_static(b"again")),
         Stanza { kind: None },
+    ]
+}
+
+/// One mail of each kind a node sends another, named for the seed files.
+fn every_mail() -> Vec<(&'static str, ShardMessage)> {
+    let alice = UserId::from_public_key(&[42; 32]);
+    let bob = UserId::from_public_key(&[43; 32]);
+    let group = UserId::of_group(alice, 0x5EED);
+    let conn = ConnRef((3 << 32) | 17);
+    let message = MessageRef {
+        outbox: 0xDEAD_BEEF,
+        seq: 1,
+    };
+    let envelope = |device, body: &'static [u8]| Envelope {
+        from: alice,
+        device,
+        to: bob,
+        conn,
+        message,
+        resend: false,
+        timestamp_ms: 1_700_000_000_000,
+        body: Bytes::from_static(body),
+    };
+    vec![
+        ("Route", ShardMessage::Route(envelope(alice, b"hello"))),
+        (
+            "Route_from_a_companion",
+            ShardMessage::Route(envelope(bob, b"hello")),
+        ),
+        (
+            "RouteCopy",
+            ShardMessage::RouteCopy(Box::new((
+                envelope(alice, b"to the group"),
+                GroupCopy {
+                    group,
+                    event: false,
+                },
+            ))),
+        ),
+        (
+            "Accepted",
+            ShardMessage::Accepted {
+                sender: alice,
+                conn,
+                message,
+                id: 7,
+                timestamp_ms: 1_700_000_000_000,
+                copies: 2,
+            },
+        ),
+        (
+            "Rejected",
+            ShardMessage::Rejected {
+                sender: alice,
+                conn,
+                message: Some(message),
+                code: ErrorCode::QueueFull,
+                reason: "the recipient's queue is full; message not taken",
+            },
+        ),
+        (
+            "Receipt",
+            ShardMessage::Receipt {
+                to: alice,
+                id: 7,
+                kind: ReceiptKind::Read,
+                by: bob,
+                timestamp_ms: 1_700_000_000_001,
+            },
+        ),
+        (
+            "Subscribe",
+            ShardMessage::Subscribe {
+                subscriber: alice,
+                conn,
+                target: bob,
+            },
+        ),
+        (
+            "Unsubscribe",
+            ShardMessage::Unsubscribe {
+                subscriber: alice,
+                target: bob,
+            },
+        ),
+        (
+            "Presence",
+            ShardMessage::Presence {
+                to: alice,
+                about: bob,
+                online: false,
+                last_seen_ms: 1_699_999_980_000,
+            },
+        ),
+        (
+            "CopyRefused",
+            ShardMessage::CopyRefused {
+                group,
+                id: 7,
+                member: bob,
+            },
+        ),
+        (
+            "Group",
+            ShardMessage::Group(Box::new(GroupRequest {
+                account: alice,
+                conn,
+                op: group_change::Op::Create,
+                group,
+                members: vec![bob],
+                name: "club".to_owned(),
+                admin: false,
+            })),
+        ),
+        ("Join", ShardMessage::Join { group, member: bob }),
+        (
+            "Joined",
+            ShardMessage::Joined {
+                group,
+                member: bob,
+                admitted: true,
+            },
+        ),
+        ("Left", ShardMessage::Left { member: bob }),
+        (
+            "Answer",
+            ShardMessage::Answer {
+                account: alice,
+                conn,
+                stanza: Box::new(Stanza::of(Kind::GroupInfo(GroupInfo {
+                    group: Some(group.into()),
+                    name: "club".to_owned(),
+                    members: vec![alice.into(), bob.into()],
+                    admins: vec![alice.into()],
+                }))),
+            },
+        ),
     ]
 }
 
@@ -329,5 +471,12 @@ fn write_seeds() {
             name,
             &client_response_input(mode, trust, split, bytes),
         );
+    }
+
+    // mail_decode: one mail of each kind
+    for (index, (name, message)) in every_mail().iter().enumerate() {
+        let mut bytes = Vec::new();
+        mail::encode(message, &mut bytes);
+        write("mail_decode", &format!("{index:02}_{name}"), &bytes);
     }
 }

@@ -13,6 +13,13 @@
 pub mod client;
 pub mod frame;
 pub mod keys;
+/// Mails between the nodes of a cluster: the protobuf messages of `proto/node.proto`, which
+/// name [`wire`]'s `UserRef`, `Stanza` and enums. Their codec to and from the router's
+/// `ShardMessage` is `hop_router::mail`.
+#[allow(clippy::all, missing_debug_implementations)]
+pub mod node {
+    include!(concat!(env!("OUT_DIR"), "/hop.node.rs"));
+}
 pub mod noise;
 pub mod outbox;
 pub mod session;

@@ -37,6 +37,7 @@
 //! - a Read counts only with the proof its Deliver carried to the reader.
 #![forbid(unsafe_code)]
 
+pub mod mail;
 mod router;
 
 pub use router::{
