@@ -194,8 +194,11 @@ fn routing(c: &mut Criterion) {
             router
                 .handle_stanza(b, ConnRef(2), ack, 1)
                 .expect("valid ack");
-            let mut receipt_id = None;
+            let mut receipt = None;
             while let Some(action) = router.poll_action() {
+                if let Action::Keep { user, item } = &action {
+                    router.handle_kept(*user, item.id(), item.ack_kind(), 1);
+                }
                 if let Action::Send {
                     stanza:
                         Stanza {
@@ -204,11 +207,14 @@ fn routing(c: &mut Criterion) {
                     ..
                 } = action
                 {
-                    receipt_id = Some(r.id);
+                    receipt = Some(r);
                 }
             }
+            // A receipt is acked by its ack id, which mixes in who made it.
             let ack = Stanza::of(Kind::Ack(Ack {
-                id: receipt_id.expect("a delivered receipt"),
+                id: receipt
+                    .and_then(|receipt| receipt.ack_id())
+                    .expect("a delivered receipt"),
                 kind: ReceiptKind::Delivered as i32,
             }));
             router
