@@ -175,6 +175,12 @@ fn go_away(client: &mut Client) -> GoAway {
 #[test]
 fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     let hopd = Hopd::start(&["--shards", "2"]);
+    // hopd prints its status line before its shards serve: ready is 1 only once they do.
+    let deadline = Instant::now() + PATIENCE;
+    while get(&hopd, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "hopd never became ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (status, text) = get(&hopd, "/metrics");
     assert_eq!(status, 200);
     let before = parse_prometheus(&text);
