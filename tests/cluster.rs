@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use hop_gateway::cluster::placement;
 use hop_protocol::client::{Client, ClientError, ServerTrust};
 use hop_protocol::keys::parse_hex_key;
-use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, Ping, ReceiptKind, Stanza};
+use hop_protocol::wire::{GoAwayReason, Kind, Ping, ReceiptKind, Stanza, UserRef};
 use hop_protocol::{StaticKey, UserId};
 use netns::Proc;
 
@@ -587,23 +587,42 @@ fn a_client_is_served_by_its_home_node_whichever_node_it_connects_to() {
         (receipt.id, receipt.kind),
         (ack.id, ReceiptKind::Delivered as i32)
     );
-    // Carol lives on n0. Until node links carry work between nodes, Alice's message to her
-    // is refused to Alice, and only to Alice: nothing is queued for Carol on n1.
+    // Carol lives on n0: Alice's message to her, and its ticks, cross a node link each way.
     let carol_key = key_homed_on(&live, 0);
     let mut carol = nodes.connect(1, &carol_key).expect("carol served");
     assert_eq!(nodes.which(carol.server_key()), Some(0));
     alice
         .send_message(carol_key.user_id(), b"to another node")
         .expect("sent");
-    let Kind::Error(error) = next_of(&mut alice, "Error") else {
+    let Kind::ServerAck(ack) = next_of(&mut alice, "ServerAck") else {
         unreachable!()
     };
-    assert_eq!(error.code, ErrorCode::Overloaded as i32, "{error:?}");
-    assert!(error.reason.contains("another node"), "{error:?}");
-    assert!(carol
-        .recv(Duration::from_millis(300))
-        .expect("connected")
-        .is_none());
+    let Kind::Deliver(deliver) = next_of(&mut carol, "Deliver") else {
+        unreachable!()
+    };
+    assert_eq!(
+        (deliver.id, &deliver.body[..]),
+        (ack.id, &b"to another node"[..])
+    );
+    assert_eq!(
+        UserRef::user(deliver.from.as_ref()),
+        Some(alice_key.user_id())
+    );
+    carol.ack_deliver(deliver.id).expect("acked");
+    carol
+        .read(alice_key.user_id(), deliver.id, deliver.proof)
+        .expect("read");
+    for tick in [ReceiptKind::Delivered, ReceiptKind::Read] {
+        let Kind::Receipt(receipt) = next_of(&mut alice, "Receipt") else {
+            unreachable!()
+        };
+        assert_eq!((receipt.id, receipt.kind), (ack.id, tick as i32));
+        assert_eq!(
+            UserRef::user(receipt.by.as_ref()),
+            Some(carol_key.user_id())
+        );
+        alice.ack_receipt(&receipt).expect("receipt acked");
+    }
 
     let (_, metrics) = nodes.admin(0, "/metrics");
     let redirects: u64 = metrics

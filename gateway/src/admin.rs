@@ -288,6 +288,9 @@ fn cluster_json(cluster: &Cluster) -> Value {
         "leases_lost": stats.leases_lost.load(Ordering::Relaxed),
         "etcd_failures": stats.etcd_failures.load(Ordering::Relaxed),
         "view_changes": stats.view_changes.load(Ordering::Relaxed),
+        "link_mails_sent": cluster.links.as_ref().map_or(0, |l| l.mails_sent.load(Ordering::Relaxed)),
+        "link_mails_resent": cluster.links.as_ref().map_or(0, |l| l.mails_resent.load(Ordering::Relaxed)),
+        "link_connects": cluster.links.as_ref().map_or(0, |l| l.reconnects.load(Ordering::Relaxed)),
     })
 }
 
@@ -537,6 +540,16 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         "cluster_unavailable",
         "Connections sent away while this node was no member of its cluster.",
         |s| &s.cluster_unavailable,
+    ),
+    (
+        "links_in",
+        "Node links from other members of the cluster accepted.",
+        |s| &s.links_in,
+    ),
+    (
+        "link_mails_in",
+        "Mails taken from other nodes' links (each once).",
+        |s| &s.link_mails_in,
     ),
     (
         "keeps_skipped",

@@ -15,6 +15,7 @@ use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState, SetLogFilter, ShardViews};
+use crate::cluster::links::Links;
 use crate::cluster::membership::{self, Cluster, ClusterSettings};
 use crate::config::{AdminAddress, BackendName, Config, UringReceive};
 use crate::control::Controls;
@@ -120,15 +121,19 @@ fn start_cluster(
     } else {
         config.advertise.clone()
     };
-    let cluster = Arc::new(Cluster::new(ClusterSettings {
-        etcd: config.cluster_etcd.clone(),
-        node_id: node_id.clone(),
-        advertise: advertise.clone(),
-        lease_ms: config.cluster_lease_ms,
-        shards: config.shards,
-        server_key: *key.public(),
-    }));
     let stop = Arc::new(AtomicBool::new(false));
+    let links = Arc::new(Links::new(Arc::new(key.clone()), stop.clone()));
+    let cluster = Arc::new(Cluster::new(
+        ClusterSettings {
+            etcd: config.cluster_etcd.clone(),
+            node_id: node_id.clone(),
+            advertise: advertise.clone(),
+            lease_ms: config.cluster_lease_ms,
+            shards: config.shards,
+            server_key: *key.public(),
+        },
+        Some(links),
+    ));
     membership::start(cluster.clone(), stop.clone())
         .map_err(|error| StartError::Cluster(error.to_string()))?;
     info!(node = %node_id, %advertise, etcd = ?config.cluster_etcd, "joining the cluster");

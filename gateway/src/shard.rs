@@ -31,7 +31,7 @@ use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
 use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent};
 use hop_protocol::wire::ReceiptKind;
-use hop_protocol::wire::{ErrorCode, GoAwayReason, Stanza};
+use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, NodeAck, Pong, Stanza, UserRef};
 use hop_protocol::{StaticKey, UserId};
 use hop_router::{home_shard, Action, ConnRef, Queued, Router, ShardId, ShardMessage};
 use hop_store::accounts::AccountLog;
@@ -492,6 +492,7 @@ impl<B: Backend> Core<B> {
             groups,
             cluster,
             cluster_state: (0, false),
+            links_in: HashMap::default(),
         }
     }
 
@@ -644,6 +645,8 @@ struct Core<B: Backend> {
     /// The cluster view's generation, and whether this node served, when this shard last
     /// checked its users.
     cluster_state: (u64, bool),
+    /// Links from other nodes held here: their connection's generation and the peer's key.
+    links_in: HashMap<ConnId, (u32, [u8; KEY_BYTES])>,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -761,6 +764,9 @@ impl<B: Backend> Core<B> {
 
     fn authenticated(&mut self, id: ConnId, client_key: [u8; KEY_BYTES]) {
         bump(&self.stats.handshakes_completed, 1);
+        if let Some(node) = self.cluster.as_ref().and_then(|c| c.peer_of(&client_key)) {
+            return self.attach_link(id, &node, client_key);
+        }
         let user = UserId::from_public_key(&client_key);
         let account = match self.directory.placement(user) {
             Placement::Own => user,
@@ -797,6 +803,99 @@ impl<B: Backend> Core<B> {
             );
             self.to_move.push((id, generation));
         }
+    }
+
+    /// Keeps connection `id`, whose key is member `node`'s, as a link from that node: it is
+    /// no user, and what it sends is work for users of this node (`link_stanza`).
+    fn attach_link(&mut self, id: ConnId, node: &str, key: [u8; KEY_BYTES]) {
+        self.left_handshake();
+        let now_ms = self.now_ms;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        conn.phase = Phase::Open;
+        conn.since_ms = now_ms;
+        let generation = conn.generation;
+        self.links_in.insert(id, (generation, key));
+        bump(&self.stats.links_in, 1);
+        info!(
+            shard = self.settings.index,
+            node, "node link from another member"
+        );
+    }
+
+    /// A stanza on a link from another node: a mail for a user of this node is handed to
+    /// the user's home shard (the mailbox's backpressure pauses the link like any connection)
+    /// and acked; a mail the link sent before is only acked again.
+    fn link_stanza(&mut self, id: ConnId, generation: u32, stanza: Stanza) {
+        let Some(&(linked, peer)) = self.links_in.get(&id) else {
+            return;
+        };
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        if linked != generation {
+            return;
+        }
+        match stanza.kind {
+            Some(Kind::NodeMail(mail)) => {
+                let user = UserRef::user(mail.user.as_ref());
+                let message = hop_router::mail::decode(&mail.mail);
+                let (Some(user), Ok(message)) = (user, message) else {
+                    bump(&self.stats.protocol_errors, 1);
+                    self.warn(format_args!(
+                        "connection {id}: a node link sent a mail that does not decode"
+                    ));
+                    self.close_with(id, GoAwayReason::Protocol, "undecodable node mail");
+                    return;
+                };
+                if cluster.take_link_mail(&peer, mail.incarnation, mail.seq) {
+                    bump(&self.stats.link_mails_in, 1);
+                    let home = home_shard(user, self.settings.shards);
+                    if home == self.settings.index {
+                        self.router.handle_shard_message(message, self.wall_ms);
+                        self.run_actions();
+                    } else {
+                        self.post(home, Mail::Router(message));
+                    }
+                }
+                let ack = NodeAck {
+                    incarnation: mail.incarnation,
+                    seq: mail.seq,
+                };
+                self.queue_stanza(id, &Stanza::of(Kind::NodeAck(ack)));
+            }
+            Some(Kind::Ping(ping)) => {
+                let pong = Stanza::of(Kind::Pong(Pong { nonce: ping.nonce }));
+                self.queue_stanza(id, &pong);
+            }
+            _ => {
+                bump(&self.stats.protocol_errors, 1);
+                self.close_with(
+                    id,
+                    GoAwayReason::Protocol,
+                    "a node link sends node mail only",
+                );
+            }
+        }
+    }
+
+    /// Hands `message` for `user` to the link to `user`'s home node; false if there is no
+    /// link to take it (no such member, or its queue is full).
+    fn send_to_node(&self, user: UserId, message: &ShardMessage) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        let Some(links) = &cluster.links else {
+            return false;
+        };
+        let view = cluster.view();
+        let Home::There(member) = view.home(user) else {
+            return false;
+        };
+        let mut mail = Vec::new();
+        hop_router::mail::encode(message, &mut mail);
+        links.send(cluster, member, user, mail)
     }
 
     /// In a cluster, sends connection `id` of `account` away when this node is not the
@@ -904,6 +1003,10 @@ impl<B: Backend> Core<B> {
                     moving.early.push(stanza);
                 }
             }
+            (Phase::Open, None) => {
+                let generation = conn.generation;
+                self.link_stanza(id, generation, stanza);
+            }
             (Phase::Open, Some(user)) => {
                 let result = self
                     .router
@@ -998,9 +1101,11 @@ impl<B: Backend> Core<B> {
                     }
                 }
                 Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
-                // No links between nodes yet: the router refuses what it can to its sender.
-                Action::ToNode { message, .. } => {
-                    self.router.handle_unroutable(*message, self.wall_ms);
+                // A link that cannot take it: the router refuses what it can to its sender.
+                Action::ToNode { user, message } => {
+                    if !self.send_to_node(user, &message) {
+                        self.router.handle_unroutable(*message, self.wall_ms);
+                    }
                 }
                 Action::Keep { user, item } => self.held.hold(user, item, self.now_ms),
                 Action::Forget { user, id, kind } => {

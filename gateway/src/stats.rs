@@ -49,6 +49,8 @@ counters! {
     shard_restarts: "times this shard panicked and was restarted by its supervisor",
     cluster_redirects: "connections sent to their home node of the cluster (GoAway REDIRECT)",
     cluster_unavailable: "connections sent away while this node was no member of its cluster",
+    links_in: "node links from other members of the cluster accepted",
+    link_mails_in: "mails taken from other nodes' links (each once)",
     bytes_in: "bytes read from clients",
     bytes_out: "bytes handed to the backend to write to clients",
     stanzas_out: "stanzas sent to clients",

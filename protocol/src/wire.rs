@@ -19,8 +19,8 @@ pub use generated::stanza::Kind;
 pub use generated::{device_change, group_change};
 pub use generated::{
     Ack, Deliver, DeviceChange, Devices, Error, ErrorCode, GoAway, GoAwayReason, GroupChange,
-    GroupEvent, GroupInfo, Outbox, Ping, Pong, Presence, PresenceSettings, Read, Receipt,
-    ReceiptKind, Send, ServerAck, Stanza, Subscribe, Unsubscribe, UserRef, Visibility,
+    GroupEvent, GroupInfo, NodeAck, NodeMail, Outbox, Ping, Pong, Presence, PresenceSettings, Read,
+    Receipt, ReceiptKind, Send, ServerAck, Stanza, Subscribe, Unsubscribe, UserRef, Visibility,
 };
 
 /// The largest message body a client may send. With the stanza's other fields it still fits in
@@ -452,6 +452,8 @@ impl Stanza {
             Some(Kind::Devices(_)) => "Devices",
             Some(Kind::GroupChange(_)) => "GroupChange",
             Some(Kind::GroupInfo(_)) => "GroupInfo",
+            Some(Kind::NodeMail(_)) => "NodeMail",
+            Some(Kind::NodeAck(_)) => "NodeAck",
         }
     }
 }

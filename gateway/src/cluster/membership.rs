@@ -14,6 +14,7 @@
 //! has joined again. This is what keeps two nodes from serving one user at once across a
 //! partition: the minority side cannot renew.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::etcd::{Etcd, EtcdError, LeaseId, WatchEvent};
+use super::links::Links;
 use super::placement;
 use crate::shard::monotonic_ms;
 
@@ -178,11 +180,18 @@ pub struct Cluster {
     serving_until_ms: AtomicU64,
     lease: Mutex<Option<LeaseId>>,
     pub stats: ClusterStats,
+    /// The links to the other members (`None` in unit tests).
+    pub links: Option<Arc<Links>>,
+    /// Per peer node key: the incarnation and the last sequence number of the mails taken
+    /// from its links, so that mails sent again after a reconnect are taken once.
+    taken: Mutex<HashMap<[u8; 32], (u64, u64)>>,
 }
 
 impl Cluster {
-    pub fn new(settings: ClusterSettings) -> Self {
+    pub fn new(settings: ClusterSettings, links: Option<Arc<Links>>) -> Self {
         Self {
+            links,
+            taken: Mutex::new(HashMap::new()),
             settings,
             view: RwLock::new(Arc::new(View::default())),
             generation: AtomicU64::new(0),
@@ -202,6 +211,31 @@ impl Cluster {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The name of the member whose server key `key` is, if it is another member's: its
+    /// connection is a node link.
+    pub fn peer_of(&self, key: &[u8; 32]) -> Option<String> {
+        self.view()
+            .members
+            .iter()
+            .find(|member| &member.server_key == key && member.node_id != self.settings.node_id)
+            .map(|member| member.node_id.clone())
+    }
+
+    /// Whether mail `seq` of `incarnation` from the peer with `key` is new (not taken before,
+    /// when its link sent unacked mails again after a reconnect); records it as taken.
+    pub fn take_link_mail(&self, key: &[u8; 32], incarnation: u64, seq: u64) -> bool {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let last = taken.entry(*key).or_insert((incarnation, 0));
+        if last.0 != incarnation {
+            *last = (incarnation, 0);
+        }
+        if seq <= last.1 {
+            return false;
+        }
+        last.1 = seq;
+        true
     }
 
     /// This node's lease is certainly alive now.
@@ -559,7 +593,7 @@ mod tests {
     #[test]
     fn a_node_serves_only_while_its_lease_is_certainly_alive_and_it_is_listed() {
         let user = UserId::from_public_key(&[9; 32]);
-        let cluster = Cluster::new(settings("n1"));
+        let cluster = Cluster::new(settings("n1"), None);
         cluster.set_listed(vec![member("n2"), member("n1")], 5);
         let view = cluster.view();
         assert_eq!(view.members[0].node_id, "n1", "sorted by id");
@@ -581,8 +615,23 @@ mod tests {
     }
 
     #[test]
+    fn a_link_mail_sent_again_is_taken_once_and_a_new_incarnation_starts_over() {
+        let cluster = Cluster::new(settings("n1"), None);
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(cluster.take_link_mail(&a, 7, 1));
+        assert!(cluster.take_link_mail(&a, 7, 2));
+        // After a reconnect the link sends its unacked mails again.
+        assert!(!cluster.take_link_mail(&a, 7, 1));
+        assert!(!cluster.take_link_mail(&a, 7, 2));
+        assert!(cluster.take_link_mail(&a, 7, 3));
+        // Another peer counts on its own; a restarted peer (new incarnation) starts at 1.
+        assert!(cluster.take_link_mail(&b, 9, 1));
+        assert!(cluster.take_link_mail(&a, 8, 1));
+    }
+
+    #[test]
     fn the_same_list_again_is_no_new_view() {
-        let cluster = Cluster::new(settings("n1"));
+        let cluster = Cluster::new(settings("n1"), None);
         cluster.set_listed(vec![member("n1"), member("n2")], 5);
         let generation = cluster.generation();
         // A watch made again lists the same members in another order and a later revision.

@@ -2,5 +2,6 @@
 //! lives (`placement`). `docs/cluster.md` is the operator's view.
 
 pub mod etcd;
+pub mod links;
 pub mod membership;
 pub mod placement;
