@@ -312,6 +312,7 @@ const LEASE_MS: u64 = 2_000;
 struct Nodes<'net> {
     net: &'net Net,
     endpoints: String,
+    lease_ms: u64,
     nodes: Vec<Option<Node>>,
     folder: tempfile::TempDir,
 }
@@ -328,9 +329,20 @@ fn node_id(index: usize) -> String {
 impl<'net> Nodes<'net> {
     /// Starts `count` nodes and waits until each sees all of them as members.
     fn start(net: &'net Net, etcd: &EtcdCluster<'net>, count: usize) -> Self {
+        Self::start_with_lease(net, etcd, count, LEASE_MS)
+    }
+
+    /// The same with a lease of `lease_ms`.
+    fn start_with_lease(
+        net: &'net Net,
+        etcd: &EtcdCluster<'net>,
+        count: usize,
+        lease_ms: u64,
+    ) -> Self {
         let mut nodes = Self {
             net,
             endpoints: etcd.endpoints().join(","),
+            lease_ms,
             nodes: (0..count).map(|_| None).collect(),
             folder: tempfile::tempdir().expect("a temporary folder"),
         };
@@ -366,7 +378,7 @@ impl<'net> Nodes<'net> {
             .args(["--listen", &listen, "--admin", ADMIN, "--shards", "2"])
             .args(["--cluster-etcd", &self.endpoints])
             .args(["--node-id", &node_id(index)])
-            .args(["--cluster-lease-ms", &LEASE_MS.to_string()])
+            .args(["--cluster-lease-ms", &self.lease_ms.to_string()])
             .args(["--drain-ms", "0"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("the log again"))
@@ -771,4 +783,88 @@ fn a_node_cut_off_from_etcd_stops_serving_before_its_users_move_and_returns_afte
     nodes.wait_for_members(2, &[0, 1, 2]);
     nodes.wait_for_members(0, &[0, 1, 2]);
     nodes.served_by(0, &key, 2);
+}
+
+/// Messages from a user of n0 to a user of n1 cross a node link. n1 is killed (`kill -9`) and
+/// started again mid-stream, within its lease, so its users stay placed on it: n0's link
+/// connects again and sends every mail n1 had not acked, n1 takes each once, and every message
+/// Alice got a ServerAck for reaches Carol (Alice sends again what got no ServerAck, as a
+/// client does).
+#[test]
+fn a_link_sends_its_unacked_mails_again_after_its_peer_restarts() {
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let mut nodes = Nodes::start_with_lease(&net, &etcd, 3, 20_000);
+    let live = [0, 1, 2];
+    let alice_key = key_homed_on(&live, 0);
+    let carol_key = key_homed_on(&live, 1);
+    let carol = nodes.connect(1, &carol_key).expect("carol served");
+    assert_eq!(nodes.which(carol.server_key()), Some(1));
+    carol.close();
+    let mut alice = nodes.connect(0, &alice_key).expect("alice served");
+    assert_eq!(nodes.which(alice.server_key()), Some(0));
+
+    const MESSAGES: u64 = 40;
+    let mut acked = Vec::new();
+    for n in 1..=MESSAGES {
+        if n == MESSAGES / 2 {
+            nodes.kill(1);
+            nodes.start_node(1);
+        }
+        let body = format!("message {n}");
+        let sent = alice
+            .send_message(carol_key.user_id(), body.as_bytes())
+            .expect("sent");
+        let deadline = Instant::now() + PATIENCE;
+        let mut resend_at = Instant::now() + Duration::from_secs(3);
+        let id = loop {
+            assert!(Instant::now() < deadline, "message {n} was never acked");
+            match alice
+                .recv(Duration::from_millis(100))
+                .expect("alice's connection")
+            {
+                Some(Stanza {
+                    kind: Some(Kind::ServerAck(ack)),
+                }) if ack.seq == sent.seq => break ack.id,
+                Some(Stanza {
+                    kind: Some(Kind::Error(error)),
+                }) if error.seq == sent.seq => {
+                    // OVERLOADED while the link's queue could not take it: try again.
+                    std::thread::sleep(Duration::from_millis(100));
+                    resend_at = Instant::now();
+                }
+                _ => {}
+            }
+            if Instant::now() >= resend_at {
+                alice
+                    .resend_message(carol_key.user_id(), sent.seq, body.as_bytes())
+                    .expect("sent again");
+                resend_at = Instant::now() + Duration::from_secs(3);
+            }
+        };
+        acked.push((id, body));
+    }
+    nodes.wait_for_members(0, &[0, 1, 2]);
+
+    let mut carol = nodes.connect(0, &carol_key).expect("carol served again");
+    assert_eq!(nodes.which(carol.server_key()), Some(1));
+    let mut received = Vec::new();
+    while received.len() < acked.len() {
+        let Kind::Deliver(deliver) = next_of(&mut carol, "Deliver") else {
+            unreachable!()
+        };
+        carol.ack_deliver(deliver.id).expect("acked");
+        received.push((
+            deliver.id,
+            String::from_utf8_lossy(&deliver.body).into_owned(),
+        ));
+    }
+    received.sort();
+    let mut expected = acked.clone();
+    expected.sort();
+    assert_eq!(received, expected);
+    let (_, view) = nodes.admin(0, "/cluster");
+    println!("after the restart: n0's links: {view}");
 }
