@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use hop_gateway::cluster::placement;
 use hop_protocol::client::{Client, ClientError, ServerTrust};
 use hop_protocol::keys::parse_hex_key;
-use hop_protocol::wire::{GoAwayReason, Kind, Ping, ReceiptKind, Stanza, UserRef};
+use hop_protocol::wire::{
+    group_change, GoAwayReason, GroupChange, Kind, Ping, ReceiptKind, Stanza, UserRef,
+};
 use hop_protocol::{StaticKey, UserId};
 use netns::Proc;
 
@@ -867,4 +869,68 @@ fn a_link_sends_its_unacked_mails_again_after_its_peer_restarts() {
     assert_eq!(received, expected);
     let (_, view) = nodes.admin(0, "/cluster");
     println!("after the restart: n0's links: {view}");
+}
+
+/// A group whose members live on three nodes (and whose own home is wherever placement puts
+/// it): the create's join round, the message's fan-out and its aggregated ServerAck all cross
+/// node links.
+#[test]
+fn a_group_spread_over_three_nodes_is_made_and_reaches_every_member() {
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let nodes = Nodes::start(&net, &etcd, 3);
+    let live = [0, 1, 2];
+    let keys: Vec<StaticKey> = live.iter().map(|&node| key_homed_on(&live, node)).collect();
+    let ids: Vec<UserId> = keys.iter().map(StaticKey::user_id).collect();
+    let mut clients: Vec<Client> = keys
+        .iter()
+        .map(|key| nodes.connect(0, key).expect("served"))
+        .collect();
+    for (node, client) in clients.iter().enumerate() {
+        assert_eq!(nodes.which(client.server_key()), Some(node));
+    }
+    clients[0]
+        .send(&Stanza::of(Kind::GroupChange(GroupChange {
+            op: group_change::Op::Create as i32,
+            group: None,
+            members: ids[1..].iter().map(|id| (*id).into()).collect(),
+            name: "across".into(),
+            nonce: 11,
+            admin: false,
+        })))
+        .expect("sent");
+    let Kind::GroupInfo(info) = next_of(&mut clients[0], "GroupInfo") else {
+        unreachable!()
+    };
+    let group = UserRef::user(info.group.as_ref()).expect("a group id");
+    assert_eq!(group, UserId::of_group(ids[0], 11));
+    assert_eq!(info.members.len(), 3, "{info:?}");
+    println!("the group lives on n{}", placed(&live, group).0);
+
+    clients[0].send_message(group, b"hello, all").expect("sent");
+    let Kind::ServerAck(ack) = next_of(&mut clients[0], "ServerAck") else {
+        unreachable!()
+    };
+    assert_eq!((ack.members, ack.copies), (2, 2), "{ack:?}");
+    assert!(ack.missed.is_empty(), "{ack:?}");
+    for client in &mut clients[1..] {
+        // The group's events (its creation) come first; then the message.
+        let deliver = loop {
+            let Kind::Deliver(deliver) = next_of(client, "Deliver") else {
+                unreachable!()
+            };
+            if deliver.event.is_none() {
+                break deliver;
+            }
+        };
+        assert_eq!(&deliver.body[..], b"hello, all");
+        assert_eq!(
+            deliver.id, ack.id,
+            "one id for every copy, whichever node keeps it"
+        );
+        assert_eq!(UserRef::user(deliver.group.as_deref()), Some(group));
+        assert_eq!(UserRef::user(deliver.from.as_ref()), Some(ids[0]));
+    }
 }

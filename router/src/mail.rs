@@ -36,7 +36,7 @@ use crate::{ConnRef, Envelope, GroupCopy, GroupRequest, ShardMessage};
 
 /// The largest mail [`decode`] takes, in bytes. The largest a router makes is an `Answer`
 /// whose stanza fills a client's frame (`FRAME_PLAINTEXT_BYTES_MAX`, length prefix included)
-/// and whose other fields take 34 bytes; a `RouteCopy` of a `BODY_BYTES_MAX` body takes 64,648
+/// and whose other fields take 34 bytes; a `RouteCopy` of a `BODY_BYTES_MAX` body takes 64,657
 /// (test `the_largest_mails_fit_the_limit`).
 pub const MAIL_BYTES_MAX: usize = FRAME_PLAINTEXT_BYTES_MAX + 64;
 
@@ -113,6 +113,7 @@ pub fn decode(bytes: &[u8]) -> Result<ShardMessage, MailError> {
             let group = GroupCopy {
                 group: user("RouteCopy.group", copy.group)?,
                 event: copy.event,
+                id: copy.id,
             };
             ShardMessage::RouteCopy(Box::new((envelope_of(route)?, group)))
         }
@@ -214,6 +215,7 @@ fn kind_of(message: &ShardMessage) -> Kind {
                 envelope: Some(route_of(envelope)),
                 group: user_ref(copy.group),
                 event: copy.event,
+                id: copy.id,
             })
         }
         ShardMessage::Accepted {
@@ -562,6 +564,7 @@ mod tests {
                 GroupCopy {
                     group: largest(),
                     event: false,
+                    id: u64::MAX,
                 },
             ))),
             ShardMessage::RouteCopy(Box::new((
@@ -569,6 +572,7 @@ mod tests {
                 GroupCopy {
                     group: smallest(),
                     event: true,
+                    id: 1,
                 },
             ))),
             ShardMessage::Accepted {
@@ -776,6 +780,7 @@ mod tests {
             GroupCopy {
                 group: largest(),
                 event: true,
+                id: 7,
             },
         )));
         let group = ShardMessage::Group(Box::new(GroupRequest {
@@ -806,7 +811,7 @@ mod tests {
             .map(|message| encoded(message).len())
             .collect();
         println!("the largest RouteCopy, Group and Answer: {sizes:?} bytes");
-        assert_eq!(sizes[0], 64_648);
+        assert_eq!(sizes[0], 64_657);
         assert_eq!(sizes[2], FRAME_PLAINTEXT_BYTES_MAX + 34);
         for message in [copy, group, answer] {
             let bytes = encoded(&message);

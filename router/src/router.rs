@@ -158,6 +158,9 @@ pub struct GroupCopy {
     /// A membership change made by the server (the body is the encoded `GroupEvent`), not a
     /// member's message.
     pub event: bool,
+    /// The message's id, as the group's home shard named it: every member's copy has this
+    /// one id, whichever shard (or node, whose id keys differ) queues it.
+    pub id: u64,
 }
 
 /// A group change a member asked for, on its way to the group's home shard.
@@ -1488,17 +1491,11 @@ impl Router {
     /// At the recipient's home shard: take the message into the recipient's queue, answer a
     /// resend of a queued one with the original's ack, or refuse.
     fn accept(&mut self, envelope: Envelope, group: Option<&GroupCopy>, now_ms: u64) {
-        // A member's copy of a group message is named by the group, so that every copy has
-        // one id; an event by the group alone (no client can name a message so).
+        // A member's copy of a group message carries the id its group's home gave it, so that
+        // every copy has one id.
         let id = match group {
             None => self.message_id(envelope.from, envelope.to, envelope.message),
-            Some(GroupCopy {
-                group,
-                event: false,
-            }) => self.message_id(envelope.from, *group, envelope.message),
-            Some(GroupCopy { group, event: true }) => {
-                self.message_id(*group, *group, envelope.message)
-            }
+            Some(copy) => copy.id,
         };
         // Replies go where the sender's connection is, or for a group copy to the group's
         // home shard, which answers the sender once every member's shard answered.
@@ -2676,6 +2673,7 @@ impl Router {
             seq: snapshot.version,
         };
         let body = event.to_body();
+        let event_id = self.message_id(id, id, message);
         for member in recipients {
             let envelope = Envelope {
                 from: actor,
@@ -2690,6 +2688,7 @@ impl Router {
             let copy = GroupCopy {
                 group: id,
                 event: true,
+                id: event_id,
             };
             let mail = ShardMessage::RouteCopy(Box::new((envelope, copy)));
             self.send_home(member, mail, now_ms);
@@ -2785,6 +2784,7 @@ impl Router {
             let tag = GroupCopy {
                 group: group_id,
                 event: false,
+                id,
             };
             let mail = ShardMessage::RouteCopy(Box::new((copy, tag)));
             self.send_home(member, mail, now_ms);
