@@ -638,6 +638,25 @@ fn a_client_is_served_by_its_home_node_whichever_node_it_connects_to() {
         alice.ack_receipt(&receipt).expect("receipt acked");
     }
 
+    // Alice's node counts the work it sent to Carol's (published once per shard tick).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, metrics) = nodes.admin(1, "/metrics");
+        let to_nodes: f64 = metrics
+            .lines()
+            .filter(|line| line.starts_with("hop_mails_to_nodes_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if to_nodes >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n1 counted no mail to another node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     let (_, metrics) = nodes.admin(0, "/metrics");
     let redirects: u64 = metrics
         .lines()

@@ -8,6 +8,12 @@
 //! messages. [`MqttClient`] runs CONNECT/SUBSCRIBE and then PUBLISH. Both ack what the server
 //! delivers, as a real client does (hop: `Ack` for a Deliver, a group event included, and for
 //! a Receipt; MQTT: PUBACK for a QoS 1 PUBLISH), so the scenarios only count.
+//!
+//! A hop client is ready ([`Event::Opened`]) only once it knows it is home: after the
+//! handshake it sends a Ping (in the same write as handshake message 3) and opens on its Pong,
+//! as `Client::connect_home` does. A node of a cluster that is not the user's home answers
+//! with a GoAway REDIRECT instead, which the client keeps for the engine to follow
+//! ([`HopClient::into_redirect`]) and does not report as an event.
 
 use std::collections::BTreeSet;
 
@@ -16,7 +22,9 @@ use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
 use hop_protocol::keys::{StaticKey, KEY_BYTES};
 use hop_protocol::outbox::Outbox;
 use hop_protocol::session::{ClientConnection, ClientEvent, ClientInputError, PeerError};
-use hop_protocol::wire::{Ack, GroupChange, Kind, MessageRef, Ping, ReceiptKind, Stanza, UserRef};
+use hop_protocol::wire::{
+    Ack, GoAway, GoAwayReason, GroupChange, Kind, MessageRef, Ping, ReceiptKind, Stanza, UserRef,
+};
 use hop_protocol::UserId;
 use thiserror::Error;
 
@@ -25,7 +33,8 @@ use crate::mqtt::{self, MqttDeframer, MqttError, Packet};
 /// What a connection's input produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Authenticated (hop) or connected and subscribed (MQTT): ready for the scenario.
+    /// hop: authenticated and home (the Pong of the home check came back); MQTT: connected
+    /// and subscribed. Ready for the scenario.
     Opened,
     /// A message for this client, already acked to the server.
     Delivered { body: Bytes },
@@ -44,7 +53,8 @@ pub enum Event {
     /// The server refused something; the code names what. `send_refused`: the Error names a
     /// message this connection sent (by its (outbox, seq)), which gets no ServerAck.
     ServerError { code: i32, send_refused: bool },
-    /// The server announced it closes this connection.
+    /// The server announced it closes this connection (hop: for any reason but a REDIRECT,
+    /// which the engine follows instead).
     GoAway { reason: i32 },
 }
 
@@ -66,6 +76,42 @@ pub enum ConnError {
     Mqtt(#[from] MqttError),
     #[error("mqtt broker refused the connection with return code {0}")]
     MqttRefused(u8),
+    #[error("hop: the server sent a GoAway REDIRECT this client cannot follow: {0}")]
+    BadRedirect(String),
+}
+
+/// The nonce of the Ping that asks a server whether it is this user's home, to tell its Pong
+/// from a heartbeat's (whose nonces count from 0).
+pub const HOME_PING_NONCE: u64 = 0x686f_7020_686f_6d65;
+
+/// Where a GoAway REDIRECT sends a client: the user's home node and the key to pin there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// "host:port", as the cluster advertises it.
+    pub address: String,
+    pub server_key: [u8; KEY_BYTES],
+}
+
+impl Redirect {
+    /// The redirect a GoAway carries; `Ok(None)` for a GoAway of another reason.
+    pub fn of(go_away: &GoAway) -> Result<Option<Self>, ConnError> {
+        if go_away.reason != GoAwayReason::Redirect as i32 {
+            return Ok(None);
+        }
+        let server_key = <[u8; KEY_BYTES]>::try_from(&go_away.redirect_key[..]).map_err(|_| {
+            ConnError::BadRedirect(format!(
+                "its key has {} bytes, not {KEY_BYTES}",
+                go_away.redirect_key.len()
+            ))
+        })?;
+        if go_away.redirect_address.is_empty() {
+            return Err(ConnError::BadRedirect("it names no address".into()));
+        }
+        Ok(Some(Self {
+            address: go_away.redirect_address.clone(),
+            server_key,
+        }))
+    }
 }
 
 impl From<ClientInputError<ConnError>> for ConnError {
@@ -80,10 +126,27 @@ impl From<ClientInputError<ConnError>> for ConnError {
     }
 }
 
+/// Whether a hop connection knows it is at the user's home.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Home {
+    /// The handshake is under way.
+    Handshaking,
+    /// Authenticated; the home check's Ping is queued or sent, its Pong not yet back.
+    Asked,
+    /// The Pong came back: this server keeps the connection.
+    Here,
+    /// The server sent a REDIRECT; nothing more is read from this connection.
+    Redirected,
+}
+
 /// The client side of one hop connection.
 #[derive(Debug)]
 pub struct HopClient {
+    /// Kept to connect again where a REDIRECT points; boxed, as it is not used on the way.
+    key: Box<StaticKey>,
     connection: ClientConnection,
+    home: Home,
+    redirect: Option<Redirect>,
     outbox: Outbox,
     /// Which of the outbox's messages the server answered, to count each answer once.
     answered: Answered,
@@ -98,13 +161,16 @@ impl HopClient {
     /// Starts the handshake: message 1 is appended to `out`. With a `pin`, a server with
     /// another key fails the connection.
     pub fn start(
-        key: &StaticKey,
+        key: StaticKey,
         pin: Option<[u8; KEY_BYTES]>,
         out: &mut Vec<u8>,
     ) -> Result<Self, ConnError> {
         let outbox = Outbox::random().map_err(|_| ConnError::Random)?;
         Ok(Self {
-            connection: ClientConnection::start(key, pin, out),
+            connection: ClientConnection::start(&key, pin, out),
+            key: Box::new(key),
+            home: Home::Handshaking,
+            redirect: None,
             outbox,
             answered: Answered::default(),
             stanzas: Vec::new(),
@@ -112,12 +178,24 @@ impl HopClient {
         })
     }
 
+    /// True once the connection is authenticated and home: ready for the scenario.
     pub fn is_open(&self) -> bool {
-        self.connection.is_open()
+        self.home == Home::Here
     }
 
-    /// Feeds bytes from the server. Replies (message 3, acks) are queued or appended to `out`;
-    /// call [`HopClient::flush`] after the turn's sends to seal them.
+    /// True once the server sent a GoAway REDIRECT; take it with [`HopClient::into_redirect`].
+    pub fn is_redirected(&self) -> bool {
+        self.home == Home::Redirected
+    }
+
+    /// Ends this connection; returns the user's key and where the server sent it, if it did.
+    pub fn into_redirect(self) -> (StaticKey, Option<Redirect>) {
+        (*self.key, self.redirect)
+    }
+
+    /// Feeds bytes from the server. Replies (message 3, the home check's Ping, acks) are
+    /// queued or appended to `out`; call [`HopClient::flush`] after the turn's sends to seal
+    /// them. After a REDIRECT the rest of the input is ignored.
     pub fn handle_input(
         &mut self,
         input: &[u8],
@@ -125,24 +203,37 @@ impl HopClient {
         out: &mut Vec<u8>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(), ConnError> {
+        if self.home == Home::Redirected {
+            return Ok(());
+        }
         let Self {
             connection,
+            home,
+            redirect,
             outbox,
             answered,
             acks,
             ..
         } = self;
         debug_assert!(acks.is_empty());
+        let home_before = *home;
         let result = connection.handle_input::<ConnError>(input, scratch, out, &mut |event| {
+            if *home == Home::Redirected {
+                return Ok(());
+            }
             let stanza = match event {
-                // The pin, if any, was checked by the connection.
+                // The pin, if any, was checked by the connection. Ready once home.
                 ClientEvent::Authenticated { .. } => {
-                    on_event(Event::Opened);
+                    *home = Home::Asked;
                     return Ok(());
                 }
                 ClientEvent::Stanza(stanza) => stanza,
             };
             match stanza.kind {
+                Some(Kind::Pong(pong)) if pong.nonce == HOME_PING_NONCE && *home == Home::Asked => {
+                    *home = Home::Here;
+                    on_event(Event::Opened);
+                }
                 Some(Kind::Deliver(deliver)) => {
                     acks.push(Ack {
                         id: deliver.id,
@@ -187,14 +278,29 @@ impl HopClient {
                         send_refused,
                     });
                 }
-                Some(Kind::GoAway(go_away)) => on_event(Event::GoAway {
-                    reason: go_away.reason,
-                }),
+                Some(Kind::GoAway(go_away)) => match Redirect::of(&go_away)? {
+                    Some(to) => {
+                        *home = Home::Redirected;
+                        *redirect = Some(to);
+                    }
+                    None => on_event(Event::GoAway {
+                        reason: go_away.reason,
+                    }),
+                },
                 _ => {}
             }
             Ok(())
         });
         if let (Ok(()), Some(channel)) = (&result, connection.channel()) {
+            if home_before == Home::Handshaking && *home == Home::Asked {
+                // Sealed with message 3's flight: no round trip of its own.
+                channel.queue(
+                    &Stanza::of(Kind::Ping(Ping {
+                        nonce: HOME_PING_NONCE,
+                    })),
+                    out,
+                );
+            }
             for ack in acks.drain(..) {
                 channel.queue(&Stanza::of(Kind::Ack(ack)), out);
             }
@@ -205,8 +311,11 @@ impl HopClient {
     }
 
     /// Queues a message to `to` from this connection's outbox; sealed at the next flush.
-    /// Ignored until the connection is open.
+    /// Ignored until the connection is open and home.
     pub fn send(&mut self, to: UserId, body: Bytes, out: &mut Vec<u8>) {
+        if self.home != Home::Here {
+            return;
+        }
         let Some(channel) = self.connection.channel() else {
             return;
         };
@@ -395,7 +504,7 @@ impl MqttClient {
 mod tests {
     use super::*;
     use hop_protocol::session::{ServerConnection, ServerEvent};
-    use hop_protocol::wire::{ErrorCode, Receipt, ServerAck, UserRef};
+    use hop_protocol::wire::{ErrorCode, Pong, Receipt, ServerAck, UserRef};
 
     /// The generator's client and hop's own server state machine, in memory.
     struct Pair {
@@ -413,13 +522,24 @@ mod tests {
     }
 
     impl Pair {
-        /// Runs the handshake; the server has authenticated the client.
+        /// Runs the handshake and the home check; the server has authenticated the client.
         fn open() -> Self {
+            let mut pair = Self::authenticated();
+            let turn = pair.server_sends(&[home_pong()]).unwrap();
+            assert_eq!(turn.events, [Event::Opened]);
+            assert!(turn.replies.is_empty());
+            assert!(pair.client.is_open());
+            pair
+        }
+
+        /// Runs the handshake: the client sent message 3 and the home check's Ping with it,
+        /// and is not open yet.
+        fn authenticated() -> Self {
             let server_key = StaticKey::generate().unwrap();
             let client_key = StaticKey::generate().unwrap();
             let mut to_server = Vec::new();
             let client =
-                HopClient::start(&client_key, Some(*server_key.public()), &mut to_server).unwrap();
+                HopClient::start(client_key, Some(*server_key.public()), &mut to_server).unwrap();
             let mut pair = Self {
                 client,
                 server: ServerConnection::new(&server_key),
@@ -432,9 +552,17 @@ mod tests {
                 })
                 .unwrap();
             let turn = pair.feed_client(&to_client).unwrap();
-            assert_eq!(turn.events, [Event::Opened]);
-            assert!(turn.replies.is_empty(), "message 3 only");
-            assert!(pair.client.is_open());
+            assert!(
+                turn.events.is_empty(),
+                "not open before it knows it is home"
+            );
+            assert!(
+                matches!(&turn.replies[..], [Stanza { kind: Some(Kind::Ping(ping)) }]
+                    if ping.nonce == HOME_PING_NONCE),
+                "message 3 and the home check: {:?}",
+                turn.replies
+            );
+            assert!(!pair.client.is_open());
             assert!(pair.server.is_open(), "the server took message 3");
             pair
         }
@@ -486,6 +614,12 @@ mod tests {
             self.client.flush(&mut out);
             self.feed_server(&out)
         }
+    }
+
+    fn home_pong() -> Stanza {
+        Stanza::of(Kind::Pong(Pong {
+            nonce: HOME_PING_NONCE,
+        }))
     }
 
     fn server_ack(outbox: u64, seq: u64) -> Stanza {
@@ -692,7 +826,7 @@ mod tests {
         let server_key = StaticKey::generate().unwrap();
         let mut to_server = Vec::new();
         let mut client = HopClient::start(
-            &StaticKey::generate().unwrap(),
+            StaticKey::generate().unwrap(),
             Some([7; 32]),
             &mut to_server,
         )
@@ -713,6 +847,92 @@ mod tests {
             "no message 3, not opened"
         );
         assert!(!client.is_open());
+    }
+
+    #[test]
+    fn hop_client_opens_on_the_home_pong_only() {
+        let mut pair = Pair::authenticated();
+        let peer = UserId::from_public_key(&[8; 32]);
+        assert!(
+            pair.send(peer, &[b"early"]).is_empty(),
+            "no send before home"
+        );
+        let turn = pair
+            .server_sends(&[
+                Stanza::of(Kind::Pong(Pong { nonce: 0 })),
+                Stanza::go_away(GoAwayReason::Shutdown, "not a redirect"),
+            ])
+            .unwrap();
+        assert_eq!(
+            turn.events,
+            [Event::GoAway {
+                reason: GoAwayReason::Shutdown as i32
+            }],
+            "a heartbeat's Pong does not open it"
+        );
+        assert!(!pair.client.is_open());
+        let turn = pair.server_sends(&[home_pong()]).unwrap();
+        assert_eq!(turn.events, [Event::Opened]);
+        assert!(!pair.send(peer, &[b"now"]).is_empty());
+    }
+
+    #[test]
+    fn hop_client_keeps_a_redirect_before_it_is_home() {
+        let mut pair = Pair::authenticated();
+        let home_key = [6; KEY_BYTES];
+        let turn = pair
+            .server_sends(&[
+                Stanza::go_away_redirect("127.0.0.3:7788", &home_key),
+                home_pong(),
+            ])
+            .unwrap();
+        assert!(turn.events.is_empty(), "a redirect is no event: {turn:?}");
+        assert!(pair.client.is_redirected());
+        assert!(!pair.client.is_open(), "nothing after the redirect counts");
+        let (key, redirect) = pair.client.into_redirect();
+        assert_ne!(key.public(), &home_key);
+        assert_eq!(
+            redirect,
+            Some(Redirect {
+                address: "127.0.0.3:7788".into(),
+                server_key: home_key,
+            })
+        );
+    }
+
+    #[test]
+    fn hop_client_keeps_a_redirect_after_it_is_home() {
+        let mut pair = Pair::open();
+        let turn = pair
+            .server_sends(&[Stanza::go_away_redirect("node-b:7788", &[9; KEY_BYTES])])
+            .unwrap();
+        assert!(turn.events.is_empty());
+        assert!(pair.client.is_redirected() && !pair.client.is_open());
+        let peer = UserId::from_public_key(&[8; 32]);
+        assert!(
+            pair.send(peer, &[b"gone"]).is_empty(),
+            "no send once sent away"
+        );
+    }
+
+    #[test]
+    fn bad_redirects_are_errors_that_name_the_fault() {
+        let mut short_key = Stanza::go_away_redirect("127.0.0.3:7788", &[6; KEY_BYTES]);
+        if let Some(Kind::GoAway(go_away)) = &mut short_key.kind {
+            go_away.redirect_key = Bytes::from_static(&[6; 31]);
+        }
+        let error = Pair::authenticated()
+            .server_sends(&[short_key])
+            .unwrap_err();
+        assert!(matches!(error, ConnError::BadRedirect(_)), "{error}");
+        assert!(
+            error.to_string().contains("its key has 31 bytes, not 32"),
+            "{error}"
+        );
+        let error = Pair::open()
+            .server_sends(&[Stanza::go_away_redirect("", &[6; KEY_BYTES])])
+            .unwrap_err();
+        assert!(error.to_string().contains("names no address"), "{error}");
     }
 
     #[test]

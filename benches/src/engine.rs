@@ -6,12 +6,20 @@
 //! happened to each connection. Repeat.
 //! Writes are batched: everything queued on a connection in one turn goes out in one frame and
 //! one `write` where the socket takes it.
+//!
+//! Redirects: a hop connection sent away by a node of a cluster (GoAway REDIRECT, before or
+//! after it opened) connects again to the address it names, from the same source address,
+//! pins the key it names, and runs the handshake and the home check again, under the same
+//! index; the scenario sees one [`Event::Opened`] once it is home. At most
+//! [`REDIRECTS_MAX`] per client; the next fails it ([`Failure::TooManyRedirects`]).
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use hop_protocol::client::REDIRECTS_MAX;
 use hop_protocol::keys::{StaticKey, KEY_BYTES};
 use hop_protocol::wire::GroupChange;
 use hop_protocol::UserId;
@@ -20,7 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
 use crate::addr::{self, SourcePlan};
-use crate::conn::{frame_scratch, ConnError, Event, HopClient, MqttClient};
+use crate::conn::{frame_scratch, ConnError, Event, HopClient, MqttClient, Redirect};
 
 /// Bytes read from a socket at once.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
@@ -30,6 +38,14 @@ const EVENTS_PER_POLL_MAX: usize = 4096;
 const OUT_CAPACITY_KEPT_BYTES: usize = 16 * 1024;
 /// MQTT keep-alive announced to brokers, in seconds; the scenarios ping well inside it.
 pub const MQTT_KEEP_ALIVE_S: u16 = 120;
+/// Messages a hop client holds while it follows a redirect, sent once it is home again; past
+/// this they are dropped (and the scenario finds them lost). The scenarios' windows are far
+/// below it.
+const HELD_SENDS_MAX: usize = 4096;
+/// Redirect addresses resolved once and kept, so that thousands of clients sent to the same
+/// node do not each resolve its name; past this many distinct addresses, each is resolved
+/// again.
+const RESOLVED_ADDRESSES_MAX: usize = 64;
 
 /// Which server protocol the generator speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +83,12 @@ pub enum Failure {
     GeneratorLimit,
     /// The server broke the protocol (bad handshake, bad frame) or refused the client.
     Protocol,
+    /// A GoAway REDIRECT that cannot be followed: a key that is not 32 bytes, no address, or
+    /// one that does not resolve to an IPv4 address.
+    BadRedirect,
+    /// Redirected more than [`REDIRECTS_MAX`] times: the cluster's nodes disagree about
+    /// where the user lives.
+    TooManyRedirects,
     /// Any other socket error.
     Other,
 }
@@ -80,6 +102,8 @@ impl Failure {
             Self::Timeout => "timeout",
             Self::GeneratorLimit => "generator_limit",
             Self::Protocol => "protocol",
+            Self::BadRedirect => "bad_redirect",
+            Self::TooManyRedirects => "too_many_redirects",
             Self::Other => "other",
         }
     }
@@ -95,6 +119,14 @@ impl Failure {
             _ => Self::Other,
         }
     }
+
+    /// A connection whose input was rejected.
+    pub fn of_conn(error: &ConnError) -> Self {
+        match error {
+            ConnError::BadRedirect(_) => Self::BadRedirect,
+            _ => Self::Protocol,
+        }
+    }
 }
 
 /// What happened to connection `index` in a turn.
@@ -105,6 +137,9 @@ pub enum Outcome {
     Failed(Failure),
 }
 
+// Nearly every connection spends its life as `Hop` or `Mqtt`; boxing the client would add a
+// pointer chase on every send and read to save bytes only while a connection is connecting.
+#[allow(clippy::large_enum_variant)]
 enum State {
     Connecting(Identity),
     Hop(HopClient),
@@ -116,6 +151,15 @@ struct Connection {
     state: State,
     out: Vec<u8>,
     queued: bool,
+    /// Where the plan put this client; a redirected connection keeps it.
+    source: Ipv4Addr,
+    /// The server key to pin: the target's, or the one the last REDIRECT named.
+    pin: Option<[u8; KEY_BYTES]>,
+    /// REDIRECTs followed by this client.
+    redirects: usize,
+    /// hop sends queued while the client is not home (it follows a redirect); sent once it
+    /// is, at most [`HELD_SENDS_MAX`].
+    held: Vec<(UserId, Bytes)>,
 }
 
 pub struct Engine {
@@ -130,8 +174,14 @@ pub struct Engine {
     read_buffer: Vec<u8>,
     scratch: Vec<u8>,
     pending: Vec<(usize, Outcome)>,
+    resolved: BTreeMap<String, SocketAddr>,
     pub bytes_written: u64,
     pub bytes_read: u64,
+    /// Connections a server sent away with a GoAway REDIRECT that were followed (a client
+    /// redirected twice counts twice).
+    pub redirects: u64,
+    /// Why the first redirect that could not be followed could not, for the report.
+    pub bad_redirect: Option<String>,
 }
 
 impl Engine {
@@ -148,8 +198,11 @@ impl Engine {
             read_buffer: vec![0u8; READ_BUFFER_BYTES],
             scratch: frame_scratch(),
             pending: Vec::new(),
+            resolved: BTreeMap::new(),
             bytes_written: 0,
             bytes_read: 0,
+            redirects: 0,
+            bad_redirect: None,
         })
     }
 
@@ -165,9 +218,34 @@ impl Engine {
         }
         let source = self.plan.source(self.opened_total);
         self.opened_total += 1;
-        let mut stream =
-            addr::connect_from(source, self.server).map_err(|error| Failure::of_io(&error))?;
         let index = self.connections.len();
+        let stream = self.connect(index, source, self.server)?;
+        let pin = match self.target {
+            Target::Hop { pin } => pin,
+            Target::Mqtt { .. } => None,
+        };
+        self.connections.push(Some(Connection {
+            stream,
+            state: State::Connecting(identity),
+            out: Vec::new(),
+            queued: false,
+            source,
+            pin,
+            redirects: 0,
+            held: Vec::new(),
+        }));
+        Ok(index)
+    }
+
+    /// A socket from `source` connecting to `server`, registered as connection `index`.
+    fn connect(
+        &self,
+        index: usize,
+        source: Ipv4Addr,
+        server: SocketAddr,
+    ) -> Result<TcpStream, Failure> {
+        let mut stream =
+            addr::connect_from(source, server).map_err(|error| Failure::of_io(&error))?;
         self.poll
             .registry()
             .register(
@@ -176,13 +254,7 @@ impl Engine {
                 Interest::READABLE | Interest::WRITABLE,
             )
             .map_err(|error| Failure::of_io(&error))?;
-        self.connections.push(Some(Connection {
-            stream,
-            state: State::Connecting(identity),
-            out: Vec::new(),
-            queued: false,
-        }));
-        Ok(index)
+        Ok(stream)
     }
 
     /// True while connection `index` is authenticated and usable.
@@ -197,14 +269,27 @@ impl Engine {
         }
     }
 
-    /// Queues a hop message from the connection's outbox; ignored unless `index` is an open
-    /// hop connection.
+    /// Queues a hop message from the connection's outbox; ignored unless `index` is a hop
+    /// connection. While it is not home (it follows a redirect) the message is held and sent
+    /// once it is.
     pub fn send_hop(&mut self, index: usize, to: UserId, body: Bytes) {
-        self.with(index, |state, out| {
-            if let State::Hop(client) = state {
-                client.send(to, body, out);
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
+        match &mut connection.state {
+            State::Hop(client) if client.is_open() => client.send(to, body, &mut connection.out),
+            State::Hop(_) | State::Connecting(Identity::Hop(_)) => {
+                if connection.held.len() < HELD_SENDS_MAX {
+                    connection.held.push((to, body));
+                }
+                return;
             }
-        });
+            _ => return,
+        }
+        if !connection.queued {
+            connection.queued = true;
+            self.queued.push(index);
+        }
     }
 
     /// Queues an MQTT PUBLISH; ignored unless `index` is an open MQTT connection.
@@ -322,9 +407,9 @@ impl Engine {
                 unreachable!("matched above");
             };
             connection.state = match (identity, self.target) {
-                (Identity::Hop(key), Target::Hop { pin }) => State::Hop(
+                (Identity::Hop(key), Target::Hop { .. }) => State::Hop(
                     // Only the outbox's random id can fail: the generator's own limit.
-                    HopClient::start(&key, pin, &mut connection.out)
+                    HopClient::start(key, connection.pin, &mut connection.out)
                         .map_err(|_| Failure::GeneratorLimit)?,
                 ),
                 (
@@ -379,12 +464,91 @@ impl Engine {
                 }
                 State::Connecting(_) => Ok(()),
             };
-            result.map_err(|_| Failure::Protocol)?;
+            if let Err(error) = result {
+                if let (ConnError::BadRedirect(why), None) = (&error, &self.bad_redirect) {
+                    self.bad_redirect = Some(why.clone());
+                }
+                return Err(Failure::of_conn(&error));
+            }
+            if let State::Hop(client) = &mut connection.state {
+                if client.is_redirected() {
+                    break;
+                }
+                if !connection.held.is_empty() && client.is_open() {
+                    for (to, body) in connection.held.drain(..) {
+                        client.send(to, body, &mut connection.out);
+                    }
+                }
+            }
             if !connection.queued {
                 connection.queued = true;
                 self.queued.push(index);
             }
         }
+        self.follow_redirect(index)
+    }
+
+    /// Connection `index`'s server sent it away: connects again where the REDIRECT points,
+    /// from the same source address, with the key it named pinned.
+    fn follow_redirect(&mut self, index: usize) -> Result<(), Failure> {
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        if connection.redirects >= REDIRECTS_MAX {
+            return Err(Failure::TooManyRedirects);
+        }
+        let placeholder = State::Connecting(Identity::Mqtt {
+            client_id: String::new(),
+            clean_session: true,
+            subscribe: None,
+        });
+        let State::Hop(client) = std::mem::replace(&mut connection.state, placeholder) else {
+            unreachable!("only a hop client is redirected");
+        };
+        let (key, redirect) = client.into_redirect();
+        let Some(Redirect {
+            address,
+            server_key,
+        }) = redirect
+        else {
+            unreachable!("a redirected client holds its redirect");
+        };
+        connection.state = State::Connecting(Identity::Hop(key));
+        connection.pin = Some(server_key);
+        connection.redirects += 1;
+        // What was queued for the old server (acks, sends) goes with it.
+        connection.out.clear();
+        let source = connection.source;
+        let server = self.resolve(&address)?;
+        let stream = self.connect(index, source, server)?;
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+            unreachable!("taken above");
+        };
+        let mut old = std::mem::replace(&mut connection.stream, stream);
+        let _ = self.poll.registry().deregister(&mut old);
+        self.redirects += 1;
+        Ok(())
+    }
+
+    /// The IPv4 address a REDIRECT names ("host:port"); the generator's sources are IPv4.
+    fn resolve(&mut self, address: &str) -> Result<SocketAddr, Failure> {
+        if let Some(server) = self.resolved.get(address) {
+            return Ok(*server);
+        }
+        let server = address
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut all| all.find(SocketAddr::is_ipv4));
+        let Some(server) = server else {
+            if self.bad_redirect.is_none() {
+                self.bad_redirect = Some(format!("{address} names no IPv4 address"));
+            }
+            return Err(Failure::BadRedirect);
+        };
+        if self.resolved.len() < RESOLVED_ADDRESSES_MAX {
+            self.resolved.insert(address.to_string(), server);
+        }
+        Ok(server)
     }
 
     fn fail(&mut self, index: usize, failure: Failure) {

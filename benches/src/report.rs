@@ -58,6 +58,10 @@ pub struct Report {
     pub latency_curve: Vec<(f64, f64)>,
     /// Connections that failed or ended, by kind.
     pub failures: BTreeMap<String, u64>,
+    /// hop: connections a node of a cluster sent to the user's home node (GoAway REDIRECT)
+    /// that the generator followed; a client redirected twice counts twice. 0 against a single
+    /// server.
+    pub redirects: u64,
     pub generator_cpu: CpuUse,
     /// Present when `--server-pid` was given.
     pub server_cpu: Option<CpuUse>,
@@ -85,6 +89,7 @@ impl Report {
             latency: None,
             latency_curve: Vec::new(),
             failures: BTreeMap::new(),
+            redirects: 0,
             generator_cpu: CpuUse::default(),
             server_cpu: None,
             memory_before: None,
@@ -130,6 +135,12 @@ impl Report {
             ] {
                 rows.push((name.to_string(), format!("{} µs", human(value))));
             }
+        }
+        if self.target == "hop" {
+            rows.push((
+                "redirects".into(),
+                format!("{} connections", self.redirects),
+            ));
         }
         for (kind, count) in &self.failures {
             rows.push((format!("failed: {kind}"), count.to_string()));
@@ -232,6 +243,7 @@ mod tests {
             "latency",
             "latency_curve",
             "failures",
+            "redirects",
             "generator_cpu",
             "server_cpu",
             "memory_per_connection",
@@ -257,8 +269,11 @@ mod tests {
     fn table_lists_figures_and_generator_cpu() {
         let mut report = Report::new("throughput", "hop", "x");
         report.figure("messages_per_second", 1_234_567.0, "msg/s");
+        report.redirects = 25;
         let table = report.table();
         assert!(table.contains("1,234,567 msg/s"), "{table}");
+        assert!(table.contains("redirects"), "{table}");
+        assert!(table.contains("25 connections"), "{table}");
         assert!(table.contains("generator CPU"));
         assert_eq!(human(12.345), "12.3");
         assert_eq!(human(-1000.0), "-1,000");

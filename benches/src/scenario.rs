@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::{local_port_range, SourcePlan};
 use crate::conn::Event;
-use crate::engine::{Engine, Failure, Identity, Outcome, Target};
+use crate::engine::{Engine, Failure, Identity, Outcome, Target, REDIRECTS_MAX};
 use crate::latency::{LatencyRecorder, LatencySummary};
 use crate::procfs::{cpu_seconds_of, cpu_seconds_self};
 use crate::report::{CpuUse, Report};
@@ -184,8 +184,15 @@ fn open_all(
                     pending -= 1;
                 }
                 Outcome::Failed(failure) => {
+                    let why = match (failure, &engine.bad_redirect) {
+                        (Failure::BadRedirect, Some(why)) => format!(" ({why})"),
+                        (Failure::TooManyRedirects, _) => {
+                            format!(" (more than {REDIRECTS_MAX})")
+                        }
+                        _ => String::new(),
+                    };
                     return Err(format!(
-                        "client {} failed while opening: {}",
+                        "client {} failed while opening: {}{why}",
                         by_conn.get(&conn).copied().unwrap_or(usize::MAX),
                         failure.name()
                     ));
@@ -220,6 +227,17 @@ fn settle(engine: &mut Engine, duration: Duration) -> Result<(), String> {
         outcomes.clear();
     }
     Ok(())
+}
+
+/// The redirects the engine followed (a cluster's nodes sending clients to their home), and
+/// why one could not be followed, if one could not.
+fn redirects_report(report: &mut Report, engine: &Engine) {
+    report.redirects += engine.redirects;
+    if let Some(why) = &engine.bad_redirect {
+        report
+            .notes
+            .push(format!("a redirect could not be followed: {why}"));
+    }
 }
 
 fn clients(common: &Common, count: usize) -> Result<Vec<Client>, String> {
@@ -356,6 +374,7 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
     let wall = measured_at.elapsed().as_secs_f64();
     let messages = delivered.iter().sum::<u64>() - delivered_before;
     let mut report = common.report("throughput");
+    redirects_report(&mut report, &engine);
     report.figure("pairs", options.pairs as f64, "pairs");
     report.figure("window", options.window as f64, "messages per direction");
     report.figure("body_bytes", BODY_BYTES as f64, "bytes");
@@ -498,6 +517,7 @@ pub fn latency(common: &Common, options: &LatencyOptions) -> Result<Report, Stri
     }
     let wall = start.elapsed().as_secs_f64();
     let mut report = common.report("latency");
+    redirects_report(&mut report, &engine);
     report.figure("pairs", options.pairs as f64, "pairs");
     report.figure("offered_rate", options.rate_per_second as f64, "msg/s");
     report.figure("scheduled", schedule.messages_total() as f64, "messages");
@@ -560,6 +580,11 @@ pub struct CeilingResult {
     pub handshake_latency: LatencySummary,
     /// Why the ramp stopped before its target, if it did.
     pub stopped_by: Option<String>,
+    /// Connections sent to another node of a cluster (GoAway REDIRECT) and followed.
+    #[serde(default)]
+    pub redirects: u64,
+    #[serde(default)]
+    pub bad_redirect: Option<String>,
 }
 
 /// Opens connections at a fixed rate up to a target or until failures pile up, then holds
@@ -702,6 +727,8 @@ pub fn ceiling_local(
     result.cpu_seconds = cpu_seconds_self() - cpu_before;
     result.over_time.push((result.wall_seconds, result.held));
     result.handshake_latency = handshake_latency.summary();
+    result.redirects = engine.redirects;
+    result.bad_redirect = engine.bad_redirect.clone();
     Ok(result)
 }
 
@@ -756,6 +783,12 @@ pub fn ceiling_report(
         }
         if let Some(why) = &result.stopped_by {
             report.notes.push(format!("ramp stopped by {why}"));
+        }
+        report.redirects += result.redirects;
+        if let Some(why) = &result.bad_redirect {
+            report
+                .notes
+                .push(format!("a redirect could not be followed: {why}"));
         }
     }
     if let Some(first) = results.first() {
@@ -912,6 +945,7 @@ pub fn offline(common: &Common, options: &OfflineOptions) -> Result<Report, Stri
     }
     let drain_seconds = drain_start.elapsed().as_secs_f64();
     let mut report = common.report("offline");
+    redirects_report(&mut report, &engine);
     report.figure("messages", options.messages as f64, "messages");
     report.figure("rejected", rejected as f64, "messages");
     report.figure("enqueue_seconds", enqueue_seconds, "s");
@@ -976,6 +1010,7 @@ mod tests {
             failures: BTreeMap::from([("refused".to_string(), 3)]),
             wall_seconds: 0.25,
             over_time: vec![(0.0, 0), (0.1, 10), (0.2, 20)],
+            redirects: 7,
             ..Default::default()
         };
         let report = ceiling_report(&common, &options, 2, &[one.clone(), one]);
@@ -987,5 +1022,6 @@ mod tests {
             [(0.0, 0), (0.1, 20), (0.2, 40)]
         );
         assert_eq!(report.generator_cpu.processes, 2);
+        assert_eq!(report.redirects, 14);
     }
 }

@@ -1,4 +1,4 @@
-//! The generator end to end on loopback, against a toy MQTT broker in this test: scenarios
+//! The generator end to end on loopback, against toy MQTT and hop servers in this test: scenarios
 //! open their clients, send, receive, count and report. Nothing here asserts a speed; each
 //! run is a few hundred milliseconds.
 #![allow(clippy::unwrap_used)]
@@ -378,4 +378,82 @@ fn hop_refuses_a_server_with_another_key() {
     };
     let error = scenario::latency(&hop_common(server, [9; 32]), &options).unwrap_err();
     assert!(error.contains("protocol"), "{error}");
+}
+
+/// A toy node of a cluster that is no user's home: it runs the handshake and answers every
+/// client with a GoAway REDIRECT to `home` (the address and key a cluster would name), then
+/// closes. With `home` `None` it sends clients to itself.
+fn redirector(home: Option<(SocketAddr, [u8; 32])>) -> (SocketAddr, [u8; 32]) {
+    use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
+    use hop_protocol::session::{ServerConnection, ServerEvent};
+    use hop_protocol::wire::Stanza;
+    use hop_protocol::StaticKey;
+
+    let key = StaticKey::generate().unwrap();
+    let public = *key.public();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (home, home_key) = home.unwrap_or((addr, public));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut connection = ServerConnection::new(&key);
+            let mut buffer = vec![0u8; 64 * 1024];
+            let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
+            while !connection.is_open() {
+                let Ok(bytes @ 1..) = stream.read(&mut buffer) else {
+                    break;
+                };
+                let mut out = Vec::new();
+                connection
+                    .handle_input::<()>(&buffer[..bytes], &mut scratch, &mut out, &mut |event| {
+                        assert!(!matches!(event, ServerEvent::Outdated { .. }));
+                        Ok(())
+                    })
+                    .unwrap();
+                stream.write_all(&out).unwrap();
+            }
+            if let Some(channel) = connection.channel() {
+                let mut out = Vec::new();
+                channel.queue(
+                    &Stanza::go_away_redirect(home.to_string(), &home_key),
+                    &mut out,
+                );
+                channel.flush(&mut out);
+                let _ = stream.write_all(&out);
+            }
+        }
+    });
+    (addr, public)
+}
+
+#[test]
+fn hop_clients_follow_a_redirect_to_their_home_node() {
+    let home = toy_hop::start();
+    let (entry, entry_key) = redirector(Some(home));
+    let options = ThroughputOptions {
+        pairs: 2,
+        window: 4,
+        warmup_ms: 300,
+        duration_ms: 300,
+    };
+    let report = scenario::throughput(&hop_common(entry, entry_key), &options).unwrap();
+    assert_eq!(report.redirects, 4, "each of the 4 clients once");
+    assert!(report.value("messages_per_second").unwrap() > 0.0);
+    assert_eq!(report.value("lost"), Some(0.0));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+#[test]
+fn hop_clients_give_up_after_three_redirects() {
+    let (entry, entry_key) = redirector(None);
+    let options = ThroughputOptions {
+        pairs: 1,
+        window: 1,
+        warmup_ms: 0,
+        duration_ms: 10,
+    };
+    let error = scenario::throughput(&hop_common(entry, entry_key), &options).unwrap_err();
+    assert!(error.contains("too_many_redirects"), "{error}");
+    assert!(error.contains("more than 3"), "{error}");
 }
