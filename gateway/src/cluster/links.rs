@@ -164,18 +164,19 @@ impl Links {
                 self.mails_sent.fetch_add(1, Ordering::Relaxed);
             }
             client.flush().map_err(|_| ())?;
-            match client.recv(POLL).map_err(|_| ())? {
-                Some(Stanza {
-                    kind: Some(Kind::NodeAck(ack)),
-                }) if ack.incarnation == self.incarnation => {
-                    while unacked.front().is_some_and(|(seq, _)| *seq <= ack.seq) {
-                        unacked.pop_front();
+            // Every answer that has arrived, waiting for the first at most `POLL`.
+            let mut wait = POLL;
+            while let Some(stanza) = client.recv(wait).map_err(|_| ())? {
+                wait = Duration::ZERO;
+                match stanza.kind {
+                    Some(Kind::NodeAck(ack)) if ack.incarnation == self.incarnation => {
+                        while unacked.front().is_some_and(|(seq, _)| *seq <= ack.seq) {
+                            unacked.pop_front();
+                        }
                     }
+                    Some(Kind::GoAway(_)) => return Err(()),
+                    _ => {}
                 }
-                Some(Stanza {
-                    kind: Some(Kind::GoAway(_)),
-                }) => return Err(()),
-                _ => {}
             }
         }
         Ok(())
