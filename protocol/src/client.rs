@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use crate::frame::{FrameError, FRAME_BODY_BYTES_MAX};
 use crate::keys::{parse_hex_key, StaticKey, KEY_BYTES};
-use crate::noise::NoiseError;
+use crate::noise::{NoiseError, Refusal};
 use crate::outbox::{Outbox, Seen};
 use crate::session::{Channel, ClientConnection, ClientEvent, ClientInputError, PeerError};
 use crate::user::UserId;
@@ -67,6 +67,8 @@ pub enum ClientError {
     Handshake(PeerError),
     #[error("the server broke the protocol: {0}")]
     Peer(PeerError),
+    #[error("{0}")]
+    Refused(Refusal),
     #[error("the server closed the connection")]
     Closed,
     #[error("timed out")]
@@ -496,6 +498,9 @@ impl ClientError {
     /// The error of a failed `handle_input`, during the handshake or after it.
     fn from_input(error: ClientInputError<ClientError>, handshaking: bool) -> Self {
         match error {
+            ClientInputError::Peer(PeerError::Noise(NoiseError::Refused(refusal))) => {
+                Self::Refused(refusal)
+            }
             ClientInputError::Peer(peer) if handshaking => Self::Handshake(peer),
             ClientInputError::Peer(peer) => Self::Peer(peer),
             ClientInputError::Handler(error) => error,

@@ -64,6 +64,105 @@ pub enum NoiseError {
     OutOfOrder,
     #[error("the client speaks hop protocol version {0}, which this server does not")]
     UnknownVersion(u8),
+    #[error("{0}")]
+    Refused(Refusal),
+}
+
+/// Bytes of a refusal frame's body: the smallest handshake frame, and shorter than any message
+/// 2 (96 bytes), so neither is taken for the other.
+pub const REFUSAL_BYTES: usize = 32;
+/// How a refusal's body starts.
+const REFUSAL_MAGIC: &[u8; 16] = b"hop refused v1\0\0";
+
+/// Why a server refused a connection at once, before any handshake work (its admission
+/// limits: `docs/security.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The shard takes no more handshakes this moment: every address is refused alike.
+    Busy,
+    /// This source address (an IPv4 address, an IPv6 /64) opened handshakes too fast.
+    AddressRate,
+    /// This source address has too many handshakes unfinished.
+    AddressHandshakes,
+    /// This source address holds too many connections.
+    AddressConnections,
+    /// A reason a newer server names.
+    Other(u8),
+}
+
+impl RefusalReason {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Busy => 1,
+            Self::AddressRate => 2,
+            Self::AddressHandshakes => 3,
+            Self::AddressConnections => 4,
+            Self::Other(code) => code,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            1 => Self::Busy,
+            2 => Self::AddressRate,
+            3 => Self::AddressHandshakes,
+            4 => Self::AddressConnections,
+            other => Self::Other(other),
+        }
+    }
+
+    /// The name metrics and logs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::AddressRate => "address_rate",
+            Self::AddressHandshakes => "address_handshakes",
+            Self::AddressConnections => "address_connections",
+            Self::Other(_) => "other",
+        }
+    }
+}
+
+/// The server's answer, in place of message 2, to a connection it will not serve: sent in the
+/// clear (nothing is known of the client yet), then the connection is closed. Like a TCP
+/// reset, anyone on the path could forge one; it only ever makes a client wait and retry.
+///
+/// Body: the 16-byte magic, the reason code, the wait in milliseconds (u32, big-endian), then
+/// zeros up to [`REFUSAL_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error(
+    "the server refused the connection ({}); try again in {retry_after_ms} ms",
+    reason.name()
+)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    /// How long the client should wait before it connects again (it adds its own jitter).
+    pub retry_after_ms: u32,
+}
+
+impl Refusal {
+    /// Appends the refusal to `out` as a frame.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        push_header(out, REFUSAL_BYTES);
+        let start = out.len();
+        out.extend_from_slice(REFUSAL_MAGIC);
+        out.push(self.reason.code());
+        out.extend_from_slice(&self.retry_after_ms.to_be_bytes());
+        out.resize(start + REFUSAL_BYTES, 0);
+    }
+
+    /// The refusal a handshake frame's body is, if it is one.
+    pub fn decode(frame: &[u8]) -> Option<Self> {
+        if frame.len() != REFUSAL_BYTES || !frame.starts_with(REFUSAL_MAGIC) {
+            return None;
+        }
+        let at = REFUSAL_MAGIC.len();
+        let wait = frame[at + 1..at + 5].try_into().ok()?;
+        Some(Self {
+            reason: RefusalReason::from_code(frame[at]),
+            retry_after_ms: u32::from_be_bytes(wait),
+        })
+    }
 }
 
 /// A Noise builder with hop's parameters and crypto backend.
@@ -216,6 +315,9 @@ impl ClientHandshake {
     pub fn handle_response(&mut self, frame: &[u8]) -> Result<[u8; KEY_BYTES], NoiseError> {
         if self.state.is_my_turn() {
             return Err(NoiseError::OutOfOrder);
+        }
+        if let Some(refusal) = Refusal::decode(frame) {
+            return Err(NoiseError::Refused(refusal));
         }
         let mut payload = [0u8; HANDSHAKE_MESSAGE_BYTES_MAX];
         let payload_bytes = self
@@ -395,6 +497,46 @@ mod tests {
             *client_key.public(),
             *server_key.public(),
         )
+    }
+
+    #[test]
+    fn a_refusal_reaches_the_client_in_place_of_message_2() {
+        for reason in [
+            RefusalReason::Busy,
+            RefusalReason::AddressRate,
+            RefusalReason::AddressHandshakes,
+            RefusalReason::AddressConnections,
+            RefusalReason::Other(200),
+        ] {
+            let refusal = Refusal {
+                reason,
+                retry_after_ms: 1_234_567,
+            };
+            let mut wire = Vec::new();
+            refusal.encode(&mut wire);
+            let frame = &frames(&wire)[0];
+            assert!(frame.len() >= HANDSHAKE_FRAME_LIMITS.body_bytes_min);
+            let key = StaticKey::generate().unwrap();
+            let mut client = ClientHandshake::start(&key, &mut Vec::new());
+            match client.handle_response(frame) {
+                Err(NoiseError::Refused(seen)) => assert_eq!(seen, refusal),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A genuine message 2 is never read as one, nor is a 32-byte frame of other bytes.
+        let mut wire = Vec::new();
+        let mut client = ClientHandshake::start(&StaticKey::generate().unwrap(), &mut Vec::new());
+        let mut to_server = Vec::new();
+        let _ = ClientHandshake::start(&StaticKey::generate().unwrap(), &mut to_server);
+        let server = Box::new(ServerHandshake::new(&StaticKey::generate().unwrap()));
+        server
+            .handle_frame(&frames(&to_server)[0], &mut wire)
+            .unwrap();
+        assert_eq!(Refusal::decode(&frames(&wire)[0]), None);
+        assert!(matches!(
+            client.handle_response(&[0u8; REFUSAL_BYTES]),
+            Err(NoiseError::Handshake(_))
+        ));
     }
 
     #[test]
