@@ -603,6 +603,14 @@ const HANDSHAKE_FAILURES: &[(&str, Field)] = &[
     ("abandoned", |s| &s.handshakes_abandoned),
 ];
 
+/// Connections refused at accept by admission, by reason (`RefusalReason::name`).
+const ADMISSION_REFUSALS: &[(&str, Field)] = &[
+    ("busy", |s| &s.admission_busy),
+    ("address_rate", |s| &s.admission_address_rate),
+    ("address_handshakes", |s| &s.admission_address_handshakes),
+    ("address_connections", |s| &s.admission_address_connections),
+];
+
 /// Connections the server closed, by reason.
 const CLOSES: &[(&str, Field)] = &[
     ("idle", |s| &s.idle_timeouts),
@@ -677,6 +685,11 @@ impl Metrics {
                 "closes",
                 "Connections the server closed, by reason.",
                 CLOSES,
+            ),
+            (
+                "admission_refused",
+                "New connections refused before their handshake, by reason.",
+                ADMISSION_REFUSALS,
             ),
         ] {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

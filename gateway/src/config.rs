@@ -27,6 +27,19 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Connections the whole server holds; each shard takes an equal share.
     pub connections_max: usize,
+    /// Admission (`docs/security.md`), decided at accept before any handshake work; each 0
+    /// turns that limit off. Handshakes each shard starts per second (its bucket holds one
+    /// second's worth): new connections never take more than this share of a core.
+    pub shard_handshakes_per_second: u32,
+    /// Handshakes one source address (an IPv4 address, an IPv6 /64) starts per second, over
+    /// the whole server.
+    pub address_handshakes_per_second: u32,
+    /// ... and at once after a quiet while (its bucket's size).
+    pub address_handshake_burst: u32,
+    /// Handshakes one source address has unfinished at once.
+    pub address_handshakes_max: u32,
+    /// Connections one source address holds at once.
+    pub address_connections_max: u32,
     /// Bytes waiting to be written to one connection before it counts as not reading and is
     /// closed.
     pub send_buffer_bytes_max: usize,
@@ -222,6 +235,11 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
             connections_max: 1_000_000,
+            shard_handshakes_per_second: 1_000,
+            address_handshakes_per_second: 50,
+            address_handshake_burst: 500,
+            address_handshakes_max: 256,
+            address_connections_max: 10_000,
             send_buffer_bytes_max: 4 * 1024 * 1024,
             mailbox_depth: 16 * 1024,
             queue_messages_max: router.queue_messages_max,
@@ -298,6 +316,21 @@ pub struct Args {
     /// Connections the whole server holds, split evenly over the shards.
     #[arg(long, value_name = "N")]
     pub connections_max: Option<usize>,
+    /// Handshakes each shard starts per second; more are refused (busy) before any work. 0: off.
+    #[arg(long, value_name = "N")]
+    pub shard_handshakes_per_second: Option<u32>,
+    /// Handshakes one source address (IPv4 address, IPv6 /64) starts per second. 0: off.
+    #[arg(long, value_name = "N")]
+    pub address_handshakes_per_second: Option<u32>,
+    /// Handshakes one source address may start at once after a quiet while.
+    #[arg(long, value_name = "N")]
+    pub address_handshake_burst: Option<u32>,
+    /// Handshakes one source address may have unfinished at once. 0: off.
+    #[arg(long, value_name = "N")]
+    pub address_handshakes_max: Option<u32>,
+    /// Connections one source address may hold at once. 0: off.
+    #[arg(long, value_name = "N")]
+    pub address_connections_max: Option<u32>,
     /// Bytes waiting to be written to one connection before it is closed as not reading.
     #[arg(long, value_name = "BYTES")]
     pub send_buffer_bytes_max: Option<usize>,
@@ -489,6 +522,11 @@ impl Config {
             handshake_timeout_ms,
             idle_timeout_ms,
             connections_max,
+            shard_handshakes_per_second,
+            address_handshakes_per_second,
+            address_handshake_burst,
+            address_handshakes_max,
+            address_connections_max,
             send_buffer_bytes_max,
             mailbox_depth,
             queue_messages_max,
@@ -541,6 +579,17 @@ impl Config {
         })
     }
 
+    /// The admission settings, as the shards apply them.
+    pub fn admission_limits(&self) -> crate::admission::AdmissionLimits {
+        crate::admission::AdmissionLimits {
+            shard_handshakes_per_second: self.shard_handshakes_per_second,
+            address_handshakes_per_second: self.address_handshakes_per_second,
+            address_handshake_burst: self.address_handshake_burst,
+            address_handshakes_max: self.address_handshakes_max,
+            address_connections_max: self.address_connections_max,
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("handshake_timeout_ms", self.handshake_timeout_ms as usize),
@@ -567,6 +616,12 @@ impl Config {
                     reason: "must be greater than 0".into(),
                 });
             }
+        }
+        if self.address_handshakes_per_second > 0 && self.address_handshake_burst == 0 {
+            return Err(ConfigError::Invalid {
+                name: "address_handshake_burst",
+                reason: "must be at least 1 while address_handshakes_per_second is on".into(),
+            });
         }
         if self.shards > SHARDS_MAX {
             return Err(ConfigError::Invalid {

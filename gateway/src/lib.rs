@@ -7,6 +7,7 @@
 //! only through bounded mailboxes ([`mailbox`]).
 
 pub mod admin;
+pub mod admission;
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -15,6 +15,7 @@ use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState, SetLogFilter, ShardViews};
+use crate::admission::AddressTable;
 use crate::cluster::links::Links;
 use crate::cluster::membership::{self, Cluster, ClusterSettings};
 use crate::config::{AdminAddress, BackendName, Config, UringReceive};
@@ -93,6 +94,8 @@ struct Shared {
     controls: Arc<Controls>,
     directory: Arc<Directory>,
     cluster: Option<Arc<Cluster>>,
+    /// Connections and handshakes by source address, for admission.
+    addresses: Arc<AddressTable>,
 }
 
 /// Joins the cluster named by `cluster_etcd`, if any: the membership threads start now, and
@@ -216,6 +219,7 @@ impl Server {
             controls: controls.clone(),
             directory: directory.clone(),
             cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
+            addresses: AddressTable::new(config.admission_limits()),
         };
         let (shutdown, wake_all, threads, stats, mailbox_depth) = match kind {
             sys::Kind::Mio => start_shards::<MioBackend>(
@@ -576,6 +580,7 @@ fn start_shards<B: Backend>(
             controls,
             directory,
             cluster,
+            addresses,
         } = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("hop-shard-{index}"))
@@ -631,6 +636,7 @@ fn start_shards<B: Backend>(
                     directory,
                     groups,
                     cluster,
+                    addresses,
                 });
             })
             .map_err(|source| StartError::Shard {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use foldhash::HashMap;
 use hop_protocol::keys::KEY_BYTES;
-use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
+use hop_protocol::noise::{Refusal, RefusalReason, FRAME_PLAINTEXT_BYTES_MAX};
 use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent};
 use hop_protocol::wire::ReceiptKind;
 use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, NodeAck, Pong, Stanza, UserRef};
@@ -43,6 +43,7 @@ use hop_store::GroupTag;
 use hop_store::ShardStore;
 use tracing::{debug, error, info, warn};
 
+use crate::admission::{AddressTable, Admitted, Tally};
 use crate::cluster::membership::{Cluster, Home, ShardLocality};
 use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
@@ -85,6 +86,8 @@ pub struct Handoff<H> {
     key: [u8; KEY_BYTES],
     /// Stanzas that arrived with the last handshake message, before the move.
     early: Vec<Stanza>,
+    /// Its place in the server's count by source address.
+    admitted: Admitted,
 }
 
 /// The mailboxes of a server whose shards run backend `B`.
@@ -96,6 +99,7 @@ struct Adoption {
     user: UserId,
     key: [u8; KEY_BYTES],
     early: Vec<Stanza>,
+    admitted: Admitted,
 }
 
 /// Settings a shard needs.
@@ -149,6 +153,8 @@ pub struct ShardParts<B: Backend> {
     pub groups: GroupLog<FsIo>,
     /// This node's view of its cluster; `None` for a single hopd.
     pub cluster: Option<Arc<Cluster>>,
+    /// The server's count of connections by source address, for admission.
+    pub addresses: Arc<AddressTable>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +324,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         directory,
         groups,
         cluster,
+        addresses,
     } = parts;
     let index = settings.index;
     let fresh = Fresh {
@@ -336,6 +343,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         controls,
         directory,
         cluster,
+        addresses,
         next_token: 0,
         generation: 0,
     };
@@ -409,6 +417,7 @@ struct Handles<B: Backend> {
     controls: Arc<Controls>,
     directory: Arc<Directory>,
     cluster: Option<Arc<Cluster>>,
+    addresses: Arc<AddressTable>,
     next_token: u64,
     generation: u32,
 }
@@ -435,6 +444,7 @@ impl<B: Backend> Core<B> {
             controls,
             directory,
             cluster,
+            addresses,
             next_token,
             generation,
         } = handles;
@@ -451,7 +461,10 @@ impl<B: Backend> Core<B> {
         }
         let shards = usize::from(settings.shards);
         let connection_slots = settings.connection_slots;
+        let now_ms = monotonic_ms();
         Self {
+            admission: Tally::new(addresses, connection_slots, now_ms),
+            sweep_turn: 0,
             settings,
             key,
             router,
@@ -507,6 +520,7 @@ impl<B: Backend> Core<B> {
             controls: self.controls,
             directory: self.directory,
             cluster: self.cluster,
+            addresses: self.admission.shared(),
             next_token: self.next_token,
             generation: self.generation,
         }
@@ -565,6 +579,8 @@ impl<B: Backend> Core<B> {
             if Instant::now() >= next_tick {
                 core.follow_cluster();
                 core.enforce_timeouts();
+                core.admission.sweep(core.sweep_turn, core.now_ms);
+                core.sweep_turn = core.sweep_turn.wrapping_add(1);
                 core.expire_and_compact();
                 core.router.release_empty();
                 core.router.expire_fanouts(core.wall_ms);
@@ -647,6 +663,11 @@ struct Core<B: Backend> {
     cluster_state: (u64, bool),
     /// Links from other nodes held here: their connection's generation and the peer's key.
     links_in: HashMap<ConnId, (u32, [u8; KEY_BYTES])>,
+    /// Admission: this shard's handshake bucket, and the address each connection is counted
+    /// under.
+    admission: Tally,
+    /// Which stripe of the address table the next tick sweeps.
+    sweep_turn: usize,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -672,20 +693,26 @@ struct ReadAhead {
 impl<B: Backend> Core<B> {
     fn handle_event(&mut self, event: Event<'_, B::Handoff>) -> Reading {
         match event {
-            Event::Accepted(id) => {
+            Event::Accepted(id, peer) => {
                 bump(&self.stats.connections_accepted, 1);
                 let generation = self.next_generation();
                 let conn = Conn::new(generation, ServerConnection::new(&self.key), self.now_ms);
                 self.insert(id, conn);
                 self.handshaking += 1;
-                Reading::Continue
+                match self.admission.admit(id, peer, self.now_ms) {
+                    Ok(()) => Reading::Continue,
+                    Err(refusal) => {
+                        self.refuse(id, peer, refusal);
+                        Reading::Pause
+                    }
+                }
             }
             Event::Data(id, bytes) => self.handle_data(id, bytes),
             Event::Closed(id) => {
                 if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) {
                     if conn.phase == Phase::Handshaking {
                         bump(&self.stats.handshakes_abandoned, 1);
-                        self.left_handshake();
+                        self.left_handshake(id);
                     }
                     self.forget(id, conn);
                 }
@@ -784,7 +811,7 @@ impl<B: Backend> Core<B> {
         if self.sent_to_home_node(id, account) {
             return;
         }
-        self.left_handshake();
+        self.left_handshake(id);
         // Every device of an account lives on the account's home shard.
         let home = home_shard(account, self.settings.shards);
         if home == self.settings.index {
@@ -808,7 +835,7 @@ impl<B: Backend> Core<B> {
     /// Keeps connection `id`, whose key is member `node`'s, as a link from that node: it is
     /// no user, and what it sends is work for users of this node (`link_stanza`).
     fn attach_link(&mut self, id: ConnId, node: &str, key: [u8; KEY_BYTES]) {
-        self.left_handshake();
+        self.left_handshake(id);
         let now_ms = self.now_ms;
         let Some(conn) = self.conn_mut(id) else {
             return;
@@ -1488,6 +1515,7 @@ impl<B: Backend> Core<B> {
             user,
             key,
             early,
+            admitted,
         } = handoff;
         let token = self.next_token;
         self.next_token += 1;
@@ -1498,6 +1526,7 @@ impl<B: Backend> Core<B> {
                 user,
                 key,
                 early,
+                admitted,
             },
         );
         backend.attach(socket, token);
@@ -1510,6 +1539,7 @@ impl<B: Backend> Core<B> {
             user,
             key,
             early,
+            admitted,
         }) = self.adoptions.remove(&token)
         else {
             // A move a crashed predecessor of this core started: nobody here knows its
@@ -1520,6 +1550,7 @@ impl<B: Backend> Core<B> {
         bump(&self.stats.handoffs_in, 1);
         let generation = self.next_generation();
         self.insert(id, Conn::new(generation, session, self.now_ms));
+        self.admission.arrive(id, admitted);
         self.attach_user(id, user, key);
         self.current = Some(id);
         for stanza in early {
@@ -1539,6 +1570,8 @@ impl<B: Backend> Core<B> {
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
+        // Dropped (given back) unless the move goes on.
+        let admitted = self.admission.depart(id);
         let (Phase::Moving, Some(user), Some(Moving { home, key, early })) =
             (conn.phase, conn.user, self.moving.remove(&id))
         else {
@@ -1555,6 +1588,7 @@ impl<B: Backend> Core<B> {
             user,
             key,
             early,
+            admitted,
         };
         self.post(home, Mail::Handoff(Box::new(handoff)));
     }
@@ -1937,18 +1971,48 @@ impl<B: Backend> Core<B> {
         self.to_close.push((id, generation));
         self.mark_dirty(id);
         if was_handshaking {
-            self.left_handshake();
+            self.left_handshake(id);
         }
     }
 
     /// A connection left its handshake (done, failed, closed).
-    fn left_handshake(&mut self) {
+    fn left_handshake(&mut self, id: ConnId) {
         debug_assert!(self.handshaking > 0, "a handshake ended that never started");
         self.handshaking = self.handshaking.saturating_sub(1);
+        self.admission.handshake_ended(id);
+    }
+
+    /// Answers a new connection that admission refused with the refusal, and closes it.
+    fn refuse(&mut self, id: ConnId, peer: Option<std::net::IpAddr>, refusal: Refusal) {
+        let counter = match refusal.reason {
+            RefusalReason::Busy => &self.stats.admission_busy,
+            RefusalReason::AddressRate => &self.stats.admission_address_rate,
+            RefusalReason::AddressHandshakes => &self.stats.admission_address_handshakes,
+            RefusalReason::AddressConnections | RefusalReason::Other(_) => {
+                &self.stats.admission_address_connections
+            }
+        };
+        bump(counter, 1);
+        if let Some(refused) = self.admission.refused(self.now_ms) {
+            warn!(
+                shard = self.settings.index,
+                refused,
+                last_reason = refusal.reason.name(),
+                last_address = ?peer,
+                "admission: refusing new connections (counted in hop_admission_refused_total)"
+            );
+        }
+        let start = self.out.len();
+        refusal.encode(&mut self.out);
+        if let Some(generation) = self.generation_of(id) {
+            self.note_out(id, generation, start);
+        }
+        self.close(id);
     }
 
     /// Drops a connection that is gone: the router hears of it.
     fn forget(&mut self, id: ConnId, conn: Conn) {
+        self.admission.left(id, self.now_ms);
         if conn.phase == Phase::Moving {
             self.moving.remove(&id);
             return;

@@ -51,6 +51,25 @@ enum Limit {
 
 /// A loopback address with a port free at the time of the call, for a hopd that must keep
 /// its address across restarts.
+/// Admission's settings, each set to 0 (off) by [`admission_flags`].
+const ADMISSION: [&str; 4] = [
+    "--shard-handshakes-per-second",
+    "--address-handshakes-per-second",
+    "--address-handshakes-max",
+    "--address-connections-max",
+];
+
+/// The tests stand in for many users from one address (127.0.0.1) and open hundreds of
+/// connections at once, which admission would refuse as a flood: each hopd starts with its
+/// admission limits off, unless the test names one of them (then hopd's defaults apply to the
+/// others: `tests/flood.rs`).
+fn admission_flags(flags: &[&str]) -> Vec<&'static str> {
+    if flags.iter().any(|flag| ADMISSION.contains(flag)) {
+        return Vec::new();
+    }
+    ADMISSION.iter().flat_map(|flag| [*flag, "0"]).collect()
+}
+
 pub fn free_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     listener.local_addr().expect("its address").to_string()
@@ -190,6 +209,7 @@ impl Hopd {
                 &["--drain-ms", "0"][..]
             })
             .args(backend_flags())
+            .args(admission_flags(flags))
             .args(flags)
             .stdout(Stdio::piped())
             .stderr(if copy_log {

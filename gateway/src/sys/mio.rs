@@ -122,7 +122,7 @@ impl MioBackend {
             let Some(listener) = &self.listener else {
                 return;
             };
-            let (mut stream, _peer) = match listener.accept() {
+            let (mut stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -162,7 +162,7 @@ impl MioBackend {
                 continue;
             }
             entry.insert(Connection::new(stream));
-            on_event(Event::Accepted(id as ConnId));
+            on_event(Event::Accepted(id as ConnId, Some(peer.ip())));
             self.mark_ready(id);
         }
         self.accept_backlog = true;

@@ -7,7 +7,7 @@
 //!
 //! What every backend provides:
 //! - [`Backend::poll`] waits for IO at most `timeout` and reports [`Event`]s in order: a new
-//!   connection, bytes read from one (borrowed from buffers the backend owns and reuses: a
+//!   connection (with its peer's address, for admission), bytes read from one (borrowed from buffers the backend owns and reuses: a
 //!   connection holds no receive buffer of its own), a connection the peer closed, a wake-up, and
 //!   the completion of a move between shards.
 //! - [`Backend::send`] takes bytes for a connection and owns them until they are written;
@@ -31,6 +31,7 @@ pub mod mio;
 pub mod uring;
 
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,8 +41,9 @@ pub type ConnId = u32;
 /// What the backend saw.
 #[derive(Debug)]
 pub enum Event<'a, H> {
-    /// A connection was accepted on this shard's listener.
-    Accepted(ConnId),
+    /// A connection was accepted on this shard's listener, from this peer address (`None`
+    /// where the kernel would not say; admission then counts it under no address).
+    Accepted(ConnId, Option<IpAddr>),
     /// Bytes read from a connection.
     Data(ConnId, &'a [u8]),
     /// The peer closed the connection or it failed; the backend has already dropped it.

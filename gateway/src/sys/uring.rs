@@ -32,7 +32,7 @@ pub mod probe;
 mod transfers;
 mod user_data;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -322,6 +322,9 @@ impl Conn {
 enum Op {
     Accept,
     Eventfd,
+    /// Asks the kernel for a new connection's peer address (`SO_PEERNAME` through the ring: a
+    /// direct descriptor has no number `getpeername(2)` could take).
+    PeerName(u32),
     /// Arms the connection's multishot receive or poll, by receive mode.
     Arm(u32),
     RecvOnce(u32),
@@ -384,6 +387,15 @@ pub struct UringBackend {
     submitted: u64,
     /// Dropping: nothing is re-armed, and a descriptor that arrives now is closed.
     stopping: bool,
+    /// Where the kernel writes the peer address of each new connection whose `PeerName` is in
+    /// flight, by slot: the connection is reported as accepted when it completes.
+    naming: HashMap<u32, Box<libc::sockaddr_in6>>,
+    /// How many bytes of a peer address to ask for: the listener's family's `sockaddr` (the
+    /// kernel refuses a buffer longer than the address).
+    peer_name_bytes: u32,
+    /// The kernel refused `SO_PEERNAME` once (older than 6.7): logged once, then connections
+    /// are reported without an address.
+    peer_name_failed: bool,
 }
 
 /// The sizes of a shard's ring.
@@ -475,6 +487,11 @@ impl UringBackend {
         };
         debug!(slots, ?mode, "io_uring backend ready");
         let cq_entries = ring.params().cq_entries();
+        let peer_name_bytes = if listener.local_addr()?.is_ipv4() {
+            std::mem::size_of::<libc::sockaddr_in>()
+        } else {
+            std::mem::size_of::<libc::sockaddr_in6>()
+        } as u32;
         let mut backend = Self {
             ring,
             listener,
@@ -499,6 +516,9 @@ impl UringBackend {
             cq_entries,
             submitted: 0,
             stopping: false,
+            naming: HashMap::new(),
+            peer_name_bytes,
+            peer_name_failed: false,
         };
         backend.submit(Op::Accept);
         backend.submit(Op::Eventfd);
@@ -517,7 +537,9 @@ impl UringBackend {
     ///   (`Conn::release_out` keeps it while `SENDING`); a connection record is dropped only
     ///   after the slot's `Close` completed, which is submitted only once `ops == 0`; if `Drop`
     ///   cannot drain the ring, the records are leaked. Moving a `Conn` or its box moves the
-    ///   `Vec` header, not its heap bytes.
+    ///   `Vec` header, not its heap bytes. The kernel also writes a new connection's peer
+    ///   address into its box in `naming`, which is removed only by the `PeerName` completion
+    ///   (and leaked with the records if `Drop` cannot drain the ring).
     /// - Files. A connection's fixed slot is closed only by `Op::Close`, submitted once none of
     ///   its ops is in flight, and a late completion of a reused slot is recognised by its
     ///   generation. The listener and the eventfd are owned by the backend and live as long
@@ -548,6 +570,24 @@ impl UringBackend {
                         .build()
                         .user_data(ud(Kind::Eventfd, 0, 0).encode());
                 (entry, None, true)
+            }
+            Op::PeerName(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let name = self
+                    .naming
+                    .entry(slot)
+                    // SAFETY: `sockaddr_in6` is plain data; all zeroes is a valid value.
+                    .or_insert_with(|| Box::new(unsafe { std::mem::zeroed() }));
+                let entry = opcode::GetSockOpt::new(
+                    Fixed(slot),
+                    libc::SOL_SOCKET as u32,
+                    libc::SO_PEERNAME as u32,
+                    (&mut **name as *mut libc::sockaddr_in6).cast(),
+                    self.peer_name_bytes,
+                )
+                .build()
+                .user_data(ud(Kind::PeerName, slot, generation).encode());
+                (entry, Some(slot), true)
             }
             Op::Arm(slot) => {
                 let generation = generation_of(&self.conns, slot);
@@ -849,7 +889,8 @@ impl UringBackend {
             self.inflight = self.inflight.saturating_sub(1);
         }
         match data.kind {
-            Kind::Accept => self.accepted(result, more, on_event),
+            Kind::Accept => self.accepted(result, more),
+            Kind::PeerName => self.named(data, result, on_event),
             Kind::Eventfd => {
                 let mut count = 0u64;
                 // SAFETY: reads 8 bytes into a live u64 from the eventfd this backend owns.
@@ -947,12 +988,7 @@ impl UringBackend {
         }
     }
 
-    fn accepted(
-        &mut self,
-        result: i32,
-        more: bool,
-        on_event: &mut dyn FnMut(Event<'_, UringHandoff>) -> Reading,
-    ) {
+    fn accepted(&mut self, result: i32, more: bool) {
         if !more {
             self.accept_armed = false;
         }
@@ -977,14 +1013,48 @@ impl UringBackend {
                 self.closing.push_back((deadline, slot, generation));
                 self.progress(slot);
             } else {
+                // Reported as accepted once its peer's address is known; nothing is read
+                // before that.
                 self.insert(slot, State::Open);
-                on_event(Event::Accepted(slot));
-                self.progress(slot);
+                self.submit(Op::PeerName(slot));
             }
         }
         if !self.accept_armed && !self.stopping && self.accepting {
             self.submit(Op::Accept);
         }
+    }
+
+    /// A new connection's peer address arrived (or the kernel would not give it).
+    fn named(
+        &mut self,
+        data: UserData,
+        result: i32,
+        on_event: &mut dyn FnMut(Event<'_, UringHandoff>) -> Reading,
+    ) {
+        let name = self.naming.remove(&data.slot);
+        let Some(conn) = self.conn_of(data) else {
+            return;
+        };
+        conn.ops -= 1;
+        let open = conn.state == State::Open;
+        let peer = match (result, name) {
+            (bytes, Some(name)) if bytes >= 0 => peer_ip(&name),
+            (error, _) => {
+                if !self.peer_name_failed {
+                    self.peer_name_failed = true;
+                    warn!(
+                        error = %io::Error::from_raw_os_error(-error),
+                        "io_uring: this kernel does not give a connection's peer address \
+                         (SO_PEERNAME through the ring, Linux 6.7); limits per address are off"
+                    );
+                }
+                None
+            }
+        };
+        if open {
+            on_event(Event::Accepted(data.slot, peer));
+        }
+        self.progress(data.slot);
     }
 
     fn received(
@@ -1368,6 +1438,20 @@ impl Backend for UringBackend {
     }
 }
 
+/// The IP address in a `sockaddr` the kernel wrote (`sockaddr_in` or `sockaddr_in6`).
+fn peer_ip(name: &libc::sockaddr_in6) -> Option<std::net::IpAddr> {
+    match i32::from(name.sin6_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a `sockaddr_in`, which is no larger than the
+            // `sockaddr_in6` it lies in and needs no stricter alignment.
+            let v4 = unsafe { &*(name as *const libc::sockaddr_in6).cast::<libc::sockaddr_in>() };
+            Some(std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)).into())
+        }
+        libc::AF_INET6 => Some(std::net::Ipv6Addr::from(name.sin6_addr.s6_addr).to_canonical()),
+        _ => None,
+    }
+}
+
 impl Drop for UringBackend {
     fn drop(&mut self) {
         let held = self.held;
@@ -1391,6 +1475,7 @@ impl Drop for UringBackend {
                 "io_uring: ops still in flight at shutdown; their buffers are leaked"
             );
             std::mem::forget(std::mem::take(&mut self.conns));
+            std::mem::forget(std::mem::take(&mut self.naming));
         }
     }
 }
@@ -1406,7 +1491,7 @@ mod tests {
 
     #[derive(Debug)]
     enum Seen {
-        Accepted(ConnId),
+        Accepted(ConnId, Option<std::net::IpAddr>),
         Data(ConnId, Vec<u8>),
         Closed(ConnId),
         Wake,
@@ -1446,7 +1531,7 @@ mod tests {
             backend
                 .poll(Some(Duration::from_millis(20)), &mut |event| {
                     seen.push(match event {
-                        Event::Accepted(id) => Seen::Accepted(id),
+                        Event::Accepted(id, peer) => Seen::Accepted(id, peer),
                         Event::Data(id, bytes) => Seen::Data(id, bytes.to_vec()),
                         Event::Closed(id) => Seen::Closed(id),
                         Event::Wake => Seen::Wake,
@@ -1463,10 +1548,42 @@ mod tests {
     fn accepted(seen: &[Seen]) -> Vec<ConnId> {
         seen.iter()
             .filter_map(|s| match s {
-                Seen::Accepted(id) => Some(*id),
+                Seen::Accepted(id, _) => Some(*id),
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_accepted_connection_names_its_peer_address() {
+        for poll_then_receive in [false, true] {
+            let (mut backend, addr) = backend(4, poll_then_receive);
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket
+                .bind(
+                    &"127.0.0.3:0"
+                        .parse::<std::net::SocketAddr>()
+                        .unwrap()
+                        .into(),
+                )
+                .unwrap();
+            socket
+                .connect(&addr.parse::<std::net::SocketAddr>().unwrap().into())
+                .unwrap();
+            let mut seen = Vec::new();
+            pump(&mut backend, &mut seen, |s| accepted(s).len() == 1);
+            let peer = seen.iter().find_map(|s| match s {
+                Seen::Accepted(_, peer) => Some(*peer),
+                _ => None,
+            });
+            assert_eq!(peer, Some(Some("127.0.0.3".parse().unwrap())));
+            // Reading starts once the address is known: bytes sent now arrive.
+            let mut stream: TcpStream = socket.into();
+            stream.write_all(b"after").unwrap();
+            let conn = accepted(&seen)[0];
+            pump(&mut backend, &mut seen, |s| data_of(s, conn) == b"after");
+        }
     }
 
     fn data_of(seen: &[Seen], conn: ConnId) -> Vec<u8> {

@@ -33,6 +33,8 @@ pub enum Kind {
     SendFd = 11,
     /// A descriptor another ring handed to this one; the payload is the transfer id.
     Transfer = 12,
+    /// A new connection's peer address (`SO_PEERNAME`).
+    PeerName = 13,
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             10 => Self::Eventfd,
             11 => Self::SendFd,
             12 => Self::Transfer,
+            13 => Self::PeerName,
             _ => return None,
         })
     }
@@ -110,7 +113,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind_and_extreme_fields() {
-        for kind in 1..=12u8 {
+        for kind in 1..=13u8 {
             let kind = Kind::from_u8(kind).unwrap();
             for (slot, generation) in [(0, 0), (SLOT_MAX, u32::MAX), (19_999, 7)] {
                 let data = UserData::new(kind, slot, generation);
