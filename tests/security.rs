@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{expect_kind, ping, Hopd};
-use hop_protocol::wire::{GoAwayReason, Kind};
+use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind};
 use hop_protocol::StaticKey;
 
 /// Every path under `dir`, folders included, with its permission bits.
@@ -111,5 +111,89 @@ fn closed_registration_lets_known_keys_in_and_sends_new_ones_away() {
         assert_eq!(reason, GoAwayReason::NotRegistered as i32);
         drop((client, refused));
         assert!(hopd.stop().success());
+    }
+}
+
+/// A device that sends faster than `sender_messages_per_second` gets `RATE_LIMITED` for the
+/// Sends past its burst, naming them, and is served again once its bucket refills; a second
+/// sender is not touched.
+#[test]
+fn a_sender_over_its_rate_is_refused_alone() {
+    let hopd = Hopd::start(&[
+        "--shards",
+        "2",
+        "--sender-messages-per-second",
+        "5",
+        "--sender-message-burst",
+        "3",
+    ]);
+    let (bob_key, _bob) = hopd.new_user();
+    let (_, mut alice) = hopd.new_user();
+    let (_, mut carol) = hopd.new_user();
+    let sent: Vec<_> = (0..4)
+        .map(|n| {
+            alice
+                .send_message(bob_key.user_id(), format!("{n}").as_bytes())
+                .unwrap()
+        })
+        .collect();
+    // The three ServerAcks wait for their batch's commit; the refusal does not: any order.
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    while acked.len() + refused.len() < 4 {
+        match expect_kind(&mut alice, "a ServerAck or an Error", |kind| match kind {
+            Kind::ServerAck(ack) => Some(Err(ack.seq)),
+            Kind::Error(error) => Some(Ok((error.seq, error.code, error.reason))),
+            _ => None,
+        }) {
+            Err(seq) => acked.push(seq),
+            Ok(error) => refused.push(error),
+        }
+    }
+    acked.sort();
+    assert_eq!(acked, [sent[0].seq, sent[1].seq, sent[2].seq]);
+    let (seq, code, reason) = refused.pop().unwrap();
+    assert_eq!(code, ErrorCode::RateLimited as i32);
+    assert_eq!(seq, sent[3].seq, "the fourth Send is the one refused");
+    assert!(reason.contains("5 messages a second"), "{reason}");
+    carol.send_message(bob_key.user_id(), b"carol").unwrap();
+    expect_kind(&mut carol, "carol's ServerAck", |kind| match kind {
+        Kind::ServerAck(_) => Some(()),
+        _ => None,
+    });
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    alice
+        .resend_message(bob_key.user_id(), sent[3].seq, b"3")
+        .unwrap();
+    let seq = expect_kind(
+        &mut alice,
+        "the ServerAck of the resend",
+        |kind| match kind {
+            Kind::ServerAck(ack) => Some(ack.seq),
+            _ => None,
+        },
+    );
+    assert_eq!(seq, sent[3].seq);
+    let rate_limited: u64 = hopd_metric(&hopd, "hop_rate_limited_total");
+    assert_eq!(rate_limited, 1);
+}
+
+/// The sum over the shards of a counter in `/metrics`, once it is published (per tick).
+fn hopd_metric(hopd: &Hopd, name: &str) -> u64 {
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        let mut response = ureq::get(format!("http://{}/metrics", hopd.admin))
+            .call()
+            .unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        let total: f64 = text
+            .lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if total > 0.0 || std::time::Instant::now() > deadline {
+            return total as u64;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

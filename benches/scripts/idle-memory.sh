@@ -10,11 +10,11 @@
 #   buffers, 2 x 2 MiB, are touched by the first few thousand handshakes);
 # - marginal: (after the last - after the first) / connections added since, the cost of one
 #   more idle connection once that is done.
-# ADMISSION=on keeps hopd's admission limits; by default they are off (these clients open
+# ABUSE_LIMITS=on keeps hopd's abuse limits; by default they are off (these clients open
 # thousands of connections from one address: docs/security.md).
 set -u
-admission_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0)
-[ "${ADMISSION:-off}" = on ] && admission_flags=()
+limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0)
+[ "${ABUSE_LIMITS:-off}" = on ] && limit_flags=()
 B=$1; M=$2; P=$3; N=$4
 T=${CARGO_TARGET_DIR:-target}/release
 W=$(mktemp -d /tmp/hopmeasure.XXXX)
@@ -23,7 +23,7 @@ slabs() { awk 'NR>2 {print $1, $2*$4}' /proc/slabinfo | sort; }
 rss() { awk '/VmRSS/ {print $2 * 1024}' /proc/$H/status; }
 held() { ss -tnH state established "( sport = :${ADDR##*:} )" | wc -l; }
 $T/hopd --listen 127.0.0.1:0 --data $W/data --shards ${SHARDS:-2} --pin-cores false --admin 127.0.0.1:0 --backend $B --uring-receive $M \
-  --idle-timeout-ms 900000 --handshake-timeout-ms 120000 --log warn "${admission_flags[@]}" ${HOPD_FLAGS:-} >$W/banner 2>$W/log &
+  --idle-timeout-ms 900000 --handshake-timeout-ms 120000 --log warn "${limit_flags[@]}" ${HOPD_FLAGS:-} >$W/banner 2>$W/log &
 H=$!
 for i in $(seq 50); do [ -s $W/banner ] && break; sleep 0.1; done
 ADDR=$(awk '{print $4}' $W/banner); KEY=$(sed 's/.*server key \([0-9a-f]*\);.*/\1/' $W/banner)

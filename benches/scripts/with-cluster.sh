@@ -13,12 +13,13 @@
 # HOPD_FLAGS adds flags to every hopd; NODES sets the node count (2 to 8). Servers bind
 # 127.0.0.1 (etcd) and 127.0.0.2 ... (the nodes). After the run it prints each node's link
 # counters (mails taken from other nodes) and stops everything it started.
-# ADMISSION=on keeps hopd's admission limits (docs/security.md); by default they are off, since
-# the generator opens thousands of connections a second from each of its source addresses,
-# which is what admission exists to refuse: these runs measure capacity, not admission.
+# ABUSE_LIMITS=on keeps hopd's abuse limits (admission, sender rates: docs/security.md); by
+# default they are off, since the generator opens thousands of connections a second from each
+# of its source addresses and sends thousands of messages a second per sender, which is what
+# those limits exist to refuse: these runs measure capacity, not the limits.
 set -euo pipefail
-admission_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0)
-[ "${ADMISSION:-off}" = on ] && admission_flags=()
+limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0)
+[ "${ABUSE_LIMITS:-off}" = on ] && limit_flags=()
 target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
 hopd=${HOPD:-$target_dir/release/hopd}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}
@@ -60,7 +61,7 @@ for n in $(seq 1 "$nodes"); do
     # shellcheck disable=SC2086
     taskset -c 0 "$hopd" --data "$work/n$n" --listen "$host:7788" --admin "$host:7789" \
         --shards 1 --log warn --cluster-etcd http://127.0.0.1:23791 --node-id "n$n" \
-        "${admission_flags[@]}" ${HOPD_FLAGS:-} >"$work/n$n.out" 2>"$work/n$n.err" &
+        "${limit_flags[@]}" ${HOPD_FLAGS:-} >"$work/n$n.out" 2>"$work/n$n.err" &
     pids+=($!)
 done
 for n in $(seq 1 "$nodes"); do

@@ -14,12 +14,13 @@
 # target/); HOPD_FLAGS adds flags to hopd; SHARDS sets hopd's --shards (default 1: the
 # like-for-like row); SERVER_CORE and GENERATOR_CORE pick the cores (a list such as 0,1 too);
 # PERF_SYSCALLS=FILE counts hopd's system calls during the run (below).
-# ADMISSION=on keeps hopd's admission limits (docs/security.md); by default they are off, since
-# the generator opens thousands of connections a second from each of its source addresses,
-# which is what admission exists to refuse: these runs measure capacity, not admission.
+# ABUSE_LIMITS=on keeps hopd's abuse limits (admission, sender rates: docs/security.md); by
+# default they are off, since the generator opens thousands of connections a second from each
+# of its source addresses and sends thousands of messages a second per sender, which is what
+# those limits exist to refuse: these runs measure capacity, not the limits.
 set -euo pipefail
-admission_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0)
-[ "${ADMISSION:-off}" = on ] && admission_flags=()
+limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0)
+[ "${ABUSE_LIMITS:-off}" = on ] && limit_flags=()
 target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
 hopd=${HOPD:-$target_dir/release/hopd}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}
@@ -44,7 +45,7 @@ start_hopd() {
     local data=$1 out=$1/hopd.out
     # shellcheck disable=SC2086
     "${run_as[@]}" taskset -c "$server_core" "$hopd" --listen 127.0.0.1:0 --data "$data" \
-        --shards "$shards" --pin-cores false --admin 127.0.0.1:0 --log "$log_filter" "${admission_flags[@]}" ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
+        --shards "$shards" --pin-cores false --admin 127.0.0.1:0 --log "$log_filter" "${limit_flags[@]}" ${HOPD_FLAGS:-} >"$out" 2>"$data/hopd.err" &
     started_pid=$!
     pids+=("$started_pid")
     for _ in $(seq 100); do

@@ -188,6 +188,7 @@ mod toy_hop {
     use hop_protocol::session::{ServerConnection, ServerEvent};
     use hop_protocol::wire::Stanza;
     use hop_protocol::{StaticKey, UserId};
+    use hop_router::quota::Rate;
     use hop_router::{Action, ConnRef, Limits, Queued, Router, Secrets};
 
     struct Shared {
@@ -205,7 +206,17 @@ mod toy_hop {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared {
-            router: Router::new(0, 1, Limits::default(), Secrets::derive(&[1; 32])),
+            // Like a benchmarked hopd: no sender rates (the generator sends far faster).
+            router: Router::new(
+                0,
+                1,
+                Limits {
+                    sender_messages: Rate::OFF,
+                    sender_reads: Rate::OFF,
+                    ..Limits::default()
+                },
+                Secrets::derive(&[1; 32]),
+            ),
             connections: HashMap::new(),
             kept: HashMap::new(),
         }));

@@ -478,6 +478,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.reads_refused,
     ),
     (
+        "rate_limited",
+        "Sends and Reads refused because their device was over its rate.",
+        |s| &s.rate_limited,
+    ),
+    (
         "mails_to_nodes",
         "Mails for users of another node of the cluster.",
         |s| &s.mails_to_nodes,

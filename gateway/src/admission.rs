@@ -21,6 +21,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use hop_protocol::noise::{Refusal, RefusalReason};
+use hop_router::quota::{Bucket, Rate};
 
 use crate::sys::ConnId;
 
@@ -60,6 +61,20 @@ impl AdmissionLimits {
         address_connections_max: 0,
     };
 
+    fn address_rate(&self) -> Rate {
+        Rate {
+            per_second: self.address_handshakes_per_second,
+            burst: self.address_handshake_burst.max(1),
+        }
+    }
+
+    fn shard_rate(&self) -> Rate {
+        Rate {
+            per_second: self.shard_handshakes_per_second,
+            burst: self.shard_handshakes_per_second,
+        }
+    }
+
     fn per_address(&self) -> bool {
         self.address_handshakes_per_second > 0
             || self.address_handshakes_max > 0
@@ -84,53 +99,9 @@ impl AddressKey {
     }
 }
 
-/// A token bucket, in thousandths of a token so that refilling is exact.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    milli_tokens: u64,
-    at_ms: u64,
-}
-
-const MILLI: u64 = 1000;
-
-impl Bucket {
-    fn full(burst: u32, now_ms: u64) -> Self {
-        Self {
-            milli_tokens: u64::from(burst) * MILLI,
-            at_ms: now_ms,
-        }
-    }
-
-    /// Adds what `per_second` earned since the last refill (a token every 1000/`per_second`
-    /// ms), up to `burst`.
-    fn refill(&mut self, per_second: u32, burst: u32, now_ms: u64) {
-        let elapsed_ms = now_ms.saturating_sub(self.at_ms);
-        let earned = elapsed_ms.saturating_mul(u64::from(per_second));
-        self.milli_tokens = self
-            .milli_tokens
-            .saturating_add(earned)
-            .min(u64::from(burst) * MILLI);
-        self.at_ms = now_ms.max(self.at_ms);
-    }
-
-    fn take(&mut self) -> bool {
-        let taken = self.milli_tokens >= MILLI;
-        if taken {
-            self.milli_tokens -= MILLI;
-        }
-        taken
-    }
-
-    fn is_full(&self, burst: u32) -> bool {
-        self.milli_tokens >= u64::from(burst) * MILLI
-    }
-
-    /// Milliseconds until one token is there.
-    fn wait_ms(&self, per_second: u32) -> u32 {
-        let missing = MILLI.saturating_sub(self.milli_tokens);
-        let ms = missing.div_ceil(u64::from(per_second.max(1)));
-        (ms.min(u64::from(RETRY_MAX_MS)) as u32).max(RETRY_MIN_MS)
-    }
+/// The wait a rate refusal names: until the next token, within bounds.
+fn retry_ms(bucket: &Bucket, rate: Rate) -> u32 {
+    (bucket.wait_ms(rate).min(u64::from(RETRY_MAX_MS)) as u32).max(RETRY_MIN_MS)
 }
 
 #[derive(Debug)]
@@ -187,15 +158,12 @@ impl AddressTable {
         {
             refusal(RefusalReason::AddressHandshakes, RETRY_HANDSHAKING_MS)
         } else if limits.address_handshakes_per_second > 0 {
-            let (rate, burst) = (
-                limits.address_handshakes_per_second,
-                limits.address_handshake_burst.max(1),
-            );
-            entry.bucket.refill(rate, burst, now_ms);
+            let rate = limits.address_rate();
+            entry.bucket.refill(rate, now_ms);
             if entry.bucket.take() {
                 Ok(())
             } else {
-                refusal(RefusalReason::AddressRate, entry.bucket.wait_ms(rate))
+                refusal(RefusalReason::AddressRate, retry_ms(&entry.bucket, rate))
             }
         } else {
             Ok(())
@@ -235,15 +203,12 @@ impl AddressTable {
         if entry.connections > 0 || entry.handshaking > 0 {
             return false;
         }
-        let limits = &self.limits;
-        if limits.address_handshakes_per_second == 0 {
+        let rate = self.limits.address_rate();
+        if rate.is_off() {
             return true;
         }
-        let burst = limits.address_handshake_burst.max(1);
-        entry
-            .bucket
-            .refill(limits.address_handshakes_per_second, burst, now_ms);
-        entry.bucket.is_full(burst)
+        entry.bucket.refill(rate, now_ms);
+        entry.bucket.is_full(rate)
     }
 
     /// Drops the forgettable entries of one stripe (`turn` picks which, in rotation).
@@ -319,13 +284,13 @@ impl Tally {
     /// Admits connection `id` from `peer` (counting it), or says why not.
     pub fn admit(&mut self, id: ConnId, peer: Option<IpAddr>, now_ms: u64) -> Result<(), Refusal> {
         let limits = self.table.limits;
-        let rate = limits.shard_handshakes_per_second;
-        if rate > 0 {
-            self.bucket.refill(rate, rate, now_ms);
-            if self.bucket.milli_tokens < MILLI {
+        let rate = limits.shard_rate();
+        if !rate.is_off() {
+            self.bucket.refill(rate, now_ms);
+            if !self.bucket.has_token() {
                 return Err(Refusal {
                     reason: RefusalReason::Busy,
-                    retry_after_ms: self.bucket.wait_ms(rate),
+                    retry_after_ms: retry_ms(&self.bucket, rate),
                 });
             }
         }
@@ -338,7 +303,7 @@ impl Tally {
             }
             _ => None,
         };
-        if rate > 0 {
+        if !rate.is_off() {
             self.bucket.take();
         }
         self.set(id, key);

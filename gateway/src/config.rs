@@ -69,6 +69,15 @@ pub struct Config {
     pub group_members_max: usize,
     /// Groups one account may be a member of (at most 65,535).
     pub groups_max: usize,
+    /// Messages one device may send per second (every Send counts); past it a Send gets
+    /// `RATE_LIMITED`, to that sender alone. 0: no limit.
+    pub sender_messages_per_second: u32,
+    /// ... and at once after a quiet while.
+    pub sender_message_burst: u32,
+    /// Read receipts one device may send per second. 0: no limit.
+    pub sender_reads_per_second: u32,
+    /// ... and at once after a quiet while.
+    pub sender_read_burst: u32,
     /// Who may make an account: `open` (a key's first connection does) or `closed` (only
     /// keys bound before connect; a new key is sent away with `NOT_REGISTERED`).
     pub registration: Registration,
@@ -253,6 +262,10 @@ impl Default for Config {
             companions_max: router.companions_max,
             group_members_max: router.group_members_max,
             groups_max: router.groups_max,
+            sender_messages_per_second: router.sender_messages.per_second,
+            sender_message_burst: router.sender_messages.burst,
+            sender_reads_per_second: router.sender_reads.per_second,
+            sender_read_burst: router.sender_reads.burst,
             registration: Registration::Open,
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
@@ -370,6 +383,18 @@ pub struct Args {
     /// Groups one account may be a member of (at most 65,535).
     #[arg(long, value_name = "N")]
     pub groups_max: Option<usize>,
+    /// Messages one device may send per second; past it a Send gets RATE_LIMITED. 0: no limit.
+    #[arg(long, value_name = "N")]
+    pub sender_messages_per_second: Option<u32>,
+    /// Messages one device may send at once after a quiet while.
+    #[arg(long, value_name = "N")]
+    pub sender_message_burst: Option<u32>,
+    /// Read receipts one device may send per second. 0: no limit.
+    #[arg(long, value_name = "N")]
+    pub sender_reads_per_second: Option<u32>,
+    /// Read receipts one device may send at once after a quiet while.
+    #[arg(long, value_name = "N")]
+    pub sender_read_burst: Option<u32>,
     /// Who may make an account: open (a key's first connection) or closed (only keys bound before).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub registration: Option<Registration>,
@@ -540,6 +565,10 @@ impl Config {
             companions_max,
             group_members_max,
             groups_max,
+            sender_messages_per_second,
+            sender_message_burst,
+            sender_reads_per_second,
+            sender_read_burst,
             registration,
             durability,
             batch_delay_ms,
@@ -614,6 +643,25 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     name,
                     reason: "must be greater than 0".into(),
+                });
+            }
+        }
+        for (name, rate, burst) in [
+            (
+                "sender_message_burst",
+                self.sender_messages_per_second,
+                self.sender_message_burst,
+            ),
+            (
+                "sender_read_burst",
+                self.sender_reads_per_second,
+                self.sender_read_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: "must be at least 1 while its rate is on".into(),
                 });
             }
         }
@@ -741,6 +789,14 @@ impl Config {
             companions_max: self.companions_max,
             group_members_max: self.group_members_max,
             groups_max: self.groups_max,
+            sender_messages: hop_router::quota::Rate {
+                per_second: self.sender_messages_per_second,
+                burst: self.sender_message_burst,
+            },
+            sender_reads: hop_router::quota::Rate {
+                per_second: self.sender_reads_per_second,
+                burst: self.sender_read_burst,
+            },
         }
     }
 }

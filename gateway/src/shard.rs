@@ -582,7 +582,7 @@ impl<B: Backend> Core<B> {
                 core.admission.sweep(core.sweep_turn, core.now_ms);
                 core.sweep_turn = core.sweep_turn.wrapping_add(1);
                 core.expire_and_compact();
-                core.router.release_empty();
+                core.router.release_empty(core.wall_ms);
                 core.router.expire_fanouts(core.wall_ms);
                 core.end_turn(backend);
                 core.publish_gauges(backend);
@@ -1881,6 +1881,7 @@ impl<B: Backend> Core<B> {
             (&stats.messages_deduplicated, router.messages_deduplicated),
             (&stats.receipts_queued, router.receipts_queued),
             (&stats.reads_refused, router.reads_refused),
+            (&stats.rate_limited, router.rate_limited),
             (&stats.mails_to_nodes, router.mails_to_nodes),
             (&stats.mails_unroutable, router.mails_unroutable),
             (&stats.group_messages, router.group_messages),

@@ -66,6 +66,7 @@ counters! {
     messages_deduplicated: "resent messages answered with the original's ack (per tick)",
     receipts_queued: "receipts queued for senders (per tick)",
     reads_refused: "Read receipts refused for a wrong proof (per tick)",
+    rate_limited: "Sends and Reads refused because their device was over its rate (per tick)",
     mails_to_nodes: "mails for users of another node of the cluster (per tick)",
     mails_unroutable: "mails for another node that could not reach it (per tick)",
     group_messages: "messages sent to groups homed on this shard (per tick)",

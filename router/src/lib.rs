@@ -38,6 +38,7 @@
 #![forbid(unsafe_code)]
 
 pub mod mail;
+pub mod quota;
 mod router;
 
 pub use router::{

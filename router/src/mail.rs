@@ -968,14 +968,14 @@ mod tests {
         let mail = |kind| node::Mail { kind: Some(kind) }.encode_to_vec();
         let rejected = node::Rejected {
             sender: Some(alice().into()),
-            code: 17,
+            code: 99,
             ..node::Rejected::default()
         };
         assert_eq!(
             decode(&mail(Kind::Rejected(rejected))),
             Err(MailError::UnknownValue {
                 field: "Rejected.code",
-                value: 17
+                value: 99
             })
         );
         let receipt = |kind| node::Receipt {

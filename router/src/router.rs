@@ -13,6 +13,7 @@ use hop_protocol::wire::{
 use hop_protocol::UserId;
 use siphasher::sip::SipHasher13;
 
+use crate::quota::{Rate, SenderQuotas, Spend};
 use crate::{ConnRef, ShardId};
 
 /// The home shard of a user: where its connection, presence and queue live.
@@ -51,6 +52,10 @@ pub struct Limits {
     pub group_members_max: usize,
     /// Groups one account may be a member of.
     pub groups_max: usize,
+    /// Messages one device may send (each Send counts, resends too).
+    pub sender_messages: Rate,
+    /// Read receipts one device may send.
+    pub sender_reads: Rate,
 }
 
 impl Default for Limits {
@@ -67,6 +72,14 @@ impl Default for Limits {
             companions_max: 4,
             group_members_max: GROUP_MEMBERS_MAX,
             groups_max: 1024,
+            sender_messages: Rate {
+                per_second: 100,
+                burst: 1_000,
+            },
+            sender_reads: Rate {
+                per_second: 1_000,
+                burst: 10_000,
+            },
         }
     }
 }
@@ -370,6 +383,8 @@ pub struct Counters {
     pub receipts_duplicate: u64,
     /// Reads whose proof did not match: not a message delivered to the reader.
     pub reads_refused: u64,
+    /// Sends and Reads refused because their device was over its rate.
+    pub rate_limited: u64,
     /// Watch requests answered "offline" because the target does not show its presence to the
     /// watcher (or does not exist: the two answer alike).
     pub watches_hidden: u64,
@@ -831,6 +846,8 @@ pub struct Router {
     fanouts_paused: bool,
     /// Only keys already bound may connect: the server takes no new accounts.
     registration_closed: bool,
+    /// The buckets of the devices that sent lately (`Limits::sender_messages`, `sender_reads`).
+    quotas: SenderQuotas,
 }
 
 /// A create or add whose new members' home shards are asked whether each may join.
@@ -876,6 +893,7 @@ impl Router {
             joins: HashMap::default(),
             fanouts_paused: false,
             registration_closed: false,
+            quotas: SenderQuotas::default(),
         }
     }
 
@@ -1402,7 +1420,8 @@ impl Router {
     /// they emptied, so that an idle user costs only its 32 bytes. Called once per tick: a
     /// user who gets a message now and then keeps the box between them instead of
     /// allocating it again for every message.
-    pub fn release_empty(&mut self) {
+    pub fn release_empty(&mut self, now_ms: u64) {
+        self.quotas.sweep(self.sender_rates(), now_ms);
         for user in std::mem::take(&mut self.emptied) {
             let Some(state) = self.users.get_mut(&user) else {
                 continue;
@@ -1470,6 +1489,13 @@ impl Router {
                 "message body exceeds the limit",
                 Some(message),
             );
+        }
+        if let Err(wait_ms) = self.spend(from, Spend::Message, now_ms) {
+            let reason = format!(
+                "this device sends more than {} messages a second; try again in {wait_ms} ms",
+                self.limits.sender_messages.per_second
+            );
+            return self.error_to(conn, ErrorCode::RateLimited, &reason, Some(message));
         }
         let account = self.account_of(from);
         let envelope = Envelope {
@@ -1798,6 +1824,13 @@ impl Router {
                 None,
             );
         };
+        if let Err(wait_ms) = self.spend(reader, Spend::Read, now_ms) {
+            let reason = format!(
+                "this device sends more than {} Reads a second; try again in {wait_ms} ms",
+                self.limits.sender_reads.per_second
+            );
+            return self.error_to(conn, ErrorCode::RateLimited, &reason, None);
+        }
         if read.proof != read_proof(&self.read_proofs, reader, from, read.id) {
             self.counters.reads_refused += 1;
             return self.error_to(
@@ -2159,6 +2192,21 @@ impl Router {
         } else {
             self.actions.push_back(Action::Forward { shard, message });
         }
+    }
+
+    fn sender_rates(&self) -> [Rate; 2] {
+        [self.limits.sender_messages, self.limits.sender_reads]
+    }
+
+    /// Takes one of `sender`'s tokens for `spend`, or counts the refusal and says how long
+    /// until one is there.
+    fn spend(&mut self, sender: UserId, spend: Spend, now_ms: u64) -> Result<(), u64> {
+        let rates = self.sender_rates();
+        let spent = self.quotas.take(sender, spend, rates, now_ms);
+        if spent.is_err() {
+            self.counters.rate_limited += 1;
+        }
+        spent
     }
 
     fn error_to(

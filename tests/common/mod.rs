@@ -51,23 +51,25 @@ enum Limit {
 
 /// A loopback address with a port free at the time of the call, for a hopd that must keep
 /// its address across restarts.
-/// Admission's settings, each set to 0 (off) by [`admission_flags`].
-const ADMISSION: [&str; 4] = [
+/// The abuse limits (`docs/security.md`), each set to 0 (off) by [`abuse_limit_flags`].
+const ABUSE_LIMITS: [&str; 6] = [
     "--shard-handshakes-per-second",
     "--address-handshakes-per-second",
     "--address-handshakes-max",
     "--address-connections-max",
+    "--sender-messages-per-second",
+    "--sender-reads-per-second",
 ];
 
-/// The tests stand in for many users from one address (127.0.0.1) and open hundreds of
-/// connections at once, which admission would refuse as a flood: each hopd starts with its
-/// admission limits off, unless the test names one of them (then hopd's defaults apply to the
-/// others: `tests/flood.rs`).
-fn admission_flags(flags: &[&str]) -> Vec<&'static str> {
-    if flags.iter().any(|flag| ADMISSION.contains(flag)) {
+/// The tests stand in for many users from one address (127.0.0.1), open hundreds of
+/// connections at once and send thousands of messages a second, which the abuse limits would
+/// refuse as floods: each hopd starts with them off, unless the test names one of them (then
+/// hopd's defaults apply to the others: `tests/flood.rs`).
+fn abuse_limit_flags(flags: &[&str]) -> Vec<&'static str> {
+    if flags.iter().any(|flag| ABUSE_LIMITS.contains(flag)) {
         return Vec::new();
     }
-    ADMISSION.iter().flat_map(|flag| [*flag, "0"]).collect()
+    ABUSE_LIMITS.iter().flat_map(|flag| [*flag, "0"]).collect()
 }
 
 pub fn free_address() -> String {
@@ -209,7 +211,7 @@ impl Hopd {
                 &["--drain-ms", "0"][..]
             })
             .args(backend_flags())
-            .args(admission_flags(flags))
+            .args(abuse_limit_flags(flags))
             .args(flags)
             .stdout(Stdio::piped())
             .stderr(if copy_log {

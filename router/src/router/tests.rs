@@ -779,6 +779,78 @@ fn full_queue_refuses_with_an_error_and_affects_no_one_else() {
 }
 
 #[test]
+fn a_device_over_its_rate_is_refused_alone_and_again_served_once_its_bucket_refills() {
+    use crate::quota::Rate;
+    let limits = Limits {
+        sender_messages: Rate {
+            per_second: 10,
+            burst: 3,
+        },
+        sender_reads: Rate {
+            per_second: 1,
+            burst: 1,
+        },
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(2, limits);
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    let carol = cluster.user_on(0, 1);
+    cluster.connect(alice, 1);
+    cluster.connect(bob, 2);
+    cluster.connect(carol, 3);
+    for seq in 1..=4 {
+        cluster.send(alice, 1, bob, seq, b"m");
+    }
+    let replies = cluster.take(1);
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    assert!(replies[..3]
+        .iter()
+        .all(|reply| matches!(reply.kind, Some(Kind::ServerAck(_)))));
+    assert_eq!(error_code(&replies[3]), (ErrorCode::RateLimited, 4));
+    let Some(Kind::Error(error)) = &replies[3].kind else {
+        unreachable!()
+    };
+    assert!(error.reason.contains("try again in 100 ms"), "{error:?}");
+    // Another sender on the same shard is not affected.
+    cluster.send(carol, 3, bob, 1, b"c");
+    assert!(matches!(
+        only(cluster.take(3)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+    // Reconnecting does not fill the bucket; time does.
+    cluster.disconnect(alice, 1);
+    cluster.connect(alice, 4);
+    cluster.send(alice, 4, bob, 5, b"m");
+    assert_eq!(
+        error_code(&only(cluster.take(4))),
+        (ErrorCode::RateLimited, 5)
+    );
+    cluster.now_ms += 100;
+    cluster.send(alice, 4, bob, 5, b"m");
+    assert!(matches!(
+        only(cluster.take(4)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+    // Reads have their own bucket.
+    let delivered: Vec<Deliver> = cluster
+        .take(2)
+        .iter()
+        .filter_map(|stanza| match &stanza.kind {
+            Some(Kind::Deliver(deliver)) => Some(deliver.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(delivered.len() >= 2);
+    cluster.stanza(bob, 2, read_of(&delivered[0])).unwrap();
+    assert!(cluster.take(2).is_empty());
+    cluster.stanza(bob, 2, read_of(&delivered[1])).unwrap();
+    assert_eq!(error_code(&only(cluster.take(2))).0, ErrorCode::RateLimited);
+    assert_eq!(cluster.routers[1].counters().rate_limited, 1);
+    assert_eq!(cluster.routers[0].counters().rate_limited, 2);
+}
+
+#[test]
 fn shard_wide_byte_limit_holds() {
     let limits = Limits {
         shard_queue_bytes_max: 10,
@@ -1649,12 +1721,12 @@ fn an_emptied_queue_is_freed_at_the_next_sweep_not_at_once() {
         router.users[&bob].extra.is_some(),
         "kept for the next message"
     );
-    router.release_empty();
+    router.release_empty(0);
     assert!(
         router.users[&bob].extra.is_none(),
         "an idle user is its 32 bytes"
     );
-    router.release_empty(); // nothing listed twice
+    router.release_empty(0); // nothing listed twice
 }
 
 fn privacy_settings(visibility: Visibility, contacts: &[UserId]) -> Kind {
