@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{expect_kind, Hopd, PATIENCE};
 use hop_protocol::client::{Client, ClientError};
-use hop_protocol::noise::{ClientHandshake, Refusal, RefusalReason};
+use hop_protocol::noise::{ClientHandshake, Refusal, RefusalReason, FRAME_PLAINTEXT_BYTES_MAX};
+use hop_protocol::session::ClientConnection;
 use hop_protocol::wire::Kind;
 use hop_protocol::StaticKey;
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -152,8 +153,18 @@ fn rss_bytes(hopd: &Hopd) -> u64 {
     kib * 1024
 }
 
+/// A labelled counter's value for one label value, summed over the shards.
+fn metric_by_label(hopd: &Hopd, name: &str, label: &str, value: &str) -> u64 {
+    by_label(hopd, name, label).get(value).copied().unwrap_or(0)
+}
+
 /// `hop_admission_refused_total` by reason, summed over the shards.
 fn refused_by_reason(hopd: &Hopd) -> HashMap<String, u64> {
+    by_label(hopd, "hop_admission_refused_total", "reason")
+}
+
+/// A labelled counter by the values of `label`, summed over the other labels.
+fn by_label(hopd: &Hopd, name: &str, label: &str) -> HashMap<String, u64> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(PATIENCE))
         .build()
@@ -167,11 +178,11 @@ fn refused_by_reason(hopd: &Hopd) -> HashMap<String, u64> {
         .unwrap();
     let mut counts = HashMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("hop_admission_refused_total{") else {
+        let Some(rest) = line.strip_prefix(&format!("{name}{{")) else {
             continue;
         };
         let reason = rest
-            .split("reason=\"")
+            .split(&format!("{label}=\""))
             .nth(1)
             .and_then(|tail| tail.split('"').next())
             .unwrap()
@@ -231,10 +242,126 @@ fn under_flood(
     (seen, refused)
 }
 
+/// The tests of this file run one at a time: each measures latency under its own flood.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A client that finishes its handshake as `key` over a socket with a tiny receive buffer,
+/// then never reads: what hopd sends it stays in hopd.
+fn non_reader(addr: SocketAddr, key: &StaticKey) -> (std::net::TcpStream, ClientConnection) {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    let mut out = Vec::new();
+    let mut client = ClientConnection::start(key, None, &mut out);
+    stream.write_all(&out).unwrap();
+    let mut scratch = vec![0u8; FRAME_PLAINTEXT_BYTES_MAX];
+    let mut buffer = [0u8; 512];
+    while !client.is_open() {
+        out.clear();
+        let read = stream.read(&mut buffer).unwrap();
+        assert!(read > 0, "hopd closed during the handshake");
+        client
+            .handle_input::<()>(&buffer[..read], &mut scratch, &mut out, &mut |_| Ok(()))
+            .unwrap();
+        stream.write_all(&out).unwrap();
+    }
+    (stream, client)
+}
+
+/// A thousand peers that never read are sent messages they do not take. What hopd holds for
+/// them all stays within `send_buffers_bytes_max`: the ones holding the most are closed
+/// (counted as `send_budget`), hopd's memory stays bounded, and a pair that reads goes on.
+#[test]
+fn peers_that_never_read_are_closed_at_the_send_budget_while_a_pair_keeps_talking() {
+    const PEERS: usize = 1000;
+    const MESSAGES: usize = 2;
+    const BUDGET: usize = 2 << 20;
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let budget = BUDGET.to_string();
+    let hopd = Hopd::start(&[
+        "--shards",
+        "2",
+        "--send-buffers-bytes-max",
+        &budget,
+        "--durability",
+        "none",
+    ]);
+    let (bob_key, bob) = hopd.new_user();
+    let (_, alice) = hopd.new_user();
+    let mut pair = Pair {
+        alice,
+        bob,
+        bob_key,
+    };
+    let baseline = pair.round_trips();
+    let allowed = (p99(&baseline) * 3).max(LATENCY_FLOOR);
+    let rss_before = rss_bytes(&hopd);
+    let addr: SocketAddr = hopd.addr.parse().unwrap();
+    let keys: Vec<StaticKey> = (0..PEERS).map(|_| StaticKey::generate().unwrap()).collect();
+    let peers: Vec<_> = keys.iter().map(|key| non_reader(addr, key)).collect();
+    // 32 KB messages, two for each peer: 64 MB that the peers do not take, against a budget of
+    // 2 MiB (the kernel's socket buffers take a few tens of KB of each peer's share).
+    let (_, mut sender) = hopd.new_user();
+    let flooding = std::thread::spawn(move || {
+        let body = vec![7u8; 32 * 1024];
+        for key in &keys {
+            for _ in 0..MESSAGES {
+                sender.queue_message(key.user_id(), &body);
+            }
+            sender.flush().unwrap();
+            while sender.recv(Duration::ZERO).unwrap().is_some() {}
+        }
+        sender
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let times = pair.round_trips();
+    let sender = flooding.join().unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let closes = loop {
+        let closes = metric_by_label(&hopd, "hop_closes_total", "reason", "send_budget");
+        if closes > 0 || Instant::now() > deadline {
+            break closes;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rss_during = rss_bytes(&hopd);
+    println!(
+        "baseline p99 {:?}; with {PEERS} non-readers: p50 {:?} p99 {:?}; send_budget closes \
+         {closes}; rss {} MiB -> {} MiB",
+        p99(&baseline),
+        times[SAMPLES / 2],
+        p99(&times),
+        rss_before >> 20,
+        rss_during >> 20
+    );
+    assert!(closes > 0, "the budget closed the slowest readers");
+    assert!(
+        p99(&times) <= allowed,
+        "the pair's p99 went from {:?} to {:?}",
+        p99(&baseline),
+        p99(&times)
+    );
+    // The budget, the messages held for the queue, and the connections and their sessions,
+    // with room to spare: without the budget the peers' share alone would be tens of MB.
+    assert!(
+        rss_during < rss_before + (48 << 20),
+        "hopd grew from {} MiB to {} MiB",
+        rss_before >> 20,
+        rss_during >> 20
+    );
+    drop((peers, sender));
+}
+
 /// One test, so that nothing else runs beside a flood: a quiet baseline, then a flood from one
 /// address, then one spread over a thousand addresses.
 #[test]
 fn floods_of_handshakes_are_refused_while_a_pair_keeps_talking() {
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     // Naming one admission setting (at its default) keeps hopd's defaults for all of them.
     let hopd = Hopd::start(&["--shards", "2", "--address-handshakes-max", "256"]);
     let (bob_key, bob) = hopd.new_user();

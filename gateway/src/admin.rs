@@ -621,6 +621,7 @@ const CLOSES: &[(&str, Field)] = &[
     ("idle", |s| &s.idle_timeouts),
     ("protocol_error", |s| &s.protocol_errors),
     ("not_reading", |s| &s.send_overflows),
+    ("send_budget", |s| &s.send_budget_closes),
     ("kicked", |s| &s.kicks),
     ("drain", |s| &s.drain_closes),
 ];

@@ -43,6 +43,9 @@ pub struct Config {
     /// Bytes waiting to be written to one connection before it counts as not reading and is
     /// closed.
     pub send_buffer_bytes_max: usize,
+    /// Bytes waiting to be written to all connections together (each shard takes an equal
+    /// share); past it the connections holding the most are closed first. 0: no budget.
+    pub send_buffers_bytes_max: usize,
     /// Mails each shard-to-shard mailbox holds before backpressure.
     pub mailbox_depth: usize,
     /// Messages queued for one user.
@@ -250,6 +253,7 @@ impl Default for Config {
             address_handshakes_max: 256,
             address_connections_max: 10_000,
             send_buffer_bytes_max: 4 * 1024 * 1024,
+            send_buffers_bytes_max: 1024 * 1024 * 1024,
             mailbox_depth: 16 * 1024,
             queue_messages_max: router.queue_messages_max,
             queue_receipts_max: router.queue_receipts_max,
@@ -347,6 +351,9 @@ pub struct Args {
     /// Bytes waiting to be written to one connection before it is closed as not reading.
     #[arg(long, value_name = "BYTES")]
     pub send_buffer_bytes_max: Option<usize>,
+    /// Bytes waiting to be written to all connections together; past it the slowest readers are closed. 0: none.
+    #[arg(long, value_name = "BYTES")]
+    pub send_buffers_bytes_max: Option<usize>,
     /// Mails each shard-to-shard mailbox holds before backpressure.
     #[arg(long, value_name = "N")]
     pub mailbox_depth: Option<usize>,
@@ -553,6 +560,7 @@ impl Config {
             address_handshakes_max,
             address_connections_max,
             send_buffer_bytes_max,
+            send_buffers_bytes_max,
             mailbox_depth,
             queue_messages_max,
             queue_receipts_max,

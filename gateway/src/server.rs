@@ -552,6 +552,7 @@ fn start_shards<B: Backend>(
             idle_timeout_ms: config.idle_timeout_ms,
             connection_slots: limits.connections_max + CONNECTION_SLOTS_SPARE,
             keeping: config.keeping(),
+            send_budget_bytes: config.send_buffers_bytes_max.div_ceil(shards.max(1)),
         };
         let accounts = AccountLog::open(&FsIo, &config.data, index as u16)?;
         if accounts.opened().torn_bytes_cut > 0 {

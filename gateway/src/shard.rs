@@ -65,6 +65,10 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 const EXPIRE_USERS_PER_TICK: usize = 1024;
 /// Bytes one tick's compaction step may read.
 const COMPACT_BYTES_PER_TICK: usize = 4 * 1024 * 1024;
+/// How often a shard over its send budget looks for the slowest readers, at most.
+const SEND_BUDGET_EVERY_MS: u64 = 100;
+/// Connections one enforcement of the send budget closes, at most.
+const SEND_BUDGET_CLOSES_MAX: usize = 256;
 /// Bad-input log lines per shard per second at `warn`; the rest go to `debug`.
 const WARNINGS_PER_SECOND: u32 = 10;
 /// Records one store read fetches when a kept message must be pushed: the router pushes a
@@ -115,6 +119,9 @@ pub struct ShardSettings {
     pub connection_slots: usize,
     /// When items to keep go to the offline queue: the group-commit policy.
     pub keeping: Keeping,
+    /// Bytes this shard's connections may hold for writing, all together (its share of
+    /// `send_buffers_bytes_max`); past it the slowest readers are closed. 0: no budget.
+    pub send_budget_bytes: usize,
 }
 
 /// When the shard hands the items it must keep to the store. Items are held back until their
@@ -465,6 +472,7 @@ impl<B: Backend> Core<B> {
         Self {
             admission: Tally::new(addresses, connection_slots, now_ms),
             sweep_turn: 0,
+            send_budget_next_ms: 0,
             settings,
             key,
             router,
@@ -576,6 +584,7 @@ impl<B: Backend> Core<B> {
             // and under `always` a device's Ack is on disk before anything later is answered.
             core.commit_if_due();
             core.end_turn(backend);
+            core.keep_send_budget(backend);
             if Instant::now() >= next_tick {
                 core.follow_cluster();
                 core.enforce_timeouts();
@@ -668,6 +677,8 @@ struct Core<B: Backend> {
     admission: Tally,
     /// Which stripe of the address table the next tick sweeps.
     sweep_turn: usize,
+    /// When the send budget may next be enforced (a scan of the connections).
+    send_budget_next_ms: u64,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -1981,6 +1992,45 @@ impl<B: Backend> Core<B> {
         debug_assert!(self.handshaking > 0, "a handshake ended that never started");
         self.handshaking = self.handshaking.saturating_sub(1);
         self.admission.handshake_ended(id);
+    }
+
+    /// Keeps the bytes this shard's connections hold for writing within its budget: past it,
+    /// the connections holding the most (the slowest readers) are closed at once, their bytes
+    /// dropped, until it is kept. At most every `SEND_BUDGET_EVERY_MS`: finding them is a scan.
+    fn keep_send_budget(&mut self, backend: &mut B) {
+        let budget = self.settings.send_budget_bytes;
+        if budget == 0 || backend.unsent_bytes() <= budget || self.now_ms < self.send_budget_next_ms
+        {
+            return;
+        }
+        self.send_budget_next_ms = self.now_ms + SEND_BUDGET_EVERY_MS;
+        let over = backend.unsent_bytes() - budget;
+        let mut freed = 0;
+        let mut closed = 0u64;
+        for (id, bytes) in backend.heaviest(SEND_BUDGET_CLOSES_MAX) {
+            if freed >= over {
+                break;
+            }
+            let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) else {
+                continue;
+            };
+            if conn.phase == Phase::Handshaking {
+                self.left_handshake(id);
+            }
+            backend.abort(id);
+            self.forget(id, conn);
+            freed += bytes;
+            closed += 1;
+        }
+        bump(&self.stats.send_budget_closes, closed);
+        warn!(
+            shard = self.settings.index,
+            closed,
+            freed_bytes = freed,
+            budget_bytes = budget,
+            "send budget: closed the connections that read slowest (send_buffers_bytes_max)"
+        );
+        self.run_actions();
     }
 
     /// Answers a new connection that admission refused with the refusal, and closes it.

@@ -42,6 +42,7 @@ counters! {
     stanzas_in: "stanzas received from clients",
     mail_backpressure: "times a full mailbox paused a connection",
     send_overflows: "connections closed because they did not read what was sent",
+    send_budget_closes: "connections closed as the slowest readers when the shard's send budget was over",
     binding_write_errors: "account bindings that could not be written",
     store_refusals: "items the offline queue refused (over quota)",
     store_commit_failures: "offline queue commits that failed (disk full, IO error)",

@@ -64,6 +64,8 @@ pub struct MioBackend {
     limits: BackendLimits,
     closing: usize,
     refused: u64,
+    /// Bytes every connection holds for writing, in total.
+    unsent: usize,
     /// Held open so that, out of descriptors, one can be freed to refuse a connection cleanly.
     spare_descriptor: Option<std::fs::File>,
     refused_out_of_descriptors: u64,
@@ -110,6 +112,7 @@ impl MioBackend {
             limits,
             closing: 0,
             refused: 0,
+            unsent: 0,
             spare_descriptor: std::fs::File::open("/dev/null").ok(),
             refused_out_of_descriptors: 0,
             finished_moves: VecDeque::new(),
@@ -277,6 +280,7 @@ impl MioBackend {
             }
         }
         connection.unsent.drain(..written);
+        self.unsent -= written;
         let want_writable = !connection.unsent.is_empty();
         if connection.unsent.is_empty() {
             connection.unsent = Vec::new();
@@ -297,6 +301,7 @@ impl MioBackend {
 
     fn remove(&mut self, index: usize) -> Connection {
         let mut connection = self.connections.remove(index);
+        self.unsent -= connection.unsent.len();
         let _ = self.poll.registry().deregister(&mut connection.stream);
         if connection.closing_deadline.is_some() {
             self.closing -= 1;
@@ -463,11 +468,38 @@ impl Backend for MioBackend {
             return Err(SendOverflow);
         }
         connection.unsent.extend_from_slice(bytes);
+        self.unsent += bytes.len();
         // A write error means the peer is gone; the next read reports the close.
         if self.flush(index).is_err() {
             self.mark_ready(index);
         }
         Ok(())
+    }
+
+    fn unsent_bytes(&self) -> usize {
+        self.unsent
+    }
+
+    fn heaviest(&self, count: usize) -> Vec<(ConnId, usize)> {
+        let open = self
+            .connections
+            .iter()
+            .filter(|(_, connection)| connection.closing_deadline.is_none());
+        super::heaviest_of(
+            open.map(|(index, connection)| (index as ConnId, connection.unsent.len())),
+            count,
+        )
+    }
+
+    fn abort(&mut self, conn: ConnId) {
+        let index = conn as usize;
+        if !self.connections.contains(index) {
+            return;
+        }
+        let connection = self.remove(index);
+        self.ready.retain(|ready| *ready != conn);
+        // Closed without a word, at once: a reset, not the bytes it would not read.
+        let _ = socket2::SockRef::from(&connection.stream).set_linger(Some(Duration::ZERO));
     }
 
     fn set_reading(&mut self, conn: ConnId, reading: bool) {
@@ -537,6 +569,7 @@ impl Backend for MioBackend {
             return;
         }
         let mut connection = Connection::new(stream);
+        self.unsent += handoff.unsent.len();
         connection.unsent = handoff.unsent;
         entry.insert(connection);
         let _ = self.flush(index);

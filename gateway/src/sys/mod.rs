@@ -91,6 +91,15 @@ pub struct BackendLimits {
     pub poll_then_receive: bool,
 }
 
+/// The `count` connections holding the most bytes for writing, most first, of `held`
+/// (connection, bytes held): [`Backend::heaviest`] for every backend.
+fn heaviest_of(held: impl Iterator<Item = (ConnId, usize)>, count: usize) -> Vec<(ConnId, usize)> {
+    let mut found: Vec<(ConnId, usize)> = held.filter(|(_, bytes)| *bytes > 0).collect();
+    found.sort_unstable_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
+    found.truncate(count);
+    found
+}
+
 /// The backends hopd can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -171,6 +180,17 @@ pub trait Backend: Sized {
     fn send(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(), SendOverflow>;
 
     fn set_reading(&mut self, conn: ConnId, reading: bool);
+
+    /// Bytes held for writing, all connections together.
+    fn unsent_bytes(&self) -> usize;
+
+    /// The open connections that hold the most bytes for writing, most first, at most
+    /// `count`: the slowest readers. A scan of every connection; for when a budget is over.
+    fn heaviest(&self, count: usize) -> Vec<(ConnId, usize)>;
+
+    /// Closes at once: the bytes held for it are dropped, not written. No `Closed` event
+    /// follows.
+    fn abort(&mut self, conn: ConnId);
 
     /// Closes gracefully (see the module docs). No `Closed` event follows.
     fn close(&mut self, conn: ConnId);

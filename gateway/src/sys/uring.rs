@@ -396,6 +396,8 @@ pub struct UringBackend {
     /// The kernel refused `SO_PEERNAME` once (older than 6.7): logged once, then connections
     /// are reported without an address.
     peer_name_failed: bool,
+    /// Bytes every connection holds for writing, in total (the sum of `Conn::unsent_bytes`).
+    unsent: usize,
 }
 
 /// The sizes of a shard's ring.
@@ -519,6 +521,7 @@ impl UringBackend {
             naming: HashMap::new(),
             peer_name_bytes,
             peer_name_failed: false,
+            unsent: 0,
         };
         backend.submit(Op::Accept);
         backend.submit(Op::Eventfd);
@@ -742,8 +745,9 @@ impl UringBackend {
                 // A record still here is one whose Close completed without our having seen it
                 // yet (the kernel reused the slot): its late completions carry the old
                 // generation.
-                if entry.replace(Conn::new(generation, state)).is_none() {
-                    self.held += 1;
+                match entry.replace(Conn::new(generation, state)) {
+                    None => self.held += 1,
+                    Some(old) => self.unsent -= old.unsent_bytes(),
                 }
             }
             None => warn!(slot, "io_uring: descriptor outside the table"),
@@ -853,10 +857,12 @@ impl UringBackend {
     /// Makes a handed-over descriptor in `slot` a connection of this shard.
     fn adopt(&mut self, slot: u32, unsent: Vec<u8>) -> ConnId {
         self.insert(slot, State::Open);
+        let added = unsent.len();
         if let Some(conn) = self.conn(slot) {
             if !unsent.is_empty() {
                 conn.out().queued = unsent;
             }
+            self.unsent += added;
         }
         self.progress(slot);
         slot
@@ -936,17 +942,19 @@ impl UringBackend {
                 conn.set(Flags::SENDING, false);
                 let dead = conn.state == State::Dead;
                 let out = conn.out();
-                if result > 0 {
-                    out.sent += result as usize;
-                    if out.sent < out.sending.len() && !dead {
-                        conn.set(Flags::SENDING, true);
-                        self.submit(Op::Send(data.slot));
-                        return;
-                    }
+                let written = result.max(0) as usize;
+                out.sent += written;
+                if written > 0 && out.sent < out.sending.len() && !dead {
+                    conn.set(Flags::SENDING, true);
+                    self.unsent -= written;
+                    self.submit(Op::Send(data.slot));
+                    return;
                 }
                 // Done, or failed: free the bytes (`progress` frees the box if it is empty).
+                let dropped = out.sending.len() - out.sent;
                 out.sending = Vec::new();
                 out.sent = 0;
+                self.unsent -= written + dropped;
                 if result <= 0 && result != -libc::ECANCELED {
                     self.fail(data.slot, on_event);
                 } else {
@@ -961,7 +969,8 @@ impl UringBackend {
             }
             Kind::Close => {
                 let slot = data.slot as usize;
-                if self.conn_of(data).is_some() {
+                if let Some(conn) = self.conn_of(data) {
+                    self.unsent -= conn.unsent_bytes();
                     self.conns[slot] = None;
                     self.held -= 1;
                 }
@@ -979,6 +988,7 @@ impl UringBackend {
                 let transfer = conn.out().transfer;
                 let unsent = conn.take_queued();
                 conn.state = State::Dead;
+                self.unsent -= unsent.len();
                 on_event(Event::Detached(
                     data.slot,
                     UringHandoff { transfer, unsent },
@@ -1362,10 +1372,39 @@ impl Backend for UringBackend {
             return Err(SendOverflow);
         }
         record.out().queued.extend_from_slice(bytes);
-        if record.state == State::Open {
+        let open = record.state == State::Open;
+        self.unsent += bytes.len();
+        if open {
             self.progress(conn);
         }
         Ok(())
+    }
+
+    fn unsent_bytes(&self) -> usize {
+        self.unsent
+    }
+
+    fn heaviest(&self, count: usize) -> Vec<(ConnId, usize)> {
+        let open = self.conns.iter().enumerate().filter_map(|(slot, conn)| {
+            let conn = conn.as_ref().filter(|conn| conn.state == State::Open)?;
+            Some((slot as ConnId, conn.unsent_bytes()))
+        });
+        super::heaviest_of(open, count)
+    }
+
+    fn abort(&mut self, conn: ConnId) {
+        let Some(record) = self.conn(conn) else {
+            return;
+        };
+        if !record.known() {
+            return;
+        }
+        // What waits for the next send goes now; a send in flight is cancelled and its bytes
+        // go with its completion.
+        let dropped = record.take_queued().len();
+        record.state = State::Dead;
+        self.unsent -= dropped;
+        self.progress(conn);
     }
 
     fn set_reading(&mut self, conn: ConnId, reading: bool) {
@@ -1656,6 +1695,81 @@ mod tests {
             !seen.iter().any(|s| matches!(s, Seen::Closed(_))),
             "no Closed after close()"
         );
+    }
+
+    /// The sum of what every record holds for writing, counted the slow way.
+    fn recount(backend: &UringBackend) -> usize {
+        backend.conns.iter().flatten().map(Conn::unsent_bytes).sum()
+    }
+
+    /// The bytes held for writing are counted through sends, partial writes, completions and
+    /// an abort; the heaviest reader is found, and an abort drops its bytes at once.
+    #[test]
+    fn unsent_bytes_are_counted_and_an_abort_drops_them() {
+        for poll in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            socket2::SockRef::from(&listener)
+                .set_send_buffer_size(4096)
+                .unwrap();
+            let mut backend = UringBackend::open(listener, limits(8, poll)).unwrap();
+            // One at a time, so that conns[i] is clients[i].
+            let mut clients = Vec::new();
+            let mut seen = Vec::new();
+            for count in 1..=3 {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                socket.set_recv_buffer_size(4096).unwrap();
+                socket.connect(&addr.into()).unwrap();
+                clients.push(TcpStream::from(socket));
+                pump(&mut backend, &mut seen, |s| accepted(s).len() == count);
+            }
+            let conns = accepted(&seen);
+            // conns[0] reads nothing and gets the most, conns[1] less, conns[2] reads.
+            for _ in 0..8 {
+                backend.send(conns[0], &[1u8; 32 * 1024]).unwrap();
+            }
+            backend.send(conns[1], &[2u8; 64 * 1024]).unwrap();
+            backend.send(conns[2], b"read me").unwrap();
+            assert_eq!(backend.unsent_bytes(), recount(&backend));
+            // The sends go to the kernel with the next poll; the reader takes its bytes.
+            pump(&mut backend, &mut seen, |_| true);
+            let mut read = [0u8; 7];
+            clients[2].read_exact(&mut read).unwrap();
+            pump(&mut backend, &mut seen, |_| true);
+            pump(&mut backend, &mut seen, |_| true);
+            assert_eq!(backend.unsent_bytes(), recount(&backend));
+            let heaviest = backend.heaviest(2);
+            assert_eq!(heaviest.len(), 2, "{heaviest:?}");
+            assert_eq!(heaviest[0].0, conns[0]);
+            assert_eq!(heaviest[1].0, conns[1]);
+            assert!(heaviest[0].1 > heaviest[1].1);
+            let before = backend.unsent_bytes();
+            backend.abort(conns[0]);
+            assert!(backend.unsent_bytes() < before);
+            assert_eq!(backend.unsent_bytes(), recount(&backend));
+            // The send in flight is cancelled and its bytes go with its completion.
+            let deadline = Instant::now() + PATIENCE;
+            while backend.conns[conns[0] as usize].is_some() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the aborted connection never closed"
+                );
+                pump(&mut backend, &mut seen, |_| true);
+            }
+            assert_eq!(backend.unsent_bytes(), recount(&backend));
+            assert_eq!(backend.heaviest(8).first().map(|h| h.0), Some(conns[1]));
+            let mut rest = Vec::new();
+            clients[0]
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let ended = clients[0].read_to_end(&mut rest);
+            assert!(
+                ended.is_err() || rest.len() < 256 * 1024,
+                "an aborted connection does not get what it held"
+            );
+        }
     }
 
     #[test]
