@@ -201,6 +201,21 @@ struct Pair {
 }
 
 impl Pair {
+    /// A pair on `hopd`, its round trips with nothing else going on, and the p99 allowed
+    /// under a flood: 3x the baseline's, or `LATENCY_FLOOR`.
+    fn measured(hopd: &Hopd) -> (Self, Vec<Duration>, Duration) {
+        let (bob_key, bob) = hopd.new_user();
+        let (_, alice) = hopd.new_user();
+        let mut pair = Pair {
+            alice,
+            bob,
+            bob_key,
+        };
+        let baseline = pair.round_trips();
+        let allowed = (p99(&baseline) * 3).max(LATENCY_FLOOR);
+        (pair, baseline, allowed)
+    }
+
     fn round_trips(&mut self) -> Vec<Duration> {
         round_trips(&mut self.alice, &mut self.bob, &self.bob_key)
     }
@@ -289,15 +304,7 @@ fn peers_that_never_read_are_closed_at_the_send_budget_while_a_pair_keeps_talkin
         "--durability",
         "none",
     ]);
-    let (bob_key, bob) = hopd.new_user();
-    let (_, alice) = hopd.new_user();
-    let mut pair = Pair {
-        alice,
-        bob,
-        bob_key,
-    };
-    let baseline = pair.round_trips();
-    let allowed = (p99(&baseline) * 3).max(LATENCY_FLOOR);
+    let (mut pair, baseline, allowed) = Pair::measured(&hopd);
     let rss_before = rss_bytes(&hopd);
     let addr: SocketAddr = hopd.addr.parse().unwrap();
     let keys: Vec<StaticKey> = (0..PEERS).map(|_| StaticKey::generate().unwrap()).collect();
@@ -364,15 +371,7 @@ fn floods_of_handshakes_are_refused_while_a_pair_keeps_talking() {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     // Naming one admission setting (at its default) keeps hopd's defaults for all of them.
     let hopd = Hopd::start(&["--shards", "2", "--address-handshakes-max", "256"]);
-    let (bob_key, bob) = hopd.new_user();
-    let (_, alice) = hopd.new_user();
-    let mut pair = Pair {
-        alice,
-        bob,
-        bob_key,
-    };
-    let baseline = pair.round_trips();
-    let allowed = (p99(&baseline) * 3).max(LATENCY_FLOOR);
+    let (mut pair, baseline, allowed) = Pair::measured(&hopd);
     let rss_before = rss_bytes(&hopd);
     println!(
         "baseline: p50 {:?}, p99 {:?}; rss {} MiB",

@@ -1697,6 +1697,16 @@ mod tests {
         );
     }
 
+    /// A client connected to `addr` with a small receive buffer: what it does not read soon
+    /// stays with the server.
+    fn small_reader(addr: std::net::SocketAddr) -> TcpStream {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        TcpStream::from(socket)
+    }
+
     /// The sum of what every record holds for writing, counted the slow way.
     fn recount(backend: &UringBackend) -> usize {
         backend.conns.iter().flatten().map(Conn::unsent_bytes).sum()
@@ -1717,12 +1727,7 @@ mod tests {
             let mut clients = Vec::new();
             let mut seen = Vec::new();
             for count in 1..=3 {
-                let socket =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                        .unwrap();
-                socket.set_recv_buffer_size(4096).unwrap();
-                socket.connect(&addr.into()).unwrap();
-                clients.push(TcpStream::from(socket));
+                clients.push(small_reader(addr));
                 pump(&mut backend, &mut seen, |s| accepted(s).len() == count);
             }
             let conns = accepted(&seen);
@@ -1957,12 +1962,7 @@ mod tests {
             while clients.len() < CONNECTIONS {
                 // A few at a time, so the listener's backlog never overflows.
                 for _ in 0..50 {
-                    let socket =
-                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                            .unwrap();
-                    socket.set_recv_buffer_size(4096).unwrap();
-                    socket.connect(&addr.into()).unwrap();
-                    clients.push(TcpStream::from(socket));
+                    clients.push(small_reader(addr));
                 }
                 let want = clients.len();
                 pump(&mut backend, &mut seen, |s| accepted(s).len() == want);
