@@ -13,7 +13,7 @@
 # ABUSE_LIMITS=on keeps hopd's abuse limits; by default they are off (these clients open
 # thousands of connections from one address: docs/security.md).
 set -u
-limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0)
+limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0 --queue-sender-percent 100 --shard-queue-sender-percent 100)
 [ "${ABUSE_LIMITS:-off}" = on ] && limit_flags=()
 B=$1; M=$2; P=$3; N=$4
 T=${CARGO_TARGET_DIR:-target}/release

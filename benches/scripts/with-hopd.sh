@@ -19,7 +19,7 @@
 # of its source addresses and sends thousands of messages a second per sender, which is what
 # those limits exist to refuse: these runs measure capacity, not the limits.
 set -euo pipefail
-limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0)
+limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0 --queue-sender-percent 100 --shard-queue-sender-percent 100)
 [ "${ABUSE_LIMITS:-off}" = on ] && limit_flags=()
 target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
 hopd=${HOPD:-$target_dir/release/hopd}

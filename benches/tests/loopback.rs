@@ -206,13 +206,16 @@ mod toy_hop {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared {
-            // Like a benchmarked hopd: no sender rates (the generator sends far faster).
+            // Like a benchmarked hopd: no sender rates or shares (the generator sends far
+            // faster, to few recipients).
             router: Router::new(
                 0,
                 1,
                 Limits {
                     sender_messages: Rate::OFF,
                     sender_reads: Rate::OFF,
+                    queue_sender_percent: 100,
+                    shard_queue_sender_percent: 100,
                     ..Limits::default()
                 },
                 Secrets::derive(&[1; 32]),

@@ -81,6 +81,13 @@ pub struct Config {
     pub sender_reads_per_second: u32,
     /// ... and at once after a quiet while.
     pub sender_read_burst: u32,
+    /// The most of one recipient's queue (of `queue_messages_max` and `queue_bytes_max`) one
+    /// sender may take, in percent; past it that sender gets `QUEUE_FULL` while others' messages
+    /// are taken. 100: no share.
+    pub queue_sender_percent: u8,
+    /// The most of a shard's queue bytes (`shard_queue_bytes_max`) one sender may take, group
+    /// messages' copies included, in percent. 100: no share.
+    pub shard_queue_sender_percent: u8,
     /// Who may make an account: `open` (a key's first connection does) or `closed` (only
     /// keys bound before connect; a new key is sent away with `NOT_REGISTERED`).
     pub registration: Registration,
@@ -270,6 +277,8 @@ impl Default for Config {
             sender_message_burst: router.sender_messages.burst,
             sender_reads_per_second: router.sender_reads.per_second,
             sender_read_burst: router.sender_reads.burst,
+            queue_sender_percent: router.queue_sender_percent,
+            shard_queue_sender_percent: router.shard_queue_sender_percent,
             registration: Registration::Open,
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
@@ -402,6 +411,12 @@ pub struct Args {
     /// Read receipts one device may send at once after a quiet while.
     #[arg(long, value_name = "N")]
     pub sender_read_burst: Option<u32>,
+    /// The most of one recipient's queue one sender may take, in percent (1-100; 100: no share).
+    #[arg(long, value_name = "PERCENT")]
+    pub queue_sender_percent: Option<u8>,
+    /// The most of a shard's queue bytes one sender may take, in percent (1-100; 100: no share).
+    #[arg(long, value_name = "PERCENT")]
+    pub shard_queue_sender_percent: Option<u8>,
     /// Who may make an account: open (a key's first connection) or closed (only keys bound before).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub registration: Option<Registration>,
@@ -577,6 +592,8 @@ impl Config {
             sender_message_burst,
             sender_reads_per_second,
             sender_read_burst,
+            queue_sender_percent,
+            shard_queue_sender_percent,
             registration,
             durability,
             batch_delay_ms,
@@ -651,6 +668,20 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     name,
                     reason: "must be greater than 0".into(),
+                });
+            }
+        }
+        for (name, percent) in [
+            ("queue_sender_percent", self.queue_sender_percent),
+            (
+                "shard_queue_sender_percent",
+                self.shard_queue_sender_percent,
+            ),
+        ] {
+            if !(1..=100).contains(&percent) {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: format!("{percent} is not a percentage from 1 to 100"),
                 });
             }
         }
@@ -805,6 +836,8 @@ impl Config {
                 per_second: self.sender_reads_per_second,
                 burst: self.sender_read_burst,
             },
+            queue_sender_percent: self.queue_sender_percent,
+            shard_queue_sender_percent: self.shard_queue_sender_percent,
         }
     }
 }

@@ -56,6 +56,13 @@ pub struct Limits {
     pub sender_messages: Rate,
     /// Read receipts one device may send.
     pub sender_reads: Rate,
+    /// The most of one recipient's queue (of `queue_messages_max` and of `queue_bytes_max`)
+    /// one sender's messages may take, in percent: past it, its messages to that recipient
+    /// are refused with `QUEUE_FULL` while others' are taken. 100: no share.
+    pub queue_sender_percent: u8,
+    /// The most of a shard's queue bytes (`shard_queue_bytes_max`) one sender's messages (its
+    /// group messages' copies included) may take, in percent. 100: no share.
+    pub shard_queue_sender_percent: u8,
 }
 
 impl Default for Limits {
@@ -80,6 +87,8 @@ impl Default for Limits {
                 per_second: 1_000,
                 burst: 10_000,
             },
+            queue_sender_percent: 25,
+            shard_queue_sender_percent: 10,
         }
     }
 }
@@ -385,6 +394,9 @@ pub struct Counters {
     pub reads_refused: u64,
     /// Sends and Reads refused because their device was over its rate.
     pub rate_limited: u64,
+    /// Messages refused because their sender held its share of the recipient's queue or of
+    /// the shard's (also counted in `messages_rejected`).
+    pub shares_refused: u64,
     /// Watch requests answered "offline" because the target does not show its presence to the
     /// watcher (or does not exist: the two answer alike).
     pub watches_hidden: u64,
@@ -583,6 +595,12 @@ impl Entry {
         }
     }
 
+    /// A message some sender put in this queue (a group's copy included), counted in that
+    /// sender's share; receipts and the account's own sent copies are not.
+    fn counts_for_sender(&self) -> bool {
+        self.is_message() && !self.is_sent_copy()
+    }
+
     /// A copy of a message the account sent, not one it received.
     fn is_sent_copy(&self) -> bool {
         self.body_bytes & SENT_COPY != 0
@@ -662,6 +680,15 @@ struct Queue {
     queued_bytes: usize,
     /// Receipts among `items` (the rest are messages): each kind has its own quota.
     receipts: usize,
+    /// Messages and body bytes of each sender among `items` (`Entry::counts_for_sender`).
+    senders: HashMap<UserId, Share>,
+}
+
+/// What one sender's messages take of a queue.
+#[derive(Debug, Default, Clone, Copy)]
+struct Share {
+    messages: usize,
+    bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -848,6 +875,8 @@ pub struct Router {
     registration_closed: bool,
     /// The buckets of the devices that sent lately (`Limits::sender_messages`, `sender_reads`).
     quotas: SenderQuotas,
+    /// What each sender's messages take of this shard's queues.
+    shares: ShardShares,
 }
 
 /// A create or add whose new members' home shards are asked whether each may join.
@@ -894,6 +923,7 @@ impl Router {
             fanouts_paused: false,
             registration_closed: false,
             quotas: SenderQuotas::default(),
+            shares: ShardShares::default(),
         }
     }
 
@@ -1412,6 +1442,7 @@ impl Router {
         });
         let entry = Entry::of(item);
         state.queue_mut().push(entry);
+        self.shares.add(&entry);
         self.queued_bytes += entry.body_bytes();
         self.queued_items += 1;
     }
@@ -1576,6 +1607,26 @@ impl Router {
             );
             return self.send_home(reply_to, message, now_ms);
         }
+        // One sender may not take more than its share of the recipient's queue, nor of the
+        // shard's: others can still reach the recipient, and the shard's other users.
+        let limits = &self.limits;
+        let share = state
+            .queue()
+            .map_or_else(Share::default, |queue| queue.share_of(envelope.from));
+        if share.messages >= share_of(limits.queue_messages_max, limits.queue_sender_percent)
+            || share.bytes + body_bytes
+                > share_of(limits.queue_bytes_max, limits.queue_sender_percent)
+            || self.shares.of(envelope.from) + body_bytes
+                > share_of(
+                    limits.shard_queue_bytes_max,
+                    limits.shard_queue_sender_percent,
+                )
+        {
+            self.counters.messages_rejected += 1;
+            self.counters.shares_refused += 1;
+            let message = reject(ErrorCode::QueueFull, SHARE_TAKEN);
+            return self.send_home(reply_to, message, now_ms);
+        }
         let item = match group {
             None => Queued::Message {
                 from: envelope.from,
@@ -1595,7 +1646,9 @@ impl Router {
                 }
             }
         };
-        state.queue_mut().push(Entry::of(&item));
+        let entry = Entry::of(&item);
+        state.queue_mut().push(entry);
+        self.shares.add(&entry);
         self.queued_bytes += body_bytes;
         self.queued_items += 1;
         self.counters.messages_accepted += 1;
@@ -1663,6 +1716,7 @@ impl Router {
                 continue;
             }
             state.queue_mut().push(entry);
+            self.shares.add(&entry);
             self.queued_bytes += body.len();
             self.queued_items += 1;
             self.pending.insert(
@@ -1753,6 +1807,8 @@ impl Router {
             .iter()
             .position(|item| item.acked_by(id, kind))?;
         let item = queue.items.remove(position)?;
+        queue.took(&item);
+        self.shares.remove(&item);
         let body_bytes = item.body_bytes();
         if position < queue.inflight {
             queue.inflight -= 1;
@@ -2925,7 +2981,9 @@ impl Router {
                 self.counters.copies_dropped += 1;
                 continue;
             }
-            state.queue_mut().push(Entry::of(&item));
+            let entry = Entry::of(&item);
+            state.queue_mut().push(entry);
+            self.shares.add(&entry);
             self.queued_bytes += body_bytes;
             self.queued_items += 1;
             self.pending.insert(
@@ -3277,8 +3335,68 @@ impl Queue {
         if !entry.is_message() {
             self.receipts += 1;
         }
+        if entry.counts_for_sender() {
+            let share = self.senders.entry(entry.peer).or_default();
+            share.messages += 1;
+            share.bytes += entry.body_bytes();
+        }
         self.items.push_back(entry);
     }
+
+    /// `entry` left the queue: its sender's share shrinks.
+    fn took(&mut self, entry: &Entry) {
+        if !entry.counts_for_sender() {
+            return;
+        }
+        if let Some(share) = self.senders.get_mut(&entry.peer) {
+            share.messages -= 1;
+            share.bytes -= entry.body_bytes();
+            if share.messages == 0 {
+                self.senders.remove(&entry.peer);
+            }
+        }
+    }
+
+    fn share_of(&self, sender: UserId) -> Share {
+        self.senders.get(&sender).copied().unwrap_or_default()
+    }
+}
+
+/// The bytes each sender's messages take of a shard's queues.
+#[derive(Debug, Default)]
+struct ShardShares(HashMap<UserId, usize>);
+
+impl ShardShares {
+    fn add(&mut self, entry: &Entry) {
+        if entry.counts_for_sender() {
+            *self.0.entry(entry.peer).or_default() += entry.body_bytes();
+        }
+    }
+
+    fn remove(&mut self, entry: &Entry) {
+        if !entry.counts_for_sender() {
+            return;
+        }
+        if let Some(bytes) = self.0.get_mut(&entry.peer) {
+            *bytes -= entry.body_bytes();
+            if *bytes == 0 {
+                self.0.remove(&entry.peer);
+            }
+        }
+    }
+
+    fn of(&self, sender: UserId) -> usize {
+        self.0.get(&sender).copied().unwrap_or(0)
+    }
+}
+
+/// Why a message past its sender's share is refused.
+pub const SHARE_TAKEN: &str =
+    "you hold your share of the recipient's queue; message not taken until the recipient takes some";
+
+/// `percent` of `max`, at least 1 (a share never refuses a sender's first item).
+fn share_of(max: usize, percent: u8) -> usize {
+    (max.saturating_mul(usize::from(percent)) / 100).max(1)
 }
 
 #[cfg(test)]

@@ -51,14 +51,17 @@ enum Limit {
 
 /// A loopback address with a port free at the time of the call, for a hopd that must keep
 /// its address across restarts.
-/// The abuse limits (`docs/security.md`), each set to 0 (off) by [`abuse_limit_flags`].
-const ABUSE_LIMITS: [&str; 6] = [
-    "--shard-handshakes-per-second",
-    "--address-handshakes-per-second",
-    "--address-handshakes-max",
-    "--address-connections-max",
-    "--sender-messages-per-second",
-    "--sender-reads-per-second",
+/// The abuse limits (`docs/security.md`), and the value that turns each off, which
+/// [`abuse_limit_flags`] sets.
+const ABUSE_LIMITS: [(&str, &str); 8] = [
+    ("--shard-handshakes-per-second", "0"),
+    ("--address-handshakes-per-second", "0"),
+    ("--address-handshakes-max", "0"),
+    ("--address-connections-max", "0"),
+    ("--sender-messages-per-second", "0"),
+    ("--sender-reads-per-second", "0"),
+    ("--queue-sender-percent", "100"),
+    ("--shard-queue-sender-percent", "100"),
 ];
 
 /// The tests stand in for many users from one address (127.0.0.1), open hundreds of
@@ -66,10 +69,16 @@ const ABUSE_LIMITS: [&str; 6] = [
 /// refuse as floods: each hopd starts with them off, unless the test names one of them (then
 /// hopd's defaults apply to the others: `tests/flood.rs`).
 fn abuse_limit_flags(flags: &[&str]) -> Vec<&'static str> {
-    if flags.iter().any(|flag| ABUSE_LIMITS.contains(flag)) {
+    if flags
+        .iter()
+        .any(|flag| ABUSE_LIMITS.iter().any(|(limit, _)| limit == flag))
+    {
         return Vec::new();
     }
-    ABUSE_LIMITS.iter().flat_map(|flag| [*flag, "0"]).collect()
+    ABUSE_LIMITS
+        .iter()
+        .flat_map(|(flag, off)| [*flag, *off])
+        .collect()
 }
 
 pub fn free_address() -> String {

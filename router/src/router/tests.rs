@@ -391,6 +391,20 @@ fn read_of(delivered: &Deliver) -> Kind {
     })
 }
 
+/// Checks that `replies` are `acked` ServerAcks, then an Error `code` for Send `seq`; returns
+/// the Error's reason.
+fn acked_then_refused(replies: &[Stanza], acked: usize, code: ErrorCode, seq: u64) -> String {
+    assert_eq!(replies.len(), acked + 1, "{replies:?}");
+    assert!(replies[..acked]
+        .iter()
+        .all(|reply| matches!(reply.kind, Some(Kind::ServerAck(_)))));
+    assert_eq!(error_code(&replies[acked]), (code, seq));
+    match &replies[acked].kind {
+        Some(Kind::Error(error)) => error.reason.clone(),
+        _ => unreachable!("checked above"),
+    }
+}
+
 fn error_code(stanza: &Stanza) -> (ErrorCode, u64) {
     match &stanza.kind {
         Some(Kind::Error(error)) => (ErrorCode::try_from(error.code).unwrap(), error.seq),
@@ -753,6 +767,7 @@ fn an_alias_names_its_recipient_for_the_rest_of_the_connection_only() {
 fn full_queue_refuses_with_an_error_and_affects_no_one_else() {
     let limits = Limits {
         queue_messages_max: 2,
+        queue_sender_percent: 100,
         ..Limits::default()
     };
     let mut cluster = Cluster::new(2, limits);
@@ -767,10 +782,7 @@ fn full_queue_refuses_with_an_error_and_affects_no_one_else() {
     for seq in 1..=3 {
         cluster.send(alice, 1, bob, seq, b"m");
     }
-    let replies = cluster.take(1);
-    assert!(matches!(replies[0].kind, Some(Kind::ServerAck(_))));
-    assert!(matches!(replies[1].kind, Some(Kind::ServerAck(_))));
-    assert_eq!(error_code(&replies[2]), (ErrorCode::QueueFull, 3));
+    acked_then_refused(&cluster.take(1), 2, ErrorCode::QueueFull, 3);
     cluster.send(alice, 1, carol, 4, b"m");
     assert!(matches!(
         only(cluster.take(1)).kind,
@@ -802,16 +814,8 @@ fn a_device_over_its_rate_is_refused_alone_and_again_served_once_its_bucket_refi
     for seq in 1..=4 {
         cluster.send(alice, 1, bob, seq, b"m");
     }
-    let replies = cluster.take(1);
-    assert_eq!(replies.len(), 4, "{replies:?}");
-    assert!(replies[..3]
-        .iter()
-        .all(|reply| matches!(reply.kind, Some(Kind::ServerAck(_)))));
-    assert_eq!(error_code(&replies[3]), (ErrorCode::RateLimited, 4));
-    let Some(Kind::Error(error)) = &replies[3].kind else {
-        unreachable!()
-    };
-    assert!(error.reason.contains("try again in 100 ms"), "{error:?}");
+    let reason = acked_then_refused(&cluster.take(1), 3, ErrorCode::RateLimited, 4);
+    assert!(reason.contains("try again in 100 ms"), "{reason}");
     // Another sender on the same shard is not affected.
     cluster.send(carol, 3, bob, 1, b"c");
     assert!(matches!(
@@ -851,17 +855,95 @@ fn a_device_over_its_rate_is_refused_alone_and_again_served_once_its_bucket_refi
 }
 
 #[test]
+fn one_sender_takes_at_most_its_share_of_a_queue_and_of_the_shard() {
+    let limits = Limits {
+        queue_messages_max: 8,
+        queue_sender_percent: 25,
+        shard_queue_bytes_max: 100,
+        shard_queue_sender_percent: 10,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(1, limits);
+    let alice = cluster.user_on(0, 0);
+    let bob = cluster.user_on(0, 1);
+    let carol = cluster.user_on(0, 2);
+    let dave = cluster.user_on(0, 3);
+    cluster.connect(carol, 3);
+    cluster.disconnect(carol, 3);
+    cluster.connect(dave, 4);
+    cluster.connect(bob, 2);
+    cluster.connect(alice, 1);
+    // Bob reads nothing: Alice's third message to him is past her quarter of his queue.
+    for seq in 1..=3 {
+        cluster.send(alice, 1, bob, seq, b"m");
+    }
+    let reason = acked_then_refused(&cluster.take(1), 2, ErrorCode::QueueFull, 3);
+    assert_eq!(reason, SHARE_TAKEN);
+    assert_eq!(cluster.routers[0].counters().shares_refused, 1);
+    // Dave still reaches Bob.
+    cluster.send(dave, 4, bob, 1, b"d");
+    assert!(matches!(
+        only(cluster.take(4)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+    // Once Bob takes one of Alice's, she may send one more.
+    let first = cluster
+        .take(2)
+        .into_iter()
+        .find_map(|stanza| match stanza.kind {
+            Some(Kind::Deliver(deliver)) if deliver.body.as_ref() == b"m" => Some(deliver.id),
+            _ => None,
+        })
+        .unwrap();
+    cluster
+        .stanza(
+            bob,
+            2,
+            Kind::Ack(Ack {
+                id: first,
+                kind: ReceiptKind::Unspecified as i32,
+            }),
+        )
+        .unwrap();
+    cluster.send(alice, 1, bob, 4, b"m");
+    assert!(cluster
+        .take(1)
+        .iter()
+        .any(|reply| matches!(&reply.kind, Some(Kind::ServerAck(ack)) if ack.seq == 4)));
+    // The shard: 10 bytes of Alice's at most, over every queue (Bob holds 2 of hers now).
+    cluster.send(alice, 1, carol, 5, b"123456789");
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::QueueFull, 5)
+    );
+    cluster.send(alice, 1, carol, 6, b"12345678");
+    assert!(matches!(
+        only(cluster.take(1)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+    cluster.send(alice, 1, carol, 7, b"1");
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::QueueFull, 7)
+    );
+    cluster.send(dave, 4, carol, 2, b"12345678");
+    assert!(matches!(
+        only(cluster.take(4)).kind,
+        Some(Kind::ServerAck(_))
+    ));
+}
+
+#[test]
 fn shard_wide_byte_limit_holds() {
     let limits = Limits {
         shard_queue_bytes_max: 10,
+        shard_queue_sender_percent: 100,
         ..Limits::default()
     };
     let (mut cluster, alice, bob) = Cluster::with_offline_recipient(limits);
     cluster.send(alice, 1, bob, 1, b"123456");
     cluster.send(alice, 1, bob, 2, b"123456");
-    let replies = cluster.take(1);
-    assert!(matches!(replies[0].kind, Some(Kind::ServerAck(_))));
-    assert_eq!(error_code(&replies[1]), (ErrorCode::QueueFull, 2));
+    acked_then_refused(&cluster.take(1), 1, ErrorCode::QueueFull, 2);
 }
 
 fn presence(stanza: Stanza) -> Presence {
