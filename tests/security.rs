@@ -197,3 +197,63 @@ fn hopd_metric(hopd: &Hopd, name: &str) -> u64 {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// `registration = token`: a new key's first connection redeems a one-time token the operator
+/// issued (`hop admin token`); without one, or with one used or unknown, it is sent away with
+/// `NOT_REGISTERED`; keys bound before connect as always. Tokens and their use survive a
+/// restart.
+#[test]
+fn token_registration_makes_an_account_once_per_token() {
+    use hop_protocol::client::{Client, ClientError};
+
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let token_mode = ["--registration", "token", "--shards", "2"];
+    let issue = |hopd: &Hopd| -> String {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_hop"))
+            .args(["admin", "--admin", &hopd.admin, "token"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        answer["token"].as_str().unwrap().to_string()
+    };
+    let connect = |hopd: &Hopd, key: &StaticKey, token: Option<&str>| {
+        Client::connect_home_registering(&hopd.addr, key, &hopd.trust(), common::PATIENCE, token)
+    };
+    let sent_away = |result: Result<Client, ClientError>| -> String {
+        let mut client = result.expect("the handshake finishes; the GoAway follows");
+        let go_away = expect_kind(&mut client, "GoAway", |kind| match kind {
+            Kind::GoAway(go_away) => Some(go_away),
+            _ => None,
+        });
+        assert_eq!(go_away.reason, GoAwayReason::NotRegistered as i32);
+        go_away.text
+    };
+    let hopd = Hopd::start_in(&data, &token_mode);
+    let alice = StaticKey::generate().unwrap();
+    let text = sent_away(connect(&hopd, &alice, None));
+    assert!(text.contains("one-time token"), "{text}");
+    let text = sent_away(connect(&hopd, &alice, Some("not a token")));
+    assert!(text.contains("not one of them"), "{text}");
+    let token = issue(&hopd);
+    let unused = issue(&hopd);
+    let mut client = connect(&hopd, &alice, Some(&token)).unwrap();
+    ping(&mut client);
+    drop(client);
+    // Bound now: no token needed, and one passed again is ignored.
+    ping(&mut connect(&hopd, &alice, None).unwrap());
+    ping(&mut connect(&hopd, &alice, Some(&token)).unwrap());
+    let bob = StaticKey::generate().unwrap();
+    let text = sent_away(connect(&hopd, &bob, Some(&token)));
+    assert!(text.contains("used already"), "{text}");
+    assert!(hopd.stop().success());
+
+    let hopd = Hopd::start_in(&data, &token_mode);
+    ping(&mut connect(&hopd, &alice, None).unwrap());
+    let text = sent_away(connect(&hopd, &bob, Some(&token)));
+    assert!(text.contains("used already"), "{text}");
+    let mut client = connect(&hopd, &bob, Some(&unused)).unwrap();
+    ping(&mut client);
+    assert!(hopd.stop().success());
+}

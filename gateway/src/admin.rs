@@ -71,6 +71,8 @@ pub struct ShardViews {
     pub directory: Arc<Directory>,
     /// This node's membership in its cluster; `None` for a single hopd.
     pub cluster: Option<Arc<Cluster>>,
+    /// Registration tokens (`registration = token`).
+    pub tokens: Arc<crate::tokens::Tokens>,
 }
 
 /// A running admin listener; stops when dropped.
@@ -229,6 +231,19 @@ fn route(
                 Err(reason) => Answer::error(400, format!("invalid log filter {body:?}: {reason}")),
             }
         }
+        (Post, ["tokens"]) => match state.shards.get() {
+            None => Answer::error(503, "starting: try again once hopd is ready"),
+            Some(views) => match views.tokens.issue(crate::shard::wall_clock_ms()) {
+                Ok(token) => {
+                    info!("a registration token was issued by the operator");
+                    Answer::json(
+                        200,
+                        &json!({ "token": token, "unused": views.tokens.unused() }),
+                    )
+                }
+                Err(error) => Answer::error(500, format!("cannot keep a new token: {error}")),
+            },
+        },
         (Post, ["drain"]) => {
             let window_ms = state.drain_ms.load(Ordering::Relaxed);
             let started = state.controls.start_drain(window_ms);
@@ -250,7 +265,10 @@ fn route(
             }
             _ => Answer::error(400, format!("no shard {shard}")),
         },
-        (_, ["healthz" | "readyz" | "metrics" | "stats" | "log" | "drain" | "cluster"])
+        (
+            _,
+            ["healthz" | "readyz" | "metrics" | "stats" | "log" | "drain" | "cluster" | "tokens"],
+        )
         | (_, ["users", _] | ["users", _, "kick"]) => Answer::error(405, "method not allowed"),
         _ => Answer::error(404, format!("no such admin resource: {path}")),
     }
@@ -622,6 +640,7 @@ const CLOSES: &[(&str, Field)] = &[
     ("protocol_error", |s| &s.protocol_errors),
     ("not_reading", |s| &s.send_overflows),
     ("send_budget", |s| &s.send_budget_closes),
+    ("not_registered", |s| &s.registrations_refused),
     ("kicked", |s| &s.kicks),
     ("drain", |s| &s.drain_closes),
 ];

@@ -88,9 +88,12 @@ pub struct Config {
     /// The most of a shard's queue bytes (`shard_queue_bytes_max`) one sender may take, group
     /// messages' copies included, in percent. 100: no share.
     pub shard_queue_sender_percent: u8,
-    /// Who may make an account: `open` (a key's first connection does) or `closed` (only
-    /// keys bound before connect; a new key is sent away with `NOT_REGISTERED`).
+    /// Who may make an account: `open` (a key's first connection does), `token` (a new
+    /// key's first connection redeems a one-time token from `hop admin token`) or `closed`
+    /// (only keys bound before connect; a new key is sent away with `NOT_REGISTERED`).
     pub registration: Registration,
+    /// A registration token not redeemed within this long after it was issued is refused.
+    pub token_ttl_ms: u64,
     /// When a queued message is durable, and so when its ServerAck leaves: `always` (fsync
     /// every loop turn that queued something), `batch` (group commit, the default) or `none`
     /// (written to the page cache, never fsynced: survives a crash of hopd, not of the machine).
@@ -232,6 +235,9 @@ pub enum Registration {
     Open,
     /// Only keys bound before may connect (and companions their primaries link).
     Closed,
+    /// A new key's first stanza must be `Register` with a one-time token the operator issued
+    /// (`hop admin token`); keys bound before connect as always.
+    Token,
 }
 
 /// See [`Config::durability`].
@@ -280,6 +286,7 @@ impl Default for Config {
             queue_sender_percent: router.queue_sender_percent,
             shard_queue_sender_percent: router.shard_queue_sender_percent,
             registration: Registration::Open,
+            token_ttl_ms: 7 * 24 * 60 * 60 * 1000,
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
             batch_records_max: 1024,
@@ -417,9 +424,12 @@ pub struct Args {
     /// The most of a shard's queue bytes one sender may take, in percent (1-100; 100: no share).
     #[arg(long, value_name = "PERCENT")]
     pub shard_queue_sender_percent: Option<u8>,
-    /// Who may make an account: open (a key's first connection) or closed (only keys bound before).
+    /// Who may make an account: open (a key's first connection), token (with a one-time token from `hop admin token`) or closed (only keys bound before).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub registration: Option<Registration>,
+    /// A registration token not redeemed within this many milliseconds of its issue is refused.
+    #[arg(long, value_name = "MS")]
+    pub token_ttl_ms: Option<u64>,
     /// When a queued message is durable and its ServerAck leaves: always (fsync every turn), batch (group commit) or none (page cache only).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub durability: Option<DurabilityPolicy>,
@@ -595,6 +605,7 @@ impl Config {
             queue_sender_percent,
             shard_queue_sender_percent,
             registration,
+            token_ttl_ms,
             durability,
             batch_delay_ms,
             batch_records_max,
@@ -662,6 +673,7 @@ impl Config {
             ("batch_delay_ms", self.batch_delay_ms as usize),
             ("batch_records_max", self.batch_records_max as usize),
             ("offline_ttl_ms", self.offline_ttl_ms as usize),
+            ("token_ttl_ms", self.token_ttl_ms as usize),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -17,6 +17,7 @@ pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod sys;
+pub mod tokens;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;

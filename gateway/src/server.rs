@@ -26,6 +26,7 @@ use crate::shard::{self, monotonic_ms, ShardMailboxes, ShardParts, ShardSettings
 use crate::stats::ShardStats;
 use crate::sys::mio::MioBackend;
 use crate::sys::{self, Backend, BackendLimits};
+use crate::tokens::Tokens;
 use hop_store::accounts::{self, AccountLog};
 use hop_store::devices::{DeviceLog, DeviceRecord};
 use hop_store::groups::{GroupLog, GroupRecord};
@@ -63,6 +64,8 @@ pub enum StartError {
     Admin { addr: SocketAddr, source: io::Error },
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("registration tokens: {0}")]
+    Tokens(io::Error),
 }
 
 /// A running server.
@@ -83,6 +86,8 @@ pub struct Server {
     pub directory: Arc<Directory>,
     /// In a cluster: this node's membership, and the flag that stops its threads.
     pub cluster: Option<Membership>,
+    /// Registration tokens, issued by the operator and redeemed by new keys.
+    pub tokens: Arc<Tokens>,
 }
 
 /// A node's membership in its cluster, and the flag that stops its threads.
@@ -96,6 +101,8 @@ struct Shared {
     cluster: Option<Arc<Cluster>>,
     /// Connections and handshakes by source address, for admission.
     addresses: Arc<AddressTable>,
+    /// Under `registration = token`: the tokens new keys redeem.
+    tokens: Option<Arc<Tokens>>,
 }
 
 /// Joins the cluster named by `cluster_etcd`, if any: the membership threads start now, and
@@ -203,6 +210,8 @@ impl Server {
             );
         }
         let groups = hop_store::groups::load(&FsIo, &config.data)?;
+        let tokens =
+            Arc::new(Tokens::open(&config.data, config.token_ttl_ms).map_err(StartError::Tokens)?);
         let bindings = Arc::new(Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,
@@ -220,6 +229,8 @@ impl Server {
             directory: directory.clone(),
             cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
             addresses: AddressTable::new(config.admission_limits()),
+            tokens: (config.registration == crate::config::Registration::Token)
+                .then(|| tokens.clone()),
         };
         let (shutdown, wake_all, threads, stats, mailbox_depth) = match kind {
             sys::Kind::Mio => start_shards::<MioBackend>(
@@ -255,6 +266,7 @@ impl Server {
             mailbox_depth,
             directory,
             cluster,
+            tokens,
         })
     }
 
@@ -345,6 +357,7 @@ pub fn serve(
         mailbox_depth: server.mailbox_depth.clone(),
         directory: server.directory.clone(),
         cluster: server.cluster.as_ref().map(|(cluster, _)| cluster.clone()),
+        tokens: server.tokens.clone(),
     });
     // The status line: scripts read the address (fourth word) and the key.
     println!(
@@ -582,6 +595,7 @@ fn start_shards<B: Backend>(
             directory,
             cluster,
             addresses,
+            tokens,
         } = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("hop-shard-{index}"))
@@ -638,6 +652,7 @@ fn start_shards<B: Backend>(
                     groups,
                     cluster,
                     addresses,
+                    tokens,
                 });
             })
             .map_err(|source| StartError::Shard {

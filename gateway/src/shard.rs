@@ -50,6 +50,7 @@ use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
 use crate::stats::{bump, ShardStats};
 use crate::sys::{Backend, ConnId, Event, Reading};
+use crate::tokens::Tokens;
 
 /// Mail one shard takes from each other shard per turn.
 const MAILS_PER_SOURCE_PER_TURN: usize = 4096;
@@ -162,6 +163,8 @@ pub struct ShardParts<B: Backend> {
     pub cluster: Option<Arc<Cluster>>,
     /// The server's count of connections by source address, for admission.
     pub addresses: Arc<AddressTable>,
+    /// Under `registration = token`: the tokens a new key must redeem first.
+    pub tokens: Option<Arc<Tokens>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +175,10 @@ enum Phase {
     Moving,
     /// `Conn::user`'s connection in the router.
     Open,
+    /// A new key under `registration = token`, on its home shard: its first stanza must be a
+    /// `Register` whose token makes the account; the router has not heard of it yet (its key
+    /// waits in `Core::registering`).
+    Registering,
     /// Closing at the end of this turn; input is ignored. `Conn::user` is kept only if the
     /// connection was open, so that the router hears of its end.
     Closing,
@@ -332,6 +339,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         groups,
         cluster,
         addresses,
+        tokens,
     } = parts;
     let index = settings.index;
     let fresh = Fresh {
@@ -351,6 +359,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         directory,
         cluster,
         addresses,
+        tokens,
         next_token: 0,
         generation: 0,
     };
@@ -425,6 +434,7 @@ struct Handles<B: Backend> {
     directory: Arc<Directory>,
     cluster: Option<Arc<Cluster>>,
     addresses: Arc<AddressTable>,
+    tokens: Option<Arc<Tokens>>,
     next_token: u64,
     generation: u32,
 }
@@ -452,6 +462,7 @@ impl<B: Backend> Core<B> {
             directory,
             cluster,
             addresses,
+            tokens,
             next_token,
             generation,
         } = handles;
@@ -471,6 +482,8 @@ impl<B: Backend> Core<B> {
         let now_ms = monotonic_ms();
         Self {
             admission: Tally::new(addresses, connection_slots, now_ms),
+            tokens,
+            registering: HashMap::default(),
             sweep_turn: 0,
             send_budget_next_ms: 0,
             settings,
@@ -529,6 +542,7 @@ impl<B: Backend> Core<B> {
             directory: self.directory,
             cluster: self.cluster,
             addresses: self.admission.shared(),
+            tokens: self.tokens,
             next_token: self.next_token,
             generation: self.generation,
         }
@@ -679,6 +693,10 @@ struct Core<B: Backend> {
     sweep_turn: usize,
     /// When the send budget may next be enforced (a scan of the connections).
     send_budget_next_ms: u64,
+    /// Under `registration = token`: the tokens a new key must redeem first.
+    tokens: Option<Arc<Tokens>>,
+    /// Connections of new keys waiting for their `Register`: their key.
+    registering: HashMap<ConnId, [u8; KEY_BYTES]>,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -792,7 +810,10 @@ impl<B: Backend> Core<B> {
         }
         match self.conns.get(id as usize).and_then(Option::as_ref) {
             Some(conn)
-                if matches!(conn.phase, Phase::Handshaking | Phase::Open) && !conn.paused =>
+                if matches!(
+                    conn.phase,
+                    Phase::Handshaking | Phase::Registering | Phase::Open
+                ) && !conn.paused =>
             {
                 Reading::Continue
             }
@@ -1015,8 +1036,60 @@ impl<B: Backend> Core<B> {
         self.close_with(id, GoAwayReason::Protocol, &text);
     }
 
-    /// Makes `id` the connection of `user` on this, its home shard.
+    /// A stanza from a new key under `registration = token`: a `Register` whose token is
+    /// redeemed makes the account, and the connection goes on as any other; anything else (or a
+    /// token refused) sends it away.
+    fn register(&mut self, id: ConnId, user: UserId, stanza: Stanza) {
+        let Some(key) = self.registering.remove(&id) else {
+            return;
+        };
+        let redeemed = match (&stanza.kind, &self.tokens) {
+            (Some(Kind::Register(register)), Some(tokens)) => {
+                tokens.redeem(&register.token, self.wall_ms)
+            }
+            _ => Err(crate::tokens::Refused::Unknown),
+        };
+        match redeemed {
+            Ok(()) => {
+                info!(%user, "a registration token made an account");
+                if let Some(conn) = self.conn_mut(id) {
+                    conn.phase = Phase::Open;
+                }
+                self.connect_to_router(id, user, key);
+            }
+            Err(refused) => {
+                bump(&self.stats.registrations_refused, 1);
+                let text = if matches!(stanza.kind, Some(Kind::Register(_))) {
+                    refused.text()
+                } else {
+                    "this server makes accounts only with a one-time token from its operator: \
+                     send Register first (`hop --token`)"
+                };
+                self.close_with(id, GoAwayReason::NotRegistered, text);
+            }
+        }
+    }
+
+    /// Makes `id` the connection of `user` on this, its home shard. Under `registration =
+    /// token`, a key with no account waits for its `Register` first.
     fn attach_user(&mut self, id: ConnId, user: UserId, key: [u8; KEY_BYTES]) {
+        let needs_token = self.tokens.is_some()
+            && !self.router.is_bound(user)
+            && self.directory.placement(user) == Placement::Own;
+        if needs_token {
+            let now_ms = self.now_ms;
+            if let Some(conn) = self.conn_mut(id) {
+                conn.phase = Phase::Registering;
+                conn.user = Some(user);
+                conn.since_ms = now_ms;
+            }
+            self.registering.insert(id, key);
+            return;
+        }
+        self.connect_to_router(id, user, key);
+    }
+
+    fn connect_to_router(&mut self, id: ConnId, user: UserId, key: [u8; KEY_BYTES]) {
         let conn_ref = self.conn_ref(id);
         self.router
             .handle_connect(user, &key, conn_ref, self.wall_ms);
@@ -1041,6 +1114,7 @@ impl<B: Backend> Core<B> {
                     moving.early.push(stanza);
                 }
             }
+            (Phase::Registering, Some(user)) => self.register(id, user, stanza),
             (Phase::Open, None) => {
                 let generation = conn.generation;
                 self.link_stanza(id, generation, stanza);
@@ -1738,28 +1812,39 @@ impl<B: Backend> Core<B> {
         for (index, slot) in self.conns.iter().enumerate() {
             let Some(conn) = slot else { continue };
             match conn.phase {
-                Phase::Handshaking
+                Phase::Handshaking | Phase::Registering
                     if now.saturating_sub(conn.since_ms) >= self.settings.handshake_timeout_ms =>
                 {
-                    expired.push((index as ConnId, false));
+                    expired.push((index as ConnId, conn.phase));
                 }
                 Phase::Open
                     if now.saturating_sub(conn.since_ms) >= self.settings.idle_timeout_ms =>
                 {
-                    expired.push((index as ConnId, true));
+                    expired.push((index as ConnId, conn.phase));
                 }
                 _ => {}
             }
         }
-        for (id, open) in expired {
-            if open {
-                bump(&self.stats.idle_timeouts, 1);
-                debug!(conn = id, "idle timeout");
-                self.close_with(id, GoAwayReason::Idle, "idle timeout");
-            } else {
-                bump(&self.stats.handshake_timeouts, 1);
-                debug!(conn = id, "handshake timeout");
-                self.close(id);
+        for (id, phase) in expired {
+            match phase {
+                Phase::Open => {
+                    bump(&self.stats.idle_timeouts, 1);
+                    debug!(conn = id, "idle timeout");
+                    self.close_with(id, GoAwayReason::Idle, "idle timeout");
+                }
+                Phase::Registering => {
+                    bump(&self.stats.handshake_timeouts, 1);
+                    self.close_with(
+                        id,
+                        GoAwayReason::NotRegistered,
+                        "no Register arrived in time: a new account needs a one-time token",
+                    );
+                }
+                _ => {
+                    bump(&self.stats.handshake_timeouts, 1);
+                    debug!(conn = id, "handshake timeout");
+                    self.close(id);
+                }
             }
         }
     }
@@ -1976,7 +2061,7 @@ impl<B: Backend> Core<B> {
             Phase::Closing => return,
             Phase::Open => {}
             // Not attached in the router: nothing to tell it when the connection goes.
-            Phase::Handshaking | Phase::Moving => conn.user = None,
+            Phase::Handshaking | Phase::Moving | Phase::Registering => conn.user = None,
         }
         conn.phase = Phase::Closing;
         let generation = conn.generation;
@@ -2064,6 +2149,7 @@ impl<B: Backend> Core<B> {
     /// Drops a connection that is gone: the router hears of it.
     fn forget(&mut self, id: ConnId, conn: Conn) {
         self.admission.left(id, self.now_ms);
+        self.registering.remove(&id);
         if conn.phase == Phase::Moving {
             self.moving.remove(&id);
             return;
@@ -2142,7 +2228,7 @@ impl<B: Backend> Core<B> {
                 .get(id as usize)
                 .and_then(Option::as_ref)
                 .map(|conn| conn.phase),
-            Some(Phase::Handshaking | Phase::Moving | Phase::Open)
+            Some(Phase::Handshaking | Phase::Moving | Phase::Registering | Phase::Open)
         )
     }
 

@@ -24,7 +24,7 @@ use crate::session::{Channel, ClientConnection, ClientEvent, ClientInputError, P
 use crate::user::UserId;
 use crate::wire::{
     Ack, GoAwayReason, Kind, MessageRef, Ping, PresenceSettings, Read as ReadStanza, Receipt,
-    ReceiptKind, Stanza, Subscribe, UserRef, Visibility,
+    ReceiptKind, Register, Stanza, Subscribe, UserRef, Visibility,
 };
 
 /// How the client decides to trust the server's static key.
@@ -410,6 +410,19 @@ impl Client {
         trust: &ServerTrust,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
+        Self::connect_home_registering(addr, key, trust, timeout, None)
+    }
+
+    /// [`Client::connect_home`], sending `token` (an operator's one-time registration token)
+    /// first on each connection: on a server whose `registration` is `token`, it makes this
+    /// key's account; where the account exists, it is ignored.
+    pub fn connect_home_registering(
+        addr: &str,
+        key: &StaticKey,
+        trust: &ServerTrust,
+        timeout: Duration,
+        token: Option<&str>,
+    ) -> Result<Self, ClientError> {
         let deadline = Instant::now() + timeout;
         let mut addr = addr.to_string();
         let mut trust = trust.clone();
@@ -419,6 +432,11 @@ impl Client {
                 .filter(|left| !left.is_zero())
                 .ok_or(ClientError::Timeout)?;
             let mut client = Self::connect(&addr, key, &trust, left)?;
+            if let Some(token) = token {
+                client.send(&Stanza::of(Kind::Register(Register {
+                    token: token.to_string(),
+                })))?;
+            }
             client.send(&Stanza::of(Kind::Ping(Ping {
                 nonce: HOME_PING_NONCE,
             })))?;

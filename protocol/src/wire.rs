@@ -20,7 +20,8 @@ pub use generated::{device_change, group_change};
 pub use generated::{
     Ack, Deliver, DeviceChange, Devices, Error, ErrorCode, GoAway, GoAwayReason, GroupChange,
     GroupEvent, GroupInfo, NodeAck, NodeMail, Outbox, Ping, Pong, Presence, PresenceSettings, Read,
-    Receipt, ReceiptKind, Send, ServerAck, Stanza, Subscribe, Unsubscribe, UserRef, Visibility,
+    Receipt, ReceiptKind, Register, Send, ServerAck, Stanza, Subscribe, Unsubscribe, UserRef,
+    Visibility,
 };
 
 /// The largest message body a client may send. With the stanza's other fields it still fits in
@@ -454,6 +455,7 @@ impl Stanza {
             Some(Kind::GroupInfo(_)) => "GroupInfo",
             Some(Kind::NodeMail(_)) => "NodeMail",
             Some(Kind::NodeAck(_)) => "NodeAck",
+            Some(Kind::Register(_)) => "Register",
         }
     }
 }

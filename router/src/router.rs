@@ -978,6 +978,11 @@ impl Router {
 
     /// The account `user` is a device of: its own id for a primary (or an account of one
     /// device), the primary's for a companion linked to an account homed here.
+    /// True if `user`'s key is bound here (its account exists, or it is a linked device).
+    pub fn is_bound(&self, user: UserId) -> bool {
+        self.users.get(&user).is_some_and(|state| state.bound)
+    }
+
     pub fn account_of(&self, user: UserId) -> UserId {
         self.companions.get(&user).copied().unwrap_or(user)
     }
@@ -1169,6 +1174,9 @@ impl Router {
             return Err(Violation("stanza of unknown kind".into()));
         };
         match kind {
+            // The account exists (the shard redeems a token before the router hears of a
+            // connection that needs one).
+            Kind::Register(_) => {}
             Kind::Outbox(outbox) => {
                 if outbox.id == 0 {
                     return Err(Violation("Outbox 0 is not a valid outbox".into()));

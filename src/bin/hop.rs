@@ -179,6 +179,9 @@ enum AdminRequest {
     /// This node's view of its cluster: the members (address, key, shards), whether this
     /// node is one, its lease and etcd counters.
     Cluster,
+    /// Issue a one-time registration token (`registration = token`): a new user passes it
+    /// with `--token` on its first connection. Printed as `{"token": ..., "unused": N}`.
+    Token,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -219,6 +222,10 @@ struct ConnectArgs {
     /// Known-servers file [default: $HOME/.config/hop/known_servers].
     #[arg(long, value_name = "FILE")]
     known_servers: Option<PathBuf>,
+    /// A one-time registration token from the server's operator (`hop admin token`), for a
+    /// key's first connection to a server whose registration is `token`.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -490,6 +497,7 @@ fn admin(args: AdminArgs) -> Result<(), String> {
         AdminRequest::LogLevel { filter } => agent.put(format!("{base}/log")).send(filter.as_str()),
         AdminRequest::Drain => agent.post(format!("{base}/drain")).send_empty(),
         AdminRequest::Cluster => agent.get(format!("{base}/cluster")).call(),
+        AdminRequest::Token => agent.post(format!("{base}/tokens")).send_empty(),
     };
     let mut response = response.map_err(|error| {
         format!(
@@ -519,6 +527,7 @@ struct Endpoint {
     server: String,
     key: StaticKey,
     trust: ServerTrust,
+    token: Option<String>,
 }
 
 impl Endpoint {
@@ -540,12 +549,19 @@ impl Endpoint {
             server: args.server.clone(),
             key,
             trust,
+            token: args.token.clone(),
         })
     }
 
     /// Connects, following a cluster's redirect to the user's home node.
     fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect_home(&self.server, &self.key, &self.trust, CONNECT_TIMEOUT)
+        Client::connect_home_registering(
+            &self.server,
+            &self.key,
+            &self.trust,
+            CONNECT_TIMEOUT,
+            self.token.as_deref(),
+        )
     }
 }
 
