@@ -156,6 +156,7 @@ fn every_mail() -> Vec<(&'static str, ShardMessage)> {
                 envelope(alice, b"to the group"),
                 GroupCopy {
                     group,
+                    id: 0x5eed_0000_0000_0001,
                     event: false,
                 },
             ))),
