@@ -597,8 +597,10 @@ impl<B: Backend> Core<B> {
             // Commit before writing: the ServerAcks a commit releases leave in this turn's writes,
             // and under `always` a device's Ack is on disk before anything later is answered.
             core.commit_if_due();
-            core.end_turn(backend);
+            // Before the writes: what closing the slowest readers makes (presence, mail to
+            // other shards) leaves in this turn.
             core.keep_send_budget(backend);
+            core.end_turn(backend);
             if Instant::now() >= next_tick {
                 core.follow_cluster();
                 core.enforce_timeouts();
@@ -1043,7 +1045,9 @@ impl<B: Backend> Core<B> {
         let Some(key) = self.registering.remove(&id) else {
             return;
         };
+        // Another connection of the same key may have made the account meanwhile.
         let redeemed = match (&stanza.kind, &self.tokens) {
+            _ if self.router.is_bound(user) => Ok(()),
             (Some(Kind::Register(register)), Some(tokens)) => {
                 tokens.redeem(&register.token, self.wall_ms)
             }
@@ -2079,9 +2083,11 @@ impl<B: Backend> Core<B> {
         self.admission.handshake_ended(id);
     }
 
-    /// Keeps the bytes this shard's connections hold for writing within its budget: past it,
-    /// the connections holding the most (the slowest readers) are closed at once, their bytes
-    /// dropped, until it is kept. At most every `SEND_BUDGET_EVERY_MS`: finding them is a scan.
+    /// Keeps the bytes this shard's open connections hold for writing within its budget: past
+    /// it, the connections holding the most (the slowest readers) are closed at once, their
+    /// bytes dropped, until it is kept. Connections already closing are not counted: their bytes
+    /// go with them within the close linger, and counting them would close readers that are
+    /// not slow. At most every `SEND_BUDGET_EVERY_MS`: finding them is a scan.
     fn keep_send_budget(&mut self, backend: &mut B) {
         let budget = self.settings.send_budget_bytes;
         if budget == 0 || backend.unsent_bytes() <= budget || self.now_ms < self.send_budget_next_ms
@@ -2089,10 +2095,14 @@ impl<B: Backend> Core<B> {
             return;
         }
         self.send_budget_next_ms = self.now_ms + SEND_BUDGET_EVERY_MS;
-        let over = backend.unsent_bytes() - budget;
+        let open = backend.heaviest(usize::MAX);
+        let held: usize = open.iter().map(|(_, bytes)| bytes).sum();
+        let Some(over) = held.checked_sub(budget).filter(|over| *over > 0) else {
+            return;
+        };
         let mut freed = 0;
         let mut closed = 0u64;
-        for (id, bytes) in backend.heaviest(SEND_BUDGET_CLOSES_MAX) {
+        for (id, bytes) in open.into_iter().take(SEND_BUDGET_CLOSES_MAX) {
             if freed >= over {
                 break;
             }
@@ -2106,6 +2116,9 @@ impl<B: Backend> Core<B> {
             self.forget(id, conn);
             freed += bytes;
             closed += 1;
+        }
+        if closed == 0 {
+            return;
         }
         bump(&self.stats.send_budget_closes, closed);
         warn!(

@@ -69,6 +69,7 @@ impl Tokens {
         std::fs::create_dir_all(&folder)?;
         let path = folder.join("tokens");
         let mut tokens = HashMap::new();
+        cut_torn_line(&path)?;
         if let Ok(file) = File::open(&path) {
             for line in BufReader::new(file).lines() {
                 let line = line?;
@@ -161,6 +162,26 @@ impl Tokens {
     }
 }
 
+/// Cuts a torn last line (a crash while appending) off the log, so that the next line starts
+/// on a line of its own instead of being glued to it, and lost.
+fn cut_torn_line(path: &Path) -> io::Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes
+        .iter()
+        .rposition(|byte| *byte == b'\n')
+        .map_or(0, |at| at + 1);
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(keep as u64)?;
+    file.sync_data()
+}
+
 fn append(file: &mut File, line: &str) -> io::Result<()> {
     file.write_all(line.as_bytes())?;
     file.sync_data()
@@ -198,6 +219,10 @@ mod tests {
         let tokens = Tokens::open(folder.path(), DAY_MS).unwrap();
         assert_eq!(tokens.redeem(&first, 3_000), Err(Refused::Used));
         assert_eq!(tokens.redeem(&second, 3_000), Ok(()));
+        // What is written after the torn line is read back after the next restart.
+        drop(tokens);
+        let tokens = Tokens::open(folder.path(), DAY_MS).unwrap();
+        assert_eq!(tokens.redeem(&second, 3_000), Err(Refused::Used));
         assert_eq!(
             tokens.redeem(&late, 1_000 + DAY_MS + 1),
             Err(Refused::Expired)

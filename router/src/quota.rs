@@ -46,8 +46,9 @@ impl Bucket {
         }
     }
 
-    /// Adds what `rate` earned since the last refill, up to its burst. A clock that went back
-    /// earns nothing until it passes the last refill again.
+    /// Adds what `rate` earned since the last refill, up to its burst. A clock that stepped
+    /// back earns nothing for the step, and earns from the new time on (the router's clock is
+    /// the wall clock: waiting for it to pass the old time again would refuse for as long).
     pub fn refill(&mut self, rate: Rate, now_ms: u64) {
         let earned = now_ms
             .saturating_sub(self.at_ms)
@@ -56,7 +57,7 @@ impl Bucket {
             .milli_tokens
             .saturating_add(earned)
             .min(u64::from(rate.burst) * MILLI);
-        self.at_ms = self.at_ms.max(now_ms);
+        self.at_ms = now_ms;
     }
 
     /// Takes a token if there is one.
@@ -171,14 +172,15 @@ mod tests {
         assert_eq!(bucket.wait_ms(TEN), 1);
         bucket.refill(TEN, 100);
         assert!(bucket.take());
-        // Never above the burst, and a clock that steps back earns nothing.
+        // Never above the burst; a clock that steps back earns nothing for the step, then
+        // earns from there.
         bucket.refill(TEN, 1_000_000);
         assert!(bucket.is_full(TEN));
         let mut back = Bucket::full(3, 5_000);
         assert!(back.take());
         back.refill(TEN, 1_000);
         assert!(!back.is_full(TEN));
-        back.refill(TEN, 5_100);
+        back.refill(TEN, 1_100);
         assert!(back.is_full(TEN));
     }
 

@@ -1049,6 +1049,8 @@ impl UringBackend {
         let open = conn.state == State::Open;
         let peer = match (result, name) {
             (bytes, Some(name)) if bytes >= 0 => peer_ip(&name),
+            // This connection is gone already (reset before we asked): its close follows.
+            (error, _) if error != -libc::EOPNOTSUPP && error != -libc::EINVAL => None,
             (error, _) => {
                 if !self.peer_name_failed {
                     self.peer_name_failed = true;
