@@ -257,3 +257,41 @@ fn token_registration_makes_an_account_once_per_token() {
     ping(&mut client);
     assert!(hopd.stop().success());
 }
+
+/// A client refused by admission waits the refusal's time and tries again within its timeout
+/// (`Client::connect_home`); past the timeout it returns the refusal, reason and wait.
+#[test]
+fn a_refused_client_waits_and_tries_again_within_its_timeout() {
+    use hop_protocol::client::{Client, ClientError};
+    use hop_protocol::noise::RefusalReason;
+    use std::time::{Duration, Instant};
+
+    // One handshake at once from an address, one more every second.
+    let hopd = Hopd::start(&[
+        "--shards",
+        "1",
+        "--address-handshakes-per-second",
+        "1",
+        "--address-handshake-burst",
+        "1",
+    ]);
+    let key = StaticKey::generate().unwrap();
+    let connect = |timeout| Client::connect_home(&hopd.addr, &key, &hopd.trust(), timeout);
+    ping(&mut connect(common::PATIENCE).unwrap());
+    // The bucket is empty: a timeout shorter than the wait gets the refusal at once.
+    match connect(Duration::from_millis(100)) {
+        Err(ClientError::Refused(refusal)) => {
+            assert_eq!(refusal.reason, RefusalReason::AddressRate);
+            assert!(refusal.retry_after_ms >= 100, "{refusal:?}");
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    // A long enough one waits it out and gets in (if it was refused on the way, it waited at
+    // least the shortest wait a refusal names).
+    let refused = hopd_metric(&hopd, "hop_admission_refused_total");
+    let start = Instant::now();
+    ping(&mut connect(common::PATIENCE).unwrap());
+    if hopd_metric(&hopd, "hop_admission_refused_total") > refused {
+        assert!(start.elapsed() >= Duration::from_millis(100));
+    }
+}

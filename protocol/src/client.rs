@@ -415,7 +415,8 @@ impl Client {
 
     /// [`Client::connect_home`], sending `token` (an operator's one-time registration token)
     /// first on each connection: on a server whose `registration` is `token`, it makes this
-    /// key's account; where the account exists, it is ignored.
+    /// key's account; where the account exists, it is ignored. Both wait out a server's
+    /// refusals within `timeout` (see `connect_admitted`).
     pub fn connect_home_registering(
         addr: &str,
         key: &StaticKey,
@@ -431,7 +432,7 @@ impl Client {
                 .checked_duration_since(Instant::now())
                 .filter(|left| !left.is_zero())
                 .ok_or(ClientError::Timeout)?;
-            let mut client = Self::connect(&addr, key, &trust, left)?;
+            let mut client = Self::connect_admitted(&addr, key, &trust, left)?;
             if let Some(token) = token {
                 client.send(&Stanza::of(Kind::Register(Register {
                     token: token.to_string(),
@@ -452,6 +453,34 @@ impl Client {
             last: addr,
             max: REDIRECTS_MAX,
         })
+    }
+
+    /// [`Client::connect`], waiting out a server's refusals (admission, `docs/security.md`):
+    /// each is waited for its `retry_after_ms` plus up to a quarter more, at random, so that
+    /// refused clients do not come back together, and tried again; a refusal whose wait would
+    /// pass `timeout` is returned.
+    fn connect_admitted(
+        addr: &str,
+        key: &StaticKey,
+        trust: &ServerTrust,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match Self::connect(addr, key, trust, left) {
+                Err(ClientError::Refused(refusal)) => {
+                    let wait_ms = u64::from(refusal.retry_after_ms);
+                    let jitter = crate::outbox::random_nonzero().unwrap_or(1) % (wait_ms / 4 + 1);
+                    let wait = Duration::from_millis(wait_ms + jitter);
+                    if Instant::now() + wait >= deadline {
+                        return Err(ClientError::Refused(refusal));
+                    }
+                    std::thread::sleep(wait);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// After `connect_home`'s Ping: `None` when this server keeps the connection (the Pong, or
