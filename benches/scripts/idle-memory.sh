@@ -10,11 +10,9 @@
 #   buffers, 2 x 2 MiB, are touched by the first few thousand handshakes);
 # - marginal: (after the last - after the first) / connections added since, the cost of one
 #   more idle connection once that is done.
-# ABUSE_LIMITS=on keeps hopd's abuse limits; by default they are off (these clients open
-# thousands of connections from one address: docs/security.md).
 set -u
-limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0 --queue-sender-percent 100 --shard-queue-sender-percent 100)
-[ "${ABUSE_LIMITS:-off}" = on ] && limit_flags=()
+# The abuse limits are off unless ABUSE_LIMITS=on (abuse-limits.sh says why).
+. "$(dirname "$0")/abuse-limits.sh"
 B=$1; M=$2; P=$3; N=$4
 T=${CARGO_TARGET_DIR:-target}/release
 W=$(mktemp -d /tmp/hopmeasure.XXXX)

@@ -13,13 +13,9 @@
 # HOPD_FLAGS adds flags to every hopd; NODES sets the node count (2 to 8). Servers bind
 # 127.0.0.1 (etcd) and 127.0.0.2 ... (the nodes). After the run it prints each node's link
 # counters (mails taken from other nodes) and stops everything it started.
-# ABUSE_LIMITS=on keeps hopd's abuse limits (admission, sender rates: docs/security.md); by
-# default they are off, since the generator opens thousands of connections a second from each
-# of its source addresses and sends thousands of messages a second per sender, which is what
-# those limits exist to refuse: these runs measure capacity, not the limits.
 set -euo pipefail
-limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0 --queue-sender-percent 100 --shard-queue-sender-percent 100)
-[ "${ABUSE_LIMITS:-off}" = on ] && limit_flags=()
+# The abuse limits are off unless ABUSE_LIMITS=on (abuse-limits.sh says why).
+. "$(dirname "$0")/abuse-limits.sh"
 target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
 hopd=${HOPD:-$target_dir/release/hopd}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}

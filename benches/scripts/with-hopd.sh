@@ -14,13 +14,9 @@
 # target/); HOPD_FLAGS adds flags to hopd; SHARDS sets hopd's --shards (default 1: the
 # like-for-like row); SERVER_CORE and GENERATOR_CORE pick the cores (a list such as 0,1 too);
 # PERF_SYSCALLS=FILE counts hopd's system calls during the run (below).
-# ABUSE_LIMITS=on keeps hopd's abuse limits (admission, sender rates: docs/security.md); by
-# default they are off, since the generator opens thousands of connections a second from each
-# of its source addresses and sends thousands of messages a second per sender, which is what
-# those limits exist to refuse: these runs measure capacity, not the limits.
 set -euo pipefail
-limit_flags=(--shard-handshakes-per-second 0 --address-handshakes-per-second 0 --address-handshakes-max 0 --address-connections-max 0 --sender-messages-per-second 0 --sender-reads-per-second 0 --queue-sender-percent 100 --shard-queue-sender-percent 100)
-[ "${ABUSE_LIMITS:-off}" = on ] && limit_flags=()
+# The abuse limits are off unless ABUSE_LIMITS=on (abuse-limits.sh says why).
+. "$(dirname "$0")/abuse-limits.sh"
 target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
 hopd=${HOPD:-$target_dir/release/hopd}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}
