@@ -1,10 +1,13 @@
 //! Account bindings on disk: which static public key each user id belongs to.
 //!
 //! `DATA/accounts/shard-K.keys`, written by shard K only and only ever appended to, is a row of
-//! 36-byte records: the client's static public key (32 bytes), then the CRC32C of those 32
-//! bytes (u32 little-endian). The user id is not stored: it is
-//! [`UserId::from_public_key`] of the key. Every shard file is read at process start by
-//! [`load`], so a restart with another shard count still finds every binding.
+//! 36-byte records. A binding is the client's static public key (32 bytes), then the CRC32C of
+//! those 32 bytes (u32 little-endian); the user id is not stored: it is
+//! [`UserId::from_public_key`] of the key. An unbinding (an account that expired,
+//! [`AccountLog::unbind`]) is the user id (16 bytes), [`UNBIND_MARK`] (16 bytes), then the
+//! CRC32C of those 32 bytes with every bit inverted. Every shard file is read at process start
+//! by [`load`], in shard order, each record undoing or redoing the ones before it, so a restart
+//! with another shard count still finds every binding.
 //!
 //! Writing ([`AccountLog`]): [`AccountLog::append`] buffers, [`AccountLog::flush`] writes all
 //! buffered records with one positioned write at the end of the last good record and fsyncs.
@@ -18,6 +21,7 @@
 //! [`crate::privacy::repair`]). Why dropping a binding loses nothing acked, and the byte
 //! layout, are in `store/DESIGN.md` ("Account bindings").
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -44,10 +48,16 @@ const DAMAGED_COPIES_MAX: u32 = 100;
 const _: () = assert!(RECORD_BYTES == 36, "store/DESIGN.md gives 36 bytes");
 const _: () = assert!(KEY_BYTES == 32);
 
-/// The bindings of every shard file, in file order (shard 0 first).
+/// Bytes 16..32 of an unbinding record.
+pub const UNBIND_MARK: [u8; 16] = *b"hop unbound v1\0\0";
+
+/// The bindings of every shard file, in file order (shard 0 first), without those an
+/// unbinding later in that order undid.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Loaded {
     pub bindings: Vec<(UserId, [u8; KEY_BYTES])>,
+    /// Unbinding records read.
+    pub unbindings: u64,
     /// Files read.
     pub files: usize,
     /// Bytes after the last whole record of a file: a write torn by a crash. The file's shard
@@ -113,6 +123,12 @@ impl<I: Io> AccountLog<I> {
         self.pending.extend_from_slice(&encode(key));
     }
 
+    /// Buffers the end of `user`'s binding (its account expired): after the next flush, a
+    /// restart no longer knows the key, until it binds again.
+    pub fn unbind(&mut self, user: UserId) {
+        self.pending.extend_from_slice(&encode_unbind(user));
+    }
+
     /// Writes every buffered record with one positioned write at the end of the good records,
     /// then fsyncs; returns how many records became durable (0 when none were buffered).
     ///
@@ -163,17 +179,37 @@ pub fn shard_path(data: &Path, shard: u16) -> PathBuf {
 /// v1 file (`shard-K.bin`) is there.
 pub fn load<I: Io>(io: &I, data: &Path) -> Result<Loaded, StoreError> {
     let mut loaded = Loaded::default();
+    let mut bindings: Vec<Option<(UserId, [u8; KEY_BYTES])>> = Vec::new();
+    // Where each user's latest binding is in `bindings`.
+    let mut latest: HashMap<UserId, usize> = HashMap::new();
     for (shard, path) in shard_files(io, data)? {
         loaded.files += 1;
         let scanned = scan_file(io, &path, |offset, record| match decode(record) {
-            Some(binding) => {
-                loaded.bindings.push(binding);
+            Some(Record::Bind(user, key)) => {
+                latest.insert(user, bindings.len());
+                bindings.push(Some((user, key)));
+                Ok(())
+            }
+            Some(Record::Unbind(user)) => {
+                loaded.unbindings += 1;
+                if let Some(at) = latest.remove(&user) {
+                    bindings[at] = None;
+                }
                 Ok(())
             }
             None => Err(corrupt(data, shard, &path, offset)),
         })?;
         loaded.torn_bytes += scanned.torn_bytes;
     }
+    // A key bound twice (a restart with another shard count) keeps its latest record only.
+    loaded.bindings = bindings
+        .into_iter()
+        .enumerate()
+        .filter_map(|(at, binding)| {
+            let binding = binding?;
+            (latest.get(&binding.0) == Some(&at)).then_some(binding)
+        })
+        .collect();
     Ok(loaded)
 }
 
@@ -294,12 +330,36 @@ fn encode(key: &[u8; KEY_BYTES]) -> [u8; RECORD_BYTES] {
     record
 }
 
-/// The binding a record holds; `None` when its checksum fails.
-fn decode(record: &[u8]) -> Option<(UserId, [u8; KEY_BYTES])> {
-    let mut key = [0u8; KEY_BYTES];
-    key.copy_from_slice(record.get(..KEY_BYTES)?);
+fn encode_unbind(user: UserId) -> [u8; RECORD_BYTES] {
+    let mut record = [0u8; RECORD_BYTES];
+    record[..16].copy_from_slice(&user.to_bytes());
+    record[16..KEY_BYTES].copy_from_slice(&UNBIND_MARK);
+    let crc = !crc32c::crc32c(&record[..KEY_BYTES]);
+    record[KEY_BYTES..].copy_from_slice(&crc.to_le_bytes());
+    record
+}
+
+/// What one record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    Bind(UserId, [u8; KEY_BYTES]),
+    Unbind(UserId),
+}
+
+/// The binding or unbinding a record holds; `None` when its checksum fails.
+fn decode(record: &[u8]) -> Option<Record> {
+    let mut payload = [0u8; KEY_BYTES];
+    payload.copy_from_slice(record.get(..KEY_BYTES)?);
     let stored = crate::format::le_u32(record.get(..RECORD_BYTES)?, KEY_BYTES);
-    (crc32c::crc32c(&key) == stored).then(|| (UserId::from_public_key(&key), key))
+    let crc = crc32c::crc32c(&payload);
+    if crc == stored {
+        return Some(Record::Bind(UserId::from_public_key(&payload), payload));
+    }
+    if !crc == stored && payload[16..] == UNBIND_MARK {
+        let user = UserId::from_bytes(payload[..16].try_into().ok()?)?;
+        return Some(Record::Unbind(user));
+    }
+    None
 }
 
 fn corrupt(data: &Path, shard: u16, path: &Path, offset: u64) -> StoreError {
@@ -475,7 +535,10 @@ mod tests {
             crc32c::crc32c(&key).to_le_bytes(),
             "CRC32C, little-endian"
         );
-        assert_eq!(decode(&record), Some((UserId::from_public_key(&key), key)));
+        assert_eq!(
+            decode(&record),
+            Some(Record::Bind(UserId::from_public_key(&key), key))
+        );
         let mut flipped = record;
         flipped[3] ^= 0x01;
         assert_eq!(decode(&flipped), None);
@@ -505,6 +568,41 @@ mod tests {
             "shard 2 before shard 10"
         );
         assert_eq!((loaded.files, loaded.torn_bytes), (2, 0));
+    }
+
+    #[test]
+    fn an_unbinding_undoes_the_bindings_before_it_and_a_later_binding_redoes_it() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let data = temp.path();
+        let (a, b) = ([1; KEY_BYTES], [2; KEY_BYTES]);
+        let (user_a, user_b) = (UserId::from_public_key(&a), UserId::from_public_key(&b));
+        // Shard 1 bound a before a restart with one shard; shard 0 then bound it again.
+        let mut one = AccountLog::open(&FsIo, data, 1).expect("open");
+        one.append(&a);
+        one.flush().expect("flush");
+        let mut zero = AccountLog::open(&FsIo, data, 0).expect("open");
+        zero.append(&b);
+        zero.unbind(user_b);
+        zero.flush().expect("flush");
+        let loaded = load(&FsIo, data).expect("load");
+        assert_eq!(loaded.bindings, vec![(user_a, a)], "b bound, then unbound");
+        assert_eq!(loaded.unbindings, 1);
+        zero.append(&b);
+        zero.unbind(user_a);
+        zero.flush().expect("flush");
+        let loaded = load(&FsIo, data).expect("load");
+        assert_eq!(
+            loaded.bindings,
+            vec![(user_b, b), (user_a, a)],
+            "an unbinding in an earlier shard's file does not undo a later file's binding"
+        );
+        let record = encode_unbind(user_a);
+        assert_eq!(record[16..32], UNBIND_MARK);
+        assert_eq!(decode(&record), Some(Record::Unbind(user_a)));
+        let mut flipped = record;
+        flipped[20] ^= 1;
+        assert_eq!(decode(&flipped), None, "a damaged unbinding is damage");
+        assert_eq!(repair(&FsIo, data).expect("repair").repaired, Vec::new());
     }
 
     #[test]

@@ -89,22 +89,8 @@ impl<I: Io> DeviceLog<I> {
 /// order, shard 0 first). Bytes after the last whole record of a file are ignored (the file's
 /// shard cuts them when it opens its log).
 pub fn load<I: Io>(io: &I, data: &Path) -> Result<Vec<DeviceRecord>, StoreError> {
-    let folder = crate::accounts::folder(data);
-    if !io.exists(&folder) {
-        return Ok(Vec::new());
-    }
-    let mut files: Vec<(u16, PathBuf)> = io
-        .list_dir(&folder)
-        .map_err(StoreError::io(&folder))?
-        .into_iter()
-        .filter_map(|name| {
-            let shard = name.strip_prefix("shard-")?.strip_suffix(FILE_SUFFIX)?;
-            Some((shard.parse().ok()?, folder.join(&name)))
-        })
-        .collect();
-    files.sort();
     let mut records = Vec::new();
-    for (_, path) in files {
+    for (_, path) in store_io::shard_files(io, data, FILE_SUFFIX)? {
         let file = io.open(&path, true).map_err(StoreError::io(&path))?;
         let length = file.size_bytes().map_err(StoreError::io(&path))?;
         let whole = (length - length % RECORD_BYTES as u64) as usize;

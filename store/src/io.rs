@@ -59,6 +59,30 @@ pub fn open_shard_log<I: Io>(
     Ok((file, path))
 }
 
+/// The `shard-K<suffix>` files under `DATA/accounts`, by shard number (none when the folder
+/// does not exist).
+pub fn shard_files<I: Io>(
+    io: &I,
+    data: &Path,
+    suffix: &str,
+) -> Result<Vec<(u16, PathBuf)>, crate::StoreError> {
+    let folder = crate::accounts::folder(data);
+    let names = match io.list_dir(&folder) {
+        Ok(names) => names,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(crate::StoreError::io(&folder)(error)),
+    };
+    let mut files: Vec<(u16, PathBuf)> = names
+        .into_iter()
+        .filter_map(|name| {
+            let shard = name.strip_prefix("shard-")?.strip_suffix(suffix)?;
+            Some((shard.parse().ok()?, folder.join(&name)))
+        })
+        .collect();
+    files.sort_unstable();
+    Ok(files)
+}
+
 /// Opens the log file `path` in `folder` (under `data`) for reading and writing, creating it if
 /// it does not exist; a created file's name is made durable (both folders synced) before any
 /// record in it is relied on. Returns the file and whether it was created.

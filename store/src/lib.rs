@@ -23,6 +23,9 @@
 //! presence): [`privacy::load`] at process start, a [`privacy::PrivacyLog`] per shard.
 //! `DATA/accounts/shard-K.groups` holds the chat groups (name, version, members; a whole
 //! snapshot per change): [`groups::load`] at process start, a [`groups::GroupLog`] per shard.
+//! `DATA/accounts/shard-K.seen` holds when each device was last seen, on the account clock
+//! that counts only while hopd runs, for account expiry: [`seen::load`] at process start, a
+//! [`seen::SeenLog`] per shard.
 //!
 //! Time is passed in; all IO goes through the [`io::Io`] seam. Two clocks, never mixed:
 //! - `now_ms`: a monotonic clock (milliseconds since some start, e.g. the process's). Batch
@@ -42,6 +45,7 @@ pub mod io;
 pub mod privacy;
 mod rehome;
 mod report;
+pub mod seen;
 mod shard;
 mod varlog;
 

@@ -1,0 +1,277 @@
+//! When each account's devices were last seen, on disk, for account expiry.
+//!
+//! Time here is the *account clock*: seconds that count only while hopd runs. At start it
+//! resumes from the latest time any file holds ([`LoadedSeen::clock_s`]) and then follows the
+//! monotonic clock, so a step of the wall clock expires no one, and time hopd is stopped (when
+//! no one could sign in either) does not count against anyone.
+//!
+//! `DATA/accounts/shard-K.seen`, written by shard K (the home shard of the devices it records),
+//! is a row of 24-byte records:
+//!
+//! | bytes | field |
+//! | --- | --- |
+//! | 0..16 | the device's user id (big-endian halves); all zero: the shard's clock |
+//! | 16..20 | account-clock seconds, u32 little-endian |
+//! | 20..24 | CRC32C of bytes 0..20, u32 little-endian |
+//!
+//! A device's latest time is the largest of its records in any shard file, so a restart with
+//! another shard count needs no rewrite. Records are appended, a torn tail cut at open (as
+//! [`crate::accounts::AccountLog`] does), and the file is rewritten whole when it holds many
+//! times the records that are live ([`SeenLog::rewrite`]: a temporary file renamed over it).
+//! A record whose checksum fails is skipped and counted, not fatal: losing one can only make an
+//! account live longer (a device with no time is given the clock's time at start).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use hop_protocol::UserId;
+
+use crate::io::{self as store_io, Io, IoFile};
+use crate::StoreError;
+
+/// Bytes of one record.
+pub const RECORD_BYTES: usize = 24;
+
+const FILE_SUFFIX: &str = ".seen";
+/// Records read per read call: memory stays bounded however many a file holds.
+const READ_RECORDS: usize = 8192;
+
+/// Every shard file's records, resolved.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LoadedSeen {
+    /// Each device's latest time.
+    pub seen: HashMap<UserId, u32>,
+    /// The latest time of any record (a device's or a clock's): where the clock resumes.
+    pub clock_s: u32,
+    /// Records read (the live ones and the ones a later record made stale).
+    pub records: u64,
+    /// Records whose checksum failed, skipped.
+    pub damaged: u64,
+    /// Bytes after the last whole record of a file (a write torn by a crash).
+    pub torn_bytes: u64,
+}
+
+/// One shard's writer of seen times. Owned by the shard's thread.
+#[derive(Debug)]
+pub struct SeenLog<I: Io> {
+    file: I::File,
+    path: PathBuf,
+    /// Length of the records on file, whole and fsynced: the next write goes here.
+    good_bytes: u64,
+    pending: Vec<u8>,
+}
+
+impl<I: Io> SeenLog<I> {
+    /// Opens (or creates) `DATA/accounts/shard-K.seen`; a torn tail is cut off, and a
+    /// temporary file a crashed rewrite left is removed.
+    pub fn open(io: &I, data: &Path, shard: u16) -> Result<Self, StoreError> {
+        let (mut file, path) = store_io::open_shard_log(io, data, shard, FILE_SUFFIX)?;
+        let temporary = temporary_path(&path);
+        if io.exists(&temporary) {
+            io.remove_file(&temporary)
+                .map_err(StoreError::io(&temporary))?;
+        }
+        let (good_bytes, _) = store_io::cut_torn_tail(&mut file, RECORD_BYTES, &path)?;
+        Ok(Self {
+            file,
+            path,
+            good_bytes,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Buffers `device`'s time (`None`: the shard's clock); [`SeenLog::flush`] makes it
+    /// durable.
+    pub fn append(&mut self, device: Option<UserId>, seconds: u32) {
+        self.pending.extend_from_slice(&encode(device, seconds));
+    }
+
+    /// Writes the buffered records at the end of the good ones and fsyncs; on failure they
+    /// stay buffered and the file is cut back, for the next flush to write at the same place.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        store_io::append_durably(&mut self.file, &self.pending, self.good_bytes)?;
+        self.good_bytes += self.pending.len() as u64;
+        let records = self.pending.len() / RECORD_BYTES;
+        self.pending.clear();
+        Ok(records)
+    }
+
+    /// Records on file and buffered.
+    pub fn records(&self) -> u64 {
+        (self.good_bytes + self.pending.len() as u64) / RECORD_BYTES as u64
+    }
+
+    /// Replaces the file with one record per device of `devices` and the clock's time: written
+    /// to `shard-K.seen.tmp`, fsynced, renamed over the file, the folder fsynced. The buffered
+    /// records are dropped: `devices` is the shard's whole current state. On failure the old
+    /// file stays in place, the buffered records with it.
+    pub fn rewrite(
+        &mut self,
+        io: &I,
+        clock_s: u32,
+        devices: impl Iterator<Item = (UserId, u32)>,
+    ) -> io::Result<()> {
+        let temporary = temporary_path(&self.path);
+        if io.exists(&temporary) {
+            io.remove_file(&temporary)?;
+        }
+        let mut bytes = encode(None, clock_s).to_vec();
+        for (device, seconds) in devices {
+            bytes.extend_from_slice(&encode(Some(device), seconds));
+        }
+        let mut file = io.create(&temporary)?;
+        file.write_all_at(&bytes, 0)?;
+        file.sync()?;
+        drop(file);
+        io.rename(&temporary, &self.path)?;
+        if let Some(folder) = self.path.parent() {
+            io.sync_dir(folder)?;
+        }
+        self.file = io.open(&self.path, false)?;
+        self.good_bytes = bytes.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn temporary_path(path: &Path) -> PathBuf {
+    path.with_extension("seen.tmp")
+}
+
+/// Every shard file's records under `DATA/accounts` (none when the folder does not exist).
+pub fn load<I: Io>(io: &I, data: &Path) -> Result<LoadedSeen, StoreError> {
+    let mut loaded = LoadedSeen::default();
+    let mut chunk = vec![0u8; READ_RECORDS * RECORD_BYTES];
+    for (_, path) in store_io::shard_files(io, data, FILE_SUFFIX)? {
+        let file = io.open(&path, true).map_err(StoreError::io(&path))?;
+        let length = file.size_bytes().map_err(StoreError::io(&path))?;
+        let whole = length - length % RECORD_BYTES as u64;
+        loaded.torn_bytes += length - whole;
+        let mut offset = 0u64;
+        while offset < whole {
+            let take = (whole - offset).min(chunk.len() as u64) as usize;
+            file.read_exact_at(&mut chunk[..take], offset)
+                .map_err(StoreError::io(&path))?;
+            for record in chunk[..take].chunks_exact(RECORD_BYTES) {
+                loaded.records += 1;
+                let Some((device, seconds)) = decode(record) else {
+                    loaded.damaged += 1;
+                    continue;
+                };
+                loaded.clock_s = loaded.clock_s.max(seconds);
+                if let Some(device) = device {
+                    let latest = loaded.seen.entry(device).or_insert(seconds);
+                    *latest = (*latest).max(seconds);
+                }
+            }
+            offset += take as u64;
+        }
+    }
+    Ok(loaded)
+}
+
+fn encode(device: Option<UserId>, seconds: u32) -> [u8; RECORD_BYTES] {
+    let mut record = [0u8; RECORD_BYTES];
+    if let Some(device) = device {
+        record[..16].copy_from_slice(&device.to_bytes());
+    }
+    record[16..20].copy_from_slice(&seconds.to_le_bytes());
+    let crc = crc32c::crc32c(&record[..20]);
+    record[20..].copy_from_slice(&crc.to_le_bytes());
+    record
+}
+
+/// A record's device (`None`: a clock) and time; `None` when its checksum fails.
+fn decode(record: &[u8]) -> Option<(Option<UserId>, u32)> {
+    let crc = crate::format::le_u32(record, 20);
+    if crc32c::crc32c(record.get(..20)?) != crc {
+        return None;
+    }
+    let id: [u8; 16] = record.get(..16)?.try_into().ok()?;
+    let device = (id != [0; 16]).then(|| UserId::from_bytes(&id)).flatten();
+    if device.is_none() && id != [0; 16] {
+        return None; // an id no device has
+    }
+    Some((device, crate::format::le_u32(record, 16)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::FsIo;
+
+    fn user(n: u64) -> UserId {
+        UserId::from_halves(n, n).unwrap()
+    }
+
+    #[test]
+    fn the_latest_time_of_each_device_wins_across_shard_files() {
+        let folder = tempfile::tempdir().unwrap();
+        let data = folder.path();
+        let mut zero = SeenLog::open(&FsIo, data, 0).unwrap();
+        let mut one = SeenLog::open(&FsIo, data, 1).unwrap();
+        zero.append(Some(user(1)), 50);
+        zero.append(Some(user(2)), 10);
+        one.append(Some(user(1)), 40);
+        one.append(None, 70);
+        assert_eq!(zero.flush().unwrap(), 2);
+        assert_eq!(one.flush().unwrap(), 2);
+        let loaded = load(&FsIo, data).unwrap();
+        assert_eq!(loaded.seen, HashMap::from([(user(1), 50), (user(2), 10)]));
+        assert_eq!((loaded.clock_s, loaded.records, loaded.damaged), (70, 4, 0));
+    }
+
+    #[test]
+    fn a_rewrite_keeps_one_record_per_device_and_the_clock() {
+        let folder = tempfile::tempdir().unwrap();
+        let data = folder.path();
+        let mut log = SeenLog::open(&FsIo, data, 0).unwrap();
+        for seconds in 0..100 {
+            log.append(Some(user(1)), seconds);
+        }
+        log.flush().unwrap();
+        assert_eq!(log.records(), 100);
+        log.append(Some(user(3)), 1); // buffered: the rewrite's state replaces it
+        log.rewrite(&FsIo, 120, [(user(1), 99), (user(2), 5)].into_iter())
+            .unwrap();
+        assert_eq!(log.records(), 3);
+        log.append(Some(user(2)), 110);
+        log.flush().unwrap();
+        let loaded = load(&FsIo, data).unwrap();
+        assert_eq!(loaded.seen, HashMap::from([(user(1), 99), (user(2), 110)]));
+        assert_eq!((loaded.clock_s, loaded.records), (120, 4));
+        assert!(!temporary_path(log.path()).exists());
+    }
+
+    #[test]
+    fn damage_is_skipped_and_a_torn_tail_cut() {
+        let folder = tempfile::tempdir().unwrap();
+        let data = folder.path();
+        let mut log = SeenLog::open(&FsIo, data, 0).unwrap();
+        log.append(Some(user(1)), 5);
+        log.append(Some(user(2)), 6);
+        log.flush().unwrap();
+        let path = log.path().to_path_buf();
+        drop(log);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[3] ^= 1;
+        bytes.extend_from_slice(&[9, 9]);
+        std::fs::write(&path, &bytes).unwrap();
+        let loaded = load(&FsIo, data).unwrap();
+        assert_eq!(loaded.seen, HashMap::from([(user(2), 6)]));
+        assert_eq!((loaded.damaged, loaded.torn_bytes), (1, 2));
+        drop(SeenLog::open(&FsIo, data, 0).unwrap());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            2 * RECORD_BYTES as u64
+        );
+    }
+}
