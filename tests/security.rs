@@ -295,3 +295,46 @@ fn a_refused_client_waits_and_tries_again_within_its_timeout() {
         assert!(start.elapsed() >= Duration::from_millis(100));
     }
 }
+
+/// An account none of whose devices connects within `account_expiry_ms` is deleted with its
+/// queue and its binding; an account that stays online is not. Its key is then a stranger:
+/// refused under closed registration, a new empty account under open registration.
+#[test]
+fn an_account_not_seen_within_its_expiry_goes_with_its_queue() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = folder.path().join("data");
+    let expiry = ["--account-expiry-ms", "2000", "--shards", "2"];
+    let hopd = Hopd::start_in(&data, &expiry);
+    let (alice_key, alice) = hopd.new_user();
+    drop(alice);
+    let (bob_key, mut bob) = hopd.new_user();
+    bob.send_message(alice_key.user_id(), b"for alice, who never comes back")
+        .unwrap();
+    expect_kind(&mut bob, "ServerAck", |kind| match kind {
+        Kind::ServerAck(ack) => Some(ack),
+        _ => None,
+    });
+    // Bob stays online meanwhile: expiry takes idle accounts only.
+    assert_eq!(hopd_metric(&hopd, "hop_accounts_expired_total"), 1);
+    ping(&mut bob);
+    drop(bob);
+    assert!(hopd.stop().success());
+
+    let hopd = Hopd::start_in(&data, &["--registration", "closed", "--shards", "2"]);
+    let mut bob = hopd.connect(&bob_key);
+    ping(&mut bob);
+    let mut alice = hopd.connect(&alice_key);
+    let reason = expect_kind(&mut alice, "GoAway", |kind| match kind {
+        Kind::GoAway(go_away) => Some(go_away.reason),
+        _ => None,
+    });
+    assert_eq!(reason, GoAwayReason::NotRegistered as i32, "unbound");
+    drop((alice, bob));
+    assert!(hopd.stop().success());
+
+    let hopd = Hopd::start_in(&data, &["--shards", "2"]);
+    let mut alice = hopd.connect(&alice_key);
+    let before = common::before_pong(&mut alice);
+    assert!(before.is_empty(), "the old queue is gone: {before:?}");
+    assert!(hopd.stop().success());
+}

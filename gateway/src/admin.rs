@@ -526,6 +526,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.group_copies_refused,
     ),
     (
+        "accounts_expired",
+        "Accounts that expired, with their queues: no device of theirs was seen within account_expiry_ms.",
+        |s| &s.accounts_expired,
+    ),
+    (
         "store_appends",
         "Records appended to the offline queue.",
         |s| &s.store_appends,

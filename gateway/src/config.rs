@@ -94,6 +94,10 @@ pub struct Config {
     pub registration: Registration,
     /// A registration token not redeemed within this long after it was issued is refused.
     pub token_ttl_ms: u64,
+    /// An account none of whose devices connected for this long (counted while hopd runs, in
+    /// whole seconds) expires: its queue, binding, devices and presence setting are deleted.
+    /// 0: accounts never expire.
+    pub account_expiry_ms: u64,
     /// When a queued message is durable, and so when its ServerAck leaves: `always` (fsync
     /// every loop turn that queued something), `batch` (group commit, the default) or `none`
     /// (written to the page cache, never fsynced: survives a crash of hopd, not of the machine).
@@ -287,6 +291,7 @@ impl Default for Config {
             shard_queue_sender_percent: router.shard_queue_sender_percent,
             registration: Registration::Open,
             token_ttl_ms: 7 * 24 * 60 * 60 * 1000,
+            account_expiry_ms: ACCOUNT_EXPIRY_DEFAULT_MS,
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
             batch_records_max: 1024,
@@ -430,6 +435,9 @@ pub struct Args {
     /// A registration token not redeemed within this many milliseconds of its issue is refused.
     #[arg(long, value_name = "MS")]
     pub token_ttl_ms: Option<u64>,
+    /// An account none of whose devices connected for this long (while hopd runs) expires with its queue (0: never).
+    #[arg(long, value_name = "MS")]
+    pub account_expiry_ms: Option<u64>,
     /// When a queued message is durable and its ServerAck leaves: always (fsync every turn), batch (group commit) or none (page cache only).
     #[arg(long, value_enum, value_name = "POLICY")]
     pub durability: Option<DurabilityPolicy>,
@@ -534,6 +542,14 @@ pub enum ConfigError {
 /// The largest shard count: server ids carry the shard in 8 bits.
 pub const SHARDS_MAX: usize = 256;
 
+/// `account_expiry_ms` by default: 120 days, the period after which WhatsApp documents that an
+/// inactive account is deleted.
+pub const ACCOUNT_EXPIRY_DEFAULT_MS: u64 = 120 * 24 * 60 * 60 * 1000;
+/// The shortest expiry: two seconds (tests use a few).
+pub const ACCOUNT_EXPIRY_MIN_MS: u64 = 2_000;
+/// The longest: 100 years, well inside the account clock's u32 seconds.
+pub const ACCOUNT_EXPIRY_MAX_MS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+
 impl Args {
     /// Parses the command line; every setting's help ends with its default.
     pub fn parse_with_defaults() -> Self {
@@ -606,6 +622,7 @@ impl Config {
             shard_queue_sender_percent,
             registration,
             token_ttl_ms,
+            account_expiry_ms,
             durability,
             batch_delay_ms,
             batch_records_max,
@@ -682,6 +699,18 @@ impl Config {
                     reason: "must be greater than 0".into(),
                 });
             }
+        }
+        if self.account_expiry_ms != 0
+            && !(ACCOUNT_EXPIRY_MIN_MS..=ACCOUNT_EXPIRY_MAX_MS).contains(&self.account_expiry_ms)
+        {
+            return Err(ConfigError::Invalid {
+                name: "account_expiry_ms",
+                reason: format!(
+                    "{} is outside {ACCOUNT_EXPIRY_MIN_MS}..={ACCOUNT_EXPIRY_MAX_MS} \
+                     (2 s to 100 years), or 0 for accounts that never expire",
+                    self.account_expiry_ms
+                ),
+            });
         }
         for (name, percent) in [
             ("queue_sender_percent", self.queue_sender_percent),
@@ -850,7 +879,13 @@ impl Config {
             },
             queue_sender_percent: self.queue_sender_percent,
             shard_queue_sender_percent: self.shard_queue_sender_percent,
+            account_expiry_s: self.account_expiry_s(),
         }
+    }
+
+    /// `account_expiry_ms` in whole seconds, rounded up (validated to fit).
+    pub fn account_expiry_s(&self) -> u32 {
+        u32::try_from(self.account_expiry_ms.div_ceil(1000)).unwrap_or(u32::MAX)
     }
 }
 

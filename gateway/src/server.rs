@@ -1,6 +1,7 @@
 //! Starting and stopping hopd: the data folder and key, the listeners, the shard threads, the
 //! signals.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +33,7 @@ use hop_store::devices::{DeviceLog, DeviceRecord};
 use hop_store::groups::{GroupLog, GroupRecord};
 use hop_store::io::FsIo;
 use hop_store::privacy::{self, PrivacyLog};
+use hop_store::seen::SeenLog;
 use hop_store::ShardStore;
 
 /// Pending connections the kernel queues per listener.
@@ -210,6 +212,14 @@ impl Server {
             );
         }
         let groups = hop_store::groups::load(&FsIo, &config.data)?;
+        let seen = hop_store::seen::load(&FsIo, &config.data)?;
+        if seen.damaged > 0 {
+            warn!(
+                damaged = seen.damaged,
+                "records of when devices were last seen failed their checksum and were skipped: \
+                 those devices count as seen now"
+            );
+        }
         let tokens =
             Arc::new(Tokens::open(&config.data, config.token_ttl_ms).map_err(StartError::Tokens)?);
         let bindings = Arc::new(Restored {
@@ -217,6 +227,8 @@ impl Server {
             privacy: settings.settings,
             devices,
             groups,
+            clock_base_s: seen.clock_s.saturating_add(1),
+            seen: seen.seen,
         });
         let key = Arc::new(key);
         let kind = choose_backend(config.backend);
@@ -515,6 +527,10 @@ struct Restored {
     devices: Vec<DeviceRecord>,
     /// The latest state of every group.
     groups: Vec<GroupRecord>,
+    /// When each device was last seen, on the account clock.
+    seen: HashMap<hop_protocol::UserId, u32>,
+    /// The account clock at process start: the latest time on disk, and a second.
+    clock_base_s: u32,
 }
 
 /// Mails waiting in the `from -> to` mailbox.
@@ -566,6 +582,7 @@ fn start_shards<B: Backend>(
             connection_slots: limits.connections_max + CONNECTION_SLOTS_SPARE,
             keeping: config.keeping(),
             send_budget_bytes: config.send_buffers_bytes_max.div_ceil(shards.max(1)),
+            account_clock_base_s: bindings.clock_base_s,
         };
         let accounts = AccountLog::open(&FsIo, &config.data, index as u16)?;
         if accounts.opened().torn_bytes_cut > 0 {
@@ -580,6 +597,7 @@ fn start_shards<B: Backend>(
         let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)?;
         let devices = DeviceLog::open(&FsIo, &config.data, index as u16)?;
         let groups = GroupLog::open(&FsIo, &config.data, index as u16)?;
+        let seen = SeenLog::open(&FsIo, &config.data, index as u16)?;
         let rebuild = rebuilder(config, index, key);
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let (key, mailboxes, shutdown, registered, report, data) = (
@@ -650,6 +668,7 @@ fn start_shards<B: Backend>(
                     devices,
                     directory,
                     groups,
+                    seen,
                     cluster,
                     addresses,
                     tokens,
@@ -701,6 +720,9 @@ fn restored_router(config: &Config, index: usize, key: &StaticKey, restored: &Re
     for record in &restored.devices {
         router.restore_device_link(record.account, record.device, record.linked);
     }
+    for (device, seconds) in &restored.seen {
+        router.restore_seen(*device, *seconds);
+    }
     if config.registration == crate::config::Registration::Closed {
         router.close_registration();
     }
@@ -727,11 +749,15 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
             hop_store::devices::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let groups =
             hop_store::groups::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
+        let seen = hop_store::seen::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let restored = Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,
             devices,
             groups,
+            seen: seen.seen,
+            // Unused here: the shard's clock carries on from its settings.
+            clock_base_s: 0,
         };
         let mut router = restored_router(&config, index, &key, &restored);
         let accounts = AccountLog::open(&FsIo, &config.data, index as u16)
@@ -742,6 +768,8 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
             .map_err(|error| error.to_string())?;
         let groups =
             GroupLog::open(&FsIo, &config.data, index as u16).map_err(|error| error.to_string())?;
+        let seen =
+            SeenLog::open(&FsIo, &config.data, index as u16).map_err(|error| error.to_string())?;
         let store = open_store(
             &config.data,
             index as u16,
@@ -756,6 +784,7 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
             privacy,
             devices,
             groups,
+            seen,
             store,
         })
     })

@@ -39,6 +39,7 @@ use hop_store::devices::{DeviceLog, DeviceRecord};
 use hop_store::groups::{GroupLog, GroupRecord};
 use hop_store::io::FsIo;
 use hop_store::privacy::PrivacyLog;
+use hop_store::seen::SeenLog;
 use hop_store::GroupTag;
 use hop_store::ShardStore;
 use tracing::{debug, error, info, warn};
@@ -72,6 +73,11 @@ const SEND_BUDGET_EVERY_MS: u64 = 100;
 const SEND_BUDGET_CLOSES_MAX: usize = 256;
 /// Bad-input log lines per shard per second at `warn`; the rest go to `debug`.
 const WARNINGS_PER_SECOND: u32 = 10;
+/// The longest between two sweeps for expired accounts (a sweep walks every user of the shard).
+const ACCOUNT_SWEEP_MAX_MS: u64 = 60 * 60 * 1000;
+/// Records a seen log may hold beyond twice the users it keeps times for before it is
+/// rewritten.
+const SEEN_REWRITE_SLACK: u64 = 4096;
 /// Records one store read fetches when a kept message must be pushed: the router pushes a
 /// user's queue in order, so the next ones are usually asked for right after. At most this many
 /// bodies (each at most 64 KiB) are held in the read-ahead.
@@ -123,6 +129,9 @@ pub struct ShardSettings {
     /// Bytes this shard's connections may hold for writing, all together (its share of
     /// `send_buffers_bytes_max`); past it the slowest readers are closed. 0: no budget.
     pub send_budget_bytes: usize,
+    /// The account clock (`hop_store::seen`) at process start, seconds: the clock is this
+    /// plus the monotonic clock's seconds.
+    pub account_clock_base_s: u32,
 }
 
 /// When the shard hands the items it must keep to the store. Items are held back until their
@@ -159,6 +168,8 @@ pub struct ShardParts<B: Backend> {
     /// Which account each companion device belongs to, for every shard.
     pub directory: Arc<Directory>,
     pub groups: GroupLog<FsIo>,
+    /// When the devices homed here were last seen, on disk.
+    pub seen: SeenLog<FsIo>,
     /// This node's view of its cluster; `None` for a single hopd.
     pub cluster: Option<Arc<Cluster>>,
     /// The server's count of connections by source address, for admission.
@@ -309,6 +320,7 @@ pub struct Fresh {
     pub privacy: PrivacyLog<FsIo>,
     pub devices: DeviceLog<FsIo>,
     pub groups: GroupLog<FsIo>,
+    pub seen: SeenLog<FsIo>,
     pub store: ShardStore<FsIo>,
 }
 
@@ -337,6 +349,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         devices,
         directory,
         groups,
+        seen,
         cluster,
         addresses,
         tokens,
@@ -348,6 +361,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         privacy,
         devices,
         groups,
+        seen,
         store,
     };
     let handles = Handles {
@@ -472,6 +486,7 @@ impl<B: Backend> Core<B> {
             privacy,
             devices,
             groups,
+            seen,
             store,
         } = fresh;
         if let Some(cluster) = &cluster {
@@ -486,6 +501,8 @@ impl<B: Backend> Core<B> {
             registering: HashMap::default(),
             sweep_turn: 0,
             send_budget_next_ms: 0,
+            seen,
+            account_sweep_next_ms: 0,
             settings,
             key,
             router,
@@ -608,6 +625,7 @@ impl<B: Backend> Core<B> {
                 core.sweep_turn = core.sweep_turn.wrapping_add(1);
                 core.expire_and_compact();
                 core.router.release_empty(core.wall_ms);
+                core.expire_accounts();
                 core.router.expire_fanouts(core.wall_ms);
                 core.end_turn(backend);
                 core.publish_gauges(backend);
@@ -699,6 +717,10 @@ struct Core<B: Backend> {
     tokens: Option<Arc<Tokens>>,
     /// Connections of new keys waiting for their `Register`: their key.
     registering: HashMap<ConnId, [u8; KEY_BYTES]>,
+    /// When the devices homed here were last seen, on disk (account expiry).
+    seen: SeenLog<FsIo>,
+    /// When the router's accounts are next swept for expiry (monotonic milliseconds).
+    account_sweep_next_ms: u64,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -1232,6 +1254,8 @@ impl<B: Backend> Core<B> {
                     }
                 }
                 Action::PersistBinding { key, .. } => self.accounts.append(&key),
+                Action::Unbind { user } => self.accounts.unbind(user),
+                Action::PersistSeen { device, seconds } => self.seen.append(Some(device), seconds),
                 Action::LinkDevice {
                     account,
                     device,
@@ -1461,6 +1485,13 @@ impl<B: Backend> Core<B> {
             let path = self.privacy.path().display().to_string();
             self.warn(format_args!(
                 "cannot record presence settings in {path}: {error}; trying again next turn"
+            ));
+        }
+        if let Err(error) = self.seen.flush() {
+            bump(&self.stats.binding_write_errors, 1);
+            let path = self.seen.path().display().to_string();
+            self.warn(format_args!(
+                "cannot record when devices were seen in {path}: {error}; trying again next turn"
             ));
         }
         let held_due = self
@@ -2269,10 +2300,51 @@ impl<B: Backend> Core<B> {
         (current.generation == generation).then_some(id)
     }
 
-    /// Reads both clocks once for the events that follow.
+    /// Reads both clocks once for the events that follow, and tells the router the account
+    /// clock's time.
     fn read_clocks(&mut self) {
         self.now_ms = monotonic_ms();
         self.wall_ms = wall_clock_ms();
+        self.router.set_account_clock(self.account_clock_s());
+    }
+
+    /// The account clock (`hop_store::seen`): seconds that count while hopd runs.
+    fn account_clock_s(&self) -> u32 {
+        let seconds = u64::from(self.settings.account_clock_base_s) + self.now_ms / 1000;
+        u32::try_from(seconds).unwrap_or(u32::MAX)
+    }
+
+    /// Expires the accounts none of whose devices was seen for `account_expiry_ms` (at most
+    /// once a grain, at least hourly: the router walks every user), keeps the clock's time,
+    /// and rewrites the seen log when it holds over twice the records that are live.
+    fn expire_accounts(&mut self) {
+        if self.now_ms < self.account_sweep_next_ms || self.router.account_expiry_s() == 0 {
+            return;
+        }
+        let grain_ms = u64::from(self.router.seen_grain_s()) * 1000;
+        self.account_sweep_next_ms = self.now_ms + grain_ms.min(ACCOUNT_SWEEP_MAX_MS);
+        let expired = self.router.expire_accounts();
+        self.run_actions();
+        if expired > 0 {
+            bump(&self.stats.accounts_expired, expired as u64);
+            info!(
+                shard = self.settings.index,
+                expired, "accounts expired: no device of theirs was seen within account_expiry_ms"
+            );
+        }
+        let clock_s = self.account_clock_s();
+        let live = self.router.users_known() as u64;
+        if self.seen.records() > 2 * live + SEEN_REWRITE_SLACK {
+            let rewritten = self.seen.rewrite(&FsIo, clock_s, self.router.seen_times());
+            if let Err(error) = rewritten {
+                let path = self.seen.path().display().to_string();
+                self.warn(format_args!(
+                    "cannot rewrite {path} (it keeps growing until a rewrite succeeds): {error}"
+                ));
+            }
+        } else {
+            self.seen.append(None, clock_s);
+        }
     }
 
     fn warn(&mut self, message: std::fmt::Arguments<'_>) {

@@ -50,6 +50,7 @@ counters! {
     keeps_skipped: "queued items acked by their device before their batch went to disk (never written)",
     handshakes_abandoned: "connections the peer closed before finishing the handshake",
     kicks: "connections an operator closed (`hop admin kick`)",
+    accounts_expired: "accounts that expired: no device of theirs was seen within account_expiry_ms",
     registrations_refused: "new keys sent away under registration = token (no Register first, or a token unknown, used or expired)",
     drain_closes: "connections sent away by a lame-duck drain",
     shard_restarts: "times this shard panicked and was restarted by its supervisor",

@@ -1,6 +1,6 @@
 use std::collections::VecDeque;
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use bytes::Bytes;
 use hop_protocol::keys::KEY_BYTES;
@@ -63,6 +63,10 @@ pub struct Limits {
     /// The most of a shard's queue bytes (`shard_queue_bytes_max`) one sender's messages (its
     /// group messages' copies included) may take, in percent. 100: no share.
     pub shard_queue_sender_percent: u8,
+    /// Account-clock seconds (`hop_store::seen`: they count while hopd runs) after which an
+    /// account none of whose devices was seen expires, with its queue: its binding, devices
+    /// and presence setting go. 0: accounts never expire.
+    pub account_expiry_s: u32,
 }
 
 impl Default for Limits {
@@ -89,6 +93,7 @@ impl Default for Limits {
             },
             queue_sender_percent: 25,
             shard_queue_sender_percent: 10,
+            account_expiry_s: 0,
         }
     }
 }
@@ -339,6 +344,10 @@ pub enum Action {
     },
     /// A user connected for the first time: its key, to keep across restarts.
     PersistBinding { user: UserId, key: [u8; KEY_BYTES] },
+    /// `user`'s account expired: its binding ends, on disk too.
+    Unbind { user: UserId },
+    /// `device` was seen at this account-clock time: to keep for account expiry.
+    PersistSeen { device: UserId, seconds: u32 },
     /// A user changed who may see its presence: to keep across restarts (the latest wins).
     PersistPrivacy { user: UserId, privacy: Privacy },
     /// Keep this item of `user`'s queue on disk. Once it is durable the shard loop calls
@@ -423,6 +432,9 @@ pub struct Counters {
     pub group_copies_refused: u64,
     /// Group fan-outs given up after waiting (a member's shard restarted meanwhile).
     pub fanouts_abandoned: u64,
+    /// Accounts that expired (`Limits::account_expiry_s`), and their devices.
+    pub accounts_expired: u64,
+    pub devices_expired: u64,
 }
 
 /// One user as an operator sees it. All zero and `known: false` for a user this shard does not
@@ -650,6 +662,9 @@ struct User {
     extra: Option<Box<Extra>>,
     /// The user's key is on disk (false for a user made from its queued items at start).
     bound: bool,
+    /// When the device was last seen, as kept on disk: account-clock seconds, at most one
+    /// grain ([`Router::seen_grain_s`]) behind; 0 until known.
+    seen_s: u32,
 }
 
 /// `User::conn` of a user who is offline. The shard's handles never take this value.
@@ -877,6 +892,8 @@ pub struct Router {
     quotas: SenderQuotas,
     /// What each sender's messages take of this shard's queues.
     shares: ShardShares,
+    /// The account clock, seconds (`hop_store::seen`): set by the shard loop.
+    clock_s: u32,
 }
 
 /// A create or add whose new members' home shards are asked whether each may join.
@@ -924,6 +941,7 @@ impl Router {
             registration_closed: false,
             quotas: SenderQuotas::default(),
             shares: ShardShares::default(),
+            clock_s: 0,
         }
     }
 
@@ -1029,6 +1047,132 @@ impl Router {
         }
     }
 
+    /// Restores when a device of this shard was last seen, kept from an earlier run. Devices
+    /// this shard does not know (another shard's, or unbound since) are ignored.
+    pub fn restore_seen(&mut self, device: UserId, seconds: u32) {
+        if let Some(state) = self.users.get_mut(&device) {
+            state.seen_s = seconds;
+        }
+    }
+
+    /// The account clock now, in seconds (`hop_store::seen`). Called by the shard loop as its
+    /// clocks are read.
+    pub fn set_account_clock(&mut self, seconds: u32) {
+        self.clock_s = seconds;
+    }
+
+    /// `Limits::account_expiry_s`: 0 when accounts never expire.
+    pub fn account_expiry_s(&self) -> u32 {
+        self.limits.account_expiry_s
+    }
+
+    /// How far behind the clock a device's kept time may fall before it is written again:
+    /// 1/16 of the expiry, at least a second. An account expires one grain after its expiry,
+    /// so that none expires early.
+    pub fn seen_grain_s(&self) -> u32 {
+        (self.limits.account_expiry_s / 16).max(1)
+    }
+
+    /// Every device's kept time, for a rewrite of the shard's seen log.
+    pub fn seen_times(&self) -> impl Iterator<Item = (UserId, u32)> + '_ {
+        self.users
+            .iter()
+            .filter(|(_, state)| state.seen_s > 0)
+            .map(|(user, state)| (*user, state.seen_s))
+    }
+
+    /// `device` is seen now: its time is kept once it is a grain old (when expiry is on).
+    fn seen_now(&mut self, device: UserId) {
+        if self.limits.account_expiry_s == 0 {
+            return;
+        }
+        let (now, grain) = (self.clock_s, self.seen_grain_s());
+        let Some(state) = self.users.get_mut(&device) else {
+            return;
+        };
+        if state.seen_s == 0 || now.saturating_sub(state.seen_s) >= grain {
+            state.seen_s = now.max(1);
+            self.actions.push_back(Action::PersistSeen {
+                device,
+                seconds: state.seen_s,
+            });
+        }
+    }
+
+    /// Expires the accounts of this shard none of whose devices was seen for
+    /// `account_expiry_s` (and a grain): each device's queue is deleted, its binding and
+    /// presence setting end, the account's companions are unlinked. Online devices, and
+    /// devices whose time is not known yet (restored from the queue, or kept before expiry was
+    /// on), get the clock's time. A walk over every user of the shard: the shard loop calls it
+    /// at most every grain, and at least hourly. Returns the accounts expired.
+    ///
+    /// An expired account stays listed in its groups, as any member without an account is:
+    /// its copies are refused, and its group admins see it named in the senders' ServerAcks.
+    pub fn expire_accounts(&mut self) -> usize {
+        let expiry = self.limits.account_expiry_s;
+        if expiry == 0 {
+            return 0;
+        }
+        let (now, grain) = (self.clock_s, self.seen_grain_s());
+        let mut refresh = Vec::new();
+        let mut idle = HashSet::default();
+        for (user, state) in &self.users {
+            let age = now.saturating_sub(state.seen_s);
+            if state.seen_s == 0 || (state.conn().is_some() && age >= grain) {
+                refresh.push(*user);
+            } else if state.conn().is_none() && age > expiry.saturating_add(grain) {
+                idle.insert(*user);
+            }
+        }
+        for device in refresh {
+            self.seen_now(device);
+        }
+        // An account goes with all its devices, once every one of them is idle; a companion
+        // never goes alone.
+        let accounts: Vec<UserId> = idle
+            .iter()
+            .copied()
+            .filter(|user| !self.companions.contains_key(user))
+            .filter(|account| {
+                self.devices
+                    .get(account)
+                    .is_none_or(|list| list.iter().all(|device| idle.contains(device)))
+            })
+            .collect();
+        for account in &accounts {
+            self.expire_account(*account);
+        }
+        accounts.len()
+    }
+
+    fn expire_account(&mut self, account: UserId) {
+        let companions = self.devices.get(&account).cloned().unwrap_or_default();
+        for device in &companions {
+            self.unlink(account, *device);
+            self.actions.push_back(Action::UnlinkDevice {
+                account,
+                device: *device,
+            });
+        }
+        for device in companions.into_iter().chain([account]) {
+            self.forget_device(device);
+            let Some(state) = self.users.remove(&device) else {
+                continue;
+            };
+            if !state.privacy().is_default() {
+                self.actions.push_back(Action::PersistPrivacy {
+                    user: device,
+                    privacy: Privacy::default(),
+                });
+            }
+            if state.bound {
+                self.actions.push_back(Action::Unbind { user: device });
+            }
+            self.counters.devices_expired += 1;
+        }
+        self.counters.accounts_expired += 1;
+    }
+
     /// Restores who may see a user's presence, kept from an earlier run (the latest setting of
     /// each user, in the order they were made). Users of other shards are ignored.
     pub fn restore_privacy(&mut self, user: UserId, mut privacy: Privacy) {
@@ -1092,6 +1236,8 @@ impl Router {
         state.last_seen_ms = 0;
         state.restart_pushes();
         let subscribers = state.subscribers().to_vec();
+        self.seen_now(user);
+        let state = self.users.get_mut(&user).expect("inserted above");
         if state.newly_empty() {
             self.emptied.push(user);
         }
@@ -1133,6 +1279,8 @@ impl Router {
         state.replace_conn(None);
         state.restart_pushes();
         state.last_seen_ms = now_ms.max(1);
+        self.seen_now(user);
+        let state = self.users.get_mut(&user).expect("known above");
         let subscriptions = state.end_session();
         let subscribers = state.subscribers().to_vec();
         if state.newly_empty() {
@@ -3181,6 +3329,7 @@ impl User {
             last_seen_ms: 0,
             extra: None,
             bound: false,
+            seen_s: 0,
         }
     }
 

@@ -51,6 +51,10 @@ struct Cluster {
     node_mails: usize,
     /// When false, node mails are not carried but refused (`handle_unroutable`): no links.
     links_up: bool,
+    /// Bindings the routers ended (expired accounts).
+    unbound: Vec<UserId>,
+    /// Seen times the routers asked to keep, in order.
+    seen: Vec<(UserId, u32)>,
 }
 
 /// The node of a cluster of `nodes` that `user` lives on, in node mode.
@@ -99,6 +103,8 @@ impl Cluster {
             nodes: None,
             node_mails: 0,
             links_up: true,
+            unbound: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -223,6 +229,10 @@ impl Cluster {
                             }
                         }
                         Action::PersistBinding { user, .. } => self.persisted.push(user),
+                        Action::Unbind { user } => self.unbound.push(user),
+                        Action::PersistSeen { device, seconds } => {
+                            self.seen.push((device, seconds))
+                        }
                         Action::PersistPrivacy { .. } => self.persisted_privacy = true,
                         Action::Keep { user, item } => {
                             self.disk.insert(
@@ -2536,4 +2546,130 @@ fn a_group_takes_no_new_message_while_its_shards_mail_is_backed_up() {
         only(cluster.take(1)).kind,
         Some(Kind::ServerAck(_))
     ));
+}
+
+/// Sets every router's account clock.
+fn set_clock(cluster: &mut Cluster, seconds: u32) {
+    for router in &mut cluster.routers {
+        router.set_account_clock(seconds);
+    }
+}
+
+#[test]
+fn an_account_whose_devices_were_not_seen_expires_with_its_queue_binding_and_companions() {
+    use device_change::Op;
+    let limits = Limits {
+        account_expiry_s: 160, // a grain of 10 s
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(1, limits);
+    let (alice, phone, bob, carol) = (
+        cluster.user_on(0, 0),
+        cluster.user_on(0, 1),
+        cluster.user_on(0, 2),
+        cluster.user_on(0, 3),
+    );
+    set_clock(&mut cluster, 100);
+    cluster.connect(alice, 1);
+    cluster
+        .stanza(alice, 1, device_change(Op::Add, Some(phone)))
+        .unwrap();
+    cluster.connect(phone, 2);
+    cluster.connect(bob, 3);
+    cluster.connect(carol, 4);
+    assert_eq!(
+        cluster.seen,
+        vec![(alice, 100), (phone, 100), (bob, 100), (carol, 100)]
+    );
+    cluster.disconnect(alice, 1);
+    cluster.disconnect(phone, 2);
+    cluster.disconnect(carol, 4);
+    assert_eq!(
+        cluster.seen.len(),
+        4,
+        "seen again within a grain: not kept again"
+    );
+    cluster.declare(bob, 3, outbox_of(3));
+    cluster.send(bob, 3, alice, 1, b"hello");
+    cluster.send(bob, 3, phone, 2, b"hi");
+    assert_eq!(cluster.disk.len(), 3, "alice, her phone's copy, the phone");
+
+    // The phone shows up later: the account lives while any device is seen.
+    set_clock(&mut cluster, 200);
+    cluster.connect(phone, 5);
+    cluster.disconnect(phone, 5);
+    assert_eq!(cluster.seen.last(), Some(&(phone, 200)));
+    // Bob stays online: his time is kept again once it is a grain old.
+    set_clock(&mut cluster, 271); // alice and carol: 171 s, past 160 + 10
+    assert_eq!(cluster.routers[0].expire_accounts(), 1, "carol only");
+    cluster.run();
+    assert_eq!(cluster.unbound, vec![carol]);
+    assert_eq!(cluster.seen.last(), Some(&(bob, 271)));
+    assert!(cluster.routers[0].user_report(alice).known);
+
+    set_clock(&mut cluster, 371);
+    assert_eq!(
+        cluster.routers[0].expire_accounts(),
+        1,
+        "alice, with her phone"
+    );
+    cluster.run();
+    assert_eq!(cluster.unbound, vec![carol, phone, alice]);
+    assert_eq!(cluster.unlinked, vec![phone]);
+    assert!(
+        cluster.disk.is_empty(),
+        "both queues deleted: {:?}",
+        cluster.disk
+    );
+    assert_eq!(cluster.routers[0].queued(), (0, 0));
+    for user in [alice, phone, carol] {
+        assert!(!cluster.routers[0].user_report(user).known);
+        assert!(!cluster.routers[0].is_bound(user));
+    }
+    assert_eq!(cluster.routers[0].account_of(phone), phone, "unlinked");
+    let counters = cluster.routers[0].counters();
+    assert_eq!(
+        (counters.accounts_expired, counters.devices_expired),
+        (2, 3)
+    );
+
+    // Alice's key comes back: a new account, with nothing of the old one.
+    cluster.connect(alice, 6);
+    assert!(cluster.persisted.ends_with(&[alice]), "bound again");
+    assert!(cluster.take(6).is_empty(), "no old queue");
+}
+
+#[test]
+fn devices_of_unknown_age_are_given_the_clock_and_expiry_off_keeps_nothing() {
+    let mut cluster = Cluster::new(1, Limits::default());
+    let alice = cluster.user_on(0, 0);
+    set_clock(&mut cluster, 5);
+    cluster.connect(alice, 1);
+    cluster.disconnect(alice, 1);
+    set_clock(&mut cluster, u32::MAX);
+    assert_eq!(cluster.routers[0].expire_accounts(), 0);
+    cluster.run();
+    assert!(cluster.seen.is_empty(), "expiry off: no seen times");
+
+    let limits = Limits {
+        account_expiry_s: 16,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(1, limits);
+    let bob = cluster.user_on(0, 1);
+    cluster.routers[0].restore_binding(bob);
+    set_clock(&mut cluster, 1_000);
+    assert_eq!(cluster.routers[0].expire_accounts(), 0, "age unknown");
+    cluster.run();
+    assert_eq!(cluster.seen, vec![(bob, 1_000)]);
+    set_clock(&mut cluster, 1_017);
+    assert_eq!(
+        cluster.routers[0].expire_accounts(),
+        0,
+        "16 s: not past expiry and grain"
+    );
+    set_clock(&mut cluster, 1_018);
+    assert_eq!(cluster.routers[0].expire_accounts(), 1);
+    cluster.routers[0].restore_seen(bob, 7);
+    assert!(!cluster.routers[0].is_bound(bob), "gone");
 }
