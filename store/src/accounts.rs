@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::UserId;
 
+use crate::fixedlog::FixedLog;
 use crate::io::{self as store_io, Io, IoFile};
 use crate::StoreError;
 
@@ -79,12 +80,7 @@ pub struct Opened {
 /// One shard's writer of new bindings. Owned by the shard's thread.
 #[derive(Debug)]
 pub struct AccountLog<I: Io> {
-    file: I::File,
-    path: PathBuf,
-    /// Length of the records known to be on file, whole and fsynced: the next write goes here.
-    good_bytes: u64,
-    /// Encoded records appended and not yet flushed.
-    pending: Vec<u8>,
+    log: FixedLog<I::File>,
     opened: Opened,
 }
 
@@ -102,31 +98,26 @@ impl<I: Io> AccountLog<I> {
             return Err(StoreError::written_by_v1(&v1, data));
         }
         let path = shard_path(data, shard);
-        let (mut file, created) = store_io::open_or_create_log(io, &path, &folder, data)?;
-        let (good_bytes, torn) = store_io::cut_torn_tail(&mut file, RECORD_BYTES, &path)?;
-        Ok(Self {
-            file,
-            path,
-            good_bytes,
-            pending: Vec::new(),
-            opened: Opened {
-                records: good_bytes / RECORD_BYTES as u64,
-                torn_bytes_cut: torn,
-                created,
-            },
-        })
+        let (file, created) = store_io::open_or_create_log(io, &path, &folder, data)?;
+        let (log, torn) = FixedLog::new(file, path, RECORD_BYTES)?;
+        let opened = Opened {
+            records: log.records_on_file(),
+            torn_bytes_cut: torn,
+            created,
+        };
+        Ok(Self { log, opened })
     }
 
     /// Buffers the binding of `key` (its user id is derived from it); [`AccountLog::flush`]
     /// makes it durable.
     pub fn append(&mut self, key: &[u8; KEY_BYTES]) {
-        self.pending.extend_from_slice(&encode(key));
+        self.log.push(&encode(key));
     }
 
     /// Buffers the end of `user`'s binding (its account expired): after the next flush, a
     /// restart no longer knows the key, until it binds again.
     pub fn unbind(&mut self, user: UserId) {
-        self.pending.extend_from_slice(&encode_unbind(user));
+        self.log.push(&encode_unbind(user));
     }
 
     /// Writes every buffered record with one positioned write at the end of the good records,
@@ -136,21 +127,12 @@ impl<I: Io> AccountLog<I> {
     /// effort: if that fails too, the next flush still writes at the good length, over the
     /// torn bytes). Call again later to retry.
     pub fn flush(&mut self) -> io::Result<usize> {
-        if self.pending.is_empty() {
-            return Ok(0);
-        }
-        debug_assert_eq!(self.good_bytes % RECORD_BYTES as u64, 0);
-        debug_assert_eq!(self.pending.len() % RECORD_BYTES, 0);
-        store_io::append_durably(&mut self.file, &self.pending, self.good_bytes)?;
-        self.good_bytes += self.pending.len() as u64;
-        let records = self.pending.len() / RECORD_BYTES;
-        self.pending.clear();
-        Ok(records)
+        self.log.flush()
     }
 
     /// Records appended and not yet durable (they grow while flushes fail).
     pub fn pending_records(&self) -> usize {
-        self.pending.len() / RECORD_BYTES
+        self.log.pending_records()
     }
 
     /// What opening found.
@@ -159,7 +141,7 @@ impl<I: Io> AccountLog<I> {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.log.path()
     }
 }
 

@@ -18,10 +18,11 @@
 //! record whose checksum fails stops the start, naming the file and offset.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hop_protocol::UserId;
 
+use crate::fixedlog::FixedLog;
 use crate::io::{self as store_io, Io, IoFile};
 use crate::StoreError;
 
@@ -42,46 +43,30 @@ pub struct DeviceRecord {
 /// One shard's writer of device links. Owned by the shard's thread.
 #[derive(Debug)]
 pub struct DeviceLog<I: Io> {
-    file: I::File,
-    path: PathBuf,
-    /// Length of the records on file, whole and fsynced: the next write goes here.
-    good_bytes: u64,
-    pending: Vec<u8>,
+    log: FixedLog<I::File>,
 }
 
 impl<I: Io> DeviceLog<I> {
     /// Opens (or creates) `DATA/accounts/shard-K.devices`; a torn tail is cut off.
     pub fn open(io: &I, data: &Path, shard: u16) -> Result<Self, StoreError> {
-        let (mut file, path) = store_io::open_shard_log(io, data, shard, FILE_SUFFIX)?;
-        let (good_bytes, _) = store_io::cut_torn_tail(&mut file, RECORD_BYTES, &path)?;
-        Ok(Self {
-            file,
-            path,
-            good_bytes,
-            pending: Vec::new(),
-        })
+        let (file, path) = store_io::open_shard_log(io, data, shard, FILE_SUFFIX)?;
+        let (log, _) = FixedLog::new(file, path, RECORD_BYTES)?;
+        Ok(Self { log })
     }
 
     /// Buffers a record; [`DeviceLog::flush`] makes it durable.
     pub fn append(&mut self, record: &DeviceRecord) {
-        self.pending.extend_from_slice(&encode(record));
+        self.log.push(&encode(record));
     }
 
     /// Writes the buffered records at the end of the good ones and fsyncs; on failure they
     /// stay buffered and the file is cut back, for the next flush to write at the same place.
     pub fn flush(&mut self) -> io::Result<usize> {
-        if self.pending.is_empty() {
-            return Ok(0);
-        }
-        store_io::append_durably(&mut self.file, &self.pending, self.good_bytes)?;
-        self.good_bytes += self.pending.len() as u64;
-        let records = self.pending.len() / RECORD_BYTES;
-        self.pending.clear();
-        Ok(records)
+        self.log.flush()
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.log.path()
     }
 }
 

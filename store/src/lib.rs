@@ -39,6 +39,7 @@
 pub mod accounts;
 mod cache;
 pub mod devices;
+mod fixedlog;
 pub mod format;
 pub mod groups;
 pub mod io;

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use hop_protocol::UserId;
 
+use crate::fixedlog::FixedLog;
 use crate::io::{self as store_io, Io, IoFile};
 use crate::StoreError;
 
@@ -55,54 +56,38 @@ pub struct LoadedSeen {
 /// One shard's writer of seen times. Owned by the shard's thread.
 #[derive(Debug)]
 pub struct SeenLog<I: Io> {
-    file: I::File,
-    path: PathBuf,
-    /// Length of the records on file, whole and fsynced: the next write goes here.
-    good_bytes: u64,
-    pending: Vec<u8>,
+    log: FixedLog<I::File>,
 }
 
 impl<I: Io> SeenLog<I> {
     /// Opens (or creates) `DATA/accounts/shard-K.seen`; a torn tail is cut off, and a
     /// temporary file a crashed rewrite left is removed.
     pub fn open(io: &I, data: &Path, shard: u16) -> Result<Self, StoreError> {
-        let (mut file, path) = store_io::open_shard_log(io, data, shard, FILE_SUFFIX)?;
+        let (file, path) = store_io::open_shard_log(io, data, shard, FILE_SUFFIX)?;
         let temporary = temporary_path(&path);
         if io.exists(&temporary) {
             io.remove_file(&temporary)
                 .map_err(StoreError::io(&temporary))?;
         }
-        let (good_bytes, _) = store_io::cut_torn_tail(&mut file, RECORD_BYTES, &path)?;
-        Ok(Self {
-            file,
-            path,
-            good_bytes,
-            pending: Vec::new(),
-        })
+        let (log, _) = FixedLog::new(file, path, RECORD_BYTES)?;
+        Ok(Self { log })
     }
 
     /// Buffers `device`'s time (`None`: the shard's clock); [`SeenLog::flush`] makes it
     /// durable.
     pub fn append(&mut self, device: Option<UserId>, seconds: u32) {
-        self.pending.extend_from_slice(&encode(device, seconds));
+        self.log.push(&encode(device, seconds));
     }
 
     /// Writes the buffered records at the end of the good ones and fsyncs; on failure they
     /// stay buffered and the file is cut back, for the next flush to write at the same place.
     pub fn flush(&mut self) -> io::Result<usize> {
-        if self.pending.is_empty() {
-            return Ok(0);
-        }
-        store_io::append_durably(&mut self.file, &self.pending, self.good_bytes)?;
-        self.good_bytes += self.pending.len() as u64;
-        let records = self.pending.len() / RECORD_BYTES;
-        self.pending.clear();
-        Ok(records)
+        self.log.flush()
     }
 
     /// Records on file and buffered.
     pub fn records(&self) -> u64 {
-        (self.good_bytes + self.pending.len() as u64) / RECORD_BYTES as u64
+        self.log.records_on_file() + self.log.pending_records() as u64
     }
 
     /// Replaces the file with one record per device of `devices` and the clock's time: written
@@ -115,7 +100,8 @@ impl<I: Io> SeenLog<I> {
         clock_s: u32,
         devices: impl Iterator<Item = (UserId, u32)>,
     ) -> io::Result<()> {
-        let temporary = temporary_path(&self.path);
+        let path = self.log.path().to_path_buf();
+        let temporary = temporary_path(&path);
         if io.exists(&temporary) {
             io.remove_file(&temporary)?;
         }
@@ -127,18 +113,17 @@ impl<I: Io> SeenLog<I> {
         file.write_all_at(&bytes, 0)?;
         file.sync()?;
         drop(file);
-        io.rename(&temporary, &self.path)?;
-        if let Some(folder) = self.path.parent() {
+        io.rename(&temporary, &path)?;
+        if let Some(folder) = path.parent() {
             io.sync_dir(folder)?;
         }
-        self.file = io.open(&self.path, false)?;
-        self.good_bytes = bytes.len() as u64;
-        self.pending.clear();
+        self.log
+            .replaced(io.open(&path, false)?, bytes.len() as u64);
         Ok(())
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.log.path()
     }
 }
 
