@@ -679,6 +679,14 @@ fn a_killed_node_s_users_move_to_their_replicas_and_come_back_with_it() {
     let (_, replica) = placed(&[0, 1, 2], key.user_id());
     assert_eq!(placed(&[0, 1], key.user_id()).0, replica);
     nodes.served_by(0, &key, 2);
+    // Alice, on n0, sends to the user of n2, which takes it.
+    let alice_key = key_homed_on(&[0, 1, 2], 0);
+    let mut alice = nodes.connect(0, &alice_key).expect("alice served");
+    let body = b"queued on n2 before it died";
+    let sent = alice.send_message(key.user_id(), body).expect("sent");
+    let Kind::ServerAck(first) = next_of(&mut alice, "ServerAck") else {
+        unreachable!()
+    };
 
     nodes.kill(2);
     let moved = nodes.served_by(0, &key, replica);
@@ -687,6 +695,16 @@ fn a_killed_node_s_users_move_to_their_replicas_and_come_back_with_it() {
          (lease {LEASE_MS} ms)"
     );
     nodes.wait_for_members(0, &[0, 1]);
+    // Alice sends it again, as a client that never saw the ServerAck would: the replica names
+    // it as n2 did (the nodes key message ids with the cluster's secret), so the recipient's
+    // app takes it once.
+    alice
+        .resend_message(key.user_id(), sent.seq, body)
+        .expect("sent again");
+    let Kind::ServerAck(again) = next_of(&mut alice, "ServerAck") else {
+        unreachable!()
+    };
+    assert_eq!(again.id, first.id, "one id for the message on both nodes");
 
     nodes.start_node(2);
     nodes.wait_for_members(0, &[0, 1, 2]);

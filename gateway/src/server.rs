@@ -113,7 +113,7 @@ fn start_cluster(
     config: &Config,
     local_addr: SocketAddr,
     key: &StaticKey,
-) -> Result<Option<Membership>, StartError> {
+) -> Result<Option<(Membership, [u8; 32])>, StartError> {
     if config.cluster_etcd.is_empty() {
         return Ok(None);
     }
@@ -133,6 +133,12 @@ fn start_cluster(
     } else {
         config.advertise.clone()
     };
+    let secret = membership::cluster_secret(
+        &config.cluster_etcd,
+        config.cluster_lease_ms,
+        membership::SECRET_PATIENCE,
+    )
+    .map_err(StartError::Cluster)?;
     let stop = Arc::new(AtomicBool::new(false));
     let links = Arc::new(Links::new(Arc::new(key.clone()), stop.clone()));
     let cluster = Arc::new(Cluster::new(
@@ -149,7 +155,7 @@ fn start_cluster(
     membership::start(cluster.clone(), stop.clone())
         .map_err(|error| StartError::Cluster(error.to_string()))?;
     info!(node = %node_id, %advertise, etcd = ?config.cluster_etcd, "joining the cluster");
-    Ok(Some((cluster, stop)))
+    Ok(Some(((cluster, stop), secret)))
 }
 
 impl Server {
@@ -222,6 +228,15 @@ impl Server {
         }
         let tokens =
             Arc::new(Tokens::open(&config.data, config.token_ttl_ms).map_err(StartError::Tokens)?);
+        let key = Arc::new(key);
+        let kind = choose_backend(config.backend);
+        let ceiling = connection_ceiling(config, kind);
+        let controls = controls.clone();
+        // Shared by the shards and the admin listener: who each companion device belongs to.
+        let (cluster, secrets) = match start_cluster(config, local_addr, &key)? {
+            Some((membership, secret)) => (Some(membership), Secrets::derive(&secret)),
+            None => (None, Secrets::derive(key.private())),
+        };
         let bindings = Arc::new(Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,
@@ -229,13 +244,8 @@ impl Server {
             groups,
             clock_base_s: seen.clock_s.saturating_add(1),
             seen: seen.seen,
+            secrets,
         });
-        let key = Arc::new(key);
-        let kind = choose_backend(config.backend);
-        let ceiling = connection_ceiling(config, kind);
-        let controls = controls.clone();
-        // Shared by the shards and the admin listener: who each companion device belongs to.
-        let cluster = start_cluster(config, local_addr, &key)?;
         let shared = Shared {
             controls: controls.clone(),
             directory: directory.clone(),
@@ -531,6 +541,9 @@ struct Restored {
     seen: HashMap<hop_protocol::UserId, u32>,
     /// The account clock at process start: the latest time on disk, and a second.
     clock_base_s: u32,
+    /// What message ids and Read proofs are keyed with: derived from the server's key, or in a
+    /// cluster from the cluster's shared secret.
+    secrets: Secrets,
 }
 
 /// Mails waiting in the `from -> to` mailbox.
@@ -593,12 +606,12 @@ fn start_shards<B: Backend>(
                 "cut off a torn account record"
             );
         }
-        let mut router = restored_router(config, index, key, bindings);
+        let mut router = restored_router(config, index, bindings);
         let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)?;
         let devices = DeviceLog::open(&FsIo, &config.data, index as u16)?;
         let groups = GroupLog::open(&FsIo, &config.data, index as u16)?;
         let seen = SeenLog::open(&FsIo, &config.data, index as u16)?;
-        let rebuild = rebuilder(config, index, key);
+        let rebuild = rebuilder(config, index, &bindings.secrets);
         let cpu = (config.pin_cores && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let (key, mailboxes, shutdown, registered, report, data) = (
             key.clone(),
@@ -699,12 +712,12 @@ fn start_shards<B: Backend>(
 }
 
 /// Shard `index`'s router, with the bindings and presence settings read from disk.
-fn restored_router(config: &Config, index: usize, key: &StaticKey, restored: &Restored) -> Router {
+fn restored_router(config: &Config, index: usize, restored: &Restored) -> Router {
     let mut router = Router::new(
         index as ShardId,
         config.shards as u16,
         config.router_limits(),
-        Secrets::derive(key.private()),
+        restored.secrets.clone(),
     );
     for (user, _) in &restored.bindings {
         router.restore_binding(*user);
@@ -740,8 +753,8 @@ fn restored_router(config: &Config, index: usize, key: &StaticKey, restored: &Re
 /// How shard `index` is rebuilt from disk after a panic: bindings and presence settings read
 /// again (the other shards go on appending theirs meanwhile: a torn tail of theirs is
 /// skipped), its logs opened again, its queue recovered.
-fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebuild {
-    let (config, key) = (config.clone(), key.clone());
+fn rebuilder(config: &Config, index: usize, secrets: &Secrets) -> shard::Rebuild {
+    let (config, secrets) = (config.clone(), secrets.clone());
     Box::new(move || {
         let loaded = accounts::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let settings = privacy::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
@@ -758,8 +771,9 @@ fn rebuilder(config: &Config, index: usize, key: &Arc<StaticKey>) -> shard::Rebu
             seen: seen.seen,
             // Unused here: the shard's clock carries on from its settings.
             clock_base_s: 0,
+            secrets: secrets.clone(),
         };
-        let mut router = restored_router(&config, index, &key, &restored);
+        let mut router = restored_router(&config, index, &restored);
         let accounts = AccountLog::open(&FsIo, &config.data, index as u16)
             .map_err(|error| error.to_string())?;
         let privacy = PrivacyLog::open(&FsIo, &config.data, index as u16)

@@ -1007,6 +1007,45 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_secret_is_made_once_and_read_alike_by_every_node() {
+        use crate::cluster::membership::{cluster_secret, SECRET_KEY};
+        let Some(server) = EtcdServer::start("the_cluster_secret_is_made_once") else {
+            return;
+        };
+        let endpoints = [server.endpoint.clone()];
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let endpoints = endpoints.clone();
+                std::thread::spawn(move || cluster_secret(&endpoints, 2_000, WAIT))
+            })
+            .collect();
+        let secrets: Vec<[u8; 32]> = threads
+            .into_iter()
+            .map(|thread| thread.join().unwrap().expect("a secret"))
+            .collect();
+        assert!(
+            secrets.iter().all(|secret| *secret == secrets[0]),
+            "one secret"
+        );
+        assert_ne!(secrets[0], [0; 32]);
+        let kept = server.client().get(SECRET_KEY.as_bytes()).unwrap().unwrap();
+        assert_eq!(kept.value, hex::encode(secrets[0]).into_bytes());
+
+        server
+            .client()
+            .put(SECRET_KEY.as_bytes(), b"not hex", None)
+            .unwrap();
+        let error = cluster_secret(&endpoints, 2_000, Duration::ZERO).unwrap_err();
+        assert!(error.contains("not 64 hex digits"), "{error}");
+        let unreachable = ["http://127.0.0.1:1".to_string()];
+        let error = cluster_secret(&unreachable, 2_000, Duration::ZERO).unwrap_err();
+        assert!(
+            error.contains("cannot read the cluster's secret"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn lease_put_get_keep_alive_revoke() {
         let Some(server) = EtcdServer::start("lease_put_get_keep_alive_revoke") else {
             return;

@@ -31,6 +31,61 @@ use crate::shard::monotonic_ms;
 
 /// Where member keys live in etcd.
 pub const MEMBERS_PREFIX: &str = "/hop/members/";
+/// Where the cluster's shared secret lives in etcd ([`cluster_secret`]).
+pub const SECRET_KEY: &str = "/hop/secret";
+/// How long a starting node tries to read (or make) the cluster's secret before it gives up.
+pub const SECRET_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The cluster's shared secret: 32 random bytes, made by the first node that asks and read by
+/// every other, kept in etcd under [`SECRET_KEY`] as 64 hex digits. Message ids and Read
+/// proofs are keyed with it instead of a node's own key, so that every node names a message
+/// alike (a resend to a user's new home after its node died gets the original's id, and the
+/// recipient's app takes it once) and checks a Read for a message another node delivered.
+/// Tries every endpoint until `patience` has passed; the error says what failed last.
+pub fn cluster_secret(
+    endpoints: &[String],
+    lease_ms: u64,
+    patience: Duration,
+) -> Result<[u8; 32], String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let last = match read_or_make_secret(endpoints, lease_ms) {
+            Ok(secret) => return Ok(secret),
+            Err(error) => error,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "cannot read the cluster's secret ({SECRET_KEY}) from etcd {endpoints:?} within \
+                 {patience:?}: {last}"
+            ));
+        }
+        std::thread::sleep(RETRY_PAUSE);
+    }
+}
+
+fn read_or_make_secret(endpoints: &[String], lease_ms: u64) -> Result<[u8; 32], String> {
+    let etcd = Etcd::new(endpoints, request_timeout(lease_ms)).map_err(|e| e.to_string())?;
+    for _ in 0..2 {
+        if let Some(found) = etcd.get(SECRET_KEY.as_bytes()).map_err(|e| e.to_string())? {
+            let mut secret = [0u8; 32];
+            hex::decode_to_slice(&found.value, &mut secret).map_err(|_| {
+                format!("{SECRET_KEY} in etcd is not 64 hex digits: delete it to make a new one (every node must restart then)")
+            })?;
+            return Ok(secret);
+        }
+        let mut made = [0u8; 32];
+        for part in made.chunks_exact_mut(8) {
+            let random = hop_protocol::outbox::random_nonzero()
+                .map_err(|_| "no randomness for the cluster's secret".to_string())?;
+            part.copy_from_slice(&random.to_le_bytes());
+        }
+        // Another node may make it first: then its secret is read back, never overwritten.
+        etcd.create(SECRET_KEY.as_bytes(), hex::encode(made).as_bytes(), None)
+            .map_err(|e| e.to_string())?;
+    }
+    Err(format!("{SECRET_KEY} was made but cannot be read back"))
+}
+
 /// The shortest lease etcd grants whole seconds of; shorter settings are refused at start.
 pub const LEASE_MS_MIN: u64 = 2_000;
 /// Time allowed for one etcd request to one endpoint: a quarter of the lease (at least 200 ms,
