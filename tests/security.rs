@@ -319,6 +319,13 @@ fn an_account_not_seen_within_its_expiry_goes_with_its_queue() {
     ping(&mut bob);
     drop(bob);
     assert!(hopd.stop().success());
+    let clock = |data: &Path| {
+        hop_store::seen::load(&hop_store::io::FsIo, data)
+            .unwrap()
+            .clock_s
+    };
+    let first_run = clock(&data);
+    assert!(first_run > 0, "the sweeps kept the account clock");
 
     let hopd = Hopd::start_in(&data, &["--registration", "closed", "--shards", "2"]);
     let mut bob = hopd.connect(&bob_key);
@@ -331,6 +338,10 @@ fn an_account_not_seen_within_its_expiry_goes_with_its_queue() {
     assert_eq!(reason, GoAwayReason::NotRegistered as i32, "unbound");
     drop((alice, bob));
     assert!(hopd.stop().success());
+    assert!(
+        clock(&data) > first_run,
+        "the account clock carries on from where the last run left it"
+    );
 
     let hopd = Hopd::start_in(&data, &["--shards", "2"]);
     let mut alice = hopd.connect(&alice_key);

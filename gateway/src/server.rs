@@ -183,7 +183,15 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
-        let loaded = accounts::load(&FsIo, &config.data)?;
+        let seen = hop_store::seen::load(&FsIo, &config.data)?;
+        if seen.damaged > 0 {
+            warn!(
+                damaged = seen.damaged,
+                "records of when devices were last seen failed their checksum and were skipped: \
+                 those devices count as seen now"
+            );
+        }
+        let loaded = accounts::load(&FsIo, &config.data, &seen.seen)?;
         if loaded.torn_bytes > 0 {
             warn!(
                 torn_bytes = loaded.torn_bytes,
@@ -218,14 +226,6 @@ impl Server {
             );
         }
         let groups = hop_store::groups::load(&FsIo, &config.data)?;
-        let seen = hop_store::seen::load(&FsIo, &config.data)?;
-        if seen.damaged > 0 {
-            warn!(
-                damaged = seen.damaged,
-                "records of when devices were last seen failed their checksum and were skipped: \
-                 those devices count as seen now"
-            );
-        }
         let tokens =
             Arc::new(Tokens::open(&config.data, config.token_ttl_ms).map_err(StartError::Tokens)?);
         let key = Arc::new(key);
@@ -719,8 +719,17 @@ fn restored_router(config: &Config, index: usize, restored: &Restored) -> Router
         config.router_limits(),
         restored.secrets.clone(),
     );
+    // A companion's binding is restored on its account's home shard, where the device lives.
+    let mut account_of = HashMap::new();
+    for record in &restored.devices {
+        if record.linked {
+            account_of.insert(record.device, record.account);
+        } else {
+            account_of.remove(&record.device);
+        }
+    }
     for (user, _) in &restored.bindings {
-        router.restore_binding(*user);
+        router.restore_binding(*user, account_of.get(user).copied().unwrap_or(*user));
     }
     for (user, visibility, contacts) in &restored.privacy {
         let privacy = hop_router::Privacy {
@@ -756,13 +765,14 @@ fn restored_router(config: &Config, index: usize, restored: &Restored) -> Router
 fn rebuilder(config: &Config, index: usize, secrets: &Secrets) -> shard::Rebuild {
     let (config, secrets) = (config.clone(), secrets.clone());
     Box::new(move || {
-        let loaded = accounts::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
+        let seen = hop_store::seen::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
+        let loaded =
+            accounts::load(&FsIo, &config.data, &seen.seen).map_err(|error| error.to_string())?;
         let settings = privacy::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let devices =
             hop_store::devices::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let groups =
             hop_store::groups::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
-        let seen = hop_store::seen::load(&FsIo, &config.data).map_err(|error| error.to_string())?;
         let restored = Restored {
             bindings: loaded.bindings,
             privacy: settings.settings,

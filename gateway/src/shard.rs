@@ -1254,7 +1254,7 @@ impl<B: Backend> Core<B> {
                     }
                 }
                 Action::PersistBinding { key, .. } => self.accounts.append(&key),
-                Action::Unbind { user } => self.accounts.unbind(user),
+                Action::Unbind { user, seconds } => self.accounts.unbind(user, seconds),
                 Action::PersistSeen { device, seconds } => self.seen.append(Some(device), seconds),
                 Action::LinkDevice {
                     account,
@@ -1459,6 +1459,15 @@ impl<B: Backend> Core<B> {
     /// next turn without holding up the queue: a queued item needs no binding on disk (at
     /// start, a user with queued items is made from them).
     fn commit_if_due(&mut self) {
+        // Seen times before bindings: a binding made again after an unbinding is told apart
+        // from an old one, at load, by its device's time (`hop_store::accounts::load`).
+        if let Err(error) = self.seen.flush() {
+            bump(&self.stats.binding_write_errors, 1);
+            let path = self.seen.path().display().to_string();
+            self.warn(format_args!(
+                "cannot record when devices were seen in {path}: {error}; trying again next turn"
+            ));
+        }
         if let Err(error) = self.accounts.flush() {
             bump(&self.stats.binding_write_errors, 1);
             let path = self.accounts.path().display().to_string();
@@ -1485,13 +1494,6 @@ impl<B: Backend> Core<B> {
             let path = self.privacy.path().display().to_string();
             self.warn(format_args!(
                 "cannot record presence settings in {path}: {error}; trying again next turn"
-            ));
-        }
-        if let Err(error) = self.seen.flush() {
-            bump(&self.stats.binding_write_errors, 1);
-            let path = self.seen.path().display().to_string();
-            self.warn(format_args!(
-                "cannot record when devices were seen in {path}: {error}; trying again next turn"
             ));
         }
         let held_due = self
@@ -2050,6 +2052,14 @@ impl<B: Backend> Core<B> {
         let deadline = Instant::now() + SHUTDOWN_DRAIN;
         while backend.connections() > 0 && Instant::now() < deadline {
             let _ = backend.poll(Some(Duration::from_millis(20)), &mut |_| Reading::Pause);
+        }
+        // The times of the devices that left, and the clock's, for the next run to resume from.
+        self.read_clocks();
+        self.run_actions();
+        self.seen.append(None, self.account_clock_s());
+        if let Err(error) = self.seen.flush() {
+            let path = self.seen.path().display().to_string();
+            warn!(shard = self.settings.index, %error, "cannot record the account clock in {path}");
         }
         let counters = self.router.counters();
         let stats: Vec<String> = self

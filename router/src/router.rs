@@ -344,8 +344,9 @@ pub enum Action {
     },
     /// A user connected for the first time: its key, to keep across restarts.
     PersistBinding { user: UserId, key: [u8; KEY_BYTES] },
-    /// `user`'s account expired: its binding ends, on disk too.
-    Unbind { user: UserId },
+    /// `user`'s account expired at account-clock time `seconds`: its binding ends, on disk
+    /// too.
+    Unbind { user: UserId, seconds: u32 },
     /// `device` was seen at this account-clock time: to keep for account expiry.
     PersistSeen { device: UserId, seconds: u32 },
     /// A user changed who may see its presence: to keep across restarts (the latest wins).
@@ -1040,9 +1041,11 @@ impl Router {
         self.reply_devices(conn, account);
     }
 
-    /// Restores a binding kept from an earlier run. Bindings of other shards are ignored.
-    pub fn restore_binding(&mut self, user: UserId) {
-        if home_shard(user, self.shards) == self.shard {
+    /// Restores a binding kept from an earlier run: `user`'s, a device of `account` (itself
+    /// for a primary or an account of one device). A device lives on its account's home shard;
+    /// bindings of other shards are ignored.
+    pub fn restore_binding(&mut self, user: UserId, account: UserId) {
+        if home_shard(account, self.shards) == self.shard {
             self.users.entry(user).or_insert_with(User::new).bound = true;
         }
     }
@@ -1081,16 +1084,16 @@ impl Router {
             .map(|(user, state)| (*user, state.seen_s))
     }
 
-    /// `device` is seen now: its time is kept once it is a grain old (when expiry is on).
+    /// `device` is seen now: its time is kept once it is a grain old.
+    /// With expiry off, only a device's first time is kept (once per device: it orders a new
+    /// binding after an old unbinding at load, and gives expiry, if turned on, a start).
     fn seen_now(&mut self, device: UserId) {
-        if self.limits.account_expiry_s == 0 {
-            return;
-        }
+        let expiry_on = self.limits.account_expiry_s > 0;
         let (now, grain) = (self.clock_s, self.seen_grain_s());
         let Some(state) = self.users.get_mut(&device) else {
             return;
         };
-        if state.seen_s == 0 || now.saturating_sub(state.seen_s) >= grain {
+        if state.seen_s == 0 || (expiry_on && now.saturating_sub(state.seen_s) >= grain) {
             state.seen_s = now.max(1);
             self.actions.push_back(Action::PersistSeen {
                 device,
@@ -1100,7 +1103,7 @@ impl Router {
     }
 
     /// Expires the accounts of this shard none of whose devices was seen for
-    /// `account_expiry_s` (and a grain): each device's queue is deleted, its binding and
+    /// `account_expiry_s` (and two grains): each device's queue is deleted, its binding and
     /// presence setting end, the account's companions are unlinked. Online devices, and
     /// devices whose time is not known yet (restored from the queue, or kept before expiry was
     /// on), get the clock's time. A walk over every user of the shard: the shard loop calls it
@@ -1114,35 +1117,65 @@ impl Router {
             return 0;
         }
         let (now, grain) = (self.clock_s, self.seen_grain_s());
+        // A kept time trails the last activity by less than two grains: a grain before it is
+        // written again, and a sweep's interval (a grain) for an online device. A crash loses
+        // the write of the time a disconnect would make; so an account goes two grains after
+        // its expiry, never before.
+        let idle_after = expiry.saturating_add(grain.saturating_mul(2));
         let mut refresh = Vec::new();
         let mut idle = HashSet::default();
         for (user, state) in &self.users {
             let age = now.saturating_sub(state.seen_s);
             if state.seen_s == 0 || (state.conn().is_some() && age >= grain) {
                 refresh.push(*user);
-            } else if state.conn().is_none() && age > expiry.saturating_add(grain) {
+            } else if state.conn().is_none() && age > idle_after {
                 idle.insert(*user);
             }
         }
         for device in refresh {
             self.seen_now(device);
         }
-        // An account goes with all its devices, once every one of them is idle; a companion
-        // never goes alone.
+        // An account goes with all its devices, once every one of them is idle (a companion
+        // never seen here counts as idle); a companion never goes alone. In a cluster, only
+        // accounts that live on this node: another node serves the rest now. An account with a
+        // message not yet on disk waits for the next sweep: its sender waits for the ServerAck.
         let accounts: Vec<UserId> = idle
             .iter()
             .copied()
             .filter(|user| !self.companions.contains_key(user))
             .filter(|account| {
-                self.devices
-                    .get(account)
-                    .is_none_or(|list| list.iter().all(|device| idle.contains(device)))
+                self.devices.get(account).is_none_or(|list| {
+                    list.iter()
+                        .all(|device| idle.contains(device) || !self.users.contains_key(device))
+                })
             })
+            .filter(|account| {
+                self.locality
+                    .as_ref()
+                    .is_none_or(|locality| locality.is_here(*account))
+            })
+            .filter(|account| !self.holds_unkept(*account))
             .collect();
         for account in &accounts {
             self.expire_account(*account);
         }
         accounts.len()
+    }
+
+    /// Does a device of `account` hold a message not yet on disk (one whose sender waits)?
+    fn holds_unkept(&self, account: UserId) -> bool {
+        let devices = self.devices.get(&account).map_or(&[][..], Vec::as_slice);
+        devices.iter().chain([&account]).any(|device| {
+            self.users
+                .get(device)
+                .and_then(User::queue)
+                .is_some_and(|queue| {
+                    queue
+                        .items
+                        .iter()
+                        .any(|entry| self.pending.contains_key(&(*device, entry.id)))
+                })
+        })
     }
 
     fn expire_account(&mut self, account: UserId) {
@@ -1166,7 +1199,10 @@ impl Router {
                 });
             }
             if state.bound {
-                self.actions.push_back(Action::Unbind { user: device });
+                self.actions.push_back(Action::Unbind {
+                    user: device,
+                    seconds: self.clock_s,
+                });
             }
             self.counters.devices_expired += 1;
         }

@@ -4,10 +4,14 @@
 //! 36-byte records. A binding is the client's static public key (32 bytes), then the CRC32C of
 //! those 32 bytes (u32 little-endian); the user id is not stored: it is
 //! [`UserId::from_public_key`] of the key. An unbinding (an account that expired,
-//! [`AccountLog::unbind`]) is the user id (16 bytes), [`UNBIND_MARK`] (16 bytes), then the
-//! CRC32C of those 32 bytes with every bit inverted. Every shard file is read at process start
-//! by [`load`], in shard order, each record undoing or redoing the ones before it, so a restart
-//! with another shard count still finds every binding.
+//! [`AccountLog::unbind`]) is the user id (16 bytes), [`UNBIND_MARK`] (12 bytes), the
+//! account-clock time of the expiry (u32 little-endian, [`crate::seen`]), then the CRC32C of
+//! those 32 bytes with every bit inverted. Every shard file is read at process start by
+//! [`load`], so a restart with another shard count still finds every binding. Within a file,
+//! records apply in order. Across files (a binding written by the shard that was the user's
+//! home before the shard count changed, or by its account's shard for a companion) an
+//! unbinding ends another file's binding unless the device was seen at or after the unbinding's
+//! time: a device seen since connected since, and so was bound again.
 //!
 //! Writing ([`AccountLog`]): [`AccountLog::append`] buffers, [`AccountLog::flush`] writes all
 //! buffered records with one positioned write at the end of the last good record and fsyncs.
@@ -49,8 +53,8 @@ const DAMAGED_COPIES_MAX: u32 = 100;
 const _: () = assert!(RECORD_BYTES == 36, "store/DESIGN.md gives 36 bytes");
 const _: () = assert!(KEY_BYTES == 32);
 
-/// Bytes 16..32 of an unbinding record.
-pub const UNBIND_MARK: [u8; 16] = *b"hop unbound v1\0\0";
+/// Bytes 16..28 of an unbinding record.
+pub const UNBIND_MARK: [u8; 12] = *b"hop unbound\0";
 
 /// The bindings of every shard file, in file order (shard 0 first), without those an
 /// unbinding later in that order undid.
@@ -114,10 +118,11 @@ impl<I: Io> AccountLog<I> {
         self.log.push(&encode(key));
     }
 
-    /// Buffers the end of `user`'s binding (its account expired): after the next flush, a
-    /// restart no longer knows the key, until it binds again.
-    pub fn unbind(&mut self, user: UserId) {
-        self.log.push(&encode_unbind(user));
+    /// Buffers the end of `user`'s binding (its account expired at account-clock time
+    /// `seconds`): after the next flush, a restart no longer knows the key, until it binds
+    /// again.
+    pub fn unbind(&mut self, user: UserId, seconds: u32) {
+        self.log.push(&encode_unbind(user, seconds));
     }
 
     /// Writes every buffered record with one positioned write at the end of the good records,
@@ -159,37 +164,62 @@ pub fn shard_path(data: &Path, shard: u16) -> PathBuf {
 /// does not exist). Fails with [`StoreError::Corrupt`], naming the file, the byte offset and
 /// the repair command, on a record whose checksum fails; with [`StoreError::Layout`] when a
 /// v1 file (`shard-K.bin`) is there.
-pub fn load<I: Io>(io: &I, data: &Path) -> Result<Loaded, StoreError> {
+pub fn load<I: Io>(io: &I, data: &Path, seen: &HashMap<UserId, u32>) -> Result<Loaded, StoreError> {
     let mut loaded = Loaded::default();
-    let mut bindings: Vec<Option<(UserId, [u8; KEY_BYTES])>> = Vec::new();
-    // Where each user's latest binding is in `bindings`.
-    let mut latest: HashMap<UserId, usize> = HashMap::new();
-    for (shard, path) in shard_files(io, data)? {
+    // Every binding in load order, with its file; `None` once an unbinding of its own file
+    // after it ended it.
+    let mut bindings: Vec<Option<(UserId, [u8; KEY_BYTES], usize)>> = Vec::new();
+    // Where each user's bindings are in `bindings`, by file: the latest of each file.
+    let mut latest: HashMap<(UserId, usize), usize> = HashMap::new();
+    // Unbindings: the user, its file, the account-clock time.
+    let mut unbindings: Vec<(UserId, usize, u32)> = Vec::new();
+    for (file, (shard, path)) in shard_files(io, data)?.into_iter().enumerate() {
         loaded.files += 1;
         let scanned = scan_file(io, &path, |offset, record| match decode(record) {
             Some(Record::Bind(user, key)) => {
-                latest.insert(user, bindings.len());
-                bindings.push(Some((user, key)));
+                latest.insert((user, file), bindings.len());
+                bindings.push(Some((user, key, file)));
                 Ok(())
             }
-            Some(Record::Unbind(user)) => {
+            Some(Record::Unbind(user, seconds)) => {
                 loaded.unbindings += 1;
-                if let Some(at) = latest.remove(&user) {
+                if let Some(at) = latest.remove(&(user, file)) {
                     bindings[at] = None;
                 }
+                unbindings.push((user, file, seconds));
                 Ok(())
             }
             None => Err(corrupt(data, shard, &path, offset)),
         })?;
         loaded.torn_bytes += scanned.torn_bytes;
     }
-    // A key bound twice (a restart with another shard count) keeps its latest record only.
+    // An unbinding ends the user's bindings in the other files too, unless the device was
+    // seen at or after it (then it connected, and was bound, since).
+    let mut ended: HashMap<UserId, Vec<usize>> = HashMap::new();
+    for (user, file, seconds) in unbindings {
+        if seen.get(&user).is_none_or(|seen_s| *seen_s < seconds) {
+            ended.entry(user).or_default().push(file);
+        }
+    }
+    let mut kept: HashMap<UserId, usize> = HashMap::new();
+    for (at, binding) in bindings.iter().enumerate() {
+        let Some((user, _, file)) = binding else {
+            continue;
+        };
+        let ended_elsewhere = ended
+            .get(user)
+            .is_some_and(|files| files.iter().any(|other| other != file));
+        if !ended_elsewhere {
+            // A key bound in several files keeps its latest binding.
+            kept.insert(*user, at);
+        }
+    }
     loaded.bindings = bindings
         .into_iter()
         .enumerate()
         .filter_map(|(at, binding)| {
-            let binding = binding?;
-            (latest.get(&binding.0) == Some(&at)).then_some(binding)
+            let (user, key, _) = binding?;
+            (kept.get(&user) == Some(&at)).then_some((user, key))
         })
         .collect();
     Ok(loaded)
@@ -312,10 +342,11 @@ fn encode(key: &[u8; KEY_BYTES]) -> [u8; RECORD_BYTES] {
     record
 }
 
-fn encode_unbind(user: UserId) -> [u8; RECORD_BYTES] {
+fn encode_unbind(user: UserId, seconds: u32) -> [u8; RECORD_BYTES] {
     let mut record = [0u8; RECORD_BYTES];
     record[..16].copy_from_slice(&user.to_bytes());
-    record[16..KEY_BYTES].copy_from_slice(&UNBIND_MARK);
+    record[16..28].copy_from_slice(&UNBIND_MARK);
+    record[28..KEY_BYTES].copy_from_slice(&seconds.to_le_bytes());
     let crc = !crc32c::crc32c(&record[..KEY_BYTES]);
     record[KEY_BYTES..].copy_from_slice(&crc.to_le_bytes());
     record
@@ -325,7 +356,8 @@ fn encode_unbind(user: UserId) -> [u8; RECORD_BYTES] {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Record {
     Bind(UserId, [u8; KEY_BYTES]),
-    Unbind(UserId),
+    /// A user and the account-clock time its binding ended.
+    Unbind(UserId, u32),
 }
 
 /// The binding or unbinding a record holds; `None` when its checksum fails.
@@ -337,9 +369,10 @@ fn decode(record: &[u8]) -> Option<Record> {
     if crc == stored {
         return Some(Record::Bind(UserId::from_public_key(&payload), payload));
     }
-    if !crc == stored && payload[16..] == UNBIND_MARK {
+    if !crc == stored && payload[16..28] == UNBIND_MARK {
         let user = UserId::from_bytes(payload[..16].try_into().ok()?)?;
-        return Some(Record::Unbind(user));
+        let seconds = crate::format::le_u32(&payload, 28);
+        return Some(Record::Unbind(user, seconds));
     }
     None
 }
@@ -536,13 +569,16 @@ mod tests {
         let mut first = AccountLog::open(&FsIo, data, 2).expect("open");
         first.append(&[1; KEY_BYTES]);
         assert_eq!(
-            load(&FsIo, data).expect("load").bindings.len(),
+            load(&FsIo, data, &HashMap::new())
+                .expect("load")
+                .bindings
+                .len(),
             1,
             "buffered until flushed"
         );
         assert_eq!(first.flush().expect("flush"), 1);
         assert_eq!(first.flush().expect("nothing left"), 0);
-        let loaded = load(&FsIo, data).expect("load");
+        let loaded = load(&FsIo, data, &HashMap::new()).expect("load");
         let keys: Vec<[u8; KEY_BYTES]> = loaded.bindings.iter().map(|(_, key)| *key).collect();
         assert_eq!(
             keys,
@@ -553,34 +589,55 @@ mod tests {
     }
 
     #[test]
-    fn an_unbinding_undoes_the_bindings_before_it_and_a_later_binding_redoes_it() {
+    fn an_unbinding_ends_the_bindings_before_it_and_in_other_files_unless_seen_since() {
         let temp = tempfile::tempdir().expect("tempdir");
         let data = temp.path();
         let (a, b) = ([1; KEY_BYTES], [2; KEY_BYTES]);
         let (user_a, user_b) = (UserId::from_public_key(&a), UserId::from_public_key(&b));
-        // Shard 1 bound a before a restart with one shard; shard 0 then bound it again.
+        let none = HashMap::new();
+        // Shard 1 bound a before a restart with one shard; shard 0 bound b and ended it.
         let mut one = AccountLog::open(&FsIo, data, 1).expect("open");
         one.append(&a);
         one.flush().expect("flush");
         let mut zero = AccountLog::open(&FsIo, data, 0).expect("open");
         zero.append(&b);
-        zero.unbind(user_b);
+        zero.unbind(user_b, 100);
         zero.flush().expect("flush");
-        let loaded = load(&FsIo, data).expect("load");
+        let loaded = load(&FsIo, data, &none).expect("load");
         assert_eq!(loaded.bindings, vec![(user_a, a)], "b bound, then unbound");
         assert_eq!(loaded.unbindings, 1);
+        // b binds again after its unbinding, in the same file.
         zero.append(&b);
-        zero.unbind(user_a);
+        // a expires under shard 0: its binding in shard 1's file, read after, ends too.
+        zero.unbind(user_a, 200);
         zero.flush().expect("flush");
-        let loaded = load(&FsIo, data).expect("load");
+        let loaded = load(&FsIo, data, &none).expect("load");
+        assert_eq!(loaded.bindings, vec![(user_b, b)]);
+        // Had a been seen since its unbinding, a binding in another file would be its new one.
+        let seen = HashMap::from([(user_a, 200)]);
         assert_eq!(
-            loaded.bindings,
-            vec![(user_b, b), (user_a, a)],
-            "an unbinding in an earlier shard's file does not undo a later file's binding"
+            load(&FsIo, data, &seen).expect("load").bindings,
+            vec![(user_b, b), (user_a, a)]
         );
-        let record = encode_unbind(user_a);
-        assert_eq!(record[16..32], UNBIND_MARK);
-        assert_eq!(decode(&record), Some(Record::Unbind(user_a)));
+        let before = HashMap::from([(user_a, 199)]);
+        assert_eq!(
+            load(&FsIo, data, &before).expect("load").bindings,
+            vec![(user_b, b)],
+            "seen before the unbinding: it stays unbound"
+        );
+        // But an unbinding in a file ends only what is before it there: bound again in
+        // shard 0 after its unbinding, a is bound whatever was seen.
+        zero.append(&a);
+        zero.flush().expect("flush");
+        assert_eq!(
+            load(&FsIo, data, &none).expect("load").bindings,
+            vec![(user_b, b), (user_a, a)]
+        );
+
+        let record = encode_unbind(user_a, 7);
+        assert_eq!(record[16..28], UNBIND_MARK);
+        assert_eq!(record[28..32], 7u32.to_le_bytes());
+        assert_eq!(decode(&record), Some(Record::Unbind(user_a, 7)));
         let mut flipped = record;
         flipped[20] ^= 1;
         assert_eq!(decode(&flipped), None, "a damaged unbinding is damage");
@@ -591,7 +648,7 @@ mod tests {
     fn no_folder_means_no_bindings() {
         let temp = tempfile::tempdir().expect("tempdir");
         assert_eq!(
-            load(&FsIo, &temp.path().join("none")).expect("load"),
+            load(&FsIo, &temp.path().join("none"), &HashMap::new()).expect("load"),
             Loaded::default()
         );
         assert_eq!(

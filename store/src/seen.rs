@@ -92,8 +92,9 @@ impl<I: Io> SeenLog<I> {
 
     /// Replaces the file with one record per device of `devices` and the clock's time: written
     /// to `shard-K.seen.tmp`, fsynced, renamed over the file, the folder fsynced. The buffered
-    /// records are dropped: `devices` is the shard's whole current state. On failure the old
-    /// file stays in place, the buffered records with it.
+    /// records are dropped: `devices` is the shard's whole current state. A failure before the
+    /// rename leaves the old file in place, the buffered records with it; after it (the folder's
+    /// sync), the new file is the log and the error is returned for the caller to report.
     pub fn rewrite(
         &mut self,
         io: &I,
@@ -112,13 +113,13 @@ impl<I: Io> SeenLog<I> {
         let mut file = io.create(&temporary)?;
         file.write_all_at(&bytes, 0)?;
         file.sync()?;
-        drop(file);
         io.rename(&temporary, &path)?;
+        // Renamed: the file written is the log now (its handle follows it), whatever the
+        // folder's sync says; the next flushes go to it.
+        self.log.replaced(file, bytes.len() as u64);
         if let Some(folder) = path.parent() {
             io.sync_dir(folder)?;
         }
-        self.log
-            .replaced(io.open(&path, false)?, bytes.len() as u64);
         Ok(())
     }
 
@@ -234,6 +235,44 @@ mod tests {
         assert_eq!(loaded.seen, HashMap::from([(user(1), 99), (user(2), 110)]));
         assert_eq!((loaded.clock_s, loaded.records), (120, 4));
         assert!(!temporary_path(log.path()).exists());
+    }
+
+    #[test]
+    fn a_rewrite_that_fails_leaves_the_old_file_and_the_buffered_records() {
+        use crate::io::{Faults, FaultyIo};
+        use std::sync::atomic::Ordering;
+        let folder = tempfile::tempdir().unwrap();
+        let data = folder.path();
+        let io = FaultyIo {
+            faults: Faults::new(),
+        };
+        let mut log = SeenLog::open(&io, data, 0).unwrap();
+        log.append(Some(user(1)), 5);
+        log.flush().unwrap();
+        log.append(Some(user(2)), 6);
+        io.faults.fail_next_rename.store(true, Ordering::Relaxed);
+        assert!(log
+            .rewrite(&io, 9, [(user(1), 5), (user(2), 6)].into_iter())
+            .is_err());
+        assert_eq!(log.records(), 2, "the old file and the buffered record");
+        log.flush().unwrap();
+        let loaded = load(&FsIo, data).unwrap();
+        assert_eq!(loaded.seen, HashMap::from([(user(1), 5), (user(2), 6)]));
+        // A stale temporary file is removed at the next rewrite, which then succeeds.
+        log.rewrite(&io, 9, [(user(1), 5), (user(2), 6)].into_iter())
+            .unwrap();
+        log.append(Some(user(3)), 8);
+        log.flush().unwrap();
+        let loaded = load(&FsIo, data).unwrap();
+        assert_eq!(
+            loaded.records, 4,
+            "the clock, two devices, then the one appended"
+        );
+        assert_eq!(
+            loaded.seen.get(&user(3)),
+            Some(&8),
+            "written to the new file"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn faulty() -> (Arc<Faults>, FaultyIo) {
 
 /// The keys `load` finds, in order, after checking each id is derived from its key.
 fn loaded_keys(data: &Path) -> Vec<[u8; 32]> {
-    let loaded = accounts::load(&FsIo, data).expect("load");
+    let loaded = accounts::load(&FsIo, data, &Default::default()).expect("load");
     assert_eq!(loaded.torn_bytes, 0, "no torn bytes");
     loaded
         .bindings
@@ -160,7 +160,7 @@ fn a_corrupt_record_fails_load_naming_the_file_and_the_offset() {
     bytes[RECORD_BYTES + 7] ^= 0x04; // the second record's key
     fs::write(&path, &bytes).expect("write");
 
-    let error = accounts::load(&FsIo, data).expect_err("damage is an error");
+    let error = accounts::load(&FsIo, data, &Default::default()).expect_err("damage is an error");
     let StoreError::Corrupt {
         path: named,
         offset,
@@ -240,7 +240,7 @@ fn a_torn_tail_is_cut_at_open_and_later_appends_load() {
     bytes.extend_from_slice(&key(3)[..20]); // part of a third record
     fs::write(&path, &bytes).expect("write");
 
-    let loaded = accounts::load(&FsIo, data).expect("a torn tail is no error");
+    let loaded = accounts::load(&FsIo, data, &Default::default()).expect("a torn tail is no error");
     assert_eq!((loaded.bindings.len(), loaded.torn_bytes), (2, 20));
     let mut log = AccountLog::open(&FsIo, data, 0).expect("open");
     assert_eq!(log.opened().torn_bytes_cut, 20);
@@ -261,7 +261,7 @@ fn account_files_of_protocol_v1_are_refused_with_what_to_do() {
     let v1 = data.join("accounts").join("shard-0.bin");
     fs::write(&v1, [0u8; 44]).expect("write");
     let errors = [
-        accounts::load(&FsIo, data).expect_err("load refuses"),
+        accounts::load(&FsIo, data, &Default::default()).expect_err("load refuses"),
         accounts::repair(&FsIo, data).expect_err("repair refuses"),
         AccountLog::open(&FsIo, data, 0).expect_err("open refuses"),
     ];
