@@ -229,14 +229,19 @@ impl HopClient {
         (*self.key, self.redirect)
     }
 
+    /// Messages sent on this connection that the server has not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.unanswered.waiting
+    }
+
     /// Messages refused for the sender's rate since the last call, appended to `into` in the
     /// order they were sent, and the longest wait their refusals named (ms); `None` if none.
     /// The caller sends them again once the wait has passed: the server kept nothing of them.
-    pub fn take_rate_limited(&mut self, into: &mut Vec<(UserId, Bytes)>) -> Option<u64> {
+    pub fn take_rate_limited(&mut self, into: &mut VecDeque<(UserId, Bytes)>) -> Option<u64> {
         if self.rate_limited.is_empty() {
             return None;
         }
-        into.append(&mut self.rate_limited);
+        into.extend(self.rate_limited.drain(..));
         Some(std::mem::take(&mut self.rate_limited_wait_ms))
     }
 
@@ -424,6 +429,8 @@ impl HopClient {
 struct Unanswered {
     first_seq: u64,
     messages: VecDeque<Option<(UserId, Bytes)>>,
+    /// The `Some` entries: messages sent and not answered.
+    waiting: usize,
 }
 
 impl Default for Unanswered {
@@ -431,6 +438,7 @@ impl Default for Unanswered {
         Self {
             first_seq: 1,
             messages: VecDeque::new(),
+            waiting: 0,
         }
     }
 }
@@ -440,6 +448,7 @@ impl Unanswered {
     fn sent(&mut self, seq: u64, to: UserId, body: Bytes) {
         debug_assert_eq!(seq, self.first_seq + self.messages.len() as u64);
         self.messages.push_back(Some((to, body)));
+        self.waiting += 1;
     }
 
     /// The recipient and body of `message` the first time it is answered; `None` after. A
@@ -463,6 +472,9 @@ impl Unanswered {
             .ok()
             .and_then(|at| self.messages.get_mut(at))
             .and_then(Option::take);
+        if answered.is_some() {
+            self.waiting -= 1;
+        }
         while let Some(None) = self.messages.front() {
             self.messages.pop_front();
             self.first_seq += 1;
@@ -942,7 +954,7 @@ mod tests {
             ],
             "a Send refused for its rate is no event; a second answer or a Read's is"
         );
-        let mut held = Vec::new();
+        let mut held = VecDeque::new();
         assert_eq!(
             pair.client.take_rate_limited(&mut held),
             Some(90),

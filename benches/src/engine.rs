@@ -21,9 +21,14 @@
 //! [`Failure::AdmissionRefused`]); counted by reason in [`Engine::admission_refused`]. A Send
 //! refused for the sender's rate (`RATE_LIMITED`) is held with that sender's later sends
 //! until the wait it names has passed, then sent again first; counted in
-//! [`Engine::rate_limited`]. Neither costs a turn anything while no limit is hit.
+//! [`Engine::rate_limited`]. From then on that sender sends one message at a time, the next
+//! once the server answered the last: a window sent again whole would be refused but for its
+//! first message, and a message sent behind a refused one may overtake it when a token
+//! refills in between, which the scenarios count as lost. Its rate is then at most one
+//! message per round trip, above hopd's sender rates. Neither costs a turn anything while no
+//! limit is hit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -177,20 +182,24 @@ struct Connection {
     redirects: usize,
     /// hop sends queued while the client is not home (it follows a redirect) or waits out
     /// its rate; sent once it is home and the wait has passed, at most [`HELD_SENDS_MAX`].
-    held: Vec<(UserId, Bytes)>,
+    held: VecDeque<(UserId, Bytes)>,
     /// Where this client connects: the target, or the node the last REDIRECT named.
     server: SocketAddr,
     /// Past this, a refusal at admission is not waited out.
     connect_deadline: Instant,
     /// hop sends the server refused for the sender's rate, in the order sent; sent again,
     /// before `held`, once `rate_wait_until` has passed.
-    rate_limited: Vec<(UserId, Bytes)>,
+    rate_limited: VecDeque<(UserId, Bytes)>,
     rate_wait_until: Option<Instant>,
+    /// Since its first refusal for its rate: sends one message at a time, for good (a message
+    /// sent behind one that is refused may overtake it).
+    paced: bool,
 }
 
 impl Connection {
     /// Sends what a hop client holds once it is home and not waiting out its rate: the
     /// messages refused for its rate first, in the order sent, then those queued meanwhile.
+    /// Paced, one and only when every message sent before it was answered.
     fn send_held(&mut self) {
         if self.held.is_empty() && self.rate_limited.is_empty() {
             return;
@@ -201,7 +210,20 @@ impl Connection {
         if !client.is_open() || self.rate_wait_until.is_some() {
             return;
         }
-        for (to, body) in self.rate_limited.drain(..).chain(self.held.drain(..)) {
+        if !self.paced {
+            for (to, body) in self.rate_limited.drain(..).chain(self.held.drain(..)) {
+                client.send(to, body, &mut self.out);
+            }
+            return;
+        }
+        if client.unanswered() > 0 {
+            return;
+        }
+        let next = self
+            .rate_limited
+            .pop_front()
+            .or_else(|| self.held.pop_front());
+        if let Some((to, body)) = next {
             client.send(to, body, &mut self.out);
         }
     }
@@ -308,11 +330,12 @@ impl Engine {
             source,
             pin,
             redirects: 0,
-            held: Vec::new(),
+            held: VecDeque::new(),
             server,
             connect_deadline: Instant::now() + self.connect_timeout,
-            rate_limited: Vec::new(),
+            rate_limited: VecDeque::new(),
             rate_wait_until: None,
+            paced: false,
         }));
         Ok(index)
     }
@@ -357,14 +380,17 @@ impl Engine {
             return;
         };
         match &mut connection.state {
-            State::Hop(client) if client.is_open() && connection.rate_wait_until.is_none() => {
+            State::Hop(client) if client.is_open() && !connection.paced => {
                 client.send(to, body, &mut connection.out)
             }
             State::Hop(_) | State::Connecting(Identity::Hop(_)) => {
                 if connection.held.len() < HELD_SENDS_MAX {
-                    connection.held.push((to, body));
+                    connection.held.push_back((to, body));
                 }
-                return;
+                if !connection.paced {
+                    return;
+                }
+                connection.send_held();
             }
             _ => return,
         }
@@ -563,9 +589,13 @@ impl Engine {
                 if client.is_redirected() {
                     break;
                 }
-                let limited_before = connection.rate_limited.len();
-                if let Some(wait_ms) = client.take_rate_limited(&mut connection.rate_limited) {
-                    self.rate_limited += (connection.rate_limited.len() - limited_before) as u64;
+                let mut refused = VecDeque::new();
+                if let Some(wait_ms) = client.take_rate_limited(&mut refused) {
+                    self.rate_limited += refused.len() as u64;
+                    // Sent before all that is still held: they go first, in the order sent.
+                    refused.append(&mut connection.rate_limited);
+                    connection.rate_limited = refused;
+                    connection.paced = true;
                     let until = Instant::now() + Duration::from_millis(wait_ms);
                     match connection.rate_wait_until {
                         Some(waiting) => connection.rate_wait_until = Some(waiting.max(until)),
