@@ -14,16 +14,24 @@
 //! as `Client::connect_home` does. A node of a cluster that is not the user's home answers
 //! with a GoAway REDIRECT instead, which the client keeps for the engine to follow
 //! ([`HopClient::into_redirect`]) and does not report as an event.
+//!
+//! A server's limits are not failures either. A refusal at admission (in place of handshake
+//! message 2) is the connection's error, [`ConnError::refusal`], which the engine waits out. A
+//! Send refused for the sender's rate (Error `RATE_LIMITED`) is kept with its recipient and
+//! body for the engine to send again once the wait it names has passed
+//! ([`HopClient::take_rate_limited`]), and is not reported as an event.
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
 use hop_protocol::keys::{StaticKey, KEY_BYTES};
+use hop_protocol::noise::{NoiseError, Refusal};
 use hop_protocol::outbox::Outbox;
 use hop_protocol::session::{ClientConnection, ClientEvent, ClientInputError, PeerError};
 use hop_protocol::wire::{
-    Ack, GoAway, GoAwayReason, GroupChange, Kind, MessageRef, Ping, ReceiptKind, Stanza, UserRef,
+    Ack, ErrorCode, GoAway, GoAwayReason, GroupChange, Kind, MessageRef, Ping, ReceiptKind, Stanza,
+    UserRef,
 };
 use hop_protocol::UserId;
 use thiserror::Error;
@@ -78,6 +86,27 @@ pub enum ConnError {
     MqttRefused(u8),
     #[error("hop: the server sent a GoAway REDIRECT this client cannot follow: {0}")]
     BadRedirect(String),
+}
+
+impl ConnError {
+    /// The server's refusal at admission, if that is what ended the handshake: not the
+    /// server's fault, a wait it asks for (`docs/protocol.md`).
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            Self::Hop(PeerError::Noise(NoiseError::Refused(refusal))) => Some(*refusal),
+            _ => None,
+        }
+    }
+}
+
+/// How long a sender waits after a `RATE_LIMITED` whose reason names no wait, in milliseconds:
+/// hopd's reason always names it (`try again in N ms`); this is for a server that does not.
+pub const RATE_LIMITED_WAIT_UNNAMED_MS: u64 = 100;
+
+/// The wait a `RATE_LIMITED` Error's reason names (`...; try again in N ms`), in milliseconds.
+pub fn named_wait_ms(reason: &str) -> Option<u64> {
+    let (_, after) = reason.rsplit_once("try again in ")?;
+    after.strip_suffix(" ms")?.parse().ok()
 }
 
 /// The nonce of the Ping that asks a server whether it is this user's home, to tell its Pong
@@ -148,8 +177,13 @@ pub struct HopClient {
     home: Home,
     redirect: Option<Redirect>,
     outbox: Outbox,
-    /// Which of the outbox's messages the server answered, to count each answer once.
-    answered: Answered,
+    /// The outbox's messages the server has not answered yet, to count each answer once and
+    /// to send again one refused for the sender's rate.
+    unanswered: Unanswered,
+    /// Messages the server refused for the sender's rate, in the order sent, and the longest
+    /// wait their refusals named; taken by [`HopClient::take_rate_limited`].
+    rate_limited: Vec<(UserId, Bytes)>,
+    rate_limited_wait_ms: u64,
     /// The stanzas of one message (the outbox declaration first, then the Send); kept so that
     /// sending allocates nothing but the body.
     stanzas: Vec<Stanza>,
@@ -172,7 +206,9 @@ impl HopClient {
             home: Home::Handshaking,
             redirect: None,
             outbox,
-            answered: Answered::default(),
+            unanswered: Unanswered::default(),
+            rate_limited: Vec::new(),
+            rate_limited_wait_ms: 0,
             stanzas: Vec::new(),
             acks: Vec::new(),
         })
@@ -193,9 +229,26 @@ impl HopClient {
         (*self.key, self.redirect)
     }
 
+    /// Messages sent on this connection that the server has not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.unanswered.waiting
+    }
+
+    /// Messages refused for the sender's rate since the last call, appended to `into` in the
+    /// order they were sent, and the longest wait their refusals named (ms); `None` if none.
+    /// The caller sends them again once the wait has passed: the server kept nothing of them.
+    pub fn take_rate_limited(&mut self, into: &mut VecDeque<(UserId, Bytes)>) -> Option<u64> {
+        if self.rate_limited.is_empty() {
+            return None;
+        }
+        into.extend(self.rate_limited.drain(..));
+        Some(std::mem::take(&mut self.rate_limited_wait_ms))
+    }
+
     /// Feeds bytes from the server. Replies (message 3, the home check's Ping, acks) are
     /// queued or appended to `out`; call [`HopClient::flush`] after the turn's sends to seal
-    /// them. After a REDIRECT the rest of the input is ignored.
+    /// them. After a REDIRECT the rest of the input is ignored. A refusal at admission is the
+    /// error ([`ConnError::refusal`]).
     pub fn handle_input(
         &mut self,
         input: &[u8],
@@ -211,7 +264,9 @@ impl HopClient {
             home,
             redirect,
             outbox,
-            answered,
+            unanswered,
+            rate_limited,
+            rate_limited_wait_ms,
             acks,
             ..
         } = self;
@@ -253,7 +308,7 @@ impl HopClient {
                         outbox: ack.outbox,
                         seq: ack.seq,
                     };
-                    on_event(if answered.first_answer(outbox, message)? {
+                    on_event(if unanswered.answer(outbox, message)?.is_some() {
                         Event::SendAcked
                     } else {
                         Event::SendAnsweredAgain
@@ -272,11 +327,23 @@ impl HopClient {
                         outbox: error.outbox,
                         seq: error.seq,
                     };
-                    let send_refused = error.seq != 0 && answered.first_answer(outbox, message)?;
-                    on_event(Event::ServerError {
-                        code: error.code,
-                        send_refused,
-                    });
+                    let refused = match error.seq {
+                        0 => None,
+                        _ => unanswered.answer(outbox, message)?,
+                    };
+                    match refused {
+                        // Not taken, nothing of it kept: sent again after the wait.
+                        Some(sent) if error.code == ErrorCode::RateLimited as i32 => {
+                            let wait_ms = named_wait_ms(&error.reason)
+                                .unwrap_or(RATE_LIMITED_WAIT_UNNAMED_MS);
+                            *rate_limited_wait_ms = (*rate_limited_wait_ms).max(wait_ms);
+                            rate_limited.push(sent);
+                        }
+                        refused => on_event(Event::ServerError {
+                            code: error.code,
+                            send_refused: refused.is_some(),
+                        }),
+                    }
                 }
                 Some(Kind::GoAway(go_away)) => match Redirect::of(&go_away)? {
                     Some(to) => {
@@ -320,9 +387,13 @@ impl HopClient {
             return;
         };
         debug_assert!(self.stanzas.is_empty());
-        self.outbox.send(to, body, &mut self.stanzas);
+        let message = self.outbox.send(to, body, &mut self.stanzas);
         for stanza in self.stanzas.drain(..) {
             channel.queue(&stanza, out);
+            // The body is the Send's own, kept without a copy until the answer.
+            if let Some(Kind::Send(send)) = stanza.kind {
+                self.unanswered.sent(message.seq, to, send.body);
+            }
         }
     }
 
@@ -348,47 +419,67 @@ impl HopClient {
     }
 }
 
-/// The seqs of one outbox that got their answer (a ServerAck or an Error), in little memory:
-/// every seq below `below` is answered; `above` holds those answered out of order, so answers
-/// that arrive in order never touch it.
+/// The messages of one outbox that await their answer (a ServerAck or an Error), each with
+/// its recipient and body, so that one refused for the sender's rate can be sent again. Every
+/// seq the outbox gives out is pushed in order (they count from 1): message `seq` is at
+/// `seq - first_seq`, `None` once answered, and answered ones leave from the front, so answers
+/// that arrive in order cost a pop. A server answers every Send: this holds what is in flight,
+/// which the scenarios bound (their windows; open loop, the offered rate times the answer time).
 #[derive(Debug)]
-struct Answered {
-    below: u64,
-    above: BTreeSet<u64>,
+struct Unanswered {
+    first_seq: u64,
+    messages: VecDeque<Option<(UserId, Bytes)>>,
+    /// The `Some` entries: messages sent and not answered.
+    waiting: usize,
 }
 
-impl Default for Answered {
+impl Default for Unanswered {
     fn default() -> Self {
-        // Seqs count from 1.
         Self {
-            below: 1,
-            above: BTreeSet::new(),
+            first_seq: 1,
+            messages: VecDeque::new(),
+            waiting: 0,
         }
     }
 }
 
-impl Answered {
-    /// True the first time `message` is answered. A message this connection did not send (of
-    /// another outbox, or a seq the outbox has not given out) is the server's error.
-    fn first_answer(&mut self, outbox: &Outbox, message: MessageRef) -> Result<bool, ConnError> {
+impl Unanswered {
+    /// Message `seq`, the next the outbox gave out, was sent.
+    fn sent(&mut self, seq: u64, to: UserId, body: Bytes) {
+        debug_assert_eq!(seq, self.first_seq + self.messages.len() as u64);
+        self.messages.push_back(Some((to, body)));
+        self.waiting += 1;
+    }
+
+    /// The recipient and body of `message` the first time it is answered; `None` after. A
+    /// message this connection did not send (of another outbox, or a seq the outbox has not
+    /// given out) is the server's error.
+    fn answer(
+        &mut self,
+        outbox: &Outbox,
+        message: MessageRef,
+    ) -> Result<Option<(UserId, Bytes)>, ConnError> {
         if message.outbox != outbox.id() || message.seq == 0 || message.seq >= outbox.next_seq() {
             return Err(ConnError::UnknownMessage {
                 outbox: message.outbox,
                 seq: message.seq,
             });
         }
-        if message.seq < self.below {
-            return Ok(false);
+        let Some(at) = message.seq.checked_sub(self.first_seq) else {
+            return Ok(None);
+        };
+        let answered = usize::try_from(at)
+            .ok()
+            .and_then(|at| self.messages.get_mut(at))
+            .and_then(Option::take);
+        if answered.is_some() {
+            self.waiting -= 1;
         }
-        if message.seq > self.below {
-            return Ok(self.above.insert(message.seq));
+        while let Some(None) = self.messages.front() {
+            self.messages.pop_front();
+            self.first_seq += 1;
         }
-        self.below += 1;
-        while self.above.first() == Some(&self.below) {
-            self.above.pop_first();
-            self.below += 1;
-        }
-        Ok(true)
+        Ok(answered)
     }
 }
 
@@ -819,6 +910,108 @@ mod tests {
                 Err(ConnError::UnknownMessage { .. })
             ));
         }
+    }
+
+    #[test]
+    fn hop_client_keeps_sends_refused_for_its_rate_to_send_again() {
+        let mut pair = Pair::open();
+        let peer = UserId::from_public_key(&[8; 32]);
+        let received = pair.send(peer, &[b"1", b"2", b"3"]);
+        let Some(Kind::Outbox(outbox)) = &received[0].kind else {
+            panic!("the outbox first");
+        };
+        let outbox = outbox.id;
+        let limited = |seq, wait_ms: u64| {
+            Stanza::error(
+                ErrorCode::RateLimited,
+                format!(
+                    "this device sends more than 100 messages a second; try again in {wait_ms} ms"
+                ),
+                Some(MessageRef { outbox, seq }),
+            )
+        };
+        let turn = pair
+            .server_sends(&[
+                server_ack(outbox, 1),
+                limited(2, 40),
+                limited(3, 90),
+                limited(2, 10),
+                Stanza::error(ErrorCode::RateLimited, "reads; try again in 5 ms", None),
+            ])
+            .unwrap();
+        assert_eq!(
+            turn.events,
+            [
+                Event::SendAcked,
+                Event::ServerError {
+                    code: ErrorCode::RateLimited as i32,
+                    send_refused: false
+                },
+                Event::ServerError {
+                    code: ErrorCode::RateLimited as i32,
+                    send_refused: false
+                },
+            ],
+            "a Send refused for its rate is no event; a second answer or a Read's is"
+        );
+        let mut held = VecDeque::new();
+        assert_eq!(
+            pair.client.take_rate_limited(&mut held),
+            Some(90),
+            "the longest wait named"
+        );
+        assert_eq!(
+            held,
+            [
+                (peer, Bytes::from_static(b"2")),
+                (peer, Bytes::from_static(b"3"))
+            ],
+            "in the order sent"
+        );
+        assert_eq!(pair.client.take_rate_limited(&mut held), None);
+        // Sent again, they are new messages of the outbox.
+        let received = pair.send(peer, &[b"2", b"3"]);
+        let seqs: Vec<u64> = received
+            .iter()
+            .map(|stanza| match &stanza.kind {
+                Some(Kind::Send(send)) => send.seq,
+                _ => panic!("a Send, not {}", stanza.kind_name()),
+            })
+            .collect();
+        assert_eq!(seqs, [4, 5]);
+        let turn = pair
+            .server_sends(&[server_ack(outbox, 4), server_ack(outbox, 5)])
+            .unwrap();
+        assert_eq!(turn.events, [Event::SendAcked, Event::SendAcked]);
+    }
+
+    #[test]
+    fn the_wait_of_a_rate_limited_send_is_read_from_its_reason() {
+        assert_eq!(
+            named_wait_ms("this device sends more than 100 messages a second; try again in 250 ms"),
+            Some(250)
+        );
+        assert_eq!(named_wait_ms("slow down"), None);
+        assert_eq!(named_wait_ms("try again in soon ms"), None);
+    }
+
+    #[test]
+    fn a_refusal_at_admission_is_told_apart_from_a_broken_handshake() {
+        use hop_protocol::noise::RefusalReason;
+        let refusal = Refusal {
+            reason: RefusalReason::Busy,
+            retry_after_ms: 100,
+        };
+        let mut frame = Vec::new();
+        refusal.encode(&mut frame);
+        let mut out = Vec::new();
+        let mut client = HopClient::start(StaticKey::generate().unwrap(), None, &mut out).unwrap();
+        let error = client
+            .handle_input(&frame, &mut frame_scratch(), &mut out, &mut |_| {})
+            .unwrap_err();
+        assert_eq!(error.refusal(), Some(refusal));
+        let broken = ConnError::Hop(PeerError::Noise(NoiseError::OutOfOrder));
+        assert_eq!(broken.refusal(), None);
     }
 
     #[test]

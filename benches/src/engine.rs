@@ -12,15 +12,31 @@
 //! pins the key it names, and runs the handshake and the home check again, under the same
 //! index; the scenario sees one [`Event::Opened`] once it is home. At most
 //! [`REDIRECTS_MAX`] per client; the next fails it ([`Failure::TooManyRedirects`]).
+//!
+//! A server's limits are waited out, not failed, and counted for the report (a benchmark
+//! against a limiting server measures the limits). A connection refused at admission waits
+//! the refusal's `retry_after_ms` plus up to a quarter more at random (so the refused do not
+//! come back together) and connects again from the same source address, under the same index,
+//! while its connect timeout allows ([`Engine::set_connect_timeout`]; past it,
+//! [`Failure::AdmissionRefused`]); counted by reason in [`Engine::admission_refused`]. A Send
+//! refused for the sender's rate (`RATE_LIMITED`) is held with that sender's later sends
+//! until the wait it names has passed, then sent again first; counted in
+//! [`Engine::rate_limited`]. From then on that sender sends one message at a time, the next
+//! once the server answered the last: a window sent again whole would be refused but for its
+//! first message, and a message sent behind a refused one may overtake it when a token
+//! refills in between, which the scenarios count as lost. Its rate is then at most one
+//! message per round trip, above hopd's sender rates. Neither costs a turn anything while no
+//! limit is hit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 pub use hop_protocol::client::REDIRECTS_MAX;
 use hop_protocol::keys::{StaticKey, KEY_BYTES};
+use hop_protocol::noise::Refusal;
 use hop_protocol::wire::GroupChange;
 use hop_protocol::UserId;
 use mio::net::TcpStream;
@@ -46,6 +62,9 @@ const HELD_SENDS_MAX: usize = 4096;
 /// node do not each resolve its name; past this many distinct addresses, each is resolved
 /// again.
 const RESOLVED_ADDRESSES_MAX: usize = 64;
+/// How long a connection may take to open, refusals at admission waited out included, unless
+/// the scenario sets its own ([`Engine::set_connect_timeout`]): the scenarios' setup timeout.
+pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 
 /// Which server protocol the generator speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +100,11 @@ pub enum Failure {
     Timeout,
     /// The generator ran out of something: descriptors, ports, memory.
     GeneratorLimit,
-    /// The server broke the protocol (bad handshake, bad frame) or refused the client.
+    /// The server broke the protocol (bad handshake, bad frame).
     Protocol,
+    /// The server refused the connection at admission, and waiting as long as it asked would
+    /// pass the connect timeout. (Refusals waited out are counted apart, not as failures.)
+    AdmissionRefused,
     /// A GoAway REDIRECT that cannot be followed: a key that is not 32 bytes, no address, or
     /// one that does not resolve to an IPv4 address.
     BadRedirect,
@@ -102,6 +124,7 @@ impl Failure {
             Self::Timeout => "timeout",
             Self::GeneratorLimit => "generator_limit",
             Self::Protocol => "protocol",
+            Self::AdmissionRefused => "admission_refused",
             Self::BadRedirect => "bad_redirect",
             Self::TooManyRedirects => "too_many_redirects",
             Self::Other => "other",
@@ -157,9 +180,62 @@ struct Connection {
     pin: Option<[u8; KEY_BYTES]>,
     /// REDIRECTs followed by this client.
     redirects: usize,
-    /// hop sends queued while the client is not home (it follows a redirect); sent once it
-    /// is, at most [`HELD_SENDS_MAX`].
-    held: Vec<(UserId, Bytes)>,
+    /// hop sends queued while the client is not home (it follows a redirect) or waits out
+    /// its rate; sent once it is home and the wait has passed, at most [`HELD_SENDS_MAX`].
+    held: VecDeque<(UserId, Bytes)>,
+    /// Where this client connects: the target, or the node the last REDIRECT named.
+    server: SocketAddr,
+    /// Past this, a refusal at admission is not waited out.
+    connect_deadline: Instant,
+    /// hop sends the server refused for the sender's rate, in the order sent; sent again,
+    /// before `held`, once `rate_wait_until` has passed.
+    rate_limited: VecDeque<(UserId, Bytes)>,
+    rate_wait_until: Option<Instant>,
+    /// Since its first refusal for its rate: sends one message at a time, for good (a message
+    /// sent behind one that is refused may overtake it).
+    paced: bool,
+}
+
+impl Connection {
+    /// Sends what a hop client holds once it is home and not waiting out its rate: the
+    /// messages refused for its rate first, in the order sent, then those queued meanwhile.
+    /// Paced, one and only when every message sent before it was answered.
+    fn send_held(&mut self) {
+        if self.held.is_empty() && self.rate_limited.is_empty() {
+            return;
+        }
+        let State::Hop(client) = &mut self.state else {
+            return;
+        };
+        if !client.is_open() || self.rate_wait_until.is_some() {
+            return;
+        }
+        if !self.paced {
+            for (to, body) in self.rate_limited.drain(..).chain(self.held.drain(..)) {
+                client.send(to, body, &mut self.out);
+            }
+            return;
+        }
+        if client.unanswered() > 0 {
+            return;
+        }
+        let next = self
+            .rate_limited
+            .pop_front()
+            .or_else(|| self.held.pop_front());
+        if let Some((to, body)) = next {
+            client.send(to, body, &mut self.out);
+        }
+    }
+}
+
+/// What a connection waits for, to be woken by [`Engine::turn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Refused at admission: connect again.
+    Reconnect,
+    /// Past its rate: send what it holds once its wait has passed.
+    Resume,
 }
 
 pub struct Engine {
@@ -182,6 +258,16 @@ pub struct Engine {
     pub redirects: u64,
     /// Why the first redirect that could not be followed could not, for the report.
     pub bad_redirect: Option<String>,
+    /// Refusals at admission waited out (each connected again), by reason (`busy`,
+    /// `address_rate`, ...); a connection refused twice counts twice.
+    pub admission_refused: BTreeMap<&'static str, u64>,
+    /// hop Sends the server refused for the sender's rate (`RATE_LIMITED`) and that were sent
+    /// again after the wait; a message refused twice counts twice.
+    pub rate_limited: u64,
+    connect_timeout: Duration,
+    /// (when, connection, what for): connections waiting out a limit. Empty while no server
+    /// limits the generator, so a turn then only checks that it is empty.
+    wakes: Vec<(Instant, usize, Wake)>,
 }
 
 impl Engine {
@@ -203,7 +289,18 @@ impl Engine {
             bytes_read: 0,
             redirects: 0,
             bad_redirect: None,
+            admission_refused: BTreeMap::new(),
+            rate_limited: 0,
+            connect_timeout: CONNECT_TIMEOUT_DEFAULT,
+            wakes: Vec::new(),
         })
+    }
+
+    /// How long a connection may take to open from [`Engine::open`], refusals at admission
+    /// waited out included: a refusal whose wait would pass it fails the connection
+    /// ([`Failure::AdmissionRefused`]).
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
     }
 
     pub fn target(&self) -> Target {
@@ -219,7 +316,8 @@ impl Engine {
         let source = self.plan.source(self.opened_total);
         self.opened_total += 1;
         let index = self.connections.len();
-        let stream = self.connect(index, source, self.server)?;
+        let server = self.server;
+        let stream = self.connect(index, source, server)?;
         let pin = match self.target {
             Target::Hop { pin } => pin,
             Target::Mqtt { .. } => None,
@@ -232,7 +330,12 @@ impl Engine {
             source,
             pin,
             redirects: 0,
-            held: Vec::new(),
+            held: VecDeque::new(),
+            server,
+            connect_deadline: Instant::now() + self.connect_timeout,
+            rate_limited: VecDeque::new(),
+            rate_wait_until: None,
+            paced: false,
         }));
         Ok(index)
     }
@@ -270,19 +373,24 @@ impl Engine {
     }
 
     /// Queues a hop message from the connection's outbox; ignored unless `index` is a hop
-    /// connection. While it is not home (it follows a redirect) the message is held and sent
-    /// once it is.
+    /// connection. While it is not home (it follows a redirect, or waits out a refusal at
+    /// admission) or waits out its rate, the message is held and sent once it can be.
     pub fn send_hop(&mut self, index: usize, to: UserId, body: Bytes) {
         let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
         match &mut connection.state {
-            State::Hop(client) if client.is_open() => client.send(to, body, &mut connection.out),
+            State::Hop(client) if client.is_open() && !connection.paced => {
+                client.send(to, body, &mut connection.out)
+            }
             State::Hop(_) | State::Connecting(Identity::Hop(_)) => {
                 if connection.held.len() < HELD_SENDS_MAX {
-                    connection.held.push((to, body));
+                    connection.held.push_back((to, body));
                 }
-                return;
+                if !connection.paced {
+                    return;
+                }
+                connection.send_held();
             }
             _ => return,
         }
@@ -350,6 +458,10 @@ impl Engine {
         timeout: Option<Duration>,
         outcomes: &mut Vec<(usize, Outcome)>,
     ) -> io::Result<()> {
+        let mut timeout = timeout;
+        if !self.wakes.is_empty() {
+            timeout = self.wake_due(timeout);
+        }
         self.write_queued();
         outcomes.append(&mut self.pending);
         match self.poll.poll(&mut self.events, timeout) {
@@ -465,6 +577,9 @@ impl Engine {
                 State::Connecting(_) => Ok(()),
             };
             if let Err(error) = result {
+                if let Some(refusal) = error.refusal() {
+                    return self.wait_out_refusal(index, refusal);
+                }
                 if let (ConnError::BadRedirect(why), None) = (&error, &self.bad_redirect) {
                     self.bad_redirect = Some(why.clone());
                 }
@@ -474,18 +589,126 @@ impl Engine {
                 if client.is_redirected() {
                     break;
                 }
-                if !connection.held.is_empty() && client.is_open() {
-                    for (to, body) in connection.held.drain(..) {
-                        client.send(to, body, &mut connection.out);
+                let mut refused = VecDeque::new();
+                if let Some(wait_ms) = client.take_rate_limited(&mut refused) {
+                    self.rate_limited += refused.len() as u64;
+                    // Sent before all that is still held: they go first, in the order sent.
+                    refused.append(&mut connection.rate_limited);
+                    connection.rate_limited = refused;
+                    connection.paced = true;
+                    let until = Instant::now() + Duration::from_millis(wait_ms);
+                    match connection.rate_wait_until {
+                        Some(waiting) => connection.rate_wait_until = Some(waiting.max(until)),
+                        None => {
+                            connection.rate_wait_until = Some(until);
+                            self.wakes.push((until, index, Wake::Resume));
+                        }
                     }
                 }
             }
+            connection.send_held();
             if !connection.queued {
                 connection.queued = true;
                 self.queued.push(index);
             }
         }
         self.follow_redirect(index)
+    }
+
+    /// Connection `index` was refused at admission: counts the refusal and, if its connect
+    /// timeout allows, closes the socket and connects again once the refusal's wait and up to a
+    /// quarter more at random have passed (the key, source, server and pin stay).
+    fn wait_out_refusal(&mut self, index: usize, refusal: Refusal) -> Result<(), Failure> {
+        *self
+            .admission_refused
+            .entry(refusal.reason.name())
+            .or_default() += 1;
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let wait_ms = u64::from(refusal.retry_after_ms);
+        let jitter_ms = hop_protocol::outbox::random_nonzero().unwrap_or(1) % (wait_ms / 4 + 1);
+        let at = Instant::now() + Duration::from_millis(wait_ms + jitter_ms);
+        if at >= connection.connect_deadline {
+            return Err(Failure::AdmissionRefused);
+        }
+        let placeholder = State::Connecting(Identity::Mqtt {
+            client_id: String::new(),
+            clean_session: true,
+            subscribe: None,
+        });
+        let State::Hop(client) = std::mem::replace(&mut connection.state, placeholder) else {
+            unreachable!("only a hop client is refused at admission");
+        };
+        let (key, _) = client.into_redirect();
+        connection.state = State::Connecting(Identity::Hop(key));
+        connection.out.clear();
+        let _ = self.poll.registry().deregister(&mut connection.stream);
+        self.wakes.push((at, index, Wake::Reconnect));
+        Ok(())
+    }
+
+    /// Wakes the connections whose wait has passed; returns `timeout`, shortened to the next
+    /// wait's end.
+    fn wake_due(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let now = Instant::now();
+        let mut wakes = std::mem::take(&mut self.wakes);
+        wakes.retain(|&(at, index, wake)| {
+            if at > now {
+                return true;
+            }
+            match wake {
+                Wake::Reconnect => self.reconnect(index),
+                Wake::Resume => self.resume(index, now),
+            }
+            false
+        });
+        // Wakes pushed meanwhile (a resume deferred to a later wait) join the others.
+        wakes.append(&mut self.wakes);
+        self.wakes = wakes;
+        let next = self.wakes.iter().map(|&(at, ..)| at).min();
+        match (next, timeout) {
+            (Some(at), Some(timeout)) => Some(timeout.min(at.saturating_duration_since(now))),
+            (Some(at), None) => Some(at.saturating_duration_since(now)),
+            (None, timeout) => timeout,
+        }
+    }
+
+    /// Connection `index` waited out a refusal at admission: connects again (a closed
+    /// connection is skipped).
+    fn reconnect(&mut self, index: usize) {
+        let Some(connection) = self.connections.get(index).and_then(Option::as_ref) else {
+            return;
+        };
+        let (source, server) = (connection.source, connection.server);
+        match self.connect(index, source, server) {
+            Ok(stream) => {
+                if let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) {
+                    connection.stream = stream;
+                }
+            }
+            Err(failure) => self.fail(index, failure),
+        }
+    }
+
+    /// Connection `index` may send again if its rate's wait has passed (a later refusal may
+    /// have lengthened it, then it waits on): sends what it holds.
+    fn resume(&mut self, index: usize, now: Instant) {
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
+        match connection.rate_wait_until {
+            Some(until) if until > now => {
+                self.wakes.push((until, index, Wake::Resume));
+                return;
+            }
+            _ => connection.rate_wait_until = None,
+        }
+        connection.send_held();
+        if !connection.queued {
+            connection.queued = true;
+            self.queued.push(index);
+        }
     }
 
     /// Connection `index`'s server sent it away: connects again where the REDIRECT points,
@@ -524,6 +747,7 @@ impl Engine {
         let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
             unreachable!("taken above");
         };
+        connection.server = server;
         let mut old = std::mem::replace(&mut connection.stream, stream);
         let _ = self.poll.registry().deregister(&mut old);
         self.redirects += 1;

@@ -62,6 +62,13 @@ pub struct Report {
     /// that the generator followed; a client redirected twice counts twice. 0 against a single
     /// server.
     pub redirects: u64,
+    /// hop: refusals at admission (a refusal frame in place of handshake message 2) that the
+    /// generator waited out, by reason; each client connected again after the wait, and one
+    /// refused twice counts twice. Not failures: the server was limiting.
+    pub admission_refused: BTreeMap<String, u64>,
+    /// hop: Sends refused for the sender's rate (Error `RATE_LIMITED`), each sent again once
+    /// the wait it named had passed; a message refused twice counts twice. Not failures.
+    pub rate_limited: u64,
     pub generator_cpu: CpuUse,
     /// Present when `--server-pid` was given.
     pub server_cpu: Option<CpuUse>,
@@ -90,6 +97,8 @@ impl Report {
             latency_curve: Vec::new(),
             failures: BTreeMap::new(),
             redirects: 0,
+            admission_refused: BTreeMap::new(),
+            rate_limited: 0,
             generator_cpu: CpuUse::default(),
             server_cpu: None,
             memory_before: None,
@@ -141,6 +150,19 @@ impl Report {
                 "redirects".into(),
                 format!("{} connections", self.redirects),
             ));
+            if self.admission_refused.is_empty() {
+                rows.push(("admission refused".into(), "0 connections".into()));
+            }
+            for (reason, count) in &self.admission_refused {
+                rows.push((
+                    format!("admission refused: {reason}"),
+                    format!("{count} connections (waited out)"),
+                ));
+            }
+            rows.push((
+                "rate limited".into(),
+                format!("{} sends (sent again)", self.rate_limited),
+            ));
         }
         for (kind, count) in &self.failures {
             rows.push((format!("failed: {kind}"), count.to_string()));
@@ -186,7 +208,18 @@ impl Report {
         for note in &self.notes {
             text.push_str(&format!("  note: {note}\n"));
         }
+        if self.is_limited() {
+            text.push_str(
+                "  note: the server was limiting (refusals at admission, or sends over the \
+                 sender's rate): these figures measure its limits, not its capacity\n",
+            );
+        }
         text
+    }
+
+    /// True if the server refused the generator at admission or for a sender's rate.
+    pub fn is_limited(&self) -> bool {
+        !self.admission_refused.is_empty() || self.rate_limited > 0
     }
 
     pub fn write_json(&self, path: &Path) -> io::Result<()> {

@@ -229,10 +229,18 @@ fn settle(engine: &mut Engine, duration: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// The redirects the engine followed (a cluster's nodes sending clients to their home), and
-/// why one could not be followed, if one could not.
-fn redirects_report(report: &mut Report, engine: &Engine) {
+/// What the engine did beside the scenario: the redirects it followed (a cluster's nodes
+/// sending clients to their home) and why one could not be followed, if one could not; the
+/// server's refusals it waited out (at admission, and for a sender's rate).
+fn engine_report(report: &mut Report, engine: &Engine) {
     report.redirects += engine.redirects;
+    for (reason, count) in &engine.admission_refused {
+        *report
+            .admission_refused
+            .entry(reason.to_string())
+            .or_default() += count;
+    }
+    report.rate_limited += engine.rate_limited;
     if let Some(why) = &engine.bad_redirect {
         report
             .notes
@@ -374,7 +382,7 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
     let wall = measured_at.elapsed().as_secs_f64();
     let messages = delivered.iter().sum::<u64>() - delivered_before;
     let mut report = common.report("throughput");
-    redirects_report(&mut report, &engine);
+    engine_report(&mut report, &engine);
     report.figure("pairs", options.pairs as f64, "pairs");
     report.figure("window", options.window as f64, "messages per direction");
     report.figure("body_bytes", BODY_BYTES as f64, "bytes");
@@ -517,7 +525,7 @@ pub fn latency(common: &Common, options: &LatencyOptions) -> Result<Report, Stri
     }
     let wall = start.elapsed().as_secs_f64();
     let mut report = common.report("latency");
-    redirects_report(&mut report, &engine);
+    engine_report(&mut report, &engine);
     report.figure("pairs", options.pairs as f64, "pairs");
     report.figure("offered_rate", options.rate_per_second as f64, "msg/s");
     report.figure("scheduled", schedule.messages_total() as f64, "messages");
@@ -585,6 +593,9 @@ pub struct CeilingResult {
     pub redirects: u64,
     #[serde(default)]
     pub bad_redirect: Option<String>,
+    /// Refusals at admission waited out, by reason.
+    #[serde(default)]
+    pub admission_refused: BTreeMap<String, u64>,
 }
 
 /// Opens connections at a fixed rate up to a target or until failures pile up, then holds
@@ -596,6 +607,7 @@ pub fn ceiling_local(
     on_ramped: &mut dyn FnMut(u64),
 ) -> Result<CeilingResult, String> {
     let mut engine = common.engine(options.connections)?;
+    engine.set_connect_timeout(Duration::from_millis(options.handshake_timeout_ms));
     let tag = run_tag();
     let schedule = Schedule::new(options.rate_per_second, options.connections);
     let mut result = CeilingResult::default();
@@ -729,6 +741,11 @@ pub fn ceiling_local(
     result.handshake_latency = handshake_latency.summary();
     result.redirects = engine.redirects;
     result.bad_redirect = engine.bad_redirect.clone();
+    result.admission_refused = engine
+        .admission_refused
+        .iter()
+        .map(|(reason, count)| (reason.to_string(), *count))
+        .collect();
     Ok(result)
 }
 
@@ -785,6 +802,9 @@ pub fn ceiling_report(
             report.notes.push(format!("ramp stopped by {why}"));
         }
         report.redirects += result.redirects;
+        for (reason, count) in &result.admission_refused {
+            *report.admission_refused.entry(reason.clone()).or_default() += count;
+        }
         if let Some(why) = &result.bad_redirect {
             report
                 .notes
@@ -945,7 +965,7 @@ pub fn offline(common: &Common, options: &OfflineOptions) -> Result<Report, Stri
     }
     let drain_seconds = drain_start.elapsed().as_secs_f64();
     let mut report = common.report("offline");
-    redirects_report(&mut report, &engine);
+    engine_report(&mut report, &engine);
     report.figure("messages", options.messages as f64, "messages");
     report.figure("rejected", rejected as f64, "messages");
     report.figure("enqueue_seconds", enqueue_seconds, "s");

@@ -177,14 +177,18 @@ fn a_server_that_is_not_there_fails_the_run_with_the_reason() {
 /// A toy hop server: hop's own server state machine (`ServerConnection`) and router
 /// (`hop_router::Router`, one shard) behind one lock, one thread per client. Just enough to
 /// run the generator's hop path end to end: handshake with a pinned key, Send, ServerAck,
-/// Deliver, Ack, Receipt, Ack, and groups (GroupChange, GroupInfo, events, fan-out).
+/// Deliver, Ack, Receipt, Ack, and groups (GroupChange, GroupInfo, events, fan-out). With
+/// [`start_limited`], the router's sender rates and a refusal at admission for the first
+/// connections, as hopd's limits answer.
 mod toy_hop {
     use std::collections::HashMap;
     use std::io::{Read, Write};
-    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
     use std::sync::{Arc, Mutex};
+    use std::time::Instant;
 
     use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
+    use hop_protocol::noise::Refusal;
     use hop_protocol::session::{ServerConnection, ServerEvent};
     use hop_protocol::wire::Stanza;
     use hop_protocol::{StaticKey, UserId};
@@ -197,22 +201,30 @@ mod toy_hop {
         /// The "disk": kept messages and group copies, by user and server id (the copies of
         /// a group message share its id).
         kept: HashMap<(UserId, u64), Queued>,
+        /// The router's clock.
+        started: Instant,
     }
 
     /// Starts the server; returns its address and public key.
     pub fn start() -> (SocketAddr, [u8; 32]) {
+        // Like a benchmarked hopd: no sender rates (the generator sends far faster).
+        start_limited(Rate::OFF, Vec::new())
+    }
+
+    /// Starts the server with `sender_messages` as each device's rate, and answers its first
+    /// connections each with a refusal of `refusals` in place of handshake message 2.
+    pub fn start_limited(sender_messages: Rate, refusals: Vec<Refusal>) -> (SocketAddr, [u8; 32]) {
         let key = StaticKey::generate().unwrap();
         let public = *key.public();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared {
-            // Like a benchmarked hopd: no sender rates or shares (the generator sends far
-            // faster, to few recipients).
+            // No shares: the generator sends to few recipients.
             router: Router::new(
                 0,
                 1,
                 Limits {
-                    sender_messages: Rate::OFF,
+                    sender_messages,
                     sender_reads: Rate::OFF,
                     queue_sender_percent: 100,
                     shard_queue_sender_percent: 100,
@@ -222,10 +234,16 @@ mod toy_hop {
             ),
             connections: HashMap::new(),
             kept: HashMap::new(),
+            started: Instant::now(),
         }));
+        let mut refusals = refusals.into_iter();
         std::thread::spawn(move || {
             for (id, stream) in listener.incoming().enumerate() {
                 let Ok(stream) = stream else { break };
+                if let Some(refusal) = refusals.next() {
+                    std::thread::spawn(move || refuse(stream, refusal));
+                    continue;
+                }
                 stream.set_nodelay(true).unwrap();
                 let conn = ConnRef(id as u64);
                 let reader = stream.try_clone().unwrap();
@@ -241,6 +259,20 @@ mod toy_hop {
         (addr, public)
     }
 
+    /// Takes handshake message 1, answers with `refusal` and closes, as hopd's admission does;
+    /// reads on until the client closes, so that the close is a FIN, not a reset.
+    fn refuse(mut stream: TcpStream, refusal: Refusal) {
+        let mut buffer = [0u8; 256];
+        if !matches!(stream.read(&mut buffer), Ok(1..)) {
+            return;
+        }
+        let mut frame = Vec::new();
+        refusal.encode(&mut frame);
+        let _ = stream.write_all(&frame);
+        let _ = stream.shutdown(Shutdown::Write);
+        while matches!(stream.read(&mut buffer), Ok(1..)) {}
+    }
+
     fn serve(conn: ConnRef, mut reader: TcpStream, shared: &Mutex<Shared>) {
         let mut buffer = vec![0u8; 64 * 1024];
         let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
@@ -253,6 +285,8 @@ mod toy_hop {
             }
             let mut guard = shared.lock().unwrap();
             let state = &mut *guard;
+            // One instant for the whole read: the Sends of one flight meet the same bucket.
+            let now_ms = state.started.elapsed().as_millis() as u64;
             let Some((connection, stream, user)) = state.connections.get_mut(&conn) else {
                 return;
             };
@@ -270,12 +304,15 @@ mod toy_hop {
                     ServerEvent::Authenticated { client_key } => {
                         let id = UserId::from_public_key(&client_key);
                         *user = Some(id);
-                        state.router.handle_connect(id, &client_key, conn, 0);
+                        state.router.handle_connect(id, &client_key, conn, now_ms);
                     }
                     ServerEvent::Outdated { version } => panic!("a client of version {version}"),
                     ServerEvent::Stanza(stanza) => {
                         let id = user.expect("authenticated before stanzas");
-                        state.router.handle_stanza(id, conn, stanza, 0).unwrap();
+                        state
+                            .router
+                            .handle_stanza(id, conn, stanza, now_ms)
+                            .unwrap();
                     }
                 }
             }
@@ -288,7 +325,7 @@ mod toy_hop {
                         if matches!(item, Queued::Message { .. } | Queued::Group { .. }) {
                             state.kept.insert((user, id), item);
                         }
-                        state.router.handle_kept(user, id, kind, 0);
+                        state.router.handle_kept(user, id, kind, now_ms);
                         continue;
                     }
                     Action::Forget { user, id, .. } => {
@@ -470,4 +507,86 @@ fn hop_clients_give_up_after_three_redirects() {
     let error = scenario::throughput(&hop_common(entry, entry_key), &options).unwrap_err();
     assert!(error.contains("too_many_redirects"), "{error}");
     assert!(error.contains("more than 3"), "{error}");
+}
+
+/// A hopd past a sender's rate refuses the Send with `RATE_LIMITED` and keeps nothing of it.
+/// The generator must count it apart from failures, wait the time named, and send it again:
+/// otherwise the run measures messages lost to the limit, not delivered ones.
+#[test]
+fn hop_senders_wait_out_their_rate_and_every_message_arrives() {
+    use hop_router::quota::Rate;
+
+    // A burst of 2 and a window of 8: each sender's first flight alone has 6 Sends refused,
+    // however fast the machine.
+    let rate = Rate {
+        per_second: 20,
+        burst: 2,
+    };
+    let (server, key) = toy_hop::start_limited(rate, Vec::new());
+    let options = ThroughputOptions {
+        pairs: 1,
+        window: 8,
+        warmup_ms: 200,
+        duration_ms: 400,
+    };
+    let report = scenario::throughput(&hop_common(server, key), &options).unwrap();
+    assert!(report.rate_limited >= 2 * 6, "{}", report.table());
+    assert!(report.is_limited());
+    assert!(report.value("messages_per_second").unwrap() > 0.0);
+    assert_eq!(report.value("lost"), Some(0.0), "{}", report.table());
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(report.table().contains("the server was limiting"));
+}
+
+/// A hopd under its admission limits answers a new connection with a refusal and its wait.
+/// The generator must wait it out and connect again (within its connect timeout), counting
+/// the refusal by reason rather than failing the client.
+#[test]
+fn hop_clients_refused_at_admission_connect_again_after_the_wait() {
+    use hop_protocol::noise::{Refusal, RefusalReason};
+
+    let refusal = |reason, retry_after_ms| Refusal {
+        reason,
+        retry_after_ms,
+    };
+    let refusals = vec![
+        refusal(RefusalReason::Busy, 50),
+        refusal(RefusalReason::Busy, 20),
+        refusal(RefusalReason::AddressRate, 30),
+    ];
+    let (server, key) = toy_hop::start_limited(hop_router::quota::Rate::OFF, refusals);
+    let options = ThroughputOptions {
+        pairs: 2,
+        window: 4,
+        warmup_ms: 200,
+        duration_ms: 300,
+    };
+    let report = scenario::throughput(&hop_common(server, key), &options).unwrap();
+    let expected = [("address_rate".to_string(), 1), ("busy".to_string(), 2)];
+    assert_eq!(report.admission_refused, expected.into());
+    assert!(report.value("messages_per_second").unwrap() > 0.0);
+    assert_eq!(report.value("lost"), Some(0.0));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(report.table().contains("admission refused: busy"));
+}
+
+/// A refusal that asks for a longer wait than the client may take to connect fails it, with
+/// the reason, instead of hanging the run.
+#[test]
+fn hop_clients_refused_for_longer_than_their_timeout_fail_as_refused() {
+    use hop_protocol::noise::{Refusal, RefusalReason};
+
+    let refusal = Refusal {
+        reason: RefusalReason::AddressConnections,
+        retry_after_ms: 3_600_000,
+    };
+    let (server, key) = toy_hop::start_limited(hop_router::quota::Rate::OFF, vec![refusal]);
+    let options = ThroughputOptions {
+        pairs: 1,
+        window: 1,
+        warmup_ms: 0,
+        duration_ms: 10,
+    };
+    let error = scenario::throughput(&hop_common(server, key), &options).unwrap_err();
+    assert!(error.contains("admission_refused"), "{error}");
 }

@@ -14,7 +14,7 @@ use hop_protocol::wire::{group_change, GroupChange, GROUP_MEMBERS_MAX};
 use hop_protocol::UserId;
 
 use super::{
-    clients, cpu_report, encode_body, open_all, redirects_report, send, server_cpu, Client, Common,
+    clients, cpu_report, encode_body, engine_report, open_all, send, server_cpu, Client, Common,
     Counters, BODY_BYTES, SETUP_TIMEOUT, STREAM_STALL_MS,
 };
 use crate::conn::Event;
@@ -163,7 +163,7 @@ pub fn group(common: &Common, options: &GroupOptions) -> Result<Report, String> 
     let before = measured.ok_or("the run ended before its warm-up")?;
     let wall = before.at.elapsed().as_secs_f64();
     let mut report = common.report("group");
-    redirects_report(&mut report, &engine);
+    engine_report(&mut report, &engine);
     report.figure("members", members as f64, "members per group");
     report.figure("groups", options.groups as f64, "groups");
     report.figure(
