@@ -657,6 +657,29 @@ fn a_client_is_served_by_its_home_node_whichever_node_it_connects_to() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // ... and on its link to n0, by that node's id; the link is up.
+    let (_, metrics) = nodes.admin(1, "/metrics");
+    let link = |name: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(&format!("{name}{{node=\"n0\"}}")))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert!(
+        link("hop_link_mails_sent_total").is_some_and(|sent| sent >= 1.0),
+        "{metrics}"
+    );
+    assert_eq!(link("hop_link_up"), Some(1.0), "{metrics}");
+    let (_, cluster) = nodes.admin(1, "/cluster");
+    let cluster: serde_json::Value = serde_json::from_str(&cluster).unwrap();
+    let links = cluster["links"].as_array().expect("links");
+    assert!(
+        links
+            .iter()
+            .any(|link| link["node_id"] == "n0" && link["mails_sent"].as_u64() >= Some(1)),
+        "{cluster}"
+    );
+
     let (_, metrics) = nodes.admin(0, "/metrics");
     let redirects: u64 = metrics
         .lines()

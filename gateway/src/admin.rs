@@ -306,6 +306,23 @@ fn cluster_json(cluster: &Cluster) -> Value {
         "leases_lost": stats.leases_lost.load(Ordering::Relaxed),
         "etcd_failures": stats.etcd_failures.load(Ordering::Relaxed),
         "view_changes": stats.view_changes.load(Ordering::Relaxed),
+        "links": cluster.links.as_ref().map_or_else(Vec::new, |links| {
+            links
+                .reports()
+                .into_iter()
+                .map(|link| {
+                    json!({
+                        "node_id": link.node_id,
+                        "up": link.up,
+                        "queued": link.queued,
+                        "unacked": link.unacked,
+                        "mails_sent": link.mails_sent,
+                        "mails_resent": link.mails_resent,
+                        "connects": link.connects,
+                    })
+                })
+                .collect()
+        }),
         "link_mails_sent": cluster.links.as_ref().map_or(0, |l| l.mails_sent.load(Ordering::Relaxed)),
         "link_mails_resent": cluster.links.as_ref().map_or(0, |l| l.mails_resent.load(Ordering::Relaxed)),
         "link_connects": cluster.links.as_ref().map_or(0, |l| l.reconnects.load(Ordering::Relaxed)),
@@ -685,10 +702,71 @@ impl Metrics {
         Ok(())
     }
 
+    /// Each node link's counters, labelled by the peer's node id.
+    fn encode_links(
+        views: &ShardViews,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let Some(links) = views.cluster.as_ref().and_then(|c| c.links.as_ref()) else {
+            return Ok(());
+        };
+        let reports = links.reports();
+        type Pick = fn(&crate::cluster::links::LinkReport) -> u64;
+        let counters: [(&str, &str, Pick); 3] = [
+            (
+                "link_mails_sent",
+                "Mails sent on the link to a node of the cluster.",
+                |l| l.mails_sent,
+            ),
+            (
+                "link_mails_resent",
+                "Mails sent again on the link after it connected again.",
+                |l| l.mails_resent,
+            ),
+            (
+                "link_connects",
+                "Times the link to a node connected.",
+                |l| l.connects,
+            ),
+        ];
+        for (name, help, pick) in counters {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for link in &reports {
+                let labels = [("node", link.node_id.clone())];
+                ConstCounter::new(pick(link)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let gauges: [(&str, &str, Pick); 3] = [
+            ("link_up", "1 while the link to a node is connected.", |l| {
+                u64::from(l.up)
+            }),
+            (
+                "link_queued",
+                "Mails waiting for the link to a node (at most 16,384; past it work is refused).",
+                |l| l.queued,
+            ),
+            (
+                "link_unacked",
+                "Mails sent to a node and not acked yet.",
+                |l| l.unacked,
+            ),
+        ];
+        for (name, help, pick) in gauges {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for link in &reports {
+                let labels = [("node", link.node_id.clone())];
+                let value = i64::try_from(pick(link)).unwrap_or(i64::MAX);
+                ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
     fn encode_shards(
         views: &ShardViews,
         encoder: &mut DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
+        Self::encode_links(views, encoder)?;
         let load = |field: Field, stats: &ShardStats| field(stats).load(Ordering::Relaxed);
         for (name, help, field) in COUNTERS {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -50,6 +50,32 @@ pub struct Links {
 #[derive(Debug)]
 struct Peer {
     queue: ArrayQueue<(UserId, Vec<u8>)>,
+    stats: LinkStats,
+}
+
+/// The counters of one peer's link, for `/metrics` and `hop admin cluster`.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub mails_sent: AtomicU64,
+    pub mails_resent: AtomicU64,
+    pub connects: AtomicU64,
+    /// Mails sent and not acked yet (gauge).
+    pub unacked: AtomicU64,
+    /// 1 while the link is connected (gauge).
+    pub up: AtomicU64,
+}
+
+/// One peer's link as the admin listener shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkReport {
+    pub node_id: String,
+    /// Mails waiting for the link's thread.
+    pub queued: u64,
+    pub unacked: u64,
+    pub up: bool,
+    pub mails_sent: u64,
+    pub mails_resent: u64,
+    pub connects: u64,
 }
 
 impl Links {
@@ -82,6 +108,7 @@ impl Links {
                 None => {
                     let peer = Arc::new(Peer {
                         queue: ArrayQueue::new(LINK_QUEUE_MAX),
+                        stats: LinkStats::default(),
                     });
                     let (links, cluster, member_now, thread_peer) =
                         (self.clone(), cluster.clone(), member.clone(), peer.clone());
@@ -98,6 +125,26 @@ impl Links {
             }
         };
         peer.queue.push((user, mail)).is_ok()
+    }
+
+    /// Every peer's link, by node id.
+    pub fn reports(&self) -> Vec<LinkReport> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let mut reports: Vec<LinkReport> = peers
+            .iter()
+            .map(|(node_id, peer)| LinkReport {
+                node_id: node_id.clone(),
+                queued: peer.queue.len() as u64,
+                unacked: load(&peer.stats.unacked),
+                up: load(&peer.stats.up) == 1,
+                mails_sent: load(&peer.stats.mails_sent),
+                mails_resent: load(&peer.stats.mails_resent),
+                connects: load(&peer.stats.connects),
+            })
+            .collect();
+        reports.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        reports
     }
 
     /// One peer's link, until this node stops or the peer leaves the members (its unsent and
@@ -123,14 +170,16 @@ impl Links {
                     }
                 };
             self.reconnects.fetch_add(1, Ordering::Relaxed);
+            peer.stats.connects.fetch_add(1, Ordering::Relaxed);
+            peer.stats.up.store(1, Ordering::Relaxed);
             for (_, stanza) in &unacked {
                 client.queue(stanza);
                 self.mails_resent.fetch_add(1, Ordering::Relaxed);
+                peer.stats.mails_resent.fetch_add(1, Ordering::Relaxed);
             }
-            if self
-                .serve_connection(&mut client, peer, &mut unacked, &mut next_seq)
-                .is_err()
-            {
+            let served = self.serve_connection(&mut client, peer, &mut unacked, &mut next_seq);
+            peer.stats.up.store(0, Ordering::Relaxed);
+            if served.is_err() {
                 warn!(node = %member.node_id, unacked = unacked.len(), "node link lost; connecting again");
                 std::thread::sleep(RECONNECT_PAUSE);
             }
@@ -162,7 +211,11 @@ impl Links {
                 unacked.push_back((*next_seq, stanza));
                 *next_seq += 1;
                 self.mails_sent.fetch_add(1, Ordering::Relaxed);
+                peer.stats.mails_sent.fetch_add(1, Ordering::Relaxed);
             }
+            peer.stats
+                .unacked
+                .store(unacked.len() as u64, Ordering::Relaxed);
             client.flush().map_err(|_| ())?;
             // Every answer that has arrived, waiting for the first at most `POLL`.
             let mut wait = POLL;
@@ -173,6 +226,9 @@ impl Links {
                         while unacked.front().is_some_and(|(seq, _)| *seq <= ack.seq) {
                             unacked.pop_front();
                         }
+                        peer.stats
+                            .unacked
+                            .store(unacked.len() as u64, Ordering::Relaxed);
                     }
                     Some(Kind::GoAway(_)) => return Err(()),
                     _ => {}
