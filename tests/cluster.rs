@@ -315,6 +315,8 @@ struct Nodes<'net> {
     net: &'net Net,
     endpoints: String,
     lease_ms: u64,
+    /// More flags for every node.
+    flags: Vec<&'static str>,
     nodes: Vec<Option<Node>>,
     folder: tempfile::TempDir,
 }
@@ -341,10 +343,22 @@ impl<'net> Nodes<'net> {
         count: usize,
         lease_ms: u64,
     ) -> Self {
+        Self::start_with(net, etcd, count, lease_ms, &[])
+    }
+
+    /// The same with more flags for every node.
+    fn start_with(
+        net: &'net Net,
+        etcd: &EtcdCluster<'net>,
+        count: usize,
+        lease_ms: u64,
+        flags: &[&'static str],
+    ) -> Self {
         let mut nodes = Self {
             net,
             endpoints: etcd.endpoints().join(","),
             lease_ms,
+            flags: flags.to_vec(),
             nodes: (0..count).map(|_| None).collect(),
             folder: tempfile::tempdir().expect("a temporary folder"),
         };
@@ -382,6 +396,7 @@ impl<'net> Nodes<'net> {
             .args(["--node-id", &node_id(index)])
             .args(["--cluster-lease-ms", &self.lease_ms.to_string()])
             .args(["--drain-ms", "0"])
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("the log again"))
             .stderr(log);
@@ -430,6 +445,27 @@ impl<'net> Nodes<'net> {
     fn kill(&mut self, index: usize) {
         if let Some(node) = self.nodes[index].take() {
             node.process.kill();
+        }
+    }
+
+    /// Waits until node `index`'s counter `name` (summed over its shards) is above 0.
+    fn wait_for_metric(&self, index: usize, name: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (_, metrics) = self.admin(index, "/metrics");
+            let total: f64 = metrics
+                .lines()
+                .filter(|line| line.starts_with(&format!("{name}{{")))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if total > 0.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {index} counted no {name} within {PATIENCE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -639,23 +675,7 @@ fn a_client_is_served_by_its_home_node_whichever_node_it_connects_to() {
     }
 
     // Alice's node counts the work it sent to Carol's (published once per shard tick).
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (_, metrics) = nodes.admin(1, "/metrics");
-        let to_nodes: f64 = metrics
-            .lines()
-            .filter(|line| line.starts_with("hop_mails_to_nodes_total{"))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        if to_nodes >= 1.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "n1 counted no mail to another node"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes.wait_for_metric(1, "hop_mails_to_nodes_total");
 
     // ... and on its link to n0, by that node's id; the link is up.
     let (_, metrics) = nodes.admin(1, "/metrics");
@@ -993,4 +1013,66 @@ fn a_group_spread_over_three_nodes_is_made_and_reaches_every_member() {
         assert_eq!(UserRef::user(deliver.group.as_deref()), Some(group));
         assert_eq!(UserRef::user(deliver.from.as_ref()), Some(ids[0]));
     }
+}
+
+/// A sender whose messages go to another node faster than that node takes them is slowed
+/// down, not refused: while the receiving node is stopped (SIGSTOP: its link stays up, it acks
+/// nothing), the link's queue fills, the sender's node holds the rest and stops reading the
+/// sender; once the node runs again every message is taken.
+#[test]
+fn a_sender_to_a_slow_node_is_slowed_down_not_refused() {
+    const MESSAGES: usize = 40_000;
+    let Some(net) = Net::new(2) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1]) else {
+        return;
+    };
+    let unlimited = [
+        "--sender-messages-per-second",
+        "0",
+        "--queue-messages-max",
+        "100000",
+        "--queue-sender-percent",
+        "100",
+        "--shard-queue-sender-percent",
+        "100",
+    ];
+    // A long lease: the stopped node must stay a member meanwhile.
+    let nodes = Nodes::start_with(&net, &etcd, 2, 20_000, &unlimited);
+    let live = [0, 1];
+    let bob_key = key_homed_on(&live, 1);
+    nodes.served_by(1, &bob_key, 1);
+    let alice_key = key_homed_on(&live, 0);
+    let mut alice = nodes.connect(0, &alice_key).expect("alice served");
+    // The link from n0 to n1 is up before n1 stops.
+    alice
+        .send_message(bob_key.user_id(), b"first")
+        .expect("sent");
+    let Kind::ServerAck(_) = next_of(&mut alice, "ServerAck") else {
+        unreachable!()
+    };
+
+    let n1 = nodes.nodes[1].as_ref().expect("n1 runs");
+    assert!(n1.process.signal(nix::sys::signal::Signal::SIGSTOP));
+    for _ in 0..MESSAGES {
+        alice.queue_message(bob_key.user_id(), b"hi");
+    }
+    // The queue holds 16,384 mails and the link 16,384 unacked: the rest waits on n0.
+    let writer = std::thread::spawn(move || {
+        alice.flush().expect("written");
+        alice
+    });
+    nodes.wait_for_metric(0, "hop_link_backpressure_total");
+    assert!(n1.process.signal(nix::sys::signal::Signal::SIGCONT));
+    let mut alice = writer.join().expect("the writer");
+    let deadline = Instant::now() + PATIENCE;
+    let (mut acked, mut refused) = (0, 0);
+    while acked + refused < MESSAGES && Instant::now() < deadline {
+        let stanza = alice.recv(Duration::from_millis(200)).expect("connected");
+        match stanza.and_then(|stanza| stanza.kind) {
+            Some(Kind::ServerAck(_)) => acked += 1,
+            Some(Kind::Error(_)) => refused += 1,
+            _ => {}
+        }
+    }
+    assert_eq!((acked, refused), (MESSAGES, 0), "ServerAcks and refusals");
 }

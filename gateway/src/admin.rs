@@ -611,6 +611,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         "Times a full mailbox paused a connection.",
         |s| &s.mail_backpressure,
     ),
+    (
+        "link_backpressure",
+        "Mails for another node that waited in the shard because its link's queue was full.",
+        |s| &s.link_backpressure,
+    ),
 ];
 
 /// Gauges labelled by shard alone.

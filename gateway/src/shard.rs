@@ -45,7 +45,7 @@ use hop_store::ShardStore;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{AddressTable, Admitted, Tally};
-use crate::cluster::membership::{Cluster, Home, ShardLocality};
+use crate::cluster::membership::{Cluster, Home, Member, ShardLocality};
 use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
@@ -73,6 +73,11 @@ const SEND_BUDGET_EVERY_MS: u64 = 100;
 const SEND_BUDGET_CLOSES_MAX: usize = 256;
 /// Bad-input log lines per shard per second at `warn`; the rest go to `debug`.
 const WARNINGS_PER_SECOND: u32 = 10;
+/// Mails one shard holds for other nodes whose links' queues are full; past it new work for
+/// them is refused to its senders.
+const NODE_OUTBOX_MAX: usize = 16 * 1024;
+/// How long the loop waits at most while mail for another node waits for its link's queue.
+const NODE_OUTBOX_RETRY: Duration = Duration::from_millis(1);
 /// The longest between two sweeps for expired accounts (a sweep walks every user of the shard).
 const ACCOUNT_SWEEP_MAX_MS: u64 = 60 * 60 * 1000;
 /// Records a seen log may hold beyond twice the users it keeps times for before it is
@@ -176,6 +181,16 @@ pub struct ShardParts<B: Backend> {
     pub addresses: Arc<AddressTable>,
     /// Under `registration = token`: the tokens a new key must redeem first.
     pub tokens: Option<Arc<Tokens>>,
+}
+
+/// What a node link's queue did with a mail offered to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offered {
+    Taken,
+    /// Its queue is full and the link is up: offer it again soon.
+    Full,
+    /// No link can take it.
+    Refused,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,6 +518,8 @@ impl<B: Backend> Core<B> {
             send_budget_next_ms: 0,
             seen,
             account_sweep_next_ms: 0,
+            node_outbox: HashMap::default(),
+            node_outbox_mails: 0,
             settings,
             key,
             router,
@@ -593,10 +610,16 @@ impl<B: Backend> Core<B> {
                 };
                 let until_commit = until(core.commit_deadline());
                 let until_drain = until(core.drain_deadline());
+                let until_link = if core.node_outbox.is_empty() {
+                    Duration::MAX
+                } else {
+                    NODE_OUTBOX_RETRY
+                };
                 next_tick
                     .saturating_duration_since(now)
                     .min(until_commit)
                     .min(until_drain)
+                    .min(until_link)
             };
             core.mailboxes.clear_wake(index);
             let result = backend.poll(Some(timeout), &mut |event| {
@@ -719,6 +742,10 @@ struct Core<B: Backend> {
     registering: HashMap<ConnId, [u8; KEY_BYTES]>,
     /// When the devices homed here were last seen, on disk (account expiry).
     seen: SeenLog<FsIo>,
+    /// Mail for other nodes that their links' queues did not take yet, by node id, in order.
+    node_outbox: HashMap<String, VecDeque<(UserId, Box<ShardMessage>)>>,
+    /// Mails in `node_outbox`.
+    node_outbox_mails: usize,
     /// When the router's accounts are next swept for expiry (monotonic milliseconds).
     account_sweep_next_ms: u64,
 }
@@ -963,22 +990,117 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Hands `message` for `user` to the link to `user`'s home node; false if there is no
-    /// link to take it (no such member, or its queue is full).
-    fn send_to_node(&self, user: UserId, message: &ShardMessage) -> bool {
-        let Some(cluster) = &self.cluster else {
-            return false;
+    /// Hands `message` for `user` to the link to `user`'s home node. Where the link's queue
+    /// is full while the link is up (the peer takes mail, slower than it comes), the mail waits
+    /// in this shard's outbox for that node, in order with the node's later mail, and the
+    /// connection being read pauses until the outbox drains: backpressure across the link, as
+    /// a full mailbox between shards does. Where there is no link to take it (no such member,
+    /// the link down and its queue full, or the outboxes at [`NODE_OUTBOX_MAX`]), the work is
+    /// refused to its sender ([`Router::handle_unroutable`]).
+    fn mail_to_node(&mut self, user: UserId, message: Box<ShardMessage>) {
+        let member = self.cluster.as_ref().and_then(|cluster| {
+            let view = cluster.view();
+            match view.home(user) {
+                Home::There(member) => Some(member.clone()),
+                _ => None,
+            }
+        });
+        let Some(member) = member else {
+            return self.router.handle_unroutable(*message, self.wall_ms);
         };
-        let Some(links) = &cluster.links else {
-            return false;
-        };
-        let view = cluster.view();
-        let Home::There(member) = view.home(user) else {
-            return false;
+        if let Some(waiting) = self.node_outbox.get_mut(&member.node_id) {
+            if self.node_outbox_mails >= NODE_OUTBOX_MAX {
+                return self.router.handle_unroutable(*message, self.wall_ms);
+            }
+            waiting.push_back((user, message));
+            self.node_outbox_mails += 1;
+            return self.pause_current();
+        }
+        match self.offer_to_link(&member, user, &message) {
+            Offered::Taken => {}
+            Offered::Full if self.node_outbox_mails < NODE_OUTBOX_MAX => {
+                bump(&self.stats.link_backpressure, 1);
+                self.node_outbox
+                    .entry(member.node_id.clone())
+                    .or_default()
+                    .push_back((user, message));
+                self.node_outbox_mails += 1;
+                self.pause_current();
+            }
+            Offered::Full | Offered::Refused => {
+                self.router.handle_unroutable(*message, self.wall_ms);
+            }
+        }
+    }
+
+    /// Offers one mail to the link to `member`.
+    fn offer_to_link(&self, member: &Member, user: UserId, message: &ShardMessage) -> Offered {
+        let Some((cluster, links)) = self
+            .cluster
+            .as_ref()
+            .and_then(|cluster| Some((cluster, cluster.links.as_ref()?)))
+        else {
+            return Offered::Refused;
         };
         let mut mail = Vec::new();
         hop_router::mail::encode(message, &mut mail);
-        links.send(cluster, member, user, mail)
+        match links.send(cluster, member, user, mail) {
+            Ok(()) => Offered::Taken,
+            Err(full) if full.link_up => Offered::Full,
+            Err(_) => Offered::Refused,
+        }
+    }
+
+    /// Offers the mail waiting for each node to its link again, in order. A node that left the
+    /// members, or whose link went down, has its waiting work refused to the senders (their
+    /// clients send again; the users have a new home, or will have once the lease runs out).
+    fn retry_node_outbox(&mut self) {
+        if self.node_outbox.is_empty() {
+            return;
+        }
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let view = cluster.view();
+        let nodes: Vec<String> = self.node_outbox.keys().cloned().collect();
+        for node in nodes {
+            let member = view.members.iter().find(|m| m.node_id == node).cloned();
+            let mut waiting = self.node_outbox.remove(&node).unwrap_or_default();
+            while let Some((user, message)) = waiting.pop_front() {
+                let offered = match &member {
+                    Some(member) => self.offer_to_link(member, user, &message),
+                    None => Offered::Refused,
+                };
+                match offered {
+                    Offered::Taken => self.node_outbox_mails -= 1,
+                    Offered::Full => {
+                        waiting.push_front((user, message));
+                        break;
+                    }
+                    Offered::Refused => {
+                        self.node_outbox_mails -= 1;
+                        self.router.handle_unroutable(*message, self.wall_ms);
+                    }
+                }
+            }
+            if !waiting.is_empty() {
+                self.node_outbox.insert(node, waiting);
+            }
+        }
+        self.run_actions();
+    }
+
+    /// Pauses the connection being read (its input makes mail that must wait).
+    fn pause_current(&mut self) {
+        if let Some(current) = self.current {
+            if let Some(conn) = self.conn_mut(current) {
+                if !conn.paused {
+                    conn.paused = true;
+                    self.paused.push(current);
+                    bump(&self.stats.mail_backpressure, 1);
+                }
+            }
+        }
     }
 
     /// In a cluster, sends connection `id` of `account` away when this node is not the
@@ -1240,11 +1362,7 @@ impl<B: Backend> Core<B> {
                 }
                 Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
                 // A link that cannot take it: the router refuses what it can to its sender.
-                Action::ToNode { user, message } => {
-                    if !self.send_to_node(user, &message) {
-                        self.router.handle_unroutable(*message, self.wall_ms);
-                    }
-                }
+                Action::ToNode { user, message } => self.mail_to_node(user, message),
                 Action::Keep { user, item } => self.held.hold(user, item, self.now_ms),
                 Action::Forget { user, id, kind } => {
                     if self.held.cancel(user, id, kind) {
@@ -1589,15 +1707,7 @@ impl<B: Backend> Core<B> {
             if self.outbox_mails() >= OUTBOX_MAILS_FANOUT_MAX {
                 self.router.pause_fanouts(true);
             }
-            if let Some(current) = self.current {
-                if let Some(conn) = self.conn_mut(current) {
-                    if !conn.paused {
-                        conn.paused = true;
-                        self.paused.push(current);
-                        bump(&self.stats.mail_backpressure, 1);
-                    }
-                }
-            }
+            self.pause_current();
         }
     }
 
@@ -1717,6 +1827,7 @@ impl<B: Backend> Core<B> {
 
     /// Ends a turn: writes, moves, closes, retries blocked mail, wakes shards.
     fn end_turn(&mut self, backend: &mut B) {
+        self.retry_node_outbox();
         for id in std::mem::take(&mut self.to_pause) {
             backend.set_reading(id, false);
         }
@@ -1825,7 +1936,7 @@ impl<B: Backend> Core<B> {
         }
         self.router
             .pause_fanouts(self.outbox_mails() >= OUTBOX_MAILS_FANOUT_MAX);
-        if !self.has_blocked_mail() {
+        if !self.has_blocked_mail() && self.node_outbox.is_empty() {
             for id in std::mem::take(&mut self.paused) {
                 if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) {
                     conn.paused = false;

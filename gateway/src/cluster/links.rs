@@ -53,6 +53,14 @@ struct Peer {
     stats: LinkStats,
 }
 
+/// A mail a peer's full queue did not take.
+#[derive(Debug)]
+pub struct Full {
+    pub mail: Vec<u8>,
+    /// The link is connected: the peer takes mail, only slower than it comes.
+    pub link_up: bool,
+}
+
 /// The counters of one peer's link, for `/metrics` and `hop admin cluster`.
 #[derive(Debug, Default)]
 pub struct LinkStats {
@@ -93,14 +101,16 @@ impl Links {
     }
 
     /// Queues `mail` (an encoded `hop.node.Mail`) for `user`'s home node `member`, starting
-    /// the link to it if there is none. False if its queue is full: the caller refuses the work.
+    /// the link to it if there is none. A full queue gives the mail back, saying whether the
+    /// link is up (the peer is slow: the caller waits and offers it again) or not (the caller
+    /// refuses the work).
     pub fn send(
         self: &Arc<Self>,
         cluster: &Arc<Cluster>,
         member: &Member,
         user: UserId,
         mail: Vec<u8>,
-    ) -> bool {
+    ) -> Result<(), Full> {
         let peer = {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             match peers.get(&member.node_id) {
@@ -117,14 +127,20 @@ impl Links {
                         .spawn(move || links.run(&cluster, &member_now, &thread_peer));
                     if let Err(error) = started {
                         warn!(%error, node = %member.node_id, "cannot start a node link thread");
-                        return false;
+                        return Err(Full {
+                            mail,
+                            link_up: false,
+                        });
                     }
                     peers.insert(member.node_id.clone(), peer.clone());
                     peer
                 }
             }
         };
-        peer.queue.push((user, mail)).is_ok()
+        peer.queue.push((user, mail)).map_err(|(_, mail)| Full {
+            mail,
+            link_up: peer.stats.up.load(Ordering::Relaxed) == 1,
+        })
     }
 
     /// Every peer's link, by node id.
