@@ -1014,7 +1014,7 @@ impl<B: Backend> Core<B> {
             }
             waiting.push_back((user, message));
             self.node_outbox_mails += 1;
-            return self.pause_current();
+            return self.pause_current_client();
         }
         match self.offer_to_link(&member, user, &message) {
             Offered::Taken => {}
@@ -1025,7 +1025,7 @@ impl<B: Backend> Core<B> {
                     .or_default()
                     .push_back((user, message));
                 self.node_outbox_mails += 1;
-                self.pause_current();
+                self.pause_current_client();
             }
             Offered::Full | Offered::Refused => {
                 self.router.handle_unroutable(*message, self.wall_ms);
@@ -1088,6 +1088,19 @@ impl<B: Backend> Core<B> {
             }
         }
         self.run_actions();
+    }
+
+    /// Pauses the connection being read for mail that waits for another node, unless it is
+    /// a node link: two nodes that each stopped reading the other's link while waiting for
+    /// room in their own would wait for ever. What a link's mail makes waits in the outbox
+    /// (bounded by [`NODE_OUTBOX_MAX`]) and the link goes on.
+    fn pause_current_client(&mut self) {
+        if self
+            .current
+            .is_some_and(|current| !self.links_in.contains_key(&current))
+        {
+            self.pause_current();
+        }
     }
 
     /// Pauses the connection being read (its input makes mail that must wait).
