@@ -271,7 +271,7 @@ impl Default for Config {
             address_handshake_burst: 500,
             address_handshakes_max: 256,
             address_connections_max: 10_000,
-            handshakes_per_turn: 8,
+            handshakes_per_turn: 2,
             send_buffer_bytes_max: 4 * 1024 * 1024,
             send_buffers_bytes_max: 1024 * 1024 * 1024,
             mailbox_depth: 16 * 1024,
