@@ -570,3 +570,65 @@ fn floods_of_handshakes_are_refused_while_a_pair_keeps_talking() {
     assert_eq!(refusal.reason, RefusalReason::AddressRate);
     assert!(refusal.retry_after_ms >= 100, "{refusal:?}");
 }
+
+/// Bursts of handshakes read by a shard in one turn: `BURST` connections send their message 1
+/// at the same moment and the pair's message right behind them. Without a cap the message waits
+/// for every handshake read with it (~260 µs each); with one, for at most the cap's worth. The
+/// pair's round trips are printed, for each setting, not asserted.
+#[test]
+fn a_burst_of_handshakes_delays_the_pair_by_at_most_the_caps_worth() {
+    const BURST: usize = 64;
+    const BURSTS: usize = 30;
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut message_1 = Vec::new();
+    let _ = ClientHandshake::start(&StaticKey::generate().unwrap(), &mut message_1);
+    // No cap, then hopd's default; one shard, where the burst and the pair meet.
+    for (setting, flags) in [
+        ("0", &["--shards", "1", "--handshakes-per-turn", "0"][..]),
+        ("default", &["--shards", "1"][..]),
+    ] {
+        let hopd = Hopd::start(flags);
+        let server: SocketAddr = hopd.addr.parse().unwrap();
+        let (mut pair, baseline, _) = Pair::measured(&hopd);
+        let mut times = Vec::with_capacity(BURSTS);
+        for _ in 0..BURSTS {
+            let mut burst: Vec<std::net::TcpStream> = (0..BURST)
+                .map(|_| std::net::TcpStream::connect(server).unwrap())
+                .collect();
+            std::thread::sleep(Duration::from_millis(50)); // accepted, idle
+            for stream in &mut burst {
+                stream.write_all(&message_1).unwrap();
+            }
+            let start = Instant::now();
+            pair.alice
+                .send_message(pair.bob_key.user_id(), b"behind a burst")
+                .unwrap();
+            let deliver = expect_kind(&mut pair.bob, "the message", |kind| match kind {
+                Kind::Deliver(deliver) => Some(deliver),
+                _ => None,
+            });
+            times.push(start.elapsed());
+            pair.bob.ack_deliver(deliver.id).unwrap();
+            while pair.alice.recv(Duration::ZERO).unwrap().is_some() {}
+            for stream in &mut burst {
+                stream.set_read_timeout(Some(PATIENCE)).unwrap();
+                let mut header = [0u8; 2];
+                stream.read_exact(&mut header).unwrap();
+                let mut body = vec![0u8; usize::from(u16::from_be_bytes(header))];
+                stream.read_exact(&mut body).unwrap();
+                assert_eq!(body.len(), 96, "message 2");
+            }
+        }
+        times.sort();
+        println!(
+            "handshakes_per_turn {setting}: pair baseline p50 {:?} p99 {:?}; behind a burst of {BURST} message 1s: p50 {:?} max {:?}",
+            baseline[SAMPLES / 2],
+            p99(&baseline),
+            times[BURSTS / 2],
+            times[BURSTS - 1]
+        );
+        assert!(times[BURSTS - 1] < STALL, "the pair stalled: {times:?}");
+    }
+}

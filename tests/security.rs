@@ -4,11 +4,15 @@
 
 mod common;
 
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{expect_kind, ping, Hopd};
-use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind};
+use common::{expect_kind, ping, Hopd, PATIENCE};
+use hop_protocol::noise::{FRAME_PLAINTEXT_BYTES_MAX, HANDSHAKE_MESSAGE_BYTES_MAX};
+use hop_protocol::session::{ClientConnection, ClientEvent};
+use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, Ping, Stanza};
 use hop_protocol::StaticKey;
 
 /// Every path under `dir`, folders included, with its permission bits.
@@ -348,4 +352,123 @@ fn an_account_not_seen_within_its_expiry_goes_with_its_queue() {
     let before = common::before_pong(&mut alice);
     assert!(before.is_empty(), "the old queue is gone: {before:?}");
     assert!(hopd.stop().success());
+}
+
+/// One client of [`handshakes_past_a_turns_cap_all_finish_in_the_turns_after`], driven by hand
+/// so that all of them send each handshake message before any is answered.
+struct RawClient {
+    stream: TcpStream,
+    session: ClientConnection,
+    /// Bytes to send next.
+    out: Vec<u8>,
+    pongs: usize,
+}
+
+impl RawClient {
+    fn start(hopd: &Hopd) -> Self {
+        let stream = TcpStream::connect(&hopd.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let key = StaticKey::generate().unwrap();
+        let mut out = Vec::new();
+        let session = ClientConnection::start(&key, Some(hopd.server_key), &mut out);
+        Self {
+            stream,
+            session,
+            out,
+            pongs: 0,
+        }
+    }
+
+    fn send(&mut self) {
+        self.stream.write_all(&self.out).unwrap();
+        self.out.clear();
+    }
+
+    /// Reads until `done`, counting Pongs.
+    fn read_until(&mut self, done: impl Fn(&Self) -> bool) {
+        let mut scratch = vec![0u8; FRAME_PLAINTEXT_BYTES_MAX];
+        let mut buffer = [0u8; 4096];
+        while !done(self) {
+            let read = self.stream.read(&mut buffer).unwrap();
+            assert!(read > 0, "hopd closed the connection");
+            let mut pongs = 0;
+            self.session
+                .handle_input::<()>(&buffer[..read], &mut scratch, &mut self.out, &mut |event| {
+                    if let ClientEvent::Stanza(stanza) = event {
+                        pongs += usize::from(matches!(stanza.kind, Some(Kind::Pong(_))));
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            self.pongs += pongs;
+        }
+    }
+}
+
+/// Guards against a shard that keeps the handshake input its turn's cap leaves and never comes
+/// back to it, loses it, or lets it escape the handshake timeout: with a cap of one handshake a
+/// turn, fifty clients that send each handshake message at the same moment all finish, one of
+/// them with a burst of stanzas right behind its last message (past what hopd keeps before it
+/// stops reading the connection), and a client that stops half-way through its first message
+/// is still closed at the handshake timeout.
+#[test]
+fn handshakes_past_a_turns_cap_all_finish_in_the_turns_after() {
+    const CLIENTS: usize = 50;
+    const BURST_PINGS: u64 = 32;
+    let hopd = Hopd::start(&[
+        "--shards",
+        "1",
+        "--handshakes-per-turn",
+        "1",
+        "--handshake-timeout-ms",
+        "1000",
+    ]);
+    let mut stalled = RawClient::start(&hopd);
+    let half = stalled.out.len() / 2;
+    stalled.out.truncate(half);
+    stalled.send();
+
+    let mut clients: Vec<RawClient> = (0..CLIENTS).map(|_| RawClient::start(&hopd)).collect();
+    for client in &mut clients {
+        client.send(); // message 1
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.read_until(|client| client.session.is_open()); // message 2; message 3 in `out`
+        let pings = if n == 0 { BURST_PINGS } else { 1 };
+        let channel = client.session.channel().unwrap();
+        for nonce in 0..pings {
+            let ping = Stanza::of(Kind::Ping(Ping {
+                nonce: u64::MAX - nonce,
+            }));
+            channel.queue(&ping, &mut client.out);
+        }
+        channel.flush(&mut client.out);
+    }
+    assert!(
+        clients[0].out.len() > 2 + HANDSHAKE_MESSAGE_BYTES_MAX,
+        "the first client sends more than a handshake message's worth at once"
+    );
+    for client in &mut clients {
+        client.send(); // message 3 and the pings behind it
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        let pings = if n == 0 { BURST_PINGS } else { 1 } as usize;
+        client.read_until(|client| client.pongs == pings);
+        // hopd reads the connection again after its handshake.
+        let channel = client.session.channel().unwrap();
+        channel.queue(&Stanza::of(Kind::Ping(Ping { nonce: 1 })), &mut client.out);
+        channel.flush(&mut client.out);
+        client.send();
+        client.read_until(|client| client.pongs == pings + 1);
+    }
+
+    // The stalled client is closed at its handshake timeout (the read ends; within PATIENCE).
+    let mut byte = [0u8; 1];
+    let closed = stalled.stream.read(&mut byte);
+    let waited_out = matches!(&closed, Err(error)
+        if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+    assert!(
+        !waited_out && !matches!(closed, Ok(1)),
+        "a half-sent handshake is closed at the timeout: {closed:?}"
+    );
 }

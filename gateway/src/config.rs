@@ -40,6 +40,12 @@ pub struct Config {
     pub address_handshakes_max: u32,
     /// Connections one source address holds at once.
     pub address_connections_max: u32,
+    /// Connections whose handshake messages one loop turn of a shard works on, at most, after
+    /// the turn's other input is answered (each costs ~260 us of X25519); the others wait,
+    /// in order, for the next turns. Bounds how long a flood of handshakes makes a turn, and
+    /// so the wait of the messages behind it. 0: no cap, handshakes are worked on as they
+    /// are read.
+    pub handshakes_per_turn: usize,
     /// Bytes waiting to be written to one connection before it counts as not reading and is
     /// closed.
     pub send_buffer_bytes_max: usize,
@@ -269,6 +275,7 @@ impl Default for Config {
             address_handshake_burst: 500,
             address_handshakes_max: 256,
             address_connections_max: 10_000,
+            handshakes_per_turn: 2,
             send_buffer_bytes_max: 4 * 1024 * 1024,
             send_buffers_bytes_max: 1024 * 1024 * 1024,
             mailbox_depth: 16 * 1024,
@@ -369,6 +376,9 @@ pub struct Args {
     /// Connections one source address may hold at once. 0: off.
     #[arg(long, value_name = "N")]
     pub address_connections_max: Option<u32>,
+    /// Connections whose handshake messages one shard's loop turn works on, after the turn's other input; the rest wait for the next turns. 0: no cap.
+    #[arg(long, value_name = "N")]
+    pub handshakes_per_turn: Option<usize>,
     /// Bytes waiting to be written to one connection before it is closed as not reading.
     #[arg(long, value_name = "BYTES")]
     pub send_buffer_bytes_max: Option<usize>,
@@ -600,6 +610,7 @@ impl Config {
             address_handshake_burst,
             address_handshakes_max,
             address_connections_max,
+            handshakes_per_turn,
             send_buffer_bytes_max,
             send_buffers_bytes_max,
             mailbox_depth,

@@ -3,7 +3,8 @@
 //! mailboxes and the counters.
 //!
 //! A turn of the loop:
-//! 1. poll the backend and handle its events: handshakes, stanzas, closes;
+//! 1. poll the backend and handle its events: stanzas, closes, new connections; the input of
+//!    connections in their handshake is kept for step 6;
 //! 2. drain the mailboxes from the other shards (bounded per turn);
 //! 3. carry out the router's actions as they come: stanzas queued on connections, mail to
 //!    other shards (a full mailbox pauses the connection that produced the mail);
@@ -12,7 +13,11 @@
 //!    retry blocked mail, wake the shards that got mail (once each);
 //! 5. commit the offline store when its batch is due and release the ServerAcks of what became
 //!    durable;
-//! 6. once per tick, enforce the handshake and idle timeouts, expire old queued items and
+//! 6. work on the kept handshake input, oldest first, at most `handshakes_per_turn`
+//!    connections' worth (each ~260 us of X25519), and end the turn again: a flood of
+//!    handshakes neither delays the answers of this turn nor makes a turn long, and what the
+//!    cap leaves is first in line next turn (which then does not sleep);
+//! 7. once per tick, enforce the handshake and idle timeouts, expire old queued items and
 //!    compact the store a bounded step.
 //!
 //! Two clocks: every deadline (batch, handshake, idle, compaction ages) runs on the monotonic
@@ -20,6 +25,7 @@
 //! every connection at once; the wall clock ([`wall_clock_ms`]) only stamps messages, receipts
 //! and last-seen times and decides the offline TTL.
 
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -28,7 +34,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use foldhash::HashMap;
 use hop_protocol::keys::KEY_BYTES;
-use hop_protocol::noise::{Refusal, RefusalReason, FRAME_PLAINTEXT_BYTES_MAX};
+use hop_protocol::noise::{
+    Refusal, RefusalReason, FRAME_PLAINTEXT_BYTES_MAX, HANDSHAKE_MESSAGE_BYTES_MAX,
+};
 use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent};
 use hop_protocol::wire::ReceiptKind;
 use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, NodeAck, Pong, Stanza, UserRef};
@@ -137,6 +145,10 @@ pub struct ShardSettings {
     /// The account clock (`hop_store::seen`) at process start, seconds: the clock is this
     /// plus the monotonic clock's seconds.
     pub account_clock_base_s: u32,
+    /// Connections whose handshake input one turn works on, at most, after the turn's other
+    /// input is answered and written; the rest wait for the next turns, in order. 0: no cap,
+    /// handshake input is worked on as it is read.
+    pub handshakes_per_turn: usize,
 }
 
 /// When the shard hands the items it must keep to the store. Items are held back until their
@@ -313,6 +325,117 @@ impl Held {
         self.index.clear();
         self.since_ms = None;
         std::mem::take(&mut self.items).into_iter().flatten()
+    }
+}
+
+/// Bytes of handshake input a connection may have waiting before its reading pauses: one
+/// handshake frame's worth. A client sends one handshake message and waits for the answer, so
+/// only one that sends stanzas right behind its last handshake message comes near it, and is
+/// paused until the handshake is worked on.
+const HANDSHAKE_INPUT_PAUSE_BYTES: usize = 2 + HANDSHAKE_MESSAGE_BYTES_MAX;
+
+/// Handshake input read by the backend and not yet worked on: each connection's bytes, in the
+/// order the connections first sent them. The shard keeps every handshaking connection's input
+/// here ([`HandshakeInput::keep`]) and works on it after the turn's other input is answered,
+/// at most `per_turn` connections a turn ([`HandshakeInput::start_turn`], then
+/// [`HandshakeInput::next`] until `None`), so that a flood of handshakes cannot make one turn
+/// long. What the cap leaves waits for the next turns, first in line.
+#[derive(Debug)]
+struct HandshakeInput {
+    per_turn: usize,
+    /// Connections still to take this turn.
+    left: usize,
+    /// Connections with input waiting, oldest first, with their generation. An entry whose
+    /// connection went (no longer in `waiting`) is skipped.
+    order: VecDeque<(ConnId, u32)>,
+    waiting: HashMap<ConnId, Waiting>,
+}
+
+/// One connection's handshake input waiting to be worked on.
+#[derive(Debug, PartialEq, Eq)]
+struct Waiting {
+    generation: u32,
+    bytes: Vec<u8>,
+    /// The backend was told to stop reading the connection (its input reached
+    /// [`HANDSHAKE_INPUT_PAUSE_BYTES`]).
+    paused: bool,
+}
+
+impl HandshakeInput {
+    fn new(per_turn: usize) -> Self {
+        Self {
+            per_turn,
+            left: 0,
+            order: VecDeque::new(),
+            waiting: HashMap::default(),
+        }
+    }
+
+    /// Keeps `bytes` read from connection `id` (of `generation`) behind what it sent before;
+    /// `Pause` once it holds [`HANDSHAKE_INPUT_PAUSE_BYTES`] or more, so that what waits stays
+    /// bounded by that and what the backend had read already.
+    fn keep(&mut self, id: ConnId, generation: u32, bytes: &[u8]) -> Reading {
+        let waiting = match self.waiting.entry(id) {
+            Entry::Occupied(entry) if entry.get().generation == generation => entry.into_mut(),
+            entry => {
+                // A connection's first input, or (which `forget` prevents) the id's earlier
+                // connection went without its input: that goes with it.
+                debug_assert!(
+                    matches!(entry, Entry::Vacant(_)),
+                    "input of a connection that went"
+                );
+                self.order.push_back((id, generation));
+                let first = Waiting {
+                    generation,
+                    bytes: Vec::new(),
+                    paused: false,
+                };
+                entry.insert_entry(first).into_mut()
+            }
+        };
+        waiting.bytes.extend_from_slice(bytes);
+        if waiting.bytes.len() >= HANDSHAKE_INPUT_PAUSE_BYTES {
+            waiting.paused = true;
+            Reading::Pause
+        } else {
+            Reading::Continue
+        }
+    }
+
+    /// A new turn may take `per_turn` connections' input.
+    fn start_turn(&mut self) {
+        self.left = self.per_turn;
+    }
+
+    /// The next connection's input, oldest first; `None` when none waits or this turn took
+    /// `per_turn` already.
+    fn next(&mut self) -> Option<(ConnId, Waiting)> {
+        while self.left > 0 {
+            let (id, generation) = self.order.pop_front()?;
+            let Some(waiting) = self.waiting.remove(&id) else {
+                continue; // forgotten
+            };
+            if waiting.generation != generation {
+                // An earlier connection's entry; the id's current one is further back.
+                self.waiting.insert(id, waiting);
+                continue;
+            }
+            self.left -= 1;
+            return Some((id, waiting));
+        }
+        None
+    }
+
+    /// Input waits: the loop must not sleep.
+    fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Connection `id` went: its input goes with it.
+    fn forget(&mut self, id: ConnId) {
+        if self.waiting.remove(&id).is_some() && self.waiting.is_empty() {
+            self.order.clear();
+        }
     }
 }
 
@@ -514,6 +637,7 @@ impl<B: Backend> Core<B> {
             admission: Tally::new(addresses, connection_slots, now_ms),
             tokens,
             registering: HashMap::default(),
+            handshake_input: HandshakeInput::new(settings.handshakes_per_turn),
             sweep_turn: 0,
             send_budget_next_ms: 0,
             seen,
@@ -600,27 +724,28 @@ impl<B: Backend> Core<B> {
         let mut mail_backlog = false;
         while !shutdown.load(Ordering::Acquire) {
             let now = Instant::now();
-            let timeout = if mail_backlog || core.has_blocked_mail() {
-                Duration::ZERO
-            } else {
-                let until = |deadline: Option<u64>| {
-                    deadline.map_or(Duration::MAX, |deadline| {
-                        Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
-                    })
-                };
-                let until_commit = until(core.commit_deadline());
-                let until_drain = until(core.drain_deadline());
-                let until_link = if core.node_outbox.is_empty() {
-                    Duration::MAX
+            let timeout =
+                if mail_backlog || core.has_blocked_mail() || core.handshake_input.is_waiting() {
+                    Duration::ZERO
                 } else {
-                    NODE_OUTBOX_RETRY
+                    let until = |deadline: Option<u64>| {
+                        deadline.map_or(Duration::MAX, |deadline| {
+                            Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
+                        })
+                    };
+                    let until_commit = until(core.commit_deadline());
+                    let until_drain = until(core.drain_deadline());
+                    let until_link = if core.node_outbox.is_empty() {
+                        Duration::MAX
+                    } else {
+                        NODE_OUTBOX_RETRY
+                    };
+                    next_tick
+                        .saturating_duration_since(now)
+                        .min(until_commit)
+                        .min(until_drain)
+                        .min(until_link)
                 };
-                next_tick
-                    .saturating_duration_since(now)
-                    .min(until_commit)
-                    .min(until_drain)
-                    .min(until_link)
-            };
             core.mailboxes.clear_wake(index);
             let result = backend.poll(Some(timeout), &mut |event| {
                 core.read_clocks();
@@ -641,6 +766,12 @@ impl<B: Backend> Core<B> {
             // other shards) leaves in this turn.
             core.keep_send_budget(backend);
             core.end_turn(backend);
+            // Handshakes last, each ~260 us of X25519, a bounded number: what the turn read
+            // for open connections is answered and written before them, and a flood of
+            // handshakes makes no turn longer than the cap's worth.
+            if core.work_on_handshakes(backend) {
+                core.end_turn(backend);
+            }
             if Instant::now() >= next_tick {
                 core.follow_cluster();
                 core.enforce_timeouts();
@@ -748,6 +879,8 @@ struct Core<B: Backend> {
     node_outbox_mails: usize,
     /// When the router's accounts are next swept for expiry (monotonic milliseconds).
     account_sweep_next_ms: u64,
+    /// Handshake input read and not yet worked on (`ShardSettings::handshakes_per_turn`).
+    handshake_input: HandshakeInput,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -818,6 +951,45 @@ impl<B: Backend> Core<B> {
 
     fn handle_data(&mut self, id: ConnId, bytes: &[u8]) -> Reading {
         bump(&self.stats.bytes_in, bytes.len() as u64);
+        let Some(conn) = self.conns.get(id as usize).and_then(Option::as_ref) else {
+            return Reading::Pause;
+        };
+        if conn.phase == Phase::Handshaking && self.settings.handshakes_per_turn > 0 {
+            let generation = conn.generation;
+            return self.handshake_input.keep(id, generation, bytes);
+        }
+        self.work_on_input(id, bytes)
+    }
+
+    /// Works on the handshake input that waits, oldest first, at most
+    /// `handshakes_per_turn` connections' worth; the rest waits for the next turn, which then
+    /// does not sleep. True if it worked on any.
+    fn work_on_handshakes(&mut self, backend: &mut B) -> bool {
+        self.handshake_input.start_turn();
+        let mut worked = false;
+        while let Some((id, waiting)) = self.handshake_input.next() {
+            // `forget` drops the input of a connection that went (closed, timed out).
+            let live = self.generation_of(id) == Some(waiting.generation);
+            debug_assert!(live, "handshake input kept for a connection that went");
+            if !live {
+                continue;
+            }
+            self.read_clocks();
+            let reading = self.work_on_input(id, &waiting.bytes);
+            worked = true;
+            // The backend was told `Continue` when the bytes were kept, unless they filled
+            // the connection's share; now it hears what reading them said.
+            match reading {
+                Reading::Continue if waiting.paused => backend.set_reading(id, true),
+                Reading::Pause if !waiting.paused => backend.set_reading(id, false),
+                Reading::Continue | Reading::Pause => {}
+            }
+        }
+        worked
+    }
+
+    /// Decodes and handles what connection `id` sent.
+    fn work_on_input(&mut self, id: ConnId, bytes: &[u8]) -> Reading {
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
             return Reading::Pause;
         };
@@ -2328,6 +2500,7 @@ impl<B: Backend> Core<B> {
     fn forget(&mut self, id: ConnId, conn: Conn) {
         self.admission.left(id, self.now_ms);
         self.registering.remove(&id);
+        self.handshake_input.forget(id);
         if conn.phase == Phase::Moving {
             self.moving.remove(&id);
             return;
@@ -2594,6 +2767,83 @@ mod tests {
         assert!(held.cancel(phone, by_laptop, ReceiptKind::Delivered));
         let left: Vec<(UserId, Queued)> = held.take().collect();
         assert_eq!(left, [(laptop, message(1)), (phone, receipt(phone))]);
+    }
+
+    /// The connections a turn takes: their ids, in order.
+    fn turn(input: &mut HandshakeInput) -> Vec<ConnId> {
+        input.start_turn();
+        std::iter::from_fn(|| input.next().map(|(id, _)| id)).collect()
+    }
+
+    #[test]
+    fn a_turn_works_on_at_most_its_cap_of_handshakes_and_the_rest_come_first_next() {
+        let mut input = HandshakeInput::new(2);
+        for id in 0..5 {
+            assert_eq!(input.keep(id, 1, b"m1"), Reading::Continue);
+        }
+        assert_eq!(turn(&mut input), [0, 1]);
+        assert!(input.is_waiting(), "the rest wait: the loop must not sleep");
+        // A connection that sends now is behind those that waited.
+        input.keep(9, 1, b"m1");
+        assert_eq!(turn(&mut input), [2, 3]);
+        assert_eq!(turn(&mut input), [4, 9]);
+        assert!(!input.is_waiting());
+        assert_eq!(turn(&mut input), [] as [ConnId; 0]);
+    }
+
+    #[test]
+    fn a_connections_handshake_input_waits_whole_and_pauses_at_one_frame() {
+        let mut input = HandshakeInput::new(8);
+        let half = HANDSHAKE_INPUT_PAUSE_BYTES / 2;
+        assert_eq!(input.keep(3, 7, &vec![1; half]), Reading::Continue);
+        assert_eq!(input.keep(4, 1, b"other"), Reading::Continue);
+        assert_eq!(
+            input.keep(3, 7, &[2; HANDSHAKE_INPUT_PAUSE_BYTES]),
+            Reading::Pause,
+            "more than a handshake message's worth: reading stops"
+        );
+        // Bytes the backend had read already still join the rest.
+        assert_eq!(input.keep(3, 7, b"late"), Reading::Pause);
+        input.start_turn();
+        let (id, waiting) = input.next().expect("connection 3 first");
+        assert_eq!(id, 3);
+        assert_eq!(waiting.generation, 7);
+        assert!(waiting.paused);
+        assert_eq!(waiting.bytes.len(), half + HANDSHAKE_INPUT_PAUSE_BYTES + 4);
+        assert!(
+            waiting.bytes.ends_with(b"late"),
+            "in the order they were read"
+        );
+        let (id, waiting) = input.next().expect("then connection 4");
+        assert_eq!(
+            (id, waiting.bytes.as_slice(), waiting.paused),
+            (4, &b"other"[..], false)
+        );
+    }
+
+    #[test]
+    fn the_input_of_a_connection_that_went_is_dropped_and_costs_no_turn() {
+        let mut input = HandshakeInput::new(1);
+        input.keep(1, 1, b"a");
+        input.keep(2, 1, b"b");
+        input.forget(1); // closed, or timed out while it waited
+        assert_eq!(
+            turn(&mut input),
+            [2],
+            "the cap counts only live connections"
+        );
+        input.keep(5, 1, b"c");
+        input.forget(5);
+        assert!(!input.is_waiting());
+        assert!(input.order.is_empty(), "nothing is left behind");
+        // Its id reused by a new connection.
+        input.keep(5, 2, b"d");
+        input.start_turn();
+        let (id, waiting) = input.next().expect("the new connection's input");
+        assert_eq!(
+            (id, waiting.generation, waiting.bytes.as_slice()),
+            (5, 2, &b"d"[..])
+        );
     }
 
     #[test]
