@@ -648,6 +648,7 @@ impl<B: Backend> Core<B> {
             account_sweep_next_ms: 0,
             node_outbox: HashMap::default(),
             node_outbox_mails: 0,
+            paused_for_nodes: Vec::new(),
             settings,
             key,
             router,
@@ -881,6 +882,9 @@ struct Core<B: Backend> {
     node_outbox: HashMap<String, VecDeque<(UserId, Box<ShardMessage>)>>,
     /// Mails in `node_outbox`.
     node_outbox_mails: usize,
+    /// Connections paused because their mail waits for another node (`paused` holds those a
+    /// full mailbox paused).
+    paused_for_nodes: Vec<ConnId>,
     /// When the router's accounts are next swept for expiry (monotonic milliseconds).
     account_sweep_next_ms: u64,
     /// Handshake input read and not yet worked on (`ShardSettings::handshakes_per_turn`).
@@ -1230,7 +1234,7 @@ impl<B: Backend> Core<B> {
     /// Offers the mail waiting for each node to its link again, in order. A node that left the
     /// members, or whose link went down, has its waiting work refused to the senders (their
     /// clients send again; the users have a new home, or will have once the lease runs out).
-    fn retry_node_outbox(&mut self) {
+    fn retry_node_outbox(&mut self, backend: &mut B) {
         if self.node_outbox.is_empty() {
             return;
         }
@@ -1242,11 +1246,15 @@ impl<B: Backend> Core<B> {
         for node in nodes {
             let member = view.members.iter().find(|m| m.node_id == node).cloned();
             let mut waiting = self.node_outbox.remove(&node).unwrap_or_default();
+            // Once one mail for the node is refused, so is the rest of what waits for it: a
+            // later mail the link took meanwhile would overtake it.
+            let mut refusing = member.is_none();
             while let Some((user, message)) = waiting.pop_front() {
                 let offered = match &member {
-                    Some(member) => self.offer_to_link(member, user, &message),
-                    None => Offered::Refused,
+                    Some(member) if !refusing => self.offer_to_link(member, user, &message),
+                    _ => Offered::Refused,
                 };
+                refusing |= offered == Offered::Refused;
                 match offered {
                     Offered::Taken => self.node_outbox_mails -= 1,
                     Offered::Full => {
@@ -1264,18 +1272,40 @@ impl<B: Backend> Core<B> {
             }
         }
         self.run_actions();
+        if self.node_outbox.is_empty() {
+            for id in std::mem::take(&mut self.paused_for_nodes) {
+                if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) {
+                    conn.paused = false;
+                    backend.set_reading(id, true);
+                }
+            }
+        }
     }
 
     /// Pauses the connection being read for mail that waits for another node, unless it is
     /// a node link: two nodes that each stopped reading the other's link while waiting for
     /// room in their own would wait for ever. What a link's mail makes waits in the outbox
-    /// (bounded by [`NODE_OUTBOX_MAX`]) and the link goes on.
+    /// (bounded by [`NODE_OUTBOX_MAX`]) and the link goes on. Such connections read again once
+    /// no mail waits for any node; those a full mailbox paused, once the mailboxes take theirs
+    /// (`retry_outbox`): one reason does not hold up the other's.
     fn pause_current_client(&mut self) {
+        let Some(current) = self.current else {
+            return;
+        };
+        let generation = self.generation_of(current);
         if self
-            .current
-            .is_some_and(|current| !self.links_in.contains_key(&current))
+            .links_in
+            .get(&current)
+            .is_some_and(|(linked, _)| Some(*linked) == generation)
         {
-            self.pause_current();
+            return;
+        }
+        if let Some(conn) = self.conn_mut(current) {
+            if !conn.paused {
+                conn.paused = true;
+                self.paused_for_nodes.push(current);
+                bump(&self.stats.mail_backpressure, 1);
+            }
         }
     }
 
@@ -2016,7 +2046,7 @@ impl<B: Backend> Core<B> {
 
     /// Ends a turn: writes, moves, closes, retries blocked mail, wakes shards.
     fn end_turn(&mut self, backend: &mut B) {
-        self.retry_node_outbox();
+        self.retry_node_outbox(backend);
         for id in std::mem::take(&mut self.to_pause) {
             backend.set_reading(id, false);
         }
@@ -2125,7 +2155,7 @@ impl<B: Backend> Core<B> {
         }
         self.router
             .pause_fanouts(self.outbox_mails() >= OUTBOX_MAILS_FANOUT_MAX);
-        if !self.has_blocked_mail() && self.node_outbox.is_empty() {
+        if !self.has_blocked_mail() {
             for id in std::mem::take(&mut self.paused) {
                 if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) {
                     conn.paused = false;
@@ -2505,6 +2535,7 @@ impl<B: Backend> Core<B> {
     fn forget(&mut self, id: ConnId, conn: Conn) {
         self.admission.left(id, self.now_ms);
         self.registering.remove(&id);
+        self.links_in.remove(&id);
         self.handshake_input.forget(id);
         if conn.phase == Phase::Moving {
             self.moving.remove(&id);
