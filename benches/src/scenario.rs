@@ -308,6 +308,11 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
     let mut done = vec![0u64; count];
     let mut progress_at = vec![Instant::now(); count];
     let mut lost = 0u64;
+    // Per stream: messages counted lost that may still arrive (overtaken by a later one, as a
+    // Send refused for its sender's rate and sent again is, or stalled). One that arrives is
+    // taken back from `lost` and counted `late`: `lost` is what never arrived.
+    let mut missing: Vec<std::collections::HashSet<u64>> = vec![Default::default(); count];
+    let mut late = 0u64;
     let mut last_stall_check = Instant::now();
     let mut refill: Vec<usize> = (0..count).collect();
     let mut counters = Counters::default();
@@ -339,6 +344,7 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
                         >= Duration::from_millis(STREAM_STALL_MS)
                 {
                     lost += sent[stream] - done[stream];
+                    missing[stream].extend(done[stream]..sent[stream]);
                     done[stream] = sent[stream];
                     progress_at[stream] = now;
                     refill.push(stream);
@@ -367,10 +373,15 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
                 let stream = stream as usize;
                 if stream < count && k >= done[stream] {
                     lost += k - done[stream];
+                    missing[stream].extend(done[stream]..k);
                     done[stream] = k + 1;
                     delivered[stream] += 1;
                     progress_at[stream] = Instant::now();
                     refill.push(stream);
+                } else if stream < count && missing[stream].remove(&k) {
+                    lost -= 1;
+                    late += 1;
+                    delivered[stream] += 1;
                 }
             }
         }
@@ -399,6 +410,7 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
         "B/s",
     );
     report.figure("lost", lost as f64, "messages");
+    report.figure("late", late as f64, "messages");
     counters.into_report(&mut report);
     cpu_report(&mut report, common, cpu_before, server_before, wall);
     Ok(report)
