@@ -191,6 +191,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         "hop_store_commit_seconds_bucket{",
         "hop_mailbox_depth{",
         "hop_queue_bytes{",
+        "hop_handshakes_waiting{",
     ] {
         assert!(
             before.keys().any(|series| series.starts_with(family)),

@@ -631,6 +631,11 @@ const GAUGES: &[(&str, &str, Field)] = &[
         |s| &s.connections_handshaking,
     ),
     (
+        "handshakes_waiting",
+        "Connections whose handshake input waits for a turn's cap (handshakes_per_turn).",
+        |s| &s.handshakes_waiting,
+    ),
+    (
         "queue_items",
         "Messages and receipts queued for their devices.",
         |s| &s.queue_items,

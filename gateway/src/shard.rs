@@ -435,6 +435,11 @@ impl HandshakeInput {
         !self.waiting.is_empty()
     }
 
+    /// Connections whose input waits.
+    fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// Connection `id` went: its input goes with it.
     fn forget(&mut self, id: ConnId) {
         if self.waiting.remove(&id).is_some() && self.waiting.is_empty() {
@@ -2338,6 +2343,10 @@ impl<B: Backend> Core<B> {
         let stats = &self.stats;
         for (gauge, value) in [
             (&stats.connections_handshaking, self.handshaking as u64),
+            (
+                &stats.handshakes_waiting,
+                self.handshake_input.waiting() as u64,
+            ),
             (&stats.messages_accepted, router.messages_accepted),
             (&stats.messages_rejected, router.messages_rejected),
             (&stats.messages_acked, router.messages_acked),
