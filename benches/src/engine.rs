@@ -197,6 +197,20 @@ struct Connection {
 }
 
 impl Connection {
+    /// Takes the hop client out of a connection that is to connect again (refused at
+    /// admission, or redirected); its state is `Connecting` until the caller sets the new one.
+    fn take_hop_client(&mut self) -> HopClient {
+        let placeholder = State::Connecting(Identity::Mqtt {
+            client_id: String::new(),
+            clean_session: true,
+            subscribe: None,
+        });
+        let State::Hop(client) = std::mem::replace(&mut self.state, placeholder) else {
+            unreachable!("only a hop client is refused at admission or redirected");
+        };
+        client
+    }
+
     /// Sends what a hop client holds once it is home and not waiting out its rate: the
     /// messages refused for its rate first, in the order sent, then those queued meanwhile.
     /// Paced, one and only when every message sent before it was answered.
@@ -626,20 +640,11 @@ impl Engine {
         let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
             return Ok(());
         };
-        let wait_ms = u64::from(refusal.retry_after_ms);
-        let jitter_ms = hop_protocol::outbox::random_nonzero().unwrap_or(1) % (wait_ms / 4 + 1);
-        let at = Instant::now() + Duration::from_millis(wait_ms + jitter_ms);
+        let at = Instant::now() + refusal.wait();
         if at >= connection.connect_deadline {
             return Err(Failure::AdmissionRefused);
         }
-        let placeholder = State::Connecting(Identity::Mqtt {
-            client_id: String::new(),
-            clean_session: true,
-            subscribe: None,
-        });
-        let State::Hop(client) = std::mem::replace(&mut connection.state, placeholder) else {
-            unreachable!("only a hop client is refused at admission");
-        };
+        let client = connection.take_hop_client();
         let (key, _) = client.into_redirect();
         connection.state = State::Connecting(Identity::Hop(key));
         connection.out.clear();
@@ -720,14 +725,7 @@ impl Engine {
         if connection.redirects >= REDIRECTS_MAX {
             return Err(Failure::TooManyRedirects);
         }
-        let placeholder = State::Connecting(Identity::Mqtt {
-            client_id: String::new(),
-            clean_session: true,
-            subscribe: None,
-        });
-        let State::Hop(client) = std::mem::replace(&mut connection.state, placeholder) else {
-            unreachable!("only a hop client is redirected");
-        };
+        let client = connection.take_hop_client();
         let (key, redirect) = client.into_redirect();
         let Some(Redirect {
             address,

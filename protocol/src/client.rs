@@ -470,9 +470,7 @@ impl Client {
             let left = deadline.saturating_duration_since(Instant::now());
             match Self::connect(addr, key, trust, left) {
                 Err(ClientError::Refused(refusal)) => {
-                    let wait_ms = u64::from(refusal.retry_after_ms);
-                    let jitter = crate::outbox::random_nonzero().unwrap_or(1) % (wait_ms / 4 + 1);
-                    let wait = Duration::from_millis(wait_ms + jitter);
+                    let wait = refusal.wait();
                     if Instant::now() + wait >= deadline {
                         return Err(ClientError::Refused(refusal));
                     }

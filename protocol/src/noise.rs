@@ -141,6 +141,14 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// How long a refused client waits before it connects again: `retry_after_ms` plus up to a
+    /// quarter more, at random, so that the clients refused together do not come back together.
+    pub fn wait(&self) -> std::time::Duration {
+        let wait_ms = u64::from(self.retry_after_ms);
+        let jitter_ms = crate::outbox::random_nonzero().unwrap_or(1) % (wait_ms / 4 + 1);
+        std::time::Duration::from_millis(wait_ms + jitter_ms)
+    }
+
     /// Appends the refusal to `out` as a frame.
     pub fn encode(&self, out: &mut Vec<u8>) {
         push_header(out, REFUSAL_BYTES);
