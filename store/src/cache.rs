@@ -207,6 +207,14 @@ mod tests {
         fn truncate(&mut self, len: u64) -> io::Result<()> {
             self.file.truncate(len)
         }
+        fn try_clone(&self) -> io::Result<Self> {
+            Ok(Self {
+                file: self.file.try_clone()?,
+                reads: Cell::new(0),
+                bytes_read: Cell::new(0),
+                fail: Cell::new(self.fail.get()),
+            })
+        }
     }
 
     fn pattern(length: usize) -> Vec<u8> {

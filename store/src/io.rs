@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// The file system as the store uses it. Methods take `&self`: an `Io` is a handle.
-pub trait Io {
+/// The file system as the store uses it. Methods take `&self`: an `Io` is a handle, and a
+/// clone of it (which a [`crate::SyncJob`] carries to another thread) is the same file system.
+pub trait Io: Clone {
     type File: IoFile;
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
@@ -132,6 +133,11 @@ pub trait IoFile {
     /// `fdatasync`: the written bytes (and the length) are on stable storage.
     fn sync(&mut self) -> io::Result<()>;
     fn truncate(&mut self, len: u64) -> io::Result<()>;
+    /// Another handle on the same open file (`dup`): its `sync` makes this one's writes
+    /// durable, so a sync can run on another thread while this handle goes on writing.
+    fn try_clone(&self) -> io::Result<Self>
+    where
+        Self: Sized;
 }
 
 /// The real file system.
@@ -219,6 +225,10 @@ impl IoFile for File {
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {
         self.set_len(len)
+    }
+
+    fn try_clone(&self) -> io::Result<Self> {
+        File::try_clone(self)
     }
 }
 
@@ -381,5 +391,12 @@ impl IoFile for FaultyFile {
             return Err(io_error());
         }
         self.file.truncate(len)
+    }
+
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            faults: self.faults.clone(),
+        })
     }
 }

@@ -13,7 +13,10 @@
 //! 4. when [`ShardStore::next_commit_deadline`] has come: [`ShardStore::commit`]; every append
 //!    with a sequence number `<= Commit::durable_through` is durable now and its ServerAck may
 //!    leave; a [`CommitError`] names the sequence numbers that failed (an Error to their
-//!    senders instead);
+//!    senders instead). A loop that must not wait for the disk splits it:
+//!    [`ShardStore::write`] (into the page cache), [`ShardStore::start_sync`] for a [`SyncJob`]
+//!    that another thread runs, and [`ShardStore::synced`] with its result, which says what is
+//!    durable, or failed, the same way; the next batch is written while one syncs;
 //! 5. when a user connects: [`ShardStore::read`] its queue in order;
 //! 6. with spare time: [`ShardStore::expire`] and [`ShardStore::compact`], each with a budget.
 //!
@@ -58,7 +61,7 @@ pub use rehome::{prepare, Layout, SHARDS_FILE};
 pub use report::{report, QueueReport, ShardReport, UserReport};
 pub use shard::{
     Commit, CompactProgress, Counters, Expired, Item, Record, RecoveryStats, ShardStore, Slot,
-    StoredItem,
+    StoredItem, SyncJob, Synced,
 };
 
 /// When a queued record is durable, and so when its ServerAck leaves.

@@ -120,6 +120,80 @@ pub struct Commit {
     pub synced: bool,
 }
 
+/// A batch [`ShardStore::write`] wrote to its segment, waiting for the fsync that makes it
+/// durable.
+#[derive(Debug)]
+struct Unsynced {
+    /// Every append up to this sequence number is in this batch or an earlier one.
+    through: u64,
+    /// Appends in the batch (the rest are tombstones), for the failure counters.
+    appends: u32,
+    segment: u32,
+    /// Where the batch starts in `segment`: a failed fsync cuts the segment back to here.
+    start: u64,
+    tombstones: Vec<(UserId, u64, bool)>,
+    users: Vec<UserId>,
+}
+
+/// The [`SyncJob`] running: the batches at the front of `unsynced` that it covers.
+#[derive(Debug, Clone, Copy)]
+struct Syncing {
+    batches: usize,
+    through: u64,
+}
+
+/// The fsync of the batches [`ShardStore::write`] wrote, made by [`ShardStore::start_sync`]
+/// to run on any thread ([`SyncJob::run`]) and be handed back with [`ShardStore::synced`].
+/// It holds its own handles on the files, so the store goes on appending and writing while it
+/// runs. One runs at a time per store, covering every batch written before it started.
+pub struct SyncJob<I: Io> {
+    files: Vec<I::File>,
+    /// The shard's folder, when a segment was created since the last sync of it.
+    dir: Option<(I, PathBuf)>,
+    /// A handle could not be made (the process is out of descriptors): the job fails.
+    failed: Option<io::Error>,
+}
+
+impl<I: Io> std::fmt::Debug for SyncJob<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncJob")
+            .field("files", &self.files.len())
+            .field("dir", &self.dir.as_ref().map(|(_, dir)| dir))
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl<I: Io> SyncJob<I> {
+    /// fsyncs the segment files of the job's batches, then the folder if it needs it; stops at
+    /// the first failure.
+    pub fn run(self) -> Synced {
+        let mut fsyncs = 0;
+        let result = (|| {
+            if let Some(error) = self.failed {
+                return Err(error);
+            }
+            for mut file in self.files {
+                file.sync()?;
+                fsyncs += 1;
+            }
+            if let Some((io, dir)) = &self.dir {
+                io.sync_dir(dir)?;
+                fsyncs += 1;
+            }
+            Ok(())
+        })();
+        Synced { result, fsyncs }
+    }
+}
+
+/// What a [`SyncJob`] did, for [`ShardStore::synced`].
+#[derive(Debug)]
+pub struct Synced {
+    result: io::Result<()>,
+    fsyncs: u32,
+}
+
 /// What one [`ShardStore::compact`] call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CompactProgress {
@@ -194,6 +268,9 @@ pub struct ShardStore<I: Io> {
     buffer_appends: u32,
     buffer_records: u32,
     buffer_first_ms: Option<u64>,
+    /// Batches written and not yet known durable, oldest first.
+    unsynced: VecDeque<Unsynced>,
+    syncing: Option<Syncing>,
     dir_sync_needed: bool,
     next_seq: u64,
     durable_through: u64,
@@ -238,6 +315,8 @@ impl<I: Io> ShardStore<I> {
             buffer_appends: 0,
             buffer_records: 0,
             buffer_first_ms: None,
+            unsynced: VecDeque::new(),
+            syncing: None,
             dir_sync_needed: true,
             next_seq,
             durable_through: next_seq - 1,
@@ -383,19 +462,68 @@ impl<I: Io> ShardStore<I> {
         }
     }
 
-    /// Writes the buffered records and, under `always` and `batch`, fsyncs them. On success
-    /// every append up to `durable_through` is durable. On failure the buffered appends are
-    /// taken back out of the queues and reported (their senders get an Error, not a ServerAck);
-    /// records that were durable before stay durable; buffered tombstones are kept for the next
-    /// commit.
+    /// Writes the buffered records and, under `always` and `batch`, fsyncs them: [`write`],
+    /// then [`start_sync`], [`SyncJob::run`] and [`synced`] on the calling thread. On success
+    /// every append up to `durable_through` is durable. On failure the appends not durable yet
+    /// are taken back out of the queues and reported (their senders get an Error, not a
+    /// ServerAck); records that were durable before stay durable; buffered tombstones are kept
+    /// for the next commit. Not while a [`SyncJob`] runs (hand it to [`synced`] first).
+    ///
+    /// [`write`]: ShardStore::write
+    /// [`start_sync`]: ShardStore::start_sync
+    /// [`synced`]: ShardStore::synced
     pub fn commit(&mut self, now_ms: u64) -> Result<Commit, CommitError> {
+        assert!(
+            self.syncing.is_none(),
+            "commit while a SyncJob runs: hand it to synced first"
+        );
+        let written = self.write(now_ms)?;
+        let Some(job) = self.start_sync() else {
+            return Ok(written);
+        };
+        let synced = self.synced(now_ms, job.run())?;
+        Ok(Commit {
+            records_written: written.records_written,
+            ..synced
+        })
+    }
+
+    /// The first half of a commit, for a caller that runs fsyncs off its own thread: writes
+    /// the buffered records to the end of the active segment (into the page cache) without
+    /// syncing them, so the next batch can fill while this one syncs. Under `none` that is the
+    /// whole commit: the records count as durable at once. Under `always` and `batch` the
+    /// batch waits for the [`SyncJob`] of [`ShardStore::start_sync`]; its ServerAcks leave when
+    /// [`ShardStore::synced`] reports it durable. A failed write fails this batch alone: the
+    /// batches written before it are kept, and still synced.
+    pub fn write(&mut self, now_ms: u64) -> Result<Commit, CommitError> {
         let records_written = self.buffer_records;
-        let sync = !matches!(self.options.durability, Durability::None { .. });
-        if let Err(error) = self.flush(sync) {
-            return Err(self.fail_buffer(now_ms, error));
+        if !self.syncs() {
+            if let Err(error) = self.flush(false) {
+                return Err(self.fail_buffer(now_ms, error));
+            }
+            self.durable_through = self.next_seq - 1;
+        } else if !self.buffer.is_empty() {
+            let active = self
+                .index
+                .segments
+                .get_mut(&self.active)
+                .expect("active segment");
+            let start = active.bytes;
+            if let Err(error) = active.file.write_all_at(&self.buffer, start) {
+                return Err(self.fail_buffer(now_ms, error));
+            }
+            let appends = self.buffer_appends;
+            let (tombstones, users) = self.buffer_written();
+            self.unsynced.push_back(Unsynced {
+                through: self.next_seq - 1,
+                appends,
+                segment: self.active,
+                start,
+                tombstones,
+                users,
+            });
         }
         self.counters.commits += 1;
-        self.durable_through = self.next_seq - 1;
         let active = &self.index.segments[&self.active];
         let too_big = active.bytes >= u64::from(self.options.segment_bytes_max);
         let too_old = active.bytes > SEGMENT_HEADER_BYTES as u64
@@ -407,7 +535,66 @@ impl<I: Io> ShardStore<I> {
         Ok(Commit {
             durable_through: self.durable_through,
             records_written,
-            synced: sync && records_written > 0,
+            synced: false,
+        })
+    }
+
+    /// The fsync of every batch [`ShardStore::write`] wrote since the last one, to run on any
+    /// thread and hand back to [`ShardStore::synced`]; `None` when no batch waits or a job is
+    /// already running (one at a time: the next covers what was written meanwhile).
+    pub fn start_sync(&mut self) -> Option<SyncJob<I>> {
+        if self.syncing.is_some() {
+            return None;
+        }
+        let through = self.unsynced.back()?.through;
+        let mut segments: Vec<u32> = self.unsynced.iter().map(|batch| batch.segment).collect();
+        segments.dedup();
+        let mut files = Vec::with_capacity(segments.len());
+        let mut failed = None;
+        for number in segments {
+            match self.index.segments[&number].file.try_clone() {
+                Ok(file) => files.push(file),
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
+            }
+        }
+        let dir =
+            std::mem::take(&mut self.dir_sync_needed).then(|| (self.io.clone(), self.dir.clone()));
+        self.syncing = Some(Syncing {
+            batches: self.unsynced.len(),
+            through,
+        });
+        Some(SyncJob { files, dir, failed })
+    }
+
+    /// Whether a [`SyncJob`] is running (started and not yet handed to [`ShardStore::synced`]).
+    pub fn sync_running(&self) -> bool {
+        self.syncing.is_some()
+    }
+
+    /// Takes back the finished [`SyncJob`]. On success its batches are durable
+    /// (`durable_through` moves to the last append they hold). On failure every append not
+    /// durable is failed, as a failed [`ShardStore::commit`] fails them: the batches the job
+    /// covered, those written while it ran (after a failed fsync the page cache may hold bytes
+    /// the disk lost, so a later fsync's success proves nothing) and the buffer. Their segments
+    /// are cut back to where the first of them starts and a new segment begins.
+    pub fn synced(&mut self, now_ms: u64, done: Synced) -> Result<Commit, CommitError> {
+        let syncing = self
+            .syncing
+            .take()
+            .expect("synced without a running SyncJob");
+        self.counters.fsyncs += u64::from(done.fsyncs);
+        if let Err(error) = done.result {
+            return Err(self.fail_unsynced(now_ms, error));
+        }
+        self.unsynced.drain(..syncing.batches);
+        self.durable_through = self.durable_through.max(syncing.through);
+        Ok(Commit {
+            durable_through: self.durable_through,
+            records_written: 0,
+            synced: true,
         })
     }
 
@@ -507,7 +694,8 @@ impl<I: Io> ShardStore<I> {
     ) -> Result<CompactProgress, StoreError> {
         let mut progress = CompactProgress::default();
         self.read_cache.release_if_idle();
-        if !self.buffer.is_empty() {
+        // Its copies are fsynced here: not while written batches wait for their own sync.
+        if !self.buffer.is_empty() || !self.unsynced.is_empty() {
             progress.idle = true;
             return Ok(progress);
         }
@@ -657,6 +845,11 @@ impl<I: Io> ShardStore<I> {
         }
     }
 
+    /// Whether the policy fsyncs (`always`, `batch`) or leaves the records in the page cache.
+    fn syncs(&self) -> bool {
+        !matches!(self.options.durability, Durability::None { .. })
+    }
+
     fn flush(&mut self, sync: bool) -> io::Result<()> {
         let active = self
             .index
@@ -675,6 +868,13 @@ impl<I: Io> ShardStore<I> {
             self.counters.fsyncs += 1;
             self.dir_sync_needed = false;
         }
+        self.buffer_written();
+        Ok(())
+    }
+
+    /// The buffer is on file: moves the active segment's end past it and empties it. Returns
+    /// its tombstones and the users with appends in it.
+    fn buffer_written(&mut self) -> (Vec<(UserId, u64, bool)>, Vec<UserId>) {
         let active = self
             .index
             .segments
@@ -684,18 +884,80 @@ impl<I: Io> ShardStore<I> {
         // Counted once they are on file, not when buffered: a failed commit moves them on.
         active.tombstones += self.buffer_tombstones.len() as u32;
         self.buffer.clear();
-        self.buffer_tombstones.clear();
-        self.buffer_users.clear();
         self.buffer_appends = 0;
         self.buffer_records = 0;
         self.buffer_first_ms = None;
-        Ok(())
+        (
+            std::mem::take(&mut self.buffer_tombstones),
+            std::mem::take(&mut self.buffer_users),
+        )
     }
 
+    /// A failed write of the buffer: its appends are failed; batches written before it stay
+    /// (they are on file, and a running or later [`SyncJob`] makes them durable).
     fn fail_buffer(&mut self, now_ms: u64, error: io::Error) -> CommitError {
+        let failed_from = self
+            .unsynced
+            .back()
+            .map_or(self.durable_through, |b| b.through)
+            + 1;
+        let failed_through = self.next_seq - 1;
+        let users = std::mem::take(&mut self.buffer_users);
+        self.take_back(users, failed_from);
+        self.counters.commit_failures += 1;
+        self.counters.failed_records += u64::from(self.buffer_appends);
+        self.reset_buffer_after_failure(now_ms);
+        if self.unsynced.is_empty() {
+            self.durable_through = self.next_seq - 1;
+        }
+        CommitError {
+            failed_seqs: failed_from..=failed_through,
+            source: error,
+        }
+    }
+
+    /// A failed fsync: every append not durable fails, written or buffered (see
+    /// [`ShardStore::synced`]).
+    fn fail_unsynced(&mut self, now_ms: u64, error: io::Error) -> CommitError {
         let failed_from = self.durable_through + 1;
         let failed_through = self.next_seq - 1;
+        let batches = std::mem::take(&mut self.unsynced);
         let mut users = std::mem::take(&mut self.buffer_users);
+        let mut tombstones = Vec::new();
+        let mut failed_records = u64::from(self.buffer_appends);
+        let mut cut: Vec<u32> = Vec::new();
+        for batch in batches {
+            failed_records += u64::from(batch.appends);
+            users.extend(batch.users);
+            tombstones.extend(batch.tombstones);
+            if cut.contains(&batch.segment) {
+                continue;
+            }
+            cut.push(batch.segment);
+            if let Some(segment) = self.index.segments.get_mut(&batch.segment) {
+                // Best effort, as after a failed write: the segment is not written again.
+                let _ = segment.file.truncate(batch.start);
+                segment.bytes = batch.start;
+            }
+            self.read_cache.forget_segment(batch.segment);
+        }
+        self.take_back(users, failed_from);
+        // The tombstones of the failed batches go first, then those still buffered.
+        tombstones.append(&mut self.buffer_tombstones);
+        self.buffer_tombstones = tombstones;
+        self.counters.commit_failures += 1;
+        self.counters.failed_records += failed_records;
+        self.reset_buffer_after_failure(now_ms);
+        self.durable_through = self.next_seq - 1;
+        CommitError {
+            failed_seqs: failed_from..=failed_through,
+            source: error,
+        }
+    }
+
+    /// Takes the appends from `failed_from` on back out of the queues of `users` (they are the
+    /// last of each queue).
+    fn take_back(&mut self, mut users: Vec<UserId>, failed_from: u64) {
         users.sort_unstable();
         users.dedup();
         for user in users {
@@ -706,14 +968,6 @@ impl<I: Io> ShardStore<I> {
                 }
                 self.index.remove_at(at, slots.len() - 1);
             }
-        }
-        self.counters.commit_failures += 1;
-        self.counters.failed_records += failed_through + 1 - failed_from;
-        self.reset_buffer_after_failure(now_ms);
-        self.durable_through = self.next_seq - 1;
-        CommitError {
-            failed_seqs: failed_from..=failed_through,
-            source: error,
         }
     }
 

@@ -4,6 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use hop_protocol::wire::receipt_ack_id;
 use hop_protocol::UserId;
@@ -560,17 +561,22 @@ fn compact_until_idle(store: &mut ShardStore<FsIo>, now_ms: u64) -> u64 {
     panic!("compaction did not finish in 100 steps");
 }
 
+/// A store on `data` whose disk fails when the returned switches say so.
+fn faulty_store(data: &Path, options: Options) -> (ShardStore<FaultyIo>, Arc<Faults>, FaultyIo) {
+    let faults = Faults::new();
+    let io = FaultyIo {
+        faults: faults.clone(),
+    };
+    let (store, _) = ShardStore::open(data, 0, 1, options, io.clone(), 0).expect("open");
+    (store, faults, io)
+}
+
 #[test]
 fn failed_write_reports_the_batch_and_keeps_durable_records() {
     // Guards against: a full disk losing records that were already acked, or an append whose
     // write failed being reported durable (its ServerAck must not leave).
     let temp = tempfile::tempdir().expect("tempdir");
-    let faults = Faults::new();
-    let io = FaultyIo {
-        faults: faults.clone(),
-    };
-    let (mut store, _) =
-        ShardStore::open(temp.path(), 0, 1, options(), io.clone(), 0).expect("open");
+    let (mut store, faults, io) = faulty_store(temp.path(), options());
     for id in 1..=5 {
         store
             .append(0, user(7), &message(id, b"durable"))
@@ -600,12 +606,7 @@ fn failed_fsync_reports_the_batch_and_keeps_durable_records() {
     // Guards against: an fsync error (EIO) being ignored, so that a ServerAck leaves for a
     // record that may not be on disk; and against it damaging what was durable before.
     let temp = tempfile::tempdir().expect("tempdir");
-    let faults = Faults::new();
-    let io = FaultyIo {
-        faults: faults.clone(),
-    };
-    let (mut store, _) =
-        ShardStore::open(temp.path(), 0, 1, options(), io.clone(), 0).expect("open");
+    let (mut store, faults, io) = faulty_store(temp.path(), options());
     store
         .append(0, user(7), &message(1, b"durable"))
         .expect("append");
@@ -630,6 +631,113 @@ fn failed_fsync_reports_the_batch_and_keeps_durable_records() {
     // 1 and 2 were delivered; 3 failed and its sender was told (it may reappear: at least once).
     let got = ids(&read_all(&mut store, user(7)));
     assert!(got.iter().all(|id| *id == 3), "got {got:?}");
+}
+
+#[test]
+fn batches_written_while_one_syncs_become_durable_with_the_next_sync() {
+    // Guards against: a pipelined commit (write now, fsync on another thread) reporting a
+    // batch durable before the fsync that covers it returned, losing a batch written while a
+    // sync ran, or hiding written records from a read.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let small = Options {
+        segment_bytes_max: 4 * 1024,
+        ..options()
+    };
+    let (mut store, faults, io) = faulty_store(temp.path(), small);
+    let body = [7u8; 1000];
+    for id in 1..=3 {
+        store
+            .append(0, user(7), &message(id, &body))
+            .expect("append");
+    }
+    let written = store.write(0).expect("write");
+    assert_eq!(written.durable_through, 0, "written, not synced");
+    let first = store.start_sync().expect("a batch waits");
+    assert!(store.start_sync().is_none(), "one sync at a time");
+    // The segment is full: this batch goes to the next one, written while the first syncs.
+    for id in 4..=6 {
+        store
+            .append(0, user(7), &message(id, &body))
+            .expect("append");
+    }
+    assert_eq!(store.write(0).expect("write").durable_through, 0);
+    assert_eq!(ids(&read_all(&mut store, user(7))), [1, 2, 3, 4, 5, 6]);
+    let syncs_before = faults.syncs.load(Ordering::Relaxed);
+    let done = store.synced(0, first.run()).expect("synced");
+    assert_eq!(done.durable_through, 3, "only what the job covered");
+    assert_eq!(faults.syncs.load(Ordering::Relaxed), syncs_before + 1);
+    let second = store.start_sync().expect("the second batch waits");
+    let syncs_before = faults.syncs.load(Ordering::Relaxed);
+    assert_eq!(
+        store
+            .synced(0, second.run())
+            .expect("synced")
+            .durable_through,
+        6
+    );
+    assert_eq!(
+        faults.syncs.load(Ordering::Relaxed),
+        syncs_before + 2,
+        "the new segment and its folder entry"
+    );
+    assert!(store.start_sync().is_none(), "nothing waits");
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, small, io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(7))), [1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_failed_sync_fails_every_batch_not_durable_and_keeps_their_tombstones() {
+    // Guards against: after a failed fsync (EIO), a later batch's successful fsync being taken
+    // as proof that it is on disk (the kernel may have dropped the failed pages), a ServerAck
+    // leaving for any of them, or a delivery written in a failed batch coming back.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, faults, io) = faulty_store(temp.path(), options());
+    store
+        .append(0, user(7), &message(1, b"durable"))
+        .expect("append");
+    store.commit(0).expect("commit");
+    let covered = store.append(0, user(7), &message(2, b"b")).expect("append");
+    assert!(store.mark_delivered(0, user(7), 1, 0));
+    store.write(0).expect("write");
+    let job = store.start_sync().expect("job");
+    store.append(0, user(7), &message(3, b"c")).expect("append");
+    store.write(0).expect("written while the job runs");
+    let buffered = store.append(0, user(7), &message(4, b"d")).expect("append");
+    faults.fail_next_sync.store(true, Ordering::Relaxed);
+    let error = store.synced(0, job.run()).expect_err("the fsync failed");
+    assert_eq!(error.failed_seqs, covered..=buffered);
+    assert_eq!(store.queue_len(user(7)), 0);
+    assert!(!store.sync_running());
+    store.commit(0).expect("the kept tombstone commits now");
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(7))), Vec::<u64>::new());
+}
+
+#[test]
+fn a_failed_write_while_a_sync_runs_fails_its_own_batch_alone() {
+    // Guards against: a full disk during one batch's write failing a batch written before it,
+    // which its running fsync still makes durable (that sender would get an Error for a
+    // message that is on disk, and resend it).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, faults, io) = faulty_store(temp.path(), options());
+    store.append(0, user(7), &message(1, b"a")).expect("append");
+    store.write(0).expect("write");
+    let job = store.start_sync().expect("job");
+    faults.fail_next_write.store(true, Ordering::Relaxed);
+    let failing = store.append(0, user(7), &message(2, b"b")).expect("append");
+    let error = store.write(0).expect_err("disk full");
+    assert_eq!(error.failed_seqs, failing..=failing);
+    assert_eq!(
+        store.synced(0, job.run()).expect("synced").durable_through,
+        1
+    );
+    store.append(0, user(7), &message(3, b"c")).expect("append");
+    store.commit(0).expect("commit");
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(7))), [1, 3]);
 }
 
 #[test]
