@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{closed_by_server, expect_kind, key_on, ping, Hopd, PATIENCE};
 use hop_protocol::client::Client;
-use hop_protocol::wire::{Kind, ReceiptKind};
+use hop_protocol::wire::Kind;
 
 fn admin(hopd: &Hopd, method: &str, path: &str) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()

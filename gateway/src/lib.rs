@@ -16,6 +16,7 @@ pub mod mailbox;
 pub mod server;
 pub mod shard;
 pub mod stats;
+pub mod syncer;
 pub mod sys;
 pub mod tokens;
 

@@ -11,8 +11,9 @@
 //! 4. end the turn: seal each touched connection's stanzas into one frame and hand the bytes to
 //!    the backend, move authenticated connections to their home shards, close what must close,
 //!    retry blocked mail, wake the shards that got mail (once each);
-//! 5. commit the offline store when its batch is due and release the ServerAcks of what became
-//!    durable;
+//! 5. write the offline store's batch when it is due (into the page cache), hand its fsync to
+//!    the shard's syncer thread ([`crate::syncer`]), and release the ServerAcks of what the
+//!    syncer reported durable: the loop never waits for the disk;
 //! 6. work on the kept handshake input, oldest first, at most `handshakes_per_turn`
 //!    connections' worth (each ~260 us of X25519), and end the turn again: a flood of
 //!    handshakes neither delays the answers of this turn nor makes a turn long, and what the
@@ -58,7 +59,8 @@ use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
 use crate::stats::{bump, ShardStats};
-use crate::sys::{Backend, ConnId, Event, Reading};
+use crate::syncer::Syncer;
+use crate::sys::{Backend, ConnId, Event, Reading, Wake};
 use crate::tokens::Tokens;
 
 /// Mail one shard takes from each other shard per turn.
@@ -521,6 +523,7 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         cluster,
         addresses,
         tokens,
+        waker: backend.remote_waker(),
         next_token: 0,
         generation: 0,
     };
@@ -596,6 +599,8 @@ struct Handles<B: Backend> {
     cluster: Option<Arc<Cluster>>,
     addresses: Arc<AddressTable>,
     tokens: Option<Arc<Tokens>>,
+    /// Wakes the shard's loop from another thread (its syncer's).
+    waker: Arc<dyn Wake>,
     next_token: u64,
     generation: u32,
 }
@@ -624,6 +629,7 @@ impl<B: Backend> Core<B> {
             cluster,
             addresses,
             tokens,
+            waker,
             next_token,
             generation,
         } = handles;
@@ -641,6 +647,7 @@ impl<B: Backend> Core<B> {
         }
         let shards = usize::from(settings.shards);
         let connection_slots = settings.connection_slots;
+        let settings_index = settings.index;
         let now_ms = monotonic_ms();
         Self {
             admission: Tally::new(addresses, connection_slots, now_ms),
@@ -682,6 +689,8 @@ impl<B: Backend> Core<B> {
             next_token,
             to_pause: Vec::new(),
             store,
+            syncer: Syncer::spawn(usize::from(settings_index), waker.clone()),
+            waker,
             held: Held::default(),
             unkept: VecDeque::new(),
             read_ahead: ReadAhead::default(),
@@ -711,6 +720,7 @@ impl<B: Backend> Core<B> {
             cluster: self.cluster,
             addresses: self.admission.shared(),
             tokens: self.tokens,
+            waker: self.waker,
             next_token: self.next_token,
             generation: self.generation,
         }
@@ -769,8 +779,8 @@ impl<B: Backend> Core<B> {
             mail_backlog = core.drain_mail(backend);
             core.take_commands();
             core.drain_step(backend);
-            // Commit before writing: the ServerAcks a commit releases leave in this turn's writes,
-            // and under `always` a device's Ack is on disk before anything later is answered.
+            // Commit before writing: the ServerAcks that a finished fsync releases leave in this
+            // turn's writes. The fsync itself runs on the syncer, which wakes the loop when done.
             core.commit_if_due();
             // Before the writes: what closing the slowest readers makes (presence, mail to
             // other shards) leaves in this turn.
@@ -844,6 +854,10 @@ struct Core<B: Backend> {
     to_pause: Vec<ConnId>,
     /// This shard's offline queue on disk.
     store: ShardStore<FsIo>,
+    /// Runs the store's fsyncs off this thread; dropped (its thread ended) with the store.
+    syncer: Syncer,
+    /// Wakes this loop from other threads; kept for the handles a panic leaves.
+    waker: Arc<dyn Wake>,
     /// Items to keep that wait for their batch before they go to the store.
     held: Held,
     /// Items appended to the store and not yet durable, in sequence order: (seq, user, id, kind).
@@ -1852,49 +1866,81 @@ impl<B: Backend> Core<B> {
             .store
             .next_commit_deadline()
             .is_some_and(|deadline| deadline <= self.now_ms);
-        if !held_due && !store_due {
-            return;
+        if held_due || store_due {
+            // Into the page cache; under `always` and `batch` the fsync runs on the syncer.
+            match self.store.write(self.now_ms) {
+                Ok(commit) => self.release_kept(commit.durable_through),
+                Err(error) => self.keep_failed(error),
+            }
         }
-        let started = Instant::now();
-        match self.store.commit(self.now_ms) {
-            Ok(commit) => {
-                if commit.synced {
-                    let micros = started.elapsed().as_micros();
-                    self.stats
-                        .commit_times
-                        .record(u64::try_from(micros).unwrap_or(u64::MAX));
-                }
-                while let Some(&(seq, user, id, kind)) = self.unkept.front() {
-                    if seq > commit.durable_through {
-                        break;
-                    }
-                    self.unkept.pop_front();
-                    self.router.handle_kept(user, id, kind, self.wall_ms);
-                }
-            }
-            Err(error) => {
-                bump(&self.stats.store_commit_failures, 1);
-                warn!(shard = self.settings.index, %error, "offline queue commit failed; its senders get an error");
-                let failed = error.failed_seqs;
-                let mut kept = VecDeque::with_capacity(self.unkept.len());
-                for (seq, user, id, kind) in std::mem::take(&mut self.unkept) {
-                    if failed.contains(&seq) {
-                        self.router.handle_keep_failed(
-                            user,
-                            id,
-                            kind,
-                            ErrorCode::Overloaded,
-                            "the server could not store the message; try again",
-                            self.wall_ms,
-                        );
-                    } else {
-                        kept.push_back((seq, user, id, kind));
-                    }
-                }
-                self.unkept = kept;
-            }
+        while let Some(finished) = self.syncer.finished() {
+            self.take_synced(finished);
+        }
+        self.start_sync();
+        self.run_actions();
+    }
+
+    /// Hands the fsync of what the store wrote to the syncer, unless one runs (the next covers
+    /// everything written meanwhile).
+    fn start_sync(&mut self) {
+        if let Some(job) = self.store.start_sync() {
+            self.syncer.start(job);
+        }
+    }
+
+    /// A finished fsync: the ServerAcks of what it made durable leave, or, if it failed, the
+    /// senders of everything not durable get an Error.
+    fn take_synced(&mut self, finished: crate::syncer::Finished) {
+        let micros = u64::try_from(finished.elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.stats.commit_times.record(micros);
+        match self.store.synced(self.now_ms, finished.synced) {
+            Ok(commit) => self.release_kept(commit.durable_through),
+            Err(error) => self.keep_failed(error),
+        }
+    }
+
+    /// Waits for the running fsync, and for those that follow it, until every write is durable.
+    fn settle_syncs(&mut self) {
+        while self.store.sync_running() {
+            let finished = self.syncer.wait();
+            self.take_synced(finished);
+            self.start_sync();
         }
         self.run_actions();
+    }
+
+    /// The items up to `durable_through` are durable: their ServerAcks may leave.
+    fn release_kept(&mut self, durable_through: u64) {
+        while let Some(&(seq, user, id, kind)) = self.unkept.front() {
+            if seq > durable_through {
+                break;
+            }
+            self.unkept.pop_front();
+            self.router.handle_kept(user, id, kind, self.wall_ms);
+        }
+    }
+
+    /// A write or fsync failed: the senders of the items it names get an Error.
+    fn keep_failed(&mut self, error: hop_store::CommitError) {
+        bump(&self.stats.store_commit_failures, 1);
+        warn!(shard = self.settings.index, %error, "offline queue commit failed; its senders get an error");
+        let failed = error.failed_seqs;
+        let mut kept = VecDeque::with_capacity(self.unkept.len());
+        for (seq, user, id, kind) in std::mem::take(&mut self.unkept) {
+            if failed.contains(&seq) {
+                self.router.handle_keep_failed(
+                    user,
+                    id,
+                    kind,
+                    ErrorCode::Overloaded,
+                    "the server could not store the message; try again",
+                    self.wall_ms,
+                );
+            } else {
+                kept.push_back((seq, user, id, kind));
+            }
+        }
+        self.unkept = kept;
     }
 
     /// Expires old queued items and runs one bounded compaction step.
@@ -2371,10 +2417,12 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Commits whatever is held or buffered now, whatever the batch deadlines.
+    /// Commits whatever is held or buffered now, whatever the batch deadlines, and waits
+    /// until it is durable.
     fn commit_now(&mut self) {
         self.now_ms = u64::MAX / 2; // every deadline is due
         self.commit_if_due();
+        self.settle_syncs();
         self.read_clocks();
     }
 

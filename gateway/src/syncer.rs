@@ -1,0 +1,244 @@
+//! The fsyncs of a shard's offline queue, off the shard's thread.
+//!
+//! A group commit's `fdatasync` takes 1–2 ms on a good disk and far longer on a busy one;
+//! run on the shard's loop, it stalls every connection of the shard for that long, online
+//! users' messages included. So the loop only writes a batch (into the page cache,
+//! [`ShardStore::write`](hop_store::ShardStore::write)) and hands its fsync, as a
+//! [`SyncJob`], to this shard's syncer thread; the thread runs it, sends back what it did and
+//! wakes the loop, which then releases the ServerAcks of what became durable
+//! ([`ShardStore::synced`](hop_store::ShardStore::synced)). One job runs at a time; the batches
+//! written meanwhile wait for the next, which covers them all (the pipelined group commit).
+//!
+//! If the thread cannot be started, jobs run on the caller's thread, as before the syncer.
+
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hop_store::io::FsIo;
+use hop_store::{SyncJob, Synced};
+use tracing::warn;
+
+use crate::sys::Wake;
+
+/// A finished [`SyncJob`] and how long its fsyncs took.
+#[derive(Debug)]
+pub struct Finished {
+    pub synced: Synced,
+    pub elapsed: Duration,
+}
+
+/// One shard's syncer: its thread, or inline when there is none.
+#[derive(Debug)]
+pub struct Syncer {
+    worker: Option<Worker>,
+    /// The result of a job run inline, until it is taken.
+    inline_done: Option<Finished>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    jobs: Option<SyncSender<SyncJob<FsIo>>>,
+    done: Receiver<Finished>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    /// Starts shard `shard`'s syncer thread; it calls `wake` after each job.
+    pub fn spawn(shard: usize, wake: Arc<dyn Wake>) -> Self {
+        let (jobs, job_queue) = mpsc::sync_channel::<SyncJob<FsIo>>(1);
+        let (report, done) = mpsc::channel();
+        let delay = injected_delay();
+        let spawned = std::thread::Builder::new()
+            .name(format!("hop-sync-{shard}"))
+            .spawn(move || {
+                while let Ok(job) = job_queue.recv() {
+                    let finished = run(job, delay);
+                    if report.send(finished).is_err() {
+                        return;
+                    }
+                    wake.wake();
+                }
+            });
+        match spawned {
+            Ok(thread) => Self {
+                worker: Some(Worker {
+                    jobs: Some(jobs),
+                    done,
+                    thread: Some(thread),
+                }),
+                inline_done: None,
+            },
+            Err(error) => {
+                warn!(
+                    shard,
+                    %error,
+                    "cannot start the syncer thread; the offline queue's fsyncs run on the shard's loop"
+                );
+                Self::inline()
+            }
+        }
+    }
+
+    /// A syncer that runs each job on the caller's thread.
+    pub fn inline() -> Self {
+        Self {
+            worker: None,
+            inline_done: None,
+        }
+    }
+
+    /// Runs `job`; its result comes from [`Syncer::finished`] or [`Syncer::wait`]. The caller
+    /// starts one job at a time (the store gives out no second while one runs).
+    pub fn start(&mut self, job: SyncJob<FsIo>) {
+        match &self.worker {
+            Some(worker) => {
+                let jobs = worker
+                    .jobs
+                    .as_ref()
+                    .expect("jobs open while the syncer lives");
+                // The queue holds one job and one runs at a time, so this never blocks; a
+                // thread that is gone panics the shard, whose supervisor rebuilds it from disk.
+                jobs.send(job).expect("the syncer thread ended");
+            }
+            None => self.inline_done = Some(run(job, injected_delay())),
+        }
+    }
+
+    /// The running job's result, if it has finished.
+    pub fn finished(&mut self) -> Option<Finished> {
+        match &self.worker {
+            Some(worker) => match worker.done.try_recv() {
+                Ok(finished) => Some(finished),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => panic!("the syncer thread ended"),
+            },
+            None => self.inline_done.take(),
+        }
+    }
+
+    /// Waits for the running job's result (the caller knows one runs).
+    pub fn wait(&mut self) -> Finished {
+        match &self.worker {
+            Some(worker) => worker.done.recv().expect("the syncer thread ended"),
+            None => self.inline_done.take().expect("a job ran"),
+        }
+    }
+}
+
+impl Drop for Syncer {
+    /// Ends the thread after the job it runs, if any.
+    fn drop(&mut self) {
+        if let Some(worker) = &mut self.worker {
+            worker.jobs = None;
+            if let Some(thread) = worker.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Runs `job` after `delay` (a slow disk, in fault-injection builds; zero otherwise).
+fn run(job: SyncJob<FsIo>, delay: Duration) -> Finished {
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
+    let started = Instant::now();
+    let synced = job.run();
+    Finished {
+        synced,
+        elapsed: started.elapsed() + delay,
+    }
+}
+
+/// `HOP_FAULT_SYNC_DELAY_MS`: a pause before each fsync, to test that a slow disk does not
+/// slow the message path (builds with the `fault-injection` feature only).
+#[cfg(feature = "fault-injection")]
+fn injected_delay() -> Duration {
+    std::env::var("HOP_FAULT_SYNC_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn injected_delay() -> Duration {
+    Duration::ZERO
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hop_protocol::UserId;
+    use hop_store::{Durability, Item, Options, ShardStore};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Count(AtomicU32);
+
+    impl Wake for Count {
+        fn wake(&self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn store(data: &std::path::Path) -> ShardStore<FsIo> {
+        let options = Options {
+            durability: Durability::Batch {
+                delay_ms: 2,
+                records_max: 1024,
+            },
+            ..Options::default()
+        };
+        ShardStore::open(data, 0, 1, options, FsIo, 0)
+            .expect("open")
+            .0
+    }
+
+    fn append(store: &mut ShardStore<FsIo>, id: u64) {
+        let user = UserId::from_halves(7, 7).expect("id");
+        let item = Item::Message {
+            from: user,
+            id,
+            timestamp_ms: 1,
+            body: b"body",
+            sent: false,
+            group: None,
+        };
+        store.append(0, user, &item).expect("append");
+    }
+
+    #[test]
+    fn a_job_runs_on_the_thread_and_wakes_the_loop_once() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut store = store(temp.path());
+        let wakes = Arc::new(Count(AtomicU32::new(0)));
+        let mut syncer = Syncer::spawn(0, wakes.clone());
+        append(&mut store, 1);
+        store.write(0).expect("write");
+        syncer.start(store.start_sync().expect("a job"));
+        let finished = syncer.wait();
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        let commit = store.synced(0, finished.synced).expect("synced");
+        assert_eq!(commit.durable_through, 1);
+        assert!(syncer.finished().is_none(), "nothing runs");
+    }
+
+    #[test]
+    fn without_a_thread_the_job_runs_inline() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut store = store(temp.path());
+        let mut syncer = Syncer::inline();
+        append(&mut store, 1);
+        store.write(0).expect("write");
+        syncer.start(store.start_sync().expect("a job"));
+        let finished = syncer.finished().expect("done at once");
+        assert_eq!(
+            store
+                .synced(0, finished.synced)
+                .expect("synced")
+                .durable_through,
+            1
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! A slow disk must not slow the message path: the offline queue's fsyncs run on each shard's
+//! syncer thread, never on the shard's loop. Needs hopd built with the `fault-injection`
+//! feature, whose syncer then waits `HOP_FAULT_SYNC_DELAY_MS` before each fsync:
+//! `cargo test --features fault-injection --test slow_disk`, as CI runs it.
+#![cfg(feature = "fault-injection")]
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a test failure
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{expect_kind, key_on, ping, Hopd};
+use hop_protocol::wire::Kind;
+
+/// Each fsync takes this long at least.
+const SYNC_DELAY: Duration = Duration::from_millis(2_000);
+/// Messages to the offline user, one every `OFFLINE_EVERY`: each batch is written and synced.
+const OFFLINE_MESSAGES: u32 = 40;
+const OFFLINE_EVERY: Duration = Duration::from_millis(25);
+const ROUNDS: u32 = 30;
+
+/// Guards against an fsync on the shard's loop: while one user's messages to an offline user
+/// are being made durable on a disk that takes 2 s per fsync, a pair of online users on the
+/// same shard exchanges messages, and no delivery waits for the disk (each well under the
+/// fsync's 2 s). The offline messages' ServerAcks do wait for it: they come no sooner than
+/// one fsync after the first send, so the delay was in effect.
+#[test]
+fn a_slow_disk_does_not_delay_deliveries_between_online_users() {
+    let delay_ms = SYNC_DELAY.as_millis().to_string();
+    let hopd = Hopd::start_with_env(
+        &["--shards", "1"],
+        &[("HOP_FAULT_SYNC_DELAY_MS", delay_ms.as_str())],
+    );
+    let dave_key = key_on(0, 1);
+    let mut dave = hopd.connect(&dave_key);
+    ping(&mut dave); // bound, then offline: carol's messages to it are queued on disk
+    dave.close();
+
+    let mut carol = hopd.connect(&key_on(0, 1));
+    let dave_id = dave_key.user_id();
+    let started = Instant::now();
+    let offline = std::thread::spawn(move || {
+        for _ in 0..OFFLINE_MESSAGES {
+            carol.send_message(dave_id, &[7; 64]).unwrap();
+            std::thread::sleep(OFFLINE_EVERY);
+        }
+        let mut first_ack = None;
+        for _ in 0..OFFLINE_MESSAGES {
+            expect_kind(&mut carol, "ServerAck", |kind| match kind {
+                Kind::ServerAck(ack) => Some(ack),
+                _ => None,
+            });
+            first_ack.get_or_insert_with(|| started.elapsed());
+        }
+        first_ack.unwrap()
+    });
+
+    let bob_key = key_on(0, 1);
+    let mut bob = hopd.connect(&bob_key);
+    ping(&mut bob);
+    let mut alice = hopd.connect(&key_on(0, 1));
+    let mut slowest = Duration::ZERO;
+    for round in 0..ROUNDS {
+        let sent = Instant::now();
+        alice
+            .send_message(bob_key.user_id(), &[round as u8; 24])
+            .unwrap();
+        let deliver = expect_kind(&mut bob, "Deliver", |kind| match kind {
+            Kind::Deliver(deliver) => Some(deliver),
+            _ => None,
+        });
+        slowest = slowest.max(sent.elapsed());
+        bob.ack_deliver(deliver.id).unwrap();
+        std::thread::sleep(OFFLINE_EVERY);
+    }
+    let first_ack = offline.join().unwrap();
+    assert!(
+        first_ack >= SYNC_DELAY,
+        "the offline messages' first ServerAck came {first_ack:?} after the first send, \
+         sooner than one fsync ({SYNC_DELAY:?}): the injected delay was not in effect"
+    );
+    assert!(
+        slowest < SYNC_DELAY / 2,
+        "a delivery between online users took {slowest:?} while fsyncs took {SYNC_DELAY:?}: \
+         the shard's loop waited for the disk"
+    );
+    eprintln!("slowest online delivery {slowest:?}; first offline ServerAck after {first_ack:?}");
+}
