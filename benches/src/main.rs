@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use hop_bench::addr::{local_port_range, SourcePlan};
 use hop_bench::engine::Target;
 use hop_bench::plot;
-use hop_bench::procfs::{cpu_seconds_of, MemoryPerConnection, MemorySample};
+use hop_bench::procfs::{MemoryPerConnection, ServerProbe};
 use hop_bench::report::CpuUse;
 use hop_bench::report::Report;
 use hop_bench::scenario::{self, CeilingOptions, CeilingResult, Common};
@@ -339,19 +339,20 @@ fn ceiling(
     let servers: Vec<SocketAddr> = std::iter::once(common.server)
         .chain(extra_servers.iter().copied())
         .collect();
-    let before = MemorySample::read(common.server_pid);
-    let server_cpu_before = common.server_pid.and_then(cpu_seconds_of);
+    // Opened before any connection: a generator holding its limit cannot open a file.
+    let probe = ServerProbe::open(common.server_pid);
+    let before = probe.memory();
+    let server_cpu_before = probe.server_cpu_seconds();
     let started = std::time::Instant::now();
     let mut server_cpu_ramp = None;
     let mut after = None;
     let results: Vec<CeilingResult> = if processes == 1 {
         vec![scenario::ceiling_local(common, options, &mut |_| {
-            server_cpu_ramp = common
-                .server_pid
-                .and_then(cpu_seconds_of)
+            server_cpu_ramp = probe
+                .server_cpu_seconds()
                 .map(|cpu| (cpu, started.elapsed()));
             std::thread::sleep(Duration::from_millis(500));
-            after = Some(MemorySample::read(common.server_pid));
+            after = Some(probe.memory());
         })?]
     } else {
         let range = local_port_range().map_err(|e| e.to_string())?;
@@ -425,12 +426,11 @@ fn ceiling(
             if line.starts_with("RAMPED") {
                 ramped += 1;
                 if ramped == processes {
-                    server_cpu_ramp = common
-                        .server_pid
-                        .and_then(cpu_seconds_of)
+                    server_cpu_ramp = probe
+                        .server_cpu_seconds()
                         .map(|cpu| (cpu, started.elapsed()));
                     std::thread::sleep(Duration::from_millis(500));
-                    after = Some(MemorySample::read(common.server_pid));
+                    after = Some(probe.memory());
                 }
             } else if let Some(json) = line.strip_prefix("RESULT ") {
                 results.push(serde_json::from_str(json).map_err(|e| e.to_string())?);
@@ -456,15 +456,15 @@ fn ceiling(
         // Over the ramp, where the server's work is handshakes.
         report.server_cpu = Some(CpuUse::new(1, after - before, wall.as_secs_f64()));
     }
-    if let Some(after) = after {
-        let held = report.value("held").unwrap_or(0.0) as u64;
-        report.memory_before = Some(before);
-        report.memory_after = Some(after);
-        if common.server_pid.is_some() && extra_servers.is_empty() {
-            report.memory_per_connection =
-                Some(MemoryPerConnection::between(&before, &after, held));
-            report.notes.push("kernel slab growth includes the generator's own sockets (both ends are on this machine)".into());
-        }
+    // No reading after the ramp (a generator process never finished it) is a missing
+    // reading, not a zero.
+    let after = after.unwrap_or_default();
+    let held = report.value("held").unwrap_or(0.0) as u64;
+    report.memory_before = Some(before);
+    report.memory_after = Some(after);
+    if common.server_pid.is_some() && extra_servers.is_empty() {
+        report.memory_per_connection = Some(MemoryPerConnection::between(&before, &after, held));
+        report.notes.push("kernel slab growth includes the generator's own sockets (both ends are on this machine)".into());
     }
     Ok(report)
 }
