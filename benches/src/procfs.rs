@@ -32,7 +32,8 @@ pub struct MemorySample {
 /// ramp was done got nothing, which was counted as 0 (and gave a negative RSS per
 /// connection). A procfs file generates its text afresh when read from offset 0, so a
 /// descriptor opened before the run gives fresh readings for the whole run without needing a
-/// free slot then: its [`Self::DESCRIPTORS`] are taken while slots are still free. (Holding
+/// free slot then: its [`Self::DESCRIPTORS`] are taken while slots are still free, and
+/// counted in [`crate::descriptors::GENERATOR_RESERVED_DESCRIPTORS`]. (Holding
 /// spare descriptors and closing them just before a reading would also work, but it is more
 /// code and leaves a moment in which another open may take the freed slot.) A descriptor of
 /// `/proc/PID/...` also keeps naming that process: if the server exits, its readings fail
