@@ -12,14 +12,15 @@
 //!
 //! The network driver ([`engine`]) is one mio event loop per process driving many non-blocking
 //! sockets through hop's sans-IO handshake and session ([`conn`]) or a small MQTT 3.1.1 codec
-//! ([`mqtt`]). Past one process's descriptor limit, `ceiling` runs several generator processes
-//! and sums their reports.
+//! ([`mqtt`]). Past one process's descriptor limit, `ceiling` runs several generator processes,
+//! as many as its target needs ([`descriptors`]), and sums their reports.
 
 // Tests may unwrap: a panic there is a failed test with its cause.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod addr;
 pub mod conn;
+pub mod descriptors;
 pub mod engine;
 pub mod latency;
 pub mod mqtt;

@@ -9,9 +9,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hop_bench::addr::{local_port_range, SourcePlan};
+use hop_bench::descriptors::{
+    connections_per_process, generator_processes, raise_descriptor_limit, GENERATOR_PROCESSES_MAX,
+    GENERATOR_RESERVED_DESCRIPTORS,
+};
 use hop_bench::engine::Target;
 use hop_bench::plot;
-use hop_bench::procfs::{cpu_seconds_of, MemoryPerConnection, MemorySample};
+use hop_bench::procfs::{MemoryPerConnection, ServerProbe};
 use hop_bench::report::CpuUse;
 use hop_bench::report::Report;
 use hop_bench::scenario::{self, CeilingOptions, CeilingResult, Common};
@@ -48,12 +52,15 @@ struct CommonArgs {
     #[arg(long)]
     mqtt_login: bool,
     /// The server's pid: its CPU use (and for `ceiling` its memory) is read from /proc.
+    /// Without it neither is read.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
-    /// Write every number, the command line and the machine as JSON.
+    /// Write every number, the command line and the machine as JSON. Without it only the
+    /// table is printed.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Draw the latency percentile curve (or, for `ceiling`, connections over time) as SVG.
+    /// Without it nothing is drawn.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
     /// Skip this many source addresses (set by `ceiling` for its generator processes).
@@ -122,10 +129,17 @@ enum Scenario {
         /// New connections per second, all processes together.
         #[arg(long, default_value_t = 2_000)]
         rate: u64,
-        /// Generator processes; each holds connections / processes (one process may hold at
-        /// most its RLIMIT_NOFILE descriptors).
-        #[arg(long, default_value_t = 1)]
-        processes: u32,
+        /// Generator processes; each holds connections / processes, and one may hold its
+        /// RLIMIT_NOFILE soft limit (raised to the hard limit) less 64 descriptors kept for other
+        /// files. Default: the fewest that hold --connections, and at least one per server
+        /// (--server and --extra-servers). A count that cannot hold --connections is refused
+        /// before the run.
+        #[arg(
+            long,
+            value_name = "N",
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(GENERATOR_PROCESSES_MAX))
+        )]
+        processes: Option<u32>,
         /// Handshakes in progress at once, per process.
         #[arg(long, default_value_t = 1_000)]
         pending_max: usize,
@@ -141,9 +155,10 @@ enum Scenario {
         #[arg(long, default_value_t = 1_000)]
         failures_max: u64,
         /// More servers for the generator processes: process i connects to the i-th of
-        /// `--server` and these, round robin. For holding more connections than one server
-        /// process may (each has its own descriptor limit). Memory per connection is then not
-        /// reported (it is read for `--server-pid` only).
+        /// `--server` and these, round robin, so there are at least as many processes as
+        /// servers. For holding more connections than one server process may (each has its own
+        /// descriptor limit). Memory per connection is then not reported (it is read for
+        /// `--server-pid` only). Default: none.
         #[arg(long, value_delimiter = ',', value_name = "ADDR,...")]
         extra_servers: Vec<SocketAddr>,
         /// Run as one generator process of a parent `ceiling` (reports on stdout).
@@ -323,35 +338,44 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
-/// `ceiling` across `processes` generator processes: each is this binary with `--child`, its
-/// share of the connections and its own source addresses. Memory is sampled once every
-/// process has finished its ramp and still holds its connections.
+/// `ceiling` across generator processes, `requested_processes` or as many as the target needs
+/// (`descriptors::generator_processes`): each is this binary with `--child`, its share of the
+/// connections and its own source addresses; one process runs here. Memory is sampled once
+/// every process has finished its ramp and still holds its connections.
 fn ceiling(
     common: &Common,
     options: &CeilingOptions,
-    processes: u32,
+    requested_processes: Option<u32>,
     extra_servers: &[SocketAddr],
 ) -> Result<Report, String> {
-    assert!(processes > 0, "at least one process");
-    if !extra_servers.is_empty() && processes == 1 {
-        return Err("--extra-servers needs --processes of at least the number of servers".into());
-    }
     let servers: Vec<SocketAddr> = std::iter::once(common.server)
         .chain(extra_servers.iter().copied())
         .collect();
-    let before = MemorySample::read(common.server_pid);
-    let server_cpu_before = common.server_pid.and_then(cpu_seconds_of);
+    // Raised here, before any child starts: the children inherit it.
+    let descriptor_limit =
+        raise_descriptor_limit().map_err(|e| format!("reading RLIMIT_NOFILE: {e}"))?;
+    let processes = generator_processes(
+        options.connections,
+        descriptor_limit,
+        GENERATOR_RESERVED_DESCRIPTORS,
+        u32::try_from(servers.len()).map_err(|_| "too many --extra-servers")?,
+        requested_processes,
+    )
+    .map_err(|e| e.to_string())?;
+    // Opened before any connection: a generator holding its limit cannot open a file.
+    let probe = ServerProbe::open(common.server_pid);
+    let before = probe.memory();
+    let server_cpu_before = probe.server_cpu_seconds();
     let started = std::time::Instant::now();
     let mut server_cpu_ramp = None;
     let mut after = None;
     let results: Vec<CeilingResult> = if processes == 1 {
         vec![scenario::ceiling_local(common, options, &mut |_| {
-            server_cpu_ramp = common
-                .server_pid
-                .and_then(cpu_seconds_of)
+            server_cpu_ramp = probe
+                .server_cpu_seconds()
                 .map(|cpu| (cpu, started.elapsed()));
             std::thread::sleep(Duration::from_millis(500));
-            after = Some(MemorySample::read(common.server_pid));
+            after = Some(probe.memory());
         })?]
     } else {
         let range = local_port_range().map_err(|e| e.to_string())?;
@@ -425,12 +449,11 @@ fn ceiling(
             if line.starts_with("RAMPED") {
                 ramped += 1;
                 if ramped == processes {
-                    server_cpu_ramp = common
-                        .server_pid
-                        .and_then(cpu_seconds_of)
+                    server_cpu_ramp = probe
+                        .server_cpu_seconds()
                         .map(|cpu| (cpu, started.elapsed()));
                     std::thread::sleep(Duration::from_millis(500));
-                    after = Some(MemorySample::read(common.server_pid));
+                    after = Some(probe.memory());
                 }
             } else if let Some(json) = line.strip_prefix("RESULT ") {
                 results.push(serde_json::from_str(json).map_err(|e| e.to_string())?);
@@ -456,15 +479,24 @@ fn ceiling(
         // Over the ramp, where the server's work is handshakes.
         report.server_cpu = Some(CpuUse::new(1, after - before, wall.as_secs_f64()));
     }
-    if let Some(after) = after {
-        let held = report.value("held").unwrap_or(0.0) as u64;
-        report.memory_before = Some(before);
-        report.memory_after = Some(after);
-        if common.server_pid.is_some() && extra_servers.is_empty() {
-            report.memory_per_connection =
-                Some(MemoryPerConnection::between(&before, &after, held));
-            report.notes.push("kernel slab growth includes the generator's own sockets (both ends are on this machine)".into());
-        }
+    if requested_processes.is_none() {
+        let per_process =
+            connections_per_process(descriptor_limit, GENERATOR_RESERVED_DESCRIPTORS).unwrap_or(0);
+        report.notes.push(format!(
+            "{processes} generator process(es), chosen for the target: one holds at most \
+             {per_process} connections (RLIMIT_NOFILE {descriptor_limit} less \
+             {GENERATOR_RESERVED_DESCRIPTORS})"
+        ));
+    }
+    // No reading after the ramp (a generator process never finished it) is a missing
+    // reading, not a zero.
+    let after = after.unwrap_or_default();
+    let held = report.value("held").unwrap_or(0.0) as u64;
+    report.memory_before = Some(before);
+    report.memory_after = Some(after);
+    if common.server_pid.is_some() && extra_servers.is_empty() {
+        report.memory_per_connection = Some(MemoryPerConnection::between(&before, &after, held));
+        report.notes.push("kernel slab growth includes the generator's own sockets (both ends are on this machine)".into());
     }
     Ok(report)
 }
@@ -525,4 +557,54 @@ fn value_of(json: &serde_json::Value, figure: &str) -> Option<f64> {
         .find(|f| f.get("name").and_then(|n| n.as_str()) == Some(figure))?
         .get("value")?
         .as_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn processes_of(args: &[&str]) -> Result<Option<u32>, clap::Error> {
+        let cli = Cli::try_parse_from(["hop-bench", "ceiling"].iter().chain(args))?;
+        match cli.scenario {
+            Scenario::Ceiling { processes, .. } => Ok(processes),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ceiling_chooses_its_process_count_unless_given_one() {
+        assert_eq!(processes_of(&[]).unwrap(), None);
+        assert_eq!(processes_of(&["--processes", "3"]).unwrap(), Some(3));
+        assert!(processes_of(&["--processes", "0"]).is_err());
+        let too_many = (GENERATOR_PROCESSES_MAX + 1).to_string();
+        assert!(processes_of(&["--processes", &too_many]).is_err());
+    }
+
+    #[test]
+    fn the_help_names_the_descriptors_kept_per_process() {
+        let mut command = Cli::command();
+        let ceiling = command.find_subcommand_mut("ceiling").unwrap();
+        let processes = ceiling
+            .get_arguments()
+            .find(|arg| arg.get_id() == "processes")
+            .unwrap();
+        let help = processes.get_help().unwrap().to_string();
+        assert!(
+            help.contains(&format!(
+                "less {GENERATOR_RESERVED_DESCRIPTORS} descriptors"
+            )),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn the_server_is_hopds_default_address() {
+        let cli = Cli::try_parse_from(["hop-bench", "throughput"]).unwrap();
+        let Scenario::Throughput { common, .. } = cli.scenario else {
+            panic!("not throughput");
+        };
+        assert_eq!(common.server, "127.0.0.1:7788".parse().unwrap());
+    }
 }

@@ -168,18 +168,13 @@ impl Report {
             rows.push((format!("failed: {kind}"), count.to_string()));
         }
         if let Some(per) = &self.memory_per_connection {
-            rows.push((
-                "server RSS per connection".into(),
-                format!("{:.0} bytes", per.server_rss_bytes),
-            ));
-            rows.push((
-                "kernel slab per connection".into(),
-                format!("{:.0} bytes", per.slab_bytes),
-            ));
-            rows.push((
-                "kernel TCP mem per connection".into(),
-                format!("{:.0} bytes", per.tcp_mem_bytes),
-            ));
+            for (label, figure) in per.figures() {
+                let value = match figure {
+                    Ok(bytes) => format!("{bytes:.0} bytes"),
+                    Err(why) => format!("not measured ({why})"),
+                };
+                rows.push((label.into(), value));
+            }
         }
         rows.push((
             "generator CPU".into(),
@@ -309,6 +304,50 @@ mod tests {
         assert!(table.contains("25 connections"), "{table}");
         assert!(table.contains("generator CPU"));
         assert_eq!(human(12.345), "12.3");
+        assert!(!table.contains("per connection"), "{table}");
+    }
+
+    #[test]
+    fn memory_not_measured_is_said_in_the_table_and_null_in_json() {
+        let before = MemorySample {
+            server_rss_bytes: Some(17_000_000),
+            tcp_mem_bytes: Some(0),
+            slab_bytes: Some(300_000_000),
+            tcp_inuse: Some(10),
+        };
+        // The generator could not read the server's RSS once its connections were held.
+        let after = MemorySample {
+            server_rss_bytes: None,
+            slab_bytes: Some(300_000_000 + 1_000 * 9_000),
+            ..before
+        };
+        let mut report = Report::new("ceiling", "hop", "x");
+        report.memory_before = Some(before);
+        report.memory_after = Some(after);
+        report.memory_per_connection = Some(MemoryPerConnection::between(&before, &after, 1_000));
+        let table = report.table();
+        assert!(
+            table.contains(
+                "server RSS per connection      not measured (no reading once the connections \
+                 were held)"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("kernel slab per connection     9000 bytes"),
+            "{table}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+        let per = &json["memory_per_connection"];
+        assert!(per["server_rss_bytes"].is_null(), "{per}");
+        assert_eq!(per["slab_bytes"], 9_000.0);
+        assert_eq!(
+            per["not_measured"]["server_rss_bytes"],
+            "no reading once the connections were held"
+        );
+        assert!(json["memory_after"]["server_rss_bytes"].is_null());
+        assert_eq!(json["memory_before"]["server_rss_bytes"], 17_000_000);
         assert_eq!(human(-1000.0), "-1,000");
     }
 }
