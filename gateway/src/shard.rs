@@ -13,7 +13,9 @@
 //!    retry blocked mail, wake the shards that got mail (once each);
 //! 5. write the offline store's batch when it is due (into the page cache), hand its fsync to
 //!    the shard's syncer thread ([`crate::syncer`]), and release the ServerAcks of what the
-//!    syncer reported durable: the loop never waits for the disk;
+//!    syncer reported durable: the loop does not wait for the group commit's fsync (what
+//!    still syncs on it, rarely, is listed in docs/decisions.md, "The offline queue's fsync
+//!    runs on a syncer thread per shard");
 //! 6. work on the kept handshake input, oldest first, at most `handshakes_per_turn`
 //!    connections' worth (each ~260 us of X25519), and end the turn again: a flood of
 //!    handshakes neither delays the answers of this turn nor makes a turn long, and what the
@@ -1815,6 +1817,11 @@ impl<B: Backend> Core<B> {
     /// next turn without holding up the queue: a queued item needs no binding on disk (at
     /// start, a user with queued items is made from them).
     fn commit_if_due(&mut self) {
+        self.commit(false);
+    }
+
+    /// [`Core::commit_if_due`], or with `force` whatever is held or buffered, due or not.
+    fn commit(&mut self, force: bool) {
         // Seen times before bindings: a binding made again after an unbinding is told apart
         // from an old one, at load, by its device's time (`hop_store::accounts::load`).
         if let Err(error) = self.seen.flush() {
@@ -1852,20 +1859,16 @@ impl<B: Backend> Core<B> {
                 "cannot record presence settings in {path}: {error}; trying again next turn"
             ));
         }
-        let held_due = self
-            .held
-            .deadline(&self.settings.keeping)
-            .is_some_and(|deadline| deadline <= self.now_ms);
+        let now_ms = self.now_ms;
+        let due = |deadline: Option<u64>| deadline.is_some_and(|at| force || at <= now_ms);
+        let held_due = due(self.held.deadline(&self.settings.keeping));
         if held_due {
             let held: Vec<(UserId, Queued)> = self.held.take().collect();
             for (user, item) in held {
                 self.keep(user, &item);
             }
         }
-        let store_due = self
-            .store
-            .next_commit_deadline()
-            .is_some_and(|deadline| deadline <= self.now_ms);
+        let store_due = due(self.store.next_commit_deadline());
         if held_due || store_due {
             // Into the page cache; under `always` and `batch` the fsync runs on the syncer.
             match self.store.write(self.now_ms) {
@@ -1884,7 +1887,9 @@ impl<B: Backend> Core<B> {
     /// everything written meanwhile).
     fn start_sync(&mut self) {
         if let Some(job) = self.store.start_sync() {
-            self.syncer.start(job);
+            if let Some(finished) = self.syncer.start(job) {
+                self.take_synced(finished); // inline: no thread to wait for
+            }
         }
     }
 
@@ -2420,10 +2425,11 @@ impl<B: Backend> Core<B> {
     /// Commits whatever is held or buffered now, whatever the batch deadlines, and waits
     /// until it is durable.
     fn commit_now(&mut self) {
-        self.now_ms = u64::MAX / 2; // every deadline is due
-        self.commit_if_due();
-        self.settle_syncs();
-        self.read_clocks();
+        // Twice: a failed fsync fails its items and buffers their tombstones again.
+        for _ in 0..2 {
+            self.commit(true);
+            self.settle_syncs();
+        }
     }
 
     fn shut_down(&mut self, backend: &mut B) {

@@ -33,8 +33,6 @@ pub struct Finished {
 #[derive(Debug)]
 pub struct Syncer {
     worker: Option<Worker>,
-    /// The result of a job run inline, until it is taken.
-    inline_done: Option<Finished>,
 }
 
 #[derive(Debug)]
@@ -68,7 +66,6 @@ impl Syncer {
                     done,
                     thread: Some(thread),
                 }),
-                inline_done: None,
             },
             Err(error) => {
                 warn!(
@@ -83,15 +80,13 @@ impl Syncer {
 
     /// A syncer that runs each job on the caller's thread.
     pub fn inline() -> Self {
-        Self {
-            worker: None,
-            inline_done: None,
-        }
+        Self { worker: None }
     }
 
-    /// Runs `job`; its result comes from [`Syncer::finished`] or [`Syncer::wait`]. The caller
-    /// starts one job at a time (the store gives out no second while one runs).
-    pub fn start(&mut self, job: SyncJob<FsIo>) {
+    /// Runs `job`. On the thread its result comes later, from [`Syncer::finished`] or
+    /// [`Syncer::wait`]; inline it is returned at once. The caller starts one job at a time
+    /// (the store gives out no second while one runs).
+    pub fn start(&mut self, job: SyncJob<FsIo>) -> Option<Finished> {
         match &self.worker {
             Some(worker) => {
                 let jobs = worker
@@ -101,29 +96,26 @@ impl Syncer {
                 // The queue holds one job and one runs at a time, so this never blocks; a
                 // thread that is gone panics the shard, whose supervisor rebuilds it from disk.
                 jobs.send(job).expect("the syncer thread ended");
+                None
             }
-            None => self.inline_done = Some(run(job, injected_delay())),
+            None => Some(run(job, injected_delay())),
         }
     }
 
-    /// The running job's result, if it has finished.
+    /// The running job's result, if it has finished (never, inline: `start` returned it).
     pub fn finished(&mut self) -> Option<Finished> {
-        match &self.worker {
-            Some(worker) => match worker.done.try_recv() {
-                Ok(finished) => Some(finished),
-                Err(mpsc::TryRecvError::Empty) => None,
-                Err(mpsc::TryRecvError::Disconnected) => panic!("the syncer thread ended"),
-            },
-            None => self.inline_done.take(),
+        let worker = self.worker.as_ref()?;
+        match worker.done.try_recv() {
+            Ok(finished) => Some(finished),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => panic!("the syncer thread ended"),
         }
     }
 
-    /// Waits for the running job's result (the caller knows one runs).
+    /// Waits for the running job's result (the caller knows one runs on the thread).
     pub fn wait(&mut self) -> Finished {
-        match &self.worker {
-            Some(worker) => worker.done.recv().expect("the syncer thread ended"),
-            None => self.inline_done.take().expect("a job ran"),
-        }
+        let worker = self.worker.as_ref().expect("inline jobs finish in start");
+        worker.done.recv().expect("the syncer thread ended")
     }
 }
 
@@ -216,7 +208,7 @@ mod tests {
         let mut syncer = Syncer::spawn(0, wakes.clone());
         append(&mut store, 1);
         store.write(0).expect("write");
-        syncer.start(store.start_sync().expect("a job"));
+        assert!(syncer.start(store.start_sync().expect("a job")).is_none());
         let finished = syncer.wait();
         assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
         let commit = store.synced(0, finished.synced).expect("synced");
@@ -231,8 +223,9 @@ mod tests {
         let mut syncer = Syncer::inline();
         append(&mut store, 1);
         store.write(0).expect("write");
-        syncer.start(store.start_sync().expect("a job"));
-        let finished = syncer.finished().expect("done at once");
+        let finished = syncer
+            .start(store.start_sync().expect("a job"))
+            .expect("done at once");
         assert_eq!(
             store
                 .synced(0, finished.synced)

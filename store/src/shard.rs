@@ -300,6 +300,15 @@ impl<I: Io> ShardStore<I> {
         let dir = shard_dir(data, shard);
         io.create_dir_all(&dir).map_err(StoreError::io(&dir))?;
         let (mut index, next_seq, stats) = Index::recover(&io, &dir, false, now_ms)?;
+        // What recovery found counts as durable from here on (a resent message is acked at
+        // once), but a run that stopped without its last fsync (kill -9, a shard's panic while
+        // a sync job ran) may have left written records in the page cache only: sync them.
+        for (number, segment) in &mut index.segments {
+            segment
+                .file
+                .sync()
+                .map_err(StoreError::io(&segment_path(&dir, *number)))?;
+        }
         let active = index.segments.keys().next_back().map_or(1, |last| last + 1);
         let mut store = Self {
             io,
@@ -929,6 +938,10 @@ impl<I: Io> ShardStore<I> {
         for batch in batches {
             failed_records += u64::from(batch.appends);
             users.extend(batch.users);
+            if let Some(segment) = self.index.segments.get_mut(&batch.segment) {
+                // Counted when written; they are buffered (and counted) again below.
+                segment.tombstones -= batch.tombstones.len() as u32;
+            }
             tombstones.extend(batch.tombstones);
             if cut.contains(&batch.segment) {
                 continue;
@@ -945,6 +958,9 @@ impl<I: Io> ShardStore<I> {
         // The tombstones of the failed batches go first, then those still buffered.
         tombstones.append(&mut self.buffer_tombstones);
         self.buffer_tombstones = tombstones;
+        // The job may have taken the folder's fsync that a new segment owes, and the roll
+        // below may fail and leave that segment active: it is owed until a job succeeds.
+        self.dir_sync_needed = true;
         self.counters.commit_failures += 1;
         self.counters.failed_records += failed_records;
         self.reset_buffer_after_failure(now_ms);

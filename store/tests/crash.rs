@@ -741,6 +741,66 @@ fn a_failed_write_while_a_sync_runs_fails_its_own_batch_alone() {
 }
 
 #[test]
+fn a_failed_sync_leaves_the_folder_fsync_owed() {
+    // Guards against: a job that took the folder fsync a new segment owes failing, the roll
+    // after it failing too (disk full), and later batches in that segment being acked with
+    // its folder entry never synced (lost with the file on power loss).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let small = Options {
+        segment_bytes_max: 4 * 1024,
+        ..options()
+    };
+    let (mut store, faults, _) = faulty_store(temp.path(), small);
+    for id in 1..=5 {
+        store
+            .append(0, user(7), &message(id, &[7u8; 1000]))
+            .expect("append");
+    }
+    store.write(0).expect("write"); // fills segment 1: a new one, whose folder entry is owed
+    let job = store.start_sync().expect("job");
+    faults.fail_syncs.store(true, Ordering::Relaxed);
+    faults.fail_writes.store(true, Ordering::Relaxed); // and no new segment can be made
+    store.synced(0, job.run()).expect_err("EIO");
+    faults.fail_syncs.store(false, Ordering::Relaxed);
+    faults.fail_writes.store(false, Ordering::Relaxed);
+    let seq = store
+        .append(0, user(7), &message(6, b"acked"))
+        .expect("append");
+    store.write(0).expect("write");
+    let job = store.start_sync().expect("job");
+    let before = faults.syncs.load(Ordering::Relaxed);
+    assert!(store.synced(0, job.run()).expect("synced").durable_through >= seq);
+    assert_eq!(
+        faults.syncs.load(Ordering::Relaxed) - before,
+        2,
+        "the segment and the folder entry it owed"
+    );
+}
+
+#[test]
+fn open_syncs_what_a_run_wrote_but_never_synced() {
+    // Guards against: a shard that panicked (or a hopd killed) while a batch was written and
+    // not yet synced; the next open finds the record in the page cache, counts it durable and
+    // acks its resend at once, and a power loss then takes it.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, faults, io) = faulty_store(temp.path(), options());
+    store.append(0, user(7), &message(1, b"a")).expect("append");
+    store.write(0).expect("write");
+    let job = store.start_sync().expect("job");
+    store.append(0, user(7), &message(2, b"b")).expect("append");
+    store.write(0).expect("written while the job runs");
+    let _ = job.run();
+    drop(store); // the result never reaches the store; batch 2 was never synced
+    let before = faults.syncs.load(Ordering::Relaxed);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(7))), [1, 2]);
+    assert!(
+        faults.syncs.load(Ordering::Relaxed) - before >= 2,
+        "the recovered segment and the folder"
+    );
+}
+
+#[test]
 fn admin_report_reads_a_folder_without_a_server() {
     // Guards against: the operator having no way to see queue depths and ages offline.
     let temp = tempfile::tempdir().expect("tempdir");
