@@ -14,8 +14,8 @@
 //! 5. write the offline store's batch when it is due (into the page cache), hand its fsync to
 //!    the shard's syncer thread ([`crate::syncer`]), and release the ServerAcks of what the
 //!    syncer reported durable: the loop does not wait for the group commit's fsync (what
-//!    still syncs on it, rarely, is listed in docs/decisions.md, "The offline queue's fsync
-//!    runs on a syncer thread per shard");
+//!    IO stays on it is listed in docs/decisions.md, "The offline queue's fsync runs on a
+//!    syncer thread per shard");
 //! 6. work on the kept handshake input, oldest first, at most `handshakes_per_turn`
 //!    connections' worth (each ~260 us of X25519), and end the turn again: a flood of
 //!    handshakes neither delays the answers of this turn nor makes a turn long, and what the
@@ -1959,10 +1959,9 @@ impl<B: Backend> Core<B> {
             self.router.handle_expired(expired.user, expired.id, kind);
         }
         self.commit_if_due();
-        if self.store.next_commit_deadline().is_none() {
-            if let Err(error) = self.store.compact(self.now_ms, COMPACT_BYTES_PER_TICK) {
-                warn!(shard = self.settings.index, %error, "offline queue compaction failed");
-            }
+        // Its copies go out with the next batch; the step after waits until they are durable.
+        if let Err(error) = self.store.compact(self.now_ms, COMPACT_BYTES_PER_TICK) {
+            warn!(shard = self.settings.index, %error, "offline queue compaction failed");
         }
         self.run_actions();
     }

@@ -126,13 +126,26 @@ pub struct Commit {
 struct Unsynced {
     /// Every append up to this sequence number is in this batch or an earlier one.
     through: u64,
-    /// Appends in the batch (the rest are tombstones), for the failure counters.
+    /// Appends in the batch (the rest are tombstones and copies), for the failure counters.
     appends: u32,
+    /// The batch holds a compaction step's copies.
+    copies: bool,
     segment: u32,
     /// Where the batch starts in `segment`: a failed fsync cuts the segment back to here.
     start: u64,
     tombstones: Vec<(UserId, u64, bool)>,
     users: Vec<UserId>,
+}
+
+/// A compaction step's copies, buffered or written, not yet durable.
+#[derive(Debug)]
+struct Copies {
+    /// (user, seq, the slot before it moved), to move back if the copies fail.
+    moved: Vec<(UserId, u64, Slot)>,
+    /// The segment to delete once they are durable (its last step).
+    source: Option<u32>,
+    /// In an unsynced batch (else in the buffer).
+    written: bool,
 }
 
 /// The [`SyncJob`] running: the batches at the front of `unsynced` that it covers.
@@ -271,6 +284,10 @@ pub struct ShardStore<I: Io> {
     /// Batches written and not yet known durable, oldest first.
     unsynced: VecDeque<Unsynced>,
     syncing: Option<Syncing>,
+    /// A compaction step's copies until they are durable.
+    copies: Option<Copies>,
+    /// A compacted segment whose copies are durable, deleted by the next `compact`.
+    delete_next: Option<u32>,
     dir_sync_needed: bool,
     next_seq: u64,
     durable_through: u64,
@@ -326,6 +343,8 @@ impl<I: Io> ShardStore<I> {
             buffer_first_ms: None,
             unsynced: VecDeque::new(),
             syncing: None,
+            copies: None,
+            delete_next: None,
             dir_sync_needed: true,
             next_seq,
             durable_through: next_seq - 1,
@@ -507,10 +526,11 @@ impl<I: Io> ShardStore<I> {
     pub fn write(&mut self, now_ms: u64) -> Result<Commit, CommitError> {
         let records_written = self.buffer_records;
         if !self.syncs() {
-            if let Err(error) = self.flush(false) {
+            if let Err(error) = self.flush_unsynced() {
                 return Err(self.fail_buffer(now_ms, error));
             }
             self.durable_through = self.next_seq - 1;
+            self.finish_copies();
         } else if !self.buffer.is_empty() {
             let active = self
                 .index
@@ -523,9 +543,17 @@ impl<I: Io> ShardStore<I> {
             }
             let appends = self.buffer_appends;
             let (tombstones, users) = self.buffer_written();
+            let copies = match &mut self.copies {
+                Some(copies) if !copies.written => {
+                    copies.written = true;
+                    true
+                }
+                _ => false,
+            };
             self.unsynced.push_back(Unsynced {
                 through: self.next_seq - 1,
                 appends,
+                copies,
                 segment: self.active,
                 start,
                 tombstones,
@@ -598,7 +626,13 @@ impl<I: Io> ShardStore<I> {
         if let Err(error) = done.result {
             return Err(self.fail_unsynced(now_ms, error));
         }
-        self.unsynced.drain(..syncing.batches);
+        if self
+            .unsynced
+            .drain(..syncing.batches)
+            .any(|batch| batch.copies)
+        {
+            self.finish_copies();
+        }
         self.durable_through = self.durable_through.max(syncing.through);
         Ok(Commit {
             durable_through: self.durable_through,
@@ -694,8 +728,9 @@ impl<I: Io> ShardStore<I> {
     /// One step of compaction, reading at most about `budget_bytes` of an old segment: a
     /// sealed segment with no live record is deleted; one that is at least half dead, or that
     /// holds dead bytes and was sealed `compact_after_ms` ago, has its live records copied to
-    /// the active segment (fsynced, whatever the policy) and is then deleted. Runs only when the
-    /// buffer is empty (call it right after a commit).
+    /// the active segment and, once every copy is durable, is deleted. The copies join the
+    /// write buffer and go out with the next commit (or [`ShardStore::write`] and its sync, the
+    /// policy's fsync whatever it is); until that returns, further steps wait (`idle`).
     pub fn compact(
         &mut self,
         now_ms: u64,
@@ -703,8 +738,13 @@ impl<I: Io> ShardStore<I> {
     ) -> Result<CompactProgress, StoreError> {
         let mut progress = CompactProgress::default();
         self.read_cache.release_if_idle();
-        // Its copies are fsynced here: not while written batches wait for their own sync.
-        if !self.buffer.is_empty() || !self.unsynced.is_empty() {
+        if let Some(number) = self.delete_next.take() {
+            self.delete_segment(number)?;
+            progress.segments_deleted = 1;
+            return Ok(progress);
+        }
+        // One step's copies at a time: the next waits until they are durable.
+        if self.copies.is_some() {
             progress.idle = true;
             return Ok(progress);
         }
@@ -745,7 +785,7 @@ impl<I: Io> ShardStore<I> {
             let new_offset = self.tail_offset();
             self.buffer
                 .extend_from_slice(&bytes[position..position + length]);
-            self.buffer_records += 1;
+            self.note_buffered(now_ms);
             let new_slot = Slot {
                 segment: self.active,
                 offset: new_offset,
@@ -758,28 +798,24 @@ impl<I: Io> ShardStore<I> {
         if outcome.valid_end == 0 || offset + chunk == segment_bytes {
             next = offset + chunk; // damage or the end: skip what did not decode
         }
-        if !self.buffer.is_empty() {
-            self.buffer_first_ms = Some(now_ms);
-            if let Err(error) = self.flush(true) {
-                for (user, seq, slot) in moved.iter().rev() {
-                    self.index.relocate(*user, *seq, *slot);
-                }
-                self.reset_buffer_after_failure(now_ms);
-                self.compaction = None;
-                return Err(StoreError::Io {
-                    path: segment_path(&self.dir, self.active),
-                    source: error,
-                });
-            }
-        }
         progress.records_copied = moved.len() as u64;
         self.counters.records_compacted += moved.len() as u64;
-        if next >= segment_bytes {
-            self.compaction = None;
-            self.delete_segment(number)?;
-            progress.segments_deleted = 1;
+        let done = next >= segment_bytes;
+        self.compaction = (!done).then_some((number, next));
+        if moved.is_empty() {
+            // Nothing of this step waits for a sync (earlier steps' copies are durable).
+            if done {
+                self.delete_segment(number)?;
+                progress.segments_deleted = 1;
+            }
         } else {
-            self.compaction = Some((number, next));
+            // The copies go out with the next batch, like appends; the source goes once the
+            // sync that covers them returned (`finish_copies`).
+            self.copies = Some(Copies {
+                moved,
+                source: done.then_some(number),
+                written: false,
+            });
         }
         Ok(progress)
     }
@@ -859,7 +895,8 @@ impl<I: Io> ShardStore<I> {
         !matches!(self.options.durability, Durability::None { .. })
     }
 
-    fn flush(&mut self, sync: bool) -> io::Result<()> {
+    /// Writes the buffer without an fsync (`none`), and the folder's entry of a new segment.
+    fn flush_unsynced(&mut self) -> io::Result<()> {
         let active = self
             .index
             .segments
@@ -867,10 +904,6 @@ impl<I: Io> ShardStore<I> {
             .expect("active segment");
         if !self.buffer.is_empty() {
             active.file.write_all_at(&self.buffer, active.bytes)?;
-            if sync {
-                active.file.sync()?;
-                self.counters.fsyncs += 1;
-            }
         }
         if self.dir_sync_needed {
             self.io.sync_dir(&self.dir)?;
@@ -913,6 +946,9 @@ impl<I: Io> ShardStore<I> {
         let failed_through = self.next_seq - 1;
         let users = std::mem::take(&mut self.buffer_users);
         self.take_back(users, failed_from);
+        if self.copies.as_ref().is_some_and(|copies| !copies.written) {
+            self.undo_copies();
+        }
         self.counters.commit_failures += 1;
         self.counters.failed_records += u64::from(self.buffer_appends);
         self.reset_buffer_after_failure(now_ms);
@@ -955,6 +991,7 @@ impl<I: Io> ShardStore<I> {
             self.read_cache.forget_segment(batch.segment);
         }
         self.take_back(users, failed_from);
+        self.undo_copies();
         // The tombstones of the failed batches go first, then those still buffered.
         tombstones.append(&mut self.buffer_tombstones);
         self.buffer_tombstones = tombstones;
@@ -968,6 +1005,25 @@ impl<I: Io> ShardStore<I> {
         CommitError {
             failed_seqs: failed_from..=failed_through,
             source: error,
+        }
+    }
+
+    /// A compaction step's copies are durable: its source may go (at the next `compact`, which
+    /// can report a failure to delete it).
+    fn finish_copies(&mut self) {
+        if let Some(copies) = self.copies.take() {
+            self.delete_next = copies.source;
+        }
+    }
+
+    /// A compaction step's copies failed with their batch: their records are where they were,
+    /// and the step starts again from the segment's beginning later.
+    fn undo_copies(&mut self) {
+        if let Some(copies) = self.copies.take() {
+            for (user, seq, slot) in copies.moved.iter().rev() {
+                self.index.relocate(*user, *seq, *slot);
+            }
+            self.compaction = None;
         }
     }
 
@@ -1940,7 +1996,9 @@ mod tests {
             }
         }
         store.commit(1).expect("commit");
-        while !store.compact(1, 1 << 20).expect("compact").idle {}
+        while !store.compact(1, 1 << 20).expect("compact").idle {
+            store.commit(1).expect("the copies' commit");
+        }
         for raw in 1..=USERS {
             out.clear();
             store

@@ -11,7 +11,7 @@ use hop_protocol::UserId;
 use hop_store::io::{Faults, FaultyIo, FsIo};
 use hop_store::{
     prepare, report, AppendError, Durability, GroupTag, Item, Options, Quota, Record, ShardStore,
-    StoreError, StoredItem,
+    StoreError, StoredItem, SyncJob,
 };
 
 const MINUTE_MS: u64 = 60_000;
@@ -553,6 +553,7 @@ fn compact_until_idle(store: &mut ShardStore<FsIo>, now_ms: u64) -> u64 {
     let mut copied = 0;
     for _ in 0..100 {
         let progress = store.compact(now_ms, 1 << 20).expect("compact");
+        store.commit(now_ms).expect("the copies' commit");
         copied += progress.records_copied;
         if progress.idle {
             return copied;
@@ -798,6 +799,111 @@ fn open_syncs_what_a_run_wrote_but_never_synced() {
         faults.syncs.load(Ordering::Relaxed) - before >= 2,
         "the recovered segment and the folder"
     );
+}
+
+/// A store whose first segment (of 4 KiB) holds two delivered records of user 1 and two live
+/// ones of user 2 (ids 2 and 4), sealed: half dead, so the next `compact` rewrites it. A batch
+/// for user 3 (id 5) is written and its sync job running.
+fn half_dead_segment_while_a_job_runs(
+    data: &Path,
+) -> (
+    ShardStore<FaultyIo>,
+    Arc<Faults>,
+    FaultyIo,
+    SyncJob<FaultyIo>,
+    Options,
+) {
+    let small = Options {
+        segment_bytes_max: 4 * 1024,
+        ..options()
+    };
+    let (mut store, faults, io) = faulty_store(data, small);
+    for id in 1..=4 {
+        let owner = if id % 2 == 1 { user(1) } else { user(2) };
+        store
+            .append(0, owner, &message(id, &[id as u8; 1000]))
+            .expect("append");
+    }
+    store.commit(0).expect("commit"); // fills segment 1: sealed, a new one begins
+    assert!(store.mark_delivered(0, user(1), 1, 0));
+    assert!(store.mark_delivered(0, user(1), 3, 0));
+    store.commit(0).expect("commit the tombstones");
+    store.append(0, user(3), &message(5, b"c")).expect("append");
+    store.write(0).expect("write");
+    let job = store.start_sync().expect("job");
+    (store, faults, io, job, small)
+}
+
+#[test]
+fn compaction_runs_while_batches_sync_and_deletes_its_source_once_the_copies_are_durable() {
+    // Guards against: compaction never running under steady traffic (it used to need an
+    // empty buffer), and against a source segment deleted before the copies of its live
+    // records are durable (a crash then loses them).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, _faults, io, first, small) = half_dead_segment_while_a_job_runs(temp.path());
+    let source = segments(temp.path(), 0)[0].clone();
+    let progress = store.compact(0, 1 << 20).expect("compact");
+    assert_eq!(progress.records_copied, 2, "the two live records");
+    assert!(
+        store.compact(0, 1 << 20).expect("compact").idle,
+        "the next step waits"
+    );
+    assert_eq!(
+        ids(&read_all(&mut store, user(2))),
+        [2, 4],
+        "read from the buffer"
+    );
+    store.write(0).expect("the copies go out with a batch");
+    store.synced(0, first.run()).expect("synced");
+    assert!(source.exists(), "its copies are not durable yet");
+    let second = store.start_sync().expect("the copies' job");
+    store.synced(0, second.run()).expect("synced");
+    assert!(source.exists(), "deleted by the next compact");
+    assert_eq!(
+        store.compact(0, 1 << 20).expect("compact").segments_deleted,
+        1
+    );
+    assert!(!source.exists());
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, small, io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(2))), [2, 4]);
+    assert_eq!(ids(&read_all(&mut store, user(1))), Vec::<u64>::new());
+    assert_eq!(ids(&read_all(&mut store, user(3))), [5]);
+}
+
+#[test]
+fn a_failed_sync_of_compaction_copies_leaves_the_records_where_they_were() {
+    // Guards against: copies lost with a failed batch while their records already point at
+    // them, or the source deleted after all.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, faults, io, first, small) = half_dead_segment_while_a_job_runs(temp.path());
+    let source = segments(temp.path(), 0)[0].clone();
+    assert_eq!(
+        store.compact(0, 1 << 20).expect("compact").records_copied,
+        2
+    );
+    store.write(0).expect("the copies go out with a batch");
+    faults.fail_next_sync.store(true, Ordering::Relaxed);
+    store
+        .synced(0, first.run())
+        .expect_err("EIO fails the copies' batch too");
+    assert_eq!(
+        ids(&read_all(&mut store, user(2))),
+        [2, 4],
+        "read from the source"
+    );
+    assert!(source.exists());
+    assert_eq!(
+        store.compact(0, 1 << 20).expect("compact").records_copied,
+        2,
+        "again"
+    );
+    store.commit(0).expect("commit");
+    store.compact(0, 1 << 20).expect("compact");
+    assert!(!source.exists());
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, small, io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(2))), [2, 4]);
 }
 
 #[test]
