@@ -13,7 +13,7 @@ use hop_bench::descriptors::{
     connections_per_process, generator_processes, raise_descriptor_limit, GENERATOR_PROCESSES_MAX,
     GENERATOR_RESERVED_DESCRIPTORS,
 };
-use hop_bench::engine::Target;
+use hop_bench::engine::{Server, Target};
 use hop_bench::plot;
 use hop_bench::procfs::{MemoryPerConnection, ServerProbe};
 use hop_bench::report::CpuUse;
@@ -203,22 +203,24 @@ fn main() -> ExitCode {
 
 fn common(args: &CommonArgs) -> Result<Common, String> {
     let target = match args.target {
-        TargetKind::Hop => {
-            let pin = match &args.server_key {
-                Some(hex) => Some(parse_hex_key(hex).ok_or("--server-key is not 64 hex digits")?),
-                None => None,
-            };
-            Target::Hop { pin }
-        }
+        TargetKind::Hop => Target::Hop,
         TargetKind::Mqtt => Target::Mqtt {
             login: args.mqtt_login,
         },
     };
+    let pin = match &args.server_key {
+        Some(hex) => Some(parse_hex_key(hex).ok_or("--server-key is not 64 hex digits")?),
+        None => None,
+    };
     Ok(Common {
-        server: args.server,
+        servers: vec![Server {
+            address: args.server,
+            pin,
+        }],
         target,
         server_pid: args.server_pid,
         source_offset: args.source_offset,
+        client_offset: 0,
     })
 }
 
@@ -348,7 +350,7 @@ fn ceiling(
     requested_processes: Option<u32>,
     extra_servers: &[SocketAddr],
 ) -> Result<Report, String> {
-    let servers: Vec<SocketAddr> = std::iter::once(common.server)
+    let servers: Vec<SocketAddr> = std::iter::once(common.servers[0].address)
         .chain(extra_servers.iter().copied())
         .collect();
     // Raised here, before any child starts: the children inherit it.
@@ -415,9 +417,9 @@ fn ceiling(
                 .args(["--failures-max", &options.failures_max.to_string()])
                 .stdout(Stdio::piped());
             match common.target {
-                Target::Hop { pin } => {
+                Target::Hop => {
                     command.args(["--target", "hop"]);
-                    if let Some(pin) = pin {
+                    if let Some(pin) = common.servers[0].pin {
                         command.args(["--server-key", &hex::encode(pin)]);
                     }
                 }
