@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs one hop-bench scenario against a fresh local cluster of hopd nodes on loopback: one etcd
 # member, NODES hopd nodes (default 2, one shard each, all pinned to core 0), the generator
-# pinned to core 1. The generator connects every client to the first node; hop-bench follows
-# the redirects, so each client ends on its home node and, with 2 nodes, about half the pairs
-# talk across a node link.
+# pinned to core 1. The generator spreads its clients over every node (client i connects first
+# to node i mod NODES, each node's key pinned) and follows the redirects, so each client ends
+# on its home node and, with 2 nodes, about half the pairs talk across a node link; every node
+# takes its share of the first handshakes, and about (NODES - 1) / NODES of the clients start
+# away from home and are redirected (the report's `first connects` rows and `redirects`).
 #
 #   benches/scripts/with-cluster.sh SCENARIO [hop-bench flags...]
 #   e.g. benches/scripts/with-cluster.sh throughput --pairs 50 --window 64 --duration-ms 8000
@@ -51,6 +53,7 @@ for _ in $(seq 100); do
 done
 
 keys=()
+servers=()
 for n in $(seq 1 "$nodes"); do
     host=127.0.0.$((n + 1))
     mkdir -m 700 -p "$work/n$n"
@@ -74,6 +77,7 @@ for n in $(seq 1 "$nodes"); do
         exit 1
     fi
     keys+=("$key")
+    servers+=("$host:7788")
 done
 # Every node sees every member before the run starts.
 for n in $(seq 1 "$nodes"); do
@@ -84,7 +88,10 @@ for n in $(seq 1 "$nodes"); do
     done
 done
 
-taskset -c 1 "$bench" "$scenario" --server 127.0.0.2:7788 --server-key "${keys[0]}" "$@"
+server_list=$(IFS=,; echo "${servers[*]}")
+key_list=$(IFS=,; echo "${keys[*]}")
+echo "with-cluster: hop-bench $scenario --server $server_list --server-key (each node's key) $*" >&2
+taskset -c 1 "$bench" "$scenario" --server "$server_list" --server-key "$key_list" "$@"
 
 for n in $(seq 1 "$nodes"); do
     host=127.0.0.$((n + 1))

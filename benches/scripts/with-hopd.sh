@@ -64,21 +64,20 @@ addr=$started_addr
 key=$(sed -n 's/.*server key \([0-9a-f]*\);.*/\1/p' "$data/hopd.out")
 echo "hopd pid $hopd_pid at $addr (core $server_core); hop-bench on core $generator_core" >&2
 
-# HOPDS=N (ceiling only) starts N-1 more hopds with the same server key, for holding more
-# connections than one server process's descriptor limit allows; the generator processes
-# spread over them (--extra-servers).
-extra=()
+# HOPDS=N (ceiling only: the hopds are not a cluster, so clients on two of them cannot reach
+# each other) starts N-1 more hopds with the same server key, for holding more connections than
+# one server process's descriptor limit allows; the generator spreads its connections over all
+# of them (--server ADDR,ADDR,...; one --server-key pins them all). --server-pid names the first.
+servers=$addr
 if [ "${HOPDS:-1}" -gt 1 ]; then
-    servers=""
     for _ in $(seq 2 "$HOPDS"); do
         more=$(mktemp -d /tmp/hop-bench-data.XXXXXX)
         dirs+=("$more")
         cp -p "$data/server.key" "$more/server.key"
         start_hopd "$more"
         echo "hopd pid $started_pid at $started_addr (core $server_core)" >&2
-        servers=${servers:+$servers,}$started_addr
+        servers=$servers,$started_addr
     done
-    extra=(--extra-servers "$servers")
 fi
 # PERF_SYSCALLS=FILE counts the system calls hopd makes while the scenario runs (perf's
 # syscall tracepoints; no hardware counters needed) and writes perf's report to FILE.
@@ -91,8 +90,8 @@ if [ -n "${PERF_SYSCALLS:-}" ]; then
     perf_pid=$!
 fi
 status=0
-"${run_as[@]}" taskset -c "$generator_core" "$bench" "$scenario" --server "$addr" --server-key "$key" \
-    --server-pid "$hopd_pid" "${extra[@]}" "$@" || status=$?
+"${run_as[@]}" taskset -c "$generator_core" "$bench" "$scenario" --server "$servers" --server-key "$key" \
+    --server-pid "$hopd_pid" "$@" || status=$?
 if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid"
     wait "$perf_pid" || true

@@ -46,11 +46,6 @@ pub enum ProcessCountError {
         needed: u64,
     },
     #[error(
-        "--processes {requested} is fewer than the {servers} servers (--server and \
-         --extra-servers): each server needs at least one generator process"
-    )]
-    FewerThanServers { requested: u32, servers: u32 },
-    #[error(
         "{connections} connections need {needed} generator processes (RLIMIT_NOFILE \
          {descriptor_limit} less {reserved} each), more than the {max} hop-bench starts"
     )]
@@ -79,21 +74,19 @@ pub fn connections_per_process(descriptor_limit: u64, reserved: u64) -> Option<u
         .filter(|connections| *connections > 0)
 }
 
-/// The generator processes for `connections` spread over `servers` servers, each process
-/// holding `ceil(connections / processes)` with `descriptor_limit` descriptors of which
-/// `reserved` are kept for other files.
+/// The generator processes for `connections`, each process holding
+/// `ceil(connections / processes)` with `descriptor_limit` descriptors of which `reserved` are
+/// kept for other files. (Every process spreads its connections over every server, so the
+/// number of servers does not count.)
 ///
-/// Without `requested`: the fewest processes that hold the target, and at least one per
-/// server. With it: `requested`, if that holds the target and gives every server a process;
-/// otherwise the error names the limit and the count needed.
+/// Without `requested`: the fewest processes that hold the target. With it: `requested`, if
+/// that holds the target; otherwise the error names the limit and the count needed.
 pub fn generator_processes(
     connections: u64,
     descriptor_limit: u64,
     reserved: u64,
-    servers: u32,
     requested: Option<u32>,
 ) -> Result<u32, ProcessCountError> {
-    assert!(servers > 0, "at least one server");
     assert!(
         requested.is_none_or(|n| (1..=GENERATOR_PROCESSES_MAX).contains(&n)),
         "clap keeps --processes within 1..={GENERATOR_PROCESSES_MAX}"
@@ -117,13 +110,10 @@ pub fn generator_processes(
                     needed,
                 });
             }
-            if requested < servers {
-                return Err(ProcessCountError::FewerThanServers { requested, servers });
-            }
             requested
         }
         None => {
-            let processes = u32::try_from(needed).unwrap_or(u32::MAX).max(servers);
+            let processes = u32::try_from(needed).unwrap_or(u32::MAX);
             if processes > GENERATOR_PROCESSES_MAX {
                 return Err(ProcessCountError::TooMany {
                     connections,
@@ -165,52 +155,29 @@ mod tests {
     fn without_a_count_the_fewest_processes_that_hold_the_target_are_chosen() {
         assert_eq!(connections_per_process(LIMIT, RESERVED), Some(19_936));
         // The benchmarker's run: 30,000 stopped at ~19,994 in one process.
-        assert_eq!(generator_processes(30_000, LIMIT, RESERVED, 1, None), Ok(2));
-        assert_eq!(generator_processes(19_936, LIMIT, RESERVED, 1, None), Ok(1));
-        assert_eq!(generator_processes(19_937, LIMIT, RESERVED, 1, None), Ok(2));
-        assert_eq!(generator_processes(10_000, LIMIT, RESERVED, 1, None), Ok(1));
-        assert_eq!(generator_processes(0, LIMIT, RESERVED, 1, None), Ok(1));
-        assert_eq!(generator_processes(60_000, LIMIT, RESERVED, 1, None), Ok(4));
+        assert_eq!(generator_processes(30_000, LIMIT, RESERVED, None), Ok(2));
+        assert_eq!(generator_processes(19_936, LIMIT, RESERVED, None), Ok(1));
+        assert_eq!(generator_processes(19_937, LIMIT, RESERVED, None), Ok(2));
+        assert_eq!(generator_processes(10_000, LIMIT, RESERVED, None), Ok(1));
+        assert_eq!(generator_processes(0, LIMIT, RESERVED, None), Ok(1));
+        assert_eq!(generator_processes(60_000, LIMIT, RESERVED, None), Ok(4));
         // An unlimited soft limit (RLIM_INFINITY) holds any target in one process.
         assert_eq!(
-            generator_processes(1_000_000, u64::MAX, RESERVED, 1, None),
+            generator_processes(1_000_000, u64::MAX, RESERVED, None),
             Ok(1)
-        );
-    }
-
-    #[test]
-    fn without_a_count_every_server_gets_a_process() {
-        assert_eq!(generator_processes(1_000, LIMIT, RESERVED, 3, None), Ok(3));
-        assert_eq!(generator_processes(30_000, LIMIT, RESERVED, 3, None), Ok(3));
-        assert_eq!(
-            generator_processes(100_000, LIMIT, RESERVED, 3, None),
-            Ok(6)
         );
     }
 
     #[test]
     fn a_count_that_holds_the_target_is_kept() {
-        assert_eq!(
-            generator_processes(30_000, LIMIT, RESERVED, 1, Some(2)),
-            Ok(2)
-        );
-        assert_eq!(
-            generator_processes(30_000, LIMIT, RESERVED, 1, Some(5)),
-            Ok(5)
-        );
-        assert_eq!(
-            generator_processes(1_000, LIMIT, RESERVED, 1, Some(1)),
-            Ok(1)
-        );
-        assert_eq!(
-            generator_processes(30_000, LIMIT, RESERVED, 2, Some(3)),
-            Ok(3)
-        );
+        assert_eq!(generator_processes(30_000, LIMIT, RESERVED, Some(2)), Ok(2));
+        assert_eq!(generator_processes(30_000, LIMIT, RESERVED, Some(5)), Ok(5));
+        assert_eq!(generator_processes(1_000, LIMIT, RESERVED, Some(1)), Ok(1));
     }
 
     #[test]
     fn a_count_too_small_for_the_target_is_refused_with_the_limit_and_the_count_needed() {
-        let refused = generator_processes(30_000, LIMIT, RESERVED, 1, Some(1));
+        let refused = generator_processes(30_000, LIMIT, RESERVED, Some(1));
         assert_eq!(
             refused,
             Err(ProcessCountError::TooFewForTarget {
@@ -226,34 +193,23 @@ mod tests {
         assert!(message.contains("RLIMIT_NOFILE 20000"), "{message}");
         assert!(message.contains("2 processes are needed"), "{message}");
         assert!(matches!(
-            generator_processes(60_000, LIMIT, RESERVED, 1, Some(3)),
+            generator_processes(60_000, LIMIT, RESERVED, Some(3)),
             Err(ProcessCountError::TooFewForTarget { needed: 4, .. })
         ));
-    }
-
-    #[test]
-    fn a_count_below_the_servers_is_refused() {
-        assert_eq!(
-            generator_processes(1_000, LIMIT, RESERVED, 3, Some(2)),
-            Err(ProcessCountError::FewerThanServers {
-                requested: 2,
-                servers: 3
-            })
-        );
     }
 
     #[test]
     fn a_limit_without_room_for_connections_is_refused() {
         assert_eq!(connections_per_process(RESERVED, RESERVED), None);
         assert_eq!(
-            generator_processes(10, RESERVED, RESERVED, 1, None),
+            generator_processes(10, RESERVED, RESERVED, None),
             Err(ProcessCountError::LimitBelowReserve {
                 descriptor_limit: RESERVED,
                 reserved: RESERVED
             })
         );
         assert!(matches!(
-            generator_processes(u64::MAX, LIMIT, RESERVED, 1, None),
+            generator_processes(u64::MAX, LIMIT, RESERVED, None),
             Err(ProcessCountError::TooMany { .. })
         ));
     }

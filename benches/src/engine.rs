@@ -13,6 +13,14 @@
 //! index; the scenario sees one [`Event::Opened`] once it is home. At most
 //! [`REDIRECTS_MAX`] per client; the next fails it ([`Failure::TooManyRedirects`]).
 //!
+//! Spread: a run may name several servers (the nodes of a cluster, or hopds holding more
+//! connections than one may). The k-th connection an engine opens is client
+//! `first_client + k` of the run, and its first connect goes to server
+//! `(first_client + k) mod n`, pinned to that server's key ([`first_server`]); redirects
+//! are followed from there as above, so where a client ends does not depend on where it
+//! started, only how many redirects it takes. [`Engine::spread`] counts, per server, the
+//! connections opened to it first and how many of those were redirected.
+//!
 //! A server's limits are waited out, not failed, and counted for the report (a benchmark
 //! against a limiting server measures the limits). A connection refused at admission waits
 //! the refusal's `retry_after_ms` plus up to a quarter more at random (so the refused do not
@@ -41,7 +49,7 @@ use hop_protocol::wire::GroupChange;
 use hop_protocol::UserId;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::addr::{self, SourcePlan};
 use crate::conn::{frame_scratch, ConnError, Event, HopClient, MqttClient, Redirect};
@@ -69,10 +77,61 @@ pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 /// Which server protocol the generator speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    /// hop: Noise XX handshake, then stanzas. `pin` is the server's key, if known.
-    Hop { pin: Option<[u8; KEY_BYTES]> },
+    /// hop: Noise XX handshake, then stanzas.
+    Hop,
     /// Any MQTT 3.1.1 broker; with `login`, each client logs in as its client id.
     Mqtt { login: bool },
+}
+
+/// A server the generator connects clients to first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Server {
+    pub address: SocketAddr,
+    /// hop: the server's static key, checked at the handshake; `None` accepts any key. A
+    /// redirect pins the key it names instead.
+    pub pin: Option<[u8; KEY_BYTES]>,
+}
+
+/// The index, among `servers` servers, of the server that client `client` of the run connects
+/// to first: round robin by the client's index. The scenarios open their clients in order, so
+/// consecutive clients (a `throughput` pair, a group's members) start on different servers and
+/// the servers' shares of the first handshakes differ by at most one. Nothing better is known
+/// before the handshake: a client's home is placed by the cluster, and a client that starts
+/// away from it is redirected wherever it starts.
+pub fn first_server(client: u64, servers: usize) -> usize {
+    assert!(servers > 0, "at least one server");
+    let server = (client % servers as u64) as usize;
+    debug_assert!(server < servers);
+    server
+}
+
+/// The connections a generator opened to one server first (not the connects that follow a
+/// redirect or a refusal at admission), and how many of them were redirected.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerSpread {
+    /// The server's address, as given.
+    pub server: String,
+    /// Connections whose first connect went to this server.
+    pub first_connects: u64,
+    /// Of those, the ones sent to another node with a GoAway REDIRECT (each once, however
+    /// often it was redirected; [`Engine::redirects`] counts every redirect).
+    pub redirected: u64,
+}
+
+impl ServerSpread {
+    /// Adds `from`'s counts into `into`, server by server (a server `into` lacks is added in
+    /// `from`'s order): the sum over engines or generator processes.
+    pub fn add(into: &mut Vec<ServerSpread>, from: &[ServerSpread]) {
+        for spread in from {
+            match into.iter_mut().find(|known| known.server == spread.server) {
+                Some(known) => {
+                    known.first_connects += spread.first_connects;
+                    known.redirected += spread.redirected;
+                }
+                None => into.push(spread.clone()),
+            }
+        }
+    }
 }
 
 /// Who a new connection is.
@@ -176,7 +235,9 @@ struct Connection {
     queued: bool,
     /// Where the plan put this client; a redirected connection keeps it.
     source: Ipv4Addr,
-    /// The server key to pin: the target's, or the one the last REDIRECT named.
+    /// The index of the server this client connected to first, for [`Engine::spread`].
+    first_server: usize,
+    /// The server key to pin: its first server's, or the one the last REDIRECT named.
     pin: Option<[u8; KEY_BYTES]>,
     /// REDIRECTs followed by this client.
     redirects: usize,
@@ -256,7 +317,9 @@ pub struct Engine {
     poll: Poll,
     events: Events,
     target: Target,
-    server: SocketAddr,
+    servers: Vec<Server>,
+    /// The run's index of this engine's first client, for [`first_server`].
+    first_client: u64,
     plan: SourcePlan,
     opened_total: u64,
     connections: Vec<Option<Connection>>,
@@ -270,6 +333,9 @@ pub struct Engine {
     /// Connections a server sent away with a GoAway REDIRECT that were followed (a client
     /// redirected twice counts twice).
     pub redirects: u64,
+    /// Per server, in the order given: connections opened to it first, and how many of them
+    /// were redirected.
+    pub spread: Vec<ServerSpread>,
     /// Why the first redirect that could not be followed could not, for the report.
     pub bad_redirect: Option<String>,
     /// Refusals at admission waited out (each connected again), by reason (`busy`,
@@ -285,12 +351,28 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(target: Target, server: SocketAddr, plan: SourcePlan) -> io::Result<Self> {
+    /// An engine whose k-th connection is client `first_client + k` of the run and connects
+    /// first to `servers[first_server(first_client + k, servers.len())]`.
+    pub fn new(
+        target: Target,
+        servers: Vec<Server>,
+        first_client: u64,
+        plan: SourcePlan,
+    ) -> io::Result<Self> {
+        assert!(!servers.is_empty(), "at least one server");
+        let spread = servers
+            .iter()
+            .map(|server| ServerSpread {
+                server: server.address.to_string(),
+                ..ServerSpread::default()
+            })
+            .collect();
         Ok(Self {
             poll: Poll::new()?,
             events: Events::with_capacity(EVENTS_PER_POLL_MAX),
             target,
-            server,
+            servers,
+            first_client,
             plan,
             opened_total: 0,
             connections: Vec::new(),
@@ -302,6 +384,7 @@ impl Engine {
             bytes_written: 0,
             bytes_read: 0,
             redirects: 0,
+            spread,
             bad_redirect: None,
             admission_refused: BTreeMap::new(),
             rate_limited: 0,
@@ -321,27 +404,30 @@ impl Engine {
         self.target
     }
 
-    /// Starts a connection from the next source address of the plan. Its index names it in
-    /// every outcome. A failure to even create the socket is returned at once.
+    /// Starts a connection from the next source address of the plan to the next server of the
+    /// spread ([`first_server`]). Its index names it in every outcome. A failure to even
+    /// create the socket is returned at once (and counts as a first connect to its server).
     pub fn open(&mut self, identity: Identity) -> Result<usize, Failure> {
         if self.opened_total >= self.plan.budget() {
             return Err(Failure::GeneratorLimit);
         }
         let source = self.plan.source(self.opened_total);
+        let first = first_server(self.first_client + self.opened_total, self.servers.len());
         self.opened_total += 1;
+        self.spread[first].first_connects += 1;
         let index = self.connections.len();
-        let server = self.server;
+        let Server {
+            address: server,
+            pin,
+        } = self.servers[first];
         let stream = self.connect(index, source, server)?;
-        let pin = match self.target {
-            Target::Hop { pin } => pin,
-            Target::Mqtt { .. } => None,
-        };
         self.connections.push(Some(Connection {
             stream,
             state: State::Connecting(identity),
             out: Vec::new(),
             queued: false,
             source,
+            first_server: first,
             pin,
             redirects: 0,
             held: VecDeque::new(),
@@ -533,7 +619,7 @@ impl Engine {
                 unreachable!("matched above");
             };
             connection.state = match (identity, self.target) {
-                (Identity::Hop(key), Target::Hop { .. }) => State::Hop(
+                (Identity::Hop(key), Target::Hop) => State::Hop(
                     // Only the outbox's random id can fail: the generator's own limit.
                     HopClient::start(key, connection.pin, &mut connection.out)
                         .map_err(|_| Failure::GeneratorLimit)?,
@@ -736,6 +822,9 @@ impl Engine {
         };
         connection.state = State::Connecting(Identity::Hop(key));
         connection.pin = Some(server_key);
+        if connection.redirects == 0 {
+            self.spread[connection.first_server].redirected += 1;
+        }
         connection.redirects += 1;
         // What was queued for the old server (acks, sends) goes with it.
         connection.out.clear();
@@ -839,7 +928,11 @@ mod tests {
         drop(listener);
         // One port on one source address: a budget of one connection.
         let plan = SourcePlan::new(1, 0, (40000, 40000)).unwrap();
-        let mut engine = Engine::new(Target::Mqtt { login: false }, server, plan).unwrap();
+        let server = Server {
+            address: server,
+            pin: None,
+        };
+        let mut engine = Engine::new(Target::Mqtt { login: false }, vec![server], 0, plan).unwrap();
         let identity = Identity::Mqtt {
             client_id: "c".into(),
             clean_session: true,
@@ -864,6 +957,99 @@ mod tests {
             }),
             Err(Failure::GeneratorLimit),
             "the plan's budget is one connection"
+        );
+    }
+
+    #[test]
+    fn clients_start_on_the_servers_in_turn_by_their_index() {
+        let firsts: Vec<usize> = (0..7).map(|client| first_server(client, 3)).collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2, 0]);
+        assert!(
+            (0..100).all(|client| first_server(client, 1) == 0),
+            "one server takes every client"
+        );
+        assert!(
+            (0..50).all(|pair| first_server(2 * pair, 2) != first_server(2 * pair + 1, 2)),
+            "the two clients of a throughput pair start on two servers of two"
+        );
+    }
+
+    #[test]
+    fn generator_processes_carry_the_spread_on_from_one_another() {
+        // `ceiling` in 3 processes of 5 clients over 2 servers: process p's clients are the
+        // run's 5p to 5p + 4, so the servers take 8 and 7, not 9 and 6.
+        let mut first_connects = [0; 2];
+        for process in 0..3 {
+            for client in 0..5 {
+                first_connects[first_server(5 * process + client, 2)] += 1;
+            }
+        }
+        assert_eq!(first_connects, [8, 7]);
+    }
+
+    #[test]
+    fn spreads_add_up_server_by_server() {
+        let spread = |server: &str, first_connects, redirected| ServerSpread {
+            server: server.into(),
+            first_connects,
+            redirected,
+        };
+        let mut sum = Vec::new();
+        ServerSpread::add(&mut sum, &[spread("a", 3, 1), spread("b", 2, 2)]);
+        ServerSpread::add(&mut sum, &[spread("b", 5, 0), spread("c", 1, 1)]);
+        assert_eq!(
+            sum,
+            [spread("a", 3, 1), spread("b", 7, 2), spread("c", 1, 1)]
+        );
+    }
+
+    /// Two servers on loopback: the engine's connections go to them in turn from its first
+    /// client's index on, and each is counted as a first connect of its server.
+    #[test]
+    fn connections_are_spread_over_the_servers() {
+        let listeners: Vec<std::net::TcpListener> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let servers = listeners
+            .iter()
+            .map(|listener| Server {
+                address: listener.local_addr().unwrap(),
+                pin: None,
+            })
+            .collect();
+        let plan = SourcePlan::new(5, 0, addr::local_port_range().unwrap()).unwrap();
+        // This engine's clients are the run's 1 to 5: servers 1, 0, 1, 0, 1.
+        let mut engine = Engine::new(Target::Mqtt { login: false }, servers, 1, plan).unwrap();
+        for client in 0..5 {
+            engine
+                .open(Identity::Mqtt {
+                    client_id: format!("c{client}"),
+                    clean_session: true,
+                    subscribe: None,
+                })
+                .unwrap();
+        }
+        // The kernel completes loopback connects without the engine turning.
+        for (listener, expected) in listeners.iter().zip([2, 3]) {
+            for _ in 0..expected {
+                listener.accept().unwrap();
+            }
+            listener.set_nonblocking(true).unwrap();
+            assert_eq!(
+                listener.accept().map(|_| ()).unwrap_err().kind(),
+                io::ErrorKind::WouldBlock,
+                "no more than {expected} connections"
+            );
+        }
+        let counts: Vec<(u64, u64)> = engine
+            .spread
+            .iter()
+            .map(|spread| (spread.first_connects, spread.redirected))
+            .collect();
+        assert_eq!(counts, [(2, 0), (3, 0)]);
+        assert_eq!(
+            engine.spread[0].server,
+            listeners[0].local_addr().unwrap().to_string()
         );
     }
 }

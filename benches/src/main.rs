@@ -13,7 +13,7 @@ use hop_bench::descriptors::{
     connections_per_process, generator_processes, raise_descriptor_limit, GENERATOR_PROCESSES_MAX,
     GENERATOR_RESERVED_DESCRIPTORS,
 };
-use hop_bench::engine::Target;
+use hop_bench::engine::{Server, Target};
 use hop_bench::plot;
 use hop_bench::procfs::{MemoryPerConnection, ServerProbe};
 use hop_bench::report::CpuUse;
@@ -37,21 +37,33 @@ enum TargetKind {
 
 #[derive(Debug, Args)]
 struct CommonArgs {
-    /// Server address (hopd's listen address, or an MQTT broker's).
-    #[arg(long, default_value = "127.0.0.1:7788")]
-    server: SocketAddr,
+    /// Server address (hopd's listen address, or an MQTT broker's). Several, comma-separated
+    /// or with the flag repeated, spread the clients: client i connects first to the
+    /// (i mod n)-th, so each server takes its share of the handshakes (every node of a
+    /// cluster, or hopds that each hold part of `ceiling`'s connections). A hop client sent
+    /// away by a node follows the redirect to its home node as with one server.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "ADDR,...",
+        default_value = "127.0.0.1:7788"
+    )]
+    server: Vec<SocketAddr>,
     /// Protocol to speak.
     #[arg(long, value_enum, default_value = "hop")]
     target: TargetKind,
-    /// hopd's static key in hex (printed at its start); the handshake checks it. Without it
-    /// any key is accepted.
-    #[arg(long, value_name = "HEX")]
-    server_key: Option<String>,
+    /// hopd's static key in hex (printed at its start); the handshake of a client's first
+    /// connect checks it. One key for every --server, or one per --server in the same order
+    /// (the nodes of a cluster each have their own key). After a redirect the key the redirect
+    /// names is checked instead. Without it any key is accepted at the first connect.
+    #[arg(long, value_delimiter = ',', value_name = "HEX,...")]
+    server_key: Vec<String>,
     /// MQTT: log in with the client id as username (for brokers that require a login, such
     /// as ejabberd's mod_mqtt with anonymous authentication).
     #[arg(long)]
     mqtt_login: bool,
     /// The server's pid: its CPU use (and for `ceiling` its memory) is read from /proc.
+    /// With several --server, the pid of one of them: its CPU alone is read, and no memory.
     /// Without it neither is read.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
@@ -66,6 +78,10 @@ struct CommonArgs {
     /// Skip this many source addresses (set by `ceiling` for its generator processes).
     #[arg(long, default_value_t = 0, hide = true)]
     source_offset: u32,
+    /// The run's index of this process's first client, where the spread over --server goes on
+    /// (set by `ceiling` for its generator processes).
+    #[arg(long, default_value_t = 0, hide = true)]
+    client_offset: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,9 +147,8 @@ enum Scenario {
         rate: u64,
         /// Generator processes; each holds connections / processes, and one may hold its
         /// RLIMIT_NOFILE soft limit (raised to the hard limit) less 64 descriptors kept for other
-        /// files. Default: the fewest that hold --connections, and at least one per server
-        /// (--server and --extra-servers). A count that cannot hold --connections is refused
-        /// before the run.
+        /// files. Each spreads its connections over every --server. Default: the fewest that hold
+        /// --connections. A count that cannot hold --connections is refused before the run.
         #[arg(
             long,
             value_name = "N",
@@ -154,13 +169,6 @@ enum Scenario {
         /// Stop opening after this many failures.
         #[arg(long, default_value_t = 1_000)]
         failures_max: u64,
-        /// More servers for the generator processes: process i connects to the i-th of
-        /// `--server` and these, round robin, so there are at least as many processes as
-        /// servers. For holding more connections than one server process may (each has its own
-        /// descriptor limit). Memory per connection is then not reported (it is read for
-        /// `--server-pid` only). Default: none.
-        #[arg(long, value_delimiter = ',', value_name = "ADDR,...")]
-        extra_servers: Vec<SocketAddr>,
         /// Run as one generator process of a parent `ceiling` (reports on stdout).
         #[arg(long, hide = true)]
         child: bool,
@@ -203,23 +211,52 @@ fn main() -> ExitCode {
 
 fn common(args: &CommonArgs) -> Result<Common, String> {
     let target = match args.target {
-        TargetKind::Hop => {
-            let pin = match &args.server_key {
-                Some(hex) => Some(parse_hex_key(hex).ok_or("--server-key is not 64 hex digits")?),
-                None => None,
-            };
-            Target::Hop { pin }
-        }
+        TargetKind::Hop => Target::Hop,
         TargetKind::Mqtt => Target::Mqtt {
             login: args.mqtt_login,
         },
     };
     Ok(Common {
-        server: args.server,
+        servers: servers(&args.server, &args.server_key)?,
         target,
         server_pid: args.server_pid,
         source_offset: args.source_offset,
+        client_offset: args.client_offset,
     })
+}
+
+/// The servers of `--server`, each with its key from `--server-key`: none, one for all, or one
+/// per server in order.
+fn servers(addresses: &[SocketAddr], keys_hex: &[String]) -> Result<Vec<Server>, String> {
+    if addresses.is_empty() {
+        return Err("--server names no server".into());
+    }
+    let keys = keys_hex
+        .iter()
+        .map(|hex| {
+            parse_hex_key(hex).ok_or_else(|| format!("--server-key {hex} is not 64 hex digits"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let pin_of = |index: usize| match keys.len() {
+        0 => Ok(None),
+        1 => Ok(Some(keys[0])),
+        count if count == addresses.len() => Ok(Some(keys[index])),
+        count => Err(format!(
+            "--server-key gives {count} keys for {} servers: give one key for every server, or \
+             one per server in --server's order",
+            addresses.len()
+        )),
+    };
+    addresses
+        .iter()
+        .enumerate()
+        .map(|(index, &address)| {
+            Ok(Server {
+                address,
+                pin: pin_of(index)?,
+            })
+        })
+        .collect()
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -300,7 +337,6 @@ fn run(cli: Cli) -> Result<(), String> {
             hold_ms,
             heartbeat_ms,
             failures_max,
-            extra_servers,
             child,
         } => {
             let options = CeilingOptions {
@@ -323,7 +359,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
                 return Ok(());
             }
-            (ceiling(&common, &options, processes, &extra_servers)?, args)
+            (ceiling(&common, &options, processes)?, args)
         }
     };
     print!("{}", report.table());
@@ -340,17 +376,14 @@ fn run(cli: Cli) -> Result<(), String> {
 
 /// `ceiling` across generator processes, `requested_processes` or as many as the target needs
 /// (`descriptors::generator_processes`): each is this binary with `--child`, its share of the
-/// connections and its own source addresses; one process runs here. Memory is sampled once
-/// every process has finished its ramp and still holds its connections.
+/// connections, its own source addresses, and its clients' place in the spread over the
+/// servers; one process runs here. Memory is sampled once every process has finished its ramp
+/// and still holds its connections.
 fn ceiling(
     common: &Common,
     options: &CeilingOptions,
     requested_processes: Option<u32>,
-    extra_servers: &[SocketAddr],
 ) -> Result<Report, String> {
-    let servers: Vec<SocketAddr> = std::iter::once(common.server)
-        .chain(extra_servers.iter().copied())
-        .collect();
     // Raised here, before any child starts: the children inherit it.
     let descriptor_limit =
         raise_descriptor_limit().map_err(|e| format!("reading RLIMIT_NOFILE: {e}"))?;
@@ -358,7 +391,6 @@ fn ceiling(
         options.connections,
         descriptor_limit,
         GENERATOR_RESERVED_DESCRIPTORS,
-        u32::try_from(servers.len()).map_err(|_| "too many --extra-servers")?,
         requested_processes,
     )
     .map_err(|e| e.to_string())?;
@@ -390,13 +422,14 @@ fn ceiling(
             command
                 .arg("ceiling")
                 .arg("--child")
-                .args([
-                    "--server",
-                    &servers[index as usize % servers.len()].to_string(),
-                ])
+                .args(["--server", &common.server_names()])
                 .args([
                     "--source-offset",
                     &(common.source_offset + index * sources_each).to_string(),
+                ])
+                .args([
+                    "--client-offset",
+                    &(common.client_offset + u64::from(index) * per_process).to_string(),
                 ])
                 .args(["--connections", &per_process.to_string()])
                 .args([
@@ -415,10 +448,15 @@ fn ceiling(
                 .args(["--failures-max", &options.failures_max.to_string()])
                 .stdout(Stdio::piped());
             match common.target {
-                Target::Hop { pin } => {
+                Target::Hop => {
                     command.args(["--target", "hop"]);
-                    if let Some(pin) = pin {
-                        command.args(["--server-key", &hex::encode(pin)]);
+                    let pins: Vec<String> = common
+                        .servers
+                        .iter()
+                        .filter_map(|server| server.pin.map(hex::encode))
+                        .collect();
+                    if !pins.is_empty() {
+                        command.args(["--server-key", &pins.join(",")]);
                     }
                 }
                 Target::Mqtt { login } => {
@@ -468,13 +506,6 @@ fn ceiling(
         results
     };
     let mut report = scenario::ceiling_report(common, options, processes, &results);
-    if !extra_servers.is_empty() {
-        report.server = servers
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-    }
     if let (Some(before), Some((after, wall))) = (server_cpu_before, server_cpu_ramp) {
         // Over the ramp, where the server's work is handshakes.
         report.server_cpu = Some(CpuUse::new(1, after - before, wall.as_secs_f64()));
@@ -494,7 +525,8 @@ fn ceiling(
     let held = report.value("held").unwrap_or(0.0) as u64;
     report.memory_before = Some(before);
     report.memory_after = Some(after);
-    if common.server_pid.is_some() && extra_servers.is_empty() {
+    // Over several servers, one server's memory is not the connections'.
+    if common.server_pid.is_some() && common.servers.len() == 1 {
         report.memory_per_connection = Some(MemoryPerConnection::between(&before, &after, held));
         report.notes.push("kernel slab growth includes the generator's own sockets (both ends are on this machine)".into());
     }
@@ -605,6 +637,64 @@ mod tests {
         let Scenario::Throughput { common, .. } = cli.scenario else {
             panic!("not throughput");
         };
-        assert_eq!(common.server, "127.0.0.1:7788".parse().unwrap());
+        assert_eq!(common.server, ["127.0.0.1:7788".parse().unwrap()]);
+        assert!(common.server_key.is_empty());
+    }
+
+    fn common_of(args: &[&str]) -> Result<Common, String> {
+        let cli = Cli::try_parse_from(["hop-bench", "latency"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
+        let Scenario::Latency { common: args, .. } = cli.scenario else {
+            panic!("not latency");
+        };
+        common(&args)
+    }
+
+    #[test]
+    fn several_servers_are_named_by_a_list_or_by_repeating_the_flag() {
+        let expected: Vec<SocketAddr> = ["127.0.0.2:7788", "127.0.0.3:7788", "127.0.0.4:7788"]
+            .map(|address| address.parse().unwrap())
+            .to_vec();
+        for args in [
+            &["--server", "127.0.0.2:7788,127.0.0.3:7788,127.0.0.4:7788"][..],
+            &[
+                "--server",
+                "127.0.0.2:7788",
+                "--server",
+                "127.0.0.3:7788,127.0.0.4:7788",
+            ],
+        ] {
+            let common = common_of(args).unwrap();
+            let addresses: Vec<SocketAddr> = common.servers.iter().map(|s| s.address).collect();
+            assert_eq!(addresses, expected, "{args:?}");
+            assert!(common.servers.iter().all(|server| server.pin.is_none()));
+        }
+    }
+
+    #[test]
+    fn server_keys_are_one_for_all_servers_or_one_per_server() {
+        let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+        let pins = |args: &[&str]| -> Result<Vec<Option<[u8; 32]>>, String> {
+            Ok(common_of(args)?.servers.iter().map(|s| s.pin).collect())
+        };
+        let two = "127.0.0.2:7788,127.0.0.3:7788";
+        assert_eq!(
+            pins(&["--server", two, "--server-key", &a]).unwrap(),
+            [Some([0xaa; 32]), Some([0xaa; 32])],
+            "one key pins every server"
+        );
+        assert_eq!(
+            pins(&["--server", two, "--server-key", &format!("{a},{b}")]).unwrap(),
+            [Some([0xaa; 32]), Some([0xbb; 32])],
+            "one key per server, in order"
+        );
+        let three = format!("{a},{b},{a}");
+        let error = pins(&["--server", two, "--server-key", &three]).unwrap_err();
+        assert!(
+            error.contains("3 keys for 2 servers"),
+            "a count that matches neither is refused: {error}"
+        );
+        let error = pins(&["--server-key", "abc"]).unwrap_err();
+        assert!(error.contains("not 64 hex digits"), "{error}");
     }
 }

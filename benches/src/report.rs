@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::engine::ServerSpread;
 use crate::latency::LatencySummary;
 use crate::procfs::{MachineInfo, MemoryPerConnection, MemorySample};
 
@@ -62,6 +63,9 @@ pub struct Report {
     /// that the generator followed; a client redirected twice counts twice. 0 against a single
     /// server.
     pub redirects: u64,
+    /// Per server named by `--server`, in order: the connections opened to it first (client
+    /// i's to server i mod n), and how many of those were redirected to another node.
+    pub spread: Vec<ServerSpread>,
     /// hop: refusals at admission (a refusal frame in place of handshake message 2) that the
     /// generator waited out, by reason; each client connected again after the wait, and one
     /// refused twice counts twice. Not failures: the server was limiting.
@@ -97,6 +101,7 @@ impl Report {
             latency_curve: Vec::new(),
             failures: BTreeMap::new(),
             redirects: 0,
+            spread: Vec::new(),
             admission_refused: BTreeMap::new(),
             rate_limited: 0,
             generator_cpu: CpuUse::default(),
@@ -143,6 +148,17 @@ impl Report {
                 ("latency max", latency.max_us),
             ] {
                 rows.push((name.to_string(), format!("{} µs", human(value))));
+            }
+        }
+        if self.spread.len() > 1 {
+            for spread in &self.spread {
+                rows.push((
+                    format!("first connects: {}", spread.server),
+                    format!(
+                        "{} connections, {} redirected",
+                        spread.first_connects, spread.redirected
+                    ),
+                ));
             }
         }
         if self.target == "hop" {
@@ -272,6 +288,7 @@ mod tests {
             "latency_curve",
             "failures",
             "redirects",
+            "spread",
             "generator_cpu",
             "server_cpu",
             "memory_per_connection",
@@ -305,6 +322,39 @@ mod tests {
         assert!(table.contains("generator CPU"));
         assert_eq!(human(12.345), "12.3");
         assert!(!table.contains("per connection"), "{table}");
+        assert!(
+            !table.contains("first connects"),
+            "one server: no spread rows"
+        );
+    }
+
+    #[test]
+    fn table_shows_the_spread_over_several_servers() {
+        let mut report = Report::new("throughput", "hop", "127.0.0.2:7788,127.0.0.3:7788");
+        for (server, first_connects, redirected) in
+            [("127.0.0.2:7788", 50, 24), ("127.0.0.3:7788", 50, 27)]
+        {
+            report.spread.push(ServerSpread {
+                server: server.into(),
+                first_connects,
+                redirected,
+            });
+        }
+        report.redirects = 51;
+        let table = report.table();
+        assert!(
+            table.contains("first connects: 127.0.0.2:7788  50 connections, 24 redirected"),
+            "{table}"
+        );
+        assert!(
+            table.contains("first connects: 127.0.0.3:7788  50 connections, 27 redirected"),
+            "{table}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+        assert_eq!(json["spread"][1]["server"], "127.0.0.3:7788");
+        assert_eq!(json["spread"][1]["first_connects"], 50);
+        assert_eq!(json["spread"][1]["redirected"], 27);
     }
 
     #[test]

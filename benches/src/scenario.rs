@@ -2,7 +2,6 @@
 //! module). Each drives an [`Engine`] and fills a [`Report`].
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::{local_port_range, SourcePlan};
 use crate::conn::Event;
-use crate::engine::{Engine, Failure, Identity, Outcome, Target, REDIRECTS_MAX};
+use crate::engine::{
+    Engine, Failure, Identity, Outcome, Server, ServerSpread, Target, REDIRECTS_MAX,
+};
 use crate::latency::{LatencyRecorder, LatencySummary};
 use crate::procfs::{cpu_seconds_of, cpu_seconds_self};
 use crate::report::{CpuUse, Report};
@@ -35,17 +36,24 @@ const SLEEP_BELOW: Duration = Duration::from_millis(1);
 /// Where and what to benchmark: flags common to every scenario.
 #[derive(Debug, Clone)]
 pub struct Common {
-    pub server: SocketAddr,
+    /// The servers clients connect to first, spread by client index
+    /// ([`crate::engine::first_server`]); at least one.
+    pub servers: Vec<Server>,
     pub target: Target,
+    /// The pid of one server (the first, in the scripts): its CPU (and for `ceiling` its
+    /// memory) is read.
     pub server_pid: Option<u32>,
     /// Source addresses to skip, so that concurrent generator processes use distinct ones.
     pub source_offset: u32,
+    /// The run's index of this process's first client, so that the spread over `servers`
+    /// goes on from where the previous generator process's clients left it.
+    pub client_offset: u64,
 }
 
 impl Common {
     fn target_name(&self) -> &'static str {
         match self.target {
-            Target::Hop { .. } => "hop",
+            Target::Hop => "hop",
             Target::Mqtt { .. } => "mqtt",
         }
     }
@@ -54,11 +62,28 @@ impl Common {
         let range = local_port_range().map_err(|e| format!("ephemeral port range: {e}"))?;
         let plan =
             SourcePlan::new(connections, self.source_offset, range).map_err(|e| e.to_string())?;
-        Engine::new(self.target, self.server, plan).map_err(|e| e.to_string())
+        Engine::new(self.target, self.servers.clone(), self.client_offset, plan)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The servers' addresses, as the report names them: comma-separated, in order.
+    pub fn server_names(&self) -> String {
+        self.servers
+            .iter()
+            .map(|server| server.address.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn report(&self, scenario: &str) -> Report {
-        Report::new(scenario, self.target_name(), &self.server.to_string())
+        let mut report = Report::new(scenario, self.target_name(), &self.server_names());
+        if let (Some(pid), true) = (self.server_pid, self.servers.len() > 1) {
+            report.notes.push(format!(
+                "--server-pid {pid} is one of the {} servers: server CPU is that process's alone",
+                self.servers.len()
+            ));
+        }
+        report
     }
 }
 
@@ -76,7 +101,7 @@ impl Client {
         let client_id = format!("hb{tag}-{index}");
         let topic = format!("u/{client_id}");
         Ok(match target {
-            Target::Hop { .. } => {
+            Target::Hop => {
                 let key = StaticKey::generate().map_err(|e| e.to_string())?;
                 Self {
                     user: Some(key.user_id()),
@@ -229,11 +254,13 @@ fn settle(engine: &mut Engine, duration: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// What the engine did beside the scenario: the redirects it followed (a cluster's nodes
-/// sending clients to their home) and why one could not be followed, if one could not; the
-/// server's refusals it waited out (at admission, and for a sender's rate).
+/// What the engine did beside the scenario: where its connections went first (the spread
+/// over the servers), the redirects it followed (a cluster's nodes sending clients to their
+/// home) and why one could not be followed, if one could not; the server's refusals it waited
+/// out (at admission, and for a sender's rate).
 fn engine_report(report: &mut Report, engine: &Engine) {
     report.redirects += engine.redirects;
+    ServerSpread::add(&mut report.spread, &engine.spread);
     for (reason, count) in &engine.admission_refused {
         *report
             .admission_refused
@@ -603,6 +630,9 @@ pub struct CeilingResult {
     /// Connections sent to another node of a cluster (GoAway REDIRECT) and followed.
     #[serde(default)]
     pub redirects: u64,
+    /// Per server: connections opened to it first, and how many of them were redirected.
+    #[serde(default)]
+    pub spread: Vec<ServerSpread>,
     #[serde(default)]
     pub bad_redirect: Option<String>,
     /// Refusals at admission waited out, by reason.
@@ -752,6 +782,7 @@ pub fn ceiling_local(
     result.over_time.push((result.wall_seconds, result.held));
     result.handshake_latency = handshake_latency.summary();
     result.redirects = engine.redirects;
+    result.spread = engine.spread.clone();
     result.bad_redirect = engine.bad_redirect.clone();
     result.admission_refused = engine
         .admission_refused
@@ -814,6 +845,7 @@ pub fn ceiling_report(
             report.notes.push(format!("ramp stopped by {why}"));
         }
         report.redirects += result.redirects;
+        ServerSpread::add(&mut report.spread, &result.spread);
         for (reason, count) in &result.admission_refused {
             *report.admission_refused.entry(reason.clone()).or_default() += count;
         }
@@ -1019,10 +1051,16 @@ mod tests {
     #[test]
     fn ceiling_sums_processes_on_one_time_grid() {
         let common = Common {
-            server: "127.0.0.1:1".parse().unwrap(),
+            servers: ["127.0.0.1:1", "127.0.0.1:2"]
+                .map(|address| Server {
+                    address: address.parse().unwrap(),
+                    pin: None,
+                })
+                .to_vec(),
             target: Target::Mqtt { login: false },
             server_pid: None,
             source_offset: 0,
+            client_offset: 0,
         };
         let options = CeilingOptions {
             connections: 30_000,
@@ -1043,6 +1081,18 @@ mod tests {
             wall_seconds: 0.25,
             over_time: vec![(0.0, 0), (0.1, 10), (0.2, 20)],
             redirects: 7,
+            spread: vec![
+                ServerSpread {
+                    server: "127.0.0.1:1".into(),
+                    first_connects: 7_500,
+                    redirected: 3,
+                },
+                ServerSpread {
+                    server: "127.0.0.1:2".into(),
+                    first_connects: 7_500,
+                    redirected: 4,
+                },
+            ],
             ..Default::default()
         };
         let report = ceiling_report(&common, &options, 2, &[one.clone(), one]);
@@ -1055,5 +1105,15 @@ mod tests {
         );
         assert_eq!(report.generator_cpu.processes, 2);
         assert_eq!(report.redirects, 14);
+        assert_eq!(report.server, "127.0.0.1:1,127.0.0.1:2");
+        let spread: Vec<(&str, u64, u64)> = report
+            .spread
+            .iter()
+            .map(|s| (s.server.as_str(), s.first_connects, s.redirected))
+            .collect();
+        assert_eq!(
+            spread,
+            [("127.0.0.1:1", 15_000, 6), ("127.0.0.1:2", 15_000, 8)]
+        );
     }
 }

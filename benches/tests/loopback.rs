@@ -6,9 +6,10 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hop_bench::engine::Target;
+use hop_bench::engine::{Server, Target};
 use hop_bench::scenario::{self, Common, GroupOptions, LatencyOptions, ThroughputOptions};
 
 type Subscribers = Arc<Mutex<HashMap<Vec<u8>, Vec<TcpStream>>>>;
@@ -86,10 +87,14 @@ fn read_packet(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 
 fn common(server: SocketAddr) -> Common {
     Common {
-        server,
+        servers: vec![Server {
+            address: server,
+            pin: None,
+        }],
         target: Target::Mqtt { login: false },
         server_pid: Some(std::process::id()),
         source_offset: 0,
+        client_offset: 0,
     }
 }
 
@@ -383,11 +388,23 @@ mod toy_hop {
 }
 
 fn hop_common(server: SocketAddr, key: [u8; 32]) -> Common {
+    hop_common_spread(&[(server, key)])
+}
+
+/// hop clients spread over `servers`, each pinned to its own key.
+fn hop_common_spread(servers: &[(SocketAddr, [u8; 32])]) -> Common {
     Common {
-        server,
-        target: Target::Hop { pin: Some(key) },
+        servers: servers
+            .iter()
+            .map(|&(address, key)| Server {
+                address,
+                pin: Some(key),
+            })
+            .collect(),
+        target: Target::Hop,
         server_pid: None,
         source_offset: 0,
+        client_offset: 0,
     }
 }
 
@@ -435,6 +452,14 @@ fn hop_refuses_a_server_with_another_key() {
 /// client with a GoAway REDIRECT to `home` (the address and key a cluster would name), then
 /// closes. With `home` `None` it sends clients to itself.
 fn redirector(home: Option<(SocketAddr, [u8; 32])>) -> (SocketAddr, [u8; 32]) {
+    let (addr, key, _) = counting_redirector(home);
+    (addr, key)
+}
+
+/// [`redirector`], also counting the handshakes it finished (each one a client it redirected).
+fn counting_redirector(
+    home: Option<(SocketAddr, [u8; 32])>,
+) -> (SocketAddr, [u8; 32], Arc<AtomicU64>) {
     use hop_protocol::frame::FRAME_BODY_BYTES_MAX;
     use hop_protocol::session::{ServerConnection, ServerEvent};
     use hop_protocol::wire::Stanza;
@@ -445,6 +470,8 @@ fn redirector(home: Option<(SocketAddr, [u8; 32])>) -> (SocketAddr, [u8; 32]) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (home, home_key) = home.unwrap_or((addr, public));
+    let redirected = Arc::new(AtomicU64::new(0));
+    let counted = redirected.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { break };
@@ -465,6 +492,7 @@ fn redirector(home: Option<(SocketAddr, [u8; 32])>) -> (SocketAddr, [u8; 32]) {
                 stream.write_all(&out).unwrap();
             }
             if let Some(channel) = connection.channel() {
+                counted.fetch_add(1, Ordering::Relaxed);
                 let mut out = Vec::new();
                 channel.queue(
                     &Stanza::go_away_redirect(home.to_string(), &home_key),
@@ -475,7 +503,7 @@ fn redirector(home: Option<(SocketAddr, [u8; 32])>) -> (SocketAddr, [u8; 32]) {
             }
         }
     });
-    (addr, public)
+    (addr, public, redirected)
 }
 
 #[test]
@@ -493,6 +521,65 @@ fn hop_clients_follow_a_redirect_to_their_home_node() {
     assert!(report.value("messages_per_second").unwrap() > 0.0);
     assert_eq!(report.value("lost"), Some(0.0));
     assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+/// A cluster of two nodes: the home of every client (the toy hop server) and a node that
+/// redirects every client there, each with its own key. Spread over both, clients 0 and 2
+/// start at home and clients 1 and 3 on the other node, which sends them home: both nodes take
+/// first connections, each pinned to its own key, and every client ends at home.
+#[test]
+fn hop_clients_spread_over_two_nodes_and_end_at_home() {
+    let (home, home_key) = toy_hop::start();
+    let (other, other_key, redirected) = counting_redirector(Some((home, home_key)));
+    let options = ThroughputOptions {
+        pairs: 2,
+        window: 4,
+        warmup_ms: 300,
+        duration_ms: 300,
+    };
+    let common = hop_common_spread(&[(home, home_key), (other, other_key)]);
+    let report = scenario::throughput(&common, &options).unwrap();
+    assert_eq!(
+        redirected.load(Ordering::Relaxed),
+        2,
+        "the second node took clients 1 and 3 first"
+    );
+    let spread: Vec<(String, u64, u64)> = report
+        .spread
+        .iter()
+        .map(|s| (s.server.clone(), s.first_connects, s.redirected))
+        .collect();
+    assert_eq!(
+        spread,
+        [(home.to_string(), 2, 0), (other.to_string(), 2, 2)],
+        "{}",
+        report.table()
+    );
+    assert_eq!(report.redirects, 2);
+    assert_eq!(report.server, format!("{home},{other}"));
+    assert!(report.value("messages_per_second").unwrap() > 0.0);
+    assert_eq!(report.value("lost"), Some(0.0));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+/// The nodes of a cluster have keys of their own: one key given for two of them pins the
+/// second node to the first's key, and its handshake fails instead of being trusted.
+#[test]
+fn hop_one_key_for_two_nodes_with_their_own_keys_fails_at_the_second() {
+    let (home, home_key) = toy_hop::start();
+    let (other, _) = redirector(Some((home, home_key)));
+    let options = ThroughputOptions {
+        pairs: 1,
+        window: 1,
+        warmup_ms: 0,
+        duration_ms: 10,
+    };
+    let common = hop_common_spread(&[(home, home_key), (other, home_key)]);
+    let error = scenario::throughput(&common, &options).unwrap_err();
+    assert!(
+        error.contains("client 1 failed while opening: protocol"),
+        "{error}"
+    );
 }
 
 #[test]
