@@ -213,7 +213,7 @@ pub struct CompactProgress {
     pub bytes_read: u64,
     pub records_copied: u64,
     pub segments_deleted: u32,
-    /// Nothing to do now.
+    /// Nothing to do now: nothing to compact, or the last step's copies are not durable yet.
     pub idle: bool,
 }
 
@@ -589,7 +589,10 @@ impl<I: Io> ShardStore<I> {
         let mut files = Vec::with_capacity(segments.len());
         let mut failed = None;
         for number in segments {
-            match self.index.segments[&number].file.try_clone() {
+            let Some(segment) = self.index.segments.get(&number) else {
+                continue; // compaction never deletes one with unsynced batches; no file to sync
+            };
+            match segment.file.try_clone() {
                 Ok(file) => files.push(file),
                 Err(error) => {
                     failed = Some(error);
@@ -763,8 +766,15 @@ impl<I: Io> ShardStore<I> {
                 }
             },
         };
+        // The copies join the buffer, which stays within `buffer_bytes_max` (offsets fit u32).
+        let room = (self.options.buffer_bytes_max as usize).saturating_sub(self.buffer.len());
+        if room < format::RECORD_BYTES_MAX {
+            progress.idle = true;
+            return Ok(progress);
+        }
         let segment_bytes = self.index.segments[&number].bytes;
-        let chunk = (budget_bytes.max(format::RECORD_BYTES_MAX) as u64).min(segment_bytes - offset);
+        let chunk =
+            (budget_bytes.clamp(format::RECORD_BYTES_MAX, room) as u64).min(segment_bytes - offset);
         let bytes = read_run(&self.index.segments, None, number, offset, chunk as usize)
             .map_err(StoreError::io(&segment_path(&self.dir, number)))?;
         progress.bytes_read = chunk;
@@ -1021,7 +1031,7 @@ impl<I: Io> ShardStore<I> {
     fn undo_copies(&mut self) {
         if let Some(copies) = self.copies.take() {
             for (user, seq, slot) in copies.moved.iter().rev() {
-                self.index.relocate(*user, *seq, *slot);
+                self.index.relocate_back(*user, *seq, *slot);
             }
             self.compaction = None;
         }
@@ -1038,7 +1048,7 @@ impl<I: Io> ShardStore<I> {
                 if slots.back().is_none_or(|slot| slot.seq < failed_from) {
                     break;
                 }
-                self.index.remove_at(at, slots.len() - 1);
+                self.index.remove_unwritten(at, slots.len() - 1);
             }
         }
     }
@@ -1110,8 +1120,14 @@ impl<I: Io> ShardStore<I> {
         // A tombstone may be dropped only when no older segment still holds a dead copy of the
         // record it kills; "no older segment holds any dead record" is the cheap, safe test.
         let mut older_dead = false;
+        // A segment whose last batch waits for its sync is not touched: its bytes may yet be
+        // cut back, and the job holds it.
+        let first_unsynced = self
+            .unsynced
+            .front()
+            .map_or(self.active, |batch| batch.segment);
         for (&number, segment) in &self.index.segments {
-            if number == self.active {
+            if number == self.active || number >= first_unsynced {
                 break;
             }
             let tombstones_droppable = segment.tombstones == 0 || !older_dead;
@@ -1745,6 +1761,16 @@ impl<F: IoFile> Index<F> {
     /// Removes the slot at `position` of queue `at`; an emptied queue leaves the index (the
     /// last queue moves into `at`).
     fn remove_at(&mut self, at: usize, position: usize) -> Slot {
+        self.remove_slot(at, position, true)
+    }
+
+    /// Removes a slot whose record never reached the file (or was cut off it): its segment
+    /// loses a live record and gains no dead one.
+    fn remove_unwritten(&mut self, at: usize, position: usize) -> Slot {
+        self.remove_slot(at, position, false)
+    }
+
+    fn remove_slot(&mut self, at: usize, position: usize, dead_on_file: bool) -> Slot {
         let queue = &mut self.queues[at];
         let slot = queue.slots.remove(position).expect("position in queue");
         queue.count(&slot, false);
@@ -1759,7 +1785,9 @@ impl<F: IoFile> Index<F> {
         if let Some(segment) = self.segments.get_mut(&slot.segment) {
             segment.live_records -= 1;
             segment.live_bytes -= u64::from(slot.record_bytes);
-            segment.dead_records += 1;
+            if dead_on_file {
+                segment.dead_records += 1;
+            }
         }
         slot
     }
@@ -1792,6 +1820,29 @@ impl<F: IoFile> Index<F> {
         if let Some(segment) = self.segments.get_mut(&new_slot.segment) {
             segment.live_records += 1;
             segment.live_bytes += bytes;
+        }
+    }
+
+    /// Undoes [`Index::relocate`] of a copy that never became durable: the record is back at
+    /// `old_slot`, live there again, and the copy counts nowhere.
+    fn relocate_back(&mut self, user: UserId, seq: u64, old_slot: Slot) {
+        let Some(&at) = self.positions.get(&user) else {
+            return;
+        };
+        let queue = &mut self.queues[at as usize];
+        let Ok(position) = queue.slots.binary_search_by_key(&seq, |slot| slot.seq) else {
+            return;
+        };
+        let copy = std::mem::replace(&mut queue.slots[position], old_slot);
+        let bytes = u64::from(copy.record_bytes);
+        if let Some(segment) = self.segments.get_mut(&copy.segment) {
+            segment.live_records -= 1;
+            segment.live_bytes -= bytes;
+        }
+        if let Some(segment) = self.segments.get_mut(&old_slot.segment) {
+            segment.live_records += 1;
+            segment.live_bytes += bytes;
+            segment.dead_records = segment.dead_records.saturating_sub(1);
         }
     }
 

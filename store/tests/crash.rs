@@ -907,6 +907,100 @@ fn a_failed_sync_of_compaction_copies_leaves_the_records_where_they_were() {
 }
 
 #[test]
+fn a_dead_segment_whose_last_batch_waits_for_its_sync_is_not_deleted_yet() {
+    // Guards against: compaction deleting a sealed segment (all its records delivered) while
+    // its last batch is written and not yet synced, so that the job for that batch finds no
+    // file (the shard's thread panicked).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, _, _) = faulty_store(temp.path(), options());
+    store.append(0, user(1), &message(1, b"a")).expect("append");
+    store.append(0, user(2), &message(2, b"b")).expect("append");
+    store.commit(0).expect("commit");
+    assert!(store.mark_delivered(0, user(1), 1, 0));
+    store.write(0).expect("write");
+    let running = store.start_sync().expect("job");
+    assert!(store.mark_delivered(0, user(2), 2, 0));
+    let later = options().segment_age_max_ms + 1;
+    store.write(later).expect("write"); // a batch in segment 1, which then rolls on age
+    assert!(store.start_sync().is_none());
+    assert_eq!(
+        store
+            .compact(later, 1 << 20)
+            .expect("compact")
+            .segments_deleted,
+        0
+    );
+    store.synced(later, running.run()).expect("the first job");
+    let job = store.start_sync().expect("the second batch's job");
+    store.synced(later, job.run()).expect("synced");
+    assert_eq!(
+        store
+            .compact(later, 1 << 20)
+            .expect("compact")
+            .segments_deleted,
+        1
+    );
+}
+
+#[test]
+fn undone_copies_leave_no_dead_record_that_would_hold_later_segments() {
+    // Guards against: copies undone after a failed write leaving their source counting a dead
+    // record it never lost; a segment counted dead keeps every later segment holding
+    // tombstones on disk until one of its records dies (up to the offline TTL).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let small = Options {
+        segment_bytes_max: 4 * 1024,
+        segment_age_max_ms: 1_000,
+        ..options()
+    };
+    let (mut store, faults, _) = faulty_store(temp.path(), small);
+    store
+        .append(0, user(1), &message(1, &[1; 1000]))
+        .expect("append");
+    store
+        .append(0, user(2), &message(2, &[2; 3500]))
+        .expect("append");
+    store.commit(0).expect("commit"); // segment 1 full: 2 begins
+    assert!(store.mark_delivered(0, user(2), 2, 0));
+    store.commit(1_000).expect("commit"); // the tombstone in 2, which rolls on age: 3
+    store
+        .append(1_000, user(3), &message(3, b"c"))
+        .expect("append");
+    store.commit(1_000).expect("commit"); // message 3 in segment 3, live for long
+    assert_eq!(
+        store
+            .compact(1_000, 1 << 20)
+            .expect("compact")
+            .records_copied,
+        1
+    );
+    faults.fail_next_write.store(true, Ordering::Relaxed);
+    store
+        .write(1_000)
+        .expect_err("disk full: the copy is undone");
+    for _ in 0..20 {
+        let idle = store.compact(1_000, 1 << 20).expect("compact").idle;
+        store.commit(1_000).expect("commit");
+        if idle {
+            break;
+        }
+    }
+    let segment = |n: u32| temp.path().join(format!("shard-0/{n:08}.log"));
+    assert!(!segment(1).exists() && !segment(2).exists() && segment(3).exists());
+    assert!(store.mark_delivered(2_000, user(1), 1, 0));
+    store.commit(2_000).expect("commit"); // message 1's copy and its tombstone
+    let later = 2_000 + 60 * MINUTE_MS;
+    for _ in 0..20 {
+        store.compact(later, 1 << 20).expect("compact");
+        store.commit(later).expect("commit");
+    }
+    assert!(
+        !segment(4).exists(),
+        "segment 4 (a delivered copy and its tombstone) is still on disk"
+    );
+}
+
+#[test]
 fn admin_report_reads_a_folder_without_a_server() {
     // Guards against: the operator having no way to see queue depths and ages offline.
     let temp = tempfile::tempdir().expect("tempdir");
