@@ -20,6 +20,7 @@ use hop_store::io::FsIo;
 use hop_store::{SyncJob, Synced};
 use tracing::warn;
 
+use crate::sys::realtime::RealTime;
 use crate::sys::Wake;
 
 /// A finished [`SyncJob`] and how long its fsyncs took.
@@ -48,9 +49,16 @@ impl Syncer {
         let (jobs, job_queue) = mpsc::sync_channel::<SyncJob<FsIo>>(1);
         let (report, done) = mpsc::channel();
         let delay = injected_delay();
+        let realtime = RealTime::of_this_thread();
         let spawned = std::thread::Builder::new()
             .name(format!("hop-sync-{shard}"))
             .spawn(move || {
+                // Under a real-time policy, one priority above the shard: see `RealTime`.
+                if let Some(realtime) = realtime {
+                    if let Err(error) = realtime.one_above() {
+                        warn!(shard, %error, "cannot raise the syncer thread above its shard's real-time priority");
+                    }
+                }
                 while let Ok(job) = job_queue.recv() {
                     let finished = run(job, delay);
                     if report.send(finished).is_err() {

@@ -27,6 +27,7 @@
 //!   shut, and the socket is dropped when the peer closes or a short deadline passes.
 
 pub mod mio;
+pub mod realtime;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
