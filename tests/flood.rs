@@ -566,13 +566,29 @@ fn floods_of_handshakes_are_refused_while_a_pair_keeps_talking() {
 
     // A client that is refused is told why.
     let flood_key = StaticKey::generate().unwrap();
+    let started = Instant::now();
+    let (mut admitted, mut failed) = (0u32, Vec::new());
     let refusal = (0..2_000).find_map(|_| {
         match Client::connect(&hopd.addr, &flood_key, &hopd.trust(), PATIENCE) {
             Err(ClientError::Refused(refusal)) => Some(refusal),
-            _ => None,
+            Ok(_) => {
+                admitted += 1;
+                None
+            }
+            Err(error) => {
+                failed.push(error.to_string());
+                None
+            }
         }
     });
-    let refusal = refusal.expect("a client that keeps connecting from one address is refused");
+    let refusal = refusal.unwrap_or_else(|| {
+        failed.dedup();
+        panic!(
+            "a client that keeps connecting from one address is refused: in {:?}, {admitted} \
+             were admitted and these failed otherwise: {failed:?}",
+            started.elapsed()
+        )
+    });
     assert_eq!(refusal.reason, RefusalReason::AddressRate);
     assert!(refusal.retry_after_ms >= 100, "{refusal:?}");
 }
