@@ -1801,16 +1801,20 @@ impl<F: IoFile> Index<F> {
         Some(queue.slots[at])
     }
 
+    /// The slot of record `seq` in `user`'s queue, if it is still queued.
+    fn slot_mut(&mut self, user: UserId, seq: u64) -> Option<&mut Slot> {
+        let &at = self.positions.get(&user)?;
+        let slots = &mut self.queues[at as usize].slots;
+        let position = slots.binary_search_by_key(&seq, |slot| slot.seq).ok()?;
+        Some(&mut slots[position])
+    }
+
     /// Points the record `seq` at a new place and moves its accounting with it.
     fn relocate(&mut self, user: UserId, seq: u64, new_slot: Slot) {
-        let Some(&at) = self.positions.get(&user) else {
+        let Some(slot) = self.slot_mut(user, seq) else {
             return;
         };
-        let queue = &mut self.queues[at as usize];
-        let Ok(position) = queue.slots.binary_search_by_key(&seq, |slot| slot.seq) else {
-            return;
-        };
-        let old = std::mem::replace(&mut queue.slots[position], new_slot);
+        let old = std::mem::replace(slot, new_slot);
         let bytes = u64::from(old.record_bytes);
         if let Some(segment) = self.segments.get_mut(&old.segment) {
             segment.live_records -= 1;
@@ -1826,14 +1830,10 @@ impl<F: IoFile> Index<F> {
     /// Undoes [`Index::relocate`] of a copy that never became durable: the record is back at
     /// `old_slot`, live there again, and the copy counts nowhere.
     fn relocate_back(&mut self, user: UserId, seq: u64, old_slot: Slot) {
-        let Some(&at) = self.positions.get(&user) else {
+        let Some(slot) = self.slot_mut(user, seq) else {
             return;
         };
-        let queue = &mut self.queues[at as usize];
-        let Ok(position) = queue.slots.binary_search_by_key(&seq, |slot| slot.seq) else {
-            return;
-        };
-        let copy = std::mem::replace(&mut queue.slots[position], old_slot);
+        let copy = std::mem::replace(slot, old_slot);
         let bytes = u64::from(copy.record_bytes);
         if let Some(segment) = self.segments.get_mut(&copy.segment) {
             segment.live_records -= 1;
