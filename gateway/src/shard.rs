@@ -327,12 +327,13 @@ impl Held {
         }
     }
 
-    /// Everything still held, oldest first; the batch starts again empty.
-    fn take(&mut self) -> impl Iterator<Item = (UserId, Queued)> {
+    /// Moves everything still held into `batch`, oldest first; the batch starts again empty.
+    /// Both keep their capacity: a batch is held and taken thousands of times a second.
+    fn take_into(&mut self, batch: &mut Vec<(UserId, Queued)>) {
         self.first += self.items.len() as u64;
         self.index.clear();
         self.since_ms = None;
-        std::mem::take(&mut self.items).into_iter().flatten()
+        batch.extend(self.items.drain(..).flatten());
     }
 }
 
@@ -694,6 +695,8 @@ impl<B: Backend> Core<B> {
             syncer: Syncer::spawn(usize::from(settings_index), waker.clone()),
             waker,
             held: Held::default(),
+            held_batch: Vec::new(),
+            action_batch: Vec::new(),
             unkept: VecDeque::new(),
             read_ahead: ReadAhead::default(),
             handshaking: 0,
@@ -862,6 +865,10 @@ struct Core<B: Backend> {
     waker: Arc<dyn Wake>,
     /// Items to keep that wait for their batch before they go to the store.
     held: Held,
+    /// The held batch on its way to the store; kept for its capacity.
+    held_batch: Vec<(UserId, Queued)>,
+    /// The router's actions being carried out; kept for its capacity.
+    action_batch: Vec<Action>,
     /// Items appended to the store and not yet durable, in sequence order: (seq, user, id, kind).
     unkept: VecDeque<(u64, UserId, u64, ReceiptKind)>,
     /// Records of one user's queue read from the store ahead of their push, oldest first.
@@ -1544,115 +1551,126 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Carries out the router's actions.
+    /// Carries out the router's actions, and those they lead to, in order. No action calls
+    /// back into it: one that calls the router leaves its actions for the next swap.
     fn run_actions(&mut self) {
-        while let Some(action) = self.router.poll_action() {
-            match action {
-                Action::Send { conn, stanza } => {
-                    if let Some(id) = self.resolve(conn) {
-                        self.queue_stanza(id, &stanza);
-                    }
+        let mut batch = std::mem::take(&mut self.action_batch);
+        loop {
+            self.router.swap_actions(&mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            for action in batch.drain(..) {
+                self.run_action(action);
+            }
+        }
+        self.action_batch = batch;
+    }
+
+    fn run_action(&mut self, action: Action) {
+        match action {
+            Action::Send { conn, stanza } => {
+                if let Some(id) = self.resolve(conn) {
+                    self.queue_stanza(id, &stanza);
                 }
-                Action::Close { conn, reason, text } => {
-                    if let Some(id) = self.resolve(conn) {
-                        self.close_with(id, reason, text);
-                    }
+            }
+            Action::Close { conn, reason, text } => {
+                if let Some(id) = self.resolve(conn) {
+                    self.close_with(id, reason, text);
                 }
-                Action::DeliverKept {
-                    conn,
-                    user,
-                    from,
-                    id,
-                    timestamp_ms,
-                    proof,
-                    sent_to,
-                } => {
-                    let Some(conn_id) = self.resolve(conn) else {
-                        continue; // gone: the router pushes it again on the next connection
-                    };
-                    match self.kept_body(user, id) {
-                        Some((body, group)) => {
-                            let deliver = match (sent_to, group) {
-                                (_, Some(tag)) => Stanza::deliver_group(
-                                    from,
-                                    tag.group,
-                                    id,
-                                    timestamp_ms,
-                                    body,
-                                    proof,
-                                    tag.event,
-                                ),
-                                (Some(to), None) => {
-                                    Stanza::deliver_sent(from, to, id, timestamp_ms, body)
-                                }
-                                (None, None) => {
-                                    Stanza::deliver(from, id, timestamp_ms, body, proof)
-                                }
-                            };
-                            self.queue_stanza(conn_id, &deliver);
-                        }
-                        None => {
-                            bump(&self.stats.store_unreadable, 1);
-                            self.warn(format_args!(
+            }
+            Action::DeliverKept {
+                conn,
+                user,
+                from,
+                id,
+                timestamp_ms,
+                proof,
+                sent_to,
+            } => {
+                let Some(conn_id) = self.resolve(conn) else {
+                    return; // gone: the router pushes it again on the next connection
+                };
+                match self.kept_body(user, id) {
+                    Some((body, group)) => {
+                        let deliver = match (sent_to, group) {
+                            (_, Some(tag)) => Stanza::deliver_group(
+                                from,
+                                tag.group,
+                                id,
+                                timestamp_ms,
+                                body,
+                                proof,
+                                tag.event,
+                            ),
+                            (Some(to), None) => {
+                                Stanza::deliver_sent(from, to, id, timestamp_ms, body)
+                            }
+                            (None, None) => Stanza::deliver(from, id, timestamp_ms, body, proof),
+                        };
+                        self.queue_stanza(conn_id, &deliver);
+                    }
+                    None => {
+                        bump(&self.stats.store_unreadable, 1);
+                        self.warn(format_args!(
                                 "user {user}: queued message {id} cannot be read back from the offline queue; dropped"
                             ));
-                            self.router.handle_unreadable(user, id);
-                        }
+                        self.router.handle_unreadable(user, id);
                     }
                 }
-                Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
-                // A link that cannot take it: the router refuses what it can to its sender.
-                Action::ToNode { user, message } => self.mail_to_node(user, message),
-                Action::Keep { user, item } => self.held.hold(user, item, self.now_ms),
-                Action::Forget { user, id, kind } => {
-                    if self.held.cancel(user, id, kind) {
-                        bump(&self.stats.keeps_skipped, 1);
-                    } else {
-                        self.store.mark_delivered(self.now_ms, user, id, kind as u8);
-                    }
+            }
+            Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
+            // A link that cannot take it: the router refuses what it can to its sender.
+            Action::ToNode { user, message } => self.mail_to_node(user, message),
+            Action::Keep { user, item } => self.held.hold(user, item, self.now_ms),
+            Action::Forget { user, id, kind } => {
+                if self.held.cancel(user, id, kind) {
+                    bump(&self.stats.keeps_skipped, 1);
+                } else {
+                    self.store.mark_delivered(self.now_ms, user, id, kind as u8);
                 }
-                Action::PersistBinding { key, .. } => self.accounts.append(&key),
-                Action::Unbind { user, seconds } => self.accounts.unbind(user, seconds),
-                Action::PersistSeen { device, seconds } => self.seen.append(Some(device), seconds),
-                Action::LinkDevice {
-                    account,
-                    device,
-                    conn,
-                } => {
-                    let linked = self.directory.claim(account, device);
-                    if linked {
-                        self.record_device(true, account, device);
-                    }
-                    self.router
-                        .handle_link_result(account, device, conn, linked);
+            }
+            Action::PersistBinding { key, .. } => self.accounts.append(&key),
+            Action::Unbind { user, seconds } => self.accounts.unbind(user, seconds),
+            Action::PersistSeen { device, seconds } => self.seen.append(Some(device), seconds),
+            Action::LinkDevice {
+                account,
+                device,
+                conn,
+            } => {
+                let linked = self.directory.claim(account, device);
+                if linked {
+                    self.record_device(true, account, device);
                 }
-                Action::UnlinkDevice { account, device } => {
-                    self.directory.remove(device);
-                    self.record_device(false, account, device);
-                }
-                Action::PersistGroup(snapshot) => {
-                    let hop_router::GroupSnapshot {
-                        group,
-                        version,
-                        name,
-                        members,
-                    } = *snapshot;
-                    self.groups.append(&GroupRecord {
-                        group,
-                        version,
-                        wall_ms: self.wall_ms,
-                        name,
-                        members,
-                    });
-                }
-                Action::PersistPrivacy { user, privacy } => {
-                    self.privacy.append(
-                        user,
-                        self.wall_ms,
-                        privacy.visibility as u8,
-                        &privacy.contacts,
-                    );
-                }
+                self.router
+                    .handle_link_result(account, device, conn, linked);
+            }
+            Action::UnlinkDevice { account, device } => {
+                self.directory.remove(device);
+                self.record_device(false, account, device);
+            }
+            Action::PersistGroup(snapshot) => {
+                let hop_router::GroupSnapshot {
+                    group,
+                    version,
+                    name,
+                    members,
+                } = *snapshot;
+                self.groups.append(&GroupRecord {
+                    group,
+                    version,
+                    wall_ms: self.wall_ms,
+                    name,
+                    members,
+                });
+            }
+            Action::PersistPrivacy { user, privacy } => {
+                self.privacy.append(
+                    user,
+                    self.wall_ms,
+                    privacy.visibility as u8,
+                    &privacy.contacts,
+                );
             }
         }
     }
@@ -1863,10 +1881,12 @@ impl<B: Backend> Core<B> {
         let due = |deadline: Option<u64>| deadline.is_some_and(|at| force || at <= now_ms);
         let held_due = due(self.held.deadline(&self.settings.keeping));
         if held_due {
-            let held: Vec<(UserId, Queued)> = self.held.take().collect();
-            for (user, item) in held {
+            let mut batch = std::mem::take(&mut self.held_batch);
+            self.held.take_into(&mut batch);
+            for (user, item) in batch.drain(..) {
                 self.keep(user, &item);
             }
+            self.held_batch = batch;
         }
         let store_due = due(self.store.next_commit_deadline());
         if held_due || store_due {
@@ -2833,7 +2853,9 @@ mod tests {
             "the kind is part of the key"
         );
         held.hold(user, message(3), 105);
-        let ids: Vec<u64> = held.take().map(|(_, item)| item.id()).collect();
+        let mut batch = Vec::new();
+        held.take_into(&mut batch);
+        let ids: Vec<u64> = batch.drain(..).map(|(_, item)| item.id()).collect();
         assert_eq!(ids, [1, 3]);
         assert_eq!(held.deadline(&BATCH), None, "empty again");
         held.hold(user, message(4), 200);
@@ -2863,7 +2885,8 @@ mod tests {
         assert!(held.cancel(phone, 1, ReceiptKind::Unspecified));
         let by_laptop = receipt(laptop).ack_id();
         assert!(held.cancel(phone, by_laptop, ReceiptKind::Delivered));
-        let left: Vec<(UserId, Queued)> = held.take().collect();
+        let mut left = Vec::new();
+        held.take_into(&mut left);
         assert_eq!(left, [(laptop, message(1)), (phone, receipt(phone))]);
     }
 

@@ -7,7 +7,8 @@
 //! out: push a stanza to a local connection, forward a [`ShardMessage`] to another shard, close
 //! a connection, persist a binding. It does no IO and takes no locks.
 //!
-//! Call order: any `handle_*` method, then drain [`Router::poll_action`] until `None`.
+//! Call order: any `handle_*` method, then carry out [`Router::swap_actions`] until it hands
+//! over none.
 //!
 //! The ticks:
 //! - one tick (`ServerAck`): the recipient's home shard took the message into its queue and it

@@ -862,7 +862,8 @@ pub struct Router {
     companions: HashMap<UserId, UserId>,
     /// The same links by account: its companions, in the order they were added.
     devices: HashMap<UserId, Vec<UserId>>,
-    actions: VecDeque<Action>,
+    /// Actions for the shard loop, oldest first.
+    actions: Vec<Action>,
     counters: Counters,
     /// Queued messages the disk has not taken yet, by (recipient, server id): the body, so
     /// that an online recipient gets it without a read, and who waits for the ServerAck (until
@@ -929,7 +930,7 @@ impl Router {
             queued_items: 0,
             companions: HashMap::default(),
             devices: HashMap::default(),
-            actions: VecDeque::new(),
+            actions: Vec::new(),
             counters: Counters::default(),
             pending: HashMap::default(),
             emptied: Vec::new(),
@@ -987,7 +988,7 @@ impl Router {
         let Some(conn) = self.conn_of(user) else {
             return false;
         };
-        self.actions.push_back(Action::Close {
+        self.actions.push(Action::Close {
             conn,
             reason: GoAwayReason::Kicked,
             text: "closed by the server's operator",
@@ -1095,7 +1096,7 @@ impl Router {
         };
         if state.seen_s == 0 || (expiry_on && now.saturating_sub(state.seen_s) >= grain) {
             state.seen_s = now.max(1);
-            self.actions.push_back(Action::PersistSeen {
+            self.actions.push(Action::PersistSeen {
                 device,
                 seconds: state.seen_s,
             });
@@ -1182,7 +1183,7 @@ impl Router {
         let companions = self.devices.get(&account).cloned().unwrap_or_default();
         for device in &companions {
             self.unlink(account, *device);
-            self.actions.push_back(Action::UnlinkDevice {
+            self.actions.push(Action::UnlinkDevice {
                 account,
                 device: *device,
             });
@@ -1193,13 +1194,13 @@ impl Router {
                 continue;
             };
             if !state.privacy().is_default() {
-                self.actions.push_back(Action::PersistPrivacy {
+                self.actions.push(Action::PersistPrivacy {
                     user: device,
                     privacy: Privacy::default(),
                 });
             }
             if state.bound {
-                self.actions.push_back(Action::Unbind {
+                self.actions.push(Action::Unbind {
                     user: device,
                     seconds: self.clock_s,
                 });
@@ -1222,9 +1223,26 @@ impl Router {
         state.set_privacy(privacy);
     }
 
-    /// The next action for the shard loop.
+    /// Hands the actions due to the shard loop over in `batch` (which must be empty), oldest
+    /// first; the router goes on with `batch`'s old buffer. Actions the loop's calls back
+    /// into the router produce come with the next swap, so a loop that swaps until it gets
+    /// none carries them out in order. Neither side allocates once both buffers are warm, and
+    /// the loop reads each action where the router wrote it.
+    #[inline]
+    pub fn swap_actions(&mut self, batch: &mut Vec<Action>) {
+        debug_assert!(batch.is_empty(), "the last batch is carried out");
+        std::mem::swap(&mut self.actions, batch);
+    }
+
+    /// The actions due, oldest first: [`Router::swap_actions`] for callers without a buffer.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// The oldest action due, for callers that take one at a time (tests, tools). Each call
+    /// moves the rest down: the shard loop uses [`Router::swap_actions`].
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        (!self.actions.is_empty()).then(|| self.actions.remove(0))
     }
 
     /// A connection authenticated as `user` (whose id the shard derived from `key`) arrived at
@@ -1245,7 +1263,7 @@ impl Router {
         let account = self.account_of(user);
         let known = self.users.get(&user).is_some_and(|state| state.bound);
         if self.registration_closed && account == user && !known {
-            self.actions.push_back(Action::Close {
+            self.actions.push(Action::Close {
                 conn,
                 reason: GoAwayReason::NotRegistered,
                 text: "this server takes no new accounts; ask its operator",
@@ -1257,11 +1275,11 @@ impl Router {
         if !state.bound {
             state.bound = true;
             self.actions
-                .push_back(Action::PersistBinding { user, key: *key });
+                .push(Action::PersistBinding { user, key: *key });
         }
         let mut subscriptions = Vec::new();
         if let Some(old) = state.replace_conn(Some(conn)) {
-            self.actions.push_back(Action::Close {
+            self.actions.push(Action::Close {
                 conn: old,
                 reason: GoAwayReason::Replaced,
                 text: "the same user connected again",
@@ -1390,7 +1408,7 @@ impl Router {
                     self.unsubscribe_all(user, vec![target], now_ms);
                 }
             }
-            Kind::Ping(ping) => self.actions.push_back(Action::Send {
+            Kind::Ping(ping) => self.actions.push(Action::Send {
                 conn,
                 stanza: Stanza::of(Kind::Pong(Pong { nonce: ping.nonce })),
             }),
@@ -1428,7 +1446,7 @@ impl Router {
                     self.counters.replies_dropped += 1;
                     return;
                 }
-                self.actions.push_back(Action::Send {
+                self.actions.push(Action::Send {
                     conn,
                     stanza: Stanza::of(Kind::ServerAck(ServerAck {
                         seq: message.seq,
@@ -1540,7 +1558,7 @@ impl Router {
                     .collect();
                 for conn in watching {
                     self.counters.presence_sent += 1;
-                    self.actions.push_back(Action::Send {
+                    self.actions.push(Action::Send {
                         conn,
                         stanza: Stanza::of(Kind::Presence(Presence {
                             user: Some(about.into()),
@@ -1865,7 +1883,7 @@ impl Router {
             .devices
             .contains_key(&envelope.to)
             .then(|| item.clone());
-        self.actions.push_back(Action::Keep {
+        self.actions.push(Action::Keep {
             user: envelope.to,
             item,
         });
@@ -1921,7 +1939,7 @@ impl Router {
             if let Some(group) = group {
                 self.pending_groups.insert((device, id), group);
             }
-            self.actions.push_back(Action::Keep {
+            self.actions.push(Action::Keep {
                 user: device,
                 item: item.clone(),
             });
@@ -2035,7 +2053,7 @@ impl Router {
             self.counters.acks_unmatched += 1;
             return;
         };
-        self.actions.push_back(Action::Forget { user, id, kind });
+        self.actions.push(Action::Forget { user, id, kind });
         self.push_queued(user);
         if item.is_message() && !item.is_sent_copy() && !item.is_group_event() {
             let from = item.peer;
@@ -2144,8 +2162,7 @@ impl Router {
         if state.newly_empty() {
             self.emptied.push(user);
         }
-        self.actions
-            .push_back(Action::PersistPrivacy { user, privacy });
+        self.actions.push(Action::PersistPrivacy { user, privacy });
         for watcher in hidden {
             self.presence_to(watcher, user, false, 0, now_ms);
         }
@@ -2299,7 +2316,7 @@ impl Router {
         }
         state.queue_mut().push(entry);
         self.queued_items += 1;
-        self.actions.push_back(Action::Keep { user: to, item });
+        self.actions.push(Action::Keep { user: to, item });
         self.counters.receipts_queued += 1;
         self.push_queued(to);
     }
@@ -2396,7 +2413,7 @@ impl Router {
                     },
                 }
             };
-            self.actions.push_back(action);
+            self.actions.push(action);
         }
     }
 
@@ -2424,7 +2441,7 @@ impl Router {
         if let Some(locality) = &self.locality {
             if !locality.is_here(user) {
                 self.counters.mails_to_nodes += 1;
-                self.actions.push_back(Action::ToNode {
+                self.actions.push(Action::ToNode {
                     user,
                     message: Box::new(message),
                 });
@@ -2438,7 +2455,7 @@ impl Router {
         if shard == self.shard {
             self.handle_shard_message(message, now_ms);
         } else {
-            self.actions.push_back(Action::Forward { shard, message });
+            self.actions.push(Action::Forward { shard, message });
         }
     }
 
@@ -2464,7 +2481,7 @@ impl Router {
         reason: &str,
         message: Option<MessageRef>,
     ) {
-        self.actions.push_back(Action::Send {
+        self.actions.push(Action::Send {
             conn,
             stanza: Stanza::error(code, reason, message),
         });
@@ -2519,7 +2536,7 @@ impl Router {
                     None,
                 );
             }
-            self.actions.push_back(Action::LinkDevice {
+            self.actions.push(Action::LinkDevice {
                 account,
                 device,
                 conn,
@@ -2536,8 +2553,7 @@ impl Router {
         }
         self.unlink(account, device);
         self.forget_device(device);
-        self.actions
-            .push_back(Action::UnlinkDevice { account, device });
+        self.actions.push(Action::UnlinkDevice { account, device });
         self.reply_devices(conn, account);
     }
 
@@ -2960,7 +2976,7 @@ impl Router {
         }
         self.counters.group_changes += 1;
         self.actions
-            .push_back(Action::PersistGroup(Box::new(snapshot.clone())));
+            .push(Action::PersistGroup(Box::new(snapshot.clone())));
         // The answer first: the requester's own event follows it on the same path.
         self.answer(actor, conn, info, now_ms);
         // An event is named by the group and its version: no client can name a message so.
@@ -3134,7 +3150,7 @@ impl Router {
             self.counters.replies_dropped += 1;
             return;
         }
-        self.actions.push_back(Action::Send { conn, stanza });
+        self.actions.push(Action::Send { conn, stanza });
     }
 
     /// Answers `account`'s connection `conn` (on the account's home shard) with `stanza`.
@@ -3185,7 +3201,7 @@ impl Router {
                     waiter: None,
                 },
             );
-            self.actions.push_back(Action::Keep {
+            self.actions.push(Action::Keep {
                 user: device,
                 item: item.clone(),
             });
@@ -3224,7 +3240,7 @@ impl Router {
             return;
         };
         if let Some(conn) = state.conn() {
-            self.actions.push_back(Action::Close {
+            self.actions.push(Action::Close {
                 conn,
                 reason: GoAwayReason::DeviceRemoved,
                 text: "this device was removed from its account",
@@ -3236,7 +3252,7 @@ impl Router {
             .unwrap_or_default();
         for (id, kind) in items {
             if self.remove_item(device, id, kind).is_some() {
-                self.actions.push_back(Action::Forget {
+                self.actions.push(Action::Forget {
                     user: device,
                     id,
                     kind,
@@ -3250,7 +3266,7 @@ impl Router {
             .devices
             .get(&account)
             .map_or_else(Vec::new, |list| list.iter().map(|d| (*d).into()).collect());
-        self.actions.push_back(Action::Send {
+        self.actions.push(Action::Send {
             conn,
             stanza: Stanza::of(Kind::Devices(Devices {
                 account: Some(account.into()),

@@ -158,7 +158,7 @@ impl Cluster {
         loop {
             let mut progressed = false;
             for index in 0..self.routers.len() {
-                while let Some(action) = self.routers[index].poll_action() {
+                for action in self.routers[index].take_actions() {
                     progressed = true;
                     match action {
                         Action::Send { conn, stanza } => {
@@ -1051,7 +1051,9 @@ fn a_user_is_bound_at_its_first_connection_only() {
     restored.restore_binding(alice, alice);
     restored.handle_connect(alice, &key_of(alice), ConnRef(3), 0);
     assert!(
-        !std::iter::from_fn(|| restored.poll_action())
+        !restored
+            .take_actions()
+            .iter()
             .any(|action| matches!(action, Action::PersistBinding { .. })),
         "a restored binding is not written again"
     );
