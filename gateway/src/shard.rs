@@ -61,7 +61,7 @@ use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
 use crate::stats::{bump, ShardStats};
-use crate::syncer::Syncer;
+use crate::syncer::{Finished, Job, LogKind, Syncer};
 use crate::sys::{Backend, ConnId, Event, Reading, Wake};
 use crate::tokens::Tokens;
 
@@ -99,6 +99,9 @@ const ACCOUNT_SWEEP_MAX_MS: u64 = 60 * 60 * 1000;
 /// Records a seen log may hold beyond twice the users it keeps times for before it is
 /// rewritten.
 const SEEN_REWRITE_SLACK: u64 = 4096;
+/// After an account log's write failed, how long the next jobs leave the logs out, so that a
+/// failing disk is not retried in a loop of jobs and wake-ups.
+const LOG_RETRY_MS: u64 = 100;
 /// Records one store read fetches when a kept message must be pushed: the router pushes a
 /// user's queue in order, so the next ones are usually asked for right after. At most this many
 /// bodies (each at most 64 KiB) are held in the read-ahead.
@@ -693,6 +696,8 @@ impl<B: Backend> Core<B> {
             to_pause: Vec::new(),
             store,
             syncer: Syncer::spawn(usize::from(settings_index), waker.clone()),
+            syncing: false,
+            log_retry_at_ms: 0,
             waker,
             held: Held::default(),
             held_batch: Vec::new(),
@@ -859,8 +864,13 @@ struct Core<B: Backend> {
     to_pause: Vec<ConnId>,
     /// This shard's offline queue on disk.
     store: ShardStore<FsIo>,
-    /// Runs the store's fsyncs off this thread; dropped (its thread ended) with the store.
+    /// Runs the store's fsyncs and the account logs' writes off this thread; dropped (its
+    /// thread ended) with the store.
     syncer: Syncer,
+    /// A job of the syncer's has not come back.
+    syncing: bool,
+    /// Before this (`now_ms`), jobs leave the account logs out: one failed.
+    log_retry_at_ms: u64,
     /// Wakes this loop from other threads; kept for the handles a panic leaves.
     waker: Arc<dyn Wake>,
     /// Items to keep that wait for their batch before they go to the store.
@@ -1451,6 +1461,10 @@ impl<B: Backend> Core<B> {
                     conn.phase = Phase::Open;
                 }
                 self.connect_to_router(id, user, key);
+                // The token is spent on disk already: the account it made is made durable
+                // here too, before the client hears of it, or a power cut could leave a spent
+                // token and no account. Redeeming is rare and pays an fsync anyway.
+                self.flush_account_logs();
             }
             Err(refused) => {
                 bump(&self.stats.registrations_refused, 1);
@@ -1830,39 +1844,20 @@ impl<B: Backend> Core<B> {
     }
 
     /// Appends the held items when their batch is due and commits the store when that or its
-    /// own batch is due, then releases what became durable. New account bindings are written
-    /// first; a binding that cannot be written (disk full) stays buffered and is tried again
-    /// next turn without holding up the queue: a queued item needs no binding on disk (at
-    /// start, a user with queued items is made from them).
+    /// own batch is due, then releases what became durable. New account bindings go to the
+    /// syncer with the queue's fsync, ahead of it; a binding that cannot be written (disk
+    /// full) stays buffered and is tried again a moment later ([`LOG_RETRY_MS`]) without
+    /// holding up the queue: a queued item needs no binding on disk (at start, a user with
+    /// queued items is made from them).
     fn commit_if_due(&mut self) {
         self.commit(false);
     }
 
     /// [`Core::commit_if_due`], or with `force` whatever is held or buffered, due or not.
+    /// The account logs' records (seen times, bindings, device links) go to the syncer with
+    /// the queue's fsync ([`Core::start_sync`]); the group and presence logs, written on rarer
+    /// changes, are written and fsynced here.
     fn commit(&mut self, force: bool) {
-        // Seen times before bindings: a binding made again after an unbinding is told apart
-        // from an old one, at load, by its device's time (`hop_store::accounts::load`).
-        if let Err(error) = self.seen.flush() {
-            bump(&self.stats.binding_write_errors, 1);
-            let path = self.seen.path().display().to_string();
-            self.warn(format_args!(
-                "cannot record when devices were seen in {path}: {error}; trying again next turn"
-            ));
-        }
-        if let Err(error) = self.accounts.flush() {
-            bump(&self.stats.binding_write_errors, 1);
-            let path = self.accounts.path().display().to_string();
-            self.warn(format_args!(
-                "cannot record account bindings in {path}: {error}; trying again next turn"
-            ));
-        }
-        if let Err(error) = self.devices.flush() {
-            bump(&self.stats.binding_write_errors, 1);
-            let path = self.devices.path().display().to_string();
-            self.warn(format_args!(
-                "cannot record device links in {path}: {error}; trying again next turn"
-            ));
-        }
         if let Err(error) = self.groups.flush() {
             bump(&self.stats.binding_write_errors, 1);
             let path = self.groups.path().display().to_string();
@@ -1899,39 +1894,132 @@ impl<B: Backend> Core<B> {
         while let Some(finished) = self.syncer.finished() {
             self.take_synced(finished);
         }
-        self.start_sync();
+        self.start_sync(true);
         self.run_actions();
     }
 
-    /// Hands the fsync of what the store wrote to the syncer, unless one runs (the next covers
-    /// everything written meanwhile).
-    fn start_sync(&mut self) {
-        if let Some(job) = self.store.start_sync() {
-            if let Some(finished) = self.syncer.start(job) {
-                self.take_synced(finished); // inline: no thread to wait for
+    /// Hands the syncer a job, unless one runs (the next covers everything written
+    /// meanwhile): the account logs' buffered records, when `logs`, and the fsync of what
+    /// the store wrote.
+    fn start_sync(&mut self, logs: bool) {
+        if self.syncing {
+            return;
+        }
+        let mut job = Job::default();
+        let mut logs_taken = true;
+        if logs && self.now_ms >= self.log_retry_at_ms {
+            // Seen times before bindings: a binding made again after an unbinding is told
+            // apart from an old one, at load, by its device's time
+            // (`hop_store::accounts::load`). So none after one that cannot be taken.
+            for log in [LogKind::Seen, LogKind::Bindings, LogKind::Devices] {
+                let write = match log {
+                    LogKind::Seen => self.seen.start_write(),
+                    LogKind::Bindings => self.accounts.start_write(),
+                    LogKind::Devices => self.devices.start_write(),
+                };
+                match write {
+                    Ok(Some(write)) => job.logs.push((log, write)),
+                    Ok(None) => {}
+                    Err(error) => {
+                        self.log_write_failed(log, &error);
+                        logs_taken = false;
+                        break;
+                    }
+                }
+            }
+        }
+        // The queue's fsync waits for a job that carries the logs whole.
+        if logs_taken {
+            job.store = self.store.start_sync();
+        }
+        if job.logs.is_empty() && job.store.is_none() {
+            return;
+        }
+        self.syncing = true;
+        if let Some(finished) = self.syncer.start(job) {
+            self.take_synced(finished); // inline: no thread to wait for
+        }
+    }
+
+    /// A finished job: the account logs' records it wrote are durable (or buffered again);
+    /// the ServerAcks of what its fsync made durable leave, or, if it failed, the senders of
+    /// everything not durable get an Error.
+    fn take_synced(&mut self, finished: Finished) {
+        self.syncing = false;
+        if finished.synced.is_some() {
+            let micros = u64::try_from(finished.elapsed.as_micros()).unwrap_or(u64::MAX);
+            self.stats.commit_times.record(micros);
+        }
+        for (log, write) in finished.logs {
+            let written = match log {
+                LogKind::Seen => self.seen.end_write(write),
+                LogKind::Bindings => self.accounts.end_write(write),
+                LogKind::Devices => self.devices.end_write(write),
+            };
+            if let Err(error) = written {
+                self.log_write_failed(log, &error);
+            }
+        }
+        if let Some(synced) = finished.synced {
+            match self.store.synced(self.now_ms, synced) {
+                Ok(commit) => self.release_kept(commit.durable_through),
+                Err(error) => self.keep_failed(error),
             }
         }
     }
 
-    /// A finished fsync: the ServerAcks of what it made durable leave, or, if it failed, the
-    /// senders of everything not durable get an Error.
-    fn take_synced(&mut self, finished: crate::syncer::Finished) {
-        let micros = u64::try_from(finished.elapsed.as_micros()).unwrap_or(u64::MAX);
-        self.stats.commit_times.record(micros);
-        match self.store.synced(self.now_ms, finished.synced) {
-            Ok(commit) => self.release_kept(commit.durable_through),
-            Err(error) => self.keep_failed(error),
+    /// An account log's records could not be written: they stay buffered for the next job.
+    fn log_write_failed(&mut self, log: LogKind, error: &std::io::Error) {
+        bump(&self.stats.binding_write_errors, 1);
+        self.log_retry_at_ms = self.now_ms + LOG_RETRY_MS;
+        let (path, what) = match log {
+            LogKind::Seen => (self.seen.path(), "when devices were seen"),
+            LogKind::Bindings => (self.accounts.path(), "account bindings"),
+            LogKind::Devices => (self.devices.path(), "device links"),
+        };
+        let path = path.display().to_string();
+        self.warn(format_args!(
+            "cannot record {what} in {path}: {error}; trying again in {LOG_RETRY_MS} ms"
+        ));
+    }
+
+    /// Waits for the running job, and for those that follow it, until every write is
+    /// durable. The account logs are written here, on this thread, after the running job
+    /// and before the next fsync of the queue: a disk that keeps failing them cannot keep
+    /// this loop going, and a binding is still durable before a message that needs it.
+    fn settle_syncs(&mut self) {
+        loop {
+            self.flush_account_logs();
+            self.start_sync(false);
+            if !self.syncing {
+                break;
+            }
+        }
+        self.run_actions();
+    }
+
+    /// Waits for the syncer's job, if one runs, and takes what it did.
+    fn wait_for_job(&mut self) {
+        while self.syncing {
+            let finished = self.syncer.wait();
+            self.take_synced(finished);
         }
     }
 
-    /// Waits for the running fsync, and for those that follow it, until every write is durable.
-    fn settle_syncs(&mut self) {
-        while self.store.sync_running() {
-            let finished = self.syncer.wait();
-            self.take_synced(finished);
-            self.start_sync();
+    /// Waits for the syncer's job, if one runs, then writes and fsyncs the account logs'
+    /// buffered records on this thread.
+    fn flush_account_logs(&mut self) {
+        self.wait_for_job();
+        for log in [LogKind::Seen, LogKind::Bindings, LogKind::Devices] {
+            let flushed = match log {
+                LogKind::Seen => self.seen.flush(),
+                LogKind::Bindings => self.accounts.flush(),
+                LogKind::Devices => self.devices.flush(),
+            };
+            if let Err(error) = flushed {
+                self.log_write_failed(log, &error);
+            }
         }
-        self.run_actions();
     }
 
     /// The items up to `durable_through` are durable: their ServerAcks may leave.
@@ -2760,6 +2848,10 @@ impl<B: Backend> Core<B> {
         let clock_s = self.account_clock_s();
         let live = self.router.users_known() as u64;
         if self.seen.records() > 2 * live + SEEN_REWRITE_SLACK {
+            // Not while the syncer writes the log (the file would change under it): its job
+            // comes back first. Rare (the log doubled), and the rewrite blocks on an fsync
+            // anyway.
+            self.wait_for_job();
             let rewritten = self.seen.rewrite(&FsIo, clock_s, self.router.seen_times());
             if let Err(error) = rewritten {
                 let path = self.seen.path().display().to_string();
@@ -2767,6 +2859,7 @@ impl<B: Backend> Core<B> {
                     "cannot rewrite {path} (it keeps growing until a rewrite succeeds): {error}"
                 ));
             }
+            self.run_actions(); // the ServerAcks the job released
         } else {
             self.seen.append(None, clock_s);
         }

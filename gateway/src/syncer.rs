@@ -9,6 +9,14 @@
 //! ([`ShardStore::synced`](hop_store::ShardStore::synced)). One job runs at a time; the batches
 //! written meanwhile wait for the next, which covers them all (the pipelined group commit).
 //!
+//! The account logs (bindings, seen times, device links) go the same way: a job first writes
+//! and fsyncs the records they buffered ([`LogWrite`]), then runs the queue's fsync. A
+//! message's batch is written after any binding it depends on was buffered, so the job that
+//! makes the message durable, or an earlier one, wrote the binding first. A binding whose
+//! write fails does not hold the queue up (as when the loop wrote it): it is tried again
+//! 100 ms later (`LOG_RETRY_MS` in the shard), and a queued item needs no binding on disk (a user
+//! with queued items is made from them at start).
+//!
 //! If the thread cannot be started, jobs run on the caller's thread, as before the syncer.
 
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -16,17 +24,37 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hop_store::io::FsIo;
-use hop_store::{SyncJob, Synced};
+use hop_store::io::{FsIo, Io};
+use hop_store::{LogWrite, SyncJob, Synced};
 use tracing::warn;
 
 use crate::sys::realtime::RealTime;
 use crate::sys::Wake;
 
-/// A finished [`SyncJob`] and how long its fsyncs took.
+/// A write of one of the shard's account logs.
+pub type AccountLogWrite = LogWrite<<FsIo as Io>::File>;
+
+/// Which account log a [`LogWrite`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogKind {
+    Seen,
+    Bindings,
+    Devices,
+}
+
+/// What one job does, in order: the account logs' writes, then the queue's fsync.
+#[derive(Debug, Default)]
+pub struct Job {
+    pub logs: Vec<(LogKind, AccountLogWrite)>,
+    pub store: Option<SyncJob<FsIo>>,
+}
+
+/// A finished [`Job`]: the log writes (each with its result inside) and what the queue's
+/// fsync did, and how long it all took.
 #[derive(Debug)]
 pub struct Finished {
-    pub synced: Synced,
+    pub logs: Vec<(LogKind, AccountLogWrite)>,
+    pub synced: Option<Synced>,
     pub elapsed: Duration,
 }
 
@@ -38,7 +66,7 @@ pub struct Syncer {
 
 #[derive(Debug)]
 struct Worker {
-    jobs: Option<SyncSender<SyncJob<FsIo>>>,
+    jobs: Option<SyncSender<Job>>,
     done: Receiver<Finished>,
     thread: Option<JoinHandle<()>>,
 }
@@ -46,7 +74,7 @@ struct Worker {
 impl Syncer {
     /// Starts shard `shard`'s syncer thread; it calls `wake` after each job.
     pub fn spawn(shard: usize, wake: Arc<dyn Wake>) -> Self {
-        let (jobs, job_queue) = mpsc::sync_channel::<SyncJob<FsIo>>(1);
+        let (jobs, job_queue) = mpsc::sync_channel::<Job>(1);
         let (report, done) = mpsc::channel();
         let delay = injected_delay();
         let realtime = RealTime::of_this_thread();
@@ -92,9 +120,8 @@ impl Syncer {
     }
 
     /// Runs `job`. On the thread its result comes later, from [`Syncer::finished`] or
-    /// [`Syncer::wait`]; inline it is returned at once. The caller starts one job at a time
-    /// (the store gives out no second while one runs).
-    pub fn start(&mut self, job: SyncJob<FsIo>) -> Option<Finished> {
+    /// [`Syncer::wait`]; inline it is returned at once. The caller starts one job at a time.
+    pub fn start(&mut self, job: Job) -> Option<Finished> {
         match &self.worker {
             Some(worker) => {
                 let jobs = worker
@@ -140,13 +167,23 @@ impl Drop for Syncer {
 }
 
 /// Runs `job` after `delay` (a slow disk, in fault-injection builds; zero otherwise).
-fn run(job: SyncJob<FsIo>, delay: Duration) -> Finished {
+fn run(job: Job, delay: Duration) -> Finished {
     if !delay.is_zero() {
         std::thread::sleep(delay);
     }
     let started = Instant::now();
-    let synced = job.run();
+    let Job { mut logs, store } = job;
+    // In order, and none after one that failed: a binding is never durable before the seen
+    // time written ahead of it. Those not run come back unwritten and are buffered again.
+    for (_, write) in &mut logs {
+        write.run();
+        if write.failed() {
+            break;
+        }
+    }
+    let synced = store.map(SyncJob::run);
     Finished {
+        logs,
         synced,
         elapsed: started.elapsed() + delay,
     }
@@ -208,6 +245,43 @@ mod tests {
         store.append(0, user, &item).expect("append");
     }
 
+    fn store_job(store: &mut ShardStore<FsIo>) -> Job {
+        Job {
+            logs: Vec::new(),
+            store: Some(store.start_sync().expect("a job")),
+        }
+    }
+
+    #[test]
+    fn a_job_writes_the_account_logs_before_the_queues_fsync() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut store = store(temp.path());
+        let mut seen = hop_store::seen::SeenLog::open(&FsIo, temp.path(), 0).expect("seen");
+        let mut syncer = Syncer::spawn(0, Arc::new(Count(AtomicU32::new(0))));
+        let device = UserId::from_halves(8, 8).expect("id");
+        seen.append(Some(device), 42);
+        append(&mut store, 1);
+        store.write(0).expect("write");
+        let write = seen.start_write().expect("a handle").expect("a write");
+        assert!(seen.writing());
+        let job = Job {
+            logs: vec![(LogKind::Seen, write)],
+            store: Some(store.start_sync().expect("a job")),
+        };
+        assert!(syncer.start(job).is_none());
+        let mut finished = syncer.wait();
+        let (log, write) = finished.logs.pop().expect("the log's write, back");
+        assert_eq!(log, LogKind::Seen);
+        assert_eq!(seen.end_write(write).expect("written"), 1);
+        assert!(!seen.writing());
+        let durable = store
+            .synced(0, finished.synced.expect("the store's part"))
+            .expect("synced");
+        assert_eq!(durable.durable_through, 1);
+        let loaded = hop_store::seen::load(&FsIo, temp.path()).expect("load");
+        assert_eq!(loaded.seen.get(&device), Some(&42), "{loaded:?}");
+    }
+
     #[test]
     fn a_job_runs_on_the_thread_and_wakes_the_loop_once() {
         let temp = tempfile::tempdir().expect("tempdir");
@@ -216,10 +290,12 @@ mod tests {
         let mut syncer = Syncer::spawn(0, wakes.clone());
         append(&mut store, 1);
         store.write(0).expect("write");
-        assert!(syncer.start(store.start_sync().expect("a job")).is_none());
+        assert!(syncer.start(store_job(&mut store)).is_none());
         let finished = syncer.wait();
         assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
-        let commit = store.synced(0, finished.synced).expect("synced");
+        let commit = store
+            .synced(0, finished.synced.expect("the store's part"))
+            .expect("synced");
         assert_eq!(commit.durable_through, 1);
         assert!(syncer.finished().is_none(), "nothing runs");
     }
@@ -231,12 +307,10 @@ mod tests {
         let mut syncer = Syncer::inline();
         append(&mut store, 1);
         store.write(0).expect("write");
-        let finished = syncer
-            .start(store.start_sync().expect("a job"))
-            .expect("done at once");
+        let finished = syncer.start(store_job(&mut store)).expect("done at once");
         assert_eq!(
             store
-                .synced(0, finished.synced)
+                .synced(0, finished.synced.expect("the store's part"))
                 .expect("synced")
                 .durable_through,
             1

@@ -65,6 +65,23 @@ impl<I: Io> DeviceLog<I> {
         self.log.flush()
     }
 
+    /// Takes the buffered records for a write and fsync on another thread
+    /// ([`crate::LogWrite::run`]); `None` when none are buffered or a write is under way.
+    pub fn start_write(&mut self) -> io::Result<Option<crate::LogWrite<I::File>>> {
+        self.log.start_write()
+    }
+
+    /// The write [`Self::start_write`] took, back with its result: the records it made
+    /// durable, or its error (the records are then buffered again, first in line).
+    pub fn end_write(&mut self, write: crate::LogWrite<I::File>) -> io::Result<usize> {
+        self.log.end_write(write)
+    }
+
+    /// A write [`Self::start_write`] took has not come back.
+    pub fn writing(&self) -> bool {
+        self.log.writing()
+    }
+
     pub fn path(&self) -> &Path {
         self.log.path()
     }

@@ -56,6 +56,7 @@ mod varlog;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+pub use fixedlog::LogWrite;
 pub use format::GroupTag;
 pub use rehome::{prepare, Layout, SHARDS_FILE};
 pub use report::{report, QueueReport, ShardReport, UserReport};

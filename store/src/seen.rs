@@ -85,6 +85,23 @@ impl<I: Io> SeenLog<I> {
         self.log.flush()
     }
 
+    /// Takes the buffered records for a write and fsync on another thread
+    /// ([`crate::LogWrite::run`]); `None` when none are buffered or a write is under way.
+    pub fn start_write(&mut self) -> io::Result<Option<crate::LogWrite<I::File>>> {
+        self.log.start_write()
+    }
+
+    /// The write [`Self::start_write`] took, back with its result: the records it made
+    /// durable, or its error (the records are then buffered again, first in line).
+    pub fn end_write(&mut self, write: crate::LogWrite<I::File>) -> io::Result<usize> {
+        self.log.end_write(write)
+    }
+
+    /// A write [`Self::start_write`] took has not come back.
+    pub fn writing(&self) -> bool {
+        self.log.writing()
+    }
+
     /// Records on file and buffered.
     pub fn records(&self) -> u64 {
         self.log.records_on_file() + self.log.pending_records() as u64
@@ -101,6 +118,11 @@ impl<I: Io> SeenLog<I> {
         clock_s: u32,
         devices: impl Iterator<Item = (UserId, u32)>,
     ) -> io::Result<()> {
+        if self.log.writing() {
+            return Err(io::Error::other(
+                "a write of the log is under way; rewrite after it comes back",
+            ));
+        }
         let path = self.log.path().to_path_buf();
         let temporary = temporary_path(&path);
         if io.exists(&temporary) {
@@ -213,6 +235,73 @@ mod tests {
         let loaded = load(&FsIo, data).unwrap();
         assert_eq!(loaded.seen, HashMap::from([(user(1), 50), (user(2), 10)]));
         assert_eq!((loaded.clock_s, loaded.records, loaded.damaged), (70, 4, 0));
+    }
+
+    #[test]
+    fn a_write_taken_elsewhere_lands_behind_the_good_records_and_new_ones_wait_behind_it() {
+        let folder = tempfile::tempdir().unwrap();
+        let data = folder.path();
+        let mut log = SeenLog::open(&FsIo, data, 0).unwrap();
+        log.append(Some(user(1)), 10);
+        log.flush().unwrap();
+        log.append(Some(user(2)), 20);
+        let mut write = log.start_write().unwrap().expect("a record to write");
+        assert!(log.start_write().unwrap().is_none(), "one write at a time");
+        log.append(Some(user(3)), 30); // buffered behind the write under way
+        assert!(log.flush().is_err(), "no flush while a write is under way");
+        assert!(
+            log.rewrite(&FsIo, 99, std::iter::empty()).is_err(),
+            "no rewrite while a write is under way"
+        );
+        assert_eq!(log.records(), 3, "on file, under way and buffered");
+        write.run();
+        assert_eq!(log.end_write(write).unwrap(), 1);
+        assert!(!log.writing());
+        let mut next = log
+            .start_write()
+            .unwrap()
+            .expect("the record buffered meanwhile");
+        next.run();
+        assert_eq!(log.end_write(next).unwrap(), 1);
+        let loaded = load(&FsIo, data).unwrap();
+        assert_eq!(
+            loaded.seen,
+            HashMap::from([(user(1), 10), (user(2), 20), (user(3), 30)])
+        );
+        assert_eq!((loaded.records, loaded.torn_bytes), (3, 0));
+    }
+
+    #[test]
+    fn a_failed_write_taken_elsewhere_is_buffered_again_first_in_line() {
+        use crate::io::{Faults, FaultyIo};
+        use std::sync::atomic::Ordering;
+        let folder = tempfile::tempdir().unwrap();
+        let data = folder.path();
+        let io = FaultyIo {
+            faults: Faults::new(),
+        };
+        let mut log = SeenLog::open(&io, data, 0).unwrap();
+        log.append(Some(user(1)), 10);
+        let mut write = log.start_write().unwrap().expect("a record to write");
+        log.append(Some(user(1)), 11); // later, so it must stay later on file
+        io.faults.fail_next_sync.store(true, Ordering::Relaxed);
+        write.run();
+        assert!(log.end_write(write).is_err());
+        assert_eq!(log.records(), 2, "both buffered");
+        let mut again = log.start_write().unwrap().expect("both, in order");
+        again.run();
+        assert_eq!(log.end_write(again).unwrap(), 2);
+        let loaded = load(&FsIo, data).unwrap();
+        assert_eq!(
+            loaded.seen,
+            HashMap::from([(user(1), 11)]),
+            "the later time wins"
+        );
+        assert_eq!(
+            (loaded.records, loaded.torn_bytes),
+            (2, 0),
+            "written once, at the cut"
+        );
     }
 
     #[test]
