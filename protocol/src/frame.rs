@@ -42,6 +42,17 @@ impl Deframer {
         Self::default()
     }
 
+    /// A deframer holding `partial`, the bytes of one incomplete frame that another
+    /// deframer had buffered ([`Deframer::take_partial`]); the next input continues it.
+    pub fn resume(partial: Vec<u8>) -> Self {
+        Self { partial }
+    }
+
+    /// The bytes of the incomplete frame buffered here, taken; the deframer is idle after.
+    pub fn take_partial(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.partial)
+    }
+
     /// True when no partial frame is buffered.
     pub fn is_idle(&self) -> bool {
         self.partial.is_empty()

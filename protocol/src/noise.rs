@@ -392,7 +392,48 @@ impl std::fmt::Debug for Transport {
 /// Noise reserves the last nonce; a session that reaches it must end.
 const NONCE_MAX: u64 = u64::MAX - 1;
 
+/// A transport's keys and nonces, taken out of one process to be carried on in another (an
+/// upgrade that keeps its sessions). Whoever holds it can read and forge the session: it
+/// travels only between two processes of the same server, over a socket only they can open.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TransportState {
+    pub send_key: [u8; KEY_BYTES],
+    pub receive_key: [u8; KEY_BYTES],
+    pub send_nonce: u64,
+    pub receive_nonce: u64,
+}
+
+impl std::fmt::Debug for TransportState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportState")
+            .field("send_nonce", &self.send_nonce)
+            .field("receive_nonce", &self.receive_nonce)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Transport {
+    /// Its keys and nonces, to carry the session on elsewhere ([`Transport::resume`]). The
+    /// transport that gave them must not seal or open another frame.
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            send_key: self.send_key,
+            receive_key: self.receive_key,
+            send_nonce: self.send_nonce,
+            receive_nonce: self.receive_nonce,
+        }
+    }
+
+    /// The transport whose [`Transport::state`] this is.
+    pub fn resume(state: &TransportState) -> Self {
+        Self {
+            send_key: state.send_key,
+            receive_key: state.receive_key,
+            send_nonce: state.send_nonce,
+            receive_nonce: state.receive_nonce,
+        }
+    }
+
     fn new(send_key: [u8; KEY_BYTES], receive_key: [u8; KEY_BYTES]) -> Self {
         Self {
             send_key,

@@ -12,8 +12,9 @@ use thiserror::Error;
 use crate::frame::{Deframer, FrameError};
 use crate::keys::{StaticKey, KEY_BYTES};
 use crate::noise::{
-    ClientHandshake, NoiseError, ServerHandshake, ServerStep, Transport, FRAME_PLAINTEXT_BYTES_MAX,
-    HANDSHAKE_FRAME_LIMITS, HANDSHAKE_MESSAGE_BYTES_MAX, TRANSPORT_FRAME_LIMITS, VERSION,
+    ClientHandshake, NoiseError, ServerHandshake, ServerStep, Transport, TransportState,
+    FRAME_PLAINTEXT_BYTES_MAX, HANDSHAKE_FRAME_LIMITS, HANDSHAKE_MESSAGE_BYTES_MAX,
+    TRANSPORT_FRAME_LIMITS, VERSION,
 };
 use crate::wire::{self, DecodeError, Stanza};
 
@@ -180,6 +181,30 @@ impl Channel {
         }
     }
 
+    /// Takes the channel apart to carry the session on in another process: its transport's
+    /// keys and nonces, and the bytes of a frame that arrived in part. Stanzas queued and not
+    /// yet sealed are sealed into `out` first, so that none is lost.
+    pub fn export(mut self, out: &mut Vec<u8>) -> ChannelState {
+        self.flush(out);
+        let partial = self
+            .buffers
+            .as_mut()
+            .map(|buffers| buffers.deframer.take_partial())
+            .unwrap_or_default();
+        ChannelState {
+            transport: self.transport.state(),
+            partial,
+        }
+    }
+
+    /// The channel [`Channel::export`] took apart.
+    pub fn resume(state: ChannelState) -> Self {
+        Self::new(
+            Transport::resume(&state.transport),
+            Deframer::resume(state.partial),
+        )
+    }
+
     /// Seals arbitrary plaintext as one frame, bypassing the stanza codec. For tests of a
     /// peer's handling of undecodable stanzas.
     pub fn seal_raw(&mut self, plaintext: &[u8], out: &mut Vec<u8>) {
@@ -192,6 +217,15 @@ impl Channel {
         self.queue(stanza, out);
         self.flush(out);
     }
+}
+
+/// An open channel taken apart ([`Channel::export`]): what another process needs to carry
+/// the session on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelState {
+    pub transport: TransportState,
+    /// Bytes of one frame that arrived in part; the rest follows on the socket.
+    pub partial: Vec<u8>,
 }
 
 /// What the server learns from a client's bytes.
@@ -612,6 +646,63 @@ mod tests {
             client_key,
             rest,
         }
+    }
+
+    #[test]
+    fn an_exported_channel_resumes_mid_frame_and_mid_sequence() {
+        let ping = |nonce| Stanza::of(Kind::Ping(Ping { nonce }));
+        let mut pair = pair(&[ping(1), ping(2)]);
+        let mut scratch = vec![0u8; FRAME_BODY_BYTES_MAX];
+        let mut to_client = Vec::new();
+        // Message 3, the first frame whole and the second in part.
+        let cut = pair.rest.len() - 5;
+        let mut seen = Vec::new();
+        let mut collect = |event: ServerEvent| {
+            if let ServerEvent::Stanza(stanza) = event {
+                seen.push(stanza);
+            }
+            Ok::<(), ()>(())
+        };
+        pair.server
+            .handle_input(
+                &pair.rest[..cut],
+                &mut scratch,
+                &mut to_client,
+                &mut collect,
+            )
+            .unwrap();
+        assert_eq!(seen.len(), 2, "the first frame's two stanzas");
+        // A reply queued and not sealed when the session is taken apart.
+        let ServerConnection::Open(mut channel) =
+            std::mem::replace(&mut pair.server, ServerConnection::Closed)
+        else {
+            panic!("open after message 3");
+        };
+        channel.queue(&ping(10), &mut to_client);
+        let state = channel.export(&mut to_client);
+        assert!(
+            !state.partial.is_empty(),
+            "the second frame's first bytes travel"
+        );
+        let mut resumed = Channel::resume(state);
+        resumed
+            .handle_input(&pair.rest[cut..], &mut scratch, &mut |stanza| {
+                seen.push(stanza);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(seen.len(), 3, "the second frame completes after the move");
+        assert_eq!(seen[2], ping(77));
+        resumed.send_now(&ping(11), &mut to_client);
+        // The client opens the reply sealed before the move, then the one after, in order.
+        let mut replies = Vec::new();
+        pair.client
+            .handle_input(&to_client, &mut scratch, &mut |stanza| {
+                replies.push(stanza);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(replies, vec![ping(10), ping(11)]);
     }
 
     fn replay(pair: &mut Pair, chunks: &[&[u8]]) -> Vec<String> {

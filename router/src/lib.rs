@@ -44,8 +44,8 @@ mod router;
 
 pub use router::{
     home_shard, Action, Counters, Envelope, GroupCopy, GroupRequest, GroupSnapshot, Limits,
-    Locality, Privacy, Queued, Router, Secrets, ShardMessage, UserReport, Violation,
-    LAST_SEEN_GRAIN_MS,
+    Locality, Privacy, PushedItem, Queued, Router, Secrets, SessionState, ShardMessage, UserReport,
+    Violation, LAST_SEEN_GRAIN_MS,
 };
 
 /// A shard's index, `0..shards`.

@@ -650,6 +650,33 @@ impl Entry {
     }
 }
 
+/// A device's session as its router holds it, taken out to be carried on by another process
+/// (an upgrade that keeps the connections): what was pushed to the connection and not acked,
+/// whom it watches, and what it declared for its Sends. Its queue is on disk, so it is not
+/// here; neither are its rates, which start again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    pub user: UserId,
+    /// The queued items pushed to the connection and not acked, in the order they went.
+    pub pushed: Vec<PushedItem>,
+    pub subscriptions: Vec<UserId>,
+    /// The connection's `Outbox` (0: none declared).
+    pub outbox: u64,
+    /// The aliases it bound, index `alias - 1`.
+    pub aliases: Vec<Option<UserId>>,
+}
+
+/// A queued item pushed to a connection: what names it in its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushedItem {
+    /// The message's server id (for a receipt: of the message it is about).
+    pub id: u64,
+    /// `Unspecified` for a message, else the receipt's kind.
+    pub kind: ReceiptKind,
+    /// The message's sender, the receipt's author, or a sent copy's recipient.
+    pub peer: UserId,
+}
+
 /// What a shard knows of one of its users: 32 bytes, most users having nothing queued and no
 /// watchers. The queue, the presence lists and the sending state exist only while they hold
 /// something (freed by [`Router::release_empty`] at the first tick they stay empty, not at
@@ -1311,6 +1338,126 @@ impl Router {
                 self.presence_to(subscriber, account, true, 0, now_ms);
             }
         }
+    }
+
+    /// `user`'s session, to carry it on in another process ([`Router::handle_resume`]);
+    /// `None` if `user` is not online here. The shard must have stopped reading every
+    /// connection, so that the session does not change after this.
+    pub fn export_session(&self, user: UserId) -> Option<SessionState> {
+        let state = self.users.get(&user)?;
+        state.conn()?;
+        let mut session = SessionState {
+            user,
+            pushed: Vec::new(),
+            subscriptions: Vec::new(),
+            outbox: 0,
+            aliases: Vec::new(),
+        };
+        if let Some(extra) = state.extra.as_deref() {
+            session.pushed = (extra.queue.items.iter().take(extra.queue.inflight))
+                .map(|entry| PushedItem {
+                    id: entry.id,
+                    kind: entry.kind,
+                    peer: entry.peer,
+                })
+                .collect();
+            session.subscriptions = extra.watch.subscriptions.clone();
+            session.outbox = extra.sending.outbox;
+            session.aliases = extra.sending.aliases.clone();
+        }
+        Some(session)
+    }
+
+    /// Who watches each user homed here (watchers live in memory only): carried to another
+    /// process with the sessions, for [`Router::restore_watchers`].
+    pub fn watchers(&self) -> impl Iterator<Item = (UserId, &[UserId])> + '_ {
+        self.users
+            .iter()
+            .map(|(user, state)| (*user, state.subscribers()))
+            .filter(|(_, subscribers)| !subscribers.is_empty())
+    }
+
+    /// Puts back who watched `user` in the process the sessions came from. A user this shard
+    /// does not know is skipped: it had no key on disk, so nobody could watch it.
+    pub fn restore_watchers(&mut self, user: UserId, subscribers: Vec<UserId>) {
+        let Some(state) = self.users.get_mut(&user) else {
+            return;
+        };
+        let watch = state.watch_mut();
+        for subscriber in subscribers {
+            if !watch.subscribers.contains(&subscriber) {
+                watch.subscribers.push(subscriber);
+            }
+        }
+    }
+
+    /// A session carried on from another process of this server on connection `conn`: the
+    /// device is online as it was, silently (its watchers were told when it came online). The
+    /// items pushed to it before go to the front of its queue as in flight, so that they are
+    /// not pushed twice; what was not pushed yet is pushed now.
+    pub fn handle_resume(
+        &mut self,
+        key: &[u8; KEY_BYTES],
+        conn: ConnRef,
+        session: SessionState,
+        now_ms: u64,
+    ) {
+        let user = session.user;
+        assert_eq!(
+            home_shard(self.account_of(user), self.shards),
+            self.shard,
+            "session resumed at the wrong shard"
+        );
+        assert_ne!(conn, NO_CONN, "a connection handle the router reserves");
+        let state = self.users.entry(user).or_insert_with(User::new);
+        if !state.bound {
+            state.bound = true;
+            self.actions
+                .push(Action::PersistBinding { user, key: *key });
+        }
+        let mut replaced_subscriptions = Vec::new();
+        if let Some(old) = state.replace_conn(Some(conn)) {
+            self.actions.push(Action::Close {
+                conn: old,
+                reason: GoAwayReason::Replaced,
+                text: "the same user connected again",
+            });
+            replaced_subscriptions = state.end_session();
+        }
+        state.last_seen_ms = 0;
+        state.restart_pushes();
+        if !session.subscriptions.is_empty() {
+            state.watch_mut().subscriptions = session.subscriptions;
+        }
+        if session.outbox != 0 || !session.aliases.is_empty() {
+            state.extra_mut().sending = Sending {
+                outbox: session.outbox,
+                aliases: session.aliases,
+            };
+        }
+        if let Some(queue) = state.extra.as_mut().map(|extra| &mut extra.queue) {
+            let mut front = 0;
+            for pushed in &session.pushed {
+                let found = queue.items.iter().skip(front).position(|entry| {
+                    entry.id == pushed.id && entry.kind == pushed.kind && entry.peer == pushed.peer
+                });
+                let Some(at) = found else {
+                    continue; // acked or expired meanwhile
+                };
+                let entry = queue.items.remove(front + at).expect("found above");
+                queue.items.insert(front, entry);
+                queue.inflight_bytes += entry.body_bytes();
+                front += 1;
+            }
+            queue.inflight = front;
+        }
+        self.seen_now(user);
+        let state = self.users.get_mut(&user).expect("inserted above");
+        if state.newly_empty() {
+            self.emptied.push(user);
+        }
+        self.unsubscribe_all(user, replaced_subscriptions, now_ms);
+        self.push_queued(user);
     }
 
     /// An account is online while any of its devices is.

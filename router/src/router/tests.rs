@@ -2723,3 +2723,92 @@ fn an_account_with_a_message_not_yet_on_disk_waits_for_the_next_sweep() {
     cluster.run();
     assert!(cluster.disk.is_empty());
 }
+
+/// An upgrade that keeps the connections: every session is taken out of the old routers and
+/// resumed in new ones built from the disk, as a new process would.
+#[test]
+fn a_resumed_session_pushes_nothing_twice_and_keeps_its_watches() {
+    let limits = Limits {
+        inflight_max: 2,
+        ..Limits::default()
+    };
+    let mut cluster = Cluster::new(2, limits);
+    let watcher = cluster.user_on(0, 0);
+    let bob = cluster.user_on(1, 0);
+    cluster.connect(bob, 2);
+    cluster.connect(watcher, 1);
+    cluster.stanza(watcher, 1, subscribe(bob)).unwrap();
+    assert!(presence(only(cluster.take(1))).online);
+    for seq in 1..=5 {
+        cluster.send(watcher, 1, bob, seq, b"m");
+    }
+    let pushed: Vec<u64> = cluster.take(2).iter().map(|s| deliver(s).id).collect();
+    assert_eq!(pushed.len(), 2, "the window");
+    cluster.take(1);
+    let sessions: Vec<SessionState> = [(watcher, 0), (bob, 1)]
+        .iter()
+        .map(|(user, shard)| cluster.routers[*shard].export_session(*user).unwrap())
+        .collect();
+    assert_eq!(sessions[1].pushed.len(), 2);
+    assert_eq!(sessions[0].subscriptions, vec![bob]);
+    let watchers: Vec<Vec<(UserId, Vec<UserId>)>> = (cluster.routers.iter())
+        .map(|router| {
+            (router.watchers())
+                .map(|(user, subscribers)| (user, subscribers.to_vec()))
+                .collect()
+        })
+        .collect();
+    // The new process: routers from the disk, in the disk's order (not the queue's).
+    cluster.routers = (0..2)
+        .map(|shard| Router::new(shard, 2, limits, secrets()))
+        .collect();
+    for user in [watcher, bob] {
+        let shard = cluster.router_of(user);
+        cluster.routers[shard].restore_binding(user, user);
+    }
+    let mut kept: Vec<(UserId, Queued)> = (cluster.disk.iter())
+        .map(|((user, _, _), item)| (*user, item.clone()))
+        .collect();
+    kept.sort_by_key(|(_, item)| std::cmp::Reverse(item.id()));
+    for (user, item) in &kept {
+        let shard = cluster.router_of(*user);
+        cluster.routers[shard].restore_item(*user, item);
+    }
+    for (shard, list) in watchers.into_iter().enumerate() {
+        for (user, subscribers) in list {
+            cluster.routers[shard].restore_watchers(user, subscribers);
+        }
+    }
+    for (session, conn) in sessions.into_iter().zip([11, 12]) {
+        let shard = cluster.router_of(session.user);
+        let now = cluster.now_ms;
+        let key = key_of(session.user);
+        cluster.routers[shard].handle_resume(&key, ConnRef(conn), session, now);
+    }
+    cluster.run();
+    assert!(cluster.take(12).is_empty(), "the window is still full");
+    assert!(cluster.take(11).is_empty(), "no presence: nothing changed");
+    cluster
+        .stanza(
+            bob,
+            12,
+            Kind::Ack(Ack {
+                id: pushed[0],
+                kind: 0,
+            }),
+        )
+        .unwrap();
+    let next = deliver(&only(cluster.take(12))).id;
+    assert!(
+        !pushed.contains(&next),
+        "the next one, not one pushed before"
+    );
+    assert_eq!(
+        receipt(&only(cluster.take(11))).id,
+        pushed[0],
+        "receipts flow"
+    );
+    // The watch went on: the watcher hears of Bob leaving.
+    cluster.disconnect(bob, 12);
+    assert!(!presence(only(cluster.take(11))).online);
+}
