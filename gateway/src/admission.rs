@@ -175,6 +175,19 @@ impl AddressTable {
         verdict
     }
 
+    /// Counts a connection the server already held (taken over from the process before):
+    /// no limit applies, it is no new arrival.
+    fn count_held(&self, key: AddressKey, now_ms: u64) {
+        let burst = self.limits.address_handshake_burst;
+        let mut stripe = self.stripe(key);
+        let entry = stripe.entry(key).or_insert_with(|| Entry {
+            handshaking: 0,
+            connections: 0,
+            bucket: Bucket::full(burst, now_ms),
+        });
+        entry.connections += 1;
+    }
+
     /// A counted connection finished (or gave up) its handshake.
     fn handshake_ended(&self, key: AddressKey) {
         if let Some(entry) = self.stripe(key).get_mut(&key) {
@@ -330,6 +343,20 @@ impl Tally {
         let key = self.key(id)?;
         self.keys[id as usize] = UNCOUNTED;
         Some(key)
+    }
+
+    /// Counts connection `id` from `peer`, one the server held before this process took it
+    /// over: past its handshake, and under no limit.
+    pub fn inherit(&mut self, id: ConnId, peer: Option<IpAddr>, now_ms: u64) {
+        let key = match peer {
+            Some(ip) if self.table.limits.per_address() => {
+                let key = AddressKey::of(ip);
+                self.table.count_held(key, now_ms);
+                Some(key)
+            }
+            _ => None,
+        };
+        self.set(id, key);
     }
 
     /// Connection `id` finished or gave up its handshake (and stays, or closes next).

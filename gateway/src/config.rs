@@ -340,6 +340,11 @@ pub struct Args {
     /// Print the effective settings as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Take over a hopd running on the same data folder (same settings): its listening
+    /// sockets and every live connection move to this process, and it exits (docs/operations.md,
+    /// "Upgrade without dropping connections").
+    #[arg(long)]
+    pub takeover: bool,
     /// Address every shard listens on (SO_REUSEPORT); port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,

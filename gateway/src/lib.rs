@@ -18,6 +18,7 @@ pub mod shard;
 pub mod stats;
 pub mod syncer;
 pub mod sys;
+pub mod takeover;
 pub mod tokens;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -81,7 +82,7 @@ pub fn main() -> std::process::ExitCode {
             .map_err(|error| error.to_string())
     });
     let reload = || config::Config::from_args(&args).map_err(|error| error.to_string());
-    match server::serve(&config, &reload, set_log_filter) {
+    match server::serve(&config, &reload, set_log_filter, args.takeover) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
         Err(error) => {

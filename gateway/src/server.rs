@@ -27,6 +27,7 @@ use crate::shard::{self, monotonic_ms, ShardMailboxes, ShardParts, ShardSettings
 use crate::stats::ShardStats;
 use crate::sys::mio::MioBackend;
 use crate::sys::{self, Backend, BackendLimits};
+use crate::takeover::{self, Gate, Handover, Inherited, ShardExport};
 use crate::tokens::Tokens;
 use hop_store::accounts::{self, AccountLog};
 use hop_store::devices::{DeviceLog, DeviceRecord};
@@ -68,6 +69,8 @@ pub enum StartError {
     Cluster(String),
     #[error("registration tokens: {0}")]
     Tokens(io::Error),
+    #[error("takeover: {0}")]
+    Takeover(String),
 }
 
 /// A running server.
@@ -90,6 +93,10 @@ pub struct Server {
     pub cluster: Option<Membership>,
     /// Registration tokens, issued by the operator and redeemed by new keys.
     pub tokens: Arc<Tokens>,
+    /// A takeover of this process by a new one: the shards' side.
+    pub handover: Arc<Handover>,
+    /// Descriptors of the listening sockets, one per shard, to hand to a new process.
+    pub listeners: Vec<std::os::fd::OwnedFd>,
 }
 
 /// A node's membership in its cluster, and the flag that stops its threads.
@@ -105,6 +112,8 @@ struct Shared {
     addresses: Arc<AddressTable>,
     /// Under `registration = token`: the tokens new keys redeem.
     tokens: Option<Arc<Tokens>>,
+    /// A takeover of this process by a new one.
+    handover: Arc<Handover>,
 }
 
 /// Joins the cluster named by `cluster_etcd`, if any: the membership threads start now, and
@@ -162,7 +171,11 @@ impl Server {
     /// Creates the data folder and key, binds the listeners and starts the shards, which
     /// report to `controls` (made beforehand, so that an admin listener started earlier answers
     /// `/readyz` while the queues recover).
-    pub fn start(config: &Config, controls: &Arc<Controls>) -> Result<Self, StartError> {
+    pub fn start(
+        config: &Config,
+        controls: &Arc<Controls>,
+        inherited: Option<&mut Inherited>,
+    ) -> Result<Self, StartError> {
         assert_eq!(controls.shards(), config.shards, "one control per shard");
         hop_store::io::Io::create_dir_all(&FsIo, &config.data).map_err(|source| {
             StartError::DataFolder {
@@ -176,7 +189,28 @@ impl Server {
             info!(path = %config.data.join("server.key").display(), "generated a new server key");
         }
         raise_fd_limit();
-        let listeners = bind_listeners(config.listen, config.shards)?;
+        let (listeners, mut inherited_shards) = match inherited {
+            Some(inherited) => {
+                let gate = inherited.gate();
+                (
+                    std::mem::take(&mut inherited.listeners),
+                    std::mem::take(&mut inherited.shards)
+                        .into_iter()
+                        .map(|shard| Some((shard, gate.clone())))
+                        .collect(),
+                )
+            }
+            None => (bind_listeners(config.listen, config.shards)?, Vec::new()),
+        };
+        inherited_shards.resize_with(config.shards, || None);
+        let listener_fds = listeners
+            .iter()
+            .map(|listener| std::os::fd::AsFd::as_fd(listener).try_clone_to_owned())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
         let local_addr = listeners[0]
             .local_addr()
             .map_err(|source| StartError::Listen {
@@ -253,7 +287,9 @@ impl Server {
             addresses: AddressTable::new(config.admission_limits()),
             tokens: (config.registration == crate::config::Registration::Token)
                 .then(|| tokens.clone()),
+            handover: Handover::new(config.shards),
         };
+        let handover = shared.handover.clone();
         let (shutdown, wake_all, threads, stats, mailbox_depth) = match kind {
             sys::Kind::Mio => start_shards::<MioBackend>(
                 config,
@@ -262,6 +298,7 @@ impl Server {
                 &bindings,
                 ceiling.per_shard,
                 &shared,
+                inherited_shards,
             )?,
             #[cfg(target_os = "linux")]
             sys::Kind::Uring => start_shards::<sys::uring::UringBackend>(
@@ -271,6 +308,7 @@ impl Server {
                 &bindings,
                 ceiling.per_shard,
                 &shared,
+                inherited_shards,
             )?,
             #[cfg(not(target_os = "linux"))]
             sys::Kind::Uring => unreachable!("choose_backend picks uring only on Linux"),
@@ -289,6 +327,8 @@ impl Server {
             directory,
             cluster,
             tokens,
+            handover,
+            listeners: listener_fds,
         })
     }
 
@@ -334,6 +374,7 @@ pub fn serve(
     config: &Config,
     reload: &dyn Fn() -> Result<Config, String>,
     set_log_filter: SetLogFilter,
+    take_over: bool,
 ) -> Result<bool, StartError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     // Whatever hopd creates is its own alone (the store asks for 0700 and 0600 as well): a
@@ -373,7 +414,18 @@ pub fn serve(
             Some(Admin::start(addr, state).map_err(|source| StartError::Admin { addr, source })?)
         }
     };
-    let server = Server::start(config, &controls)?;
+    // A takeover: the running hopd's sockets and sessions come first; the store is read
+    // from disk below, as at any start, once the old process has committed and frozen.
+    let mut inherited = if take_over {
+        let inherited =
+            takeover::take_over(&config.data, config.shards).map_err(StartError::Takeover)?;
+        let connections: usize = inherited.shards.iter().map(|s| s.conns.len()).sum();
+        info!(connections, "takeover: received the running hopd's sockets");
+        Some(inherited)
+    } else {
+        None
+    };
+    let server = Server::start(config, &controls, inherited.as_mut())?;
     let _ = views.set(ShardViews {
         stats: server.stats.clone(),
         mailbox_depth: server.mailbox_depth.clone(),
@@ -397,7 +449,41 @@ pub fn serve(
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    if let Some(inherited) = inherited.take() {
+        // The store is recovered: the old process lets go for good, then the shards resume
+        // its connections. If it does not, it serves on and this process stops.
+        if let Err(error) = inherited.commit() {
+            server.stop();
+            server.join();
+            return Err(StartError::Takeover(error));
+        }
+        info!("takeover: the old process let go; serving its connections");
+    }
     wait_until_serving(&server);
+    // This process offers a takeover to the next one in turn. A cluster member does not: its
+    // links and membership do not travel (it upgrades by drain).
+    let refusal = server
+        .cluster
+        .is_some()
+        .then(|| "a cluster member upgrades by drain, not by takeover".to_string());
+    let offer = match takeover::offer(
+        &config.data,
+        config.shards,
+        server
+            .listeners
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<io::Result<_>>()
+            .map_err(|error| StartError::Takeover(error.to_string()))?,
+        server.handover.clone(),
+        refusal,
+    ) {
+        Ok(offer) => Some(offer),
+        Err(error) => {
+            warn!(%error, "cannot offer a takeover; upgrades must drain");
+            None
+        }
+    };
     notify_service_manager(&[sd_notify::NotifyState::Ready]);
     let handle = signals.handle();
     let mut drain_started: Option<(std::time::Instant, u64)> = None;
@@ -438,6 +524,14 @@ pub fn serve(
         }
         if stop_now {
             break true;
+        }
+        if server.handover.is_gone() {
+            // Every connection lives on in the new process: no GoAway, no close, nothing
+            // more written to disk. The socket file is the new process's now.
+            info!("taken over by a new process; exiting");
+            std::mem::forget(offer);
+            notify_service_manager(&[sd_notify::NotifyState::Stopping]);
+            std::process::exit(0);
         }
         if !server.is_healthy() {
             error!("a shard stopped unexpectedly; stopping the server");
@@ -566,6 +660,7 @@ fn start_shards<B: Backend>(
     bindings: &Arc<Restored>,
     connections_per_shard: usize,
     shared: &Shared,
+    mut inherited: Vec<Option<(ShardExport, Arc<Gate>)>>,
 ) -> Result<Started, StartError> {
     let shards = config.shards;
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -628,7 +723,9 @@ fn start_shards<B: Backend>(
             cluster,
             addresses,
             tokens,
+            handover,
         } = shared.clone();
+        let inherited = inherited.get_mut(index).and_then(Option::take);
         let thread = std::thread::Builder::new()
             .name(format!("hop-shard-{index}"))
             .spawn(move || {
@@ -686,6 +783,8 @@ fn start_shards<B: Backend>(
                     cluster,
                     addresses,
                     tokens,
+                    handover,
+                    inherited,
                 });
             })
             .map_err(|source| StartError::Shard {
@@ -706,6 +805,11 @@ fn start_shards<B: Backend>(
             source: io::Error::other(reason),
         });
     }
+    let waiting = mailboxes.clone();
+    shared.handover.set_mail_waiting(Box::new(move || {
+        (0..shards as ShardId)
+            .any(|from| (0..shards as ShardId).any(|to| from != to && waiting.depth(from, to) > 0))
+    }));
     let depth_of = mailboxes.clone();
     let depth: MailboxDepth = Arc::new(move |from, to| depth_of.depth(from, to));
     let wake_all: Arc<dyn Fn() + Send + Sync> = Arc::new(move || mailboxes.wake_all_remotely());

@@ -40,7 +40,7 @@ use hop_protocol::keys::KEY_BYTES;
 use hop_protocol::noise::{
     Refusal, RefusalReason, FRAME_PLAINTEXT_BYTES_MAX, HANDSHAKE_MESSAGE_BYTES_MAX,
 };
-use hop_protocol::session::{InputError, PeerError, ServerConnection, ServerEvent};
+use hop_protocol::session::{Channel, InputError, PeerError, ServerConnection, ServerEvent};
 use hop_protocol::wire::ReceiptKind;
 use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, NodeAck, Pong, Stanza, UserRef};
 use hop_protocol::{StaticKey, UserId};
@@ -62,7 +62,8 @@ use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
 use crate::stats::{bump, ShardStats};
 use crate::syncer::{Finished, Job, LogKind, Syncer};
-use crate::sys::{Backend, ConnId, Event, Reading, Wake};
+use crate::sys::{Backend, ConnId, Event, Exported, Reading, Wake};
+use crate::takeover::{Ask, ConnExport, Gate, Handover, ShardExport};
 use crate::tokens::Tokens;
 
 /// Mail one shard takes from each other shard per turn.
@@ -73,6 +74,8 @@ const MAILS_PER_SOURCE_PER_TURN: usize = 4096;
 const OUTBOX_MAILS_FANOUT_MAX: usize = 16 * 1024;
 /// The longest a shard sleeps between timer checks.
 const TICK_MAX: Duration = Duration::from_secs(1);
+/// How often a shard looks at a takeover under way, at most.
+const HANDOVER_POLL: Duration = Duration::from_millis(10);
 /// How long shutdown waits for GoAways to drain.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 /// Users whose queues one tick checks for expired items.
@@ -204,6 +207,11 @@ pub struct ShardParts<B: Backend> {
     pub addresses: Arc<AddressTable>,
     /// Under `registration = token`: the tokens a new key must redeem first.
     pub tokens: Option<Arc<Tokens>>,
+    /// A takeover of this process by a new one, when one asks.
+    pub handover: Arc<Handover>,
+    /// Connections taken over from the process before this one, resumed before serving once
+    /// the gate opens (the gate may say to stop instead).
+    pub inherited: Option<(ShardExport, Arc<Gate>)>,
 }
 
 /// What a node link's queue did with a mail offered to it.
@@ -318,6 +326,11 @@ impl Held {
         debug_assert!(slot.is_some(), "an indexed item is held");
         *slot = None;
         true
+    }
+
+    /// Nothing held since the last batch was taken.
+    fn is_empty(&self) -> bool {
+        self.since_ms.is_none()
     }
 
     /// When the held batch must go to the store.
@@ -508,8 +521,11 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         cluster,
         addresses,
         tokens,
+        handover,
+        inherited,
     } = parts;
     let index = settings.index;
+    handover.register(usize::from(index), backend.remote_waker());
     let fresh = Fresh {
         router,
         accounts,
@@ -532,8 +548,19 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
         waker: backend.remote_waker(),
         next_token: 0,
         generation: 0,
+        handover,
     };
     let mut core = Core::from_handles(handles, fresh);
+    if let Some((inherited, gate)) = inherited {
+        if !gate.wait() {
+            info!(
+                shard = index,
+                "takeover given up: this shard stops without serving"
+            );
+            return;
+        }
+        core.resume_inherited(&mut backend, inherited);
+    }
     info!(shard = index, backend = backend.name(), "shard running");
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     loop {
@@ -609,6 +636,7 @@ struct Handles<B: Backend> {
     waker: Arc<dyn Wake>,
     next_token: u64,
     generation: u32,
+    handover: Arc<Handover>,
 }
 
 /// The message a panic carried.
@@ -638,6 +666,7 @@ impl<B: Backend> Core<B> {
             waker,
             next_token,
             generation,
+            handover,
         } = handles;
         let Fresh {
             mut router,
@@ -714,6 +743,8 @@ impl<B: Backend> Core<B> {
             cluster,
             cluster_state: (0, false),
             links_in: HashMap::default(),
+            handover,
+            handing: None,
         }
     }
 
@@ -733,6 +764,7 @@ impl<B: Backend> Core<B> {
             waker: self.waker,
             next_token: self.next_token,
             generation: self.generation,
+            handover: self.handover,
         }
     }
 
@@ -757,6 +789,8 @@ impl<B: Backend> Core<B> {
             let timeout =
                 if mail_backlog || core.has_blocked_mail() || core.handshake_input.is_waiting() {
                     Duration::ZERO
+                } else if core.handing.is_some() {
+                    HANDOVER_POLL
                 } else {
                     let until = |deadline: Option<u64>| {
                         deadline.map_or(Duration::MAX, |deadline| {
@@ -789,6 +823,10 @@ impl<B: Backend> Core<B> {
             mail_backlog = core.drain_mail(backend);
             core.take_commands();
             core.drain_step(backend);
+            if core.handover_step(backend) {
+                // A takeover is under way: nothing else this turn (no timers, no disk).
+                continue;
+            }
             // Commit before writing: the ServerAcks that a finished fsync releases leave in this
             // turn's writes. The fsync itself runs on the syncer, which wakes the loop when done.
             core.commit_if_due();
@@ -927,6 +965,29 @@ struct Core<B: Backend> {
     account_sweep_next_ms: u64,
     /// Handshake input read and not yet worked on (`ShardSettings::handshakes_per_turn`).
     handshake_input: HandshakeInput,
+    /// A takeover by a new process: what it asks of this shard.
+    handover: Arc<Handover>,
+    /// This shard's part in a takeover under way.
+    handing: Option<Handing>,
+}
+
+/// A shard's part in a takeover (see [`crate::takeover`]).
+#[derive(Debug, Default)]
+struct Handing {
+    attempt: u64,
+    /// Connections whose reading the takeover paused (it resumes them if it fails).
+    paused: HashMap<ConnId, u32>,
+    /// Exporting: the connections asked for, whose backend has not answered.
+    waiting: HashMap<ConnId, u32>,
+    exported: Vec<ConnExport>,
+    /// Connections frozen by their export (thawed if the takeover fails).
+    frozen: Vec<ConnId>,
+    export_started: bool,
+    failed: Option<String>,
+    /// The export went to the coordinator: the shard touches nothing from here on.
+    reported: bool,
+    /// When to say again what keeps the shard from being quiet.
+    log_at_ms: u64,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -968,6 +1029,9 @@ impl<B: Backend> Core<B> {
             }
             Event::Data(id, bytes) => self.handle_data(id, bytes),
             Event::Closed(id) => {
+                if let Some(handing) = self.handing.as_mut() {
+                    handing.waiting.remove(&id);
+                }
                 if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::take) {
                     if conn.phase == Phase::Handshaking {
                         bump(&self.stats.handshakes_abandoned, 1);
@@ -991,6 +1055,14 @@ impl<B: Backend> Core<B> {
                     warn!(user = %adoption.user, "a connection handed to this shard could not be adopted");
                 }
                 Reading::Continue
+            }
+            Event::Exported(id, exported) => {
+                self.exported(id, Some(exported));
+                Reading::Pause
+            }
+            Event::ExportFailed(id) => {
+                self.exported(id, None);
+                Reading::Pause
             }
         }
     }
@@ -1311,10 +1383,13 @@ impl<B: Backend> Core<B> {
         }
         self.run_actions();
         if self.node_outbox.is_empty() {
+            let handing = self.handing.is_some();
             for id in std::mem::take(&mut self.paused_for_nodes) {
                 if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) {
                     conn.paused = false;
-                    backend.set_reading(id, true);
+                    if !handing {
+                        backend.set_reading(id, true);
+                    }
                 }
             }
         }
@@ -2108,6 +2183,9 @@ impl<B: Backend> Core<B> {
                 let Some(mail) = self.mailboxes.pop(from, self.settings.index) else {
                     break;
                 };
+                if self.handing.is_some() {
+                    self.handover.took_mail(usize::from(self.settings.index));
+                }
                 match mail {
                     Mail::Router(message) => {
                         self.router.handle_shard_message(message, self.wall_ms);
@@ -2319,10 +2397,14 @@ impl<B: Backend> Core<B> {
         self.router
             .pause_fanouts(self.outbox_mails() >= OUTBOX_MAILS_FANOUT_MAX);
         if !self.has_blocked_mail() {
+            let handing = self.handing.is_some();
             for id in std::mem::take(&mut self.paused) {
                 if let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) {
                     conn.paused = false;
-                    backend.set_reading(id, true);
+                    // During a takeover reading stays off; a failed one turns it on again.
+                    if !handing {
+                        backend.set_reading(id, true);
+                    }
                 }
             }
         }
@@ -2476,6 +2558,315 @@ impl<B: Backend> Core<B> {
                 info!(shard = self.settings.index, "drained: no connection left");
             }
         }
+    }
+
+    /// This shard's part in a takeover by a new process ([`crate::takeover`]); true while one
+    /// is under way, when the rest of the turn is skipped.
+    fn handover_step(&mut self, backend: &mut B) -> bool {
+        let index = usize::from(self.settings.index);
+        match self.handover.ask() {
+            Ask::Serve => return false,
+            Ask::Quiesce { attempt } => {
+                if self.handing.as_ref().map(|h| h.attempt) != Some(attempt) {
+                    self.start_quiescing(backend, attempt);
+                }
+                self.pause_for_handover(backend);
+                let reads_stopped = backend.stop_reads();
+                if !self.held.is_empty() || !self.unkept.is_empty() || self.syncing {
+                    self.commit_now();
+                }
+                self.end_turn(backend);
+                let quiet = reads_stopped && self.is_quiet();
+                if quiet {
+                    // The account logs' buffered records (and the clock) go to disk before
+                    // the new process reads them.
+                    self.seen.append(None, self.account_clock_s());
+                    self.settle_syncs();
+                    self.end_turn(backend);
+                }
+                let quiet = quiet && self.is_quiet();
+                self.handover.set_quiet(index, quiet);
+                if !quiet && self.now_ms >= self.handing.as_ref().map_or(0, |h| h.log_at_ms) {
+                    info!(
+                        shard = index,
+                        waiting_for = if reads_stopped {
+                            self.unquiet().unwrap_or("mail")
+                        } else {
+                            "reads in flight"
+                        },
+                        "takeover: not quiet yet"
+                    );
+                    if let Some(handing) = self.handing.as_mut() {
+                        handing.log_at_ms = self.now_ms + 1_000;
+                    }
+                }
+            }
+            Ask::Export { .. } => {
+                let Some(handing) = self.handing.as_ref() else {
+                    // Joined late (restarted meanwhile): nothing of this shard can travel.
+                    self.handover
+                        .exported(index, Err("a shard restarted during the takeover".into()));
+                    self.handing = Some(Handing {
+                        reported: true,
+                        ..Handing::default()
+                    });
+                    return true;
+                };
+                if !handing.export_started {
+                    self.start_export(backend);
+                }
+                let handing = self.handing.as_mut().expect("set above");
+                if handing.waiting.is_empty() && !handing.reported {
+                    handing.reported = true;
+                    let exported = std::mem::take(&mut handing.exported);
+                    let export = match handing.failed.take() {
+                        Some(reason) => Err(reason),
+                        None => Ok(ShardExport {
+                            conns: exported,
+                            watchers: (self.router.watchers())
+                                .map(|(user, subscribers)| (user, subscribers.to_vec()))
+                                .collect(),
+                        }),
+                    };
+                    self.handover.exported(index, export);
+                }
+            }
+            Ask::Thaw => {
+                if self.handing.is_some() {
+                    self.thaw(backend);
+                }
+                self.handover.thawed(index);
+                return false;
+            }
+            Ask::Gone => {}
+        }
+        true
+    }
+
+    /// A takeover starts: no new connections, and those still in their handshake (or waiting
+    /// for a registration token) are sent away to connect again, to the new process.
+    fn start_quiescing(&mut self, backend: &mut B, attempt: u64) {
+        info!(shard = self.settings.index, "takeover: quiescing");
+        backend.set_accepting(false);
+        self.handing = Some(Handing {
+            attempt,
+            ..Handing::default()
+        });
+        for id in 0..self.conns.len() as ConnId {
+            match self.conns[id as usize].as_ref().map(|conn| conn.phase) {
+                Some(Phase::Handshaking) => self.close(id),
+                Some(Phase::Registering) => self.close_with(
+                    id,
+                    GoAwayReason::Shutdown,
+                    "the server is restarting; connect again",
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// Stops reading every open connection (again each turn: one adopted from another shard
+    /// meanwhile too).
+    fn pause_for_handover(&mut self, backend: &mut B) {
+        let Some(handing) = self.handing.as_mut() else {
+            return;
+        };
+        for (id, conn) in self.conns.iter().enumerate() {
+            let Some(conn) = conn else { continue };
+            let id = id as ConnId;
+            if conn.phase == Phase::Open && handing.paused.get(&id) != Some(&conn.generation) {
+                handing.paused.insert(id, conn.generation);
+                backend.set_reading(id, false);
+            }
+        }
+    }
+
+    /// Nothing of this shard is under way: no item held, unkept or syncing, no mail waiting
+    /// in its outboxes, no connection moving or in its handshake (the reads in flight are the
+    /// backend's to tell: [`Backend::stop_reads`]).
+    fn is_quiet(&self) -> bool {
+        self.unquiet().is_none()
+    }
+
+    /// What keeps this shard from being quiet, if anything: for [`Core::is_quiet`] and the log.
+    fn unquiet(&self) -> Option<&'static str> {
+        let busy = [
+            (!self.held.is_empty(), "items held for the store"),
+            (!self.unkept.is_empty(), "items not yet durable"),
+            (self.syncing, "a sync under way"),
+            (
+                self.outbox.iter().any(|mails| !mails.is_empty()),
+                "mail for other shards",
+            ),
+            (!self.node_outbox.is_empty(), "mail for other nodes"),
+            (
+                !self.moving.is_empty() || !self.adoptions.is_empty() || !self.to_move.is_empty(),
+                "connections moving between shards",
+            ),
+            (
+                !self.to_close.is_empty() || !self.dirty.is_empty(),
+                "bytes not yet handed to the backend",
+            ),
+            (self.handshake_input.is_waiting(), "handshake input"),
+            (
+                !(self.conns.iter().flatten())
+                    .all(|conn| matches!(conn.phase, Phase::Open | Phase::Closing)),
+                "connections in their handshake",
+            ),
+        ];
+        busy.into_iter()
+            .find(|(busy, _)| *busy)
+            .map(|(_, what)| what)
+    }
+
+    /// Freezes every open connection for export; each answers with `Exported`.
+    fn start_export(&mut self, backend: &mut B) {
+        // Whatever is queued for the clients is sealed and handed to the backend first: it
+        // travels as the connection's unwritten bytes.
+        for id in 0..self.conns.len() as ConnId {
+            let pending = self.conns[id as usize].as_mut().is_some_and(|conn| {
+                conn.phase == Phase::Open
+                    && conn
+                        .session
+                        .channel()
+                        .is_some_and(|channel| channel.has_pending())
+            });
+            if pending {
+                self.mark_dirty(id);
+            }
+        }
+        self.end_turn(backend);
+        let open: Vec<(ConnId, u32)> = (self.conns.iter().enumerate())
+            .filter_map(|(id, conn)| {
+                let conn = conn.as_ref()?;
+                (conn.phase == Phase::Open && conn.user.is_some())
+                    .then_some((id as ConnId, conn.generation))
+            })
+            .collect();
+        let handing = self.handing.as_mut().expect("quiesced first");
+        handing.export_started = true;
+        handing.waiting = open.iter().copied().collect();
+        info!(
+            shard = self.settings.index,
+            connections = open.len(),
+            "takeover: exporting"
+        );
+        for (id, _) in open {
+            backend.export(id);
+        }
+    }
+
+    /// The backend froze connection `id` (`exported`), or could not (`None`).
+    fn exported(&mut self, id: ConnId, exported: Option<Exported>) {
+        let Some(handing) = self.handing.as_mut() else {
+            return;
+        };
+        if handing.waiting.remove(&id).is_none() {
+            return;
+        }
+        let Some(Exported { socket, unsent }) = exported else {
+            handing.failed = Some(format!("connection {id} could not be exported"));
+            return;
+        };
+        handing.frozen.push(id);
+        let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let (Some(user), Some(channel)) = (conn.user, conn.session.channel()) else {
+            return;
+        };
+        let mut sealed = Vec::new();
+        let channel = channel.export(&mut sealed);
+        debug_assert!(sealed.is_empty(), "stanzas were sealed before the export");
+        let Some(session) = self.router.export_session(user) else {
+            handing.failed = Some(format!("the router has no session of {user}"));
+            return;
+        };
+        let peer = socket2::SockRef::from(&socket)
+            .peer_addr()
+            .ok()
+            .and_then(|addr| addr.as_socket())
+            .map(|addr| addr.ip().to_canonical());
+        handing.exported.push(ConnExport {
+            socket,
+            unsent,
+            peer,
+            channel,
+            session,
+        });
+    }
+
+    /// The takeover failed: every connection goes on here as before.
+    fn thaw(&mut self, backend: &mut B) {
+        let Some(handing) = self.handing.take() else {
+            return;
+        };
+        for id in handing.frozen {
+            backend.thaw(id);
+        }
+        for (id, generation) in handing.paused {
+            let paused = match self.conns.get(id as usize).and_then(Option::as_ref) {
+                Some(conn) if conn.generation == generation => conn.paused,
+                _ => continue,
+            };
+            if !paused {
+                backend.set_reading(id, true);
+            }
+        }
+        backend.set_accepting(true);
+        info!(
+            shard = self.settings.index,
+            "takeover failed: serving again"
+        );
+    }
+
+    /// Resumes the connections taken over from the process before this one, on this shard
+    /// (their home): each session goes on where it stopped.
+    fn resume_inherited(&mut self, backend: &mut B, inherited: ShardExport) {
+        let ShardExport { conns, watchers } = inherited;
+        for (user, subscribers) in watchers {
+            self.router.restore_watchers(user, subscribers);
+        }
+        let count = conns.len();
+        let mut lost = 0;
+        for ConnExport {
+            socket,
+            unsent,
+            peer,
+            channel,
+            session,
+        } in conns
+        {
+            let user = session.user;
+            let id = match backend.import(socket, unsent) {
+                Ok(id) => id,
+                Err(error) => {
+                    lost += 1;
+                    warn!(%user, %error, "takeover: a connection could not be adopted");
+                    continue;
+                }
+            };
+            let generation = self.next_generation();
+            let mut conn = Conn::new(
+                generation,
+                ServerConnection::Open(Channel::resume(channel)),
+                self.now_ms,
+            );
+            conn.phase = Phase::Open;
+            conn.user = Some(user);
+            self.insert(id, conn);
+            self.admission.inherit(id, peer, self.now_ms);
+            let conn_ref = self.conn_ref(id);
+            self.router.handle_resume(conn_ref, session, self.wall_ms);
+            self.run_actions();
+        }
+        self.end_turn(backend);
+        info!(
+            shard = self.settings.index,
+            connections = count - lost,
+            lost,
+            "takeover: connections resumed"
+        );
     }
 
     /// When the drain sends the next connection away.

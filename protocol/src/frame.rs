@@ -48,9 +48,9 @@ impl Deframer {
         Self { partial }
     }
 
-    /// The bytes of the incomplete frame buffered here, taken; the deframer is idle after.
-    pub fn take_partial(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.partial)
+    /// The bytes of the incomplete frame buffered here.
+    pub fn partial(&self) -> &[u8] {
+        &self.partial
     }
 
     /// True when no partial frame is buffered.

@@ -181,15 +181,16 @@ impl Channel {
         }
     }
 
-    /// Takes the channel apart to carry the session on in another process: its transport's
-    /// keys and nonces, and the bytes of a frame that arrived in part. Stanzas queued and not
-    /// yet sealed are sealed into `out` first, so that none is lost.
-    pub fn export(mut self, out: &mut Vec<u8>) -> ChannelState {
+    /// What another process needs to carry the session on: the transport's keys and nonces,
+    /// and the bytes of a frame that arrived in part. Stanzas queued and not yet sealed are
+    /// sealed into `out` first, so that none is lost. This channel must not seal or open
+    /// another frame unless the other process does not take the session.
+    pub fn export(&mut self, out: &mut Vec<u8>) -> ChannelState {
         self.flush(out);
         let partial = self
             .buffers
-            .as_mut()
-            .map(|buffers| buffers.deframer.take_partial())
+            .as_ref()
+            .map(|buffers| buffers.deframer.partial().to_vec())
             .unwrap_or_default();
         ChannelState {
             transport: self.transport.state(),

@@ -1395,13 +1395,7 @@ impl Router {
     /// device is online as it was, silently (its watchers were told when it came online). The
     /// items pushed to it before go to the front of its queue as in flight, so that they are
     /// not pushed twice; what was not pushed yet is pushed now.
-    pub fn handle_resume(
-        &mut self,
-        key: &[u8; KEY_BYTES],
-        conn: ConnRef,
-        session: SessionState,
-        now_ms: u64,
-    ) {
+    pub fn handle_resume(&mut self, conn: ConnRef, session: SessionState, now_ms: u64) {
         let user = session.user;
         assert_eq!(
             home_shard(self.account_of(user), self.shards),
@@ -1409,12 +1403,9 @@ impl Router {
             "session resumed at the wrong shard"
         );
         assert_ne!(conn, NO_CONN, "a connection handle the router reserves");
+        // A user whose key is not on disk stays so: its binding is written at its next
+        // connect, as for a user made from its queued items.
         let state = self.users.entry(user).or_insert_with(User::new);
-        if !state.bound {
-            state.bound = true;
-            self.actions
-                .push(Action::PersistBinding { user, key: *key });
-        }
         let mut replaced_subscriptions = Vec::new();
         if let Some(old) = state.replace_conn(Some(conn)) {
             self.actions.push(Action::Close {

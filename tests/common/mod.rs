@@ -164,6 +164,21 @@ impl Hopd {
         Self::launch_with(data, listen, flags, limit, &[])
     }
 
+    /// Starts a second hopd on this one's data folder with `--takeover`: it takes over this
+    /// one's sockets and connections, and this one exits. Its log is a file of its own.
+    pub fn take_over(&self, flags: &[&str]) -> Self {
+        let mut flags = flags.to_vec();
+        flags.push("--takeover");
+        Self::launch_logged(
+            &self.data,
+            &self.addr,
+            &flags,
+            None,
+            &[],
+            self.data.with_extension("next.log"),
+        )
+    }
+
     fn launch_with(
         data: &Path,
         listen: &str,
@@ -171,7 +186,17 @@ impl Hopd {
         limit: Option<Limit>,
         env: &[(&str, &str)],
     ) -> Self {
-        let log = data.with_extension("log");
+        Self::launch_logged(data, listen, flags, limit, env, data.with_extension("log"))
+    }
+
+    fn launch_logged(
+        data: &Path,
+        listen: &str,
+        flags: &[&str],
+        limit: Option<Limit>,
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> Self {
         if let Some(parent) = log.parent() {
             std::fs::create_dir_all(parent).expect("log folder");
         }

@@ -15,7 +15,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use tracing::{debug, warn};
 
-use super::{Backend, BackendLimits, ConnId, Event, Reading, SendOverflow, Wake};
+use super::{Backend, BackendLimits, ConnId, Event, Exported, Reading, SendOverflow, Wake};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -47,6 +47,8 @@ struct Connection {
     writable_interest: bool,
     /// Set once closing: the write side is shut and reads are discarded until the peer closes.
     closing_deadline: Option<Instant>,
+    /// Exported to another process: neither read nor written until thawed.
+    frozen: bool,
 }
 
 #[derive(Debug)]
@@ -78,6 +80,8 @@ enum Move {
     Detached(ConnId, MioHandoff),
     Attached { token: u64, conn: ConnId },
     AttachFailed { token: u64 },
+    Exported(ConnId, Exported),
+    ExportFailed(ConnId),
 }
 
 /// Wakes a mio shard; also its address for other shards.
@@ -216,7 +220,7 @@ impl MioBackend {
                 continue;
             };
             connection.ready = false;
-            if !connection.reading && connection.closing_deadline.is_none() {
+            if connection.frozen || (!connection.reading && connection.closing_deadline.is_none()) {
                 continue;
             }
             let mut outcome = ReadOutcome::Drained;
@@ -269,6 +273,9 @@ impl MioBackend {
         let Some(connection) = self.connections.get_mut(index) else {
             return Ok(());
         };
+        if connection.frozen {
+            return Ok(());
+        }
         let mut written = 0;
         while written < connection.unsent.len() {
             match connection.stream.write(&connection.unsent[written..]) {
@@ -348,6 +355,7 @@ impl Connection {
             ready: false,
             writable_interest: false,
             closing_deadline: None,
+            frozen: false,
         }
     }
 }
@@ -425,6 +433,8 @@ impl Backend for MioBackend {
                 Move::Detached(conn, handoff) => Event::Detached(conn, handoff),
                 Move::Attached { token, conn } => Event::Attached { token, conn },
                 Move::AttachFailed { token } => Event::AttachFailed { token },
+                Move::Exported(conn, exported) => Event::Exported(conn, exported),
+                Move::ExportFailed(conn) => Event::ExportFailed(conn),
             });
         }
         for index in writable {
@@ -444,6 +454,90 @@ impl Backend for MioBackend {
         self.read_ready(on_event);
         self.reap_closing();
         Ok(())
+    }
+
+    fn export(&mut self, conn: ConnId) {
+        let Some(connection) = self.connections.get_mut(conn as usize) else {
+            return;
+        };
+        if connection.closing_deadline.is_some() || connection.frozen {
+            return;
+        }
+        // A descriptor of its own for the socket: this one stays, frozen, so that the
+        // connection goes on here if the other process does not take it.
+        let socket = match std::os::fd::AsFd::as_fd(&connection.stream).try_clone_to_owned() {
+            Ok(socket) => socket,
+            Err(error) => {
+                warn!(%error, "duplicating a connection's descriptor for export failed");
+                self.finished_moves.push_back(Move::ExportFailed(conn));
+                return;
+            }
+        };
+        connection.frozen = true;
+        let unsent = connection.unsent.clone();
+        self.finished_moves
+            .push_back(Move::Exported(conn, Exported { socket, unsent }));
+    }
+
+    fn stop_reads(&mut self) -> bool {
+        true // reads happen inside `poll`, only for connections whose reading is on
+    }
+
+    fn thaw(&mut self, conn: ConnId) {
+        let index = conn as usize;
+        let Some(connection) = self.connections.get_mut(index) else {
+            return;
+        };
+        if !std::mem::take(&mut connection.frozen) {
+            return;
+        }
+        self.mark_ready(index);
+        if self.flush(index).is_err() {
+            self.mark_ready(index);
+        }
+    }
+
+    fn import(&mut self, socket: std::os::fd::OwnedFd, unsent: Vec<u8>) -> io::Result<ConnId> {
+        if self.connections.len() >= self.limits.connections_max {
+            return Err(io::Error::other(
+                "the shard holds its maximum of connections",
+            ));
+        }
+        let stream = std::net::TcpStream::from(socket);
+        stream.set_nonblocking(true)?;
+        let mut stream = TcpStream::from_std(stream);
+        let entry = self.connections.vacant_entry();
+        let index = entry.key();
+        self.poll
+            .registry()
+            .register(&mut stream, Token(index), Interest::READABLE)?;
+        let mut connection = Connection::new(stream);
+        self.unsent += unsent.len();
+        connection.unsent = unsent;
+        entry.insert(connection);
+        // Bytes may wait in the socket already; an edge seen by the other process is gone.
+        self.mark_ready(index);
+        if self.flush(index).is_err() {
+            self.mark_ready(index);
+        }
+        Ok(index as ConnId)
+    }
+
+    fn set_accepting(&mut self, accepting: bool) {
+        let Some(listener) = self.listener.as_mut() else {
+            return;
+        };
+        let registry = self.poll.registry();
+        let result = if accepting {
+            self.accept_backlog = true; // edges missed meanwhile
+            registry.register(listener, LISTENER, Interest::READABLE)
+        } else {
+            self.accept_backlog = false;
+            registry.deregister(listener)
+        };
+        if let Err(error) = result {
+            warn!(%error, accepting, "changing the listener's registration failed");
+        }
     }
 
     fn stop_accepting(&mut self) {

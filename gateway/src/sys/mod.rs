@@ -57,6 +57,21 @@ pub enum Event<'a, H> {
     Attached { token: u64, conn: ConnId },
     /// A handoff passed to [`Backend::attach`] could not be adopted; the connection is lost.
     AttachFailed { token: u64 },
+    /// A connection passed to [`Backend::export`] is frozen here; this is its socket for
+    /// another process.
+    Exported(ConnId, Exported),
+    /// A connection passed to [`Backend::export`] could not be exported; it is not frozen.
+    ExportFailed(ConnId),
+}
+
+/// A connection's socket and unwritten bytes, for another process of this server to carry it
+/// on (an upgrade that keeps the connections).
+#[derive(Debug)]
+pub struct Exported {
+    /// A descriptor of the socket of its own: the backend keeps its own while frozen.
+    pub socket: std::os::fd::OwnedFd,
+    /// Bytes the backend held for writing: the other process writes them first.
+    pub unsent: Vec<u8>,
 }
 
 /// Whether the backend should go on reading a connection after a `Data` event.
@@ -203,6 +218,30 @@ pub trait Backend: Sized {
     /// Adopts a connection detached by another shard; `Event::Attached` or
     /// `Event::AttachFailed` with the same token follows.
     fn attach(&mut self, handoff: Self::Handoff, token: u64);
+
+    /// Starts exporting a connection to another process: it is frozen (neither read nor
+    /// written from here on, but held), and `Event::Exported` follows with a descriptor of its
+    /// socket and the bytes not written, once nothing of it is in flight (or
+    /// `Event::ExportFailed`, or `Closed` if the peer closed first). The shard must have
+    /// paused reading it.
+    fn export(&mut self, conn: ConnId);
+
+    /// Stops the reads still in flight of the open connections whose reading is paused; true
+    /// once none has one: after the shard paused reading every connection, nothing more will
+    /// be reported read until it resumes one.
+    fn stop_reads(&mut self) -> bool;
+
+    /// Lets a frozen connection go on here (the other process did not take it over): its
+    /// bytes are written and reading is as the shard last set it.
+    fn thaw(&mut self, conn: ConnId);
+
+    /// Adopts a socket another process of this server exported, with the bytes it had not
+    /// written (written first); the connection reads at once.
+    fn import(&mut self, socket: std::os::fd::OwnedFd, unsent: Vec<u8>) -> io::Result<ConnId>;
+
+    /// Stops or resumes taking new connections; the listener stays open, so that connections
+    /// that arrive meanwhile wait in its backlog (for another process that takes it over).
+    fn set_accepting(&mut self, accepting: bool);
 
     /// Connections held, closing ones included.
     fn connections(&self) -> usize;

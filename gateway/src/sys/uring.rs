@@ -47,7 +47,7 @@ use self::buf_ring::BufRing;
 use self::probe::TaskRun;
 use self::transfers::{Transfers, TRANSFER_WAIT};
 use self::user_data::{Kind, UserData, SLOT_MAX};
-use super::{Backend, BackendLimits, ConnId, Event, Reading, SendOverflow, Wake};
+use super::{Backend, BackendLimits, ConnId, Event, Exported, Reading, SendOverflow, Wake};
 
 /// Submission queue entries; a turn that produces more flushes early.
 const SQ_ENTRIES: u32 = 4096;
@@ -136,6 +136,11 @@ enum State {
     Detaching,
     /// The descriptor is on its way to the peer ring, as transfer `Outgoing::transfer`.
     SendingFd,
+    /// Exported to another process: waiting for the send in flight to finish, then for the
+    /// descriptor's install as a regular one; then frozen until thawed.
+    Exporting,
+    Installing,
+    Frozen,
     /// Cancel what is in flight; close the slot once nothing is.
     Dead,
 }
@@ -255,7 +260,12 @@ impl Conn {
     fn known(&self) -> bool {
         matches!(
             self.state,
-            State::Open | State::Detaching | State::SendingFd
+            State::Open
+                | State::Detaching
+                | State::SendingFd
+                | State::Exporting
+                | State::Installing
+                | State::Frozen
         )
     }
 
@@ -281,7 +291,14 @@ impl Conn {
     /// send buffer; never while a send is in flight, whose bytes the kernel reads. A peer is
     /// let go once the connection no longer moves to it.
     fn release_out(&mut self) {
-        let moving = matches!(self.state, State::Detaching | State::SendingFd);
+        let moving = matches!(
+            self.state,
+            State::Detaching
+                | State::SendingFd
+                | State::Exporting
+                | State::Installing
+                | State::Frozen
+        );
         let Some(out) = self.out.as_mut() else {
             return;
         };
@@ -345,6 +362,8 @@ enum Op {
         ring: RawFd,
         transfer: u64,
     },
+    /// Installs the connection's direct descriptor as a regular one (`IORING_OP_FIXED_FD_INSTALL`).
+    InstallFd(u32),
 }
 
 /// Finished moves and other events produced outside `poll`, reported by the next one.
@@ -693,6 +712,13 @@ impl UringBackend {
                 .user_data(ud(Kind::SendFd, slot, generation).encode());
                 (entry, Some(slot), true)
             }
+            Op::InstallFd(slot) => {
+                let generation = generation_of(&self.conns, slot);
+                let entry = opcode::FixedFdInstall::new(Fixed(slot), 0)
+                    .build()
+                    .user_data(ud(Kind::InstallFd, slot, generation).encode());
+                (entry, Some(slot), true)
+            }
         };
         // SAFETY: see this function's documentation: every buffer and file the entry names
         // stays valid until its completion arrives.
@@ -823,7 +849,15 @@ impl UringBackend {
                     self.peers_in_sq.push(peer);
                 }
             }
-            State::SendingFd => {}
+            State::Exporting => {
+                if conn.has(Flags::ARMED) || conn.has(Flags::RECV_ONCE) {
+                    ops = conn.cancels(slot, armed_kind, false);
+                } else if !conn.has(Flags::SENDING) {
+                    conn.state = State::Installing;
+                    ops[0] = Some(Op::InstallFd(slot));
+                }
+            }
+            State::SendingFd | State::Installing | State::Frozen => {}
             State::Dead => {
                 // Each op in flight is cancelled by its own user_data (see `Op::Cancel`); a
                 // shutdown finishes by itself.
@@ -850,6 +884,16 @@ impl UringBackend {
         conn.state = State::Dead;
         if known {
             on_event(Event::Closed(slot));
+        }
+        self.progress(slot);
+    }
+
+    /// Moves a connection in state `from` to state `to` and on from there; nothing for a
+    /// connection in another state.
+    fn shift(&mut self, slot: u32, from: State, to: State) {
+        match self.conn(slot) {
+            Some(record) if record.state == from => record.state = to,
+            _ => return,
         }
         self.progress(slot);
     }
@@ -974,6 +1018,34 @@ impl UringBackend {
                     self.conns[slot] = None;
                     self.held -= 1;
                 }
+            }
+            Kind::InstallFd => {
+                let Some(conn) = self.conn_of(data) else {
+                    if result >= 0 {
+                        // SAFETY: the kernel installed this descriptor for us; nothing else
+                        // owns it. Its connection is gone: close it.
+                        drop(unsafe { OwnedFd::from_raw_fd(result) });
+                    }
+                    return;
+                };
+                conn.ops -= 1;
+                if result < 0 {
+                    warn!(error = %io::Error::from_raw_os_error(-result), "io_uring: installing a connection's descriptor for export failed");
+                    conn.state = State::Open;
+                    on_event(Event::ExportFailed(data.slot));
+                    self.progress(data.slot);
+                    return;
+                }
+                conn.state = State::Frozen;
+                let unsent = conn
+                    .out
+                    .as_ref()
+                    .map(|out| out.queued.clone())
+                    .unwrap_or_default();
+                // SAFETY: the kernel installed this descriptor for us (O_CLOEXEC); nothing
+                // else owns it.
+                let socket = unsafe { OwnedFd::from_raw_fd(result) };
+                on_event(Event::Exported(data.slot, Exported { socket, unsent }));
             }
             Kind::SendFd => {
                 let Some(conn) = self.conn_of(data) else {
@@ -1339,6 +1411,71 @@ impl Backend for UringBackend {
         Ok(())
     }
 
+    fn export(&mut self, conn: ConnId) {
+        self.shift(conn, State::Open, State::Exporting);
+    }
+
+    fn stop_reads(&mut self) -> bool {
+        let mut stopped = true;
+        let mut cancels = Vec::new();
+        for (slot, conn) in self.conns.iter_mut().enumerate() {
+            let Some(conn) = conn.as_mut() else { continue };
+            if conn.state != State::Open || conn.has(Flags::READING) {
+                continue;
+            }
+            // Paused, the armed receive (or poll) is being cancelled already; a single
+            // receive after a poll is left to finish, as it may wait for bytes that never
+            // come: cancel it.
+            if conn.has(Flags::RECV_ONCE) && !conn.has(Flags::RECV_ONCE_CANCELLED) {
+                conn.set(Flags::RECV_ONCE_CANCELLED, true);
+                cancels.push(Op::Cancel(slot as u32, Kind::RecvOnce));
+            }
+            stopped &= !(conn.has(Flags::ARMED) || conn.has(Flags::RECV_ONCE));
+        }
+        for op in cancels {
+            self.submit(op);
+        }
+        stopped
+    }
+
+    fn thaw(&mut self, conn: ConnId) {
+        self.shift(conn, State::Frozen, State::Open);
+    }
+
+    fn import(&mut self, socket: OwnedFd, unsent: Vec<u8>) -> io::Result<ConnId> {
+        if self.held >= self.limits.connections_max {
+            return Err(io::Error::other(
+                "the shard holds its maximum of connections",
+            ));
+        }
+        let free = (self.conns.iter().position(Option::is_none))
+            .ok_or_else(|| io::Error::other("the fixed file table is full"))?;
+        let slot = free as u32;
+        // The table's entry takes its own reference to the socket; ours closes after.
+        let updated = self
+            .ring
+            .submitter()
+            .register_files_update(slot, &[socket.as_raw_fd()])?;
+        if updated != 1 {
+            return Err(io::Error::other("the fixed file table took no descriptor"));
+        }
+        Ok(self.adopt(slot, unsent))
+    }
+
+    fn set_accepting(&mut self, accepting: bool) {
+        if self.accepting == accepting || self.stopping {
+            return;
+        }
+        self.accepting = accepting;
+        if accepting {
+            if !self.accept_armed {
+                self.submit(Op::Accept);
+            }
+        } else if self.accept_armed {
+            self.submit(Op::CancelShared(Kind::Accept));
+        }
+    }
+
     fn stop_accepting(&mut self) {
         if !self.accepting {
             return;
@@ -1539,6 +1676,8 @@ mod tests {
         Detached(ConnId, UringHandoff),
         Attached { token: u64, conn: ConnId },
         AttachFailed { token: u64 },
+        Exported(ConnId, Exported),
+        ExportFailed(ConnId),
     }
 
     fn backend(connections_max: usize, poll_then_receive: bool) -> (UringBackend, String) {
@@ -1579,6 +1718,8 @@ mod tests {
                         Event::Detached(id, handoff) => Seen::Detached(id, handoff),
                         Event::Attached { token, conn } => Seen::Attached { token, conn },
                         Event::AttachFailed { token } => Seen::AttachFailed { token },
+                        Event::Exported(id, exported) => Seen::Exported(id, exported),
+                        Event::ExportFailed(id) => Seen::ExportFailed(id),
                     });
                     Reading::Continue
                 })
@@ -1842,21 +1983,49 @@ mod tests {
         assert_eq!(closed, 1);
     }
 
+    /// Two rings, and a client of ring A whose first bytes ("before") A reported.
+    struct Rings {
+        a: UringBackend,
+        b: UringBackend,
+        seen_a: Vec<Seen>,
+        seen_b: Vec<Seen>,
+        stream: TcpStream,
+        conn: ConnId,
+    }
+
+    fn two_rings(poll: bool) -> Rings {
+        let (mut a, addr) = backend(8, poll);
+        let (b, _) = backend(8, poll);
+        let mut seen_a = Vec::new();
+        let mut stream = client(&addr);
+        pump(&mut a, &mut seen_a, |s| accepted(s).len() == 1);
+        let conn = accepted(&seen_a)[0];
+        stream.write_all(b"before").unwrap();
+        pump(&mut a, &mut seen_a, |s| data_of(s, conn) == b"before");
+        Rings {
+            a,
+            b,
+            seen_a,
+            seen_b: Vec::new(),
+            stream,
+            conn,
+        }
+    }
+
     /// A connection moves from ring A to ring B, whatever arrives first at B: the descriptor
     /// or the handoff. Bytes written before the move are reported by A, after it by B, and
     /// bytes queued on A are written by B.
     #[test]
     fn a_connection_moves_between_rings_with_its_bytes() {
         for poll in [false, true] {
-            let (mut a, addr) = backend(8, poll);
-            let (mut b, _) = backend(8, poll);
-            let mut seen_a = Vec::new();
-            let mut seen_b = Vec::new();
-            let mut stream = client(&addr);
-            pump(&mut a, &mut seen_a, |s| accepted(s).len() == 1);
-            let conn = accepted(&seen_a)[0];
-            stream.write_all(b"before").unwrap();
-            pump(&mut a, &mut seen_a, |s| data_of(s, conn) == b"before");
+            let Rings {
+                mut a,
+                mut b,
+                mut seen_a,
+                mut seen_b,
+                mut stream,
+                conn,
+            } = two_rings(poll);
             a.detach(conn, &b.peer());
             a.send(conn, b"queued on a").unwrap();
             pump(&mut a, &mut seen_a, |s| {
@@ -1898,6 +2067,79 @@ mod tests {
                 assert!(Instant::now() < deadline);
                 pump(&mut a, &mut seen_a, |_| true);
             }
+        }
+    }
+
+    /// Waits for the export of `conn` and takes it out of `seen`.
+    fn export_of(backend: &mut UringBackend, seen: &mut Vec<Seen>, conn: ConnId) -> Exported {
+        pump(backend, seen, |s| {
+            s.iter().any(|e| match e {
+                Seen::Exported(id, _) => *id == conn,
+                Seen::ExportFailed(id) => panic!("the export of {id} failed"),
+                _ => false,
+            })
+        });
+        let at = (seen.iter())
+            .position(|e| matches!(e, Seen::Exported(id, _) if *id == conn))
+            .expect("found above");
+        let Seen::Exported(_, exported) = seen.remove(at) else {
+            unreachable!()
+        };
+        exported
+    }
+
+    #[test]
+    fn an_exported_connection_freezes_and_thaws_or_goes_on_in_another_ring() {
+        for poll in [false, true] {
+            let Rings {
+                mut a,
+                mut b,
+                mut seen_a,
+                mut seen_b,
+                mut stream,
+                conn,
+            } = two_rings(poll);
+            // Paused and stopped, then exported: the socket's next bytes stay in the kernel.
+            a.set_reading(conn, false);
+            let deadline = Instant::now() + PATIENCE;
+            while !a.stop_reads() {
+                assert!(Instant::now() < deadline, "reads never stopped");
+                pump(&mut a, &mut seen_a, |_| true);
+            }
+            a.export(conn);
+            let exported = export_of(&mut a, &mut seen_a, conn);
+            assert!(exported.unsent.is_empty());
+            stream.write_all(b"frozen").unwrap();
+            a.send(conn, b"held while frozen").unwrap();
+            pump(&mut a, &mut seen_a, |_| true);
+            assert_eq!(
+                data_of(&seen_a, conn),
+                b"before",
+                "nothing read while frozen"
+            );
+            // A failed takeover: A thaws and goes on, its held bytes first.
+            drop(exported);
+            a.thaw(conn);
+            a.set_reading(conn, true);
+            pump(&mut a, &mut seen_a, |s| data_of(s, conn) == b"beforefrozen");
+            let held = read_while_polling(&mut a, &mut seen_a, &stream, 17);
+            assert_eq!(held, b"held while frozen");
+            // Exported again, with bytes A could not write yet, and adopted by B.
+            a.set_reading(conn, false);
+            while !a.stop_reads() {
+                pump(&mut a, &mut seen_a, |_| true);
+            }
+            a.export(conn);
+            let mut exported = export_of(&mut a, &mut seen_a, conn);
+            exported.unsent.extend_from_slice(b"carried");
+            let moved = b.import(exported.socket, exported.unsent).unwrap();
+            let carried = read_while_polling(&mut b, &mut seen_b, &stream, 7);
+            assert_eq!(carried, b"carried");
+            stream.write_all(b"after").unwrap();
+            pump(&mut b, &mut seen_b, |s| data_of(s, moved) == b"after");
+            b.send(moved, b"from b").unwrap();
+            let reply = read_while_polling(&mut b, &mut seen_b, &stream, 6);
+            assert_eq!(reply, b"from b");
         }
     }
 

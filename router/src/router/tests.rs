@@ -2782,8 +2782,7 @@ fn a_resumed_session_pushes_nothing_twice_and_keeps_its_watches() {
     for (session, conn) in sessions.into_iter().zip([11, 12]) {
         let shard = cluster.router_of(session.user);
         let now = cluster.now_ms;
-        let key = key_of(session.user);
-        cluster.routers[shard].handle_resume(&key, ConnRef(conn), session, now);
+        cluster.routers[shard].handle_resume(ConnRef(conn), session, now);
     }
     cluster.run();
     assert!(cluster.take(12).is_empty(), "the window is still full");

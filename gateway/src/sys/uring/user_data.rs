@@ -35,6 +35,8 @@ pub enum Kind {
     Transfer = 12,
     /// A new connection's peer address (`SO_PEERNAME`).
     PeerName = 13,
+    /// A connection's direct descriptor installed as a regular one, for another process.
+    InstallFd = 14,
 }
 
 impl Kind {
@@ -53,6 +55,7 @@ impl Kind {
             11 => Self::SendFd,
             12 => Self::Transfer,
             13 => Self::PeerName,
+            14 => Self::InstallFd,
             _ => return None,
         })
     }
