@@ -285,3 +285,58 @@ fn a_takeover_with_another_shard_count_is_refused_and_changes_nothing() {
         "a clear reason: {stderr}"
     );
 }
+
+/// A client that does not read while the server writes to it: the bytes the old process could
+/// not write yet (its send blocked, then cancelled) travel with the connection and arrive
+/// first, in order, once.
+#[test]
+fn a_takeover_carries_the_bytes_a_reader_has_not_taken_yet() {
+    const MESSAGES: usize = 240;
+    let flags = [
+        "--shards",
+        "2",
+        "--inflight-bytes-max",
+        "33554432",
+        "--send-buffer-bytes-max",
+        "67108864",
+        "--send-buffers-bytes-max",
+        "268435456",
+    ];
+    let mut old = Hopd::start(&flags);
+    let (_, mut sender) = old.new_user();
+    let (_, mut reader) = old.new_user();
+    let to = reader.user_id();
+    // 240 x 60 kB: more than the loopback socket buffers of both ends hold, less than the
+    // recipient's queue quota (16 MiB).
+    let body = |n: usize| {
+        let mut body = vec![(n % 251) as u8; 60_000];
+        body[..8].copy_from_slice(&(n as u64).to_le_bytes());
+        body
+    };
+    for n in 0..MESSAGES {
+        sender.queue_message(to, &body(n));
+    }
+    sender.flush().expect("send");
+    let mut rest = Vec::new();
+    for _ in 0..MESSAGES {
+        wait_for(&mut sender, "ServerAck", &mut rest, |stanza| {
+            matches!(stanza.kind, Some(Kind::ServerAck(_))).then_some(())
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let new = old.take_over(&flags);
+    assert!(old.wait().success());
+    let mut rest = Vec::new();
+    for n in 0..MESSAGES {
+        let (id, got) = wait_for(&mut reader, "Deliver", &mut rest, |stanza| {
+            match &stanza.kind {
+                Some(Kind::Deliver(deliver)) => Some((deliver.id, deliver.body.to_vec())),
+                _ => None,
+            }
+        });
+        assert!(got == body(n), "message {n} arrives whole, in order");
+        reader.ack_deliver(id).expect("ack");
+    }
+    assert_eq!(reader.duplicates_dropped(), 0);
+    assert!(new.stop().success());
+}

@@ -13,6 +13,7 @@
 set -u
 # The abuse limits are off unless ABUSE_LIMITS=on (abuse-limits.sh says why).
 . "$(dirname "$0")/abuse-limits.sh"
+. "$(dirname "$0")/idle-clients.sh"
 B=$1; M=$2; P=$3; N=$4
 T=${CARGO_TARGET_DIR:-target}/release
 W=$(mktemp -d /tmp/hopmeasure.XXXX)
@@ -27,16 +28,11 @@ for i in $(seq 50); do [ -s $W/banner ] && break; sleep 0.1; done
 ADDR=$(awk '{print $4}' $W/banner); KEY=$(sed 's/.*server key \([0-9a-f]*\);.*/\1/' $W/banner)
 sleep 1
 R0=$(rss); S0=$(slab); slabs >$W/s0; M0=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
-mkfifo $W/hold
-exec 3<>$W/hold
-CL=""
-for p in $(seq $P); do
-  $T/examples/idle_clients $ADDR $KEY $N 127.0.$(( (p+1) / 250 )).$(( (p+1) % 250 + 1 )) 4 <$W/hold >$W/c$p 3>&- &
-  CL="$CL $!"
-  for i in $(seq 900); do grep -q -E "ready|stopped" $W/c$p 2>/dev/null && break; sleep 0.5; done
+after_idle_clients() {
   sleep 2
-  if [ $p -eq 1 ]; then RA=$(rss); SA=$(slab); HA=$(held); fi
-done
+  if [ $1 -eq 1 ]; then RA=$(rss); SA=$(slab); HA=$(held); fi
+}
+start_idle_clients $P $N
 R1=$(rss); S1=$(slab); slabs >$W/s1; M1=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
 HELD=$(held)
 echo "backend=$B mode=$M clients: $(cat $W/c* | tr '\n' ' ')"

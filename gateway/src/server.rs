@@ -402,21 +402,42 @@ pub fn serve(
     let controls = Arc::new(Controls::new(config.shards));
     let views = Arc::new(std::sync::OnceLock::new());
     let drain_ms = Arc::new(AtomicU64::new(config.drain_ms));
-    let admin = match config.admin {
-        AdminAddress::Off => None,
-        AdminAddress::At(addr) => {
-            let state = AdminState {
-                controls: controls.clone(),
-                shards: views.clone(),
-                set_log_filter: set_log_filter.clone(),
-                drain_ms: drain_ms.clone(),
-            };
-            Some(Admin::start(addr, state).map_err(|source| StartError::Admin { addr, source })?)
+    let start_admin = |patience: Duration| -> Result<Option<Admin>, StartError> {
+        let AdminAddress::At(addr) = config.admin else {
+            return Ok(None);
+        };
+        let state = AdminState {
+            controls: controls.clone(),
+            shards: views.clone(),
+            set_log_filter: set_log_filter.clone(),
+            drain_ms: drain_ms.clone(),
+        };
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match Admin::start(addr, state.clone()) {
+                Ok(admin) => return Ok(Some(admin)),
+                // After a takeover the old process lets the address go as it exits.
+                Err(error)
+                    if error.kind() == io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(source) => return Err(StartError::Admin { addr, source }),
+            }
         }
+    };
+    // A takeover starts the admin listener once the old process has let its address go.
+    let mut admin = if take_over {
+        None
+    } else {
+        start_admin(Duration::ZERO)?
     };
     // A takeover: the running hopd's sockets and sessions come first; the store is read
     // from disk below, as at any start, once the old process has committed and frozen.
     let mut inherited = if take_over {
+        // The descriptors arrive all at once, before the shards register them.
+        raise_fd_limit();
         let inherited =
             takeover::take_over(&config.data, config.shards).map_err(StartError::Takeover)?;
         let connections: usize = inherited.shards.iter().map(|s| s.conns.len()).sum();
@@ -433,6 +454,21 @@ pub fn serve(
         cluster: server.cluster.as_ref().map(|(cluster, _)| cluster.clone()),
         tokens: server.tokens.clone(),
     });
+    if let Some(inherited) = inherited.take() {
+        // The store is recovered: the old process lets go for good, then the shards resume
+        // its connections. If it does not, it serves on and this process stops.
+        if let Err(error) = inherited.commit() {
+            server.stop();
+            server.join();
+            return Err(StartError::Takeover(error));
+        }
+        info!("takeover: the old process let go; serving its connections");
+        // Serving matters more than the admin listener now: the old process is gone.
+        admin = start_admin(ADMIN_REBIND_PATIENCE).unwrap_or_else(|error| {
+            warn!(%error, "takeover: serving without the admin listener");
+            None
+        });
+    }
     // The status line: scripts read the address (fourth word) and the key.
     println!(
         "hopd listening on {} with {} shard{}; server key {}; data {}; ceiling {} connections ({}); admin {}",
@@ -449,16 +485,6 @@ pub fn serve(
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    if let Some(inherited) = inherited.take() {
-        // The store is recovered: the old process lets go for good, then the shards resume
-        // its connections. If it does not, it serves on and this process stops.
-        if let Err(error) = inherited.commit() {
-            server.stop();
-            server.join();
-            return Err(StartError::Takeover(error));
-        }
-        info!("takeover: the old process let go; serving its connections");
-    }
     wait_until_serving(&server);
     // This process offers a takeover to the next one in turn. A cluster member does not: its
     // links and membership do not travel (it upgrades by drain).
@@ -487,6 +513,7 @@ pub fn serve(
     notify_service_manager(&[sd_notify::NotifyState::Ready]);
     let handle = signals.handle();
     let mut drain_started: Option<(std::time::Instant, u64)> = None;
+    let mut stop_deferred = false;
     let clean = loop {
         let mut stop_now = false;
         for signal in signals.pending() {
@@ -522,9 +549,6 @@ pub fn serve(
                 stop_now = true;
             }
         }
-        if stop_now {
-            break true;
-        }
         if server.handover.is_gone() {
             // Every connection lives on in the new process: no GoAway, no close, nothing
             // more written to disk. The socket file is the new process's now.
@@ -532,6 +556,16 @@ pub fn serve(
             std::mem::forget(offer);
             notify_service_manager(&[sd_notify::NotifyState::Stopping]);
             std::process::exit(0);
+        }
+        if stop_now && server.handover.is_active() {
+            // The shards are frozen for a takeover: stopping now would send away connections
+            // the new process may hold. The stop waits for the takeover's outcome.
+            if !stop_deferred {
+                info!("a takeover is under way: stopping once it succeeds or fails");
+                stop_deferred = true;
+            }
+        } else if stop_now || stop_deferred {
+            break true;
         }
         if !server.is_healthy() {
             error!("a shard stopped unexpectedly; stopping the server");
@@ -545,6 +579,10 @@ pub fn serve(
     let joined = server.join();
     Ok(clean && joined)
 }
+
+/// How long a new process waits for the admin address after a takeover (the old process lets
+/// it go as it exits).
+const ADMIN_REBIND_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long past the drain window hopd waits for the last connections to close.
 const DRAIN_GRACE: Duration = Duration::from_secs(3);

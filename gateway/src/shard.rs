@@ -557,6 +557,9 @@ pub fn run<B: Backend>(parts: ShardParts<B>) {
                 shard = index,
                 "takeover given up: this shard stops without serving"
             );
+            // Dropped, the backend would submit what it queued at open (the listener's accept)
+            // and take connections waiting for the process that serves on. The process ends.
+            std::mem::forget(backend);
             return;
         }
         core.resume_inherited(&mut backend, inherited);
@@ -745,6 +748,7 @@ impl<B: Backend> Core<B> {
             links_in: HashMap::default(),
             handover,
             handing: None,
+            to_thaw: Vec::new(),
         }
     }
 
@@ -820,13 +824,14 @@ impl<B: Backend> Core<B> {
                 std::thread::sleep(Duration::from_millis(10));
             }
             core.read_clocks();
+            if (core.handing.is_some() || core.handover.is_active()) && core.handover_step(backend)
+            {
+                // A takeover is under way: it does this turn's work (no drain, no timers).
+                continue;
+            }
             mail_backlog = core.drain_mail(backend);
             core.take_commands();
             core.drain_step(backend);
-            if core.handover_step(backend) {
-                // A takeover is under way: nothing else this turn (no timers, no disk).
-                continue;
-            }
             // Commit before writing: the ServerAcks that a finished fsync releases leave in this
             // turn's writes. The fsync itself runs on the syncer, which wakes the loop when done.
             core.commit_if_due();
@@ -969,6 +974,8 @@ struct Core<B: Backend> {
     handover: Arc<Handover>,
     /// This shard's part in a takeover under way.
     handing: Option<Handing>,
+    /// Connections exported for a takeover given up: they go on here (at the end of the turn).
+    to_thaw: Vec<ConnId>,
 }
 
 /// A shard's part in a takeover (see [`crate::takeover`]).
@@ -988,6 +995,8 @@ struct Handing {
     reported: bool,
     /// When to say again what keeps the shard from being quiet.
     log_at_ms: u64,
+    /// The account clock is on disk for this attempt.
+    clock_written: bool,
 }
 
 /// A shard's part of a lame-duck drain.
@@ -1012,6 +1021,9 @@ struct ReadAhead {
 
 impl<B: Backend> Core<B> {
     fn handle_event(&mut self, event: Event<'_, B::Handoff>) -> Reading {
+        if self.handing.is_some() {
+            self.handover.busy(usize::from(self.settings.index));
+        }
         match event {
             Event::Accepted(id, peer) => {
                 bump(&self.stats.connections_accepted, 1);
@@ -2184,7 +2196,7 @@ impl<B: Backend> Core<B> {
                     break;
                 };
                 if self.handing.is_some() {
-                    self.handover.took_mail(usize::from(self.settings.index));
+                    self.handover.busy(usize::from(self.settings.index));
                 }
                 match mail {
                     Mail::Router(message) => {
@@ -2293,6 +2305,9 @@ impl<B: Backend> Core<B> {
         }
         for id in std::mem::take(&mut self.orphans) {
             backend.close(id);
+        }
+        for id in std::mem::take(&mut self.to_thaw) {
+            backend.thaw(id);
         }
         // Closing a connection can queue stanzas for others (presence), so repeat until calm.
         while !self.dirty.is_empty() || !self.to_close.is_empty() || !self.to_move.is_empty() {
@@ -2464,6 +2479,9 @@ impl<B: Backend> Core<B> {
     /// Answers the operators' requests that came since the last turn.
     fn take_commands(&mut self) {
         while let Some(command) = self.controls.take(self.settings.index) {
+            if self.handing.is_some() {
+                self.handover.busy(usize::from(self.settings.index));
+            }
             match command {
                 Command::User { user, reply } => {
                     let _ = reply.try_send(self.router.user_report(user));
@@ -2565,26 +2583,37 @@ impl<B: Backend> Core<B> {
     fn handover_step(&mut self, backend: &mut B) -> bool {
         let index = usize::from(self.settings.index);
         match self.handover.ask() {
-            Ask::Serve => return false,
+            Ask::Serve => {
+                // A takeover given up while this shard did not look: serve again.
+                if self.handing.is_some() {
+                    self.thaw(backend);
+                }
+                return false;
+            }
             Ask::Quiesce { attempt } => {
                 if self.handing.as_ref().map(|h| h.attempt) != Some(attempt) {
                     self.start_quiescing(backend, attempt);
                 }
+                // What the shards already read is worked on: mail, commands.
+                self.drain_mail(backend);
+                self.take_commands();
                 self.pause_for_handover(backend);
                 let reads_stopped = backend.stop_reads();
-                if !self.held.is_empty() || !self.unkept.is_empty() || self.syncing {
-                    self.commit_now();
-                }
+                // Whatever is held or buffered (items, the tombstones of acked ones, log
+                // records) is written and fsynced: the new process reads the disk.
+                self.commit_now();
                 self.end_turn(backend);
-                let quiet = reads_stopped && self.is_quiet();
-                if quiet {
-                    // The account logs' buffered records (and the clock) go to disk before
-                    // the new process reads them.
+                let mut quiet = reads_stopped && self.is_quiet();
+                if quiet && self.handing.as_ref().is_some_and(|h| !h.clock_written) {
+                    // The account clock, for the new process to resume from.
                     self.seen.append(None, self.account_clock_s());
                     self.settle_syncs();
                     self.end_turn(backend);
+                    if let Some(handing) = self.handing.as_mut() {
+                        handing.clock_written = true;
+                    }
+                    quiet = self.is_quiet();
                 }
-                let quiet = quiet && self.is_quiet();
                 self.handover.set_quiet(index, quiet);
                 if !quiet && self.now_ms >= self.handing.as_ref().map_or(0, |h| h.log_at_ms) {
                     info!(
@@ -2643,8 +2672,9 @@ impl<B: Backend> Core<B> {
         true
     }
 
-    /// A takeover starts: no new connections, and those still in their handshake (or waiting
-    /// for a registration token) are sent away to connect again, to the new process.
+    /// A takeover starts: no new connections; those still in their handshake (or waiting for
+    /// a registration token) are sent away to connect again, to the new process
+    /// ([`Core::pause_for_handover`]).
     fn start_quiescing(&mut self, backend: &mut B, attempt: u64) {
         info!(shard = self.settings.index, "takeover: quiescing");
         backend.set_accepting(false);
@@ -2652,6 +2682,12 @@ impl<B: Backend> Core<B> {
             attempt,
             ..Handing::default()
         });
+    }
+
+    /// Stops reading every open connection (again each turn: one adopted from another shard
+    /// meanwhile too).
+    fn pause_for_handover(&mut self, backend: &mut B) {
+        // Also those accepted since (an accept the kernel had already completed).
         for id in 0..self.conns.len() as ConnId {
             match self.conns[id as usize].as_ref().map(|conn| conn.phase) {
                 Some(Phase::Handshaking) => self.close(id),
@@ -2663,11 +2699,6 @@ impl<B: Backend> Core<B> {
                 _ => {}
             }
         }
-    }
-
-    /// Stops reading every open connection (again each turn: one adopted from another shard
-    /// meanwhile too).
-    fn pause_for_handover(&mut self, backend: &mut B) {
         let Some(handing) = self.handing.as_mut() else {
             return;
         };
@@ -2693,6 +2724,10 @@ impl<B: Backend> Core<B> {
         let busy = [
             (!self.held.is_empty(), "items held for the store"),
             (!self.unkept.is_empty(), "items not yet durable"),
+            (
+                self.store.next_commit_deadline().is_some(),
+                "store writes not yet committed",
+            ),
             (self.syncing, "a sync under way"),
             (
                 self.outbox.iter().any(|mails| !mails.is_empty()),
@@ -2758,13 +2793,16 @@ impl<B: Backend> Core<B> {
 
     /// The backend froze connection `id` (`exported`), or could not (`None`).
     fn exported(&mut self, id: ConnId, exported: Option<Exported>) {
-        let Some(handing) = self.handing.as_mut() else {
-            return;
-        };
-        if handing.waiting.remove(&id).is_none() {
+        let wanted = (self.handing.as_mut()).is_some_and(|h| h.waiting.remove(&id).is_some());
+        if !wanted {
+            // The export of a takeover given up meanwhile: the connection goes on here.
+            if exported.is_some() {
+                self.to_thaw.push(id);
+            }
             return;
         }
-        let Some(Exported { socket, unsent }) = exported else {
+        let handing = self.handing.as_mut().expect("wanted");
+        let Some(Exported { socket, mut unsent }) = exported else {
             handing.failed = Some(format!("connection {id} could not be exported"));
             return;
         };
@@ -2775,9 +2813,9 @@ impl<B: Backend> Core<B> {
         let (Some(user), Some(channel)) = (conn.user, conn.session.channel()) else {
             return;
         };
-        let mut sealed = Vec::new();
-        let channel = channel.export(&mut sealed);
-        debug_assert!(sealed.is_empty(), "stanzas were sealed before the export");
+        // Stanzas queued since the export started are sealed now and written first by the
+        // new process, with the nonces they took.
+        let channel = channel.export(&mut unsent);
         let Some(session) = self.router.export_session(user) else {
             handing.failed = Some(format!("the router has no session of {user}"));
             return;
@@ -2801,8 +2839,17 @@ impl<B: Backend> Core<B> {
         let Some(handing) = self.handing.take() else {
             return;
         };
-        for id in handing.frozen {
+        for id in handing
+            .frozen
+            .into_iter()
+            .chain(handing.waiting.into_keys())
+        {
             backend.thaw(id);
+        }
+        // The frozen time does not count as idle: pings that came meanwhile are read now.
+        let now_ms = self.now_ms;
+        for conn in self.conns.iter_mut().flatten() {
+            conn.since_ms = conn.since_ms.max(now_ms);
         }
         for (id, generation) in handing.paused {
             let paused = match self.conns.get(id as usize).and_then(Option::as_ref) {

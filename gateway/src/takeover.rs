@@ -166,8 +166,10 @@ impl Handover {
         self.quiet[shard].store(quiet, Ordering::Release);
     }
 
-    /// The shard took mail while quiescing: not quiet, until its turn ends.
-    pub fn took_mail(&self, shard: usize) {
+    /// The shard is working on something (an event, mail, a command) while quiescing: not
+    /// quiet until its turn ends. Said before the work, so that a snapshot taken meanwhile
+    /// sees it.
+    pub fn busy(&self, shard: usize) {
         self.quiet[shard].store(false, Ordering::Release);
         self.work[shard].fetch_add(1, Ordering::AcqRel);
     }
@@ -661,11 +663,14 @@ fn hand_over(
         Ok(Some(Message {
             tag: Tag::Ready, ..
         })) => {
-            // From here on this process never thaws: the new one serves once it reads this.
-            handover.set_phase(PHASE_GONE);
+            // Once this is sent the new process serves: this one never thaws again. (If the
+            // new process dies after reading it, neither serves: a crash, which the service
+            // manager restarts.)
             if let Err(error) = send(socket, Tag::Gone, &[], &[]) {
-                warn!(%error, "takeover: the new process went away after it was ready");
+                handover.thaw();
+                return Err(format!("telling the new process to serve: {error}; thawed"));
             }
+            handover.set_phase(PHASE_GONE);
             info!(
                 connections,
                 elapsed_ms = started.elapsed().as_millis() as u64,

@@ -1101,8 +1101,24 @@ impl<I: Io> ShardStore<I> {
             shards: self.shards,
             next_seq: self.next_seq,
         };
-        let mut file = self.io.create(&path).map_err(StoreError::io(&path))?;
-        file.write_all_at(&header.encode(), 0)
+        let encoded = header.encode();
+        let mut file = match self.io.create(&path) {
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                // A segment with nothing but its header is one a new process opened while this
+                // one was frozen for a takeover that then failed: that process wrote nothing
+                // into it. Anything more is data, never replaced.
+                let existing = (self.io.open(&path, true))
+                    .and_then(|file| file.size_bytes())
+                    .map_err(StoreError::io(&path))?;
+                if existing > encoded.len() as u64 {
+                    return Err(StoreError::io(&path)(error));
+                }
+                self.io.remove_file(&path).map_err(StoreError::io(&path))?;
+                self.io.create(&path).map_err(StoreError::io(&path))?
+            }
+            created => created.map_err(StoreError::io(&path))?,
+        };
+        file.write_all_at(&encoded, 0)
             .map_err(StoreError::io(&path))?;
         self.counters.segments_created += 1;
         Ok(file)
@@ -1936,6 +1952,36 @@ mod tests {
         ShardStore::open(data, 0, 1, options(), FsIo, 1)
             .expect("open")
             .0
+    }
+
+    /// A takeover that failed: the new process opened the store (which makes the next
+    /// segment, header only) and went away; the old one goes on and rolls onto that number.
+    #[test]
+    fn a_segment_left_empty_by_another_opener_is_taken_over_at_the_next_roll() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let small = Options {
+            segment_bytes_max: 4096,
+            ..options()
+        };
+        let open = || {
+            ShardStore::open(temp.path(), 0, 1, small, FsIo, 1)
+                .expect("open")
+                .0
+        };
+        let mut old = open();
+        append(&mut old, user(1), 0);
+        old.commit(1).expect("commit");
+        drop(open());
+        for id in 1..USERS * PER_USER {
+            append(&mut old, user(1 + id % USERS), id);
+            old.commit(1).expect("every commit goes on, across rolls");
+        }
+        assert!(old.counters().segments_created > 2, "it rolled");
+        drop(old);
+        let mut store = open();
+        let mut out = Vec::new();
+        store.read(user(1), 0, usize::MAX, &mut out).expect("read");
+        assert_eq!(ids_and_bodies_ok(user(1), &out), expected_ids(user(1)));
     }
 
     #[test]

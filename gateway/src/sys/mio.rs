@@ -498,11 +498,7 @@ impl Backend for MioBackend {
     }
 
     fn import(&mut self, socket: std::os::fd::OwnedFd, unsent: Vec<u8>) -> io::Result<ConnId> {
-        if self.connections.len() >= self.limits.connections_max {
-            return Err(io::Error::other(
-                "the shard holds its maximum of connections",
-            ));
-        }
+        // No `connections_max` here: the server held this connection already.
         let stream = std::net::TcpStream::from(socket);
         stream.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(stream);

@@ -310,6 +310,11 @@ impl Conn {
         }
     }
 
+    /// A receive (or poll) or a send is in flight.
+    fn ops_in_flight(&self) -> bool {
+        self.has(Flags::ARMED) || self.has(Flags::RECV_ONCE) || self.has(Flags::SENDING)
+    }
+
     /// Cancels for the receives in flight not yet asked to stop, and for the send with
     /// `send`. The armed receive (or poll) is of kind `armed_kind`.
     fn cancels(&mut self, slot: u32, armed_kind: Kind, send: bool) -> [Option<Op>; 3] {
@@ -850,9 +855,11 @@ impl UringBackend {
                 }
             }
             State::Exporting => {
-                if conn.has(Flags::ARMED) || conn.has(Flags::RECV_ONCE) {
-                    ops = conn.cancels(slot, armed_kind, false);
-                } else if !conn.has(Flags::SENDING) {
+                // A send in flight is cancelled too (a peer that does not read would hold it
+                // for good); what it did not send goes back in front of the queue.
+                if conn.ops_in_flight() {
+                    ops = conn.cancels(slot, armed_kind, true);
+                } else {
                     conn.state = State::Installing;
                     ops[0] = Some(Op::InstallFd(slot));
                 }
@@ -890,12 +897,13 @@ impl UringBackend {
 
     /// Moves a connection in state `from` to state `to` and on from there; nothing for a
     /// connection in another state.
-    fn shift(&mut self, slot: u32, from: State, to: State) {
+    fn shift(&mut self, slot: u32, from: State, to: State) -> bool {
         match self.conn(slot) {
             Some(record) if record.state == from => record.state = to,
-            _ => return,
+            _ => return false,
         }
         self.progress(slot);
+        true
     }
 
     /// Makes a handed-over descriptor in `slot` a connection of this shard.
@@ -985,13 +993,25 @@ impl UringBackend {
                 conn.ops -= 1;
                 conn.set(Flags::SENDING, false);
                 let dead = conn.state == State::Dead;
+                let exporting = conn.state == State::Exporting;
                 let out = conn.out();
                 let written = result.max(0) as usize;
                 out.sent += written;
-                if written > 0 && out.sent < out.sending.len() && !dead {
+                if written > 0 && out.sent < out.sending.len() && !dead && !exporting {
                     conn.set(Flags::SENDING, true);
                     self.unsent -= written;
                     self.submit(Op::Send(data.slot));
+                    return;
+                }
+                if exporting && out.sent < out.sending.len() {
+                    // Cancelled for an export: the rest travels with the connection.
+                    let mut rest = out.sending.split_off(out.sent);
+                    rest.append(&mut out.queued);
+                    out.queued = rest;
+                    out.sending = Vec::new();
+                    out.sent = 0;
+                    self.unsent -= written;
+                    self.progress(data.slot);
                     return;
                 }
                 // Done, or failed: free the bytes (`progress` frees the box if it is empty).
@@ -1030,7 +1050,7 @@ impl UringBackend {
                 };
                 conn.ops -= 1;
                 if result < 0 {
-                    warn!(error = %io::Error::from_raw_os_error(-result), "io_uring: installing a connection's descriptor for export failed");
+                    warn!(error = %io::Error::from_raw_os_error(-result), "io_uring: installing a connection's descriptor for export failed (IORING_OP_FIXED_FD_INSTALL needs Linux 6.8)");
                     conn.state = State::Open;
                     on_event(Event::ExportFailed(data.slot));
                     self.progress(data.slot);
@@ -1439,15 +1459,15 @@ impl Backend for UringBackend {
     }
 
     fn thaw(&mut self, conn: ConnId) {
-        self.shift(conn, State::Frozen, State::Open);
+        // Frozen, or still waiting for its ops to stop. One whose install is in flight
+        // becomes frozen when it completes, and the shard thaws it then.
+        if !self.shift(conn, State::Frozen, State::Open) {
+            self.shift(conn, State::Exporting, State::Open);
+        }
     }
 
     fn import(&mut self, socket: OwnedFd, unsent: Vec<u8>) -> io::Result<ConnId> {
-        if self.held >= self.limits.connections_max {
-            return Err(io::Error::other(
-                "the shard holds its maximum of connections",
-            ));
-        }
+        // No `connections_max` here: the server held this connection already.
         let free = (self.conns.iter().position(Option::is_none))
             .ok_or_else(|| io::Error::other("the fixed file table is full"))?;
         let slot = free as u32;
@@ -1575,7 +1595,11 @@ impl Backend for UringBackend {
             .conns
             .iter()
             .enumerate()
-            .filter(|(_, record)| record.as_ref().is_some_and(|r| r.state == State::Open))
+            .filter(|(_, record)| {
+                record.as_ref().is_some_and(|r| {
+                    matches!(r.state, State::Open | State::Exporting | State::Frozen)
+                })
+            })
             .map(|(slot, _)| slot as ConnId)
             .collect();
         for conn in open {
