@@ -446,7 +446,7 @@ pub fn serve(
     } else {
         None
     };
-    let server = Server::start(config, &controls, inherited.as_mut())?;
+    let mut server = Server::start(config, &controls, inherited.as_mut())?;
     let _ = views.set(ShardViews {
         stats: server.stats.clone(),
         mailbox_depth: server.mailbox_depth.clone(),
@@ -469,6 +469,26 @@ pub fn serve(
             None
         });
     }
+    // This process offers a takeover to the next one in turn, from before the status line so
+    // that whoever read it may ask. A cluster member does not: its links and membership do
+    // not travel (it upgrades by drain).
+    let refusal = server
+        .cluster
+        .is_some()
+        .then(|| "a cluster member upgrades by drain, not by takeover".to_string());
+    let offer = match takeover::offer(
+        &config.data,
+        config.shards,
+        std::mem::take(&mut server.listeners),
+        server.handover.clone(),
+        refusal,
+    ) {
+        Ok(offer) => Some(offer),
+        Err(error) => {
+            warn!(%error, "cannot offer a takeover; upgrades must drain");
+            None
+        }
+    };
     // The status line: scripts read the address (fourth word) and the key.
     println!(
         "hopd listening on {} with {} shard{}; server key {}; data {}; ceiling {} connections ({}); admin {}",
@@ -486,30 +506,6 @@ pub fn serve(
     use std::io::Write;
     let _ = std::io::stdout().flush();
     wait_until_serving(&server);
-    // This process offers a takeover to the next one in turn. A cluster member does not: its
-    // links and membership do not travel (it upgrades by drain).
-    let refusal = server
-        .cluster
-        .is_some()
-        .then(|| "a cluster member upgrades by drain, not by takeover".to_string());
-    let offer = match takeover::offer(
-        &config.data,
-        config.shards,
-        server
-            .listeners
-            .iter()
-            .map(|fd| fd.try_clone())
-            .collect::<io::Result<_>>()
-            .map_err(|error| StartError::Takeover(error.to_string()))?,
-        server.handover.clone(),
-        refusal,
-    ) {
-        Ok(offer) => Some(offer),
-        Err(error) => {
-            warn!(%error, "cannot offer a takeover; upgrades must drain");
-            None
-        }
-    };
     notify_service_manager(&[sd_notify::NotifyState::Ready]);
     let handle = signals.handle();
     let mut drain_started: Option<(std::time::Instant, u64)> = None;
@@ -538,6 +534,11 @@ pub fn serve(
                     cluster.leave();
                 }
                 drain_started = Some((std::time::Instant::now(), window_ms));
+                // A draining hopd is taken over by nobody, and the listeners its shards let
+                // go must close.
+                if let Some(offer) = &offer {
+                    offer.withdraw();
+                }
             }
         }
         if let Some((since, window_ms)) = drain_started {

@@ -538,10 +538,19 @@ pub fn socket_path(data: &Path) -> PathBuf {
 }
 
 /// The old process's side: a thread that waits for a new process on the socket and hands
-/// everything over. `listeners` are descriptors of the shards' listening sockets, in shard
-/// order. Takes over nothing while `refusal` says why not (a cluster member).
+/// everything over, with the descriptors of the shards' listening sockets it holds. Takes
+/// over nothing while `refusal` says why not (a cluster member), nor once withdrawn.
 pub struct Offer {
     path: PathBuf,
+    listeners: Arc<Mutex<Option<Vec<OwnedFd>>>>,
+}
+
+impl Offer {
+    /// No more takeovers (a drain started): the copies of the listening sockets close, so that
+    /// a listener a draining shard let go stops taking connections.
+    pub fn withdraw(&self) {
+        *self.listeners.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 impl Drop for Offer {
@@ -566,6 +575,8 @@ pub fn offer(
     bind(listener.as_raw_fd(), &address).map_err(io::Error::from)?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     listen(&listener, Backlog::new(1).map_err(io::Error::from)?).map_err(io::Error::from)?;
+    let listeners = Arc::new(Mutex::new(Some(listeners)));
+    let offered = listeners.clone();
     std::thread::Builder::new()
         .name("hop-takeover".into())
         .spawn(move || loop {
@@ -578,7 +589,7 @@ pub fn offer(
                     return;
                 }
             };
-            match hand_over(&accepted, shards, &listeners, &handover, refusal.as_deref()) {
+            match hand_over(&accepted, shards, &offered, &handover, refusal.as_deref()) {
                 Ok(()) => {
                     info!("takeover: the new process serves every connection; exiting");
                     return;
@@ -589,14 +600,14 @@ pub fn offer(
             }
         })?;
     info!(path = %path.display(), "takeover socket ready");
-    Ok(Offer { path })
+    Ok(Offer { path, listeners })
 }
 
 /// One attempt, on the old process's side. Ok once the new process serves.
 fn hand_over(
     socket: &OwnedFd,
     shards: usize,
-    listeners: &[OwnedFd],
+    listeners: &Mutex<Option<Vec<OwnedFd>>>,
     handover: &Handover,
     refusal: Option<&str>,
 ) -> Result<(), String> {
@@ -629,6 +640,14 @@ fn hand_over(
     if let Some(reason) = refusal {
         return refuse(reason.to_string());
     }
+    let listeners = match listeners.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        None => return refuse("this hopd is draining; it hands nothing over".into()),
+        Some(listeners) => listeners
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|error| format!("copying the listening sockets: {error}"))?,
+    };
     let started = Instant::now();
     info!("takeover: a new process asks; quiescing the shards");
     if !handover.quiesce() {
@@ -648,7 +667,7 @@ fn hand_over(
         quiesced_ms = started.elapsed().as_millis() as u64,
         "takeover: shards frozen; handing over"
     );
-    if let Err(error) = send_everything(socket, listeners, &exports) {
+    if let Err(error) = send_everything(socket, &listeners, &exports) {
         handover.thaw();
         return Err(format!("sending to the new process: {error}"));
     }
