@@ -1069,11 +1069,11 @@ impl<B: Backend> Core<B> {
                 Reading::Continue
             }
             Event::Exported(id, exported) => {
-                self.exported(id, Some(exported));
+                self.exported(id, Ok(exported));
                 Reading::Pause
             }
-            Event::ExportFailed(id) => {
-                self.exported(id, None);
+            Event::ExportFailed(id, error) => {
+                self.exported(id, Err(error));
                 Reading::Pause
             }
         }
@@ -2791,20 +2791,30 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// The backend froze connection `id` (`exported`), or could not (`None`).
-    fn exported(&mut self, id: ConnId, exported: Option<Exported>) {
+    /// The backend froze connection `id` (`exported`), or could not (the error).
+    fn exported(&mut self, id: ConnId, exported: std::io::Result<Exported>) {
         let wanted = (self.handing.as_mut()).is_some_and(|h| h.waiting.remove(&id).is_some());
         if !wanted {
             // The export of a takeover given up meanwhile: the connection goes on here.
-            if exported.is_some() {
+            if exported.is_ok() {
                 self.to_thaw.push(id);
             }
             return;
         }
         let handing = self.handing.as_mut().expect("wanted");
-        let Some(Exported { socket, mut unsent }) = exported else {
-            handing.failed = Some(format!("connection {id} could not be exported"));
-            return;
+        let Exported { socket, mut unsent } = match exported {
+            Ok(exported) => exported,
+            Err(error) => {
+                let hint = if error.raw_os_error() == Some(nix::errno::Errno::EMFILE as i32) {
+                    " (the handover needs a descriptor per connection: raise RLIMIT_NOFILE)"
+                } else {
+                    ""
+                };
+                handing.failed = Some(format!(
+                    "connection {id} could not be exported: {error}{hint}"
+                ));
+                return;
+            }
         };
         handing.frozen.push(id);
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {

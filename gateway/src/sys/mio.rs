@@ -81,7 +81,7 @@ enum Move {
     Attached { token: u64, conn: ConnId },
     AttachFailed { token: u64 },
     Exported(ConnId, Exported),
-    ExportFailed(ConnId),
+    ExportFailed(ConnId, io::Error),
 }
 
 /// Wakes a mio shard; also its address for other shards.
@@ -434,7 +434,7 @@ impl Backend for MioBackend {
                 Move::Attached { token, conn } => Event::Attached { token, conn },
                 Move::AttachFailed { token } => Event::AttachFailed { token },
                 Move::Exported(conn, exported) => Event::Exported(conn, exported),
-                Move::ExportFailed(conn) => Event::ExportFailed(conn),
+                Move::ExportFailed(conn, error) => Event::ExportFailed(conn, error),
             });
         }
         for index in writable {
@@ -469,7 +469,8 @@ impl Backend for MioBackend {
             Ok(socket) => socket,
             Err(error) => {
                 warn!(%error, "duplicating a connection's descriptor for export failed");
-                self.finished_moves.push_back(Move::ExportFailed(conn));
+                self.finished_moves
+                    .push_back(Move::ExportFailed(conn, error));
                 return;
             }
         };

@@ -60,8 +60,9 @@ pub enum Event<'a, H> {
     /// A connection passed to [`Backend::export`] is frozen here; this is its socket for
     /// another process.
     Exported(ConnId, Exported),
-    /// A connection passed to [`Backend::export`] could not be exported; it is not frozen.
-    ExportFailed(ConnId),
+    /// A connection passed to [`Backend::export`] could not be exported (why); it is not
+    /// frozen.
+    ExportFailed(ConnId, std::io::Error),
 }
 
 /// A connection's socket and unwritten bytes, for another process of this server to carry it

@@ -1052,7 +1052,10 @@ impl UringBackend {
                 if result < 0 {
                     warn!(error = %io::Error::from_raw_os_error(-result), "io_uring: installing a connection's descriptor for export failed (IORING_OP_FIXED_FD_INSTALL needs Linux 6.8)");
                     conn.state = State::Open;
-                    on_event(Event::ExportFailed(data.slot));
+                    on_event(Event::ExportFailed(
+                        data.slot,
+                        io::Error::from_raw_os_error(-result),
+                    ));
                     self.progress(data.slot);
                     return;
                 }
@@ -1701,7 +1704,7 @@ mod tests {
         Attached { token: u64, conn: ConnId },
         AttachFailed { token: u64 },
         Exported(ConnId, Exported),
-        ExportFailed(ConnId),
+        ExportFailed(ConnId, io::Error),
     }
 
     fn backend(connections_max: usize, poll_then_receive: bool) -> (UringBackend, String) {
@@ -1743,7 +1746,7 @@ mod tests {
                         Event::Attached { token, conn } => Seen::Attached { token, conn },
                         Event::AttachFailed { token } => Seen::AttachFailed { token },
                         Event::Exported(id, exported) => Seen::Exported(id, exported),
-                        Event::ExportFailed(id) => Seen::ExportFailed(id),
+                        Event::ExportFailed(id, error) => Seen::ExportFailed(id, error),
                     });
                     Reading::Continue
                 })
@@ -2099,7 +2102,7 @@ mod tests {
         pump(backend, seen, |s| {
             s.iter().any(|e| match e {
                 Seen::Exported(id, _) => *id == conn,
-                Seen::ExportFailed(id) => panic!("the export of {id} failed"),
+                Seen::ExportFailed(id, error) => panic!("the export of {id} failed: {error}"),
                 _ => false,
             })
         });
