@@ -341,8 +341,12 @@ impl Gate {
         }
     }
 
+    /// Opens the gate to serve or to stop; the first word stands.
     fn open(&self, serve: bool) {
-        *self.go.lock().unwrap_or_else(|p| p.into_inner()) = Some(serve);
+        self.go
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(serve);
         self.changed.notify_all();
     }
 }
@@ -350,11 +354,7 @@ impl Gate {
 impl Drop for Inherited {
     /// A takeover given up before its commit: the shards stop.
     fn drop(&mut self) {
-        let mut go = self.gate.go.lock().unwrap_or_else(|p| p.into_inner());
-        if go.is_none() {
-            *go = Some(false);
-            self.gate.changed.notify_all();
-        }
+        self.gate.open(false);
     }
 }
 

@@ -1304,19 +1304,8 @@ impl Router {
             self.actions
                 .push(Action::PersistBinding { user, key: *key });
         }
-        let mut subscriptions = Vec::new();
-        if let Some(old) = state.replace_conn(Some(conn)) {
-            self.actions.push(Action::Close {
-                conn: old,
-                reason: GoAwayReason::Replaced,
-                text: "the same user connected again",
-            });
-            // The old connection's watches and declarations end with it.
-            subscriptions = state.end_session();
-        }
-        state.last_seen_ms = 0;
-        state.restart_pushes();
-        let subscribers = state.subscribers().to_vec();
+        let subscriptions = self.take_conn(user, conn);
+        let subscribers = self.users[&user].subscribers().to_vec();
         self.seen_now(user);
         let state = self.users.get_mut(&user).expect("inserted above");
         if state.newly_empty() {
@@ -1405,18 +1394,8 @@ impl Router {
         assert_ne!(conn, NO_CONN, "a connection handle the router reserves");
         // A user whose key is not on disk stays so: its binding is written at its next
         // connect, as for a user made from its queued items.
-        let state = self.users.entry(user).or_insert_with(User::new);
-        let mut replaced_subscriptions = Vec::new();
-        if let Some(old) = state.replace_conn(Some(conn)) {
-            self.actions.push(Action::Close {
-                conn: old,
-                reason: GoAwayReason::Replaced,
-                text: "the same user connected again",
-            });
-            replaced_subscriptions = state.end_session();
-        }
-        state.last_seen_ms = 0;
-        state.restart_pushes();
+        let replaced_subscriptions = self.take_conn(user, conn);
+        let state = self.users.get_mut(&user).expect("taken above");
         if !session.subscriptions.is_empty() {
             state.watch_mut().subscriptions = session.subscriptions;
         }
@@ -1449,6 +1428,25 @@ impl Router {
         }
         self.unsubscribe_all(user, replaced_subscriptions, now_ms);
         self.push_queued(user);
+    }
+
+    /// `conn` becomes `user`'s connection, with nothing pushed to it yet. A connection it
+    /// replaces is sent away (GoAway `REPLACED`) and its watches and declarations end with it:
+    /// returns whom that one watched, to unsubscribe.
+    fn take_conn(&mut self, user: UserId, conn: ConnRef) -> Vec<UserId> {
+        let state = self.users.entry(user).or_insert_with(User::new);
+        let mut ended = Vec::new();
+        if let Some(old) = state.replace_conn(Some(conn)) {
+            self.actions.push(Action::Close {
+                conn: old,
+                reason: GoAwayReason::Replaced,
+                text: "the same user connected again",
+            });
+            ended = state.end_session();
+        }
+        state.last_seen_ms = 0;
+        state.restart_pushes();
+        ended
     }
 
     /// An account is online while any of its devices is.
