@@ -239,8 +239,8 @@ fn carry_out(router: &mut Router, batch: &mut Vec<Action>, mut each: impl FnMut(
         }
         for action in batch.drain(..) {
             match action {
-                Action::Keep { user, item } => {
-                    router.handle_kept(user, item.id(), item.ack_kind(), 1);
+                Action::Keep { user, item, keep } => {
+                    router.handle_kept(user, item.id(), item.ack_kind(), keep, 1);
                 }
                 action => each(action),
             }

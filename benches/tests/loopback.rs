@@ -325,12 +325,12 @@ mod toy_hop {
             while let Some(action) = state.router.poll_action() {
                 // A disk in memory: an item is kept as soon as it is queued.
                 let action = match action {
-                    Action::Keep { user, item } => {
+                    Action::Keep { user, item, keep } => {
                         let (id, kind) = (item.id(), item.ack_kind());
                         if matches!(item, Queued::Message { .. } | Queued::Group { .. }) {
                             state.kept.insert((user, id), item);
                         }
-                        state.router.handle_kept(user, id, kind, now_ms);
+                        state.router.handle_kept(user, id, kind, keep, now_ms);
                         continue;
                     }
                     Action::Forget { user, id, .. } => {

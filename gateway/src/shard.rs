@@ -292,11 +292,11 @@ struct Span {
     end: usize,
 }
 
-/// Items to keep, held back until their batch is due, in order. A held item that its device
-/// acks is cancelled in place.
+/// Items to keep, held back until their batch is due, in order, each with the router's keep
+/// number (`Action::Keep`). A held item that its device acks is cancelled in place.
 #[derive(Debug, Default)]
 struct Held {
-    items: VecDeque<Option<(UserId, Queued)>>,
+    items: VecDeque<Option<(UserId, Queued, u32)>>,
     /// Sequence number of `items[0]`.
     first: u64,
     /// Sequence number of each held item, by what its device's Ack names: (user, ack id, ack
@@ -308,12 +308,25 @@ struct Held {
     since_ms: Option<u64>,
 }
 
+/// An item the store took and has not made durable yet.
+#[derive(Debug, Clone, Copy)]
+struct Unkept {
+    /// The store's sequence number of its record.
+    seq: u64,
+    user: UserId,
+    /// What its device's Ack names.
+    id: u64,
+    kind: ReceiptKind,
+    /// The router's keep number, for [`Router::handle_kept`].
+    keep: u32,
+}
+
 impl Held {
-    fn hold(&mut self, user: UserId, item: Queued, now_ms: u64) {
+    fn hold(&mut self, user: UserId, item: Queued, keep: u32, now_ms: u64) {
         let seq = self.first + self.items.len() as u64;
         self.index
             .insert((user, item.ack_id(), item.ack_kind() as i32), seq);
-        self.items.push_back(Some((user, item)));
+        self.items.push_back(Some((user, item, keep)));
         self.since_ms.get_or_insert(now_ms);
     }
 
@@ -345,7 +358,7 @@ impl Held {
 
     /// Moves everything still held into `batch`, oldest first; the batch starts again empty.
     /// Both keep their capacity: a batch is held and taken thousands of times a second.
-    fn take_into(&mut self, batch: &mut Vec<(UserId, Queued)>) {
+    fn take_into(&mut self, batch: &mut Vec<(UserId, Queued, u32)>) {
         self.first += self.items.len() as u64;
         self.index.clear();
         self.since_ms = None;
@@ -919,11 +932,11 @@ struct Core<B: Backend> {
     /// Items to keep that wait for their batch before they go to the store.
     held: Held,
     /// The held batch on its way to the store; kept for its capacity.
-    held_batch: Vec<(UserId, Queued)>,
+    held_batch: Vec<(UserId, Queued, u32)>,
     /// The router's actions being carried out; kept for its capacity.
     action_batch: Vec<Action>,
     /// Items appended to the store and not yet durable, in sequence order: (seq, user, id, kind).
-    unkept: VecDeque<(u64, UserId, u64, ReceiptKind)>,
+    unkept: VecDeque<Unkept>,
     /// Records of one user's queue read from the store ahead of their push, oldest first.
     read_ahead: ReadAhead,
     /// Connections in their handshake.
@@ -1723,7 +1736,7 @@ impl<B: Backend> Core<B> {
             Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
             // A link that cannot take it: the router refuses what it can to its sender.
             Action::ToNode { user, message } => self.mail_to_node(user, message),
-            Action::Keep { user, item } => self.held.hold(user, item, self.now_ms),
+            Action::Keep { user, item, keep } => self.held.hold(user, item, keep, self.now_ms),
             Action::Forget { user, id, kind } => {
                 if self.held.cancel(user, id, kind) {
                     bump(&self.stats.keeps_skipped, 1);
@@ -1788,7 +1801,7 @@ impl<B: Backend> Core<B> {
     }
 
     /// Appends an item to the store; its ServerAck (for a message) waits for the commit.
-    fn keep(&mut self, user: UserId, item: &Queued) {
+    fn keep(&mut self, user: UserId, item: &Queued, keep: u32) {
         let appended = match item {
             // A sent copy is laid out as a message, its recipient where a sender would be.
             Queued::Message {
@@ -1853,9 +1866,13 @@ impl<B: Backend> Core<B> {
             ),
         };
         match appended {
-            Ok(seq) => self
-                .unkept
-                .push_back((seq, user, item.ack_id(), item.ack_kind())),
+            Ok(seq) => self.unkept.push_back(Unkept {
+                seq,
+                user,
+                id: item.ack_id(),
+                kind: item.ack_kind(),
+                keep,
+            }),
             Err(error) => {
                 bump(&self.stats.store_refusals, 1);
                 debug!(%user, %error, "offline queue refused an item");
@@ -1965,8 +1982,8 @@ impl<B: Backend> Core<B> {
         if held_due {
             let mut batch = std::mem::take(&mut self.held_batch);
             self.held.take_into(&mut batch);
-            for (user, item) in batch.drain(..) {
-                self.keep(user, &item);
+            for (user, item, keep) in batch.drain(..) {
+                self.keep(user, &item, keep);
             }
             self.held_batch = batch;
         }
@@ -2111,12 +2128,19 @@ impl<B: Backend> Core<B> {
 
     /// The items up to `durable_through` are durable: their ServerAcks may leave.
     fn release_kept(&mut self, durable_through: u64) {
-        while let Some(&(seq, user, id, kind)) = self.unkept.front() {
-            if seq > durable_through {
+        while let Some(&unkept) = self.unkept.front() {
+            if unkept.seq > durable_through {
                 break;
             }
             self.unkept.pop_front();
-            self.router.handle_kept(user, id, kind, self.wall_ms);
+            let Unkept {
+                user,
+                id,
+                kind,
+                keep,
+                ..
+            } = unkept;
+            self.router.handle_kept(user, id, kind, keep, self.wall_ms);
         }
     }
 
@@ -2126,18 +2150,18 @@ impl<B: Backend> Core<B> {
         warn!(shard = self.settings.index, %error, "offline queue commit failed; its senders get an error");
         let failed = error.failed_seqs;
         let mut kept = VecDeque::with_capacity(self.unkept.len());
-        for (seq, user, id, kind) in std::mem::take(&mut self.unkept) {
-            if failed.contains(&seq) {
+        for unkept in std::mem::take(&mut self.unkept) {
+            if failed.contains(&unkept.seq) {
                 self.router.handle_keep_failed(
-                    user,
-                    id,
-                    kind,
+                    unkept.user,
+                    unkept.id,
+                    unkept.kind,
                     ErrorCode::Overloaded,
                     "the server could not store the message; try again",
                     self.wall_ms,
                 );
             } else {
-                kept.push_back((seq, user, id, kind));
+                kept.push_back(unkept);
             }
         }
         self.unkept = kept;
@@ -3380,8 +3404,8 @@ mod tests {
         let user = UserId::from_halves(7, 7).expect("valid");
         let mut held = Held::default();
         assert_eq!(held.deadline(&BATCH), None);
-        held.hold(user, message(1), 100);
-        held.hold(user, message(2), 101);
+        held.hold(user, message(1), 0, 100);
+        held.hold(user, message(2), 0, 101);
         assert_eq!(
             held.deadline(&BATCH),
             Some(102),
@@ -3393,13 +3417,13 @@ mod tests {
             !held.cancel(user, 1, ReceiptKind::Read),
             "the kind is part of the key"
         );
-        held.hold(user, message(3), 105);
+        held.hold(user, message(3), 0, 105);
         let mut batch = Vec::new();
         held.take_into(&mut batch);
-        let ids: Vec<u64> = batch.drain(..).map(|(_, item)| item.id()).collect();
+        let ids: Vec<u64> = batch.drain(..).map(|(_, item, _)| item.id()).collect();
         assert_eq!(ids, [1, 3]);
         assert_eq!(held.deadline(&BATCH), None, "empty again");
-        held.hold(user, message(4), 200);
+        held.hold(user, message(4), 0, 200);
         assert!(
             held.cancel(user, 4, ReceiptKind::Unspecified),
             "sequence numbers go on"
@@ -3412,8 +3436,8 @@ mod tests {
         let laptop = UserId::from_halves(8, 8).expect("valid");
         let mut held = Held::default();
         // One message's copies for two devices of an account share its id.
-        held.hold(phone, message(1), 100);
-        held.hold(laptop, message(1), 100);
+        held.hold(phone, message(1), 0, 100);
+        held.hold(laptop, message(1), 0, 100);
         // Two devices' delivered receipts of one message, for its sender.
         let receipt = |by| Queued::Receipt {
             id: 9,
@@ -3421,14 +3445,14 @@ mod tests {
             by,
             timestamp_ms: 0,
         };
-        held.hold(phone, receipt(phone), 101);
-        held.hold(phone, receipt(laptop), 101);
+        held.hold(phone, receipt(phone), 0, 101);
+        held.hold(phone, receipt(laptop), 0, 101);
         assert!(held.cancel(phone, 1, ReceiptKind::Unspecified));
         let by_laptop = receipt(laptop).ack_id();
         assert!(held.cancel(phone, by_laptop, ReceiptKind::Delivered));
         let mut left = Vec::new();
         held.take_into(&mut left);
-        assert_eq!(left, [(laptop, message(1)), (phone, receipt(phone))]);
+        assert_eq!(left, [(laptop, message(1), 0), (phone, receipt(phone), 0)]);
     }
 
     /// The connections a turn takes: their ids, in order.
@@ -3513,7 +3537,7 @@ mod tests {
         let user = UserId::from_halves(7, 7).expect("valid");
         let mut held = Held::default();
         for id in 1..=3 {
-            held.hold(user, message(id), 100 + id);
+            held.hold(user, message(id), 0, 100 + id);
         }
         assert_eq!(held.deadline(&BATCH), Some(101), "records_max reached");
         let always = Keeping {

@@ -41,6 +41,7 @@
 pub mod mail;
 pub mod quota;
 mod router;
+mod unkept;
 
 pub use router::{
     home_shard, Action, Counters, Envelope, GroupCopy, GroupRequest, GroupSnapshot, Limits,

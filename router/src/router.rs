@@ -14,6 +14,7 @@ use hop_protocol::UserId;
 use siphasher::sip::SipHasher13;
 
 use crate::quota::{Rate, SenderQuotas, Spend};
+use crate::unkept::{Unkept, NO_RECORD};
 use crate::{ConnRef, ShardId};
 
 /// The home shard of a user: where its connection, presence and queue live.
@@ -352,8 +353,14 @@ pub enum Action {
     /// A user changed who may see its presence: to keep across restarts (the latest wins).
     PersistPrivacy { user: UserId, privacy: Privacy },
     /// Keep this item of `user`'s queue on disk. Once it is durable the shard loop calls
-    /// [`Router::handle_kept`]; if it cannot be kept, [`Router::handle_keep_failed`].
-    Keep { user: UserId, item: Queued },
+    /// [`Router::handle_kept`] with `keep`; if it cannot be kept,
+    /// [`Router::handle_keep_failed`].
+    Keep {
+        user: UserId,
+        item: Queued,
+        /// The router's number for the item until it is kept, to give back.
+        keep: u32,
+    },
     /// The primary's connection `conn` asks to link `device` to `account`: claim the device in
     /// the server-wide directory, keep the link on disk, and answer with
     /// [`Router::handle_link_result`].
@@ -534,23 +541,26 @@ struct Entry {
     timestamp_ms: u64,
     /// A message's sender, who sent a receipt, or a sent copy's recipient.
     peer: UserId,
-    /// Body bytes; the top bits mark a sent copy ([`SENT_COPY`]), a group copy
-    /// ([`GROUP_COPY`]) and a group event ([`GROUP_EVENT`]).
-    body_bytes: u32,
-    /// `Unspecified` for a message, else the receipt's kind: what the device's Ack names.
-    kind: ReceiptKind,
+    body_bytes: u16,
+    /// A sent copy ([`SENT_COPY`]), a group copy ([`GROUP_COPY`]), a group event
+    /// ([`GROUP_EVENT`]).
+    flags: u8,
+    /// `Unspecified` for a message, else the receipt's kind (its protobuf number): what the
+    /// device's Ack names.
+    kind: u8,
+    /// For a message the disk has not taken yet: its keep number in [`Router::unkept`], where
+    /// its body is; else (or once it is kept) [`NO_RECORD`] or a number that finds nothing.
+    keep: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<Entry>() <= 40);
-/// `Entry::body_bytes`'s flag of a sent copy: bodies are far below 2^29 bytes.
-const SENT_COPY: u32 = 1 << 31;
-/// `Entry::body_bytes`'s flag of a member's copy of a group message or event.
-const GROUP_COPY: u32 = 1 << 30;
+const _: () = assert!(BODY_BYTES_MAX <= u16::MAX as usize);
+/// `Entry::flags` of a sent copy.
+const SENT_COPY: u8 = 1;
+/// `Entry::flags` of a member's copy of a group message or event.
+const GROUP_COPY: u8 = 2;
 /// With [`GROUP_COPY`]: a group event.
-const GROUP_EVENT: u32 = 1 << 29;
-const FLAGS: u32 = SENT_COPY | GROUP_COPY | GROUP_EVENT;
-const _: () = assert!(BODY_BYTES_MAX < GROUP_EVENT as usize);
-const _: () = assert!(BODY_BYTES_MAX <= u32::MAX as usize);
+const GROUP_EVENT: u8 = 4;
 
 impl Entry {
     fn of(item: &Queued) -> Self {
@@ -564,8 +574,10 @@ impl Entry {
                 id: *id,
                 timestamp_ms: *timestamp_ms,
                 peer: *from,
-                body_bytes: body.len() as u32,
-                kind: ReceiptKind::Unspecified,
+                body_bytes: body.len() as u16,
+                flags: 0,
+                kind: ReceiptKind::Unspecified as u8,
+                keep: NO_RECORD,
             },
             Queued::Receipt {
                 id,
@@ -577,7 +589,9 @@ impl Entry {
                 timestamp_ms: *timestamp_ms,
                 peer: *by,
                 body_bytes: 0,
-                kind: *kind,
+                flags: 0,
+                kind: *kind as u8,
+                keep: NO_RECORD,
             },
             Queued::Sent {
                 to,
@@ -588,8 +602,10 @@ impl Entry {
                 id: *id,
                 timestamp_ms: *timestamp_ms,
                 peer: *to,
-                body_bytes: body.len() as u32 | SENT_COPY,
-                kind: ReceiptKind::Unspecified,
+                body_bytes: body.len() as u16,
+                flags: SENT_COPY,
+                kind: ReceiptKind::Unspecified as u8,
+                keep: NO_RECORD,
             },
             Queued::Group {
                 from,
@@ -602,8 +618,10 @@ impl Entry {
                 id: *id,
                 timestamp_ms: *timestamp_ms,
                 peer: *from,
-                body_bytes: body.len() as u32 | GROUP_COPY | if *event { GROUP_EVENT } else { 0 },
-                kind: ReceiptKind::Unspecified,
+                body_bytes: body.len() as u16,
+                flags: GROUP_COPY | if *event { GROUP_EVENT } else { 0 },
+                kind: ReceiptKind::Unspecified as u8,
+                keep: NO_RECORD,
             },
         }
     }
@@ -616,23 +634,28 @@ impl Entry {
 
     /// A copy of a message the account sent, not one it received.
     fn is_sent_copy(&self) -> bool {
-        self.body_bytes & SENT_COPY != 0
+        self.flags & SENT_COPY != 0
     }
 
     fn is_message(&self) -> bool {
-        self.kind == ReceiptKind::Unspecified
+        self.kind == ReceiptKind::Unspecified as u8
+    }
+
+    /// `Unspecified` for a message, else the receipt's kind.
+    fn kind(&self) -> ReceiptKind {
+        ReceiptKind::try_from(i32::from(self.kind)).unwrap_or(ReceiptKind::Unspecified)
     }
 
     fn body_bytes(&self) -> usize {
-        (self.body_bytes & !FLAGS) as usize
+        usize::from(self.body_bytes)
     }
 
     fn is_group_copy(&self) -> bool {
-        self.body_bytes & GROUP_COPY != 0
+        self.flags & GROUP_COPY != 0
     }
 
     fn is_group_event(&self) -> bool {
-        self.body_bytes & GROUP_EVENT != 0
+        self.flags & GROUP_EVENT != 0
     }
 
     /// The id a device's Ack names for this item (see [`Queued::ack_id`]).
@@ -646,7 +669,7 @@ impl Entry {
 
     /// Does an Ack of (`ack_id`, `kind`) name this item?
     fn acked_by(&self, ack_id: u64, ack_kind: ReceiptKind) -> bool {
-        self.kind == ack_kind && self.ack_id() == ack_id
+        self.kind == ack_kind as u8 && self.ack_id() == ack_id
     }
 }
 
@@ -892,16 +915,17 @@ pub struct Router {
     /// Actions for the shard loop, oldest first.
     actions: Vec<Action>,
     counters: Counters,
-    /// Queued messages the disk has not taken yet, by (recipient, server id): the body, so
-    /// that an online recipient gets it without a read, and who waits for the ServerAck (until
-    /// the disk or the recipient's device takes responsibility). Bounded by what one commit
-    /// interval brings in: an entry leaves when its message is kept, acked or refused.
-    pending: HashMap<(UserId, u64), Pending>,
+    /// Queued messages the disk has not taken yet, by keep number (their queue entries and
+    /// keep actions carry it): the body, so that an online recipient gets it without a read,
+    /// and who waits for the ServerAck (until the disk or the recipient's device takes
+    /// responsibility). Bounded by what one commit interval brings in: a record leaves when
+    /// its message is kept, acked or refused.
+    unkept: Unkept<Pending>,
     /// Users whose queue and presence lists became empty since the last
     /// [`Router::release_empty`]; each at most once.
     emptied: Vec<UserId>,
-    /// The group of each group copy in `pending`: a group copy's Deliver names it. Apart from
-    /// `pending`, so that a 1:1 message does not carry its room.
+    /// The group of each group copy in `unkept`: a group copy's Deliver names it. Apart from
+    /// `unkept`, so that a 1:1 message does not carry its room.
     pending_groups: HashMap<(UserId, u64), UserId>,
     /// The groups homed here.
     groups: HashMap<UserId, Group>,
@@ -959,7 +983,7 @@ impl Router {
             devices: HashMap::default(),
             actions: Vec::new(),
             counters: Counters::default(),
-            pending: HashMap::default(),
+            unkept: Unkept::default(),
             emptied: Vec::new(),
             pending_groups: HashMap::default(),
             groups: HashMap::default(),
@@ -1201,7 +1225,7 @@ impl Router {
                     queue
                         .items
                         .iter()
-                        .any(|entry| self.pending.contains_key(&(*device, entry.id)))
+                        .any(|entry| self.unkept.get(entry.keep, *device, entry.id).is_some())
                 })
         })
     }
@@ -1346,7 +1370,7 @@ impl Router {
             session.pushed = (extra.queue.items.iter().take(extra.queue.inflight))
                 .map(|entry| PushedItem {
                     id: entry.id,
-                    kind: entry.kind,
+                    kind: entry.kind(),
                     peer: entry.peer,
                 })
                 .collect();
@@ -1409,7 +1433,9 @@ impl Router {
             let mut front = 0;
             for pushed in &session.pushed {
                 let found = queue.items.iter().skip(front).position(|entry| {
-                    entry.id == pushed.id && entry.kind == pushed.kind && entry.peer == pushed.peer
+                    entry.id == pushed.id
+                        && entry.kind() == pushed.kind
+                        && entry.peer == pushed.peer
                 });
                 let Some(at) = found else {
                     continue; // acked or expired meanwhile
@@ -1707,10 +1733,18 @@ impl Router {
         }
     }
 
-    /// The queued item (`id`, `kind`) of `user` is durable. For a message, the sender's
-    /// ServerAck may leave, and the router lets go of the body: from now on the store has it
-    /// and deliveries of it are [`Action::DeliverKept`].
-    pub fn handle_kept(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
+    /// The queued item (`id`, `kind`) of `user`, kept by [`Action::Keep`] with number `keep`,
+    /// is durable. For a message, the sender's ServerAck may leave, and the router lets go of
+    /// the body: from now on the store has it and deliveries of it are
+    /// [`Action::DeliverKept`].
+    pub fn handle_kept(
+        &mut self,
+        user: UserId,
+        id: u64,
+        kind: ReceiptKind,
+        keep: u32,
+        now_ms: u64,
+    ) {
         if kind != ReceiptKind::Unspecified {
             return;
         }
@@ -1720,7 +1754,7 @@ impl Router {
         if let Some(Pending {
             waiter: Some(waiter),
             ..
-        }) = self.pending.remove(&(user, id))
+        }) = self.unkept.take(keep, user, id)
         {
             self.accepted(waiter, id, now_ms);
         }
@@ -1813,7 +1847,7 @@ impl Router {
 
     /// Message bodies held in memory: those of queued messages not yet kept on disk.
     pub fn bodies_in_memory(&self) -> usize {
-        self.pending.len()
+        self.unkept.len()
     }
 
     /// The server id of message `message` from `from` to `to`: the same for every copy, so
@@ -1937,7 +1971,7 @@ impl Router {
         // not marked as one is queued again under the same id, which the recipient drops.
         if envelope.resend {
             if let Some(original) = state.queued_message(id, envelope.from) {
-                return self.answer_resend(envelope, group, id, original.timestamp_ms, now_ms);
+                return self.answer_resend(envelope, group, id, original, now_ms);
             }
         }
         let body_bytes = envelope.body.len();
@@ -1992,12 +2026,6 @@ impl Router {
                 }
             }
         };
-        let entry = Entry::of(&item);
-        state.queue_mut().push(entry);
-        self.shares.add(&entry);
-        self.queued_bytes += body_bytes;
-        self.queued_items += 1;
-        self.counters.messages_accepted += 1;
         // The ServerAck waits until the message is on disk or acked by the device.
         let waiter = Waiter {
             sender: envelope.device,
@@ -2007,13 +2035,21 @@ impl Router {
             timestamp_ms: envelope.timestamp_ms,
             copies: 1,
         };
-        self.pending.insert(
-            (envelope.to, id),
+        let mut entry = Entry::of(&item);
+        entry.keep = self.unkept.push(
+            envelope.to,
+            id,
             Pending {
                 body: envelope.body,
                 waiter: Some(waiter),
             },
         );
+        let keep = entry.keep;
+        state.queue_mut().push(entry);
+        self.shares.add(&entry);
+        self.queued_bytes += body_bytes;
+        self.queued_items += 1;
+        self.counters.messages_accepted += 1;
         // An account with companions gets a copy per device; one without costs a lookup.
         let copy = self
             .devices
@@ -2022,13 +2058,14 @@ impl Router {
         self.actions.push(Action::Keep {
             user: envelope.to,
             item,
+            keep,
         });
         self.push_queued(envelope.to);
         if let Some(item) = copy {
             let copies = self.copy_to_companions(envelope.to, &item);
             let waiter = self
-                .pending
-                .get_mut(&(envelope.to, id))
+                .unkept
+                .get_mut(keep, envelope.to, id)
                 .and_then(|pending| pending.waiter.as_mut());
             if let Some(waiter) = waiter {
                 waiter.copies += copies;
@@ -2053,7 +2090,7 @@ impl Router {
         let id = item.id();
         for &device in &companions {
             let state = self.users.entry(device).or_insert_with(User::new);
-            let entry = Entry::of(item);
+            let mut entry = Entry::of(item);
             let full = state.queue_len() - state.queued_receipts()
                 >= self.limits.queue_messages_max
                 || state.queued_bytes() + body.len() > self.limits.queue_bytes_max;
@@ -2061,23 +2098,25 @@ impl Router {
                 self.counters.copies_dropped += 1;
                 continue;
             }
-            state.queue_mut().push(entry);
-            self.shares.add(&entry);
-            self.queued_bytes += body.len();
-            self.queued_items += 1;
-            self.pending.insert(
-                (device, id),
+            entry.keep = self.unkept.push(
+                device,
+                id,
                 Pending {
                     body: body.clone(),
                     waiter: None,
                 },
             );
+            state.queue_mut().push(entry);
+            self.shares.add(&entry);
+            self.queued_bytes += body.len();
+            self.queued_items += 1;
             if let Some(group) = group {
                 self.pending_groups.insert((device, id), group);
             }
             self.actions.push(Action::Keep {
                 user: device,
                 item: item.clone(),
+                keep: entry.keep,
             });
             self.push_queued(device);
             copies += 1;
@@ -2095,13 +2134,14 @@ impl Router {
         envelope: Envelope,
         group: Option<&GroupCopy>,
         id: u64,
-        timestamp_ms: u64,
+        original: Entry,
         now_ms: u64,
     ) {
         self.counters.messages_deduplicated += 1;
+        let timestamp_ms = original.timestamp_ms;
         let waiting = self
-            .pending
-            .get_mut(&(envelope.to, id))
+            .unkept
+            .get_mut(original.keep, envelope.to, id)
             .and_then(|pending| pending.waiter.as_mut());
         if let Some(waiter) = waiting {
             waiter.conn = envelope.conn;
@@ -2173,8 +2213,8 @@ impl Router {
             if item.is_group_copy() {
                 self.pending_groups.remove(&(user, id));
             }
-            self.pending
-                .remove(&(user, id))
+            self.unkept
+                .take(item.keep, user, item.id)
                 .and_then(|pending| pending.waiter)
         } else {
             None
@@ -2452,7 +2492,11 @@ impl Router {
         }
         state.queue_mut().push(entry);
         self.queued_items += 1;
-        self.actions.push(Action::Keep { user: to, item });
+        self.actions.push(Action::Keep {
+            user: to,
+            item,
+            keep: NO_RECORD,
+        });
         self.counters.receipts_queued += 1;
         self.push_queued(to);
     }
@@ -2480,14 +2524,14 @@ impl Router {
                     conn,
                     stanza: Stanza::of(Kind::Receipt(Receipt {
                         id: entry.id,
-                        kind: entry.kind as i32,
+                        kind: i32::from(entry.kind),
                         by: Some(entry.peer.into()),
                         timestamp_ms: entry.timestamp_ms,
                     })),
                 }
             } else if entry.is_sent_copy() {
                 let account = self.companions.get(&user).copied().unwrap_or(user);
-                match self.pending.get(&(user, entry.id)) {
+                match self.unkept.get(entry.keep, user, entry.id) {
                     Some(Pending { body, .. }) => Action::Send {
                         conn,
                         stanza: Stanza::deliver_sent(
@@ -2514,7 +2558,7 @@ impl Router {
                 } else {
                     read_proof(&self.read_proofs, user, entry.peer, entry.id)
                 };
-                match self.pending.get(&(user, entry.id)) {
+                match self.unkept.get(entry.keep, user, entry.id) {
                     Some(Pending { body, .. }) if entry.is_group_copy() => {
                         let group = self.pending_groups.get(&(user, entry.id)).copied();
                         let stanza = Stanza::deliver_group(
@@ -3325,21 +3369,23 @@ impl Router {
                 self.counters.copies_dropped += 1;
                 continue;
             }
-            let entry = Entry::of(&item);
-            state.queue_mut().push(entry);
-            self.shares.add(&entry);
-            self.queued_bytes += body_bytes;
-            self.queued_items += 1;
-            self.pending.insert(
-                (device, id),
+            let mut entry = Entry::of(&item);
+            entry.keep = self.unkept.push(
+                device,
+                id,
                 Pending {
                     body: envelope.body.clone(),
                     waiter: None,
                 },
             );
+            state.queue_mut().push(entry);
+            self.shares.add(&entry);
+            self.queued_bytes += body_bytes;
+            self.queued_items += 1;
             self.actions.push(Action::Keep {
                 user: device,
                 item: item.clone(),
+                keep: entry.keep,
             });
             self.push_queued(device);
         }
@@ -3384,7 +3430,7 @@ impl Router {
         }
         let items: Vec<(u64, ReceiptKind)> = state
             .queue()
-            .map(|queue| queue.items.iter().map(|e| (e.ack_id(), e.kind)).collect())
+            .map(|queue| queue.items.iter().map(|e| (e.ack_id(), e.kind())).collect())
             .unwrap_or_default();
         for (id, kind) in items {
             if self.remove_item(device, id, kind).is_some() {
@@ -3600,7 +3646,7 @@ impl User {
                 .iter()
                 .rev()
                 .take(RECEIPT_TWIN_SCAN_MAX)
-                .any(|entry| entry.acked_by(receipt.ack_id(), receipt.kind))
+                .any(|entry| entry.acked_by(receipt.ack_id(), receipt.kind()))
         })
     }
 

@@ -28,7 +28,7 @@ struct Cluster {
     now_ms: u64,
     /// When false, Keep actions wait in `unkept` until the test calls `keep_all`.
     keep_at_once: bool,
-    unkept: Vec<(ShardId, UserId, Queued)>,
+    unkept: Vec<(ShardId, UserId, Queued, u32)>,
     forgotten: Vec<(UserId, u64, ReceiptKind)>,
     /// What each shard's store holds: every kept item by (user, id, kind), bodies included.
     disk: HashMap<(UserId, u64, i32), Queued>,
@@ -234,7 +234,7 @@ impl Cluster {
                             self.seen.push((device, seconds))
                         }
                         Action::PersistPrivacy { .. } => self.persisted_privacy = true,
-                        Action::Keep { user, item } => {
+                        Action::Keep { user, item, keep } => {
                             self.disk.insert(
                                 (user, item.ack_id(), item.ack_kind() as i32),
                                 item.clone(),
@@ -245,10 +245,11 @@ impl Cluster {
                                     user,
                                     item.id(),
                                     item.ack_kind(),
+                                    keep,
                                     now,
                                 );
                             } else {
-                                self.unkept.push((index as ShardId, user, item));
+                                self.unkept.push((index as ShardId, user, item, keep));
                             }
                         }
                         Action::LinkDevice {
@@ -312,9 +313,15 @@ impl Cluster {
 
     /// The disk catches up: every waiting Keep becomes durable.
     fn keep_all(&mut self) {
-        for (shard, user, item) in std::mem::take(&mut self.unkept) {
+        for (shard, user, item, keep) in std::mem::take(&mut self.unkept) {
             let now = self.now_ms;
-            self.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), now);
+            self.routers[usize::from(shard)].handle_kept(
+                user,
+                item.id(),
+                item.ack_kind(),
+                keep,
+                now,
+            );
         }
         self.run();
     }
@@ -1664,7 +1671,7 @@ fn an_item_that_cannot_be_kept_is_refused_and_leaves_the_queue() {
     let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
     cluster.keep_at_once = false;
     cluster.send(alice, 1, bob, 9, b"disk full");
-    let (_, user, item) = cluster.unkept.pop().unwrap();
+    let (_, user, item, _) = cluster.unkept.pop().unwrap();
     let now = cluster.now_ms;
     cluster.routers[0].handle_keep_failed(
         user,
@@ -2352,9 +2359,9 @@ fn a_group_messages_server_ack_waits_for_every_members_copy_on_disk() {
         "no ServerAck before the copies are kept"
     );
     // One member's copy on disk is not enough.
-    let (shard, user, item) = cluster.unkept.remove(0);
+    let (shard, user, item, keep) = cluster.unkept.remove(0);
     let now = cluster.now_ms;
-    cluster.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), now);
+    cluster.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), keep, now);
     cluster.run();
     assert!(cluster.take(1).is_empty());
     cluster.keep_all();

@@ -1,0 +1,197 @@
+//! The messages a shard queued that the disk has not taken yet, by keep number.
+//!
+//! Each such message gets the next number when its `Action::Keep` leaves the router; its
+//! queue entry and the keep action carry the number, and the store gives it back when the
+//! message is durable. Messages go to the disk in the order they were numbered and leave
+//! this list at about that pace, so the records form a ring: found by index, not hashed,
+//! written one after another and read again near the front. A record that leaves out of
+//! order (its device acked the message first) leaves an empty place until the places before
+//! it are empty too.
+//!
+//! Numbers are 32 bits and wrap. A number is only ever followed up with the user and message
+//! id it was given for, so an old number that wrapped around onto another record finds
+//! nothing. Number 0 names no record.
+
+use std::collections::VecDeque;
+
+use hop_protocol::UserId;
+
+/// The keep number of an item that has no record here.
+pub const NO_RECORD: u32 = 0;
+
+#[derive(Debug)]
+pub struct Unkept<T> {
+    /// The record of keep number `first + i` at `i`; `None` once it left.
+    records: VecDeque<Option<Record<T>>>,
+    /// Keep number of `records[0]`.
+    first: u32,
+    /// Records present.
+    live: usize,
+}
+
+#[derive(Debug)]
+struct Record<T> {
+    user: UserId,
+    id: u64,
+    value: T,
+}
+
+impl<T> Default for Unkept<T> {
+    fn default() -> Self {
+        Self {
+            records: VecDeque::new(),
+            first: 1,
+            live: 0,
+        }
+    }
+}
+
+impl<T> Unkept<T> {
+    /// Keeps `value` for message `id` of `user`'s queue; returns its keep number.
+    pub fn push(&mut self, user: UserId, id: u64, value: T) -> u32 {
+        let mut number = self.first.wrapping_add(self.records.len() as u32);
+        if number == NO_RECORD {
+            // The numbers wrapped: number 0 keeps an empty place.
+            self.records.push_back(None);
+            number = 1;
+        }
+        debug_assert!(
+            self.records.len() < u32::MAX as usize,
+            "keep numbers repeat"
+        );
+        self.records.push_back(Some(Record { user, id, value }));
+        self.live += 1;
+        self.trim();
+        number
+    }
+
+    /// The record `number` names, if it is still that of message `id` of `user`.
+    pub fn get(&self, number: u32, user: UserId, id: u64) -> Option<&T> {
+        let index = self.index(number, user, id)?;
+        self.records[index].as_ref().map(|record| &record.value)
+    }
+
+    pub fn get_mut(&mut self, number: u32, user: UserId, id: u64) -> Option<&mut T> {
+        let index = self.index(number, user, id)?;
+        self.records[index].as_mut().map(|record| &mut record.value)
+    }
+
+    /// Takes out the record `number` names, if it is still that of message `id` of `user`.
+    pub fn take(&mut self, number: u32, user: UserId, id: u64) -> Option<T> {
+        let index = self.index(number, user, id)?;
+        let record = self.records[index].take()?;
+        self.live -= 1;
+        self.trim();
+        Some(record.value)
+    }
+
+    /// Records present.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Places held, empty ones between records included.
+    #[cfg(test)]
+    fn places(&self) -> usize {
+        self.records.len()
+    }
+
+    fn index(&self, number: u32, user: UserId, id: u64) -> Option<usize> {
+        if number == NO_RECORD {
+            return None;
+        }
+        let index = number.wrapping_sub(self.first) as usize;
+        match self.records.get(index)? {
+            Some(record) if record.user == user && record.id == id => Some(index),
+            _ => None,
+        }
+    }
+
+    /// Lets go of the empty places at the front.
+    fn trim(&mut self) {
+        while let Some(None) = self.records.front() {
+            self.records.pop_front();
+            self.first = self.first.wrapping_add(1);
+        }
+        if self.records.is_empty() && self.records.capacity() > SHRINK_ABOVE {
+            self.records.shrink_to(SHRINK_ABOVE);
+        }
+    }
+}
+
+/// An empty ring keeps this many places of capacity; a burst's ring is given back.
+const SHRINK_ABOVE: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(n: u64) -> UserId {
+        UserId::from_halves(n + 1, n).expect("a nonzero high half")
+    }
+
+    #[test]
+    fn records_are_found_by_number_user_and_id_only() {
+        let mut unkept = Unkept::default();
+        let a = unkept.push(user(1), 10, "a");
+        let b = unkept.push(user(2), 10, "b");
+        assert_ne!(a, b);
+        assert_ne!(a, NO_RECORD);
+        assert_eq!(unkept.get(a, user(1), 10), Some(&"a"));
+        assert_eq!(unkept.get(b, user(2), 10), Some(&"b"));
+        // Another user's or another id's number finds nothing.
+        assert_eq!(unkept.get(a, user(2), 10), None);
+        assert_eq!(unkept.get(b, user(2), 11), None);
+        assert_eq!(unkept.get(NO_RECORD, user(1), 10), None);
+        assert_eq!(unkept.get(b.wrapping_add(1), user(2), 10), None);
+        assert_eq!(unkept.len(), 2);
+    }
+
+    #[test]
+    fn taken_records_are_gone_and_the_front_is_let_go() {
+        let mut unkept = Unkept::default();
+        let numbers: Vec<u32> = (0..5).map(|n| unkept.push(user(n), n, n)).collect();
+        // Out of order: the third leaves first; its place stays until those before leave.
+        assert_eq!(unkept.take(numbers[2], user(2), 2), Some(2));
+        assert_eq!(unkept.take(numbers[2], user(2), 2), None);
+        assert_eq!(unkept.places(), 5);
+        assert_eq!(unkept.take(numbers[0], user(0), 0), Some(0));
+        assert_eq!(unkept.places(), 4);
+        assert_eq!(unkept.take(numbers[1], user(1), 1), Some(1));
+        assert_eq!(
+            unkept.places(),
+            2,
+            "the empty place of the third went with them"
+        );
+        assert_eq!(unkept.len(), 2);
+        assert_eq!(unkept.get(numbers[3], user(3), 3), Some(&3));
+        assert_eq!(unkept.get_mut(numbers[4], user(4), 4).map(|v| *v), Some(4));
+        // A number taken long ago finds nothing, before and after new records.
+        assert_eq!(unkept.get(numbers[0], user(0), 0), None);
+        unkept.push(user(9), 9, 9);
+        assert_eq!(unkept.get(numbers[0], user(0), 0), None);
+    }
+
+    #[test]
+    fn numbers_wrap_around_without_naming_no_record_or_an_old_message() {
+        let mut unkept = Unkept {
+            first: u32::MAX - 1,
+            ..Unkept::default()
+        };
+        let a = unkept.push(user(1), 1, 'a');
+        let b = unkept.push(user(2), 2, 'b');
+        let c = unkept.push(user(3), 3, 'c');
+        assert_eq!((a, b, c), (u32::MAX - 1, u32::MAX, 1));
+        assert_eq!(unkept.get(c, user(3), 3), Some(&'c'));
+        assert_eq!(unkept.get(NO_RECORD, user(3), 3), None);
+        assert_eq!(unkept.take(a, user(1), 1), Some('a'));
+        assert_eq!(unkept.take(b, user(2), 2), Some('b'));
+        assert_eq!(unkept.places(), 1, "the empty place of 0 went too");
+        assert_eq!(unkept.take(c, user(3), 3), Some('c'));
+        assert_eq!(unkept.len(), 0);
+        // An old number that lands on a new record does not find it.
+        let d = unkept.push(user(4), 4, 'd');
+        assert_eq!(d, 2);
+        assert_eq!(unkept.get(d, user(1), 1), None);
+    }
+}
