@@ -44,7 +44,7 @@ use hop_protocol::session::{Channel, InputError, PeerError, ServerConnection, Se
 use hop_protocol::wire::ReceiptKind;
 use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, NodeAck, Pong, Stanza, UserRef};
 use hop_protocol::{StaticKey, UserId};
-use hop_router::{home_shard, Action, ConnRef, Queued, Router, ShardId, ShardMessage};
+use hop_router::{home_shard, Action, ConnRef, Queued, Router, ShardId, ShardMessage, NO_KEEP};
 use hop_store::accounts::AccountLog;
 use hop_store::devices::{DeviceLog, DeviceRecord};
 use hop_store::groups::{GroupLog, GroupRecord};
@@ -292,20 +292,27 @@ struct Span {
     end: usize,
 }
 
-/// Items to keep, held back until their batch is due, in order, each with the router's keep
-/// number (`Action::Keep`). A held item that its device acks is cancelled in place.
+/// Items to keep, held back until their batch is due, in the order of their keep numbers
+/// (`Action::Keep`: the router numbers every item it queues, one after another). A held item
+/// that its device acks is cancelled in place, found by its number (`Action::Forget`): its
+/// place is its number less the first's, or, past a gap in the numbers (they skip 0 when
+/// they wrap), a binary search away. No hashing: a batch is held and taken thousands of
+/// times a second.
 #[derive(Debug, Default)]
 struct Held {
-    items: VecDeque<Option<(UserId, Queued, u32)>>,
-    /// Sequence number of `items[0]`.
-    first: u64,
-    /// Sequence number of each held item, by what its device's Ack names: (user, ack id, ack
-    /// kind). The user is part of the key: the copies of one message for an account's devices
-    /// share its id. Items with one key are alike (a repeated Read), so which is cancelled
-    /// does not matter.
-    index: HashMap<(UserId, u64, i32), u64>,
+    items: VecDeque<HeldItem>,
+    /// Items not cancelled.
+    live: usize,
     /// When the oldest held item arrived.
     since_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+struct HeldItem {
+    keep: u32,
+    user: UserId,
+    /// `None` once cancelled.
+    item: Option<Queued>,
 }
 
 /// An item the store took and has not made durable yet.
@@ -323,22 +330,53 @@ struct Unkept {
 
 impl Held {
     fn hold(&mut self, user: UserId, item: Queued, keep: u32, now_ms: u64) {
-        let seq = self.first + self.items.len() as u64;
-        self.index
-            .insert((user, item.ack_id(), item.ack_kind() as i32), seq);
-        self.items.push_back(Some((user, item, keep)));
+        debug_assert!(
+            self.items.back().is_none_or(|last| {
+                let first = self.items[0].keep;
+                keep.wrapping_sub(first) > last.keep.wrapping_sub(first)
+            }),
+            "keep numbers follow one another"
+        );
+        self.items.push_back(HeldItem {
+            keep,
+            user,
+            item: Some(item),
+        });
+        self.live += 1;
         self.since_ms.get_or_insert(now_ms);
     }
 
-    /// Drops a held item the device acked; false if it is not held (it went to the store).
-    fn cancel(&mut self, user: UserId, id: u64, kind: ReceiptKind) -> bool {
-        let Some(seq) = self.index.remove(&(user, id, kind as i32)) else {
+    /// Drops the held item `keep` that the device acked, named by its Ack (`user`, `id`,
+    /// `kind`); false if it is not held (it went to the store).
+    fn cancel(&mut self, user: UserId, id: u64, kind: ReceiptKind, keep: u32) -> bool {
+        let Some(first) = self.items.front().map(|held| held.keep) else {
             return false;
         };
-        let slot = &mut self.items[(seq - self.first) as usize];
-        debug_assert!(slot.is_some(), "an indexed item is held");
-        *slot = None;
-        true
+        if keep == NO_KEEP {
+            return false;
+        }
+        let offset = keep.wrapping_sub(first);
+        let place = match self.items.get(offset as usize) {
+            Some(held) if held.keep == keep => offset as usize,
+            _ => match self
+                .items
+                .binary_search_by_key(&offset, |held| held.keep.wrapping_sub(first))
+            {
+                Ok(place) => place,
+                Err(_) => return false,
+            },
+        };
+        let held = &mut self.items[place];
+        let named = held.user == user
+            && held
+                .item
+                .as_ref()
+                .is_some_and(|item| item.ack_kind() == kind && item.ack_id() == id);
+        if named {
+            held.item = None;
+            self.live -= 1;
+        }
+        named
     }
 
     /// Nothing held since the last batch was taken.
@@ -349,7 +387,7 @@ impl Held {
     /// When the held batch must go to the store.
     fn deadline(&self, keeping: &Keeping) -> Option<u64> {
         let since_ms = self.since_ms?;
-        if keeping.at_once || self.index.len() >= keeping.records_max {
+        if keeping.at_once || self.live >= keeping.records_max {
             Some(since_ms)
         } else {
             Some(since_ms + keeping.delay_ms)
@@ -359,10 +397,13 @@ impl Held {
     /// Moves everything still held into `batch`, oldest first; the batch starts again empty.
     /// Both keep their capacity: a batch is held and taken thousands of times a second.
     fn take_into(&mut self, batch: &mut Vec<(UserId, Queued, u32)>) {
-        self.first += self.items.len() as u64;
-        self.index.clear();
+        self.live = 0;
         self.since_ms = None;
-        batch.extend(self.items.drain(..).flatten());
+        batch.extend(
+            self.items
+                .drain(..)
+                .filter_map(|held| Some((held.user, held.item?, held.keep))),
+        );
     }
 }
 
@@ -1737,8 +1778,13 @@ impl<B: Backend> Core<B> {
             // A link that cannot take it: the router refuses what it can to its sender.
             Action::ToNode { user, message } => self.mail_to_node(user, message),
             Action::Keep { user, item, keep } => self.held.hold(user, item, keep, self.now_ms),
-            Action::Forget { user, id, kind } => {
-                if self.held.cancel(user, id, kind) {
+            Action::Forget {
+                user,
+                id,
+                kind,
+                keep,
+            } => {
+                if self.held.cancel(user, id, kind, keep) {
                     bump(&self.stats.keeps_skipped, 1);
                 } else {
                     self.store.mark_delivered(self.now_ms, user, id, kind as u8);
@@ -3404,30 +3450,57 @@ mod tests {
         let user = UserId::from_halves(7, 7).expect("valid");
         let mut held = Held::default();
         assert_eq!(held.deadline(&BATCH), None);
-        held.hold(user, message(1), 0, 100);
-        held.hold(user, message(2), 0, 101);
+        held.hold(user, message(1), 11, 100);
+        held.hold(user, message(2), 12, 101);
         assert_eq!(
             held.deadline(&BATCH),
             Some(102),
             "the oldest item's time + delay"
         );
-        assert!(held.cancel(user, 2, ReceiptKind::Unspecified));
-        assert!(!held.cancel(user, 2, ReceiptKind::Unspecified), "once");
+        assert!(held.cancel(user, 2, ReceiptKind::Unspecified, 12));
+        assert!(!held.cancel(user, 2, ReceiptKind::Unspecified, 12), "once");
         assert!(
-            !held.cancel(user, 1, ReceiptKind::Read),
-            "the kind is part of the key"
+            !held.cancel(user, 1, ReceiptKind::Read, 11),
+            "the kind must match"
         );
-        held.hold(user, message(3), 0, 105);
+        assert!(
+            !held.cancel(user, 1, ReceiptKind::Unspecified, 12),
+            "the number must match"
+        );
+        assert!(!held.cancel(user, 1, ReceiptKind::Unspecified, NO_KEEP));
+        held.hold(user, message(3), 13, 105);
         let mut batch = Vec::new();
         held.take_into(&mut batch);
         let ids: Vec<u64> = batch.drain(..).map(|(_, item, _)| item.id()).collect();
         assert_eq!(ids, [1, 3]);
         assert_eq!(held.deadline(&BATCH), None, "empty again");
-        held.hold(user, message(4), 0, 200);
+        assert!(!held.cancel(user, 3, ReceiptKind::Unspecified, 13), "gone");
+        held.hold(user, message(4), 14, 200);
+        assert!(held.cancel(user, 4, ReceiptKind::Unspecified, 14));
+    }
+
+    #[test]
+    fn held_items_are_found_past_a_gap_in_their_numbers() {
+        let user = UserId::from_halves(7, 7).expect("valid");
+        let mut held = Held::default();
+        // The numbers wrap past 0, which names no item, and may jump.
+        for (id, keep) in [(1, u32::MAX - 1), (2, u32::MAX), (3, 1), (4, 2), (5, 40)] {
+            held.hold(user, message(id), keep, 100);
+        }
+        assert!(held.cancel(user, 5, ReceiptKind::Unspecified, 40));
+        assert!(held.cancel(user, 3, ReceiptKind::Unspecified, 1));
+        assert!(held.cancel(user, 1, ReceiptKind::Unspecified, u32::MAX - 1));
         assert!(
-            held.cancel(user, 4, ReceiptKind::Unspecified),
-            "sequence numbers go on"
+            !held.cancel(user, 9, ReceiptKind::Unspecified, 3),
+            "no such number"
         );
+        let mut batch = Vec::new();
+        held.take_into(&mut batch);
+        let kept: Vec<(u64, u32)> = batch
+            .iter()
+            .map(|(_, item, keep)| (item.id(), *keep))
+            .collect();
+        assert_eq!(kept, [(2, u32::MAX), (4, 2)]);
     }
 
     #[test]
@@ -3436,8 +3509,8 @@ mod tests {
         let laptop = UserId::from_halves(8, 8).expect("valid");
         let mut held = Held::default();
         // One message's copies for two devices of an account share its id.
-        held.hold(phone, message(1), 0, 100);
-        held.hold(laptop, message(1), 0, 100);
+        held.hold(phone, message(1), 1, 100);
+        held.hold(laptop, message(1), 2, 100);
         // Two devices' delivered receipts of one message, for its sender.
         let receipt = |by| Queued::Receipt {
             id: 9,
@@ -3445,14 +3518,22 @@ mod tests {
             by,
             timestamp_ms: 0,
         };
-        held.hold(phone, receipt(phone), 0, 101);
-        held.hold(phone, receipt(laptop), 0, 101);
-        assert!(held.cancel(phone, 1, ReceiptKind::Unspecified));
+        held.hold(phone, receipt(phone), 3, 101);
+        held.hold(phone, receipt(laptop), 4, 101);
+        assert!(
+            !held.cancel(laptop, 1, ReceiptKind::Unspecified, 1),
+            "not the laptop's"
+        );
+        assert!(held.cancel(phone, 1, ReceiptKind::Unspecified, 1));
         let by_laptop = receipt(laptop).ack_id();
-        assert!(held.cancel(phone, by_laptop, ReceiptKind::Delivered));
+        assert!(
+            !held.cancel(phone, by_laptop, ReceiptKind::Delivered, 3),
+            "not this receipt"
+        );
+        assert!(held.cancel(phone, by_laptop, ReceiptKind::Delivered, 4));
         let mut left = Vec::new();
         held.take_into(&mut left);
-        assert_eq!(left, [(laptop, message(1), 0), (phone, receipt(phone), 0)]);
+        assert_eq!(left, [(laptop, message(1), 2), (phone, receipt(phone), 3)]);
     }
 
     /// The connections a turn takes: their ids, in order.
@@ -3537,14 +3618,14 @@ mod tests {
         let user = UserId::from_halves(7, 7).expect("valid");
         let mut held = Held::default();
         for id in 1..=3 {
-            held.hold(user, message(id), 0, 100 + id);
+            held.hold(user, message(id), id as u32, 100 + id);
         }
         assert_eq!(held.deadline(&BATCH), Some(101), "records_max reached");
         let always = Keeping {
             at_once: true,
             ..BATCH
         };
-        assert!(held.cancel(user, 3, ReceiptKind::Unspecified));
+        assert!(held.cancel(user, 3, ReceiptKind::Unspecified, 3));
         assert_eq!(held.deadline(&always), Some(101));
     }
 }

@@ -48,6 +48,7 @@ pub use router::{
     Locality, Privacy, PushedItem, Queued, Router, Secrets, SessionState, ShardMessage, UserReport,
     Violation, LAST_SEEN_GRAIN_MS,
 };
+pub use unkept::NO_KEEP;
 
 /// A shard's index, `0..shards`.
 pub type ShardId = u16;

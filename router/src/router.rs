@@ -14,7 +14,7 @@ use hop_protocol::UserId;
 use siphasher::sip::SipHasher13;
 
 use crate::quota::{Rate, SenderQuotas, Spend};
-use crate::unkept::{Unkept, NO_RECORD};
+use crate::unkept::{Unkept, NO_KEEP};
 use crate::{ConnRef, ShardId};
 
 /// The home shard of a user: where its connection, presence and queue live.
@@ -379,6 +379,8 @@ pub enum Action {
         user: UserId,
         id: u64,
         kind: ReceiptKind,
+        /// The number of the item's [`Action::Keep`].
+        keep: u32,
     },
 }
 
@@ -548,8 +550,9 @@ struct Entry {
     /// `Unspecified` for a message, else the receipt's kind (its protobuf number): what the
     /// device's Ack names.
     kind: u8,
-    /// For a message the disk has not taken yet: its keep number in [`Router::unkept`], where
-    /// its body is; else (or once it is kept) [`NO_RECORD`] or a number that finds nothing.
+    /// The number of its [`Action::Keep`] ([`NO_KEEP`] for an item queued before this
+    /// process started). For a message the disk has not taken yet it names its record in
+    /// [`Router::unkept`], where its body is; once it is kept, nothing.
     keep: u32,
 }
 
@@ -577,7 +580,7 @@ impl Entry {
                 body_bytes: body.len() as u16,
                 flags: 0,
                 kind: ReceiptKind::Unspecified as u8,
-                keep: NO_RECORD,
+                keep: NO_KEEP,
             },
             Queued::Receipt {
                 id,
@@ -591,7 +594,7 @@ impl Entry {
                 body_bytes: 0,
                 flags: 0,
                 kind: *kind as u8,
-                keep: NO_RECORD,
+                keep: NO_KEEP,
             },
             Queued::Sent {
                 to,
@@ -605,7 +608,7 @@ impl Entry {
                 body_bytes: body.len() as u16,
                 flags: SENT_COPY,
                 kind: ReceiptKind::Unspecified as u8,
-                keep: NO_RECORD,
+                keep: NO_KEEP,
             },
             Queued::Group {
                 from,
@@ -621,7 +624,7 @@ impl Entry {
                 body_bytes: body.len() as u16,
                 flags: GROUP_COPY | if *event { GROUP_EVENT } else { 0 },
                 kind: ReceiptKind::Unspecified as u8,
-                keep: NO_RECORD,
+                keep: NO_KEEP,
             },
         }
     }
@@ -2229,7 +2232,12 @@ impl Router {
             self.counters.acks_unmatched += 1;
             return;
         };
-        self.actions.push(Action::Forget { user, id, kind });
+        self.actions.push(Action::Forget {
+            user,
+            id,
+            kind,
+            keep: item.keep,
+        });
         self.push_queued(user);
         if item.is_message() && !item.is_sent_copy() && !item.is_group_event() {
             let from = item.peer;
@@ -2477,7 +2485,7 @@ impl Router {
             by,
             timestamp_ms,
         };
-        let entry = Entry::of(&item);
+        let mut entry = Entry::of(&item);
         // A delivered receipt is made once, by the server, at the device's Ack; a read receipt
         // comes from the reader, who may send its Read again.
         if kind == ReceiptKind::Read && state.has_recent_twin(&entry) {
@@ -2490,12 +2498,13 @@ impl Router {
             self.counters.receipts_dropped += 1;
             return;
         }
+        entry.keep = self.unkept.skip();
         state.queue_mut().push(entry);
         self.queued_items += 1;
         self.actions.push(Action::Keep {
             user: to,
             item,
-            keep: NO_RECORD,
+            keep: entry.keep,
         });
         self.counters.receipts_queued += 1;
         self.push_queued(to);
@@ -3433,11 +3442,12 @@ impl Router {
             .map(|queue| queue.items.iter().map(|e| (e.ack_id(), e.kind())).collect())
             .unwrap_or_default();
         for (id, kind) in items {
-            if self.remove_item(device, id, kind).is_some() {
+            if let Some((item, _)) = self.remove_item(device, id, kind) {
                 self.actions.push(Action::Forget {
                     user: device,
                     id,
                     kind,
+                    keep: item.keep,
                 });
             }
         }

@@ -1,8 +1,9 @@
 //! The messages a shard queued that the disk has not taken yet, by keep number.
 //!
-//! Each such message gets the next number when its `Action::Keep` leaves the router; its
-//! queue entry and the keep action carry the number, and the store gives it back when the
-//! message is durable. Messages go to the disk in the order they were numbered and leave
+//! Every item queued (message or receipt) gets the next number when its `Action::Keep`
+//! leaves the router; its queue entry and the keep action carry the number, the shard finds
+//! a held item by it, and the store gives it back when the item is durable. A message's
+//! number names its record here; a receipt's names an empty place. Messages go to the disk in the order they were numbered and leave
 //! this list at about that pace, so the records form a ring: found by index, not hashed,
 //! written one after another and read again near the front. A record that leaves out of
 //! order (its device acked the message first) leaves an empty place until the places before
@@ -16,8 +17,8 @@ use std::collections::VecDeque;
 
 use hop_protocol::UserId;
 
-/// The keep number of an item that has no record here.
-pub const NO_RECORD: u32 = 0;
+/// The keep number of no item: that of an item queued before this process started.
+pub const NO_KEEP: u32 = 0;
 
 #[derive(Debug)]
 pub struct Unkept<T> {
@@ -50,7 +51,7 @@ impl<T> Unkept<T> {
     /// Keeps `value` for message `id` of `user`'s queue; returns its keep number.
     pub fn push(&mut self, user: UserId, id: u64, value: T) -> u32 {
         let mut number = self.first.wrapping_add(self.records.len() as u32);
-        if number == NO_RECORD {
+        if number == NO_KEEP {
             // The numbers wrapped: number 0 keeps an empty place.
             self.records.push_back(None);
             number = 1;
@@ -61,6 +62,18 @@ impl<T> Unkept<T> {
         );
         self.records.push_back(Some(Record { user, id, value }));
         self.live += 1;
+        self.trim();
+        number
+    }
+
+    /// Takes the next number for an item with no record (a receipt): an empty place.
+    pub fn skip(&mut self) -> u32 {
+        let mut number = self.first.wrapping_add(self.records.len() as u32);
+        if number == NO_KEEP {
+            self.records.push_back(None);
+            number = 1;
+        }
+        self.records.push_back(None);
         self.trim();
         number
     }
@@ -97,7 +110,7 @@ impl<T> Unkept<T> {
     }
 
     fn index(&self, number: u32, user: UserId, id: u64) -> Option<usize> {
-        if number == NO_RECORD {
+        if number == NO_KEEP {
             return None;
         }
         let index = number.wrapping_sub(self.first) as usize;
@@ -136,13 +149,13 @@ mod tests {
         let a = unkept.push(user(1), 10, "a");
         let b = unkept.push(user(2), 10, "b");
         assert_ne!(a, b);
-        assert_ne!(a, NO_RECORD);
+        assert_ne!(a, NO_KEEP);
         assert_eq!(unkept.get(a, user(1), 10), Some(&"a"));
         assert_eq!(unkept.get(b, user(2), 10), Some(&"b"));
         // Another user's or another id's number finds nothing.
         assert_eq!(unkept.get(a, user(2), 10), None);
         assert_eq!(unkept.get(b, user(2), 11), None);
-        assert_eq!(unkept.get(NO_RECORD, user(1), 10), None);
+        assert_eq!(unkept.get(NO_KEEP, user(1), 10), None);
         assert_eq!(unkept.get(b.wrapping_add(1), user(2), 10), None);
         assert_eq!(unkept.len(), 2);
     }
@@ -173,6 +186,27 @@ mod tests {
     }
 
     #[test]
+    fn skipped_numbers_hold_no_record_and_follow_on() {
+        let mut unkept = Unkept::default();
+        let a = unkept.skip();
+        let b = unkept.push(user(1), 1, 'b');
+        let c = unkept.skip();
+        let d = unkept.push(user(2), 2, 'd');
+        assert_eq!((b, c, d), (a + 1, a + 2, a + 3));
+        assert_eq!(unkept.len(), 2);
+        assert_eq!(
+            unkept.places(),
+            3,
+            "a skipped number at the front goes at once"
+        );
+        assert_eq!(unkept.take(b, user(1), 1), Some('b'));
+        assert_eq!(unkept.places(), 1, "and one behind a record with it");
+        unkept.first = u32::MAX;
+        unkept.records.clear();
+        assert_eq!((unkept.skip(), unkept.skip()), (u32::MAX, 1));
+    }
+
+    #[test]
     fn numbers_wrap_around_without_naming_no_record_or_an_old_message() {
         let mut unkept = Unkept {
             first: u32::MAX - 1,
@@ -183,7 +217,7 @@ mod tests {
         let c = unkept.push(user(3), 3, 'c');
         assert_eq!((a, b, c), (u32::MAX - 1, u32::MAX, 1));
         assert_eq!(unkept.get(c, user(3), 3), Some(&'c'));
-        assert_eq!(unkept.get(NO_RECORD, user(3), 3), None);
+        assert_eq!(unkept.get(NO_KEEP, user(3), 3), None);
         assert_eq!(unkept.take(a, user(1), 1), Some('a'));
         assert_eq!(unkept.take(b, user(2), 2), Some('b'));
         assert_eq!(unkept.places(), 1, "the empty place of 0 went too");

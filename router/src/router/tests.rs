@@ -262,7 +262,7 @@ impl Cluster {
                         }
                         Action::UnlinkDevice { device, .. } => self.unlinked.push(device),
                         Action::PersistGroup(snapshot) => self.groups_kept.push(*snapshot),
-                        Action::Forget { user, id, kind } => {
+                        Action::Forget { user, id, kind, .. } => {
                             self.disk.remove(&(user, id, kind as i32));
                             self.forgotten.push((user, id, kind));
                         }
