@@ -349,13 +349,15 @@ impl Held {
     /// Drops the held item `keep` that the device acked, named by its Ack (`user`, `id`,
     /// `kind`); false if it is not held (it went to the store).
     fn cancel(&mut self, user: UserId, id: u64, kind: ReceiptKind, keep: u32) -> bool {
-        let Some(first) = self.items.front().map(|held| held.keep) else {
+        let (Some(first), Some(last)) = (self.items.front(), self.items.back()) else {
             return false;
         };
-        if keep == NO_KEEP {
+        let first = first.keep;
+        let offset = keep.wrapping_sub(first);
+        // Before the first (the batch it was in went to the store) or after the last.
+        if keep == NO_KEEP || offset > last.keep.wrapping_sub(first) {
             return false;
         }
-        let offset = keep.wrapping_sub(first);
         let place = match self.items.get(offset as usize) {
             Some(held) if held.keep == keep => offset as usize,
             _ => match self
