@@ -317,7 +317,7 @@ struct HeldItem {
 
 /// An item the store took and has not made durable yet.
 #[derive(Debug, Clone, Copy)]
-struct Unkept {
+struct Syncing {
     /// The store's sequence number of its record.
     seq: u64,
     user: UserId,
@@ -979,7 +979,7 @@ struct Core<B: Backend> {
     /// The router's actions being carried out; kept for its capacity.
     action_batch: Vec<Action>,
     /// Items appended to the store and not yet durable, in sequence order: (seq, user, id, kind).
-    unkept: VecDeque<Unkept>,
+    unkept: VecDeque<Syncing>,
     /// Records of one user's queue read from the store ahead of their push, oldest first.
     read_ahead: ReadAhead,
     /// Connections in their handshake.
@@ -1914,7 +1914,7 @@ impl<B: Backend> Core<B> {
             ),
         };
         match appended {
-            Ok(seq) => self.unkept.push_back(Unkept {
+            Ok(seq) => self.unkept.push_back(Syncing {
                 seq,
                 user,
                 id: item.ack_id(),
@@ -1928,6 +1928,7 @@ impl<B: Backend> Core<B> {
                     user,
                     item.ack_id(),
                     item.ack_kind(),
+                    keep,
                     ErrorCode::QueueFull,
                     "the recipient's queue is full; message not taken",
                     self.wall_ms,
@@ -2181,7 +2182,7 @@ impl<B: Backend> Core<B> {
                 break;
             }
             self.unkept.pop_front();
-            let Unkept {
+            let Syncing {
                 user,
                 id,
                 kind,
@@ -2204,6 +2205,7 @@ impl<B: Backend> Core<B> {
                     unkept.user,
                     unkept.id,
                     unkept.kind,
+                    unkept.keep,
                     ErrorCode::Overloaded,
                     "the server could not store the message; try again",
                     self.wall_ms,

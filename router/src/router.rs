@@ -533,9 +533,9 @@ impl Queued {
 }
 
 /// An item of a user's queue as the router keeps it: what acks it, whom it names and how big
-/// its body is, never the body itself. A message's body lives in [`Router`]'s `fresh` map only
-/// until it is kept on disk; after that the store has it and memory does not grow with the
-/// bytes queued.
+/// its body is, never the body itself. A message's body lives in [`Router`]'s `unkept` records
+/// only until it is kept on disk; after that the store has it and memory does not grow with
+/// the bytes queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     /// The message's server id (for a receipt: of the message it is about).
@@ -565,6 +565,13 @@ const GROUP_COPY: u8 = 2;
 /// With [`GROUP_COPY`]: a group event.
 const GROUP_EVENT: u8 = 4;
 
+/// A body's length as an [`Entry`] keeps it. Bodies from clients are at most
+/// `BODY_BYTES_MAX`; one read back from disk that is larger counts as the largest.
+fn body_length(body: &Bytes) -> u16 {
+    debug_assert!(body.len() <= usize::from(u16::MAX), "a body fits its entry");
+    u16::try_from(body.len()).unwrap_or(u16::MAX)
+}
+
 impl Entry {
     fn of(item: &Queued) -> Self {
         match item {
@@ -577,7 +584,7 @@ impl Entry {
                 id: *id,
                 timestamp_ms: *timestamp_ms,
                 peer: *from,
-                body_bytes: body.len() as u16,
+                body_bytes: body_length(body),
                 flags: 0,
                 kind: ReceiptKind::Unspecified as u8,
                 keep: NO_KEEP,
@@ -605,7 +612,7 @@ impl Entry {
                 id: *id,
                 timestamp_ms: *timestamp_ms,
                 peer: *to,
-                body_bytes: body.len() as u16,
+                body_bytes: body_length(body),
                 flags: SENT_COPY,
                 kind: ReceiptKind::Unspecified as u8,
                 keep: NO_KEEP,
@@ -621,7 +628,7 @@ impl Entry {
                 id: *id,
                 timestamp_ms: *timestamp_ms,
                 peer: *from,
-                body_bytes: body.len() as u16,
+                body_bytes: body_length(body),
                 flags: GROUP_COPY | if *event { GROUP_EVENT } else { 0 },
                 kind: ReceiptKind::Unspecified as u8,
                 keep: NO_KEEP,
@@ -651,10 +658,6 @@ impl Entry {
 
     fn body_bytes(&self) -> usize {
         usize::from(self.body_bytes)
-    }
-
-    fn is_group_copy(&self) -> bool {
-        self.flags & GROUP_COPY != 0
     }
 
     fn is_group_event(&self) -> bool {
@@ -792,6 +795,8 @@ struct Pending {
     body: Bytes,
     /// Who waits for its ServerAck; `None` once the recipient's device acked it.
     waiter: Option<Waiter>,
+    /// A member's copy of a group message: the group, which its Deliver names.
+    group: Option<UserId>,
 }
 
 /// Who waits for a message's ServerAck: the connection that sent it last.
@@ -927,9 +932,6 @@ pub struct Router {
     /// Users whose queue and presence lists became empty since the last
     /// [`Router::release_empty`]; each at most once.
     emptied: Vec<UserId>,
-    /// The group of each group copy in `unkept`: a group copy's Deliver names it. Apart from
-    /// `unkept`, so that a 1:1 message does not carry its room.
-    pending_groups: HashMap<(UserId, u64), UserId>,
     /// The groups homed here.
     groups: HashMap<UserId, Group>,
     /// Group messages whose members' shards have not all answered, by (group, id).
@@ -988,7 +990,6 @@ impl Router {
             counters: Counters::default(),
             unkept: Unkept::default(),
             emptied: Vec::new(),
-            pending_groups: HashMap::default(),
             groups: HashMap::default(),
             fanouts: HashMap::default(),
             memberships: HashMap::default(),
@@ -1751,9 +1752,6 @@ impl Router {
         if kind != ReceiptKind::Unspecified {
             return;
         }
-        if !self.pending_groups.is_empty() {
-            self.pending_groups.remove(&(user, id));
-        }
         if let Some(Pending {
             waiter: Some(waiter),
             ..
@@ -1767,7 +1765,7 @@ impl Router {
     /// damaged and dropped it): it leaves the queue too, and is counted.
     pub fn handle_unreadable(&mut self, user: UserId, id: u64) {
         if self
-            .remove_item(user, id, ReceiptKind::Unspecified)
+            .remove_item(user, id, ReceiptKind::Unspecified, None)
             .is_some()
         {
             self.counters.items_unreadable += 1;
@@ -1775,18 +1773,22 @@ impl Router {
         }
     }
 
-    /// The item (`id`, `kind`) of `user`'s queue could not be kept (quota, disk): it leaves the
-    /// queue and, for a message, its sender gets an Error instead of a ServerAck.
+    /// The item (`id`, `kind`) of `user`'s queue, kept by [`Action::Keep`] with number `keep`,
+    /// could not be kept (quota, disk): it leaves the queue and, for a message, its sender gets
+    /// an Error instead of a ServerAck. Another item with the same id (a resend queued again)
+    /// stays.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle_keep_failed(
         &mut self,
         user: UserId,
         id: u64,
         kind: ReceiptKind,
+        keep: u32,
         code: ErrorCode,
         reason: &'static str,
         now_ms: u64,
     ) {
-        let Some((_, Some(waiter))) = self.remove_item(user, id, kind) else {
+        let Some((_, Some(waiter))) = self.remove_item(user, id, kind, Some(keep)) else {
             return;
         };
         self.counters.messages_rejected += 1;
@@ -1810,7 +1812,7 @@ impl Router {
 
     /// The item (`id`, `kind`) of `user`'s queue expired on disk: it leaves the queue.
     pub fn handle_expired(&mut self, user: UserId, id: u64, kind: ReceiptKind) {
-        self.remove_item(user, id, kind);
+        self.remove_item(user, id, kind, None);
         self.counters.items_expired += 1;
     }
 
@@ -2017,17 +2019,14 @@ impl Router {
                 timestamp_ms: envelope.timestamp_ms,
                 body: envelope.body.clone(),
             },
-            Some(copy) => {
-                self.pending_groups.insert((envelope.to, id), copy.group);
-                Queued::Group {
-                    from: envelope.from,
-                    group: copy.group,
-                    id,
-                    timestamp_ms: envelope.timestamp_ms,
-                    body: envelope.body.clone(),
-                    event: copy.event,
-                }
-            }
+            Some(copy) => Queued::Group {
+                from: envelope.from,
+                group: copy.group,
+                id,
+                timestamp_ms: envelope.timestamp_ms,
+                body: envelope.body.clone(),
+                event: copy.event,
+            },
         };
         // The ServerAck waits until the message is on disk or acked by the device.
         let waiter = Waiter {
@@ -2045,6 +2044,7 @@ impl Router {
             Pending {
                 body: envelope.body,
                 waiter: Some(waiter),
+                group: group.map(|copy| copy.group),
             },
         );
         let keep = entry.keep;
@@ -2107,15 +2107,13 @@ impl Router {
                 Pending {
                     body: body.clone(),
                     waiter: None,
+                    group,
                 },
             );
             state.queue_mut().push(entry);
             self.shares.add(&entry);
             self.queued_bytes += body.len();
             self.queued_items += 1;
-            if let Some(group) = group {
-                self.pending_groups.insert((device, id), group);
-            }
             self.actions.push(Action::Keep {
                 user: device,
                 item: item.clone(),
@@ -2180,21 +2178,21 @@ impl Router {
         self.send_home(waiter.reply_to, accepted, now_ms);
     }
 
-    /// Takes item (`id`, `kind`) out of `user`'s queue (`id`: its ack id; of several items
-    /// with one ack id, the oldest); for a message not yet on disk, also its body, and returns
-    /// who still waits for its ServerAck.
+    /// Takes item (`id`, `kind`) out of `user`'s queue (`id`: its ack id; with `keep`, the one
+    /// of that keep number, else of several items with one ack id the oldest); for a message
+    /// not yet on disk, also its body, and returns who still waits for its ServerAck.
     fn remove_item(
         &mut self,
         user: UserId,
         id: u64,
         kind: ReceiptKind,
+        keep: Option<u32>,
     ) -> Option<(Entry, Option<Waiter>)> {
         let state = self.users.get_mut(&user)?;
         let queue = &mut state.extra.as_mut()?.queue;
-        let position = queue
-            .items
-            .iter()
-            .position(|item| item.acked_by(id, kind))?;
+        let position = queue.items.iter().position(|item| {
+            item.acked_by(id, kind) && keep.is_none_or(|keep| item.keep == keep)
+        })?;
         let item = queue.items.remove(position)?;
         queue.took(&item);
         self.shares.remove(&item);
@@ -2213,9 +2211,6 @@ impl Router {
         self.queued_bytes -= body_bytes;
         self.queued_items -= 1;
         let waiter = if item.is_message() {
-            if item.is_group_copy() {
-                self.pending_groups.remove(&(user, id));
-            }
             self.unkept
                 .take(item.keep, user, item.id)
                 .and_then(|pending| pending.waiter)
@@ -2228,7 +2223,7 @@ impl Router {
     fn client_ack(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
         // Acks come in delivery order, so the item is almost always at the front. An Ack can
         // only name an item of the acker's own queue: it needs no other check.
-        let Some((item, waiter)) = self.remove_item(user, id, kind) else {
+        let Some((item, waiter)) = self.remove_item(user, id, kind, None) else {
             self.counters.acks_unmatched += 1;
             return;
         };
@@ -2568,11 +2563,14 @@ impl Router {
                     read_proof(&self.read_proofs, user, entry.peer, entry.id)
                 };
                 match self.unkept.get(entry.keep, user, entry.id) {
-                    Some(Pending { body, .. }) if entry.is_group_copy() => {
-                        let group = self.pending_groups.get(&(user, entry.id)).copied();
+                    Some(Pending {
+                        body,
+                        group: Some(group),
+                        ..
+                    }) => {
                         let stanza = Stanza::deliver_group(
                             entry.peer,
-                            group.expect("a pending group copy names its group"),
+                            *group,
                             entry.id,
                             entry.timestamp_ms,
                             body.clone(),
@@ -3385,6 +3383,7 @@ impl Router {
                 Pending {
                     body: envelope.body.clone(),
                     waiter: None,
+                    group: None,
                 },
             );
             state.queue_mut().push(entry);
@@ -3437,12 +3436,18 @@ impl Router {
                 text: "this device was removed from its account",
             });
         }
-        let items: Vec<(u64, ReceiptKind)> = state
+        let items: Vec<(u64, ReceiptKind, u32)> = state
             .queue()
-            .map(|queue| queue.items.iter().map(|e| (e.ack_id(), e.kind())).collect())
+            .map(|queue| {
+                queue
+                    .items
+                    .iter()
+                    .map(|e| (e.ack_id(), e.kind(), e.keep))
+                    .collect()
+            })
             .unwrap_or_default();
-        for (id, kind) in items {
-            if let Some((item, _)) = self.remove_item(device, id, kind) {
+        for (id, kind, keep) in items {
+            if let Some((item, _)) = self.remove_item(device, id, kind, Some(keep)) {
                 self.actions.push(Action::Forget {
                     user: device,
                     id,

@@ -3,11 +3,11 @@
 //! Every item queued (message or receipt) gets the next number when its `Action::Keep`
 //! leaves the router; its queue entry and the keep action carry the number, the shard finds
 //! a held item by it, and the store gives it back when the item is durable. A message's
-//! number names its record here; a receipt's names an empty place. Messages go to the disk in the order they were numbered and leave
-//! this list at about that pace, so the records form a ring: found by index, not hashed,
-//! written one after another and read again near the front. A record that leaves out of
-//! order (its device acked the message first) leaves an empty place until the places before
-//! it are empty too.
+//! number names its record here; a receipt's names an empty place. Items go to the disk in
+//! the order they were numbered and leave this list at about that pace, so the records form
+//! a ring: found by index, not hashed, written one after another and read again near the
+//! front. A record that leaves out of order (its device acked the message first) leaves an
+//! empty place until the places before it are empty too.
 //!
 //! Numbers are 32 bits and wrap. A number is only ever followed up with the user and message
 //! id it was given for, so an old number that wrapped around onto another record finds
@@ -50,16 +50,7 @@ impl<T> Default for Unkept<T> {
 impl<T> Unkept<T> {
     /// Keeps `value` for message `id` of `user`'s queue; returns its keep number.
     pub fn push(&mut self, user: UserId, id: u64, value: T) -> u32 {
-        let mut number = self.first.wrapping_add(self.records.len() as u32);
-        if number == NO_KEEP {
-            // The numbers wrapped: number 0 keeps an empty place.
-            self.records.push_back(None);
-            number = 1;
-        }
-        debug_assert!(
-            self.records.len() < u32::MAX as usize,
-            "keep numbers repeat"
-        );
+        let number = self.next_number();
         self.records.push_back(Some(Record { user, id, value }));
         self.live += 1;
         self.trim();
@@ -68,11 +59,7 @@ impl<T> Unkept<T> {
 
     /// Takes the next number for an item with no record (a receipt): an empty place.
     pub fn skip(&mut self) -> u32 {
-        let mut number = self.first.wrapping_add(self.records.len() as u32);
-        if number == NO_KEEP {
-            self.records.push_back(None);
-            number = 1;
-        }
+        let number = self.next_number();
         self.records.push_back(None);
         self.trim();
         number
@@ -107,6 +94,20 @@ impl<T> Unkept<T> {
     #[cfg(test)]
     fn places(&self) -> usize {
         self.records.len()
+    }
+
+    /// The number the next place gets. When the numbers wrap, number 0 keeps an empty place.
+    fn next_number(&mut self) -> u32 {
+        let number = self.first.wrapping_add(self.records.len() as u32);
+        debug_assert!(
+            self.records.len() < u32::MAX as usize,
+            "keep numbers repeat"
+        );
+        if number != NO_KEEP {
+            return number;
+        }
+        self.records.push_back(None);
+        1
     }
 
     fn index(&self, number: u32, user: UserId, id: u64) -> Option<usize> {

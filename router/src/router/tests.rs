@@ -1671,12 +1671,13 @@ fn an_item_that_cannot_be_kept_is_refused_and_leaves_the_queue() {
     let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
     cluster.keep_at_once = false;
     cluster.send(alice, 1, bob, 9, b"disk full");
-    let (_, user, item, _) = cluster.unkept.pop().unwrap();
+    let (_, user, item, keep) = cluster.unkept.pop().unwrap();
     let now = cluster.now_ms;
     cluster.routers[0].handle_keep_failed(
         user,
         item.id(),
         item.ack_kind(),
+        keep,
         ErrorCode::Overloaded,
         "disk",
         now,
@@ -2817,4 +2818,75 @@ fn a_resumed_session_pushes_nothing_twice_and_keeps_its_watches() {
     // The watch went on: the watcher hears of Bob leaving.
     cluster.disconnect(bob, 12);
     assert!(!presence(only(cluster.take(11))).online);
+}
+
+#[test]
+fn a_second_copy_of_a_message_that_cannot_be_kept_is_refused_alone() {
+    let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
+    cluster.send(alice, 1, bob, 1, b"twice");
+    assert_eq!(cluster.take(1).len(), 1, "its ServerAck: kept at once");
+    // The same message from another connection, not marked as a resend: queued again under
+    // the same id, and this copy cannot be kept.
+    cluster.keep_at_once = false;
+    cluster.connect(alice, 2);
+    cluster.declare(alice, 2, outbox_of(1));
+    cluster.send(alice, 2, bob, 1, b"twice");
+    let (_, user, item, keep) = cluster.unkept.pop().unwrap();
+    let now = cluster.now_ms;
+    cluster.routers[0].handle_keep_failed(
+        user,
+        item.id(),
+        item.ack_kind(),
+        keep,
+        ErrorCode::Overloaded,
+        "disk",
+        now,
+    );
+    cluster.run();
+    assert_eq!(
+        error_code(&only(cluster.take(2))),
+        (ErrorCode::Overloaded, 1),
+        "the sender of the copy that was refused hears of it"
+    );
+    assert_eq!(cluster.routers[0].bodies_in_memory(), 0, "no record left");
+    // The copy on disk is still queued.
+    cluster.connect(bob, 3);
+    assert_eq!(deliver(&only(cluster.take(3))).body.as_ref(), b"twice");
+}
+
+#[test]
+fn a_group_copy_queued_twice_is_delivered_after_its_twin_is_kept() {
+    let mut cluster = Cluster::new(3, Limits::default());
+    let (group, [alice, bob, _]) = group_of_three(&mut cluster);
+    cluster.keep_at_once = false;
+    cluster.disconnect(bob, 2);
+    cluster.send(alice, 1, group, 1, b"twice");
+    // The disk is slow: the fan-out is given up, and the same Send, not marked as a resend,
+    // fans out again: Bob's queue holds two copies under one id, neither kept.
+    cluster.now_ms += FANOUT_PATIENCE_MS * 2;
+    cluster
+        .stanza(alice, 1, send_of(group, 1, b"twice", false))
+        .unwrap();
+    let first = cluster
+        .unkept
+        .iter()
+        .position(|(_, user, _, _)| *user == bob)
+        .expect("a copy for Bob");
+    let (shard, user, item, keep) = cluster.unkept.remove(first);
+    let now = cluster.now_ms;
+    cluster.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), keep, now);
+    cluster.run();
+    // The other copy is still in memory, and names its group.
+    cluster.connect(bob, 5);
+    // Bob never acked the group's creation event: it comes again first.
+    let copies: Vec<Stanza> = cluster
+        .take(5)
+        .into_iter()
+        .filter(|stanza| deliver(stanza).event.is_none())
+        .collect();
+    assert_eq!(copies.len(), 2, "both copies, each once");
+    for copy in &copies {
+        assert_eq!(UserRef::user(deliver(copy).group.as_deref()), Some(group));
+        assert_eq!(deliver(copy).body.as_ref(), b"twice");
+    }
 }
