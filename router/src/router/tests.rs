@@ -311,6 +311,22 @@ impl Cluster {
         }
     }
 
+    /// The disk refuses the latest waiting Keep (on shard 0).
+    fn refuse_last_keep(&mut self) {
+        let (_, user, item, keep) = self.unkept.pop().unwrap();
+        let now = self.now_ms;
+        self.routers[0].handle_keep_failed(
+            user,
+            item.id(),
+            item.ack_kind(),
+            keep,
+            ErrorCode::Overloaded,
+            "disk",
+            now,
+        );
+        self.run();
+    }
+
     /// The disk catches up: every waiting Keep becomes durable.
     fn keep_all(&mut self) {
         for (shard, user, item, keep) in std::mem::take(&mut self.unkept) {
@@ -1671,18 +1687,7 @@ fn an_item_that_cannot_be_kept_is_refused_and_leaves_the_queue() {
     let (mut cluster, alice, bob) = Cluster::with_offline_recipient(Limits::default());
     cluster.keep_at_once = false;
     cluster.send(alice, 1, bob, 9, b"disk full");
-    let (_, user, item, keep) = cluster.unkept.pop().unwrap();
-    let now = cluster.now_ms;
-    cluster.routers[0].handle_keep_failed(
-        user,
-        item.id(),
-        item.ack_kind(),
-        keep,
-        ErrorCode::Overloaded,
-        "disk",
-        now,
-    );
-    cluster.run();
+    cluster.refuse_last_keep();
     assert_eq!(
         error_code(&only(cluster.take(1))),
         (ErrorCode::Overloaded, 9)
@@ -2831,18 +2836,7 @@ fn a_second_copy_of_a_message_that_cannot_be_kept_is_refused_alone() {
     cluster.connect(alice, 2);
     cluster.declare(alice, 2, outbox_of(1));
     cluster.send(alice, 2, bob, 1, b"twice");
-    let (_, user, item, keep) = cluster.unkept.pop().unwrap();
-    let now = cluster.now_ms;
-    cluster.routers[0].handle_keep_failed(
-        user,
-        item.id(),
-        item.ack_kind(),
-        keep,
-        ErrorCode::Overloaded,
-        "disk",
-        now,
-    );
-    cluster.run();
+    cluster.refuse_last_keep();
     assert_eq!(
         error_code(&only(cluster.take(2))),
         (ErrorCode::Overloaded, 1),
