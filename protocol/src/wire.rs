@@ -225,14 +225,34 @@ pub fn encoded_bytes(stanza: &Stanza) -> usize {
 
 /// Decodes every stanza in one frame's plaintext, in order. A stanza with no kind set (an
 /// unknown kind from a newer peer) is passed on as `Stanza { kind: None }`.
+///
+/// A frame of at most [`SHARED_FRAME_BYTES_MAX`] is copied once into a buffer that the
+/// message bodies it carries share (a body is a slice of it, until the last is dropped): one
+/// allocation per frame rather than two per message (the body's copy, then the shared header
+/// its first clone makes). A larger frame gives each body a copy of its own, so that a small
+/// message held until it is on disk never holds a large frame with it.
 pub fn decode_all<E: From<DecodeError>>(
-    mut plaintext: &[u8],
+    plaintext: &[u8],
     on_stanza: &mut dyn FnMut(Stanza) -> Result<(), E>,
 ) -> Result<(), E> {
     if plaintext.is_empty() {
         return Err(DecodeError::Empty.into());
     }
-    while !plaintext.is_empty() {
+    if plaintext.len() <= SHARED_FRAME_BYTES_MAX {
+        decode_from(Bytes::copy_from_slice(plaintext), on_stanza)
+    } else {
+        decode_from(plaintext, on_stanza)
+    }
+}
+
+/// The largest frame plaintext whose bodies share one buffer ([`decode_all`]).
+pub const SHARED_FRAME_BYTES_MAX: usize = 16 * 1024;
+
+fn decode_from<E: From<DecodeError>>(
+    mut plaintext: impl bytes::Buf,
+    on_stanza: &mut dyn FnMut(Stanza) -> Result<(), E>,
+) -> Result<(), E> {
+    while plaintext.has_remaining() {
         let stanza = Stanza::decode_length_delimited(&mut plaintext).map_err(DecodeError::from)?;
         on_stanza(stanza)?;
     }
@@ -508,6 +528,21 @@ mod tests {
         assert_eq!(encoded_bytes(&Stanza::outbox(u64::MAX)), 12);
     }
 
+    /// `stanzas` encoded into one plaintext, and what `decode_all` makes of it.
+    fn round_trip(stanzas: &[Stanza]) -> (Vec<u8>, Vec<Stanza>) {
+        let mut plaintext = Vec::new();
+        for stanza in stanzas {
+            encode(stanza, &mut plaintext);
+        }
+        let mut seen = Vec::new();
+        decode_all::<DecodeError>(&plaintext, &mut |s| {
+            seen.push(s);
+            Ok(())
+        })
+        .unwrap();
+        (plaintext, seen)
+    }
+
     #[test]
     fn several_stanzas_round_trip_in_one_plaintext() {
         let sent = [
@@ -521,21 +556,33 @@ mod tests {
                 Some(MessageRef { outbox: 7, seq: 1 }),
             ),
         ];
-        let mut plaintext = Vec::new();
-        for stanza in &sent {
-            encode(stanza, &mut plaintext);
-        }
-        let mut seen = Vec::new();
-        decode_all::<DecodeError>(&plaintext, &mut |s| {
-            seen.push(s);
-            Ok(())
-        })
-        .unwrap();
+        let seen = round_trip(&sent).1;
         assert_eq!(seen, sent);
         let Some(Kind::Send(send)) = &seen[1].kind else {
             panic!("a Send");
         };
         assert_eq!(UserRef::user(send.to.as_ref()), Some(user(1)));
+    }
+
+    #[test]
+    fn a_frame_past_the_shared_size_decodes_alike() {
+        let big = Bytes::from(vec![7u8; SHARED_FRAME_BYTES_MAX]);
+        let sent = [
+            Stanza::send(user(1), 1, Bytes::from_static(b"small"), 0),
+            Stanza::send(user(2), 2, big, 0),
+        ];
+        for stanzas in [&sent[..1], &sent[..]] {
+            let (plaintext, seen) = round_trip(stanzas);
+            assert_eq!(seen, stanzas, "a frame of {} bytes", plaintext.len());
+            assert_eq!(plaintext.len() > SHARED_FRAME_BYTES_MAX, stanzas.len() == 2);
+        }
+        // Garbage after a valid stanza fails the same way on both paths.
+        for len in [64, SHARED_FRAME_BYTES_MAX + 64] {
+            let mut plaintext = Vec::new();
+            encode(&sent[0], &mut plaintext);
+            plaintext.resize(len, 0xff);
+            assert!(decode_all::<DecodeError>(&plaintext, &mut |_| Ok(())).is_err());
+        }
     }
 
     #[test]
