@@ -350,12 +350,14 @@ impl Client {
     }
 
     /// The next stanza from the server, waiting at most `timeout`; `None` on timeout. A
-    /// Deliver of a message this client already received is acked and not returned.
+    /// Deliver of a message this client already received is acked and not returned. A
+    /// Deliver's body is the caller's own copy, which it may keep as long as it likes (in the
+    /// frame it came in, it shared one buffer with the frame's other bodies).
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Stanza>, ClientError> {
         let deadline = Instant::now() + timeout;
         loop {
-            while let Some(stanza) = self.inbox.pop_front() {
-                if let Some(Kind::Deliver(deliver)) = &stanza.kind {
+            while let Some(mut stanza) = self.inbox.pop_front() {
+                if let Some(Kind::Deliver(deliver)) = &mut stanza.kind {
                     if let Some(from) = UserRef::user(deliver.from.as_ref()) {
                         if !self.seen.first_time(from, deliver.id) {
                             self.duplicates_dropped += 1;
@@ -363,6 +365,7 @@ impl Client {
                             continue;
                         }
                     }
+                    deliver.body = Bytes::copy_from_slice(&deliver.body);
                 }
                 return Ok(Some(stanza));
             }

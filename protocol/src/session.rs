@@ -81,7 +81,9 @@ impl Channel {
     }
 
     /// Feeds bytes from the peer; passes each stanza to `on_stanza` in order. `scratch` must
-    /// hold a whole frame's plaintext (`FRAME_PLAINTEXT_BYTES_MAX`).
+    /// hold a whole frame's plaintext (`FRAME_PLAINTEXT_BYTES_MAX`). The bodies of a frame of
+    /// at most `wire::SHARED_FRAME_BYTES_MAX` share one buffer (`wire::decode_all`): copy one
+    /// out to keep it long.
     pub fn handle_input<E>(
         &mut self,
         input: &[u8],
@@ -479,7 +481,8 @@ impl ClientConnection {
     /// Feeds bytes read from the server. Message 3 is appended to `out` once the server is
     /// trusted; events go to `on_event` in stream order. `scratch` must hold a whole frame's
     /// plaintext (`FRAME_PLAINTEXT_BYTES_MAX`). After an error the caller must close the
-    /// connection.
+    /// connection. A Deliver's body may share its frame's buffer with the frame's other
+    /// bodies (`Channel::handle_input`): copy it out to keep it long.
     pub fn handle_input<E>(
         &mut self,
         input: &[u8],
