@@ -317,7 +317,7 @@ struct HeldItem {
 
 /// An item the store took and has not made durable yet.
 #[derive(Debug, Clone, Copy)]
-struct Syncing {
+struct Written {
     /// The store's sequence number of its record.
     seq: u64,
     user: UserId,
@@ -790,7 +790,7 @@ impl<B: Backend> Core<B> {
             held: Held::default(),
             held_batch: Vec::new(),
             action_batch: Vec::new(),
-            unkept: VecDeque::new(),
+            written: VecDeque::new(),
             read_ahead: ReadAhead::default(),
             handshaking: 0,
             controls,
@@ -978,8 +978,8 @@ struct Core<B: Backend> {
     held_batch: Vec<(UserId, Queued, u32)>,
     /// The router's actions being carried out; kept for its capacity.
     action_batch: Vec<Action>,
-    /// Items appended to the store and not yet durable, in sequence order: (seq, user, id, kind).
-    unkept: VecDeque<Syncing>,
+    /// Items appended to the store and not yet durable, in sequence order.
+    written: VecDeque<Written>,
     /// Records of one user's queue read from the store ahead of their push, oldest first.
     read_ahead: ReadAhead,
     /// Connections in their handshake.
@@ -1914,7 +1914,7 @@ impl<B: Backend> Core<B> {
             ),
         };
         match appended {
-            Ok(seq) => self.unkept.push_back(Syncing {
+            Ok(seq) => self.written.push_back(Written {
                 seq,
                 user,
                 id: item.ack_id(),
@@ -2177,19 +2177,13 @@ impl<B: Backend> Core<B> {
 
     /// The items up to `durable_through` are durable: their ServerAcks may leave.
     fn release_kept(&mut self, durable_through: u64) {
-        while let Some(&unkept) = self.unkept.front() {
-            if unkept.seq > durable_through {
+        while let Some(&item) = self.written.front() {
+            if item.seq > durable_through {
                 break;
             }
-            self.unkept.pop_front();
-            let Syncing {
-                user,
-                id,
-                kind,
-                keep,
-                ..
-            } = unkept;
-            self.router.handle_kept(user, id, kind, keep, self.wall_ms);
+            self.written.pop_front();
+            self.router
+                .handle_kept(item.user, item.id, item.kind, item.keep, self.wall_ms);
         }
     }
 
@@ -2198,23 +2192,23 @@ impl<B: Backend> Core<B> {
         bump(&self.stats.store_commit_failures, 1);
         warn!(shard = self.settings.index, %error, "offline queue commit failed; its senders get an error");
         let failed = error.failed_seqs;
-        let mut kept = VecDeque::with_capacity(self.unkept.len());
-        for unkept in std::mem::take(&mut self.unkept) {
-            if failed.contains(&unkept.seq) {
+        let mut kept = VecDeque::with_capacity(self.written.len());
+        for item in std::mem::take(&mut self.written) {
+            if failed.contains(&item.seq) {
                 self.router.handle_keep_failed(
-                    unkept.user,
-                    unkept.id,
-                    unkept.kind,
-                    unkept.keep,
+                    item.user,
+                    item.id,
+                    item.kind,
+                    item.keep,
                     ErrorCode::Overloaded,
                     "the server could not store the message; try again",
                     self.wall_ms,
                 );
             } else {
-                kept.push_back(unkept);
+                kept.push_back(item);
             }
         }
-        self.unkept = kept;
+        self.written = kept;
     }
 
     /// Expires old queued items and runs one bounded compaction step.
@@ -2797,7 +2791,7 @@ impl<B: Backend> Core<B> {
     fn unquiet(&self) -> Option<&'static str> {
         let busy = [
             (!self.held.is_empty(), "items held for the store"),
-            (!self.unkept.is_empty(), "items not yet durable"),
+            (!self.written.is_empty(), "items not yet durable"),
             (
                 self.store.next_commit_deadline().is_some(),
                 "store writes not yet committed",

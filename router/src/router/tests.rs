@@ -329,17 +329,22 @@ impl Cluster {
 
     /// The disk catches up: every waiting Keep becomes durable.
     fn keep_all(&mut self) {
-        for (shard, user, item, keep) in std::mem::take(&mut self.unkept) {
-            let now = self.now_ms;
-            self.routers[usize::from(shard)].handle_kept(
-                user,
-                item.id(),
-                item.ack_kind(),
-                keep,
-                now,
-            );
+        for waiting in std::mem::take(&mut self.unkept) {
+            self.kept(waiting);
         }
         self.run();
+    }
+
+    /// The waiting Keep at `index` becomes durable, alone.
+    fn keep_one(&mut self, index: usize) {
+        let waiting = self.unkept.remove(index);
+        self.kept(waiting);
+        self.run();
+    }
+
+    fn kept(&mut self, (shard, user, item, keep): (ShardId, UserId, Queued, u32)) {
+        let now = self.now_ms;
+        self.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), keep, now);
     }
 
     /// One shard, Alice online on connection 1, Bob known but offline (his first connection,
@@ -2365,10 +2370,7 @@ fn a_group_messages_server_ack_waits_for_every_members_copy_on_disk() {
         "no ServerAck before the copies are kept"
     );
     // One member's copy on disk is not enough.
-    let (shard, user, item, keep) = cluster.unkept.remove(0);
-    let now = cluster.now_ms;
-    cluster.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), keep, now);
-    cluster.run();
+    cluster.keep_one(0);
     assert!(cluster.take(1).is_empty());
     cluster.keep_all();
     let ticks = cluster.take(1);
@@ -2866,10 +2868,7 @@ fn a_group_copy_queued_twice_is_delivered_after_its_twin_is_kept() {
         .iter()
         .position(|(_, user, _, _)| *user == bob)
         .expect("a copy for Bob");
-    let (shard, user, item, keep) = cluster.unkept.remove(first);
-    let now = cluster.now_ms;
-    cluster.routers[usize::from(shard)].handle_kept(user, item.id(), item.ack_kind(), keep, now);
-    cluster.run();
+    cluster.keep_one(first);
     // The other copy is still in memory, and names its group.
     cluster.connect(bob, 5);
     // Bob never acked the group's creation event: it comes again first.
