@@ -1076,3 +1076,132 @@ fn a_sender_to_a_slow_node_is_slowed_down_not_refused() {
     }
     assert_eq!((acked, refused), (MESSAGES, 0), "ServerAcks and refusals");
 }
+
+/// Alice, a user of n0, streams messages to Carol, a user of n2 who is offline, and n2 is
+/// killed with `kill -9` midway. Each message Alice got a ServerAck for was durable on n2 and
+/// on Carol's replica node before the ack, so once n2's lease has run out Carol, now served
+/// by her replica, receives every one of them; her app gets each once (a message Alice sent
+/// again after the kill has its original's id). What got no ServerAck, or an Error, Alice
+/// sends again, as a client does.
+#[test]
+fn no_acked_message_is_lost_when_the_recipient_s_home_is_killed_under_load() {
+    const MESSAGES: usize = 600;
+    const WINDOW: usize = 32;
+    const KILL_AFTER: usize = 200;
+    /// A message with no answer for this long is sent again.
+    const RESEND_AFTER: Duration = Duration::from_secs(3);
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let mut nodes = Nodes::start(&net, &etcd, 3);
+    let live = [0, 1, 2];
+    let alice_key = key_homed_on(&live, 0);
+    let carol_key = key_homed_on(&live, 2);
+    let carol_id = carol_key.user_id();
+    let (_, replica) = placed(&live, carol_id);
+    nodes.served_by(0, &carol_key, 2);
+    let mut alice = nodes.connect(0, &alice_key).expect("alice served");
+    assert_eq!(nodes.which(alice.server_key()), Some(0));
+
+    let body = |n: usize| format!("message {n}");
+    let deadline = Instant::now() + 3 * PATIENCE;
+    let mut next = 0;
+    // By seq: the message's number, and when to send it again.
+    let mut waiting: std::collections::HashMap<u64, (usize, Instant)> = Default::default();
+    // By number: the id its ServerAck named.
+    let mut acked: std::collections::BTreeMap<usize, u64> = Default::default();
+    // When n2 was killed, and the number of the first message sent after it.
+    let mut killed: Option<(Instant, usize)> = None;
+    let (mut flowing_again, mut refused, mut sent_again) = (None, 0, 0);
+    while acked.len() < MESSAGES {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {MESSAGES} messages acked; waiting: {:?}",
+            acked.len(),
+            waiting.values().map(|w| w.0).collect::<Vec<_>>()
+        );
+        while waiting.len() < WINDOW && next < MESSAGES {
+            let sent = alice
+                .send_message(carol_id, body(next).as_bytes())
+                .expect("sent");
+            waiting.insert(sent.seq, (next, Instant::now() + RESEND_AFTER));
+            next += 1;
+        }
+        if killed.is_none() && acked.len() >= KILL_AFTER {
+            nodes.kill(2);
+            killed = Some((Instant::now(), next));
+        }
+        match alice
+            .recv(Duration::from_millis(20))
+            .expect("alice's connection")
+            .and_then(|stanza| stanza.kind)
+        {
+            Some(Kind::ServerAck(ack)) => {
+                if let Some((n, _)) = waiting.remove(&ack.seq) {
+                    acked.insert(n, ack.id);
+                    if let Some((at, _)) = killed.filter(|killed| n >= killed.1) {
+                        flowing_again.get_or_insert_with(|| at.elapsed());
+                    }
+                }
+            }
+            Some(Kind::Error(error)) => {
+                if let Some(entry) = waiting.get_mut(&error.seq) {
+                    refused += 1;
+                    entry.1 = Instant::now() + Duration::from_millis(200);
+                }
+            }
+            _ => {}
+        }
+        let now = Instant::now();
+        for (&seq, (n, resend_at)) in &mut waiting {
+            if now >= *resend_at {
+                alice
+                    .resend_message(carol_id, seq, body(*n).as_bytes())
+                    .expect("sent again");
+                *resend_at = now + RESEND_AFTER;
+                sent_again += 1;
+            }
+        }
+    }
+    println!(
+        "{MESSAGES} messages acked; n2 killed after {KILL_AFTER}; the first ServerAck for a \
+         message sent after the kill came {flowing_again:?} after it (lease {LEASE_MS} ms); \
+         {refused} refusals, {sent_again} sent again"
+    );
+
+    let mut carol = nodes.connect(0, &carol_key).expect("carol served");
+    assert_eq!(nodes.which(carol.server_key()), Some(replica));
+    let mut received: std::collections::BTreeMap<usize, u64> = Default::default();
+    let deadline = Instant::now() + PATIENCE;
+    while received.len() < MESSAGES && Instant::now() < deadline {
+        let Some(Kind::Deliver(deliver)) = carol
+            .recv(Duration::from_millis(200))
+            .expect("carol's connection")
+            .and_then(|stanza| stanza.kind)
+        else {
+            continue;
+        };
+        carol.ack_deliver(deliver.id).expect("acked");
+        let text = String::from_utf8_lossy(&deliver.body).into_owned();
+        let n: usize = text
+            .strip_prefix("message ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a body of Alice's: {text:?}"));
+        assert!(
+            received.insert(n, deliver.id).is_none(),
+            "message {n} reached the app twice"
+        );
+    }
+    let lost: Vec<usize> = acked
+        .keys()
+        .filter(|n| !received.contains_key(n))
+        .copied()
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acked messages lost: {lost:?}",
+        lost.len()
+    );
+    assert_eq!(received, acked, "each with the id its ServerAck named");
+}

@@ -528,6 +528,21 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.mails_unroutable,
     ),
     (
+        "replicas_kept",
+        "Copies of other nodes' messages kept here, as their users' replica node.",
+        |s| &s.replicas_kept,
+    ),
+    (
+        "replicas_refused",
+        "Copies of other nodes' messages refused here (the user's queue was full).",
+        |s| &s.replicas_refused,
+    ),
+    (
+        "replicas_missing",
+        "Messages refused to their senders because the replica node did not keep a copy (refused, unreachable, or not confirmed in time).",
+        |s| &s.replicas_missing,
+    ),
+    (
         "group_messages",
         "Messages sent to groups homed on this shard.",
         |s| &s.group_messages,

@@ -93,8 +93,13 @@ const SEND_BUDGET_CLOSES_MAX: usize = 256;
 /// Bad-input log lines per shard per second at `warn`; the rest go to `debug`.
 const WARNINGS_PER_SECOND: u32 = 10;
 /// Mails one shard holds for other nodes whose links' queues are full; past it new work for
-/// them is refused to its senders.
+/// them from clients is refused to its senders.
 const NODE_OUTBOX_MAX: usize = 16 * 1024;
+/// The same bound for mail that other nodes' mail makes (answers, copies for a replica node,
+/// receipts): what a link brings in cannot be paused (two nodes would wait on each other), and
+/// is bounded by the work in flight between the nodes, which the clients' bound and the links'
+/// queues limit; dropping it would leave a sender waiting for an answer that never comes.
+const NODE_OUTBOX_ANSWERS_MAX: usize = 4 * NODE_OUTBOX_MAX;
 /// How long the loop waits at most while mail for another node waits for its link's queue.
 const NODE_OUTBOX_RETRY: Duration = Duration::from_millis(1);
 /// The longest between two sweeps for expired accounts (a sweep walks every user of the shard).
@@ -212,6 +217,16 @@ pub struct ShardParts<B: Backend> {
     /// Connections taken over from the process before this one, resumed before serving once
     /// the gate opens (the gate may say to stop instead).
     pub inherited: Option<(ShardExport, Arc<Gate>)>,
+}
+
+/// Which node of a user's a mail is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The user's home ([`hop_router::Action::ToNode`]).
+    Home,
+    /// The node placement ranks next, which keeps copies of the user's queue
+    /// ([`hop_router::Action::ToReplica`]).
+    Replica,
 }
 
 /// What a node link's queue did with a mail offered to it.
@@ -910,6 +925,7 @@ impl<B: Backend> Core<B> {
                 core.router.release_empty(core.wall_ms);
                 core.expire_accounts();
                 core.router.expire_fanouts(core.wall_ms);
+                core.router.expire_replicas(core.wall_ms);
                 core.end_turn(backend);
                 core.publish_gauges(backend);
                 next_tick = Instant::now() + tick;
@@ -1348,26 +1364,36 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Hands `message` for `user` to the link to `user`'s home node. Where the link's queue
+    /// Hands `message` for `user` to the link to `user`'s home node (or, for `Target::Replica`,
+    /// its replica node: placement's next after this one). Where the link's queue
     /// is full while the link is up (the peer takes mail, slower than it comes), the mail waits
     /// in this shard's outbox for that node, in order with the node's later mail, and the
     /// connection being read pauses until the outbox drains: backpressure across the link, as
     /// a full mailbox between shards does. Where there is no link to take it (no such member,
-    /// the link down and its queue full, or the outboxes at [`NODE_OUTBOX_MAX`]), the work is
+    /// the link down and its queue full, or the outboxes at [`NODE_OUTBOX_MAX`], or
+    /// [`NODE_OUTBOX_ANSWERS_MAX`] for mail made by other nodes' mail), the work is
     /// refused to its sender ([`Router::handle_unroutable`]).
-    fn mail_to_node(&mut self, user: UserId, message: Box<ShardMessage>) {
+    fn mail_to_node(&mut self, user: UserId, message: Box<ShardMessage>, target: Target) {
         let member = self.cluster.as_ref().and_then(|cluster| {
             let view = cluster.view();
-            match view.home(user) {
-                Home::There(member) => Some(member.clone()),
-                _ => None,
+            match target {
+                Target::Home => match view.home(user) {
+                    Home::There(member) => Some(member.clone()),
+                    _ => None,
+                },
+                Target::Replica => view.replica(user).cloned(),
             }
         });
         let Some(member) = member else {
             return self.router.handle_unroutable(*message, self.wall_ms);
         };
+        let bound = if self.reading_a_client() {
+            NODE_OUTBOX_MAX
+        } else {
+            NODE_OUTBOX_ANSWERS_MAX
+        };
         if let Some(waiting) = self.node_outbox.get_mut(&member.node_id) {
-            if self.node_outbox_mails >= NODE_OUTBOX_MAX {
+            if self.node_outbox_mails >= bound {
                 return self.router.handle_unroutable(*message, self.wall_ms);
             }
             waiting.push_back((user, message));
@@ -1376,7 +1402,7 @@ impl<B: Backend> Core<B> {
         }
         match self.offer_to_link(&member, user, &message) {
             Offered::Taken => {}
-            Offered::Full if self.node_outbox_mails < NODE_OUTBOX_MAX => {
+            Offered::Full if self.node_outbox_mails < bound => {
                 bump(&self.stats.link_backpressure, 1);
                 self.node_outbox
                     .entry(member.node_id.clone())
@@ -1463,6 +1489,18 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// The loop is handling a client connection's input: not a node link's, nor mail from
+    /// another shard.
+    fn reading_a_client(&self) -> bool {
+        let Some(current) = self.current else {
+            return false;
+        };
+        let generation = self.generation_of(current);
+        self.links_in
+            .get(&current)
+            .is_none_or(|(linked, _)| Some(*linked) != generation)
+    }
+
     /// Pauses the connection being read for mail that waits for another node, unless it is
     /// a node link: two nodes that each stopped reading the other's link while waiting for
     /// room in their own would wait for ever. What a link's mail makes waits in the outbox
@@ -1470,17 +1508,9 @@ impl<B: Backend> Core<B> {
     /// no mail waits for any node; those a full mailbox paused, once the mailboxes take theirs
     /// (`retry_outbox`): one reason does not hold up the other's.
     fn pause_current_client(&mut self) {
-        let Some(current) = self.current else {
+        let Some(current) = self.current.filter(|_| self.reading_a_client()) else {
             return;
         };
-        let generation = self.generation_of(current);
-        if self
-            .links_in
-            .get(&current)
-            .is_some_and(|(linked, _)| Some(*linked) == generation)
-        {
-            return;
-        }
         if let Some(conn) = self.conn_mut(current) {
             if !conn.paused {
                 conn.paused = true;
@@ -1548,6 +1578,9 @@ impl<B: Backend> Core<B> {
         let state = (cluster.generation(), cluster.serving());
         if state == self.cluster_state {
             return;
+        }
+        if state.0 != self.cluster_state.0 {
+            self.router.handle_members_changed(self.wall_ms);
         }
         self.cluster_state = state;
         let open: Vec<(ConnId, UserId)> = (0..self.conns.len() as ConnId)
@@ -1778,7 +1811,10 @@ impl<B: Backend> Core<B> {
             }
             Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
             // A link that cannot take it: the router refuses what it can to its sender.
-            Action::ToNode { user, message } => self.mail_to_node(user, message),
+            Action::ToNode { user, message } => self.mail_to_node(user, message, Target::Home),
+            Action::ToReplica { user, message } => {
+                self.mail_to_node(user, message, Target::Replica)
+            }
             Action::Keep { user, item, keep } => self.held.hold(user, item, keep, self.now_ms),
             Action::Forget {
                 user,
@@ -3030,6 +3066,9 @@ impl<B: Backend> Core<B> {
             (&stats.rate_limited, router.rate_limited),
             (&stats.mails_to_nodes, router.mails_to_nodes),
             (&stats.mails_unroutable, router.mails_unroutable),
+            (&stats.replicas_kept, router.replicas_kept),
+            (&stats.replicas_refused, router.replicas_refused),
+            (&stats.replicas_missing, router.replicas_missing),
             (&stats.group_messages, router.group_messages),
             (&stats.group_changes, router.group_changes),
             (&stats.group_copies_refused, router.group_copies_refused),

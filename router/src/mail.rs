@@ -32,7 +32,7 @@ use hop_protocol::wire::{
 };
 use hop_protocol::UserId;
 
-use crate::{ConnRef, Envelope, GroupCopy, GroupRequest, ShardMessage};
+use crate::{ConnRef, Envelope, GroupCopy, GroupRequest, Queued, Replica, ShardMessage};
 
 /// The largest mail [`decode`] takes, in bytes. The largest a router makes is an `Answer`
 /// whose stanza fills a client's frame (`FRAME_PLAINTEXT_BYTES_MAX`, length prefix included)
@@ -50,10 +50,11 @@ pub const REJECTED_REASON_UNKNOWN: &str = "refused by the recipient's node";
 /// A new reason must be added here, or it reaches a client of another node as
 /// [`REJECTED_REASON_UNKNOWN`]: the test `every_reason_the_router_refuses_with_is_listed` reads
 /// those two files and fails until it is.
-pub const REJECTED_REASONS: [&str; 7] = [
+pub const REJECTED_REASONS: [&str; 8] = [
     "no such user or group on this server",
     "that user has too many watchers",
     "the group's server is busy; try again",
+    "the message could not be copied to a second node of the cluster; try again",
     "the recipient lives on another node of the cluster, which this node cannot reach now; try again later",
     "the recipient's queue is full; message not taken",
     "the server could not store the message; try again",
@@ -203,6 +204,17 @@ pub fn decode(bytes: &[u8]) -> Result<ShardMessage, MailError> {
                 stanza: Box::new(stanza),
             }
         }
+        Kind::Replica(replica) => ShardMessage::Replica(Box::new(replica_of(replica)?)),
+        Kind::Replicated(replicated) => ShardMessage::Replicated {
+            user: user("Replicated.user", replicated.user)?,
+            id: replicated.id,
+            keep: replicated.keep,
+            kept: replicated.kept,
+        },
+        Kind::ReplicaForget(forget) => ShardMessage::ReplicaForget {
+            user: user("ReplicaForget.user", forget.user)?,
+            id: forget.id,
+        },
     };
     Ok(message)
 }
@@ -331,7 +343,93 @@ fn kind_of(message: &ShardMessage) -> Kind {
             conn: conn.0,
             stanza: Some((**stanza).clone()),
         }),
+        ShardMessage::Replica(replica) => Kind::Replica(replica_to(replica)),
+        ShardMessage::Replicated {
+            user,
+            id,
+            keep,
+            kept,
+        } => Kind::Replicated(node::Replicated {
+            user: user_ref(*user),
+            id: *id,
+            keep: *keep,
+            kept: *kept,
+        }),
+        ShardMessage::ReplicaForget { user, id } => Kind::ReplicaForget(node::ReplicaForget {
+            user: user_ref(*user),
+            id: *id,
+        }),
     }
+}
+
+fn replica_to(replica: &Replica) -> node::Replica {
+    let (from, id, timestamp_ms, body, group, event) = match &replica.item {
+        Queued::Message {
+            from,
+            id,
+            timestamp_ms,
+            body,
+        } => (from, id, timestamp_ms, body, None, false),
+        Queued::Group {
+            from,
+            group,
+            id,
+            timestamp_ms,
+            body,
+            event,
+        } => (from, id, timestamp_ms, body, Some(*group), *event),
+        // A router copies only messages to a replica node.
+        Queued::Receipt { .. } | Queued::Sent { .. } => {
+            unreachable!("a replica is a message or a group's copy")
+        }
+    };
+    node::Replica {
+        user: user_ref(replica.user),
+        keep: replica.keep,
+        id: *id,
+        from: user_ref(*from),
+        timestamp_ms: *timestamp_ms,
+        body: body.clone(),
+        group: group.map(Into::into),
+        event,
+    }
+}
+
+fn replica_of(replica: node::Replica) -> Result<Replica, MailError> {
+    if replica.body.len() > BODY_BYTES_MAX {
+        return Err(MailError::Invalid {
+            field: "Replica.body",
+            problem: "longer than BODY_BYTES_MAX",
+        });
+    }
+    let from = user("Replica.from", replica.from)?;
+    let item = match replica.group {
+        None if replica.event => {
+            return Err(MailError::Invalid {
+                field: "Replica.event",
+                problem: "an event outside a group",
+            })
+        }
+        None => Queued::Message {
+            from,
+            id: replica.id,
+            timestamp_ms: replica.timestamp_ms,
+            body: replica.body,
+        },
+        group => Queued::Group {
+            from,
+            group: user("Replica.group", group)?,
+            id: replica.id,
+            timestamp_ms: replica.timestamp_ms,
+            body: replica.body,
+            event: replica.event,
+        },
+    };
+    Ok(Replica {
+        user: user("Replica.user", replica.user)?,
+        keep: replica.keep,
+        item,
+    })
 }
 
 fn route_of(envelope: &Envelope) -> node::Route {
@@ -475,7 +573,7 @@ mod tests {
 
     /// The variants of `ShardMessage`. Its `match` has no wildcard arm: a new variant does not
     /// build until it has a number here and samples below (and so a place in `encode`).
-    const VARIANTS: usize = 14;
+    const VARIANTS: usize = 17;
 
     fn variant_index(message: &ShardMessage) -> usize {
         match message {
@@ -493,6 +591,9 @@ mod tests {
             ShardMessage::Joined { .. } => 11,
             ShardMessage::Left { .. } => 12,
             ShardMessage::Answer { .. } => 13,
+            ShardMessage::Replica(_) => 14,
+            ShardMessage::Replicated { .. } => 15,
+            ShardMessage::ReplicaForget { .. } => 16,
         }
     }
 
@@ -547,6 +648,56 @@ mod tests {
         use group_change::Op;
         let large_body = Bytes::from(vec![0xa5; BODY_BYTES_MAX]);
         let mut samples = vec![
+            ShardMessage::Replica(Box::new(Replica {
+                user: bob(),
+                keep: u32::MAX,
+                item: Queued::Message {
+                    from: alice(),
+                    id: u64::MAX,
+                    timestamp_ms: NOW_MS,
+                    body: large_body.clone(),
+                },
+            })),
+            ShardMessage::Replica(Box::new(Replica {
+                user: smallest(),
+                keep: 1,
+                item: Queued::Group {
+                    from: largest(),
+                    group: bob(),
+                    id: 1,
+                    timestamp_ms: 1,
+                    body: Bytes::new(),
+                    event: true,
+                },
+            })),
+            ShardMessage::Replica(Box::new(Replica {
+                user: alice(),
+                keep: 7,
+                item: Queued::Group {
+                    from: bob(),
+                    group: largest(),
+                    id: 2,
+                    timestamp_ms: NOW_MS,
+                    body: Bytes::from_static(b"to the group"),
+                    event: false,
+                },
+            })),
+            ShardMessage::Replicated {
+                user: alice(),
+                id: u64::MAX,
+                keep: u32::MAX,
+                kept: true,
+            },
+            ShardMessage::Replicated {
+                user: smallest(),
+                id: 1,
+                keep: 1,
+                kept: false,
+            },
+            ShardMessage::ReplicaForget {
+                user: largest(),
+                id: 0x0bad_cafe_dead_beef,
+            },
             ShardMessage::Route(envelope(alice(), Bytes::from_static(b"hello"), false)),
             ShardMessage::Route(envelope(smallest(), Bytes::new(), true)),
             ShardMessage::Route(envelope(largest(), large_body.clone(), false)),
@@ -965,6 +1116,70 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_that_no_router_would_make_is_refused() {
+        let mail = |replica| {
+            node::Mail {
+                kind: Some(Kind::Replica(replica)),
+            }
+            .encode_to_vec()
+        };
+        let good = node::Replica {
+            user: Some(bob().into()),
+            keep: 3,
+            id: 9,
+            from: Some(alice().into()),
+            timestamp_ms: NOW_MS,
+            body: Bytes::from_static(b"hi"),
+            group: None,
+            event: false,
+        };
+        assert!(decode(&mail(good.clone())).is_ok());
+        let cases = [
+            (
+                node::Replica {
+                    event: true,
+                    ..good.clone()
+                },
+                MailError::Invalid {
+                    field: "Replica.event",
+                    problem: "an event outside a group",
+                },
+            ),
+            (
+                node::Replica {
+                    body: Bytes::from(vec![1; BODY_BYTES_MAX + 1]),
+                    ..good.clone()
+                },
+                MailError::Invalid {
+                    field: "Replica.body",
+                    problem: "longer than BODY_BYTES_MAX",
+                },
+            ),
+            (
+                node::Replica {
+                    user: None,
+                    ..good.clone()
+                },
+                MailError::Missing {
+                    field: "Replica.user",
+                },
+            ),
+            (
+                node::Replica {
+                    from: Some(UserRef { high: 0, low: 1 }),
+                    ..good
+                },
+                MailError::BadUserId {
+                    field: "Replica.from",
+                },
+            ),
+        ];
+        for (replica, error) in cases {
+            assert_eq!(decode(&mail(replica)), Err(error));
+        }
+    }
+
+    #[test]
     fn values_out_of_range_are_errors() {
         let mail = |kind| node::Mail { kind: Some(kind) }.encode_to_vec();
         let rejected = node::Rejected {
@@ -1218,8 +1433,9 @@ mod tests {
 
     /// The texts router/src/router.rs builds a `ShardMessage::Rejected` with, read from its
     /// source: a literal or constant in the struct itself; a literal passed to a closure
-    /// `|code, reason|` that makes one; a literal the shard loop passes to
-    /// `Router::handle_keep_failed` (gateway/src/shard.rs). A `Rejected` whose `reason` comes
+    /// `|code, reason|` that makes one; a constant passed to `refuse_waiter`; a literal the
+    /// shard loop passes to `Router::handle_keep_failed` (gateway/src/shard.rs), which hands
+    /// it to `refuse_waiter`. A `Rejected` whose `reason` comes
     /// from anywhere else fails the test, which must then learn to read it.
     fn reasons_in_source(router: &str, shard: &str) -> BTreeSet<String> {
         let mut reasons = BTreeSet::new();
@@ -1262,8 +1478,22 @@ mod tests {
                 reasons.insert(reason_argument(router, arguments));
             }
         }
-        assert!(router.contains("pub fn handle_keep_failed("));
+        // `refuse_waiter(.., code, reason, now_ms)` makes one from its `reason`: its callers
+        // pass a constant, or hand on `handle_keep_failed`'s own, which the shard loop passes.
+        assert!(router.contains("fn refuse_waiter("));
         known_sources += 1;
+        for arguments in calls(router, "refuse_waiter") {
+            let arguments = arguments.trim().trim_end_matches(',');
+            let reason = arguments
+                .rsplit(',')
+                .nth(1)
+                .expect("a reason argument")
+                .trim();
+            if reason != "reason" {
+                reasons.insert(resolve(router, reason));
+            }
+        }
+        assert!(router.contains("pub fn handle_keep_failed("));
         for arguments in calls(shard, "handle_keep_failed") {
             reasons.insert(reason_argument(shard, arguments));
         }

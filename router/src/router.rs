@@ -304,6 +304,36 @@ pub enum ShardMessage {
         conn: ConnRef,
         stanza: Box<Stanza>,
     },
+    /// For the replica node of `user`'s queue: keep a copy of a message its home node queued,
+    /// and answer with `Replicated` once it is durable. Boxed: rarer than `Route`, and larger.
+    Replica(Box<Replica>),
+    /// For `user`'s home node: the replica node's answer to `Replica`: the copy is durable
+    /// there (`kept`), or was refused.
+    Replicated {
+        user: UserId,
+        id: u64,
+        /// The home's keep number, from the `Replica`.
+        keep: u32,
+        kept: bool,
+    },
+    /// For the replica node of `user`'s queue: message `id` left the queue at its home (acked
+    /// or refused), so its copy may go.
+    ReplicaForget {
+        user: UserId,
+        id: u64,
+    },
+}
+
+/// A copy of a queued message for the replica node of its queue's owner
+/// ([`ShardMessage::Replica`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// The queue's owner: an account, or a group member for a group's copy.
+    pub user: UserId,
+    /// The home's keep number for the message, handed back in `Replicated`.
+    pub keep: u32,
+    /// A [`Queued::Message`] or [`Queued::Group`].
+    pub item: Queued,
 }
 
 /// What the shard loop must do.
@@ -340,6 +370,13 @@ pub enum Action {
     /// shard there. Boxed: a mail to another node is encoded for its link anyway, and an
     /// `Action` stays within its size.
     ToNode {
+        user: UserId,
+        message: Box<ShardMessage>,
+    },
+    /// In a cluster: hand a message to the replica node of `user` (the node placement ranks
+    /// next after `user`'s home, this node), which hands it to `user`'s home shard there. If
+    /// it cannot leave, the shard loop gives it back with [`Router::handle_unroutable`].
+    ToReplica {
         user: UserId,
         message: Box<ShardMessage>,
     },
@@ -425,6 +462,13 @@ pub struct Counters {
     pub mails_to_nodes: u64,
     /// Of those, mails that could not reach their node ([`Router::handle_unroutable`]).
     pub mails_unroutable: u64,
+    /// Copies of other nodes' messages kept here, as their users' replica node.
+    pub replicas_kept: u64,
+    /// Of the copies other nodes sent, those refused here (the queue was full).
+    pub replicas_refused: u64,
+    /// Messages refused to their senders because the replica node did not keep their copy
+    /// (refused there, unreachable, or not confirmed within [`REPLICA_PATIENCE_MS`]).
+    pub replicas_missing: u64,
     pub items_expired: u64,
     /// Users made from their queued items at start because their binding was not on disk
     /// (written again at their next connection).
@@ -564,6 +608,9 @@ const SENT_COPY: u8 = 1;
 const GROUP_COPY: u8 = 2;
 /// With [`GROUP_COPY`]: a group event.
 const GROUP_EVENT: u8 = 4;
+/// A copy went to the replica node ([`ShardMessage::Replica`]): when the item leaves, so must
+/// that copy ([`ShardMessage::ReplicaForget`]).
+const REPLICATED: u8 = 8;
 
 /// A body's length as an [`Entry`] keeps it. Bodies from clients are at most
 /// `BODY_BYTES_MAX`; one read back from disk that is larger counts as the largest.
@@ -797,7 +844,43 @@ struct Pending {
     waiter: Option<Waiter>,
     /// A member's copy of a group message: the group, which its Deliver names.
     group: Option<UserId>,
+    /// What the record still waits for: [`AWAIT_DISK`], and in a cluster [`AWAIT_REPLICA`].
+    awaiting: u8,
+    /// A copy kept for another node whose user this is ([`ShardMessage::Replica`]): that
+    /// node's keep number, to answer with once the copy is durable. [`NO_KEEP`] otherwise.
+    replica_of: u32,
+    /// When it was queued (wall-clock ms): a copy the replica node has not confirmed within
+    /// [`REPLICA_PATIENCE_MS`] is refused to its sender.
+    since_ms: u64,
+    /// With [`AWAIT_REPLICA`]: the replica node its copy went to ([`Locality::replica`]).
+    replica_node: u64,
 }
+
+impl Pending {
+    /// The record of a message that waits only for this node's disk.
+    fn kept_here(body: Bytes, waiter: Option<Waiter>, group: Option<UserId>) -> Self {
+        Self {
+            body,
+            waiter,
+            group,
+            awaiting: AWAIT_DISK,
+            replica_of: NO_KEEP,
+            since_ms: 0,
+            replica_node: 0,
+        }
+    }
+}
+
+/// [`Pending::awaiting`]: this node's disk has not taken the message yet.
+const AWAIT_DISK: u8 = 1;
+/// [`Pending::awaiting`]: the replica node has not confirmed its copy yet.
+const AWAIT_REPLICA: u8 = 2;
+/// How long a message waits for its replica node's confirmation before it is refused to its
+/// sender (who sends it again). A backstop: a link delivers every mail while its node is a
+/// member, and a change of the members refuses what waits at once
+/// ([`Router::handle_members_changed`]); only an answer the replica node had to drop (its
+/// outbox for this node at its bound) is waited for this long.
+pub const REPLICA_PATIENCE_MS: u64 = 60_000;
 
 /// Who waits for a message's ServerAck: the connection that sent it last.
 #[derive(Debug, Clone, Copy)]
@@ -893,7 +976,19 @@ const FANOUT_PATIENCE_MS: u64 = 5_000;
 pub trait Locality: std::fmt::Debug + std::marker::Send {
     /// `user` (an account or a group) lives on this node now.
     fn is_here(&self, user: UserId) -> bool;
+
+    /// The replica node of `user`, who lives on this node: the node that keeps copies of its
+    /// queue, named by a number stable across changes of the members (its placement hash);
+    /// `None` without one (a cluster of one). Each message queued here for a user with a
+    /// replica node waits for its copy there before its ServerAck.
+    fn replica(&self, _user: UserId) -> Option<u64> {
+        None
+    }
 }
+
+/// Why a message was refused whose copy the replica node did not keep.
+const UNREPLICATED: &str =
+    "the message could not be copied to a second node of the cluster; try again";
 
 /// Why a message or watch request for a user of another node was refused.
 const UNROUTABLE: &str =
@@ -1697,6 +1792,24 @@ impl Router {
                 conn,
                 stanza,
             } => self.reply(account, conn, *stanza),
+            ShardMessage::Replica(replica) => self.keep_replica(*replica, now_ms),
+            ShardMessage::Replicated {
+                user,
+                id,
+                keep,
+                kept,
+            } => self.replicated(user, id, keep, kept, now_ms),
+            ShardMessage::ReplicaForget { user, id } => {
+                if let Some((entry, _)) = self.remove_item(user, id, ReceiptKind::Unspecified, None)
+                {
+                    self.actions.push(Action::Forget {
+                        user,
+                        id,
+                        kind: ReceiptKind::Unspecified,
+                        keep: entry.keep,
+                    });
+                }
+            }
             ShardMessage::Presence {
                 to,
                 about,
@@ -1752,22 +1865,208 @@ impl Router {
         if kind != ReceiptKind::Unspecified {
             return;
         }
-        if let Some(Pending {
-            waiter: Some(waiter),
-            ..
-        }) = self.unkept.take(keep, user, id)
-        {
+        let Some(pending) = self.unkept.get_mut(keep, user, id) else {
+            return;
+        };
+        pending.awaiting &= !AWAIT_DISK;
+        if pending.awaiting == 0 {
+            self.fully_kept(user, id, keep, now_ms);
+        }
+    }
+
+    /// Message `id` of `user`'s queue, numbered `keep`, is durable wherever it had to be
+    /// (here, and on the replica node): its record goes, its ServerAck leaves, and a copy
+    /// kept here for another node is confirmed to that node.
+    fn fully_kept(&mut self, user: UserId, id: u64, keep: u32, now_ms: u64) {
+        let Some(pending) = self.unkept.take(keep, user, id) else {
+            return;
+        };
+        self.answer_replica(user, id, pending.replica_of, true, now_ms);
+        if let Some(waiter) = pending.waiter {
             self.accepted(waiter, id, now_ms);
+        }
+    }
+
+    /// For a copy kept here for `user`'s home node under its keep number `replica_of`
+    /// ([`NO_KEEP`]: not such a copy): tells the home whether it is durable (`kept`) or was
+    /// refused.
+    fn answer_replica(&mut self, user: UserId, id: u64, replica_of: u32, kept: bool, now_ms: u64) {
+        if replica_of != NO_KEEP {
+            let answer = ShardMessage::Replicated {
+                user,
+                id,
+                keep: replica_of,
+                kept,
+            };
+            self.send_home(user, answer, now_ms);
+        }
+    }
+
+    /// The replica node's answer for message `id` of `user`'s queue, numbered `keep`: its copy
+    /// there is durable (`kept`), or was refused, and then so is the message.
+    fn replicated(&mut self, user: UserId, id: u64, keep: u32, kept: bool, now_ms: u64) {
+        let Some(pending) = self.unkept.get_mut(keep, user, id) else {
+            return;
+        };
+        if pending.awaiting & AWAIT_REPLICA == 0 {
+            return;
+        }
+        if !kept {
+            return self.refuse_unreplicated(user, id, keep, false, now_ms);
+        }
+        pending.awaiting &= !AWAIT_REPLICA;
+        if pending.awaiting == 0 {
+            self.fully_kept(user, id, keep, now_ms);
+        }
+    }
+
+    /// Message `id` of `user`'s queue, numbered `keep`, has no copy on the replica node (it
+    /// was refused there, or not confirmed in time): it leaves the queue and this node's disk,
+    /// and its sender gets an Error and sends it again. `unconfirmed`: the copy may still
+    /// land there, so it is forgotten there too.
+    fn refuse_unreplicated(
+        &mut self,
+        user: UserId,
+        id: u64,
+        keep: u32,
+        unconfirmed: bool,
+        now_ms: u64,
+    ) {
+        self.counters.replicas_missing += 1;
+        let removed = self.remove_item(user, id, ReceiptKind::Unspecified, Some(keep));
+        // Whatever the queue holds, the record goes: the ring must move past it.
+        let pending = self.unkept.take(keep, user, id);
+        let mut waiter = pending.and_then(|pending| pending.waiter);
+        if let Some((entry, pending)) = removed {
+            self.actions.push(Action::Forget {
+                user,
+                id,
+                kind: ReceiptKind::Unspecified,
+                keep,
+            });
+            if unconfirmed {
+                self.forget_replica(user, &entry);
+            }
+            waiter = waiter.or(pending.and_then(|pending| pending.waiter));
+            self.push_queued(user);
+        }
+        if let Some(waiter) = waiter {
+            self.refuse_waiter(
+                user,
+                id,
+                waiter,
+                ErrorCode::Overloaded,
+                UNREPLICATED,
+                now_ms,
+            );
+        }
+    }
+
+    /// The replica node of `user`'s queue lets go of its copy of `entry`, if it has one.
+    fn forget_replica(&mut self, user: UserId, entry: &Entry) {
+        if entry.flags & REPLICATED != 0 {
+            self.actions.push(Action::ToReplica {
+                user,
+                message: Box::new(ShardMessage::ReplicaForget { user, id: entry.id }),
+            });
+        }
+    }
+
+    /// A copy of a message of `replica.user`'s queue, from that user's home node: kept here
+    /// as an item of the user's queue (so that, if the home dies and the user moves here, the
+    /// queue is here), and confirmed to the home once durable. Never delivered while the user
+    /// lives on another node: its connections are sent there.
+    fn keep_replica(&mut self, replica: Replica, now_ms: u64) {
+        let Replica {
+            user,
+            keep: home_keep,
+            item,
+        } = replica;
+        let id = item.id();
+        let (body, group) = match &item {
+            Queued::Message { body, .. } => (body.clone(), None),
+            Queued::Group { body, group, .. } => (body.clone(), Some(*group)),
+            // The mail codec makes no other.
+            Queued::Receipt { .. } | Queued::Sent { .. } => return,
+        };
+        // A link takes each mail once; a message the home queued twice (sent again unmarked)
+        // has a copy here per item there, each forgotten with its own.
+        let state = self.users.entry(user).or_insert_with(User::new);
+        let body_bytes = body.len();
+        if state.queue_len() - state.queued_receipts() >= self.limits.queue_messages_max
+            || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
+            || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
+        {
+            self.counters.replicas_refused += 1;
+            return self.answer_replica(user, id, home_keep, false, now_ms);
+        }
+        let mut entry = Entry::of(&item);
+        entry.keep = self.unkept.push(
+            user,
+            id,
+            Pending {
+                body,
+                waiter: None,
+                group,
+                awaiting: AWAIT_DISK,
+                replica_of: home_keep,
+                since_ms: now_ms,
+                replica_node: 0,
+            },
+        );
+        state.queue_mut().push(entry);
+        self.shares.add(&entry);
+        self.queued_bytes += body_bytes;
+        self.queued_items += 1;
+        self.counters.replicas_kept += 1;
+        self.actions.push(Action::Keep {
+            user,
+            item,
+            keep: entry.keep,
+        });
+    }
+
+    /// The cluster's members changed: a message still waiting for its copy on a node that is
+    /// no longer its recipient's replica (it left, and its link drops what it held; or another
+    /// node ranks before it now) is refused to its sender, who sends it again, to the replica
+    /// node of the new list. Walks the records not yet kept, once per change.
+    pub fn handle_members_changed(&mut self, now_ms: u64) {
+        let Some(locality) = &self.locality else {
+            return;
+        };
+        let waiting: Vec<(u32, UserId, u64)> = self
+            .unkept
+            .iter()
+            .filter(|(_, user, _, pending)| {
+                pending.awaiting & AWAIT_REPLICA != 0
+                    && locality.replica(*user) != Some(pending.replica_node)
+            })
+            .map(|(keep, user, id, _)| (keep, user, id))
+            .collect();
+        for (keep, user, id) in waiting {
+            self.refuse_unreplicated(user, id, keep, true, now_ms);
+        }
+    }
+
+    /// Refuses messages whose copy the replica node has not confirmed within
+    /// [`REPLICA_PATIENCE_MS`] (its link is down, or it is leaving): their senders get an
+    /// Error and send them again. Called once per tick; looks only at the oldest records.
+    pub fn expire_replicas(&mut self, now_ms: u64) {
+        while let Some((keep, user, id, pending)) = self.unkept.front() {
+            if pending.awaiting & AWAIT_REPLICA == 0
+                || now_ms.saturating_sub(pending.since_ms) < REPLICA_PATIENCE_MS
+            {
+                return;
+            }
+            self.refuse_unreplicated(user, id, keep, true, now_ms);
         }
     }
 
     /// A kept message of `user` could not be read back from disk (the store found it
     /// damaged and dropped it): it leaves the queue too, and is counted.
     pub fn handle_unreadable(&mut self, user: UserId, id: u64) {
-        if self
-            .remove_item(user, id, ReceiptKind::Unspecified, None)
-            .is_some()
-        {
+        if let Some((entry, _)) = self.remove_item(user, id, ReceiptKind::Unspecified, None) {
+            self.forget_replica(user, &entry);
             self.counters.items_unreadable += 1;
             self.push_queued(user);
         }
@@ -1788,9 +2087,30 @@ impl Router {
         reason: &'static str,
         now_ms: u64,
     ) {
-        let Some((_, Some(waiter))) = self.remove_item(user, id, kind, Some(keep)) else {
+        let Some((entry, pending)) = self.remove_item(user, id, kind, Some(keep)) else {
             return;
         };
+        self.forget_replica(user, &entry);
+        let Some(pending) = pending else {
+            return;
+        };
+        self.answer_replica(user, id, pending.replica_of, false, now_ms);
+        if let Some(waiter) = pending.waiter {
+            self.refuse_waiter(user, id, waiter, code, reason, now_ms);
+        }
+    }
+
+    /// The sender waiting for message `id` of `user`'s queue gets an Error (for a member's
+    /// copy of a group message, the group's home hears that the member missed it).
+    fn refuse_waiter(
+        &mut self,
+        user: UserId,
+        id: u64,
+        waiter: Waiter,
+        code: ErrorCode,
+        reason: &'static str,
+        now_ms: u64,
+    ) {
         self.counters.messages_rejected += 1;
         let refusal = if waiter.conn == FANOUT_CONN {
             ShardMessage::CopyRefused {
@@ -2037,7 +2357,17 @@ impl Router {
             timestamp_ms: envelope.timestamp_ms,
             copies: 1,
         };
+        // In a cluster the ServerAck also waits for the copy on the replica node, so that
+        // the message outlives this node.
+        let replica_node = self
+            .locality
+            .as_ref()
+            .and_then(|locality| locality.replica(envelope.to));
+        let replicate = replica_node.is_some();
         let mut entry = Entry::of(&item);
+        if replicate {
+            entry.flags |= REPLICATED;
+        }
         entry.keep = self.unkept.push(
             envelope.to,
             id,
@@ -2045,6 +2375,14 @@ impl Router {
                 body: envelope.body,
                 waiter: Some(waiter),
                 group: group.map(|copy| copy.group),
+                awaiting: if replicate {
+                    AWAIT_DISK | AWAIT_REPLICA
+                } else {
+                    AWAIT_DISK
+                },
+                replica_of: NO_KEEP,
+                since_ms: now_ms,
+                replica_node: replica_node.unwrap_or(0),
             },
         );
         let keep = entry.keep;
@@ -2058,6 +2396,17 @@ impl Router {
             .devices
             .contains_key(&envelope.to)
             .then(|| item.clone());
+        if replicate {
+            let replica = Replica {
+                user: envelope.to,
+                keep,
+                item: item.clone(),
+            };
+            self.actions.push(Action::ToReplica {
+                user: envelope.to,
+                message: Box::new(ShardMessage::Replica(Box::new(replica))),
+            });
+        }
         self.actions.push(Action::Keep {
             user: envelope.to,
             item,
@@ -2101,15 +2450,9 @@ impl Router {
                 self.counters.copies_dropped += 1;
                 continue;
             }
-            entry.keep = self.unkept.push(
-                device,
-                id,
-                Pending {
-                    body: body.clone(),
-                    waiter: None,
-                    group,
-                },
-            );
+            entry.keep =
+                self.unkept
+                    .push(device, id, Pending::kept_here(body.clone(), None, group));
             state.queue_mut().push(entry);
             self.shares.add(&entry);
             self.queued_bytes += body.len();
@@ -2180,14 +2523,14 @@ impl Router {
 
     /// Takes item (`id`, `kind`) out of `user`'s queue (`id`: its ack id; with `keep`, the one
     /// of that keep number, else of several items with one ack id the oldest); for a message
-    /// not yet on disk, also its body, and returns who still waits for its ServerAck.
+    /// not yet on disk, also its record (its body, who still waits for its ServerAck).
     fn remove_item(
         &mut self,
         user: UserId,
         id: u64,
         kind: ReceiptKind,
         keep: Option<u32>,
-    ) -> Option<(Entry, Option<Waiter>)> {
+    ) -> Option<(Entry, Option<Pending>)> {
         let state = self.users.get_mut(&user)?;
         let queue = &mut state.extra.as_mut()?.queue;
         let position = queue.items.iter().position(|item| {
@@ -2210,29 +2553,29 @@ impl Router {
         }
         self.queued_bytes -= body_bytes;
         self.queued_items -= 1;
-        let waiter = if item.is_message() {
-            self.unkept
-                .take(item.keep, user, item.id)
-                .and_then(|pending| pending.waiter)
+        let pending = if item.is_message() {
+            self.unkept.take(item.keep, user, item.id)
         } else {
             None
         };
-        Some((item, waiter))
+        Some((item, pending))
     }
 
     fn client_ack(&mut self, user: UserId, id: u64, kind: ReceiptKind, now_ms: u64) {
         // Acks come in delivery order, so the item is almost always at the front. An Ack can
         // only name an item of the acker's own queue: it needs no other check.
-        let Some((item, waiter)) = self.remove_item(user, id, kind, None) else {
+        let Some((item, pending)) = self.remove_item(user, id, kind, None) else {
             self.counters.acks_unmatched += 1;
             return;
         };
+        let waiter = pending.and_then(|pending| pending.waiter);
         self.actions.push(Action::Forget {
             user,
             id,
             kind,
             keep: item.keep,
         });
+        self.forget_replica(user, &item);
         self.push_queued(user);
         if item.is_message() && !item.is_sent_copy() && !item.is_group_event() {
             let from = item.peer;
@@ -2805,6 +3148,11 @@ impl Router {
                     reason: UNROUTABLE,
                 },
             ),
+            // The replica node cannot be reached: the message has no second copy.
+            ShardMessage::Replica(replica) => {
+                let id = replica.item.id();
+                return self.replicated(replica.user, id, replica.keep, false, now_ms);
+            }
             _ => return,
         };
         // The sender's connection is on this node: the refusal does not leave it (and if the
@@ -3380,11 +3728,7 @@ impl Router {
             entry.keep = self.unkept.push(
                 device,
                 id,
-                Pending {
-                    body: envelope.body.clone(),
-                    waiter: None,
-                    group: None,
-                },
+                Pending::kept_here(envelope.body.clone(), None, None),
             );
             state.queue_mut().push(entry);
             self.shares.add(&entry);

@@ -85,6 +85,25 @@ impl<T> Unkept<T> {
         Some(record.value)
     }
 
+    /// The oldest record present: its number, user, message id and value.
+    pub fn front(&self) -> Option<(u32, UserId, u64, &T)> {
+        // Empty places at the front are trimmed: the first place is a record, if any is.
+        let record = self.records.front()?.as_ref()?;
+        Some((self.first, record.user, record.id, &record.value))
+    }
+
+    /// Every record present, oldest first: its number, user, message id and value.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, UserId, u64, &T)> {
+        self.records
+            .iter()
+            .enumerate()
+            .filter_map(move |(index, record)| {
+                let record = record.as_ref()?;
+                let number = self.first.wrapping_add(index as u32);
+                Some((number, record.user, record.id, &record.value))
+            })
+    }
+
     /// Records present.
     pub fn len(&self) -> usize {
         self.live
@@ -159,6 +178,25 @@ mod tests {
         assert_eq!(unkept.get(NO_KEEP, user(1), 10), None);
         assert_eq!(unkept.get(b.wrapping_add(1), user(2), 10), None);
         assert_eq!(unkept.len(), 2);
+    }
+
+    #[test]
+    fn the_front_and_the_walk_see_the_records_present_oldest_first() {
+        let mut unkept = Unkept::default();
+        assert!(unkept.front().is_none());
+        let numbers: Vec<u32> = (0..4).map(|n| unkept.push(user(n), n, n)).collect();
+        let skipped = unkept.skip();
+        let last = unkept.push(user(9), 9, 9);
+        assert_eq!(unkept.take(numbers[1], user(1), 1), Some(1));
+        let walked: Vec<(u32, u64)> = unkept.iter().map(|(k, _, id, _)| (k, id)).collect();
+        assert_eq!(
+            walked,
+            [(numbers[0], 0), (numbers[2], 2), (numbers[3], 3), (last, 9)]
+        );
+        assert!(!walked.iter().any(|(k, _)| *k == skipped));
+        assert_eq!(unkept.front(), Some((numbers[0], user(0), 0, &0)));
+        assert_eq!(unkept.take(numbers[0], user(0), 0), Some(0));
+        assert_eq!(unkept.front(), Some((numbers[2], user(2), 2, &2)));
     }
 
     #[test]

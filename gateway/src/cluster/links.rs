@@ -51,13 +51,16 @@ pub struct Links {
 struct Peer {
     queue: ArrayQueue<(UserId, Vec<u8>)>,
     stats: LinkStats,
+    /// Its link's thread runs: connected, or connecting again while the peer is a member.
+    alive: AtomicBool,
 }
 
 /// A mail a peer's full queue did not take.
 #[derive(Debug)]
 pub struct Full {
     pub mail: Vec<u8>,
-    /// The link is connected: the peer takes mail, only slower than it comes.
+    /// The link is connected, or connecting again to a peer that is still a member: the
+    /// peer will take mail, only slower than it comes. False once the peer left the members.
     pub link_up: bool,
 }
 
@@ -119,6 +122,7 @@ impl Links {
                     let peer = Arc::new(Peer {
                         queue: ArrayQueue::new(LINK_QUEUE_MAX),
                         stats: LinkStats::default(),
+                        alive: AtomicBool::new(true),
                     });
                     let (links, cluster, member_now, thread_peer) =
                         (self.clone(), cluster.clone(), member.clone(), peer.clone());
@@ -139,7 +143,9 @@ impl Links {
         };
         peer.queue.push((user, mail)).map_err(|(_, mail)| Full {
             mail,
-            link_up: peer.stats.up.load(Ordering::Relaxed) == 1,
+            // A link connecting again (its peer restarted, or closed an idle link) takes
+            // the mail soon: the caller waits rather than refuse it.
+            link_up: peer.alive.load(Ordering::Acquire),
         })
     }
 
@@ -200,6 +206,7 @@ impl Links {
                 std::thread::sleep(RECONNECT_PAUSE);
             }
         }
+        peer.alive.store(false, Ordering::Release);
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.remove(&member.node_id);
     }

@@ -185,6 +185,20 @@ impl View {
         }
     }
 
+    /// The replica node of `user`, whose home is this node: the member placement ranks next.
+    /// `None` when this node is not `user`'s home or is the only member.
+    pub fn replica(&self, user: UserId) -> Option<&Member> {
+        Some(&self.members[self.replica_index(user)?])
+    }
+
+    /// The place in `members` of `user`'s replica node, as [`View::replica`].
+    fn replica_index(&self, user: UserId) -> Option<usize> {
+        let this_node = self.this_node?;
+        let (home, next) = placement::first_two(&self.hashes, user);
+        (home == Some(this_node)).then_some(())?;
+        next
+    }
+
     /// How many of `users` each member is home to, in member order (for operators).
     pub fn counts(&self, users: impl Iterator<Item = UserId>) -> Vec<usize> {
         let mut counts = vec![0; self.members.len()];
@@ -411,6 +425,16 @@ impl hop_router::Locality for ShardLocality {
             *cached = (generation, self.cluster.view());
         }
         self.cluster.home(&cached.1, user) == Home::Here
+    }
+
+    fn replica(&self, user: UserId) -> Option<u64> {
+        let generation = self.cluster.generation();
+        let mut cached = self.cached.borrow_mut();
+        if cached.0 != generation {
+            *cached = (generation, self.cluster.view());
+        }
+        let view = &cached.1;
+        view.replica_index(user).map(|index| view.hashes[index])
     }
 }
 

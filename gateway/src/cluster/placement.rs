@@ -47,6 +47,24 @@ pub fn home(nodes: &[u64], user: UserId) -> Option<usize> {
     ranked(nodes, user).next()
 }
 
+/// The indices in `nodes` of `user`'s home and of its replica (the next-highest score), with
+/// the ties of [`home`]; without allocating.
+pub fn first_two(nodes: &[u64], user: UserId) -> (Option<usize>, Option<usize>) {
+    let mut best: Option<(u64, usize)> = None;
+    let mut next: Option<(u64, usize)> = None;
+    for (index, &hash) in nodes.iter().enumerate() {
+        let scored = (score(hash, user), index);
+        // Higher score first; for equal scores the lower index, which comes first here.
+        if best.is_none_or(|best| scored.0 > best.0) {
+            next = best;
+            best = Some(scored);
+        } else if next.is_none_or(|next| scored.0 > next.0) {
+            next = Some(scored);
+        }
+    }
+    (best.map(|best| best.1), next.map(|next| next.1))
+}
+
 /// The indices of `nodes` in the order `user` prefers them: its home first, then its replica.
 /// Allocates nothing for the first two; sorts a copy for more.
 pub fn ranked(nodes: &[u64], user: UserId) -> impl Iterator<Item = usize> {
@@ -125,6 +143,21 @@ mod tests {
                 assert_eq!(after_in_three, first, "a user of a live node moved");
             }
         }
+    }
+
+    #[test]
+    fn the_first_two_are_the_ranking_s_first_two() {
+        for ids in [&["n1"][..], &["n1", "n2"], &["n1", "n2", "n3", "n4", "n5"]] {
+            let nodes = hashes(ids);
+            for user in users(2_000) {
+                let mut order = ranked(&nodes, user);
+                assert_eq!(first_two(&nodes, user), (order.next(), order.next()));
+            }
+        }
+        // Equal scores: the lower index first, as `ranked` has it.
+        let user = users(1)[0];
+        assert_eq!(first_two(&[5, 5, 5], user), (Some(0), Some(1)));
+        assert_eq!(first_two(&[], user), (None, None));
     }
 
     #[test]

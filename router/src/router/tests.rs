@@ -51,6 +51,16 @@ struct Cluster {
     node_mails: usize,
     /// When false, node mails are not carried but refused (`handle_unroutable`): no links.
     links_up: bool,
+    /// Copies each node keeps for users of other nodes (as their replica): by (node, user,
+    /// id), what that node's store holds.
+    replica_disk: HashMap<(usize, UserId, u64), Queued>,
+    /// When true, mails to replica nodes wait in `replica_mails` until
+    /// `carry_replica_mails`.
+    hold_replica_mails: bool,
+    /// Held mails to replica nodes: (from node, to node, mail).
+    replica_mails: Vec<(usize, usize, ShardMessage)>,
+    /// How far on from its home a user's replica node is, in node mode (1 unless moved).
+    replica_shift: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Bindings the routers ended (expired accounts).
     unbound: Vec<UserId>,
     /// Seen times the routers asked to keep, in order.
@@ -62,16 +72,32 @@ fn node_of(user: UserId, nodes: usize) -> usize {
     (user.low() % nodes as u64) as usize
 }
 
+/// The node that keeps copies of the queues of `user`, whose home is `node_of(user, nodes)`:
+/// `shift` nodes on (1 unless a test moved the replicas).
+fn replica_of(user: UserId, nodes: usize, shift: usize) -> usize {
+    (node_of(user, nodes) + shift) % nodes
+}
+
 /// What each node's router is told about placement in node mode.
 #[derive(Debug)]
 struct NodeLocality {
     node: usize,
     nodes: usize,
+    /// Messages wait for a copy on their recipient's replica node.
+    replicas: bool,
+    /// Shared with the harness: how far on from its home a user's replica node is.
+    shift: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Locality for NodeLocality {
     fn is_here(&self, user: UserId) -> bool {
         node_of(user, self.nodes) == self.node
+    }
+
+    fn replica(&self, user: UserId) -> Option<u64> {
+        let shift = self.shift.load(std::sync::atomic::Ordering::Relaxed);
+        self.replicas
+            .then(|| replica_of(user, self.nodes, shift) as u64)
     }
 }
 
@@ -103,6 +129,10 @@ impl Cluster {
             nodes: None,
             node_mails: 0,
             links_up: true,
+            replica_disk: HashMap::new(),
+            hold_replica_mails: false,
+            replica_mails: Vec::new(),
+            replica_shift: std::sync::Arc::new(1.into()),
             unbound: Vec::new(),
             seen: Vec::new(),
         }
@@ -110,11 +140,22 @@ impl Cluster {
 
     /// `nodes` nodes of one shard each, every router told where each user lives.
     fn new_nodes(nodes: usize, limits: Limits) -> Self {
+        Self::new_nodes_replicated(nodes, limits, false)
+    }
+
+    /// The same, where every message waits for its copy on the replica node if `replicas`.
+    fn new_nodes_replicated(nodes: usize, limits: Limits, replicas: bool) -> Self {
         let mut cluster = Self::new(1, limits);
+        let shift = cluster.replica_shift.clone();
         cluster.routers = (0..nodes)
             .map(|node| {
                 let mut router = Router::new(0, 1, limits, secrets());
-                router.set_locality(Box::new(NodeLocality { node, nodes }));
+                router.set_locality(Box::new(NodeLocality {
+                    node,
+                    nodes,
+                    replicas,
+                    shift: shift.clone(),
+                }));
                 router
             })
             .collect();
@@ -182,6 +223,24 @@ impl Cluster {
                                 self.routers[index].handle_unroutable(*message, now);
                             }
                         }
+                        Action::ToReplica { user, message } => {
+                            let nodes = self.nodes.expect("only a router of a cluster");
+                            let shift = self
+                                .replica_shift
+                                .load(std::sync::atomic::Ordering::Relaxed);
+                            let node = replica_of(user, nodes, shift);
+                            assert_eq!(node_of(user, nodes), index, "from the user's home");
+                            if !self.links_up {
+                                let now = self.now_ms;
+                                self.routers[index].handle_unroutable(*message, now);
+                            } else if self.hold_replica_mails {
+                                self.replica_mails.push((index, node, *message));
+                            } else {
+                                self.node_mails += 1;
+                                let now = self.now_ms;
+                                self.routers[node].handle_shard_message(*message, now);
+                            }
+                        }
                         Action::DeliverKept {
                             conn,
                             user,
@@ -235,10 +294,18 @@ impl Cluster {
                         }
                         Action::PersistPrivacy { .. } => self.persisted_privacy = true,
                         Action::Keep { user, item, keep } => {
-                            self.disk.insert(
-                                (user, item.ack_id(), item.ack_kind() as i32),
-                                item.clone(),
-                            );
+                            if self
+                                .nodes
+                                .is_some_and(|nodes| node_of(user, nodes) != index)
+                            {
+                                self.replica_disk
+                                    .insert((index, user, item.id()), item.clone());
+                            } else {
+                                self.disk.insert(
+                                    (user, item.ack_id(), item.ack_kind() as i32),
+                                    item.clone(),
+                                );
+                            }
                             if self.keep_at_once {
                                 let now = self.now_ms;
                                 self.routers[index].handle_kept(
@@ -263,7 +330,14 @@ impl Cluster {
                         Action::UnlinkDevice { device, .. } => self.unlinked.push(device),
                         Action::PersistGroup(snapshot) => self.groups_kept.push(*snapshot),
                         Action::Forget { user, id, kind, .. } => {
-                            self.disk.remove(&(user, id, kind as i32));
+                            if self
+                                .nodes
+                                .is_some_and(|nodes| node_of(user, nodes) != index)
+                            {
+                                self.replica_disk.remove(&(index, user, id));
+                            } else {
+                                self.disk.remove(&(user, id, kind as i32));
+                            }
                             self.forgotten.push((user, id, kind));
                         }
                     }
@@ -331,6 +405,16 @@ impl Cluster {
     fn keep_all(&mut self) {
         for waiting in std::mem::take(&mut self.unkept) {
             self.kept(waiting);
+        }
+        self.run();
+    }
+
+    /// The held mails to replica nodes arrive.
+    fn carry_replica_mails(&mut self) {
+        for (_, node, message) in std::mem::take(&mut self.replica_mails) {
+            self.node_mails += 1;
+            let now = self.now_ms;
+            self.routers[node].handle_shard_message(message, now);
         }
         self.run();
     }
@@ -548,6 +632,163 @@ fn a_message_or_watch_for_an_unreachable_node_is_refused_to_its_sender_only() {
     cluster.send(alice, 1, carol, 6, b"near");
     assert_eq!(server_ack(&only(cluster.take(1))).seq, 6);
     assert_eq!(deliver(&only(cluster.take(3))).body, &b"near"[..]);
+}
+
+/// Two nodes whose messages wait for their replica node: Alice on node 0; Bob on node 1
+/// (his replica node is 0), known there and offline.
+fn replicated_pair() -> (Cluster, UserId, UserId) {
+    let mut cluster = Cluster::new_nodes_replicated(2, Limits::default(), true);
+    let alice = cluster.user_on_node(0, 0);
+    let bob = cluster.user_on_node(1, 0);
+    assert_eq!(replica_of(bob, 2, 1), 0);
+    cluster.connect(bob, 2);
+    cluster.disconnect(bob, 2);
+    cluster.connect(alice, 1);
+    (cluster, alice, bob)
+}
+
+#[test]
+fn a_message_is_acked_once_its_home_and_its_replica_node_both_keep_it() {
+    let (mut cluster, alice, bob) = replicated_pair();
+    cluster.hold_replica_mails = true;
+    cluster.send(alice, 1, bob, 1, b"one");
+    assert!(
+        cluster.take(1).is_empty(),
+        "no ServerAck while the replica node has no copy"
+    );
+    cluster.carry_replica_mails();
+    assert_eq!(server_ack(&only(cluster.take(1))).seq, 1);
+    let copy = only(cluster.replica_disk.keys().copied().collect());
+    assert_eq!((copy.0, copy.1), (0, bob), "node 0 keeps Bob's copy");
+    assert_eq!(cluster.routers[0].counters().replicas_kept, 1);
+
+    // The replica's disk first, then the home's: the ServerAck waits for the second.
+    cluster.keep_at_once = false;
+    cluster.send(alice, 1, bob, 2, b"two");
+    cluster.carry_replica_mails();
+    let waiting: Vec<usize> = cluster.unkept.iter().map(|w| usize::from(w.0)).collect();
+    assert_eq!(waiting, [1, 0], "the home's keep, then the replica's");
+    cluster.keep_one(1);
+    assert!(
+        cluster.take(1).is_empty(),
+        "the home's disk has not taken it"
+    );
+    cluster.keep_one(0);
+    assert_eq!(server_ack(&only(cluster.take(1))).seq, 2);
+    assert_eq!(cluster.replica_disk.len(), 2);
+
+    // Bob takes both at home; his acks let the replica node's copies go too.
+    cluster.keep_at_once = true;
+    cluster.hold_replica_mails = false;
+    cluster.connect(bob, 3);
+    for stanza in cluster.take(3) {
+        let id = deliver(&stanza).id;
+        cluster
+            .stanza(bob, 3, Kind::Ack(Ack { id, kind: 0 }))
+            .unwrap();
+    }
+    assert!(
+        cluster.replica_disk.is_empty(),
+        "{:?}",
+        cluster.replica_disk
+    );
+    assert_eq!(cluster.routers[0].user_report(bob).queued_messages, 0);
+    assert_eq!(cluster.routers[0].counters().replicas_missing, 0);
+}
+
+#[test]
+fn a_message_whose_replica_node_cannot_be_reached_is_refused_and_leaves_the_queue() {
+    let (mut cluster, _, bob) = replicated_pair();
+    // Carol lives on Bob's node: her message to him needs no link but the replica's.
+    let carol = cluster.user_on_node(1, 1);
+    cluster.connect(carol, 4);
+    cluster.links_up = false;
+    cluster.send(carol, 4, bob, 7, b"no second copy");
+    assert_eq!(
+        error_code(&only(cluster.take(4))),
+        (ErrorCode::Overloaded, 7)
+    );
+    assert!(cluster.disk.is_empty(), "forgotten on the home's disk too");
+    assert_eq!(cluster.routers[1].counters().replicas_missing, 1);
+    cluster.connect(bob, 3);
+    assert!(cluster.take(3).is_empty(), "Bob gets nothing");
+    // With the link back, the message goes through.
+    cluster.links_up = true;
+    cluster.send(carol, 4, bob, 8, b"now");
+    assert_eq!(server_ack(&only(cluster.take(4))).seq, 8);
+    assert_eq!(deliver(&only(cluster.take(3))).body, &b"now"[..]);
+}
+
+#[test]
+fn a_message_whose_copy_is_not_confirmed_in_time_is_refused_and_its_late_copy_forgotten() {
+    let (mut cluster, _, bob) = replicated_pair();
+    let carol = cluster.user_on_node(1, 1);
+    cluster.connect(carol, 4);
+    cluster.hold_replica_mails = true;
+    cluster.send(carol, 4, bob, 9, b"slow link");
+    cluster.now_ms += REPLICA_PATIENCE_MS - 1;
+    let now = cluster.now_ms;
+    cluster.routers[1].expire_replicas(now);
+    cluster.run();
+    assert!(cluster.take(4).is_empty(), "still within the patience");
+    cluster.now_ms += 1;
+    let now = cluster.now_ms;
+    cluster.routers[1].expire_replicas(now);
+    cluster.run();
+    assert_eq!(
+        error_code(&only(cluster.take(4))),
+        (ErrorCode::Overloaded, 9)
+    );
+    assert!(cluster.disk.is_empty());
+    // The copy arrives late, and so does the word to forget it.
+    assert_eq!(cluster.replica_mails.len(), 2);
+    cluster.carry_replica_mails();
+    assert!(cluster.replica_disk.is_empty());
+    assert_eq!(cluster.routers[0].user_report(bob).queued_messages, 0);
+    cluster.connect(bob, 3);
+    assert!(cluster.take(3).is_empty());
+}
+
+#[test]
+fn a_change_of_members_refuses_what_waits_for_a_copy_on_a_node_no_longer_its_replica() {
+    let mut cluster = Cluster::new_nodes_replicated(3, Limits::default(), true);
+    let (bob, carol) = (cluster.user_on_node(1, 0), cluster.user_on_node(1, 1));
+    cluster.connect(bob, 2);
+    cluster.disconnect(bob, 2);
+    cluster.connect(carol, 4);
+    cluster.send(carol, 4, bob, 1, b"copied");
+    assert_eq!(server_ack(&only(cluster.take(4))).seq, 1);
+    cluster.hold_replica_mails = true;
+    cluster.send(carol, 4, bob, 2, b"waiting for its copy");
+    // A change that leaves Bob's replica node where it was refuses nothing.
+    let now = cluster.now_ms;
+    cluster.routers[1].handle_members_changed(now);
+    cluster.run();
+    assert!(cluster.take(4).is_empty());
+    // Bob's replica moves from node 2 to node 0: what waits for node 2 is refused.
+    cluster
+        .replica_shift
+        .store(2, std::sync::atomic::Ordering::Relaxed);
+    cluster.routers[1].handle_members_changed(now);
+    cluster.run();
+    assert_eq!(
+        error_code(&only(cluster.take(4))),
+        (ErrorCode::Overloaded, 2)
+    );
+    // The first message stays, on node 1 and its copy on node 2; the second's late copy
+    // reaches node 2, and the word to forget it node 0 (its replica now), which has none.
+    let held: Vec<usize> = cluster.replica_mails.iter().map(|mail| mail.1).collect();
+    assert_eq!(held, [2, 0]);
+    cluster.hold_replica_mails = false;
+    cluster.carry_replica_mails();
+    let copies: Vec<u64> = cluster.replica_disk.keys().map(|key| key.2).collect();
+    assert_eq!(
+        copies.len(),
+        2,
+        "node 2 holds both: the second is an orphan"
+    );
+    cluster.connect(bob, 3);
+    assert_eq!(deliver(&only(cluster.take(3))).body, &b"copied"[..]);
 }
 
 #[test]
