@@ -844,17 +844,21 @@ struct Pending {
     waiter: Option<Waiter>,
     /// A member's copy of a group message: the group, which its Deliver names.
     group: Option<UserId>,
-    /// What the record still waits for: [`AWAIT_DISK`], and in a cluster [`AWAIT_REPLICA`].
+    /// What the record still waits for: [`AWAIT_DISK`], and in a cluster [`AWAIT_REPLICA`];
+    /// and [`COPY_FOR_HOME`].
     awaiting: u8,
-    /// A copy kept for another node whose user this is ([`ShardMessage::Replica`]): that
-    /// node's keep number, to answer with once the copy is durable. [`NO_KEEP`] otherwise.
-    replica_of: u32,
-    /// When it was queued (wall-clock ms): a copy the replica node has not confirmed within
-    /// [`REPLICA_PATIENCE_MS`] is refused to its sender.
-    since_ms: u64,
+    /// With [`AWAIT_REPLICA`]: when it was queued, wall-clock seconds modulo 2¹⁶ (a copy
+    /// the replica node has not confirmed within [`REPLICA_PATIENCE_MS`] is refused).
+    since_s: u16,
     /// With [`AWAIT_REPLICA`]: the replica node its copy went to ([`Locality::replica`]).
-    replica_node: u64,
+    /// With [`COPY_FOR_HOME`], for a copy kept here for another node whose user this is
+    /// ([`ShardMessage::Replica`]): that node's keep number, to answer with once the copy is
+    /// durable. (One field: a copy kept for another node is not copied again.)
+    replica: u32,
 }
+
+// A record per message not yet durable: the replica fields fit the padding of the rest.
+const _: () = assert!(std::mem::size_of::<Pending>() <= 128);
 
 impl Pending {
     /// The record of a message that waits only for this node's disk.
@@ -864,17 +868,33 @@ impl Pending {
             waiter,
             group,
             awaiting: AWAIT_DISK,
-            replica_of: NO_KEEP,
-            since_ms: 0,
-            replica_node: 0,
+            since_s: 0,
+            replica: NO_KEEP,
         }
     }
+
+    /// For a copy kept here for another node's user: that node's keep number for it.
+    fn copy_for(&self) -> u32 {
+        if self.awaiting & COPY_FOR_HOME != 0 {
+            self.replica
+        } else {
+            NO_KEEP
+        }
+    }
+}
+
+/// Wall-clock seconds modulo 2¹⁶, for [`Pending::since_s`].
+fn seconds_u16(now_ms: u64) -> u16 {
+    (now_ms / 1_000) as u16
 }
 
 /// [`Pending::awaiting`]: this node's disk has not taken the message yet.
 const AWAIT_DISK: u8 = 1;
 /// [`Pending::awaiting`]: the replica node has not confirmed its copy yet.
 const AWAIT_REPLICA: u8 = 2;
+/// [`Pending::awaiting`]: not a wait but a mark: a copy kept here for another node, whose keep
+/// number [`Pending::replica`] is.
+const COPY_FOR_HOME: u8 = 4;
 /// How long a message waits for its replica node's confirmation before it is refused to its
 /// sender (who sends it again). A backstop: a link delivers every mail while its node is a
 /// member, and a change of the members refuses what waits at once
@@ -978,10 +998,11 @@ pub trait Locality: std::fmt::Debug + std::marker::Send {
     fn is_here(&self, user: UserId) -> bool;
 
     /// The replica node of `user`, who lives on this node: the node that keeps copies of its
-    /// queue, named by a number stable across changes of the members (its placement hash);
+    /// queue, named by a number stable across changes of the members (from its placement
+    /// hash; two nodes sharing one is as likely as 2⁻³²);
     /// `None` without one (a cluster of one). Each message queued here for a user with a
     /// replica node waits for its copy there before its ServerAck.
-    fn replica(&self, _user: UserId) -> Option<u64> {
+    fn replica(&self, _user: UserId) -> Option<u32> {
         None
     }
 }
@@ -1865,23 +1886,20 @@ impl Router {
         if kind != ReceiptKind::Unspecified {
             return;
         }
-        let Some(pending) = self.unkept.get_mut(keep, user, id) else {
-            return;
-        };
-        pending.awaiting &= !AWAIT_DISK;
-        if pending.awaiting == 0 {
-            self.fully_kept(user, id, keep, now_ms);
+        let kept = self.unkept.settle(keep, user, id, |pending| {
+            pending.awaiting &= !AWAIT_DISK;
+            pending.awaiting & (AWAIT_DISK | AWAIT_REPLICA) == 0
+        });
+        if let Some(pending) = kept {
+            self.fully_kept(user, id, pending, now_ms);
         }
     }
 
-    /// Message `id` of `user`'s queue, numbered `keep`, is durable wherever it had to be
-    /// (here, and on the replica node): its record goes, its ServerAck leaves, and a copy
-    /// kept here for another node is confirmed to that node.
-    fn fully_kept(&mut self, user: UserId, id: u64, keep: u32, now_ms: u64) {
-        let Some(pending) = self.unkept.take(keep, user, id) else {
-            return;
-        };
-        self.answer_replica(user, id, pending.replica_of, true, now_ms);
+    /// Message `id` of `user`'s queue is durable wherever it had to be (here, and on the
+    /// replica node), and its record `pending` left the ring: its ServerAck leaves, and a
+    /// copy kept here for another node is confirmed to that node.
+    fn fully_kept(&mut self, user: UserId, id: u64, pending: Pending, now_ms: u64) {
+        self.answer_replica(user, id, pending.copy_for(), true, now_ms);
         if let Some(waiter) = pending.waiter {
             self.accepted(waiter, id, now_ms);
         }
@@ -1915,8 +1933,10 @@ impl Router {
             return self.refuse_unreplicated(user, id, keep, false, now_ms);
         }
         pending.awaiting &= !AWAIT_REPLICA;
-        if pending.awaiting == 0 {
-            self.fully_kept(user, id, keep, now_ms);
+        if pending.awaiting & AWAIT_DISK == 0 {
+            if let Some(pending) = self.unkept.take(keep, user, id) {
+                self.fully_kept(user, id, pending, now_ms);
+            }
         }
     }
 
@@ -2008,10 +2028,9 @@ impl Router {
                 body,
                 waiter: None,
                 group,
-                awaiting: AWAIT_DISK,
-                replica_of: home_keep,
-                since_ms: now_ms,
-                replica_node: 0,
+                awaiting: AWAIT_DISK | COPY_FOR_HOME,
+                since_s: 0,
+                replica: home_keep,
             },
         );
         state.queue_mut().push(entry);
@@ -2039,7 +2058,7 @@ impl Router {
             .iter()
             .filter(|(_, user, _, pending)| {
                 pending.awaiting & AWAIT_REPLICA != 0
-                    && locality.replica(*user) != Some(pending.replica_node)
+                    && locality.replica(*user) != Some(pending.replica)
             })
             .map(|(keep, user, id, _)| (keep, user, id))
             .collect();
@@ -2054,7 +2073,8 @@ impl Router {
     pub fn expire_replicas(&mut self, now_ms: u64) {
         while let Some((keep, user, id, pending)) = self.unkept.front() {
             if pending.awaiting & AWAIT_REPLICA == 0
-                || now_ms.saturating_sub(pending.since_ms) < REPLICA_PATIENCE_MS
+                || u64::from(seconds_u16(now_ms).wrapping_sub(pending.since_s)) * 1_000
+                    < REPLICA_PATIENCE_MS
             {
                 return;
             }
@@ -2094,7 +2114,7 @@ impl Router {
         let Some(pending) = pending else {
             return;
         };
-        self.answer_replica(user, id, pending.replica_of, false, now_ms);
+        self.answer_replica(user, id, pending.copy_for(), false, now_ms);
         if let Some(waiter) = pending.waiter {
             self.refuse_waiter(user, id, waiter, code, reason, now_ms);
         }
@@ -2380,9 +2400,8 @@ impl Router {
                 } else {
                     AWAIT_DISK
                 },
-                replica_of: NO_KEEP,
-                since_ms: now_ms,
-                replica_node: replica_node.unwrap_or(0),
+                since_s: seconds_u16(now_ms),
+                replica: replica_node.unwrap_or(NO_KEEP),
             },
         );
         let keep = entry.keep;

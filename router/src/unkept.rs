@@ -85,6 +85,26 @@ impl<T> Unkept<T> {
         Some(record.value)
     }
 
+    /// Lets `settle` change the record `number` names (if it is still that of message `id`
+    /// of `user`), and takes it out if `settle` says it is done with.
+    pub fn settle(
+        &mut self,
+        number: u32,
+        user: UserId,
+        id: u64,
+        settle: impl FnOnce(&mut T) -> bool,
+    ) -> Option<T> {
+        let index = self.index(number, user, id)?;
+        let done = settle(&mut self.records[index].as_mut()?.value);
+        if !done {
+            return None;
+        }
+        let record = self.records[index].take()?;
+        self.live -= 1;
+        self.trim();
+        Some(record.value)
+    }
+
     /// The oldest record present: its number, user, message id and value.
     pub fn front(&self) -> Option<(u32, UserId, u64, &T)> {
         // Empty places at the front are trimmed: the first place is a record, if any is.
@@ -178,6 +198,26 @@ mod tests {
         assert_eq!(unkept.get(NO_KEEP, user(1), 10), None);
         assert_eq!(unkept.get(b.wrapping_add(1), user(2), 10), None);
         assert_eq!(unkept.len(), 2);
+    }
+
+    #[test]
+    fn a_record_is_settled_in_place_and_taken_once_done() {
+        let mut unkept = Unkept::default();
+        let a = unkept.push(user(1), 10, 2);
+        let settle = |left: &mut i32| {
+            *left -= 1;
+            *left == 0
+        };
+        assert_eq!(unkept.settle(a, user(1), 10, settle), None);
+        assert_eq!(unkept.get(a, user(1), 10), Some(&1));
+        assert_eq!(
+            unkept.settle(a, user(2), 10, settle),
+            None,
+            "another user's"
+        );
+        assert_eq!(unkept.settle(a, user(1), 10, settle), Some(0));
+        assert_eq!(unkept.len(), 0);
+        assert_eq!(unkept.settle(a, user(1), 10, settle), None);
     }
 
     #[test]

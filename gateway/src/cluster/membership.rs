@@ -427,14 +427,15 @@ impl hop_router::Locality for ShardLocality {
         self.cluster.home(&cached.1, user) == Home::Here
     }
 
-    fn replica(&self, user: UserId) -> Option<u64> {
+    fn replica(&self, user: UserId) -> Option<u32> {
         let generation = self.cluster.generation();
         let mut cached = self.cached.borrow_mut();
         if cached.0 != generation {
             *cached = (generation, self.cluster.view());
         }
         let view = &cached.1;
-        view.replica_index(user).map(|index| view.hashes[index])
+        view.replica_index(user)
+            .map(|index| view.hashes[index] as u32)
     }
 }
 

@@ -94,10 +94,10 @@ impl Locality for NodeLocality {
         node_of(user, self.nodes) == self.node
     }
 
-    fn replica(&self, user: UserId) -> Option<u64> {
+    fn replica(&self, user: UserId) -> Option<u32> {
         let shift = self.shift.load(std::sync::atomic::Ordering::Relaxed);
         self.replicas
-            .then(|| replica_of(user, self.nodes, shift) as u64)
+            .then(|| replica_of(user, self.nodes, shift) as u32)
     }
 }
 
