@@ -2791,6 +2791,10 @@ impl<B: Backend> Core<B> {
     /// Stops reading every open connection (again each turn: one adopted from another shard
     /// meanwhile too).
     fn pause_for_handover(&mut self, backend: &mut B) {
+        // Messages waiting for their copy on a replica node: the answer would come to this
+        // process, which is going; their senders hear OVERLOADED now and send them again.
+        self.router.refuse_all_uncopied(self.wall_ms);
+        self.run_actions();
         // Also those accepted since (an accept the kernel had already completed).
         for id in 0..self.conns.len() as ConnId {
             match self.conns[id as usize].as_ref().map(|conn| conn.phase) {

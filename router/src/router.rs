@@ -1982,9 +1982,13 @@ impl Router {
         }
     }
 
-    /// The replica node of `user`'s queue lets go of its copy of `entry`, if it has one.
+    /// The replica node of `user`'s queue lets go of its copy of `entry`, if it may have one:
+    /// one was sent, or (in a cluster) the item was kept by an earlier run, which may have.
     fn forget_replica(&mut self, user: UserId, entry: &Entry) {
-        if entry.flags & REPLICATED != 0 {
+        let restored =
+            entry.keep == NO_KEEP && entry.counts_for_sender() && self.locality.is_some();
+        if entry.flags & REPLICATED != 0 || restored {
+            self.counters.mails_to_nodes += 1;
             self.actions.push(Action::ToReplica {
                 user,
                 message: Box::new(ShardMessage::ReplicaForget { user, id: entry.id }),
@@ -2043,6 +2047,10 @@ impl Router {
             item,
             keep: entry.keep,
         });
+        // The user is not seen here while its home lives: each copy counts as a sighting, so
+        // that account expiry on this node does not take the queue it will serve from if the
+        // home dies.
+        self.seen_now(user);
     }
 
     /// The cluster's members changed: a message still waiting for its copy on a node that is
@@ -2050,15 +2058,29 @@ impl Router {
     /// node ranks before it now) is refused to its sender, who sends it again, to the replica
     /// node of the new list. Walks the records not yet kept, once per change.
     pub fn handle_members_changed(&mut self, now_ms: u64) {
-        let Some(locality) = &self.locality else {
+        let Some(locality) = self.locality.take() else {
             return;
         };
+        self.refuse_uncopied(now_ms, |user, replica| {
+            locality.replica(user) != Some(replica)
+        });
+        self.locality = Some(locality);
+    }
+
+    /// Refuses every message still waiting for its copy on the replica node: this process is
+    /// handing its connections to another (a takeover), which will not hear the answers.
+    pub fn refuse_all_uncopied(&mut self, now_ms: u64) {
+        self.refuse_uncopied(now_ms, |_, _| true);
+    }
+
+    /// Refuses the messages waiting for their copy on a replica node (named by its number)
+    /// that `refuse(user, replica)` picks.
+    fn refuse_uncopied(&mut self, now_ms: u64, refuse: impl Fn(UserId, u32) -> bool) {
         let waiting: Vec<(u32, UserId, u64)> = self
             .unkept
             .iter()
             .filter(|(_, user, _, pending)| {
-                pending.awaiting & AWAIT_REPLICA != 0
-                    && locality.replica(*user) != Some(pending.replica)
+                pending.awaiting & AWAIT_REPLICA != 0 && refuse(*user, pending.replica)
             })
             .map(|(keep, user, id, _)| (keep, user, id))
             .collect();
@@ -2114,6 +2136,9 @@ impl Router {
         let Some(pending) = pending else {
             return;
         };
+        if pending.copy_for() != NO_KEEP {
+            self.counters.replicas_refused += 1;
+        }
         self.answer_replica(user, id, pending.copy_for(), false, now_ms);
         if let Some(waiter) = pending.waiter {
             self.refuse_waiter(user, id, waiter, code, reason, now_ms);
@@ -2299,6 +2324,18 @@ impl Router {
                 reason,
             },
         };
+        // In a cluster, a message for a user another node is home to now (a mail routed by a
+        // view older than this node's, or made before the members changed) is not queued
+        // here: it would have no copy, nor a reader. Its sender sends it again.
+        if self
+            .locality
+            .as_ref()
+            .is_some_and(|locality| !locality.is_here(envelope.to))
+        {
+            self.counters.messages_rejected += 1;
+            let message = reject(ErrorCode::Overloaded, UNROUTABLE);
+            return self.send_home(reply_to, message, now_ms);
+        }
         let Some(state) = self.users.get_mut(&envelope.to) else {
             if group.is_none() && self.groups.contains_key(&envelope.to) {
                 return self.fan_out(envelope, now_ms);
@@ -2316,7 +2353,13 @@ impl Router {
         // not marked as one is queued again under the same id, which the recipient drops.
         if envelope.resend {
             if let Some(original) = state.queued_message(id, envelope.from) {
-                return self.answer_resend(envelope, group, id, original, now_ms);
+                // An original kept by an earlier run may never have reached the replica node
+                // (its Replica mail was still in the link when that run ended): in a cluster
+                // it is queued again and copied, and the recipient drops the twin by its id.
+                let unconfirmed = original.keep == NO_KEEP && self.locality.is_some();
+                if !unconfirmed {
+                    return self.answer_resend(envelope, group, id, original, now_ms);
+                }
             }
         }
         let body_bytes = envelope.body.len();
@@ -2416,6 +2459,7 @@ impl Router {
             .contains_key(&envelope.to)
             .then(|| item.clone());
         if replicate {
+            self.counters.mails_to_nodes += 1;
             let replica = Replica {
                 user: envelope.to,
                 keep,
@@ -2502,19 +2546,32 @@ impl Router {
     ) {
         self.counters.messages_deduplicated += 1;
         let timestamp_ms = original.timestamp_ms;
-        let waiting = self
-            .unkept
-            .get_mut(original.keep, envelope.to, id)
-            .and_then(|pending| pending.waiter.as_mut());
-        if let Some(waiter) = waiting {
-            waiter.conn = envelope.conn;
-            waiter.message = envelope.message;
-            return;
-        }
         let reply_to = match group {
             None => envelope.from,
             Some(copy) => copy.group,
         };
+        // Not durable yet: the resend waits for it, on the connection that sent it last. A
+        // copy kept here for another node (which has died since: this is the user's home now)
+        // has nobody waiting yet.
+        if let Some(pending) = self.unkept.get_mut(original.keep, envelope.to, id) {
+            match pending.waiter.as_mut() {
+                Some(waiter) => {
+                    waiter.conn = envelope.conn;
+                    waiter.message = envelope.message;
+                }
+                None => {
+                    pending.waiter = Some(Waiter {
+                        sender: envelope.device,
+                        reply_to,
+                        conn: envelope.conn,
+                        message: envelope.message,
+                        timestamp_ms: original.timestamp_ms,
+                        copies: 1,
+                    });
+                }
+            }
+            return;
+        }
         let copies = 1 + self.devices.get(&envelope.to).map_or(0, Vec::len) as u16;
         let accepted = ShardMessage::Accepted {
             sender: envelope.device,
@@ -3817,6 +3874,7 @@ impl Router {
                     kind,
                     keep: item.keep,
                 });
+                self.forget_replica(device, &item);
             }
         }
     }

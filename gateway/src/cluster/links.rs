@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use hop_protocol::client::{Client, ServerTrust};
@@ -31,6 +31,11 @@ const UNACKED_MAX: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after a failed connect.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+/// A link down for less than this is connecting again (its peer restarted, or closed the link
+/// while it was idle): mail for it waits, its senders paused, rather than being refused.
+/// Longer, the peer is cut off or hung, and its work is refused until its link is back (or its
+/// lease runs out and its users move).
+const RECONNECT_GRACE: Duration = Duration::from_secs(1);
 /// How long the thread waits for an ack or a new mail at a time.
 const POLL: Duration = Duration::from_millis(1);
 
@@ -51,16 +56,40 @@ pub struct Links {
 struct Peer {
     queue: ArrayQueue<(UserId, Vec<u8>)>,
     stats: LinkStats,
-    /// Its link's thread runs: connected, or connecting again while the peer is a member.
-    alive: AtomicBool,
+    /// When its link was last seen down (not connected), as [`Peer::since`] counts; while it
+    /// is up, the time it went up.
+    changed: AtomicU64,
+    /// What [`Peer::changed`] counts from.
+    since: Instant,
+}
+
+impl Peer {
+    fn now_ms(&self) -> u64 {
+        self.since.elapsed().as_millis() as u64
+    }
+
+    /// Will the peer take mail soon: its link is connected, or has been down for less than
+    /// [`RECONNECT_GRACE`] (connecting again after its peer restarted, or closed an idle link).
+    fn taking(&self) -> bool {
+        self.stats.up.load(Ordering::Relaxed) == 1
+            || self
+                .now_ms()
+                .saturating_sub(self.changed.load(Ordering::Relaxed))
+                < RECONNECT_GRACE.as_millis() as u64
+    }
+
+    fn set_up(&self, up: bool) {
+        self.stats.up.store(u64::from(up), Ordering::Relaxed);
+        self.changed.store(self.now_ms(), Ordering::Relaxed);
+    }
 }
 
 /// A mail a peer's full queue did not take.
 #[derive(Debug)]
 pub struct Full {
     pub mail: Vec<u8>,
-    /// The link is connected, or connecting again to a peer that is still a member: the
-    /// peer will take mail, only slower than it comes. False once the peer left the members.
+    /// The link is connected, or went down less than [`RECONNECT_GRACE`] ago (it is
+    /// connecting again): the peer will take mail, only slower than it comes.
     pub link_up: bool,
 }
 
@@ -122,7 +151,8 @@ impl Links {
                     let peer = Arc::new(Peer {
                         queue: ArrayQueue::new(LINK_QUEUE_MAX),
                         stats: LinkStats::default(),
-                        alive: AtomicBool::new(true),
+                        changed: AtomicU64::new(0),
+                        since: Instant::now(),
                     });
                     let (links, cluster, member_now, thread_peer) =
                         (self.clone(), cluster.clone(), member.clone(), peer.clone());
@@ -144,8 +174,9 @@ impl Links {
         peer.queue.push((user, mail)).map_err(|(_, mail)| Full {
             mail,
             // A link connecting again (its peer restarted, or closed an idle link) takes
-            // the mail soon: the caller waits rather than refuse it.
-            link_up: peer.alive.load(Ordering::Acquire),
+            // the mail soon: the caller waits rather than refuse it. One down for longer (a
+            // partition, a peer that hangs) does not: its work is refused.
+            link_up: peer.taking(),
         })
     }
 
@@ -193,20 +224,19 @@ impl Links {
                 };
             self.reconnects.fetch_add(1, Ordering::Relaxed);
             peer.stats.connects.fetch_add(1, Ordering::Relaxed);
-            peer.stats.up.store(1, Ordering::Relaxed);
+            peer.set_up(true);
             for (_, stanza) in &unacked {
                 client.queue(stanza);
                 self.mails_resent.fetch_add(1, Ordering::Relaxed);
                 peer.stats.mails_resent.fetch_add(1, Ordering::Relaxed);
             }
             let served = self.serve_connection(&mut client, peer, &mut unacked, &mut next_seq);
-            peer.stats.up.store(0, Ordering::Relaxed);
+            peer.set_up(false);
             if served.is_err() {
                 warn!(node = %member.node_id, unacked = unacked.len(), "node link lost; connecting again");
                 std::thread::sleep(RECONNECT_PAUSE);
             }
         }
-        peer.alive.store(false, Ordering::Release);
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.remove(&member.node_id);
     }

@@ -792,6 +792,69 @@ fn a_change_of_members_refuses_what_waits_for_a_copy_on_a_node_no_longer_its_rep
 }
 
 #[test]
+fn a_message_for_a_user_of_another_node_is_refused_not_queued() {
+    let (mut cluster, alice, bob) = replicated_pair();
+    // A Route for Bob reaches node 0 (its sender's view was older): node 0 does not queue it.
+    let route = ShardMessage::Route(Envelope {
+        from: alice,
+        device: alice,
+        to: bob,
+        conn: ConnRef(1),
+        message: MessageRef {
+            outbox: outbox_of(1),
+            seq: 5,
+        },
+        resend: false,
+        timestamp_ms: 5_000,
+        body: Bytes::from_static(b"lost its way"),
+    });
+    let now = cluster.now_ms;
+    cluster.routers[0].handle_shard_message(route, now);
+    cluster.run();
+    assert_eq!(
+        error_code(&only(cluster.take(1))),
+        (ErrorCode::Overloaded, 5)
+    );
+    assert!(cluster.disk.is_empty() && cluster.replica_disk.is_empty());
+    assert_eq!(cluster.routers[0].user_report(bob).queued_messages, 0);
+}
+
+#[test]
+fn a_resend_of_a_message_kept_by_an_earlier_run_is_copied_before_its_ack() {
+    let (mut cluster, _, bob) = replicated_pair();
+    let carol = cluster.user_on_node(1, 1);
+    cluster.connect(carol, 4);
+    cluster.declare(carol, 4, outbox_of(4));
+    // Carol's message 3 to Bob, kept on node 1's disk by an earlier run, which may have died
+    // before its copy reached node 0.
+    let message = MessageRef {
+        outbox: outbox_of(4),
+        seq: 3,
+    };
+    let id = cluster.routers[1].message_id(carol, bob, message);
+    let item = Queued::Message {
+        from: carol,
+        id,
+        timestamp_ms: 5_000,
+        body: Bytes::from_static(b"before the restart"),
+    };
+    cluster.routers[1].restore_item(bob, &item);
+    cluster.disk.insert((bob, id, 0), item);
+    cluster.hold_replica_mails = true;
+    cluster
+        .stanza(carol, 4, send_of(bob, 3, b"before the restart", true))
+        .unwrap();
+    assert!(
+        cluster.take(4).is_empty(),
+        "no ServerAck until the copy is on node 0"
+    );
+    cluster.carry_replica_mails();
+    let ack = server_ack(&only(cluster.take(4))).clone();
+    assert_eq!((ack.seq, ack.id), (3, id));
+    assert_eq!(cluster.replica_disk.len(), 1);
+}
+
+#[test]
 fn offline_recipient_gets_messages_in_order_on_connect() {
     let mut cluster = Cluster::new(2, Limits::default());
     let alice = cluster.user_on(0, 0);
