@@ -844,6 +844,10 @@ mod tests {
 
     impl EtcdServer {
         /// Starts etcd, or returns None (and says so) where it is not installed.
+        ///
+        /// Ports are free a moment before etcd binds them, so a test running beside may take
+        /// one first: each etcd gets a name of its own, and a start counts only once the
+        /// member answering on the port carries that name (else it starts again, new ports).
         fn start(test: &str) -> Option<Self> {
             let Some(binary) = etcd_binary() else {
                 println!(
@@ -852,48 +856,70 @@ mod tests {
                 );
                 return None;
             };
-            let data = tempfile::tempdir().expect("a temporary folder");
-            let [client_port, peer_port] = free_ports();
-            let endpoint = format!("http://127.0.0.1:{client_port}");
-            let peer = format!("http://127.0.0.1:{peer_port}");
-            let log = std::fs::File::create(data.path().join("etcd.log")).expect("a log file");
-            let child = Command::new(binary)
-                .arg("--name=hop-test")
-                .arg(format!("--data-dir={}", data.path().join("etcd").display()))
-                .arg(format!("--listen-client-urls={endpoint}"))
-                .arg(format!("--advertise-client-urls={endpoint}"))
-                .arg(format!("--listen-peer-urls={peer}"))
-                .arg(format!("--initial-advertise-peer-urls={peer}"))
-                .arg(format!("--initial-cluster=hop-test={peer}"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("a log file"))
-                .stderr(log)
-                .spawn()
-                .expect("etcd starts");
-            let server = Self {
-                child,
-                endpoint,
-                data,
-            };
-            server.wait_healthy();
-            Some(server)
+            static STARTED: AtomicUsize = AtomicUsize::new(0);
+            for _ in 0..5 {
+                let name = format!(
+                    "hop-test-{}-{}",
+                    std::process::id(),
+                    STARTED.fetch_add(1, Ordering::Relaxed)
+                );
+                let data = tempfile::tempdir().expect("a temporary folder");
+                let [client_port, peer_port] = free_ports();
+                let endpoint = format!("http://127.0.0.1:{client_port}");
+                let peer = format!("http://127.0.0.1:{peer_port}");
+                let log = std::fs::File::create(data.path().join("etcd.log")).expect("a log file");
+                let child = Command::new(&binary)
+                    .arg(format!("--name={name}"))
+                    .arg(format!("--initial-cluster-token={name}"))
+                    .arg(format!("--data-dir={}", data.path().join("etcd").display()))
+                    .arg(format!("--listen-client-urls={endpoint}"))
+                    .arg(format!("--advertise-client-urls={endpoint}"))
+                    .arg(format!("--listen-peer-urls={peer}"))
+                    .arg(format!("--initial-advertise-peer-urls={peer}"))
+                    .arg(format!("--initial-cluster={name}={peer}"))
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().expect("a log file"))
+                    .stderr(log)
+                    .spawn()
+                    .expect("etcd starts");
+                let mut server = Self {
+                    child,
+                    endpoint,
+                    data,
+                };
+                if server.wait_healthy(&name) {
+                    return Some(server);
+                }
+            }
+            panic!("{test}: etcd lost its ports to other processes five times");
         }
 
-        fn wait_healthy(&self) {
+        /// Waits until this etcd answers healthy on its own port (true), or has exited (false).
+        fn wait_healthy(&mut self, name: &str) -> bool {
             let agent: ureq::Agent = ureq::Agent::config_builder()
                 .timeout_global(Some(Duration::from_secs(1)))
                 .build()
                 .into();
             let deadline = Instant::now() + WAIT;
             while Instant::now() < deadline {
-                let healthy = agent
-                    .get(format!("{}/health", self.endpoint))
-                    .call()
+                if self.child.try_wait().expect("etcd's status").is_some() {
+                    return false;
+                }
+                let ours = agent
+                    .post(format!("{}/v3/cluster/member/list", self.endpoint))
+                    .send("{}")
                     .ok()
                     .and_then(|mut response| response.body_mut().read_to_string().ok())
-                    .is_some_and(|body| body.contains(r#""health":"true""#));
+                    .is_some_and(|body| body.contains(&format!(r#""name":"{name}""#)));
+                let healthy = ours
+                    && agent
+                        .get(format!("{}/health", self.endpoint))
+                        .call()
+                        .ok()
+                        .and_then(|mut response| response.body_mut().read_to_string().ok())
+                        .is_some_and(|body| body.contains(r#""health":"true""#));
                 if healthy {
-                    return;
+                    return true;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
