@@ -448,6 +448,16 @@ impl<'net> Nodes<'net> {
         }
     }
 
+    /// Stops node `index` as an operator does: SIGTERM (it leaves the cluster and sends its
+    /// connections away), then waits for it to exit.
+    fn stop(&mut self, index: usize) {
+        if let Some(node) = self.nodes[index].take() {
+            assert!(node.process.signal(Signal::SIGTERM));
+            let status = node.process.wait(PATIENCE);
+            assert!(status.success(), "node {index} stopped with {status:?}");
+        }
+    }
+
     /// Waits until node `index`'s counter `name` (summed over its shards) is above 0.
     fn wait_for_metric(&self, index: usize, name: &str) {
         let deadline = Instant::now() + PATIENCE;
@@ -1172,9 +1182,15 @@ fn no_acked_message_is_lost_when_the_recipient_s_home_is_killed_under_load() {
 
     let mut carol = nodes.connect(0, &carol_key).expect("carol served");
     assert_eq!(nodes.which(carol.server_key()), Some(replica));
+    assert_received_as_acked(&mut carol, &acked);
+}
+
+/// Receives Alice's numbered messages ("message N") on `carol` until every acked one came or
+/// PATIENCE runs out, and asserts each came exactly once, with the id its ServerAck named.
+fn assert_received_as_acked(carol: &mut Client, acked: &std::collections::BTreeMap<usize, u64>) {
     let mut received: std::collections::BTreeMap<usize, u64> = Default::default();
     let deadline = Instant::now() + PATIENCE;
-    while received.len() < MESSAGES && Instant::now() < deadline {
+    while received.len() < acked.len() && Instant::now() < deadline {
         let Some(Kind::Deliver(deliver)) = carol
             .recv(Duration::from_millis(200))
             .expect("carol's connection")
@@ -1203,5 +1219,227 @@ fn no_acked_message_is_lost_when_the_recipient_s_home_is_killed_under_load() {
         "{} acked messages lost: {lost:?}",
         lost.len()
     );
-    assert_eq!(received, acked, "each with the id its ServerAck named");
+    assert_eq!(&received, acked, "each with the id its ServerAck named");
+}
+
+/// Sends `body` from `client` to `to` until a ServerAck names it: right after a change of
+/// members a node may refuse it (`OVERLOADED`) or its link may drop it, and a client sends it
+/// again, as this does.
+fn send_until_acked(client: &mut Client, to: UserId, body: &[u8]) -> u64 {
+    let sent = client.send_message(to, body).expect("sent");
+    let deadline = Instant::now() + PATIENCE;
+    let mut resend_at = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match client
+            .recv(Duration::from_millis(50))
+            .expect("the sender's connection")
+            .and_then(|stanza| stanza.kind)
+        {
+            Some(Kind::ServerAck(ack)) if ack.seq == sent.seq => return ack.id,
+            Some(Kind::Error(error)) if error.seq == sent.seq => {
+                resend_at = Instant::now() + Duration::from_millis(200);
+            }
+            _ => {}
+        }
+        if Instant::now() >= resend_at {
+            client
+                .resend_message(to, sent.seq, body)
+                .expect("sent again");
+            resend_at = Instant::now() + Duration::from_secs(3);
+        }
+    }
+    panic!("{:?} was never acked", String::from_utf8_lossy(body));
+}
+
+/// n2 is killed with `kill -9`; its user Carol is served by her replica node, which queues
+/// what she is sent meanwhile. When n2 comes back (same data, same key) Carol is sent home to
+/// it, and the replica node hands her queue back: n2 delivers what it held before it died and
+/// what she was sent while it was away, each once.
+#[test]
+fn a_returning_node_gets_back_what_its_users_were_sent_while_it_was_away() {
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let mut nodes = Nodes::start(&net, &etcd, 3);
+    let live = [0, 1, 2];
+    let carol_key = key_homed_on(&live, 2);
+    let carol_id = carol_key.user_id();
+    let (_, replica) = placed(&live, carol_id);
+    nodes.served_by(0, &carol_key, 2);
+    let alice_key = key_homed_on(&live, 0);
+    let mut alice = nodes.connect(0, &alice_key).expect("alice served");
+    let before = send_until_acked(&mut alice, carol_id, b"before n2 died");
+
+    nodes.kill(2);
+    nodes.served_by(0, &carol_key, replica);
+    nodes.wait_for_members(0, &[0, 1]);
+    let away = send_until_acked(&mut alice, carol_id, b"while n2 was away");
+
+    nodes.start_node(2);
+    nodes.wait_for_members(0, &live);
+    nodes.wait_for_members(2, &live);
+    nodes.served_by(0, &carol_key, 2);
+    let mut carol = nodes.connect(0, &carol_key).expect("carol served");
+    assert_eq!(nodes.which(carol.server_key()), Some(2));
+    let mut received = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + PATIENCE;
+    while received.len() < 2 && Instant::now() < deadline {
+        let Some(Kind::Deliver(deliver)) = carol
+            .recv(Duration::from_millis(200))
+            .expect("carol's connection")
+            .and_then(|stanza| stanza.kind)
+        else {
+            continue;
+        };
+        carol.ack_deliver(deliver.id).expect("acked");
+        let body = String::from_utf8_lossy(&deliver.body).into_owned();
+        assert!(
+            received.insert(deliver.id, body).is_none(),
+            "a message reached the app twice"
+        );
+    }
+    let expected: std::collections::BTreeMap<u64, String> = [
+        (before, "before n2 died".to_string()),
+        (away, "while n2 was away".to_string()),
+    ]
+    .into();
+    assert_eq!(received, expected);
+    nodes.wait_for_metric(2, "hop_handed_back_total");
+}
+
+/// Every node is restarted in turn (SIGTERM, which drains it; 50 more messages acked by the
+/// other two; then started again, and all three members again before the next) while Alice
+/// streams messages to Carol, who is offline: what Carol is sent while her node is away is
+/// queued by her replica node and handed back when her node returns.
+/// Alice's client reconnects to a node that runs when its node goes, with its outbox, and
+/// sends again what got no answer. Every message Alice got a ServerAck for reaches Carol,
+/// once.
+#[test]
+fn a_rolling_restart_under_load_loses_no_acked_message() {
+    const MESSAGES: usize = 450;
+    const WINDOW: usize = 16;
+    /// A node stops after each of these counts of ServerAcks, and starts again
+    /// `AWAY_FOR` ServerAcks later.
+    const RESTART_AFTER: [usize; 3] = [100, 200, 300];
+    const AWAY_FOR: usize = 50;
+    const RESEND_AFTER: Duration = Duration::from_secs(3);
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let mut nodes = Nodes::start(&net, &etcd, 3);
+    let live = [0, 1, 2];
+    let alice_key = key_homed_on(&live, 0);
+    let carol_key = key_homed_on(&live, 1);
+    let carol_id = carol_key.user_id();
+    nodes.served_by(2, &carol_key, 1);
+    let connect_alice = |nodes: &Nodes, mut outbox: Option<hop_protocol::outbox::Outbox>| {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            for via in 0..3 {
+                if nodes.nodes[via].is_none() {
+                    continue;
+                }
+                if let Ok(mut client) = nodes.connect(via, &alice_key) {
+                    if let Some(outbox) = outbox.take() {
+                        client.set_outbox(outbox);
+                    }
+                    return client;
+                }
+            }
+            assert!(Instant::now() < deadline, "alice was never served again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut alice = connect_alice(&nodes, None);
+
+    let body = |n: usize| format!("message {n}");
+    let deadline = Instant::now() + 6 * PATIENCE;
+    let mut next = 0;
+    let mut waiting: std::collections::HashMap<u64, (usize, Instant)> = Default::default();
+    let mut acked: std::collections::BTreeMap<usize, u64> = Default::default();
+    let mut restarted = 0;
+    // The node stopped, and the count of ServerAcks at which it starts again.
+    let mut stopped: Option<(usize, usize)> = None;
+    let mut reconnects = 0;
+    while acked.len() < MESSAGES {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {MESSAGES} acked after {restarted} restarts",
+            acked.len()
+        );
+        match stopped {
+            Some((node, at)) if acked.len() >= at => {
+                nodes.start_node(node);
+                for index in live {
+                    nodes.wait_for_members(index, &live);
+                }
+                stopped = None;
+                restarted += 1;
+            }
+            None if restarted < 3 && acked.len() >= RESTART_AFTER[restarted] => {
+                nodes.stop(restarted);
+                let others: Vec<usize> = live.into_iter().filter(|&i| i != restarted).collect();
+                for &index in &others {
+                    nodes.wait_for_members(index, &others);
+                }
+                stopped = Some((restarted, acked.len() + AWAY_FOR));
+            }
+            _ => {}
+        }
+        let mut lost = false;
+        while waiting.len() < WINDOW && next < MESSAGES && !lost {
+            match alice.send_message(carol_id, body(next).as_bytes()) {
+                Ok(sent) => {
+                    waiting.insert(sent.seq, (next, Instant::now() + RESEND_AFTER));
+                    next += 1;
+                }
+                Err(_) => lost = true,
+            }
+        }
+        match alice.recv(Duration::from_millis(20)) {
+            Ok(Some(stanza)) => match stanza.kind {
+                Some(Kind::ServerAck(ack)) => {
+                    if let Some((n, _)) = waiting.remove(&ack.seq) {
+                        acked.insert(n, ack.id);
+                    }
+                }
+                Some(Kind::Error(error)) => {
+                    if let Some(entry) = waiting.get_mut(&error.seq) {
+                        entry.1 = Instant::now() + Duration::from_millis(200);
+                    }
+                }
+                Some(Kind::GoAway(_)) => lost = true,
+                _ => {}
+            },
+            Ok(None) => {}
+            Err(_) => lost = true,
+        }
+        if lost {
+            // Its node is going: the next connection takes the outbox, and everything that
+            // got no answer is sent again at once.
+            reconnects += 1;
+            let outbox = alice.into_outbox();
+            alice = connect_alice(&nodes, Some(outbox));
+            for entry in waiting.values_mut() {
+                entry.1 = Instant::now();
+            }
+        }
+        let now = Instant::now();
+        for (&seq, (n, resend_at)) in &mut waiting {
+            if now >= *resend_at {
+                // A failure shows at the next recv, which reconnects.
+                let _ = alice.resend_message(carol_id, seq, body(*n).as_bytes());
+                *resend_at = now + RESEND_AFTER;
+            }
+        }
+    }
+    println!(
+        "{MESSAGES} messages acked over a rolling restart; alice reconnected {reconnects} times"
+    );
+
+    let mut carol = nodes.connect(0, &carol_key).expect("carol served");
+    assert_eq!(nodes.which(carol.server_key()), Some(1));
+    assert_received_as_acked(&mut carol, &acked);
 }

@@ -543,6 +543,16 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.replicas_missing,
     ),
     (
+        "handed_back",
+        "Messages other nodes handed back to this one, their users' new home node, and queued.",
+        |s| &s.handed_back,
+    ),
+    (
+        "handed_back_dropped",
+        "Messages handed back by other nodes and not queued (the user's queue was full).",
+        |s| &s.handed_back_dropped,
+    ),
+    (
         "group_messages",
         "Messages sent to groups homed on this shard.",
         |s| &s.group_messages,

@@ -1013,34 +1013,6 @@ const RESTORE_RECORDS_PER_READ: usize = 64;
 fn queued(item: hop_store::StoredItem) -> hop_router::Queued {
     match item {
         hop_store::StoredItem::Message {
-            from,
-            id,
-            timestamp_ms,
-            body,
-            sent: false,
-            group: None,
-        } => hop_router::Queued::Message {
-            from,
-            id,
-            timestamp_ms,
-            body,
-        },
-        hop_store::StoredItem::Message {
-            from,
-            id,
-            timestamp_ms,
-            body,
-            group: Some(tag),
-            ..
-        } => hop_router::Queued::Group {
-            from,
-            group: tag.group,
-            id,
-            timestamp_ms,
-            body,
-            event: tag.event,
-        },
-        hop_store::StoredItem::Message {
             from: to,
             id,
             timestamp_ms,
@@ -1053,6 +1025,20 @@ fn queued(item: hop_store::StoredItem) -> hop_router::Queued {
             timestamp_ms,
             body,
         },
+        hop_store::StoredItem::Message {
+            from,
+            id,
+            timestamp_ms,
+            body,
+            group,
+            ..
+        } => hop_router::Queued::received(
+            from,
+            id,
+            timestamp_ms,
+            body,
+            group.map(|tag| (tag.group, tag.event)),
+        ),
         hop_store::StoredItem::Receipt {
             id,
             kind,

@@ -56,7 +56,7 @@ use hop_store::ShardStore;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{AddressTable, Admitted, Tally};
-use crate::cluster::membership::{Cluster, Home, Member, ShardLocality};
+use crate::cluster::membership::{Cluster, Home, Member, ShardLocality, View};
 use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
 use crate::mailbox::Mailboxes;
@@ -1580,6 +1580,8 @@ impl<B: Backend> Core<B> {
             return;
         }
         if state.0 != self.cluster_state.0 {
+            let view = cluster.view();
+            self.hand_back(&view);
             self.router.handle_members_changed(self.wall_ms);
         }
         self.cluster_state = state;
@@ -1597,6 +1599,34 @@ impl<B: Backend> Core<B> {
             self.sent_to_home_node(id, account);
         }
         self.run_actions();
+    }
+
+    /// The members changed to `now`: this node claims the queues of the users it is home to
+    /// now, and hands those it took as home of users another node is home to now to that
+    /// node ([`Router::claim_queue`], [`Router::hand_back`]). Runs at every change of the
+    /// list, so that a change this shard saw only the end of (a node back within a tick)
+    /// still hands back what it must.
+    fn hand_back(&mut self, now: &View) {
+        let mut users = 0;
+        let mut messages = 0;
+        for user in self.router.queued_users() {
+            let account = self.router.account_of(user);
+            match now.home(account) {
+                Home::Here => self.router.claim_queue(user),
+                Home::There(_) => {
+                    let sent = self.router.hand_back(user, self.wall_ms);
+                    users += usize::from(sent > 0);
+                    messages += sent;
+                }
+                Home::Unavailable => {}
+            }
+        }
+        if users > 0 {
+            info!(
+                shard = self.settings.index,
+                users, messages, "queues handed back to their users' new home nodes"
+            );
+        }
     }
 
     /// A client of an older protocol version finished its handshake: it is told, in stanzas
@@ -1812,6 +1842,26 @@ impl<B: Backend> Core<B> {
             Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
             // A link that cannot take it: the router refuses what it can to its sender.
             Action::ToNode { user, message } => self.mail_to_node(user, message, Target::Home),
+            Action::HandBackKept {
+                user,
+                from,
+                id,
+                timestamp_ms,
+            } => {
+                let Some((body, group)) = self.kept_body(user, id) else {
+                    bump(&self.stats.store_unreadable, 1);
+                    return;
+                };
+                let group = group.map(|tag| (tag.group, tag.event));
+                let item = Queued::received(from, id, timestamp_ms, body, group);
+                let replica = hop_router::Replica {
+                    user,
+                    keep: hop_router::NO_KEEP,
+                    item,
+                };
+                let message = Box::new(ShardMessage::HandBack(Box::new(replica)));
+                self.mail_to_node(user, message, Target::Home);
+            }
             Action::ToReplica { user, message } => {
                 self.mail_to_node(user, message, Target::Replica)
             }
@@ -3073,6 +3123,8 @@ impl<B: Backend> Core<B> {
             (&stats.replicas_kept, router.replicas_kept),
             (&stats.replicas_refused, router.replicas_refused),
             (&stats.replicas_missing, router.replicas_missing),
+            (&stats.handed_back, router.handed_back),
+            (&stats.handed_back_dropped, router.handed_back_dropped),
             (&stats.group_messages, router.group_messages),
             (&stats.group_changes, router.group_changes),
             (&stats.group_copies_refused, router.group_copies_refused),

@@ -77,6 +77,8 @@ counters! {
     replicas_kept: "copies of other nodes' messages kept here as their users' replica (per tick)",
     replicas_refused: "copies of other nodes' messages refused here, the queue full (per tick)",
     replicas_missing: "messages refused to their senders for want of a copy on the replica node (per tick)",
+    handed_back: "messages other nodes handed back to this one, their users' new home (per tick)",
+    handed_back_dropped: "handed-back messages not queued, the user's queue full (per tick)",
     group_messages: "messages sent to groups homed on this shard (per tick)",
     group_changes: "group membership changes made on this shard (per tick)",
     group_copies_refused: "members' copies of group messages and events refused by their shards (per tick)",

@@ -205,6 +205,7 @@ pub fn decode(bytes: &[u8]) -> Result<ShardMessage, MailError> {
             }
         }
         Kind::Replica(replica) => ShardMessage::Replica(Box::new(replica_of(replica)?)),
+        Kind::HandBack(replica) => ShardMessage::HandBack(Box::new(replica_of(replica)?)),
         Kind::Replicated(replicated) => ShardMessage::Replicated {
             user: user("Replicated.user", replicated.user)?,
             id: replicated.id,
@@ -344,6 +345,7 @@ fn kind_of(message: &ShardMessage) -> Kind {
             stanza: Some((**stanza).clone()),
         }),
         ShardMessage::Replica(replica) => Kind::Replica(replica_to(replica)),
+        ShardMessage::HandBack(replica) => Kind::HandBack(replica_to(replica)),
         ShardMessage::Replicated {
             user,
             id,
@@ -573,7 +575,7 @@ mod tests {
 
     /// The variants of `ShardMessage`. Its `match` has no wildcard arm: a new variant does not
     /// build until it has a number here and samples below (and so a place in `encode`).
-    const VARIANTS: usize = 17;
+    const VARIANTS: usize = 18;
 
     fn variant_index(message: &ShardMessage) -> usize {
         match message {
@@ -594,6 +596,7 @@ mod tests {
             ShardMessage::Replica(_) => 14,
             ShardMessage::Replicated { .. } => 15,
             ShardMessage::ReplicaForget { .. } => 16,
+            ShardMessage::HandBack(_) => 17,
         }
     }
 
@@ -688,6 +691,16 @@ mod tests {
                 keep: u32::MAX,
                 kept: true,
             },
+            ShardMessage::HandBack(Box::new(Replica {
+                user: largest(),
+                keep: 0,
+                item: Queued::Message {
+                    from: bob(),
+                    id: 3,
+                    timestamp_ms: NOW_MS,
+                    body: Bytes::from_static(b"handed back"),
+                },
+            })),
             ShardMessage::Replicated {
                 user: smallest(),
                 id: 1,

@@ -322,6 +322,9 @@ pub enum ShardMessage {
         user: UserId,
         id: u64,
     },
+    /// For `user`'s new home node: a message of its queue from the node that served it until
+    /// the members changed (`Replica::keep` unused): queued unless one of its id is.
+    HandBack(Box<Replica>),
 }
 
 /// A copy of a queued message for the replica node of its queue's owner
@@ -389,6 +392,15 @@ pub enum Action {
     PersistSeen { device: UserId, seconds: u32 },
     /// A user changed who may see its presence: to keep across restarts (the latest wins).
     PersistPrivacy { user: UserId, privacy: Privacy },
+    /// `user`'s home moved to another node: send it kept message `id` of `user`'s queue
+    /// ([`ShardMessage::HandBack`]), its body and group read from the store. One it cannot
+    /// read is left out.
+    HandBackKept {
+        user: UserId,
+        from: UserId,
+        id: u64,
+        timestamp_ms: u64,
+    },
     /// Keep this item of `user`'s queue on disk. Once it is durable the shard loop calls
     /// [`Router::handle_kept`] with `keep`; if it cannot be kept,
     /// [`Router::handle_keep_failed`].
@@ -466,6 +478,10 @@ pub struct Counters {
     pub replicas_kept: u64,
     /// Of the copies other nodes sent, those refused here (the queue was full).
     pub replicas_refused: u64,
+    /// Messages another node handed back to this one, their users' new home, and queued.
+    pub handed_back: u64,
+    /// Of the messages handed back, those not queued: the user's queue here was full.
+    pub handed_back_dropped: u64,
     /// Messages refused to their senders because the replica node did not keep their copy
     /// (refused there, unreachable, or not confirmed within [`REPLICA_PATIENCE_MS`]).
     pub replicas_missing: u64,
@@ -546,6 +562,33 @@ pub enum Queued {
 }
 
 impl Queued {
+    /// A message `from` a user, or with `group` (the group, and whether the body is a
+    /// membership event) a member's copy of a group message.
+    pub fn received(
+        from: UserId,
+        id: u64,
+        timestamp_ms: u64,
+        body: Bytes,
+        group: Option<(UserId, bool)>,
+    ) -> Self {
+        match group {
+            Some((group, event)) => Self::Group {
+                from,
+                group,
+                id,
+                timestamp_ms,
+                body,
+                event,
+            },
+            None => Self::Message {
+                from,
+                id,
+                timestamp_ms,
+                body,
+            },
+        }
+    }
+
     /// The server id of the message (for a receipt: of the message it is about).
     pub fn id(&self) -> u64 {
         match self {
@@ -611,6 +654,11 @@ const GROUP_EVENT: u8 = 4;
 /// A copy went to the replica node ([`ShardMessage::Replica`]): when the item leaves, so must
 /// that copy ([`ShardMessage::ReplicaForget`]).
 const REPLICATED: u8 = 8;
+/// Kept here as a copy of another node's item (its user's home was elsewhere when it came) or
+/// handed back already: not handed back when the user's home is elsewhere
+/// ([`Router::hand_back`]), unless this node claimed the queue as its user's home since
+/// ([`Router::claim_queue`]).
+const COPY: u8 = 16;
 
 /// A body's length as an [`Entry`] keeps it. Bodies from clients are at most
 /// `BODY_BYTES_MAX`; one read back from disk that is larger counts as the largest.
@@ -1814,6 +1862,7 @@ impl Router {
                 stanza,
             } => self.reply(account, conn, *stanza),
             ShardMessage::Replica(replica) => self.keep_replica(*replica, now_ms),
+            ShardMessage::HandBack(replica) => self.take_handed_back(*replica),
             ShardMessage::Replicated {
                 user,
                 id,
@@ -2025,6 +2074,7 @@ impl Router {
             return self.answer_replica(user, id, home_keep, false, now_ms);
         }
         let mut entry = Entry::of(&item);
+        entry.flags |= COPY;
         entry.keep = self.unkept.push(
             user,
             id,
@@ -2087,6 +2137,125 @@ impl Router {
         for (keep, user, id) in waiting {
             self.refuse_unreplicated(user, id, keep, true, now_ms);
         }
+    }
+
+    /// The users with items queued on this shard, for a walk when the members change.
+    pub fn queued_users(&self) -> Vec<UserId> {
+        self.users
+            .iter()
+            .filter(|(_, state)| state.queue_len() > 0)
+            .map(|(user, _)| *user)
+            .collect()
+    }
+
+    /// `user` lives on this node now: the copies its queue holds (kept for the node that was
+    /// its home) are this node's own, to hand back if its home moves away again.
+    pub fn claim_queue(&mut self, user: UserId) {
+        if let Some(extra) = self
+            .users
+            .get_mut(&user)
+            .and_then(|state| state.extra.as_mut())
+        {
+            for entry in extra.queue.items.iter_mut() {
+                entry.flags &= !COPY;
+            }
+        }
+    }
+
+    /// `user`'s home is another node (a node this one stood in for came back, or a new member
+    /// took the user): each message of its queue this node took as the user's home goes to the
+    /// new home
+    /// ([`ShardMessage::HandBack`]; [`Action::HandBackKept`] for one whose body is on disk
+    /// only), which queues those it lacks. This node keeps its own: if it is the user's
+    /// replica node now, they are the copies the new home's messages would have here.
+    /// Receipts and sent copies stay. Returns the messages sent.
+    pub fn hand_back(&mut self, user: UserId, now_ms: u64) -> usize {
+        let Some(queue) = self
+            .users
+            .get_mut(&user)
+            .and_then(|state| state.extra.as_mut())
+            .map(|extra| &mut extra.queue)
+        else {
+            return 0;
+        };
+        let mut entries = Vec::new();
+        for entry in queue.items.iter_mut() {
+            if entry.counts_for_sender() && entry.flags & COPY == 0 {
+                // Handed back once: from now on it is this node's copy of the new home's.
+                entry.flags |= COPY;
+                entries.push(*entry);
+            }
+        }
+        for entry in &entries {
+            let Some(pending) = self.unkept.get(entry.keep, user, entry.id) else {
+                self.actions.push(Action::HandBackKept {
+                    user,
+                    from: entry.peer,
+                    id: entry.id,
+                    timestamp_ms: entry.timestamp_ms,
+                });
+                continue;
+            };
+            let item = Queued::received(
+                entry.peer,
+                entry.id,
+                entry.timestamp_ms,
+                pending.body.clone(),
+                pending.group.map(|group| (group, entry.is_group_event())),
+            );
+            let replica = Replica {
+                user,
+                keep: NO_KEEP,
+                item,
+            };
+            self.send_home(user, ShardMessage::HandBack(Box::new(replica)), now_ms);
+        }
+        entries.len()
+    }
+
+    /// A message of `replica.user`'s queue handed back by the node that served the user until
+    /// the members changed: queued here, the user's home now, unless one of its id is (this
+    /// node kept it before it went, or took it already). Its copy is on the node that handed
+    /// it back, which is the user's replica node when this node came back to the members.
+    fn take_handed_back(&mut self, replica: Replica) {
+        let Replica { user, item, .. } = replica;
+        let id = item.id();
+        let (from, body, group) = match &item {
+            Queued::Message { from, body, .. } => (*from, body.clone(), None),
+            Queued::Group {
+                from, body, group, ..
+            } => (*from, body.clone(), Some(*group)),
+            // The mail codec makes no other.
+            Queued::Receipt { .. } | Queued::Sent { .. } => return,
+        };
+        let state = self.users.entry(user).or_insert_with(User::new);
+        if state.queued_message(id, from).is_some() {
+            return;
+        }
+        let body_bytes = body.len();
+        if state.queue_len() - state.queued_receipts() >= self.limits.queue_messages_max
+            || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
+            || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
+        {
+            self.counters.handed_back_dropped += 1;
+            return;
+        }
+        let mut entry = Entry::of(&item);
+        entry.flags |= REPLICATED;
+        entry.keep = self
+            .unkept
+            .push(user, id, Pending::kept_here(body, None, group));
+        state.queue_mut().push(entry);
+        self.shares.add(&entry);
+        self.queued_bytes += body_bytes;
+        self.queued_items += 1;
+        self.counters.handed_back += 1;
+        self.actions.push(Action::Keep {
+            user,
+            item,
+            keep: entry.keep,
+        });
+        self.push_queued(user);
     }
 
     /// Refuses messages whose copy the replica node has not confirmed within
@@ -2190,6 +2359,10 @@ impl Router {
             self.counters.users_restored_from_queue += 1;
             User::new()
         });
+        // Whether it was a copy for another node is not on disk: it counts as this node's
+        // own, and if its user lives elsewhere it is handed back there at the first change
+        // of members (the home drops it if it has it; a copy of one the home delivered while
+        // this node was down comes back to it, and its client drops it by its id).
         let entry = Entry::of(item);
         state.queue_mut().push(entry);
         self.shares.add(&entry);

@@ -241,6 +241,28 @@ impl Cluster {
                                 self.routers[node].handle_shard_message(*message, now);
                             }
                         }
+                        Action::HandBackKept { user, id, .. } => {
+                            let nodes = self.nodes.expect("only a router of a cluster");
+                            let item = self
+                                .replica_disk
+                                .get(&(index, user, id))
+                                .or_else(|| {
+                                    self.disk.get(&(user, id, ReceiptKind::Unspecified as i32))
+                                })
+                                .cloned()
+                                .expect("a kept message is on its node's disk");
+                            let replica = Replica {
+                                user,
+                                keep: NO_KEEP,
+                                item,
+                            };
+                            self.node_mails += 1;
+                            let now = self.now_ms;
+                            self.routers[node_of(user, nodes)].handle_shard_message(
+                                ShardMessage::HandBack(Box::new(replica)),
+                                now,
+                            );
+                        }
                         Action::DeliverKept {
                             conn,
                             user,
@@ -789,6 +811,67 @@ fn a_change_of_members_refuses_what_waits_for_a_copy_on_a_node_no_longer_its_rep
     );
     cluster.connect(bob, 3);
     assert_eq!(deliver(&only(cluster.take(3))).body, &b"copied"[..]);
+}
+
+#[test]
+fn a_node_hands_back_a_queue_and_its_new_home_takes_what_it_lacks() {
+    let (mut cluster, alice, bob) = replicated_pair();
+    cluster.send(alice, 1, bob, 1, b"one");
+    cluster.keep_at_once = false;
+    cluster.send(alice, 1, bob, 2, b"two");
+    cluster.keep_all();
+    assert_eq!(cluster.take(1).len(), 2, "two ServerAcks");
+    cluster.keep_at_once = true;
+    // A message node 1 does not have (say it came back from a crash without it, while node
+    // 0 served Bob) reaches node 0, which has not kept it yet when it hands Bob's queue back.
+    let three = Replica {
+        user: bob,
+        keep: 77,
+        item: Queued::Message {
+            from: alice,
+            id: 999,
+            timestamp_ms: 5_000,
+            body: Bytes::from_static(b"three"),
+        },
+    };
+    cluster.keep_at_once = false;
+    let now = cluster.now_ms;
+    cluster.routers[0].handle_shard_message(ShardMessage::Replica(Box::new(three)), now);
+    cluster.run();
+    assert_eq!(
+        cluster.routers[0].hand_back(bob, now),
+        0,
+        "copies, not taken as Bob's home"
+    );
+    // Node 1 died, and node 0 served Bob meanwhile; now node 1 is back.
+    cluster.routers[0].claim_queue(bob);
+    assert_eq!(
+        cluster.routers[0].hand_back(bob, now),
+        3,
+        "two kept, one in memory"
+    );
+    assert_eq!(
+        cluster.routers[0].hand_back(bob, now),
+        0,
+        "handed back once"
+    );
+    cluster.run();
+    cluster.keep_all();
+    assert_eq!(
+        cluster.routers[1].counters().handed_back,
+        1,
+        "node 1 lacked one"
+    );
+    assert_eq!(cluster.routers[1].user_report(bob).queued_messages, 3);
+    cluster.keep_at_once = true;
+    cluster.connect(bob, 3);
+    let mut bodies: Vec<Bytes> = cluster
+        .take(3)
+        .iter()
+        .map(|stanza| deliver(stanza).body.clone())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, [&b"one"[..], &b"three"[..], &b"two"[..]]);
 }
 
 #[test]
