@@ -1252,11 +1252,12 @@ fn send_until_acked(client: &mut Client, to: UserId, body: &[u8]) -> u64 {
 }
 
 /// n2 is killed with `kill -9`; its user Carol is served by her replica node, which queues
-/// what she is sent meanwhile. When n2 comes back (same data, same key) Carol is sent home to
-/// it, and the replica node hands her queue back: n2 delivers what it held before it died and
-/// what she was sent while it was away, each once.
+/// what she is sent meanwhile (more than a shard hands back in one turn). When n2 comes back
+/// (same data, same key) Carol is sent home to it, and the replica node hands her queue back:
+/// n2 delivers what it held before it died and what she was sent while it was away, each once.
 #[test]
 fn a_returning_node_gets_back_what_its_users_were_sent_while_it_was_away() {
+    const AWAY: usize = 300;
     let Some(net) = Net::new(3) else { return };
     let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
         return;
@@ -1274,7 +1275,16 @@ fn a_returning_node_gets_back_what_its_users_were_sent_while_it_was_away() {
     nodes.kill(2);
     nodes.served_by(0, &carol_key, replica);
     nodes.wait_for_members(0, &[0, 1]);
-    let away = send_until_acked(&mut alice, carol_id, b"while n2 was away");
+    // More than a shard hands back in one turn.
+    let away: Vec<(u64, String)> = (0..AWAY)
+        .map(|n| {
+            let body = format!("while n2 was away {n}");
+            (
+                send_until_acked(&mut alice, carol_id, body.as_bytes()),
+                body,
+            )
+        })
+        .collect();
 
     nodes.start_node(2);
     nodes.wait_for_members(0, &live);
@@ -1284,7 +1294,7 @@ fn a_returning_node_gets_back_what_its_users_were_sent_while_it_was_away() {
     assert_eq!(nodes.which(carol.server_key()), Some(2));
     let mut received = std::collections::BTreeMap::new();
     let deadline = Instant::now() + PATIENCE;
-    while received.len() < 2 && Instant::now() < deadline {
+    while received.len() < 1 + AWAY && Instant::now() < deadline {
         let Some(Kind::Deliver(deliver)) = carol
             .recv(Duration::from_millis(200))
             .expect("carol's connection")
@@ -1299,11 +1309,8 @@ fn a_returning_node_gets_back_what_its_users_were_sent_while_it_was_away() {
             "a message reached the app twice"
         );
     }
-    let expected: std::collections::BTreeMap<u64, String> = [
-        (before, "before n2 died".to_string()),
-        (away, "while n2 was away".to_string()),
-    ]
-    .into();
+    let mut expected: std::collections::BTreeMap<u64, String> = away.into_iter().collect();
+    expected.insert(before, "before n2 died".to_string());
     assert_eq!(received, expected);
     nodes.wait_for_metric(2, "hop_handed_back_total");
 }

@@ -100,6 +100,9 @@ const NODE_OUTBOX_MAX: usize = 16 * 1024;
 /// is bounded by the work in flight between the nodes, which the clients' bound and the links'
 /// queues limit; dropping it would leave a sender waiting for an answer that never comes.
 const NODE_OUTBOX_ANSWERS_MAX: usize = 4 * NODE_OUTBOX_MAX;
+/// Messages one shard hands back to their users' new home nodes per turn (each may be a read
+/// from the store).
+const HAND_BACK_PER_TURN: usize = 256;
 /// How long the loop waits at most while mail for another node waits for its link's queue.
 const NODE_OUTBOX_RETRY: Duration = Duration::from_millis(1);
 /// The longest between two sweeps for expired accounts (a sweep walks every user of the shard).
@@ -769,6 +772,7 @@ impl<B: Backend> Core<B> {
             account_sweep_next_ms: 0,
             node_outbox: HashMap::default(),
             node_outbox_mails: 0,
+            handing_back: VecDeque::new(),
             paused_for_nodes: Vec::new(),
             settings,
             key,
@@ -874,7 +878,8 @@ impl<B: Backend> Core<B> {
                     };
                     let until_commit = until(core.commit_deadline());
                     let until_drain = until(core.drain_deadline());
-                    let until_link = if core.node_outbox.is_empty() {
+                    let until_link = if core.node_outbox.is_empty() && core.handing_back.is_empty()
+                    {
                         Duration::MAX
                     } else {
                         NODE_OUTBOX_RETRY
@@ -1035,6 +1040,9 @@ struct Core<B: Backend> {
     node_outbox: HashMap<String, VecDeque<(UserId, Box<ShardMessage>)>>,
     /// Mails in `node_outbox`.
     node_outbox_mails: usize,
+    /// Users whose home moved to another node, with messages this node took as their home
+    /// still to hand back ([`Core::hand_back_some`]).
+    handing_back: VecDeque<UserId>,
     /// Connections paused because their mail waits for another node (`paused` holds those a
     /// full mailbox paused).
     paused_for_nodes: Vec<ConnId>,
@@ -1606,25 +1614,60 @@ impl<B: Backend> Core<B> {
     /// node ([`Router::claim_queue`], [`Router::hand_back`]). Runs at every change of the
     /// list, so that a change this shard saw only the end of (a node back within a tick)
     /// still hands back what it must.
+    ///
+    /// The messages leave [`HAND_BACK_PER_TURN`] at a time, at the end of turns in which no
+    /// mail waits for a link ([`Core::hand_back_some`]): a stand-in may hold far more than the
+    /// links' queues take at once.
     fn hand_back(&mut self, now: &View) {
-        let mut users = 0;
-        let mut messages = 0;
+        self.handing_back.clear();
         for user in self.router.queued_users() {
             let account = self.router.account_of(user);
             match now.home(account) {
                 Home::Here => self.router.claim_queue(user),
-                Home::There(_) => {
-                    let sent = self.router.hand_back(user, self.wall_ms);
-                    users += usize::from(sent > 0);
-                    messages += sent;
-                }
+                Home::There(_) => self.handing_back.push_back(user),
                 Home::Unavailable => {}
             }
         }
-        if users > 0 {
+        if !self.handing_back.is_empty() {
             info!(
                 shard = self.settings.index,
-                users, messages, "queues handed back to their users' new home nodes"
+                users = self.handing_back.len(),
+                "handing back queues to their users' new home nodes"
+            );
+        }
+    }
+
+    /// Hands back up to [`HAND_BACK_PER_TURN`] messages of the users in `handing_back`, while
+    /// no mail waits for a link.
+    fn hand_back_some(&mut self) {
+        if self.handing_back.is_empty() || !self.node_outbox.is_empty() {
+            return;
+        }
+        let Some(cluster) = self.cluster.clone() else {
+            self.handing_back.clear();
+            return;
+        };
+        let view = cluster.view();
+        let mut budget = HAND_BACK_PER_TURN;
+        while budget > 0 && self.node_outbox.is_empty() {
+            let Some(user) = self.handing_back.pop_front() else {
+                break;
+            };
+            // A home that moved again since the walk is the next walk's to hand back to.
+            if !matches!(view.home(self.router.account_of(user)), Home::There(_)) {
+                continue;
+            }
+            let (sent, more) = self.router.hand_back(user, self.wall_ms, budget);
+            budget -= sent;
+            if more {
+                self.handing_back.push_front(user);
+            }
+            self.run_actions();
+        }
+        if self.handing_back.is_empty() {
+            info!(
+                shard = self.settings.index,
+                "queues handed back to their users' new home nodes"
             );
         }
     }
@@ -2454,6 +2497,7 @@ impl<B: Backend> Core<B> {
     /// Ends a turn: writes, moves, closes, retries blocked mail, wakes shards.
     fn end_turn(&mut self, backend: &mut B) {
         self.retry_node_outbox(backend);
+        self.hand_back_some();
         for id in std::mem::take(&mut self.to_pause) {
             backend.set_reading(id, false);
         }

@@ -2168,19 +2168,25 @@ impl Router {
     /// ([`ShardMessage::HandBack`]; [`Action::HandBackKept`] for one whose body is on disk
     /// only), which queues those it lacks. This node keeps its own: if it is the user's
     /// replica node now, they are the copies the new home's messages would have here.
-    /// Receipts and sent copies stay. Returns the messages sent.
-    pub fn hand_back(&mut self, user: UserId, now_ms: u64) -> usize {
+    /// Receipts and sent copies stay. Sends at most `most`; returns the messages sent, and
+    /// whether more are left to send.
+    pub fn hand_back(&mut self, user: UserId, now_ms: u64, most: usize) -> (usize, bool) {
         let Some(queue) = self
             .users
             .get_mut(&user)
             .and_then(|state| state.extra.as_mut())
             .map(|extra| &mut extra.queue)
         else {
-            return 0;
+            return (0, false);
         };
         let mut entries = Vec::new();
+        let mut more = false;
         for entry in queue.items.iter_mut() {
             if entry.counts_for_sender() && entry.flags & COPY == 0 {
+                if entries.len() == most {
+                    more = true;
+                    break;
+                }
                 // Handed back once: from now on it is this node's copy of the new home's.
                 entry.flags |= COPY;
                 entries.push(*entry);
@@ -2210,7 +2216,26 @@ impl Router {
             };
             self.send_home(user, ShardMessage::HandBack(Box::new(replica)), now_ms);
         }
-        entries.len()
+        (entries.len(), more)
+    }
+
+    /// The link to `user`'s new home refused message `id` handed back: it is this node's own
+    /// again, to hand back at the next change of members.
+    fn hand_back_refused(&mut self, user: UserId, id: u64) {
+        if let Some(entry) = self
+            .users
+            .get_mut(&user)
+            .and_then(|state| state.extra.as_mut())
+            .and_then(|extra| {
+                extra
+                    .queue
+                    .items
+                    .iter_mut()
+                    .find(|entry| entry.id == id && entry.counts_for_sender())
+            })
+        {
+            entry.flags &= !COPY;
+        }
     }
 
     /// A message of `replica.user`'s queue handed back by the node that served the user until
@@ -3401,6 +3426,9 @@ impl Router {
             ShardMessage::Replica(replica) => {
                 let id = replica.item.id();
                 return self.replicated(replica.user, id, replica.keep, false, now_ms);
+            }
+            ShardMessage::HandBack(replica) => {
+                return self.hand_back_refused(replica.user, replica.item.id());
             }
             _ => return,
         };

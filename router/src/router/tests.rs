@@ -839,20 +839,25 @@ fn a_node_hands_back_a_queue_and_its_new_home_takes_what_it_lacks() {
     cluster.routers[0].handle_shard_message(ShardMessage::Replica(Box::new(three)), now);
     cluster.run();
     assert_eq!(
-        cluster.routers[0].hand_back(bob, now),
-        0,
+        cluster.routers[0].hand_back(bob, now, 10),
+        (0, false),
         "copies, not taken as Bob's home"
     );
     // Node 1 died, and node 0 served Bob meanwhile; now node 1 is back.
     cluster.routers[0].claim_queue(bob);
     assert_eq!(
-        cluster.routers[0].hand_back(bob, now),
-        3,
-        "two kept, one in memory"
+        cluster.routers[0].hand_back(bob, now, 2),
+        (2, true),
+        "two kept, at most two at a time"
     );
     assert_eq!(
-        cluster.routers[0].hand_back(bob, now),
-        0,
+        cluster.routers[0].hand_back(bob, now, 2),
+        (1, false),
+        "and one in memory"
+    );
+    assert_eq!(
+        cluster.routers[0].hand_back(bob, now, 10),
+        (0, false),
         "handed back once"
     );
     cluster.run();
@@ -872,6 +877,37 @@ fn a_node_hands_back_a_queue_and_its_new_home_takes_what_it_lacks() {
         .collect();
     bodies.sort();
     assert_eq!(bodies, [&b"one"[..], &b"three"[..], &b"two"[..]]);
+}
+
+#[test]
+fn a_hand_back_its_link_refuses_is_handed_back_again_later() {
+    let (mut cluster, alice, bob) = replicated_pair();
+    // Node 0 stood in for node 1 and took a message for Bob as his home.
+    let item = Queued::Message {
+        from: alice,
+        id: 999,
+        timestamp_ms: 5_000,
+        body: Bytes::from_static(b"stood in"),
+    };
+    let now = cluster.now_ms;
+    let copy = Replica {
+        user: bob,
+        keep: 77,
+        item: item.clone(),
+    };
+    cluster.routers[0].handle_shard_message(ShardMessage::Replica(Box::new(copy)), now);
+    cluster.run();
+    cluster.routers[0].claim_queue(bob);
+    assert_eq!(cluster.routers[0].hand_back(bob, now, 10), (1, false));
+    assert_eq!(cluster.routers[0].hand_back(bob, now, 10), (0, false));
+    // The link to node 1 cannot take it: the message is node 0's own again.
+    let refused = Replica {
+        user: bob,
+        keep: NO_KEEP,
+        item,
+    };
+    cluster.routers[0].handle_unroutable(ShardMessage::HandBack(Box::new(refused)), now);
+    assert_eq!(cluster.routers[0].hand_back(bob, now, 10), (1, false));
 }
 
 #[test]
