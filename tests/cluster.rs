@@ -326,6 +326,21 @@ struct Node {
     key: [u8; 32],
 }
 
+/// A failed test shows the end of each node's log.
+impl Drop for Nodes<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for index in 0..self.nodes.len() {
+            let log = std::fs::read_to_string(self.log(index)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("---- the end of {}'s log ----\n{tail}", node_id(index));
+        }
+    }
+}
+
 fn node_id(index: usize) -> String {
     format!("n{index}")
 }
@@ -1105,14 +1120,8 @@ fn no_acked_message_is_lost_when_the_recipient_s_home_is_killed_under_load() {
         return;
     };
     let mut nodes = Nodes::start(&net, &etcd, 3);
-    let live = [0, 1, 2];
-    let alice_key = key_homed_on(&live, 0);
-    let carol_key = key_homed_on(&live, 2);
+    let (mut alice, carol_key, replica) = alice_and_carol(&nodes);
     let carol_id = carol_key.user_id();
-    let (_, replica) = placed(&live, carol_id);
-    nodes.served_by(0, &carol_key, 2);
-    let mut alice = nodes.connect(0, &alice_key).expect("alice served");
-    assert_eq!(nodes.which(alice.server_key()), Some(0));
 
     let body = |n: usize| format!("message {n}");
     let deadline = Instant::now() + 3 * PATIENCE;
@@ -1222,6 +1231,20 @@ fn assert_received_as_acked(carol: &mut Client, acked: &std::collections::BTreeM
     assert_eq!(&received, acked, "each with the id its ServerAck named");
 }
 
+/// Alice, a user of n0 connected to it from the client namespace, and the key of Carol, an
+/// offline user of n2 (n2 serves her), with Carol's replica node.
+fn alice_and_carol(nodes: &Nodes) -> (Client, StaticKey, usize) {
+    let live = [0, 1, 2];
+    let carol_key = key_homed_on(&live, 2);
+    let (_, replica) = placed(&live, carol_key.user_id());
+    nodes.served_by(0, &carol_key, 2);
+    let alice = nodes
+        .connect(0, &key_homed_on(&live, 0))
+        .expect("alice served");
+    assert_eq!(nodes.which(alice.server_key()), Some(0));
+    (alice, carol_key, replica)
+}
+
 /// Sends `body` from `client` to `to` until a ServerAck names it: right after a change of
 /// members a node may refuse it (`OVERLOADED`) or its link may drop it, and a client sends it
 /// again, as this does.
@@ -1264,12 +1287,8 @@ fn a_returning_node_gets_back_what_its_users_were_sent_while_it_was_away() {
     };
     let mut nodes = Nodes::start(&net, &etcd, 3);
     let live = [0, 1, 2];
-    let carol_key = key_homed_on(&live, 2);
+    let (mut alice, carol_key, replica) = alice_and_carol(&nodes);
     let carol_id = carol_key.user_id();
-    let (_, replica) = placed(&live, carol_id);
-    nodes.served_by(0, &carol_key, 2);
-    let alice_key = key_homed_on(&live, 0);
-    let mut alice = nodes.connect(0, &alice_key).expect("alice served");
     let before = send_until_acked(&mut alice, carol_id, b"before n2 died");
 
     nodes.kill(2);
@@ -1449,4 +1468,151 @@ fn a_rolling_restart_under_load_loses_no_acked_message() {
     let mut carol = nodes.connect(0, &carol_key).expect("carol served");
     assert_eq!(nodes.which(carol.server_key()), Some(1));
     assert_received_as_acked(&mut carol, &acked);
+}
+
+/// n2, home of Carol, is cut off from everything (etcd, the other nodes, clients) while Alice,
+/// a user of n0, sends Carol messages one after another, and Dave, a user of n2 connected from
+/// inside n2's namespace, sends her one too. Once n2's lease runs out Carol's replica node
+/// serves her, and she reads there what she was sent; she goes offline, is sent more, and the
+/// cut heals: n2 returns, gets back what it missed, and serves her again.
+///
+/// Every message acked to Alice (or Dave) reaches Carol's app, with the id its ServerAck named;
+/// a copy delivered again (n2 still holds what Carol read at the stand-in) carries that same
+/// id, and the app, which keeps the ids it has seen as a client's store does, drops it. n2
+/// acks nothing it cannot copy to Carol's replica node, so Dave's message is either refused or
+/// delivered.
+#[test]
+fn a_partition_and_heal_of_the_recipient_s_home_loses_and_duplicates_nothing() {
+    use std::collections::{BTreeMap, BTreeSet};
+    /// Messages acked before the cut, while Carol reads at the stand-in, and while she is
+    /// offline before the heal.
+    const PHASES: [usize; 3] = [40, 40, 40];
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    // The default lease: when n2 holds etcd's leader, the others elect a new one after the
+    // cut, and a shorter lease can run out on every node meanwhile (docs/cluster.md, "etcd").
+    let nodes = Nodes::start_with_lease(&net, &etcd, 3, 5_000);
+    let live = [0, 1, 2];
+    let (mut alice, carol_key, replica) = alice_and_carol(&nodes);
+    let carol_id = carol_key.user_id();
+    let (addr, trust, dave_key) = (
+        nodes.addr(2),
+        ServerTrust::Pinned(nodes.key(2)),
+        key_homed_on(&live, 2),
+    );
+    let mut dave = net.in_node(2, move || {
+        Client::connect_home(&addr, &dave_key, &trust, Duration::from_secs(5))
+            .expect("served by n2")
+    });
+
+    // By body: the id its ServerAck named.
+    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
+    let mut next = 0;
+    let mut send = |alice: &mut Client, acked: &mut BTreeMap<String, u64>, count: usize| {
+        for _ in 0..count {
+            let body = format!("message {next}");
+            next += 1;
+            let id = send_until_acked(alice, carol_id, body.as_bytes());
+            acked.insert(body, id);
+        }
+    };
+    // Carol's app: the ids it has seen, and each body it got with its id.
+    let mut seen: BTreeSet<u64> = BTreeSet::new();
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    let mut dropped = 0;
+    // A connection of Carol's may be sent away while the members settle: she connects again,
+    // as a client does.
+    let mut read = |carol: &mut Client, acked: &BTreeMap<String, u64>, dropped: &mut usize| {
+        let deadline = Instant::now() + PATIENCE;
+        while acked.keys().any(|body| !got.contains_key(body)) && Instant::now() < deadline {
+            let stanza = match carol.recv(Duration::from_millis(200)) {
+                Ok(stanza) => stanza,
+                Err(error) => {
+                    println!("Carol's connection ended ({error}); she connects again");
+                    *carol = nodes.connect(0, &carol_key).expect("carol served");
+                    continue;
+                }
+            };
+            let Some(Kind::Deliver(deliver)) = stanza.and_then(|stanza| stanza.kind) else {
+                continue;
+            };
+            carol.ack_deliver(deliver.id).expect("acked");
+            if !seen.insert(deliver.id) {
+                *dropped += 1;
+                continue;
+            }
+            let body = String::from_utf8_lossy(&deliver.body).into_owned();
+            assert!(
+                got.insert(body.clone(), deliver.id).is_none(),
+                "{body:?} reached the app twice, with two ids"
+            );
+        }
+        let lost: Vec<&String> = acked
+            .keys()
+            .filter(|body| !got.contains_key(*body))
+            .collect();
+        assert!(lost.is_empty(), "acked messages lost: {lost:?}");
+        for (body, id) in acked {
+            assert_eq!(got[body], *id, "{body:?} with the id its ServerAck named");
+        }
+    };
+
+    send(&mut alice, &mut acked, PHASES[0]);
+    net.cut(2);
+    let cut = Instant::now();
+    let dave_sent = dave.send_message(carol_id, b"from dave").expect("sent");
+    send(&mut alice, &mut acked, PHASES[1]);
+    println!(
+        "the {} messages sent after the cut were all acked {:?} after it",
+        PHASES[1],
+        cut.elapsed()
+    );
+    // n2 stopped serving (its lease ran out before Carol's replica took her): what it said to
+    // Dave is a refusal, or nothing, or (only if the copy was made) a ServerAck.
+    let mut dave_acked = None;
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        match dave.recv(Duration::from_millis(100)) {
+            Ok(Some(Stanza {
+                kind: Some(Kind::ServerAck(ack)),
+                ..
+            })) if ack.seq == dave_sent.seq => dave_acked = Some(ack.id),
+            Ok(Some(Stanza {
+                kind: Some(Kind::GoAway(_)),
+                ..
+            }))
+            | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    println!("Dave's message inside the cut: acked as {dave_acked:?}");
+    if let Some(id) = dave_acked {
+        acked.insert("from dave".to_string(), id);
+    }
+
+    let mut carol = nodes.connect(0, &carol_key).expect("carol served");
+    assert_eq!(
+        nodes.which(carol.server_key()),
+        Some(replica),
+        "served by her replica node while n2 is cut off"
+    );
+    read(&mut carol, &acked, &mut dropped);
+    drop(carol);
+    send(&mut alice, &mut acked, PHASES[2]);
+
+    net.heal(2);
+    for node in live {
+        nodes.wait_for_members(node, &live);
+    }
+    nodes.served_by(0, &carol_key, 2);
+    let mut carol = nodes.connect(0, &carol_key).expect("carol served");
+    assert_eq!(nodes.which(carol.server_key()), Some(2));
+    read(&mut carol, &acked, &mut dropped);
+    println!(
+        "{} acked messages reached Carol once; {dropped} copies delivered again were dropped \
+         by their ids",
+        acked.len()
+    );
 }
