@@ -814,3 +814,44 @@ fn a_message_acked_before_its_batch_is_due_is_never_written() {
     );
     assert!(written(offline_marker), "the queued message is on disk");
 }
+
+/// A signal that interrupts a client's read (an application's handler installed without
+/// SA_RESTART) does not end the connection: the read goes on and the Deliver arrives.
+#[test]
+fn a_client_read_interrupted_by_a_signal_goes_on() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    extern "C" fn ignore(_: std::ffi::c_int) {}
+    let action = SigAction::new(
+        SigHandler::Handler(ignore),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing, so it is async-signal-safe; no other test of this
+    // binary uses SIGUSR2.
+    unsafe { sigaction(Signal::SIGUSR2, &action) }.expect("a handler for SIGUSR2");
+    let hopd = Hopd::start(&[]);
+    let (_, mut alice) = hopd.new_user();
+    let (_, mut bob) = hopd.new_user();
+    let bob_id = bob.user_id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        tx.send(nix::sys::pthread::pthread_self()).unwrap();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::time::Instant::now() < deadline {
+            if let Some(Kind::Deliver(deliver)) = bob
+                .recv(PATIENCE)
+                .expect("bob's connection outlives the signal")
+                .and_then(|stanza| stanza.kind)
+            {
+                return deliver.body;
+            }
+        }
+        panic!("no Deliver within {PATIENCE:?}");
+    });
+    let thread = rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    nix::sys::pthread::pthread_kill(thread, Signal::SIGUSR2).expect("signalled");
+    std::thread::sleep(Duration::from_millis(100));
+    alice.send_message(bob_id, b"after the signal").unwrap();
+    assert_eq!(&reader.join().unwrap()[..], b"after the signal");
+}

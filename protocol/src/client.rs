@@ -575,12 +575,24 @@ fn read_before(
     buffer: &mut [u8],
     deadline: Instant,
 ) -> Result<usize, ClientError> {
-    let now = Instant::now();
-    if now >= deadline {
-        return Err(ClientError::Timeout);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ClientError::Timeout);
+        }
+        stream.set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))?;
+        match stream.read(buffer) {
+            // A signal came (the application's, or a stop and continue of the process): the
+            // connection is as it was.
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            result => return read_result(result),
+        }
     }
-    stream.set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))?;
-    match stream.read(buffer) {
+}
+
+/// [`read_before`]'s answer for what one read returned.
+fn read_result(result: io::Result<usize>) -> Result<usize, ClientError> {
+    match result {
         Ok(0) => Err(ClientError::Closed),
         Ok(bytes) => Ok(bytes),
         Err(error)
