@@ -475,6 +475,11 @@ impl<'net> Nodes<'net> {
 
     /// Waits until node `index`'s counter `name` (summed over its shards) is above 0.
     fn wait_for_metric(&self, index: usize, name: &str) {
+        self.wait_for_metric_at_least(index, name, 1.0);
+    }
+
+    /// Waits until node `index`'s counter `name` (summed over its shards) is at least `least`.
+    fn wait_for_metric_at_least(&self, index: usize, name: &str, least: f64) {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let (_, metrics) = self.admin(index, "/metrics");
@@ -483,12 +488,12 @@ impl<'net> Nodes<'net> {
                 .filter(|line| line.starts_with(&format!("{name}{{")))
                 .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum();
-            if total > 0.0 {
+            if total >= least {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "node {index} counted no {name} within {PATIENCE:?}"
+                "node {index} counted {total} {name}, not {least}, within {PATIENCE:?}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1615,4 +1620,44 @@ fn a_partition_and_heal_of_the_recipient_s_home_loses_and_duplicates_nothing() {
          by their ids",
         acked.len()
     );
+}
+
+/// Carol, a user of n2, is sent messages while her replica node is up; then her replica node
+/// dies (`kill -9`), and after the members changed so does n2. The messages n2 acked before
+/// the change had their copy on the first replica node only; n2 copied them again to Carol's
+/// new replica node, the third, which now serves her: she receives every one.
+#[test]
+fn messages_acked_before_a_replica_node_died_survive_their_home_dying_next() {
+    const MESSAGES: usize = 20;
+    let Some(net) = Net::new(3) else { return };
+    let Some(etcd) = EtcdCluster::start(&net, &[0, 1, 2]) else {
+        return;
+    };
+    let mut nodes = Nodes::start(&net, &etcd, 3);
+    let live = [0, 1, 2];
+    let carol_key = key_homed_on(&live, 2);
+    let carol_id = carol_key.user_id();
+    let (_, replica) = placed(&live, carol_id);
+    let third = 1 - replica;
+    nodes.served_by(third, &carol_key, 2);
+    let mut alice = nodes
+        .connect(third, &key_homed_on(&live, third))
+        .expect("alice served");
+    let mut acked = std::collections::BTreeMap::new();
+    for n in 0..MESSAGES {
+        let body = format!("message {n}");
+        acked.insert(n, send_until_acked(&mut alice, carol_id, body.as_bytes()));
+    }
+
+    nodes.kill(replica);
+    nodes.wait_for_members(2, &[third, 2]);
+    nodes.wait_for_members(third, &[third, 2]);
+    assert_eq!(placed(&[third, 2], carol_id), (2, third));
+    nodes.wait_for_metric_at_least(third, "hop_replicas_kept_total", MESSAGES as f64);
+
+    nodes.kill(2);
+    nodes.wait_for_members(third, &[third]);
+    nodes.served_by(third, &carol_key, third);
+    let mut carol = nodes.connect(third, &carol_key).expect("carol served");
+    assert_received_as_acked(&mut carol, &acked);
 }

@@ -44,7 +44,9 @@ use hop_protocol::session::{Channel, InputError, PeerError, ServerConnection, Se
 use hop_protocol::wire::ReceiptKind;
 use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, NodeAck, Pong, Stanza, UserRef};
 use hop_protocol::{StaticKey, UserId};
-use hop_router::{home_shard, Action, ConnRef, Queued, Router, ShardId, ShardMessage, NO_KEEP};
+use hop_router::{
+    home_shard, Action, ConnRef, Queued, Router, SendTo, ShardId, ShardMessage, NO_KEEP,
+};
 use hop_store::accounts::AccountLog;
 use hop_store::devices::{DeviceLog, DeviceRecord};
 use hop_store::groups::{GroupLog, GroupRecord};
@@ -100,9 +102,9 @@ const NODE_OUTBOX_MAX: usize = 16 * 1024;
 /// is bounded by the work in flight between the nodes, which the clients' bound and the links'
 /// queues limit; dropping it would leave a sender waiting for an answer that never comes.
 const NODE_OUTBOX_ANSWERS_MAX: usize = 4 * NODE_OUTBOX_MAX;
-/// Messages one shard hands back to their users' new home nodes per turn (each may be a read
-/// from the store).
-const HAND_BACK_PER_TURN: usize = 256;
+/// Messages one shard sends to their users' new home or replica nodes per turn after a change
+/// of members (each may be a read from the store).
+const SEND_QUEUES_PER_TURN: usize = 256;
 /// How long the loop waits at most while mail for another node waits for its link's queue.
 const NODE_OUTBOX_RETRY: Duration = Duration::from_millis(1);
 /// The longest between two sweeps for expired accounts (a sweep walks every user of the shard).
@@ -772,7 +774,8 @@ impl<B: Backend> Core<B> {
             account_sweep_next_ms: 0,
             node_outbox: HashMap::default(),
             node_outbox_mails: 0,
-            handing_back: VecDeque::new(),
+            sending_queues: VecDeque::new(),
+            walked_view: None,
             paused_for_nodes: Vec::new(),
             settings,
             key,
@@ -878,12 +881,12 @@ impl<B: Backend> Core<B> {
                     };
                     let until_commit = until(core.commit_deadline());
                     let until_drain = until(core.drain_deadline());
-                    let until_link = if core.node_outbox.is_empty() && core.handing_back.is_empty()
-                    {
-                        Duration::MAX
-                    } else {
-                        NODE_OUTBOX_RETRY
-                    };
+                    let until_link =
+                        if core.node_outbox.is_empty() && core.sending_queues.is_empty() {
+                            Duration::MAX
+                        } else {
+                            NODE_OUTBOX_RETRY
+                        };
                     next_tick
                         .saturating_duration_since(now)
                         .min(until_commit)
@@ -1040,9 +1043,12 @@ struct Core<B: Backend> {
     node_outbox: HashMap<String, VecDeque<(UserId, Box<ShardMessage>)>>,
     /// Mails in `node_outbox`.
     node_outbox_mails: usize,
-    /// Users whose home moved to another node, with messages this node took as their home
-    /// still to hand back ([`Core::hand_back_some`]).
-    handing_back: VecDeque<UserId>,
+    /// Users with messages to send after the members changed: to their new home node
+    /// (hand-back) or, for users homed here, to their new replica node
+    /// ([`Core::send_queues_some`]).
+    sending_queues: VecDeque<UserId>,
+    /// The members as the last walk of the queues saw them ([`Core::send_queues`]).
+    walked_view: Option<Arc<View>>,
     /// Connections paused because their mail waits for another node (`paused` holds those a
     /// full mailbox paused).
     paused_for_nodes: Vec<ConnId>,
@@ -1589,8 +1595,9 @@ impl<B: Backend> Core<B> {
         }
         if state.0 != self.cluster_state.0 {
             let view = cluster.view();
-            self.hand_back(&view);
+            self.send_queues(&view);
             self.router.handle_members_changed(self.wall_ms);
+            self.walked_view = Some(view);
         }
         self.cluster_state = state;
         let open: Vec<(ConnId, UserId)> = (0..self.conns.len() as ConnId)
@@ -1610,64 +1617,79 @@ impl<B: Backend> Core<B> {
     }
 
     /// The members changed to `now`: this node claims the queues of the users it is home to
-    /// now, and hands those it took as home of users another node is home to now to that
-    /// node ([`Router::claim_queue`], [`Router::hand_back`]). Runs at every change of the
-    /// list, so that a change this shard saw only the end of (a node back within a tick)
-    /// still hands back what it must.
+    /// now and, where their replica node changed since the last walk (or this is the first
+    /// since start), copies their messages to it again ([`Router::claim_queue`],
+    /// [`Router::copy_again`]); it hands the messages it took as home of users another node
+    /// is home to now to that node ([`Router::hand_back`]). Runs at every change of the list, so
+    /// that a change this shard saw only the end of (a node back within a tick) still sends
+    /// what it must.
     ///
-    /// The messages leave [`HAND_BACK_PER_TURN`] at a time, at the end of turns in which no
-    /// mail waits for a link ([`Core::hand_back_some`]): a stand-in may hold far more than the
+    /// The messages leave [`SEND_QUEUES_PER_TURN`] at a time, at the end of turns in which no
+    /// mail waits for a link ([`Core::send_queues_some`]): a node may hold far more than the
     /// links' queues take at once.
-    fn hand_back(&mut self, now: &View) {
-        self.handing_back.clear();
+    fn send_queues(&mut self, now: &View) {
+        self.sending_queues.clear();
         for user in self.router.queued_users() {
             let account = self.router.account_of(user);
             match now.home(account) {
-                Home::Here => self.router.claim_queue(user),
-                Home::There(_) => self.handing_back.push_back(user),
+                Home::Here => {
+                    let replica = now.replica(account).map(|member| &member.node_id);
+                    let before = self
+                        .walked_view
+                        .as_ref()
+                        .map(|view| view.replica(account).map(|member| member.node_id.clone()));
+                    let copy_again =
+                        replica.is_some() && before.as_ref().map(Option::as_ref) != Some(replica);
+                    self.router.claim_queue(user, copy_again);
+                    if copy_again {
+                        self.sending_queues.push_back(user);
+                    }
+                }
+                Home::There(_) => self.sending_queues.push_back(user),
                 Home::Unavailable => {}
             }
         }
-        if !self.handing_back.is_empty() {
+        if !self.sending_queues.is_empty() {
             info!(
                 shard = self.settings.index,
-                users = self.handing_back.len(),
-                "handing back queues to their users' new home nodes"
+                users = self.sending_queues.len(),
+                "sending queues to their users' new home or replica nodes"
             );
         }
     }
 
-    /// Hands back up to [`HAND_BACK_PER_TURN`] messages of the users in `handing_back`, while
-    /// no mail waits for a link.
-    fn hand_back_some(&mut self) {
-        if self.handing_back.is_empty() || !self.node_outbox.is_empty() {
+    /// Sends up to [`SEND_QUEUES_PER_TURN`] messages of the users in `sending_queues`, while no
+    /// mail waits for a link.
+    fn send_queues_some(&mut self) {
+        if self.sending_queues.is_empty() || !self.node_outbox.is_empty() {
             return;
         }
         let Some(cluster) = self.cluster.clone() else {
-            self.handing_back.clear();
+            self.sending_queues.clear();
             return;
         };
         let view = cluster.view();
-        let mut budget = HAND_BACK_PER_TURN;
+        let mut budget = SEND_QUEUES_PER_TURN;
         while budget > 0 && self.node_outbox.is_empty() {
-            let Some(user) = self.handing_back.pop_front() else {
+            let Some(user) = self.sending_queues.pop_front() else {
                 break;
             };
-            // A home that moved again since the walk is the next walk's to hand back to.
-            if !matches!(view.home(self.router.account_of(user)), Home::There(_)) {
-                continue;
-            }
-            let (sent, more) = self.router.hand_back(user, self.wall_ms, budget);
+            // A home that moved again since the walk is the next walk's to send to.
+            let (sent, more) = match view.home(self.router.account_of(user)) {
+                Home::There(_) => self.router.hand_back(user, self.wall_ms, budget),
+                Home::Here => self.router.copy_again(user, self.wall_ms, budget),
+                Home::Unavailable => continue,
+            };
             budget -= sent;
             if more {
-                self.handing_back.push_front(user);
+                self.sending_queues.push_front(user);
             }
             self.run_actions();
         }
-        if self.handing_back.is_empty() {
+        if self.sending_queues.is_empty() {
             info!(
                 shard = self.settings.index,
-                "queues handed back to their users' new home nodes"
+                "queues sent to their users' new home or replica nodes"
             );
         }
     }
@@ -1885,11 +1907,12 @@ impl<B: Backend> Core<B> {
             Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
             // A link that cannot take it: the router refuses what it can to its sender.
             Action::ToNode { user, message } => self.mail_to_node(user, message, Target::Home),
-            Action::HandBackKept {
+            Action::SendKept {
                 user,
                 from,
                 id,
                 timestamp_ms,
+                to,
             } => {
                 let Some((body, group)) = self.kept_body(user, id) else {
                     bump(&self.stats.store_unreadable, 1);
@@ -1899,11 +1922,19 @@ impl<B: Backend> Core<B> {
                 let item = Queued::received(from, id, timestamp_ms, body, group);
                 let replica = hop_router::Replica {
                     user,
-                    keep: hop_router::NO_KEEP,
+                    keep: NO_KEEP,
                     item,
                 };
-                let message = Box::new(ShardMessage::HandBack(Box::new(replica)));
-                self.mail_to_node(user, message, Target::Home);
+                match to {
+                    SendTo::NewHome => {
+                        let message = Box::new(ShardMessage::HandBack(Box::new(replica)));
+                        self.mail_to_node(user, message, Target::Home);
+                    }
+                    SendTo::Replica => {
+                        let message = Box::new(ShardMessage::Replica(Box::new(replica)));
+                        self.mail_to_node(user, message, Target::Replica);
+                    }
+                }
             }
             Action::ToReplica { user, message } => {
                 self.mail_to_node(user, message, Target::Replica)
@@ -2497,7 +2528,7 @@ impl<B: Backend> Core<B> {
     /// Ends a turn: writes, moves, closes, retries blocked mail, wakes shards.
     fn end_turn(&mut self, backend: &mut B) {
         self.retry_node_outbox(backend);
-        self.hand_back_some();
+        self.send_queues_some();
         for id in std::mem::take(&mut self.to_pause) {
             backend.set_reading(id, false);
         }

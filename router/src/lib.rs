@@ -45,8 +45,8 @@ mod unkept;
 
 pub use router::{
     home_shard, Action, Counters, Envelope, GroupCopy, GroupRequest, GroupSnapshot, Limits,
-    Locality, Privacy, PushedItem, Queued, Replica, Router, Secrets, SessionState, ShardMessage,
-    UserReport, Violation, LAST_SEEN_GRAIN_MS,
+    Locality, Privacy, PushedItem, Queued, Replica, Router, Secrets, SendTo, SessionState,
+    ShardMessage, UserReport, Violation, LAST_SEEN_GRAIN_MS,
 };
 pub use unkept::NO_KEEP;
 

@@ -392,14 +392,15 @@ pub enum Action {
     PersistSeen { device: UserId, seconds: u32 },
     /// A user changed who may see its presence: to keep across restarts (the latest wins).
     PersistPrivacy { user: UserId, privacy: Privacy },
-    /// `user`'s home moved to another node: send it kept message `id` of `user`'s queue
-    /// ([`ShardMessage::HandBack`]), its body and group read from the store. One it cannot
-    /// read is left out.
-    HandBackKept {
+    /// Send kept message `id` of `user`'s queue, its body and group read from the store, to
+    /// `to`: the user's new home node ([`ShardMessage::HandBack`]) or its replica node
+    /// ([`ShardMessage::Replica`] numbered [`NO_KEEP`]). One it cannot read is left out.
+    SendKept {
         user: UserId,
         from: UserId,
         id: u64,
         timestamp_ms: u64,
+        to: SendTo,
     },
     /// Keep this item of `user`'s queue on disk. Once it is durable the shard loop calls
     /// [`Router::handle_kept`] with `keep`; if it cannot be kept,
@@ -659,6 +660,20 @@ const REPLICATED: u8 = 8;
 /// ([`Router::hand_back`]), unless this node claimed the queue as its user's home since
 /// ([`Router::claim_queue`]).
 const COPY: u8 = 16;
+
+/// One of this home's own messages whose copy on the user's replica node is to be made again
+/// (the replica node changed, or this process restarted and cannot tell which copies were
+/// made): sent by [`Router::copy_again`].
+const UNCOPIED: u8 = 32;
+
+/// Where [`Router::hand_back`] and [`Router::copy_again`] send a user's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendTo {
+    /// The user's home node, another node now ([`ShardMessage::HandBack`]).
+    NewHome,
+    /// The user's replica node, as its home ([`ShardMessage::Replica`]).
+    Replica,
+}
 
 /// A body's length as an [`Entry`] keeps it. Bodies from clients are at most
 /// `BODY_BYTES_MAX`; one read back from disk that is larger counts as the largest.
@@ -2056,15 +2071,21 @@ impl Router {
             item,
         } = replica;
         let id = item.id();
-        let (body, group) = match &item {
-            Queued::Message { body, .. } => (body.clone(), None),
-            Queued::Group { body, group, .. } => (body.clone(), Some(*group)),
+        let (from, body, group) = match &item {
+            Queued::Message { from, body, .. } => (*from, body.clone(), None),
+            Queued::Group {
+                from, body, group, ..
+            } => (*from, body.clone(), Some(*group)),
             // The mail codec makes no other.
             Queued::Receipt { .. } | Queued::Sent { .. } => return,
         };
         // A link takes each mail once; a message the home queued twice (sent again unmarked)
-        // has a copy here per item there, each forgotten with its own.
+        // has a copy here per item there, each forgotten with its own. A copy made again
+        // (numbered NO_KEEP) is kept only if this node lacks one.
         let state = self.users.entry(user).or_insert_with(User::new);
+        if home_keep == NO_KEEP && state.queued_message(id, from).is_some() {
+            return;
+        }
         let body_bytes = body.len();
         if state.queue_len() - state.queued_receipts() >= self.limits.queue_messages_max
             || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
@@ -2149,8 +2170,11 @@ impl Router {
     }
 
     /// `user` lives on this node now: the copies its queue holds (kept for the node that was
-    /// its home) are this node's own, to hand back if its home moves away again.
-    pub fn claim_queue(&mut self, user: UserId) {
+    /// its home) are this node's own, to hand back if its home moves away again. With
+    /// `copy_again` (its replica node changed, or this process restarted and cannot tell which
+    /// copies were made) each of its messages is to be copied to the replica node again
+    /// ([`Router::copy_again`]).
+    pub fn claim_queue(&mut self, user: UserId, copy_again: bool) {
         if let Some(extra) = self
             .users
             .get_mut(&user)
@@ -2158,6 +2182,9 @@ impl Router {
         {
             for entry in extra.queue.items.iter_mut() {
                 entry.flags &= !COPY;
+                if copy_again && entry.counts_for_sender() {
+                    entry.flags |= UNCOPIED;
+                }
             }
         }
     }
@@ -2165,12 +2192,31 @@ impl Router {
     /// `user`'s home is another node (a node this one stood in for came back, or a new member
     /// took the user): each message of its queue this node took as the user's home goes to the
     /// new home
-    /// ([`ShardMessage::HandBack`]; [`Action::HandBackKept`] for one whose body is on disk
+    /// ([`ShardMessage::HandBack`]; [`Action::SendKept`] for one whose body is on disk
     /// only), which queues those it lacks. This node keeps its own: if it is the user's
     /// replica node now, they are the copies the new home's messages would have here.
     /// Receipts and sent copies stay. Sends at most `most`; returns the messages sent, and
     /// whether more are left to send.
     pub fn hand_back(&mut self, user: UserId, now_ms: u64, most: usize) -> (usize, bool) {
+        self.send_messages(user, now_ms, most, SendTo::NewHome)
+    }
+
+    /// Copies messages [`Router::claim_queue`] marked to `user`'s replica node, which keeps
+    /// those it lacks ([`ShardMessage::Replica`] numbered [`NO_KEEP`]: no answer; the senders
+    /// had their ServerAcks). Sends at most `most`; returns the messages sent, and whether
+    /// more are left to send.
+    pub fn copy_again(&mut self, user: UserId, now_ms: u64, most: usize) -> (usize, bool) {
+        self.send_messages(user, now_ms, most, SendTo::Replica)
+    }
+
+    /// [`Router::hand_back`] and [`Router::copy_again`].
+    fn send_messages(
+        &mut self,
+        user: UserId,
+        now_ms: u64,
+        most: usize,
+        to: SendTo,
+    ) -> (usize, bool) {
         let Some(queue) = self
             .users
             .get_mut(&user)
@@ -2182,23 +2228,34 @@ impl Router {
         let mut entries = Vec::new();
         let mut more = false;
         for entry in queue.items.iter_mut() {
-            if entry.counts_for_sender() && entry.flags & COPY == 0 {
-                if entries.len() == most {
-                    more = true;
-                    break;
-                }
-                // Handed back once: from now on it is this node's copy of the new home's.
-                entry.flags |= COPY;
-                entries.push(*entry);
+            let picked = entry.counts_for_sender()
+                && match to {
+                    SendTo::NewHome => entry.flags & COPY == 0,
+                    SendTo::Replica => entry.flags & UNCOPIED != 0,
+                };
+            if !picked {
+                continue;
             }
+            if entries.len() == most {
+                more = true;
+                break;
+            }
+            entry.flags = match to {
+                // Handed back once: from now on it is this node's copy of the new home's.
+                SendTo::NewHome => entry.flags | COPY,
+                // Its copy goes, and must go when the message leaves.
+                SendTo::Replica => (entry.flags & !UNCOPIED) | REPLICATED,
+            };
+            entries.push(*entry);
         }
         for entry in &entries {
             let Some(pending) = self.unkept.get(entry.keep, user, entry.id) else {
-                self.actions.push(Action::HandBackKept {
+                self.actions.push(Action::SendKept {
                     user,
                     from: entry.peer,
                     id: entry.id,
                     timestamp_ms: entry.timestamp_ms,
+                    to,
                 });
                 continue;
             };
@@ -2209,12 +2266,23 @@ impl Router {
                 pending.body.clone(),
                 pending.group.map(|group| (group, entry.is_group_event())),
             );
-            let replica = Replica {
+            let replica = Box::new(Replica {
                 user,
                 keep: NO_KEEP,
                 item,
-            };
-            self.send_home(user, ShardMessage::HandBack(Box::new(replica)), now_ms);
+            });
+            match to {
+                SendTo::NewHome => {
+                    self.send_home(user, ShardMessage::HandBack(replica), now_ms);
+                }
+                SendTo::Replica => {
+                    self.counters.mails_to_nodes += 1;
+                    self.actions.push(Action::ToReplica {
+                        user,
+                        message: Box::new(ShardMessage::Replica(replica)),
+                    });
+                }
+            }
         }
         (entries.len(), more)
     }
