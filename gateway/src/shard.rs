@@ -1595,8 +1595,10 @@ impl<B: Backend> Core<B> {
         }
         if state.0 != self.cluster_state.0 {
             let view = cluster.view();
+            let departed = cluster.departed_since(self.cluster_state.0);
             self.send_queues(&view);
-            self.router.handle_members_changed(self.wall_ms);
+            self.router
+                .handle_members_changed(self.wall_ms, departed.as_deref());
             self.walked_view = Some(view);
         }
         self.cluster_state = state;

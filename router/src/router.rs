@@ -2128,12 +2128,17 @@ impl Router {
     /// no longer its recipient's replica (it left, and its link drops what it held; or another
     /// node ranks before it now) is refused to its sender, who sends it again, to the replica
     /// node of the new list. Walks the records not yet kept, once per change.
-    pub fn handle_members_changed(&mut self, now_ms: u64) {
+    ///
+    /// `departed`: the replica nodes (by placement hash) that left the members since the last
+    /// call, even if they are back (what they held for this node when they left is gone);
+    /// `None` when unknown, and then every message waiting for its copy is refused.
+    pub fn handle_members_changed(&mut self, now_ms: u64, departed: Option<&[u32]>) {
         let Some(locality) = self.locality.take() else {
             return;
         };
         self.refuse_uncopied(now_ms, |user, replica| {
             locality.replica(user) != Some(replica)
+                || departed.is_none_or(|departed| departed.contains(&replica))
         });
         self.locality = Some(locality);
     }

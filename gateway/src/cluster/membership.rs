@@ -14,7 +14,7 @@
 //! has joined again. This is what keeps two nodes from serving one user at once across a
 //! partition: the minority side cannot renew.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -254,13 +254,20 @@ pub struct Cluster {
     /// Per peer node key: the incarnation and the last sequence number of the mails taken
     /// from its links, so that mails sent again after a reconnect are taken once.
     taken: Mutex<HashMap<[u8; 32], (u64, u64)>>,
+    /// The members that left, as (the generation whose view first lacked it, its placement
+    /// hash as [`hop_router::Locality::replica`] names it), the latest [`DEPARTURES_KEPT`].
+    departures: Mutex<VecDeque<(u64, u32)>>,
 }
+
+/// Departures [`Cluster`] remembers for shards that have not looked yet.
+const DEPARTURES_KEPT: usize = 1024;
 
 impl Cluster {
     pub fn new(settings: ClusterSettings, links: Option<Arc<Links>>) -> Self {
         Self {
             links,
             taken: Mutex::new(HashMap::new()),
+            departures: Mutex::new(VecDeque::new()),
             settings,
             view: RwLock::new(Arc::new(View::default())),
             generation: AtomicU64::new(0),
@@ -280,6 +287,25 @@ impl Cluster {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The members that left the list in the views after generation `seen` (a node that left
+    /// and came back between two looks is among them: the mail it held then is gone), by
+    /// placement hash. `None` when departures that old are forgotten.
+    pub fn departed_since(&self, seen: u64) -> Option<Vec<u32>> {
+        let departures = self.departures.lock().unwrap_or_else(|p| p.into_inner());
+        if departures.len() == DEPARTURES_KEPT && departures.front().is_some_and(|d| d.0 > seen + 1)
+        {
+            return None;
+        }
+        let mut departed: Vec<u32> = departures
+            .iter()
+            .filter(|(generation, _)| *generation > seen)
+            .map(|(_, hash)| *hash)
+            .collect();
+        departed.sort_unstable();
+        departed.dedup();
+        Some(departed)
     }
 
     /// The name of the member whose server key `key` is, if it is another member's: its
@@ -353,6 +379,19 @@ impl Cluster {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let view = View::new(members, &self.settings.node_id, revision);
+        {
+            let before = self.view();
+            let generation = self.generation() + 1;
+            let mut departures = self.departures.lock().unwrap_or_else(|p| p.into_inner());
+            for (member, hash) in before.members.iter().zip(&before.hashes) {
+                if !view.members.iter().any(|now| now.node_id == member.node_id) {
+                    if departures.len() == DEPARTURES_KEPT {
+                        departures.pop_front();
+                    }
+                    departures.push_back((generation, *hash as u32));
+                }
+            }
+        }
         let names: Vec<&str> = view.members.iter().map(|m| m.node_id.as_str()).collect();
         info!(
             members = ?names,
@@ -668,6 +707,30 @@ mod tests {
             shards: 2,
             server_key: [1; 32],
         }
+    }
+
+    #[test]
+    fn a_member_that_left_and_came_back_between_two_looks_is_among_the_departed() {
+        let cluster = Cluster::new(settings("n1"), None);
+        cluster.set_listed(vec![member("n1"), member("n2"), member("n3")], 5);
+        let seen = cluster.generation();
+        assert_eq!(cluster.departed_since(seen), Some(vec![]));
+        cluster.set_listed(vec![member("n1"), member("n2")], 6);
+        cluster.set_listed(vec![member("n1"), member("n2"), member("n3")], 7);
+        assert_eq!(cluster.view().members.len(), 3, "back as it was");
+        let n3 = placement::node_hash("n3") as u32;
+        assert_eq!(cluster.departed_since(seen), Some(vec![n3]));
+        assert_eq!(cluster.departed_since(cluster.generation()), Some(vec![]));
+        // Past what is remembered: not known.
+        for revision in 0..2 * DEPARTURES_KEPT as i64 + 2 {
+            let members = if revision % 2 == 0 {
+                vec![member("n1"), member("n2")]
+            } else {
+                vec![member("n1"), member("n2"), member("n3")]
+            };
+            cluster.set_listed(members, 8 + revision);
+        }
+        assert_eq!(cluster.departed_since(seen), None);
     }
 
     #[test]

@@ -849,6 +849,38 @@ fn a_home_copies_its_queue_again_to_a_new_replica_node_which_keeps_what_it_lacks
 }
 
 #[test]
+fn a_replica_node_that_left_and_came_back_between_two_looks_has_its_waiting_copies_refused() {
+    let mut cluster = Cluster::new_nodes_replicated(3, Limits::default(), true);
+    let bob = cluster.user_on_node(1, 0);
+    let carol = cluster.user_on_node(1, 1);
+    cluster.connect(bob, 2);
+    cluster.disconnect(bob, 2);
+    cluster.connect(carol, 4);
+    cluster.hold_replica_mails = true;
+    cluster.send(carol, 4, bob, 1, b"its copy went to the node's last run");
+    let now = cluster.now_ms;
+    // Another node left: nothing waits for it.
+    cluster.routers[1].handle_members_changed(now, Some(&[0]));
+    cluster.run();
+    assert!(cluster.take(4).is_empty());
+    // Bob's replica, node 2, left and is back: the copy it was sent is gone with its run.
+    cluster.routers[1].handle_members_changed(now, Some(&[2]));
+    cluster.run();
+    assert_eq!(
+        error_code(&only(cluster.take(4))),
+        (ErrorCode::Overloaded, 1)
+    );
+    // Departures not known: whatever waits is refused.
+    cluster.send(carol, 4, bob, 2, b"waiting");
+    cluster.routers[1].handle_members_changed(now, None);
+    cluster.run();
+    assert_eq!(
+        error_code(&only(cluster.take(4))),
+        (ErrorCode::Overloaded, 2)
+    );
+}
+
+#[test]
 fn a_change_of_members_refuses_what_waits_for_a_copy_on_a_node_no_longer_its_replica() {
     let mut cluster = Cluster::new_nodes_replicated(3, Limits::default(), true);
     let (bob, carol) = (cluster.user_on_node(1, 0), cluster.user_on_node(1, 1));
@@ -861,14 +893,14 @@ fn a_change_of_members_refuses_what_waits_for_a_copy_on_a_node_no_longer_its_rep
     cluster.send(carol, 4, bob, 2, b"waiting for its copy");
     // A change that leaves Bob's replica node where it was refuses nothing.
     let now = cluster.now_ms;
-    cluster.routers[1].handle_members_changed(now);
+    cluster.routers[1].handle_members_changed(now, Some(&[]));
     cluster.run();
     assert!(cluster.take(4).is_empty());
     // Bob's replica moves from node 2 to node 0: what waits for node 2 is refused.
     cluster
         .replica_shift
         .store(2, std::sync::atomic::Ordering::Relaxed);
-    cluster.routers[1].handle_members_changed(now);
+    cluster.routers[1].handle_members_changed(now, Some(&[]));
     cluster.run();
     assert_eq!(
         error_code(&only(cluster.take(4))),
