@@ -729,6 +729,17 @@ fn a_client_is_served_by_its_home_node_whichever_node_it_connects_to() {
             .any(|link| link["node_id"] == "n0" && link["mails_sent"].as_u64() >= Some(1)),
         "{cluster}"
     );
+    // The placement's balance: every sampled user has one home and one replica node.
+    let members = cluster["members"].as_array().expect("members");
+    let sample = cluster["placement_sample"].as_u64().expect("a sample size");
+    for count in ["home_of_sample", "replica_of_sample"] {
+        let counts: Vec<u64> = members
+            .iter()
+            .map(|member| member[count].as_u64().expect("a count"))
+            .collect();
+        assert_eq!(counts.iter().sum::<u64>(), sample, "{cluster}");
+        assert!(counts.iter().all(|n| *n > sample / 6), "{cluster}");
+    }
 
     let (_, metrics) = nodes.admin(0, "/metrics");
     let redirects: u64 = metrics

@@ -275,20 +275,27 @@ fn route(
 }
 
 /// This node's view of its cluster, for `hop admin cluster`.
+/// User ids `hop admin cluster` places to show how the members share the users.
+const PLACEMENT_SAMPLE: u64 = 16_384;
+
 fn cluster_json(cluster: &Cluster) -> Value {
     let view = cluster.view();
     let this = view.this_node;
+    let placed = view.placement_counts(PLACEMENT_SAMPLE);
     let members: Vec<Value> = view
         .members
         .iter()
+        .zip(placed)
         .enumerate()
-        .map(|(index, member)| {
+        .map(|(index, (member, (home, replica)))| {
             json!({
                 "node_id": member.node_id,
                 "advertise": member.advertise,
                 "shards": member.shards,
                 "server_key": hex::encode(member.server_key),
                 "this_node": Some(index) == this,
+                "home_of_sample": home,
+                "replica_of_sample": replica,
             })
         })
         .collect();
@@ -298,6 +305,7 @@ fn cluster_json(cluster: &Cluster) -> Value {
         "node_id": cluster.settings.node_id,
         "member": this.is_some(),
         "revision": view.revision,
+        "placement_sample": PLACEMENT_SAMPLE,
         "lease_ms": cluster.settings.lease_ms,
         "etcd": cluster.settings.etcd,
         "members": members,

@@ -191,6 +191,30 @@ impl View {
         Some(&self.members[self.replica_index(user)?])
     }
 
+    /// Of `sample` user ids spread over the id space, how many each member (in `members`
+    /// order) is home to and replica node for: the placement's balance, for `hop admin
+    /// cluster`.
+    pub fn placement_counts(&self, sample: u64) -> Vec<(u64, u64)> {
+        let mut counts = vec![(0, 0); self.members.len()];
+        for n in 0..sample {
+            // Ids are hashes of keys: spread them the same way.
+            let Some(user) = UserId::from_halves(
+                n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+                n.wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
+            ) else {
+                continue;
+            };
+            let (home, replica) = placement::first_two(&self.hashes, user);
+            if let Some(home) = home {
+                counts[home].0 += 1;
+            }
+            if let Some(replica) = replica {
+                counts[replica].1 += 1;
+            }
+        }
+        counts
+    }
+
     /// The place in `members` of `user`'s replica node, as [`View::replica`].
     fn replica_index(&self, user: UserId) -> Option<usize> {
         let this_node = self.this_node?;
@@ -707,6 +731,21 @@ mod tests {
             shards: 2,
             server_key: [1; 32],
         }
+    }
+
+    #[test]
+    fn placement_counts_show_each_member_home_to_about_its_share() {
+        let cluster = Cluster::new(settings("n1"), None);
+        cluster.set_listed(vec![member("n1"), member("n2"), member("n3")], 5);
+        let counts = cluster.view().placement_counts(3_000);
+        assert_eq!(counts.iter().map(|c| c.0).sum::<u64>(), 3_000, "{counts:?}");
+        assert_eq!(counts.iter().map(|c| c.1).sum::<u64>(), 3_000, "{counts:?}");
+        for (home, replica) in &counts {
+            assert!((800..1_200).contains(home), "{counts:?}");
+            assert!((800..1_200).contains(replica), "{counts:?}");
+        }
+        cluster.set_listed(vec![member("n1")], 6);
+        assert_eq!(cluster.view().placement_counts(100), [(100, 0)]);
     }
 
     #[test]
