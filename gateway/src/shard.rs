@@ -1633,6 +1633,11 @@ impl<B: Backend> Core<B> {
         self.sending_queues.clear();
         for user in self.router.queued_users() {
             let account = self.router.account_of(user);
+            // A companion device's queue lives with its account's and is kept on the home
+            // node only (docs/cluster.md): its mail would be routed by the device's id.
+            if account != user {
+                continue;
+            }
             match now.home(account) {
                 Home::Here => {
                     let replica = now.replica(account).map(|member| &member.node_id);
@@ -1642,8 +1647,8 @@ impl<B: Backend> Core<B> {
                         .map(|view| view.replica(account).map(|member| member.node_id.clone()));
                     let copy_again =
                         replica.is_some() && before.as_ref().map(Option::as_ref) != Some(replica);
-                    self.router.claim_queue(user, copy_again);
-                    if copy_again {
+                    // Copies an earlier walk marked and did not send yet are sent too.
+                    if self.router.claim_queue(user, copy_again) && replica.is_some() {
                         self.sending_queues.push_back(user);
                     }
                 }
@@ -1918,7 +1923,7 @@ impl<B: Backend> Core<B> {
             } => {
                 let Some((body, group)) = self.kept_body(user, id) else {
                     bump(&self.stats.store_unreadable, 1);
-                    return;
+                    return self.router.unsent(user, id, to);
                 };
                 let group = group.map(|tag| (tag.group, tag.event));
                 let item = Queued::received(from, id, timestamp_ms, body, group);

@@ -2178,8 +2178,10 @@ impl Router {
     /// its home) are this node's own, to hand back if its home moves away again. With
     /// `copy_again` (its replica node changed, or this process restarted and cannot tell which
     /// copies were made) each of its messages is to be copied to the replica node again
-    /// ([`Router::copy_again`]).
-    pub fn claim_queue(&mut self, user: UserId, copy_again: bool) {
+    /// ([`Router::copy_again`]). Returns whether any of its messages is still to be copied
+    /// (marked now, or at an earlier change and not sent yet).
+    pub fn claim_queue(&mut self, user: UserId, copy_again: bool) -> bool {
+        let mut uncopied = false;
         if let Some(extra) = self
             .users
             .get_mut(&user)
@@ -2190,8 +2192,10 @@ impl Router {
                 if copy_again && entry.counts_for_sender() {
                     entry.flags |= UNCOPIED;
                 }
+                uncopied |= entry.flags & UNCOPIED != 0;
             }
         }
+        uncopied
     }
 
     /// `user`'s home is another node (a node this one stood in for came back, or a new member
@@ -2292,9 +2296,10 @@ impl Router {
         (entries.len(), more)
     }
 
-    /// The link to `user`'s new home refused message `id` handed back: it is this node's own
-    /// again, to hand back at the next change of members.
-    fn hand_back_refused(&mut self, user: UserId, id: u64) {
+    /// Message `id` of `user`'s queue, sent `to` by [`Router::hand_back`] or
+    /// [`Router::copy_again`], did not leave (its link refused it, or the store could not read
+    /// its body): it is to be sent again at the next change of members, as if never sent.
+    pub fn unsent(&mut self, user: UserId, id: u64, to: SendTo) {
         if let Some(entry) = self
             .users
             .get_mut(&user)
@@ -2307,7 +2312,10 @@ impl Router {
                     .find(|entry| entry.id == id && entry.counts_for_sender())
             })
         {
-            entry.flags &= !COPY;
+            match to {
+                SendTo::NewHome => entry.flags &= !COPY,
+                SendTo::Replica => entry.flags |= UNCOPIED,
+            }
         }
     }
 
@@ -2348,6 +2356,23 @@ impl Router {
         self.queued_bytes += body_bytes;
         self.queued_items += 1;
         self.counters.handed_back += 1;
+        // Its copy goes to this home's replica node, which keeps it unless it has it (the node
+        // that handed it back is that replica node when placement made it the stand-in).
+        let has_replica = self
+            .locality
+            .as_ref()
+            .is_some_and(|locality| locality.replica(user).is_some());
+        if has_replica {
+            self.counters.mails_to_nodes += 1;
+            self.actions.push(Action::ToReplica {
+                user,
+                message: Box::new(ShardMessage::Replica(Box::new(Replica {
+                    user,
+                    keep: NO_KEEP,
+                    item: item.clone(),
+                }))),
+            });
+        }
         self.actions.push(Action::Keep {
             user,
             item,
@@ -3496,12 +3521,16 @@ impl Router {
                 },
             ),
             // The replica node cannot be reached: the message has no second copy.
+            // A copy made again (numbered NO_KEEP): to be made at the next change.
+            ShardMessage::Replica(replica) if replica.keep == NO_KEEP => {
+                return self.unsent(replica.user, replica.item.id(), SendTo::Replica);
+            }
             ShardMessage::Replica(replica) => {
                 let id = replica.item.id();
                 return self.replicated(replica.user, id, replica.keep, false, now_ms);
             }
             ShardMessage::HandBack(replica) => {
-                return self.hand_back_refused(replica.user, replica.item.id());
+                return self.unsent(replica.user, replica.item.id(), SendTo::NewHome);
             }
             _ => return,
         };

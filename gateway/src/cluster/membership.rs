@@ -318,8 +318,8 @@ impl Cluster {
     /// placement hash. `None` when departures that old are forgotten.
     pub fn departed_since(&self, seen: u64) -> Option<Vec<u32>> {
         let departures = self.departures.lock().unwrap_or_else(|p| p.into_inner());
-        if departures.len() == DEPARTURES_KEPT && departures.front().is_some_and(|d| d.0 > seen + 1)
-        {
+        // The oldest kept may share its generation with forgotten ones.
+        if departures.len() == DEPARTURES_KEPT && departures.front().is_some_and(|d| d.0 > seen) {
             return None;
         }
         let mut departed: Vec<u32> = departures

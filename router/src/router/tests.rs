@@ -816,9 +816,15 @@ fn a_home_copies_its_queue_again_to_a_new_replica_node_which_keeps_what_it_lacks
         .replica_shift
         .store(2, std::sync::atomic::Ordering::Relaxed);
     let now = cluster.now_ms;
-    cluster.routers[1].claim_queue(bob, true);
+    assert!(cluster.routers[1].claim_queue(bob, true));
     assert_eq!(cluster.routers[1].copy_again(bob, now, 1), (1, true));
+    // A walk for a change that moved no replica still finds the copy left to make.
+    assert!(
+        cluster.routers[1].claim_queue(bob, false),
+        "one left to copy"
+    );
     assert_eq!(cluster.routers[1].copy_again(bob, now, 1), (1, false));
+    assert!(!cluster.routers[1].claim_queue(bob, false), "none left");
     assert_eq!(cluster.routers[1].copy_again(bob, now, 1), (0, false));
     cluster.run();
     assert_eq!(
@@ -833,6 +839,22 @@ fn a_home_copies_its_queue_again_to_a_new_replica_node_which_keeps_what_it_lacks
     cluster.run();
     assert_eq!(cluster.routers[0].counters().replicas_kept, kept);
     assert_eq!(cluster.routers[0].user_report(bob).queued_messages, 2);
+    // A copy its link refused is made at the next change.
+    let id = copies_on(&cluster, 0)[0];
+    let refused = Replica {
+        user: bob,
+        keep: NO_KEEP,
+        item: Queued::Message {
+            from: carol,
+            id,
+            timestamp_ms: 0,
+            body: Bytes::new(),
+        },
+    };
+    cluster.routers[1].handle_unroutable(ShardMessage::Replica(Box::new(refused)), now);
+    assert!(cluster.routers[1].claim_queue(bob, false));
+    assert_eq!(cluster.routers[1].copy_again(bob, now, 10), (1, false));
+    cluster.run();
     // Bob's acks at home let the new replica node's copies go (node 2's stay, orphans).
     cluster.keep_all();
     cluster.keep_at_once = true;
@@ -986,6 +1008,35 @@ fn a_node_hands_back_a_queue_and_its_new_home_takes_what_it_lacks() {
         .collect();
     bodies.sort();
     assert_eq!(bodies, [&b"one"[..], &b"three"[..], &b"two"[..]]);
+}
+
+#[test]
+fn a_message_handed_back_is_copied_to_its_new_home_s_replica_node() {
+    let mut cluster = Cluster::new_nodes_replicated(3, Limits::default(), true);
+    let (alice, bob) = (cluster.user_on_node(0, 0), cluster.user_on_node(1, 0));
+    assert_eq!(replica_of(bob, 3, 1), 2);
+    cluster.connect(bob, 2);
+    cluster.disconnect(bob, 2);
+    // Node 0 stood in for Bob (node 1 and node 2 were away) and hands back a message.
+    let handed = Replica {
+        user: bob,
+        keep: NO_KEEP,
+        item: Queued::Message {
+            from: alice,
+            id: 4242,
+            timestamp_ms: 5_000,
+            body: Bytes::from_static(b"from the stand-in"),
+        },
+    };
+    let now = cluster.now_ms;
+    cluster.routers[1].handle_shard_message(ShardMessage::HandBack(Box::new(handed)), now);
+    cluster.run();
+    assert_eq!(cluster.routers[1].counters().handed_back, 1);
+    assert!(
+        cluster.replica_disk.contains_key(&(2, bob, 4242)),
+        "node 2, Bob's replica node, has its copy: {:?}",
+        cluster.replica_disk.keys()
+    );
 }
 
 #[test]
