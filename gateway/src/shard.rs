@@ -1640,13 +1640,13 @@ impl<B: Backend> Core<B> {
             }
             match now.home(account) {
                 Home::Here => {
-                    let replica = now.replica(account).map(|member| &member.node_id);
+                    let replica = now.replica(account).map(|member| member.node_id.as_str());
+                    // None before the first walk since start: every queue is copied then.
                     let before = self
                         .walked_view
                         .as_ref()
-                        .map(|view| view.replica(account).map(|member| member.node_id.clone()));
-                    let copy_again =
-                        replica.is_some() && before.as_ref().map(Option::as_ref) != Some(replica);
+                        .map(|view| view.replica(account).map(|member| member.node_id.as_str()));
+                    let copy_again = replica.is_some() && before != Some(replica);
                     // Copies an earlier walk marked and did not send yet are sent too.
                     if self.router.claim_queue(user, copy_again) && replica.is_some() {
                         self.sending_queues.push_back(user);

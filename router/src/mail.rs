@@ -405,28 +405,17 @@ fn replica_of(replica: node::Replica) -> Result<Replica, MailError> {
         });
     }
     let from = user("Replica.from", replica.from)?;
-    let item = match replica.group {
+    let group = match replica.group {
         None if replica.event => {
             return Err(MailError::Invalid {
                 field: "Replica.event",
                 problem: "an event outside a group",
             })
         }
-        None => Queued::Message {
-            from,
-            id: replica.id,
-            timestamp_ms: replica.timestamp_ms,
-            body: replica.body,
-        },
-        group => Queued::Group {
-            from,
-            group: user("Replica.group", group)?,
-            id: replica.id,
-            timestamp_ms: replica.timestamp_ms,
-            body: replica.body,
-            event: replica.event,
-        },
+        None => None,
+        group => Some((user("Replica.group", group)?, replica.event)),
     };
+    let item = Queued::received(from, replica.id, replica.timestamp_ms, replica.body, group);
     Ok(Replica {
         user: user("Replica.user", replica.user)?,
         keep: replica.keep,

@@ -99,6 +99,22 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Whether a message of `body_bytes` finds no room: its recipient's queue holds `messages`
+    /// messages and `queue_bytes` bytes, its shard's queues `shard_bytes`.
+    fn queue_full(
+        &self,
+        messages: usize,
+        queue_bytes: usize,
+        shard_bytes: usize,
+        body_bytes: usize,
+    ) -> bool {
+        messages >= self.queue_messages_max
+            || queue_bytes + body_bytes > self.queue_bytes_max
+            || shard_bytes + body_bytes > self.shard_queue_bytes_max
+    }
+}
+
 /// The server's secret keys for the ids and proofs it makes. Derived from the server's static
 /// key, so every shard and every restart makes the same ones.
 #[derive(Clone, PartialEq, Eq)]
@@ -587,6 +603,18 @@ impl Queued {
                 timestamp_ms,
                 body,
             },
+        }
+    }
+
+    /// The sender, body and group (for a group copy) of a message or group copy; `None` for
+    /// a receipt or a sent copy.
+    fn message_parts(&self) -> Option<(UserId, Bytes, Option<UserId>)> {
+        match self {
+            Self::Message { from, body, .. } => Some((*from, body.clone(), None)),
+            Self::Group {
+                from, body, group, ..
+            } => Some((*from, body.clone(), Some(*group))),
+            Self::Receipt { .. } | Self::Sent { .. } => None,
         }
     }
 
@@ -2071,13 +2099,9 @@ impl Router {
             item,
         } = replica;
         let id = item.id();
-        let (from, body, group) = match &item {
-            Queued::Message { from, body, .. } => (*from, body.clone(), None),
-            Queued::Group {
-                from, body, group, ..
-            } => (*from, body.clone(), Some(*group)),
-            // The mail codec makes no other.
-            Queued::Receipt { .. } | Queued::Sent { .. } => return,
+        // The mail codec makes no other than messages and group copies.
+        let Some((from, body, group)) = item.message_parts() else {
+            return;
         };
         // A link takes each mail once; a message the home queued twice (sent again unmarked)
         // has a copy here per item there, each forgotten with its own. A copy made again
@@ -2087,10 +2111,12 @@ impl Router {
             return;
         }
         let body_bytes = body.len();
-        if state.queue_len() - state.queued_receipts() >= self.limits.queue_messages_max
-            || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
-            || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
-        {
+        if self.limits.queue_full(
+            state.queue_len() - state.queued_receipts(),
+            state.queued_bytes(),
+            self.queued_bytes,
+            body_bytes,
+        ) {
             self.counters.replicas_refused += 1;
             return self.answer_replica(user, id, home_keep, false, now_ms);
         }
@@ -2326,23 +2352,21 @@ impl Router {
     fn take_handed_back(&mut self, replica: Replica) {
         let Replica { user, item, .. } = replica;
         let id = item.id();
-        let (from, body, group) = match &item {
-            Queued::Message { from, body, .. } => (*from, body.clone(), None),
-            Queued::Group {
-                from, body, group, ..
-            } => (*from, body.clone(), Some(*group)),
-            // The mail codec makes no other.
-            Queued::Receipt { .. } | Queued::Sent { .. } => return,
+        // The mail codec makes no other than messages and group copies.
+        let Some((from, body, group)) = item.message_parts() else {
+            return;
         };
         let state = self.users.entry(user).or_insert_with(User::new);
         if state.queued_message(id, from).is_some() {
             return;
         }
         let body_bytes = body.len();
-        if state.queue_len() - state.queued_receipts() >= self.limits.queue_messages_max
-            || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
-            || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
-        {
+        if self.limits.queue_full(
+            state.queue_len() - state.queued_receipts(),
+            state.queued_bytes(),
+            self.queued_bytes,
+            body_bytes,
+        ) {
             self.counters.handed_back_dropped += 1;
             return;
         }
@@ -2660,10 +2684,12 @@ impl Router {
         }
         let body_bytes = envelope.body.len();
         let messages = state.queue_len() - state.queued_receipts();
-        if messages >= self.limits.queue_messages_max
-            || state.queued_bytes() + body_bytes > self.limits.queue_bytes_max
-            || self.queued_bytes + body_bytes > self.limits.shard_queue_bytes_max
-        {
+        if self.limits.queue_full(
+            messages,
+            state.queued_bytes(),
+            self.queued_bytes,
+            body_bytes,
+        ) {
             self.counters.messages_rejected += 1;
             let message = reject(
                 ErrorCode::QueueFull,
