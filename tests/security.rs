@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::io::{ErrorKind, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{expect_kind, ping, Hopd, PATIENCE};
-use hop_protocol::noise::{FRAME_PLAINTEXT_BYTES_MAX, HANDSHAKE_MESSAGE_BYTES_MAX};
-use hop_protocol::session::{ClientConnection, ClientEvent};
+use common::{expect_kind, ping, Hopd, RawClient};
+use hop_protocol::noise::HANDSHAKE_MESSAGE_BYTES_MAX;
 use hop_protocol::wire::{ErrorCode, GoAwayReason, Kind, Ping, Stanza};
 use hop_protocol::StaticKey;
 
@@ -354,57 +352,6 @@ fn an_account_not_seen_within_its_expiry_goes_with_its_queue() {
     assert!(hopd.stop().success());
 }
 
-/// One client of [`handshakes_past_a_turns_cap_all_finish_in_the_turns_after`], driven by hand
-/// so that all of them send each handshake message before any is answered.
-struct RawClient {
-    stream: TcpStream,
-    session: ClientConnection,
-    /// Bytes to send next.
-    out: Vec<u8>,
-    pongs: usize,
-}
-
-impl RawClient {
-    fn start(hopd: &Hopd) -> Self {
-        let stream = TcpStream::connect(&hopd.addr).unwrap();
-        stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        let key = StaticKey::generate().unwrap();
-        let mut out = Vec::new();
-        let session = ClientConnection::start(&key, Some(hopd.server_key), &mut out);
-        Self {
-            stream,
-            session,
-            out,
-            pongs: 0,
-        }
-    }
-
-    fn send(&mut self) {
-        self.stream.write_all(&self.out).unwrap();
-        self.out.clear();
-    }
-
-    /// Reads until `done`, counting Pongs.
-    fn read_until(&mut self, done: impl Fn(&Self) -> bool) {
-        let mut scratch = vec![0u8; FRAME_PLAINTEXT_BYTES_MAX];
-        let mut buffer = [0u8; 4096];
-        while !done(self) {
-            let read = self.stream.read(&mut buffer).unwrap();
-            assert!(read > 0, "hopd closed the connection");
-            let mut pongs = 0;
-            self.session
-                .handle_input::<()>(&buffer[..read], &mut scratch, &mut self.out, &mut |event| {
-                    if let ClientEvent::Stanza(stanza) = event {
-                        pongs += usize::from(matches!(stanza.kind, Some(Kind::Pong(_))));
-                    }
-                    Ok(())
-                })
-                .unwrap();
-            self.pongs += pongs;
-        }
-    }
-}
-
 /// Guards against a shard that keeps the handshake input its turn's cap leaves and never comes
 /// back to it, loses it, or lets it escape the handshake timeout: with a cap of one handshake a
 /// turn, fifty clients that send each handshake message at the same moment all finish, one of
@@ -413,16 +360,24 @@ impl RawClient {
 /// is still closed at the handshake timeout.
 #[test]
 fn handshakes_past_a_turns_cap_all_finish_in_the_turns_after() {
+    handshakes_at_once_all_finish(&["--handshake-thread", "false", "--handshakes-per-turn", "1"]);
+}
+
+/// The same with the handshakes on the shard's handshaker thread (the default): none is lost
+/// between the loop and the thread, the stanzas read behind a last handshake message are all
+/// handled in order, and the handshake timeout still closes a half-sent message 1. (The input
+/// read while the thread has a session: `tests/slow_handshakes.rs`.)
+#[test]
+fn handshakes_on_the_handshaker_thread_all_finish() {
+    handshakes_at_once_all_finish(&["--handshake-thread", "true"]);
+}
+
+fn handshakes_at_once_all_finish(flags: &[&str]) {
     const CLIENTS: usize = 50;
     const BURST_PINGS: u64 = 32;
-    let hopd = Hopd::start(&[
-        "--shards",
-        "1",
-        "--handshakes-per-turn",
-        "1",
-        "--handshake-timeout-ms",
-        "1000",
-    ]);
+    let mut args = vec!["--shards", "1", "--handshake-timeout-ms", "1000"];
+    args.extend_from_slice(flags);
+    let hopd = Hopd::start(&args);
     let mut stalled = RawClient::start(&hopd);
     let half = stalled.out.len() / 2;
     stalled.out.truncate(half);

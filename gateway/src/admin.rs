@@ -665,7 +665,7 @@ const GAUGES: &[(&str, &str, Field)] = &[
     ),
     (
         "handshakes_waiting",
-        "Connections whose handshake input waits for a turn's cap (handshakes_per_turn).",
+        "Connections whose handshake input waits: for the handshaker thread (handshake_thread), or for a turn's cap (handshakes_per_turn).",
         |s| &s.handshakes_waiting,
     ),
     (

@@ -46,6 +46,11 @@ pub struct Config {
     /// so the wait of the messages behind it. 0: no cap, handshakes are worked on as they
     /// are read.
     pub handshakes_per_turn: usize,
+    /// Work on the Noise handshakes on a thread per shard that runs below the shard's loop
+    /// (nice 10; the normal policy when the shard's is real-time), so that a flood of them
+    /// takes the CPU the loops leave, not the time of connected users' messages. false: the
+    /// loop works on them, `handshakes_per_turn` at most a turn.
+    pub handshake_thread: bool,
     /// Bytes waiting to be written to one connection before it counts as not reading and is
     /// closed.
     pub send_buffer_bytes_max: usize,
@@ -276,6 +281,7 @@ impl Default for Config {
             address_handshakes_max: 256,
             address_connections_max: 10_000,
             handshakes_per_turn: 2,
+            handshake_thread: true,
             send_buffer_bytes_max: 4 * 1024 * 1024,
             send_buffers_bytes_max: 1024 * 1024 * 1024,
             mailbox_depth: 16 * 1024,
@@ -384,6 +390,9 @@ pub struct Args {
     /// Connections whose handshake messages one shard's loop turn works on, after the turn's other input; the rest wait for the next turns. 0: no cap.
     #[arg(long, value_name = "N")]
     pub handshakes_per_turn: Option<usize>,
+    /// Work on Noise handshakes on a low-priority thread per shard, not on the shard's loop.
+    #[arg(long, value_name = "BOOL")]
+    pub handshake_thread: Option<bool>,
     /// Bytes waiting to be written to one connection before it is closed as not reading.
     #[arg(long, value_name = "BYTES")]
     pub send_buffer_bytes_max: Option<usize>,
@@ -616,6 +625,7 @@ impl Config {
             address_handshakes_max,
             address_connections_max,
             handshakes_per_turn,
+            handshake_thread,
             send_buffer_bytes_max,
             send_buffers_bytes_max,
             mailbox_depth,

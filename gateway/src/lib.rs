@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod directory;
+pub mod handshaker;
 pub mod mailbox;
 pub mod server;
 pub mod shard;

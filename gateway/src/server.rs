@@ -731,6 +731,7 @@ fn start_shards<B: Backend>(
             send_budget_bytes: config.send_buffers_bytes_max.div_ceil(shards.max(1)),
             account_clock_base_s: bindings.clock_base_s,
             handshakes_per_turn: config.handshakes_per_turn,
+            handshake_thread: config.handshake_thread,
         };
         let accounts = AccountLog::open(&FsIo, &config.data, index as u16)?;
         if accounts.opened().torn_bytes_cut > 0 {

@@ -16,10 +16,14 @@
 //!    syncer reported durable: the loop does not wait for the group commit's fsync (what
 //!    IO stays on it is listed in docs/decisions.md, "The offline queue's fsync runs on a
 //!    syncer thread per shard");
-//! 6. work on the kept handshake input, oldest first, at most `handshakes_per_turn`
-//!    connections' worth (each ~260 us of X25519), and end the turn again: a flood of
-//!    handshakes neither delays the answers of this turn nor makes a turn long, and what the
-//!    cap leaves is first in line next turn (which then does not sleep);
+//! 6. hand the kept handshake input, oldest first, with each connection's session, to the
+//!    shard's handshaker thread ([`crate::handshaker`]), which runs below the loop and wakes
+//!    it with the answers; the loop takes them back right after its next poll, before the
+//!    turn's other work. Without the thread (`handshake_thread = false`), work on the input
+//!    here, at most `handshakes_per_turn` connections' worth (each ~260 us of X25519), and end
+//!    the turn again: a flood of handshakes neither delays the answers of this turn nor makes a
+//!    turn long, and what the cap leaves is first in line next turn (which then does not
+//!    sleep);
 //! 7. once per tick, enforce the handshake and idle timeouts, expire old queued items and
 //!    compact the store a bounded step.
 //!
@@ -61,6 +65,7 @@ use crate::admission::{AddressTable, Admitted, Tally};
 use crate::cluster::membership::{Cluster, Home, Member, ShardLocality, View};
 use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
+use crate::handshaker::{self, Handshaker};
 use crate::mailbox::Mailboxes;
 use crate::stats::{bump, ShardStats};
 use crate::syncer::{Finished, Job, LogKind, Syncer};
@@ -173,6 +178,9 @@ pub struct ShardSettings {
     /// input is answered and written; the rest wait for the next turns, in order. 0: no cap,
     /// handshake input is worked on as it is read.
     pub handshakes_per_turn: usize,
+    /// Handshakes go to the shard's handshaker thread ([`crate::handshaker`]); then
+    /// `handshakes_per_turn` does not apply.
+    pub handshake_thread: bool,
 }
 
 /// When the shard hands the items it must keep to the store. Items are held back until their
@@ -508,6 +516,11 @@ impl HandshakeInput {
         self.left = self.per_turn;
     }
 
+    /// The next calls to [`HandshakeInput::next`] may take `connections`' input.
+    fn allow(&mut self, connections: usize) {
+        self.left = connections;
+    }
+
     /// The next connection's input, oldest first; `None` when none waits or this turn took
     /// `per_turn` already.
     fn next(&mut self) -> Option<(ConnId, Waiting)> {
@@ -543,6 +556,19 @@ impl HandshakeInput {
             self.order.clear();
         }
     }
+}
+
+/// A connection whose session is with the handshaker thread (its entry holds
+/// [`ServerConnection::Closed`] meanwhile).
+#[derive(Debug)]
+struct Away {
+    generation: u32,
+    /// The session was open before the job (it never is: a job is handshake input).
+    was_open: bool,
+    /// Input read meanwhile, worked on when the session is back.
+    late: Vec<u8>,
+    /// The backend was told to stop reading the connection.
+    paused: bool,
 }
 
 /// Capacity of `Core::out` kept between turns; a busier turn's buffer is released.
@@ -768,6 +794,12 @@ impl<B: Backend> Core<B> {
             tokens,
             registering: HashMap::default(),
             handshake_input: HandshakeInput::new(settings.handshakes_per_turn),
+            handshaker: if settings.handshake_thread {
+                Handshaker::spawn(usize::from(settings.index), waker.clone())
+            } else {
+                None
+            },
+            away: HashMap::default(),
             sweep_turn: 0,
             send_budget_next_ms: 0,
             seen,
@@ -868,31 +900,29 @@ impl<B: Backend> Core<B> {
         let mut mail_backlog = false;
         while !shutdown.load(Ordering::Acquire) {
             let now = Instant::now();
-            let timeout =
-                if mail_backlog || core.has_blocked_mail() || core.handshake_input.is_waiting() {
-                    Duration::ZERO
-                } else if core.handing.is_some() {
-                    HANDOVER_POLL
-                } else {
-                    let until = |deadline: Option<u64>| {
-                        deadline.map_or(Duration::MAX, |deadline| {
-                            Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
-                        })
-                    };
-                    let until_commit = until(core.commit_deadline());
-                    let until_drain = until(core.drain_deadline());
-                    let until_link =
-                        if core.node_outbox.is_empty() && core.sending_queues.is_empty() {
-                            Duration::MAX
-                        } else {
-                            NODE_OUTBOX_RETRY
-                        };
-                    next_tick
-                        .saturating_duration_since(now)
-                        .min(until_commit)
-                        .min(until_drain)
-                        .min(until_link)
+            let timeout = if mail_backlog || core.has_blocked_mail() || core.handshakes_ready() {
+                Duration::ZERO
+            } else if core.handing.is_some() {
+                HANDOVER_POLL
+            } else {
+                let until = |deadline: Option<u64>| {
+                    deadline.map_or(Duration::MAX, |deadline| {
+                        Duration::from_millis(deadline.saturating_sub(monotonic_ms()))
+                    })
                 };
+                let until_commit = until(core.commit_deadline());
+                let until_drain = until(core.drain_deadline());
+                let until_link = if core.node_outbox.is_empty() && core.sending_queues.is_empty() {
+                    Duration::MAX
+                } else {
+                    NODE_OUTBOX_RETRY
+                };
+                next_tick
+                    .saturating_duration_since(now)
+                    .min(until_commit)
+                    .min(until_drain)
+                    .min(until_link)
+            };
             core.mailboxes.clear_wake(index);
             let result = backend.poll(Some(timeout), &mut |event| {
                 core.read_clocks();
@@ -903,6 +933,8 @@ impl<B: Backend> Core<B> {
                 std::thread::sleep(Duration::from_millis(10));
             }
             core.read_clocks();
+            // Handshakes the thread finished go on first: their replies leave this turn.
+            core.take_back_handshakes(backend);
             if (core.handing.is_some() || core.handover.is_active()) && core.handover_step(backend)
             {
                 // A takeover is under way: it does this turn's work (no drain, no timers).
@@ -921,7 +953,10 @@ impl<B: Backend> Core<B> {
             // Handshakes last, each ~260 us of X25519, a bounded number: what the turn read
             // for open connections is answered and written before them, and a flood of
             // handshakes makes no turn longer than the cap's worth.
-            if core.work_on_handshakes(backend) {
+            if core.handshaker.is_some() {
+                // To the thread, which wakes the loop with the answers.
+                core.hand_handshakes_away();
+            } else if core.work_on_handshakes(backend) {
                 core.end_turn(backend);
             }
             if Instant::now() >= next_tick {
@@ -1056,6 +1091,10 @@ struct Core<B: Backend> {
     account_sweep_next_ms: u64,
     /// Handshake input read and not yet worked on (`ShardSettings::handshakes_per_turn`).
     handshake_input: HandshakeInput,
+    /// The thread that works on handshakes, if the settings ask for it and it started.
+    handshaker: Option<Handshaker>,
+    /// Connections whose session is with the handshaker, at most [`handshaker::AWAY_MAX`].
+    away: HashMap<ConnId, Away>,
     /// A takeover by a new process: what it asks of this shard.
     handover: Arc<Handover>,
     /// This shard's part in a takeover under way.
@@ -1167,14 +1206,114 @@ impl<B: Backend> Core<B> {
 
     fn handle_data(&mut self, id: ConnId, bytes: &[u8]) -> Reading {
         bump(&self.stats.bytes_in, bytes.len() as u64);
+        self.handle_data_unseen(id, bytes)
+    }
+
+    /// [`Core::handle_data`] for bytes already counted.
+    fn handle_data_unseen(&mut self, id: ConnId, bytes: &[u8]) -> Reading {
         let Some(conn) = self.conns.get(id as usize).and_then(Option::as_ref) else {
             return Reading::Pause;
         };
-        if conn.phase == Phase::Handshaking && self.settings.handshakes_per_turn > 0 {
-            let generation = conn.generation;
+        let generation = conn.generation;
+        if let Some(away) = self.away.get_mut(&id) {
+            if away.generation == generation {
+                away.late.extend_from_slice(bytes);
+                away.paused |= away.late.len() >= HANDSHAKE_INPUT_PAUSE_BYTES;
+                return if away.paused {
+                    Reading::Pause
+                } else {
+                    Reading::Continue
+                };
+            }
+        }
+        if conn.phase == Phase::Handshaking
+            && (self.handshaker.is_some() || self.settings.handshakes_per_turn > 0)
+        {
             return self.handshake_input.keep(id, generation, bytes);
         }
         self.work_on_input(id, bytes)
+    }
+
+    /// Whether the loop has handshake input it can work on, or hand to the handshaker, now.
+    fn handshakes_ready(&self) -> bool {
+        self.handshake_input.is_waiting()
+            && (self.handshaker.is_none() || self.away.len() < handshaker::AWAY_MAX)
+    }
+
+    /// Hands waiting handshake input to the handshaker thread, oldest first, while fewer than
+    /// [`handshaker::AWAY_MAX`] are away.
+    fn hand_handshakes_away(&mut self) {
+        let Some(handshaker) = &self.handshaker else {
+            return;
+        };
+        self.handshake_input
+            .allow(handshaker::AWAY_MAX.saturating_sub(self.away.len()));
+        while let Some((id, waiting)) = self.handshake_input.next() {
+            let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            debug_assert_eq!(
+                conn.generation, waiting.generation,
+                "kept input of a connection that went"
+            );
+            if conn.generation != waiting.generation || conn.phase == Phase::Closing {
+                continue;
+            }
+            let session = std::mem::replace(&mut conn.session, ServerConnection::Closed);
+            self.away.insert(
+                id,
+                Away {
+                    generation: waiting.generation,
+                    was_open: session.is_open(),
+                    late: Vec::new(),
+                    paused: waiting.paused,
+                },
+            );
+            handshaker.start(handshaker::Job {
+                id,
+                generation: waiting.generation,
+                session,
+                input: waiting.bytes,
+            });
+        }
+    }
+
+    /// Takes back what the handshaker finished: each session returns to its connection, which
+    /// then goes on as if the loop had worked on its input (its reply written, its key
+    /// authenticated, its first stanzas handled), and the input read meanwhile is worked on.
+    /// True if any came back.
+    fn take_back_handshakes(&mut self, backend: &mut B) -> bool {
+        let mut took = false;
+        while let Some(done) = self.handshaker.as_ref().and_then(Handshaker::finished) {
+            took = true;
+            let id = done.id;
+            match self.away.get(&id) {
+                Some(away) if away.generation == done.generation => {}
+                _ => continue, // the connection went meanwhile: its session goes with it
+            }
+            let away = self.away.remove(&id).expect("looked up above");
+            let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            conn.session = done.session;
+            if conn.phase == Phase::Closing {
+                continue; // closed meanwhile (a timeout): nothing more to do
+            }
+            self.read_clocks();
+            let start = self.out.len();
+            self.out.extend_from_slice(&done.out);
+            let mut reading =
+                self.worked_on_input(id, away.was_open, start, done.events, done.result);
+            if !away.late.is_empty() {
+                reading = self.handle_data_unseen(id, &away.late);
+            }
+            match reading {
+                Reading::Continue if away.paused => backend.set_reading(id, true),
+                Reading::Pause if !away.paused => backend.set_reading(id, false),
+                Reading::Continue | Reading::Pause => {}
+            }
+        }
+        took
     }
 
     /// Works on the handshake input that waits, oldest first, at most
@@ -1229,7 +1368,23 @@ impl<B: Backend> Core<B> {
                 Ok(())
             },
         );
-        let generation = conn.generation;
+        self.worked_on_input(id, was_open, start, events, result)
+    }
+
+    /// Goes on with connection `id` after its session worked on input: what the session wrote
+    /// from `start` in `Core::out` goes to the connection, then its `events` are handled in
+    /// order, then an error closes it. Says whether the backend should go on reading it.
+    fn worked_on_input(
+        &mut self,
+        id: ConnId,
+        was_open: bool,
+        start: usize,
+        mut events: Vec<ServerEvent>,
+        result: Result<(), InputError<()>>,
+    ) -> Reading {
+        let Some(generation) = self.generation_of(id) else {
+            return Reading::Pause;
+        };
         self.note_out(id, generation, start);
         self.current = Some(id);
         for event in events.drain(..) {
@@ -1243,7 +1398,9 @@ impl<B: Backend> Core<B> {
             }
         }
         self.current = None;
-        self.events = events;
+        if events.capacity() >= self.events.capacity() {
+            self.events = events;
+        }
         if let Err(InputError::Peer(error)) = result {
             self.peer_error(id, was_open, &error);
         }
@@ -2983,6 +3140,7 @@ impl<B: Backend> Core<B> {
                 "bytes not yet handed to the backend",
             ),
             (self.handshake_input.is_waiting(), "handshake input"),
+            (!self.away.is_empty(), "handshakes on the handshaker thread"),
             (
                 !(self.conns.iter().flatten())
                     .all(|conn| matches!(conn.phase, Phase::Open | Phase::Closing)),
@@ -3191,7 +3349,7 @@ impl<B: Backend> Core<B> {
             (&stats.connections_handshaking, self.handshaking as u64),
             (
                 &stats.handshakes_waiting,
-                self.handshake_input.waiting() as u64,
+                (self.handshake_input.waiting() + self.away.len()) as u64,
             ),
             (&stats.messages_accepted, router.messages_accepted),
             (&stats.messages_rejected, router.messages_rejected),
@@ -3400,6 +3558,7 @@ impl<B: Backend> Core<B> {
         self.registering.remove(&id);
         self.links_in.remove(&id);
         self.handshake_input.forget(id);
+        self.away.remove(&id);
         if conn.phase == Phase::Moving {
             self.moving.remove(&id);
             return;

@@ -19,15 +19,14 @@
 //!
 //! If the thread cannot be started, jobs run on the caller's thread, as before the syncer.
 
-use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hop_store::io::{FsIo, Io};
 use hop_store::{LogWrite, SyncJob, Synced};
 use tracing::warn;
 
+use crate::sys::helper::Helper;
 use crate::sys::realtime::RealTime;
 use crate::sys::Wake;
 
@@ -61,47 +60,27 @@ pub struct Finished {
 /// One shard's syncer: its thread, or inline when there is none.
 #[derive(Debug)]
 pub struct Syncer {
-    worker: Option<Worker>,
-}
-
-#[derive(Debug)]
-struct Worker {
-    jobs: Option<SyncSender<Job>>,
-    done: Receiver<Finished>,
-    thread: Option<JoinHandle<()>>,
+    worker: Option<Helper<Job, Finished>>,
 }
 
 impl Syncer {
     /// Starts shard `shard`'s syncer thread; it calls `wake` after each job.
     pub fn spawn(shard: usize, wake: Arc<dyn Wake>) -> Self {
-        let (jobs, job_queue) = mpsc::sync_channel::<Job>(1);
-        let (report, done) = mpsc::channel();
         let delay = injected_delay();
         let realtime = RealTime::of_this_thread();
-        let spawned = std::thread::Builder::new()
-            .name(format!("hop-sync-{shard}"))
-            .spawn(move || {
-                // Under a real-time policy, one priority above the shard: see `RealTime`.
-                if let Some(realtime) = realtime {
-                    if let Err(error) = realtime.one_above() {
-                        warn!(shard, %error, "cannot raise the syncer thread above its shard's real-time priority");
-                    }
+        let setup = move || {
+            // Under a real-time policy, one priority above the shard: see `RealTime`.
+            if let Some(realtime) = realtime {
+                if let Err(error) = realtime.one_above() {
+                    warn!(shard, %error, "cannot raise the syncer thread above its shard's real-time priority");
                 }
-                while let Ok(job) = job_queue.recv() {
-                    let finished = run(job, delay);
-                    if report.send(finished).is_err() {
-                        return;
-                    }
-                    wake.wake();
-                }
-            });
-        match spawned {
-            Ok(thread) => Self {
-                worker: Some(Worker {
-                    jobs: Some(jobs),
-                    done,
-                    thread: Some(thread),
-                }),
+            }
+        };
+        // One job runs at a time and the queue holds one, so `start` never blocks.
+        let work = move |_: &mut (), job| run(job, delay);
+        match Helper::spawn(format!("hop-sync-{shard}"), 1, wake, setup, work) {
+            Ok(worker) => Self {
+                worker: Some(worker),
             },
             Err(error) => {
                 warn!(
@@ -124,13 +103,7 @@ impl Syncer {
     pub fn start(&mut self, job: Job) -> Option<Finished> {
         match &self.worker {
             Some(worker) => {
-                let jobs = worker
-                    .jobs
-                    .as_ref()
-                    .expect("jobs open while the syncer lives");
-                // The queue holds one job and one runs at a time, so this never blocks; a
-                // thread that is gone panics the shard, whose supervisor rebuilds it from disk.
-                jobs.send(job).expect("the syncer thread ended");
+                worker.start(job);
                 None
             }
             None => Some(run(job, injected_delay())),
@@ -139,30 +112,15 @@ impl Syncer {
 
     /// The running job's result, if it has finished (never, inline: `start` returned it).
     pub fn finished(&mut self) -> Option<Finished> {
-        let worker = self.worker.as_ref()?;
-        match worker.done.try_recv() {
-            Ok(finished) => Some(finished),
-            Err(mpsc::TryRecvError::Empty) => None,
-            Err(mpsc::TryRecvError::Disconnected) => panic!("the syncer thread ended"),
-        }
+        self.worker.as_ref()?.finished()
     }
 
     /// Waits for the running job's result (the caller knows one runs on the thread).
     pub fn wait(&mut self) -> Finished {
-        let worker = self.worker.as_ref().expect("inline jobs finish in start");
-        worker.done.recv().expect("the syncer thread ended")
-    }
-}
-
-impl Drop for Syncer {
-    /// Ends the thread after the job it runs, if any.
-    fn drop(&mut self) {
-        if let Some(worker) = &mut self.worker {
-            worker.jobs = None;
-            if let Some(thread) = worker.thread.take() {
-                let _ = thread.join();
-            }
-        }
+        self.worker
+            .as_ref()
+            .expect("inline jobs finish in start")
+            .wait()
     }
 }
 
@@ -191,33 +149,17 @@ fn run(job: Job, delay: Duration) -> Finished {
 
 /// `HOP_FAULT_SYNC_DELAY_MS`: a pause before each fsync, to test that a slow disk does not
 /// slow the message path (builds with the `fault-injection` feature only).
-#[cfg(feature = "fault-injection")]
 fn injected_delay() -> Duration {
-    std::env::var("HOP_FAULT_SYNC_DELAY_MS")
-        .ok()
-        .and_then(|ms| ms.parse().ok())
-        .map_or(Duration::ZERO, Duration::from_millis)
-}
-
-#[cfg(not(feature = "fault-injection"))]
-fn injected_delay() -> Duration {
-    Duration::ZERO
+    crate::sys::injected_delay("HOP_FAULT_SYNC_DELAY_MS")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::WakeCount;
     use hop_protocol::UserId;
     use hop_store::{Durability, Item, Options, ShardStore};
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    struct Count(AtomicU32);
-
-    impl Wake for Count {
-        fn wake(&self) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    use std::sync::atomic::Ordering;
 
     fn store(data: &std::path::Path) -> ShardStore<FsIo> {
         let options = Options {
@@ -257,7 +199,7 @@ mod tests {
         let temp = tempfile::tempdir().expect("tempdir");
         let mut store = store(temp.path());
         let mut seen = hop_store::seen::SeenLog::open(&FsIo, temp.path(), 0).expect("seen");
-        let mut syncer = Syncer::spawn(0, Arc::new(Count(AtomicU32::new(0))));
+        let mut syncer = Syncer::spawn(0, Arc::new(WakeCount::default()));
         let device = UserId::from_halves(8, 8).expect("id");
         seen.append(Some(device), 42);
         append(&mut store, 1);
@@ -286,7 +228,7 @@ mod tests {
     fn a_job_runs_on_the_thread_and_wakes_the_loop_once() {
         let temp = tempfile::tempdir().expect("tempdir");
         let mut store = store(temp.path());
-        let wakes = Arc::new(Count(AtomicU32::new(0)));
+        let wakes = Arc::new(WakeCount::default());
         let mut syncer = Syncer::spawn(0, wakes.clone());
         append(&mut store, 1);
         store.write(0).expect("write");

@@ -6,13 +6,16 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use hop_protocol::client::{Client, ServerTrust};
 use hop_protocol::keys::parse_hex_key;
+use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
+use hop_protocol::session::{ClientConnection, ClientEvent};
 use hop_protocol::wire::{Kind, Stanza};
 use hop_protocol::StaticKey;
 
@@ -455,4 +458,70 @@ pub fn key_on(shard: u16, shards: u16) -> StaticKey {
             return key;
         }
     }
+}
+
+/// A client driven by hand, a handshake message or a frame at a time, so that a test decides
+/// when each leaves (many clients' message 1s at the same moment, stanzas right behind a last
+/// handshake message); counts the Pongs it reads.
+pub struct RawClient {
+    pub stream: TcpStream,
+    pub session: ClientConnection,
+    /// Bytes to send next.
+    pub out: Vec<u8>,
+    pub pongs: usize,
+}
+
+impl RawClient {
+    pub fn start(hopd: &Hopd) -> Self {
+        let stream = TcpStream::connect(&hopd.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(PATIENCE))
+            .expect("read timeout");
+        let key = StaticKey::generate().expect("key");
+        let mut out = Vec::new();
+        let session = ClientConnection::start(&key, Some(hopd.server_key), &mut out);
+        Self {
+            stream,
+            session,
+            out,
+            pongs: 0,
+        }
+    }
+
+    pub fn send(&mut self) {
+        self.stream.write_all(&self.out).expect("send");
+        self.out.clear();
+    }
+
+    /// Reads until `done`, counting Pongs.
+    pub fn read_until(&mut self, done: impl Fn(&Self) -> bool) {
+        let mut scratch = vec![0u8; FRAME_PLAINTEXT_BYTES_MAX];
+        let mut buffer = [0u8; 4096];
+        while !done(self) {
+            let read = self.stream.read(&mut buffer).expect("read");
+            assert!(read > 0, "hopd closed the connection");
+            let mut pongs = 0;
+            self.session
+                .handle_input::<()>(&buffer[..read], &mut scratch, &mut self.out, &mut |event| {
+                    if let ClientEvent::Stanza(stanza) = event {
+                        pongs += usize::from(matches!(stanza.kind, Some(Kind::Pong(_))));
+                    }
+                    Ok(())
+                })
+                .expect("hopd's frames decrypt");
+            self.pongs += pongs;
+        }
+    }
+}
+
+/// The frames (2-byte length, then the body) that `bytes` holds, each whole.
+pub fn frames_of(mut bytes: &[u8]) -> Vec<&[u8]> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 2 {
+        let length = 2 + usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+        let (frame, rest) = bytes.split_at(length);
+        frames.push(frame);
+        bytes = rest;
+    }
+    frames
 }

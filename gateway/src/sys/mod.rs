@@ -26,6 +26,7 @@
 //! - [`Backend::close`] closes gracefully: queued bytes are written, then the write side is
 //!   shut, and the socket is dropped when the peer closes or a short deadline passes.
 
+pub mod helper;
 pub mod mio;
 pub mod realtime;
 #[cfg(target_os = "linux")]
@@ -91,6 +92,31 @@ pub struct SendOverflow;
 /// Rouses a shard's loop from another thread.
 pub trait Wake: Send + Sync {
     fn wake(&self);
+}
+
+/// Counts its wake-ups: a [`Wake`] for tests of the helper threads.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct WakeCount(pub std::sync::atomic::AtomicU32);
+
+#[cfg(test)]
+impl Wake for WakeCount {
+    fn wake(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The pause a fault hook's environment `variable` asks for, in milliseconds, before each job
+/// of a helper thread (a slow disk, a slow handshake), in builds with the `fault-injection`
+/// feature; zero otherwise, and when the variable is unset.
+pub fn injected_delay(variable: &str) -> std::time::Duration {
+    if !cfg!(feature = "fault-injection") {
+        return std::time::Duration::ZERO;
+    }
+    std::env::var(variable)
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis)
 }
 
 /// Per-backend bounds, from the configuration.
