@@ -1,6 +1,7 @@
-//! A slow disk must not slow the message path: the offline queue's fsyncs run on each shard's
-//! syncer thread, never on the shard's loop. Needs hopd built with the `fault-injection`
-//! feature, whose syncer then waits `HOP_FAULT_SYNC_DELAY_MS` before each fsync:
+//! A slow disk must not slow the message path: the offline queue's writes and fsyncs run on each
+//! shard's syncer thread, never on the shard's loop. Needs hopd built with the `fault-injection`
+//! feature, whose syncer then waits `HOP_FAULT_SYNC_DELAY_MS` before each job (its writes, then
+//! its fsyncs):
 //! `cargo test --features fault-injection --test slow_disk`, as CI runs it.
 #![cfg(feature = "fault-injection")]
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a test failure

@@ -11,11 +11,11 @@
 //! 4. end the turn: seal each touched connection's stanzas into one frame and hand the bytes to
 //!    the backend, move authenticated connections to their home shards, close what must close,
 //!    retry blocked mail, wake the shards that got mail (once each);
-//! 5. write the offline store's batch when it is due (into the page cache), hand its fsync to
-//!    the shard's syncer thread ([`crate::syncer`]), and release the ServerAcks of what the
-//!    syncer reported durable: the loop does not wait for the group commit's fsync (what
-//!    IO stays on it is listed in docs/decisions.md, "The offline queue's fsync runs on a
-//!    syncer thread per shard");
+//! 5. close the offline store's batch when it is due, hand its write and fsync to the shard's
+//!    syncer thread ([`crate::syncer`]), and release the ServerAcks of what the syncer
+//!    reported durable: the loop neither writes the queue's batches nor waits for their fsync
+//!    (what IO stays on it is listed in docs/decisions.md, "The offline queue's fsync runs on
+//!    a syncer thread per shard");
 //! 6. hand the kept handshake input, oldest first, with each connection's session, to the
 //!    shard's handshaker thread ([`crate::handshaker`]), which runs below the loop and wakes
 //!    it with the answers; the loop takes them back right after its next poll, before the
@@ -2362,7 +2362,8 @@ impl<B: Backend> Core<B> {
         }
         let store_due = due(self.store.next_commit_deadline());
         if held_due || store_due {
-            // Into the page cache; under `always` and `batch` the fsync runs on the syncer.
+            // Under `always` and `batch` the batch's write and fsync run on the syncer; under
+            // `none` it is written here, into the page cache.
             match self.store.write(self.now_ms) {
                 Ok(commit) => self.release_kept(commit.durable_through),
                 Err(error) => self.keep_failed(error),

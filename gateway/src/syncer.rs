@@ -1,10 +1,11 @@
-//! The fsyncs of a shard's offline queue, off the shard's thread.
+//! The writes and fsyncs of a shard's offline queue, off the shard's thread.
 //!
-//! A group commit's `fdatasync` takes 1–2 ms on a good disk and far longer on a busy one;
-//! run on the shard's loop, it stalls every connection of the shard for that long, online
-//! users' messages included. So the loop only writes a batch (into the page cache,
-//! [`ShardStore::write`](hop_store::ShardStore::write)) and hands its fsync, as a
-//! [`SyncJob`], to this shard's syncer thread; the thread runs it, sends back what it did and
+//! A group commit's `fdatasync` takes 1–2 ms on a good disk and far longer on a busy one, and a
+//! write into the page cache can block too (dirty-page throttling on a slow disk); run on the
+//! shard's loop, either stalls every connection of the shard for that long, online users'
+//! messages included. So the loop only closes a batch
+//! ([`ShardStore::write`](hop_store::ShardStore::write), which keeps its bytes in memory for
+//! reads) and hands its write and fsync, as a [`SyncJob`], to this shard's syncer thread; the thread runs it, sends back what it did and
 //! wakes the loop, which then releases the ServerAcks of what became durable
 //! ([`ShardStore::synced`](hop_store::ShardStore::synced)). One job runs at a time; the batches
 //! written meanwhile wait for the next, which covers them all (the pipelined group commit).

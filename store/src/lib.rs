@@ -14,8 +14,8 @@
 //!    with a sequence number `<= Commit::durable_through` is durable now and its ServerAck may
 //!    leave; a [`CommitError`] names the sequence numbers that failed (an Error to their
 //!    senders instead). A loop that must not wait for the disk splits it:
-//!    [`ShardStore::write`] (into the page cache), [`ShardStore::start_sync`] for a [`SyncJob`]
-//!    that another thread runs, and [`ShardStore::synced`] with its result, which says what is
+//!    [`ShardStore::write`] (which closes the batch, in memory), [`ShardStore::start_sync`] for
+//!    a [`SyncJob`] that another thread runs (it writes the batches and fsyncs them), and [`ShardStore::synced`] with its result, which says what is
 //!    durable, or failed, the same way; the next batch is written while one syncs;
 //! 5. when a user connects: [`ShardStore::read`] its queue in order;
 //! 6. with spare time: [`ShardStore::expire`] and [`ShardStore::compact`], each with a budget.

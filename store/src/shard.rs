@@ -120,8 +120,9 @@ pub struct Commit {
     pub synced: bool,
 }
 
-/// A batch [`ShardStore::write`] wrote to its segment, waiting for the fsync that makes it
-/// durable.
+/// A batch [`ShardStore::write`] took from the buffer, waiting for the [`SyncJob`] that writes
+/// it to its segment and fsyncs it. Its bytes stay here until then: reads of its records come
+/// from memory, since the job may not have written them yet.
 #[derive(Debug)]
 struct Unsynced {
     /// Every append up to this sequence number is in this batch or an earlier one.
@@ -133,8 +134,37 @@ struct Unsynced {
     segment: u32,
     /// Where the batch starts in `segment`: a failed fsync cuts the segment back to here.
     start: u64,
+    /// The batch's bytes, shared with the job that writes them; `None` when `write` wrote them
+    /// itself (`always`).
+    data: Option<Bytes>,
     tombstones: Vec<(UserId, u64, bool)>,
     users: Vec<UserId>,
+}
+
+/// The records the store holds in memory and not (or not surely) on file: the batches that
+/// wait for their [`SyncJob`], then the active segment's buffer. Each segment's part is
+/// contiguous and runs to its end.
+#[derive(Clone, Copy)]
+pub(crate) struct Unwritten<'a> {
+    batches: &'a VecDeque<Unsynced>,
+    active: u32,
+    /// Where the buffer goes in `active`.
+    buffer_at: u64,
+    buffer: &'a [u8],
+}
+
+impl<'a> Unwritten<'a> {
+    /// Segment `segment`'s bytes in memory: (offset, bytes), in order.
+    fn regions(self, segment: u32) -> impl Iterator<Item = (u64, &'a [u8])> {
+        let batches = self
+            .batches
+            .iter()
+            .filter(move |batch| batch.segment == segment)
+            .filter_map(|batch| Some((batch.start, &batch.data.as_ref()?[..])));
+        let buffer = (segment == self.active && !self.buffer.is_empty())
+            .then_some((self.buffer_at, self.buffer));
+        batches.chain(buffer)
+    }
 }
 
 /// A compaction step's copies, buffered or written, not yet durable.
@@ -161,6 +191,8 @@ struct Syncing {
 /// runs. One runs at a time per store, covering every batch written before it started.
 pub struct SyncJob<I: Io> {
     files: Vec<I::File>,
+    /// The batches to write first: (index in `files`, offset, bytes).
+    writes: Vec<(usize, u64, Bytes)>,
     /// The shard's folder, when a segment was created since the last sync of it.
     dir: Option<(I, PathBuf)>,
     /// A handle could not be made (the process is out of descriptors): the job fails.
@@ -171,6 +203,7 @@ impl<I: Io> std::fmt::Debug for SyncJob<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SyncJob")
             .field("files", &self.files.len())
+            .field("writes", &self.writes.len())
             .field("dir", &self.dir.as_ref().map(|(_, dir)| dir))
             .field("failed", &self.failed)
             .finish()
@@ -178,13 +211,16 @@ impl<I: Io> std::fmt::Debug for SyncJob<I> {
 }
 
 impl<I: Io> SyncJob<I> {
-    /// fsyncs the segment files of the job's batches, then the folder if it needs it; stops at
-    /// the first failure.
-    pub fn run(self) -> Synced {
+    /// Writes the job's batches to their segment files, fsyncs the files, then the folder if it
+    /// needs it; stops at the first failure.
+    pub fn run(mut self) -> Synced {
         let mut fsyncs = 0;
         let result = (|| {
             if let Some(error) = self.failed {
                 return Err(error);
+            }
+            for (file, offset, bytes) in &self.writes {
+                self.files[*file].write_all_at(bytes, *offset)?;
             }
             for mut file in self.files {
                 file.sync()?;
@@ -516,13 +552,15 @@ impl<I: Io> ShardStore<I> {
         })
     }
 
-    /// The first half of a commit, for a caller that runs fsyncs off its own thread: writes
-    /// the buffered records to the end of the active segment (into the page cache) without
-    /// syncing them, so the next batch can fill while this one syncs. Under `none` that is the
-    /// whole commit: the records count as durable at once. Under `always` and `batch` the
-    /// batch waits for the [`SyncJob`] of [`ShardStore::start_sync`]; its ServerAcks leave when
-    /// [`ShardStore::synced`] reports it durable. A failed write fails this batch alone: the
-    /// batches written before it are kept, and still synced.
+    /// The first half of a commit, for a caller that runs file IO off its own thread: closes
+    /// the buffered records as a batch at the end of the active segment, kept in memory (reads
+    /// take them from there) for the [`SyncJob`] of [`ShardStore::start_sync`], which writes
+    /// and fsyncs them; the next batch fills meanwhile. Its ServerAcks leave when
+    /// [`ShardStore::synced`] reports it durable. Under `always` the batch is written here
+    /// (into the page cache) and the job only fsyncs it, so that whatever the caller answers
+    /// after this survives a kill of the process. Under `none` this is the whole commit,
+    /// written here: the records count as durable at once. A write here that fails fails this
+    /// batch alone.
     pub fn write(&mut self, now_ms: u64) -> Result<Commit, CommitError> {
         let records_written = self.buffer_records;
         if !self.syncs() {
@@ -532,17 +570,30 @@ impl<I: Io> ShardStore<I> {
             self.durable_through = self.next_seq - 1;
             self.finish_copies();
         } else if !self.buffer.is_empty() {
-            let active = self
-                .index
-                .segments
-                .get_mut(&self.active)
-                .expect("active segment");
-            let start = active.bytes;
-            if let Err(error) = active.file.write_all_at(&self.buffer, start) {
-                return Err(self.fail_buffer(now_ms, error));
-            }
+            let start = self.index.segments[&self.active].bytes;
+            let length = self.buffer.len();
+            let data = if matches!(self.options.durability, Durability::Always) {
+                // Written here, into the page cache: what the caller answers after this (the
+                // ServerAck of a message, anything after an ack's tombstone) survives a kill
+                // of the process before the job runs, as `always` promises.
+                let active = self
+                    .index
+                    .segments
+                    .get_mut(&self.active)
+                    .expect("active segment");
+                if let Err(error) = active.file.write_all_at(&self.buffer, start) {
+                    return Err(self.fail_buffer(now_ms, error));
+                }
+                None
+            } else {
+                // The job writes it; a buffer as large starts the next batch.
+                Some(Bytes::from(std::mem::replace(
+                    &mut self.buffer,
+                    Vec::with_capacity(length),
+                )))
+            };
             let appends = self.buffer_appends;
-            let (tombstones, users) = self.buffer_written();
+            let (tombstones, users) = self.buffer_written(length);
             let copies = match &mut self.copies {
                 Some(copies) if !copies.written => {
                     copies.written = true;
@@ -556,6 +607,7 @@ impl<I: Io> ShardStore<I> {
                 copies,
                 segment: self.active,
                 start,
+                data,
                 tombstones,
                 users,
             });
@@ -584,20 +636,32 @@ impl<I: Io> ShardStore<I> {
             return None;
         }
         let through = self.unsynced.back()?.through;
-        let mut segments: Vec<u32> = self.unsynced.iter().map(|batch| batch.segment).collect();
-        segments.dedup();
-        let mut files = Vec::with_capacity(segments.len());
+        // Every batch here is one no job has written: the job before this one covered all the
+        // batches of its time, and `synced` took them away.
+        let mut files = Vec::new();
+        let mut writes = Vec::with_capacity(self.unsynced.len());
         let mut failed = None;
-        for number in segments {
-            let Some(segment) = self.index.segments.get(&number) else {
-                continue; // compaction never deletes one with unsynced batches; no file to sync
-            };
-            match segment.file.try_clone() {
-                Ok(file) => files.push(file),
-                Err(error) => {
-                    failed = Some(error);
+        let mut last: Option<u32> = None;
+        for batch in &self.unsynced {
+            if last != Some(batch.segment) {
+                let Some(segment) = self.index.segments.get(&batch.segment) else {
+                    failed = Some(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "a segment with unsynced batches is gone",
+                    ));
                     break;
+                };
+                match segment.file.try_clone() {
+                    Ok(file) => files.push(file),
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
                 }
+                last = Some(batch.segment);
+            }
+            if let Some(data) = &batch.data {
+                writes.push((files.len() - 1, batch.start, data.clone()));
             }
         }
         let dir =
@@ -606,7 +670,12 @@ impl<I: Io> ShardStore<I> {
             batches: self.unsynced.len(),
             through,
         });
-        Some(SyncJob { files, dir, failed })
+        Some(SyncJob {
+            files,
+            writes,
+            dir,
+            failed,
+        })
     }
 
     /// Whether a [`SyncJob`] is running (started and not yet handed to [`ShardStore::synced`]).
@@ -712,11 +781,17 @@ impl<I: Io> ShardStore<I> {
     ) -> Result<usize, StoreError> {
         let before = out.len();
         let read_calls_before = self.read_cache.read_calls;
+        let unwritten = Unwritten {
+            batches: &self.unsynced,
+            active: self.active,
+            buffer_at: self.index.segments[&self.active].bytes,
+            buffer: &self.buffer,
+        };
         let bad = self.index.read_user(
             user,
             skip,
             limit,
-            Some((self.active, &self.buffer)),
+            Some(unwritten),
             &mut self.read_cache,
             out,
         );
@@ -920,19 +995,19 @@ impl<I: Io> ShardStore<I> {
             self.counters.fsyncs += 1;
             self.dir_sync_needed = false;
         }
-        self.buffer_written();
+        self.buffer_written(self.buffer.len());
         Ok(())
     }
 
-    /// The buffer is on file: moves the active segment's end past it and empties it. Returns
-    /// its tombstones and the users with appends in it.
-    fn buffer_written(&mut self) -> (Vec<(UserId, u64, bool)>, Vec<UserId>) {
+    /// The buffer is on file, or with a batch for its job: moves the active segment's end past
+    /// it and empties it. Returns its tombstones and the users with appends in it.
+    fn buffer_written(&mut self, bytes: usize) -> (Vec<(UserId, u64, bool)>, Vec<UserId>) {
         let active = self
             .index
             .segments
             .get_mut(&self.active)
             .expect("active segment");
-        active.bytes += self.buffer.len() as u64;
+        active.bytes += bytes as u64;
         // Counted once they are on file, not when buffered: a failed commit moves them on.
         active.tombstones += self.buffer_tombstones.len() as u32;
         self.buffer.clear();
@@ -1189,17 +1264,19 @@ impl<I: Io> ShardStore<I> {
     }
 }
 
-/// Reads `length` bytes of segment `segment` from `offset`; the part past the file's valid
-/// bytes comes from the write buffer when `tail` names the active segment and its buffer.
+/// Reads `length` bytes of segment `segment` from `offset`; the part the store holds in memory
+/// (batches waiting for their job, the buffer) comes from `unwritten`, the rest from the file.
 fn read_run<F: IoFile>(
     segments: &BTreeMap<u32, Segment<F>>,
-    tail: Option<(u32, &[u8])>,
+    unwritten: Option<Unwritten<'_>>,
     segment: u32,
     offset: u64,
     length: usize,
 ) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(length);
-    read_into(segments, tail, None, segment, offset, length, &mut bytes)?;
+    read_into(
+        segments, unwritten, None, segment, offset, length, &mut bytes,
+    )?;
     Ok(bytes)
 }
 
@@ -1207,7 +1284,7 @@ fn read_run<F: IoFile>(
 /// `out` may hold part of the bytes.
 fn read_into<F: IoFile>(
     segments: &BTreeMap<u32, Segment<F>>,
-    tail: Option<(u32, &[u8])>,
+    unwritten: Option<Unwritten<'_>>,
     cache: Option<&mut BlockCache>,
     segment: u32,
     offset: u64,
@@ -1217,11 +1294,15 @@ fn read_into<F: IoFile>(
     let Some(file) = segments.get(&segment) else {
         return Err(io::Error::new(io::ErrorKind::NotFound, "segment gone"));
     };
-    let on_file = (file.bytes.saturating_sub(offset) as usize).min(length);
+    let mut regions = unwritten.map(|unwritten| unwritten.regions(segment));
+    let mut next_region = regions.as_mut().and_then(Iterator::next);
+    // The file holds what comes before the first region in memory.
+    let on_file_end = next_region.map_or(file.bytes, |(start, _)| start.min(file.bytes));
+    let on_file = (on_file_end.saturating_sub(offset) as usize).min(length);
     if on_file > 0 {
         match cache {
             Some(cache) => {
-                cache.read_into(segment, &file.file, file.bytes, offset, on_file, out)?
+                cache.read_into(segment, &file.file, on_file_end, offset, on_file, out)?
             }
             None => {
                 let start = out.len();
@@ -1230,21 +1311,28 @@ fn read_into<F: IoFile>(
             }
         }
     }
-    if on_file < length {
-        let buffer = match tail {
-            Some((active, buffer)) if active == segment => buffer,
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "past segment end",
-                ))
-            }
+    let end = offset + length as u64;
+    let mut at = offset + on_file as u64;
+    while at < end {
+        let Some((start, bytes)) = next_region else {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "past segment end",
+            ));
         };
-        let from = (offset + on_file as u64 - file.bytes) as usize;
-        let part = buffer
-            .get(from..from + length - on_file)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past buffer end"))?;
-        out.extend_from_slice(part);
+        let region_end = start + bytes.len() as u64;
+        if at < start {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "a gap between the file and the records in memory",
+            ));
+        }
+        if at < region_end {
+            let upto = end.min(region_end);
+            out.extend_from_slice(&bytes[(at - start) as usize..(upto - start) as usize]);
+            at = upto;
+        }
+        next_region = regions.as_mut().and_then(Iterator::next);
     }
     Ok(())
 }
@@ -1666,7 +1754,7 @@ impl<F: IoFile> Index<F> {
         user: UserId,
         skip: usize,
         limit: usize,
-        tail: Option<(u32, &[u8])>,
+        unwritten: Option<Unwritten<'_>>,
         cache: &mut BlockCache,
         out: &mut Vec<Record>,
     ) -> Vec<u64> {
@@ -1703,7 +1791,7 @@ impl<F: IoFile> Index<F> {
                 let before = bytes.len();
                 let read = read_into(
                     &self.segments,
-                    tail,
+                    unwritten,
                     Some(&mut *cache),
                     first.segment,
                     u64::from(first.offset),

@@ -717,23 +717,101 @@ fn a_failed_sync_fails_every_batch_not_durable_and_keeps_their_tombstones() {
 }
 
 #[test]
-fn a_failed_write_while_a_sync_runs_fails_its_own_batch_alone() {
-    // Guards against: a full disk during one batch's write failing a batch written before it,
-    // which its running fsync still makes durable (that sender would get an Error for a
-    // message that is on disk, and resend it).
+fn the_loop_writes_nothing_and_reads_what_waits_for_its_job_from_memory() {
+    // Guards against: a batch written into the segment file on the caller's thread (a slow
+    // disk then stalls the shard's loop), and against records that wait for their job being
+    // unreadable (a device that comes online then would get nothing, or garbage).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, faults, io) = faulty_store(temp.path(), options());
+    store
+        .append(0, user(7), &message(1, b"on file"))
+        .expect("append");
+    store.commit(0).expect("commit");
+    faults.fail_writes.store(true, Ordering::Relaxed); // any write to a file now fails
+    let waiting = store
+        .append(0, user(7), &message(2, b"with its job"))
+        .expect("append");
+    store.write(0).expect("no file written");
+    let job = store.start_sync().expect("job");
+    store
+        .append(0, user(7), &message(3, b"not yet written"))
+        .expect("append");
+    store.write(0).expect("no file written");
+    store
+        .append(0, user(7), &message(4, b"buffered"))
+        .expect("append");
+    let records = read_all(&mut store, user(7));
+    assert_eq!(
+        ids(&records),
+        [1, 2, 3, 4],
+        "the file, two batches, the buffer"
+    );
+    assert_eq!(store.counters().corrupt_reads, 0);
+    // The job meets the full disk: what it and the later batch held fails, nothing else.
+    let error = store.synced(0, job.run()).expect_err("disk full");
+    assert_eq!(*error.failed_seqs.start(), waiting);
+    faults.fail_writes.store(false, Ordering::Relaxed);
+    assert_eq!(ids(&read_all(&mut store, user(7))), [1]);
+    store.commit(0).expect("commit");
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(7))), [1]);
+}
+
+#[test]
+fn under_always_the_batch_is_on_file_when_write_returns() {
+    // Guards against: `always` leaving a batch in memory for its job, so that what the server
+    // answers after an ack (whose tombstone the batch holds) is lost with a kill of hopd and
+    // the acked message delivered again.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let always = Options {
+        durability: Durability::Always,
+        ..options()
+    };
+    let (mut store, faults, _) = faulty_store(temp.path(), always);
+    let failing = store
+        .append(0, user(7), &message(1, b"refused"))
+        .expect("append");
+    faults.fail_next_write.store(true, Ordering::Relaxed);
+    let error = store.write(0).expect_err("disk full, here and now");
+    assert_eq!(error.failed_seqs, failing..=failing);
+    store
+        .append(0, user(7), &message(2, b"on file now"))
+        .expect("append");
+    store.write(0).expect("write");
+    let segments = std::fs::read_dir(temp.path().join("shard-0")).expect("folder");
+    let on_file = segments
+        .map(|entry| std::fs::read(entry.expect("entry").path()).expect("segment"))
+        .any(|bytes| bytes.windows(11).any(|window| window == b"on file now"));
+    assert!(
+        on_file,
+        "the batch is in the segment file before its job runs"
+    );
+    let job = store.start_sync().expect("job");
+    assert!(store.synced(0, job.run()).expect("synced").durable_through >= 2);
+}
+
+#[test]
+fn a_failed_write_fails_its_own_job_alone() {
+    // Guards against: a full disk during one job's write failing a batch an earlier job made
+    // durable (that sender would get an Error for a message that is on disk, and resend it).
     let temp = tempfile::tempdir().expect("tempdir");
     let (mut store, faults, io) = faulty_store(temp.path(), options());
     store.append(0, user(7), &message(1, b"a")).expect("append");
     store.write(0).expect("write");
     let job = store.start_sync().expect("job");
-    faults.fail_next_write.store(true, Ordering::Relaxed);
     let failing = store.append(0, user(7), &message(2, b"b")).expect("append");
-    let error = store.write(0).expect_err("disk full");
-    assert_eq!(error.failed_seqs, failing..=failing);
+    store
+        .write(0)
+        .expect("the loop writes nothing: the next job does");
     assert_eq!(
         store.synced(0, job.run()).expect("synced").durable_through,
         1
     );
+    let job = store.start_sync().expect("job");
+    faults.fail_next_write.store(true, Ordering::Relaxed);
+    let error = store.synced(0, job.run()).expect_err("disk full");
+    assert_eq!(error.failed_seqs, failing..=failing);
     store.append(0, user(7), &message(3, b"c")).expect("append");
     store.commit(0).expect("commit");
     drop(store);
@@ -786,11 +864,12 @@ fn open_syncs_what_a_run_wrote_but_never_synced() {
     let temp = tempfile::tempdir().expect("tempdir");
     let (mut store, faults, io) = faulty_store(temp.path(), options());
     store.append(0, user(7), &message(1, b"a")).expect("append");
+    store.commit(0).expect("commit");
+    store.append(0, user(7), &message(2, b"b")).expect("append");
     store.write(0).expect("write");
     let job = store.start_sync().expect("job");
-    store.append(0, user(7), &message(2, b"b")).expect("append");
-    store.write(0).expect("written while the job runs");
-    let _ = job.run();
+    faults.fail_next_sync.store(true, Ordering::Relaxed);
+    let _ = job.run(); // batch 2 written, its fsync failed
     drop(store); // the result never reaches the store; batch 2 was never synced
     let before = faults.syncs.load(Ordering::Relaxed);
     let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 0).expect("reopen");
@@ -976,7 +1055,7 @@ fn undone_copies_leave_no_dead_record_that_would_hold_later_segments() {
     );
     faults.fail_next_write.store(true, Ordering::Relaxed);
     store
-        .write(1_000)
+        .commit(1_000)
         .expect_err("disk full: the copy is undone");
     for _ in 0..20 {
         let idle = store.compact(1_000, 1 << 20).expect("compact").idle;
