@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use hop_protocol::wire::receipt_ack_id;
@@ -135,8 +136,8 @@ struct Unsynced {
     /// Where the batch starts in `segment`: a failed fsync cuts the segment back to here.
     start: u64,
     /// The batch's bytes, shared with the job that writes them; `None` when `write` wrote them
-    /// itself (`always`).
-    data: Option<Bytes>,
+    /// itself (`always`). Taken back for the next batch once the batch is durable.
+    data: Option<Arc<Vec<u8>>>,
     tombstones: Vec<(UserId, u64, bool)>,
     users: Vec<UserId>,
 }
@@ -192,7 +193,7 @@ struct Syncing {
 pub struct SyncJob<I: Io> {
     files: Vec<I::File>,
     /// The batches to write first: (index in `files`, offset, bytes).
-    writes: Vec<(usize, u64, Bytes)>,
+    writes: Vec<(usize, u64, Arc<Vec<u8>>)>,
     /// The shard's folder, when a segment was created since the last sync of it.
     dir: Option<(I, PathBuf)>,
     /// A handle could not be made (the process is out of descriptors): the job fails.
@@ -319,6 +320,9 @@ pub struct ShardStore<I: Io> {
     buffer_first_ms: Option<u64>,
     /// Batches written and not yet known durable, oldest first.
     unsynced: VecDeque<Unsynced>,
+    /// Buffers of batches that became durable, for the next batches (at most
+    /// [`SPARE_BUFFERS_MAX`]).
+    spare_buffers: Vec<Vec<u8>>,
     syncing: Option<Syncing>,
     /// A compaction step's copies until they are durable.
     copies: Option<Copies>,
@@ -378,6 +382,7 @@ impl<I: Io> ShardStore<I> {
             buffer_records: 0,
             buffer_first_ms: None,
             unsynced: VecDeque::new(),
+            spare_buffers: Vec::new(),
             syncing: None,
             copies: None,
             delete_next: None,
@@ -586,11 +591,9 @@ impl<I: Io> ShardStore<I> {
                 }
                 None
             } else {
-                // The job writes it; a buffer as large starts the next batch.
-                Some(Bytes::from(std::mem::replace(
-                    &mut self.buffer,
-                    Vec::with_capacity(length),
-                )))
+                // The job writes it; a spare buffer (an earlier batch's) takes the next.
+                let next = self.spare_buffers.pop().unwrap_or_default();
+                Some(Arc::new(std::mem::replace(&mut self.buffer, next)))
             };
             let appends = self.buffer_appends;
             let (tombstones, users) = self.buffer_written(length);
@@ -698,11 +701,19 @@ impl<I: Io> ShardStore<I> {
         if let Err(error) = done.result {
             return Err(self.fail_unsynced(now_ms, error));
         }
-        if self
-            .unsynced
-            .drain(..syncing.batches)
-            .any(|batch| batch.copies)
-        {
+        let mut copies = false;
+        for batch in self.unsynced.drain(..syncing.batches) {
+            copies |= batch.copies;
+            // The job is gone, so the bytes are the batch's alone: kept for later batches, so
+            // that each does not fault in fresh memory.
+            if let Some(mut data) = batch.data.and_then(|data| Arc::try_unwrap(data).ok()) {
+                if self.spare_buffers.len() < SPARE_BUFFERS_MAX {
+                    data.clear();
+                    self.spare_buffers.push(data);
+                }
+            }
+        }
+        if copies {
             self.finish_copies();
         }
         self.durable_through = self.durable_through.max(syncing.through);
@@ -1337,6 +1348,9 @@ fn read_into<F: IoFile>(
     Ok(())
 }
 
+/// Buffers of durable batches kept for the next ones: a job covers every batch written while
+/// the one before ran, so a few are in use at a time.
+const SPARE_BUFFERS_MAX: usize = 4;
 /// Bytes of records one buffer of [`ShardStore::read`] holds (and so one read call fetches at
 /// most): every body of a buffer keeps all of it alive.
 const READ_RUN_BYTES: usize = 1024 * 1024;
