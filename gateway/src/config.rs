@@ -47,9 +47,9 @@ pub struct Config {
     /// are read.
     pub handshakes_per_turn: usize,
     /// Work on the Noise handshakes on a thread per shard that runs below the shard's loop
-    /// (nice 10; the normal policy when the shard's is real-time), so that a flood of them
-    /// takes the CPU the loops leave, not the time of connected users' messages. false: the
-    /// loop works on them, `handshakes_per_turn` at most a turn.
+    /// (nice 10), so that a flood of them takes the CPU the loops leave, not the time of
+    /// connected users' messages. A shard under a real-time policy keeps them on its loop.
+    /// false: the loop works on them, `handshakes_per_turn` at most a turn.
     pub handshake_thread: bool,
     /// Bytes waiting to be written to one connection before it counts as not reading and is
     /// closed.

@@ -9,27 +9,35 @@
 //! the bytes to write and what it found (the client's key, the first stanzas), and wakes the
 //! loop, which carries on with the connection exactly as if it had done the work itself.
 //!
-//! The thread runs below the loop: at nice [`NICE`] under the normal policy, and under the
-//! normal policy when the shard runs a real-time one. It gets the CPU the loops leave, so a
-//! handshake flood slows handshakes (which admission and the handshake timeout bound) and not
-//! the messages of connected users. The thread shares its shard's CPU when shards are pinned
-//! (it inherits the affinity).
+//! The thread runs below the loop, at nice [`NICE`]: the kernel's fair scheduler gives it the
+//! CPU the loop leaves, so a handshake flood slows handshakes (which admission and the
+//! handshake timeout bound) and not the messages of connected users. The thread shares its
+//! shard's CPU when shards are pinned (it inherits the affinity).
 //!
-//! If the thread cannot be started, the loop works on handshakes itself, as with
-//! `handshake_thread = false` (capped by `handshakes_per_turn`).
+//! A shard under a real-time policy (`SCHED_FIFO`, `SCHED_RR`) keeps its handshakes on its
+//! loop: a normal-policy thread beside a real-time loop measured 0.4–0.5× the handshakes a
+//! second of the loop's own (docs/BENCHMARKS.md, "Handshakes"), and a real-time helper would
+//! not yield to the loop. If the thread cannot be started, the loop works on handshakes too,
+//! as with `handshake_thread = false` (capped by `handshakes_per_turn`).
 
 use std::sync::Arc;
 
 use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
 use hop_protocol::session::{InputError, ServerConnection, ServerEvent};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::sys::helper::Helper;
+use crate::sys::realtime::RealTime;
 use crate::sys::{ConnId, Wake};
 
 /// The handshaker thread's nice value under the normal scheduling policy (Linux; on other
 /// systems the thread keeps its shard's priority): it takes what CPU the loops leave.
 pub const NICE: libc::c_int = 10;
+
+/// Jobs the thread works on before it wakes the loop with their answers, when more wait: the
+/// loop then takes a run of answers in one turn instead of one turn (and, under a real-time
+/// policy, one preemption of the thread) each. About 2 ms of X25519 at most.
+pub const WAKE_EVERY: usize = 8;
 
 /// Handshakes one shard hands to its thread at most at a time (queued or being worked on);
 /// the rest wait in the shard, in order, as the loop's own do.
@@ -87,9 +95,18 @@ pub struct Handshaker {
 }
 
 impl Handshaker {
-    /// Starts shard `shard`'s handshaker thread; it calls `wake` after each job. `None` if the
-    /// thread cannot be started (logged): the loop then works on handshakes itself.
+    /// Starts shard `shard`'s handshaker thread (called on the shard's thread); it wakes the
+    /// loop with its answers. `None` if the shard runs a real-time policy (see the module's
+    /// docs) or the thread cannot be started (logged): the loop then works on handshakes
+    /// itself.
     pub fn spawn(shard: usize, wake: Arc<dyn Wake>) -> Option<Self> {
+        if RealTime::of_this_thread().is_some() {
+            info!(
+                shard,
+                "the shard runs a real-time policy: its loop works on the handshakes itself"
+            );
+            return None;
+        }
         let setup = move || {
             if let Err(error) = lower_this_thread() {
                 warn!(shard, %error, "cannot lower the handshaker thread's priority; it competes with the shard's loop");
@@ -105,7 +122,14 @@ impl Handshaker {
             }
             work(job, scratch)
         };
-        match Helper::spawn(format!("hop-hs-{shard}"), AWAY_MAX, wake, setup, each) {
+        match Helper::spawn(
+            format!("hop-hs-{shard}"),
+            AWAY_MAX,
+            WAKE_EVERY,
+            wake,
+            setup,
+            each,
+        ) {
             Ok(thread) => Some(Self { thread }),
             Err(error) => {
                 warn!(
@@ -137,21 +161,9 @@ fn injected_delay() -> std::time::Duration {
     crate::sys::injected_delay("HOP_FAULT_HANDSHAKE_DELAY_MS")
 }
 
-/// Puts the calling thread under the normal policy (it inherited its shard's, which may be
-/// real-time) at nice [`NICE`].
-fn lower_this_thread() -> std::io::Result<()> {
-    // SAFETY: sched_param is plain integers, for which all-zero is a valid value.
-    let param: libc::sched_param = unsafe { std::mem::zeroed() };
-    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param (priority 0, the
-    // only one of SCHED_OTHER) that lives across the call. Lowering needs no privilege.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } == -1 {
-        return Err(std::io::Error::last_os_error());
-    }
-    set_nice()
-}
-
+/// Puts the calling thread at nice [`NICE`] (its shard runs the normal policy).
 #[cfg(target_os = "linux")]
-fn set_nice() -> std::io::Result<()> {
+fn lower_this_thread() -> std::io::Result<()> {
     // SAFETY: gettid takes no arguments and cannot fail.
     let tid = unsafe { libc::gettid() } as libc::id_t;
     // SAFETY: on Linux the nice value is per thread; `tid` names the calling thread, and the
@@ -166,7 +178,7 @@ fn set_nice() -> std::io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_nice() -> std::io::Result<()> {
+fn lower_this_thread() -> std::io::Result<()> {
     Ok(()) // the nice value is per process here: the thread keeps its shard's
 }
 
@@ -227,6 +239,28 @@ mod tests {
             done.result
         );
         assert!(matches!(done.session, ServerConnection::Closed));
+    }
+
+    /// A shard under a real-time policy keeps its handshakes on its loop: no thread.
+    #[test]
+    fn a_real_time_shard_gets_no_handshaker() {
+        let spawned = std::thread::spawn(|| {
+            // SAFETY: sched_param is plain integers, for which all-zero is a valid value.
+            let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+            param.sched_priority = 1;
+            // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param that lives
+            // across the call.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == -1 {
+                return None; // not permitted here
+            }
+            Some(Handshaker::spawn(0, Arc::new(WakeCount::default())).is_none())
+        })
+        .join()
+        .expect("thread");
+        match spawned {
+            Some(none) => assert!(none, "a real-time shard got a handshaker thread"),
+            None => eprintln!("SKIPPED: this process may not take a real-time policy"),
+        }
     }
 
     /// Under the normal policy the thread runs at nice `NICE`, below its shard.

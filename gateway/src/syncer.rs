@@ -79,7 +79,7 @@ impl Syncer {
         };
         // One job runs at a time and the queue holds one, so `start` never blocks.
         let work = move |_: &mut (), job| run(job, delay);
-        match Helper::spawn(format!("hop-sync-{shard}"), 1, wake, setup, work) {
+        match Helper::spawn(format!("hop-sync-{shard}"), 1, 1, wake, setup, work) {
             Ok(worker) => Self {
                 worker: Some(worker),
             },

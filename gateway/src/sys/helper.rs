@@ -18,11 +18,14 @@ pub struct Helper<J, D> {
 }
 
 impl<J: Send + 'static, D: Send + 'static> Helper<J, D> {
-    /// Starts thread `name`, which runs `setup` once, then `work` on each job, in order, and
-    /// calls `wake` after each. At most `queued` jobs wait for it.
+    /// Starts thread `name`, which runs `setup` once, then `work` on each job, in order. It
+    /// calls `wake` when it has no job left, and after every `wake_every` results before that
+    /// (at least 1): one wake-up of the loop for a run of quick jobs, not one each. At most
+    /// `queued` jobs wait for it.
     pub fn spawn<W>(
         name: String,
         queued: usize,
+        wake_every: usize,
         wake: Arc<dyn Wake>,
         setup: impl FnOnce() -> W + Send + 'static,
         work: impl Fn(&mut W, J) -> D + Send + 'static,
@@ -33,10 +36,28 @@ impl<J: Send + 'static, D: Send + 'static> Helper<J, D> {
             .name(name.clone())
             .spawn(move || {
                 let mut state = setup();
-                while let Ok(job) = job_queue.recv() {
+                let mut unreported = 0;
+                let mut next = job_queue.recv().ok();
+                while let Some(job) = next {
                     if report.send(work(&mut state, job)).is_err() {
                         return;
                     }
+                    unreported += 1;
+                    next = match job_queue.try_recv() {
+                        Ok(job) => Some(job),
+                        Err(mpsc::TryRecvError::Empty) => {
+                            wake.wake();
+                            unreported = 0;
+                            job_queue.recv().ok()
+                        }
+                        Err(mpsc::TryRecvError::Disconnected) => None,
+                    };
+                    if unreported >= wake_every.max(1) {
+                        wake.wake();
+                        unreported = 0;
+                    }
+                }
+                if unreported > 0 {
                     wake.wake();
                 }
             })?;
