@@ -137,3 +137,40 @@ fn a_timeout_while_the_thread_has_the_session_closes_the_connection() {
     next.send();
     next.read_until(|client| client.session.is_open());
 }
+
+/// Guards against the loop blocking on a full handshaker: 64 connections' message 1s go to a
+/// thread that takes 300 ms a job, and their clients close; 64 more come. The thread still
+/// holds the closed ones' jobs, so the loop must not hand it more than it has room for (it
+/// would wait, with every connection of the shard, for 19 s of stale jobs): a pair's message
+/// is delivered within half a job's time.
+#[test]
+fn connections_that_close_while_the_thread_has_them_do_not_block_the_loop() {
+    let hopd = start("60000");
+    let (bob_key, mut bob) = hopd.new_user();
+    let (_, mut alice) = hopd.new_user();
+    let mut first: Vec<RawClient> = (0..64).map(|_| RawClient::start(&hopd)).collect();
+    for client in &mut first {
+        client.send(); // message 1
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    drop(first); // closed while their jobs wait for the thread
+    std::thread::sleep(Duration::from_millis(100));
+    let mut second: Vec<RawClient> = (0..64).map(|_| RawClient::start(&hopd)).collect();
+    for client in &mut second {
+        client.send();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = Instant::now();
+    alice.send_message(bob_key.user_id(), &[2; 24]).unwrap();
+    let deliver = expect_kind(&mut bob, "Deliver", |kind| match kind {
+        Kind::Deliver(deliver) => Some(deliver),
+        _ => None,
+    });
+    bob.ack_deliver(deliver.id).unwrap();
+    let took = sent.elapsed();
+    assert!(
+        took < JOB_DELAY / 2,
+        "a delivery took {took:?} behind the closed connections' handshake jobs: the loop \
+         waited for the handshaker"
+    );
+}

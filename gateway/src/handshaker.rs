@@ -20,6 +20,8 @@
 //! not yield to the loop. If the thread cannot be started, the loop works on handshakes too,
 //! as with `handshake_thread = false` (capped by `handshakes_per_turn`).
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hop_protocol::noise::FRAME_PLAINTEXT_BYTES_MAX;
@@ -92,6 +94,11 @@ pub fn work(job: Job, scratch: &mut [u8]) -> Done {
 #[derive(Debug)]
 pub struct Handshaker {
     thread: Helper<Job, Done>,
+    /// Jobs handed to the thread whose answer has not been taken back, the connections that
+    /// went meanwhile included: what bounds the thread's queue.
+    in_flight: Cell<usize>,
+    /// Set when the shard drops its handshaker: the jobs still queued are not worked on.
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Handshaker {
@@ -107,6 +114,8 @@ impl Handshaker {
             );
             return None;
         }
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let skip = cancelled.clone();
         let setup = move || {
             if let Err(error) = lower_this_thread() {
                 warn!(shard, %error, "cannot lower the handshaker thread's priority; it competes with the shard's loop");
@@ -116,7 +125,10 @@ impl Handshaker {
                 injected_delay(),
             )
         };
-        let each = |(scratch, delay): &mut (Box<[u8]>, std::time::Duration), job| {
+        let each = move |(scratch, delay): &mut (Box<[u8]>, std::time::Duration), job: Job| {
+            if skip.load(Ordering::Relaxed) {
+                return unworked(job);
+            }
             if !delay.is_zero() {
                 std::thread::sleep(*delay);
             }
@@ -130,7 +142,11 @@ impl Handshaker {
             setup,
             each,
         ) {
-            Ok(thread) => Some(Self { thread }),
+            Ok(thread) => Some(Self {
+                thread,
+                in_flight: Cell::new(0),
+                cancelled,
+            }),
             Err(error) => {
                 warn!(
                     shard,
@@ -142,15 +158,45 @@ impl Handshaker {
         }
     }
 
-    /// Hands `job` to the thread. The caller keeps at most [`AWAY_MAX`] away, so this never
+    /// Jobs the thread can take now without blocking the caller: [`AWAY_MAX`] less those
+    /// whose answer was not taken back.
+    pub fn room(&self) -> usize {
+        AWAY_MAX - self.in_flight.get()
+    }
+
+    /// Hands `job` to the thread; only when [`Handshaker::room`] is not 0, so this never
     /// blocks.
     pub fn start(&self, job: Job) {
+        assert!(self.room() > 0, "a handshake job past the thread's room");
+        self.in_flight.set(self.in_flight.get() + 1);
         self.thread.start(job);
     }
 
-    /// A finished job, if any.
+    /// A finished job, if any (also those of connections that went meanwhile: the caller
+    /// drops them).
     pub fn finished(&self) -> Option<Done> {
-        self.thread.finished()
+        let done = self.thread.finished()?;
+        self.in_flight.set(self.in_flight.get() - 1);
+        Some(done)
+    }
+}
+
+impl Drop for Handshaker {
+    /// The jobs still queued are handed back unworked, so the thread ends at once.
+    fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A job handed back as it came, once the shard no longer wants the answers.
+fn unworked(job: Job) -> Done {
+    Done {
+        id: job.id,
+        generation: job.generation,
+        session: job.session,
+        out: Vec::new(),
+        events: Vec::new(),
+        result: Ok(()),
     }
 }
 

@@ -1237,17 +1237,19 @@ impl<B: Backend> Core<B> {
     /// Whether the loop has handshake input it can work on, or hand to the handshaker, now.
     fn handshakes_ready(&self) -> bool {
         self.handshake_input.is_waiting()
-            && (self.handshaker.is_none() || self.away.len() < handshaker::AWAY_MAX)
+            && self
+                .handshaker
+                .as_ref()
+                .is_none_or(|handshaker| handshaker.room() > 0)
     }
 
-    /// Hands waiting handshake input to the handshaker thread, oldest first, while fewer than
-    /// [`handshaker::AWAY_MAX`] are away.
+    /// Hands waiting handshake input to the handshaker thread, oldest first, while it has room
+    /// ([`handshaker::AWAY_MAX`] jobs whose answers were not taken back).
     fn hand_handshakes_away(&mut self) {
         let Some(handshaker) = &self.handshaker else {
             return;
         };
-        self.handshake_input
-            .allow(handshaker::AWAY_MAX.saturating_sub(self.away.len()));
+        self.handshake_input.allow(handshaker.room());
         while let Some((id, waiting)) = self.handshake_input.next() {
             let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
                 continue;
@@ -2248,15 +2250,27 @@ impl<B: Backend> Core<B> {
             Err(error) => {
                 bump(&self.stats.store_refusals, 1);
                 debug!(%user, %error, "offline queue refused an item");
-                self.router.handle_keep_failed(
-                    user,
-                    item.ack_id(),
-                    item.ack_kind(),
-                    keep,
-                    ErrorCode::QueueFull,
-                    "the recipient's queue is full; message not taken",
-                    self.wall_ms,
-                );
+                let (id, kind, now) = (item.ack_id(), item.ack_kind(), self.wall_ms);
+                match error {
+                    hop_store::AppendError::DiskBehind { .. } => self.router.handle_keep_failed(
+                        user,
+                        id,
+                        kind,
+                        keep,
+                        ErrorCode::Overloaded,
+                        "the server's disk is behind; message not taken, send it again later",
+                        now,
+                    ),
+                    _ => self.router.handle_keep_failed(
+                        user,
+                        id,
+                        kind,
+                        keep,
+                        ErrorCode::QueueFull,
+                        "the recipient's queue is full; message not taken",
+                        now,
+                    ),
+                }
             }
         }
     }

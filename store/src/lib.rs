@@ -14,9 +14,11 @@
 //!    with a sequence number `<= Commit::durable_through` is durable now and its ServerAck may
 //!    leave; a [`CommitError`] names the sequence numbers that failed (an Error to their
 //!    senders instead). A loop that must not wait for the disk splits it:
-//!    [`ShardStore::write`] (which closes the batch, in memory), [`ShardStore::start_sync`] for
-//!    a [`SyncJob`] that another thread runs (it writes the batches and fsyncs them), and [`ShardStore::synced`] with its result, which says what is
-//!    durable, or failed, the same way; the next batch is written while one syncs;
+//!    [`ShardStore::write`] (under `batch` it closes the batch, kept in memory; under `always`
+//!    and `none` it writes it), [`ShardStore::start_sync`] for a [`SyncJob`] that another
+//!    thread runs (it writes the batches still in memory, then fsyncs), and
+//!    [`ShardStore::synced`] with its result, which says what is durable, or failed, the same
+//!    way; the next batch fills while one syncs;
 //! 5. when a user connects: [`ShardStore::read`] its queue in order;
 //! 6. with spare time: [`ShardStore::expire`] and [`ShardStore::compact`], each with a budget.
 //!
@@ -192,6 +194,10 @@ pub enum AppendError {
     },
     #[error("body of {body_bytes} bytes is over the {max}-byte limit")]
     TooLarge { body_bytes: usize, max: usize },
+    /// The disk is behind: the bytes waiting in memory for their write and fsync reached their
+    /// bound. Temporary: the next finished job makes room.
+    #[error("the disk is behind: {waiting} bytes wait to be written, at most {max}")]
+    DiskBehind { waiting: usize, max: usize },
 }
 
 /// A commit whose write or fsync failed (disk full, EIO). The appends with these sequence

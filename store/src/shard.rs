@@ -275,6 +275,8 @@ pub struct RecoveryStats {
 pub struct Counters {
     pub appended: u64,
     pub rejected_quota: u64,
+    /// Appends refused because the bytes waiting for a slow disk reached their bound.
+    pub rejected_behind: u64,
     pub delivered: u64,
     pub expired: u64,
     pub commits: u64,
@@ -323,6 +325,9 @@ pub struct ShardStore<I: Io> {
     /// Buffers of batches that became durable, for the next batches (at most
     /// [`SPARE_BUFFERS_MAX`]).
     spare_buffers: Vec<Vec<u8>>,
+    /// Bytes of the unsynced batches held in memory for their job (at most
+    /// [`UNSYNCED_IN_MEMORY_BUFFERS`] buffers' worth).
+    unsynced_in_memory: usize,
     syncing: Option<Syncing>,
     /// A compaction step's copies until they are durable.
     copies: Option<Copies>,
@@ -383,6 +388,7 @@ impl<I: Io> ShardStore<I> {
             buffer_first_ms: None,
             unsynced: VecDeque::new(),
             spare_buffers: Vec::new(),
+            unsynced_in_memory: 0,
             syncing: None,
             copies: None,
             delete_next: None,
@@ -422,6 +428,15 @@ impl<I: Io> ShardStore<I> {
             return Err(AppendError::TooLarge {
                 body_bytes,
                 max: format::BODY_BYTES_MAX,
+            });
+        }
+        let waiting = self.unsynced_in_memory + self.buffer.len();
+        let waiting_max = UNSYNCED_IN_MEMORY_BUFFERS * self.options.buffer_bytes_max as usize;
+        if waiting >= waiting_max {
+            self.counters.rejected_behind += 1;
+            return Err(AppendError::DiskBehind {
+                waiting,
+                max: waiting_max,
             });
         }
         if let Some(queue) = self.index.queue(user) {
@@ -593,6 +608,7 @@ impl<I: Io> ShardStore<I> {
             } else {
                 // The job writes it; a spare buffer (an earlier batch's) takes the next.
                 let next = self.spare_buffers.pop().unwrap_or_default();
+                self.unsynced_in_memory += length;
                 Some(Arc::new(std::mem::replace(&mut self.buffer, next)))
             };
             let appends = self.buffer_appends;
@@ -704,6 +720,7 @@ impl<I: Io> ShardStore<I> {
         let mut copies = false;
         for batch in self.unsynced.drain(..syncing.batches) {
             copies |= batch.copies;
+            self.unsynced_in_memory -= batch.data.as_ref().map_or(0, |data| data.len());
             // The job is gone, so the bytes are the batch's alone: kept for later batches, so
             // that each does not fault in fresh memory.
             if let Some(mut data) = batch.data.and_then(|data| Arc::try_unwrap(data).ok()) {
@@ -1063,6 +1080,7 @@ impl<I: Io> ShardStore<I> {
         let failed_from = self.durable_through + 1;
         let failed_through = self.next_seq - 1;
         let batches = std::mem::take(&mut self.unsynced);
+        self.unsynced_in_memory = 0;
         let mut users = std::mem::take(&mut self.buffer_users);
         let mut tombstones = Vec::new();
         let mut failed_records = u64::from(self.buffer_appends);
@@ -1348,6 +1366,10 @@ fn read_into<F: IoFile>(
     Ok(())
 }
 
+/// Bytes of unsynced batches that may wait in memory for their job, with the buffer, in
+/// `buffer_bytes_max`s: past it (a disk slower than the traffic) appends are refused
+/// ([`AppendError::DiskBehind`]) until a job returns.
+const UNSYNCED_IN_MEMORY_BUFFERS: usize = 4;
 /// Buffers of durable batches kept for the next ones: a job covers every batch written while
 /// the one before ran, so a few are in use at a time.
 const SPARE_BUFFERS_MAX: usize = 4;

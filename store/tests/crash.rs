@@ -792,6 +792,47 @@ fn under_always_the_batch_is_on_file_when_write_returns() {
 }
 
 #[test]
+fn appends_wait_for_a_disk_that_is_behind() {
+    // Guards against: batches piling up in memory without bound while a slow disk holds their
+    // job (the loop no longer writes them, so the kernel's dirty-page limits no longer slow it).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let small = Options {
+        buffer_bytes_max: 128 * 1024,
+        ..options()
+    };
+    let (mut store, _, _) = faulty_store(temp.path(), small);
+    store
+        .append(0, user(7), &message(1, b"first"))
+        .expect("append");
+    store.write(0).expect("write");
+    let job = store
+        .start_sync()
+        .expect("job: the disk is slow from here on");
+    let mut taken = 1u64;
+    let refused = loop {
+        match store.append(0, user(7), &message(taken + 1, &[7; 4000])) {
+            Ok(_) => taken += 1,
+            Err(error) => break error,
+        }
+        store.write(0).expect("write");
+        assert!(taken < 1_000, "never refused");
+    };
+    assert!(
+        matches!(refused, hop_store::AppendError::DiskBehind { .. }),
+        "{refused}"
+    );
+    assert!(taken * 4000 >= 3 * 128 * 1024, "refused early, at {taken}");
+    assert_eq!(store.counters().rejected_behind, 1);
+    // The job returns; its batch and the next job's make room again.
+    store.synced(0, job.run()).expect("synced");
+    let job = store.start_sync().expect("job");
+    store.synced(0, job.run()).expect("synced");
+    store
+        .append(0, user(7), &message(taken + 1, b"room again"))
+        .expect("append after the disk caught up");
+}
+
+#[test]
 fn a_failed_write_fails_its_own_job_alone() {
     // Guards against: a full disk during one job's write failing a batch an earlier job made
     // durable (that sender would get an Error for a message that is on disk, and resend it).
