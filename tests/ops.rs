@@ -189,6 +189,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         "hop_handshakes_failed_total{",
         "hop_closes_total{",
         "hop_store_commit_seconds_bucket{",
+        "hop_loop_turn_seconds_bucket{",
         "hop_mailbox_depth{",
         "hop_queue_bytes{",
         "hop_handshakes_waiting{",
@@ -225,6 +226,21 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     assert!(sum(&after, "hop_stanzas_in_total{") >= 22.0);
     assert!(sum(&after, "hop_received_bytes_total{") > sum(&before, "hop_received_bytes_total{"));
     assert!(sum(&after, "hop_sent_bytes_total{") > 0.0);
+    // Every turn lands in one bucket; the turns that carried this traffic came after `before`.
+    let turns = sum(&after, "hop_loop_turn_seconds_count{");
+    assert!(turns > sum(&before, "hop_loop_turn_seconds_count{"));
+    assert_eq!(
+        after
+            .iter()
+            .filter(
+                |(series, _)| series.starts_with("hop_loop_turn_seconds_bucket{")
+                    && series.contains("le=\"+Inf\"")
+            )
+            .map(|(_, value)| value)
+            .sum::<f64>(),
+        turns,
+        "the +Inf buckets count every turn"
+    );
 
     // The same counters in the JSON stats that `hop admin stats` prints.
     let (ok, stats, stderr) = hop_admin(&hopd.admin, &["stats"]);

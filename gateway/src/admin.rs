@@ -40,7 +40,7 @@ use crate::cluster::membership::Cluster;
 use crate::control::{Command, Controls, Refused};
 use crate::directory::{Directory, Placement};
 use crate::server::MailboxDepth;
-use crate::stats::{ShardStats, COMMIT_BUCKETS_US};
+use crate::stats::{ShardStats, Times, COMMIT_BUCKETS_US, TIME_BUCKETS, TURN_BUCKETS_US};
 
 /// How long a request about a user waits for its shard's answer.
 const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -651,6 +651,14 @@ const COUNTERS: &[(&str, &str, Field)] = &[
     ),
 ];
 
+/// A histogram of every shard: name, help, bucket bounds (µs) and where its counts are.
+type Histogram = (
+    &'static str,
+    &'static str,
+    &'static [u64; TIME_BUCKETS],
+    fn(&ShardStats) -> &Times,
+);
+
 /// Gauges labelled by shard alone.
 const GAUGES: &[(&str, &str, Field)] = &[
     (
@@ -855,33 +863,44 @@ impl Metrics {
                 }
             }
         }
-        let mut metric = encoder.encode_descriptor(
-            "store_commit_seconds",
-            "Time of the offline-queue commits that fsynced (write and fsync).",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (shard, stats) in views.stats.iter().enumerate() {
-            let times = &stats.commit_times;
-            let buckets: Vec<(f64, u64)> = times
-                .buckets
-                .iter()
-                .enumerate()
-                .map(|(index, count)| {
-                    let bound = COMMIT_BUCKETS_US
-                        .get(index)
-                        .map_or(f64::INFINITY, |micros| *micros as f64 / 1e6);
-                    (bound, count.load(Ordering::Relaxed))
-                })
-                .collect();
-            let count = buckets.iter().map(|(_, count)| count).sum();
-            let sum = times.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-            let labels = [("shard", shard.to_string())];
-            metric
-                .encode_family(&labels)?
-                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                    sum, count, &buckets, None,
-                )?;
+        let histograms: [Histogram; 2] = [
+            (
+                "store_commit_seconds",
+                "Time of the offline-queue commits that fsynced (write and fsync).",
+                &COMMIT_BUCKETS_US,
+                |stats| &stats.commit_times,
+            ),
+            (
+                "loop_turn_seconds",
+                "Time each turn of a shard's loop worked, waiting excluded: what every message the turn carried waited for.",
+                &TURN_BUCKETS_US,
+                |stats| &stats.turn_times,
+            ),
+        ];
+        for (name, help, bounds, field) in histograms {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (shard, stats) in views.stats.iter().enumerate() {
+                let times = field(stats);
+                let buckets: Vec<(f64, u64)> = times
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(index, count)| {
+                        let bound = bounds
+                            .get(index)
+                            .map_or(f64::INFINITY, |micros| *micros as f64 / 1e6);
+                        (bound, count.load(Ordering::Relaxed))
+                    })
+                    .collect();
+                let count = buckets.iter().map(|(_, count)| count).sum();
+                let sum = times.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+                let labels = [("shard", shard.to_string())];
+                metric
+                    .encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        sum, count, &buckets, None,
+                    )?;
+            }
         }
         let shards = views.stats.len() as ShardId;
         let mut metric = encoder.encode_descriptor(

@@ -924,10 +924,15 @@ impl<B: Backend> Core<B> {
                     .min(until_link)
             };
             core.mailboxes.clear_wake(index);
+            // The turn's work starts with its first event (inside the poll) or when the poll
+            // returns, whichever comes first.
+            let mut turn_started = None;
             let result = backend.poll(Some(timeout), &mut |event| {
                 core.read_clocks();
+                turn_started.get_or_insert_with(Instant::now);
                 core.handle_event(event)
             });
+            let turn_started = turn_started.unwrap_or_else(Instant::now);
             if let Err(error) = result {
                 warn!(shard = index, %error, "poll failed");
                 std::thread::sleep(Duration::from_millis(10));
@@ -959,6 +964,10 @@ impl<B: Backend> Core<B> {
             } else if core.work_on_handshakes(backend) {
                 core.end_turn(backend);
             }
+            let worked = u64::try_from(turn_started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            core.stats
+                .turn_times
+                .record(&crate::stats::TURN_BUCKETS_US, worked);
             if Instant::now() >= next_tick {
                 core.follow_cluster();
                 core.enforce_timeouts();
@@ -2440,7 +2449,9 @@ impl<B: Backend> Core<B> {
         self.syncing = false;
         if finished.synced.is_some() {
             let micros = u64::try_from(finished.elapsed.as_micros()).unwrap_or(u64::MAX);
-            self.stats.commit_times.record(micros);
+            self.stats
+                .commit_times
+                .record(&crate::stats::COMMIT_BUCKETS_US, micros);
         }
         for (log, write) in finished.logs {
             let written = match log {

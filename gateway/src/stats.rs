@@ -10,8 +10,11 @@ macro_rules! counters {
         #[repr(align(128))]
         pub struct ShardStats {
             $( #[doc = $doc] pub $name: AtomicU64, )*
-            /// Commits that fsynced, by how long they took.
-            pub commit_times: CommitTimes,
+            /// Commits that fsynced, by how long they took ([`COMMIT_BUCKETS_US`]).
+            pub commit_times: Times,
+            /// The loop's turns, by how long each worked (from its first event to the end of
+            /// its work, waiting excluded; [`TURN_BUCKETS_US`]).
+            pub turn_times: Times,
         }
 
         impl ShardStats {
@@ -91,28 +94,36 @@ counters! {
     store_disk_bytes: "bytes of the offline queue's segment files (gauge, per tick)",
 }
 
-/// Upper bounds, in microseconds, of the buckets of [`CommitTimes`]; the last bucket is
-/// unbounded.
-pub const COMMIT_BUCKETS_US: [u64; 12] = [
+/// Buckets of a [`Times`] histogram, bounded ones (the last bucket is unbounded).
+pub const TIME_BUCKETS: usize = 12;
+
+/// Upper bounds, in microseconds, of the buckets of the commit times.
+pub const COMMIT_BUCKETS_US: [u64; TIME_BUCKETS] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
 ];
 
-/// How long the shard's commits that fsynced took (write and fsync), as a histogram. Written
-/// by the shard alone; read by the metrics endpoint.
+/// Upper bounds, in microseconds, of the buckets of the loop's turn times: a turn is the wait
+/// of every message it carries.
+pub const TURN_BUCKETS_US: [u64; TIME_BUCKETS] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000,
+];
+
+/// A histogram of durations over one of the bucket bounds above. Written by the shard alone;
+/// read by the metrics endpoint.
 #[derive(Debug, Default)]
-pub struct CommitTimes {
-    /// Commits whose time was at most the bound of the same index; the last is `+Inf`.
-    pub buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
+pub struct Times {
+    /// Durations at most the bound of the same index; the last is `+Inf`.
+    pub buckets: [AtomicU64; TIME_BUCKETS + 1],
     pub count: AtomicU64,
     pub sum_us: AtomicU64,
 }
 
-impl CommitTimes {
-    pub fn record(&self, micros: u64) {
-        let index = COMMIT_BUCKETS_US
+impl Times {
+    pub fn record(&self, bounds: &[u64; TIME_BUCKETS], micros: u64) {
+        let index = bounds
             .iter()
             .position(|bound| micros <= *bound)
-            .unwrap_or(COMMIT_BUCKETS_US.len());
+            .unwrap_or(TIME_BUCKETS);
         bump(&self.buckets[index], 1);
         bump(&self.count, 1);
         bump(&self.sum_us, micros);
