@@ -2259,27 +2259,15 @@ impl<B: Backend> Core<B> {
             Err(error) => {
                 bump(&self.stats.store_refusals, 1);
                 debug!(%user, %error, "offline queue refused an item");
-                let (id, kind, now) = (item.ack_id(), item.ack_kind(), self.wall_ms);
-                match error {
-                    hop_store::AppendError::DiskBehind { .. } => self.router.handle_keep_failed(
-                        user,
-                        id,
-                        kind,
-                        keep,
-                        ErrorCode::Overloaded,
-                        "the server's disk is behind; message not taken, send it again later",
-                        now,
-                    ),
-                    _ => self.router.handle_keep_failed(
-                        user,
-                        id,
-                        kind,
-                        keep,
-                        ErrorCode::QueueFull,
-                        "the recipient's queue is full; message not taken",
-                        now,
-                    ),
-                }
+                self.router.handle_keep_failed(
+                    user,
+                    item.ack_id(),
+                    item.ack_kind(),
+                    keep,
+                    ErrorCode::QueueFull,
+                    "the recipient's queue is full; message not taken",
+                    self.wall_ms,
+                );
             }
         }
     }
@@ -2385,7 +2373,12 @@ impl<B: Backend> Core<B> {
         }
         let store_due = due(self.store.next_commit_deadline());
         if held_due || store_due {
-            // Under `always` and `batch` the batch's write and fsync run on the syncer; under
+            if self.store.behind() && self.syncing {
+                // The disk is slower than the traffic: wait for the running job rather than
+                // hold more batches in memory.
+                self.wait_for_job();
+            }
+            // Under `batch` the batch's write and fsync run on the syncer; under `always` and
             // `none` it is written here, into the page cache.
             match self.store.write(self.now_ms) {
                 Ok(commit) => self.release_kept(commit.durable_through),

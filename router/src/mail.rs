@@ -50,7 +50,7 @@ pub const REJECTED_REASON_UNKNOWN: &str = "refused by the recipient's node";
 /// A new reason must be added here, or it reaches a client of another node as
 /// [`REJECTED_REASON_UNKNOWN`]: the test `every_reason_the_router_refuses_with_is_listed` reads
 /// those two files and fails until it is.
-pub const REJECTED_REASONS: [&str; 9] = [
+pub const REJECTED_REASONS: [&str; 8] = [
     "no such user or group on this server",
     "that user has too many watchers",
     "the group's server is busy; try again",
@@ -58,7 +58,6 @@ pub const REJECTED_REASONS: [&str; 9] = [
     "the recipient lives on another node of the cluster, which this node cannot reach now; try again later",
     "the recipient's queue is full; message not taken",
     "the server could not store the message; try again",
-    "the server's disk is behind; message not taken, send it again later",
     "you hold your share of the recipient's queue; message not taken until the recipient takes some",
 ];
 

@@ -194,10 +194,6 @@ pub enum AppendError {
     },
     #[error("body of {body_bytes} bytes is over the {max}-byte limit")]
     TooLarge { body_bytes: usize, max: usize },
-    /// The disk is behind: the bytes waiting in memory for their write and fsync reached their
-    /// bound. Temporary: the next finished job makes room.
-    #[error("the disk is behind: {waiting} bytes wait to be written, at most {max}")]
-    DiskBehind { waiting: usize, max: usize },
 }
 
 /// A commit whose write or fsync failed (disk full, EIO). The appends with these sequence

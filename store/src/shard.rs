@@ -275,8 +275,6 @@ pub struct RecoveryStats {
 pub struct Counters {
     pub appended: u64,
     pub rejected_quota: u64,
-    /// Appends refused because the bytes waiting for a slow disk reached their bound.
-    pub rejected_behind: u64,
     pub delivered: u64,
     pub expired: u64,
     pub commits: u64,
@@ -428,15 +426,6 @@ impl<I: Io> ShardStore<I> {
             return Err(AppendError::TooLarge {
                 body_bytes,
                 max: format::BODY_BYTES_MAX,
-            });
-        }
-        let waiting = self.unsynced_in_memory + self.buffer.len();
-        let waiting_max = UNSYNCED_IN_MEMORY_BUFFERS * self.options.buffer_bytes_max as usize;
-        if waiting >= waiting_max {
-            self.counters.rejected_behind += 1;
-            return Err(AppendError::DiskBehind {
-                waiting,
-                max: waiting_max,
             });
         }
         if let Some(queue) = self.index.queue(user) {
@@ -697,6 +686,16 @@ impl<I: Io> ShardStore<I> {
         })
     }
 
+    /// Whether the batches waiting in memory for their job reached their bound (two
+    /// `buffer_bytes_max`): the disk is slower than the traffic. A caller that runs jobs on
+    /// another thread then waits for the running job before its next [`ShardStore::write`], so
+    /// that memory stays bounded (as the loop's own writes were, by the kernel's dirty-page
+    /// limits, before the job wrote the batches).
+    pub fn behind(&self) -> bool {
+        self.unsynced_in_memory
+            >= UNSYNCED_IN_MEMORY_BUFFERS * self.options.buffer_bytes_max as usize
+    }
+
     /// Whether a [`SyncJob`] is running (started and not yet handed to [`ShardStore::synced`]).
     pub fn sync_running(&self) -> bool {
         self.syncing.is_some()
@@ -726,6 +725,8 @@ impl<I: Io> ShardStore<I> {
             if let Some(mut data) = batch.data.and_then(|data| Arc::try_unwrap(data).ok()) {
                 if self.spare_buffers.len() < SPARE_BUFFERS_MAX {
                     data.clear();
+                    // A burst's large buffer is not kept whole: memory held while idle.
+                    data.shrink_to(SPARE_BUFFER_BYTES_MAX);
                     self.spare_buffers.push(data);
                 }
             }
@@ -1366,13 +1367,15 @@ fn read_into<F: IoFile>(
     Ok(())
 }
 
-/// Bytes of unsynced batches that may wait in memory for their job, with the buffer, in
-/// `buffer_bytes_max`s: past it (a disk slower than the traffic) appends are refused
-/// ([`AppendError::DiskBehind`]) until a job returns.
-const UNSYNCED_IN_MEMORY_BUFFERS: usize = 4;
+/// Bytes of unsynced batches that may wait in memory for their job, in `buffer_bytes_max`s:
+/// past it (a disk slower than the traffic) the store is [`ShardStore::behind`], and its
+/// caller waits for the running job before it closes another batch.
+const UNSYNCED_IN_MEMORY_BUFFERS: usize = 2;
 /// Buffers of durable batches kept for the next ones: a job covers every batch written while
 /// the one before ran, so a few are in use at a time.
-const SPARE_BUFFERS_MAX: usize = 4;
+const SPARE_BUFFERS_MAX: usize = 2;
+/// The capacity a spare buffer keeps at most: a group commit's batch of a few hundred KB fits.
+const SPARE_BUFFER_BYTES_MAX: usize = 1024 * 1024;
 /// Bytes of records one buffer of [`ShardStore::read`] holds (and so one read call fetches at
 /// most): every body of a buffer keeps all of it alive.
 const READ_RUN_BYTES: usize = 1024 * 1024;
