@@ -563,8 +563,6 @@ impl HandshakeInput {
 #[derive(Debug)]
 struct Away {
     generation: u32,
-    /// The session was open before the job (it never is: a job is handshake input).
-    was_open: bool,
     /// Input read meanwhile, worked on when the session is back.
     late: Vec<u8>,
     /// The backend was told to stop reading the connection.
@@ -1275,7 +1273,6 @@ impl<B: Backend> Core<B> {
                 id,
                 Away {
                     generation: waiting.generation,
-                    was_open: session.is_open(),
                     late: Vec::new(),
                     paused: waiting.paused,
                 },
@@ -1292,11 +1289,8 @@ impl<B: Backend> Core<B> {
     /// Takes back what the handshaker finished: each session returns to its connection, which
     /// then goes on as if the loop had worked on its input (its reply written, its key
     /// authenticated, its first stanzas handled), and the input read meanwhile is worked on.
-    /// True if any came back.
-    fn take_back_handshakes(&mut self, backend: &mut B) -> bool {
-        let mut took = false;
+    fn take_back_handshakes(&mut self, backend: &mut B) {
         while let Some(done) = self.handshaker.as_ref().and_then(Handshaker::finished) {
-            took = true;
             let id = done.id;
             match self.away.get(&id) {
                 Some(away) if away.generation == done.generation => {}
@@ -1313,8 +1307,8 @@ impl<B: Backend> Core<B> {
             self.read_clocks();
             let start = self.out.len();
             self.out.extend_from_slice(&done.out);
-            let mut reading =
-                self.worked_on_input(id, away.was_open, start, done.events, done.result);
+            // Only handshake input goes to the thread: the session was not open before it.
+            let mut reading = self.worked_on_input(id, false, start, done.events, done.result);
             if !away.late.is_empty() {
                 reading = self.handle_data_unseen(id, &away.late);
             }
@@ -1324,7 +1318,6 @@ impl<B: Backend> Core<B> {
                 Reading::Continue | Reading::Pause => {}
             }
         }
-        took
     }
 
     /// Works on the handshake input that waits, oldest first, at most
