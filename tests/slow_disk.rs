@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect_kind, key_on, ping, Hopd};
+use common::{expect_kind, key_on, ping, timed_delivery, Hopd};
 use hop_protocol::wire::Kind;
 
 /// Each fsync takes this long at least.
@@ -62,16 +62,8 @@ fn a_slow_disk_does_not_delay_deliveries_between_online_users() {
     let mut alice = hopd.connect(&key_on(0, 1));
     let mut slowest = Duration::ZERO;
     for round in 0..ROUNDS {
-        let sent = Instant::now();
-        alice
-            .send_message(bob_key.user_id(), &[round as u8; 24])
-            .unwrap();
-        let deliver = expect_kind(&mut bob, "Deliver", |kind| match kind {
-            Kind::Deliver(deliver) => Some(deliver),
-            _ => None,
-        });
-        slowest = slowest.max(sent.elapsed());
-        bob.ack_deliver(deliver.id).unwrap();
+        let took = timed_delivery(&mut alice, &mut bob, bob_key.user_id(), &[round as u8; 24]);
+        slowest = slowest.max(took);
         std::thread::sleep(OFFLINE_EVERY);
     }
     let first_ack = offline.join().unwrap();
@@ -86,4 +78,86 @@ fn a_slow_disk_does_not_delay_deliveries_between_online_users() {
          the shard's loop waited for the disk"
     );
     eprintln!("slowest online delivery {slowest:?}; first offline ServerAck after {first_ack:?}");
+}
+
+/// Each read of the offline queue that needs the disk takes this long at least.
+const READ_DELAY: Duration = Duration::from_millis(1_500);
+/// Messages queued for the user who then comes back.
+const QUEUED: u8 = 20;
+
+/// Guards against a read of the offline queue on the shard's loop, and against output that
+/// overtakes it: a user comes back to 20 messages queued on disk while each read takes 1.5 s;
+/// meanwhile a pair on the same shard exchanges messages without waiting for the disk, and a
+/// message sent to the returning user after it connected arrives after the queued ones, every
+/// message once and in order.
+#[test]
+fn a_slow_read_of_the_queue_delays_neither_online_users_nor_the_queue_order() {
+    let delay_ms = READ_DELAY.as_millis().to_string();
+    let hopd = Hopd::start_with_env(
+        &["--shards", "1"],
+        &[("HOP_FAULT_READ_DELAY_MS", delay_ms.as_str())],
+    );
+    let dave_key = key_on(0, 1);
+    let mut dave = hopd.connect(&dave_key);
+    ping(&mut dave);
+    dave.close();
+    let mut carol = hopd.connect(&key_on(0, 1));
+    let dave_id = dave_key.user_id();
+    for n in 0..QUEUED {
+        carol.send_message(dave_id, &[n; 16]).unwrap();
+    }
+    for _ in 0..QUEUED {
+        // Durable: the router let go of the bodies, which are on disk only.
+        expect_kind(&mut carol, "ServerAck", |kind| match kind {
+            Kind::ServerAck(ack) => Some(ack),
+            _ => None,
+        });
+    }
+
+    let back = Instant::now();
+    let mut dave = hopd.connect(&dave_key);
+    // Sent once dave is online: it must not overtake the queue read from disk.
+    carol.send_message(dave_id, &[QUEUED; 16]).unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut bodies = Vec::new();
+        let mut first = None;
+        while bodies.len() < usize::from(QUEUED) + 1 {
+            let deliver = expect_kind(&mut dave, "Deliver", |kind| match kind {
+                Kind::Deliver(deliver) => Some(deliver),
+                _ => None,
+            });
+            first.get_or_insert_with(|| back.elapsed());
+            bodies.push(deliver.body[0]);
+            dave.ack_deliver(deliver.id).unwrap();
+        }
+        (first.unwrap(), bodies)
+    });
+
+    let bob_key = key_on(0, 1);
+    let mut bob = hopd.connect(&bob_key);
+    ping(&mut bob);
+    let mut alice = hopd.connect(&key_on(0, 1));
+    let mut slowest = Duration::ZERO;
+    for round in 0..10u8 {
+        let took = timed_delivery(&mut alice, &mut bob, bob_key.user_id(), &[round; 24]);
+        slowest = slowest.max(took);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (first, bodies) = reading.join().unwrap();
+    assert!(
+        first >= READ_DELAY,
+        "the first queued message came {first:?} after the user connected, sooner than one \
+         read ({READ_DELAY:?}): the injected delay was not in effect"
+    );
+    let expected: Vec<u8> = (0..=QUEUED).collect();
+    assert_eq!(
+        bodies, expected,
+        "the queued messages once each and in order, then the one sent while they were read"
+    );
+    assert!(
+        slowest < READ_DELAY / 2,
+        "a delivery between online users took {slowest:?} while reads took {READ_DELAY:?}: \
+         the shard's loop waited for the disk"
+    );
+    eprintln!("slowest online delivery {slowest:?}; first queued message after {first:?}");
 }

@@ -10,7 +10,7 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{expect_kind, frames_of, Hopd, RawClient};
+use common::{expect_kind, frames_of, timed_delivery, Hopd, RawClient};
 use hop_protocol::wire::{Kind, Ping, Stanza};
 
 /// Each handshake job takes this long at least.
@@ -51,14 +51,8 @@ fn a_slow_handshaker_does_not_delay_connected_users() {
     }
     let mut slowest = Duration::ZERO;
     for round in 0..20u8 {
-        let sent = Instant::now();
-        alice.send_message(bob_key.user_id(), &[round; 24]).unwrap();
-        let deliver = expect_kind(&mut bob, "Deliver", |kind| match kind {
-            Kind::Deliver(deliver) => Some(deliver),
-            _ => None,
-        });
-        slowest = slowest.max(sent.elapsed());
-        bob.ack_deliver(deliver.id).unwrap();
+        let took = timed_delivery(&mut alice, &mut bob, bob_key.user_id(), &[round; 24]);
+        slowest = slowest.max(took);
     }
     assert!(
         slowest < JOB_DELAY / 2,

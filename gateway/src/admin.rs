@@ -605,6 +605,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.store_refusals,
     ),
     (
+        "store_reads_off_loop",
+        "Reads of the offline queue that needed the disk, made on the shard's reader thread.",
+        |s| &s.store_reads_off_loop,
+    ),
+    (
         "shard_restarts",
         "Times the shard panicked and its supervisor restarted it.",
         |s| &s.shard_restarts,

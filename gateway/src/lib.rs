@@ -14,6 +14,7 @@ pub mod control;
 pub mod directory;
 pub mod handshaker;
 pub mod mailbox;
+pub mod reader;
 pub mod server;
 pub mod shard;
 pub mod stats;

@@ -67,6 +67,7 @@ use crate::control::{Command, Controls, DrainPlan};
 use crate::directory::{Directory, Placement};
 use crate::handshaker::{self, Handshaker};
 use crate::mailbox::Mailboxes;
+use crate::reader::{self, Reader};
 use crate::stats::{bump, ShardStats};
 use crate::syncer::{Finished, Job, LogKind, Syncer};
 use crate::sys::{Backend, ConnId, Event, Exported, Reading, Wake};
@@ -836,6 +837,7 @@ impl<B: Backend> Core<B> {
             to_pause: Vec::new(),
             store,
             syncer: Syncer::spawn(usize::from(settings_index), waker.clone()),
+            reader: Reader::spawn(usize::from(settings_index), waker.clone()),
             syncing: false,
             log_retry_at_ms: 0,
             waker,
@@ -844,6 +846,8 @@ impl<B: Backend> Core<B> {
             action_batch: Vec::new(),
             written: VecDeque::new(),
             read_ahead: ReadAhead::default(),
+            holds: HashMap::default(),
+            holds_waiting: VecDeque::new(),
             handshaking: 0,
             controls,
             draining: None,
@@ -938,6 +942,8 @@ impl<B: Backend> Core<B> {
             core.read_clocks();
             // Handshakes the thread finished go on first: their replies leave this turn.
             core.take_back_handshakes(backend);
+            // Then the reads of the offline queue, with what waited behind them.
+            core.take_back_reads();
             if (core.handing.is_some() || core.handover.is_active()) && core.handover_step(backend)
             {
                 // A takeover is under way: it does this turn's work (no drain, no timers).
@@ -1048,6 +1054,12 @@ struct Core<B: Backend> {
     written: VecDeque<Written>,
     /// Records of one user's queue read from the store ahead of their push, oldest first.
     read_ahead: ReadAhead,
+    /// Reads the offline queue off this thread when a read needs the disk.
+    reader: Reader,
+    /// Connections whose output waits behind a read of the offline queue, in order.
+    holds: HashMap<ConnId, Hold>,
+    /// Connections whose hold waits for room on the reader, oldest first.
+    holds_waiting: VecDeque<(ConnId, u32)>,
     /// Connections in their handshake.
     handshaking: usize,
     controls: Arc<Controls>,
@@ -1149,6 +1161,63 @@ struct ReadAhead {
     records: VecDeque<hop_store::Record>,
     /// Scratch for the store's read.
     read: Vec<hop_store::Record>,
+}
+
+/// A kept message to push as a `Deliver` ([`Action::DeliverKept`] without its connection).
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    user: UserId,
+    from: UserId,
+    id: u64,
+    timestamp_ms: u64,
+    proof: u64,
+    sent_to: Option<UserId>,
+}
+
+impl Kept {
+    fn deliver(&self, body: Bytes, group: Option<GroupTag>) -> Stanza {
+        let Self {
+            from,
+            id,
+            timestamp_ms,
+            proof,
+            sent_to,
+            ..
+        } = *self;
+        match (sent_to, group) {
+            (_, Some(tag)) => {
+                Stanza::deliver_group(from, tag.group, id, timestamp_ms, body, proof, tag.event)
+            }
+            (Some(to), None) => Stanza::deliver_sent(from, to, id, timestamp_ms, body),
+            (None, None) => Stanza::deliver(from, id, timestamp_ms, body, proof),
+        }
+    }
+}
+
+/// What waits to be queued on a connection while a read of the offline queue for it is with
+/// the reader (or waits for room there): everything queued for it since, in order, so that
+/// nothing overtakes the queued messages.
+#[derive(Debug)]
+struct Hold {
+    generation: u32,
+    /// A read for it is with the reader.
+    reading: bool,
+    waiting: VecDeque<Outgoing>,
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Stanza(Stanza),
+    Kept(Kept),
+}
+
+/// What reading a kept message gave.
+enum KeptRead {
+    Body(Bytes, Option<GroupTag>),
+    /// The store cannot read it back.
+    Unreadable,
+    /// It needs the disk: a job for the reader.
+    Job(hop_store::ReadJob<FsIo>),
 }
 
 impl<B: Backend> Core<B> {
@@ -2044,33 +2113,15 @@ impl<B: Backend> Core<B> {
                 let Some(conn_id) = self.resolve(conn) else {
                     return; // gone: the router pushes it again on the next connection
                 };
-                match self.kept_body(user, id) {
-                    Some((body, group)) => {
-                        let deliver = match (sent_to, group) {
-                            (_, Some(tag)) => Stanza::deliver_group(
-                                from,
-                                tag.group,
-                                id,
-                                timestamp_ms,
-                                body,
-                                proof,
-                                tag.event,
-                            ),
-                            (Some(to), None) => {
-                                Stanza::deliver_sent(from, to, id, timestamp_ms, body)
-                            }
-                            (None, None) => Stanza::deliver(from, id, timestamp_ms, body, proof),
-                        };
-                        self.queue_stanza(conn_id, &deliver);
-                    }
-                    None => {
-                        bump(&self.stats.store_unreadable, 1);
-                        self.warn(format_args!(
-                                "user {user}: queued message {id} cannot be read back from the offline queue; dropped"
-                            ));
-                        self.router.handle_unreadable(user, id);
-                    }
-                }
+                let kept = Kept {
+                    user,
+                    from,
+                    id,
+                    timestamp_ms,
+                    proof,
+                    sent_to,
+                };
+                self.deliver_kept(conn_id, kept);
             }
             Action::Forward { shard, message } => self.post(shard, Mail::Router(message)),
             // A link that cannot take it: the router refuses what it can to its sender.
@@ -2266,50 +2317,214 @@ impl<B: Backend> Core<B> {
     }
 
     /// The body of kept message `id` of `user` (and its group, for a group copy), from the
-    /// read-ahead or from the store (which then reads the next records too). `None` when the
-    /// store cannot read it back.
+    /// read-ahead or from the store (which then reads the next records too), on this thread.
+    /// `None` when the store cannot read it back.
     fn kept_body(&mut self, user: UserId, id: u64) -> Option<(Bytes, Option<GroupTag>)> {
-        let ahead = &mut self.read_ahead;
-        if ahead.user == Some(user) {
-            while let Some(record) = ahead.records.pop_front() {
-                if let hop_store::StoredItem::Message {
-                    id: read,
-                    body,
-                    group,
-                    ..
-                } = record.item
-                {
-                    if read == id {
-                        return Some((body, group));
-                    }
-                }
-            }
+        if let Some(found) = self.ahead_take(user, id) {
+            return Some(found);
         }
-        ahead.user = Some(user);
-        ahead.records.clear();
-        let position = self
-            .store
-            .queue(user)
-            .position(|slot| slot.id == id && slot.ack_kind == 0)?;
-        ahead.read.clear();
-        if let Err(error) = self
-            .store
-            .read(user, position, READ_AHEAD_RECORDS, &mut ahead.read)
-        {
-            warn!(shard = self.settings.index, %user, %error, "reading the offline queue failed");
+        match self.read_kept(user, id, false) {
+            KeptRead::Body(body, group) => Some((body, group)),
+            KeptRead::Unreadable | KeptRead::Job(_) => None,
+        }
+    }
+
+    /// Kept message `id` of `user` from the read-ahead, dropping the records before it (no
+    /// longer wanted: the queue is pushed in order).
+    fn ahead_take(&mut self, user: UserId, id: u64) -> Option<(Bytes, Option<GroupTag>)> {
+        let ahead = &mut self.read_ahead;
+        if ahead.user != Some(user) {
             return None;
         }
-        let mut records = ahead.read.drain(..);
-        let first = records.next()?;
-        ahead.records.extend(records);
-        match first.item {
-            hop_store::StoredItem::Message {
+        while let Some(record) = ahead.records.pop_front() {
+            if let hop_store::StoredItem::Message {
                 id: read,
                 body,
                 group,
                 ..
-            } if read == id => Some((body, group)),
-            _ => None, // the store dropped it as damaged
+            } = record.item
+            {
+                if read == id {
+                    return Some((body, group));
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads `user`'s queue from kept message `id` on into the read-ahead. With `job`, a read
+    /// that needs the disk is not made here but returned as a job for the reader.
+    fn read_kept(&mut self, user: UserId, id: u64, job: bool) -> KeptRead {
+        let ahead = &mut self.read_ahead;
+        ahead.user = Some(user);
+        ahead.records.clear();
+        let Some(position) = self
+            .store
+            .queue(user)
+            .position(|slot| slot.id == id && slot.ack_kind == 0)
+        else {
+            return KeptRead::Unreadable;
+        };
+        ahead.read.clear();
+        let read = if job {
+            self.store
+                .read_or_job(user, position, READ_AHEAD_RECORDS, &mut ahead.read)
+        } else {
+            self.store
+                .read(user, position, READ_AHEAD_RECORDS, &mut ahead.read)
+                .map(|_| None)
+        };
+        match read {
+            Ok(Some(job)) => return KeptRead::Job(job),
+            Ok(None) => {}
+            Err(error) => {
+                warn!(shard = self.settings.index, %user, %error, "reading the offline queue failed");
+                return KeptRead::Unreadable;
+            }
+        }
+        self.ahead_filled(user);
+        match self.ahead_take(user, id) {
+            Some((body, group)) => KeptRead::Body(body, group),
+            None => KeptRead::Unreadable, // the store dropped it as damaged
+        }
+    }
+
+    /// The records in the read-ahead's scratch are `user`'s, from the one to push next.
+    fn ahead_filled(&mut self, user: UserId) {
+        let ahead = &mut self.read_ahead;
+        ahead.user = Some(user);
+        ahead.records.clear();
+        ahead.records.extend(ahead.read.drain(..));
+    }
+
+    /// Pushes kept message `kept` on connection `id`: at once when its body is in the
+    /// read-ahead or the store reads it without the disk; otherwise behind a read on the
+    /// reader, with everything queued for the connection meanwhile held behind it.
+    fn deliver_kept(&mut self, id: ConnId, kept: Kept) {
+        if let Some(hold) = self.holds.get_mut(&id) {
+            hold.waiting.push_back(Outgoing::Kept(kept));
+            return;
+        }
+        if let Some((body, group)) = self.ahead_take(kept.user, kept.id) {
+            self.queue_now(id, &kept.deliver(body, group));
+            return;
+        }
+        let Some(generation) = self.generation_of(id) else {
+            return;
+        };
+        self.holds.insert(
+            id,
+            Hold {
+                generation,
+                reading: false,
+                waiting: VecDeque::from([Outgoing::Kept(kept)]),
+            },
+        );
+        self.work_on_hold(id);
+    }
+
+    /// Queues what connection `id`'s hold has waiting, in order, until a kept message needs a
+    /// read from the disk: that read goes to the reader (or waits for room there) and the rest
+    /// keeps waiting. A hold with nothing left goes.
+    fn work_on_hold(&mut self, id: ConnId) {
+        let Some(mut hold) = self.holds.remove(&id) else {
+            return;
+        };
+        debug_assert!(!hold.reading, "a hold waits for its read");
+        while let Some(outgoing) = hold.waiting.pop_front() {
+            let kept = match outgoing {
+                Outgoing::Stanza(stanza) => {
+                    self.queue_now(id, &stanza);
+                    continue;
+                }
+                Outgoing::Kept(kept) => kept,
+            };
+            if let Some((body, group)) = self.ahead_take(kept.user, kept.id) {
+                self.queue_now(id, &kept.deliver(body, group));
+                continue;
+            }
+            if self.reader.full() {
+                // Its turn comes with the reader's next answer.
+                hold.waiting.push_front(Outgoing::Kept(kept));
+                self.holds_waiting.push_back((id, hold.generation));
+                self.holds.insert(id, hold);
+                return;
+            }
+            let read = self.read_kept(kept.user, kept.id, self.reader.room());
+            match read {
+                KeptRead::Body(body, group) => self.queue_now(id, &kept.deliver(body, group)),
+                KeptRead::Unreadable => self.kept_unreadable(kept.user, kept.id),
+                KeptRead::Job(job) => {
+                    hold.waiting.push_front(Outgoing::Kept(kept));
+                    hold.reading = true;
+                    bump(&self.stats.store_reads_off_loop, 1);
+                    self.reader.start(reader::Read {
+                        conn: id,
+                        generation: hold.generation,
+                        job,
+                    });
+                    self.holds.insert(id, hold);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes back what the reader read: each connection's hold goes on with it.
+    fn take_back_reads(&mut self) {
+        let mut any = false;
+        while let Some(answer) = self.reader.finished() {
+            any = true;
+            let user = answer.done.user();
+            self.read_ahead.read.clear();
+            self.store
+                .finish_read(answer.done, &mut self.read_ahead.read);
+            let live = self.holds.get_mut(&answer.conn).is_some_and(|hold| {
+                hold.generation == answer.generation && std::mem::take(&mut hold.reading)
+            });
+            if live {
+                self.ahead_filled(user);
+                self.work_on_hold(answer.conn);
+            }
+        }
+        if !any {
+            return;
+        }
+        // Holds that waited for room on the reader.
+        while self.reader.room() {
+            let Some((id, generation)) = self.holds_waiting.pop_front() else {
+                break;
+            };
+            if self
+                .holds
+                .get(&id)
+                .is_some_and(|hold| hold.generation == generation && !hold.reading)
+            {
+                self.work_on_hold(id);
+            }
+        }
+        self.run_actions();
+    }
+
+    /// Kept message `id` of `user` cannot be read back: it is dropped, and counted.
+    fn kept_unreadable(&mut self, user: UserId, id: u64) {
+        bump(&self.stats.store_unreadable, 1);
+        self.warn(format_args!(
+            "user {user}: queued message {id} cannot be read back from the offline queue; dropped"
+        ));
+        self.router.handle_unreadable(user, id);
+    }
+
+    /// Queues what connection `id`'s hold has waiting, except the kept messages (pushed again
+    /// on its next connection), and drops the hold: the connection is closing.
+    fn release_hold(&mut self, id: ConnId) {
+        let Some(hold) = self.holds.remove(&id) else {
+            return;
+        };
+        for outgoing in hold.waiting {
+            if let Outgoing::Stanza(stanza) = outgoing {
+                self.queue_now(id, &stanza);
+            }
         }
     }
 
@@ -3153,6 +3368,7 @@ impl<B: Backend> Core<B> {
             ),
             (self.handshake_input.is_waiting(), "handshake input"),
             (!self.away.is_empty(), "handshakes on the handshaker thread"),
+            (!self.holds.is_empty(), "reads of the offline queue"),
             (
                 !(self.conns.iter().flatten())
                     .all(|conn| matches!(conn.phase, Phase::Open | Phase::Closing)),
@@ -3461,6 +3677,9 @@ impl<B: Backend> Core<B> {
 
     /// Closes at the end of the turn, after this turn's bytes are written.
     fn close(&mut self, id: ConnId) {
+        if !self.holds.is_empty() {
+            self.release_hold(id);
+        }
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
@@ -3566,6 +3785,7 @@ impl<B: Backend> Core<B> {
 
     /// Drops a connection that is gone: the router hears of it.
     fn forget(&mut self, id: ConnId, conn: Conn) {
+        self.holds.remove(&id);
         self.admission.left(id, self.now_ms);
         self.registering.remove(&id);
         self.links_in.remove(&id);
@@ -3582,7 +3802,17 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// Queues `stanza` on connection `id`, behind what waits for a read of the offline queue.
     fn queue_stanza(&mut self, id: ConnId, stanza: &Stanza) {
+        if let Some(hold) = self.holds.get_mut(&id) {
+            hold.waiting.push_back(Outgoing::Stanza(stanza.clone()));
+            return;
+        }
+        self.queue_now(id, stanza);
+    }
+
+    /// Queues `stanza` on connection `id` now.
+    fn queue_now(&mut self, id: ConnId, stanza: &Stanza) {
         let Some(conn) = self.conns.get_mut(id as usize).and_then(Option::as_mut) else {
             return;
         };

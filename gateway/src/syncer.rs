@@ -28,7 +28,7 @@ use hop_store::{LogWrite, SyncJob, Synced};
 use tracing::warn;
 
 use crate::sys::helper::Helper;
-use crate::sys::realtime::RealTime;
+use crate::sys::realtime::{self, RealTime};
 use crate::sys::Wake;
 
 /// A write of one of the shard's account logs.
@@ -69,14 +69,8 @@ impl Syncer {
     pub fn spawn(shard: usize, wake: Arc<dyn Wake>) -> Self {
         let delay = injected_delay();
         let realtime = RealTime::of_this_thread();
-        let setup = move || {
-            // Under a real-time policy, one priority above the shard: see `RealTime`.
-            if let Some(realtime) = realtime {
-                if let Err(error) = realtime.one_above() {
-                    warn!(shard, %error, "cannot raise the syncer thread above its shard's real-time priority");
-                }
-            }
-        };
+        // Under a real-time policy, one priority above the shard: see `RealTime`.
+        let setup = move || realtime::above_shard(realtime, shard, "syncer");
         // One job runs at a time and the queue holds one, so `start` never blocks.
         let work = move |_: &mut (), job| run(job, delay);
         match Helper::spawn(format!("hop-sync-{shard}"), 1, 1, wake, setup, work) {

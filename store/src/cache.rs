@@ -125,6 +125,34 @@ impl BlockCache {
         Ok(())
     }
 
+    /// Whether bytes `offset..offset + length` of `segment` are all in cached blocks, so that
+    /// [`BlockCache::read_into`] would serve them without a read call.
+    pub(crate) fn holds(&self, segment: u32, offset: u64, length: usize) -> bool {
+        if length >= BLOCK_BYTES || self.blocks.is_empty() {
+            return false;
+        }
+        let block_bytes = BLOCK_BYTES as u64;
+        let end = offset + length as u64;
+        let mut at = offset;
+        while at < end {
+            let number = at / block_bytes;
+            let block_start = number * block_bytes;
+            let wanted_end = end.min(block_start + block_bytes);
+            let Ok(number) = u32::try_from(number) else {
+                return false;
+            };
+            let block = &self.blocks[place(segment, number)];
+            let cached = block.segment == segment
+                && block.number == number
+                && block.bytes.len() as u64 >= wanted_end - block_start;
+            if !cached {
+                return false;
+            }
+            at = wanted_end;
+        }
+        true
+    }
+
     fn read_directly<F: IoFile>(
         &mut self,
         file: &F,

@@ -63,8 +63,8 @@ pub use format::GroupTag;
 pub use rehome::{prepare, Layout, SHARDS_FILE};
 pub use report::{report, QueueReport, ShardReport, UserReport};
 pub use shard::{
-    Commit, CompactProgress, Counters, Expired, Item, Record, RecoveryStats, ShardStore, Slot,
-    StoredItem, SyncJob, Synced,
+    Commit, CompactProgress, Counters, Expired, Item, ReadDone, ReadJob, Record, RecoveryStats,
+    ShardStore, Slot, StoredItem, SyncJob, Synced,
 };
 
 /// When a queued record is durable, and so when its ServerAck leaves.

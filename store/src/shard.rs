@@ -832,6 +832,118 @@ impl<I: Io> ShardStore<I> {
         Ok(out.len() - before)
     }
 
+    /// [`ShardStore::read`] when it needs no read call (every record is in memory or in the
+    /// block cache): reads into `out` and returns `None`. Otherwise reads nothing and returns a
+    /// [`ReadJob`] to run on another thread and hand to [`ShardStore::finish_read`]; the
+    /// records it reads are those of the queue now, though some may be acked or expired by
+    /// then. If the files cannot be opened again for the job (the process is out of
+    /// descriptors), reads at once.
+    pub fn read_or_job(
+        &mut self,
+        user: UserId,
+        skip: usize,
+        limit: usize,
+        out: &mut Vec<Record>,
+    ) -> Result<Option<ReadJob<I>>, StoreError> {
+        let plan = self.index.plan_read(user, skip, limit);
+        let segments = &self.index.segments;
+        let unwritten = Some(Unwritten {
+            batches: &self.unsynced,
+            active: self.active,
+            buffer_at: segments[&self.active].bytes,
+            buffer: &self.buffer,
+        });
+        let needs_file =
+            plan.iter()
+                .flat_map(|chunk| &chunk.runs)
+                .any(|&(segment, offset, length)| {
+                    let on_file = on_file_bytes(segments, unwritten, segment, offset, length);
+                    on_file > 0 && !self.read_cache.holds(segment, offset, on_file)
+                });
+        if !needs_file {
+            self.read(user, skip, limit, out)?;
+            return Ok(None);
+        }
+        let mut files: Vec<(u32, I::File)> = Vec::new();
+        let mut chunks = Vec::with_capacity(plan.len());
+        for chunk in plan {
+            let mut parts = Vec::with_capacity(chunk.runs.len());
+            for &(segment, offset, length) in &chunk.runs {
+                let on_file = on_file_bytes(segments, unwritten, segment, offset, length);
+                let from_memory = if on_file > 0 && !self.read_cache.holds(segment, offset, on_file)
+                {
+                    let file = match files.iter().position(|(number, _)| *number == segment) {
+                        Some(file) => file,
+                        None => {
+                            let Some(handle) =
+                                segments.get(&segment).and_then(|s| s.file.try_clone().ok())
+                            else {
+                                self.read(user, skip, limit, out)?;
+                                return Ok(None);
+                            };
+                            files.push((segment, handle));
+                            files.len() - 1
+                        }
+                    };
+                    parts.push(JobPart::File {
+                        file,
+                        offset,
+                        length: on_file,
+                    });
+                    on_file
+                } else {
+                    0
+                };
+                if from_memory < length {
+                    let mut ready = Vec::with_capacity(length - from_memory);
+                    let at = offset + from_memory as u64;
+                    if read_into(
+                        segments,
+                        unwritten,
+                        Some(&mut self.read_cache),
+                        segment,
+                        at,
+                        length - from_memory,
+                        &mut ready,
+                    )
+                    .is_err()
+                    {
+                        ready.clear();
+                        ready.resize(length - from_memory, 0);
+                    }
+                    parts.push(JobPart::Ready(ready));
+                }
+            }
+            chunks.push(JobChunk {
+                records: chunk.records,
+                bytes: chunk.bytes,
+                parts,
+            });
+        }
+        Ok(Some(ReadJob {
+            user,
+            files: files.into_iter().map(|(_, file)| file).collect(),
+            chunks,
+        }))
+    }
+
+    /// Takes what a [`ReadJob`] read: its records into `out`, in queue order. A record that
+    /// does not check out is dropped from the queue (if still there) and counted, as by
+    /// [`ShardStore::read`]. Returns the number of records read.
+    pub fn finish_read(&mut self, done: ReadDone, out: &mut Vec<Record>) -> usize {
+        let before = out.len();
+        let mut bad = Vec::new();
+        for chunk in done.chunks {
+            decode_chunk(done.user, &chunk.records, chunk.bytes, out, &mut bad);
+        }
+        self.counters.read_calls += done.read_calls;
+        for seq in bad {
+            self.counters.corrupt_reads += 1;
+            self.forget(done.user, seq);
+        }
+        out.len() - before
+    }
+
     /// One step of compaction, reading at most about `budget_bytes` of an old segment: a
     /// sealed segment with no live record is deleted; one that is at least half dead, or that
     /// holds dead bytes and was sealed `compact_after_ms` ago, has its live records copied to
@@ -1367,6 +1479,163 @@ fn read_into<F: IoFile>(
     Ok(())
 }
 
+/// Bytes of `segment` from `offset` (at most `length`) that are on file: those before the
+/// segment's first region in memory.
+fn on_file_bytes<F>(
+    segments: &BTreeMap<u32, Segment<F>>,
+    unwritten: Option<Unwritten<'_>>,
+    segment: u32,
+    offset: u64,
+    length: usize,
+) -> usize {
+    let Some(file) = segments.get(&segment) else {
+        return 0;
+    };
+    let first_region = unwritten.and_then(|unwritten| unwritten.regions(segment).next());
+    let on_file_end = first_region.map_or(file.bytes, |(start, _)| start.min(file.bytes));
+    (on_file_end.saturating_sub(offset) as usize).min(length)
+}
+
+/// One buffer's worth of a queue read ([`Index::plan_read`]).
+#[derive(Debug)]
+struct PlannedChunk {
+    /// (sequence number, record bytes) of each record, in order.
+    records: Vec<(u64, usize)>,
+    bytes: usize,
+    /// (segment, offset, bytes) of each read, in order.
+    runs: Vec<(u32, u64, usize)>,
+}
+
+/// Decodes the records of one chunk, read into `bytes`, into `out`; those that do not check out
+/// go to `bad`.
+fn decode_chunk(
+    user: UserId,
+    records: &[(u64, usize)],
+    bytes: Vec<u8>,
+    out: &mut Vec<Record>,
+    bad: &mut Vec<u64>,
+) {
+    let bytes = Bytes::from(bytes);
+    let mut position = 0;
+    for &(seq, length) in records {
+        match decode_item(&bytes, position, length, user, seq) {
+            Some(item) => out.push(Record { seq, item }),
+            None => bad.push(seq),
+        }
+        position += length;
+    }
+}
+
+/// A read of a user's queue that needs the segment files, made by [`ShardStore::read_or_job`]
+/// to run on any thread ([`ReadJob::run`]) and be handed back with
+/// [`ShardStore::finish_read`]. What was in memory or in the block cache when it was made it
+/// holds already; for the rest it holds its own handles on the files, so a segment compacted
+/// and deleted meanwhile still reads back.
+pub struct ReadJob<I: Io> {
+    user: UserId,
+    files: Vec<I::File>,
+    chunks: Vec<JobChunk>,
+}
+
+#[derive(Debug)]
+struct JobChunk {
+    records: Vec<(u64, usize)>,
+    bytes: usize,
+    parts: Vec<JobPart>,
+}
+
+#[derive(Debug)]
+enum JobPart {
+    Ready(Vec<u8>),
+    /// `length` bytes at `offset` of `files[file]`.
+    File {
+        file: usize,
+        offset: u64,
+        length: usize,
+    },
+}
+
+impl<I: Io> std::fmt::Debug for ReadJob<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadJob")
+            .field("user", &self.user)
+            .field("files", &self.files.len())
+            .field("chunks", &self.chunks)
+            .finish()
+    }
+}
+
+impl<I: Io> ReadJob<I> {
+    /// Whose queue it reads.
+    pub fn user(&self) -> UserId {
+        self.user
+    }
+
+    /// Reads the job's file parts. A part that fails reads as zeros, so its records do not
+    /// check out and [`ShardStore::finish_read`] drops them, as a synchronous read does.
+    pub fn run(self) -> ReadDone {
+        let mut read_calls = 0;
+        let chunks = self
+            .chunks
+            .into_iter()
+            .map(|chunk| {
+                let mut bytes = Vec::with_capacity(chunk.bytes);
+                for part in chunk.parts {
+                    match part {
+                        JobPart::Ready(ready) => bytes.extend_from_slice(&ready),
+                        JobPart::File {
+                            file,
+                            offset,
+                            length,
+                        } => {
+                            let start = bytes.len();
+                            bytes.resize(start + length, 0);
+                            read_calls += 1;
+                            if self.files[file]
+                                .read_exact_at(&mut bytes[start..], offset)
+                                .is_err()
+                            {
+                                bytes[start..].fill(0);
+                            }
+                        }
+                    }
+                }
+                ReadChunk {
+                    records: chunk.records,
+                    bytes,
+                }
+            })
+            .collect();
+        ReadDone {
+            user: self.user,
+            chunks,
+            read_calls,
+        }
+    }
+}
+
+/// What a [`ReadJob`] read, for [`ShardStore::finish_read`].
+#[derive(Debug)]
+pub struct ReadDone {
+    user: UserId,
+    chunks: Vec<ReadChunk>,
+    read_calls: u64,
+}
+
+/// One chunk a [`ReadJob`] read: its records' (sequence number, bytes), and their bytes.
+#[derive(Debug)]
+struct ReadChunk {
+    records: Vec<(u64, usize)>,
+    bytes: Vec<u8>,
+}
+
+impl ReadDone {
+    /// Whose queue it read.
+    pub fn user(&self) -> UserId {
+        self.user
+    }
+}
+
 /// Bytes of unsynced batches that may wait in memory for their job, in `buffer_bytes_max`s:
 /// past it (a disk slower than the traffic) the store is [`ShardStore::behind`], and its
 /// caller waits for the running job before it closes another batch.
@@ -1784,22 +2053,13 @@ impl<F: IoFile> Index<F> {
         Ok((index, next_seq, stats))
     }
 
-    /// Reads up to `limit` records of `user` from position `skip` into `out`: the records'
-    /// bytes are gathered into one buffer per [`READ_RUN_BYTES`] (each body is a slice of it),
-    /// a run of adjacent records is one read, and small reads go through `cache`. Returns the
-    /// sequence numbers that did not read back.
-    pub(crate) fn read_user(
-        &self,
-        user: UserId,
-        skip: usize,
-        limit: usize,
-        unwritten: Option<Unwritten<'_>>,
-        cache: &mut BlockCache,
-        out: &mut Vec<Record>,
-    ) -> Vec<u64> {
-        let mut bad = Vec::new();
+    /// How a read of up to `limit` records of `user` from position `skip` is made: the
+    /// records' bytes are gathered into one buffer per [`READ_RUN_BYTES`] (a chunk; each body
+    /// is a slice of it), and a run of adjacent records is one read.
+    fn plan_read(&self, user: UserId, skip: usize, limit: usize) -> Vec<PlannedChunk> {
+        let mut chunks = Vec::new();
         let Some(queue) = self.queue(user) else {
-            return bad;
+            return chunks;
         };
         let slots = &queue.slots;
         let end = skip.saturating_add(limit).min(slots.len());
@@ -1813,7 +2073,14 @@ impl<F: IoFile> Index<F> {
                 chunk_bytes += slots[chunk_end].record_bytes as usize;
                 chunk_end += 1;
             }
-            let mut bytes = Vec::with_capacity(chunk_bytes);
+            let mut chunk = PlannedChunk {
+                records: slots
+                    .range(at..chunk_end)
+                    .map(|slot| (slot.seq, slot.record_bytes as usize))
+                    .collect(),
+                bytes: chunk_bytes,
+                runs: Vec::new(),
+            };
             let mut run_at = at;
             while run_at < chunk_end {
                 let first = slots[run_at];
@@ -1827,39 +2094,51 @@ impl<F: IoFile> Index<F> {
                     run_bytes += slots[run_end].record_bytes as usize;
                     run_end += 1;
                 }
+                chunk
+                    .runs
+                    .push((first.segment, u64::from(first.offset), run_bytes));
+                run_at = run_end;
+            }
+            chunks.push(chunk);
+            at = chunk_end;
+        }
+        chunks
+    }
+
+    /// Reads up to `limit` records of `user` from position `skip` into `out` (see
+    /// [`Index::plan_read`]), small reads through `cache`. Returns the sequence numbers that did
+    /// not read back.
+    pub(crate) fn read_user(
+        &self,
+        user: UserId,
+        skip: usize,
+        limit: usize,
+        unwritten: Option<Unwritten<'_>>,
+        cache: &mut BlockCache,
+        out: &mut Vec<Record>,
+    ) -> Vec<u64> {
+        let mut bad = Vec::new();
+        for chunk in self.plan_read(user, skip, limit) {
+            let mut bytes = Vec::with_capacity(chunk.bytes);
+            for &(segment, offset, length) in &chunk.runs {
                 let before = bytes.len();
                 let read = read_into(
                     &self.segments,
                     unwritten,
                     Some(&mut *cache),
-                    first.segment,
-                    u64::from(first.offset),
-                    run_bytes,
+                    segment,
+                    offset,
+                    length,
                     &mut bytes,
                 );
                 if read.is_err() {
                     // Zeros never decode (a zero length is invalid): each record of the run is
                     // reported below like one that rotted on disk.
                     bytes.truncate(before);
-                    bytes.resize(before + run_bytes, 0);
+                    bytes.resize(before + length, 0);
                 }
-                run_at = run_end;
             }
-            debug_assert_eq!(bytes.len(), chunk_bytes);
-            let bytes = Bytes::from(bytes);
-            let mut position = 0;
-            for slot in slots.range(at..chunk_end) {
-                let length = slot.record_bytes as usize;
-                match decode_item(&bytes, position, length, user, slot.seq) {
-                    Some(item) => out.push(Record {
-                        seq: slot.seq,
-                        item,
-                    }),
-                    None => bad.push(slot.seq),
-                }
-                position += length;
-            }
-            at = chunk_end;
+            decode_chunk(user, &chunk.records, bytes, out, &mut bad);
         }
         bad
     }

@@ -759,6 +759,72 @@ fn the_loop_writes_nothing_and_reads_what_waits_for_its_job_from_memory() {
 }
 
 #[test]
+fn a_read_that_needs_the_files_is_a_job_that_reads_what_a_read_would() {
+    // Guards against: a reconnecting user's queue read with a read call on the shard's loop
+    // (a slow disk then stalls every connection of the shard), and against a job that reads
+    // other records than `read` (lost, reordered or duplicated deliveries), or that keeps a
+    // record that rotted on disk.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut store = open(temp.path(), options());
+    fill(&mut store, 1, 3, b"on file");
+    store
+        .append(1_000, user(7), &message(4, b"buffered"))
+        .expect("append");
+    let mut out = Vec::new();
+    let job = store
+        .read_or_job(user(7), 0, 64, &mut out)
+        .expect("read")
+        .expect("records on file and not cached: a job");
+    assert!(out.is_empty(), "nothing read on the caller's thread");
+    assert_eq!(job.user(), user(7));
+    let read_calls = store.counters().read_calls;
+    // Written after the job was made, the file part of the job still reads it.
+    store
+        .append(1_000, user(7), &message(5, b"later"))
+        .expect("append");
+    store.commit(1_000).expect("commit");
+    let done = job.run();
+    assert_eq!(store.finish_read(done, &mut out), 4);
+    assert_eq!(ids(&out), [1, 2, 3, 4], "the queue as it was, in order");
+    assert!(
+        store.counters().read_calls > read_calls,
+        "the job's reads are counted"
+    );
+
+    // Once a synchronous read has the blocks in its cache, no job is needed.
+    assert_eq!(ids(&read_all(&mut store, user(7))), [1, 2, 3, 4, 5]);
+    let mut out = Vec::new();
+    let job = store.read_or_job(user(7), 1, 64, &mut out).expect("read");
+    assert!(job.is_none(), "served from the block cache");
+    assert_eq!(ids(&out), [2, 3, 4, 5]);
+
+    // A record that rots on disk while the job waits is dropped and counted, the rest read.
+    drop(store);
+    let mut store = open(temp.path(), options());
+    let mut out = Vec::new();
+    let job = store
+        .read_or_job(user(7), 0, 64, &mut out)
+        .expect("read")
+        .expect("a job after a restart");
+    let path = &segments(temp.path(), 0)[0];
+    let mut bytes = fs::read(path).expect("segment");
+    let at = bytes
+        .windows(7)
+        .position(|window| window == b"on file")
+        .expect("first body");
+    bytes[at] ^= 0xff;
+    fs::write(path, bytes).expect("rot it");
+    assert_eq!(store.finish_read(job.run(), &mut out), 4);
+    assert_eq!(ids(&out), [2, 3, 4, 5]);
+    assert_eq!(store.counters().corrupt_reads, 1);
+    assert_eq!(
+        store.queue_len(user(7)),
+        4,
+        "the rotten record left the queue"
+    );
+}
+
+#[test]
 fn under_always_the_batch_is_on_file_when_write_returns() {
     // Guards against: `always` leaving a batch in memory for its job, so that what the server
     // answers after an ack (whose tombstone the batch holds) is lost with a kill of hopd and

@@ -405,6 +405,25 @@ pub fn expect_kind<T>(client: &mut Client, what: &str, pick: impl Fn(Kind) -> Op
     }
 }
 
+/// Sends `body` from `from` to `to` (whose id is `to_id`), waits for its Deliver and acks it:
+/// how long the delivery took.
+pub fn timed_delivery(
+    from: &mut Client,
+    to: &mut Client,
+    to_id: hop_protocol::UserId,
+    body: &[u8],
+) -> Duration {
+    let sent = Instant::now();
+    from.send_message(to_id, body).expect("send");
+    let deliver = expect_kind(to, "Deliver", |kind| match kind {
+        Kind::Deliver(deliver) => Some(deliver),
+        _ => None,
+    });
+    let took = sent.elapsed();
+    to.ack_deliver(deliver.id).expect("ack");
+    took
+}
+
 /// A round trip through the user's home shard: when the Pong is back, everything sent before
 /// the Ping was handled.
 pub fn ping(client: &mut Client) {

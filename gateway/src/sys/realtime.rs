@@ -58,6 +58,18 @@ impl RealTime {
     }
 }
 
+/// Run first on a shard's helper thread (syncer, reader): under a real-time policy
+/// (`shard`'s, read on the shard's thread), takes one priority above it, since a thread of
+/// the same priority never preempts a busy real-time loop and would hand back its work only
+/// when the loop blocks. A refusal is logged once, and the thread carries on.
+pub fn above_shard(realtime: Option<RealTime>, shard: usize, thread: &str) {
+    if let Some(realtime) = realtime {
+        if let Err(error) = realtime.one_above() {
+            tracing::warn!(shard, %error, "cannot raise the {thread} thread above its shard's real-time priority");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
