@@ -1,17 +1,20 @@
 //! Reads of the offline queue, off the shard's thread.
 //!
 //! A user who comes online is pushed its queue: messages whose bodies the router let go once
-//! they were kept, so the shard reads them back from the store. A read that needs a read call
-//! (the records are neither in memory nor in the store's block cache) takes microseconds from
-//! the page cache and milliseconds from a busy disk; on the shard's loop it would stall every
-//! connection of the shard for that long. So the loop asks the store for a
+//! they were kept, so the shard reads them back from the store. A read the kernel serves from
+//! its page cache takes microseconds; one that goes to the disk takes milliseconds on a busy
+//! one, and on the shard's loop it would stall every connection of the shard for that long.
+//! So the loop reads only what does not wait (memory, the store's block cache, and the page
+//! cache through `preadv2` with `RWF_NOWAIT`), and otherwise asks the store for a
 //! [`ReadJob`](hop_store::ReadJob) and hands it to this shard's reader thread, which runs it,
 //! sends back what it read and wakes the loop. Meanwhile everything queued for that connection
 //! waits in order behind the read (the shard's `Hold`), so nothing overtakes the queued
 //! messages.
 //!
-//! At most [`READS_MAX`] jobs are with the thread at once; further reads wait for room. If the
-//! thread cannot be started, the loop reads, as before the reader.
+//! At most [`READS_MAX`] jobs are with the thread at once; further reads wait for room, and are
+//! planned once earlier jobs brought their blocks into the block cache (a queue's records lie
+//! in the same blocks as other users', so jobs planned together would read the same blocks).
+//! If the thread cannot be started, the loop reads, as before the reader.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +28,9 @@ use crate::sys::realtime::{self, RealTime};
 use crate::sys::ConnId;
 use crate::sys::Wake;
 
-/// Jobs with the thread at once, per shard.
-pub const READS_MAX: usize = 32;
+/// Jobs with the thread at once, per shard: one thread works them in turn anyway, so more
+/// would only read the same blocks twice.
+pub const READS_MAX: usize = 4;
 /// Answers before the thread wakes the loop while more jobs wait: one wake-up for a run of
 /// reads, not one each.
 const WAKE_EVERY: usize = 8;
@@ -53,6 +57,8 @@ pub struct Reader {
     worker: Option<Helper<Read, Answer>>,
     /// Jobs handed to the thread whose answers the loop has not taken.
     in_flight: usize,
+    /// A slow disk is simulated (fault injection): nothing counts as in the page cache.
+    slow_disk: bool,
 }
 
 impl Reader {
@@ -74,6 +80,7 @@ impl Reader {
             Ok(worker) => Self {
                 worker: Some(worker),
                 in_flight: 0,
+                slow_disk: !delay.is_zero(),
             },
             Err(error) => {
                 warn!(
@@ -91,7 +98,14 @@ impl Reader {
         Self {
             worker: None,
             in_flight: 0,
+            slow_disk: false,
         }
+    }
+
+    /// Whether a read the page cache can serve is made on the loop (it does not wait for the
+    /// disk): always, unless fault injection simulates a slow disk, where nothing is cached.
+    pub fn page_cache_counts(&self) -> bool {
+        !self.slow_disk
     }
 
     /// Whether the thread takes another job now.
@@ -178,7 +192,7 @@ mod tests {
         store.commit(0).expect("commit");
         let mut out = Vec::new();
         let job = store
-            .read_or_job(user, 0, 64, &mut out)
+            .read_or_job(user, 0, 64, &mut out, false)
             .expect("read")
             .expect("on file: a job");
         let wakes = Arc::new(WakeCount::default());

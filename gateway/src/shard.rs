@@ -2367,8 +2367,13 @@ impl<B: Backend> Core<B> {
         };
         ahead.read.clear();
         let read = if job {
-            self.store
-                .read_or_job(user, position, READ_AHEAD_RECORDS, &mut ahead.read)
+            self.store.read_or_job(
+                user,
+                position,
+                READ_AHEAD_RECORDS,
+                &mut ahead.read,
+                self.reader.page_cache_counts(),
+            )
         } else {
             self.store
                 .read(user, position, READ_AHEAD_RECORDS, &mut ahead.read)
@@ -3664,6 +3669,7 @@ impl<B: Backend> Core<B> {
             store_delivered = store.delivered,
             store_commits = store.commits,
             store_fsyncs = store.fsyncs,
+            store_read_calls = store.read_calls,
             "shard stopped; {}",
             stats.join(" ")
         );

@@ -15,7 +15,7 @@
 
 use std::io;
 
-use crate::io::IoFile;
+use crate::io::{read_at, IoFile, Wait};
 
 /// Bytes of one cached block. A read smaller than this goes through the cache; a larger run
 /// (adjacent records of one user, or a big body) is read directly, so the cache never reads
@@ -66,6 +66,7 @@ impl BlockCache {
     /// (clipped to the file's `file_bytes` valid bytes) where they are not cached, unless
     /// loaded blocks have stopped paying off (see [`WASTE_MAX`]). On error `out` may hold part
     /// of the bytes; the caller drops them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn read_into<F: IoFile>(
         &mut self,
         segment: u32,
@@ -74,11 +75,12 @@ impl BlockCache {
         offset: u64,
         length: usize,
         out: &mut Vec<u8>,
+        wait: Wait,
     ) -> io::Result<()> {
         let end = offset + length as u64;
         assert!(end <= file_bytes, "reads stay within the valid bytes");
         if length >= BLOCK_BYTES {
-            return self.read_directly(file, offset, length, out);
+            return self.read_directly(file, offset, length, out, wait);
         }
         if self.blocks.is_empty() {
             self.blocks.resize_with(BLOCKS_MAX, Block::default);
@@ -103,7 +105,7 @@ impl BlockCache {
                 if self.waste == WASTE_MAX {
                     if self.misses_until_probe > 0 {
                         self.misses_until_probe -= 1;
-                        return self.read_directly(file, at, (end - at) as usize, out);
+                        return self.read_directly(file, at, (end - at) as usize, out, wait);
                     }
                     self.misses_until_probe = PROBE_EVERY_MISSES - 1;
                 }
@@ -112,7 +114,7 @@ impl BlockCache {
                 let valid = (file_bytes - block_start).min(block_bytes) as usize;
                 block.bytes.resize(valid, 0);
                 self.read_calls += 1;
-                if let Err(error) = file.read_exact_at(&mut block.bytes, block_start) {
+                if let Err(error) = read_at(file, &mut block.bytes, block_start, wait) {
                     block.bytes.clear();
                     return Err(error);
                 }
@@ -153,17 +155,44 @@ impl BlockCache {
         true
     }
 
+    /// Whether a small read that misses loads whole blocks now (loaded blocks pay off), or
+    /// reads only the bytes asked for (see [`WASTE_MAX`]).
+    pub(crate) fn loads_blocks(&self) -> bool {
+        self.waste < WASTE_MAX
+    }
+
+    /// Keeps block `number` of `segment`, read elsewhere (a read job): `bytes` are the
+    /// segment's bytes from the block's start that were valid on file when it was read.
+    pub(crate) fn insert(&mut self, segment: u32, number: u32, bytes: Vec<u8>) {
+        debug_assert!(bytes.len() <= BLOCK_BYTES);
+        if self.blocks.is_empty() {
+            self.blocks.resize_with(BLOCKS_MAX, Block::default);
+        }
+        self.used = true;
+        let block = &mut self.blocks[place(segment, number)];
+        if block.segment == segment && block.number == number && block.bytes.len() >= bytes.len() {
+            return;
+        }
+        self.waste = (self.waste + 1).min(WASTE_MAX);
+        *block = Block {
+            segment,
+            number,
+            bytes,
+        };
+    }
+
     fn read_directly<F: IoFile>(
         &mut self,
         file: &F,
         offset: u64,
         length: usize,
         out: &mut Vec<u8>,
+        wait: Wait,
     ) -> io::Result<()> {
         let start = out.len();
         out.resize(start + length, 0);
         self.read_calls += 1;
-        file.read_exact_at(&mut out[start..], offset)
+        read_at(file, &mut out[start..], offset, wait)
     }
 
     /// Drops the blocks of a deleted segment, so its bytes do not linger in memory.
@@ -264,7 +293,7 @@ mod tests {
         let mut out = Vec::new();
         let file_bytes = file.size_bytes().expect("size");
         cache
-            .read_into(1, file, file_bytes, offset, length, &mut out)
+            .read_into(1, file, file_bytes, offset, length, &mut out, Wait::ForDisk)
             .expect("read");
         out
     }
@@ -376,7 +405,7 @@ mod tests {
         let mut cache = BlockCache::default();
         let mut out = Vec::new();
         cache
-            .read_into(1, &file, 300, 200, 100, &mut out)
+            .read_into(1, &file, 300, 200, 100, &mut out, Wait::ForDisk)
             .expect("read");
         assert_eq!(out, &bytes[200..300]);
         assert_eq!(cache.cached_bytes(), 300);
@@ -390,7 +419,7 @@ mod tests {
         file.fail.set(true);
         let mut out = Vec::new();
         assert!(cache
-            .read_into(1, &file, bytes.len() as u64, 0, 10, &mut out)
+            .read_into(1, &file, bytes.len() as u64, 0, 10, &mut out, Wait::ForDisk)
             .is_err());
         file.fail.set(false);
         assert_eq!(read(&mut cache, &file, 0, 10), &bytes[..10]);

@@ -124,11 +124,40 @@ pub fn cut_torn_tail<F: IoFile>(
     Ok((good_bytes, torn))
 }
 
+/// Whether a read may wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    ForDisk,
+    /// Only what the page cache holds; otherwise the read fails with `WouldBlock`.
+    Never,
+}
+
+/// Fills `buf` from `offset` of `file`, waiting for the disk or not.
+pub(crate) fn read_at<F: IoFile>(
+    file: &F,
+    buf: &mut [u8],
+    offset: u64,
+    wait: Wait,
+) -> io::Result<()> {
+    match wait {
+        Wait::ForDisk => file.read_exact_at(buf, offset),
+        Wait::Never if file.read_cached_at(buf, offset)? => Ok(()),
+        Wait::Never => Err(io::ErrorKind::WouldBlock.into()),
+    }
+}
+
 /// An open file. Writes are positioned: the store always knows where its bytes go, so a
 /// failed, partly written batch is overwritten by the next one instead of hiding before it.
 pub trait IoFile {
     fn size_bytes(&self) -> io::Result<u64>;
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Fills `buf` from `offset` only if the kernel has those bytes in memory (the page
+    /// cache), never waiting for the disk: `Ok(true)` read, `Ok(false)` the read would have
+    /// waited (or the platform cannot tell), and `buf` then holds nothing of use.
+    fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// `fdatasync`: the written bytes (and the length) are on stable storage.
     fn sync(&mut self) -> io::Result<()>;
@@ -215,6 +244,32 @@ impl IoFile for File {
         FileExt::read_exact_at(self, buf, offset)
     }
 
+    /// `preadv2` with `RWF_NOWAIT` (Linux 4.14): `EAGAIN` when a byte asked for is not in the
+    /// page cache; a file system that cannot tell (`EOPNOTSUPP`) reads as not cached.
+    #[cfg(target_os = "linux")]
+    fn read_cached_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<bool> {
+        use rustix::io::{preadv2, Errno, ReadWriteFlags};
+        while !buf.is_empty() {
+            let slice = &mut [io::IoSliceMut::new(buf)];
+            match preadv2(self, slice, offset, ReadWriteFlags::NOWAIT) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "failed to fill whole buffer",
+                    ))
+                }
+                Ok(read) => {
+                    buf = &mut buf[read..];
+                    offset += read as u64;
+                }
+                Err(Errno::AGAIN | Errno::OPNOTSUPP) => return Ok(false),
+                Err(Errno::INTR) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(true)
+    }
+
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         FileExt::write_all_at(self, buf, offset)
     }
@@ -241,6 +296,8 @@ pub struct Faults {
     pub fail_syncs: AtomicBool,
     /// Every read fails with EIO.
     pub fail_reads: AtomicBool,
+    /// Nothing is in the page cache: every read that must not wait for the disk would.
+    pub uncached: AtomicBool,
     /// When non-negative: bytes that may still be written before writes fail with ENOSPC; a
     /// write that crosses the limit writes the part that fits, as a full disk does.
     pub write_bytes_left: AtomicI64,
@@ -353,6 +410,16 @@ impl IoFile for FaultyFile {
             return Err(io_error());
         }
         IoFile::read_exact_at(&self.file, buf, offset)
+    }
+
+    fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if self.faults.fail_reads.load(Ordering::Relaxed) {
+            return Err(io_error());
+        }
+        if self.faults.uncached.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        IoFile::read_cached_at(&self.file, buf, offset)
     }
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {

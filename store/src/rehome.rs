@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use hop_protocol::UserId;
 
 use crate::cache::BlockCache;
-use crate::io::{Io, IoFile};
+use crate::io::{Io, IoFile, Wait};
 use crate::shard::{refuse_v1_segments, shard_dir, Index, ShardStore};
 use crate::{Durability, Item, Options, Quota, StoreError, StoredItem};
 
@@ -113,7 +113,17 @@ pub fn prepare<I: Io + Clone>(
         layout.corrupt_records += stats.corrupt_records;
         for queue in &index.queues {
             records.clear();
-            let bad = index.read_user(queue.user, 0, usize::MAX, None, &mut cache, &mut records);
+            let bad = index
+                .read_user(
+                    queue.user,
+                    0,
+                    usize::MAX,
+                    None,
+                    &mut cache,
+                    Wait::ForDisk,
+                    &mut records,
+                )
+                .expect("a read that may wait never would block");
             layout.corrupt_records += bad.len() as u64;
             let target = &mut targets[usize::from(home(queue.user, shards))];
             for record in &records {

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use hop_protocol::wire::receipt_ack_id;
 use hop_protocol::UserId;
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, BLOCK_BYTES};
 use crate::format::{self, GroupTag, Payload, SegmentHeader, SEGMENT_HEADER_BYTES};
-use crate::io::{Io, IoFile};
+use crate::io::{Io, IoFile, Wait};
 use crate::{AppendError, CommitError, Durability, Options, Quota, StoreError};
 
 /// An item for a user's queue, as the shard loop appends it. `timestamp_ms` is the wall
@@ -808,6 +808,21 @@ impl<I: Io> ShardStore<I> {
         limit: usize,
         out: &mut Vec<Record>,
     ) -> Result<usize, StoreError> {
+        Ok(self
+            .read_waiting(user, skip, limit, out, Wait::ForDisk)
+            .expect("a read that may wait never would block"))
+    }
+
+    /// [`ShardStore::read`], or `None` (with part of the records in `out`) if a read would
+    /// have waited for the disk and `wait` says not to.
+    fn read_waiting(
+        &mut self,
+        user: UserId,
+        skip: usize,
+        limit: usize,
+        out: &mut Vec<Record>,
+        wait: Wait,
+    ) -> Option<usize> {
         let before = out.len();
         let read_calls_before = self.read_cache.read_calls;
         let unwritten = Unwritten {
@@ -822,18 +837,21 @@ impl<I: Io> ShardStore<I> {
             limit,
             Some(unwritten),
             &mut self.read_cache,
+            wait,
             out,
         );
         self.counters.read_calls += self.read_cache.read_calls - read_calls_before;
-        for seq in bad {
+        for seq in bad? {
             self.counters.corrupt_reads += 1;
             self.forget(user, seq);
         }
-        Ok(out.len() - before)
+        Some(out.len() - before)
     }
 
-    /// [`ShardStore::read`] when it needs no read call (every record is in memory or in the
-    /// block cache): reads into `out` and returns `None`. Otherwise reads nothing and returns a
+    /// [`ShardStore::read`] when it needs no wait for the disk: every record is in memory, in
+    /// the block cache or, with `page_cache`, in the kernel's page cache (a read that does not
+    /// wait: `preadv2` with `RWF_NOWAIT` on Linux; elsewhere nothing counts as cached). Then
+    /// it reads into `out` and returns `None`. Otherwise it reads nothing and returns a
     /// [`ReadJob`] to run on another thread and hand to [`ShardStore::finish_read`]; the
     /// records it reads are those of the queue now, though some may be acked or expired by
     /// then. If the files cannot be opened again for the job (the process is out of
@@ -844,7 +862,18 @@ impl<I: Io> ShardStore<I> {
         skip: usize,
         limit: usize,
         out: &mut Vec<Record>,
+        page_cache: bool,
     ) -> Result<Option<ReadJob<I>>, StoreError> {
+        if page_cache {
+            let before = out.len();
+            if self
+                .read_waiting(user, skip, limit, out, Wait::Never)
+                .is_some()
+            {
+                return Ok(None);
+            }
+            out.truncate(before);
+        }
         let plan = self.index.plan_read(user, skip, limit);
         let segments = &self.index.segments;
         let unwritten = Some(Unwritten {
@@ -865,6 +894,7 @@ impl<I: Io> ShardStore<I> {
             return Ok(None);
         }
         let mut files: Vec<(u32, I::File)> = Vec::new();
+        let mut blocks: Vec<JobBlock> = Vec::new();
         let mut chunks = Vec::with_capacity(plan.len());
         for chunk in plan {
             let mut parts = Vec::with_capacity(chunk.runs.len());
@@ -885,11 +915,47 @@ impl<I: Io> ShardStore<I> {
                             files.len() - 1
                         }
                     };
-                    parts.push(JobPart::File {
-                        file,
-                        offset,
-                        length: on_file,
-                    });
+                    if on_file < BLOCK_BYTES && self.read_cache.loads_blocks() {
+                        // Whole blocks, for the block cache: the next user's records are
+                        // likely in them (see `cache.rs`).
+                        let file_end = on_file_end(segments, unwritten, segment);
+                        let block_bytes = BLOCK_BYTES as u64;
+                        let end = offset + on_file as u64;
+                        let mut at = offset;
+                        while at < end {
+                            let number = at / block_bytes;
+                            let block_start = number * block_bytes;
+                            let piece_end = end.min(block_start + block_bytes);
+                            let number = u32::try_from(number).expect("segment offsets fit u32");
+                            let block = match blocks
+                                .iter()
+                                .position(|b: &JobBlock| b.segment == segment && b.number == number)
+                            {
+                                Some(block) => block,
+                                None => {
+                                    blocks.push(JobBlock {
+                                        file,
+                                        segment,
+                                        number,
+                                        bytes: (file_end - block_start).min(block_bytes) as usize,
+                                    });
+                                    blocks.len() - 1
+                                }
+                            };
+                            parts.push(JobPart::InBlock {
+                                block,
+                                from: (at - block_start) as usize,
+                                to: (piece_end - block_start) as usize,
+                            });
+                            at = piece_end;
+                        }
+                    } else {
+                        parts.push(JobPart::File {
+                            file,
+                            offset,
+                            length: on_file,
+                        });
+                    }
                     on_file
                 } else {
                     0
@@ -900,7 +966,7 @@ impl<I: Io> ShardStore<I> {
                     if read_into(
                         segments,
                         unwritten,
-                        Some(&mut self.read_cache),
+                        Some((&mut self.read_cache, Wait::ForDisk)),
                         segment,
                         at,
                         length - from_memory,
@@ -923,6 +989,7 @@ impl<I: Io> ShardStore<I> {
         Ok(Some(ReadJob {
             user,
             files: files.into_iter().map(|(_, file)| file).collect(),
+            blocks,
             chunks,
         }))
     }
@@ -935,6 +1002,12 @@ impl<I: Io> ShardStore<I> {
         let mut bad = Vec::new();
         for chunk in done.chunks {
             decode_chunk(done.user, &chunk.records, chunk.bytes, out, &mut bad);
+        }
+        for (segment, number, bytes) in done.blocks {
+            // Not the blocks of a segment deleted meanwhile: nothing would read them.
+            if self.index.segments.contains_key(&segment) {
+                self.read_cache.insert(segment, number, bytes);
+            }
         }
         self.counters.read_calls += done.read_calls;
         for seq in bad {
@@ -1422,12 +1495,12 @@ fn read_run<F: IoFile>(
     Ok(bytes)
 }
 
-/// [`read_run`] appending to `out`, the file part through `cache` when there is one. On error
-/// `out` may hold part of the bytes.
+/// [`read_run`] appending to `out`, the file part through `cache` when there is one (waiting
+/// for the disk or not). On error `out` may hold part of the bytes.
 fn read_into<F: IoFile>(
     segments: &BTreeMap<u32, Segment<F>>,
     unwritten: Option<Unwritten<'_>>,
-    cache: Option<&mut BlockCache>,
+    cache: Option<(&mut BlockCache, Wait)>,
     segment: u32,
     offset: u64,
     length: usize,
@@ -1443,8 +1516,8 @@ fn read_into<F: IoFile>(
     let on_file = (on_file_end.saturating_sub(offset) as usize).min(length);
     if on_file > 0 {
         match cache {
-            Some(cache) => {
-                cache.read_into(segment, &file.file, on_file_end, offset, on_file, out)?
+            Some((cache, wait)) => {
+                cache.read_into(segment, &file.file, on_file_end, offset, on_file, out, wait)?
             }
             None => {
                 let start = out.len();
@@ -1488,12 +1561,20 @@ fn on_file_bytes<F>(
     offset: u64,
     length: usize,
 ) -> usize {
+    (on_file_end(segments, unwritten, segment).saturating_sub(offset) as usize).min(length)
+}
+
+/// Where the bytes of `segment` that are on file end: at its first region in memory.
+fn on_file_end<F>(
+    segments: &BTreeMap<u32, Segment<F>>,
+    unwritten: Option<Unwritten<'_>>,
+    segment: u32,
+) -> u64 {
     let Some(file) = segments.get(&segment) else {
         return 0;
     };
     let first_region = unwritten.and_then(|unwritten| unwritten.regions(segment).next());
-    let on_file_end = first_region.map_or(file.bytes, |(start, _)| start.min(file.bytes));
-    (on_file_end.saturating_sub(offset) as usize).min(length)
+    first_region.map_or(file.bytes, |(start, _)| start.min(file.bytes))
 }
 
 /// One buffer's worth of a queue read ([`Index::plan_read`]).
@@ -1534,7 +1615,18 @@ fn decode_chunk(
 pub struct ReadJob<I: Io> {
     user: UserId,
     files: Vec<I::File>,
+    /// Whole blocks to read, for the parts and then the block cache.
+    blocks: Vec<JobBlock>,
     chunks: Vec<JobChunk>,
+}
+
+/// A block of a segment a [`ReadJob`] reads whole: `bytes` from its start, those on file.
+#[derive(Debug)]
+struct JobBlock {
+    file: usize,
+    segment: u32,
+    number: u32,
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -1552,6 +1644,12 @@ enum JobPart {
         file: usize,
         offset: u64,
         length: usize,
+    },
+    /// Bytes `from..to` of `blocks[block]`.
+    InBlock {
+        block: usize,
+        from: usize,
+        to: usize,
     },
 }
 
@@ -1575,6 +1673,19 @@ impl<I: Io> ReadJob<I> {
     /// check out and [`ShardStore::finish_read`] drops them, as a synchronous read does.
     pub fn run(self) -> ReadDone {
         let mut read_calls = 0;
+        let blocks: Vec<Option<(u32, u32, Vec<u8>)>> = self
+            .blocks
+            .iter()
+            .map(|block| {
+                let mut bytes = vec![0; block.bytes];
+                read_calls += 1;
+                let at = u64::from(block.number) * BLOCK_BYTES as u64;
+                self.files[block.file]
+                    .read_exact_at(&mut bytes, at)
+                    .ok()
+                    .map(|()| (block.segment, block.number, bytes))
+            })
+            .collect();
         let chunks = self
             .chunks
             .into_iter()
@@ -1583,6 +1694,10 @@ impl<I: Io> ReadJob<I> {
                 for part in chunk.parts {
                     match part {
                         JobPart::Ready(ready) => bytes.extend_from_slice(&ready),
+                        JobPart::InBlock { block, from, to } => match &blocks[block] {
+                            Some((_, _, block)) => bytes.extend_from_slice(&block[from..to]),
+                            None => bytes.resize(bytes.len() + (to - from), 0),
+                        },
                         JobPart::File {
                             file,
                             offset,
@@ -1609,6 +1724,7 @@ impl<I: Io> ReadJob<I> {
         ReadDone {
             user: self.user,
             chunks,
+            blocks: blocks.into_iter().flatten().collect(),
             read_calls,
         }
     }
@@ -1619,6 +1735,8 @@ impl<I: Io> ReadJob<I> {
 pub struct ReadDone {
     user: UserId,
     chunks: Vec<ReadChunk>,
+    /// The whole blocks it read: (segment, number, bytes), for the block cache.
+    blocks: Vec<(u32, u32, Vec<u8>)>,
     read_calls: u64,
 }
 
@@ -2107,7 +2225,9 @@ impl<F: IoFile> Index<F> {
 
     /// Reads up to `limit` records of `user` from position `skip` into `out` (see
     /// [`Index::plan_read`]), small reads through `cache`. Returns the sequence numbers that did
-    /// not read back.
+    /// not read back; `None` (with part of the records in `out`) if a read would have waited
+    /// for the disk and `wait` says not to.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn read_user(
         &self,
         user: UserId,
@@ -2115,8 +2235,9 @@ impl<F: IoFile> Index<F> {
         limit: usize,
         unwritten: Option<Unwritten<'_>>,
         cache: &mut BlockCache,
+        wait: Wait,
         out: &mut Vec<Record>,
-    ) -> Vec<u64> {
+    ) -> Option<Vec<u64>> {
         let mut bad = Vec::new();
         for chunk in self.plan_read(user, skip, limit) {
             let mut bytes = Vec::with_capacity(chunk.bytes);
@@ -2125,12 +2246,19 @@ impl<F: IoFile> Index<F> {
                 let read = read_into(
                     &self.segments,
                     unwritten,
-                    Some(&mut *cache),
+                    Some((&mut *cache, wait)),
                     segment,
                     offset,
                     length,
                     &mut bytes,
                 );
+                if read
+                    .as_ref()
+                    .is_err_and(|error| error.kind() == io::ErrorKind::WouldBlock)
+                    && wait == Wait::Never
+                {
+                    return None;
+                }
                 if read.is_err() {
                     // Zeros never decode (a zero length is invalid): each record of the run is
                     // reported below like one that rotted on disk.
@@ -2140,7 +2268,7 @@ impl<F: IoFile> Index<F> {
             }
             decode_chunk(user, &chunk.records, bytes, out, &mut bad);
         }
-        bad
+        Some(bad)
     }
 
     pub(crate) fn queue(&self, user: UserId) -> Option<&UserQueue> {

@@ -772,7 +772,7 @@ fn a_read_that_needs_the_files_is_a_job_that_reads_what_a_read_would() {
         .expect("append");
     let mut out = Vec::new();
     let job = store
-        .read_or_job(user(7), 0, 64, &mut out)
+        .read_or_job(user(7), 0, 64, &mut out, false)
         .expect("read")
         .expect("records on file and not cached: a job");
     assert!(out.is_empty(), "nothing read on the caller's thread");
@@ -790,11 +790,20 @@ fn a_read_that_needs_the_files_is_a_job_that_reads_what_a_read_would() {
         store.counters().read_calls > read_calls,
         "the job's reads are counted"
     );
+    // The job read whole blocks, which joined the block cache: the same read needs no job.
+    let mut again = Vec::new();
+    let job = store
+        .read_or_job(user(7), 0, 3, &mut again, false)
+        .expect("read");
+    assert!(job.is_none(), "served from the blocks the job read");
+    assert_eq!(ids(&again), [1, 2, 3]);
 
     // Once a synchronous read has the blocks in its cache, no job is needed.
     assert_eq!(ids(&read_all(&mut store, user(7))), [1, 2, 3, 4, 5]);
     let mut out = Vec::new();
-    let job = store.read_or_job(user(7), 1, 64, &mut out).expect("read");
+    let job = store
+        .read_or_job(user(7), 1, 64, &mut out, false)
+        .expect("read");
     assert!(job.is_none(), "served from the block cache");
     assert_eq!(ids(&out), [2, 3, 4, 5]);
 
@@ -803,7 +812,7 @@ fn a_read_that_needs_the_files_is_a_job_that_reads_what_a_read_would() {
     let mut store = open(temp.path(), options());
     let mut out = Vec::new();
     let job = store
-        .read_or_job(user(7), 0, 64, &mut out)
+        .read_or_job(user(7), 0, 64, &mut out, false)
         .expect("read")
         .expect("a job after a restart");
     let path = &segments(temp.path(), 0)[0];
@@ -822,6 +831,40 @@ fn a_read_that_needs_the_files_is_a_job_that_reads_what_a_read_would() {
         4,
         "the rotten record left the queue"
     );
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn a_read_the_page_cache_holds_is_made_at_once_and_one_that_would_wait_is_a_job() {
+    // Guards against: every queue read that touches a file going to another thread (a drain
+    // from the page cache then pays a thread's round trip per read), and against a read that
+    // would wait for the disk being made at once on the caller's thread.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, faults, io) = faulty_store(temp.path(), options());
+    for id in 1..=3 {
+        store
+            .append(0, user(7), &message(id, b"in the page cache"))
+            .expect("append");
+    }
+    store.commit(0).expect("commit");
+    let mut out = Vec::new();
+    let job = store
+        .read_or_job(user(7), 0, 64, &mut out, true)
+        .expect("read");
+    assert!(job.is_none(), "just written: in the page cache");
+    assert_eq!(ids(&out), [1, 2, 3]);
+    drop(store);
+    // A new store has an empty block cache; the disk is cold.
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, options(), io, 0).expect("reopen");
+    faults.uncached.store(true, Ordering::Relaxed);
+    let mut out = Vec::new();
+    let job = store
+        .read_or_job(user(7), 0, 64, &mut out, true)
+        .expect("read")
+        .expect("nothing cached: a job");
+    assert!(out.is_empty(), "nothing read on the caller's thread");
+    assert_eq!(store.finish_read(job.run(), &mut out), 3);
+    assert_eq!(ids(&out), [1, 2, 3]);
 }
 
 #[test]
