@@ -682,6 +682,11 @@ const GAUGES: &[(&str, &str, Field)] = &[
         |s| &s.handshakes_waiting,
     ),
     (
+        "send_buffered_bytes",
+        "Bytes the shard's connections hold for writing: what send_buffers_bytes_max bounds.",
+        |s| &s.send_buffered_bytes,
+    ),
+    (
         "queue_items",
         "Messages and receipts queued for their devices.",
         |s| &s.queue_items,

@@ -3580,6 +3580,7 @@ impl<B: Backend> Core<B> {
         let stats = &self.stats;
         for (gauge, value) in [
             (&stats.connections_handshaking, self.handshaking as u64),
+            (&stats.send_buffered_bytes, backend.unsent_bytes() as u64),
             (
                 &stats.handshakes_waiting,
                 (self.handshake_input.waiting() + self.away.len()) as u64,

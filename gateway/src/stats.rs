@@ -69,6 +69,7 @@ counters! {
     // Published by the shard once per tick, from its router and store.
     connections_handshaking: "connections still in their handshake (gauge, per tick)",
     handshakes_waiting: "connections whose handshake input waits for a turn's cap (gauge, per tick)",
+    send_buffered_bytes: "bytes the shard's connections hold for writing (gauge, per tick)",
     messages_accepted: "messages taken for delivery (per tick)",
     messages_rejected: "messages refused (quota, unknown user, disk; per tick)",
     messages_acked: "messages the recipient's device acked (per tick)",
