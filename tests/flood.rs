@@ -484,9 +484,12 @@ fn throwaway_keys_filling_one_recipient_are_refused_while_a_pair_keeps_talking()
     let times = pair.round_trips();
     let (acked, refused) = flooding.join().unwrap();
     let rss_after = rss_bytes(&hopd);
+    let waits: u64 = by_label(&hopd, "hop_store_waits_total", "shard")
+        .values()
+        .sum();
     println!(
         "{KEYS} keys to one recipient: {acked} taken, refused {refused:?}; pair p50 {:?} p99 {:?} \
-         (baseline {:?}); rss {} MiB -> {} MiB",
+         (baseline {:?}); rss {} MiB -> {} MiB; the loops waited for the disk {waits} times",
         times[SAMPLES / 2],
         p99(&times),
         p99(&baseline),

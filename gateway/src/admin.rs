@@ -605,6 +605,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.store_refusals,
     ),
     (
+        "store_waits",
+        "Times the shard's loop waited for its syncer: the disk was behind the traffic.",
+        |s| &s.store_waits,
+    ),
+    (
         "store_reads_off_loop",
         "Reads of the offline queue that needed the disk, made on the shard's reader thread.",
         |s| &s.store_reads_off_loop,

@@ -2589,6 +2589,7 @@ impl<B: Backend> Core<B> {
             if self.store.behind() && self.syncing {
                 // The disk is slower than the traffic: wait for the running job rather than
                 // hold more batches in memory.
+                bump(&self.stats.store_waits, 1);
                 self.wait_for_job();
             }
             // Under `batch` the batch's write and fsync run on the syncer; under `always` and

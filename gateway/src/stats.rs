@@ -51,6 +51,7 @@ counters! {
     store_refusals: "items the offline queue refused (over quota)",
     store_commit_failures: "offline queue commits that failed (disk full, IO error)",
     store_unreadable: "queued messages dropped because their record could not be read back",
+    store_waits: "times the shard's loop waited for its syncer: the disk was behind the traffic",
     store_reads_off_loop: "reads of the offline queue that needed the disk, made on the shard's reader thread",
     keeps_skipped: "queued items acked by their device before their batch went to disk (never written)",
     handshakes_abandoned: "connections the peer closed before finishing the handshake",
