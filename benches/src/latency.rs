@@ -89,6 +89,30 @@ impl LatencyRecorder {
         self.histogram.len()
     }
 
+    /// What was recorded, for another process to merge ([`LatencyRecorder::from_counts`]):
+    /// (value in ns, samples) per recorded bucket, and the clamped count.
+    pub fn counts(&self) -> (Vec<(u64, u64)>, u64) {
+        let counts = self
+            .histogram
+            .iter_recorded()
+            .map(|bucket| (bucket.value_iterated_to(), bucket.count_at_value()))
+            .collect();
+        (counts, self.clamped)
+    }
+
+    /// A recorder holding what [`LatencyRecorder::counts`] gave.
+    pub fn from_counts(counts: &[(u64, u64)], clamped: u64) -> Self {
+        let mut recorder = Self::new();
+        for &(value, samples) in counts {
+            recorder
+                .histogram
+                .record_n(value.clamp(1, LATENCY_NS_MAX), samples)
+                .expect("value clamped to the histogram's range");
+        }
+        recorder.clamped = clamped;
+        recorder
+    }
+
     pub fn is_empty(&self) -> bool {
         self.histogram.is_empty()
     }
@@ -183,6 +207,20 @@ mod tests {
         let summary = recorder.summary();
         assert_eq!(summary.count, 2);
         assert_eq!(summary.clamped, 1);
+    }
+
+    #[test]
+    fn counts_carry_a_histogram_to_another_process() {
+        let mut recorder = LatencyRecorder::new();
+        for k in 1..=1_000u64 {
+            recorder.record_intended(0, k * 1_000);
+        }
+        recorder.record_intended(0, LATENCY_NS_MAX * 2);
+        let (counts, clamped) = recorder.counts();
+        let json = serde_json::to_string(&counts).expect("json");
+        let back: Vec<(u64, u64)> = serde_json::from_str(&json).expect("parse");
+        let copy = LatencyRecorder::from_counts(&back, clamped);
+        assert_eq!(copy.summary(), recorder.summary());
     }
 
     #[test]

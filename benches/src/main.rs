@@ -135,6 +135,19 @@ enum Scenario {
         duration_ms: u64,
         #[arg(long, default_value_t = 5_000)]
         drain_ms: u64,
+        /// Generator processes, each with its share of the pairs and of the rate (one core
+        /// each, at most, since a process's clients share one thread): more than one offers
+        /// rates one process cannot. The report merges their latencies and sums their CPU.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 1,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(GENERATOR_PROCESSES_MAX))
+        )]
+        processes: u32,
+        /// Run as one generator process of a parent `latency` (reports on stdout).
+        #[arg(long, hide = true)]
+        child: bool,
     },
     /// Open connections at a set rate up to a target; hold them idle; report what was held.
     Ceiling {
@@ -303,6 +316,8 @@ fn run(cli: Cli) -> Result<(), String> {
             rate,
             duration_ms,
             drain_ms,
+            processes,
+            child,
         } => {
             let options = scenario::LatencyOptions {
                 pairs,
@@ -310,7 +325,16 @@ fn run(cli: Cli) -> Result<(), String> {
                 duration_ms,
                 drain_ms,
             };
-            (scenario::latency(&common(&args)?, &options)?, args)
+            let common = common(&args)?;
+            if child {
+                let result = scenario::latency_local(&common, &options)?;
+                println!(
+                    "RESULT {}",
+                    serde_json::to_string(&result).map_err(|e| e.to_string())?
+                );
+                return Ok(());
+            }
+            (latency_processes(&common, &options, processes)?, args)
         }
         Scenario::Offline {
             common: args,
@@ -374,6 +398,143 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// The stdout lines of generator processes, as (process index, line).
+type Lines = mpsc::Receiver<(u32, String)>;
+
+/// Starts `processes` generator processes of `scenario`: this binary with `--child`, the
+/// servers, the target and the servers' keys, and `args(index)`. Their stdout lines come
+/// through the receiver as (index, line).
+fn spawn_children(
+    scenario: &str,
+    common: &Common,
+    processes: u32,
+    args: impl Fn(u32) -> Vec<String>,
+) -> Result<(Lines, Vec<std::process::Child>), String> {
+    let (sender, receiver) = mpsc::channel::<(u32, String)>();
+    let mut children = Vec::new();
+    for index in 0..processes {
+        let mut command = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
+        command
+            .arg(scenario)
+            .arg("--child")
+            .args(["--server", &common.server_names()])
+            .args(args(index))
+            .stdout(Stdio::piped());
+        match common.target {
+            Target::Hop => {
+                command.args(["--target", "hop"]);
+                let pins: Vec<String> = common
+                    .servers
+                    .iter()
+                    .filter_map(|server| server.pin.map(hex::encode))
+                    .collect();
+                if !pins.is_empty() {
+                    command.args(["--server-key", &pins.join(",")]);
+                }
+            }
+            Target::Mqtt { login } => {
+                command.args(["--target", "mqtt"]);
+                if login {
+                    command.arg("--mqtt-login");
+                }
+            }
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("starting a generator process: {e}"))?;
+        let stdout = child.stdout.take().ok_or("generator stdout")?;
+        let sender = sender.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send((index, line)).is_err() {
+                    break;
+                }
+            }
+        });
+        children.push(child);
+    }
+    Ok((receiver, children))
+}
+
+/// Waits for every generator process; an error names the first that failed.
+fn wait_children(children: Vec<std::process::Child>) -> Result<(), String> {
+    for mut child in children {
+        let status = child.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("a generator process failed: {status}"));
+        }
+    }
+    Ok(())
+}
+
+/// `latency` across `processes` generator processes, each with its share of the pairs and of
+/// the rate, its own clients and source addresses; the parent merges their histograms.
+fn latency_processes(
+    common: &Common,
+    options: &scenario::LatencyOptions,
+    processes: u32,
+) -> Result<Report, String> {
+    if processes == 1 {
+        return scenario::latency(common, options);
+    }
+    if options.pairs < processes as usize {
+        return Err(format!(
+            "--processes {processes} needs at least as many pairs (--pairs {})",
+            options.pairs
+        ));
+    }
+    let share = |index: u32| {
+        let (base, extra) = (
+            options.pairs / processes as usize,
+            options.pairs % processes as usize,
+        );
+        base + usize::from((index as usize) < extra)
+    };
+    let range = local_port_range().map_err(|e| e.to_string())?;
+    let sources_each = SourcePlan::new(2 * share(0) as u64, 0, range)
+        .map_err(|e| e.to_string())?
+        .sources;
+    let (receiver, children) = spawn_children("latency", common, processes, |index| {
+        let pairs = share(index);
+        let before: usize = (0..index).map(share).sum();
+        // The rate in proportion to the pairs, the last taking what rounding left.
+        let rate_before = options.rate_per_second * before as u64 / options.pairs as u64;
+        let rate_through = options.rate_per_second * (before + pairs) as u64 / options.pairs as u64;
+        let mut args = vec![
+            "--source-offset".into(),
+            (common.source_offset + index * sources_each).to_string(),
+            "--client-offset".into(),
+            (common.client_offset + 2 * before as u64).to_string(),
+            "--pairs".into(),
+            pairs.to_string(),
+            "--rate".into(),
+            (rate_through - rate_before).max(1).to_string(),
+            "--duration-ms".into(),
+            options.duration_ms.to_string(),
+            "--drain-ms".into(),
+            options.drain_ms.to_string(),
+        ];
+        if let Some(pid) = common.server_pid {
+            args.extend(["--server-pid".into(), pid.to_string()]);
+        }
+        args
+    })?;
+    let mut results = Vec::new();
+    for (_, line) in receiver.iter() {
+        if let Some(json) = line.strip_prefix("RESULT ") {
+            results.push(serde_json::from_str(json).map_err(|e| e.to_string())?);
+        }
+    }
+    wait_children(children)?;
+    if results.len() != processes as usize {
+        return Err(format!(
+            "{} of {processes} generator processes reported",
+            results.len()
+        ));
+    }
+    Ok(scenario::latency_report(common, options, &results))
+}
+
 /// `ceiling` across generator processes, `requested_processes` or as many as the target needs
 /// (`descriptors::generator_processes`): each is this binary with `--child`, its share of the
 /// connections, its own source addresses, and its clients' place in the spread over the
@@ -415,72 +576,29 @@ fn ceiling(
         let sources_each = SourcePlan::new(per_process, 0, range)
             .map_err(|e| e.to_string())?
             .sources;
-        let (sender, receiver) = mpsc::channel::<(u32, String)>();
-        let mut children = Vec::new();
-        for index in 0..processes {
-            let mut command = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
-            command
-                .arg("ceiling")
-                .arg("--child")
-                .args(["--server", &common.server_names()])
-                .args([
-                    "--source-offset",
-                    &(common.source_offset + index * sources_each).to_string(),
-                ])
-                .args([
-                    "--client-offset",
-                    &(common.client_offset + u64::from(index) * per_process).to_string(),
-                ])
-                .args(["--connections", &per_process.to_string()])
-                .args([
-                    "--rate",
-                    &(options.rate_per_second / u64::from(processes))
-                        .max(1)
-                        .to_string(),
-                ])
-                .args(["--pending-max", &options.pending_max.to_string()])
-                .args([
-                    "--handshake-timeout-ms",
-                    &options.handshake_timeout_ms.to_string(),
-                ])
-                .args(["--hold-ms", &options.hold_ms.to_string()])
-                .args(["--heartbeat-ms", &options.heartbeat_ms.to_string()])
-                .args(["--failures-max", &options.failures_max.to_string()])
-                .stdout(Stdio::piped());
-            match common.target {
-                Target::Hop => {
-                    command.args(["--target", "hop"]);
-                    let pins: Vec<String> = common
-                        .servers
-                        .iter()
-                        .filter_map(|server| server.pin.map(hex::encode))
-                        .collect();
-                    if !pins.is_empty() {
-                        command.args(["--server-key", &pins.join(",")]);
-                    }
-                }
-                Target::Mqtt { login } => {
-                    command.args(["--target", "mqtt"]);
-                    if login {
-                        command.arg("--mqtt-login");
-                    }
-                }
-            }
-            let mut child = command
-                .spawn()
-                .map_err(|e| format!("starting a generator process: {e}"))?;
-            let stdout = child.stdout.take().ok_or("generator stdout")?;
-            let sender = sender.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if sender.send((index, line)).is_err() {
-                        break;
-                    }
-                }
-            });
-            children.push(child);
-        }
-        drop(sender);
+        let rate = (options.rate_per_second / u64::from(processes)).max(1);
+        let (receiver, children) = spawn_children("ceiling", common, processes, |index| {
+            vec![
+                "--source-offset".into(),
+                (common.source_offset + index * sources_each).to_string(),
+                "--client-offset".into(),
+                (common.client_offset + u64::from(index) * per_process).to_string(),
+                "--connections".into(),
+                per_process.to_string(),
+                "--rate".into(),
+                rate.to_string(),
+                "--pending-max".into(),
+                options.pending_max.to_string(),
+                "--handshake-timeout-ms".into(),
+                options.handshake_timeout_ms.to_string(),
+                "--hold-ms".into(),
+                options.hold_ms.to_string(),
+                "--heartbeat-ms".into(),
+                options.heartbeat_ms.to_string(),
+                "--failures-max".into(),
+                options.failures_max.to_string(),
+            ]
+        })?;
         let mut ramped = 0;
         let mut results = Vec::new();
         for (_, line) in receiver.iter() {
@@ -497,12 +615,7 @@ fn ceiling(
                 results.push(serde_json::from_str(json).map_err(|e| e.to_string())?);
             }
         }
-        for mut child in children {
-            let status = child.wait().map_err(|e| e.to_string())?;
-            if !status.success() {
-                return Err(format!("a generator process failed: {status}"));
-            }
-        }
+        wait_children(children)?;
         results
     };
     let mut report = scenario::ceiling_report(common, options, processes, &results);

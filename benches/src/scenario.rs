@@ -505,6 +505,36 @@ pub struct LatencyOptions {
 /// An open-loop schedule at a fixed offered rate, spread round robin over every client;
 /// latency from each message's intended send time to its delivery.
 pub fn latency(common: &Common, options: &LatencyOptions) -> Result<Report, String> {
+    let result = latency_local(common, options)?;
+    Ok(latency_report(common, options, &[result]))
+}
+
+/// What one generator process measured in `latency`; merged across processes by
+/// [`latency_report`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LatencyResult {
+    pub scheduled: u64,
+    /// Latencies recorded: [`LatencyRecorder::counts`].
+    pub histogram: Vec<(u64, u64)>,
+    pub clamped: u64,
+    /// How late the generator sent its most delayed message (its own saturation).
+    pub send_lag_max_ns: u64,
+    pub send_acked: u64,
+    pub receipts: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub cpu_seconds: f64,
+    pub wall_seconds: f64,
+    /// The server's CPU seconds over this process's measurement, if its pid is known.
+    pub server_cpu_seconds: Option<f64>,
+    pub redirects: u64,
+    pub spread: Vec<ServerSpread>,
+    pub bad_redirect: Option<String>,
+    pub admission_refused: BTreeMap<String, u64>,
+    pub rate_limited: u64,
+}
+
+/// One process's part of `latency`: `options.pairs` pairs at `options.rate_per_second`.
+pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<LatencyResult, String> {
     assert!(options.pairs > 0, "at least one pair");
     let count = options.pairs * 2;
     let clients = clients(common, count)?;
@@ -562,16 +592,90 @@ pub fn latency(common: &Common, options: &LatencyOptions) -> Result<Report, Stri
             }
         }
     }
-    let wall = start.elapsed().as_secs_f64();
+    let wall_seconds = start.elapsed().as_secs_f64();
+    let (histogram, clamped) = recorder.counts();
+    let mut failures: BTreeMap<String, u64> = counters
+        .server_errors
+        .iter()
+        .map(|(code, count)| (format!("server_error_{code}"), *count))
+        .collect();
+    failures.extend(
+        counters
+            .failures
+            .iter()
+            .map(|(kind, count)| (kind.to_string(), *count)),
+    );
+    Ok(LatencyResult {
+        scheduled: schedule.messages_total(),
+        histogram,
+        clamped,
+        send_lag_max_ns: late_sends_max_ns,
+        send_acked: counters.send_acked,
+        receipts: counters.receipts,
+        failures,
+        cpu_seconds: cpu_seconds_self() - cpu_before,
+        wall_seconds,
+        server_cpu_seconds: server_before
+            .zip(server_cpu(common))
+            .map(|(before, after)| after - before),
+        redirects: engine.redirects,
+        spread: engine.spread.clone(),
+        bad_redirect: engine.bad_redirect.clone(),
+        admission_refused: engine
+            .admission_refused
+            .iter()
+            .map(|(reason, count)| (reason.to_string(), *count))
+            .collect(),
+        rate_limited: engine.rate_limited,
+    })
+}
+
+/// The report of `latency` from its generator processes' results (one, or one each).
+pub fn latency_report(
+    common: &Common,
+    options: &LatencyOptions,
+    results: &[LatencyResult],
+) -> Report {
     let mut report = common.report("latency");
-    engine_report(&mut report, &engine);
+    let mut recorder = LatencyRecorder::new();
+    let mut scheduled = 0;
+    let mut send_lag_max_ns = 0;
+    let (mut send_acked, mut receipts) = (0, 0);
+    let (mut cpu_seconds, mut wall_seconds) = (0.0, 0.0f64);
+    for result in results {
+        recorder.merge(&LatencyRecorder::from_counts(
+            &result.histogram,
+            result.clamped,
+        ));
+        scheduled += result.scheduled;
+        send_lag_max_ns = send_lag_max_ns.max(result.send_lag_max_ns);
+        send_acked += result.send_acked;
+        receipts += result.receipts;
+        cpu_seconds += result.cpu_seconds;
+        wall_seconds = wall_seconds.max(result.wall_seconds);
+        for (kind, count) in &result.failures {
+            *report.failures.entry(kind.clone()).or_default() += count;
+        }
+        report.redirects += result.redirects;
+        ServerSpread::add(&mut report.spread, &result.spread);
+        for (reason, count) in &result.admission_refused {
+            *report.admission_refused.entry(reason.clone()).or_default() += count;
+        }
+        report.rate_limited += result.rate_limited;
+        if let Some(why) = &result.bad_redirect {
+            report
+                .notes
+                .push(format!("a redirect could not be followed: {why}"));
+        }
+    }
+    let processes = results.len() as u32;
     report.figure("pairs", options.pairs as f64, "pairs");
     report.figure("offered_rate", options.rate_per_second as f64, "msg/s");
-    report.figure("scheduled", schedule.messages_total() as f64, "messages");
+    report.figure("scheduled", scheduled as f64, "messages");
     report.figure("delivered", recorder.len() as f64, "messages");
     report.figure(
         "lost_or_late",
-        (schedule.messages_total() - recorder.len()) as f64,
+        scheduled.saturating_sub(recorder.len()) as f64,
         "messages",
     );
     report.figure(
@@ -581,17 +685,54 @@ pub fn latency(common: &Common, options: &LatencyOptions) -> Result<Report, Stri
     );
     report.figure(
         "generator_send_lag_max",
-        late_sends_max_ns as f64 / 1000.0,
+        send_lag_max_ns as f64 / 1000.0,
         "µs",
     );
+    report.figure("send_acks", send_acked as f64, "acks");
+    if report.target == "hop" {
+        report.figure("receipts", receipts as f64, "receipts");
+    }
     report.latency = Some(recorder.summary());
     report.latency_curve = recorder.percentile_curve();
-    counters.into_report(&mut report);
-    cpu_report(&mut report, common, cpu_before, server_before, wall);
+    report.generator_cpu = CpuUse::new(processes, cpu_seconds, wall_seconds);
+    // The server's CPU over one process's measurement: they overlap but do not coincide.
+    let server = results
+        .iter()
+        .find_map(|result| Some((result.server_cpu_seconds?, result.wall_seconds)));
+    if let Some((seconds, wall)) = server {
+        report.server_cpu = Some(CpuUse::new(1, seconds, wall));
+    }
+    // Each process is one thread: it can use one core, and all of them the cores they may run
+    // on (taskset), whichever is fewer.
+    let allowed = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    let capacity = allowed.min(results.len().max(1)) as f64;
+    let busy = report.generator_cpu.cores_busy;
+    if busy > 0.9 * capacity {
+        report.notes.push(format!(
+            "the generator was saturated: {busy:.2} of the {capacity} core(s) its processes can \
+             run on, and its sends fell behind the schedule by up to {:.1} ms; these figures \
+             may be the generator's limit (more processes, on more cores, offer more)",
+            send_lag_max_ns as f64 / 1e6
+        ));
+    } else if busy > 0.9
+        && report
+            .server_cpu
+            .is_some_and(|server| server.cores_busy < 0.9)
+    {
+        report.notes.push(
+            "the generator was busier than the server: these figures may be the generator's limit"
+                .into(),
+        );
+    }
+    if processes > 1 {
+        report.notes.push(format!(
+            "{processes} generator processes, each with its share of the pairs and of the rate"
+        ));
+    }
     report.notes.push(
         "latency counts from each message's intended send time (open loop, coordinated omission corrected)".into(),
     );
-    Ok(report)
+    report
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -135,6 +135,55 @@ fn latency_delivers_every_scheduled_message() {
     assert!(!report.latency_curve.is_empty());
 }
 
+/// `--processes 2`: two generator processes, each with its share of the pairs and of the rate
+/// (3 and 2 pairs, 600 and 400 msg/s); the report merges their histograms and counts and sums
+/// their CPU.
+#[test]
+fn latency_across_processes_merges_what_each_measured() {
+    let server = toy_broker();
+    let json =
+        std::env::temp_dir().join(format!("hop-bench-processes-{}.json", std::process::id()));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hop-bench"))
+        .args([
+            "latency",
+            "--target",
+            "mqtt",
+            "--server",
+            &server.to_string(),
+        ])
+        .args(["--pairs", "5", "--rate", "1000", "--duration-ms", "300"])
+        .args(["--drain-ms", "2000", "--processes", "2"])
+        .args(["--server-pid", &std::process::id().to_string()])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let figure = |name: &str| {
+        report["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|figure| figure["name"] == name)
+            .and_then(|figure| figure["value"].as_f64())
+    };
+    assert_eq!(figure("scheduled"), Some(300.0), "180 and 120 messages");
+    assert_eq!(figure("delivered"), Some(300.0));
+    assert_eq!(figure("offered_rate"), Some(1000.0));
+    assert_eq!(report["latency"]["count"], 300);
+    assert_eq!(report["generator_cpu"]["processes"], 2);
+    assert!(report["server_cpu"]["cores_busy"].is_number());
+    let notes = report["notes"].to_string();
+    assert!(notes.contains("2 generator processes"), "{notes}");
+}
+
 #[test]
 fn group_fans_each_message_out_to_every_subscriber() {
     let server = toy_broker();
