@@ -689,12 +689,14 @@ fn hand_over(
                 handover.thaw();
                 return Err(format!("telling the new process to serve: {error}; thawed"));
             }
-            handover.set_phase(PHASE_GONE);
+            // Logged before the phase flips: once it is gone, the main thread exits the
+            // process, and a line logged after that may never be written.
             info!(
                 connections,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "takeover: done"
             );
+            handover.set_phase(PHASE_GONE);
             Ok(())
         }
         other => {
