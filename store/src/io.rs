@@ -132,7 +132,8 @@ pub(crate) enum Wait {
     Never,
 }
 
-/// Fills `buf` from `offset` of `file`, waiting for the disk or not.
+/// Fills `buf` from `offset` of `file`, waiting for the disk or not: `WouldBlock` when the
+/// bytes are not in the page cache, `Unsupported` where that cannot be told.
 pub(crate) fn read_at<F: IoFile>(
     file: &F,
     buf: &mut [u8],
@@ -153,10 +154,17 @@ pub trait IoFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Fills `buf` from `offset` only if the kernel has those bytes in memory (the page
     /// cache), never waiting for the disk: `Ok(true)` read, `Ok(false)` the read would have
-    /// waited (or the platform cannot tell), and `buf` then holds nothing of use.
+    /// waited, and `buf` then holds nothing of use; `Unsupported` where the platform or the
+    /// file system cannot tell.
     fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         let _ = (buf, offset);
-        Ok(false)
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Asks the kernel to read `length` bytes from `offset` into its page cache in the
+    /// background (`posix_fadvise(WILLNEED)`), so that a later read does not wait; a hint that
+    /// may do nothing.
+    fn prefetch(&self, offset: u64, length: usize) {
+        let _ = (offset, length);
     }
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// `fdatasync`: the written bytes (and the length) are on stable storage.
@@ -245,7 +253,7 @@ impl IoFile for File {
     }
 
     /// `preadv2` with `RWF_NOWAIT` (Linux 4.14): `EAGAIN` when a byte asked for is not in the
-    /// page cache; a file system that cannot tell (`EOPNOTSUPP`) reads as not cached.
+    /// page cache; a file system that cannot tell fails with `EOPNOTSUPP`.
     #[cfg(target_os = "linux")]
     fn read_cached_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<bool> {
         use rustix::io::{preadv2, Errno, ReadWriteFlags};
@@ -262,12 +270,25 @@ impl IoFile for File {
                     buf = &mut buf[read..];
                     offset += read as u64;
                 }
-                Err(Errno::AGAIN | Errno::OPNOTSUPP) => return Ok(false),
+                Err(Errno::AGAIN) => return Ok(false),
+                Err(Errno::OPNOTSUPP) => return Err(io::ErrorKind::Unsupported.into()),
                 Err(Errno::INTR) => {}
                 Err(error) => return Err(error.into()),
             }
         }
         Ok(true)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn prefetch(&self, offset: u64, length: usize) {
+        use rustix::fs::{fadvise, Advice};
+        // A hint: if the kernel does not take it, the read that follows waits.
+        let _ = fadvise(
+            self,
+            offset,
+            std::num::NonZeroU64::new(length as u64),
+            Advice::WillNeed,
+        );
     }
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -298,6 +319,8 @@ pub struct Faults {
     pub fail_reads: AtomicBool,
     /// Nothing is in the page cache: every read that must not wait for the disk would.
     pub uncached: AtomicBool,
+    /// Read-ahead hints given ([`IoFile::prefetch`]).
+    pub prefetches: AtomicU64,
     /// When non-negative: bytes that may still be written before writes fail with ENOSPC; a
     /// write that crosses the limit writes the part that fits, as a full disk does.
     pub write_bytes_left: AtomicI64,
@@ -420,6 +443,11 @@ impl IoFile for FaultyFile {
             return Ok(false);
         }
         IoFile::read_cached_at(&self.file, buf, offset)
+    }
+
+    fn prefetch(&self, offset: u64, length: usize) {
+        self.faults.prefetches.fetch_add(1, Ordering::Relaxed);
+        IoFile::prefetch(&self.file, offset, length);
     }
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -12,7 +12,7 @@ use hop_protocol::UserId;
 
 use crate::cache::{BlockCache, BLOCK_BYTES};
 use crate::format::{self, GroupTag, Payload, SegmentHeader, SEGMENT_HEADER_BYTES};
-use crate::io::{Io, IoFile, Wait};
+use crate::io::{read_at, Io, IoFile, Wait};
 use crate::{AppendError, CommitError, Durability, Options, Quota, StoreError};
 
 /// An item for a user's queue, as the shard loop appends it. `timestamp_ms` is the wall
@@ -335,6 +335,9 @@ pub struct ShardStore<I: Io> {
     next_seq: u64,
     durable_through: u64,
     compaction: Option<(u32, u64)>,
+    /// The compaction chunk (segment, offset) whose read-ahead was asked for: the next step
+    /// reads it, waiting if it must.
+    compact_prefetched: Option<(u32, u64)>,
     expire_cursor: usize,
     read_cache: BlockCache,
     counters: Counters,
@@ -394,6 +397,7 @@ impl<I: Io> ShardStore<I> {
             next_seq,
             durable_through: next_seq - 1,
             compaction: None,
+            compact_prefetched: None,
             expire_cursor: 0,
             read_cache: BlockCache::default(),
             counters: Counters::default(),
@@ -966,7 +970,8 @@ impl<I: Io> ShardStore<I> {
                     if read_into(
                         segments,
                         unwritten,
-                        Some((&mut self.read_cache, Wait::ForDisk)),
+                        Some(&mut self.read_cache),
+                        Wait::ForDisk,
                         segment,
                         at,
                         length - from_memory,
@@ -1064,8 +1069,45 @@ impl<I: Io> ShardStore<I> {
         let segment_bytes = self.index.segments[&number].bytes;
         let chunk =
             (budget_bytes.clamp(format::RECORD_BYTES_MAX, room) as u64).min(segment_bytes - offset);
-        let bytes = read_run(&self.index.segments, None, number, offset, chunk as usize)
-            .map_err(StoreError::io(&segment_path(&self.dir, number)))?;
+        // Not waiting for the disk on the caller's thread (the shard's loop): a chunk that is
+        // not in the page cache is read ahead by the kernel in the background, and read by the
+        // next step (from the page cache by then, or waiting for what is still missing).
+        let wait = if self.compact_prefetched == Some((number, offset)) {
+            Wait::ForDisk
+        } else {
+            Wait::Never
+        };
+        let read = match read_run(
+            &self.index.segments,
+            None,
+            number,
+            offset,
+            chunk as usize,
+            wait,
+        ) {
+            Err(error) if error.kind() == io::ErrorKind::Unsupported => read_run(
+                &self.index.segments,
+                None,
+                number,
+                offset,
+                chunk as usize,
+                Wait::ForDisk,
+            ),
+            read => read,
+        };
+        let bytes = match read {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(segment) = self.index.segments.get(&number) {
+                    segment.file.prefetch(offset, chunk as usize);
+                }
+                self.compact_prefetched = Some((number, offset));
+                self.compaction = Some((number, offset));
+                return Ok(progress);
+            }
+            Err(error) => return Err(StoreError::io(&segment_path(&self.dir, number))(error)),
+        };
+        self.compact_prefetched = None;
         progress.bytes_read = chunk;
         let mut moved: Vec<(UserId, u64, Slot)> = Vec::new();
         let outcome = format::scan(&bytes, 0, |position, payload, length| {
@@ -1487,20 +1529,23 @@ fn read_run<F: IoFile>(
     segment: u32,
     offset: u64,
     length: usize,
+    wait: Wait,
 ) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(length);
     read_into(
-        segments, unwritten, None, segment, offset, length, &mut bytes,
+        segments, unwritten, None, wait, segment, offset, length, &mut bytes,
     )?;
     Ok(bytes)
 }
 
 /// [`read_run`] appending to `out`, the file part through `cache` when there is one (waiting
 /// for the disk or not). On error `out` may hold part of the bytes.
+#[allow(clippy::too_many_arguments)]
 fn read_into<F: IoFile>(
     segments: &BTreeMap<u32, Segment<F>>,
     unwritten: Option<Unwritten<'_>>,
-    cache: Option<(&mut BlockCache, Wait)>,
+    cache: Option<&mut BlockCache>,
+    wait: Wait,
     segment: u32,
     offset: u64,
     length: usize,
@@ -1516,13 +1561,13 @@ fn read_into<F: IoFile>(
     let on_file = (on_file_end.saturating_sub(offset) as usize).min(length);
     if on_file > 0 {
         match cache {
-            Some((cache, wait)) => {
+            Some(cache) => {
                 cache.read_into(segment, &file.file, on_file_end, offset, on_file, out, wait)?
             }
             None => {
                 let start = out.len();
                 out.resize(start + on_file, 0);
-                file.file.read_exact_at(&mut out[start..], offset)?;
+                read_at(&file.file, &mut out[start..], offset, wait)?;
             }
         }
     }
@@ -2246,17 +2291,20 @@ impl<F: IoFile> Index<F> {
                 let read = read_into(
                     &self.segments,
                     unwritten,
-                    Some((&mut *cache, wait)),
+                    Some(&mut *cache),
+                    wait,
                     segment,
                     offset,
                     length,
                     &mut bytes,
                 );
-                if read
-                    .as_ref()
-                    .is_err_and(|error| error.kind() == io::ErrorKind::WouldBlock)
-                    && wait == Wait::Never
-                {
+                let would_wait = |error: &io::Error| {
+                    matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Unsupported
+                    )
+                };
+                if wait == Wait::Never && read.as_ref().is_err_and(would_wait) {
                     return None;
                 }
                 if read.is_err() {

@@ -1062,6 +1062,34 @@ fn half_dead_segment_while_a_job_runs(
 }
 
 #[test]
+fn compaction_does_not_wait_for_a_chunk_out_of_the_page_cache() {
+    // Guards against: compaction reading a cold segment on the caller's thread (the shard's
+    // loop then stalls for the disk every tick it compacts), and against compaction that never
+    // goes on once it has asked the kernel to read ahead.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, faults, _, job, _) = half_dead_segment_while_a_job_runs(temp.path());
+    store.synced(0, job.run()).expect("synced");
+    faults.uncached.store(true, Ordering::Relaxed);
+    let first = store.compact(0, 1 << 20).expect("compact");
+    assert_eq!(
+        (first.bytes_read, first.records_copied, first.idle),
+        (0, 0, false),
+        "nothing read: the chunk is not in the page cache"
+    );
+    assert_eq!(
+        faults.prefetches.load(Ordering::Relaxed),
+        1,
+        "read-ahead asked"
+    );
+    let second = store.compact(0, 1 << 20).expect("compact");
+    assert_eq!(
+        second.records_copied, 2,
+        "the next step reads it, waiting if it must"
+    );
+    assert_eq!(faults.prefetches.load(Ordering::Relaxed), 1);
+}
+
+#[test]
 fn compaction_runs_while_batches_sync_and_deletes_its_source_once_the_copies_are_durable() {
     // Guards against: compaction never running under steady traffic (it used to need an
     // empty buffer), and against a source segment deleted before the copies of its live
