@@ -10,7 +10,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect_kind, key_on, ping, timed_delivery, Hopd};
+use common::{before_pong, expect_kind, key_on, ping, timed_delivery, Hopd};
+use hop_protocol::client::Client;
 use hop_protocol::wire::Kind;
 
 /// Each fsync takes this long at least.
@@ -97,22 +98,8 @@ fn a_slow_read_of_the_queue_delays_neither_online_users_nor_the_queue_order() {
         &["--shards", "1"],
         &[("HOP_FAULT_READ_DELAY_MS", delay_ms.as_str())],
     );
-    let dave_key = key_on(0, 1);
-    let mut dave = hopd.connect(&dave_key);
-    ping(&mut dave);
-    dave.close();
-    let mut carol = hopd.connect(&key_on(0, 1));
+    let (dave_key, mut carol) = queued_for_one_offline(&hopd, QUEUED);
     let dave_id = dave_key.user_id();
-    for n in 0..QUEUED {
-        carol.send_message(dave_id, &[n; 16]).unwrap();
-    }
-    for _ in 0..QUEUED {
-        // Durable: the router let go of the bodies, which are on disk only.
-        expect_kind(&mut carol, "ServerAck", |kind| match kind {
-            Kind::ServerAck(ack) => Some(ack),
-            _ => None,
-        });
-    }
 
     let back = Instant::now();
     let mut dave = hopd.connect(&dave_key);
@@ -160,4 +147,78 @@ fn a_slow_read_of_the_queue_delays_neither_online_users_nor_the_queue_order() {
          the shard's loop waited for the disk"
     );
     eprintln!("slowest online delivery {slowest:?}; first queued message after {first:?}");
+}
+
+/// Guards against a queue read whose connection went meanwhile losing or repeating messages:
+/// a user comes back to 10 messages queued on disk, leaves while they are read (each read
+/// takes 500 ms), and comes back again: it gets all 10, once each and in order, and the first
+/// read's late answer is dropped with the connection it was for.
+#[test]
+fn a_user_who_leaves_while_its_queue_is_read_gets_all_of_it_on_return() {
+    let hopd = Hopd::start_with_env(&["--shards", "1"], &[("HOP_FAULT_READ_DELAY_MS", "500")]);
+    let (dave_key, _carol) = queued_for_one_offline(&hopd, 10);
+    // Back, and gone again while its queue is read.
+    let dave = hopd.connect(&dave_key);
+    std::thread::sleep(Duration::from_millis(100));
+    dave.close();
+    let mut dave = hopd.connect(&dave_key);
+    let mut bodies = Vec::new();
+    while bodies.len() < 10 {
+        let deliver = expect_kind(&mut dave, "Deliver", |kind| match kind {
+            Kind::Deliver(deliver) => Some(deliver),
+            _ => None,
+        });
+        bodies.push(deliver.body[0]);
+        dave.ack_deliver(deliver.id).unwrap();
+    }
+    assert_eq!(
+        bodies,
+        (0..10).collect::<Vec<u8>>(),
+        "all of them, in order"
+    );
+    // Past the first read's answer: nothing more comes.
+    std::thread::sleep(Duration::from_millis(600));
+    let more = before_pong(&mut dave);
+    assert!(
+        !more
+            .iter()
+            .any(|stanza| matches!(stanza.kind, Some(Kind::Deliver(_)))),
+        "a message came twice: {more:?}"
+    );
+    let metrics = ureq::get(format!("http://{}/metrics", hopd.admin))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let reads: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("hop_store_reads_off_loop_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        reads >= 2.0,
+        "a read for each connection, the first left behind: {reads}"
+    );
+}
+
+/// A user (dave) bound and then offline, and `count` messages from another (carol, returned)
+/// queued for it and durable: the router let go of their bodies, which are on disk only.
+/// Message `n`'s body is 16 bytes of `n`.
+fn queued_for_one_offline(hopd: &Hopd, count: u8) -> (hop_protocol::StaticKey, Client) {
+    let dave_key = key_on(0, 1);
+    let mut dave = hopd.connect(&dave_key);
+    ping(&mut dave);
+    dave.close();
+    let mut carol = hopd.connect(&key_on(0, 1));
+    for n in 0..count {
+        carol.send_message(dave_key.user_id(), &[n; 16]).unwrap();
+    }
+    for _ in 0..count {
+        expect_kind(&mut carol, "ServerAck", |kind| match kind {
+            Kind::ServerAck(ack) => Some(ack),
+            _ => None,
+        });
+    }
+    (dave_key, carol)
 }
