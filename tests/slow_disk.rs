@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{before_pong, expect_kind, key_on, ping, timed_delivery, Hopd};
 use hop_protocol::client::Client;
-use hop_protocol::wire::Kind;
+use hop_protocol::wire::{GoAwayReason, Kind};
 
 /// Each fsync takes this long at least.
 const SYNC_DELAY: Duration = Duration::from_millis(2_000);
@@ -162,15 +162,7 @@ fn a_user_who_leaves_while_its_queue_is_read_gets_all_of_it_on_return() {
     std::thread::sleep(Duration::from_millis(100));
     dave.close();
     let mut dave = hopd.connect(&dave_key);
-    let mut bodies = Vec::new();
-    while bodies.len() < 10 {
-        let deliver = expect_kind(&mut dave, "Deliver", |kind| match kind {
-            Kind::Deliver(deliver) => Some(deliver),
-            _ => None,
-        });
-        bodies.push(deliver.body[0]);
-        dave.ack_deliver(deliver.id).unwrap();
-    }
+    let bodies = acked_bodies(&mut dave, 10);
     assert_eq!(
         bodies,
         (0..10).collect::<Vec<u8>>(),
@@ -202,6 +194,37 @@ fn a_user_who_leaves_while_its_queue_is_read_gets_all_of_it_on_return() {
     );
 }
 
+/// Guards against a connection the server closes while its queue is read losing what waited
+/// behind the read: the operator kicks a returning user whose queue read takes 1 s. Its GoAway
+/// (queued behind the read, like everything else) still reaches it, with no Deliver before it,
+/// and its next connection gets every queued message.
+#[test]
+fn a_user_kicked_while_its_queue_is_read_gets_its_go_away_and_later_its_queue() {
+    let hopd = Hopd::start_with_env(&["--shards", "1"], &[("HOP_FAULT_READ_DELAY_MS", "1000")]);
+    let (dave_key, _carol) = queued_for_one_offline(&hopd, 5);
+    let mut dave = hopd.connect(&dave_key);
+    std::thread::sleep(Duration::from_millis(100));
+    let id = dave_key.user_id().to_string();
+    let kick = std::process::Command::new(env!("CARGO_BIN_EXE_hop"))
+        .args(["admin", "--admin", &hopd.admin, "kick", &id])
+        .output()
+        .unwrap();
+    assert!(
+        kick.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kick.stderr)
+    );
+    let go_away = expect_kind(&mut dave, "GoAway", |kind| match kind {
+        Kind::GoAway(go_away) => Some(go_away),
+        Kind::Deliver(_) => panic!("a Deliver on a connection being closed"),
+        _ => None,
+    });
+    assert_eq!(go_away.reason, GoAwayReason::Kicked as i32);
+    let mut dave = hopd.connect(&dave_key);
+    let bodies = acked_bodies(&mut dave, 5);
+    assert_eq!(bodies, [0, 1, 2, 3, 4], "every queued message, in order");
+}
+
 /// A user (dave) bound and then offline, and `count` messages from another (carol, returned)
 /// queued for it and durable: the router let go of their bodies, which are on disk only.
 /// Message `n`'s body is 16 bytes of `n`.
@@ -221,4 +244,18 @@ fn queued_for_one_offline(hopd: &Hopd, count: u8) -> (hop_protocol::StaticKey, C
         });
     }
     (dave_key, carol)
+}
+
+/// The first byte of each of the next `count` Delivers, each acked.
+fn acked_bodies(client: &mut Client, count: usize) -> Vec<u8> {
+    (0..count)
+        .map(|_| {
+            let deliver = expect_kind(client, "Deliver", |kind| match kind {
+                Kind::Deliver(deliver) => Some(deliver),
+                _ => None,
+            });
+            client.ack_deliver(deliver.id).unwrap();
+            deliver.body[0]
+        })
+        .collect()
 }
