@@ -204,10 +204,15 @@ mod tests {
             job,
         });
         assert_eq!(reader.in_flight(), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let answer = loop {
             if let Some(answer) = reader.finished() {
                 break answer;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no answer from the thread"
+            );
             std::thread::sleep(Duration::from_millis(1));
         };
         assert_eq!((answer.conn, answer.generation), (5, 6));

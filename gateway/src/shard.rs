@@ -2490,6 +2490,9 @@ impl<B: Backend> Core<B> {
             if live {
                 self.ahead_filled(user);
                 self.work_on_hold(answer.conn);
+            } else {
+                // Its connection went: the bodies (and their buffers) go now.
+                self.read_ahead.read.clear();
             }
         }
         if !any {
@@ -3812,9 +3815,12 @@ impl<B: Backend> Core<B> {
 
     /// Queues `stanza` on connection `id`, behind what waits for a read of the offline queue.
     fn queue_stanza(&mut self, id: ConnId, stanza: &Stanza) {
-        if let Some(hold) = self.holds.get_mut(&id) {
-            hold.waiting.push_back(Outgoing::Stanza(stanza.clone()));
-            return;
+        // Almost always no hold at all: no lookup per stanza then.
+        if !self.holds.is_empty() {
+            if let Some(hold) = self.holds.get_mut(&id) {
+                hold.waiting.push_back(Outgoing::Stanza(stanza.clone()));
+                return;
+            }
         }
         self.queue_now(id, stanza);
     }

@@ -86,15 +86,14 @@ impl BlockCache {
             self.blocks.resize_with(BLOCKS_MAX, Block::default);
         }
         self.used = true;
-        let block_bytes = BLOCK_BYTES as u64;
-        let mut at = offset;
-        while at < end {
-            let number = at / block_bytes;
-            let block_start = number * block_bytes;
-            let wanted_end = end.min(block_start + block_bytes);
-            let number = u32::try_from(number).expect("segment offsets fit u32");
+        for Piece {
+            number,
+            start: block_start,
+            within,
+        } in pieces(offset, length)
+        {
+            let at = block_start + within.start as u64;
             let block = &mut self.blocks[place(segment, number)];
-            let within = (at - block_start) as usize..(wanted_end - block_start) as usize;
             // A block read before the segment grew may be too short: read it again.
             let cached = block.segment == segment
                 && block.number == number
@@ -111,7 +110,7 @@ impl BlockCache {
                 }
                 self.waste = (self.waste + 1).min(WASTE_MAX);
                 // The read overwrites every byte: only a growing block needs zeros.
-                let valid = (file_bytes - block_start).min(block_bytes) as usize;
+                let valid = (file_bytes - block_start).min(BLOCK_BYTES as u64) as usize;
                 block.bytes.resize(valid, 0);
                 self.read_calls += 1;
                 if let Err(error) = read_at(file, &mut block.bytes, block_start, wait) {
@@ -122,7 +121,6 @@ impl BlockCache {
                 block.number = number;
             }
             out.extend_from_slice(&block.bytes[within]);
-            at = wanted_end;
         }
         Ok(())
     }
@@ -133,26 +131,12 @@ impl BlockCache {
         if length >= BLOCK_BYTES || self.blocks.is_empty() {
             return false;
         }
-        let block_bytes = BLOCK_BYTES as u64;
-        let end = offset + length as u64;
-        let mut at = offset;
-        while at < end {
-            let number = at / block_bytes;
-            let block_start = number * block_bytes;
-            let wanted_end = end.min(block_start + block_bytes);
-            let Ok(number) = u32::try_from(number) else {
-                return false;
-            };
-            let block = &self.blocks[place(segment, number)];
-            let cached = block.segment == segment
-                && block.number == number
-                && block.bytes.len() as u64 >= wanted_end - block_start;
-            if !cached {
-                return false;
-            }
-            at = wanted_end;
-        }
-        true
+        pieces(offset, length).all(|piece| {
+            let block = &self.blocks[place(segment, piece.number)];
+            block.segment == segment
+                && block.number == piece.number
+                && block.bytes.len() >= piece.within.end
+        })
     }
 
     /// Whether a small read that misses loads whole blocks now (loaded blocks pay off), or
@@ -219,6 +203,38 @@ impl BlockCache {
     fn cached_bytes(&self) -> usize {
         self.blocks.iter().map(|block| block.bytes.len()).sum()
     }
+}
+
+/// The part of one block that a read of a segment covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub(crate) number: u32,
+    /// The block's first byte in the segment.
+    pub(crate) start: u64,
+    /// The bytes wanted, from the block's start.
+    pub(crate) within: std::ops::Range<usize>,
+}
+
+/// The blocks that bytes `offset..offset + length` of a segment fall in, in order, each with
+/// the part of it wanted.
+pub(crate) fn pieces(offset: u64, length: usize) -> impl Iterator<Item = Piece> {
+    let block_bytes = BLOCK_BYTES as u64;
+    let end = offset + length as u64;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let start = at / block_bytes * block_bytes;
+        let piece_end = end.min(start + block_bytes);
+        let piece = Piece {
+            number: u32::try_from(start / block_bytes).expect("segment offsets fit u32"),
+            start,
+            within: (at - start) as usize..(piece_end - start) as usize,
+        };
+        at = piece_end;
+        Some(piece)
+    })
 }
 
 /// The one place block `number` of `segment` may occupy.
@@ -296,6 +312,28 @@ mod tests {
             .read_into(1, file, file_bytes, offset, length, &mut out, Wait::ForDisk)
             .expect("read");
         out
+    }
+
+    #[test]
+    fn a_read_falls_in_the_blocks_around_it() {
+        let block = BLOCK_BYTES as u64;
+        let found: Vec<Piece> = pieces(block - 6, 10).collect();
+        assert_eq!(
+            found,
+            [
+                Piece {
+                    number: 0,
+                    start: 0,
+                    within: BLOCK_BYTES - 6..BLOCK_BYTES,
+                },
+                Piece {
+                    number: 1,
+                    start: block,
+                    within: 0..4,
+                },
+            ]
+        );
+        assert_eq!(pieces(0, 0).count(), 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use hop_protocol::wire::receipt_ack_id;
 use hop_protocol::UserId;
 
-use crate::cache::{BlockCache, BLOCK_BYTES};
+use crate::cache::{pieces, BlockCache, BLOCK_BYTES};
 use crate::format::{self, GroupTag, Payload, SegmentHeader, SEGMENT_HEADER_BYTES};
 use crate::io::{read_at, Io, IoFile, Wait};
 use crate::{AppendError, CommitError, Durability, Options, Quota, StoreError};
@@ -923,35 +923,25 @@ impl<I: Io> ShardStore<I> {
                         // Whole blocks, for the block cache: the next user's records are
                         // likely in them (see `cache.rs`).
                         let file_end = on_file_end(segments, unwritten, segment);
-                        let block_bytes = BLOCK_BYTES as u64;
-                        let end = offset + on_file as u64;
-                        let mut at = offset;
-                        while at < end {
-                            let number = at / block_bytes;
-                            let block_start = number * block_bytes;
-                            let piece_end = end.min(block_start + block_bytes);
-                            let number = u32::try_from(number).expect("segment offsets fit u32");
-                            let block = match blocks
+                        for piece in pieces(offset, on_file) {
+                            let block = blocks
                                 .iter()
-                                .position(|b: &JobBlock| b.segment == segment && b.number == number)
-                            {
-                                Some(block) => block,
-                                None => {
+                                .position(|b| b.segment == segment && b.number == piece.number)
+                                .unwrap_or_else(|| {
                                     blocks.push(JobBlock {
                                         file,
                                         segment,
-                                        number,
-                                        bytes: (file_end - block_start).min(block_bytes) as usize,
+                                        number: piece.number,
+                                        bytes: (file_end - piece.start).min(BLOCK_BYTES as u64)
+                                            as usize,
                                     });
                                     blocks.len() - 1
-                                }
-                            };
+                                });
                             parts.push(JobPart::InBlock {
                                 block,
-                                from: (at - block_start) as usize,
-                                to: (piece_end - block_start) as usize,
+                                from: piece.within.start,
+                                to: piece.within.end,
                             });
-                            at = piece_end;
                         }
                     } else {
                         parts.push(JobPart::File {
