@@ -595,6 +595,16 @@ const COUNTERS: &[(&str, &str, Field)] = &[
     }),
     ("store_fsyncs", "Offline-queue fsyncs.", |s| &s.store_fsyncs),
     (
+        "store_segments_created",
+        "Offline-queue segments begun: one at start, one per roll.",
+        |s| &s.store_segments_created,
+    ),
+    (
+        "store_segments_begun_on_spares",
+        "Segments begun on a spare file the syncer made ahead, not created by the shard's loop.",
+        |s| &s.store_segments_begun_on_spares,
+    ),
+    (
         "store_commit_failures",
         "Offline-queue commits that failed (disk full, IO error).",
         |s| &s.store_commit_failures,

@@ -3612,6 +3612,11 @@ impl<B: Backend> Core<B> {
             (&stats.store_deliveries, store.delivered),
             (&stats.store_commits, store.commits),
             (&stats.store_fsyncs, store.fsyncs),
+            (&stats.store_segments_created, store.segments_created),
+            (
+                &stats.store_segments_begun_on_spares,
+                store.segments_begun_on_spares,
+            ),
             (&stats.store_disk_bytes, self.store.disk_bytes()),
         ] {
             gauge.store(value, Ordering::Relaxed);
@@ -3675,6 +3680,8 @@ impl<B: Backend> Core<B> {
             store_commits = store.commits,
             store_fsyncs = store.fsyncs,
             store_read_calls = store.read_calls,
+            store_segments_created = store.segments_created,
+            store_segments_begun_on_spares = store.segments_begun_on_spares,
             "shard stopped; {}",
             stats.join(" ")
         );

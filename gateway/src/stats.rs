@@ -94,6 +94,8 @@ counters! {
     store_deliveries: "tombstones written for delivered records (per tick)",
     store_commits: "offline-queue commits (per tick)",
     store_fsyncs: "offline-queue fsyncs (per tick)",
+    store_segments_created: "offline-queue segments begun (per tick)",
+    store_segments_begun_on_spares: "segments begun on a spare the syncer made (per tick)",
     store_disk_bytes: "bytes of the offline queue's segment files (gauge, per tick)",
 }
 

@@ -54,7 +54,7 @@ pub struct Job {
 #[derive(Debug)]
 pub struct Finished {
     pub logs: Vec<(LogKind, AccountLogWrite)>,
-    pub synced: Option<Synced>,
+    pub synced: Option<Synced<std::fs::File>>,
     pub elapsed: Duration,
 }
 

@@ -70,7 +70,7 @@ fn enqueue(store: &mut ShardStore<FsIo>, records: u64) -> (f64, u64) {
 /// syncer thread, its result taken back when it is done, the next batch written meanwhile.
 fn enqueue_pipelined(store: &mut ShardStore<FsIo>, records: u64) -> (f64, u64) {
     let (jobs, job_queue) = mpsc::sync_channel::<SyncJob<FsIo>>(1);
-    let (report, done) = mpsc::channel::<Synced>();
+    let (report, done) = mpsc::channel::<Synced<std::fs::File>>();
     let syncer = std::thread::spawn(move || {
         while let Ok(job) = job_queue.recv() {
             if report.send(job.run()).is_err() {

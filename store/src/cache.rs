@@ -274,6 +274,9 @@ mod tests {
         fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
             IoFile::write_all_at(&mut self.file, buf, offset)
         }
+        fn unlinked(&self) -> io::Result<bool> {
+            self.file.unlinked()
+        }
         fn sync(&mut self) -> io::Result<()> {
             Ok(())
         }

@@ -167,6 +167,9 @@ pub trait IoFile {
         let _ = (offset, length);
     }
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Whether the file has no name left (removed since it was opened): what is written to
+    /// it is lost with its last handle.
+    fn unlinked(&self) -> io::Result<bool>;
     /// `fdatasync`: the written bytes (and the length) are on stable storage.
     fn sync(&mut self) -> io::Result<()>;
     fn truncate(&mut self, len: u64) -> io::Result<()>;
@@ -293,6 +296,11 @@ impl IoFile for File {
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn unlinked(&self) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.metadata()?.nlink() == 0)
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -448,6 +456,10 @@ impl IoFile for FaultyFile {
     fn prefetch(&self, offset: u64, length: usize) {
         self.faults.prefetches.fetch_add(1, Ordering::Relaxed);
         IoFile::prefetch(&self.file, offset, length);
+    }
+
+    fn unlinked(&self) -> io::Result<bool> {
+        self.file.unlinked()
     }
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -73,11 +73,13 @@ fn ids(records: &[Record]) -> Vec<u64> {
         .collect()
 }
 
+/// The shard's segment files, in order; not the empty spare a store leaves for its next roll.
 fn segments(data: &Path, shard: u16) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = fs::read_dir(data.join(format!("shard-{shard}")))
         .expect("shard dir")
         .map(|entry| entry.expect("entry").path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+        .filter(|path| fs::metadata(path).is_ok_and(|meta| meta.len() > 0))
         .collect();
     paths.sort();
     paths
