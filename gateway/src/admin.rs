@@ -605,6 +605,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.store_segments_begun_on_spares,
     ),
     (
+        "store_segment_removals_failed",
+        "Compacted segments the syncer could not remove (the next start compacts them again).",
+        |s| &s.store_segment_removals_failed,
+    ),
+    (
         "store_commit_failures",
         "Offline-queue commits that failed (disk full, IO error).",
         |s| &s.store_commit_failures,

@@ -2674,9 +2674,15 @@ impl<B: Backend> Core<B> {
             }
         }
         if let Some(synced) = finished.synced {
+            let removals_failed = self.store.counters().segment_removals_failed;
             match self.store.synced(self.now_ms, synced) {
                 Ok(commit) => self.release_kept(commit.durable_through),
                 Err(error) => self.keep_failed(error),
+            }
+            if self.store.counters().segment_removals_failed > removals_failed {
+                self.warn(format_args!(
+                    "cannot remove a compacted queue segment from the data folder; the next start compacts it again"
+                ));
             }
         }
     }
@@ -3616,6 +3622,10 @@ impl<B: Backend> Core<B> {
             (
                 &stats.store_segments_begun_on_spares,
                 store.segments_begun_on_spares,
+            ),
+            (
+                &stats.store_segment_removals_failed,
+                store.segment_removals_failed,
             ),
             (&stats.store_disk_bytes, self.store.disk_bytes()),
         ] {

@@ -96,6 +96,7 @@ counters! {
     store_fsyncs: "offline-queue fsyncs (per tick)",
     store_segments_created: "offline-queue segments begun (per tick)",
     store_segments_begun_on_spares: "segments begun on a spare the syncer made (per tick)",
+    store_segment_removals_failed: "compacted segments the syncer could not remove (per tick)",
     store_disk_bytes: "bytes of the offline queue's segment files (gauge, per tick)",
 }
 

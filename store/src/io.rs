@@ -341,6 +341,8 @@ pub struct Faults {
     /// The next rename fails with EIO, renaming nothing; later ones work (a crash between
     /// writing a replacement file and renaming it over the original).
     pub fail_next_rename: AtomicBool,
+    /// The next file removal fails with EIO; later ones work.
+    pub fail_next_remove: AtomicBool,
     /// File and directory fsyncs done, for counting.
     pub syncs: AtomicU64,
 }
@@ -402,6 +404,9 @@ impl Io for FaultyIo {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        if self.faults.fail_next_remove.swap(false, Ordering::Relaxed) {
+            return Err(io_error());
+        }
         FsIo.remove_file(path)
     }
 

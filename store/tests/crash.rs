@@ -1120,12 +1120,52 @@ fn compaction_runs_while_batches_sync_and_deletes_its_source_once_the_copies_are
         store.compact(0, 1 << 20).expect("compact").segments_deleted,
         1
     );
+    assert!(
+        source.exists(),
+        "removed by the next job, off the caller's thread"
+    );
+    assert!(
+        store.compact(0, 1 << 20).expect("compact").idle,
+        "nothing more is compacted until it is gone"
+    );
+    let third = store.start_sync().expect("the removal's job");
+    store.synced(0, third.run()).expect("synced");
     assert!(!source.exists());
     drop(store);
     let (mut store, _) = ShardStore::open(temp.path(), 0, 1, small, io, 0).expect("reopen");
     assert_eq!(ids(&read_all(&mut store, user(2))), [2, 4]);
     assert_eq!(ids(&read_all(&mut store, user(1))), Vec::<u64>::new());
     assert_eq!(ids(&read_all(&mut store, user(3))), [5]);
+}
+
+#[test]
+fn a_compacted_segment_that_cannot_be_removed_fails_nothing_and_stays_dead_after_a_restart() {
+    // Guards against: a failed removal (on the syncer, after compaction took the segment out
+    // of the index) failing the batch it rode with, or its records coming back to life.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (mut store, faults, io, first, small) = half_dead_segment_while_a_job_runs(temp.path());
+    let source = segments(temp.path(), 0)[0].clone();
+    store.compact(0, 1 << 20).expect("compact");
+    store.write(0).expect("the copies go out with a batch");
+    store.synced(0, first.run()).expect("synced");
+    store.commit(0).expect("the copies are durable");
+    assert_eq!(
+        store.compact(0, 1 << 20).expect("compact").segments_deleted,
+        1
+    );
+    faults.fail_next_remove.store(true, Ordering::Relaxed);
+    store
+        .append(0, user(3), &message(6, b"after"))
+        .expect("append");
+    let commit = store.commit(0).expect("a failed removal fails no batch");
+    assert!(commit.durable_through > 0);
+    assert!(source.exists());
+    assert_eq!(store.counters().segment_removals_failed, 1);
+    drop(store);
+    let (mut store, _) = ShardStore::open(temp.path(), 0, 1, small, io, 0).expect("reopen");
+    assert_eq!(ids(&read_all(&mut store, user(2))), [2, 4]);
+    assert_eq!(ids(&read_all(&mut store, user(1))), Vec::<u64>::new());
+    assert_eq!(ids(&read_all(&mut store, user(3))), [5, 6]);
 }
 
 #[test]
@@ -1157,6 +1197,7 @@ fn a_failed_sync_of_compaction_copies_leaves_the_records_where_they_were() {
     );
     store.commit(0).expect("commit");
     store.compact(0, 1 << 20).expect("compact");
+    store.commit(0).expect("the job that removes it");
     assert!(!source.exists());
     drop(store);
     let (mut store, _) = ShardStore::open(temp.path(), 0, 1, small, io, 0).expect("reopen");
