@@ -547,3 +547,83 @@ fn json_logs_are_one_object_per_line() {
     assert!(lines >= 3, "{log}");
     assert!(log.contains("\"message\":\"shard running\""), "{log}");
 }
+
+/// Alice sends `count` messages to bob, one at a time; bob acks each Deliver and alice acks
+/// each Delivered receipt, so that nothing is left for the disk but what the wait lets by.
+/// Returns how long each ServerAck took.
+fn exchange(hopd: &Hopd, count: usize, bob_acks: bool) -> Vec<Duration> {
+    let (bob_key, mut bob) = hopd.new_user();
+    let (_, mut alice) = hopd.new_user();
+    let mut waits = Vec::new();
+    for n in 0..count {
+        let sent = Instant::now();
+        alice
+            .send_message(bob_key.user_id(), format!("message {n}").as_bytes())
+            .unwrap();
+        let deliver = expect_kind(&mut bob, "the Deliver", |kind| match kind {
+            Kind::Deliver(deliver) => Some(deliver),
+            _ => None,
+        });
+        if bob_acks {
+            bob.ack_deliver(deliver.id).unwrap();
+        }
+        let (mut acked, mut receipt) = (false, !bob_acks);
+        while !(acked && receipt) {
+            match alice.recv(PATIENCE).unwrap().and_then(|stanza| stanza.kind) {
+                Some(Kind::ServerAck(_)) => {
+                    acked = true;
+                    waits.push(sent.elapsed());
+                }
+                Some(Kind::Receipt(delivered)) => {
+                    alice.ack_receipt(&delivered).unwrap();
+                    receipt = true;
+                }
+                Some(_) => {}
+                None => panic!("alice heard nothing of message {n}"),
+            }
+        }
+    }
+    waits
+}
+
+/// Store-and-forward keeps a message only until delivery: what a connected recipient's device
+/// acks within `ack_wait_ms` is never written (no record, no tombstone). The same exchange
+/// with the wait at 0 is written, message and receipt.
+#[test]
+fn what_a_connected_device_acks_within_the_wait_is_never_written() {
+    // A wait no slow machine outlasts between a Deliver and its Ack.
+    let hopd = Hopd::start(&["--ack-wait-ms", "1000"]);
+    exchange(&hopd, 20, true);
+    metrics_until(&hopd, "the 40 items acked while held", |samples| {
+        sum(samples, "hop_keeps_skipped_total") >= 40.0
+    });
+    let (_, text) = get(&hopd, "/metrics");
+    let samples = parse_prometheus(&text);
+    assert_eq!(sum(&samples, "hop_store_appends_total"), 0.0, "{text}");
+    drop(hopd);
+
+    let hopd = Hopd::start(&["--ack-wait-ms", "0"]);
+    exchange(&hopd, 20, true);
+    metrics_until(
+        &hopd,
+        "the 20 messages and 20 receipts written",
+        |samples| sum(samples, "hop_store_appends_total") >= 40.0,
+    );
+}
+
+/// A message whose connected recipient does not ack it waits out `ack_wait_ms`, then goes to
+/// disk; its sender's ServerAck leaves only then, never before the message is durable.
+#[test]
+fn what_a_connected_device_does_not_ack_is_written_after_the_wait() {
+    let hopd = Hopd::start(&["--ack-wait-ms", "300"]);
+    let waits = exchange(&hopd, 3, false);
+    for wait in &waits {
+        assert!(
+            *wait >= Duration::from_millis(300),
+            "a ServerAck left after {wait:?}, before the wait was out"
+        );
+    }
+    metrics_until(&hopd, "the 3 messages written", |samples| {
+        sum(samples, "hop_store_appends_total") >= 3.0
+    });
+}

@@ -117,6 +117,10 @@ pub struct Config {
     pub batch_delay_ms: u64,
     /// Group commit (`batch`, `none`): commit as soon as a batch holds this many records.
     pub batch_records_max: u32,
+    /// `batch`, `none`: how long a message or receipt for a connected device waits for the
+    /// device's Ack before it is written to the offline queue; one acked in time is never
+    /// written. 0: every item goes to the group commit at once.
+    pub ack_wait_ms: u64,
     /// Undelivered messages and receipts are deleted this long after they were sent.
     pub offline_ttl_ms: u64,
     /// An offline-queue log segment is sealed once it holds this many bytes.
@@ -308,6 +312,7 @@ impl Default for Config {
             durability: DurabilityPolicy::Batch,
             batch_delay_ms: 2,
             batch_records_max: 1024,
+            ack_wait_ms: ACK_WAIT_DEFAULT_MS,
             offline_ttl_ms: 30 * 24 * 60 * 60 * 1000,
             segment_bytes_max: 64 * 1024 * 1024,
             segment_age_max_ms: 5 * 60 * 1000,
@@ -471,6 +476,9 @@ pub struct Args {
     /// Group commit: commit as soon as a batch holds this many records.
     #[arg(long, value_name = "N")]
     pub batch_records_max: Option<u32>,
+    /// How long an item for a connected device waits for its Ack before it is written to the offline queue (0 to 1000; 0: at once).
+    #[arg(long, value_name = "MS")]
+    pub ack_wait_ms: Option<u64>,
     /// Undelivered messages and receipts are deleted this long after they were sent.
     #[arg(long, value_name = "MS")]
     pub offline_ttl_ms: Option<u64>,
@@ -569,6 +577,10 @@ pub const SHARDS_MAX: usize = 256;
 /// `account_expiry_ms` by default: 120 days, the period after which WhatsApp documents that an
 /// inactive account is deleted.
 pub const ACCOUNT_EXPIRY_DEFAULT_MS: u64 = 120 * 24 * 60 * 60 * 1000;
+/// How long an item for a connected device waits for its Ack, by default (`ack_wait_ms`).
+pub const ACK_WAIT_DEFAULT_MS: u64 = 20;
+/// The longest `ack_wait_ms`: a sender's ServerAck may wait this long more.
+pub const ACK_WAIT_MAX_MS: u64 = 1_000;
 /// The shortest expiry: two seconds (tests use a few).
 pub const ACCOUNT_EXPIRY_MIN_MS: u64 = 2_000;
 /// The longest: 100 years, well inside the account clock's u32 seconds.
@@ -652,6 +664,7 @@ impl Config {
             durability,
             batch_delay_ms,
             batch_records_max,
+            ack_wait_ms,
             offline_ttl_ms,
             segment_bytes_max,
             segment_age_max_ms,
@@ -725,6 +738,16 @@ impl Config {
                     reason: "must be greater than 0".into(),
                 });
             }
+        }
+        if self.ack_wait_ms > ACK_WAIT_MAX_MS {
+            return Err(ConfigError::Invalid {
+                name: "ack_wait_ms",
+                reason: format!(
+                    "{} is over {ACK_WAIT_MAX_MS}: a sender's ServerAck may wait this long for \
+                     its recipient's Ack",
+                    self.ack_wait_ms
+                ),
+            });
         }
         if self.account_expiry_ms != 0
             && !(ACCOUNT_EXPIRY_MIN_MS..=ACCOUNT_EXPIRY_MAX_MS).contains(&self.account_expiry_ms)
@@ -877,8 +900,7 @@ impl Config {
     pub fn keeping(&self) -> crate::shard::Keeping {
         crate::shard::Keeping {
             at_once: self.durability == DurabilityPolicy::Always,
-            delay_ms: self.batch_delay_ms,
-            records_max: self.batch_records_max as usize,
+            ack_wait_ms: self.ack_wait_ms,
         }
     }
 

@@ -184,19 +184,26 @@ pub struct ShardSettings {
     pub handshake_thread: bool,
 }
 
-/// When the shard hands the items it must keep to the store. Items are held back until their
-/// batch is due, so one that the recipient's device acks meanwhile never touches the disk (no
-/// record, no checksum, no tombstone); what is still held then is appended and committed at
-/// once. The ServerAck of a held message waits like that of a buffered one.
+/// When the shard hands the items it must keep to the store. An item for a device that is
+/// connected is held back `ack_wait_ms`, so that one its device acks meanwhile never touches
+/// the disk (no record, no checksum, no tombstone, no compaction); what is still held then
+/// goes to the store's buffer, which commits it with its group commit. Items leave in the
+/// order they came (one for a device that is not connected waits behind an earlier held
+/// one), so a queue's records are on disk in the order it was queued. The ServerAck of a
+/// held message waits like that of a buffered one: until its device acks it or the disk has
+/// it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keeping {
     /// `always`: every loop turn that held something commits it.
     pub at_once: bool,
-    /// `batch`/`none`: the longest an item is held.
-    pub delay_ms: u64,
-    /// `batch`/`none`: a batch this large is due at once.
-    pub records_max: usize,
+    /// `batch`/`none`: how long an item for a connected device waits for its Ack.
+    pub ack_wait_ms: u64,
 }
+
+/// Items held at most, whatever their wait: past it the oldest go to the store.
+const HELD_ITEMS_MAX: usize = 65_536;
+/// Body bytes held at most (they are in memory until they are on disk).
+const HELD_BYTES_MAX: usize = 32 << 20;
 
 /// Everything a shard thread starts with.
 pub struct ShardParts<B: Backend> {
@@ -321,19 +328,19 @@ struct Span {
     end: usize,
 }
 
-/// Items to keep, held back until their batch is due, in the order of their keep numbers
-/// (`Action::Keep`: the router numbers every item it queues, one after another). A held item
-/// that its device acks is cancelled in place, found by its number (`Action::Forget`): its
-/// place is its number less the first's, or, past a gap in the numbers (they skip 0 when
-/// they wrap), a binary search away. No hashing: a batch is held and taken thousands of
-/// times a second.
+/// Items to keep, held back until they are due ([`Keeping`]), in the order of their keep
+/// numbers (`Action::Keep`: the router numbers every item it queues, one after another). A
+/// held item that its device acks is cancelled in place, found by its number
+/// (`Action::Forget`): its place is its number less the first's, or, past a gap in the
+/// numbers (they skip 0 when they wrap), a binary search away. No hashing: items are held and
+/// taken hundreds of thousands of times a second. The first item is never a cancelled one.
 #[derive(Debug, Default)]
 struct Held {
     items: VecDeque<HeldItem>,
     /// Items not cancelled.
     live: usize,
-    /// When the oldest held item arrived.
-    since_ms: Option<u64>,
+    /// Their body bytes.
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -342,6 +349,18 @@ struct HeldItem {
     user: UserId,
     /// `None` once cancelled.
     item: Option<Queued>,
+    /// When it goes to the store (monotonic ms).
+    due_ms: u64,
+}
+
+/// The body bytes a held item keeps in memory.
+fn body_bytes(item: &Queued) -> usize {
+    match item {
+        Queued::Message { body, .. } | Queued::Sent { body, .. } | Queued::Group { body, .. } => {
+            body.len()
+        }
+        Queued::Receipt { .. } => 0,
+    }
 }
 
 /// An item the store took and has not made durable yet.
@@ -358,7 +377,8 @@ struct Written {
 }
 
 impl Held {
-    fn hold(&mut self, user: UserId, item: Queued, keep: u32, now_ms: u64) {
+    /// Holds `item` until `due_ms`, or until an earlier item leaves if that is later.
+    fn hold(&mut self, user: UserId, item: Queued, keep: u32, due_ms: u64) {
         debug_assert!(
             self.items.back().is_none_or(|last| {
                 let first = self.items[0].keep;
@@ -366,13 +386,14 @@ impl Held {
             }),
             "keep numbers follow one another"
         );
+        self.bytes += body_bytes(&item);
         self.items.push_back(HeldItem {
             keep,
             user,
             item: Some(item),
+            due_ms,
         });
         self.live += 1;
-        self.since_ms.get_or_insert(now_ms);
     }
 
     /// Drops the held item `keep` that the device acked, named by its Ack (`user`, `id`,
@@ -404,37 +425,52 @@ impl Held {
                 .as_ref()
                 .is_some_and(|item| item.ack_kind() == kind && item.ack_id() == id);
         if named {
-            held.item = None;
+            if let Some(item) = held.item.take() {
+                self.bytes -= body_bytes(&item);
+            }
             self.live -= 1;
+            while self.items.front().is_some_and(|first| first.item.is_none()) {
+                self.items.pop_front();
+            }
         }
         named
     }
 
-    /// Nothing held since the last batch was taken.
+    /// Nothing held.
     fn is_empty(&self) -> bool {
-        self.since_ms.is_none()
+        self.items.is_empty()
     }
 
-    /// When the held batch must go to the store.
+    /// When the first held item must go to the store: at once under `always` or past the
+    /// bounds, else when it is due.
     fn deadline(&self, keeping: &Keeping) -> Option<u64> {
-        let since_ms = self.since_ms?;
-        if keeping.at_once || self.live >= keeping.records_max {
-            Some(since_ms)
+        let first = self.items.front()?;
+        if keeping.at_once || self.over_bounds() {
+            Some(0)
         } else {
-            Some(since_ms + keeping.delay_ms)
+            Some(first.due_ms)
         }
     }
 
-    /// Moves everything still held into `batch`, oldest first; the batch starts again empty.
-    /// Both keep their capacity: a batch is held and taken thousands of times a second.
-    fn take_into(&mut self, batch: &mut Vec<(UserId, Queued, u32)>) {
-        self.live = 0;
-        self.since_ms = None;
-        batch.extend(
-            self.items
-                .drain(..)
-                .filter_map(|held| Some((held.user, held.item?, held.keep))),
-        );
+    fn over_bounds(&self) -> bool {
+        self.live > HELD_ITEMS_MAX || self.bytes > HELD_BYTES_MAX
+    }
+
+    /// Moves the items due at `now_ms` (every one with `all`) into `batch`, oldest first, up
+    /// to the first that is not. The batch keeps its capacity: items are held and taken
+    /// hundreds of thousands of times a second.
+    fn take_due(&mut self, now_ms: u64, all: bool, batch: &mut Vec<(UserId, Queued, u32)>) {
+        while let Some(first) = self.items.front() {
+            if !(all || first.due_ms <= now_ms || self.over_bounds()) {
+                break;
+            }
+            let held = self.items.pop_front().expect("a first item");
+            if let Some(item) = held.item {
+                self.live -= 1;
+                self.bytes -= body_bytes(&item);
+                batch.push((held.user, item, held.keep));
+            }
+        }
     }
 }
 
@@ -2158,7 +2194,16 @@ impl<B: Backend> Core<B> {
             Action::ToReplica { user, message } => {
                 self.mail_to_node(user, message, Target::Replica)
             }
-            Action::Keep { user, item, keep } => self.held.hold(user, item, keep, self.now_ms),
+            Action::Keep { user, item, keep } => {
+                // Only a connected device may ack it soon; anything else waits for nothing.
+                let wait_ms = self.settings.keeping.ack_wait_ms;
+                let due_ms = if wait_ms > 0 && self.router.is_connected(user) {
+                    self.now_ms + wait_ms
+                } else {
+                    self.now_ms
+                };
+                self.held.hold(user, item, keep, due_ms);
+            }
             Action::Forget {
                 user,
                 id,
@@ -2578,17 +2623,18 @@ impl<B: Backend> Core<B> {
         }
         let now_ms = self.now_ms;
         let due = |deadline: Option<u64>| deadline.is_some_and(|at| force || at <= now_ms);
-        let held_due = due(self.held.deadline(&self.settings.keeping));
-        if held_due {
+        let keeping = self.settings.keeping;
+        if due(self.held.deadline(&keeping)) {
             let mut batch = std::mem::take(&mut self.held_batch);
-            self.held.take_into(&mut batch);
+            self.held
+                .take_due(now_ms, force || keeping.at_once, &mut batch);
             for (user, item, keep) in batch.drain(..) {
                 self.keep(user, &item, keep);
             }
             self.held_batch = batch;
         }
-        let store_due = due(self.store.next_commit_deadline());
-        if held_due || store_due {
+        // What left the hold joined the store's buffer, which its group commit writes when due.
+        if due(self.store.next_commit_deadline()) {
             if self.store.behind() && self.syncing {
                 // The disk is slower than the traffic: wait for the running job rather than
                 // hold more batches in memory.
@@ -4048,8 +4094,7 @@ mod tests {
 
     const BATCH: Keeping = Keeping {
         at_once: false,
-        delay_ms: 2,
-        records_max: 3,
+        ack_wait_ms: 2,
     };
 
     #[test]
@@ -4057,13 +4102,9 @@ mod tests {
         let user = UserId::from_halves(7, 7).expect("valid");
         let mut held = Held::default();
         assert_eq!(held.deadline(&BATCH), None);
-        held.hold(user, message(1), 11, 100);
-        held.hold(user, message(2), 12, 101);
-        assert_eq!(
-            held.deadline(&BATCH),
-            Some(102),
-            "the oldest item's time + delay"
-        );
+        held.hold(user, message(1), 11, 102);
+        held.hold(user, message(2), 12, 103);
+        assert_eq!(held.deadline(&BATCH), Some(102), "the first item's time");
         assert!(held.cancel(user, 2, ReceiptKind::Unspecified, 12));
         assert!(!held.cancel(user, 2, ReceiptKind::Unspecified, 12), "once");
         assert!(
@@ -4077,7 +4118,7 @@ mod tests {
         assert!(!held.cancel(user, 1, ReceiptKind::Unspecified, NO_KEEP));
         held.hold(user, message(3), 13, 105);
         let mut batch = Vec::new();
-        held.take_into(&mut batch);
+        held.take_due(105, false, &mut batch);
         let ids: Vec<u64> = batch.drain(..).map(|(_, item, _)| item.id()).collect();
         assert_eq!(ids, [1, 3]);
         assert_eq!(held.deadline(&BATCH), None, "empty again");
@@ -4102,7 +4143,7 @@ mod tests {
             "no such number"
         );
         let mut batch = Vec::new();
-        held.take_into(&mut batch);
+        held.take_due(0, true, &mut batch);
         let kept: Vec<(u64, u32)> = batch
             .iter()
             .map(|(_, item, keep)| (item.id(), *keep))
@@ -4139,7 +4180,7 @@ mod tests {
         );
         assert!(held.cancel(phone, by_laptop, ReceiptKind::Delivered, 4));
         let mut left = Vec::new();
-        held.take_into(&mut left);
+        held.take_due(0, true, &mut left);
         assert_eq!(left, [(laptop, message(1), 2), (phone, receipt(phone), 3)]);
     }
 
@@ -4221,18 +4262,39 @@ mod tests {
     }
 
     #[test]
-    fn a_full_batch_or_always_is_due_at_once() {
+    fn held_items_leave_when_due_in_order_and_at_once_under_always_or_past_the_bounds() {
         let user = UserId::from_halves(7, 7).expect("valid");
         let mut held = Held::default();
-        for id in 1..=3 {
-            held.hold(user, message(id), id as u32, 100 + id);
-        }
-        assert_eq!(held.deadline(&BATCH), Some(101), "records_max reached");
+        // A connected device's item waits; one for a device that is not waits behind it.
+        held.hold(user, message(1), 1, 120);
+        held.hold(user, message(2), 2, 101);
+        held.hold(user, message(3), 3, 125);
+        assert_eq!(held.deadline(&BATCH), Some(120));
+        let mut batch = Vec::new();
+        held.take_due(119, false, &mut batch);
+        assert!(batch.is_empty(), "nothing is due before the first item");
+        held.take_due(120, false, &mut batch);
+        let ids: Vec<u64> = batch.drain(..).map(|(_, item, _)| item.id()).collect();
+        assert_eq!(ids, [1, 2], "in order, up to the first that is not due");
+        assert_eq!(held.deadline(&BATCH), Some(125));
         let always = Keeping {
             at_once: true,
             ..BATCH
         };
-        assert!(held.cancel(user, 3, ReceiptKind::Unspecified, 3));
-        assert_eq!(held.deadline(&always), Some(101));
+        assert_eq!(held.deadline(&always), Some(0), "always: at once");
+        // Past the bytes bound the oldest leave whatever their wait, until under it again.
+        let big = Queued::Message {
+            from: user,
+            id: 4,
+            timestamp_ms: 0,
+            body: Bytes::from(vec![0u8; HELD_BYTES_MAX]),
+        };
+        held.hold(user, big, 4, 10_000);
+        held.hold(user, message(5), 5, 10_000);
+        assert_eq!(held.deadline(&BATCH), Some(0), "over the bound");
+        held.take_due(126, false, &mut batch);
+        let ids: Vec<u64> = batch.drain(..).map(|(_, item, _)| item.id()).collect();
+        assert_eq!(ids, [3, 4], "the oldest, until the bound holds");
+        assert_eq!(held.deadline(&BATCH), Some(10_000));
     }
 }

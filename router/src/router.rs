@@ -1222,6 +1222,14 @@ impl Router {
         (self.queued_items, self.queued_bytes)
     }
 
+    /// Whether `user` (a device) has a connection on this shard now: what is queued for it
+    /// was pushed to it, or will be as its window allows, and its Ack may come soon.
+    pub fn is_connected(&self, user: UserId) -> bool {
+        self.users
+            .get(&user)
+            .is_some_and(|state| state.conn().is_some())
+    }
+
     /// Users known on this shard.
     pub fn users_known(&self) -> usize {
         self.users.len()
