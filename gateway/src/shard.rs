@@ -202,8 +202,9 @@ pub struct Keeping {
 
 /// Items held at most, whatever their wait: past it the oldest go to the store.
 const HELD_ITEMS_MAX: usize = 65_536;
-/// Body bytes held at most (they are in memory until they are on disk).
-const HELD_BYTES_MAX: usize = 32 << 20;
+/// Body bytes held at most (they are in memory until they are on disk): a device that is
+/// connected but does not ack pins no more than this of large bodies.
+const HELD_BYTES_MAX: usize = 8 << 20;
 
 /// Everything a shard thread starts with.
 pub struct ShardParts<B: Backend> {
