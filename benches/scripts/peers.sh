@@ -15,15 +15,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 target_dir=${CARGO_TARGET_DIR:-$here/../../target}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}
 peers=${PEERS:-mosquitto nats}
-priority=${PRIORITY:--10}
-# Same scheduling as with-hopd.sh: nice $PRIORITY, or SCHED_FIFO with SCHED=fifo.
-# An array, not a function: a function would run in a subshell when backgrounded, and $!
-# would name the subshell instead of the server.
-if [ "${SCHED:-}" = fifo ]; then
-    run_as=(chrt -f 1)
-else
-    run_as=(nice -n "$priority")
-fi
+# run_as and generator_scheduling: as in with-hopd.sh (SCHED=fifo, PRIORITY).
+. "$here/scheduling.sh"
 mosquitto_port=18830
 nats_mqtt_port=18831
 nats_port=18832
@@ -175,7 +168,8 @@ compare() {
         peer_name=$peer
         if start_peer "$peer" "$dir"; then
             trap stop_peer EXIT
-            "${run_as[@]}" taskset -c 1 "$bench" "$scenario" --target mqtt "${mqtt_flags[@]}" \
+            generator_scheduling "$scenario" "$@"
+            "${generator_run_as[@]}" taskset -c 1 "$bench" "$scenario" --target mqtt "${mqtt_flags[@]}" \
                 --server "$peer_addr" --server-pid "$peer_pid" "$@" \
                 --json "$results/$peer.json" && rows+=("$peer=$results/$peer.json")
             stop_peer

@@ -9,7 +9,8 @@
 # Both run at nice $PRIORITY (default -10) so that niced background work on the same cores
 # (builds) does not take time slices in the middle of a measurement. With SCHED=fifo they run
 # SCHED_FIFO instead (root only; the kernel's RT throttling still leaves 5% of each core to
-# everything else): use it on a shared machine, and say so next to the figures.
+# everything else): use it on a shared machine, and say so next to the figures. A latency
+# generator that spins (its default) runs at nice $PRIORITY even then (scheduling.sh says why).
 # HOPD and HOP_BENCH name the binaries (default: the release builds in $CARGO_TARGET_DIR or
 # target/); HOPD_FLAGS adds flags to hopd; SHARDS sets hopd's --shards (default 1: the
 # like-for-like row); SERVER_CORE and GENERATOR_CORE pick the cores (a list such as 0,1 too);
@@ -17,6 +18,8 @@
 set -euo pipefail
 # The abuse limits are off unless ABUSE_LIMITS=on (abuse-limits.sh says why).
 . "$(dirname "$0")/abuse-limits.sh"
+# run_as and generator_scheduling (SCHED=fifo, PRIORITY).
+. "$(dirname "$0")/scheduling.sh"
 target_dir=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}
 hopd=${HOPD:-$target_dir/release/hopd}
 bench=${HOP_BENCH:-$target_dir/release/hop-bench}
@@ -25,14 +28,6 @@ shards=${SHARDS:-1}
 log_filter=warn
 [ -n "${HOPD_LOG:-}" ] && log_filter=info
 generator_core=${GENERATOR_CORE:-1}
-priority=${PRIORITY:--10}
-# An array, not a function: a function would run in a subshell when backgrounded, and $!
-# would name the subshell instead of the server.
-if [ "${SCHED:-}" = fifo ]; then
-    run_as=(chrt -f 1)
-else
-    run_as=(nice -n "$priority")
-fi
 scenario=$1
 shift
 
@@ -90,7 +85,8 @@ if [ -n "${PERF_SYSCALLS:-}" ]; then
     perf_pid=$!
 fi
 status=0
-"${run_as[@]}" taskset -c "$generator_core" "$bench" "$scenario" --server "$servers" --server-key "$key" \
+generator_scheduling "$scenario" "$@"
+"${generator_run_as[@]}" taskset -c "$generator_core" "$bench" "$scenario" --server "$servers" --server-key "$key" \
     --server-pid "$hopd_pid" "$@" || status=$?
 if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid"

@@ -288,6 +288,59 @@ fn parse_cpu_seconds(stat: &str) -> Option<f64> {
     Some(ticks as f64 / CLOCK_TICKS_PER_SECOND)
 }
 
+/// Whether this process runs under a real-time policy (SCHED_FIFO or SCHED_RR) that the
+/// kernel throttles: the `policy` field of `/proc/self/stat` and
+/// `/proc/sys/kernel/sched_rt_runtime_us` (-1 lifts the throttling). `None` when either
+/// cannot be read.
+pub fn real_time_throttled() -> Option<RealTimeThrottle> {
+    let policy = parse_policy(&fs::read_to_string("/proc/self/stat").ok()?)?;
+    if !matches!(policy, SCHED_FIFO | SCHED_RR) {
+        return Some(RealTimeThrottle::NotRealTime);
+    }
+    let runtime: i64 = fs::read_to_string("/proc/sys/kernel/sched_rt_runtime_us")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let period: i64 = fs::read_to_string("/proc/sys/kernel/sched_rt_period_us")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(if runtime < 0 {
+        RealTimeThrottle::Lifted
+    } else {
+        RealTimeThrottle::Throttled {
+            runtime_us: runtime,
+            period_us: period,
+        }
+    })
+}
+
+/// What [`real_time_throttled`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealTimeThrottle {
+    NotRealTime,
+    /// Real-time, and `kernel.sched_rt_runtime_us` is -1.
+    Lifted,
+    /// Real-time threads may run `runtime_us` of every `period_us` and are stopped for the
+    /// rest once they have.
+    Throttled {
+        runtime_us: i64,
+        period_us: i64,
+    },
+}
+
+const SCHED_FIFO: u32 = 1;
+const SCHED_RR: u32 = 2;
+
+fn parse_policy(stat: &str) -> Option<u32> {
+    // `policy` is field 41 of the whole line, 39 after the name (in parentheses, may hold
+    // spaces): index 38.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    rest.split_whitespace().nth(38)?.parse().ok()
+}
+
 /// `/proc` reports CPU time in USER_HZ, which Linux fixes at 100 for every architecture.
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
@@ -386,6 +439,18 @@ impl MachineInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scheduling_policy_is_read_after_the_name() {
+        // A name with spaces and a parenthesis; policy 1 (SCHED_FIFO) in field 41.
+        let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+        fields[38] = "1".into();
+        let stat = format!("4242 (hop (bench) x) {}", fields.join(" "));
+        assert_eq!(parse_policy(&stat), Some(1));
+        assert_eq!(parse_policy("4242 (short) S 1 2"), None);
+        let own = fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_policy(&own).is_some(), "this process's policy reads");
+    }
 
     #[test]
     fn sockstat_tcp_line_parses() {

@@ -15,7 +15,7 @@ use crate::engine::{
     Engine, Failure, Identity, Outcome, Server, ServerSpread, Target, REDIRECTS_MAX,
 };
 use crate::latency::{LatencyRecorder, LatencySummary};
-use crate::procfs::{cpu_seconds_of, cpu_seconds_self};
+use crate::procfs::{cpu_seconds_of, cpu_seconds_self, real_time_throttled, RealTimeThrottle};
 use crate::report::{CpuUse, Report};
 use crate::schedule::{sender_of, Schedule};
 
@@ -29,8 +29,9 @@ pub const BODY_BYTES: usize = 24;
 const SETUP_PENDING_MAX: usize = 512;
 /// How long setting up the clients may take before the run gives up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
-/// Below this wait the open-loop sender sleeps with `nanosleep` and then polls without
-/// waiting, instead of sleeping in `epoll_wait`, whose timeout has millisecond resolution.
+/// Below this wait the open-loop sender of [`Wait::Sleep`] sleeps with `nanosleep` and then
+/// polls without waiting, instead of sleeping in `epoll_wait`, whose timeout has millisecond
+/// resolution.
 const SLEEP_BELOW: Duration = Duration::from_millis(1);
 
 /// Where and what to benchmark: flags common to every scenario.
@@ -500,6 +501,54 @@ pub struct LatencyOptions {
     pub duration_ms: u64,
     /// After the last scheduled send, how long to wait for the last deliveries.
     pub drain_ms: u64,
+    pub wait: Wait,
+}
+
+/// How the open-loop generator waits between its sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Wait {
+    /// Polls without sleeping: a delivery is timestamped when it arrives and a send leaves on
+    /// time, at the price of the generator's whole core. Its saturation is then read from
+    /// the polls that found work, not from its CPU.
+    Spin,
+    /// Sleeps until the next send is due, then handles what arrived meanwhile: a delivery is
+    /// timestamped when the sleep ends, up to one wake-up late (a 50 µs `nanosleep` takes
+    /// about 90 µs on a virtual machine), which lengthens every figure and rounds a server's
+    /// latency up to the generator's next wake-up.
+    Sleep,
+}
+
+impl Wait {
+    pub fn name(self) -> &'static str {
+        match self {
+            Wait::Spin => "spin",
+            Wait::Sleep => "sleep",
+        }
+    }
+}
+
+/// Refuses [`Wait::Spin`] where the kernel would stop the spinning generator: under a
+/// real-time policy with real-time throttling on, a thread that never sleeps is stopped for
+/// the rest of each period once it used its runtime (50 ms of every second by default), and
+/// those stops would be counted as latency.
+fn check_spin_allowed() -> Result<(), String> {
+    spin_allowed(real_time_throttled())
+}
+
+fn spin_allowed(throttle: Option<RealTimeThrottle>) -> Result<(), String> {
+    match throttle {
+        Some(RealTimeThrottle::Throttled {
+            runtime_us,
+            period_us,
+        }) => Err(format!(
+            "--wait spin under a real-time policy (SCHED_FIFO/RR): the kernel lets real-time \
+             threads run {runtime_us} µs of every {period_us} µs (kernel.sched_rt_runtime_us) \
+             and stops a thread that never sleeps for the rest, which would be counted as \
+             latency; run the generator under SCHED_OTHER (e.g. nice -n -10), lift the \
+             throttling (sysctl kernel.sched_rt_runtime_us=-1), or use --wait sleep"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// An open-loop schedule at a fixed offered rate, spread round robin over every client;
@@ -531,11 +580,18 @@ pub struct LatencyResult {
     pub bad_redirect: Option<String>,
     pub admission_refused: BTreeMap<String, u64>,
     pub rate_limited: u64,
+    /// Under [`Wait::Spin`], the seconds of polls that sent nothing and received nothing.
+    #[serde(default)]
+    pub idle_seconds: f64,
 }
 
 /// One process's part of `latency`: `options.pairs` pairs at `options.rate_per_second`.
 pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<LatencyResult, String> {
     assert!(options.pairs > 0, "at least one pair");
+    let spin = options.wait == Wait::Spin;
+    if spin {
+        check_spin_allowed()?;
+    }
     let count = options.pairs * 2;
     let clients = clients(common, count)?;
     let mut engine = common.engine(count as u64)?;
@@ -550,8 +606,10 @@ pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<Latenc
     let mut sent = 0u64;
     let mut late_sends_max_ns = 0u64;
     let deadline = start + Duration::from_millis(options.duration_ms + options.drain_ms);
+    let mut idle_ns = 0u64;
     while recorder.len() < schedule.messages_total() && Instant::now() < deadline {
         let now_ns = start.elapsed().as_nanos() as u64;
+        let sent_before = sent;
         let due = schedule.due_at(now_ns);
         while sent < due {
             let sender = sender_of(sent, count as u64) as usize;
@@ -567,6 +625,7 @@ pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<Latenc
             sent += 1;
         }
         let timeout = match schedule.next_due_ns(sent) {
+            _ if spin => Duration::ZERO,
             Some(next) => {
                 let wait =
                     Duration::from_nanos(next.saturating_sub(start.elapsed().as_nanos() as u64));
@@ -586,6 +645,9 @@ pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<Latenc
             .turn(Some(timeout), &mut outcomes)
             .map_err(|e| e.to_string())?;
         let received_ns = start.elapsed().as_nanos() as u64;
+        if spin && sent == sent_before && outcomes.is_empty() {
+            idle_ns += received_ns - now_ns;
+        }
         for (_, outcome) in outcomes.drain(..) {
             if let Some((_, intended, _)) = counters.count(&outcome) {
                 recorder.record_intended(intended, received_ns);
@@ -627,6 +689,7 @@ pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<Latenc
             .map(|(reason, count)| (reason.to_string(), *count))
             .collect(),
         rate_limited: engine.rate_limited,
+        idle_seconds: idle_ns as f64 / 1e9,
     })
 }
 
@@ -641,8 +704,9 @@ pub fn latency_report(
     let mut scheduled = 0;
     let mut send_lag_max_ns = 0;
     let (mut send_acked, mut receipts) = (0, 0);
-    let (mut cpu_seconds, mut wall_seconds) = (0.0, 0.0f64);
+    let (mut cpu_seconds, mut wall_seconds, mut idle_seconds) = (0.0, 0.0f64, 0.0);
     for result in results {
+        idle_seconds += result.idle_seconds;
         recorder.merge(&LatencyRecorder::from_counts(
             &result.histogram,
             result.clamped,
@@ -706,7 +770,21 @@ pub fn latency_report(
     // on (taskset), whichever is fewer.
     let allowed = std::thread::available_parallelism().map_or(1, |cores| cores.get());
     let capacity = allowed.min(results.len().max(1)) as f64;
-    let busy = report.generator_cpu.cores_busy;
+    // A spinning generator uses its cores whatever its load: its polls that found nothing are
+    // not work.
+    let busy = if options.wait == Wait::Spin {
+        CpuUse::new(
+            processes,
+            (cpu_seconds - idle_seconds).max(0.0),
+            wall_seconds,
+        )
+        .cores_busy
+    } else {
+        report.generator_cpu.cores_busy
+    };
+    if options.wait == Wait::Spin {
+        report.figure("generator_busy", busy, "cores");
+    }
     if busy > 0.9 * capacity {
         report.notes.push(format!(
             "the generator was saturated: {busy:.2} of the {capacity} core(s) its processes can \
@@ -732,6 +810,15 @@ pub fn latency_report(
     report.notes.push(
         "latency counts from each message's intended send time (open loop, coordinated omission corrected)".into(),
     );
+    report.notes.push(match options.wait {
+        Wait::Spin => format!(
+            "the generator spun (--wait spin): deliveries timestamped as they arrived; {idle_seconds:.1} s \
+             of its {cpu_seconds:.1} s of CPU were polls that found nothing, so it was busy {busy:.2} cores"
+        ),
+        Wait::Sleep => "the generator slept between sends (--wait sleep): a delivery counts from \
+                        the end of the sleep it arrived in, up to one wake-up late"
+            .into(),
+    });
     report
 }
 
@@ -1180,6 +1267,20 @@ pub fn offline(common: &Common, options: &OfflineOptions) -> Result<Report, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spinning_is_refused_only_where_the_kernel_would_stop_it() {
+        assert!(spin_allowed(Some(RealTimeThrottle::NotRealTime)).is_ok());
+        assert!(spin_allowed(Some(RealTimeThrottle::Lifted)).is_ok());
+        assert!(spin_allowed(None).is_ok(), "unknown: not refused");
+        let error = spin_allowed(Some(RealTimeThrottle::Throttled {
+            runtime_us: 950_000,
+            period_us: 1_000_000,
+        }))
+        .unwrap_err();
+        assert!(error.contains("950000 µs of every 1000000 µs"), "{error}");
+        assert!(error.contains("--wait sleep"), "{error}");
+    }
 
     #[test]
     fn body_round_trips_and_is_24_bytes() {

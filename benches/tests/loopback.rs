@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hop_bench::engine::{Server, Target};
-use hop_bench::scenario::{self, Common, GroupOptions, LatencyOptions, ThroughputOptions};
+use hop_bench::scenario::{self, Common, GroupOptions, LatencyOptions, ThroughputOptions, Wait};
 
 type Subscribers = Arc<Mutex<HashMap<Vec<u8>, Vec<TcpStream>>>>;
 
@@ -117,19 +117,47 @@ fn throughput_moves_messages_both_ways_and_reports_them() {
     assert!(report.table().contains("messages_per_second"));
 }
 
+/// Both ways of waiting deliver every message; a spinning generator reports how busy it was
+/// apart from its idle polls.
 #[test]
 fn latency_delivers_every_scheduled_message() {
-    let server = toy_broker();
-    let options = LatencyOptions {
-        pairs: 2,
-        rate_per_second: 1_000,
-        duration_ms: 300,
-        drain_ms: 2_000,
-    };
-    let report = scenario::latency(&common(server), &options).unwrap();
-    assert_eq!(report.value("scheduled"), Some(300.0));
+    for wait in [Wait::Sleep, Wait::Spin] {
+        let server = toy_broker();
+        let options = LatencyOptions {
+            pairs: 2,
+            rate_per_second: 1_000,
+            duration_ms: 300,
+            drain_ms: 2_000,
+            wait,
+        };
+        let report = scenario::latency(&common(server), &options).unwrap();
+        assert_eq!(report.value("scheduled"), Some(300.0));
+        let notes = report.notes.join("\n");
+        match wait {
+            Wait::Spin => {
+                // 300 sends 3.3 ms apart leave most polls with nothing to do.
+                let busy = report
+                    .value("generator_busy")
+                    .expect("a spinning generator's busy figure");
+                assert!(
+                    busy < report.generator_cpu.cores_busy,
+                    "{busy} {:?}",
+                    report.generator_cpu
+                );
+                assert!(notes.contains("--wait spin"), "{notes}");
+            }
+            Wait::Sleep => {
+                assert_eq!(report.value("generator_busy"), None);
+                assert!(notes.contains("--wait sleep"), "{notes}");
+            }
+        }
+        assert_latency_of_every_message(&report);
+    }
+}
+
+fn assert_latency_of_every_message(report: &hop_bench::report::Report) {
     assert_eq!(report.value("delivered"), Some(300.0));
-    let latency = report.latency.unwrap();
+    let latency = report.latency.as_ref().unwrap();
     assert_eq!(latency.count, 300);
     assert!(latency.p50_us > 0.0 && latency.p50_us <= latency.max_us);
     assert!(!report.latency_curve.is_empty());
@@ -182,6 +210,13 @@ fn latency_across_processes_merges_what_each_measured() {
     assert!(report["server_cpu"]["cores_busy"].is_number());
     let notes = report["notes"].to_string();
     assert!(notes.contains("2 generator processes"), "{notes}");
+    // The children spun as the parent was told to (the default): their idle polls are left
+    // out of how busy the generator was.
+    let busy = figure("generator_busy").expect("spinning children's busy figure");
+    assert!(
+        busy < report["generator_cpu"]["cores_busy"].as_f64().unwrap(),
+        "{busy}"
+    );
 }
 
 #[test]
@@ -492,6 +527,7 @@ fn hop_refuses_a_server_with_another_key() {
         rate_per_second: 100,
         duration_ms: 10,
         drain_ms: 10,
+        wait: Wait::Spin,
     };
     let error = scenario::latency(&hop_common(server, [9; 32]), &options).unwrap_err();
     assert!(error.contains("protocol"), "{error}");
