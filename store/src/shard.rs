@@ -2114,6 +2114,61 @@ impl Hasher for WordHasher {
 
 pub(crate) type WordMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
 
+/// Recovery's map from a record's sequence number to its entry. Sequence numbers are given out
+/// in log order, one apart, so those from the first seen on are kept in a vector indexed by
+/// their distance from it: no hashing, and neighbours in the log are neighbours in memory.
+/// The rest (compaction copies older than the first record, or numbers so far apart that the
+/// vector would be mostly holes) go to a map.
+#[derive(Default)]
+struct SeqIndex {
+    base: u64,
+    dense: Vec<u32>,
+    /// Entries in `dense`, against which its holes are weighed.
+    dense_count: usize,
+    sparse: WordMap<u64, u32>,
+}
+
+impl SeqIndex {
+    const HOLE: u32 = u32::MAX;
+    /// `dense` grows only while it stays at least a quarter full (past this many slots).
+    const DENSE_SLACK: usize = 1 << 16;
+
+    fn insert(&mut self, seq: u64, entry: u32) {
+        debug_assert_ne!(entry, Self::HOLE);
+        if self.dense.is_empty() && self.dense_count == 0 {
+            self.base = seq;
+        }
+        if let Some(at) = seq
+            .checked_sub(self.base)
+            .and_then(|at| usize::try_from(at).ok())
+        {
+            if at >= self.dense.len() && at < 4 * self.dense_count + Self::DENSE_SLACK {
+                self.dense.resize(at + 1, Self::HOLE);
+            }
+            if let Some(slot) = self.dense.get_mut(at) {
+                if *slot == Self::HOLE {
+                    self.dense_count += 1;
+                }
+                *slot = entry;
+                return;
+            }
+        }
+        self.sparse.insert(seq, entry);
+    }
+
+    fn get(&self, seq: u64) -> Option<u32> {
+        let dense = seq
+            .checked_sub(self.base)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| self.dense.get(at));
+        match dense {
+            Some(&entry) if entry != Self::HOLE => Some(entry),
+            // A number put in the map before the vector grew over it.
+            _ => self.sparse.get(&seq).copied(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Segment<F> {
     pub(crate) file: F,
@@ -2265,9 +2320,14 @@ impl<F: IoFile> Index<F> {
             stats.missing_segments = (last - first + 1) - numbers.len() as u32;
         }
         let mut next_seq = 1u64;
-        // Records in log order; `by_seq` finds a record's entry when its tombstone comes.
-        let mut entries: Vec<(UserId, Slot, bool)> = Vec::new();
-        let mut by_seq: WordMap<u64, u32> = WordMap::default();
+        // Records in log order, each with its user's place in `users`; `by_seq` finds a
+        // record's entry when its tombstone comes.
+        let mut entries: Vec<(u32, Slot, bool)> = Vec::new();
+        // Every user met, with how many records it has (live or not): its queue is made once,
+        // with room for them.
+        let mut users: Vec<(UserId, u32)> = Vec::new();
+        let mut user_at: WordMap<UserId, u32> = WordMap::default();
+        let mut by_seq = SeqIndex::default();
         let mut bytes = Vec::new();
         if let Some(&last) = numbers.last() {
             let path = segment_path(dir, last);
@@ -2327,7 +2387,7 @@ impl<F: IoFile> Index<F> {
                         offset: offset as u32,
                         record_bytes: length as u32,
                     };
-                    if let Some(&previous) = by_seq.get(&seq) {
+                    if let Some(previous) = by_seq.get(seq) {
                         // A copy made by compaction: the later one is live.
                         let entry = &mut entries[previous as usize];
                         if entry.2 {
@@ -2337,12 +2397,17 @@ impl<F: IoFile> Index<F> {
                         }
                     }
                     by_seq.insert(seq, entries.len() as u32);
-                    entries.push((user, slot, true));
+                    let at = *user_at.entry(user).or_insert_with(|| {
+                        users.push((user, 0));
+                        users.len() as u32 - 1
+                    });
+                    users[at as usize].1 += 1;
+                    entries.push((at, slot, true));
                 }
                 Payload::Tombstone { seq, .. } => {
                     segment.tombstones += 1;
                     next_seq = next_seq.max(seq + 1);
-                    if let Some(&at) = by_seq.get(&seq) {
+                    if let Some(at) = by_seq.get(seq) {
                         let entry = &mut entries[at as usize];
                         if entry.2 {
                             entry.2 = false;
@@ -2371,16 +2436,44 @@ impl<F: IoFile> Index<F> {
             stats.segments += 1;
         }
         drop(by_seq);
-        for (user, slot, live) in entries {
-            let segment = index
-                .segments
-                .get_mut(&slot.segment)
-                .expect("scanned segment");
-            if live {
-                segment.live_records += 1;
-                segment.live_bytes += u64::from(slot.record_bytes);
-                index.push_recovered(user, slot);
+        drop(user_at);
+        // Each user's place in `index.queues`, once it has a live record.
+        let mut queue_at = vec![u32::MAX; users.len()];
+        // Live records and bytes of the segment the last records were in, counted into it when
+        // the log moves on to the next: one lookup per segment, not per record.
+        let mut run: Option<(u32, u32, u64)> = None;
+        let count_run = |index: &mut Self, run: (u32, u32, u64)| {
+            let segment = index.segments.get_mut(&run.0).expect("scanned segment");
+            segment.live_records += run.1;
+            segment.live_bytes += run.2;
+        };
+        for (at, slot, live) in entries {
+            if !live {
+                continue;
             }
+            match &mut run {
+                Some((segment, records, bytes)) if *segment == slot.segment => {
+                    *records += 1;
+                    *bytes += u64::from(slot.record_bytes);
+                }
+                _ => {
+                    if let Some(done) = run.take() {
+                        count_run(&mut index, done);
+                    }
+                    run = Some((slot.segment, 1, u64::from(slot.record_bytes)));
+                }
+            }
+            let queue = &mut queue_at[at as usize];
+            if *queue == u32::MAX {
+                let (user, records) = users[at as usize];
+                *queue = index.add_queue(user, records as usize);
+            }
+            let queue = &mut index.queues[*queue as usize];
+            queue.slots.push_back(slot);
+            queue.count(&slot, true);
+        }
+        if let Some(done) = run {
+            count_run(&mut index, done);
         }
         for queue in &mut index.queues {
             // Compaction copies sit later in the log than their neighbours; order by sequence.
@@ -2504,6 +2597,18 @@ impl<F: IoFile> Index<F> {
     /// Where `user`'s queue is in `queues`.
     fn queue_index(&self, user: UserId) -> Option<usize> {
         self.positions.get(&user).map(|&at| at as usize)
+    }
+
+    /// Adds an empty queue for `user`, who has none, with room for `capacity` slots; returns
+    /// its place.
+    fn add_queue(&mut self, user: UserId, capacity: usize) -> u32 {
+        let at = self.queues.len() as u32;
+        let previous = self.positions.insert(user, at);
+        debug_assert!(previous.is_none(), "one queue per user");
+        let mut queue = UserQueue::new(user);
+        queue.slots.reserve_exact(capacity);
+        self.queues.push(queue);
+        at
     }
 
     fn queue_mut(&mut self, user: UserId) -> &mut UserQueue {
@@ -2651,6 +2756,44 @@ mod tests {
     /// A test id whose first half is `raw` (so `raw_of` gives it back).
     fn user(raw: u64) -> UserId {
         UserId::from_halves(raw, !raw).expect("valid id")
+    }
+
+    /// Recovery's sequence index: the last entry put for a number wins, wherever it was kept.
+    #[test]
+    fn the_sequence_index_finds_every_number_dense_or_not() {
+        let mut index = SeqIndex::default();
+        for seq in 100..1_100u64 {
+            index.insert(seq, seq as u32);
+        }
+        // A compaction copy older than the first record, and one far beyond the vector.
+        index.insert(7, 1);
+        index.insert(1 << 40, 2);
+        assert_eq!(index.sparse.len(), 2, "outside the vector");
+        assert_eq!(index.get(100), Some(100));
+        assert_eq!(index.get(1_099), Some(1_099));
+        assert_eq!(index.get(7), Some(1));
+        assert_eq!(index.get(1 << 40), Some(2));
+        assert_eq!(index.get(99), None);
+        assert_eq!(index.get(1_100), None);
+        assert_eq!(index.get(5_000), None);
+        // A later copy of a number replaces the earlier one.
+        index.insert(500, 9_000);
+        assert_eq!(index.get(500), Some(9_000));
+        // A number put in the map while the vector was short is still found once the vector
+        // has grown over it.
+        let mut index = SeqIndex::default();
+        index.insert(1, 0);
+        let far = 1 + SeqIndex::DENSE_SLACK as u64 + 10;
+        index.insert(far, 1);
+        assert_eq!(index.sparse.len(), 1);
+        for (entry, seq) in (2..far + 20).enumerate() {
+            if seq != far {
+                index.insert(seq, entry as u32 + 2);
+            }
+        }
+        assert!(index.dense.len() as u64 > far, "the vector grew over it");
+        assert_eq!(index.get(far), Some(1));
+        assert_eq!(index.get(2), Some(2));
     }
 
     fn raw_of(user: UserId) -> u64 {
@@ -2948,14 +3091,17 @@ mod tests {
         assert_eq!(ids_and_bodies_ok(user(4), &out), expected_ids(user(4)));
     }
 
-    #[test]
-    fn reads_after_compaction_see_the_moved_records() {
-        let temp = tempfile::tempdir().expect("tempdir");
+    /// A store of 16 KiB segments in `data`, filled ([`fill`]), with the messages `delivered`
+    /// picks (by id) marked delivered and committed; and its options.
+    fn small_store_delivered(
+        data: &Path,
+        delivered: impl Fn(u64) -> bool,
+    ) -> (ShardStore<FsIo>, Options) {
         let small = Options {
             segment_bytes_max: 16 * 1024,
             ..options()
         };
-        let (mut store, _) = ShardStore::open(temp.path(), 0, 1, small, FsIo, 1).expect("open");
+        let (mut store, _) = ShardStore::open(data, 0, 1, small, FsIo, 1).expect("open");
         fill(&mut store);
         let mut out = Vec::new();
         for raw in 1..=USERS {
@@ -2963,12 +3109,97 @@ mod tests {
             store
                 .read(user(raw), 0, usize::MAX, &mut out)
                 .expect("read");
-            let ids = ids_and_bodies_ok(user(raw), &out);
-            for id in ids.into_iter().filter(|id| id % 2 == 0) {
-                assert!(store.mark_delivered(1, user(raw), id, 0));
+            for id in ids_and_bodies_ok(user(raw), &out) {
+                if delivered(id) {
+                    assert!(store.mark_delivered(1, user(raw), id, 0));
+                }
             }
         }
         store.commit(1).expect("commit");
+        (store, small)
+    }
+
+    /// What recovery rebuilds matches what the store held, record for record and segment
+    /// for segment, when the log holds tombstones and compaction copies whose sources came
+    /// back (a compaction cut short before its removals): each live record once, in queue
+    /// order, counted live in the segment it is read from and nowhere else.
+    #[test]
+    fn recovery_rebuilds_the_queues_and_segment_counts_the_store_had() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let (mut store, small) = small_store_delivered(temp.path(), |id| id % 3 != 0);
+        let dir = store.dir().to_path_buf();
+        let sources: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
+            .expect("list")
+            .map(|entry| entry.expect("entry").path())
+            .map(|path| (path.clone(), std::fs::read(&path).expect("read")))
+            .collect();
+        while !store.compact(1, 1 << 20).expect("compact").idle {
+            store.commit(1).expect("the copies' commit");
+        }
+        assert!(store.counters().segments_deleted > 0);
+        let queues = |store: &mut ShardStore<FsIo>| -> Vec<Vec<u64>> {
+            (1..=USERS)
+                .map(|raw| {
+                    let mut out = Vec::new();
+                    store
+                        .read(user(raw), 0, usize::MAX, &mut out)
+                        .expect("read");
+                    ids_and_bodies_ok(user(raw), &out)
+                })
+                .collect()
+        };
+        let held = queues(&mut store);
+        let live = |store: &ShardStore<FsIo>| -> BTreeMap<u32, (u32, u64)> {
+            store
+                .index
+                .segments
+                .iter()
+                .map(|(number, segment)| (*number, (segment.live_records, segment.live_bytes)))
+                .collect()
+        };
+        let live_before = live(&store);
+        drop(store);
+        // The compacted sources come back, as after a kill before their removal.
+        let mut restored = 0;
+        for (path, bytes) in &sources {
+            if !path.exists() {
+                std::fs::write(path, bytes).expect("restore");
+                restored += 1;
+            }
+        }
+        assert!(restored > 0);
+
+        let (mut store, stats) = ShardStore::open(temp.path(), 0, 1, small, FsIo, 1).expect("open");
+        assert!(stats.duplicates > 0, "{stats:?}");
+        assert_eq!(queues(&mut store), held);
+        assert_eq!(
+            stats.records_live,
+            held.iter().map(|queue| queue.len() as u64).sum::<u64>()
+        );
+        let live_after = live(&store);
+        for (number, counts) in &live_after {
+            match live_before.get(number) {
+                Some(before) => assert_eq!(counts, before, "segment {number}"),
+                None => assert_eq!(
+                    counts,
+                    &(0, 0),
+                    "restored segment {number} holds nothing live"
+                ),
+            }
+        }
+        // The restored sources are compacted away again, and the queues stay as they were.
+        while !store.compact(1, 1 << 20).expect("compact").idle {
+            store.commit(1).expect("the copies' commit");
+        }
+        assert_eq!(queues(&mut store), held);
+        assert_eq!(live(&store).len(), live_before.len());
+    }
+
+    #[test]
+    fn reads_after_compaction_see_the_moved_records() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = small_store_delivered(temp.path(), |id| id % 2 == 0);
+        let mut out = Vec::new();
         while !store.compact(1, 1 << 20).expect("compact").idle {
             store.commit(1).expect("the copies' commit");
         }
