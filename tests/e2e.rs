@@ -701,16 +701,26 @@ fn resident_bytes(pid: u32) -> u64 {
 #[cfg(target_os = "linux")]
 #[test]
 fn queued_message_bodies_stay_on_disk_not_in_memory() {
-    const MESSAGES: usize = 1200;
+    const MESSAGES: usize = 2400;
     const BODY_BYTES: usize = 60 * 1024;
-    let queued_bytes = (MESSAGES * BODY_BYTES) as u64; // 74 MB
-    let flags = ["--shards", "1", "--queue-bytes-max", "134217728"];
+    let queued_bytes = (MESSAGES * BODY_BYTES) as u64; // 147 MB
+    let flags = ["--shards", "1", "--queue-bytes-max", "268435456"];
     let folder = tempfile::tempdir().unwrap();
     let data = folder.path().join("data");
     let hopd = Hopd::start_in(&data, &flags);
     let (_, mut alice) = hopd.new_user();
     let (bob_key, bob) = hopd.new_user();
+    // Alice sends once hopd has seen Bob leave (she watches his presence): a message for a
+    // connected device waits `ack_wait_ms` in memory for its Ack, which is not this test's
+    // subject.
+    alice
+        .send(&Stanza::of(Kind::Subscribe(Subscribe {
+            user: Some(bob_key.user_id().into()),
+        })))
+        .unwrap();
+    assert!(presence(&mut alice).online);
     bob.close();
+    assert!(!presence(&mut alice).online);
     let before = resident_bytes(hopd.pid());
     let body_of = |number: usize| -> Vec<u8> {
         let mut body: Vec<u8> = (0..BODY_BYTES).map(|n| (n % 251) as u8).collect();
@@ -727,8 +737,13 @@ fn queued_message_bodies_stay_on_disk_not_in_memory() {
     }
     ping(&mut alice);
     let grown = resident_bytes(hopd.pid()).saturating_sub(before);
+    // What may stay whatever is queued: the store's buffer and two more of unsynced batches
+    // (4 MiB each), two spare buffers, the reads' and writes' buffers, and what the allocator
+    // keeps of the bodies it freed. It measured 17-33 MB here, with 2,400 messages or with
+    // 4,800 alike; bodies kept in memory would be all 147 MB.
+    println!("hopd grew by {grown} bytes while {queued_bytes} bytes were queued on disk");
     assert!(
-        grown < queued_bytes / 4,
+        grown < queued_bytes / 3,
         "hopd grew by {grown} bytes while {queued_bytes} bytes were queued on disk"
     );
     alice.close();
