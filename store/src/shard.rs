@@ -2114,6 +2114,90 @@ impl Hasher for WordHasher {
 
 pub(crate) type WordMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
 
+/// How recovery reads a segment: in chunks of [`RECOVERY_CHUNK_BYTES`] into one reused buffer,
+/// decoding the records of each while they are in the CPU's cache, instead of the whole file
+/// at once. A record cut by a chunk's end is carried into the next. Where a record does not
+/// decode although a whole one would fit (damage), the rest of the file is read whole and
+/// [`format::scan`] takes over from there, so damage is handled exactly as in a whole-file
+/// scan.
+#[derive(Default)]
+struct Chunks {
+    buffer: Vec<u8>,
+    rest: Vec<u8>,
+}
+
+#[cfg(not(test))]
+const RECOVERY_CHUNK_BYTES: usize = 1024 * 1024;
+/// Small in unit tests, so that records cross chunk boundaries everywhere.
+#[cfg(test)]
+const RECOVERY_CHUNK_BYTES: usize = 4096;
+
+impl Chunks {
+    /// Reads the segment's first chunk (its header with it); returns it.
+    fn first<F: IoFile>(&mut self, file: &F, length: usize) -> io::Result<&[u8]> {
+        if self.buffer.is_empty() {
+            self.buffer = vec![0; RECOVERY_CHUNK_BYTES + format::RECORD_BYTES_MAX];
+        }
+        let first = length.min(RECOVERY_CHUNK_BYTES);
+        file.read_exact_at(&mut self.buffer[..first], 0)?;
+        Ok(&self.buffer[..first])
+    }
+
+    /// Scans the segment's records from `start` as `format::scan` does over the whole file,
+    /// the first chunk already read by [`Chunks::first`]. Offsets are the file's.
+    fn scan<F: IoFile>(
+        &mut self,
+        file: &F,
+        length: usize,
+        start: usize,
+        on_record: &mut impl FnMut(usize, Payload<'_>, usize),
+    ) -> io::Result<format::ScanOutcome> {
+        // The buffer holds the file's bytes [base, base + filled); the next record is at
+        // `position` in it.
+        let mut base = 0usize;
+        let mut filled = length.min(RECOVERY_CHUNK_BYTES);
+        let mut position = start.min(filled);
+        loop {
+            while let Some((payload, record)) = format::decode(&self.buffer[position..filled]) {
+                on_record(base + position, payload, record);
+                position += record;
+            }
+            let at_end = base + filled == length;
+            if at_end && position == filled {
+                return Ok(format::ScanOutcome {
+                    valid_end: base + position,
+                    ..format::ScanOutcome::default()
+                });
+            }
+            if !at_end && filled - position < format::RECORD_BYTES_MAX {
+                // A record cut by the chunk's end: carried to the front, the next chunk after.
+                self.buffer.copy_within(position..filled, 0);
+                base += position;
+                filled -= position;
+                position = 0;
+                let more = (length - base - filled).min(RECOVERY_CHUNK_BYTES);
+                file.read_exact_at(
+                    &mut self.buffer[filled..filled + more],
+                    (base + filled) as u64,
+                )?;
+                filled += more;
+                continue;
+            }
+            // Damage (or a torn tail): the rest of the file, whole, scanned as before.
+            let from = base + position;
+            self.rest.clear();
+            self.rest.resize(length - from, 0);
+            file.read_exact_at(&mut self.rest, from as u64)?;
+            let mut outcome = format::scan(&self.rest, 0, |offset, payload, record| {
+                on_record(from + offset, payload, record)
+            });
+            outcome.valid_end += from;
+            self.rest = Vec::new();
+            return Ok(outcome);
+        }
+    }
+}
+
 /// Recovery's map from a record's sequence number to its entry. Sequence numbers are given out
 /// in log order, one apart, so those from the first seen on are kept in a vector indexed by
 /// their distance from it: no hashing, and neighbours in the log are neighbours in memory.
@@ -2328,7 +2412,7 @@ impl<F: IoFile> Index<F> {
         let mut users: Vec<(UserId, u32)> = Vec::new();
         let mut user_at: WordMap<UserId, u32> = WordMap::default();
         let mut by_seq = SeqIndex::default();
-        let mut bytes = Vec::new();
+        let mut chunks = Chunks::default();
         if let Some(&last) = numbers.last() {
             let path = segment_path(dir, last);
             let file = io.open(&path, true).map_err(StoreError::io(&path))?;
@@ -2344,21 +2428,19 @@ impl<F: IoFile> Index<F> {
             let path = segment_path(dir, number);
             let file = io.open(&path, read_only).map_err(StoreError::io(&path))?;
             let length = file.size_bytes().map_err(StoreError::io(&path))? as usize;
-            bytes.resize(length, 0);
-            file.read_exact_at(&mut bytes, 0)
-                .map_err(StoreError::io(&path))?;
-            if format::is_v1_segment(&bytes) {
+            let head = chunks.first(&file, length).map_err(StoreError::io(&path))?;
+            if format::is_v1_segment(head) {
                 // Checked before anything is scanned or truncated: the folder stays as it was.
                 return Err(StoreError::written_by_v1(&path, data_of(dir)));
             }
-            match SegmentHeader::decode(&bytes) {
+            match SegmentHeader::decode(head) {
                 Some(header) => next_seq = next_seq.max(header.next_seq),
                 None => stats.bad_headers += 1,
             }
             let mut segment = Segment::new(file, opened_ms, Some(opened_ms));
-            let start = SEGMENT_HEADER_BYTES.min(bytes.len());
+            let start = SEGMENT_HEADER_BYTES.min(length);
             let mut dead_elsewhere: Vec<u32> = Vec::new();
-            let outcome = format::scan(&bytes, start, |offset, payload, length| match payload {
+            let mut on_record = |offset: usize, payload: Payload<'_>, length: usize| match payload {
                 Payload::Message {
                     user,
                     seq,
@@ -2415,7 +2497,10 @@ impl<F: IoFile> Index<F> {
                         }
                     }
                 }
-            });
+            };
+            let outcome = chunks
+                .scan(&segment.file, length, start, &mut on_record)
+                .map_err(StoreError::io(&path))?;
             stats.corrupt_records += outcome.corrupt_records as u64;
             stats.corrupt_bytes += outcome.corrupt_bytes as u64;
             stats.torn_bytes += outcome.torn_bytes as u64;
@@ -2756,6 +2841,95 @@ mod tests {
     /// A test id whose first half is `raw` (so `raw_of` gives it back).
     fn user(raw: u64) -> UserId {
         UserId::from_halves(raw, !raw).expect("valid id")
+    }
+
+    /// Recovery's chunked scan finds what a scan of the whole file finds, record for record,
+    /// with records across chunk boundaries, larger than a chunk, damaged in the middle, cut
+    /// at the end, or followed by garbage.
+    #[test]
+    fn the_chunked_scan_matches_a_scan_of_the_whole_file() {
+        let mut clean = vec![0x11; SEGMENT_HEADER_BYTES];
+        let mut seq = 0;
+        for size in [
+            5,
+            900,
+            3_000,
+            4_100,
+            20_000,
+            1,
+            64 * 1024,
+            7,
+            12_345,
+            64 * 1024,
+            2,
+        ] {
+            for _ in 0..3 {
+                seq += 1;
+                let body = vec![seq as u8; size];
+                format::encode_message(
+                    &mut clean,
+                    user(seq),
+                    seq,
+                    seq,
+                    1,
+                    user(7),
+                    &body,
+                    false,
+                    None,
+                );
+                format::encode_tombstone(&mut clean, seq, false);
+            }
+        }
+        let damaged = {
+            let mut bytes = clean.clone();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0xFF;
+            bytes
+        };
+        let cut = clean[..clean.len() - 100].to_vec();
+        let trailing = [clean.clone(), vec![0xAB; 5_000]].concat();
+        let temp = tempfile::tempdir().expect("tempdir");
+        for (name, bytes) in [
+            ("clean", &clean),
+            ("damaged", &damaged),
+            ("cut", &cut),
+            ("trailing garbage", &trailing),
+            ("header only", &clean[..SEGMENT_HEADER_BYTES].to_vec()),
+        ] {
+            let mut whole = Vec::new();
+            let expected = format::scan(bytes, SEGMENT_HEADER_BYTES, |offset, payload, length| {
+                whole.push((offset, format!("{payload:?}"), length));
+            });
+            let path = temp.path().join(name);
+            std::fs::write(&path, bytes).expect("write");
+            let file = std::fs::File::open(&path).expect("open");
+            let mut chunks = Chunks::default();
+            let head = chunks.first(&file, bytes.len()).expect("first chunk");
+            assert_eq!(
+                head,
+                &bytes[..bytes.len().min(RECOVERY_CHUNK_BYTES)],
+                "{name}"
+            );
+            let mut chunked = Vec::new();
+            let outcome = chunks
+                .scan(
+                    &file,
+                    bytes.len(),
+                    SEGMENT_HEADER_BYTES,
+                    &mut |offset, payload, length| {
+                        chunked.push((offset, format!("{payload:?}"), length));
+                    },
+                )
+                .expect("scan");
+            assert_eq!(outcome, expected, "{name}");
+            assert_eq!(chunked, whole, "{name}");
+            assert!(!whole.is_empty() || name == "header only", "{name}");
+        }
+        assert_ne!(
+            format::scan(&damaged, SEGMENT_HEADER_BYTES, |_, _, _| {}).corrupt_records,
+            0,
+            "the damage is seen"
+        );
     }
 
     /// Recovery's sequence index: the last entry put for a number wins, wherever it was kept.
