@@ -2522,8 +2522,9 @@ impl<F: IoFile> Index<F> {
         }
         drop(by_seq);
         drop(user_at);
-        // Each user's place in `index.queues`, once it has a live record.
-        let mut queue_at = vec![u32::MAX; users.len()];
+        // Each user's live slots, in log order, with room for all its records.
+        let mut slots: Vec<Vec<Slot>> = Vec::new();
+        slots.resize_with(users.len(), Vec::new);
         // Live records and bytes of the segment the last records were in, counted into it when
         // the log moves on to the next: one lookup per segment, not per record.
         let mut run: Option<(u32, u32, u64)> = None;
@@ -2548,24 +2549,22 @@ impl<F: IoFile> Index<F> {
                     run = Some((slot.segment, 1, u64::from(slot.record_bytes)));
                 }
             }
-            let queue = &mut queue_at[at as usize];
-            if *queue == u32::MAX {
-                let (user, records) = users[at as usize];
-                *queue = index.add_queue(user, records as usize);
+            let list = &mut slots[at as usize];
+            if list.capacity() == 0 {
+                list.reserve_exact(users[at as usize].1 as usize);
             }
-            let queue = &mut index.queues[*queue as usize];
-            queue.slots.push_back(slot);
-            queue.count(&slot, true);
+            list.push(slot);
         }
         if let Some(done) = run {
             count_run(&mut index, done);
         }
-        for queue in &mut index.queues {
+        for ((user, _), mut list) in users.into_iter().zip(slots) {
+            if list.is_empty() {
+                continue;
+            }
             // Compaction copies sit later in the log than their neighbours; order by sequence.
-            queue
-                .slots
-                .make_contiguous()
-                .sort_unstable_by_key(|slot| slot.seq);
+            list.sort_unstable_by_key(|slot| slot.seq);
+            index.add_queue(user, list);
         }
         stats.users = index.queues.len() as u64;
         stats.records_live = index.queues.iter().map(|q| q.slots.len() as u64).sum();
@@ -2684,16 +2683,17 @@ impl<F: IoFile> Index<F> {
         self.positions.get(&user).map(|&at| at as usize)
     }
 
-    /// Adds an empty queue for `user`, who has none, with room for `capacity` slots; returns
-    /// its place.
-    fn add_queue(&mut self, user: UserId, capacity: usize) -> u32 {
+    /// Adds the queue of `user`, who has none, holding `slots` (in queue order).
+    fn add_queue(&mut self, user: UserId, slots: Vec<Slot>) {
         let at = self.queues.len() as u32;
         let previous = self.positions.insert(user, at);
         debug_assert!(previous.is_none(), "one queue per user");
         let mut queue = UserQueue::new(user);
-        queue.slots.reserve_exact(capacity);
+        for slot in &slots {
+            queue.count(slot, true);
+        }
+        queue.slots = VecDeque::from(slots);
         self.queues.push(queue);
-        at
     }
 
     fn queue_mut(&mut self, user: UserId) -> &mut UserQueue {
