@@ -2294,6 +2294,18 @@ pub(crate) struct UserQueue {
 }
 
 impl UserQueue {
+    /// The queue of `user` holding `slots` (in queue order), counted.
+    fn of_slots(user: UserId, slots: Vec<Slot>) -> Self {
+        let messages = slots.iter().filter(|slot| slot.ack_kind == 0).count() as u32;
+        Self {
+            user,
+            body_bytes: slots.iter().map(|slot| slot.body_bytes() as u64).sum(),
+            messages,
+            receipts: slots.len() as u32 - messages,
+            slots: VecDeque::from(slots),
+        }
+    }
+
     fn new(user: UserId) -> Self {
         Self {
             user,
@@ -2688,12 +2700,7 @@ impl<F: IoFile> Index<F> {
         let at = self.queues.len() as u32;
         let previous = self.positions.insert(user, at);
         debug_assert!(previous.is_none(), "one queue per user");
-        let mut queue = UserQueue::new(user);
-        for slot in &slots {
-            queue.count(slot, true);
-        }
-        queue.slots = VecDeque::from(slots);
-        self.queues.push(queue);
+        self.queues.push(UserQueue::of_slots(user, slots));
     }
 
     fn queue_mut(&mut self, user: UserId) -> &mut UserQueue {
@@ -3332,6 +3339,18 @@ mod tests {
                 .collect()
         };
         let live_before = live(&store);
+        let counted = |store: &ShardStore<FsIo>| -> BTreeMap<UserId, (u32, u32, u64)> {
+            store
+                .index
+                .queues
+                .iter()
+                .map(|queue| {
+                    let counts = (queue.messages, queue.receipts, queue.body_bytes);
+                    (queue.user, counts)
+                })
+                .collect()
+        };
+        let counted_before = counted(&store);
         drop(store);
         // The compacted sources come back, as after a kill before their removal.
         let mut restored = 0;
@@ -3350,6 +3369,7 @@ mod tests {
             stats.records_live,
             held.iter().map(|queue| queue.len() as u64).sum::<u64>()
         );
+        assert_eq!(counted(&store), counted_before, "each queue's counts");
         let live_after = live(&store);
         for (number, counts) in &live_after {
             match live_before.get(number) {
