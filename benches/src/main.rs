@@ -29,22 +29,6 @@ struct Cli {
     scenario: Scenario,
 }
 
-/// `latency --wait`: how the generator waits between its sends ([`scenario::Wait`]).
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum WaitKind {
-    Spin,
-    Sleep,
-}
-
-impl From<WaitKind> for scenario::Wait {
-    fn from(kind: WaitKind) -> Self {
-        match kind {
-            WaitKind::Spin => scenario::Wait::Spin,
-            WaitKind::Sleep => scenario::Wait::Sleep,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum TargetKind {
     Hop,
@@ -151,14 +135,11 @@ enum Scenario {
         duration_ms: u64,
         #[arg(long, default_value_t = 5_000)]
         drain_ms: u64,
-        /// How the generator waits between sends. spin: it polls without sleeping, so each
-        /// delivery is timestamped as it arrives and each send leaves on time; it takes its
-        /// core whole, and refuses to run under a throttled real-time policy (SCHED_FIFO
-        /// with kernel.sched_rt_runtime_us other than -1), which would stop it for 50 ms a
-        /// second. sleep: it sleeps until the next send and timestamps what arrived meanwhile
-        /// when it wakes, up to one wake-up late.
+        /// How the generator waits between sends. spin refuses to run under a throttled
+        /// real-time policy (SCHED_FIFO with kernel.sched_rt_runtime_us other than -1), which
+        /// would stop it for 50 ms a second.
         #[arg(long, value_enum, default_value = "spin")]
-        wait: WaitKind,
+        wait: scenario::Wait,
         /// Generator processes, each with its share of the pairs and of the rate (one core
         /// each, at most, since a process's clients share one thread): more than one offers
         /// rates one process cannot. The report merges their latencies and sums their CPU.
@@ -349,7 +330,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 rate_per_second: rate,
                 duration_ms,
                 drain_ms,
-                wait: wait.into(),
+                wait,
             };
             let common = common(&args)?;
             if child {

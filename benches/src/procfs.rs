@@ -297,16 +297,15 @@ pub fn real_time_throttled() -> Option<RealTimeThrottle> {
     if !matches!(policy, SCHED_FIFO | SCHED_RR) {
         return Some(RealTimeThrottle::NotRealTime);
     }
-    let runtime: i64 = fs::read_to_string("/proc/sys/kernel/sched_rt_runtime_us")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let period: i64 = fs::read_to_string("/proc/sys/kernel/sched_rt_period_us")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let sysctl = |name: &str| -> Option<i64> {
+        fs::read_to_string(format!("/proc/sys/kernel/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let runtime = sysctl("sched_rt_runtime_us")?;
+    let period = sysctl("sched_rt_period_us")?;
     Some(if runtime < 0 {
         RealTimeThrottle::Lifted
     } else {

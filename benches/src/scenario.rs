@@ -504,8 +504,8 @@ pub struct LatencyOptions {
     pub wait: Wait,
 }
 
-/// How the open-loop generator waits between its sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// How the open-loop generator waits between its sends (`latency --wait`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Wait {
     /// Polls without sleeping: a delivery is timestamped when it arrives and a send leaves on
     /// time, at the price of the generator's whole core. Its saturation is then read from
@@ -531,10 +531,6 @@ impl Wait {
 /// real-time policy with real-time throttling on, a thread that never sleeps is stopped for
 /// the rest of each period once it used its runtime (50 ms of every second by default), and
 /// those stops would be counted as latency.
-fn check_spin_allowed() -> Result<(), String> {
-    spin_allowed(real_time_throttled())
-}
-
 fn spin_allowed(throttle: Option<RealTimeThrottle>) -> Result<(), String> {
     match throttle {
         Some(RealTimeThrottle::Throttled {
@@ -590,7 +586,7 @@ pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<Latenc
     assert!(options.pairs > 0, "at least one pair");
     let spin = options.wait == Wait::Spin;
     if spin {
-        check_spin_allowed()?;
+        spin_allowed(real_time_throttled())?;
     }
     let count = options.pairs * 2;
     let clients = clients(common, count)?;

@@ -2123,7 +2123,6 @@ pub(crate) type WordMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
 #[derive(Default)]
 struct Chunks {
     buffer: Vec<u8>,
-    rest: Vec<u8>,
 }
 
 #[cfg(not(test))]
@@ -2185,14 +2184,12 @@ impl Chunks {
             }
             // Damage (or a torn tail): the rest of the file, whole, scanned as before.
             let from = base + position;
-            self.rest.clear();
-            self.rest.resize(length - from, 0);
-            file.read_exact_at(&mut self.rest, from as u64)?;
-            let mut outcome = format::scan(&self.rest, 0, |offset, payload, record| {
+            let mut rest = vec![0; length - from];
+            file.read_exact_at(&mut rest, from as u64)?;
+            let mut outcome = format::scan(&rest, 0, |offset, payload, record| {
                 on_record(from + offset, payload, record)
             });
             outcome.valid_end += from;
-            self.rest = Vec::new();
             return Ok(outcome);
         }
     }
@@ -2219,7 +2216,8 @@ impl SeqIndex {
 
     fn insert(&mut self, seq: u64, entry: u32) {
         debug_assert_ne!(entry, Self::HOLE);
-        if self.dense.is_empty() && self.dense_count == 0 {
+        if self.dense.is_empty() {
+            // The first number: the vector starts at it.
             self.base = seq;
         }
         if let Some(at) = seq
