@@ -288,7 +288,8 @@ fn a_full_disk_refuses_with_overloaded_and_loses_no_binding_or_acked_message() {
     }
     assert!(refused.is_some(), "a full disk must refuse a message");
     ping(&mut alice); // still serving
-                      // More users connect: bindings 6 and 7 cross the limit, the first with a short write.
+
+    // More users connect: bindings 6 and 7 cross the limit, the first with a short write.
     let late: Vec<StaticKey> = (0..5)
         .map(|_| {
             let (key, client) = hopd.new_user();
@@ -296,6 +297,18 @@ fn a_full_disk_refuses_with_overloaded_and_loses_no_binding_or_acked_message() {
             key
         })
         .collect();
+    // The bindings are written by the shard's syncer, after the handshake's answer: wait for
+    // the refusal before lifting the limit, or the write may come after the lift.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !hopd.log().contains("cannot record account bindings") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the full disk never refused a binding: {}",
+            hopd.log()
+        );
+        ping(&mut alice);
+        std::thread::sleep(Duration::from_millis(20));
+    }
     ping(&mut alice);
     hopd.lift_file_size_limit();
     // Room again: the bindings are written where the good records end, and messages are
@@ -308,7 +321,6 @@ fn a_full_disk_refuses_with_overloaded_and_loses_no_binding_or_acked_message() {
     }
     let (status, log) = hopd.stop_with_log();
     assert!(status.success(), "{log}");
-    assert!(log.contains("cannot record account bindings"), "{log}");
 
     // A restart finds every binding (a damaged one would stop it) and every acked message.
     let hopd = Hopd::start_in(&data, &flags);
