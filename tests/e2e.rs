@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::{closed_by_server, expect_kind, ping, Hopd, PATIENCE};
 use hop_protocol::client::{Client, ClientError, ServerTrust};
+use hop_protocol::outbox::Outbox;
 use hop_protocol::wire::{
     Ack, Deliver, ErrorCode, GoAwayReason, Kind, MessageRef, Presence, ReceiptKind, ServerAck,
     Stanza, Subscribe, UserRef,
@@ -125,6 +126,46 @@ fn online_delivery_with_sent_delivered_read_ticks() {
     assert_eq!(
         receipt(&mut alice),
         (sent.id, ReceiptKind::Read, bob_key.user_id())
+    );
+}
+
+/// A sender whose Outbox asks for it (`delivered_in_ack`) gets both ticks of a message its
+/// recipient acks before the server's ack leaves in one ServerAck, and no DELIVERED receipt;
+/// the blue tick still comes as a Receipt.
+#[test]
+fn a_sender_that_asks_gets_the_second_tick_in_the_server_ack() {
+    // The ServerAck waits up to a second for Bob's Ack before the disk releases it. Should Bob
+    // be slower than that, the message is acked with one tick and its second comes as a
+    // Receipt; the next message is tried.
+    let hopd = Hopd::start(&["--ack-wait-ms", "1000"]);
+    let (alice_key, mut alice) = hopd.new_user();
+    let (bob_key, mut bob) = hopd.new_user();
+    let mut outbox = Outbox::random().unwrap();
+    outbox.set_delivered_in_ack(true);
+    alice.set_outbox(outbox);
+    let mut folded = None;
+    for _ in 0..5 {
+        let message_ref = alice.send_message(bob_key.user_id(), b"hello bob").unwrap();
+        let message = deliver(&mut bob);
+        bob.ack_deliver(message.id).unwrap();
+        let sent = server_ack(&mut alice);
+        assert_eq!((acked(&sent), sent.id), (message_ref, message.id));
+        if sent.delivered_ms != 0 {
+            folded = Some(message);
+            break;
+        }
+        assert_eq!(
+            receipt(&mut alice),
+            (sent.id, ReceiptKind::Delivered, bob_key.user_id())
+        );
+    }
+    let message = folded.expect("a ServerAck with both ticks");
+    bob.read(alice_key.user_id(), message.id, message.proof)
+        .unwrap();
+    // The next receipt is the Read: no DELIVERED receipt came for the folded message.
+    assert_eq!(
+        receipt(&mut alice),
+        (message.id, ReceiptKind::Read, bob_key.user_id())
     );
 }
 

@@ -56,7 +56,8 @@ pub enum Event {
     SendAcked,
     /// hop: a second answer (ServerAck or Error) for a message that already had one.
     SendAnsweredAgain,
-    /// A delivered receipt for a message this client sent (hop only), already acked.
+    /// A delivered receipt for a message this client sent (hop only), already acked, or the
+    /// same tick folded into the message's ServerAck (`delivered_ms`).
     Receipt,
     /// The server refused something; the code names what. `send_refused`: the Error names a
     /// message this connection sent (by its (outbox, seq)), which gets no ServerAck.
@@ -214,6 +215,12 @@ impl HopClient {
         })
     }
 
+    /// Asks (from the outbox's declaration on) for the second tick in the ServerAck when the
+    /// recipient's device acks first; such a ServerAck brings [`Event::Receipt`] too.
+    pub fn set_delivered_in_ack(&mut self, on: bool) {
+        self.outbox.set_delivered_in_ack(on);
+    }
+
     /// True once the connection is authenticated and home: ready for the scenario.
     pub fn is_open(&self) -> bool {
         self.home == Home::Here
@@ -313,6 +320,10 @@ impl HopClient {
                     } else {
                         Event::SendAnsweredAgain
                     });
+                    // The second tick, folded in: no Receipt follows, nothing to ack.
+                    if ack.delivered_ms != 0 {
+                        on_event(Event::Receipt);
+                    }
                 }
                 Some(Kind::Receipt(receipt)) => {
                     acks.push(Ack {
@@ -857,6 +868,36 @@ mod tests {
         assert!(
             matches!(&received[0].kind, Some(Kind::Send(send)) if send.to.is_none() && send.seq == 3)
         );
+    }
+
+    #[test]
+    fn hop_client_asks_for_the_second_tick_in_the_server_ack_and_counts_it() {
+        for asked in [false, true] {
+            let mut pair = Pair::open();
+            pair.client.set_delivered_in_ack(asked);
+            let peer = UserId::from_public_key(&[8; 32]);
+            let received = pair.send(peer, &[b"1", b"2"]);
+            let Some(Kind::Outbox(outbox)) = &received[0].kind else {
+                panic!("the outbox first");
+            };
+            assert_eq!(outbox.delivered_in_ack, asked);
+            let folded = Stanza::of(Kind::ServerAck(ServerAck {
+                seq: 2,
+                id: 1002,
+                timestamp_ms: 1,
+                outbox: outbox.id,
+                delivered_ms: 2,
+                ..ServerAck::default()
+            }));
+            let turn = pair
+                .server_sends(&[server_ack(outbox.id, 1), folded])
+                .unwrap();
+            assert_eq!(
+                turn.events,
+                [Event::SendAcked, Event::SendAcked, Event::Receipt]
+            );
+            assert!(turn.replies.is_empty(), "a folded tick is not acked");
+        }
     }
 
     #[test]

@@ -77,8 +77,9 @@ pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 /// Which server protocol the generator speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    /// hop: Noise XX handshake, then stanzas.
-    Hop,
+    /// hop: Noise XX handshake, then stanzas. With `delivered_in_ack`, each sender's Outbox
+    /// asks for the second tick in the ServerAck when the recipient's Ack comes first.
+    Hop { delivered_in_ack: bool },
     /// Any MQTT 3.1.1 broker; with `login`, each client logs in as its client id.
     Mqtt { login: bool },
 }
@@ -619,11 +620,13 @@ impl Engine {
                 unreachable!("matched above");
             };
             connection.state = match (identity, self.target) {
-                (Identity::Hop(key), Target::Hop) => State::Hop(
+                (Identity::Hop(key), Target::Hop { delivered_in_ack }) => {
                     // Only the outbox's random id can fail: the generator's own limit.
-                    HopClient::start(key, connection.pin, &mut connection.out)
-                        .map_err(|_| Failure::GeneratorLimit)?,
-                ),
+                    let mut client = HopClient::start(key, connection.pin, &mut connection.out)
+                        .map_err(|_| Failure::GeneratorLimit)?;
+                    client.set_delivered_in_ack(delivered_in_ack);
+                    State::Hop(client)
+                }
                 (
                     Identity::Mqtt {
                         client_id,

@@ -62,6 +62,11 @@ struct CommonArgs {
     /// as ejabberd's mod_mqtt with anonymous authentication).
     #[arg(long)]
     mqtt_login: bool,
+    /// hop: ask for the second tick in the ServerAck when the recipient's device acks a
+    /// message before the server's ack leaves (the Outbox's `delivered_in_ack`: one stanza
+    /// fewer each way). false: every second tick comes as a Receipt and is acked.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    delivered_in_ack: bool,
     /// The server's pid: its CPU use (and for `ceiling` its memory) is read from /proc.
     /// With several --server, the pid of one of them: its CPU alone is read, and no memory.
     /// Without it neither is read.
@@ -229,7 +234,9 @@ fn main() -> ExitCode {
 
 fn common(args: &CommonArgs) -> Result<Common, String> {
     let target = match args.target {
-        TargetKind::Hop => Target::Hop,
+        TargetKind::Hop => Target::Hop {
+            delivered_in_ack: args.delivered_in_ack,
+        },
         TargetKind::Mqtt => Target::Mqtt {
             login: args.mqtt_login,
         },
@@ -428,8 +435,9 @@ fn spawn_children(
             .args(args(index))
             .stdout(Stdio::piped());
         match common.target {
-            Target::Hop => {
+            Target::Hop { delivered_in_ack } => {
                 command.args(["--target", "hop"]);
+                command.args(["--delivered-in-ack", &delivered_in_ack.to_string()]);
                 let pins: Vec<String> = common
                     .servers
                     .iter()

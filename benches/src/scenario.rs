@@ -54,7 +54,7 @@ pub struct Common {
 impl Common {
     fn target_name(&self) -> &'static str {
         match self.target {
-            Target::Hop => "hop",
+            Target::Hop { .. } => "hop",
             Target::Mqtt { .. } => "mqtt",
         }
     }
@@ -102,7 +102,7 @@ impl Client {
         let client_id = format!("hb{tag}-{index}");
         let topic = format!("u/{client_id}");
         Ok(match target {
-            Target::Hop => {
+            Target::Hop { .. } => {
                 let key = StaticKey::generate().map_err(|e| e.to_string())?;
                 Self {
                     user: Some(key.user_id()),

@@ -485,7 +485,9 @@ fn hop_common_spread(servers: &[(SocketAddr, [u8; 32])]) -> Common {
                 pin: Some(key),
             })
             .collect(),
-        target: Target::Hop,
+        target: Target::Hop {
+            delivered_in_ack: true,
+        },
         server_pid: None,
         source_offset: 0,
         client_offset: 0,

@@ -170,6 +170,10 @@ fn every_mail() -> Vec<(&'static str, ShardMessage)> {
                 id: 7,
                 timestamp_ms: 1_700_000_000_000,
                 copies: 2,
+                delivered: Some(hop_router::Delivered {
+                    by: bob,
+                    at_ms: 1_700_000_000_001,
+                }),
             },
         ),
         (

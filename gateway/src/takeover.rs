@@ -375,6 +375,9 @@ struct ConnRecord {
     subscriptions: Vec<Id>,
     outbox: u64,
     aliases: Vec<Option<Id>>,
+    /// Absent in a handover from a hop before the second tick could ride in the ServerAck.
+    #[serde(default)]
+    delivered_in_ack: bool,
 }
 
 /// A user id on the socket: its text form.
@@ -750,6 +753,7 @@ fn send_everything(
                 aliases: (conn.session.aliases.iter())
                     .map(|alias| alias.map(Id::of))
                     .collect(),
+                delivered_in_ack: conn.session.delivered_in_ack,
             });
             fds.push(conn.socket.as_raw_fd());
         }
@@ -850,6 +854,7 @@ pub fn take_over(data: &Path, shards: usize) -> Result<Inherited, String> {
                     aliases: (conn.aliases.iter())
                         .map(|alias| alias.as_ref().map(Id::user).transpose())
                         .collect::<Result<_, String>>()?,
+                    delivered_in_ack: conn.delivered_in_ack,
                 },
             });
         }

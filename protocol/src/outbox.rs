@@ -22,6 +22,8 @@ pub struct Outbox {
     id: u64,
     next_seq: u64,
     declared: bool,
+    /// Declared with the Outbox: the second tick may come in the ServerAck.
+    delivered_in_ack: bool,
     aliases: HashMap<UserId, u32>,
     /// Who each alias names, index `alias - 1`; bound round robin once all are used.
     bound: Vec<UserId>,
@@ -55,6 +57,7 @@ impl Outbox {
             id,
             next_seq,
             declared: false,
+            delivered_in_ack: false,
             aliases: HashMap::new(),
             bound: Vec::new(),
             next_alias: 1,
@@ -63,6 +66,13 @@ impl Outbox {
 
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Asks, from the next declaration on, for the second tick of a message its recipient
+    /// acks before the server's ack leaves to come in that ServerAck (`delivered_ms`) instead
+    /// of a Receipt. A client that sets it reads `ServerAck.delivered_ms`.
+    pub fn set_delivered_in_ack(&mut self, on: bool) {
+        self.delivered_in_ack = on;
     }
 
     /// The number the next [`Outbox::send`] takes.
@@ -112,7 +122,7 @@ impl Outbox {
             "only numbers this outbox gave out"
         );
         if !self.declared {
-            stanzas.push(Stanza::outbox(self.id));
+            stanzas.push(Stanza::declare_outbox(self.id, self.delivered_in_ack));
             self.declared = true;
         }
         let send = match self.aliases.get(&to) {

@@ -349,7 +349,16 @@ impl Stanza {
     }
 
     pub fn outbox(id: u64) -> Self {
-        Self::of(Kind::Outbox(Outbox { id }))
+        Self::declare_outbox(id, false)
+    }
+
+    /// `Outbox{id}`, and with `delivered_in_ack` the second tick of a message its recipient
+    /// acks before the server's ack leaves comes in that ServerAck (`delivered_ms`).
+    pub fn declare_outbox(id: u64, delivered_in_ack: bool) -> Self {
+        Self::of(Kind::Outbox(Outbox {
+            id,
+            delivered_in_ack,
+        }))
     }
 
     /// A message pushed to its recipient; `from` is filled in by the server.

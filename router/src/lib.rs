@@ -44,8 +44,8 @@ mod router;
 mod unkept;
 
 pub use router::{
-    home_shard, Action, Counters, Envelope, GroupCopy, GroupRequest, GroupSnapshot, Limits,
-    Locality, Privacy, PushedItem, Queued, Replica, Router, Secrets, SendTo, SessionState,
+    home_shard, Action, Counters, Delivered, Envelope, GroupCopy, GroupRequest, GroupSnapshot,
+    Limits, Locality, Privacy, PushedItem, Queued, Replica, Router, Secrets, SendTo, SessionState,
     ShardMessage, UserReport, Violation, LAST_SEEN_GRAIN_MS,
 };
 pub use unkept::NO_KEEP;

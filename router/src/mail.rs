@@ -32,7 +32,7 @@ use hop_protocol::wire::{
 };
 use hop_protocol::UserId;
 
-use crate::{ConnRef, Envelope, GroupCopy, GroupRequest, Queued, Replica, ShardMessage};
+use crate::{ConnRef, Delivered, Envelope, GroupCopy, GroupRequest, Queued, Replica, ShardMessage};
 
 /// The largest mail [`decode`] takes, in bytes. The largest a router makes is an `Answer`
 /// whose stanza fills a client's frame (`FRAME_PLAINTEXT_BYTES_MAX`, length prefix included)
@@ -132,6 +132,13 @@ pub fn decode(bytes: &[u8]) -> Result<ShardMessage, MailError> {
                 field: "Accepted.copies",
                 problem: "more than 65,535",
             })?,
+            delivered: match accepted.delivered_by {
+                None => None,
+                by => Some(Delivered {
+                    by: user("Accepted.delivered_by", by)?,
+                    at_ms: accepted.delivered_ms,
+                }),
+            },
         },
         Kind::Rejected(rejected) => ShardMessage::Rejected {
             sender: user("Rejected.sender", rejected.sender)?,
@@ -239,6 +246,7 @@ fn kind_of(message: &ShardMessage) -> Kind {
             id,
             timestamp_ms,
             copies,
+            delivered,
         } => Kind::Accepted(node::Accepted {
             sender: user_ref(*sender),
             conn: conn.0,
@@ -247,6 +255,8 @@ fn kind_of(message: &ShardMessage) -> Kind {
             id: *id,
             timestamp_ms: *timestamp_ms,
             copies: u32::from(*copies),
+            delivered_by: delivered.and_then(|delivered| user_ref(delivered.by)),
+            delivered_ms: delivered.map_or(0, |delivered| delivered.at_ms),
         }),
         ShardMessage::Rejected {
             sender,
@@ -739,6 +749,10 @@ mod tests {
                 id: 0x0bad_cafe_dead_beef,
                 timestamp_ms: u64::MAX,
                 copies: u16::MAX,
+                delivered: Some(Delivered {
+                    by: largest(),
+                    at_ms: u64::MAX,
+                }),
             },
             ShardMessage::Accepted {
                 sender: smallest(),
@@ -747,6 +761,7 @@ mod tests {
                 id: 1,
                 timestamp_ms: NOW_MS,
                 copies: 1,
+                delivered: None,
             },
             ShardMessage::Receipt {
                 to: alice(),
@@ -898,6 +913,7 @@ mod tests {
             id: 0x0bad_cafe_dead_beef,
             timestamp_ms: NOW_MS,
             copies: 2,
+            delivered: None,
         };
         let sizes = [
             encoded(&route).len(),

@@ -207,6 +207,14 @@ pub struct GroupCopy {
     pub id: u64,
 }
 
+/// A second tick that rides with the ServerAck's [`ShardMessage::Accepted`]: the recipient's
+/// device `by` acked the message at `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub by: UserId,
+    pub at_ms: u64,
+}
+
 /// A group change a member asked for, on its way to the group's home shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRequest {
@@ -254,6 +262,11 @@ pub enum ShardMessage {
         /// From a member's shard to a group's (for a member's copy): the device copies queued
         /// there.
         copies: u16,
+        /// The recipient's device acked the message before its ServerAck left (a 1:1 message
+        /// sent by the account's own device): the sender's home folds this second tick into
+        /// the ServerAck, if the connection asked for it, or else queues it as a DELIVERED
+        /// receipt. `None`: the Receipt, if any, comes apart.
+        delivered: Option<Delivered>,
     },
     /// The recipient's shard refused `message` of `sender` (`None`: a subscription): send the
     /// Error on `conn`, if it is still the sender's connection.
@@ -831,6 +844,8 @@ pub struct SessionState {
     pub outbox: u64,
     /// The aliases it bound, index `alias - 1`.
     pub aliases: Vec<Option<UserId>>,
+    /// Its `Outbox` asked for the second tick in the ServerAck.
+    pub delivered_in_ack: bool,
 }
 
 /// A queued item pushed to a connection: what names it in its queue.
@@ -917,6 +932,8 @@ struct Sending {
     outbox: u64,
     /// Index `alias - 1`; at most `ALIASES_MAX`.
     aliases: Vec<Option<UserId>>,
+    /// The `Outbox` asked for the second tick of a 1:1 message in its ServerAck.
+    delivered_in_ack: bool,
 }
 
 impl Sending {
@@ -1584,6 +1601,7 @@ impl Router {
             subscriptions: Vec::new(),
             outbox: 0,
             aliases: Vec::new(),
+            delivered_in_ack: false,
         };
         if let Some(extra) = state.extra.as_deref() {
             session.pushed = (extra.queue.items.iter().take(extra.queue.inflight))
@@ -1596,6 +1614,7 @@ impl Router {
             session.subscriptions = extra.watch.subscriptions.clone();
             session.outbox = extra.sending.outbox;
             session.aliases = extra.sending.aliases.clone();
+            session.delivered_in_ack = extra.sending.delivered_in_ack;
         }
         Some(session)
     }
@@ -1646,6 +1665,7 @@ impl Router {
             state.extra_mut().sending = Sending {
                 outbox: session.outbox,
                 aliases: session.aliases,
+                delivered_in_ack: session.delivered_in_ack,
             };
         }
         if let Some(queue) = state.extra.as_mut().map(|extra| &mut extra.queue) {
@@ -1765,7 +1785,9 @@ impl Router {
                     return Err(Violation("Outbox 0 is not a valid outbox".into()));
                 }
                 let state = self.users.get_mut(&user).expect("checked above");
-                state.extra_mut().sending.outbox = outbox.id;
+                let sending = &mut state.extra_mut().sending;
+                sending.outbox = outbox.id;
+                sending.delivered_in_ack = outbox.delivered_in_ack;
             }
             Kind::Send(send) => self.client_send(user, conn, send, now_ms),
             Kind::Ack(ack) => {
@@ -1819,24 +1841,35 @@ impl Router {
                 id,
                 timestamp_ms,
                 copies,
+                delivered,
             } => {
                 if conn == FANOUT_CONN {
                     return self.fanout_answered(sender, id, copies, None, now_ms);
                 }
-                if self.conn_of(sender) != Some(conn) {
+                let live = self.conn_of(sender) == Some(conn);
+                // The second tick rides in the ServerAck only to a connection that asked for
+                // it, of an account without companions (they need the Receipt too); else,
+                // and if the ServerAck cannot leave, it is queued as a Receipt (after the
+                // ServerAck), never lost.
+                let folded = delivered.filter(|_| live && self.takes_delivered_in_ack(sender));
+                if live {
+                    self.actions.push(Action::Send {
+                        conn,
+                        stanza: Stanza::of(Kind::ServerAck(ServerAck {
+                            seq: message.seq,
+                            id,
+                            timestamp_ms,
+                            outbox: message.outbox,
+                            delivered_ms: folded.map_or(0, |delivered| delivered.at_ms),
+                            ..ServerAck::default()
+                        })),
+                    });
+                } else {
                     self.counters.replies_dropped += 1;
-                    return;
                 }
-                self.actions.push(Action::Send {
-                    conn,
-                    stanza: Stanza::of(Kind::ServerAck(ServerAck {
-                        seq: message.seq,
-                        id,
-                        timestamp_ms,
-                        outbox: message.outbox,
-                        ..ServerAck::default()
-                    })),
-                });
+                if let (Some(delivered), None) = (delivered, folded) {
+                    self.receipt_for(sender, id, ReceiptKind::Delivered, delivered);
+                }
             }
             ShardMessage::Rejected {
                 sender,
@@ -1852,16 +1885,11 @@ impl Router {
                 by,
                 timestamp_ms,
             } => {
-                self.queue_receipt(to, id, kind, by, timestamp_ms);
-                // Every device of the sending account shows the ticks. (The list is taken out
-                // and put back: no copy on the message path.)
-                if let Some(companions) = self.devices.get_mut(&to).map(std::mem::take) {
-                    for device in &companions {
-                        self.users.entry(*device).or_insert_with(User::new);
-                        self.queue_receipt(*device, id, kind, by, timestamp_ms);
-                    }
-                    self.devices.insert(to, companions);
-                }
+                let delivered = Delivered {
+                    by,
+                    at_ms: timestamp_ms,
+                };
+                self.receipt_for(to, id, kind, delivered);
             }
             ShardMessage::Subscribe {
                 subscriber,
@@ -2001,7 +2029,7 @@ impl Router {
     fn fully_kept(&mut self, user: UserId, id: u64, pending: Pending, now_ms: u64) {
         self.answer_replica(user, id, pending.copy_for(), true, now_ms);
         if let Some(waiter) = pending.waiter {
-            self.accepted(waiter, id, now_ms);
+            self.accepted(waiter, id, None, now_ms);
         }
     }
 
@@ -2910,12 +2938,14 @@ impl Router {
             id,
             timestamp_ms,
             copies,
+            delivered: None,
         };
         self.send_home(reply_to, accepted, now_ms);
     }
 
-    /// The ServerAck of message `id` goes to the connection that waits for it.
-    fn accepted(&mut self, waiter: Waiter, id: u64, now_ms: u64) {
+    /// The ServerAck of message `id` goes to the connection that waits for it, with the
+    /// second tick when the recipient's device acked it first.
+    fn accepted(&mut self, waiter: Waiter, id: u64, delivered: Option<Delivered>, now_ms: u64) {
         let accepted = ShardMessage::Accepted {
             sender: waiter.sender,
             conn: waiter.conn,
@@ -2923,6 +2953,7 @@ impl Router {
             id,
             timestamp_ms: waiter.timestamp_ms,
             copies: waiter.copies,
+            delivered,
         };
         self.send_home(waiter.reply_to, accepted, now_ms);
     }
@@ -2986,9 +3017,20 @@ impl Router {
         if item.is_message() && !item.is_sent_copy() && !item.is_group_event() {
             let from = item.peer;
             self.counters.messages_acked += 1;
+            let delivered = Delivered {
+                by: user,
+                at_ms: now_ms,
+            };
             // The device has it: the server's responsibility is met even if the disk is not.
-            if let Some(waiter) = waiter {
-                self.accepted(waiter, id, now_ms);
+            // The second tick goes with the ServerAck when the account's own device sent the
+            // message to a user (not a group: its ServerAck waits for every member); the
+            // sender's home decides whether it is folded in or queued as a Receipt.
+            match waiter {
+                Some(waiter) if waiter.sender == from && waiter.reply_to == from => {
+                    return self.accepted(waiter, id, Some(delivered), now_ms);
+                }
+                Some(waiter) => self.accepted(waiter, id, None, now_ms),
+                None => {}
             }
             let receipt = ShardMessage::Receipt {
                 to: from,
@@ -3252,6 +3294,32 @@ impl Router {
         });
         self.counters.receipts_queued += 1;
         self.push_queued(to);
+    }
+
+    /// A receipt for account `to`'s message: queued for it and for each of its companion
+    /// devices, since every device of the sending account shows the ticks. (The list is taken
+    /// out and put back: no copy on the message path.)
+    fn receipt_for(&mut self, to: UserId, id: u64, kind: ReceiptKind, made: Delivered) {
+        self.queue_receipt(to, id, kind, made.by, made.at_ms);
+        if let Some(companions) = self.devices.get_mut(&to).map(std::mem::take) {
+            for device in &companions {
+                self.users.entry(*device).or_insert_with(User::new);
+                self.queue_receipt(*device, id, kind, made.by, made.at_ms);
+            }
+            self.devices.insert(to, companions);
+        }
+    }
+
+    /// Whether `sender`'s connection asked for the second tick in the ServerAck and no
+    /// companion device of its account needs the Receipt.
+    fn takes_delivered_in_ack(&self, sender: UserId) -> bool {
+        let asked = self.users.get(&sender).is_some_and(|state| {
+            state
+                .extra
+                .as_deref()
+                .is_some_and(|extra| extra.sending.delivered_in_ack)
+        });
+        asked && self.devices.get(&sender).is_none_or(Vec::is_empty)
     }
 
     /// Pushes queued items to the user's connection, up to the inflight limits.
@@ -4017,7 +4085,7 @@ impl Router {
         }
         self.counters.group_messages += 1;
         if others.is_empty() {
-            return self.accepted(waiter, id, now_ms);
+            return self.accepted(waiter, id, None, now_ms);
         }
         self.fanouts.insert(
             (group_id, id),
@@ -4078,6 +4146,7 @@ impl Router {
             id,
             timestamp_ms: waiter.timestamp_ms,
             outbox: waiter.message.outbox,
+            delivered_ms: 0,
             members: u32::from(fanout.members),
             copies: u32::from(fanout.copies),
             missed: fanout.missed.into_iter().map(Into::into).collect(),

@@ -43,7 +43,7 @@ pub fn group(common: &Common, options: &GroupOptions) -> Result<Report, String> 
     if members < 2 || options.groups == 0 || options.window == 0 {
         return Err("--members must be at least 2, --groups and --window at least 1".into());
     }
-    let hop = matches!(common.target, Target::Hop);
+    let hop = matches!(common.target, Target::Hop { .. });
     if hop && members > GROUP_MEMBERS_MAX {
         return Err(format!(
             "a hop group has at most {GROUP_MEMBERS_MAX} members, its sender included"
