@@ -249,6 +249,13 @@ impl Client {
         self.outbox = outbox;
     }
 
+    /// Asks for the second tick of a message its recipient acks before the server's ack
+    /// leaves to come in that ServerAck (`ServerAck.delivered_ms`) instead of a DELIVERED
+    /// Receipt: declared with this connection's outbox, before its first Send.
+    pub fn set_delivered_in_ack(&mut self, on: bool) {
+        self.outbox.set_delivered_in_ack(on);
+    }
+
     /// The outbox, to carry to the next connection.
     pub fn into_outbox(self) -> Outbox {
         self.outbox

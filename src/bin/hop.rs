@@ -735,6 +735,8 @@ fn send(args: SendArgs) -> Result<(), String> {
                 if let Some(kept) = outbox.take() {
                     client.set_outbox(kept);
                 }
+                // The second tick in the ServerAck when the recipient acks in time.
+                client.set_delivered_in_ack(true);
                 let ended = send_on(&mut client, &mut sending, body, deadline)?;
                 match ended {
                     Ended::Done => {
@@ -855,6 +857,18 @@ fn send_on(
                     if id == ack.id {
                         sending.count(kind, by);
                     }
+                }
+                // The recipient's device acked it first: the second tick came with the ack
+                // and no DELIVERED receipt follows. Shown as a receipt would be.
+                if ack.delivered_ms != 0 {
+                    let by = sending.to.to_string();
+                    emit(json!({
+                        "event": "delivered",
+                        "id": message_id(ack.id),
+                        "by": by,
+                        "timestamp_ms": ack.delivered_ms,
+                    }));
+                    sending.count(ReceiptKind::Delivered, by);
                 }
             }
             Some(Kind::Error(error))
