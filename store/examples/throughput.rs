@@ -8,9 +8,14 @@
 //! pipelined as hopd runs it (`write`, the fsync on another thread, the next batch written
 //! while one syncs).
 //!
+//! The drain in random order is one read per record (a user's records are spread over the log
+//! among everyone else's), so its floor is measured too: `pread`s of one record each, from
+//! the floor's file, in the order the random drain reads them.
+//!
 //! `cargo run --release -p hop-store --example throughput [records]` (default 1,000,000).
 
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -133,7 +138,8 @@ fn main() {
         .nth(1)
         .map_or(1_000_000, |arg| arg.parse().expect("count"));
     let root = tempfile::tempdir_in(std::env::temp_dir()).expect("tempdir");
-    let floor_per_second = floor(&root.path().join("floor"), records);
+    let floor_path = root.path().join("floor");
+    let floor_per_second = floor(&floor_path, records);
     println!(
         "floor: {records} records of {RECORD_BYTES} bytes, {BATCH_RECORDS} per append + fdatasync = {floor_per_second:.0} records/s"
     );
@@ -211,11 +217,36 @@ fn main() {
     let mut users: Vec<UserId> = store.users().map(|(user, _)| user).collect();
     shuffle(&mut users);
     let (drained, seconds) = drain(&mut store, &users);
+    let per_second = drained as f64 / seconds;
     println!(
-        "drain, users in random order: {drained} records in {seconds:.3} s = {:.0} records/s, {} read calls",
-        drained as f64 / seconds,
+        "drain, users in random order: {drained} records in {seconds:.3} s = {per_second:.0} records/s, {} read calls",
         store.counters().read_calls
     );
+    let read_floor = read_floor(&floor_path, records);
+    println!(
+        "read floor: {records} reads of {RECORD_BYTES} bytes in the random drain's order, one pread each = {read_floor:.0} reads/s (the random drain: {:.2}x of it)",
+        per_second / read_floor
+    );
+}
+
+/// The random drain's floor: one `pread` of a record's size per record of the floor's file,
+/// where the enqueue put user `u`'s records (every `USERS`-th, from the `u`-th), users in the
+/// drain's shuffled order. Returns reads per second.
+fn read_floor(path: &std::path::Path, records: u64) -> f64 {
+    let file = std::fs::File::open(path).expect("floor file");
+    let mut order: Vec<u64> = (0..USERS).collect();
+    shuffle(&mut order);
+    let mut record = [0u8; RECORD_BYTES];
+    let started = Instant::now();
+    let mut reads = 0u64;
+    for &user in &order {
+        for at in (user..records).step_by(USERS as usize) {
+            file.read_exact_at(&mut record, at * RECORD_BYTES as u64)
+                .expect("read");
+            reads += 1;
+        }
+    }
+    reads as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Reads each user's whole queue, marks every record delivered and commits when due.
@@ -242,7 +273,7 @@ fn drain(store: &mut ShardStore<FsIo>, users: &[UserId]) -> (u64, f64) {
 }
 
 /// Fisher-Yates with a fixed xorshift seed, so every run shuffles alike.
-fn shuffle(users: &mut [UserId]) {
+fn shuffle<T>(users: &mut [T]) {
     let mut state = 0x2545_F491_4F6C_DD1D_u64;
     for last in (1..users.len()).rev() {
         state ^= state << 13;
