@@ -535,6 +535,7 @@ mod tests {
         assert_eq!(wire_bytes(&first), 52);
         // Once per connection (and per outbox switch): the outbox, 12 bytes of plaintext.
         assert_eq!(encoded_bytes(&Stanza::outbox(u64::MAX)), 12);
+        assert_eq!(encoded_bytes(&Stanza::declare_outbox(u64::MAX, true)), 14);
     }
 
     /// `stanzas` encoded into one plaintext, and what `decode_all` makes of it.
