@@ -80,8 +80,9 @@ pub enum Target {
     /// hop: Noise XX handshake, then stanzas. With `delivered_in_ack`, each sender's Outbox
     /// asks for the second tick in the ServerAck when the recipient's Ack comes first.
     Hop { delivered_in_ack: bool },
-    /// Any MQTT 3.1.1 broker; with `login`, each client logs in as its client id.
-    Mqtt { login: bool },
+    /// Any MQTT 3.1.1 broker; with `login`, each client logs in as its client id. `qos` (0 or
+    /// 1) is what `throughput`, `latency` and `group` publish and subscribe with.
+    Mqtt { login: bool, qos: u8 },
 }
 
 /// A server the generator connects clients to first.
@@ -633,7 +634,7 @@ impl Engine {
                         clean_session,
                         subscribe,
                     },
-                    Target::Mqtt { login },
+                    Target::Mqtt { login, .. },
                 ) => State::Mqtt(MqttClient::start(
                     &client_id,
                     clean_session,
@@ -935,7 +936,16 @@ mod tests {
             address: server,
             pin: None,
         };
-        let mut engine = Engine::new(Target::Mqtt { login: false }, vec![server], 0, plan).unwrap();
+        let mut engine = Engine::new(
+            Target::Mqtt {
+                login: false,
+                qos: 0,
+            },
+            vec![server],
+            0,
+            plan,
+        )
+        .unwrap();
         let identity = Identity::Mqtt {
             client_id: "c".into(),
             clean_session: true,
@@ -1022,7 +1032,16 @@ mod tests {
             .collect();
         let plan = SourcePlan::new(5, 0, addr::local_port_range().unwrap()).unwrap();
         // This engine's clients are the run's 1 to 5: servers 1, 0, 1, 0, 1.
-        let mut engine = Engine::new(Target::Mqtt { login: false }, servers, 1, plan).unwrap();
+        let mut engine = Engine::new(
+            Target::Mqtt {
+                login: false,
+                qos: 0,
+            },
+            servers,
+            1,
+            plan,
+        )
+        .unwrap();
         for client in 0..5 {
             engine
                 .open(Identity::Mqtt {

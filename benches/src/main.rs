@@ -62,6 +62,11 @@ struct CommonArgs {
     /// as ejabberd's mod_mqtt with anonymous authentication).
     #[arg(long)]
     mqtt_login: bool,
+    /// MQTT: the QoS `throughput`, `latency` and `group` publish and subscribe with. 1 makes
+    /// the broker PUBACK each publish and the subscriber each delivery, the nearest MQTT has
+    /// to hop's ticks; `offline` always uses 1.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    mqtt_qos: u8,
     /// hop: ask for the second tick in the ServerAck when the recipient's device acks a
     /// message before the server's ack leaves (the Outbox's `delivered_in_ack`: one stanza
     /// fewer each way). false: every second tick comes as a Receipt and is acked.
@@ -239,6 +244,7 @@ fn common(args: &CommonArgs) -> Result<Common, String> {
         },
         TargetKind::Mqtt => Target::Mqtt {
             login: args.mqtt_login,
+            qos: args.mqtt_qos,
         },
     };
     Ok(Common {
@@ -447,7 +453,8 @@ fn spawn_children(
                     command.args(["--server-key", &pins.join(",")]);
                 }
             }
-            Target::Mqtt { login } => {
+            Target::Mqtt { login, qos } => {
+                command.args(["--mqtt-qos", &qos.to_string()]);
                 command.args(["--target", "mqtt"]);
                 if login {
                     command.arg("--mqtt-login");

@@ -59,6 +59,14 @@ impl Common {
         }
     }
 
+    /// The QoS that `throughput`, `latency` and `group` publish and subscribe with (MQTT).
+    fn qos(&self) -> u8 {
+        match self.target {
+            Target::Hop { .. } => 0,
+            Target::Mqtt { qos, .. } => qos,
+        }
+    }
+
     fn engine(&self, connections: u64) -> Result<Engine, String> {
         let range = local_port_range().map_err(|e| format!("ephemeral port range: {e}"))?;
         let plan =
@@ -78,6 +86,11 @@ impl Common {
 
     fn report(&self, scenario: &str) -> Report {
         let mut report = Report::new(scenario, self.target_name(), &self.server_names());
+        if let Target::Mqtt { qos: 1, .. } = self.target {
+            report
+                .notes
+                .push("MQTT QoS 1: every publish and every delivery PUBACKed".into());
+        }
         if let (Some(pid), true) = (self.server_pid, self.servers.len() > 1) {
             report.notes.push(format!(
                 "--server-pid {pid} is one of the {} servers: server CPU is that process's alone",
@@ -327,7 +340,7 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
     let count = options.pairs * 2;
     let clients = clients(common, count)?;
     let mut engine = common.engine(count as u64)?;
-    let conns = open_all(&mut engine, &clients, true, Some(0))?;
+    let conns = open_all(&mut engine, &clients, true, Some(common.qos()))?;
     let mut sent = vec![0u64; count];
     let mut delivered = vec![0u64; count];
     // Per stream: messages that left the window (delivered, or lost: a later one arrived
@@ -388,7 +401,7 @@ pub fn throughput(common: &Common, options: &ThroughputOptions) -> Result<Report
                     conns[stream],
                     &clients[stream ^ 1],
                     encode_body(k, intended, stream as u32),
-                    0,
+                    common.qos(),
                 );
                 sent[stream] += 1;
             }
@@ -591,7 +604,7 @@ pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<Latenc
     let count = options.pairs * 2;
     let clients = clients(common, count)?;
     let mut engine = common.engine(count as u64)?;
-    let conns = open_all(&mut engine, &clients, true, Some(0))?;
+    let conns = open_all(&mut engine, &clients, true, Some(common.qos()))?;
     let schedule = Schedule::for_duration(options.rate_per_second, options.duration_ms);
     let mut recorder = LatencyRecorder::new();
     let mut counters = Counters::default();
@@ -616,7 +629,7 @@ pub fn latency_local(common: &Common, options: &LatencyOptions) -> Result<Latenc
                 conns[sender],
                 &clients[sender ^ 1],
                 encode_body(sent, intended, sender as u32),
-                0,
+                common.qos(),
             );
             sent += 1;
         }
@@ -1295,7 +1308,10 @@ mod tests {
                     pin: None,
                 })
                 .to_vec(),
-            target: Target::Mqtt { login: false },
+            target: Target::Mqtt {
+                login: false,
+                qos: 0,
+            },
             server_pid: None,
             source_offset: 0,
             client_offset: 0,

@@ -14,8 +14,12 @@ use hop_bench::scenario::{self, Common, GroupOptions, LatencyOptions, Throughput
 
 type Subscribers = Arc<Mutex<HashMap<Vec<u8>, Vec<TcpStream>>>>;
 
-/// A broker that knows just enough MQTT 3.1.1 for QoS 0: CONNECT, SUBSCRIBE, PUBLISH (routed
-/// to every subscriber of the topic), PINGREQ, DISCONNECT. One thread per client.
+/// QoS 1 deliveries the toy brokers' subscribers PUBACKed, over every test of this file.
+static DELIVERIES_ACKED: AtomicU64 = AtomicU64::new(0);
+
+/// A broker that knows just enough MQTT 3.1.1: CONNECT, SUBSCRIBE, PUBLISH (routed to every
+/// subscriber of the topic at the QoS it was published with; a QoS 1 publish is PUBACKed),
+/// PUBACK (counted in [`DELIVERIES_ACKED`]), PINGREQ, DISCONNECT. One thread per client.
 fn toy_broker() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -49,7 +53,11 @@ fn serve(mut stream: TcpStream, subscribers: &Subscribers) {
             3 => {
                 let topic_bytes = usize::from(u16::from_be_bytes([body[0], body[1]]));
                 let topic = &body[2..2 + topic_bytes];
-                let mut packet = vec![first & 0xF0, body.len() as u8];
+                if first & 0x06 == 0x02 {
+                    let id = &body[2 + topic_bytes..4 + topic_bytes];
+                    stream.write_all(&[0x40, 2, id[0], id[1]]).unwrap();
+                }
+                let mut packet = vec![first & 0xF6, body.len() as u8];
                 packet.extend_from_slice(&body);
                 for subscriber in subscribers
                     .lock()
@@ -60,6 +68,9 @@ fn serve(mut stream: TcpStream, subscribers: &Subscribers) {
                 {
                     let _ = subscriber.write_all(&packet);
                 }
+            }
+            4 => {
+                DELIVERIES_ACKED.fetch_add(1, Ordering::Relaxed);
             }
             12 => stream.write_all(&[0xD0, 0]).unwrap(),
             _ => return,
@@ -86,12 +97,16 @@ fn read_packet(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 }
 
 fn common(server: SocketAddr) -> Common {
+    common_at_qos(server, 0)
+}
+
+fn common_at_qos(server: SocketAddr, qos: u8) -> Common {
     Common {
         servers: vec![Server {
             address: server,
             pin: None,
         }],
-        target: Target::Mqtt { login: false },
+        target: Target::Mqtt { login: false, qos },
         server_pid: Some(std::process::id()),
         source_offset: 0,
         client_offset: 0,
@@ -115,6 +130,30 @@ fn throughput_moves_messages_both_ways_and_reports_them() {
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert!(report.server_cpu.is_some(), "--server-pid was given");
     assert!(report.table().contains("messages_per_second"));
+}
+
+/// At QoS 1 every publish is PUBACKed by the broker (counted as `send_acks`) and every
+/// delivery by the generator's subscriber; at QoS 0 neither.
+#[test]
+fn throughput_at_qos_1_acks_both_ways() {
+    let options = ThroughputOptions {
+        pairs: 2,
+        window: 4,
+        warmup_ms: 100,
+        duration_ms: 300,
+    };
+    let report = scenario::throughput(&common(toy_broker()), &options).unwrap();
+    assert_eq!(report.value("send_acks"), Some(0.0));
+    let acked_before = DELIVERIES_ACKED.load(Ordering::Relaxed);
+    let report = scenario::throughput(&common_at_qos(toy_broker(), 1), &options).unwrap();
+    assert!(
+        report.value("send_acks").unwrap() > 0.0,
+        "{}",
+        report.table()
+    );
+    assert_eq!(report.value("lost"), Some(0.0));
+    assert!(DELIVERIES_ACKED.load(Ordering::Relaxed) > acked_before);
+    assert!(report.notes.iter().any(|note| note.contains("QoS 1")));
 }
 
 /// Both ways of waiting deliver every message; a spinning generator reports how busy it was

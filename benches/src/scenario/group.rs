@@ -61,7 +61,7 @@ pub fn group(common: &Common, options: &GroupOptions) -> Result<Report, String> 
         }
     }
     let mut engine = common.engine(count as u64)?;
-    let conns = open_all(&mut engine, &clients, true, Some(0))?;
+    let conns = open_all(&mut engine, &clients, true, Some(common.qos()))?;
     let roles = Roles::new(&conns, members);
     let addressees: Vec<Client> = if hop {
         create_groups(&mut engine, &clients, &conns, &roles, members)?
@@ -122,7 +122,13 @@ pub fn group(common: &Common, options: &GroupOptions) -> Result<Report, String> 
             while window.may_send() {
                 let k = window.sent(now_ns);
                 let body = encode_body(k, now_ns, g as u32);
-                send(&mut engine, conns[g * members], &addressees[g], body, 0);
+                send(
+                    &mut engine,
+                    conns[g * members],
+                    &addressees[g],
+                    body,
+                    common.qos(),
+                );
                 sent += 1;
             }
         }
