@@ -1868,7 +1868,8 @@ impl Router {
                     self.counters.replies_dropped += 1;
                 }
                 if let (Some(delivered), None) = (delivered, folded) {
-                    self.receipt_for(sender, id, ReceiptKind::Delivered, delivered);
+                    let (by, at_ms) = (delivered.by, delivered.at_ms);
+                    self.receipt_for(sender, id, ReceiptKind::Delivered, by, at_ms);
                 }
             }
             ShardMessage::Rejected {
@@ -1885,11 +1886,7 @@ impl Router {
                 by,
                 timestamp_ms,
             } => {
-                let delivered = Delivered {
-                    by,
-                    at_ms: timestamp_ms,
-                };
-                self.receipt_for(to, id, kind, delivered);
+                self.receipt_for(to, id, kind, by, timestamp_ms);
             }
             ShardMessage::Subscribe {
                 subscriber,
@@ -3299,12 +3296,12 @@ impl Router {
     /// A receipt for account `to`'s message: queued for it and for each of its companion
     /// devices, since every device of the sending account shows the ticks. (The list is taken
     /// out and put back: no copy on the message path.)
-    fn receipt_for(&mut self, to: UserId, id: u64, kind: ReceiptKind, made: Delivered) {
-        self.queue_receipt(to, id, kind, made.by, made.at_ms);
+    fn receipt_for(&mut self, to: UserId, id: u64, kind: ReceiptKind, by: UserId, at_ms: u64) {
+        self.queue_receipt(to, id, kind, by, at_ms);
         if let Some(companions) = self.devices.get_mut(&to).map(std::mem::take) {
             for device in &companions {
                 self.users.entry(*device).or_insert_with(User::new);
-                self.queue_receipt(*device, id, kind, made.by, made.at_ms);
+                self.queue_receipt(*device, id, kind, by, at_ms);
             }
             self.devices.insert(to, companions);
         }
