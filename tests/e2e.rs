@@ -129,6 +129,48 @@ fn online_delivery_with_sent_delivered_read_ticks() {
     );
 }
 
+/// CPU time hopd's threads have used, from `/proc` (in the kernel's USER_HZ ticks of 10 ms).
+fn cpu_time(hopd: &Hopd) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", hopd.pid())).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// With `idle_poll_us`, a shard polls without sleeping after a turn with work: messages flow
+/// as without it, and once they stop the shard blocks again instead of spinning on.
+#[test]
+fn a_shard_that_polls_when_idle_delivers_and_sleeps_once_the_messages_stop() {
+    let hopd = Hopd::start(&["--shards", "1", "--idle-poll-us", "1000"]);
+    let (_, mut alice) = hopd.new_user();
+    let (bob_key, mut bob) = hopd.new_user();
+    for round in 0..50u32 {
+        let body = round.to_le_bytes();
+        alice.send_message(bob_key.user_id(), &body).unwrap();
+        let message = deliver(&mut bob);
+        assert_eq!(&message.body[..], &body[..]);
+        bob.ack_deliver(message.id).unwrap();
+        server_ack(&mut alice);
+    }
+    // Quiet: the connections stay open and send nothing. A shard that kept spinning would use
+    // about a second of CPU in this second.
+    let quiet = Duration::from_secs(1);
+    let before = cpu_time(&hopd);
+    std::thread::sleep(quiet);
+    let used = cpu_time(&hopd) - before;
+    assert!(
+        used < quiet / 2,
+        "hopd used {used:?} of CPU in {quiet:?} without traffic"
+    );
+    ping(&mut alice);
+}
+
 /// A sender whose Outbox asks for it (`delivered_in_ack`) gets both ticks of a message its
 /// recipient acks before the server's ack leaves in one ServerAck, and no DELIVERED receipt;
 /// the blue tick still comes as a Receipt.

@@ -732,6 +732,7 @@ fn start_shards<B: Backend>(
             account_clock_base_s: bindings.clock_base_s,
             handshakes_per_turn: config.handshakes_per_turn,
             handshake_thread: config.handshake_thread,
+            idle_poll_us: config.idle_poll_us,
         };
         let accounts = AccountLog::open(&FsIo, &config.data, index as u16)?;
         if accounts.opened().torn_bytes_cut > 0 {

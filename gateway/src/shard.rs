@@ -70,6 +70,7 @@ use crate::mailbox::Mailboxes;
 use crate::reader::{self, Reader};
 use crate::stats::{bump, ShardStats};
 use crate::syncer::{Finished, Job, LogKind, Syncer};
+use crate::sys::realtime::RealTime;
 use crate::sys::{Backend, ConnId, Event, Exported, Reading, Wake};
 use crate::takeover::{Ask, ConnExport, Gate, Handover, ShardExport};
 use crate::tokens::Tokens;
@@ -182,6 +183,9 @@ pub struct ShardSettings {
     /// Handshakes go to the shard's handshaker thread ([`crate::handshaker`]); then
     /// `handshakes_per_turn` does not apply.
     pub handshake_thread: bool,
+    /// After a turn that had work, the loop looks for more without sleeping for this long
+    /// before it blocks. 0: it blocks at once.
+    pub idle_poll_us: u64,
 }
 
 /// When the shard hands the items it must keep to the store. An item for a device that is
@@ -936,6 +940,8 @@ impl<B: Backend> Core<B> {
         .min(TICK_MAX);
         let mut next_tick = Instant::now() + tick;
         let index = core.settings.index;
+        let idle_poll = core.idle_poll();
+        let mut active = false;
         let mut mail_backlog = false;
         while !shutdown.load(Ordering::Acquire) {
             let now = Instant::now();
@@ -966,11 +972,26 @@ impl<B: Backend> Core<B> {
             // The turn's work starts with its first event (inside the poll) or when the poll
             // returns, whichever comes first.
             let mut turn_started = None;
-            let result = backend.poll(Some(timeout), &mut |event| {
-                core.read_clocks();
-                turn_started.get_or_insert_with(Instant::now);
-                core.handle_event(event)
-            });
+            // After a turn that had work, look for more without sleeping for up to
+            // `idle_poll_us` (never past the turn's deadline): the next message then finds the
+            // thread awake instead of paying its wake-up.
+            let spin = if active && !timeout.is_zero() {
+                idle_poll.min(timeout)
+            } else {
+                Duration::ZERO
+            };
+            let mut result = Ok(());
+            if !spin.is_zero() {
+                let until = Instant::now() + spin;
+                while turn_started.is_none() && result.is_ok() && Instant::now() < until {
+                    result = core.poll(backend, Duration::ZERO, &mut turn_started);
+                    std::hint::spin_loop();
+                }
+            }
+            if turn_started.is_none() && result.is_ok() {
+                result = core.poll(backend, timeout.saturating_sub(spin), &mut turn_started);
+            }
+            active = turn_started.is_some();
             let turn_started = turn_started.unwrap_or_else(Instant::now);
             if let Err(error) = result {
                 warn!(shard = index, %error, "poll failed");
@@ -1024,6 +1045,38 @@ impl<B: Backend> Core<B> {
                 next_tick = Instant::now() + tick;
             }
         }
+    }
+}
+
+impl<B: Backend> Core<B> {
+    /// Waits for the backend's events at most `timeout` and handles them; the first one's
+    /// time goes in `turn_started`.
+    fn poll(
+        &mut self,
+        backend: &mut B,
+        timeout: Duration,
+        turn_started: &mut Option<Instant>,
+    ) -> std::io::Result<()> {
+        backend.poll(Some(timeout), &mut |event| {
+            self.read_clocks();
+            turn_started.get_or_insert_with(Instant::now);
+            self.handle_event(event)
+        })
+    }
+
+    /// How long the loop polls without sleeping after a turn with work: `idle_poll_us`, but
+    /// none under a real-time policy, where a spinning thread starves the CPU's other threads
+    /// and then stalls whole for the kernel's real-time throttling (about 50 ms a second).
+    fn idle_poll(&self) -> Duration {
+        let wanted = Duration::from_micros(self.settings.idle_poll_us);
+        if !wanted.is_zero() && RealTime::of_this_thread().is_some() {
+            warn!(
+                shard = self.settings.index,
+                "the shard runs a real-time policy: idle_poll_us does not apply, it blocks at once"
+            );
+            return Duration::ZERO;
+        }
+        wanted
     }
 }
 
