@@ -143,6 +143,25 @@ fn cpu_time(hopd: &Hopd) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// A counter's value from hopd's `/metrics`, summed over its shards.
+fn counter(hopd: &Hopd, name: &str) -> u64 {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(PATIENCE))
+        .build()
+        .into();
+    let text = agent
+        .get(format!("http://{}/metrics", hopd.admin))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 /// With `idle_poll_us`, a shard polls without sleeping after a turn with work: messages flow
 /// as without it, and once they stop the shard blocks again instead of spinning on.
 #[test]
@@ -158,6 +177,12 @@ fn a_shard_that_polls_when_idle_delivers_and_sleeps_once_the_messages_stop() {
         bob.ack_deliver(message.id).unwrap();
         server_ack(&mut alice);
     }
+    // Bob's Ack comes a round trip after the Deliver left, well within the poll: some turns
+    // began while the shard polled instead of sleeping.
+    assert!(
+        counter(&hopd, "hop_idle_polls_woken_total") > 0,
+        "no poll before sleeping found work"
+    );
     // Quiet: the connections stay open and send nothing. A shard that kept spinning would use
     // about a second of CPU in this second.
     let quiet = Duration::from_secs(1);

@@ -660,6 +660,16 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| &s.keeps_skipped,
     ),
     (
+        "idle_polls_woken",
+        "Polls before sleeping (idle_poll_us) that found work: wake-ups the shard did not pay.",
+        |s| &s.idle_polls_woken,
+    ),
+    (
+        "idle_polls_slept",
+        "Polls before sleeping (idle_poll_us) that found nothing, after which the shard blocked.",
+        |s| &s.idle_polls_slept,
+    ),
+    (
         "binding_write_errors",
         "Account or presence records that could not be written.",
         |s| &s.binding_write_errors,

@@ -987,6 +987,12 @@ impl<B: Backend> Core<B> {
                     result = core.poll(backend, Duration::ZERO, &mut turn_started);
                     std::hint::spin_loop();
                 }
+                let counter = if turn_started.is_some() {
+                    &core.stats.idle_polls_woken
+                } else {
+                    &core.stats.idle_polls_slept
+                };
+                bump(counter, 1);
             }
             if turn_started.is_none() && result.is_ok() {
                 result = core.poll(backend, timeout.saturating_sub(spin), &mut turn_started);

@@ -54,6 +54,8 @@ counters! {
     store_waits: "times the shard's loop waited for its syncer: the disk was behind the traffic",
     store_reads_off_loop: "reads of the offline queue that needed the disk, made on the shard's reader thread",
     keeps_skipped: "queued items acked by their device before their batch went to disk (never written)",
+    idle_polls_woken: "polls before sleeping (idle_poll_us) that found work: wake-ups the shard did not pay",
+    idle_polls_slept: "polls before sleeping (idle_poll_us) that found nothing, after which the shard blocked",
     handshakes_abandoned: "connections the peer closed before finishing the handshake",
     kicks: "connections an operator closed (`hop admin kick`)",
     accounts_expired: "accounts that expired: no device of theirs was seen within account_expiry_ms",
