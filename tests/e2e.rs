@@ -145,18 +145,8 @@ fn cpu_time(hopd: &Hopd) -> Duration {
 
 /// A counter's value from hopd's `/metrics`, summed over its shards.
 fn counter(hopd: &Hopd, name: &str) -> u64 {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(PATIENCE))
-        .build()
-        .into();
-    let text = agent
-        .get(format!("http://{}/metrics", hopd.admin))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    text.lines()
+    hopd.metrics()
+        .lines()
         .filter(|line| line.starts_with(&format!("{name}{{")))
         .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()

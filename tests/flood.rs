@@ -193,17 +193,7 @@ fn refused_by_reason(hopd: &Hopd) -> HashMap<String, u64> {
 
 /// A labelled counter by the values of `label`, summed over the other labels.
 fn by_label(hopd: &Hopd, name: &str, label: &str) -> HashMap<String, u64> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(PATIENCE))
-        .build()
-        .into();
-    let text = agent
-        .get(format!("http://{}/metrics", hopd.admin))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = hopd.metrics();
     let mut counts = HashMap::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(&format!("{name}{{")) else {

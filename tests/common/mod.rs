@@ -305,6 +305,21 @@ impl Hopd {
         (key, client)
     }
 
+    /// The text of hopd's `/metrics` (Prometheus) from its admin listener.
+    pub fn metrics(&self) -> String {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(PATIENCE))
+            .build()
+            .into();
+        agent
+            .get(format!("http://{}/metrics", self.admin))
+            .call()
+            .expect("hopd answers /metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("a text body")
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
