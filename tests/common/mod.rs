@@ -238,7 +238,13 @@ impl Hopd {
             .envs(env.iter().copied())
             .args(["--listen", listen, "--data"])
             .arg(data)
-            .args(["--pin-cores", "false", "--log", "info"])
+            // Unpinned unless a test asks: a test binary runs many hopds at once.
+            .args(if flags.contains(&"--pin-cores") {
+                &[][..]
+            } else {
+                &["--pin-cores", "false"][..]
+            })
+            .args(["--log", "info"])
             // A free admin port each, and a stop that sends every client away at once, as
             // the tests expect of SIGTERM (the drain tests set their own window).
             .args(["--admin", "127.0.0.1:0"])
