@@ -12,7 +12,13 @@
 //! The thread runs below the loop, at nice [`NICE`]: the kernel's fair scheduler gives it the
 //! CPU the loop leaves, so a handshake flood slows handshakes (which admission and the
 //! handshake timeout bound) and not the messages of connected users. The thread shares its
-//! shard's CPU when shards are pinned (it inherits the affinity).
+//! shard's CPU when shards are pinned (it inherits the affinity). Nice is a share, not a
+//! priority: the fair scheduler does not always preempt the thread for a loop that becomes
+//! ready, and the loop could wait until the thread's slice or the kernel's next tick ended,
+//! milliseconds on a kernel that preempts only at its tick. So the thread yields the
+//! CPU after each handshake (~260 µs): behind a burst of 64 handshakes the pair's message in
+//! `tests/flood.rs` waited 2.1–2.7 ms (p50) without the yield and 0.41–0.45 ms with it
+//! (docs/security.md, "The handshake thread yields").
 //!
 //! A shard under a real-time policy (`SCHED_FIFO`, `SCHED_RR`) keeps its handshakes on its
 //! loop: a normal-policy thread beside a real-time loop measured 0.4–0.5× the handshakes a
@@ -132,7 +138,12 @@ impl Handshaker {
             if !delay.is_zero() {
                 std::thread::sleep(*delay);
             }
-            work(job, scratch)
+            let done = work(job, scratch);
+            // Leave the CPU to whatever is ready, the shard's loop among them: nice alone does
+            // not make the fair scheduler preempt this thread for a loop that became ready
+            // while it ran (module docs).
+            std::thread::yield_now();
+            done
         };
         match Helper::spawn(
             format!("hop-hs-{shard}"),
