@@ -245,7 +245,6 @@ mod tests {
     use crate::sys::WakeCount;
     use hop_protocol::noise::ClientHandshake;
     use hop_protocol::StaticKey;
-    use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
     fn wait_for(handshaker: &Handshaker) -> Done {
@@ -280,7 +279,7 @@ mod tests {
         assert!(done.events.is_empty(), "no key before message 3");
         assert!(!done.out.is_empty(), "message 2 to write");
         assert!(matches!(done.session, ServerConnection::Handshaking { .. }));
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert_eq!(wakes.settled(), 1);
 
         // Garbage where message 3 belongs: the error comes back, the session is closed.
         handshaker.start(Job {

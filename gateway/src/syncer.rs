@@ -154,7 +154,6 @@ mod tests {
     use crate::sys::WakeCount;
     use hop_protocol::UserId;
     use hop_store::{Durability, Item, Options, ShardStore};
-    use std::sync::atomic::Ordering;
 
     fn store(data: &std::path::Path) -> ShardStore<FsIo> {
         let options = Options {
@@ -229,7 +228,7 @@ mod tests {
         store.write(0).expect("write");
         assert!(syncer.start(store_job(&mut store)).is_none());
         let finished = syncer.wait();
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert_eq!(wakes.settled(), 1);
         let commit = store
             .synced(0, finished.synced.expect("the store's part"))
             .expect("synced");

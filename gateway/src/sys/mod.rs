@@ -106,6 +106,23 @@ impl Wake for WakeCount {
     }
 }
 
+#[cfg(test)]
+impl WakeCount {
+    /// The wake-ups once they have come: a helper thread wakes the loop just after its result
+    /// became visible, so a test that has the result may look a moment too early. Waits for
+    /// the first (up to 5 s), then 50 ms for any more.
+    pub fn settled(&self) -> u32 {
+        use std::sync::atomic::Ordering;
+        use std::time::{Duration, Instant};
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.0.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The pause a fault hook's environment `variable` asks for, in milliseconds, before each job
 /// of a helper thread (a slow disk, a slow handshake), in builds with the `fault-injection`
 /// feature; zero otherwise, and when the variable is unset.
