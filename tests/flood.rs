@@ -596,8 +596,9 @@ fn throwaway_keys_filling_one_recipient_are_refused_while_a_pair_keeps_talking()
             (acked, refused, rounds)
         }
     });
-    // The pair starts once the flood is under way.
-    while answered.load(Ordering::Relaxed) == 0 {
+    // The pair starts once the flood is under way (or its thread ended: the join below says
+    // why).
+    while answered.load(Ordering::Relaxed) == 0 && !flooding.is_finished() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let answered_before = answered.load(Ordering::Relaxed);
